@@ -1,0 +1,13 @@
+"""peftkern: fused Triton and CUDA kernels for parameter-efficient fine-tuning."""
+
+from . import nn, ops, reference
+from ._backend import backend_status, get_backend, set_backend
+from .ops.lora import lora_linear, lora_merge_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "nn", "ops", "reference",
+    "set_backend", "get_backend", "backend_status",
+    "lora_linear", "lora_merge_",
+]

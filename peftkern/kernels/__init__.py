@@ -1,0 +1,1 @@
+"""Backends below the autograd layer: kernels.triton (one file per method) and kernels.cuda (peftkern._C)."""

@@ -1,0 +1,118 @@
+"""Shared pieces of the autograd layer: input checks, autocast, seeds, backend modules, fallbacks."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _desc(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def check_tensor(name: str, t, dims: Optional[int] = None, optional: bool = False) -> None:
+    """A floating tensor (TypeError otherwise) with `dims` dimensions (ValueError otherwise)."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {_desc(t)}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k}: {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
+                 high_inclusive: bool = True) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and (value > high or (not high_inclusive and value >= high)):
+        raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+    return value
+
+
+def autocast_inputs(x: Tensor, frozen: Sequence[Optional[Tensor]]) -> tuple[Tensor, list]:
+    """Under torch.autocast, cast x and the frozen base tensors to the autocast dtype (as F.linear would).
+
+    The adapters keep their own dtype: the kernels read them in any float dtype without copies of x.
+    """
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return x, list(frozen)
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in frozen]
+    return (x.to(dtype) if x.is_floating_point() else x), cast
+
+
+def draw_seed() -> Tensor:
+    """A dropout seed from torch's default generator: reproducible under torch.manual_seed, and the same
+    on activation-checkpointing recomputation (which restores the RNG state)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+_BACKEND_MODULES = {
+    "triton": "peftkern.kernels.triton.{op}",
+    "cuda": "peftkern.kernels.cuda",
+    "torch": "peftkern.reference",
+}
+
+
+def backend_module(backend: str, op: str):
+    """The module implementing `op` on `backend` (kernels.triton.<op>, kernels.cuda or reference)."""
+    return importlib.import_module(_BACKEND_MODULES[backend].format(op=op))
+
+
+_warned: set = set()
+
+
+def warn_once(cause: str, message: str) -> None:
+    if cause not in _warned:
+        _warned.add(cause)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def pick_backend(op: str, x: Tensor) -> str:
+    """The backend for this call, falling back to the reference (with one warning per cause) where the
+    fast path's conditions do not hold: a dtype the kernels lack or a tensor subclass."""
+    backend = _backend.resolve(op, x.device)
+    if backend == "torch":
+        return backend
+    if x.dtype not in KERNEL_DTYPES:
+        warn_once(f"{op}-dtype-{x.dtype}", f"peftkern {op}: {x.dtype} inputs run on the reference path")
+        return "torch"
+    if not torch.compiler.is_compiling() and type(x) not in (Tensor, torch.nn.Parameter):
+        warn_once(f"{op}-subclass-{type(x).__name__}",
+                  f"peftkern {op}: tensor subclass {type(x).__name__} runs on the reference path")
+        return "torch"
+    return backend
+
+
+def empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
+    return t if t is not None else ref.new_empty((0,))

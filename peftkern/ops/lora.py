@@ -1,0 +1,193 @@
+"""LoRA linear: y = x W^T + b + scaling * (dropout(x) A^T) B^T, fused forward and backward.
+
+`lora_linear` checks its inputs once, applies autocast, picks a backend and calls `LoRALinearFunction`.
+The Function's forward and backward are two registered custom ops (peftkern::lora_fwd, peftkern::lora_bwd)
+so torch.compile traces them without graph breaks.
+
+Saved for backward: x (the caller holds it anyway), the frozen weight (a reference, never a copy),
+the adapters, xa = dropout(x) A^T (M x r float32: small) and the dropout seed -- never a mask or a
+dropped copy of x.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    autocast_inputs,
+    backend_module,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    draw_seed,
+    empty_like_none,
+    pick_backend,
+)
+
+
+@torch.library.custom_op("peftkern::lora_fwd", mutates_args=())
+def lora_fwd(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+    scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (M, N), xa (M, r) float32, seed ()) for a 2-D x (M, K)."""
+    seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+    y, xa = backend_module(backend, "lora").lora_forward(
+        x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed), weight_transposed)
+    return y, xa, seed
+
+
+@lora_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend):
+    N = weight.shape[1] if weight_transposed else weight.shape[0]
+    xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=xa_dtype),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("peftkern::lora_bwd", mutates_args=())
+def lora_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, seed: Tensor,
+    scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
+    need_x: bool, need_a: bool, need_b: bool, need_bias: bool, need_w: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dbias, dweight); an empty tensor where that gradient was not asked for."""
+    grads = backend_module(backend, "lora").lora_backward(
+        grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), weight_transposed,
+        (need_x, need_a, need_b, need_bias, need_w))
+    refs = (x, lora_A, lora_B, grad_y, weight)
+    return tuple(empty_like_none(g, r) for g, r in zip(grads, refs))
+
+
+@lora_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
+      need_x, need_a, need_b, need_bias, need_w):
+    def maybe(flag, shape, like, dtype=None):
+        return like.new_empty(shape if flag else (0,), dtype=dtype)
+
+    return (maybe(need_x, x.shape, x), maybe(need_a, lora_A.shape, lora_A), maybe(need_b, lora_B.shape, lora_B),
+            maybe(need_bias, (grad_y.shape[1],), grad_y, torch.float32 if grad_y.dtype != torch.float64 else None),
+            maybe(need_w, weight.shape, weight, torch.float32 if weight.dtype != torch.float64 else None))
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd for lora_linear over 2-D x (M, K); lora_linear reshapes (..., K) inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend):
+        y, xa, seed = torch.ops.peftkern.lora_fwd(
+            x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dx, da, db, dbias, dw = torch.ops.peftkern.lora_bwd(
+            grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.weight_transposed,
+            ctx.backend, need_x, need_a, need_b, need_bias and ctx.has_bias, need_w)
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w else None,
+            da if need_a else None,
+            db if need_b else None,
+            dbias.to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None,
+            None, None, None, None,
+        )
+
+
+def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tuple[int, int, int]:
+    """Validate shapes, dtypes and devices; returns (N, K, r)."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, dims=2)
+    check_tensor("lora_A", lora_A, dims=2)
+    check_tensor("lora_B", lora_B, dims=2)
+    check_tensor("bias", bias, dims=1, optional=True)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K), got a scalar")
+    N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
+    layout = "(K, N) with weight_transposed=True" if weight_transposed else "(N, K)"
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must match weight {layout}: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError(f"the LoRA rank must be at least 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be (r, K) = (r, {K}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must be (N, r) = ({N}, {r}) for weight {tuple(weight.shape)} and lora_A "
+                         f"{tuple(lora_A.shape)}, got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype (use torch.autocast to mix): x {x.dtype}, "
+                        f"weight {weight.dtype}")
+    return N, K, r
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    weight_transposed: bool = False,
+) -> Tensor:
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T, fused.
+
+    x: (..., K), any leading shape and strides. weight: (N, K), or (K, N) with weight_transposed
+    (GPT-2's Conv1D); it is frozen in spirit: it gets a gradient only if it requires one. lora_A: (r, K),
+    lora_B: (N, r), in any float dtype (PEFT keeps them in float32 beside a bf16 base). bias: (N,) or None.
+    Dropout (p = dropout_p, only when training) acts on the adapter's input; its mask is regenerated from
+    a seed in backward. Returns (..., N) in x's dtype (the autocast dtype under torch.autocast).
+    """
+    scaling = check_scalar("scaling", scaling)
+    dropout_p = check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
+    N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
+    x, (weight, bias) = autocast_inputs(x, (weight, bias))
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    backend = pick_backend("lora", x2d)
+    p = dropout_p if training else 0.0
+    if x2d.shape[0] == 0:
+        return torch.nn.functional.linear(x, weight.t() if weight_transposed else weight, bias)
+    y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, weight_transposed, backend)
+    return y.reshape(*lead, N)
+
+
+def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sign: float = 1.0,
+                weight_transposed: bool = False) -> Tensor:
+    """weight += sign * scaling * B A in place (a kernel on the GPU), rounded once to weight's dtype."""
+    check_tensor("weight", weight, dims=2)
+    check_tensor("lora_A", lora_A, dims=2)
+    check_tensor("lora_B", lora_B, dims=2)
+    N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
+    if lora_A.shape[1] != K or tuple(lora_B.shape) != (N, lora_A.shape[0]):
+        raise ValueError(f"cannot merge lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} into "
+                         f"weight {tuple(weight.shape)} (N={N}, K={K})")
+    check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    backend = pick_backend("lora", weight)
+    with torch.no_grad():
+        return backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
+                                                            weight_transposed)
+
+
+def lora_dropout_mask(seed: int, shape: tuple, p: float, device, backend: Optional[str] = None) -> Tensor:
+    """The (M, K) keep-mask that `backend` draws for `seed`: what dropout(x) keeps. For tests."""
+    device = torch.device(device)
+    backend = backend or pick_backend("lora", torch.empty(0, device=device))
+    return backend_module(backend, "lora").dropout_mask(seed, tuple(shape), p, device)
