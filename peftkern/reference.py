@@ -121,15 +121,17 @@ def lora_backward(
     return dx, da, db, dbias, dw
 
 
-def lora_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float, weight_transposed: bool = False) -> Tensor:
-    """scaling * B A (N, K), or its transpose for a (K, N) weight, in float32."""
-    delta = scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
+def lora_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float, weight_transposed: bool = False,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """scaling * B A (N, K), or its transpose for a (K, N) weight, in float32 (or `dtype`)."""
+    delta = scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
     return delta.t() if weight_transposed else delta
 
 
 def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sign: float,
                 weight_transposed: bool = False) -> Tensor:
     """weight += sign * scaling * B A, in place, rounded once to weight.dtype."""
-    delta = lora_delta_weight(lora_A, lora_B, scaling, weight_transposed)
-    weight.copy_((weight.to(torch.float32) + sign * delta).to(weight.dtype))
+    dt = compute_dtype(weight)
+    delta = lora_delta_weight(lora_A, lora_B, scaling, weight_transposed, dt)
+    weight.copy_((weight.to(dt) + sign * delta).to(weight.dtype))
     return weight

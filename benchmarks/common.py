@@ -1,0 +1,158 @@
+"""What every benchmark shares: timing (median and spread), peak memory, the environment, JSON and tables.
+
+Every row is timed against the floor measured in the same run, and ratios are what get reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+            repeats: int = 5, cuda_graph: bool = False) -> tuple[float, float]:
+    """(median ms, spread ms) of fn over `repeats` batches of timed calls.
+
+    On a GPU: triton.testing.do_bench (CUDA events, L2 flushed between calls) per batch, or its CUDA-graph
+    variant for small launches where the CPU would otherwise set the pace. On the CPU: a wall clock.
+    The spread is max - min over the batch medians.
+    """
+    if device.type == "cuda":
+        import triton.testing as tt
+
+        meds = []
+        for _ in range(repeats):
+            if cuda_graph:
+                meds.append(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+            else:
+                meds.append(tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return statistics.median(meds), max(meds) - min(meds)
+    fn()
+    meds = []
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or (time.perf_counter() - t0) * 1e3 < rep_ms / 5:
+            fn()
+            n += 1
+        meds.append((time.perf_counter() - t0) * 1e3 / n)
+    return statistics.median(meds), max(meds) - min(meds)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak allocated memory (MB) above what was allocated before one call of fn."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """GPU, driver and library versions: saved with every result."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "git": git_revision(),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for name in ("triton", "transformers", "peft"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda,
+                   capability=f"{props.major}.{props.minor}")
+        try:
+            env["driver"] = subprocess.check_output(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True).strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["driver"] = None
+    else:
+        env.update(gpu=None, cpu=platform.processor() or platform.machine())
+    from peftkern import _backend
+
+    env["backends"] = _backend.backend_status()
+    return env
+
+
+@dataclass
+class Row:
+    """One timed case: `ms` is the median, `ratio` is ms over the floor's ms for the same case and pass."""
+    method: str
+    case: str
+    impl: str
+    pass_: str
+    ms: float
+    spread_ms: float
+    ratio: float
+    peak_mb: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def note_spread(rows: list[Row]) -> None:
+    """Flag rows whose difference to an anchor of the same case is inside the timing spread."""
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault((r.method, r.case, r.pass_), []).append(r)
+    for group in by_case.values():
+        for r in group:
+            close = [o.impl for o in group if o is not r and abs(o.ms - r.ms) < max(o.spread_ms, r.spread_ms)]
+            if close:
+                r.extra["within_spread_of"] = close
+
+
+def print_table(rows: list[Row], title: str = "") -> None:
+    if title:
+        print(f"\n## {title}")
+    print(f"| {'case':<34} | {'pass':<8} | {'impl':<26} | {'ms':>9} | {'ratio':>6} | {'peak MB':>8} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{'-' * 10}|")
+    for r in rows:
+        mem = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'-':>8}"
+        flag = " ~" if r.extra.get("within_spread_of") else ""
+        print(f"| {r.case:<34} | {r.pass_:<8} | {r.impl:<26} | {r.ms:9.4f} | {r.ratio:5.2f}x | {mem} |{flag}")
+    sys.stdout.flush()
+
+
+def save_results(name: str, rows: list[Row], config: dict, out_dir: Optional[Path] = None) -> Path:
+    """Write benchmarks/results/<name>-<gpu>-<time>.json (or under out_dir / $PEFTKERN_RESULTS_DIR)."""
+    out_dir = Path(out_dir or os.environ.get("PEFTKERN_RESULTS_DIR") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    gpu = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+    path = out_dir / f"{name}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    rows_json = [{**asdict(r), "pass": r.pass_} for r in rows]
+    for r in rows_json:
+        r.pop("pass_")
+    path.write_text(json.dumps({"benchmark": name, "environment": env, "config": config, "rows": rows_json},
+                               indent=1))
+    return path

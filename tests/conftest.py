@@ -1,0 +1,84 @@
+"""Shared test helpers: devices, backends, per-dtype tolerances, comparisons that say where they differ."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import peftkern
+from peftkern import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Relative L2 error allowed against reference.py (computed in float32/float64), per input dtype.
+# bf16/fp16 operands with float32 accumulation land near 1e-3..1e-2; tf32 near 3e-4.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-3 if HAS_CUDA else 1e-5, torch.float16: 5e-3,
+             torch.bfloat16: 2e-2}
+
+
+def dtypes_for(backend: str) -> list:
+    """fp32/fp16/bf16 on a GPU; fp32/fp16 for Triton under the CPU interpreter (it mishandles bf16)."""
+    if backend == "torch" and not HAS_CUDA:
+        return [torch.float32, torch.float64]
+    if HAS_CUDA:
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16]
+
+
+def backend_params() -> list:
+    """Every backend, each skipped with its reason where it cannot run here."""
+    params = []
+    device = torch.device(DEVICE)
+    for name in ("torch", "triton", "cuda"):
+        if _backend.available(name, device):
+            params.append(pytest.param(name, id=name))
+        else:
+            reason = _backend.backend_status().get(name, "unavailable")
+            params.append(pytest.param(name, id=name, marks=pytest.mark.skip(reason=f"{name}: {reason}")))
+    return params
+
+
+@pytest.fixture
+def backend(request):
+    peftkern.set_backend(request.param)
+    yield request.param
+    peftkern.set_backend(None)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "output",
+                 scale: float = 1.0) -> None:
+    """Relative L2 error within the dtype's tolerance (times scale); on failure say where it was worst."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
+    err = rel_err(a, e)
+    tol = TOLERANCE[dtype] * scale
+    if err > tol:
+        diff = (a - e).abs()
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e} ({dtype}); worst at index {idx}: "
+                             f"got {a[idx].item():.6g}, expected {e[idx].item():.6g}")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty return NaN-filled float tensors, so an element a kernel forgets to write shows up."""
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    yield

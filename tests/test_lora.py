@@ -1,0 +1,269 @@
+"""LoRA: every backend against reference.py, forward and backward, with fresh random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import (
+    DEVICE, HAS_CUDA, TOLERANCE, assert_close, backend_params, dtypes_for, rel_err,
+)
+
+import peftkern
+from peftkern import reference
+from peftkern.nn import LoRALinear
+from peftkern.ops._common import draw_seed
+
+# (lead shape of x, K, N, r): M = 1, odd sizes that are multiples of no tile, 3-D inputs, ranks below and
+# above the in-GEMM limit (r > 32 takes the separate down-projection path).
+SHAPES = [((1,), 64, 48, 8), ((37,), 72, 40, 5), ((2, 9), 48, 80, 16), ((19,), 40, 36, 40)]
+if HAS_CUDA:
+    SHAPES += [((3, 129), 520, 264, 16), ((300,), 256, 1000, 64), ((16,), 4096, 4096, 16)]
+
+
+def make_inputs(lead, K, N, r, dtype, *, bias=True, transposed=False, adapter_dtype=None, noncontig=False):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dt)
+    if noncontig:
+        x = rnd(*lead, 2 * K)[..., ::2]
+    else:
+        x = rnd(*lead, K)
+    w = rnd(K, N, scale=K ** -0.5) if transposed else rnd(N, K, scale=K ** -0.5)
+    adt = adapter_dtype or dtype
+    A = rnd(r, K, dt=adt, scale=K ** -0.5)
+    B = rnd(N, r, dt=adt, scale=r ** -0.5)
+    b = rnd(N) if bias else None
+    return x, w, A, B, b
+
+
+def run_both(backend, x, w, A, B, b, scaling, transposed, dropout_p=0.0, grad_w=False):
+    """The op on `backend` and reference.lora_linear (with the backend's dropout mask), with gradients."""
+    leaves = [t.detach().clone().requires_grad_(t is not None) if t is not None else None for t in (x, A, B, b)]
+    xr, Ar, Br, br = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, A, B, b)]
+    xk, Ak, Bk, bk = leaves
+    wk = w.detach().clone().requires_grad_(grad_w)
+    wr = w.detach().clone().requires_grad_(grad_w)
+    torch.manual_seed(1234)
+    y = peftkern.lora_linear(xk, wk, Ak, Bk, scaling, bk, dropout_p=dropout_p, weight_transposed=transposed)
+    keep = None
+    if dropout_p > 0:
+        torch.manual_seed(1234)
+        seed = int(draw_seed())
+        K = x.shape[-1]
+        keep = peftkern.ops.lora_dropout_mask(seed, (x.numel() // K, K), dropout_p, x.device, backend)
+        keep = keep.reshape(x.shape)
+    y_ref = reference.lora_linear(xr, wr, Ar, Br, scaling, br, keep, dropout_p, transposed)
+    dy = torch.randn_like(y_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    got = {"y": y, "dx": xk.grad, "dA": Ak.grad, "dB": Bk.grad}
+    ref = {"y": y_ref, "dx": xr.grad, "dA": Ar.grad, "dB": Br.grad}
+    if b is not None:
+        got["dbias"], ref["dbias"] = bk.grad, br.grad
+    if grad_w:
+        got["dweight"], ref["dweight"] = wk.grad, wr.grad
+    return got, ref
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}r{s[3]}")
+@pytest.mark.parametrize("variant", ["plain", "bias", "transposed", "noncontig"])
+def test_matches_reference(backend, shape, variant, poison_empty):
+    lead, K, N, r = shape
+    for dtype in dtypes_for(backend):
+        x, w, A, B, b = make_inputs(lead, K, N, r, dtype, bias=variant == "bias",
+                                    transposed=variant == "transposed", noncontig=variant == "noncontig")
+        got, ref = run_both(backend, x, w, A, B, b, 1.7, variant == "transposed")
+        for name in ref:
+            assert got[name].dtype == ref[name].dtype, f"{name}: dtype {got[name].dtype} != {ref[name].dtype}"
+            assert_close(got[name], ref[name], dtype, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+def test_fp32_adapters_beside_16bit_base(backend):
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    if dtype not in dtypes_for(backend):
+        pytest.skip(f"{dtype} not testable on {backend} here")
+    x, w, A, B, b = make_inputs((2, 21), 64, 48, 8, dtype, adapter_dtype=torch.float32)
+    got, ref = run_both(backend, x, w, A, B, b, 2.0, False)
+    assert got["y"].dtype == dtype
+    assert got["dA"].dtype == torch.float32 and got["dB"].dtype == torch.float32
+    for name in ref:
+        assert_close(got[name], ref[name], dtype, name)
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("r", [8, 40])
+def test_dropout_matches_reference_with_the_same_mask(backend, r):
+    dtype = torch.float32
+    x, w, A, B, b = make_inputs((45,), 64, 56, r, dtype)
+    got, ref = run_both(backend, x, w, A, B, b, 0.5, False, dropout_p=0.3)
+    for name in ref:
+        assert_close(got[name], ref[name], dtype, name)
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+def test_dropout_mask_statistics_and_reproducibility(backend):
+    p = 0.25
+    keep = peftkern.ops.lora_dropout_mask(77, (128, 96), p, DEVICE, backend)
+    frac = keep.float().mean().item()
+    # 12288 Bernoulli(0.75) draws: the std of the mean is 0.004.
+    assert abs(frac - (1 - p)) < 0.02, f"kept fraction {frac:.4f}, expected {1 - p}"
+    again = peftkern.ops.lora_dropout_mask(77, (128, 96), p, DEVICE, backend)
+    assert torch.equal(keep, again), "the same seed must give the same mask"
+    other = peftkern.ops.lora_dropout_mask(78, (128, 96), p, DEVICE, backend)
+    assert not torch.equal(keep, other), "another seed must give another mask"
+    x, w, A, B, _ = make_inputs((33,), 64, 40, 8, torch.float32)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        outs.append(peftkern.lora_linear(x, w, A, B, 1.0, dropout_p=p))
+    assert torch.equal(outs[0], outs[1]), "dropout must be reproducible under torch.manual_seed"
+    assert torch.equal(peftkern.lora_linear(x, w, A, B, 1.0, dropout_p=p, training=False),
+                       peftkern.lora_linear(x, w, A, B, 1.0)), "eval mode must not drop"
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+def test_dropout_under_activation_checkpointing(backend):
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, A, B, b = make_inputs((40,), 64, 48, 8, torch.float32)
+    grads = []
+    for use_ckpt in (False, True):
+        Ai = A.detach().clone().requires_grad_()
+        xi = x.detach().clone().requires_grad_()
+        torch.manual_seed(11)
+        fn = lambda inp: torch.tanh(peftkern.lora_linear(inp, w, Ai, B, 1.0, b, dropout_p=0.4))
+        y = checkpoint(fn, xi, use_reentrant=False) if use_ckpt else fn(xi)
+        y.square().sum().backward()
+        grads.append((xi.grad, Ai.grad))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1]), \
+        "checkpoint recomputation must redraw the same dropout mask"
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+def test_unfrozen_weight_gets_its_gradient(backend):
+    x, w, A, B, b = make_inputs((30,), 48, 40, 8, torch.float32, transposed=True)
+    got, ref = run_both(backend, x, w, A, B, b, 1.0, True, grad_w=True)
+    assert_close(got["dweight"], ref["dweight"], torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merge_unmerge(backend, transposed):
+    for dtype in dtypes_for(backend):
+        x, w, A, B, b = make_inputs((17,), 64, 40, 8, dtype, transposed=transposed)
+        w0 = w.clone()
+        dt = reference.compute_dtype(w0)
+        expected = (w0.to(dt) + reference.lora_delta_weight(A, B, 0.9, transposed, dt)).to(dtype)
+        peftkern.lora_merge_(w, A, B, 0.9, 1.0, transposed)
+        assert_close(w, expected, dtype, "merged weight")
+        peftkern.lora_merge_(w, A, B, 0.9, -1.0, transposed)
+        # merge then unmerge rounds twice to the weight's dtype: within a few ulps of the original.
+        assert_close(w, w0, dtype, "unmerged weight", scale=0.5)
+
+
+def test_layer_from_linear_merge_and_properties():
+    torch.manual_seed(0)
+    dtype = torch.float32
+    lin = torch.nn.Linear(64, 48).to(DEVICE, dtype)
+    layer = LoRALinear.from_linear(lin, r=8, alpha=16, dropout=0.1)
+    assert layer.weight is lin.weight and not layer.weight.requires_grad, "the frozen weight is shared, not copied"
+    assert layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0, "B starts at zero (PEFT's init)"
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in=64
+    assert layer.lora_A.abs().max() <= bound + 1e-6 and layer.lora_A.std() > bound / 4
+    x = torch.randn(5, 7, 64, device=DEVICE, dtype=dtype)
+    layer.eval()
+    assert torch.allclose(layer(x), lin(x), atol=1e-5), "a fresh adapter leaves the output unchanged"
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert rel_err(layer(x), y) < TOLERANCE[dtype] * 10
+    layer.unmerge()
+    assert rel_err(layer(x), y) < TOLERANCE[dtype] * 10
+    props = layer.peft_ref.as_dict()
+    assert props["insertion_form"].startswith("parallel") and "scaled addition" in props["integration_form"]
+    assert set(p.shape for p in layer.parameters() if p.requires_grad) == {(8, 64), (48, 8)}
+
+
+def test_layer_from_gpt2_conv1d():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(48, 64).to(DEVICE)
+    torch.nn.init.normal_(conv.weight, std=0.02)
+    layer = LoRALinear.from_linear(conv, r=4, alpha=8)
+    assert layer.weight_transposed and layer.weight is conv.weight
+    x = torch.randn(3, 64, device=DEVICE)
+    assert torch.allclose(layer(x), conv(x), atol=1e-5)
+    assert transformers is not None
+
+
+BAD = [
+    (dict(x=torch.randn(4, 10)), ValueError, "x's last dimension"),
+    (dict(lora_A=torch.randn(0, 8)), ValueError, "rank must be at least 1"),
+    (dict(lora_A=torch.randn(4, 9)), ValueError, "lora_A must be"),
+    (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B must be"),
+    (dict(bias=torch.randn(5)), ValueError, "bias must be"),
+    (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "x must be a floating tensor"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+    (dict(lora_A=torch.randn(4, 8, 2)), ValueError, "lora_A must have 2"),
+    (dict(scaling="2"), TypeError, "scaling must be a number"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p must be < 1"),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("override,exc,message", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_is_named(backend, override, exc, message):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), lora_A=torch.randn(4, 8),
+                lora_B=torch.randn(6, 4), scaling=1.0, bias=torch.randn(6), dropout_p=0.0)
+    args.update(override)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(exc, match=message):
+        peftkern.lora_linear(**args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device to mix devices")
+def test_mixed_devices_are_named():
+    with pytest.raises(ValueError, match="one device"):
+        peftkern.lora_linear(torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda"),
+                             torch.randn(2, 8), torch.randn(6, 2, device="cuda"), 1.0)
+
+
+def test_reference_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    A = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    peftkern.set_backend("torch")
+    try:
+        assert torch.autograd.gradcheck(lambda *t: peftkern.lora_linear(t[0], w, t[1], t[2], 0.8, t[3]),
+                                        (x, A, B, b))
+    finally:
+        peftkern.set_backend(None)
+
+
+def test_reference_backward_formulas_match_autograd():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    A = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    B = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, A, B)]
+    keep = reference.dropout_mask(9, (7, 6), 0.3, x.device)
+    y = reference.lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], 0.6, None, keep, 0.3, True)
+    dy = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    y.backward(dy)
+    _, xa = reference.lora_forward(x, w, A, B, 0.6, None, 0.3, 9, True)
+    dx, da, db, _, dw = reference.lora_backward(dy, x, w, A, B, xa, 0.6, 0.3, 9, True, (1, 1, 1, 0, 1))
+    for name, got, leaf in (("dx", dx, leaves[0]), ("dw", dw, leaves[1]), ("dA", da, leaves[2]),
+                            ("dB", db, leaves[3])):
+        assert torch.allclose(got, leaf.grad, atol=1e-12), name
