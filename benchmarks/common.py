@@ -31,11 +31,13 @@ def _sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-            repeats: int = 5, cuda_graph: bool = False) -> tuple[float, float]:
+            repeats: int = 3, cuda_graph: bool = True) -> tuple[float, float]:
     """(median ms, spread ms) of fn over `repeats` batches of timed calls.
 
-    On a GPU: triton.testing.do_bench (CUDA events, L2 flushed between calls) per batch, or its CUDA-graph
-    variant for small launches where the CPU would otherwise set the pace. On the CPU: a wall clock.
+    On a GPU, by default: replays of a CUDA graph of fn (triton.testing.do_bench_cudagraph), i.e. the GPU
+    time of the kernels fn launches, without Python's launch overhead (which a training loop hides when the
+    CPU runs ahead of the GPU, and which a per-call event timer would count). cuda_graph=False (or a fn that
+    cannot be captured) times eager calls with triton.testing.do_bench. On the CPU: a wall clock.
     The spread is max - min over the batch medians.
     """
     if device.type == "cuda":
@@ -44,9 +46,13 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
         meds = []
         for _ in range(repeats):
             if cuda_graph:
-                meds.append(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
-            else:
-                meds.append(tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+                try:
+                    meds.append(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+                    continue
+                except Exception:  # not capturable: time it eagerly instead
+                    cuda_graph = False
+                    torch.cuda.synchronize(device)
+            meds.append(tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         return statistics.median(meds), max(meds) - min(meds)
     fn()
     meds = []

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
-import peftkern
-from peftkern import _backend
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set before any
+# kernel module is imported, so the README's one test command works on every machine.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import peftkern  # noqa: E402
+from peftkern import _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -22,11 +22,13 @@ Extra memory traffic of a training step beyond the two base GEMMs: one read of x
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
 
@@ -54,35 +56,52 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _lowrank_epilogue(acc, low_ptr, up_ptr, bias_ptr, offs_m, offs_n, rows, cols, N, R,
+                      stride_lm, stride_lr, stride_un, stride_ur, scaling, dropout_p, seed,
+                      HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_R: tl.constexpr, dtype: tl.constexpr):
+    """acc += s [mask] low[rows] up[cols]^T (+ bias): the whole low-rank term of one output tile is one
+    small MMA (K = r) on operands already in L2, so y is written once."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    low = tl.load(low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr, mask=r_mask[None, :], other=0.0)
+    up = tl.load(up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur, mask=r_mask[:, None], other=0.0)
+    low_s = (low * scaling).to(dtype)
+    if DROPOUT_OUT:
+        lr = tl.dot(low_s, up.to(dtype), input_precision=DOT_PRECISION)
+        keep = _keep_mask(seed, offs_m, offs_n, N, dropout_p)
+        acc += tl.where(keep, lr / (1.0 - dropout_p), 0.0)
+    else:
+        acc = tl.dot(low_s, up.to(dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def lora_fused_matmul_kernel(
-    a_ptr, w_ptr, down_ptr, up_ptr, low_ptr, bias_ptr, out_ptr,
+    a_ptr, w_ptr, up_ptr, low_ptr, bias_ptr, out_ptr,
     M, N, K, R,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_dr, stride_dk, stride_un, stride_ur,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_un, stride_ur,
     stride_lm, stride_lr, stride_om, stride_on,
     scaling, dropout_p, seed,
-    COMPUTE_LOW: tl.constexpr, STORE_LOW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out = a w^T (+ bias) + s * [mask] (low up^T), low = a down^T computed here or loaded from low_ptr."""
+    """out = a w^T (+ bias) + s [mask] low up^T, with plain pointer loads: any strides (the general path)."""
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     # Out-of-range rows/cols read row 0 instead of being masked: the loads stay unpredicated and the
-    # garbage lands only in rows/cols the final store skips.
-    rows = tl.where(offs_m < M, offs_m, 0)
-    cols = tl.where(offs_n < N, offs_n, 0)
+    # garbage lands only in rows/cols the final store skips. The hints keep the loads vectorised.
+    rows = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+    cols = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    d_ptrs = down_ptr + offs_r[None, :] * stride_dr + offs_k[:, None] * stride_dk
-    r_mask = offs_r < R
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -92,74 +111,88 @@ def lora_fused_matmul_kernel(
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        if COMPUTE_LOW:
-            if EVEN_K:
-                d = tl.load(d_ptrs, mask=r_mask[None, :], other=0.0)
-            else:
-                d = tl.load(d_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-            low = tl.dot(a, d.to(a.dtype), low, input_precision=DOT_PRECISION)
-            d_ptrs += BLOCK_K * stride_dk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-
-    if COMPUTE_LOW:
-        if STORE_LOW:
-            if pid_n == 0:
-                l_ptrs = low_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr
-                tl.store(l_ptrs, low, mask=(offs_m[:, None] < M) & r_mask[None, :])
-    else:
-        l_ptrs = low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr
-        low = tl.load(l_ptrs, mask=r_mask[None, :], other=0.0)
-
-    u_ptrs = up_ptr + cols[None, :] * stride_un + offs_r[:, None] * stride_ur
-    up = tl.load(u_ptrs, mask=r_mask[:, None], other=0.0)
-    low_s = (low * scaling).to(a_ptr.dtype.element_ty)
-    if DROPOUT_OUT:
-        lr = tl.dot(low_s, up.to(a_ptr.dtype.element_ty), input_precision=DOT_PRECISION)
-        keep = _keep_mask(seed, offs_m, offs_n, N, dropout_p)
-        acc += tl.where(keep, lr / (1.0 - dropout_p), 0.0)
-    else:
-        acc = tl.dot(low_s, up.to(a_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-
+    acc = _lowrank_epilogue(acc, low_ptr, up_ptr, bias_ptr, offs_m, offs_n, rows, cols, N, R,
+                            stride_lm, stride_lr, stride_un, stride_ur, scaling, dropout_p, seed,
+                            HAS_BIAS, DROPOUT_OUT, DOT_PRECISION, BLOCK_R, a_ptr.dtype.element_ty)
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
+def lora_fused_matmul_tma_kernel(
+    a_desc, w_desc, out_desc, up_ptr, low_ptr, bias_ptr,
+    M, N, K, R,
+    stride_un, stride_ur, stride_lm, stride_lr,
+    scaling, dropout_p, seed,
+    W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The same GEMM with every big tile moved by the Hopper tensor-memory accelerator (TMA): no address
+    arithmetic in the loop, zero fill past the edges, and deep asynchronous pipelines. W is read in its
+    stored layout: K-major (y = x W^T) or N-major (dx = dy W), so the backward needs no transposed copy."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        if W_KMAJOR:
+            acc = tl.dot(a, w_desc.load([off_n, k * BLOCK_K]).T, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, w_desc.load([k * BLOCK_K, off_n]), acc, input_precision=DOT_PRECISION)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    rows = tl.where(offs_m < M, offs_m, 0)
+    cols = tl.where(offs_n < N, offs_n, 0)
+    acc = _lowrank_epilogue(acc, low_ptr, up_ptr, bias_ptr, offs_m, offs_n, rows, cols, N, R,
+                            stride_lm, stride_lr, stride_un, stride_ur, scaling, dropout_p, seed,
+                            HAS_BIAS, DROPOUT_OUT, DOT_PRECISION, BLOCK_R, out_desc.dtype)
+    out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+@triton.jit
 def lora_down_kernel(
-    a_ptr, down_ptr, low_ptr,
-    M, K, R,
-    stride_am, stride_ak, stride_dr, stride_dk, stride_lm, stride_lr,
+    a_ptr, down_ptr, part_ptr,
+    M, K, R, k_per_split,
+    stride_am, stride_ak, stride_dr, stride_dk,
     dropout_p, seed,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """low = drop(a) down^T, (M, R) in float32: one read of a."""
+    """part[split, m, r] = sum over this split's k of drop(a)[m, k] down[r, k], float32: one read of a.
+    Splitting K as well as M puts several programs on every SM, enough loads in flight to stream a at
+    the copy bandwidth even when M is only a few thousand rows."""
     pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     rows = tl.where(offs_m < M, offs_m, 0)
     r_mask = offs_r < R
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    d_ptrs = down_ptr + offs_r[None, :] * stride_dr + offs_k[:, None] * stride_dk
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
     low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        d_ptrs = down_ptr + offs_r[None, :] * stride_dr + offs_k[:, None] * stride_dk
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            d = tl.load(d_ptrs, mask=r_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < k_end
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            d = tl.load(d_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, offs_m, k * BLOCK_K + offs_k, K, dropout_p)
-            a = tl.where(keep, a, 0.0)
-        d = tl.load(d_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            a = tl.where(_keep_mask(seed, offs_m, offs_k, K, dropout_p), a, 0.0)
         low = tl.dot(a, d.to(a.dtype), low, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        d_ptrs += BLOCK_K * stride_dk
     if HAS_DROPOUT:
         low = low / (1.0 - dropout_p)
-    l_ptrs = low_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr
-    tl.store(l_ptrs, low, mask=(offs_m[:, None] < M) & r_mask[None, :])
+    p_ptrs = part_ptr + pid_k * M * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :]
+    tl.store(p_ptrs, low, mask=(offs_m[:, None] < M) & (offs_r[None, :] < BLOCK_R))
 
 
 @triton.jit
@@ -243,6 +276,10 @@ def lora_dropout_mask_kernel(keep_ptr, M, K, dropout_p, seed, BLOCK_M: tl.conste
 # ------------------------------------------------------------------------------------------- launchers
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _block_r(r: int) -> int:
     # tl.dot needs every dimension >= 16.
     return max(16, triton.next_power_of_2(r))
@@ -254,96 +291,130 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _matmul_config(M: int, N: int, block_r: int, compute_low: bool) -> dict:
-    """Tile shapes for the fused GEMM (H100/H200, bf16/fp16), chosen by shape class:
-    - large M: 128x256x64 tiles, 8 warps, 3 stages (the cuBLAS-class shape for 4k-11k GEMMs); 128x128 when
-      the in-loop low-rank accumulator is wide (r > 32) so registers do not spill;
-    - medium M (<= 2048): 128x128, to put more tiles than SMs on the chip;
-    - small M (decode, <= 64): 64-row tiles over narrow column strips so all SMs stream W.
+def _matmul_config(M: int) -> dict:
+    """Tile shapes for the fused GEMM on H100/H200 in 16-bit (measured: NOTES-lora.md), by shape class:
+    - M > 2048: 128x256x64, 8 warps (two consumer warpgroups of 64x256), 3 stages: cuBLAS's own tile class;
+    - medium M: 128x128x64, 4 stages, so a 2048x4096 output still has 4 tiles per SM;
+    - small M (decode, <= 64): 16..64-row tiles over narrow 64-column strips so every SM streams W.
     """
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if M <= 64:
         return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=128,
                     GROUP_M=1, num_warps=4, num_stages=4)
-    if M <= 2048 or (compute_low and block_r > 32):
+    if M <= 2048:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def _tma_layout(t: torch.Tensor) -> Optional[str]:
+    """'row' if t's rows are contiguous TMA-able lines, 'col' if its columns are, None otherwise.
+    TMA needs a unit inner stride, 16-byte aligned outer strides and a 16-byte aligned base."""
+    if t.data_ptr() % 16:
+        return None
+    size = t.element_size()
+    if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0:
+        return "row"
+    if t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0:
+        return "col"
+    return None
+
+
+def _use_tma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    if not triton_interpret():
+        if not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] < 9:
+            return False
+    return _tma_layout(a) == "row" and _tma_layout(out) == "row" and _tma_layout(w) is not None
+
+
 def fused_matmul(
-    a: torch.Tensor, w: torch.Tensor, down: Optional[torch.Tensor], up: torch.Tensor,
-    low: Optional[torch.Tensor], scaling: float, bias: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0, seed: int = 0, compute_low: bool = False, store_low: bool = False,
-    config: Optional[dict] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    a: torch.Tensor, w: torch.Tensor, up: torch.Tensor, low: torch.Tensor, scaling: float,
+    bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+    config: Optional[dict] = None, use_tma: Optional[bool] = None,
+) -> torch.Tensor:
     """out (M, N) = a (M, K) @ w^T + s [mask] low @ up^T (+ bias).
 
-    w is given as an (N, K) view (any strides); down (R, K) and up (N, R) likewise. With compute_low,
-    low = a @ down^T is accumulated in the GEMM (and stored if store_low); otherwise `low` (M, R) is read.
-    dropout_p > 0 applies the seed's (M, N) keep-mask to the low-rank term (the backward of input dropout).
+    w is an (N, K) view with any strides (W itself for y = x W^T; W.t() for dx = dy W); up (N, R) and low
+    (M, R) likewise. dropout_p > 0 applies the seed's (M, N) keep-mask to the low-rank term (the backward of
+    input dropout). Hopper and newer take the TMA kernel when the strides allow it.
     """
     M, K = a.shape
     N = w.shape[0]
     R = up.shape[1]
-    block_r = _block_r(R)
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if compute_low and store_low:
-        low = torch.empty((M, R), device=a.device, dtype=torch.float32)
-    cfg = dict(config or _matmul_config(M, N, block_r, compute_low))
-    num_warps = cfg.pop("num_warps")
-    num_stages = cfg.pop("num_stages")
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    down_arg = down if down is not None else up
-    low_arg = low if low is not None else out
+    cfg = dict(config or _matmul_config(M))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    common = dict(HAS_BIAS=bias is not None, DROPOUT_OUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(a.dtype),
+                  BLOCK_R=_block_r(R), num_warps=num_warps, num_stages=num_stages, **cfg)
+    bias_arg = bias if bias is not None else out
+    if use_tma if use_tma is not None else _use_tma(a, w, out):
+        w_kmajor = _tma_layout(w) == "row"
+        w_desc = (TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor
+                  else TensorDescriptor.from_tensor(w.t(), [bk, bn]))
+        lora_fused_matmul_tma_kernel[grid](
+            TensorDescriptor.from_tensor(a, [bm, bk]), w_desc, TensorDescriptor.from_tensor(out, [bm, bn]),
+            up, low, bias_arg, M, N, K, R,
+            up.stride(0), up.stride(1), low.stride(0), low.stride(1),
+            float(scaling), float(dropout_p), int(seed), W_KMAJOR=w_kmajor, **common,
+        )
+        return out
     lora_fused_matmul_kernel[grid](
-        a, w, down_arg, up, low_arg, bias if bias is not None else out, out,
-        M, N, K, R,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-        down_arg.stride(0) if down is not None else 0, down_arg.stride(1) if down is not None else 0,
-        up.stride(0), up.stride(1),
-        low_arg.stride(0) if low is not None else 0, low_arg.stride(1) if low is not None else 0,
-        out.stride(0), out.stride(1),
-        float(scaling), float(dropout_p), int(seed),
-        COMPUTE_LOW=compute_low, STORE_LOW=compute_low and store_low, HAS_BIAS=bias is not None,
-        DROPOUT_OUT=dropout_p > 0.0, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_R=block_r, num_warps=num_warps, num_stages=num_stages, **cfg,
+        a, w, up, low, bias_arg, out, M, N, K, R,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), up.stride(0), up.stride(1),
+        low.stride(0), low.stride(1), out.stride(0), out.stride(1),
+        float(scaling), float(dropout_p), int(seed), EVEN_K=K % bk == 0, **common,
     )
-    return out, (low if store_low else None)
+    return out
 
 
-def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
+                 config: Optional[tuple] = None) -> torch.Tensor:
     """low (M, R) float32 = drop(a) (M, K) @ down^T, down given as an (R, K) view."""
     M, K = a.shape
     R = down.shape[0]
-    low = torch.empty((M, R), device=a.device, dtype=torch.float32)
-    if triton_interpret():
-        block_m, block_k, warps = 16, 32, 4
+    block_r = _block_r(R)
+    if config is not None:
+        block_m, block_k, warps, stages, target = config
+    elif triton_interpret():
+        block_m, block_k, warps, stages, target = 16, 32, 4, 1, 2
     else:
-        # 32-row strips: 256 programs at M=8192, enough to keep every SM streaming a.
-        block_m, block_k, warps = (32, 128, 4) if M > 64 else (16, 256, 4)
-    lora_down_kernel[(triton.cdiv(M, block_m),)](
-        a, down, low, M, K, R,
-        a.stride(0), a.stride(1), down.stride(0), down.stride(1), low.stride(0), low.stride(1),
+        # ~4 programs per SM, each streaming a (block_m x k_per_split) slab of a.
+        block_m, block_k, warps, stages, target = 64, 64, 4, 4, 4 * _sm_count(a.device)
+    n_m = triton.cdiv(M, block_m)
+    splits = max(1, min(target // n_m, triton.cdiv(K, 8 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty((splits, M, block_r), device=a.device, dtype=torch.float32)
+    lora_down_kernel[(n_m, splits)](
+        a, down, part, M, K, R, k_per_split,
+        a.stride(0), a.stride(1), down.stride(0), down.stride(1),
         float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(R), num_warps=warps,
+        HAS_DROPOUT=dropout_p > 0.0, EVEN_K=K % block_k == 0 and k_per_split % block_k == 0,
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
-    return low
+    low = part[0] if splits == 1 else part.sum(0)
+    return low[:, :R].contiguous() if block_r != R else low
 
 
 def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
-                 colsum: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 colsum: bool = False, config: Optional[tuple] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(P, R) float32 = drop(big)^T (M, P) @ small (M, R), and optionally big's column sums (P,)."""
     M, P = big.shape
     R = small.shape[1]
     block_r = _block_r(R)
-    if triton_interpret():
-        block_m, block_p, warps = 16, 32, 4
+    if config is not None:
+        block_m, block_p, warps, stages = config
+    elif triton_interpret():
+        block_m, block_p, warps, stages = 16, 32, 4, 1
     else:
-        block_m, block_p, warps = 64, 128, 8
+        # 64x128 tiles stream big at ~1.6 TB/s on an H100 (NOTES-lora.md); wide ranks halve the tile so the
+        # pipelined (BLOCK_M x BLOCK_P) + (BLOCK_M x BLOCK_R) buffers fit in shared memory.
+        block_m, block_p, warps, stages = (64, 128, 8, 3) if block_r <= 32 else (64, 64, 4, 3)
     n_p = triton.cdiv(P, block_p)
-    target = 2 * (torch.cuda.get_device_properties(big.device).multi_processor_count if big.is_cuda else 4)
+    target = 2 * _sm_count(big.device)
     splits = max(1, min(triton.cdiv(target, n_p), triton.cdiv(M, block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
@@ -354,7 +425,7 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
         big.stride(0), big.stride(1), small.stride(0), small.stride(1),
         float(dropout_p), int(seed),
         HAS_DROPOUT=dropout_p > 0.0, COLSUM=colsum, DOT_PRECISION=_dot_precision(big.dtype),
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
     grad = part.sum(0)[:, :R]
     if dropout_p > 0.0:
@@ -374,49 +445,104 @@ def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> tor
 
 # ------------------------------------------------------------------------------------------- the op
 
-# Above this padded rank the in-GEMM down projection costs more MMA work (r/BLOCK_N) than one read of x.
-_MAX_IN_GEMM_RANK = 32
-
-
 def _w_nk(weight: torch.Tensor, weight_transposed: bool) -> torch.Tensor:
     return weight.t() if weight_transposed else weight
 
 
-def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed):
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+class _Overlap:
+    """Run a memory-bound kernel on a side stream while the main stream runs a compute-bound GEMM.
+
+    A GEMM at ~800 TFLOP/s leaves most of the DRAM bandwidth idle; the skinny down projection needs that
+    bandwidth and little else. The side stream starts after everything already queued on the main stream,
+    the main stream waits for it at exit, and tensors made or read on the side stream are marked as used by
+    the main one for the caching allocator.
+
+        with _Overlap(device) as ov:
+            with ov.side():
+                small = ov.keep(reduction(big), big)
+            gemm(...)            # main stream, concurrently
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled and device.type == "cuda" and not triton_interpret()
+        self.device = device
+
+    def __enter__(self):
+        if self.enabled:
+            self.main = torch.cuda.current_stream(self.device)
+            self.stream = _side_stream(self.device)
+            self.stream.wait_stream(self.main)
+        return self
+
+    def side(self):
+        return torch.cuda.stream(self.stream) if self.enabled else contextlib.nullcontext()
+
+    def keep(self, *tensors):
+        """Mark tensors allocated or read on the side stream as used by the main stream; returns the first."""
+        if self.enabled and not torch.cuda.is_current_stream_capturing():
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(self.main)
+        return tensors[0]
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.main.wait_stream(self.stream)
+        return False
+
+
+# cuBLAS runs the frozen forward GEMM (x W^T, K-major W) about 1.25x faster than this file's Triton GEMM on
+# an H100 (802 vs ~640 TFLOP/s measured, NOTES-lora.md), which outweighs the extra read+write of y that adding
+# the low-rank term afterwards costs. Small M stays on the one-launch Triton path, where launches dominate.
+CUBLAS_FORWARD_MIN_M = 128
+
+
+def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed,
+                 cublas_base: Optional[bool] = None):
     """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r) float32, saved for backward."""
     w = _w_nk(weight, weight_transposed)
-    in_gemm = dropout_p == 0.0 and _block_r(lora_A.shape[0]) <= _MAX_IN_GEMM_RANK
-    if in_gemm:
-        return fused_matmul(x, w, lora_A, lora_B, None, scaling, bias, compute_low=True, store_low=True)
-    xa = down_project(x, lora_A, dropout_p, seed)
-    y, _ = fused_matmul(x, w, None, lora_B, xa, scaling, bias)
+    if cublas_base is None:
+        cublas_base = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
+    if not cublas_base:
+        xa = down_project(x, lora_A, dropout_p, seed)
+        return fused_matmul(x, w, lora_B, xa, scaling, bias), xa
+    with _Overlap(x.device) as ov:
+        with ov.side():
+            xa = ov.keep(down_project(x, lora_A, dropout_p, seed), x, lora_A)
+        y = torch.nn.functional.linear(x, w, bias)
+    y.addmm_((xa * scaling).to(y.dtype), lora_B.t().to(y.dtype))
     return y, xa
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, weight_transposed, needs):
-    """(dx, dA, dB, dbias, dweight) as in reference.lora_backward."""
+    """(dx, dA, dB, dbias, dweight) as in reference.lora_backward.
+
+    dyb = dy B (one read of dy); dx = dy W + s mask (dyb A), the forward's fused GEMM with W read N-major
+    (Triton matches cuBLAS on this layout); dA = s dyb^T drop(x) (one read of x); dB = s dy^T xa and the bias
+    gradient (one more read of dy). Running the two reductions on a side stream beside the dx GEMM was
+    measured slower (0.72 vs 0.57 ms at M=8192, 4096x4096), so they run in order.
+    """
     need_x, need_a, need_b, need_bias, need_w = needs
     dx = da = db = dbias = dw = None
-    # dx = dy W + s mask ((dy B) A): the same fused GEMM with W^T (K, N), B^T (r, N) and A^T (K, r).
-    w_kn = _w_nk(weight, weight_transposed).t()
-    dyb = None
+    dyb = down_project(grad_y, lora_B.t()) if (need_x or need_a) else None
     if need_x:
-        in_gemm = _block_r(lora_A.shape[0]) <= _MAX_IN_GEMM_RANK
-        if in_gemm:
-            dx, dyb = fused_matmul(grad_y, w_kn, lora_B.t(), lora_A.t(), None, scaling, None, dropout_p, seed,
-                                   compute_low=True, store_low=need_a)
-        else:
-            dyb = down_project(grad_y, lora_B.t())
-            dx, _ = fused_matmul(grad_y, w_kn, None, lora_A.t(), dyb, scaling, None, dropout_p, seed)
+        dx = fused_matmul(grad_y, _w_nk(weight, weight_transposed).t(), lora_A.t(), dyb, scaling,
+                          dropout_p=dropout_p, seed=seed)
     if need_a:
-        if dyb is None:
-            dyb = down_project(grad_y, lora_B.t())
         grad, _ = adapter_grad(x, dyb, dropout_p, seed)
         da = (grad.t() * scaling).to(lora_A.dtype)
     if need_b or need_bias:
         grad, sums = adapter_grad(grad_y, xa, colsum=need_bias)
-        if need_b:
-            db = (grad * scaling).to(lora_B.dtype)
+        db = (grad * scaling).to(lora_B.dtype) if need_b else None
         dbias = sums
     if need_w:
         dw = grad_y.t().float() @ x.float()

@@ -1,0 +1,198 @@
+"""LoRA linear: peftkern (triton, cuda) against the frozen base GEMM (the floor) and the anchors.
+
+Anchors, all in the same run: HF PEFT LoRA eager with its default fp32 adapters and with bf16 adapters
+(autocast_adapter_dtype=False), PEFT LoRA under torch.compile, and an eager Unsloth-style LoRA (base GEMM,
+then an in-place addmm of the low-rank term, gradients by hand). Forward is timed under no_grad; forward+
+backward as torch.autograd.grad of (x, A, B) (no gradient accumulation in the loop). Every implementation
+is timed as CUDA-graph replays (benchmarks/common.time_fn): the GPU time of its kernels, not Python's
+launch rate; `--eager` times plain calls instead.
+
+    python -m peftkern bench lora [--quick | --full] [--shapes M,K,N,r ...] [--no-compile] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, note_spread, peak_memory_mb, print_table, progress, save_results, time_fn  # noqa: E402
+
+import peftkern  # noqa: E402
+
+# The default run: the issue's target cases (a few minutes on an H100).
+DEFAULT_CASES = [
+    (8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16),
+    (2048, 4096, 4096, 16), (1, 4096, 4096, 16), (16, 4096, 4096, 16),
+    (8192, 4096, 4096, 64), (8192, 4096, 4096, 128), (16384, 4096, 4096, 16), (512, 4096, 4096, 16),
+]
+QUICK_CASES = [(8192, 4096, 4096, 16), (2048, 4096, 4096, 16), (16, 4096, 4096, 16)]
+FULL_M = [1, 16, 512, 2048, 8192, 16384]
+FULL_KN = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
+FULL_R = [8, 16, 64, 128]
+CPU_CASES = [(256, 256, 256, 16), (1, 256, 256, 16)]
+
+
+class UnslothStyleLoRA(torch.autograd.Function):
+    """Eager LoRA with hand-written gradients: base GEMM, then y.addmm_(x A^T, B^T, alpha=s)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, s):
+        y = x @ weight.t()
+        y.addmm_(x @ A.t(), B.t(), alpha=s)
+        ctx.save_for_backward(x, weight, A, B)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A, B = ctx.saved_tensors
+        s = ctx.s
+        dyb = dy @ B
+        dx = dy @ weight
+        dx.addmm_(dyb, A, alpha=s)
+        dA = (dyb.t() @ x).mul_(s)
+        dB = (dy.t() @ (x @ A.t())).mul_(s)
+        return dx, None, dA, dB, None
+
+
+def _peft_layer(base: torch.nn.Linear, r: int, fp32_adapters: bool):
+    from peft import LoraConfig, get_peft_model
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.proj = lin
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0)
+    model = get_peft_model(Wrap(base), cfg, autocast_adapter_dtype=fp32_adapters)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for p in (layer.lora_B["default"].weight,):
+            p.normal_(0, 0.01)
+    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
+def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
+    """name -> (forward fn(x), list of trainable tensors) for one case."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    with torch.no_grad():
+        base.weight.normal_(0, K ** -0.5, generator=gen)
+    A = (torch.randn(r, K, device=device, dtype=dtype, generator=gen) * K ** -0.5).requires_grad_()
+    B = (torch.randn(N, r, device=device, dtype=dtype, generator=gen) * 0.01).requires_grad_()
+    s = 2.0
+    W = base.weight
+    impls = {"floor (F.linear)": (lambda x: F.linear(x, W), [])}
+    for backend in ("triton", "cuda"):
+        if peftkern._backend.available(backend, torch.device(device)):
+            def run(x, backend=backend):
+                peftkern.set_backend(backend)
+                try:
+                    return peftkern.lora_linear(x, W, A, B, s)
+                finally:
+                    peftkern.set_backend(None)
+            impls[f"peftkern {backend}"] = (run, [A, B])
+    if device == "cpu":
+        def run_ref(x):
+            peftkern.set_backend("torch")
+            try:
+                return peftkern.lora_linear(x, W, A, B, s)
+            finally:
+                peftkern.set_backend(None)
+        impls["peftkern torch (reference)"] = (run_ref, [A, B])
+    impls["unsloth-style eager"] = (lambda x: UnslothStyleLoRA.apply(x, W, A, B, s), [A, B])
+    try:
+        import peft  # noqa: F401
+        have_peft = True
+    except ImportError:
+        have_peft = False
+    if have_peft:
+        layer32, p32 = _peft_layer(base, r, fp32_adapters=True)
+        impls["PEFT eager (fp32 adapters)"] = (layer32, p32)
+        layer16, p16 = _peft_layer(torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype), r, False)
+        layer16.base_layer.weight = W
+        impls[f"PEFT eager ({str(dtype).replace('torch.', '')} adapters)"] = (layer16, p16)
+        if compile_anchor and device == "cuda":
+            impls["PEFT + torch.compile"] = (torch.compile(layer16), p16)
+    return impls
+
+
+def bench_case(M, K, N, r, dtype, device, compile_anchor: bool, passes=("fwd", "fwd+bwd"),
+               eager: bool = False) -> list[Row]:
+    dev = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
+    dy = torch.randn(M, N, device=device, dtype=dtype, generator=gen)
+    graph = device == "cuda" and not eager
+    case = f"M={M} K={K} N={N} r={r}"
+    rows, floor = [], {}
+    for name, (fn, params) in implementations(M, K, N, r, dtype, device, compile_anchor).items():
+        for pass_ in passes:
+            if pass_ == "fwd":
+                def step(fn=fn):
+                    with torch.no_grad():
+                        return fn(x)
+            else:
+                def step(fn=fn, params=params):
+                    return torch.autograd.grad(fn(x), [x, *params], dy)
+            try:
+                step()  # compile / autotune outside the timing
+                ms, spread = time_fn(step, dev, cuda_graph=graph)
+            except Exception as exc:  # an anchor that cannot run here is reported, not fatal
+                progress(f"  {case} {pass_} {name}: failed ({type(exc).__name__}: {exc})")
+                continue
+            if name.startswith("floor"):
+                floor[pass_] = ms
+            mem = peak_memory_mb(step, dev) if pass_ == "fwd+bwd" else None
+            rows.append(Row("lora", case, name, pass_, ms, spread, ms / floor[pass_], mem,
+                            {"cuda_graph": graph}))
+    return rows
+
+
+def parse_cases(args, device) -> list[tuple]:
+    if args.shapes:
+        return [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    if device != "cuda":
+        return CPU_CASES
+    if args.full:
+        return [(m, k, n, r) for m in FULL_M for (k, n) in FULL_KN for r in FULL_R]
+    return QUICK_CASES if args.quick else DEFAULT_CASES
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="peftkern bench lora", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three cases only")
+    parser.add_argument("--full", action="store_true", help="the whole M x (K, N) x r grid (long)")
+    parser.add_argument("--shapes", nargs="*", help="cases as M,K,N,r")
+    parser.add_argument("--no-compile", action="store_true", help="skip the PEFT + torch.compile anchor")
+    parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
+    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        progress("no GPU: running a small CPU version (reference backend) so you can see it work")
+    cases = parse_cases(args, device)
+    rows = []
+    for i, (M, K, N, r) in enumerate(cases):
+        progress(f"[{i + 1}/{len(cases)}] lora M={M} K={K} N={N} r={r}")
+        rows += bench_case(M, K, N, r, dtype, device, compile_anchor=not args.no_compile, eager=args.eager)
+    note_spread(rows)
+    print_table(rows, f"LoRA, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
+    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    path = save_results("lora", rows, {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
+    progress(f"saved {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
