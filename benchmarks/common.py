@@ -78,6 +78,9 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
 
 
 def git_revision() -> str:
+    """The checkout's revision, or $PEFTKERN_GIT_REV where the tree was copied without .git (the GPU machine)."""
+    if os.environ.get("PEFTKERN_GIT_REV"):
+        return os.environ["PEFTKERN_GIT_REV"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                                        stderr=subprocess.DEVNULL, text=True).strip()

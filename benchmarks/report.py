@@ -1,0 +1,126 @@
+"""Tables and plots from saved benchmark JSON, and the difference between two runs.
+
+    python benchmarks/report.py table benchmarks/results/lora-*.json          # markdown, as in README.md
+    python benchmarks/report.py plot benchmarks/results/lora-*.json --out benchmarks/results/plots
+    python benchmarks/report.py compare A.json B.json                         # what changed between runs
+(`python -m peftkern bench --compare A.json B.json` calls the last one.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def load(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def table(data: dict, passes=("fwd", "fwd+bwd")) -> str:
+    """One markdown row per (case, implementation): ms and ratio to the floor for each pass, peak memory."""
+    env = data["environment"]
+    cases: dict = {}
+    for r in data["rows"]:
+        cases.setdefault(r["case"], {}).setdefault(r["impl"], {})[r["pass"]] = r
+    head = f"{data['benchmark']} on {env.get('gpu') or 'CPU'} (torch {env['torch']}, triton {env.get('triton')}, " \
+           f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')})\n\n"
+    cols = " | ".join(f"{p} ms | {p} ratio" for p in passes)
+    lines = [f"| case | implementation | {cols} | peak MB |", "|" + " --- |" * (3 + 2 * len(passes))]
+    for case, impls in cases.items():
+        for impl, by_pass in impls.items():
+            cells = []
+            for p in passes:
+                r = by_pass.get(p)
+                cells += [f"{r['ms']:.4f}", f"{r['ratio']:.2f}x"] if r else ["-", "-"]
+            mem = next((r["peak_mb"] for r in by_pass.values() if r.get("peak_mb") is not None), None)
+            lines.append(f"| {case} | {impl} | {' | '.join(cells)} | {'-' if mem is None else f'{mem:.0f}'} |")
+    return head + "\n".join(lines)
+
+
+def _m_of(case: str):
+    found = re.search(r"M=(\d+)", case)
+    return int(found.group(1)) if found else None
+
+
+def plot(data: dict, out_dir: Path) -> list[Path]:
+    """Ratio to the floor against M, one line per implementation, one figure per (shape without M, pass)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for r in data["rows"]:
+        m = _m_of(r["case"])
+        if m is None:
+            continue
+        shape = re.sub(r"M=\d+\s*", "", r["case"]).strip()
+        groups.setdefault((shape, r["pass"]), {}).setdefault(r["impl"], []).append((m, r["ratio"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (shape, pass_), impls in groups.items():
+        if max(len(v) for v in impls.values()) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for impl, pts in sorted(impls.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("time / frozen floor")
+        ax.set_title(f"{data['benchmark']} {shape} {pass_} ({data['environment'].get('gpu') or 'CPU'})", fontsize=9)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{shape}_{pass_}").strip("_") + ".png"
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def compare(a: dict, b: dict) -> str:
+    """Rows present in both runs: ratio in A, ratio in B, and the change."""
+    key = lambda r: (r["case"], r["impl"], r["pass"])
+    rows_a = {key(r): r for r in a["rows"]}
+    lines = [f"A: {a['environment'].get('git')} on {a['environment'].get('gpu')}   "
+             f"B: {b['environment'].get('git')} on {b['environment'].get('gpu')}",
+             "| case | implementation | pass | ratio A | ratio B | change |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in b["rows"]:
+        old = rows_a.get(key(r))
+        if old:
+            change = (r["ratio"] - old["ratio"]) / old["ratio"] * 100
+            lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {old['ratio']:.2f}x | {r['ratio']:.2f}x | "
+                         f"{change:+.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/report.py")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("files", nargs="+")
+    p = sub.add_parser("plot")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "plots"))
+    c = sub.add_parser("compare")
+    c.add_argument("a")
+    c.add_argument("b")
+    args = parser.parse_args(argv)
+    if args.cmd == "table":
+        for f in args.files:
+            print(table(load(f)), end="\n\n")
+    elif args.cmd == "plot":
+        for f in args.files:
+            for path in plot(load(f), Path(args.out)):
+                print(path)
+    else:
+        print(compare(load(args.a), load(args.b)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
