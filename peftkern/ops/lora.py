@@ -128,10 +128,13 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tup
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    return N, K, r
+
+
+def check_same_dtype(x: Tensor, weight: Tensor) -> None:
     if x.dtype != weight.dtype:
         raise TypeError(f"x and weight must share a dtype (use torch.autocast to mix): x {x.dtype}, "
                         f"weight {weight.dtype}")
-    return N, K, r
 
 
 def lora_linear(
@@ -157,6 +160,7 @@ def lora_linear(
     dropout_p = check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
     x, (weight, bias) = autocast_inputs(x, (weight, bias))
+    check_same_dtype(x, weight)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     lead = x.shape[:-1]

@@ -1,0 +1,123 @@
+"""Production training around the fused layers: torch.compile, autocast, activation checkpointing, fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, assert_close
+
+import peftkern
+from peftkern import reference
+
+
+class TwoLoRA(torch.nn.Module):
+    def __init__(self, dtype=torch.float32, dropout=0.1):
+        super().__init__()
+        self.l1 = peftkern.nn.LoRALinear(64, 96, r=8, dropout=dropout, device=DEVICE, dtype=dtype)
+        self.l2 = peftkern.nn.LoRALinear(96, 32, r=8, device=DEVICE, dtype=dtype)
+        for layer in (self.l1, self.l2):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+
+    def forward(self, x):
+        return self.l2(torch.nn.functional.gelu(self.l1(x)))
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
+def test_compile_fullgraph_matches_eager(training):
+    torch.manual_seed(0)
+    model = TwoLoRA().train(training)
+    x = torch.randn(3, 7, 64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        torch.manual_seed(42)  # the same dropout seed for both
+        y = fn(x)
+        y.square().mean().backward()
+        results.append((y.detach(), _grads(model)))
+    (y_e, g_e), (y_c, g_c) = results
+    assert_close(y_c, y_e, torch.float32, "compiled output")
+    assert g_e.keys() == g_c.keys() and {"l1.lora_A", "l1.lora_B", "l2.lora_A", "l2.lora_B"} <= set(g_e)
+    for name in g_e:
+        assert_close(g_c[name], g_e[name], torch.float32, f"compiled grad {name}")
+
+
+def test_autocast_bf16_matches_reference_under_autocast():
+    device_type = "cuda" if HAS_CUDA else "cpu"
+    torch.manual_seed(1)
+    model = TwoLoRA(dropout=0.0)
+    x = torch.randn(4, 9, 64, device=DEVICE)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16, "the layer follows autocast's dtype, as nn.Linear does"
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        h = reference.lora_linear(x.to(torch.bfloat16).reshape(-1, 64), model.l1.weight.to(torch.bfloat16),
+                                  model.l1.lora_A, model.l1.lora_B, model.l1.scaling, model.l1.bias.to(torch.bfloat16))
+        h = torch.nn.functional.gelu(h)
+        ref = reference.lora_linear(h, model.l2.weight.to(torch.bfloat16), model.l2.lora_A, model.l2.lora_B,
+                                    model.l2.scaling, model.l2.bias.to(torch.bfloat16))
+    assert_close(y.reshape(-1, 32), ref, torch.bfloat16, "autocast output")
+    y.float().sum().backward()
+    assert model.l1.lora_A.grad.dtype == torch.float32, "fp32 adapters keep fp32 gradients under autocast"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="fp16 autocast with GradScaler needs a CUDA device")
+def test_autocast_fp16_with_grad_scaler_trains():
+    torch.manual_seed(2)
+    model = TwoLoRA(dropout=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(16, 64, device="cuda")
+    target = torch.randn(16, 32, device="cuda")
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v, losses)), f"NaN loss: {losses}"
+    assert losses[-1] < losses[0], f"the loss did not go down: {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_gives_the_same_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    model = TwoLoRA(dropout=0.2)
+    x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
+    grads = []
+    for use in (False, True):
+        model.zero_grad()
+        x.grad = None
+        torch.manual_seed(9)
+        y = checkpoint(model, x, use_reentrant=reentrant) if use else model(x)
+        y.square().sum().backward()
+        grads.append((_grads(model), x.grad.clone()))
+    for name in grads[0][0]:
+        assert torch.allclose(grads[0][0][name], grads[1][0][name], rtol=1e-5, atol=1e-6), name
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_float64_falls_back_to_the_reference_with_one_warning():
+    if not HAS_CUDA:
+        pytest.skip("on the CPU float64 already runs on the reference path by default")
+    x = torch.randn(4, 16, device="cuda", dtype=torch.float64)
+    w = torch.randn(8, 16, device="cuda", dtype=torch.float64)
+    A = torch.randn(2, 16, device="cuda", dtype=torch.float64)
+    B = torch.randn(8, 2, device="cuda", dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = peftkern.lora_linear(x, w, A, B, 1.0)
+        y2 = peftkern.lora_linear(x, w, A, B, 1.0)
+    assert torch.allclose(y1, reference.lora_linear(x, w, A, B, 1.0)) and torch.equal(y1, y2)
+    assert sum("reference path" in str(c.message) for c in caught) <= 1, "one warning per cause"
