@@ -2,7 +2,9 @@
 
 from . import nn, ops, reference
 from ._backend import backend_status, get_backend, set_backend
+from .ops._common import set_nvtx
 from .ops.lora import lora_linear, lora_merge_
+from .profiling import profile
 
 __version__ = "0.1.0"
 
@@ -10,4 +12,5 @@ __all__ = [
     "nn", "ops", "reference",
     "set_backend", "get_backend", "backend_status",
     "lora_linear", "lora_merge_",
+    "profile", "set_nvtx",
 ]

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 from conftest import (
-    DEVICE, HAS_CUDA, TOLERANCE, assert_close, backend_params, dtypes_for, rel_err,
+    DEVICE,
+    HAS_CUDA,
+    TOLERANCE,
+    assert_close,
+    backend_params,
+    dtypes_for,
+    rel_err,
 )
 
 import peftkern

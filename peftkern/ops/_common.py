@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import warnings
 from typing import Optional, Sequence
 
@@ -86,6 +88,23 @@ _BACKEND_MODULES = {
 def backend_module(backend: str, op: str):
     """The module implementing `op` on `backend` (kernels.triton.<op>, kernels.cuda or reference)."""
     return importlib.import_module(_BACKEND_MODULES[backend].format(op=op))
+
+
+_nvtx_enabled = os.environ.get("PEFTKERN_NVTX", "0") == "1"
+
+
+def set_nvtx(enabled: bool) -> None:
+    """Wrap every peftkern op in an NVTX range named after it (peftkern::lora_fwd, ...), for Nsight Systems.
+    Off by default; PEFTKERN_NVTX=1 turns it on at import."""
+    global _nvtx_enabled
+    _nvtx_enabled = bool(enabled)
+
+
+def nvtx_range(name: str):
+    """An NVTX range around an op's body when enabled and on a CUDA build, else a no-op context."""
+    if _nvtx_enabled and torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()
 
 
 _warned: set = set()

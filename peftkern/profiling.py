@@ -1,0 +1,163 @@
+"""Profiling a training step: where the GPU time goes (frozen GEMMs, peftkern kernels, everything else).
+
+    with peftkern.profile(trace="step.json") as prof:
+        train_step()
+    print(prof.summary())          # the split, also prof.split (a dict of ms)
+
+    python -m peftkern profile --model llama --method lora --steps 5 --trace trace.json
+
+Kernels are classified by name: peftkern's Triton kernels are named after their functions (lora_*, ia3_*,
+krona_*, adapter_*) and its CUDA ones carry the peftkern prefix; the frozen GEMMs are cuBLAS/CUTLASS kernels
+(gemm, nvjet, sm90_xmma, cutlass). NVTX ranges (peftkern.set_nvtx(True)) name the ops in Nsight Systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .ops._common import set_nvtx
+
+PEFTKERN_KERNEL = re.compile(r"^(lora_|ia3_|krona_|adapter_|peftkern)", re.IGNORECASE)
+GEMM_KERNEL = re.compile(r"(gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul|aten::(mm|addmm|bmm|linear))", re.IGNORECASE)
+
+
+def classify(kernel_name: str) -> str:
+    if PEFTKERN_KERNEL.search(kernel_name):
+        return "peftkern kernels"
+    if GEMM_KERNEL.search(kernel_name):
+        return "GEMMs (frozen base, attention, head)"
+    return "everything else"
+
+
+@dataclass
+class ProfileResult:
+    split: dict = field(default_factory=dict)       # category -> ms of GPU kernel time
+    kernels: dict = field(default_factory=dict)     # kernel name -> ms
+    trace: Optional[str] = None
+    unit: str = "GPU kernel time"
+
+    def summary(self, top: int = 8) -> str:
+        total = sum(self.split.values()) or 1.0
+        lines = [f"{self.unit}: {total:.3f} ms"]
+        for cat, ms in sorted(self.split.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {cat:38s} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
+        lines.append(f"top {top} kernels:")
+        for name, ms in sorted(self.kernels.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {ms:9.3f} ms  [{classify(name)}] {name[:90]}")
+        if self.trace:
+            lines.append(f"Chrome trace: {self.trace}")
+        return "\n".join(lines)
+
+
+def _kernel_times(prof) -> dict:
+    """GPU kernels' own time (ms) by name; without a GPU, CPU operators' self time (ms) by name."""
+    from torch.autograd import DeviceType
+
+    gpu, cpu = {}, {}
+    for evt in prof.events():
+        if evt.device_type == DeviceType.CUDA:
+            us = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0.0)
+            gpu[evt.name] = gpu.get(evt.name, 0.0) + us / 1e3
+        elif evt.name.startswith(("aten::", "peftkern::")):
+            cpu[evt.name] = cpu.get(evt.name, 0.0) + evt.self_cpu_time_total / 1e3
+    return gpu or cpu
+
+
+@contextlib.contextmanager
+def profile(trace: Optional[str] = None, nvtx: bool = True):
+    """Profile the GPU kernels of the enclosed code (e.g. a few training steps) with torch.profiler.
+
+    Yields a ProfileResult that is filled when the block exits: the time split, the per-kernel times and,
+    with `trace`, the path of a Chrome trace (open in chrome://tracing or Perfetto).
+    """
+    result = ProfileResult(trace=trace, unit="GPU kernel time" if torch.cuda.is_available()
+                           else "CPU operator self time (no GPU)")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    set_nvtx(nvtx)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            yield result
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        set_nvtx(False)
+    for name, ms in _kernel_times(prof).items():
+        result.kernels[name] = ms
+    for name, ms in result.kernels.items():
+        cat = classify(name)
+        result.split[cat] = result.split.get(cat, 0.0) + ms
+    if trace:
+        prof.export_chrome_trace(trace)
+
+
+def _build_model(name: str, method: str, device: str, dtype: torch.dtype, r: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sizes = {
+        "llama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=32000),
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=128),
+    }[name]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**sizes)).to(device=device, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    if method == "lora":
+        from .nn.lora import LoRALinear
+
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if child_name in targets and isinstance(child, torch.nn.Linear):
+                    setattr(parent, child_name, LoRALinear.from_linear(child, r=r, alpha=2 * r))
+    elif method != "none":
+        raise SystemExit(f"profile --method takes lora or none, got {method!r}")
+    return model
+
+
+def cli_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peftkern profile",
+                                     description="profile a few training steps and print the GPU time split")
+    parser.add_argument("--model", default="llama", choices=["llama", "tiny"],
+                        help="llama: hidden 2048, 8 layers (the issues' model); tiny: a toy config")
+    parser.add_argument("--method", default="lora", choices=["lora", "none"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--trace", default="peftkern-profile.json", help="Chrome trace path")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        print("no GPU: profiling the tiny config on the CPU (64-token sequences) instead", file=sys.stderr)
+        args.model, args.seq, args.batch = "tiny", 64, 2
+    model = _build_model(args.model, args.method, device, dtype, args.rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    step()  # warm-up: autotuning and allocations outside the profile
+    with profile(trace=args.trace) as prof:
+        for _ in range(args.steps):
+            step()
+    print(f"{args.model} {args.method} r={args.rank}, {args.batch}x{args.seq} tokens, {args.steps} steps, {device}")
+    print(prof.summary())
+    return 0
