@@ -1,0 +1,69 @@
+"""The layer benchmarks as pytest-benchmark tests, to save and compare runs with pytest-benchmark's tools:
+
+    pytest benchmarks/ --benchmark-only                       # table
+    pytest benchmarks/ --benchmark-only --benchmark-autosave  # .benchmarks/, then pytest-benchmark compare
+
+Each measured call ends with a device synchronisation, so pytest-benchmark's clock sees the GPU time; the
+CUDA-event median (triton.testing.do_bench) and the ratio to the frozen F.linear of the same shape are put in
+extra_info. Without a GPU the cases run small on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftkern
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+SHAPES = [(8192, 4096, 4096), (2048, 4096, 4096)] if HAS_CUDA else [(128, 128, 128)]
+
+
+def _synced(fn):
+    def run():
+        out = fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def _event_ms(fn) -> float:
+    if not HAS_CUDA:
+        return float("nan")
+    import triton.testing as tt
+
+    return tt.do_bench(fn, return_mode="median")
+
+
+def _lora(x, K, N):
+    W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
+    A = (torch.randn(16, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_()
+    B = (torch.randn(N, 16, device=DEVICE, dtype=DTYPE) * 0.01).requires_grad_()
+    dy = torch.randn(x.shape[0], N, device=DEVICE, dtype=DTYPE)
+    floor = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
+    fused = lambda: torch.autograd.grad(peftkern.lora_linear(x, W, A, B, 2.0), [x, A, B], dy)
+    return floor, fused
+
+
+METHODS = {"lora": _lora}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}".format(*s))
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("impl", ["floor", "peftkern"])
+def test_layer_fwd_bwd(benchmark, method, impl, shape):
+    M, K, N = shape
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    floor, fused = METHODS[method](x, K, N)
+    fn = floor if impl == "floor" else fused
+    fn()  # compile and autotune outside the timing
+    benchmark.extra_info.update(method=method, impl=impl, device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
+    if HAS_CUDA:
+        ms, floor_ms = _event_ms(fn), _event_ms(floor)
+        benchmark.extra_info.update(event_median_ms=ms, ratio_to_floor=ms / floor_ms)
+    benchmark.pedantic(_synced(fn), rounds=20, warmup_rounds=3, iterations=1)
