@@ -201,10 +201,13 @@ def lora_adapter_grad_kernel(
     M, P, R, rows_per_split,
     stride_bm, stride_bp, stride_sm, stride_sr,
     dropout_p, seed,
-    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr, R_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """part[split, p, r] = sum over this split's rows m of drop(big)[m, p] * small[m, r]; colsum[split, p] too."""
+    """part[split, p, r] = sum over this split's rows m of drop(big)[m, p] * small[m, r]; colsum[split, p] too.
+
+    R_MAJOR computes the transposed product small^T big (BLOCK_R x BLOCK_P): the big tile then enters the MMA
+    in the layout it was loaded in (rows of P contiguous), and only the tiny small tile is transposed."""
     pid_p = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -212,7 +215,10 @@ def lora_adapter_grad_kernel(
     offs_mb = tl.arange(0, BLOCK_M)
     p_mask = offs_p < P
     r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    if R_MAJOR:
+        acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     m_start = pid_s * rows_per_split
     m_end = min(m_start + rows_per_split, M)
@@ -223,13 +229,21 @@ def lora_adapter_grad_kernel(
                       mask=m_mask[:, None] & p_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             big = tl.where(_keep_mask(seed, offs_m, offs_p, P, dropout_p), big, 0.0)
-        small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
+        if R_MAJOR:
+            small_t = tl.load(small_ptr + offs_r[:, None] * stride_sr + offs_m[None, :] * stride_sm,
+                              mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+            acc = tl.dot(small_t.to(big.dtype), big, acc, input_precision=DOT_PRECISION)
+        else:
+            small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                            mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
         if COLSUM:
             colsum += tl.sum(big.to(tl.float32), axis=0)
     base = part_ptr + pid_s * P * BLOCK_R
-    tl.store(base + offs_p[:, None] * BLOCK_R + offs_r[None, :], acc, mask=p_mask[:, None] & r_mask[None, :])
+    if R_MAJOR:
+        tl.store(base + offs_p[None, :] * BLOCK_R + offs_r[:, None], acc, mask=p_mask[None, :] & r_mask[:, None])
+    else:
+        tl.store(base + offs_p[:, None] * BLOCK_R + offs_r[None, :], acc, mask=p_mask[:, None] & r_mask[None, :])
     if COLSUM:
         tl.store(colsum_ptr + pid_s * P + offs_p, colsum, mask=p_mask)
 
@@ -400,7 +414,8 @@ def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, se
 
 
 def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
-                 colsum: bool = False, config: Optional[tuple] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 colsum: bool = False, config: Optional[tuple] = None,
+                 r_major: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(P, R) float32 = drop(big)^T (M, P) @ small (M, R), and optionally big's column sums (P,)."""
     M, P = big.shape
     R = small.shape[1]
@@ -424,7 +439,7 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
         big, small, part, sums, M, P, R, rows_per_split,
         big.stride(0), big.stride(1), small.stride(0), small.stride(1),
         float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0, COLSUM=colsum, DOT_PRECISION=_dot_precision(big.dtype),
+        HAS_DROPOUT=dropout_p > 0.0, COLSUM=colsum, DOT_PRECISION=_dot_precision(big.dtype), R_MAJOR=r_major,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
     grad = part.sum(0)[:, :R]
@@ -519,25 +534,31 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed,
-                 cublas_base: Optional[bool] = None):
-    """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r) float32, saved for backward."""
+                 mode: Optional[str] = None):
+    """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r) float32, saved for backward.
+
+    mode: "triton" (the fused Triton GEMM), "cublas-add" (cuBLAS x W^T, then y += s xa B^T in place, xa on a
+    side stream), "cublas-beta" (C = s xa B^T + b first, then cuBLAS C += x W^T in its epilogue); None picks
+    the fastest measured for the shape (NOTES-lora.md).
+    """
     w = _w_nk(weight, weight_transposed)
-    if _cublas_skinny(lora_A.shape[0], dropout_p, x.device):
-        xa = _mm_f32(x, lora_A.t())
-        y = torch.nn.functional.linear(x, w, bias)
-        y.addmm_((xa * scaling).to(y.dtype), lora_B.t().to(y.dtype))
-        return y, xa
-    if cublas_base is None:
-        cublas_base = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
-    if not cublas_base:
-        xa = down_project(x, lora_A, dropout_p, seed)
+    if mode is None:
+        large = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
+        mode = "cublas-add" if large else "triton"
+    skinny = _cublas_skinny(lora_A.shape[0], dropout_p, x.device)
+    if mode == "triton":
+        xa = _mm_f32(x, lora_A.t()) if skinny else down_project(x, lora_A, dropout_p, seed)
         return fused_matmul(x, w, lora_B, xa, scaling, bias), xa
-    with _Overlap(x.device) as ov:
+    with _Overlap(x.device, enabled=mode == "cublas-add") as ov:
         with ov.side():
-            xa = ov.keep(down_project(x, lora_A, dropout_p, seed), x, lora_A)
-        y = torch.nn.functional.linear(x, w, bias)
-    y.addmm_((xa * scaling).to(y.dtype), lora_B.t().to(y.dtype))
-    return y, xa
+            xa = ov.keep(_mm_f32(x, lora_A.t()) if skinny else down_project(x, lora_A, dropout_p, seed), x, lora_A)
+        if mode == "cublas-add":
+            y = torch.nn.functional.linear(x, w, bias)
+    xa_s, b_t = (xa * scaling).to(x.dtype), lora_B.t().to(x.dtype)
+    if mode == "cublas-add":
+        return y.addmm_(xa_s, b_t), xa
+    y = torch.addmm(bias, xa_s, b_t) if bias is not None else torch.mm(xa_s, b_t)
+    return y.addmm_(x, w.t()), xa
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, weight_transposed, needs):
