@@ -34,14 +34,10 @@ def main():
         for c in [(32, 128, 4, 3, 528), (64, 64, 4, 4, 528), (128, 64, 4, 3, 264), (128, 128, 8, 3, 264), (64, 256, 4, 3, 528)]:
             print(f"  down_project {c}: x {ms(lambda: kl.down_project(x, A, config=c)):.4f}", flush=True)
         xa = kl.down_project(x, A)
-        for rm in (False, True):
-            for c in [(64, 128, 8, 3), (64, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3)]:
-                try:
-                    t1 = ms(lambda: kl.adapter_grad(x, xa, config=c, r_major=rm))
-                    t2 = ms(lambda: kl.adapter_grad(dy, xa, config=c, r_major=rm, colsum=True))
-                    print(f"  adapter_grad r_major={rm} {c}: x {t1:.4f}  dy+colsum {t2:.4f}", flush=True)
-                except Exception as exc:
-                    print(f"  adapter_grad r_major={rm} {c}: {type(exc).__name__}", flush=True)
+        for c in [(64, 128, 8, 3), (64, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3)]:
+            t1 = ms(lambda: kl.adapter_grad(x, xa, config=c))
+            t2 = ms(lambda: kl.adapter_grad(dy, xa, config=c, colsum=True))
+            print(f"  adapter_grad {c}: x {t1:.4f}  dy+colsum {t2:.4f}", flush=True)
         for mode in ("triton", "cublas-add", "cublas-beta"):
             t = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False, mode=mode))
             print(f"  forward {mode}: {t:.4f} ({t / f_fwd:.3f}x)", flush=True)

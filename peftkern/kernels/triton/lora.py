@@ -201,13 +201,11 @@ def lora_adapter_grad_kernel(
     M, P, R, rows_per_split,
     stride_bm, stride_bp, stride_sm, stride_sr,
     dropout_p, seed,
-    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr, R_MAJOR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """part[split, p, r] = sum over this split's rows m of drop(big)[m, p] * small[m, r]; colsum[split, p] too.
-
-    R_MAJOR computes the transposed product small^T big (BLOCK_R x BLOCK_P): the big tile then enters the MMA
-    in the layout it was loaded in (rows of P contiguous), and only the tiny small tile is transposed."""
+    (Computing the transposed product small^T big instead was measured 5-60% slower: NOTES-lora.md.)"""
     pid_p = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -215,10 +213,7 @@ def lora_adapter_grad_kernel(
     offs_mb = tl.arange(0, BLOCK_M)
     p_mask = offs_p < P
     r_mask = offs_r < R
-    if R_MAJOR:
-        acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     m_start = pid_s * rows_per_split
     m_end = min(m_start + rows_per_split, M)
@@ -229,21 +224,13 @@ def lora_adapter_grad_kernel(
                       mask=m_mask[:, None] & p_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             big = tl.where(_keep_mask(seed, offs_m, offs_p, P, dropout_p), big, 0.0)
-        if R_MAJOR:
-            small_t = tl.load(small_ptr + offs_r[:, None] * stride_sr + offs_m[None, :] * stride_sm,
-                              mask=r_mask[:, None] & m_mask[None, :], other=0.0)
-            acc = tl.dot(small_t.to(big.dtype), big, acc, input_precision=DOT_PRECISION)
-        else:
-            small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                            mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
+        small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
         if COLSUM:
             colsum += tl.sum(big.to(tl.float32), axis=0)
     base = part_ptr + pid_s * P * BLOCK_R
-    if R_MAJOR:
-        tl.store(base + offs_p[None, :] * BLOCK_R + offs_r[:, None], acc, mask=p_mask[None, :] & r_mask[:, None])
-    else:
-        tl.store(base + offs_p[:, None] * BLOCK_R + offs_r[None, :], acc, mask=p_mask[:, None] & r_mask[None, :])
+    tl.store(base + offs_p[:, None] * BLOCK_R + offs_r[None, :], acc, mask=p_mask[:, None] & r_mask[None, :])
     if COLSUM:
         tl.store(colsum_ptr + pid_s * P + offs_p, colsum, mask=p_mask)
 
@@ -414,8 +401,7 @@ def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, se
 
 
 def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
-                 colsum: bool = False, config: Optional[tuple] = None,
-                 r_major: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 colsum: bool = False, config: Optional[tuple] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(P, R) float32 = drop(big)^T (M, P) @ small (M, R), and optionally big's column sums (P,)."""
     M, P = big.shape
     R = small.shape[1]
@@ -425,9 +411,9 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
     elif triton_interpret():
         block_m, block_p, warps, stages = 16, 32, 4, 1
     else:
-        # 64x128 tiles stream big at ~1.6 TB/s on an H100 (NOTES-lora.md); wide ranks halve the tile so the
-        # pipelined (BLOCK_M x BLOCK_P) + (BLOCK_M x BLOCK_R) buffers fit in shared memory.
-        block_m, block_p, warps, stages = (64, 128, 8, 3) if block_r <= 32 else (64, 64, 4, 3)
+        # 128x64 tiles read big at ~2.3 TB/s on an H100 and keep the column sums cheapest (NOTES-lora.md);
+        # wide ranks halve the rows so the pipelined buffers fit in shared memory.
+        block_m, block_p, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
     n_p = triton.cdiv(P, block_p)
     target = 2 * _sm_count(big.device)
     splits = max(1, min(triton.cdiv(target, n_p), triton.cdiv(M, block_m)))
@@ -439,7 +425,7 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
         big, small, part, sums, M, P, R, rows_per_split,
         big.stride(0), big.stride(1), small.stride(0), small.stride(1),
         float(dropout_p), int(seed),
-        HAS_DROPOUT=dropout_p > 0.0, COLSUM=colsum, DOT_PRECISION=_dot_precision(big.dtype), R_MAJOR=r_major,
+        HAS_DROPOUT=dropout_p > 0.0, COLSUM=colsum, DOT_PRECISION=_dot_precision(big.dtype),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
     grad = part.sum(0)[:, :R]
@@ -516,9 +502,12 @@ class _Overlap:
 
 
 # cuBLAS runs the frozen forward GEMM (x W^T, K-major W) about 1.25x faster than this file's Triton GEMM on
-# an H100 (802 vs ~640 TFLOP/s measured, NOTES-lora.md), which outweighs the extra read+write of y that adding
-# the low-rank term afterwards costs. Small M stays on the one-launch Triton path, where launches dominate.
+# an H100 (802 vs ~640 TFLOP/s measured, NOTES-lora.md), which outweighs the extra pass over y that adding
+# the low-rank term costs. From M = 4096 the term is best written first and added by cuBLAS's epilogue
+# (beta = 1: 1.22x vs 1.28x in place afterwards at M = 8192); below that, in place afterwards with xa made on a
+# side stream (1.19x vs 1.21x at M = 2048). Small M stays on the Triton path, where launches dominate.
 CUBLAS_FORWARD_MIN_M = 128
+CUBLAS_BETA_MIN_M = 4096
 
 
 # From r = 64 on, cuBLAS runs the skinny products (x A^T, dy B, dyb^T x, dy^T xa) faster than this file's
@@ -544,7 +533,7 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     w = _w_nk(weight, weight_transposed)
     if mode is None:
         large = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
-        mode = "cublas-add" if large else "triton"
+        mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
     skinny = _cublas_skinny(lora_A.shape[0], dropout_p, x.device)
     if mode == "triton":
         xa = _mm_f32(x, lora_A.t()) if skinny else down_project(x, lora_A, dropout_p, seed)
