@@ -2,6 +2,8 @@
 
 from . import nn, ops, reference
 from ._backend import backend_status, get_backend, set_backend
+from .integrations.peft import FuseReport, fuse, unfuse
+from .integrations.transformers import add_lora, load_lora, save_lora
 from .ops._common import set_nvtx
 from .ops.lora import lora_linear, lora_merge_
 from .profiling import profile
@@ -13,4 +15,5 @@ __all__ = [
     "set_backend", "get_backend", "backend_status",
     "lora_linear", "lora_merge_",
     "profile", "set_nvtx",
+    "fuse", "unfuse", "FuseReport", "add_lora", "save_lora", "load_lora",
 ]

@@ -1,0 +1,1 @@
+"""Wiring peftkern into models: Hugging Face PEFT (peft.py) and plain transformers models (transformers.py)."""

@@ -1,0 +1,133 @@
+"""peftkern without PEFT: attach LoRALinear layers to a plain transformers (or any torch) model, and save /
+load the adapter weights alone in PEFT's file layout (adapter_config.json + adapter_model.safetensors), so
+`peft.PeftModel.from_pretrained(base_model, path)` loads what peftkern trained, and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ..nn.lora import LoRALinear, is_conv1d
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _matches(name: str, targets: Union[str, Iterable[str]]) -> bool:
+    """PEFT's rule: a regex string must match the full module name; a list matches the name's last part
+    (or a dotted suffix of it)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int = 8, alpha: float = 8.0,
+             dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None,
+             freeze_base: bool = True) -> list[str]:
+    """Replace each nn.Linear / GPT-2 Conv1D whose name matches `target_modules` with a LoRALinear that shares
+    its weight and bias; freeze everything else (freeze_base). Returns the adapted module names.
+
+    target_modules: a list of names or name suffixes (["q_proj", "v_proj"]) or a regex on the full name.
+    """
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    adapted = []
+    for name, module in list(model.named_modules()):
+        if not name or not _matches(name, target_modules):
+            continue
+        if isinstance(module, LoRALinear):
+            continue
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
+                                                      use_rslora=use_rslora, adapter_dtype=adapter_dtype))
+        adapted.append(name)
+    if not adapted:
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear or Conv1D in the model")
+    model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                                       target_modules=sorted({n.rsplit('.', 1)[-1] for n in adapted}))
+    return adapted
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's saved key names (base_model.model.<module>.lora_A.weight, ...)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+    return out
+
+
+def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors in PEFT's layout."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRALinear layers to save")
+    cfg = getattr(model, "_peftkern_lora_config", None)
+    first = next(iter(layers.values()))
+    if cfg is None:
+        cfg = dict(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout, use_rslora=first.use_rslora,
+                   target_modules=sorted({n.rsplit('.', 1)[-1] for n in layers}))
+    ranks = {n: m.r for n, m in layers.items()}
+    alphas = {n: m.alpha for n, m in layers.items()}
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+        "use_rslora": cfg["use_rslora"], "target_modules": cfg["target_modules"], "bias": "none",
+        "fan_in_fan_out": any(m.weight_transposed for m in layers.values()), "inference_mode": True,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != cfg["r"]},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg["lora_alpha"]},
+    }
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({k: v.cpu() for k, v in lora_state_dict(model).items()}, os.path.join(path, WEIGHTS_NAME))
+
+
+def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Attach LoRA layers as described by a PEFT adapter directory and load its weights; returns the adapted
+    module names. Works for adapters saved by save_lora or by PEFT's save_pretrained (vanilla LoRA)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{path} holds a {config.get('peft_type')} adapter (use_dora={config.get('use_dora')}); "
+                         "load_lora reads vanilla LoRA")
+    weights = load_file(os.path.join(path, WEIGHTS_NAME))
+    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
+    ranks = config.get("rank_pattern") or {}
+    alphas = config.get("alpha_pattern") or {}
+    adapted = []
+    for name in names:
+        r = ranks.get(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0])
+        add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r,
+                 alpha=alphas.get(name, config["lora_alpha"]), dropout=config.get("lora_dropout", 0.0),
+                 use_rslora=config.get("use_rslora", False), adapter_dtype=adapter_dtype,
+                 freeze_base=not adapted)
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+        adapted.append(name)
+    model._peftkern_lora_config = dict(r=config["r"], lora_alpha=config["lora_alpha"],
+                                       lora_dropout=config.get("lora_dropout", 0.0),
+                                       use_rslora=config.get("use_rslora", False),
+                                       target_modules=config["target_modules"])
+    return adapted

@@ -1,0 +1,53 @@
+"""peftkern.add_lora on plain transformers models, saved and loaded in PEFT's file layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, assert_close
+from test_fuse import batch, tiny_gpt2, tiny_llama
+
+import peftkern
+
+peft = pytest.importorskip("peft")
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+
+
+@pytest.mark.parametrize("factory,targets,name", [(tiny_llama, ["q_proj", "v_proj", "down_proj"], "llama"),
+                                                  (tiny_gpt2, ["c_attn", "c_fc"], "gpt2")])
+def test_add_lora_trains_saves_and_loads_in_peft(tmp_path, factory, targets, name):
+    torch.manual_seed(0)
+    model = factory().to(DEVICE, DTYPE)
+    adapted = peftkern.add_lora(model, target_modules=targets, r=4, alpha=8, dropout=0.0)
+    assert adapted and all(n.rsplit(".", 1)[-1] in targets for n in adapted)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable), "everything but the adapters is frozen"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        opt.zero_grad()
+        model(**batch(name, seed=step)).loss.backward()
+        opt.step()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n), "B moved off zero"
+    model.eval()
+    x = batch(name)
+    expected = model(**x).logits
+    peftkern.save_lora(model, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and sorted(config["target_modules"]) == sorted(targets)
+    torch.manual_seed(0)
+    peft_model = peft.PeftModel.from_pretrained(factory().to(DEVICE, DTYPE), str(tmp_path)).eval()
+    assert_close(peft_model(**x).logits, expected, DTYPE, "PEFT loads what peftkern saved")
+    # and the other way round: PEFT's own save_pretrained loads into a plain model with load_lora
+    peft_dir = tmp_path / "from_peft"
+    peft_model.save_pretrained(str(peft_dir))
+    torch.manual_seed(0)
+    plain = factory().to(DEVICE, DTYPE)
+    assert sorted(peftkern.load_lora(plain, str(peft_dir))) == sorted(adapted)
+    assert_close(plain.eval()(**x).logits, expected, DTYPE, "load_lora reads PEFT's save_pretrained")
+
+
+def test_add_lora_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="matched no"):
+        peftkern.add_lora(tiny_llama(), target_modules=["nonexistent"])

@@ -1,0 +1,279 @@
+"""peftkern.fuse on Hugging Face PEFT LoRA models: parity with PEFT, and nothing else notices."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, assert_close
+
+import peftkern
+from peftkern.ops._common import draw_seed
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+# Several AdamW steps amplify rounding: allow a few times the dtype's tolerance for the later steps.
+STEP_SCALE = 4.0
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_mistral():
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg)
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def tiny_bert():
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=128, max_position_embeddings=64, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+MODELS = {
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}),
+    "mistral": (tiny_mistral, ["q_proj", "v_proj"], {}),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}),
+    "bert": (tiny_bert, ["query", "key", "value", "dense"], {}),
+}
+
+
+def build(name, dropout=0.0, seed=0, **lora_kw):
+    factory, targets, extra = MODELS[name]
+    torch.manual_seed(seed)
+    base = factory().to(DEVICE, DTYPE)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, **{**extra, **lora_kw})
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():  # B starts at zero: make the adapters matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def batch(name, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (2, 12), generator=g).to(DEVICE)
+    if name == "bert":
+        return {"input_ids": ids, "labels": torch.randint(0, 3, (2,), generator=g).to(DEVICE)}
+    return {"input_ids": ids, "labels": ids}
+
+
+class SeededDropout(torch.nn.Module):
+    """PEFT's dropout with peftkern's mask: draws the seed as the fused op does and applies the active
+    backend's keep-mask, so a PEFT model with dropout can be compared with its fused twin exactly."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        seed = int(draw_seed())
+        K = x.shape[-1]
+        keep = peftkern.ops.lora_dropout_mask(seed, (x.numel() // K, K), self.p, x.device).reshape(x.shape)
+        return torch.where(keep, x / (1 - self.p), torch.zeros_like(x))
+
+
+def seeded_dropout(model, p):
+    for module in model.modules():
+        if hasattr(module, "lora_dropout"):
+            for key in module.lora_dropout:
+                module.lora_dropout[key] = SeededDropout(p)
+
+
+def train_steps(model, name, steps=3, seed=5):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    history = []
+    for step in range(steps):
+        opt.zero_grad()
+        torch.manual_seed(seed + step)
+        out = model(**batch(name, seed=step))
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        history.append((out.logits.detach().clone(), out.loss.detach().clone(), grads))
+        opt.step()
+    return history
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts calls that really took the fused op (not PEFT's fallback)."""
+    import peftkern.integrations.peft as integration
+
+    calls = []
+    original = integration.lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "lora_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fused_twin_trains_like_peft(name, dropout, fused_calls):
+    reference = build(name, dropout)
+    twin = copy.deepcopy(reference)
+    report = peftkern.fuse(twin)
+    assert report.fused and not report.skipped, str(report)
+    if dropout:
+        seeded_dropout(reference, dropout)
+    reference.train()
+    twin.train()
+    ref_hist = train_steps(reference, name)
+    assert not fused_calls, "the reference model must not run the fused op"
+    twin_hist = train_steps(twin, name)
+    assert len(fused_calls) == 3 * len(report.fused), "every fused layer must take the fused op on every step"
+    for step, ((lr, sr, gr), (lt, st, gt)) in enumerate(zip(ref_hist, twin_hist)):
+        scale = 1.0 + STEP_SCALE * step
+        assert_close(lt, lr, DTYPE, f"{name} step {step} logits", scale)
+        assert_close(st, sr, DTYPE, f"{name} step {step} loss", scale)
+        assert gr.keys() == gt.keys() and any("lora_A" in k for k in gr)
+        for key in gr:
+            assert_close(gt[key], gr[key], DTYPE, f"{name} step {step} grad {key}", 2 * scale)
+
+
+def test_fuse_keeps_parameters_state_dict_and_optimizer_groups():
+    model = build("llama")
+    params_before = {n: p for n, p in model.named_parameters()}
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    report = peftkern.fuse(model)
+    assert len(report.fused) == 14, str(report)
+    assert all(p is params_before[n] for n, p in model.named_parameters()), "the very same Parameter objects"
+    sd_after = model.state_dict()
+    assert sd_after.keys() == sd_before.keys() and all(torch.equal(sd_after[k], sd_before[k]) for k in sd_after)
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"],
+                                       [p for p in model.parameters() if p.requires_grad]))
+    again = peftkern.fuse(model)
+    assert [n for n, _ in again.fused] == [n for n, _ in report.fused], "fuse is idempotent"
+    assert "14 layer(s) fused" in str(report) and report.as_dict()["fused"]
+
+
+def test_unfuse_restores_peft_forward():
+    model = build("llama")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    peftkern.fuse(model)
+    assert "forward" in vars(layer)
+    assert peftkern.unfuse(model) == 14
+    assert "forward" not in vars(layer) and peftkern.unfuse(model) == 0
+
+
+def test_save_pretrained_of_fused_model_loads_into_plain_peft(tmp_path):
+    model = build("gpt2")
+    peftkern.fuse(model)
+    model.eval()
+    x = batch("gpt2")
+    expected = model(**x).logits
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = PeftModel.from_pretrained(tiny_gpt2().to(DEVICE, DTYPE), tmp_path).eval()
+    # the base weights of `fresh` come from the same seed as build()'s base model
+    assert_close(fresh(**x).logits, expected, DTYPE, "reloaded logits")
+
+
+def test_merge_disable_and_merge_and_unload_match():
+    model = build("llama")
+    peftkern.fuse(model)
+    model.eval()
+    x = batch("llama")
+    fused = model(**x).logits
+    with model.disable_adapter():
+        base_only = model(**x).logits
+    peftkern.unfuse(model)
+    with model.disable_adapter():
+        assert_close(model(**x).logits, base_only, DTYPE, "disable_adapter gives the base output")
+    peftkern.fuse(model)
+    model.merge_adapter()
+    assert_close(model(**x).logits, fused, DTYPE, "merged", 2.0)
+    model.unmerge_adapter()
+    assert_close(model(**x).logits, fused, DTYPE, "unmerged", 2.0)
+    merged = model.merge_and_unload()
+    assert_close(merged(**x).logits, fused, DTYPE, "merge_and_unload", 2.0)
+
+
+def test_two_adapters_switch_and_combine():
+    model = build("llama")
+    model.add_adapter("second", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.second" in n:
+                p.normal_(0, 0.2)
+    twin = copy.deepcopy(model)
+    peftkern.fuse(twin)
+    for m in (model, twin):
+        m.eval()
+    x = batch("llama")
+    for adapters in ("default", "second", ["default", "second"]):
+        for m in (model, twin):
+            m.base_model.set_adapter(adapters)
+        assert_close(twin(**x).logits, model(**x).logits, DTYPE, f"active {adapters}")
+    # a mixed batch (adapter_names=) is not fused: it falls back to PEFT's path and gives PEFT's answer
+    names = ["default", "second"]
+    for m in (model, twin):
+        m.base_model.set_adapter("default")
+    assert_close(twin(**x, adapter_names=names).logits, model(**x, adapter_names=names).logits, DTYPE, "mixed")
+    twin.delete_adapter("second")
+    assert_close(twin(**x).logits, model(**x).logits, DTYPE, "after delete_adapter")
+
+
+@pytest.mark.parametrize("kw", [dict(lora_bias=True), dict(use_rslora=True),
+                                dict(rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 32}),
+                                dict(init_lora_weights="gaussian")],
+                         ids=["lora_bias", "rslora", "patterns", "gaussian-init"])
+def test_peft_configurations(kw):
+    reference = build("llama", **kw)
+    twin = copy.deepcopy(reference)
+    assert peftkern.fuse(twin).fused
+    ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
+    for step, ((lr, _, gr), (lt, _, gt)) in enumerate(zip(ref_hist, twin_hist)):
+        assert_close(lt, lr, DTYPE, f"logits step {step}", 1.0 + STEP_SCALE * step)
+        for key in gr:
+            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 2.0 + 2 * STEP_SCALE * step)
+
+
+def test_dora_and_embeddings_are_reported_and_left_alone():
+    model = build("llama", use_dora=True)
+    report = peftkern.fuse(model)
+    assert not report.fused and all("DoRA" in reason for _, reason in report.skipped)
+    model2 = get_peft_model(tiny_llama().to(DEVICE, DTYPE),
+                            LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    report2 = peftkern.fuse(model2)
+    assert any("embed_tokens" in n and "not fused" in r for n, r in report2.skipped), str(report2)
+    assert any("q_proj" in n for n, _ in report2.fused)
+
+
+def test_gradient_checkpointing_and_modules_to_save():
+    reference = build("llama", modules_to_save=["lm_head"])
+    twin = copy.deepcopy(reference)
+    peftkern.fuse(twin)
+    for m in (reference, twin):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+        m.train()
+    ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
+    for (lr, _, gr), (lt, _, gt) in zip(ref_hist, twin_hist):
+        assert_close(lt, lr, DTYPE, "logits with checkpointing", 4.0)
+        assert any("modules_to_save" in k for k in gr)
+        for key in gr:
+            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 8.0)
