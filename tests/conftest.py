@@ -24,6 +24,9 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # bf16/fp16 operands with float32 accumulation land near 1e-3..1e-2; tf32 near 3e-4.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-3 if HAS_CUDA else 1e-5, torch.float16: 5e-3,
              torch.bfloat16: 2e-2}
+# Whole models in bf16 against PEFT, which runs the adapter path in fp32: the difference is every bf16
+# activation rounding of the network, not the op's (measured 2-9% on adapter gradients of tiny models).
+MODEL_TOLERANCE = {torch.float32: TOLERANCE[torch.float32], torch.bfloat16: 0.1}
 
 
 def dtypes_for(backend: str) -> list:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close
+from conftest import DEVICE, HAS_CUDA, MODEL_TOLERANCE, TOLERANCE, assert_close
 
 import peftkern
 from peftkern.ops._common import draw_seed
@@ -18,6 +18,8 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 # Several AdamW steps amplify rounding: allow a few times the dtype's tolerance for the later steps.
 STEP_SCALE = 4.0
+# assert_close scales TOLERANCE[DTYPE]; GRAD_SCALE lifts it to the whole-model tolerance for gradients.
+GRAD_SCALE = MODEL_TOLERANCE[DTYPE] / TOLERANCE[DTYPE] if HAS_CUDA else 2.0
 
 
 def tiny_llama():
@@ -150,7 +152,7 @@ def test_fused_twin_trains_like_peft(name, dropout, fused_calls):
         assert_close(st, sr, DTYPE, f"{name} step {step} loss", scale)
         assert gr.keys() == gt.keys() and any("lora_A" in k for k in gr)
         for key in gr:
-            assert_close(gt[key], gr[key], DTYPE, f"{name} step {step} grad {key}", 2 * scale)
+            assert_close(gt[key], gr[key], DTYPE, f"{name} step {step} grad {key}", GRAD_SCALE * scale)
 
 
 def test_fuse_keeps_parameters_state_dict_and_optimizer_groups():
@@ -247,9 +249,9 @@ def test_peft_configurations(kw):
     assert peftkern.fuse(twin).fused
     ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
     for step, ((lr, _, gr), (lt, _, gt)) in enumerate(zip(ref_hist, twin_hist)):
-        assert_close(lt, lr, DTYPE, f"logits step {step}", 1.0 + STEP_SCALE * step)
+        assert_close(lt, lr, DTYPE, f"logits step {step}", 2.0 + STEP_SCALE * step)
         for key in gr:
-            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 2.0 + 2 * STEP_SCALE * step)
+            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", GRAD_SCALE * (1.0 + STEP_SCALE * step))
 
 
 def test_dora_and_embeddings_are_reported_and_left_alone():
@@ -276,4 +278,4 @@ def test_gradient_checkpointing_and_modules_to_save():
         assert_close(lt, lr, DTYPE, "logits with checkpointing", 4.0)
         assert any("modules_to_save" in k for k in gr)
         for key in gr:
-            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 8.0)
+            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 4 * GRAD_SCALE)
