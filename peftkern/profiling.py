@@ -6,9 +6,10 @@
 
     python -m peftkern profile --model llama --method lora --steps 5 --trace trace.json
 
-Kernels are classified by name: peftkern's Triton kernels are named after their functions (lora_*, ia3_*,
-krona_*, adapter_*) and its CUDA ones carry the peftkern prefix; the frozen GEMMs are cuBLAS/CUTLASS kernels
-(gemm, nvjet, sm90_xmma, cutlass). NVTX ranges (peftkern.set_nvtx(True)) name the ops in Nsight Systems.
+Kernels launched inside a peftkern op (each op opens a profiler range while torch.profiler runs) count as
+peftkern's, whichever library ran them; the others are classified by name: the frozen GEMMs are cuBLAS /
+CUTLASS kernels (gemm, nvjet, sm90_xmma, cutlass). NVTX ranges (peftkern.set_nvtx(True)) name the ops in
+Nsight Systems.
 """
 
 from __future__ import annotations
@@ -50,24 +51,54 @@ class ProfileResult:
             lines.append(f"  {cat:38s} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
         lines.append(f"top {top} kernels:")
         for name, ms in sorted(self.kernels.items(), key=lambda kv: -kv[1])[:top]:
-            lines.append(f"  {ms:9.3f} ms  [{classify(name)}] {name[:90]}")
+            cat = "peftkern kernels" if name.endswith("(in a peftkern op)") else classify(name)
+            lines.append(f"  {ms:9.3f} ms  [{cat}] {name[:110]}")
         if self.trace:
             lines.append(f"Chrome trace: {self.trace}")
         return "\n".join(lines)
 
 
-def _kernel_times(prof) -> dict:
-    """GPU kernels' own time (ms) by name; without a GPU, CPU operators' self time (ms) by name."""
+def _is_peftkern_range(evt) -> bool:
+    return evt.name.startswith("peftkern::")
+
+
+def _split(prof) -> tuple[dict, dict]:
+    """(time by category, time by kernel name), in ms. On a GPU: kernel time, where kernels launched inside a
+    peftkern op (its profiler range) count as peftkern whatever library ran them (cuBLAS skinny products
+    too); other kernels are classified by name. Without a GPU: CPU operators' self time, likewise."""
     from torch.autograd import DeviceType
 
-    gpu, cpu = {}, {}
-    for evt in prof.events():
-        if evt.device_type == DeviceType.CUDA:
-            us = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0.0)
-            gpu[evt.name] = gpu.get(evt.name, 0.0) + us / 1e3
-        elif evt.name.startswith(("aten::", "peftkern::")):
-            cpu[evt.name] = cpu.get(evt.name, 0.0) + evt.self_cpu_time_total / 1e3
-    return gpu or cpu
+    events = prof.events()
+    gpu = any(e.device_type == DeviceType.CUDA for e in events)
+    inside: set = set()
+
+    def mark(evt):
+        for child in evt.cpu_children:
+            inside.add(id(child))
+            mark(child)
+
+    for evt in events:
+        if evt.device_type == DeviceType.CPU and _is_peftkern_range(evt):
+            inside.add(id(evt))
+            mark(evt)
+    by_cat: dict = {}
+    by_kernel: dict = {}
+
+    def add(cat, name, ms):
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms
+        key = f"{name} (in a peftkern op)" if cat == "peftkern kernels" else name
+        by_kernel[key] = by_kernel.get(key, 0.0) + ms
+
+    for evt in events:
+        if evt.device_type != DeviceType.CPU:
+            continue
+        owned = id(evt) in inside
+        if gpu:
+            for k in evt.kernels:
+                add("peftkern kernels" if owned else classify(k.name), k.name, k.duration / 1e3)
+        elif evt.name.startswith("aten::") or _is_peftkern_range(evt):
+            add("peftkern kernels" if owned else classify(evt.name), evt.name, evt.self_cpu_time_total / 1e3)
+    return by_cat, by_kernel
 
 
 @contextlib.contextmanager
@@ -90,11 +121,7 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
             torch.cuda.synchronize()
     finally:
         set_nvtx(False)
-    for name, ms in _kernel_times(prof).items():
-        result.kernels[name] = ms
-    for name, ms in result.kernels.items():
-        cat = classify(name)
-        result.split[cat] = result.split.get(cat, 0.0) + ms
+    result.split, result.kernels = _split(prof)
     if trace:
         prof.export_chrome_trace(trace)
 

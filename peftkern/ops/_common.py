@@ -100,10 +100,13 @@ def set_nvtx(enabled: bool) -> None:
     _nvtx_enabled = bool(enabled)
 
 
-def nvtx_range(name: str):
-    """An NVTX range around an op's body when enabled and on a CUDA build, else a no-op context."""
+def op_range(name: str):
+    """Name an op's body for the tools: an NVTX range when set_nvtx(True) (Nsight Systems), a profiler range
+    while torch.profiler runs (peftkern.profile attributes the kernels inside to peftkern), else nothing."""
     if _nvtx_enabled and torch.cuda.is_available():
         return torch.cuda.nvtx.range(name)
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
     return contextlib.nullcontext()
 
 

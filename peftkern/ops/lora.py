@@ -24,7 +24,7 @@ from ._common import (
     check_tensor,
     draw_seed,
     empty_like_none,
-    nvtx_range,
+    op_range,
     pick_backend,
 )
 
@@ -35,7 +35,7 @@ def _lora_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y (M, N), xa (M, r) float32, seed ()) for a 2-D x (M, K)."""
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
-    with nvtx_range("peftkern::lora_fwd"):
+    with op_range("peftkern::lora_fwd"):
         y, xa = backend_module(backend, "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed), weight_transposed)
     return y.contiguous(), xa.contiguous(), seed
@@ -58,7 +58,7 @@ def _lora_bwd(
     need_x: bool, need_a: bool, need_b: bool, need_bias: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dbias, dweight); an empty tensor where that gradient was not asked for."""
-    with nvtx_range("peftkern::lora_bwd"):
+    with op_range("peftkern::lora_bwd"):
         grads = backend_module(backend, "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), weight_transposed,
             (need_x, need_a, need_b, need_bias, need_w))

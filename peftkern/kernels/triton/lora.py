@@ -513,16 +513,17 @@ CUBLAS_FORWARD_MIN_M = 128
 CUBLAS_BETA_MIN_M = 4096
 
 
-# From r = 64 on, cuBLAS runs the skinny products (x A^T, dy B, dyb^T x, dy^T xa) faster than this file's
-# reductions, whose tiles must shrink to fit the wide operand in shared memory (NOTES-lora.md: 1.40x/1.50x
-# against Unsloth-style's 1.32x/1.29x at r = 64/128). Dropout keeps the Triton path: its mask lives there.
-def _cublas_skinny(r: int, dropout_p: float, device: torch.device) -> bool:
-    return device.type == "cuda" and _block_r(r) > 32 and dropout_p == 0.0
+# Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
+# what this file's reductions cost (28-30 us per 64 MB operand), while each Triton launch costs the CPU several
+# times a cuBLAS call, which a training step of many small layers feels (NOTES-lora.md: the step was CPU-bound).
+# The Triton reductions serve dropout, whose mask they regenerate from the seed.
+def _cublas_skinny(dropout_p: float, device: torch.device) -> bool:
+    return device.type == "cuda" and dropout_p == 0.0 and not triton_interpret()
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b by cuBLAS in a's dtype (float32 accumulation), returned in float32."""
-    return (a @ b.to(a.dtype)).float()
+# The fused dx GEMM keeps the low-rank epilogue's operands in registers beside a 128x256 accumulator: from
+# r = 64 that spills, so wide ranks take cuBLAS's dx and one in-place addmm instead.
+_MAX_EPILOGUE_RANK = 32
 
 
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed,
@@ -537,13 +538,17 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     if mode is None:
         large = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
         mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
-    skinny = _cublas_skinny(lora_A.shape[0], dropout_p, x.device)
+    skinny = _cublas_skinny(dropout_p, x.device)
+
+    def down():
+        return (x @ lora_A.t().to(x.dtype)).float() if skinny else down_project(x, lora_A, dropout_p, seed)
+
     if mode == "triton":
-        xa = _mm_f32(x, lora_A.t()) if skinny else down_project(x, lora_A, dropout_p, seed)
+        xa = down()
         return fused_matmul(x, w, lora_B, xa, scaling, bias), xa
-    with _Overlap(x.device, enabled=mode == "cublas-add") as ov:
+    with _Overlap(x.device, enabled=mode == "cublas-add" and not skinny) as ov:
         with ov.side():
-            xa = ov.keep(_mm_f32(x, lora_A.t()) if skinny else down_project(x, lora_A, dropout_p, seed), x, lora_A)
+            xa = ov.keep(down(), x, lora_A)
         if mode == "cublas-add":
             y = torch.nn.functional.linear(x, w, bias)
     xa_s, b_t = (xa * scaling).to(x.dtype), lora_B.t().to(x.dtype)
@@ -563,24 +568,28 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     """
     need_x, need_a, need_b, need_bias, need_w = needs
     dx = da = db = dbias = dw = None
-    if _cublas_skinny(lora_A.shape[0], dropout_p, grad_y.device):
-        dyb = _mm_f32(grad_y, lora_B)
-        da = (_mm_f32(dyb.to(x.dtype).t(), x) * scaling).to(lora_A.dtype) if need_a else None
-        db = (_mm_f32(grad_y.t(), xa) * scaling).to(lora_B.dtype) if need_b else None
+    w_kn = _w_nk(weight, weight_transposed).t()
+    if _cublas_skinny(dropout_p, grad_y.device):
+        dt = grad_y.dtype
+        dyb = grad_y @ lora_B.to(dt) if (need_x or need_a) else None
+        if need_x and _block_r(lora_A.shape[0]) > _MAX_EPILOGUE_RANK:
+            dx = (grad_y @ w_kn.t()).addmm_(dyb, lora_A.to(dt), alpha=scaling)
+        elif need_x:
+            dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling)
+        da = torch.mm(dyb.t(), x).mul_(scaling).to(lora_A.dtype) if need_a else None
+        db = torch.mm(grad_y.t(), xa.to(dt)).mul_(scaling).to(lora_B.dtype) if need_b else None
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-        need_a = need_b = need_bias = False
     else:
         dyb = down_project(grad_y, lora_B.t()) if (need_x or need_a) else None
-    if need_x:
-        dx = fused_matmul(grad_y, _w_nk(weight, weight_transposed).t(), lora_A.t(), dyb, scaling,
-                          dropout_p=dropout_p, seed=seed)
-    if need_a:
-        grad, _ = adapter_grad(x, dyb, dropout_p, seed)
-        da = (grad.t() * scaling).to(lora_A.dtype)
-    if need_b or need_bias:
-        grad, sums = adapter_grad(grad_y, xa, colsum=need_bias)
-        db = (grad * scaling).to(lora_B.dtype) if need_b else None
-        dbias = sums
+        if need_x:
+            dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling, dropout_p=dropout_p, seed=seed)
+        if need_a:
+            grad, _ = adapter_grad(x, dyb, dropout_p, seed)
+            da = (grad.t() * scaling).to(lora_A.dtype)
+        if need_b or need_bias:
+            grad, sums = adapter_grad(grad_y, xa, colsum=need_bias)
+            db = (grad * scaling).to(lora_B.dtype) if need_b else None
+            dbias = sums
     if need_w:
         dw = (grad_y.t() @ x).float()  # only when the user unfroze the weight; cuBLAS, no fp32 copies
         dw = dw.t() if weight_transposed else dw
