@@ -60,7 +60,9 @@ def build(name, dropout=0.0, seed=0, **lora_kw):
     torch.manual_seed(seed)
     base = factory().to(DEVICE, DTYPE)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, **{**extra, **lora_kw})
-    model = get_peft_model(base, cfg)
+    # On a GPU the models are bf16 with bf16 adapters, so PEFT and its fused twin round the same operands; PEFT's
+    # default fp32 adapters beside a bf16 base are checked exactly on the CPU and per op in test_lora.py.
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=not HAS_CUDA)
     with torch.no_grad():  # B starts at zero: make the adapters matter
         for n, p in model.named_parameters():
             if "lora_B" in n:
