@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, note_spread, peak_memory_mb, print_table, progress, save_results, time_fn  # noqa: E402
+from common import Row, note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
 
@@ -126,36 +126,12 @@ def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
     return impls
 
 
-def bench_case(M, K, N, r, dtype, device, compile_anchor: bool, passes=("fwd", "fwd+bwd"),
-               eager: bool = False) -> list[Row]:
-    dev = torch.device(device)
+def bench_case(M, K, N, r, dtype, device, compile_anchor: bool, eager: bool = False) -> list[Row]:
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
     dy = torch.randn(M, N, device=device, dtype=dtype, generator=gen)
-    graph = device == "cuda" and not eager
-    case = f"M={M} K={K} N={N} r={r}"
-    rows, floor = [], {}
-    for name, (fn, params) in implementations(M, K, N, r, dtype, device, compile_anchor).items():
-        for pass_ in passes:
-            if pass_ == "fwd":
-                def step(fn=fn):
-                    with torch.no_grad():
-                        return fn(x)
-            else:
-                def step(fn=fn, params=params):
-                    return torch.autograd.grad(fn(x), [x, *params], dy)
-            try:
-                step()  # compile / autotune outside the timing
-                ms, spread = time_fn(step, dev, cuda_graph=graph)
-            except Exception as exc:  # an anchor that cannot run here is reported, not fatal
-                progress(f"  {case} {pass_} {name}: failed ({type(exc).__name__}: {exc})")
-                continue
-            if name.startswith("floor"):
-                floor[pass_] = ms
-            mem = peak_memory_mb(step, dev) if pass_ == "fwd+bwd" else None
-            rows.append(Row("lora", case, name, pass_, ms, spread, ms / floor[pass_], mem,
-                            {"cuda_graph": graph}))
-    return rows
+    impls = implementations(M, K, N, r, dtype, device, compile_anchor)
+    return time_layer_impls("lora", f"M={M} K={K} N={N} r={r}", impls, x, dy, eager)
 
 
 def parse_cases(args, device) -> list[tuple]:

@@ -128,6 +128,35 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: torch.Tensor, eager: bool = False,
+                     passes=("fwd", "fwd+bwd")) -> list[Row]:
+    """Time each implementation name -> (fn(x), trainable tensors) forward (no_grad) and forward+backward
+    (torch.autograd.grad of x and the trainables: no gradient accumulation in the loop). The first one must be
+    the floor: ratios are to it. An implementation that fails is reported and skipped."""
+    dev = x.device
+    graph = dev.type == "cuda" and not eager
+    rows, floor = [], {}
+    for name, (fn, params) in impls.items():
+        for pass_ in passes:
+            if pass_ == "fwd":
+                def step(fn=fn):
+                    with torch.no_grad():
+                        return fn(x)
+            else:
+                def step(fn=fn, params=params):
+                    return torch.autograd.grad(fn(x), [x, *params], dy)
+            try:
+                step()  # compile / autotune outside the timing
+                ms, spread = time_fn(step, dev, cuda_graph=graph)
+            except Exception as exc:  # an anchor that cannot run here is reported, not fatal
+                progress(f"  {case} {pass_} {name}: failed ({type(exc).__name__}: {exc})")
+                continue
+            floor.setdefault(pass_, ms)
+            mem = peak_memory_mb(step, dev) if pass_ == "fwd+bwd" else None
+            rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[pass_], mem, {"cuda_graph": graph}))
+    return rows
+
+
 def note_spread(rows: list[Row]) -> None:
     """Flag rows whose difference to an anchor of the same case is inside the timing spread."""
     by_case: dict = {}

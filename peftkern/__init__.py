@@ -5,6 +5,7 @@ from ._backend import backend_status, get_backend, set_backend
 from .integrations.peft import FuseReport, fuse, unfuse
 from .integrations.transformers import add_lora, load_lora, save_lora
 from .ops._common import set_nvtx
+from .ops.ia3 import ia3_linear, ia3_merge_
 from .ops.lora import lora_linear, lora_merge_
 from .profiling import profile
 
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "nn", "ops", "reference",
     "set_backend", "get_backend", "backend_status",
-    "lora_linear", "lora_merge_",
+    "lora_linear", "lora_merge_", "ia3_linear", "ia3_merge_",
     "profile", "set_nvtx",
     "fuse", "unfuse", "FuseReport", "add_lora", "save_lora", "load_lora",
 ]

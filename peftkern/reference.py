@@ -135,3 +135,73 @@ def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
     delta = lora_delta_weight(lora_A, lora_B, scaling, weight_transposed, dt)
     weight.copy_((weight.to(dt) + sign * delta).to(weight.dtype))
     return weight
+
+
+# --------------------------------------------------------------------------------------------------- IA3
+def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, scale_input: bool = False,
+               weight_transposed: bool = False) -> Tensor:
+    """Output form y = (x W^T + b) * l (l: (N,)); input form (scale_input) y = (x * l) W^T + b (l: (K,)).
+    Returns x.dtype, the base layer's dtype, whatever l's dtype."""
+    dt = compute_dtype(x)
+    w = _weight_nk(weight, weight_transposed).to(dt)
+    b = _up(bias, dt)
+    l_ = scale.to(dt)
+    if scale_input:
+        y = (x.to(dt) * l_) @ w.t()
+        return (y if b is None else y + b).to(x.dtype)
+    z = x.to(dt) @ w.t()
+    z = z if b is None else z + b
+    return (z * l_).to(x.dtype)
+
+
+def ia3_forward(x, weight, scale, bias, scale_input, weight_transposed):
+    """The torch backend's forward: (y, z) with z = x W^T + b (output form: saved for dl, since y / l would
+    divide by zero where l is 0) or an empty tensor (input form: x itself is what backward needs)."""
+    if scale_input:
+        return ia3_linear(x, weight, scale, bias, scale_input, weight_transposed), x.new_empty((0,))
+    dt = compute_dtype(x)
+    z = x.to(dt) @ _weight_nk(weight, weight_transposed).to(dt).t()
+    z = z if bias is None else z + bias.to(dt)
+    return (z * scale.to(dt)).to(x.dtype), z.to(x.dtype)
+
+
+def ia3_backward(grad_y, x, weight, scale, z, scale_input, weight_transposed, needs):
+    """(dx, dl, dbias, dweight) of ia3_linear; needs says which (4 bools).
+
+    output form: dx = (dy * l) W, dl = sum_m dy * z, dbias = sum_m dy * l, dweight = (dy * l)^T x;
+    input form:  dx = l * (dy W), dl = sum_m x * (dy W), dbias = sum_m dy, dweight = dy^T (x * l).
+    """
+    need_x, need_l, need_bias, need_w = needs
+    dt = compute_dtype(grad_y)
+    dy, w, l_ = grad_y.to(dt), _weight_nk(weight, weight_transposed).to(dt), scale.to(dt)
+    dx = dl = dbias = dw = None
+    if scale_input:
+        dyw = dy @ w
+        dx = (dyw * l_).to(x.dtype) if need_x else None
+        dl = (x.to(dt) * dyw).sum(0).to(scale.dtype) if need_l else None
+        dbias = dy.sum(0) if need_bias else None
+        dw = dy.t() @ (x.to(dt) * l_) if need_w else None
+    else:
+        g = dy * l_
+        dx = (g @ w).to(x.dtype) if need_x else None
+        dl = (dy * z.to(dt)).sum(0).to(scale.dtype) if need_l else None
+        dbias = g.sum(0) if need_bias else None
+        dw = g.t() @ x.to(dt) if need_w else None
+    if dw is not None and weight_transposed:
+        dw = dw.t()
+    return dx, dl, dbias, dw
+
+
+def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool, inverse: bool = False,
+               weight_transposed: bool = False) -> Tensor:
+    """Fold l into the frozen layer in place: W <- W * l (rows for the output form, columns for the input
+    form), b <- b * l (output form). inverse=True divides: exact only where l != 0 (the caller checks)."""
+    dt = compute_dtype(weight)
+    l_ = scale.to(dt)
+    factor = 1.0 / l_ if inverse else l_
+    w = _weight_nk(weight, weight_transposed)
+    scaled = w.to(dt) * (factor[None, :] if scale_input else factor[:, None])
+    w.copy_(scaled.to(weight.dtype))
+    if bias is not None and not scale_input:
+        bias.copy_((bias.to(dt) * factor).to(bias.dtype))
+    return weight

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..nn.lora import is_conv1d
+from ..ops.ia3 import ia3_linear
 from ..ops.lora import lora_linear
 
 _FUSED_FLAG = "_peftkern_fused"
@@ -139,6 +140,38 @@ def _register_peft_lora() -> None:
     register_handler(lora_layer.Linear, Handler(_lora_static_reason, _fused_lora_forward, _describe_lora))
 
 
+# ------------------------------------------------------------------------------------------------- IA3
+
+
+def _ia3_static_reason(module: nn.Module) -> Optional[str]:
+    return _float_base(module.get_base_layer())
+
+
+def _fused_ia3_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = [a for a in self.active_adapters if a in self.ia3_l]
+    if args or kwargs or self.disable_adapters or self.merged or not active or not x.is_floating_point():
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    # Several active adapters multiply, as in PEFT: the product is a small (N,) or (K,) vector.
+    scale = self.ia3_l[active[0]].flatten()
+    for a in active[1:]:
+        scale = scale * self.ia3_l[a].flatten()
+    return ia3_linear(x, base.weight, scale, base.bias, scale_input=self.is_feedforward,
+                      weight_transposed=is_conv1d(base))
+
+
+def _describe_ia3(module: nn.Module) -> str:
+    return f"IA3 ({'input' if module.is_feedforward else 'output'} form, adapters {sorted(module.ia3_l)})"
+
+
+def _register_peft_ia3() -> None:
+    try:
+        from peft.tuners.ia3 import layer as ia3_layer
+    except ImportError:
+        return
+    register_handler(ia3_layer.Linear, Handler(_ia3_static_reason, _fused_ia3_forward, _describe_ia3))
+
+
 # --------------------------------------------------------------------------------------- fuse / unfuse
 
 
@@ -172,6 +205,7 @@ def fuse(model: nn.Module) -> FuseReport:
     Accepts a PeftModel or any nn.Module holding PEFT tuner layers. Idempotent.
     """
     _register_peft_lora()
+    _register_peft_ia3()
     report = FuseReport()
     for name, module in model.named_modules():
         if not _peft_tuner_layer(module):

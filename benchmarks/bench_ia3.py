@@ -1,0 +1,113 @@
+"""IA3 linear: peftkern against the frozen base GEMM (the floor) and PEFT's IA3 in the same run.
+
+Anchors: PEFT IA3 eager with its default float32 vector and with a bf16 vector (autocast_adapter_dtype=False),
+and the bf16 one under torch.compile. Both forms: output (keys/values: y = (x W^T + b) * l) and input
+(feed-forward down projection: y = (x * l) W^T + b). Timing as in bench_lora (CUDA-graph replays by default).
+
+    python -m peftkern bench ia3 [--quick] [--shapes M,K,N ...] [--no-compile] [--eager] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
+
+import peftkern  # noqa: E402
+
+DEFAULT_CASES = [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096)]
+QUICK_CASES = [(8192, 4096, 4096), (2048, 4096, 4096)]
+CPU_CASES = [(256, 256, 256)]
+
+
+def _peft_layer(base: torch.nn.Linear, feedforward: bool, fp32_vector: bool):
+    from peft import IA3Config, get_peft_model
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.proj = lin
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if feedforward else [])
+    model = get_peft_model(Wrap(base), cfg, autocast_adapter_dtype=fp32_vector)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.ia3_l["default"].uniform_(0.5, 1.5)
+    return layer, [layer.ia3_l["default"]]
+
+
+def implementations(M, K, N, dtype, device, feedforward: bool, compile_anchor: bool) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    W = (torch.randn(N, K, device=device, dtype=dtype, generator=gen) * K ** -0.5)
+    scale = (1 + 0.3 * torch.randn(K if feedforward else N, device=device, dtype=dtype, generator=gen))
+    scale.requires_grad_()
+    impls = {"floor (F.linear)": (lambda x: F.linear(x, W), [])}
+    backends = ["triton"] if device == "cuda" else ["torch"]
+    for backend in backends:
+        def run(x, backend=backend):
+            peftkern.set_backend(backend)
+            try:
+                return peftkern.ia3_linear(x, W, scale, scale_input=feedforward)
+            finally:
+                peftkern.set_backend(None)
+        impls[f"peftkern {backend}"] = (run, [scale])
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return impls
+    dname = str(dtype).replace("torch.", "")
+    for fp32 in (True, False):
+        base = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        base.weight = torch.nn.Parameter(W, requires_grad=False)
+        layer, params = _peft_layer(base, feedforward, fp32)
+        impls[f"PEFT eager ({'float32' if fp32 else dname} vector)"] = (layer, params)
+        if not fp32 and compile_anchor and device == "cuda":
+            impls["PEFT + torch.compile"] = (torch.compile(layer), params)
+    return impls
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="peftkern bench ia3", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", nargs="*", help="cases as M,K,N")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.shapes:
+        cases = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    else:
+        cases = CPU_CASES if device == "cpu" else (QUICK_CASES if args.quick else DEFAULT_CASES)
+    if device == "cpu":
+        progress("no GPU: running a small CPU version (reference backend) so you can see it work")
+    rows = []
+    for i, (M, K, N) in enumerate(cases):
+        for feedforward in (False, True):
+            form = "input" if feedforward else "output"
+            progress(f"[{i + 1}/{len(cases)}] ia3 {form} form M={M} K={K} N={N}")
+            gen = torch.Generator(device=device).manual_seed(1)
+            x = torch.randn(M, K, device=device, dtype=dtype, generator=gen).requires_grad_()
+            dy = torch.randn(M, N, device=device, dtype=dtype, generator=gen)
+            impls = implementations(M, K, N, dtype, device, feedforward, not args.no_compile)
+            rows += time_layer_impls("ia3", f"{form} M={M} K={K} N={N}", impls, x, dy, args.eager)
+    note_spread(rows)
+    print_table(rows, f"IA3, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
+    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    path = save_results("ia3", rows, {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
+    progress(f"saved {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

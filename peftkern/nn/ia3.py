@@ -1,0 +1,87 @@
+"""IA3Linear: a frozen linear layer whose output (or input) is rescaled by a learned vector (Liu et al., 2022)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.ia3 import ia3_linear, ia3_merge_
+from ._peft_ref import PEFTRefProperties
+from .lora import is_conv1d
+
+IA3_PEFT_REF = PEFTRefProperties(
+    intra_connectivity="none (one vector, no matrices)",
+    inter_connectivity="none (independent per adapted layer)",
+    parameter_adaptation="rescaling (element-wise multiplication by a learned vector)",
+    parameter_sharing="none",
+    input_type="the adapted layer's output (keys, values) or input (feed-forward down projection)",
+    insertion_form="parallel (inside the frozen linear, on its output or input)",
+    number_of_insertions="one per adapted linear layer",
+    integration_form="rescaling (gated by the vector l)",
+    workspace="attention layer (keys, values) and feed-forward layer",
+)
+
+
+class IA3Linear(nn.Module):
+    """y = (x W^T + b) * l, or with feedforward=True y = (x * l) W^T + b; W and b frozen, l trains.
+    l starts at ones (IA3's init), so the layer starts as the frozen one."""
+
+    peft_ref = IA3_PEFT_REF
+
+    def __init__(self, in_features: int, out_features: int, feedforward: bool = False, bias: bool = True,
+                 weight_transposed: bool = False, device=None, dtype=None,
+                 scale_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        shape = (in_features, out_features) if weight_transposed else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        self._init_scale(in_features, out_features, feedforward, weight_transposed, scale_dtype or dtype, device)
+
+    def _init_scale(self, in_features, out_features, feedforward, weight_transposed, scale_dtype, device):
+        self.in_features, self.out_features = in_features, out_features
+        self.feedforward, self.weight_transposed, self.merged = feedforward, weight_transposed, False
+        n = in_features if feedforward else out_features
+        self.ia3_l = nn.Parameter(torch.ones(n, device=device, dtype=scale_dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, feedforward: bool = False,
+                    scale_dtype: Optional[torch.dtype] = None) -> "IA3Linear":
+        """Wrap an nn.Linear (or GPT-2's Conv1D), sharing and freezing its weight and bias."""
+        transposed = is_conv1d(linear)
+        if not transposed and not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.weight = linear.weight.requires_grad_(False)
+        layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        layer._init_scale(K, N, feedforward, transposed, scale_dtype or linear.weight.dtype, linear.weight.device)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight.t() if self.weight_transposed else self.weight, self.bias)
+        return ia3_linear(x, self.weight, self.ia3_l, self.bias, self.feedforward, self.weight_transposed)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold l into W (and b) in place; forward then runs the plain linear."""
+        if not self.merged:
+            ia3_merge_(self.weight, self.ia3_l, self.bias, self.feedforward, False, self.weight_transposed)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take l out of W again: needs l != 0 everywhere (ValueError otherwise)."""
+        if self.merged:
+            ia3_merge_(self.weight, self.ia3_l, self.bias, self.feedforward, True, self.weight_transposed)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"feedforward={self.feedforward}, merged={self.merged}")

@@ -1,0 +1,144 @@
+"""IA3 linear: y = (x W^T + b) * l (output form) or y = (x * l) W^T + b (input form), fused around the GEMM.
+
+`ia3_linear` checks its inputs once, applies autocast, picks a backend and calls `IA3LinearFunction`, whose
+forward and backward are registered custom ops (peftkern::ia3_fwd / ia3_bwd) for torch.compile.
+Saved for backward: x (the caller holds it), the frozen weight (a reference), l, and for the output form
+z = x W^T + b (what eager PyTorch saves too; y / l cannot replace it where l is 0).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    autocast_inputs,
+    backend_module,
+    check_same_device,
+    check_tensor,
+    empty_like_none,
+    op_range,
+    pick_backend,
+)
+from .lora import check_same_dtype
+
+
+def _ia3_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool,
+             weight_transposed: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(y (M, N), z (M, N) or empty) for a 2-D x (M, K)."""
+    with op_range("peftkern::ia3_fwd"):
+        y, z = backend_module(backend, "ia3").ia3_forward(x, weight, scale, bias, scale_input, weight_transposed)
+    return y.contiguous(), z.contiguous()
+
+
+ia3_fwd = torch.library.custom_op("peftkern::ia3_fwd", _ia3_fwd, mutates_args=())
+
+
+@ia3_fwd.register_fake
+def _(x, weight, scale, bias, scale_input, weight_transposed, backend):
+    N = weight.shape[1] if weight_transposed else weight.shape[0]
+    y = x.new_empty((x.shape[0], N))
+    return y, (x.new_empty((0,)) if scale_input else x.new_empty((x.shape[0], N)))
+
+
+def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor, scale_input: bool,
+             weight_transposed: bool, backend: str, need_x: bool, need_l: bool, need_bias: bool,
+             need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for."""
+    with op_range("peftkern::ia3_bwd"):
+        grads = backend_module(backend, "ia3").ia3_backward(
+            grad_y, x, weight, scale, z, scale_input, weight_transposed, (need_x, need_l, need_bias, need_w))
+    return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, (x, scale, grad_y, weight)))
+
+
+ia3_bwd = torch.library.custom_op("peftkern::ia3_bwd", _ia3_bwd, mutates_args=())
+
+
+@ia3_bwd.register_fake
+def _(grad_y, x, weight, scale, z, scale_input, weight_transposed, backend, need_x, need_l, need_bias, need_w):
+    f32 = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    return (x.new_empty(x.shape if need_x else (0,)), scale.new_empty(scale.shape if need_l else (0,)),
+            grad_y.new_empty((grad_y.shape[1],) if need_bias else (0,), dtype=f32),
+            weight.new_empty(weight.shape if need_w else (0,), dtype=f32))
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """Autograd for ia3_linear over 2-D x (M, K). Eager calls run the op bodies directly (no dispatcher);
+    torch.compile sees the registered custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, scale_input, weight_transposed, backend):
+        fwd = torch.ops.peftkern.ia3_fwd if torch.compiler.is_compiling() else _ia3_fwd
+        y, z = fwd(x, weight, scale, bias, scale_input, weight_transposed, backend)
+        ctx.save_for_backward(x, weight, scale, z)
+        ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, scale, z = ctx.saved_tensors
+        need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]
+        need_bias = need_bias and ctx.bias_dtype is not None
+        bwd = torch.ops.peftkern.ia3_bwd if torch.compiler.is_compiling() else _ia3_bwd
+        dx, dl, dbias, dw = bwd(grad_y, x, weight, scale, z, ctx.scale_input, ctx.weight_transposed, ctx.backend,
+                                need_x, need_l, need_bias, need_w)
+        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None, dl if need_l else None,
+                dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None)
+
+
+def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, scale_input: bool = False,
+               weight_transposed: bool = False) -> Tensor:
+    """IA3: y = (x W^T + b) * l, or with scale_input=True y = (x * l) W^T + b, fused.
+
+    x: (..., K); weight: (N, K), or (K, N) with weight_transposed (GPT-2's Conv1D); scale (l): (N,) for the
+    output form, (K,) for the input form (PEFT's (N, 1) / (1, K) shapes are accepted too), any float dtype
+    (PEFT keeps it in float32). Exact for any l, zeros included. Returns x's dtype -- the base layer's --
+    where PEFT's default float32 l would promote the output to float32.
+    """
+    check_tensor("x", x)
+    check_tensor("weight", weight, dims=2)
+    check_tensor("scale", scale)
+    check_tensor("bias", bias, dims=1, optional=True)
+    if isinstance(scale_input, Tensor) or not isinstance(scale_input, bool):
+        raise TypeError(f"scale_input must be a bool, got {type(scale_input).__name__}")
+    N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must match weight ({'K, N' if weight_transposed else 'N, K'}): "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    want = K if scale_input else N
+    if scale.numel() != want or max(scale.shape, default=1) != want:
+        form = "input form: (K,)" if scale_input else "output form: (N,)"
+        raise ValueError(f"scale must hold {want} values ({form}) for weight {tuple(weight.shape)}, got shape "
+                         f"{tuple(scale.shape)}")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight, scale=scale, bias=bias)
+    x, (weight, bias) = autocast_inputs(x, (weight, bias))
+    check_same_dtype(x, weight)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    backend = pick_backend("ia3", x2d)
+    y = IA3LinearFunction.apply(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend)
+    return y.reshape(*lead, N)
+
+
+def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, scale_input: bool = False,
+               inverse: bool = False, weight_transposed: bool = False) -> Tensor:
+    """Fold l into the frozen layer in place (a kernel on the GPU); inverse=True takes it out again, which needs
+    l != 0 everywhere (ValueError otherwise, as PEFT cannot unmerge there either)."""
+    check_tensor("weight", weight, dims=2)
+    check_tensor("scale", scale)
+    N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
+    if scale.numel() != (K if scale_input else N):
+        raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}")
+    if inverse and bool((scale == 0).any()):
+        raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
+    backend = pick_backend("ia3", weight)
+    with torch.no_grad():
+        return backend_module(backend, "ia3").ia3_merge_(weight, scale.reshape(-1), bias, scale_input, inverse,
+                                                         weight_transposed)

@@ -1,0 +1,171 @@
+"""IA3: every backend against reference.py, both forms, with fresh random inputs; layer, merge, PEFT fuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, assert_close, backend_params, dtypes_for
+
+import peftkern
+from peftkern import reference
+from peftkern.nn import IA3Linear
+
+SHAPES = [((1,), 64, 48), ((37,), 72, 40), ((2, 9), 48, 80)]
+if HAS_CUDA:
+    SHAPES += [((3, 129), 520, 264), ((600,), 256, 1000)]
+
+
+def make(lead, K, N, dtype, scale_input, *, bias=True, transposed=False, scale_dtype=None, zeros=False,
+         noncontig=False):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    rnd = lambda *s, dt=dtype, sc=1.0: (torch.randn(*s, generator=g) * sc).to(DEVICE, dt)
+    x = rnd(*lead, 2 * K)[..., ::2] if noncontig else rnd(*lead, K)
+    w = rnd(K, N, sc=K ** -0.5) if transposed else rnd(N, K, sc=K ** -0.5)
+    scale = 1.0 + 0.3 * rnd(K if scale_input else N, dt=scale_dtype or dtype)
+    if zeros:
+        scale[::3] = 0.0
+    return x, w, scale, (rnd(N) if bias else None)
+
+
+def run_both(x, w, scale, b, scale_input, transposed):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, scale, b)]
+    refs = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, scale, b)]
+    y = peftkern.ia3_linear(leaves[0], w, leaves[1], leaves[2], scale_input, transposed)
+    y_ref = reference.ia3_linear(refs[0], w, refs[1], refs[2], scale_input, transposed)
+    dy = torch.randn_like(y_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    got = {"y": y, "dx": leaves[0].grad, "dl": leaves[1].grad}
+    ref = {"y": y_ref, "dx": refs[0].grad, "dl": refs[1].grad}
+    if b is not None:
+        got["dbias"], ref["dbias"] = leaves[2].grad, refs[2].grad
+    return got, ref
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}")
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+@pytest.mark.parametrize("variant", ["plain", "bias", "transposed", "noncontig", "zeros-in-l"])
+def test_matches_reference(backend, shape, scale_input, variant, poison_empty):
+    lead, K, N = shape
+    for dtype in dtypes_for(backend):
+        x, w, scale, b = make(lead, K, N, dtype, scale_input, bias=variant == "bias",
+                              transposed=variant == "transposed", zeros=variant == "zeros-in-l",
+                              noncontig=variant == "noncontig")
+        got, ref = run_both(x, w, scale, b, scale_input, variant == "transposed")
+        for name in ref:
+            assert got[name].dtype == ref[name].dtype, f"{name}: {got[name].dtype} != {ref[name].dtype}"
+            assert_close(got[name], ref[name], dtype, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_fp32_vector_beside_16bit_base_keeps_the_base_dtype(backend, scale_input):
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    if dtype not in dtypes_for(backend):
+        pytest.skip(f"{dtype} not testable on {backend} here")
+    x, w, scale, b = make((2, 11), 64, 48, dtype, scale_input, scale_dtype=torch.float32)
+    got, ref = run_both(x, w, scale, b, scale_input, False)
+    assert got["y"].dtype == dtype, "the output keeps the base layer's dtype (PEFT's would be float32)"
+    assert got["dl"].dtype == torch.float32
+    for name in ref:
+        assert_close(got[name], ref[name], dtype, name)
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_merge_unmerge_and_layer(backend, scale_input):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(DEVICE)
+    layer = IA3Linear.from_linear(lin, feedforward=scale_input)
+    assert layer.weight is lin.weight and not layer.weight.requires_grad
+    assert torch.equal(layer.ia3_l, torch.ones_like(layer.ia3_l)), "IA3 starts at ones"
+    with torch.no_grad():
+        layer.ia3_l.uniform_(0.5, 1.5)
+    x = torch.randn(5, 64, device=DEVICE)
+    y = layer(x)
+    layer.merge()
+    assert_close(layer(x), y, torch.float32, "merged", 10.0)
+    layer.unmerge()
+    assert_close(layer(x), y, torch.float32, "unmerged", 10.0)
+    with torch.no_grad():
+        layer.ia3_l[3] = 0.0
+    layer.merge()
+    with pytest.raises(ValueError, match="zeros"):
+        layer.unmerge()
+    assert layer.peft_ref.as_dict()["parameter_adaptation"].startswith("rescaling")
+
+
+BAD = [
+    (dict(x=torch.randn(4, 10)), ValueError, "x's last dimension"),
+    (dict(scale=torch.randn(5)), ValueError, "scale must hold 6 values"),
+    (dict(scale=torch.randint(0, 2, (6,))), TypeError, "scale must be a floating tensor"),
+    (dict(bias=torch.randn(3)), ValueError, "bias must be"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+    (dict(scale_input="yes"), TypeError, "scale_input must be a bool"),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("override,exc,message", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_is_named(backend, override, exc, message):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), scale=torch.randn(6), bias=torch.randn(6))
+    args.update(override)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(exc, match=message):
+        peftkern.ia3_linear(**args)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(IA3Linear(32, 48, device=DEVICE), torch.nn.GELU(),
+                                 IA3Linear(48, 16, feedforward=True, device=DEVICE))
+    with torch.no_grad():
+        for p in layers.parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(6, 32, device=DEVICE)
+    compiled = torch.compile(layers, fullgraph=True)
+    for fn in (layers, compiled):
+        layers.zero_grad()
+        fn(x).square().sum().backward()
+    eager_grads = [p.grad.clone() for p in layers.parameters() if p.requires_grad]
+    layers.zero_grad()
+    y = compiled(x)
+    y.square().sum().backward()
+    assert_close(y, layers(x), torch.float32, "compiled output")
+    for g, p in zip(eager_grads, [p for p in layers.parameters() if p.requires_grad]):
+        assert_close(p.grad, g, torch.float32, "compiled grad")
+
+
+def test_peft_ia3_fused_twin_matches():
+    peft = pytest.importorskip("peft")
+    from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama
+
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    for factory, name, kw in ((tiny_llama, "llama", {}), (tiny_gpt2, "gpt2", {"fan_in_fan_out": True}),
+                              (tiny_bert, "bert", {})):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(factory().to(DEVICE, dtype), peft.IA3Config(**kw),
+                                    autocast_adapter_dtype=not HAS_CUDA)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "ia3_l" in n:
+                    p.uniform_(0.5, 1.5)
+        twin = copy.deepcopy(model)
+        report = peftkern.fuse(twin)
+        assert report.fused and not any("ia3" in r.lower() for _, r in report.skipped), str(report)
+        x = batch(name)
+        out_ref, out = model(**x), twin(**x)
+        assert_close(out.logits, out_ref.logits, dtype, f"{name} IA3 logits", 2.0)
+        out_ref.loss.backward()
+        out.loss.backward()
+        ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        for n, p in twin.named_parameters():
+            if p.grad is not None:
+                assert_close(p.grad, ref_grads[n], dtype, f"{name} grad {n}", 5.0)
+        model.merge_adapter()
+        twin.merge_adapter()
+        assert_close(twin(**x).logits, model(**x).logits, dtype, f"{name} merged", 2.0)
