@@ -55,10 +55,10 @@ MODELS = {
 }
 
 
-def build(name, dropout=0.0, seed=0, **lora_kw):
+def build(name, dropout=0.0, seed=0, dtype=DTYPE, **lora_kw):
     factory, targets, extra = MODELS[name]
     torch.manual_seed(seed)
-    base = factory().to(DEVICE, DTYPE)
+    base = factory().to(DEVICE, dtype)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, **{**extra, **lora_kw})
     # On a GPU the models are bf16 with bf16 adapters, so PEFT and its fused twin round the same operands; PEFT's
     # default fp32 adapters beside a bf16 base are checked exactly on the CPU and per op in test_lora.py.
@@ -246,14 +246,17 @@ def test_two_adapters_switch_and_combine():
                                 dict(init_lora_weights="gaussian")],
                          ids=["lora_bias", "rslora", "patterns", "gaussian-init"])
 def test_peft_configurations(kw):
-    reference = build("llama", **kw)
+    # float32 on every device: these cases check the configuration logic (biases, scalings, patterns), which
+    # bf16 noise in a tiny model would blur; bf16 parity is test_fused_twin_trains_like_peft's job.
+    f32 = torch.float32
+    reference = build("llama", dtype=f32, **kw)
     twin = copy.deepcopy(reference)
     assert peftkern.fuse(twin).fused
     ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
     for step, ((lr, _, gr), (lt, _, gt)) in enumerate(zip(ref_hist, twin_hist)):
-        assert_close(lt, lr, DTYPE, f"logits step {step}", 2.0 + STEP_SCALE * step)
+        assert_close(lt, lr, f32, f"logits step {step}", 1.0 + STEP_SCALE * step)
         for key in gr:
-            assert_close(gt[key], gr[key], DTYPE, f"grad {key}", GRAD_SCALE * (1.0 + STEP_SCALE * step))
+            assert_close(gt[key], gr[key], f32, f"grad {key}", 2.0 + 2 * STEP_SCALE * step)
 
 
 def test_dora_and_embeddings_are_reported_and_left_alone():
