@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
 
@@ -27,19 +27,10 @@ CPU_CASES = [(256, 256, 256)]
 
 
 def _peft_layer(base: torch.nn.Linear, feedforward: bool, fp32_vector: bool):
-    from peft import IA3Config, get_peft_model
-
-    class Wrap(torch.nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.proj = lin
-
-        def forward(self, x):
-            return self.proj(x)
+    from peft import IA3Config
 
     cfg = IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if feedforward else [])
-    model = get_peft_model(Wrap(base), cfg, autocast_adapter_dtype=fp32_vector)
-    layer = model.base_model.model.proj
+    layer = peft_single_layer(base, cfg, fp32_vector)
     with torch.no_grad():
         layer.ia3_l["default"].uniform_(0.5, 1.5)
     return layer, [layer.ia3_l["default"]]

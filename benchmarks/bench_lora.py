@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import Row, note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
 
@@ -61,22 +61,12 @@ class UnslothStyleLoRA(torch.autograd.Function):
 
 
 def _peft_layer(base: torch.nn.Linear, r: int, fp32_adapters: bool):
-    from peft import LoraConfig, get_peft_model
-
-    class Wrap(torch.nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.proj = lin
-
-        def forward(self, x):
-            return self.proj(x)
+    from peft import LoraConfig
 
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0)
-    model = get_peft_model(Wrap(base), cfg, autocast_adapter_dtype=fp32_adapters)
-    layer = model.base_model.model.proj
+    layer = peft_single_layer(base, cfg, fp32_adapters)
     with torch.no_grad():
-        for p in (layer.lora_B["default"].weight,):
-            p.normal_(0, 0.01)
+        layer.lora_B["default"].weight.normal_(0, 0.01)
     return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 

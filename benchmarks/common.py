@@ -157,6 +157,22 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
     return rows
 
 
+def peft_single_layer(base: torch.nn.Module, config, fp32_adapters: bool):
+    """A PEFT tuner layer around `base`: get_peft_model on a one-layer module whose layer is named proj
+    (the config must target "proj"); autocast_adapter_dtype=fp32_adapters (PEFT's default is True)."""
+    from peft import get_peft_model
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.proj = lin
+
+        def forward(self, x):
+            return self.proj(x)
+
+    return get_peft_model(Wrap(base), config, autocast_adapter_dtype=fp32_adapters).base_model.model.proj
+
+
 def note_spread(rows: list[Row]) -> None:
     """Flag rows whose difference to an anchor of the same case is inside the timing spread."""
     by_case: dict = {}

@@ -72,6 +72,20 @@ def autocast_inputs(x: Tensor, frozen: Sequence[Optional[Tensor]]) -> tuple[Tens
     return (x.to(dtype) if x.is_floating_point() else x), cast
 
 
+def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K: int):
+    """After the shape checks: apply autocast to x and the frozen tensors, check that x and weight share a
+    dtype, match the bias to it, flatten x to (M, K) and pick the backend. Returns (x2d, weight, bias, lead
+    shape, backend)."""
+    x, (weight, bias) = autocast_inputs(x, (weight, bias))
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype (use torch.autocast to mix): x {x.dtype}, "
+                        f"weight {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    x2d = x.reshape(-1, K)
+    return x2d, weight, bias, x.shape[:-1], pick_backend(op, x2d)
+
+
 def draw_seed() -> Tensor:
     """A dropout seed from torch's default generator: reproducible under torch.manual_seed, and the same
     on activation-checkpointing recomputation (which restores the RNG state)."""

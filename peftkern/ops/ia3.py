@@ -14,15 +14,14 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    autocast_inputs,
     backend_module,
     check_same_device,
     check_tensor,
     empty_like_none,
     op_range,
     pick_backend,
+    prepare_linear,
 )
-from .lora import check_same_dtype
 
 
 def _ia3_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool,
@@ -116,13 +115,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
-    x, (weight, bias) = autocast_inputs(x, (weight, bias))
-    check_same_dtype(x, weight)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, K)
-    backend = pick_backend("ia3", x2d)
+    x2d, weight, bias, lead, backend = prepare_linear("ia3", x, weight, bias, K)
     y = IA3LinearFunction.apply(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend)
     return y.reshape(*lead, N)
 

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    autocast_inputs,
     backend_module,
     check_same_device,
     check_scalar,
@@ -26,6 +25,7 @@ from ._common import (
     empty_like_none,
     op_range,
     pick_backend,
+    prepare_linear,
 )
 
 
@@ -144,11 +144,6 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tup
     return N, K, r
 
 
-def check_same_dtype(x: Tensor, weight: Tensor) -> None:
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x and weight must share a dtype (use torch.autocast to mix): x {x.dtype}, "
-                        f"weight {weight.dtype}")
-
 
 def lora_linear(
     x: Tensor,
@@ -172,13 +167,7 @@ def lora_linear(
     scaling = check_scalar("scaling", scaling)
     dropout_p = check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
-    x, (weight, bias) = autocast_inputs(x, (weight, bias))
-    check_same_dtype(x, weight)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, K)
-    backend = pick_backend("lora", x2d)
+    x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K)
     p = dropout_p if training else 0.0
     if x2d.shape[0] == 0:
         return torch.nn.functional.linear(x, weight.t() if weight_transposed else weight, bias)

@@ -1,23 +1,23 @@
-"""LoRA in Triton: the low-rank term rides inside the frozen GEMM instead of costing passes of its own.
+"""LoRA in Triton: the low-rank term rides inside a GEMM's epilogue instead of costing passes of its own.
 
 Math (x: M x K, W: N x K frozen, A: r x K, B: N x r, s = scaling, p = dropout):
     forward   y  = x W^T + b + s (drop(x) A^T) B^T          xa = drop(x) A^T  (M x r, saved, fp32)
-    backward  dx = dy W + s * drop'((dy B) A)                dyb = dy B        (M x r, fp32)
+    backward  dx = dy W + s * drop'((dy B) A)                dyb = dy B        (M x r)
               dA = s dyb^T drop(x)      dB = s dy^T xa       db = sum_m dy
 
-Floor (bf16, M=8192, N=K=4096): the base GEMM is 2MNK = 275 GFLOP each way, ~0.35 ms at ~790 TFLOP/s;
+Floor (bf16, M=8192, N=K=4096): the base GEMM is 2MNK = 275 GFLOP each way, ~0.35-0.39 ms on an H100;
 the whole LoRA term adds 2Mr(N+K) = 4.3 GFLOP (1.6%) forward and twice that backward, but in eager PyTorch
-it also costs passes over x, y and dy (64 MB each, ~22 us each at ~3 TB/s) -- that is where the time goes.
-Here:
-  * `lora_fused_matmul_kernel` computes one output tile of x W^T and adds (s xa) B^T in its epilogue:
-    y is written once.  With COMPUTE_LOW the tile also accumulates xa = x A^T from the x tiles it loads
-    anyway (r/BLOCK_N extra MMA work, no extra pass over x); otherwise xa comes from `lora_down_kernel`.
-    The backward dx uses the same kernel with the roles swapped (dy, W^T, B^T, A^T), the dropout mask
-    regenerated from the seed on the low-rank term.
-  * `lora_down_kernel`: xa = drop(x) A^T (or dyb = dy B): one read of x, dropout mask from a seed.
-  * `lora_adapter_grad_kernel`: dA and dB (and the bias gradient) as skinny reductions over M, split
-    over M into partial sums that a small deterministic sum finishes: one read of x, one of dy.
-Extra memory traffic of a training step beyond the two base GEMMs: one read of x and one of dy (~6%).
+it also costs passes over x, y and dy (64 MB each, ~22 us each at ~3 TB/s): that is where the time goes.
+Kernels:
+  * `lora_fused_matmul_kernel`: one output tile of a w^T plus s [mask] (low up^T) in its epilogue, so the output
+    is written once. The backward's dx = dy W + s mask (dyb A) runs on it (W read N-major, where this kernel
+    matches cuBLAS); `lora_fused_matmul_tma_kernel` is the same with TMA descriptors (measured no faster).
+  * `lora_down_kernel`: xa = drop(x) A^T (or dyb = dy B): one read of x, the dropout mask from a seed.
+  * `lora_adapter_grad_kernel`: dA and dB (and the bias gradient) as skinny reductions over M, split over M
+    into partial sums that a small deterministic sum finishes.
+  * `lora_merge_kernel`: W += sign s B A in place; `lora_dropout_mask_kernel`: the mask, for tests.
+How the op uses them (the forward keeps cuBLAS for x W^T, the backward uses the fused dx GEMM, the skinny
+products go to cuBLAS when there is no dropout) and why: NOTES-lora.md, with the measurements.
 """
 
 from __future__ import annotations
