@@ -83,7 +83,7 @@ def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
     W = base.weight
     impls = {"floor (F.linear)": (lambda x: F.linear(x, W), [])}
     for backend in ("triton", "cuda"):
-        if peftkern._backend.available(backend, torch.device(device)):
+        if peftkern._backend.available(backend, torch.device(device), "lora"):
             def run(x, backend=backend):
                 peftkern.set_backend(backend)
                 try:

@@ -80,11 +80,29 @@ def backend_status() -> dict:
         status["triton"] = "unavailable: no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)"
     from .kernels import cuda
 
-    status["cuda"] = "available" if cuda.extension() is not None else f"unavailable: {cuda.why_unavailable()}"
+    if cuda.extension() is not None:
+        ops = cuda_ops()
+        missing = [op for op in DEFAULT_CUDA_BACKEND if op not in ops]
+        status["cuda"] = f"available for {', '.join(ops) or 'no op'}" + (
+            f" (no CUDA kernel yet for {', '.join(missing)}: those run on triton)" if missing else "")
+    else:
+        status["cuda"] = f"unavailable: {cuda.why_unavailable()}"
     return status
 
 
-def available(name: str, device: torch.device) -> bool:
+def cuda_ops() -> tuple:
+    """The ops the built CUDA extension implements (kernels.cuda has `<op>_forward` and peftkern._C its kernels)."""
+    from .kernels import cuda
+
+    ext = cuda.extension()
+    if ext is None:
+        return ()
+    return tuple(op for op in DEFAULT_CUDA_BACKEND
+                 if hasattr(cuda, f"{op}_forward") and hasattr(ext, f"{op}_forward"))
+
+
+def available(name: str, device: torch.device, op: Optional[str] = None) -> bool:
+    """Whether backend `name` can run here (and, given `op`, implements that op)."""
     if name == "torch":
         return True
     if name == "triton":
@@ -92,15 +110,23 @@ def available(name: str, device: torch.device) -> bool:
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
     if name == "cuda":
-        return device.type == "cuda" and cuda_extension() is not None
+        if device.type != "cuda" or cuda_extension() is None:
+            return False
+        return op is None or op in cuda_ops()
     return False
 
 
 def resolve(op: str, device: torch.device) -> str:
     """The backend that runs `op` for tensors on `device`."""
     forced = get_backend()
+    if forced == "cuda" and device.type == "cuda" and cuda_extension() is not None and op not in cuda_ops():
+        from .ops._common import warn_once
+
+        warn_once(f"{op}-no-cuda-kernel", f"peftkern: the cuda backend has no {op} kernel yet; {op} runs on "
+                  f"{DEFAULT_CUDA_BACKEND.get(op, 'triton')}")
+        forced = None
     if forced is not None:
-        if not available(forced, device):
+        if not available(forced, device, op):
             raise RuntimeError(
                 f"peftkern backend {forced!r} was requested for {op} but cannot run on {device}: "
                 f"{backend_status().get(forced)}"
@@ -110,6 +136,6 @@ def resolve(op: str, device: torch.device) -> str:
         return "torch"
     preferred = DEFAULT_CUDA_BACKEND.get(op, "triton")
     for name in (preferred, "triton", "cuda", "torch"):
-        if available(name, device):
+        if available(name, device, op):
             return name
     return "torch"

@@ -38,15 +38,17 @@ def dtypes_for(backend: str) -> list:
     return [torch.float32, torch.float16]
 
 
-def backend_params() -> list:
-    """Every backend, each skipped with its reason where it cannot run here."""
+def backend_params(op: str = "lora") -> list:
+    """Every backend for `op`, each skipped with its reason where it cannot run here."""
     params = []
     device = torch.device(DEVICE)
     for name in ("torch", "triton", "cuda"):
-        if _backend.available(name, device):
+        if _backend.available(name, device, op):
             params.append(pytest.param(name, id=name))
         else:
             reason = _backend.backend_status().get(name, "unavailable")
+            if _backend.available(name, device):
+                reason = f"the extension has no {op} kernel"
             params.append(pytest.param(name, id=name, marks=pytest.mark.skip(reason=f"{name}: {reason}")))
     return params
 

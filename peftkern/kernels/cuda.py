@@ -1,12 +1,16 @@
 """The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present.
 
-Each op's functions here keep the signatures of reference.py's, so ops/ can call any backend alike.
+Each op's functions here keep the signatures and return conventions of reference.py's, so ops/ can call any
+backend alike. The kernels, what they fuse and how the extension is built: csrc/README.md.
 """
 
 from __future__ import annotations
 
 import functools
 from typing import Optional
+
+import torch
+from torch import Tensor
 
 _import_error: Optional[str] = None
 
@@ -26,3 +30,47 @@ def extension():
 def why_unavailable() -> str:
     extension()
     return _import_error or ""
+
+
+def _ext():
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"the cuda backend cannot run: {why_unavailable()}")
+    return ext
+
+
+# -------------------------------------------------------------------------------------------------- LoRA
+def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed):
+    """(y, xa): y = x W^T + b + s xa B^T (M, N) in x's dtype, xa = drop(x) A^T (M, r) float32, saved for backward.
+
+    Kernels: xa in one read of x (dropout mask from the seed); C = s xa B^T + b written once; cuBLAS adds
+    x W^T into C (beta = 1).
+    """
+    return _ext().lora_forward(x, weight, lora_A, lora_B, float(scaling), bias, float(dropout_p), int(seed),
+                               bool(weight_transposed))
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, weight_transposed, needs):
+    """(dx, dA, dB, dbias, dweight) as reference.lora_backward, None where `needs` (5 bools) says no.
+
+    dyb = dy B (one read of dy); dx = s mask/(1-p) (dyb A) written once, then cuBLAS adds dy W; dA = s dyb^T
+    drop(x) (one read of x); dB = s dy^T xa and dbias in one more read of dy; dweight by cuBLAS, float32.
+    """
+    need_x, need_a, need_b, need_bias, need_w = (bool(n) for n in needs)
+    return _ext().lora_backward(grad_y, x, weight, lora_A, lora_B, xa, float(scaling), float(dropout_p), int(seed),
+                                bool(weight_transposed), need_x, need_a, need_b, need_bias, need_w)
+
+
+def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sign: float,
+                weight_transposed: bool = False) -> Tensor:
+    """weight += sign * scaling * B A in place (weight (N, K), or (K, N) if weight_transposed), fp32 math
+    and one rounding to weight's dtype."""
+    return _ext().lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign), bool(weight_transposed))
+
+
+def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> Tensor:
+    """The keep-mask (M, K) bool that this backend's kernels draw for (seed, p): for tests."""
+    M, K = shape
+    keep = torch.empty((M, K), dtype=torch.bool, device=device)
+    _ext().dropout_mask_(keep, int(seed), float(p))
+    return keep
