@@ -52,7 +52,10 @@ def variants(cfg, device, dtype, r):
             lcfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
             model = get_peft_model(build_base(cfg, device, dtype), lcfg, autocast_adapter_dtype=fp32_adapters)
             if fused:
-                peftkern.fuse(model)
+                report = peftkern.fuse(model)
+                progress("  " + str(report).splitlines()[0])
+                if report.skipped:  # the row would time PEFT's path under the fused name
+                    raise RuntimeError(f"fuse left layers on PEFT's path:\n{report}")
             return model
         return make
 

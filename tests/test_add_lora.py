@@ -51,3 +51,25 @@ def test_add_lora_trains_saves_and_loads_in_peft(tmp_path, factory, targets, nam
 def test_add_lora_matches_nothing_is_an_error():
     with pytest.raises(ValueError, match="matched no"):
         peftkern.add_lora(tiny_llama(), target_modules=["nonexistent"])
+
+
+def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
+    """PEFT keys rank_pattern / alpha_pattern by name suffixes or regexes, not full module names."""
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                          rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 32, r"layers\.1\.self_attn\.o_proj": 2})
+    peft_model = peft.get_peft_model(tiny_llama().to(DEVICE, DTYPE), cfg).eval()
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    plain = tiny_llama().to(DEVICE, DTYPE)
+    assert len(peftkern.load_lora(plain, str(tmp_path))) == 6
+    layers = plain.model.layers
+    assert (layers[0].self_attn.q_proj.r, layers[0].self_attn.v_proj.alpha) == (8, 32)
+    assert (layers[0].self_attn.o_proj.alpha, layers[1].self_attn.o_proj.alpha) == (8, 2)
+    x = batch("llama")
+    # PEFT's adapters are fp32 beside the base (its default); on a GPU the base is bf16: the model tolerance
+    assert_close(plain.eval()(**x).logits, peft_model(**x).logits, DTYPE, "patterns", 5.0 if HAS_CUDA else 1.0)

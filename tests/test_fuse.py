@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA, MODEL_TOLERANCE, TOLERANCE, assert_close
 
 import peftkern
+from peftkern.integrations.peft import _EXTRA_ARGUMENTS
 from peftkern.ops._common import draw_seed
 
 peft = pytest.importorskip("peft")
@@ -55,14 +56,15 @@ MODELS = {
 }
 
 
-def build(name, dropout=0.0, seed=0, dtype=DTYPE, **lora_kw):
+def build(name, dropout=0.0, seed=0, dtype=DTYPE, fp32_adapters=not HAS_CUDA, **lora_kw):
     factory, targets, extra = MODELS[name]
     torch.manual_seed(seed)
     base = factory().to(DEVICE, dtype)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout, **{**extra, **lora_kw})
     # On a GPU the models are bf16 with bf16 adapters, so PEFT and its fused twin round the same operands; PEFT's
-    # default fp32 adapters beside a bf16 base are checked exactly on the CPU and per op in test_lora.py.
-    model = get_peft_model(base, cfg, autocast_adapter_dtype=not HAS_CUDA)
+    # default fp32 adapters beside a bf16 base have their own test here (test_fp32_adapters_beside_bf16_base)
+    # and per op in test_lora.py.
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=fp32_adapters)
     with torch.no_grad():  # B starts at zero: make the adapters matter
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -174,13 +176,19 @@ def test_fuse_keeps_parameters_state_dict_and_optimizer_groups():
     assert "14 layer(s) fused" in str(report) and report.as_dict()["fused"]
 
 
-def test_unfuse_restores_peft_forward():
-    model = build("llama")
+def test_unfuse_restores_peft_forward(fused_calls):
+    model = build("llama").eval()
+    reference = copy.deepcopy(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = batch("llama")
     peftkern.fuse(model)
-    assert "forward" in vars(layer)
+    assert "forward" in vars(layer) and fused_calls == []
+    assert_close(model(**x).logits, reference(**x).logits, DTYPE, "fused")
+    assert len(fused_calls) == 14
     assert peftkern.unfuse(model) == 14
-    assert "forward" not in vars(layer) and peftkern.unfuse(model) == 0
+    assert "forward" not in vars(layer) and peftkern.unfuse(model) == 0, "unfuse is idempotent"
+    assert torch.equal(model(**x).logits, reference(**x).logits), "PEFT's own forward, bit for bit"
+    assert len(fused_calls) == 14, "no fused call after unfuse"
 
 
 def test_save_pretrained_of_fused_model_loads_into_plain_peft(tmp_path):
@@ -224,7 +232,7 @@ def test_two_adapters_switch_and_combine():
             if "lora_B.second" in n:
                 p.normal_(0, 0.2)
     twin = copy.deepcopy(model)
-    peftkern.fuse(twin)
+    report = peftkern.fuse(twin)
     for m in (model, twin):
         m.eval()
     x = batch("llama")
@@ -237,14 +245,16 @@ def test_two_adapters_switch_and_combine():
     for m in (model, twin):
         m.base_model.set_adapter("default")
     assert_close(twin(**x, adapter_names=names).logits, model(**x, adapter_names=names).logits, DTYPE, "mixed")
+    assert ("base_model.model.model.layers.0.self_attn.q_proj", _EXTRA_ARGUMENTS) in report.fallbacks
+    assert "adapter_names" in str(report) and report.as_dict()["fallbacks"], "the report lists the mixed batch"
     twin.delete_adapter("second")
     assert_close(twin(**x).logits, model(**x).logits, DTYPE, "after delete_adapter")
 
 
 @pytest.mark.parametrize("kw", [dict(lora_bias=True), dict(use_rslora=True),
                                 dict(rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 32}),
-                                dict(init_lora_weights="gaussian")],
-                         ids=["lora_bias", "rslora", "patterns", "gaussian-init"])
+                                dict(init_lora_weights="gaussian"), dict(init_lora_weights="pissa")],
+                         ids=["lora_bias", "rslora", "patterns", "gaussian-init", "pissa-init"])
 def test_peft_configurations(kw):
     # float32 on every device: these cases check the configuration logic (biases, scalings, patterns), which
     # bf16 noise in a tiny model would blur; bf16 parity is test_fused_twin_trains_like_peft's job.
@@ -284,3 +294,106 @@ def test_gradient_checkpointing_and_modules_to_save():
         assert any("modules_to_save" in k for k in gr)
         for key in gr:
             assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 4 * GRAD_SCALE)
+
+
+def test_fp32_adapters_beside_bf16_base():
+    """PEFT's default: fp32 adapters on a bf16 model. Same training as PEFT's within bf16's model tolerance, a bf16
+    output, and no fp32 copy of the activations saved for backward (PEFT casts x to fp32 and saves that)."""
+    bf16 = torch.bfloat16
+    reference = build("llama", dtype=bf16, fp32_adapters=True)
+    twin = copy.deepcopy(reference)
+    assert peftkern.fuse(twin).fused
+    ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
+    for step, ((lr, sr, _), (lt, st, _)) in enumerate(zip(ref_hist, twin_hist)):
+        assert_close(lt, lr, bf16, f"logits step {step}", 1.0 + STEP_SCALE * step)
+        assert_close(st, sr, bf16, f"loss step {step}", 1.0 + STEP_SCALE * step)
+    # Gradients of the first step only: AdamW's normalised update turns bf16 rounding differences in near-zero
+    # gradients into full-size steps, so later gradients drift apart by 15% in either order of rounding.
+    (_, _, gr), (_, _, gt) = ref_hist[0], twin_hist[0]
+    for key in gr:
+        assert gt[key].dtype == torch.float32, f"{key}: the adapters stay fp32"
+        assert_close(gt[key], gr[key], bf16, f"grad {key}", MODEL_TOLERANCE[bf16] / TOLERANCE[bf16])
+
+    def saved_fp32_activations(layer, x):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        return y, [t for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]
+
+    x = torch.randn(2, 12, 64, device=DEVICE, dtype=bf16, requires_grad=True)
+    y, fp32_copies = saved_fp32_activations(twin.base_model.model.model.layers[0].self_attn.q_proj, x)
+    assert y.dtype == bf16 and not fp32_copies, [tuple(t.shape) for t in fp32_copies]
+    _, peft_copies = saved_fp32_activations(reference.base_model.model.model.layers[0].self_attn.q_proj, x)
+    assert peft_copies, "PEFT's path does save an fp32 copy of x: the check above can see one"
+
+
+def test_load_adapter_set_adapter_and_requires_grad(tmp_path):
+    build("llama", seed=3).save_pretrained(tmp_path)
+    reference = build("llama")
+    twin = copy.deepcopy(reference)
+    flags = {n: p.requires_grad for n, p in twin.named_parameters()}
+    report = peftkern.fuse(twin)
+    assert {n: p.requires_grad for n, p in twin.named_parameters()} == flags, "fuse leaves requires_grad alone"
+    for m in (reference, twin):
+        m.load_adapter(tmp_path, adapter_name="loaded")
+        m.set_adapter("loaded")
+        m.eval()
+    assert len(peftkern.fuse(twin).fused) == len(report.fused), "the loaded adapter lives in the fused layers"
+    assert {n: p.requires_grad for n, p in twin.named_parameters()} == \
+        {n: p.requires_grad for n, p in reference.named_parameters()}
+    x = batch("llama")
+    # load_adapter casts the adapter to fp32 (PEFT's default), beside a bf16 base on a GPU: the model tolerance
+    assert_close(twin(**x).logits, reference(**x).logits, DTYPE, "loaded adapter", GRAD_SCALE)
+    twin.set_adapter("default")
+    reference.set_adapter("default")
+    assert_close(twin(**x).logits, reference(**x).logits, DTYPE, "back to the first adapter")
+
+
+class ConvNet(torch.nn.Module):
+    """Not a transformers model: an Embedding, a Conv2d and two Linears, one with an int8 (quantised) weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 12)
+        self.quant = torch.nn.Linear(12, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids).permute(0, 3, 1, 2)
+        h = self.conv(h).mean((2, 3))
+        return self.quant(self.fc(h))
+
+
+def test_any_module_with_tuner_layers_and_the_skip_reasons():
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["embed", "conv", "fc", "quant"]), ConvNet())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.normal_()
+    reference = copy.deepcopy(model)
+    base = model.quant.base_layer
+    base.weight = torch.nn.Parameter(torch.randint(-8, 8, base.weight.shape, dtype=torch.int8), requires_grad=False)
+    report = peftkern.fuse(model)
+    assert [n for n, _ in report.fused] == ["fc"], str(report)
+    reasons = dict(report.skipped)
+    assert "not fused yet" in reasons["embed"] and "not fused yet" in reasons["conv"], str(report)
+    assert "quantised" in reasons["quant"], str(report)
+    base.weight = reference.quant.base_layer.weight  # the same values in float again, left on PEFT's path
+    ids = torch.randint(0, 16, (3, 4, 4))
+    assert_close(model(ids), reference(ids), torch.float32, "ConvNet output")
+    hooked = copy.deepcopy(reference)
+    hooked.fc.forward = hooked.fc.forward  # another library's instance-level wrapper, e.g. an accelerate hook
+    assert "already replaced" in dict(peftkern.fuse(hooked).skipped)["fc"]
+
+
+def test_readme_example_trains_with_the_trainer_and_reloads_in_plain_peft(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "peft_trainer.py"))
+    example["main"](["--out", str(tmp_path)])  # asserts that plain PEFT's reload gives the fused model's logits
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()

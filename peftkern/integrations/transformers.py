@@ -27,6 +27,15 @@ def _matches(name: str, targets: Union[str, Iterable[str]]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (a regex) that matches the module
+    name's end on a dot boundary ("v_proj" matches "model.layers.0.self_attn.v_proj"), else the default."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int = 8, alpha: float = 8.0,
              dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None,
              freeze_base: bool = True) -> list[str]:
@@ -112,13 +121,12 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
                          "load_lora reads vanilla LoRA")
     weights = load_file(os.path.join(path, WEIGHTS_NAME))
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
-    ranks = config.get("rank_pattern") or {}
     alphas = config.get("alpha_pattern") or {}
     adapted = []
     for name in names:
-        r = ranks.get(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0])
+        r = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
         add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r,
-                 alpha=alphas.get(name, config["lora_alpha"]), dropout=config.get("lora_dropout", 0.0),
+                 alpha=_pattern_value(alphas, name, config["lora_alpha"]), dropout=config.get("lora_dropout", 0.0),
                  use_rslora=config.get("use_rslora", False), adapter_dtype=adapter_dtype,
                  freeze_base=not adapted)
         layer = model.get_submodule(name)
