@@ -4,7 +4,10 @@ Anchors: PEFT IA3 eager with its default float32 vector and with a bf16 vector (
 and the bf16 one under torch.compile. Both forms: output (keys/values: y = (x W^T + b) * l) and input
 (feed-forward down projection: y = (x * l) W^T + b). Timing as in bench_lora (CUDA-graph replays by default).
 
-    python -m peftkern bench ia3 [--quick] [--shapes M,K,N ...] [--no-compile] [--eager] [--out DIR]
+    python -m peftkern bench ia3 [--quick] [--shapes M,K,N ...] [--no-compile] [--eager] [--variants] [--out DIR]
+
+--variants adds, on a GPU, the Triton backend with each other backward mode of kernels/triton/ia3.py (fused dx
+GEMMs vs cuBLAS dx + a reduction pass), timed forward+backward against the floor of its own run.
 """
 
 from __future__ import annotations
@@ -66,12 +69,32 @@ def implementations(M, K, N, dtype, device, feedforward: bool, compile_anchor: b
     return impls
 
 
+def backward_variants(case: str, impls: dict, x, dy, eager: bool) -> list:
+    """peftkern triton forward+backward with each non-default backward mode (the floor re-timed beside it)."""
+    from peftkern.kernels.triton import ia3 as kia3
+
+    default, rows = kia3.DEFAULT_BACKWARD_MODE, []
+    floor_name, floor = next(iter(impls.items()))
+    for mode in kia3.BACKWARD_MODES:
+        if mode == default:
+            continue
+        kia3.DEFAULT_BACKWARD_MODE = mode
+        try:
+            timed = time_layer_impls("ia3", case, {floor_name: floor, f"peftkern triton ({mode} bwd)":
+                                                   impls["peftkern triton"]}, x, dy, eager, passes=("fwd+bwd",))
+        finally:
+            kia3.DEFAULT_BACKWARD_MODE = default
+        rows += timed[1:]
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="peftkern bench ia3", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", help="cases as M,K,N")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
+    parser.add_argument("--variants", action="store_true", help="also time the other Triton backward modes")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,6 +115,8 @@ def main(argv=None):
             dy = torch.randn(M, N, device=device, dtype=dtype, generator=gen)
             impls = implementations(M, K, N, dtype, device, feedforward, not args.no_compile)
             rows += time_layer_impls("ia3", f"{form} M={M} K={K} N={N}", impls, x, dy, args.eager)
+            if args.variants and device == "cuda":
+                rows += backward_variants(f"{form} M={M} K={K} N={N}", impls, x, dy, args.eager)
     note_spread(rows)
     print_table(rows, f"IA3, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
     timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"

@@ -6,13 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close, backend_params, dtypes_for
+from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for
 
 import peftkern
 from peftkern import reference
+from peftkern.kernels.triton import ia3 as kia3
 from peftkern.nn import IA3Linear
 
-SHAPES = [((1,), 64, 48), ((37,), 72, 40), ((2, 9), 48, 80)]
+# The CPU shapes cover partial tiles, several row blocks, dl chunks spread unevenly over the column tiles
+# (48 -> 80) and whole K steps (96 -> 64) under the interpreter's 16 x 32 x 32 tiles.
+SHAPES = [((1,), 64, 48), ((37,), 72, 40), ((2, 9), 48, 80), ((5, 7), 96, 64)]
 if HAS_CUDA:
     SHAPES += [((3, 129), 520, 264), ((600,), 256, 1000)]
 
@@ -44,7 +47,7 @@ def run_both(x, w, scale, b, scale_input, transposed):
     return got, ref
 
 
-@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}")
 @pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
 @pytest.mark.parametrize("variant", ["plain", "bias", "transposed", "noncontig", "zeros-in-l"])
@@ -60,7 +63,7 @@ def test_matches_reference(backend, shape, scale_input, variant, poison_empty):
             assert_close(got[name], ref[name], dtype, f"{backend} {dtype} {name}")
 
 
-@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
 @pytest.mark.parametrize("scale_input", [False, True])
 def test_fp32_vector_beside_16bit_base_keeps_the_base_dtype(backend, scale_input):
     dtype = torch.bfloat16 if HAS_CUDA else torch.float16
@@ -74,7 +77,7 @@ def test_fp32_vector_beside_16bit_base_keeps_the_base_dtype(backend, scale_input
         assert_close(got[name], ref[name], dtype, name)
 
 
-@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
 @pytest.mark.parametrize("scale_input", [False, True])
 def test_merge_unmerge_and_layer(backend, scale_input):
     torch.manual_seed(0)
@@ -98,6 +101,84 @@ def test_merge_unmerge_and_layer(backend, scale_input):
     assert layer.peft_ref.as_dict()["parameter_adaptation"].startswith("rescaling")
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+@pytest.mark.parametrize("mode", kia3.BACKWARD_MODES)
+def test_triton_backward_every_gradient_subset(scale_input, mode, poison_empty):
+    """Both backward modes of the Triton backend, each subset of gradients (the fused dx GEMMs serve some,
+    the reduction pass the others), against reference.ia3_backward."""
+    M, K, N = (300, 256, 192) if HAS_CUDA else (45, 64, 96)
+    for dtype in dtypes_for("triton"):
+        x, w, scale, _ = make((M,), K, N, dtype, scale_input, zeros=True)
+        dy = torch.randn(M, N).to(DEVICE, dtype)
+        _, z = reference.ia3_forward(x, w, scale, None, scale_input, False)
+        for needs in ((1, 1, 1, 0), (1, 1, 0, 0), (0, 1, 0, 0), (1, 0, 1, 0), (1, 1, 1, 1)):
+            needs = tuple(bool(n) for n in needs)
+            got = kia3.ia3_backward(dy, x, w, scale, z, scale_input, False, needs, mode=mode)
+            ref = reference.ia3_backward(dy, x, w, scale, z, scale_input, False, needs)
+            for name, g, r, need in zip(("dx", "dl", "dbias", "dweight"), got, ref, needs):
+                assert (g is None) == (not need), f"{name} computed although not asked for, or missing"
+                if need:
+                    assert_close(g, r, dtype, f"{mode} {dtype} {name} needs={needs}")
+
+
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+def test_unfrozen_weight_gets_its_gradient(backend, scale_input):
+    x, w, scale, b = make((30,), 48, 40, torch.float32, scale_input, transposed=True)
+    w_leaf, w_ref = w.clone().requires_grad_(), w.clone().requires_grad_()
+    dy = torch.randn(30, 40).to(DEVICE)
+    peftkern.ia3_linear(x, w_leaf, scale, b, scale_input, True).backward(dy)
+    reference.ia3_linear(x, w_ref, scale, b, scale_input, True).backward(dy)
+    assert_close(w_leaf.grad, w_ref.grad, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merge_matches_reference(backend, scale_input, transposed):
+    for dtype in dtypes_for(backend):
+        _, w, scale, b = make((1,), 72, 40, dtype, scale_input, transposed=transposed, scale_dtype=torch.float32)
+        w_ref, b_ref = w.clone(), b.clone()
+        peftkern.ia3_merge_(w, scale, b, scale_input, weight_transposed=transposed)
+        reference.ia3_merge_(w_ref, scale, b_ref, scale_input, weight_transposed=transposed)
+        assert_close(w, w_ref, dtype, "merged weight")
+        assert_close(b, b_ref, dtype, "merged bias")
+        peftkern.ia3_merge_(w, scale, b, scale_input, inverse=True, weight_transposed=transposed)
+        reference.ia3_merge_(w_ref, scale, b_ref, scale_input, inverse=True, weight_transposed=transposed)
+        assert_close(w, w_ref, dtype, "unmerged weight")
+
+
+def test_reference_backward_formulas_match_autograd():
+    g = torch.Generator().manual_seed(5)
+    for scale_input, transposed in ((False, False), (True, False), (False, True), (True, True)):
+        x = torch.randn(7, 6, dtype=torch.float64, generator=g)
+        w = torch.randn(*((6, 5) if transposed else (5, 6)), dtype=torch.float64, generator=g)
+        scale = torch.randn(6 if scale_input else 5, dtype=torch.float64, generator=g)
+        scale[1] = 0.0
+        b = torch.randn(5, dtype=torch.float64, generator=g)
+        leaves = [t.clone().requires_grad_() for t in (x, w, scale, b)]
+        y = reference.ia3_linear(leaves[0], leaves[1], leaves[2], leaves[3], scale_input, transposed)
+        dy = torch.randn(7, 5, dtype=torch.float64, generator=g)
+        y.backward(dy)
+        y2, z = reference.ia3_forward(x, w, scale, b, scale_input, transposed)
+        assert torch.allclose(y2, y, atol=1e-12)
+        dx, dl, dbias, dw = reference.ia3_backward(dy, x, w, scale, z, scale_input, transposed, (True,) * 4)
+        for name, got, leaf in (("dx", dx, leaves[0]), ("dw", dw, leaves[1]), ("dl", dl, leaves[2]),
+                                ("dbias", dbias, leaves[3])):
+            assert torch.allclose(got, leaf.grad, atol=1e-12), f"{name} (scale_input={scale_input})"
+
+
+def test_autocast_keeps_the_autocast_dtype():
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    x, w, scale, b = make((3, 5), 64, 48, torch.float32, False)
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = peftkern.ia3_linear(x, w, scale, b)
+    assert y.dtype == dtype
+    ref = reference.ia3_linear(x.to(dtype), w.to(dtype), scale, b.to(dtype))
+    assert_close(y, ref, dtype, "autocast output")
+
+
 BAD = [
     (dict(x=torch.randn(4, 10)), ValueError, "x's last dimension"),
     (dict(scale=torch.randn(5)), ValueError, "scale must hold 6 values"),
@@ -108,7 +189,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
 @pytest.mark.parametrize("override,exc,message", BAD, ids=[b[2] for b in BAD])
 def test_bad_input_is_named(backend, override, exc, message):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), scale=torch.randn(6), bias=torch.randn(6))

@@ -1,4 +1,4 @@
-"""IA3 in Triton around cuBLAS: the rescaling and the gradient of l ride on passes that happen anyway.
+"""IA3 in Triton: the rescaling and the gradient of l ride on passes that happen anyway.
 
 Math (x: M x K, W: N x K frozen, l: the learned vector):
     output form  y = (x W^T + b) * l        (l: N)   dx = (dy * l) W      dl = sum_m dy * z,  z = x W^T + b
@@ -6,15 +6,22 @@ Math (x: M x K, W: N x K frozen, l: the learned vector):
 z is saved by the output form (y / l would divide by zero where l is 0; eager PyTorch saves it too).
 
 Floor (bf16, M=8192, N=K=4096): two GEMMs (forward, dx), 2MNK = 275 GFLOP each, ~0.39 ms each on an H100.
-The rescaling itself is M*N multiplies: nothing. What costs is memory (64 MB per activation pass, ~22 us):
-  * output form: cuBLAS z = x W^T + b, then `ia3_scale_kernel` writes y = z * l (read z, write y); backward:
-    `ia3_scale_reduce_kernel` reads dy and z once, writes g = dy * l and the partial sums of dl, then cuBLAS
-    dx = g W. Extra traffic: ~3 passes forward + backward (eager: ~6, plus an fp32 copy with fp32 l).
-  * input form: l is folded into the weight, W' = W * l (an N x K pass, cheaper than an M x K one when M > N),
-    and y = x W'^T + b is one cuBLAS GEMM; backward: cuBLAS dy W, then `ia3_scale_reduce_kernel` reads it and
-    x once, writes dx = (dy W) * l and dl. Extra traffic: the W' pass + ~3 activation passes.
-The scaling is computed in float32 (l may be float32 beside a bf16 base, as PEFT keeps it) and rounded once to
-the base dtype: no float32 copy of any activation.
+The rescaling is M*N multiplies: nothing. What costs is memory: one pass over an activation is 64 MB, ~22 us
+at the ~3 TB/s a device copy reaches. Extra passes over the floor, forward + backward:
+  * output form: cuBLAS writes z = x W^T + b (as the floor writes y), `ia3_scale_kernel` reads z and writes
+    y = z * l (+2). Backward: `ia3_dx_output_form_kernel` is the dx GEMM with l applied to each dy tile on
+    its way to the tensor cores, and its programs then read z beside dy (mostly still in L2 from the main
+    loop) for dl's partial sums (+1, +2 if dy misses L2). Total +3: ~1.08x predicted.
+  * input form: l is folded into a transient W' = W * l (an N x K read + write, one activation pass when
+    M = 2K; x itself is scaled instead when M <= N), y = x W'^T + b by cuBLAS (+1). Backward:
+    `ia3_dx_input_form_kernel` is the dx GEMM whose epilogue multiplies by l and reads x's tile for dl's
+    partial sums, so dy W never reaches memory (+1). Total +2: ~1.05x predicted.
+  * mode "split" (version 1, kept to measure against): cuBLAS dx and a separate `ia3_scale_reduce_kernel`
+    pass (read two activations, write one: +3 backward).
+The forward GEMMs stay on cuBLAS: on the x W^T layout Triton ran ~30% slower than cuBLAS on an H100, on the
+dx = dy W layout it matches it (NOTES-lora.md). Every scaling is computed in float32 (l may be float32 beside
+a bf16 base, as PEFT keeps it) and rounded once: no float32 copy of any activation. dl's partial sums (one row
+per row block, float32) are summed afterwards in a fixed order: deterministic.
 """
 
 from __future__ import annotations
@@ -26,8 +33,102 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
+from .lora import _dot_precision, _grouped_pid, _matmul_config, _sm_count
 
 # --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dx_mainloop(a_ptr, w_ptr, scale_ptr, rows, cols, K, stride_am, stride_ak, stride_wn, stride_wk,
+                 SCALE_A: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc = a[rows] w[cols]^T over all of K, float32; with SCALE_A each a tile is first scaled by l[k]
+    (in float32, rounded to a's dtype once: the tensor cores take it from registers)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if SCALE_A:
+            s = tl.load(scale_ptr + k * BLOCK_K + offs_k, mask=offs_k < K - k * BLOCK_K, other=0.0)
+            a = (a.to(tl.float32) * s.to(tl.float32)[None, :]).to(w.dtype)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _tile_rows_cols(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/cols read row 0 instead of being masked (as in lora.py): unpredicated, vectorised
+    # loads; the garbage lands only where the stores and the reductions mask it out.
+    rows = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+    cols = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, rows, cols
+
+
+@triton.jit
+def ia3_dx_input_form_kernel(
+    a_ptr, w_ptr, scale_ptr, x_ptr, out_ptr, part_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_xm, stride_xn, stride_om, stride_on,
+    WRITE_OUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """acc = a w^T; out = acc * l[n] (if WRITE_OUT) and part[pid_m, n] = sum over the tile's rows of acc * x.
+    Input-form backward: a = dy (M x N_layer), w = W^T, so acc = dy W (M x K_layer), out = dx, part -> dl."""
+    pid_m, pid_n, offs_m, offs_n, rows, cols = _tile_rows_cols(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _dx_mainloop(a_ptr, w_ptr, scale_ptr, rows, cols, K, stride_am, stride_ak, stride_wn, stride_wk,
+                       False, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    # x reads 0 outside the matrix, so the stand-in rows of acc add nothing to dl.
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+    tl.store(part_ptr + pid_m * N + offs_n, tl.sum(acc * x.to(tl.float32), axis=0), mask=offs_n < N)
+    if WRITE_OUT:
+        s = tl.load(scale_ptr + cols).to(tl.float32)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 (acc * s[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ia3_dx_output_form_kernel(
+    a_ptr, w_ptr, scale_ptr, z_ptr, out_ptr, part_ptr, colsum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_zm, stride_zk, stride_om, stride_on,
+    COLSUM: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = (a * l[k]) w^T; then part[pid_m, k] = sum over the row block of a * z for the BLOCK_N-wide
+    column chunks of a that fall to this program (chunk c to pid_n = c mod the number of column tiles), and
+    colsum[pid_m, k] = sum of a there too (COLSUM). Output-form backward: a = dy (M x N_layer), w = W^T,
+    out = dx (M x K_layer), part -> dl, colsum -> the bias gradient / l."""
+    pid_m, pid_n, offs_m, offs_n, rows, cols = _tile_rows_cols(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _dx_mainloop(a_ptr, w_ptr, scale_ptr, rows, cols, K, stride_am, stride_ak, stride_wn, stride_wk,
+                       True, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    # The whole row block of a was just streamed through this SM and its neighbours in the group (L2-hot);
+    # spreading its column chunks over the row block's programs reads z once in all, with no extra launch.
+    m_mask = offs_m < M
+    for c in range(pid_n, tl.cdiv(K, BLOCK_N), tl.cdiv(N, BLOCK_N)):
+        offs_k = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = m_mask[:, None] & (offs_k[None, :] < K)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=mask, other=0.0)
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_k[None, :] * stride_zk, mask=mask, other=0.0)
+        a = a.to(tl.float32)
+        tl.store(part_ptr + pid_m * K + offs_k, tl.sum(a * z.to(tl.float32), axis=0), mask=offs_k < K)
+        if COLSUM:
+            tl.store(colsum_ptr + pid_m * K + offs_k, tl.sum(a, axis=0), mask=offs_k < K)
 
 
 @triton.jit
@@ -80,6 +181,57 @@ def ia3_scale_reduce_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
+def _gemm_config(M: int, dtype: torch.dtype, config: Optional[dict]) -> tuple[int, int, dict]:
+    """(num_warps, num_stages, tile sizes): lora.py's measured GEMM configs. Float32 tiles are twice as big:
+    beyond 3 stages they overflow the 228 KB of shared memory of an H100 SM (tf32 path)."""
+    cfg = dict(config or _matmul_config(M))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    if dtype.itemsize == 4:
+        num_stages = min(num_stages, 3)
+    return num_warps, num_stages, cfg
+
+
+def dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Tensor, x: torch.Tensor,
+                  write_dx: bool = True, config: Optional[dict] = None
+                  ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(dx = (dy W) * l (M, K) if write_dx, dl = sum_m x * (dy W) float32 (K,)): one GEMM, dy W never stored.
+    grad_y (M, N); w_kn (K, N) any strides (W.t() for an (N, K) weight); l (K,); x (M, K)."""
+    M, N = grad_y.shape
+    K = w_kn.shape[0]
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if write_dx else x
+    num_warps, num_stages, cfg = _gemm_config(M, grad_y.dtype, config)
+    n_m = triton.cdiv(M, cfg["BLOCK_M"])
+    part = torch.empty((n_m, K), device=x.device, dtype=torch.float32)
+    ia3_dx_input_form_kernel[(n_m * triton.cdiv(K, cfg["BLOCK_N"]),)](
+        grad_y, w_kn, scale_vec, x, dx, part, M, K, N,
+        grad_y.stride(0), grad_y.stride(1), w_kn.stride(0), w_kn.stride(1), x.stride(0), x.stride(1),
+        dx.stride(0), dx.stride(1),
+        WRITE_OUT=write_dx, EVEN_K=N % cfg["BLOCK_K"] == 0, DOT_PRECISION=_dot_precision(grad_y.dtype),
+        num_warps=num_warps, num_stages=num_stages, **cfg)
+    return (dx if write_dx else None), part.sum(0)
+
+
+def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Tensor, z: torch.Tensor,
+                   colsum: bool = False, config: Optional[dict] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dx = (dy * l) W (M, K), dl = sum_m dy * z float32 (N,), sum_m dy float32 (N,) if colsum): one GEMM,
+    dy * l never stored. grad_y, z (M, N); w_kn (K, N) any strides; l (N,)."""
+    M, N = grad_y.shape
+    K = w_kn.shape[0]
+    dx = torch.empty((M, K), device=grad_y.device, dtype=grad_y.dtype)
+    num_warps, num_stages, cfg = _gemm_config(M, grad_y.dtype, config)
+    n_m = triton.cdiv(M, cfg["BLOCK_M"])
+    part = torch.empty((n_m, N), device=grad_y.device, dtype=torch.float32)
+    sums = torch.empty((n_m, N), device=grad_y.device, dtype=torch.float32) if colsum else part
+    ia3_dx_output_form_kernel[(n_m * triton.cdiv(K, cfg["BLOCK_N"]),)](
+        grad_y, w_kn, scale_vec, z, dx, part, sums, M, K, N,
+        grad_y.stride(0), grad_y.stride(1), w_kn.stride(0), w_kn.stride(1), z.stride(0), z.stride(1),
+        dx.stride(0), dx.stride(1),
+        COLSUM=colsum, EVEN_K=N % cfg["BLOCK_K"] == 0, DOT_PRECISION=_dot_precision(grad_y.dtype),
+        num_warps=num_warps, num_stages=num_stages, **cfg)
+    return dx, part.sum(0), (sums.sum(0) if colsum else None)
+
+
 def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """t (R, C) * vec along columns (vec: (C,)) or rows (vec: (R,)), float32 math, one rounding to out_dtype."""
@@ -99,8 +251,7 @@ def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out:
     out = torch.empty((M, C), device=a.device, dtype=out_dtype or a.dtype) if write_out else a
     block_m, block_c = (16, 32) if triton_interpret() else (32, 256)
     n_c = triton.cdiv(C, block_c)
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
-    splits = max(1, min(triton.cdiv(4 * sms, n_c), triton.cdiv(M, block_m)))
+    splits = max(1, min(triton.cdiv(4 * _sm_count(a.device), n_c), triton.cdiv(M, block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
     part = torch.empty((splits, C), device=a.device, dtype=torch.float32)
@@ -132,18 +283,30 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed):
     return scale(z, scale_vec, cols=True), z
 
 
-def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs):
-    """(dx, dl, dbias, dweight) as reference.ia3_backward."""
+# "fused": the dx GEMMs above, with the scaling and dl inside; "split": cuBLAS dx plus one scale_reduce pass
+# (version 1: +2 activation passes; kept to measure the fused kernels against, `bench ia3 --variants`).
+BACKWARD_MODES = ("fused", "split")
+DEFAULT_BACKWARD_MODE = "fused"
+
+
+def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
+                 mode: Optional[str] = None):
+    """(dx, dl, dbias, dweight) as reference.ia3_backward; mode: one of BACKWARD_MODES (None: the default)."""
     need_x, need_l, need_bias, need_w = needs
+    fused = (mode or DEFAULT_BACKWARD_MODE) == "fused"
     w = _w_nk(weight, weight_transposed)
     dx = dl = dbias = dw = None
     if scale_input:
-        dyw = grad_y @ w
-        if need_x or need_l:
-            dx, dl = scale_reduce(dyw, x, scale_vec, write_out=need_x, out_dtype=x.dtype)
+        if fused and (need_x or need_l):
+            dx, dl = dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
+        elif need_x or need_l:
+            dx, dl = scale_reduce(grad_y @ w, x, scale_vec, write_out=need_x, out_dtype=x.dtype)
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
         if need_w:
             dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
+    elif fused and need_x and not need_w:
+        dx, dl, colsum = dx_output_form(grad_y, w.t(), scale_vec, z, colsum=need_bias)
+        dbias = colsum * scale_vec.float() if need_bias else None
     else:
         g, dl = scale_reduce(grad_y, z, scale_vec, write_out=need_x or need_bias or need_w)
         dx = g @ w if need_x else None
