@@ -205,3 +205,217 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_inpu
     if bias is not None and not scale_input:
         bias.copy_((bias.to(dt) * factor).to(bias.dtype))
     return weight
+
+
+# ------------------------------------------------------------------------------------------------- KronA
+# Layout (torch.kron's, and PEFT LoKr's with A = lokr_w1, B = lokr_w2): for A (n1, k1) and B (n2, k2),
+# (A (x) B)[i1 * n2 + i2, j1 * k2 + j2] = A[i1, j1] * B[i2, j2]. Factors come stacked over the T terms of a sum
+# (T = 1 for KronA and LoKr, Compacter's PHM sums several): a (T, n1, k1), or a low-rank pair a (T, n1, r) and
+# a2 (T, r, k1) with A = a @ a2; likewise b (T, n2, k2), or b (T, n2, r) and b2 (T, r, k2).
+# Per token, with X = x reshaped (k1, k2) row-major, (A (x) B) x = vec(A X B^T), an (n1, n2) matrix.
+
+
+def krona_factor(f: Tensor, f2: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """The dense (T, n, k) factor: f itself, or the product f @ f2 of a low-rank pair."""
+    return f.to(dtype) if f2 is None else f.to(dtype) @ f2.to(dtype)
+
+
+def krona_delta_weight(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor], scaling: float,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """scaling * sum_t kron(A_t, B_t): the dense (N, K) delta. For merging and tests only."""
+    A, B = krona_factor(a, a2, dtype), krona_factor(b, b2, dtype)
+    return scaling * sum(torch.kron(A[t], B[t]) for t in range(A.shape[0]))
+
+
+def krona_linear(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
+                 scaling: float, bias: Optional[Tensor] = None) -> Tensor:
+    """The specification, through the dense delta: y = x (W + scaling sum_t A_t (x) B_t)^T + b.
+    x (M, K), weight (N, K), factors as above; returns (M, N) in x.dtype."""
+    dt = compute_dtype(x)
+    w = weight.to(dt) + krona_delta_weight(a, a2, b, b2, scaling, dt)
+    y = x.to(dt) @ w.t()
+    return (y if bias is None else y + bias.to(dt)).to(x.dtype)
+
+
+def krona_term(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """scaling * sum_t (A_t (x) B_t) x_m for every row of x (M, K), as vec(A_t X_m B_t^T): never N x K.
+    A (T, n1, k1), B (T, n2, k2) dense, all in one float dtype; returns (M, n1 n2)."""
+    n1, k1 = A.shape[1:]
+    n2, k2 = B.shape[1:]
+    X = x.reshape(-1, 1, k1, k2)
+    return scaling * (A @ X @ B.transpose(1, 2)).sum(1).reshape(x.shape[0], n1 * n2)
+
+
+def krona_forward(x, weight, a, a2, b, b2, scaling, bias):
+    """The torch backend's forward: y = x W^T + b + krona_term(x), computed in float32."""
+    dt = compute_dtype(x)
+    xc = x.to(dt)
+    y = xc @ weight.to(dt).t() + krona_term(xc, krona_factor(a, a2, dt), krona_factor(b, b2, dt), scaling)
+    return (y if bias is None else y + bias.to(dt)).to(x.dtype)
+
+
+def krona_backward(grad_y: Tensor, x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor,
+                   b2: Optional[Tensor], scaling: float, needs: tuple):
+    """Gradients (dx, da, da2, db, db2, dbias, dweight) of krona_linear; needs says which ones (7 bools).
+
+    With G_m = dy_m as (n1, n2) and X_m = x_m as (k1, k2):
+    dx_m = W^T dy_m + s sum_t vec(A_t^T G_m B_t);  dA_t = s sum_m G_m B_t X_m^T;  dB_t = s sum_m G_m^T A_t X_m;
+    a low-rank A = a a2 gets da = dA a2^T, da2 = a^T dA (B likewise); dbias = sum_m dy_m; dweight = dy^T x.
+    """
+    need_x, need_a, need_a2, need_b, need_b2, need_bias, need_w = needs
+    dt = compute_dtype(grad_y)
+    A, B = krona_factor(a, a2, dt), krona_factor(b, b2, dt)
+    M = grad_y.shape[0]
+    G = grad_y.to(dt).reshape(M, A.shape[1], B.shape[1])
+    X = x.to(dt).reshape(M, A.shape[2], B.shape[2])
+    dx = da = da2 = db = db2 = dbias = dw = None
+    if need_x:
+        term = torch.einsum("tij,mik,tkl->mjl", A, G, B).reshape(M, -1)
+        dx = (grad_y.to(dt) @ weight.to(dt) + scaling * term).to(x.dtype)
+    if need_a or need_a2:
+        dA = scaling * torch.einsum("mik,tkl,mjl->tij", G, B, X)
+        da, da2 = (dA, None) if a2 is None else (dA @ a2.to(dt).transpose(1, 2), a.to(dt).transpose(1, 2) @ dA)
+        da, da2 = (da.to(a.dtype) if need_a else None), (da2.to(a2.dtype) if need_a2 and a2 is not None else None)
+    if need_b or need_b2:
+        dB = scaling * torch.einsum("mik,tij,mjl->tkl", G, A, X)
+        db, db2 = (dB, None) if b2 is None else (dB @ b2.to(dt).transpose(1, 2), b.to(dt).transpose(1, 2) @ dB)
+        db, db2 = (db.to(b.dtype) if need_b else None), (db2.to(b2.dtype) if need_b2 and b2 is not None else None)
+    if need_bias:
+        dbias = grad_y.to(dt).sum(0)
+    if need_w:
+        dw = grad_y.to(dt).t() @ x.to(dt)
+    return dx, da, da2, db, db2, dbias, dw
+
+
+def krona_merge_(weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor], scaling: float,
+                 sign: float) -> Tensor:
+    """weight += sign * scaling * sum_t A_t (x) B_t, in place, rounded once to weight.dtype."""
+    dt = compute_dtype(weight)
+    weight.copy_((weight.to(dt) + sign * krona_delta_weight(a, a2, b, b2, scaling, dt)).to(weight.dtype))
+    return weight
+
+
+# ------------------------------------------------------------------------------------- bottleneck adapter
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def adapter_activation(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """(act(z), act'(z)) for relu, gelu (exact, erf), gelu_tanh (tanh approximation) and silu (swish)."""
+    if activation == "relu":
+        return z.clamp_min(0), (z > 0).to(z.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.5**0.5))
+        pdf = torch.exp(-0.5 * z * z) * (2.0 * torch.pi) ** -0.5
+        return z * cdf, cdf + z * pdf
+    if activation == "gelu_tanh":
+        # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+        sig = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (z + 0.044715 * z**3))
+        du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z * z)
+        return z * sig, sig + z * 2.0 * sig * (1.0 - sig) * du
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return z * sig, sig * (1.0 + z * (1.0 - sig))
+    raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
+
+
+def _adapter_scale(scaling: float, scale: Optional[Tensor], dt: torch.dtype):
+    return scaling if scale is None else scaling * scale.to(dt).reshape(())
+
+
+def bottleneck_adapter(h: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor,
+                       up_bias: Optional[Tensor], activation: str = "relu", scaling: float = 1.0,
+                       scale: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                       ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None,
+                       layer_norm: bool = False, ln_eps: float = 1e-5) -> Tensor:
+    """out = r + s * (act(LN(h) Wd^T + bd) Wu^T + bu), differentiable by autograd: what tests compare with.
+
+    h (..., d); down_weight Wd (b, d); up_weight Wu (d, b); r = h (sequential) or `residual` (parallel: the
+    block's output beside which the adapter runs); s = scaling (* scale, a learned scalar, if given);
+    LN = layer_norm over d with ln_weight / ln_bias (None: no affine) when layer_norm. Returns h.dtype.
+    """
+    dt = compute_dtype(h)
+    x = h.to(dt)
+    if layer_norm:
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], _up(ln_weight, dt), _up(ln_bias, dt), ln_eps)
+    z = torch.nn.functional.linear(x, down_weight.to(dt), _up(down_bias, dt))
+    u = torch.nn.functional.linear(adapter_activation(z, activation)[0], up_weight.to(dt), _up(up_bias, dt))
+    r = h if residual is None else residual
+    return (r.to(dt) + _adapter_scale(scaling, scale, dt) * u).to(h.dtype)
+
+
+def _layer_norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    mean = x.mean(-1)
+    return mean, torch.rsqrt(x.var(-1, unbiased=False) + eps)
+
+
+def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
+                    activation, scaling, layer_norm, ln_eps):
+    """The torch backend's forward over 2-D h (M, d): (out, z, stats).
+
+    z = LN(h) Wd^T + bd (M, b), the pre-activation, float32 (float64 for float64 h): saved for backward.
+    stats (M, 2) = (mean, rstd) of each row of h when layer_norm, else an empty tensor.
+    """
+    dt = compute_dtype(h)
+    x = h.to(dt)
+    stats_dt = torch.float32 if dt != torch.float64 else dt
+    stats = h.new_empty((0,), dtype=stats_dt)
+    if layer_norm:
+        mean, rstd = _layer_norm_stats(x, ln_eps)
+        stats = torch.stack([mean, rstd], 1).to(stats_dt)
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], _up(ln_weight, dt), _up(ln_bias, dt), ln_eps)
+    z = torch.nn.functional.linear(x, down_weight.to(dt), _up(down_bias, dt))
+    u = torch.nn.functional.linear(adapter_activation(z, activation)[0], up_weight.to(dt), _up(up_bias, dt))
+    r = h if residual is None else residual
+    out = r.to(dt) + _adapter_scale(scaling, scale, dt) * u
+    return out.to(h.dtype), z.to(stats_dt), stats
+
+
+def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight,
+                     ln_bias, activation, scaling, sequential, layer_norm, needs):
+    """Gradients (dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta) of adapter_forward; needs: 8 bools.
+
+    g = dout, a = act(z), x = LN(h), s = scaling * scale:
+        dWu = s g^T a     dbu = s sum_m g     dscale = scaling * sum(g * (a Wu^T + bu))
+        dz = s act'(z) * (g Wu)                 dWd = dz^T x     dbd = sum_m dz
+        dx = dz Wd;   with LN: dgamma = sum_m dx * xhat,  dbeta = sum_m dx,
+                      dh = rstd (gamma dx - mean_d(gamma dx) - xhat mean_d(gamma dx xhat)); without: dh = dx
+        dh += g for the sequential form (r = h); the parallel form's dr = g is the caller's.
+    """
+    need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb = needs
+    dt = compute_dtype(grad_out)
+    g, zc = grad_out.to(dt), z.to(dt)
+    wd, wu = down_weight.to(dt), up_weight.to(dt)
+    s = _adapter_scale(scaling, scale, dt)
+    a, act_grad = adapter_activation(zc, activation)
+    x = h.to(dt)
+    if layer_norm:
+        mean, rstd = stats[:, 0].to(dt), stats[:, 1].to(dt)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        gamma = _up(ln_weight, dt) if ln_weight is not None else torch.ones_like(x[0])
+        beta = _up(ln_bias, dt) if ln_bias is not None else torch.zeros_like(x[0])
+        x = xhat * gamma + beta
+    dz = s * act_grad * (g @ wu)
+    grads = [None] * 8
+    if need_uw:
+        grads[3] = (s * (g.t() @ a)).to(up_weight.dtype)
+    if need_ub:
+        grads[4] = (s * g.sum(0)).to(up_bias.dtype)
+    if need_scale:
+        u = a @ wu.t() + (0.0 if up_bias is None else up_bias.to(dt))
+        grads[5] = (scaling * (g * u).sum()).reshape(scale.shape).to(scale.dtype)
+    if need_dw:
+        grads[1] = (dz.t() @ x).to(down_weight.dtype)
+    if need_db:
+        grads[2] = dz.sum(0).to(down_bias.dtype)
+    dx = dz @ wd
+    if layer_norm:
+        if need_lnw:
+            grads[6] = (dx * xhat).sum(0).to(ln_weight.dtype)
+        if need_lnb:
+            grads[7] = dx.sum(0).to(ln_bias.dtype)
+        gdx = gamma * dx
+        dx = rstd[:, None] * (gdx - gdx.mean(-1, keepdim=True) - xhat * (gdx * xhat).mean(-1, keepdim=True))
+    if need_h:
+        grads[0] = (dx + g if sequential else dx).to(h.dtype)
+    return tuple(grads)

@@ -1,0 +1,277 @@
+"""Bottleneck adapter: peftkern against the memory floor, eager PyTorch and eager under torch.compile.
+
+The floor is timed, not assumed: `MemoryFloor` moves exactly the floor's bytes with copy kernels (forward: read h
+[and r], write out; backward: read g, write dh, read h once more), so its time is the floor at this run's copy
+bandwidth; the bandwidth of a 1 GiB device-to-device copy is measured too and saved with every row, with the
+floor it implies. Anchors: an nn.Sequential-style adapter (r + s * up(act(down(h)))) eager and under
+torch.compile. Forward is timed under no_grad; forward+backward as torch.autograd.grad of h and the adapter's
+parameters, as CUDA-graph replays (benchmarks/common.time_fn).
+
+    python -m peftkern bench adapter [--quick] [--cases M,d,reduction,form ...] [--no-compile] [--eager]
+                                     [--explore] [--e2e [--steps N]] [--out DIR]
+
+--explore also times the Triton kernels with each schedule / tile choice in EXPLORE_CONFIGS (kernels/triton/
+adapter.py's default_config picks one). --e2e times a training step of a Llama-style model (hidden 2048,
+intermediate 5632, 8 layers, 16 heads, vocab 32000, batch 4 x 2048, bf16, AdamW): the frozen model against
+Pfeiffer adapters (peftkern, and an eager adapter through the same hooks), tokens/s and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, note_spread, print_table, progress, save_results, time_fn, time_layer_impls  # noqa: E402
+
+import peftkern  # noqa: E402
+from peftkern.kernels.triton import adapter as kadapter  # noqa: E402
+
+FORMS = ("sequential", "parallel", "sequential+ln", "parallel+ln")
+DEFAULT_CASES = [(8192, 4096, 16, "sequential"), (16384, 4096, 16, "sequential"), (8192, 4096, 16, "parallel"),
+                 (8192, 4096, 16, "sequential+ln"), (2048, 4096, 16, "sequential"), (8192, 2048, 16, "sequential")]
+QUICK_CASES = [(8192, 4096, 16, "sequential"), (16384, 4096, 16, "sequential")]
+CPU_CASES = [(256, 256, 16, "sequential"), (128, 256, 16, "parallel+ln")]
+# Schedules and tiles worth measuring for b = 256 (kernels/triton/adapter.py explains the trade-offs).
+EXPLORE_CONFIGS = {
+    "fused m64": dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3, split_n=1, two_pass=False),
+    "fused m64 n128 s2": dict(block_m=64, block_k=64, block_n=128, warps=4, stages=2, split_n=1, two_pass=False),
+    "fused m128 w8": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=1, two_pass=False),
+    "fused m128 w8 split2": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2, two_pass=False),
+    "two-pass m64 split4": dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3, split_n=4, two_pass=True),
+    "two-pass m128 w8 split4": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=4,
+                                    two_pass=True),
+}
+
+
+class MemoryFloor(torch.autograd.Function):
+    """The floor's traffic and nothing else: forward reads h (and r) and writes out; backward reads g, writes
+    dh and reads h once more (what dWd = dz^T h cannot avoid)."""
+
+    @staticmethod
+    def forward(ctx, h, residual):
+        ctx.save_for_backward(h)
+        return h.clone() if residual is None else h + residual
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h,) = ctx.saved_tensors
+        h.sum()
+        return grad_out.clone(), None
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    src = torch.empty(2**29, device=device, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms, _ = time_fn(lambda: dst.copy_(src), torch.device(device), cuda_graph=False)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def _eager_adapter(d, b, activation, ln: bool, dtype, device, gen) -> torch.nn.Sequential:
+    act = {"relu": torch.nn.ReLU(), "gelu": torch.nn.GELU(), "silu": torch.nn.SiLU()}[activation]
+    layers = ([torch.nn.LayerNorm(d)] if ln else []) + [torch.nn.Linear(d, b), act, torch.nn.Linear(b, d)]
+    seq = torch.nn.Sequential(*layers).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    return seq
+
+
+def implementations(M, d, reduction, form, dtype, device, compile_anchor: bool, residual) -> dict:
+    """name -> (forward fn(h), trainable tensors); the floor first."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    ln = form.endswith("+ln")
+    seq = _eager_adapter(d, d // reduction, "relu", ln, dtype, device, gen)
+    params = list(seq.parameters())
+    down, up = seq[-3], seq[-1]
+    s = 2.0
+    impls = {"memory floor (copies)": (lambda h: MemoryFloor.apply(h, residual), [])}
+    backends = ["triton"] if device == "cuda" else ["torch"]
+    for backend in backends:
+        def run(h, backend=backend):
+            peftkern.set_backend(backend)
+            try:
+                return peftkern.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, "relu", s,
+                                                   residual, seq[0] if ln else None)
+            finally:
+                peftkern.set_backend(None)
+        impls[f"peftkern {backend}"] = (run, params)
+
+    def eager(h):
+        return (h if residual is None else residual) + s * seq(h)
+
+    impls["eager (nn.Sequential)"] = (eager, params)
+    if compile_anchor and device == "cuda":
+        impls["eager + torch.compile"] = (torch.compile(eager), params)
+    return impls
+
+
+def explore_rows(case: str, impls: dict, h, dy, eager: bool) -> list[Row]:
+    """peftkern triton with each EXPLORE_CONFIGS entry in place of default_config (the floor re-timed beside)."""
+    default, rows = kadapter.default_config, []
+    floor_name, floor = next(iter(impls.items()))
+    for name, cfg in EXPLORE_CONFIGS.items():
+        kadapter.default_config = lambda *a, cfg=cfg: dict(cfg)
+        try:
+            timed = time_layer_impls("adapter", case, {floor_name: floor, f"peftkern triton [{name}]":
+                                                       impls["peftkern triton"]}, h, dy, eager)
+        finally:
+            kadapter.default_config = default
+        rows += [r for r in timed if r.impl != floor_name]
+    return rows
+
+
+def bench_case(M, d, reduction, form, dtype, device, args, bandwidth) -> list[Row]:
+    gen = torch.Generator(device=device).manual_seed(1)
+    h = torch.randn(M, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    residual = torch.randn(M, d, device=device, dtype=dtype, generator=gen) if form.startswith("parallel") else None
+    dy = torch.randn(M, d, device=device, dtype=dtype, generator=gen)
+    case = f"{form} M={M} d={d} b={d // reduction}"
+    impls = implementations(M, d, reduction, form, dtype, device, not args.no_compile, residual)
+    rows = time_layer_impls("adapter", case, impls, h, dy, args.eager)
+    if args.explore and device == "cuda":
+        rows += explore_rows(case, impls, h, dy, args.eager)
+    act_bytes = M * d * h.element_size()
+    fwd_passes = 3 if residual is not None else 2
+    floor_ms = {"fwd": fwd_passes * act_bytes / bandwidth * 1e3,
+                "fwd+bwd": (fwd_passes + 3) * act_bytes / bandwidth * 1e3}
+    gflop = {"fwd": 4 * M * d * (d // reduction) / 1e9, "fwd+bwd": 12 * M * d * (d // reduction) / 1e9}
+    for r in rows:
+        r.extra.update(copy_bandwidth_GBps=bandwidth / 1e9, bandwidth_floor_ms=floor_ms[r.pass_],
+                       ratio_to_bandwidth_floor=r.ms / floor_ms[r.pass_],
+                       tflops=gflop[r.pass_] / r.ms if r.impl.startswith("peftkern") else None)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ training step
+
+
+def _eager_forward(adapter, h, residual=None):
+    """The same adapter as eager PyTorch (the anchor of the e2e run), in the model's dtype."""
+    x = adapter.layer_norm(h) if adapter.layer_norm is not None else h
+    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+           "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[adapter.non_linearity]
+    u = adapter.up(act(adapter.down(x)))
+    s = adapter.scale if adapter.scale is not None else adapter.scaling
+    return (h if residual is None else residual) + s * u
+
+
+def _time_fresh(make, timer, device):
+    """timer(model) on a model built for it alone, freed afterwards: one model in memory at a time."""
+    model = make()
+    try:
+        return timer(model)
+    finally:
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def e2e(args, device, dtype) -> list[Row]:
+    from bench_e2e import LLAMA, TINY, build_base, time_training
+
+    cfg = LLAMA if device == "cuda" else TINY
+    batch, seq = (args.batch, args.seq) if device == "cuda" else (2, 64)
+    steps, warmup = (args.steps, 3) if device == "cuda" else (2, 1)
+
+    def frozen():
+        model = build_base(cfg, device, dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)  # so that backward runs through every layer
+        return model
+
+    def pfeiffer(adapter_dtype=None, eager=False):
+        def make():
+            model = build_base(cfg, device, dtype)
+            peftkern.add_adapters(model, "pfeiffer", adapter_dtype=adapter_dtype)
+            if eager:
+                for adapter in peftkern.integrations.adapters.adapters(model).values():
+                    adapter.forward = functools.partial(_eager_forward, adapter)
+            return model
+        return make
+
+    variants = {"frozen model (floor)": frozen, "Pfeiffer, peftkern (model-dtype adapters)": pfeiffer(),
+                "Pfeiffer, peftkern (fp32 adapters)": pfeiffer(torch.float32),
+                "Pfeiffer, eager adapters (model dtype)": pfeiffer(eager=True)}
+    rows, floor = [], None
+    case = f"llama-{cfg['hidden_size']}x{cfg['num_hidden_layers']} {batch}x{seq} pfeiffer r16"
+    for name, make in variants.items():
+        progress(f"adapter e2e: {name}")
+        try:
+            ms, spread, peak = _time_fresh(make, lambda m: time_training(m, batch, seq, steps, warmup, device,
+                                                                         False, False), device)
+        except Exception as exc:  # an anchor that cannot run here is reported, not fatal
+            progress(f"  failed: {type(exc).__name__}: {exc}")
+            continue
+        floor = floor or ms
+        rows.append(Row("adapter-e2e", case, name, "train step", ms, spread, ms / floor, peak,
+                        {"tokens_per_s": batch * seq / ms * 1e3, "throughput_vs_frozen": floor / ms}))
+    print_table(rows, "Training step with Pfeiffer adapters (ratio: step time over the frozen model's)")
+    for r in rows:
+        print(f"  {r.impl:38s} {r.extra['tokens_per_s']:12,.0f} tokens/s  {r.extra['throughput_vs_frozen']:.3f}x "
+              "the frozen model's tokens/s")
+    return rows
+
+
+def parse_cases(args, device) -> list[tuple]:
+    if args.cases:
+        cases = []
+        for spec in args.cases:
+            M, d, red, *form = spec.split(",")
+            form = form[0] if form else "sequential"
+            if form not in FORMS:
+                raise SystemExit(f"form must be one of {FORMS}, got {form!r}")
+            cases.append((int(M), int(d), int(red), form))
+        return cases
+    if device != "cuda":
+        return CPU_CASES
+    return QUICK_CASES if args.quick else DEFAULT_CASES
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="peftkern bench adapter", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the two target cases only")
+    parser.add_argument("--cases", nargs="*", help="cases as M,d,reduction[,form] (form: " + ", ".join(FORMS) + ")")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor")
+    parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
+    parser.add_argument("--explore", action="store_true", help="also time every EXPLORE_CONFIGS schedule")
+    parser.add_argument("--e2e", action="store_true", help="the Llama-style training step instead of the layer")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat (--e2e)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        progress("no GPU: a small CPU version (reference backend) so you can see it work")
+    if args.e2e:
+        rows = e2e(args, device, dtype)
+        path = save_results("adapter-e2e", rows, {"preset": "pfeiffer", "dtype": str(dtype)}, args.out)
+        progress(f"saved {path}")
+        return rows
+    bandwidth = copy_bandwidth(device)
+    progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    cases = parse_cases(args, device)
+    rows = []
+    for i, (M, d, reduction, form) in enumerate(cases):
+        progress(f"[{i + 1}/{len(cases)}] adapter {form} M={M} d={d} reduction={reduction}")
+        rows += bench_case(M, d, reduction, form, dtype, device, args, bandwidth)
+    note_spread(rows)
+    print_table(rows, f"Bottleneck adapter, {str(dtype).replace('torch.', '')}: ms and ratio to the memory floor")
+    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    path = save_results("adapter", rows, {"cases": cases, "dtype": str(dtype), "timing": timing,
+                                          "copy_bandwidth_GBps": bandwidth / 1e9}, args.out)
+    progress(f"saved {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""Bottleneck adapters on transformers models: attach (add_adapters), save / load the adapter weights alone,
+and read AdapterHub (`adapters` package) bottleneck checkpoints.
+
+Placements, in PEFT-Ref's vocabulary (workspace, insertion form):
+    after_attention        sequential, attention layer:     o = attn_out + s up(act(down(attn_out)))
+    after_feed_forward     sequential, feed-forward layer:  o = ffn_out + s up(act(down(ffn_out)))
+    parallel_feed_forward  parallel, feed-forward layer:    o = ffn(x) + s up(act(down(x)))
+each applied to the block's output before the layer's residual add (and, in BERT, before its LayerNorm), as
+Houlsby et al. and He et al. define them. Presets: houlsby = both sequential places (swish), pfeiffer = after
+the feed-forward block (relu), parallel = He et al.'s parallel adapter (relu, reduction 2, s = 4).
+
+Where they go: a forward hook on the block's output projection (Llama-style self_attn.o_proj / mlp.down_proj,
+GPT-2 attn.c_proj / mlp.c_proj, BERT attention.output.dense / output.dense) for the sequential places; for the
+parallel one a hook on the whole feed-forward module (mlp: input and output at hand) or, in BERT, whose
+feed-forward is split over two modules, a pre-hook on BertOutput that hands its input_tensor to a hook on
+output.dense. Hooks leave every name of the model's state_dict as it was; the adapters are submodules of
+their layer, so the saved file's keys are predictable:
+
+    <layer>.bottleneck_adapters.<placement>.down.weight    (b, d)     down.bias  (b,)
+    <layer>.bottleneck_adapters.<placement>.up.weight      (d, b)     up.bias    (d,)
+    <layer>.bottleneck_adapters.<placement>.layer_norm.weight / .bias (d,)   with layer_norm=True
+    <layer>.bottleneck_adapters.<placement>.scale          ()         with scaling="learned"
+
+where <layer> is the layer's name in the model (model.layers.0, transformer.h.0, bert.encoder.layer.0):
+bottleneck_adapter.safetensors holds exactly these tensors, bottleneck_adapter_config.json the configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..nn.adapter import BottleneckAdapter
+
+CONFIG_NAME = "bottleneck_adapter_config.json"
+WEIGHTS_NAME = "bottleneck_adapter.safetensors"
+CONTAINER = "bottleneck_adapters"
+
+# placement -> (insertion form, PEFT-Ref workspace)
+PLACEMENTS = {
+    "after_attention": ("sequential", "attention layer"),
+    "after_feed_forward": ("sequential", "feed-forward layer"),
+    "parallel_feed_forward": ("parallel", "feed-forward layer"),
+}
+
+
+@dataclass
+class AdapterConfig:
+    """What add_adapters attaches. bottleneck_size overrides hidden_size // reduction_factor; scaling is a number
+    or "learned"; layer_norm adds a pre-adapter LN; layers picks layers by index (None: all)."""
+    placements: tuple = ("after_feed_forward",)
+    reduction_factor: float = 16
+    bottleneck_size: Optional[int] = None
+    non_linearity: str = "relu"
+    scaling: Union[float, str] = 1.0
+    layer_norm: bool = False
+    init: Optional[str] = None
+    layers: Optional[tuple] = None
+
+    def __post_init__(self):
+        self.placements = (self.placements,) if isinstance(self.placements, str) else tuple(self.placements)
+        unknown = [p for p in self.placements if p not in PLACEMENTS]
+        if unknown or not self.placements:
+            raise ValueError(f"placements must be a non-empty subset of {tuple(PLACEMENTS)}, got {self.placements}")
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+PRESETS = {
+    "houlsby": dict(placements=("after_attention", "after_feed_forward"), non_linearity="silu"),
+    "pfeiffer": dict(placements=("after_feed_forward",), non_linearity="relu"),
+    "parallel": dict(placements=("parallel_feed_forward",), non_linearity="relu", reduction_factor=2,
+                     scaling=4.0, init="mam"),
+}
+
+
+def adapter_config(config: Union[AdapterConfig, dict, str] = "pfeiffer", **overrides) -> AdapterConfig:
+    """An AdapterConfig from a preset name (houlsby, pfeiffer, parallel), a dict or a config, with overrides."""
+    if isinstance(config, str):
+        if config.lower() not in PRESETS:
+            raise ValueError(f"unknown adapter preset {config!r}; choose from {sorted(PRESETS)}")
+        config = AdapterConfig(**PRESETS[config.lower()])
+    elif isinstance(config, dict):
+        config = AdapterConfig.from_dict(config)
+    elif not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, a dict or a preset name, got {type(config).__name__}")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a layer kind's blocks end. feed_forward: the module whose input and output are the feed-forward
+    block's; else feed_forward_input = (module, argument index) whose call receives the block's input."""
+    name: str
+    attention_output: str
+    feed_forward_output: str
+    feed_forward: Optional[str] = None
+    feed_forward_input: Optional[tuple] = None
+
+
+LAYOUTS = (
+    _Layout("llama", "self_attn.o_proj", "mlp.down_proj", feed_forward="mlp"),  # Llama, Mistral, Qwen2, Phi-3
+    _Layout("gpt2", "attn.c_proj", "mlp.c_proj", feed_forward="mlp"),
+    _Layout("bert", "attention.output.dense", "output.dense", feed_forward_input=("output", 1)),  # BERT, RoBERTa
+)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _layout_of(module: nn.Module) -> Optional[_Layout]:
+    for layout in LAYOUTS:
+        paths = [layout.attention_output, layout.feed_forward_output,
+                 layout.feed_forward or layout.feed_forward_input[0]]
+        if all(_has(module, p) for p in paths):
+            return layout
+    return None
+
+
+def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, _Layout]]:
+    """(name, module, layout) of every transformer layer peftkern knows how to adapt, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _, _ in found):
+            continue
+        layout = _layout_of(module)
+        if layout is not None:
+            found.append((name, module, layout))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+
+
+def _argument(module: nn.Module, args: tuple, kwargs: dict, index: int):
+    if len(args) > index:
+        return args[index]
+    name = list(inspect.signature(module.forward).parameters)[index]
+    return kwargs[name]
+
+
+def _sequential_hook(adapter: BottleneckAdapter, module, args, output):
+    return adapter(output)
+
+
+def _parallel_hook(adapter: BottleneckAdapter, module, args, kwargs, output):
+    return adapter(_argument(module, args, kwargs, 0), residual=output)
+
+
+def _stash_input_hook(adapter: BottleneckAdapter, index: int, module, args, kwargs):
+    adapter._block_input = _argument(module, args, kwargs, index)
+
+
+def _parallel_from_stash_hook(adapter: BottleneckAdapter, module, args, output):
+    block_input, adapter._block_input = adapter._block_input, None
+    return adapter(block_input, residual=output)
+
+
+def _attach(layer: nn.Module, layout: _Layout, placement: str, adapter: BottleneckAdapter) -> list:
+    # functools.partial binds the adapter as data: copy.deepcopy(model) gives the copy's hooks its own adapters.
+    if placement == "after_attention":
+        target = layer.get_submodule(layout.attention_output)
+        return [target.register_forward_hook(functools.partial(_sequential_hook, adapter))]
+    if placement == "after_feed_forward":
+        target = layer.get_submodule(layout.feed_forward_output)
+        return [target.register_forward_hook(functools.partial(_sequential_hook, adapter))]
+    if layout.feed_forward is not None:
+        target = layer.get_submodule(layout.feed_forward)
+        return [target.register_forward_hook(functools.partial(_parallel_hook, adapter), with_kwargs=True)]
+    source, index = layout.feed_forward_input
+    adapter._block_input = None
+    return [layer.get_submodule(source).register_forward_pre_hook(
+                functools.partial(_stash_input_hook, adapter, index), with_kwargs=True),
+            layer.get_submodule(layout.feed_forward_output).register_forward_hook(
+                functools.partial(_parallel_from_stash_hook, adapter))]
+
+
+def _hidden_size(layer: nn.Module, layout: _Layout) -> int:
+    proj = layer.get_submodule(layout.feed_forward_output)
+    weight = proj.weight
+    # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out).
+    return weight.shape[1] if type(proj).__name__ == "Conv1D" else weight.shape[0]
+
+
+# ------------------------------------------------------------------------------------------- public API
+
+
+def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pfeiffer",
+                 adapter_dtype: Optional[torch.dtype] = None, freeze_base: bool = True) -> list[str]:
+    """Attach BottleneckAdapters to every transformer layer of `model` (or config.layers) at config.placements;
+    freeze everything else (freeze_base). Returns the adapters' module names.
+
+    Layers are found by structure: Llama-style decoders (Llama, Mistral, Qwen2, ...), GPT-2 and BERT-style
+    encoders. The adapters take the dtype and device of the layer's weights unless adapter_dtype is given.
+    """
+    config = adapter_config(config)
+    layers = transformer_layers(model)
+    if not layers:
+        raise ValueError(f"found no Llama-, GPT-2- or BERT-style transformer layers in {type(model).__name__}")
+    chosen = range(len(layers)) if config.layers is None else config.layers
+    bad = [i for i in chosen if not 0 <= i < len(layers)]
+    if bad:
+        raise ValueError(f"config.layers {list(bad)} out of range: the model has {len(layers)} layers")
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    hooks = getattr(model, "_peftkern_adapter_hooks", [])
+    names = []
+    for i in chosen:
+        layer_name, layer, layout = layers[i]
+        container = getattr(layer, CONTAINER, None)
+        if container is None:
+            container = nn.ModuleDict()
+            layer.add_module(CONTAINER, container)
+        weight = layer.get_submodule(layout.feed_forward_output).weight
+        for placement in config.placements:
+            if placement in container:
+                raise ValueError(f"{layer_name} already has an adapter at {placement}")
+            form, workspace = PLACEMENTS[placement]
+            adapter = BottleneckAdapter(
+                _hidden_size(layer, layout), config.reduction_factor, config.bottleneck_size, config.non_linearity,
+                config.scaling, config.layer_norm, form, config.init, workspace, device=weight.device,
+                dtype=adapter_dtype or weight.dtype)
+            container[placement] = adapter
+            hooks += _attach(layer, layout, placement, adapter)
+            names.append(f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}")
+    model._peftkern_adapter_hooks = hooks
+    model._peftkern_adapter_config = dataclasses.replace(config, layers=tuple(chosen))
+    return names
+
+
+def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Detach every adapter add_adapters attached (hooks and modules); the model's own parameters stay frozen."""
+    for handle in getattr(model, "_peftkern_adapter_hooks", []):
+        handle.remove()
+    model._peftkern_adapter_hooks = []
+    for _, layer, _ in transformer_layers(model):
+        if hasattr(layer, CONTAINER):
+            delattr(layer, CONTAINER)
+    model._peftkern_adapter_config = None
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under their names in the model (the key layout in this module's docstring)."""
+    marker = f"{CONTAINER}."
+    return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(marker) or f".{marker}" in k}
+
+
+def save_adapters(model: nn.Module, path: str) -> None:
+    """Write bottleneck_adapter_config.json and bottleneck_adapter.safetensors (the adapter weights only)."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "_peftkern_adapter_config", None)
+    state = adapter_state_dict(model)
+    if config is None or not state:
+        raise ValueError("the model has no adapters attached by peftkern.add_adapters to save")
+    os.makedirs(path, exist_ok=True)
+    meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 1,
+            "config": config.to_dict(), "layers": [n for n, _, _ in transformer_layers(model)],
+            "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale"}
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME))
+
+
+def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    own = adapter_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit the attached adapters: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if params[key].shape != tensor.shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model's adapter "
+                                 f"{tuple(params[key].shape)}")
+            params[key].copy_(tensor)
+
+
+def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Attach adapters as saved by save_adapters to a fresh model and load their weights; returns their names."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        meta = json.load(f)
+    if meta.get("peft_type") != "BOTTLENECK_ADAPTER":
+        raise ValueError(f"{path} holds a {meta.get('peft_type')} adapter, not a peftkern bottleneck adapter")
+    names = add_adapters(model, AdapterConfig.from_dict(meta["config"]), adapter_dtype=adapter_dtype)
+    _load_state(model, load_file(os.path.join(path, WEIGHTS_NAME)), path)
+    return names
+
+
+# ------------------------------------------------------------------------------------------- AdapterHub
+
+# AdapterHub's bottleneck keys: per layer a BottleneckLayer "attention_adapters" / "output_adapters" (decoders,
+# GPT-2), or in BERT the attention.output / output modules themselves; then adapters.<name>.<param>.
+_ADAPTERHUB_KEY = [
+    (re.compile(r"^(?P<layer>.+)\.attention\.output\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "attention"),
+    (re.compile(r"^(?P<layer>.+)\.attention_adapters\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "attention"),
+    (re.compile(r"^(?P<layer>.+)\.output_adapters\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "output"),
+    (re.compile(r"^(?P<layer>.+)\.output\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "output"),
+]
+_ADAPTERHUB_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_orig": "gelu", "gelu_new": "gelu_tanh",
+                           "swish": "silu", "silu": "silu"}
+
+
+def _adapterhub_param(param: str, ln_before: bool) -> Optional[str]:
+    """Our parameter name for an AdapterHub one; None for the LN that nn.Sequential lists a second time."""
+    down = "adapter_down.1." if ln_before else "adapter_down.0."
+    if param.startswith(down):
+        return "down." + param[len(down):]
+    if param.startswith("adapter_up."):
+        return "up." + param[len("adapter_up."):]
+    if param.startswith("adapter_norm_before."):
+        return "layer_norm." + param[len("adapter_norm_before."):]
+    if ln_before and param.startswith("adapter_down.0."):
+        return None
+    if param == "scaling":
+        return "scale"
+    raise ValueError(f"AdapterHub parameter {param!r} has no peftkern counterpart (supported: a bottleneck "
+                     "adapter with optional ln_before and a scalar or learned scaling)")
+
+
+def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
+                       adapter_name: Optional[str] = None) -> tuple[dict, AdapterConfig]:
+    """(state dict in peftkern's key layout, AdapterConfig) from an AdapterHub bottleneck checkpoint's tensors
+    and its config (adapter_config.json's "config" entry: BnConfig fields).
+
+    Weights map one to one (adapter_down.0 -> down, adapter_up -> up, adapter_norm_before -> layer_norm, a learned
+    scaling -> scale). AdapterHub computes the adapter on the block's output with the residual taken before
+    the layer's LN (original_ln_before=False, as in its Houlsby config) exactly as peftkern's placements do;
+    configs that add the block's residual or LN before the adapter (original_ln_before=True: its Pfeiffer
+    config) or an LN after it are converted with a warning, since the same weights then see other inputs.
+    """
+    config = dict(config or {})
+    matched: dict = {}
+    for key, tensor in state_dict.items():
+        for pattern, site in _ADAPTERHUB_KEY:
+            m = pattern.match(key)
+            if m:
+                matched.setdefault(m["name"], []).append((m["layer"], site, m["param"], tensor))
+                break
+    if not matched:
+        raise ValueError("no AdapterHub bottleneck adapter keys (...adapters.<name>.adapter_down...) found")
+    if adapter_name is None:
+        if len(matched) > 1:
+            raise ValueError(f"the checkpoint holds adapters {sorted(matched)}: pass adapter_name")
+        adapter_name = next(iter(matched))
+    if adapter_name not in matched:
+        raise ValueError(f"adapter {adapter_name!r} not in the checkpoint (found {sorted(matched)})")
+    entries = matched[adapter_name]
+    ln_before = any(p.startswith("adapter_norm_before.") for _, _, p, _ in entries)
+    output_place = "parallel_feed_forward" if config.get("is_parallel") else "after_feed_forward"
+    state, sites, sizes = {}, set(), set()
+    learned = False
+    for layer, site, param, tensor in entries:
+        ours = _adapterhub_param(param, ln_before)
+        if ours is None:
+            continue
+        placement = "after_attention" if site == "attention" else output_place
+        sites.add(placement)
+        if ours == "scale":
+            if tensor.numel() != 1:
+                raise ValueError(f"channel-wise scaling ({tuple(tensor.shape)}) has no peftkern counterpart")
+            tensor, learned = tensor.reshape(()), True
+        if ours == "down.weight":
+            sizes.add(tensor.shape[0])
+        state[f"{layer}.{CONTAINER}.{placement}.{ours}"] = tensor
+    if len(sizes) != 1:
+        raise ValueError(f"adapters of several bottleneck sizes {sorted(sizes)} cannot share one AdapterConfig")
+    if config.get("original_ln_before") or config.get("ln_after") or config.get("residual_before_ln") is False:
+        warnings.warn("AdapterHub config with original_ln_before / ln_after / residual_before_ln=False: the weights "
+                      "are converted, but peftkern applies the adapter to the block's output before the residual "
+                      "add and LN, so the outputs will differ from AdapterHub's", RuntimeWarning, stacklevel=2)
+    non_linearity = str(config.get("non_linearity", "relu")).lower()
+    if non_linearity not in _ADAPTERHUB_ACTIVATIONS:
+        raise ValueError(f"AdapterHub non_linearity {non_linearity!r} is not supported: "
+                         f"{sorted(_ADAPTERHUB_ACTIVATIONS)}")
+    scaling = config.get("scaling", 1.0)
+    ours = AdapterConfig(placements=tuple(p for p in PLACEMENTS if p in sites), bottleneck_size=sizes.pop(),
+                         non_linearity=_ADAPTERHUB_ACTIVATIONS[non_linearity],
+                         scaling="learned" if learned else float(scaling), layer_norm=ln_before)
+    return state, ours
+
+
+def _read_adapterhub_dir(path: str) -> tuple[dict, dict]:
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        meta = json.load(f)
+    for name in ("adapter_model.safetensors", "pytorch_adapter.safetensors"):
+        if os.path.exists(os.path.join(path, name)):
+            from safetensors.torch import load_file
+
+            return load_file(os.path.join(path, name)), meta.get("config", meta)
+    return torch.load(os.path.join(path, "pytorch_adapter.bin"), map_location="cpu", weights_only=True), \
+        meta.get("config", meta)
+
+
+def load_adapterhub(model: nn.Module, source: Union[str, dict], config: Optional[dict] = None,
+                    adapter_name: Optional[str] = None, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Attach and load an AdapterHub bottleneck adapter: `source` is its saved directory (adapter_config.json +
+    pytorch_adapter.bin) or its state dict (then `config` is its BnConfig dict). Layer names may differ in their
+    prefix (bert.encoder.layer.0 vs encoder.layer.0): a layer is matched by the longest common dotted suffix."""
+    state, ah_config = (source, config) if isinstance(source, dict) else _read_adapterhub_dir(str(source))
+    converted, ours = convert_adapterhub(state, ah_config, adapter_name)
+    layer_names = [n for n, _, _ in transformer_layers(model)]
+    renamed, indices = {}, set()
+    for key, tensor in converted.items():
+        layer, rest = key.split(f".{CONTAINER}.", 1)
+        hits = [i for i, n in enumerate(layer_names) if n == layer or n.endswith("." + layer) or
+                layer.endswith("." + n)]
+        if len(hits) != 1:
+            raise ValueError(f"AdapterHub layer {layer!r} matches {len(hits)} layers of the model")
+        indices.add(hits[0])
+        renamed[f"{layer_names[hits[0]]}.{CONTAINER}.{rest}"] = tensor
+    names = add_adapters(model, dataclasses.replace(ours, layers=tuple(sorted(indices))), adapter_dtype)
+    _load_state(model, renamed, "the AdapterHub checkpoint")
+    return names

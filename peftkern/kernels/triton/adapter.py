@@ -1,0 +1,456 @@
+"""Bottleneck adapters in Triton: both skinny GEMMs of a row block in one kernel, the adds in their epilogue.
+
+Math (h: M x d, Wd: b x d, Wu: d x b, s = scaling [* learned scale], r = h (sequential) or a given tensor
+(parallel), LN optional, applied to the adapter's input):
+    forward   x = LN(h);  z = x Wd^T + bd  (M x b, saved, fp32);  out = r + s (act(z) Wu^T + bu)
+    backward  g = dout;  dz = s act'(z) * (g Wu);  dx = dz Wd;  dh = LN'(dx) [+ g if r = h]
+              dWu = s g^T act(z)  dbu = s sum_m g  dWd = dz^T x  dbd = sum_m dz  (dr = g, no work)
+
+Floor (bf16, M = 8192, d = 4096, b = d/16 = 256): an activation pass is M d 2 B = 64 MiB (~22 us at 3 TB/s).
+The memory floor reads h and writes out (forward), reads g, writes dh and reads h once more for dWd (backward):
+5 passes, 320 MiB, ~110 us. The FLOPs are 2 M d b = 17.2 GFLOP per skinny GEMM, 2 forward and 4 backward:
+103 GFLOP, ~104 us at the H100's dense bf16 peak. So once fused the op is as much compute- as memory-bound
+(256 FLOP per byte of h and out against a ridge near 300), and the kernels must keep the tensor cores busy
+while they stream: a pass saved is worth little if the GEMMs run at half speed.
+
+Kernels (one row block of BLOCK_M rows per program; both loop over d):
+  * `adapter_fwd_kernel`: loop 1 accumulates z = h Wd^T (BLOCK_M x b, fp32, in registers) over d, with the
+    row sums for LN; z + bd is stored (backward needs it) and act(z) stays in registers; loop 2 walks d again
+    in tiles of BLOCK_N and writes out = r + s (act(z) Wu^T + bu): h is read once from HBM and once more for
+    the residual, last tiles first so that the second read finds the tiles loop 1 left in L2.
+  * `adapter_bwd_kernel`: the same shape: loop 1 accumulates g Wu; dz = s act'(z) (g Wu) and a = act(z) are
+    stored for the weight gradients (M x b each: small); loop 2 writes dh = dz Wd (+ LN backward) (+ g).
+The weight gradients are reductions over M (g^T a and dz^T h) that cuBLAS runs at full speed with split-K;
+a ones column appended to a gives sum_m g from the same product (a learned scale's gradient comes from the
+kernel's float32 accumulator instead). So the backward reads g twice, h once
+(plus once with LN, whose backward needs h) and writes dh once.
+
+LN is folded into the GEMMs so that no normalised copy of h is ever written: with W' = Wd * gamma,
+c1 = W' 1 and c2 = Wd beta, LN(h) Wd^T = rstd (h W'^T - mean c1) + c2, and the row sums ride in loop 1.
+Backward: gamma * dx = dz W', mean_d(gamma dx) = dz c1 / d and mean_d(gamma dx xhat) = dz (z - c2 - bd) / d
+are skinny too, and dz^T LN(h) = ((dz rstd)^T h - (dz rstd)^T mean) * gamma + (sum_m dz) beta.
+
+Two schedules (`config`): "fused" runs each kernel once per row block (split_n > 1 recomputes loop 1 in
+split_n programs that each write a part of the columns); "two_pass" runs loop 1 alone, then loop 2 on z / dz
+from memory over (row block, column split) programs: one more read of h for the forward's residual, but any
+M fills the GPU. Which wins where is a measurement (NOTES-adapter.md, benchmarks/bench_adapter.py --explore).
+Every program reads both weights whole: 2 d b 2 B = 4 MiB from L2 per row block, M / BLOCK_M times, so
+BLOCK_M trades L2 traffic against the number of programs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backend import triton_interpret
+from .lora import _block_r, _dot_precision, _sm_count
+
+ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    """(act(z), act'(z)) in float32; gelu_tanh's 0.5 (1 + tanh(u)) is sigmoid(2u), so no tanh is needed."""
+    if ACT == 0:
+        return tl.maximum(z, 0.0), (z > 0).to(tl.float32)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return z * cdf, cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 2:
+        sig = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        return z * sig, sig + 2.0 * z * sig * (1.0 - sig) * du
+    else:
+        sig = tl.sigmoid(z)
+        return z * sig, sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _row_block(M, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows past M read row 0 rather than being masked, so the big loads stay unpredicated along M; what
+    # they compute lands only in rows the stores skip.
+    rows = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+    return offs_m, rows
+
+
+@triton.jit
+def _rows_times_skinny(a_ptr, rows, stride_am, stride_ak, w_ptr, stride_wk, stride_wb, offs_b, b_mask, D, shift,
+                       vec_ptr, ROW_STATS: tl.constexpr, ROW_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_B: tl.constexpr):
+    """Loop 1: (a[rows] @ w) (BLOCK_M, BLOCK_B) float32 for a (M, D) and w a (D, B) view; with ROW_STATS also
+    the row sums of (a - shift) and of its squares (the LN statistics, shifted by a value of the row so that
+    the variance does not cancel when the mean is large); with ROW_DOT the row sums of a * vec (D,)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    sum1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_b[None, :] * stride_wb
+        if EVEN_D:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, mask=b_mask[None, :], other=0.0)
+            if ROW_DOT:
+                vec = tl.load(vec_ptr + offs_k).to(tl.float32)
+        else:
+            k_mask = offs_k < D
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & b_mask[None, :], other=0.0)
+            if ROW_DOT:
+                vec = tl.load(vec_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if ROW_DOT:
+            sum1 += tl.sum(a.to(tl.float32) * vec[None, :], axis=1)
+        if ROW_STATS:
+            centred = a.to(tl.float32) - shift[:, None]
+            if not EVEN_D:
+                centred = tl.where(k_mask[None, :], centred, 0.0)
+            sum1 += tl.sum(centred, axis=1)
+            sum2 += tl.sum(centred * centred, axis=1)
+    return acc, sum1, sum2
+
+
+@triton.jit
+def _column_tile(pid_n, i, n_per_split, D, BLOCK_N: tl.constexpr):
+    """The i-th column tile of this program's split, last tile first (loop 1 just read those; they are the
+    ones still in L2)."""
+    n_start = pid_n * n_per_split
+    n_end = min(n_start + n_per_split, D)
+    num_tiles = tl.cdiv(n_end - n_start, BLOCK_N)
+    offs_n = n_start + (num_tiles - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < n_end
+
+
+@triton.jit
+def _small_times_wide(small, w_ptr, stride_wb, stride_wn, offs_b, b_mask, offs_n, n_mask,
+                      DOT_PRECISION: tl.constexpr):
+    """Loop 2's product: small (BLOCK_M, BLOCK_B) @ w[:, offs_n] for w a (B, D) view."""
+    w = tl.load(w_ptr + offs_b[:, None] * stride_wb + offs_n[None, :] * stride_wn,
+                mask=b_mask[:, None] & n_mask[None, :], other=0.0)
+    return tl.dot(small, w, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def adapter_fwd_kernel(
+    h_ptr, res_ptr, out_ptr, down_ptr, up_ptr, down_b_ptr, up_b_ptr, scale_ptr, z_ptr, stats_ptr, c1_ptr, c2_ptr,
+    M, D, B, n_per_split,
+    stride_hm, stride_hd, stride_rm, stride_rd, stride_om, stride_od,
+    stride_db, stride_dd, stride_ud, stride_ub,
+    scaling, ln_eps,
+    ACT: tl.constexpr, Z_GIVEN: tl.constexpr, UP_PROJECT: tl.constexpr, SEQUENTIAL: tl.constexpr,
+    LAYER_NORM: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """out[rows, this split's columns] = r + s (act(z) Wu^T + bu), z = LN(h) Wd^T + bd computed here (loop 1,
+    stored by the split-0 program) or read back (Z_GIVEN). down_ptr holds W' = Wd * gamma under LN."""
+    pid_n = tl.program_id(1)
+    offs_m, rows = _row_block(M, BLOCK_M)
+    m_mask = offs_m < M
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    z_ptrs = z_ptr + offs_m[:, None] * B + offs_b[None, :]
+    zb_mask = m_mask[:, None] & b_mask[None, :]
+    if Z_GIVEN:
+        z = tl.load(z_ptrs, mask=zb_mask, other=0.0)
+    else:
+        shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
+        acc, sum1, sum2 = _rows_times_skinny(h_ptr, rows, stride_hm, stride_hd, down_ptr, stride_dd, stride_db,
+                                             offs_b, b_mask, D, shift, c1_ptr, LAYER_NORM, False, EVEN_D,
+                                             DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B)
+        if LAYER_NORM:
+            mean_shifted = sum1 / D
+            var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0)
+            mean = mean_shifted + shift
+            rstd = 1.0 / tl.sqrt(var + ln_eps)
+            c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
+            c2 = tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)
+            z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
+            if pid_n == 0:
+                tl.store(stats_ptr + offs_m * 2, mean, mask=m_mask)
+                tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=m_mask)
+        else:
+            z = acc
+        if HAS_DOWN_BIAS:
+            z += tl.load(down_b_ptr + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+        if pid_n == 0:
+            tl.store(z_ptrs, z, mask=zb_mask)
+    if UP_PROJECT:
+        dtype = out_ptr.dtype.element_ty
+        # Padded bottleneck columns hold z = 0 and act(0) = 0 for every activation here: they add nothing.
+        a, _ = _activation(z, ACT)
+        a = a.to(dtype)
+        s = scaling
+        if HAS_SCALE:
+            s = s * tl.load(scale_ptr).to(tl.float32)
+        num_tiles = tl.cdiv(min(n_per_split, D - pid_n * n_per_split), BLOCK_N)
+        for i in range(0, num_tiles):
+            offs_n, n_mask = _column_tile(pid_n, i, n_per_split, D, BLOCK_N)
+            u = _small_times_wide(a, up_ptr, stride_ub, stride_ud, offs_b, b_mask, offs_n, n_mask, DOT_PRECISION)
+            if HAS_UP_BIAS:
+                u += tl.load(up_b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if SEQUENTIAL:
+                r_ptrs = h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hd
+            else:
+                r_ptrs = res_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rd
+            r = tl.load(r_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_od, (r + s * u).to(dtype),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def adapter_bwd_kernel(
+    g_ptr, h_ptr, dh_ptr, down_ptr, up_ptr, down_b_ptr, up_b_ptr, scale_ptr, z_ptr, stats_ptr, c1_ptr, c2_ptr,
+    dz_ptr, a_ptr, r_ptr, sdot_ptr,
+    M, D, B, n_per_split,
+    stride_gm, stride_gd, stride_hm, stride_hd, stride_dhm, stride_dhd,
+    stride_db, stride_dd, stride_ud, stride_ub, stride_am,
+    scaling,
+    ACT: tl.constexpr, DZ_GIVEN: tl.constexpr, WRITE_DH: tl.constexpr, SEQUENTIAL: tl.constexpr,
+    LAYER_NORM: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Loop 1 (unless DZ_GIVEN): dz = s act'(z) (g Wu), stored with a = act(z) (for dWu, dWd) and, under LN,
+    r = (dz c1 / d, dz (z - c2 - bd) / d) by the split-0 program; with SCALE_GRAD also each row's
+    sum(g * u) = a . (g Wu) + g . bu in float32 (the learned scale's gradient, from the fp32 accumulator: a
+    scalar summed over M d terms would lose too much through a rounded g^T a). Loop 2 (WRITE_DH): dh = dz W'
+    [LN backward] [+ g] for this split's columns."""
+    pid_n = tl.program_id(1)
+    offs_m, rows = _row_block(M, BLOCK_M)
+    m_mask = offs_m < M
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    zb_mask = m_mask[:, None] & b_mask[None, :]
+    dz_ptrs = dz_ptr + offs_m[:, None] * B + offs_b[None, :]
+    dtype = dz_ptr.dtype.element_ty
+    if DZ_GIVEN:
+        dz = tl.load(dz_ptrs, mask=zb_mask, other=0.0).to(tl.float32)
+        if LAYER_NORM:
+            r1 = tl.load(r_ptr + offs_m * 2, mask=m_mask, other=0.0)
+            r2 = tl.load(r_ptr + offs_m * 2 + 1, mask=m_mask, other=0.0)
+    else:
+        gu, g_dot_bu, _ = _rows_times_skinny(g_ptr, rows, stride_gm, stride_gd, up_ptr, stride_ud, stride_ub,
+                                             offs_b, b_mask, D, offs_m.to(tl.float32), up_b_ptr, False,
+                                             SCALE_GRAD and HAS_UP_BIAS, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K,
+                                             BLOCK_B)
+        z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=zb_mask, other=0.0)
+        a, act_grad = _activation(z, ACT)
+        s = scaling
+        if HAS_SCALE:
+            s = s * tl.load(scale_ptr).to(tl.float32)
+        dz = s * act_grad * gu
+        if LAYER_NORM:
+            c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
+            centred = z - tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)[None, :]
+            if HAS_DOWN_BIAS:
+                centred -= tl.load(down_b_ptr + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+            r1 = tl.sum(dz * c1[None, :], axis=1) / D
+            r2 = tl.sum(dz * tl.where(b_mask[None, :], centred, 0.0), axis=1) / D
+        if pid_n == 0:
+            tl.store(dz_ptrs, dz.to(dtype), mask=zb_mask)
+            tl.store(a_ptr + offs_m[:, None] * stride_am + offs_b[None, :], a.to(dtype), mask=zb_mask)
+            if LAYER_NORM:
+                tl.store(r_ptr + offs_m * 2, r1, mask=m_mask)
+                tl.store(r_ptr + offs_m * 2 + 1, r2, mask=m_mask)
+            if SCALE_GRAD:
+                tl.store(sdot_ptr + offs_m, tl.sum(a * gu, axis=1) + g_dot_bu, mask=m_mask)
+    if WRITE_DH:
+        dz_small = dz.to(dtype)
+        if LAYER_NORM:
+            mean = tl.load(stats_ptr + rows * 2)
+            rstd = tl.load(stats_ptr + rows * 2 + 1)
+        num_tiles = tl.cdiv(min(n_per_split, D - pid_n * n_per_split), BLOCK_N)
+        for i in range(0, num_tiles):
+            offs_n, n_mask = _column_tile(pid_n, i, n_per_split, D, BLOCK_N)
+            dx = _small_times_wide(dz_small, down_ptr, stride_db, stride_dd, offs_b, b_mask, offs_n, n_mask,
+                                   DOT_PRECISION)
+            if LAYER_NORM:
+                x = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :] * stride_hd, mask=n_mask[None, :],
+                            other=0.0).to(tl.float32)
+                xhat = (x - mean[:, None]) * rstd[:, None]
+                dx = rstd[:, None] * (dx - r1[:, None] - xhat * r2[:, None])
+            if SEQUENTIAL:
+                dx += tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gd, mask=n_mask[None, :],
+                              other=0.0).to(tl.float32)
+            tl.store(dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhd,
+                     dx.to(dh_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def default_config(M: int, D: int, B: int, device: torch.device) -> dict:
+    """Tiles and schedule for both kernels (to be tuned on an H100: NOTES-adapter.md).
+
+    The BLOCK_M x b float32 accumulator lives in registers: 64 x 256 is 128 registers a thread over 4 warps
+    (one warpgroup), so b = 256 takes BLOCK_M = 64; narrower bottlenecks take 128 rows and 8 warps, which
+    halves the L2 traffic of the weights. BLOCK_N = 64 keeps loop 2's pipelined Wu tiles (b x BLOCK_N) in
+    shared memory beside loop 1's. While the row blocks fill at least half the SMs the fused schedule runs;
+    below that the two-pass schedule splits loop 2's columns to fill the GPU.
+    """
+    if triton_interpret():
+        return dict(block_m=16, block_k=32, block_n=32, warps=4, stages=1, split_n=1, two_pass=False)
+    block_b = _block_r(B)
+    block_m, warps = (128, 8) if block_b <= 128 else (64, 4)
+    n_rows = triton.cdiv(M, block_m)
+    sms = _sm_count(device)
+    if 2 * n_rows >= sms:
+        return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=1, two_pass=False)
+    split = max(1, min(triton.cdiv(2 * sms, n_rows), triton.cdiv(D, 64)))
+    return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=split, two_pass=True)
+
+
+def _splits(D: int, cfg: dict) -> tuple[int, int]:
+    """(number of column splits, columns per split: a multiple of BLOCK_N)."""
+    per_split = triton.cdiv(triton.cdiv(D, cfg["split_n"]), cfg["block_n"]) * cfg["block_n"]
+    return triton.cdiv(D, per_split), per_split
+
+
+def fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm: bool, dtype: torch.dtype):
+    """(W', c1, c2): W' = Wd * gamma in `dtype` (what the GEMMs read), c1 = W' 1 (from the rounded W', so the
+    mean cancels exactly against what the GEMM summed) and c2 = Wd beta, both float32. Without LN: (Wd, None,
+    None) in `dtype`."""
+    if not layer_norm:
+        return down_weight.to(dtype), None, None
+    w = down_weight.float()
+    folded = (w * ln_weight.float()[None, :] if ln_weight is not None else w).to(dtype)
+    c1 = folded.float().sum(1)
+    c2 = w @ ln_bias.float() if ln_bias is not None else torch.zeros_like(c1)
+    return folded, c1, c2
+
+
+def _common_meta(h: torch.Tensor, D: int, B: int, cfg: dict, activation: str) -> dict:
+    return dict(ACT=ACTIVATION_IDS[activation], EVEN_D=D % cfg["block_k"] == 0,
+                DOT_PRECISION=_dot_precision(h.dtype), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"],
+                BLOCK_N=cfg["block_n"], BLOCK_B=_block_r(B), num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+
+def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
+                    activation, scaling, layer_norm, ln_eps, config: Optional[dict] = None):
+    """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) as in reference.adapter_forward, for a
+    2-D h; the adapter tensors may have any float dtype (they are read in h's)."""
+    M, D = h.shape
+    B = down_weight.shape[0]
+    cfg = config or default_config(M, D, B, h.device)
+    wd, c1, c2 = fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm, h.dtype)
+    wu = up_weight.to(h.dtype)
+    out = torch.empty((M, D), device=h.device, dtype=h.dtype)
+    z = torch.empty((M, B), device=h.device, dtype=torch.float32)
+    stats = torch.empty((M, 2) if layer_norm else (0,), device=h.device, dtype=torch.float32)
+    res = residual if residual is not None else h
+    n_split, per_split = _splits(D, cfg)
+    meta = _common_meta(h, D, B, cfg, activation)
+    flags = dict(SEQUENTIAL=residual is None, LAYER_NORM=layer_norm, HAS_DOWN_BIAS=down_bias is not None,
+                 HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
+    dummy = z
+
+    def launch(grid, z_given, up_project):
+        adapter_fwd_kernel[grid](
+            h, res, out, wd, wu, down_bias if down_bias is not None else dummy,
+            up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z, stats,
+            c1 if c1 is not None else dummy, c2 if c2 is not None else dummy,
+            M, D, B, per_split,
+            h.stride(0), h.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1),
+            float(scaling), float(ln_eps), Z_GIVEN=z_given, UP_PROJECT=up_project, **flags, **meta)
+
+    n_rows = triton.cdiv(M, cfg["block_m"])
+    if cfg["two_pass"]:
+        launch((n_rows, 1), False, False)
+        launch((n_rows, n_split), True, True)
+    else:
+        launch((n_rows, n_split), False, True)
+    return out, z, stats
+
+
+def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight,
+                     ln_bias, activation, scaling, sequential, layer_norm, needs, config: Optional[dict] = None):
+    """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta) as in reference.adapter_backward (None where not needed).
+
+    The kernel writes dh, dz and a; the weight gradients are cuBLAS products over M: G = g^T [a, 1] gives dWu
+    and sum_m g at once (the ones column), P = (dz [* rstd])^T h gives dWd (and, under LN, dgamma)."""
+    need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb = needs
+    M, D = h.shape
+    B = z.shape[1]
+    dtype = h.dtype
+    cfg = config or default_config(M, D, B, h.device)
+    wd, c1, c2 = fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm, dtype)
+    wu = up_weight.to(dtype)
+    dz = torch.empty((M, B), device=h.device, dtype=dtype)
+    b_ext = triton.cdiv(B + 1, 8) * 8  # a's row stride stays 16-byte aligned for cuBLAS
+    a_ext = torch.empty((M, b_ext), device=h.device, dtype=dtype)
+    a_ext[:, B:] = 0
+    a_ext[:, B] = 1
+    r = torch.empty((M, 2), device=h.device, dtype=torch.float32) if layer_norm else z
+    sdot = torch.empty((M,), device=h.device, dtype=torch.float32) if need_scale else z
+    dh = torch.empty((M, D), device=h.device, dtype=dtype) if need_h else dz
+    n_split, per_split = _splits(D, cfg)
+    meta = _common_meta(h, D, B, cfg, activation)
+    flags = dict(SEQUENTIAL=sequential, LAYER_NORM=layer_norm, HAS_DOWN_BIAS=down_bias is not None,
+                 HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None, SCALE_GRAD=need_scale)
+    dummy = z
+
+    def launch(grid, dz_given, write_dh):
+        adapter_bwd_kernel[grid](
+            grad_out, h, dh, wd, wu, down_bias if down_bias is not None else dummy,
+            up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z,
+            stats if layer_norm else dummy, c1 if c1 is not None else dummy, c2 if c2 is not None else dummy,
+            dz, a_ext, r, sdot,
+            M, D, B, per_split,
+            grad_out.stride(0), grad_out.stride(1), h.stride(0), h.stride(1), dh.stride(0), dh.stride(1),
+            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), a_ext.stride(0),
+            float(scaling), DZ_GIVEN=dz_given, WRITE_DH=write_dh, **flags, **meta)
+
+    n_rows = triton.cdiv(M, cfg["block_m"])
+    if cfg["two_pass"] and need_h:
+        launch((n_rows, 1), False, False)
+        launch((n_rows, n_split), True, True)
+    else:
+        launch((n_rows, n_split if need_h else 1), False, need_h)
+    d_scale = (scaling * sdot.sum()).reshape(scale.shape).to(scale.dtype) if need_scale else None
+    grads = weight_grads(grad_out, h, dz, a_ext, down_weight, down_bias, up_weight, up_bias, scale, stats,
+                         ln_weight, ln_bias, scaling, layer_norm, needs[1:5] + needs[6:])
+    return (dh if need_h else None, *grads[:4], d_scale, *grads[4:])
+
+
+def weight_grads(grad_out, h, dz, a_ext, down_weight, down_bias, up_weight, up_bias, scale, stats, ln_weight,
+                 ln_bias, scaling, layer_norm, needs):
+    """(dWd, dbd, dWu, dbu, dgamma, dbeta) from dz (M, b) and a_ext = [act(z), 1, 0...] (M, b + pad): two
+    products over M, the rest on b x d tensors."""
+    need_dw, need_db, need_uw, need_ub, need_lnw, need_lnb = needs
+    B = dz.shape[1]
+    s = scaling * (scale.float().reshape(()) if scale is not None else 1.0)
+    d_dw = d_db = d_uw = d_ub = d_lnw = d_lnb = None
+    if need_uw or need_ub:
+        prod = (grad_out.t() @ a_ext).float()
+        d_uw = (s * prod[:, :B]).to(up_weight.dtype) if need_uw else None
+        d_ub = (s * prod[:, B]).to(up_bias.dtype) if need_ub else None
+    dz_sum = dz.float().sum(0) if (need_db or layer_norm) else None
+    d_db = dz_sum.to(down_bias.dtype) if need_db else None
+    if not (need_dw or need_lnw or need_lnb):
+        return d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb
+    if not layer_norm:
+        return (dz.t() @ h).float().to(down_weight.dtype), d_db, d_uw, d_ub, d_lnw, d_lnb
+    mean, rstd = stats[:, 0], stats[:, 1]
+    dz_r = dz.float() * rstd[:, None]
+    # dz^T xhat = (dz rstd)^T h - (dz rstd)^T mean: the product runs on h itself, never on a normalised copy.
+    dz_xhat = (dz_r.to(h.dtype).t() @ h).float() - (dz_r.t() @ mean)[:, None]
+    w = down_weight.float()
+    if need_dw:
+        gamma = ln_weight.float() if ln_weight is not None else 1.0
+        d_dw = dz_xhat * gamma
+        if ln_bias is not None:
+            d_dw = d_dw + dz_sum[:, None] * ln_bias.float()[None, :]
+        d_dw = d_dw.to(down_weight.dtype)
+    d_lnw = (dz_xhat * w).sum(0).to(ln_weight.dtype) if need_lnw else None
+    d_lnb = (dz_sum @ w).to(ln_bias.dtype) if need_lnb else None
+    return d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb

@@ -1,0 +1,132 @@
+"""BottleneckAdapter: the bottleneck adapter of Houlsby et al. (2019), Pfeiffer et al. (2020) and the parallel
+adapter of He et al. (2022), on the fused op."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter
+from ._peft_ref import PEFTRefProperties
+
+INSERTION_FORMS = ("sequential", "parallel")
+INITS = ("bert", "houlsby", "mam")
+
+
+ADAPTER_PEFT_REF = PEFTRefProperties(
+    intra_connectivity="dense (down-projection, non-linearity, up-projection)",
+    inter_connectivity="none (independent per insertion)",
+    parameter_adaptation="addition (new parameters; the model's weights stay frozen)",
+    parameter_sharing="none",
+    input_type="hidden states (the block's output, or its input for the parallel form)",
+    insertion_form="sequential (after a block) or parallel (beside it)",
+    number_of_insertions="one per placement per layer (Houlsby: two, Pfeiffer: one)",
+    integration_form="scaled addition (s, a number or learned; s = 1: direct addition)",
+    workspace="attention layer and/or feed-forward layer",
+)
+
+
+class BottleneckAdapter(nn.Module):
+    """out = r + s * up(act(down(LN(h)))): sequential (r = h, after a block) or parallel (beside a block: h is
+    its input, r its output, passed to forward).
+
+    Parameters: down (nn.Linear d -> b), up (nn.Linear b -> d), layer_norm (nn.LayerNorm(d), only with
+    layer_norm=True: a pre-adapter LN of h), scale (a learned scalar, only with scaling="learned"). The
+    bottleneck b is bottleneck_size, or hidden_size // reduction_factor.
+
+    Initialised near the identity, as in the adapter literature (names as AdapterHub's init_weights):
+    "bert" -- weights N(0, 0.02), zero biases (AdapterHub's default); "houlsby" -- weights N(0, 0.01) truncated
+    at 2 std, zero biases (Houlsby et al.); "mam" -- down Kaiming-uniform, up and biases zero, so the adapter
+    starts exactly at the identity (He et al.'s parallel adapter, like LoRA). Default: "bert" for the
+    sequential form, "mam" for the parallel one.
+
+    peft_ref: the method's PEFT-Ref properties on the class; an instance's name its own placement.
+    """
+
+    peft_ref = ADAPTER_PEFT_REF
+
+    def __init__(self, hidden_size: int, reduction_factor: float = 16, bottleneck_size: Optional[int] = None,
+                 non_linearity: str = "relu", scaling: Union[float, str] = 1.0, layer_norm: bool = False,
+                 insertion_form: str = "sequential", init: Optional[str] = None, workspace: str = "",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if non_linearity.lower() not in ACTIVATION_ALIASES:
+            raise ValueError(f"non_linearity must be one of {sorted(ACTIVATION_ALIASES)}, got {non_linearity!r}")
+        if insertion_form not in INSERTION_FORMS:
+            raise ValueError(f"insertion_form must be one of {INSERTION_FORMS}, got {insertion_form!r}")
+        init = init or ("mam" if insertion_form == "parallel" else "bert")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if bottleneck_size is None:
+            if reduction_factor <= 0:
+                raise ValueError(f"reduction_factor must be positive, got {reduction_factor}")
+            bottleneck_size = max(1, int(hidden_size // reduction_factor))
+        if bottleneck_size < 1:
+            raise ValueError(f"bottleneck_size must be at least 1, got {bottleneck_size}")
+        self.hidden_size, self.bottleneck_size = hidden_size, bottleneck_size
+        self.non_linearity, self.insertion_form, self.init = non_linearity.lower(), insertion_form, init
+        self.workspace = workspace
+        factory = dict(device=device, dtype=dtype)
+        self.down = nn.Linear(hidden_size, bottleneck_size, **factory)
+        self.up = nn.Linear(bottleneck_size, hidden_size, **factory)
+        self.layer_norm = nn.LayerNorm(hidden_size, **factory) if layer_norm else None
+        if scaling == "learned":
+            self.scaling = 1.0
+            self.scale = nn.Parameter(torch.ones((), **factory))
+        elif isinstance(scaling, str):
+            raise ValueError(f"scaling must be a number or 'learned', got {scaling!r}")
+        else:
+            self.scaling = float(scaling)
+            self.scale = None
+        self.peft_ref = self._peft_ref()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+        if self.init == "bert":
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.normal_(self.up.weight, std=0.02)
+        elif self.init == "houlsby":
+            for w in (self.down.weight, self.up.weight):
+                nn.init.trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        if self.layer_norm is not None:
+            self.layer_norm.reset_parameters()
+        if self.scale is not None:
+            self.scale.fill_(1.0)
+
+    def _peft_ref(self) -> PEFTRefProperties:
+        """This module's properties: insertion form, input, integration and workspace follow its placement."""
+        parallel = self.insertion_form == "parallel"
+        return dataclasses.replace(
+            ADAPTER_PEFT_REF,
+            intra_connectivity=f"dense (down-projection, {self.non_linearity}, up-projection)",
+            input_type=("the block's input (hidden states)" if parallel else "the block's output (hidden states)"),
+            insertion_form=("parallel (beside the block)" if parallel else "sequential (after the block)"),
+            integration_form=("scaled addition (learned s)" if self.scale is not None
+                              else f"scaled addition (s = {self.scaling:g})" if self.scaling != 1.0
+                              else "direct addition (residual)"),
+            workspace=self.workspace or ADAPTER_PEFT_REF.workspace,
+        )
+
+    def forward(self, h: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """Sequential: forward(h) = h + s adapter(h). Parallel: forward(h, block(h)) = block(h) + s adapter(h)."""
+        if self.insertion_form == "parallel" and residual is None:
+            raise ValueError("a parallel adapter needs the block's output: forward(h, residual=block(h))")
+        return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                                  self.non_linearity, self.scale if self.scale is not None else self.scaling,
+                                  residual, self.layer_norm)
+
+    def extra_repr(self) -> str:
+        scaling = "learned" if self.scale is not None else f"{self.scaling:g}"
+        return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
+                f"non_linearity={self.non_linearity}, scaling={scaling}, "
+                f"layer_norm={self.layer_norm is not None}, insertion_form={self.insertion_form}")

@@ -1,0 +1,244 @@
+"""Bottleneck adapter: out = r + s * up(act(down(LN(h)))), fused forward and backward.
+
+`bottleneck_adapter` checks its inputs once, applies autocast, picks a backend and calls
+`BottleneckAdapterFunction`, whose forward and backward are registered custom ops (peftkern::adapter_fwd,
+peftkern::adapter_bwd) so that torch.compile traces them without graph breaks.
+
+Saved for backward: h (the caller holds it anyway), the adapter tensors, z = LN(h) Wd^T + bd (M x b float32:
+1/8 of h's bytes at d/b = 16 in bf16) and, under LN, each row's mean and rstd -- never act(z), a normalised copy
+of h or the up projection. The parallel form's residual gets the output gradient itself: no copy, no kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ._common import (
+    autocast_inputs,
+    backend_module,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    empty_like_none,
+    op_range,
+    pick_backend,
+    warn_once,
+)
+
+# Names accepted for each activation (AdapterHub's and transformers' spellings included).
+ACTIVATION_ALIASES = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                      "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
+
+
+def _stats_dtype(h: Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def _adapter_module(backend: str):
+    """The backend's module; a CUDA extension without adapter kernels hands over to Triton."""
+    module = backend_module(backend, "adapter")
+    if backend == "cuda" and not hasattr(module, "adapter_forward"):
+        warn_once("adapter-cuda", "peftkern adapter: the CUDA extension has no adapter kernels; using Triton")
+        return backend_module("triton", "adapter")
+    return module
+
+
+def _adapter_fwd(
+    h: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
+    scale: Optional[Tensor], residual: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+    activation: str, scaling: float, layer_norm: bool, ln_eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) for a 2-D h (M, d)."""
+    # The body computes in h's dtype and float32 by design: autocast must not recast its small products.
+    with op_range("peftkern::adapter_fwd"), torch.autocast(h.device.type, enabled=False):
+        out, z, stats = _adapter_module(backend).adapter_forward(
+            h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation,
+            scaling, layer_norm, ln_eps)
+    return out.contiguous(), z.contiguous(), stats.contiguous()
+
+
+adapter_fwd = torch.library.custom_op("peftkern::adapter_fwd", _adapter_fwd, mutates_args=())
+
+
+@adapter_fwd.register_fake
+def _(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation, scaling,
+      layer_norm, ln_eps, backend):
+    M = h.shape[0]
+    dt = _stats_dtype(h)
+    return (h.new_empty(h.shape), h.new_empty((M, down_weight.shape[0]), dtype=dt),
+            h.new_empty((M, 2) if layer_norm else (0,), dtype=dt))
+
+
+def _adapter_bwd(
+    grad_out: Tensor, h: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor,
+    up_bias: Optional[Tensor], scale: Optional[Tensor], z: Tensor, stats: Tensor, ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor], activation: str, scaling: float, sequential: bool, layer_norm: bool, backend: str,
+    need_h: bool, need_dw: bool, need_db: bool, need_uw: bool, need_ub: bool, need_scale: bool, need_lnw: bool,
+    need_lnb: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta); an empty tensor where a gradient was not asked for."""
+    needs = (need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb)
+    with op_range("peftkern::adapter_bwd"), torch.autocast(h.device.type, enabled=False):
+        grads = _adapter_module(backend).adapter_backward(
+            grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
+            activation, scaling, sequential, layer_norm, needs)
+    refs = (h, down_weight, down_weight, up_weight, up_weight, h, h, h)
+    return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
+
+
+adapter_bwd = torch.library.custom_op("peftkern::adapter_bwd", _adapter_bwd, mutates_args=())
+
+
+@adapter_bwd.register_fake
+def _(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias, activation,
+      scaling, sequential, layer_norm, backend, need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw,
+      need_lnb):
+    def maybe(flag, like):
+        return like.new_empty(like.shape) if flag else h.new_empty((0,))
+
+    return (maybe(need_h, h), maybe(need_dw, down_weight), maybe(need_db, down_bias), maybe(need_uw, up_weight),
+            maybe(need_ub, up_bias), maybe(need_scale, scale), maybe(need_lnw, ln_weight), maybe(need_lnb, ln_bias))
+
+
+class BottleneckAdapterFunction(torch.autograd.Function):
+    """Autograd for bottleneck_adapter over 2-D h (M, d). Eager calls run the op bodies directly (no
+    dispatcher overhead); under torch.compile the registered custom ops are called, so the graph holds them."""
+
+    @staticmethod
+    def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
+                activation, scaling, layer_norm, ln_eps, backend):
+        fwd = torch.ops.peftkern.adapter_fwd if torch.compiler.is_compiling() else _adapter_fwd
+        out, z, stats = fwd(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
+                            activation, scaling, layer_norm, ln_eps, backend)
+        ctx.save_for_backward(h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias)
+        ctx.activation, ctx.scaling, ctx.layer_norm, ctx.backend = activation, scaling, layer_norm, backend
+        ctx.sequential = residual is None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[2] and down_bias is not None, n[3], n[4] and up_bias is not None,
+                 n[5] and scale is not None, n[7] and ln_weight is not None, n[8] and ln_bias is not None)
+        bwd = torch.ops.peftkern.adapter_bwd if torch.compiler.is_compiling() else _adapter_bwd
+        grads = bwd(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
+                    ctx.activation, ctx.scaling, ctx.sequential, ctx.layer_norm, ctx.backend, *needs)
+        dh, d_dw, d_db, d_uw, d_ub, d_scale, d_lnw, d_lnb = (g if need else None for g, need in zip(grads, needs))
+        d_res = grad_out if (n[6] and not ctx.sequential) else None
+        return dh, d_dw, d_db, d_uw, d_ub, d_scale, d_res, d_lnw, d_lnb, None, None, None, None, None
+
+
+LayerNormArg = Union[None, bool, torch.nn.LayerNorm, tuple]
+
+
+def _layer_norm_args(layer_norm: LayerNormArg) -> tuple[bool, Optional[Tensor], Optional[Tensor], float]:
+    """(enabled, weight, bias, eps) from None/False, True (no affine, eps 1e-5), an nn.LayerNorm or a tuple
+    (weight, bias[, eps])."""
+    if layer_norm is None or layer_norm is False:
+        return False, None, None, 1e-5
+    if layer_norm is True:
+        return True, None, None, 1e-5
+    if isinstance(layer_norm, torch.nn.LayerNorm):
+        if len(layer_norm.normalized_shape) != 1:
+            raise ValueError(f"layer_norm must normalise the last dimension only, got normalized_shape "
+                             f"{tuple(layer_norm.normalized_shape)}")
+        return True, layer_norm.weight, layer_norm.bias, float(layer_norm.eps)
+    if isinstance(layer_norm, tuple) and len(layer_norm) in (2, 3):
+        eps = check_scalar("layer_norm eps", layer_norm[2], 0.0) if len(layer_norm) == 3 else 1e-5
+        return True, layer_norm[0], layer_norm[1], eps
+    raise TypeError(f"layer_norm must be None, a bool, an nn.LayerNorm or a tuple (weight, bias[, eps]), got "
+                    f"{type(layer_norm).__name__}")
+
+
+def _scaling_args(scaling) -> tuple[float, Optional[Tensor]]:
+    """A number, or a one-element tensor (a learned scale: it gets a gradient if it requires one). A tensor is
+    read by the kernels on the device: no host sync, no graph break."""
+    if isinstance(scaling, Tensor):
+        check_tensor("scaling", scaling)
+        if scaling.numel() != 1:
+            raise ValueError(f"a learned scaling must hold one value, got shape {tuple(scaling.shape)}")
+        return 1.0, scaling
+    return check_scalar("scaling", scaling), None
+
+
+def check_adapter_inputs(h, down_weight, down_bias, up_weight, up_bias, residual, ln_weight, ln_bias,
+                         scale=None) -> int:
+    """Validate shapes, dtypes and devices; returns the bottleneck size b."""
+    check_tensor("h", h)
+    check_tensor("down_weight", down_weight, dims=2)
+    check_tensor("up_weight", up_weight, dims=2)
+    check_tensor("down_bias", down_bias, dims=1, optional=True)
+    check_tensor("up_bias", up_bias, dims=1, optional=True)
+    check_tensor("residual", residual, optional=True)
+    check_tensor("layer_norm weight", ln_weight, dims=1, optional=True)
+    check_tensor("layer_norm bias", ln_bias, dims=1, optional=True)
+    if h.dim() < 1:
+        raise ValueError("h must have at least one dimension (..., d), got a scalar")
+    d = h.shape[-1]
+    b = down_weight.shape[0]
+    if b == 0:
+        raise ValueError(f"the bottleneck size must be at least 1, got down_weight of shape {tuple(down_weight.shape)}")
+    if down_weight.shape[1] != d:
+        raise ValueError(f"down_weight must be (b, d) with d = h's last dimension: h {tuple(h.shape)}, down_weight "
+                         f"{tuple(down_weight.shape)}")
+    if tuple(up_weight.shape) != (d, b):
+        raise ValueError(f"up_weight must be (d, b) = ({d}, {b}) for h {tuple(h.shape)} and down_weight "
+                         f"{tuple(down_weight.shape)}, got {tuple(up_weight.shape)}")
+    for name, t, n in (("down_bias", down_bias, b), ("up_bias", up_bias, d), ("layer_norm weight", ln_weight, d),
+                       ("layer_norm bias", ln_bias, d)):
+        if t is not None and t.shape[0] != n:
+            raise ValueError(f"{name} must be ({n},), got {tuple(t.shape)}")
+    if residual is not None and residual.shape != h.shape:
+        raise ValueError(f"residual must have h's shape: h {tuple(h.shape)}, residual {tuple(residual.shape)}")
+    check_same_device(h=h, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias,
+                      residual=residual, ln_weight=ln_weight, ln_bias=ln_bias, scaling=scale)
+    return b
+
+
+def bottleneck_adapter(
+    h: Tensor,
+    down_weight: Tensor,
+    down_bias: Optional[Tensor],
+    up_weight: Tensor,
+    up_bias: Optional[Tensor],
+    activation: str = "relu",
+    scaling: Union[float, Tensor] = 1.0,
+    residual: Optional[Tensor] = None,
+    layer_norm: LayerNormArg = None,
+) -> Tensor:
+    """out = r + scaling * (act(LN(h) Wd^T + bd) Wu^T + bu), fused.
+
+    h: (..., d), any leading shape and strides. down_weight Wd: (b, d), down_bias: (b,) or None; up_weight Wu:
+    (d, b), up_bias: (d,) or None -- nn.Linear's layouts, in any float dtype (float32 adapters beside a bf16
+    model are read in h's dtype, their gradients come back in their own). activation: relu, gelu (exact),
+    gelu_tanh (alias gelu_new), silu (alias swish). scaling: a number, or a one-element tensor that requires grad
+    (a learned scale). residual: None for the sequential form (r = h: the adapter sits after a block, on its
+    output), or the block's output for the parallel form (h is the block's input; r gets the output gradient).
+    layer_norm: an LN of the adapter's input only (r stays h): None, True (no affine), an nn.LayerNorm or
+    (weight, bias[, eps]). Returns (..., d) in h's dtype (the autocast dtype under torch.autocast).
+    """
+    if not isinstance(activation, str) or activation.lower() not in ACTIVATION_ALIASES:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_ALIASES)}, got {activation!r}")
+    activation = ACTIVATION_ALIASES[activation.lower()]
+    scaling_f, scale = _scaling_args(scaling)
+    use_ln, ln_weight, ln_bias, ln_eps = _layer_norm_args(layer_norm)
+    check_adapter_inputs(h, down_weight, down_bias, up_weight, up_bias, residual, ln_weight, ln_bias, scale)
+    h, (residual,) = autocast_inputs(h, (residual,))
+    if residual is not None and residual.dtype != h.dtype:
+        raise TypeError(f"h and residual must share a dtype (use torch.autocast to mix): h {h.dtype}, residual "
+                        f"{residual.dtype}")
+    d = h.shape[-1]
+    h2d = h.reshape(-1, d)
+    if h2d.shape[0] == 0:
+        return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
+                                            scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
+    backend = pick_backend("adapter", h2d)
+    r2d = residual.reshape(-1, d) if residual is not None else None
+    out = BottleneckAdapterFunction.apply(h2d, down_weight, down_bias, up_weight, up_bias, scale, r2d, ln_weight,
+                                          ln_bias, activation, scaling_f, use_ln, ln_eps, backend)
+    return out.reshape(h.shape)

@@ -1,0 +1,234 @@
+"""KronA linear: y = x W^T + b + scaling * x (sum_t A_t (x) B_t)^T, fused forward and backward.
+
+`krona_linear` checks its inputs once, brings the factors to one stacked form (below), applies autocast, picks a
+backend and calls `KronALinearFunction`, whose forward and backward are registered custom ops
+(peftkern::krona_fwd / krona_bwd) so torch.compile traces them without graph breaks.
+
+Layout (torch.kron's; PEFT LoKr's with A = lokr_w1, B = lokr_w2): for A (n1, k1) and B (n2, k2),
+(A (x) B)[i1 * n2 + i2, j1 * k2 + j2] = A[i1, j1] * B[i2, j2], with n1 n2 = N and k1 k2 = K.
+Stacked form: a factor is a (T, n, k) tensor over the T terms of a sum, or a low-rank pair of (T, n, r) and
+(T, r, k) tensors; lists of terms are concatenated by torch.cat outside the Function, so their gradients flow back
+through it.
+
+Saved for backward: x (the caller holds it), the frozen weight (a reference, never a copy) and the factors:
+nothing of size M x N and never the N x K delta.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    backend_module,
+    check_same_device,
+    check_scalar,
+    check_tensor,
+    empty_like_none,
+    op_range,
+    pick_backend,
+    prepare_linear,
+)
+
+Factor = Union[Tensor, tuple, list]
+
+
+def _krona_fwd(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
+               bias: Optional[Tensor], scaling: float, backend: str) -> Tensor:
+    """y (M, N) for a 2-D x (M, K)."""
+    with op_range("peftkern::krona_fwd"):
+        y = backend_module(backend, "krona").krona_forward(x, weight, a, a2, b, b2, scaling, bias)
+    return y.contiguous()
+
+
+krona_fwd = torch.library.custom_op("peftkern::krona_fwd", _krona_fwd, mutates_args=())
+
+
+@krona_fwd.register_fake
+def _(x, weight, a, a2, b, b2, bias, scaling, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _krona_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
+    scaling: float, backend: str, need_x: bool, need_a: bool, need_a2: bool, need_b: bool, need_b2: bool,
+    need_bias: bool, need_w: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, da2, db, db2, dbias, dweight); an empty tensor where that gradient was not asked for."""
+    needs = (need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
+    with op_range("peftkern::krona_bwd"):
+        grads = backend_module(backend, "krona").krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs)
+    refs = (x, a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, grad_y, weight)
+    return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
+
+
+krona_bwd = torch.library.custom_op("peftkern::krona_bwd", _krona_bwd, mutates_args=())
+
+
+@krona_bwd.register_fake
+def _(grad_y, x, weight, a, a2, b, b2, scaling, backend, need_x, need_a, need_a2, need_b, need_b2, need_bias,
+      need_w):
+    f32 = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+
+    def maybe(flag, like, shape=None, dtype=None):
+        return like.new_empty(like.shape if shape is None else shape, dtype=dtype) if flag else like.new_empty((0,))
+
+    a2, b2 = (a2 if a2 is not None else a), (b2 if b2 is not None else b)
+    return (maybe(need_x, x), maybe(need_a, a), maybe(need_a2, a2), maybe(need_b, b), maybe(need_b2, b2),
+            maybe(need_bias, grad_y, (grad_y.shape[1],), f32), maybe(need_w, weight, dtype=f32))
+
+
+class KronALinearFunction(torch.autograd.Function):
+    """Autograd for krona_linear over 2-D x (M, K) and stacked factors; krona_linear reshapes (..., K) inputs.
+    Eager calls run the op bodies directly (no dispatcher); torch.compile sees the registered custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, a, a2, b, b2, bias, scaling, backend):
+        fwd = torch.ops.peftkern.krona_fwd if torch.compiler.is_compiling() else _krona_fwd
+        y = fwd(x, weight, a, a2, b, b2, bias, scaling, backend)
+        ctx.save_for_backward(x, weight, a, a2, b, b2)
+        ctx.scaling, ctx.backend = scaling, backend
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, a, a2, b, b2 = ctx.saved_tensors
+        need_x, need_w, need_a, need_a2, need_b, need_b2, need_bias = ctx.needs_input_grad[:7]
+        need_bias = need_bias and ctx.bias_dtype is not None
+        bwd = torch.ops.peftkern.krona_bwd if torch.compiler.is_compiling() else _krona_bwd
+        dx, da, da2, db, db2, dbias, dw = bwd(
+            grad_y, x, weight, a, a2, b, b2, ctx.scaling, ctx.backend,
+            need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w else None,
+            da if need_a else None,
+            da2 if (need_a2 and a2 is not None) else None,
+            db if need_b else None,
+            db2 if (need_b2 and b2 is not None) else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
+            None, None,
+        )
+
+
+def _one_term(name: str, f) -> tuple[Tensor, Optional[Tensor]]:
+    """One term's factor as (1, n, k) [, None] or a low-rank pair (1, n, r), (1, r, k); or a stacked 3-D tensor."""
+    if isinstance(f, Tensor):
+        check_tensor(name, f)
+        if f.dim() not in (2, 3):
+            raise ValueError(f"{name} must be 2-D (n, k) or stacked 3-D (T, n, k), got shape {tuple(f.shape)}")
+        return (f.unsqueeze(0) if f.dim() == 2 else f), None
+    if isinstance(f, tuple):
+        if len(f) != 2:
+            raise ValueError(f"a low-rank {name} is a pair (factor (n, r), factor (r, k)), got {len(f)} items")
+        f1, f2 = f
+        check_tensor(f"{name}[0]", f1)
+        check_tensor(f"{name}[1]", f2)
+        if f1.dim() != f2.dim() or f1.dim() not in (2, 3):
+            raise ValueError(f"the low-rank pair {name} must be two 2-D (or two stacked 3-D) tensors, got shapes "
+                             f"{tuple(f1.shape)} and {tuple(f2.shape)}")
+        if f1.shape[-1] != f2.shape[-2] or f1.shape[-1] == 0 or f1.shape[:-2] != f2.shape[:-2]:
+            raise ValueError(f"the low-rank pair {name} must be (n, r) and (r, k) with r >= 1, got "
+                             f"{tuple(f1.shape)} and {tuple(f2.shape)}")
+        if f1.dim() == 2:
+            return f1.unsqueeze(0), f2.unsqueeze(0)
+        return f1, f2
+    raise TypeError(f"{name} must be a tensor, a low-rank (factor, factor) tuple or a list of those, got "
+                    f"{type(f).__name__}")
+
+
+def stack_factor(name: str, f: Factor) -> tuple[Tensor, Optional[Tensor]]:
+    """A factor in its stacked form: (f (T, n, k), None) or a low-rank pair (f (T, n, r), f2 (T, r, k)).
+
+    f: a tensor (n, k) (one term) or (T, n, k) (T terms); a tuple (f (n, r), f2 (r, k)) for a low-rank factor
+    (or of stacked 3-D tensors); or a list of terms, each a 2-D tensor or a tuple, all alike.
+    """
+    if not isinstance(f, list):
+        return _one_term(name, f)
+    if not f:
+        raise ValueError(f"{name} must hold at least one term, got an empty list")
+    terms = []
+    for i, item in enumerate(f):
+        if isinstance(item, Tensor) and item.dim() != 2:
+            raise ValueError(f"each term {name}[{i}] of a list must be 2-D (n, k), got shape {tuple(item.shape)}")
+        terms.append(_one_term(f"{name}[{i}]", item))
+    first = terms[0]
+    for i, term in enumerate(terms[1:], 1):
+        if (term[1] is None) != (first[1] is None):
+            raise ValueError(f"the terms of {name} must all be dense or all low-rank pairs: {name}[0] and "
+                             f"{name}[{i}] differ")
+        for part, ref in zip(term, first):
+            if part is not None and part.shape != ref.shape:
+                raise ValueError(f"the terms of {name} must share their shapes: {name}[0] {tuple(ref.shape[1:])}, "
+                                 f"{name}[{i}] {tuple(part.shape[1:])}")
+            if part is not None and part.dtype != ref.dtype:
+                raise TypeError(f"the terms of {name} must share a dtype: {name}[0] {ref.dtype}, "
+                                f"{name}[{i}] {part.dtype}")
+    f1 = torch.cat([t[0] for t in terms])
+    return f1, (torch.cat([t[1] for t in terms]) if first[1] is not None else None)
+
+
+def factor_shape(f: Tensor, f2: Optional[Tensor]) -> tuple[int, int, int]:
+    """(T, n, k) of a stacked factor."""
+    return f.shape[0], f.shape[1], (f.shape[2] if f2 is None else f2.shape[2])
+
+
+def check_krona_factors(weight_shape: tuple, a, a2, b, b2) -> None:
+    """The factors' Kronecker product must be the weight's (N, K), with as many terms in A as in B."""
+    Ta, n1, k1 = factor_shape(a, a2)
+    Tb, n2, k2 = factor_shape(b, b2)
+    N, K = weight_shape
+    if Ta != Tb:
+        raise ValueError(f"A and B must have the same number of terms, got {Ta} and {Tb}")
+    if (n1 * n2, k1 * k2) != (N, K):
+        raise ValueError(f"A ({n1}, {k1}) (x) B ({n2}, {k2}) is ({n1 * n2}, {k1 * k2}), but weight is (N, K) = "
+                         f"({N}, {K}): need n1 n2 = N and k1 k2 = K")
+
+
+def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """y = x W^T + b + scaling * x (sum_t A_t (x) B_t)^T, fused, never forming an N x K matrix.
+
+    x: (..., K), any leading shape and strides. weight: (N, K), frozen in spirit (it gets a gradient only if it
+    requires one). A: (n1, k1) and B: (n2, k2) with n1 n2 = N and k1 k2 = K, in torch.kron's layout (module
+    docstring); each may be a tensor, a stacked (T, n, k) tensor of T terms, a low-rank tuple (F (n, r), G (r, k))
+    standing for F @ G, or a list of terms (tensors or tuples); A and B hold as many terms, and the result sums
+    A_t (x) B_t over them (Compacter's PHM layer). Factors may have their own float dtype (float32 beside a bf16
+    base); their gradients come back in it. bias: (N,) or None. Returns (..., N) in x's dtype (the autocast
+    dtype under torch.autocast).
+    """
+    scaling = check_scalar("scaling", scaling)
+    check_tensor("x", x)
+    check_tensor("weight", weight, dims=2)
+    check_tensor("bias", bias, dims=1, optional=True)
+    a, a2 = stack_factor("A", A)
+    b, b2 = stack_factor("B", B)
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must match weight (N, K): x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    check_krona_factors(tuple(weight.shape), a, a2, b, b2)
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight, A=a, A2=a2, B=b, B2=b2, bias=bias)
+    x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K)
+    if x2d.shape[0] == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = KronALinearFunction.apply(x2d, weight, a, a2, b, b2, bias, scaling, backend)
+    return y.reshape(*lead, N)
+
+
+def krona_merge_(weight: Tensor, A: Factor, B: Factor, scaling: float, sign: float = 1.0) -> Tensor:
+    """weight += sign * scaling * sum_t A_t (x) B_t in place (a kernel on the GPU), rounded once to weight's
+    dtype. A and B as in krona_linear."""
+    check_tensor("weight", weight, dims=2)
+    a, a2 = stack_factor("A", A)
+    b, b2 = stack_factor("B", B)
+    check_krona_factors(tuple(weight.shape), a, a2, b, b2)
+    check_same_device(weight=weight, A=a, A2=a2, B=b, B2=b2)
+    backend = pick_backend("krona", weight)
+    with torch.no_grad():
+        return backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))

@@ -1,0 +1,313 @@
+"""Bottleneck adapters: every backend against reference.py, forward and backward, with fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for
+
+import peftkern
+from peftkern import reference
+from peftkern.nn import BottleneckAdapter
+
+ACTIVATIONS = list(reference.ADAPTER_ACTIVATIONS)
+# (lead shape of h, d, b): M = 1, sizes that are multiples of no tile, 3-D inputs, a bottleneck as wide as d.
+SHAPES = [((1,), 64, 4), ((37,), 72, 12), ((2, 9), 48, 16), ((19,), 40, 40)]
+if HAS_CUDA:
+    SHAPES += [((3, 129), 520, 33), ((300,), 1024, 64), ((2, 1000), 4096, 256)]
+FORMS = ["sequential", "parallel", "sequential+ln", "parallel+ln"]
+
+
+def make_inputs(lead, d, b, dtype, *, form="sequential", bias=True, learned=False, adapter_dtype=None,
+                noncontig=False, ln_affine=True):
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+
+    def rnd(*shape, dt=dtype, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=DEVICE, dtype=dt)
+
+    adt = adapter_dtype or dtype
+    # A mean offset in h makes the layer norm's centring matter.
+    h = rnd(*lead, 2 * d, shift=0.5)[..., ::2] if noncontig else rnd(*lead, d, shift=0.5)
+    args = dict(h=h, down_weight=rnd(b, d, dt=adt, scale=d**-0.5), down_bias=rnd(b, dt=adt) if bias else None,
+                up_weight=rnd(d, b, dt=adt, scale=b**-0.5), up_bias=rnd(d, dt=adt) if bias else None)
+    args["residual"] = rnd(*lead, d) if form.startswith("parallel") else None
+    args["ln"] = (rnd(d, dt=adt, shift=1.0) if ln_affine else None, rnd(d, dt=adt) if ln_affine else None) \
+        if form.endswith("+ln") else None
+    args["scale"] = rnd((), dt=adt, shift=1.0) if learned else None
+    return args
+
+
+def run_both(args, activation, scaling=0.8):
+    """(op, reference) results: the output on the active backend and reference.bottleneck_adapter's, and the
+    gradients of every input for the same random output gradient."""
+    names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual", "scale")
+             if args[k] is not None]
+    ln = args["ln"]
+    dy, results = None, []
+    for use_op in (True, False):
+        leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
+        ln_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in ln] if ln else None
+        weights = (leaves["h"], leaves["down_weight"], leaves.get("down_bias"), leaves["up_weight"],
+                   leaves.get("up_bias"))
+        if use_op:
+            y = peftkern.bottleneck_adapter(*weights, activation, leaves.get("scale", scaling),
+                                            leaves.get("residual"), tuple(ln_leaves) if ln else None)
+        else:
+            y = reference.bottleneck_adapter(*weights, activation, 1.0 if "scale" in leaves else scaling,
+                                             leaves.get("scale"), leaves.get("residual"),
+                                             *(ln_leaves if ln else (None, None)), layer_norm=ln is not None)
+        dy = torch.randn_like(y) if dy is None else dy
+        y.backward(dy)
+        out = {"out": y, **{f"d{k}": v.grad for k, v in leaves.items()}}
+        if ln:
+            out.update({f"dln_{i}": t.grad for i, t in enumerate(ln_leaves) if t is not None})
+        results.append(out)
+    return results
+
+
+# The learned scale's gradient is one number summed over M d terms of both signs: the rounding of either side
+# (the reference's float32 sum too) is relative to the terms, not to their much smaller sum.
+SCALAR_SCALE = 10.0
+
+
+def _check(got, ref, dtype, label):
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype, f"{label} {name}: dtype {got[name].dtype} != {ref[name].dtype}"
+        assert_close(got[name], ref[name], dtype, f"{label} {name}", scale=SCALAR_SCALE if name == "dscale" else 1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}b{s[2]}")
+@pytest.mark.parametrize("form", FORMS)
+def test_matches_reference(backend, shape, form, poison_empty):
+    lead, d, b = shape
+    for i, dtype in enumerate(dtypes_for(backend)):
+        activation = ACTIVATIONS[(i + FORMS.index(form) + SHAPES.index(shape)) % len(ACTIVATIONS)]
+        got, ref = run_both(make_inputs(lead, d, b, dtype, form=form), activation)
+        _check(got, ref, dtype, f"{backend} {dtype} {form} {activation}")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("form", FORMS)
+def test_every_activation(backend, activation, form, poison_empty):
+    dtype = dtypes_for(backend)[0]
+    got, ref = run_both(make_inputs((2, 13), 56, 8, dtype, form=form), activation)
+    _check(got, ref, dtype, f"{backend} {activation} {form}")
+
+
+VARIANTS = {
+    "learned-scale": dict(learned=True),
+    "no-bias": dict(bias=False),
+    "noncontig": dict(noncontig=True),
+    "ln-no-affine": dict(form="parallel+ln", ln_affine=False),
+    "learned-scale-ln": dict(learned=True, form="sequential+ln"),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants(backend, variant, poison_empty):
+    for dtype in dtypes_for(backend):
+        got, ref = run_both(make_inputs((23,), 48, 8, dtype, **VARIANTS[variant]), "gelu")
+        _check(got, ref, dtype, f"{backend} {dtype} {variant}")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+def test_fp32_adapters_beside_16bit_base(backend):
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    if dtype not in dtypes_for(backend):
+        pytest.skip(f"{dtype} not testable on {backend} here")
+    args = make_inputs((2, 21), 64, 8, dtype, form="sequential+ln", learned=True, adapter_dtype=torch.float32)
+    got, ref = run_both(args, "silu")
+    assert got["out"].dtype == dtype and got["ddown_weight"].dtype == torch.float32
+    _check(got, ref, dtype, "fp32 adapters")
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("schedule", [
+    dict(split_n=1, two_pass=False), dict(split_n=3, two_pass=False), dict(split_n=2, two_pass=True)],
+    ids=["fused", "fused-split3", "two-pass-split2"])
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["no-ln", "ln"])
+def test_kernel_schedules_match_reference(schedule, layer_norm, poison_empty):
+    """Both schedules of both kernels (fused, with recomputing column splits, and two-pass) at the kernel level:
+    every output element is written (poisoned buffers) and equals the reference's."""
+    from peftkern.kernels.triton import adapter as ka
+
+    small = dict(block_m=16, block_k=32, block_n=16, warps=4, stages=1) if INTERPRET else \
+        dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3)
+    cfg = {**small, **schedule}
+    M, d, b = 45, 88, 12
+    for dtype in dtypes_for("triton"):
+        a = make_inputs((M,), d, b, dtype, form="parallel+ln" if layer_norm else "sequential", learned=True)
+        lw, lb = a["ln"] if layer_norm else (None, None)
+        common = (a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"], a["scale"])
+        fwd_args = (*common, a["residual"], lw, lb, "gelu_tanh", 0.9, layer_norm, 1e-5)
+        out, z, stats = ka.adapter_forward(*fwd_args, config=cfg)
+        out_r, z_r, stats_r = reference.adapter_forward(*fwd_args)
+        assert_close(out, out_r, dtype, "out")
+        assert_close(z, z_r, dtype, "z")
+        if layer_norm:
+            assert_close(stats, stats_r, dtype, "stats")
+        g = torch.randn(M, d, device=DEVICE).to(dtype)
+        needs = (True,) * 6 + (layer_norm,) * 2
+        bwd_args = (g, *common, z_r, stats_r, lw, lb, "gelu_tanh", 0.9, not layer_norm, layer_norm, needs)
+        grads = ka.adapter_backward(*bwd_args, config=cfg)
+        grads_r = reference.adapter_backward(*bwd_args)
+        for name, x, y in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), grads, grads_r):
+            assert (x is None) == (y is None), name
+            if y is not None:
+                assert_close(x, y, dtype, f"{name} {schedule}", scale=SCALAR_SCALE if name == "dscale" else 1.0)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("form", FORMS)
+def test_reference_backward_formulas_match_autograd(activation, form):
+    g = torch.Generator().manual_seed(7)
+    M, d, b = 9, 12, 5
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)
+    h, wd, bd, wu, bu, res = rnd(M, d) + 0.3, rnd(b, d), rnd(b), rnd(d, b), rnd(d), rnd(M, d)
+    scale, lw, lb = rnd(()), rnd(d), rnd(d)
+    ln = form.endswith("+ln")
+    res = res if form.startswith("parallel") else None
+    leaves = [t.clone().requires_grad_() for t in (h, wd, bd, wu, bu, scale, lw, lb)]
+    y = reference.bottleneck_adapter(*leaves[:5], activation, 0.7, leaves[5], res, leaves[6], leaves[7], ln, 1e-5)
+    dy = rnd(M, d)
+    y.backward(dy)
+    _, z, stats = reference.adapter_forward(h, wd, bd, wu, bu, scale, res, lw, lb, activation, 0.7, ln, 1e-5)
+    grads = reference.adapter_backward(dy, h, wd, bd, wu, bu, scale, z, stats, lw, lb, activation, 0.7, res is None,
+                                       ln, (True,) * 8)
+    for name, got, leaf in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), grads, leaves):
+        if name in ("dgamma", "dbeta") and not ln:
+            assert got is None
+            continue
+        assert torch.allclose(got, leaf.grad, atol=1e-10), f"{name}: {(got - leaf.grad).abs().max()}"
+
+
+def test_reference_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+    inputs = (rnd(6, 8), rnd(3, 8), rnd(3), rnd(8, 3), rnd(8), rnd(()), rnd(6, 8), rnd(8), rnd(8))
+    peftkern.set_backend("torch")
+    try:
+        assert torch.autograd.gradcheck(
+            lambda h, wd, bd, wu, bu, s, r, lw, lb: peftkern.bottleneck_adapter(h, wd, bd, wu, bu, "silu", s, r,
+                                                                                (lw, lb)), inputs)
+    finally:
+        peftkern.set_backend(None)
+
+
+def test_layer_init_properties_and_forms():
+    torch.manual_seed(0)
+    h = torch.randn(4, 6, 64, device=DEVICE)
+    seq = BottleneckAdapter(64, reduction_factor=16, device=DEVICE)
+    assert seq.bottleneck_size == 4 and seq.down.weight.shape == (4, 64) and seq.up.weight.shape == (64, 4)
+    assert 0.01 < seq.down.weight.std() < 0.03, "bert init: N(0, 0.02)"
+    assert rel(seq(h), h) < 0.05, "a fresh sequential adapter is near the identity"
+    par = BottleneckAdapter(64, bottleneck_size=8, insertion_form="parallel", device=DEVICE)
+    block_out = torch.randn_like(h)
+    assert torch.equal(par(h, block_out), block_out), "mam init (He et al.): up is zero, exactly the block"
+    with pytest.raises(ValueError, match="parallel adapter needs"):
+        par(h)
+    houlsby = BottleneckAdapter(64, init="houlsby", scaling="learned", layer_norm=True, non_linearity="swish")
+    assert houlsby.down.weight.abs().max() <= 2e-2 and houlsby.scale.item() == 1.0
+    assert {n for n, _ in houlsby.named_parameters()} == {
+        "down.weight", "down.bias", "up.weight", "up.bias", "layer_norm.weight", "layer_norm.bias", "scale"}
+    props = par.peft_ref.as_dict()
+    assert props["insertion_form"].startswith("parallel") and props["parameter_adaptation"].startswith("addition")
+    assert seq.peft_ref.insertion_form.startswith("sequential")
+    assert "learned" in houlsby.peft_ref.integration_form
+    assert BottleneckAdapter.peft_ref.insertion_form.startswith("sequential (after a block) or parallel")
+    with pytest.raises(ValueError, match="non_linearity"):
+        BottleneckAdapter(64, non_linearity="tanhh")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BottleneckAdapter(64, 8, non_linearity="gelu", scaling="learned", layer_norm=True,
+                                                  device=DEVICE), torch.nn.GELU(),
+                                BottleneckAdapter(64, 8, device=DEVICE))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(3, 7, 64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        x.grad = None
+        y = fn(x)
+        y.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((y.detach(), x.grad.clone(), grads))
+    (y_e, dx_e, g_e), (y_c, dx_c, g_c) = results
+    assert_close(y_c, y_e, torch.float32, "compiled output")
+    assert_close(dx_c, dx_e, torch.float32, "compiled dx")
+    assert g_e.keys() == g_c.keys() and "0.scale" in g_e
+    for name in g_e:
+        assert_close(g_c[name], g_e[name], torch.float32, f"compiled grad {name}")
+
+
+def test_autocast_follows_the_autocast_dtype():
+    device_type = "cuda" if HAS_CUDA else "cpu"
+    torch.manual_seed(1)
+    layer = BottleneckAdapter(64, 8, init="houlsby", device=DEVICE)
+    h = torch.randn(5, 64, device=DEVICE)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y = layer(h)
+    assert y.dtype == torch.bfloat16
+    expected = reference.bottleneck_adapter(h.to(torch.bfloat16), layer.down.weight, layer.down.bias,
+                                            layer.up.weight, layer.up.bias)
+    assert_close(y, expected, torch.bfloat16, "autocast output")
+
+
+def test_empty_input():
+    layer = BottleneckAdapter(16, 4, device=DEVICE)
+    h = torch.randn(0, 3, 16, device=DEVICE, requires_grad=True)
+    y = layer(h)
+    assert y.shape == h.shape
+    y.sum().backward()
+    assert h.grad.shape == h.shape
+
+
+BAD = [
+    (dict(h=torch.randn(4, 10)), ValueError, "down_weight must be \\(b, d\\)"),
+    (dict(down_weight=torch.randn(0, 8)), ValueError, "bottleneck size must be at least 1"),
+    (dict(up_weight=torch.randn(8, 3)), ValueError, "up_weight must be \\(d, b\\) = \\(8, 2\\)"),
+    (dict(down_bias=torch.randn(5)), ValueError, "down_bias must be \\(2,\\)"),
+    (dict(up_bias=torch.randn(5)), ValueError, "up_bias must be \\(8,\\)"),
+    (dict(residual=torch.randn(4, 9)), ValueError, "residual must have h's shape"),
+    (dict(residual=torch.randn(4, 8, dtype=torch.float64)), TypeError, "h and residual must share a dtype"),
+    (dict(h=torch.randint(0, 3, (4, 8))), TypeError, "h must be a floating tensor"),
+    (dict(down_weight=torch.randn(2, 8, 1)), ValueError, "down_weight must have 2"),
+    (dict(activation="tanh"), ValueError, "activation must be one of"),
+    (dict(scaling="2"), TypeError, "scaling must be a number"),
+    (dict(scaling=torch.ones(2)), ValueError, "learned scaling must hold one value"),
+    (dict(layer_norm=(torch.randn(7), None)), ValueError, "layer_norm weight must be \\(8,\\)"),
+    (dict(layer_norm="yes"), TypeError, "layer_norm must be None"),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("override,exc,message", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_is_named(backend, override, exc, message):
+    args = dict(h=torch.randn(4, 8), down_weight=torch.randn(2, 8), down_bias=torch.randn(2),
+                up_weight=torch.randn(8, 2), up_bias=torch.randn(8), activation="relu", scaling=1.0, residual=None,
+                layer_norm=None)
+    args.update(override)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(exc, match=message):
+        peftkern.bottleneck_adapter(**args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device to mix devices")
+def test_mixed_devices_are_named():
+    with pytest.raises(ValueError, match="one device"):
+        peftkern.bottleneck_adapter(torch.randn(4, 8, device="cuda"), torch.randn(2, 8), None,
+                                    torch.randn(8, 2, device="cuda"), None)
+

@@ -1,0 +1,265 @@
+"""peftkern.add_adapters on tiny transformers models: training parity with the reference path, placements,
+save / load of the adapter weights alone, and AdapterHub checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, INTERPRET, MODEL_TOLERANCE, TOLERANCE, assert_close
+from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral
+
+import peftkern
+from peftkern import reference
+from peftkern.integrations.adapters import adapters, transformer_layers
+
+transformers = pytest.importorskip("transformers")
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+FAST = "triton" if (HAS_CUDA or INTERPRET) else None
+# Adam's first steps move every weight by ~lr whatever the gradient's size: later steps amplify rounding.
+STEP_SCALE = 4.0
+GRAD_SCALE = MODEL_TOLERANCE[DTYPE] / TOLERANCE[DTYPE] if HAS_CUDA else 2.0
+
+
+def tiny_qwen2():
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+FACTORIES = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": tiny_bert}
+CASES = [("llama", "houlsby"), ("llama", "parallel"), ("mistral", "pfeiffer"), ("qwen2", "pfeiffer"),
+         ("gpt2", "houlsby"), ("gpt2", "parallel"), ("bert", "houlsby"), ("bert", "parallel")]
+
+
+def build(name, preset, **overrides):
+    torch.manual_seed(0)
+    model = FACTORIES[name]().to(DEVICE, DTYPE)
+    names = peftkern.add_adapters(model, peftkern.AdapterConfig(**{**peftkern.integrations.adapters.PRESETS[preset],
+                                                                   "reduction_factor": 8, **overrides}))
+    with torch.no_grad():  # move off the near-identity init so that the adapters matter
+        for n, p in model.named_parameters():
+            if ".bottleneck_adapters." in n and p.dim() > 0 and "layer_norm" not in n:
+                p.normal_(0, 0.1)
+    return model, names
+
+
+def batch_for(name, seed):
+    return batch("bert" if name == "bert" else "llama", seed=seed)
+
+
+def train_steps(model, name, backend, steps=3):
+    peftkern.set_backend(backend)
+    try:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        history = []
+        for step in range(steps):
+            opt.zero_grad()
+            out = model(**batch_for(name, step))
+            out.loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            history.append((out.logits.detach().clone(), grads))
+            opt.step()
+        return history
+    finally:
+        peftkern.set_backend(None)
+
+
+@pytest.mark.skipif(FAST is None, reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("name,preset", CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_training_matches_the_reference_path(name, preset):
+    """The same model trained three AdamW steps with the fused kernels and with reference.py: same logits and
+    adapter gradients at every step."""
+    fast, _ = build(name, preset, layer_norm=preset == "houlsby", scaling="learned" if name == "gpt2" else
+                    peftkern.integrations.adapters.PRESETS[preset].get("scaling", 1.0))
+    slow = copy.deepcopy(fast)
+    for step, ((lf, gf), (ls, gs)) in enumerate(zip(train_steps(fast, name, FAST), train_steps(slow, name, "torch"))):
+        scale = 1.0 if step == 0 else STEP_SCALE
+        assert_close(lf, ls, DTYPE, f"step {step} logits", scale=scale)
+        assert gf.keys() == gs.keys() and gf, "the same parameters get gradients"
+        assert all(".bottleneck_adapters." in n or "embed" in n for n in gf)
+        for n in gs:
+            assert_close(gf[n], gs[n], DTYPE, f"step {step} grad {n}", scale=GRAD_SCALE * scale)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_placements_are_the_documented_ones(name):
+    """Against an eager adapter written here from the placements' definitions, through plain forward hooks on
+    the block's modules: after_attention on the attention output, parallel_feed_forward beside the FFN."""
+    model, _ = build(name, "houlsby", placements=("after_attention", "parallel_feed_forward"))
+    x = batch_for(name, 3)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**x).logits
+    eager = copy.deepcopy(model)
+    peftkern.remove_adapters(eager)
+    sites = {"llama": ("self_attn.o_proj", "mlp"), "gpt2": ("attn.c_proj", "mlp"),
+             "bert": ("attention.output.dense", None)}[name]
+    for (_, layer, _), (_, src_layer, _) in zip(transformer_layers(eager), transformer_layers(model)):
+        att, par = src_layer.bottleneck_adapters["after_attention"], src_layer.bottleneck_adapters[
+            "parallel_feed_forward"]
+        layer.get_submodule(sites[0]).register_forward_hook(lambda m, a, out, ad=att: out + _eager(ad, out))
+        if sites[1] is not None:
+            layer.get_submodule(sites[1]).register_forward_hook(lambda m, a, out, ad=par: out + _eager(ad, a[0]))
+        else:  # BERT: the FFN's input is attention_output, its output the dense before BertOutput's LayerNorm
+            store = {}
+            layer.intermediate.register_forward_pre_hook(lambda m, a, s=store: s.update(x=a[0]))
+            layer.output.dense.register_forward_hook(lambda m, a, out, ad=par, s=store: out + _eager(ad, s["x"]))
+    with torch.no_grad():
+        got = eager(**x).logits
+    assert_close(got, expected, DTYPE, f"{name} placements")
+
+
+def _eager(adapter, h):
+    """s up(act(down(LN(h)))) as nn.Sequential-style PyTorch, in float32."""
+    hf = h.float()
+    if adapter.layer_norm is not None:
+        hf = torch.nn.functional.layer_norm(hf, hf.shape[-1:], adapter.layer_norm.weight.float(),
+                                            adapter.layer_norm.bias.float(), adapter.layer_norm.eps)
+    z = torch.nn.functional.linear(hf, adapter.down.weight.float(), adapter.down.bias.float())
+    a = reference.adapter_activation(z, adapter.non_linearity)[0]
+    u = torch.nn.functional.linear(a, adapter.up.weight.float(), adapter.up.bias.float())
+    s = adapter.scale.float() if adapter.scale is not None else adapter.scaling
+    return (s * u).to(h.dtype)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_freezes_saves_and_loads_into_a_fresh_model(tmp_path, name):
+    model, names = build(name, "houlsby", layer_norm=True, scaling="learned")
+    base_keys = set(FACTORIES[name]().state_dict())
+    assert base_keys <= set(model.state_dict()), "the base model's state_dict names are unchanged"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".bottleneck_adapters." in n for n in trainable), "everything else is frozen"
+    assert len(names) == 2 * len(transformer_layers(model))
+    peftkern.save_adapters(model, str(tmp_path))
+    meta = json.loads((tmp_path / "bottleneck_adapter_config.json").read_text())
+    assert meta["config"]["placements"] == ["after_attention", "after_feed_forward"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "bottleneck_adapter.safetensors"))
+    assert set(saved) == set(trainable), "the file holds the adapter weights and nothing else"
+    layer0 = transformer_layers(model)[0][0]
+    assert saved[f"{layer0}.bottleneck_adapters.after_attention.down.weight"].shape == (8, 64)
+    assert saved[f"{layer0}.bottleneck_adapters.after_feed_forward.scale"].shape == ()
+    model.eval()
+    x = batch_for(name, 5)
+    with torch.no_grad():
+        expected = model(**x).logits
+    torch.manual_seed(0)
+    fresh = FACTORIES[name]().to(DEVICE, DTYPE).eval()
+    with torch.no_grad():
+        plain = fresh(**x).logits
+    assert sorted(peftkern.load_adapters(fresh, str(tmp_path))) == sorted(names)
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, expected), "the reloaded model computes what the saved one did"
+        peftkern.remove_adapters(fresh)
+        assert torch.equal(fresh(**x).logits, plain), "remove_adapters restores the plain model"
+
+
+def test_deepcopy_gives_the_copy_its_own_adapters():
+    model, _ = build("llama", "pfeiffer")
+    clone = copy.deepcopy(model).eval()
+    model.eval()
+    x = batch_for("llama", 2)
+    with torch.no_grad():
+        before = model(**x).logits
+        for n, p in clone.named_parameters():
+            if "bottleneck_adapters" in n:
+                p.zero_()
+        assert torch.equal(model(**x).logits, before), "changing the copy's adapters leaves the original alone"
+        assert not torch.equal(clone(**x).logits, before)
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="placements must be"):
+        peftkern.AdapterConfig(placements=("after_embedding",))
+    with pytest.raises(ValueError, match="unknown adapter preset"):
+        peftkern.add_adapters(tiny_llama(), "lora")
+    with pytest.raises(ValueError, match="out of range"):
+        peftkern.add_adapters(tiny_llama(), peftkern.AdapterConfig(layers=(5,)))
+    with pytest.raises(ValueError, match="found no"):
+        peftkern.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    model = tiny_llama()
+    peftkern.add_adapters(model, "pfeiffer")
+    with pytest.raises(ValueError, match="already has an adapter"):
+        peftkern.add_adapters(model, "pfeiffer")
+
+
+# ------------------------------------------------------------------------------------------- AdapterHub
+
+
+def adapterhub_tensors(model_name, name="task", ln_before=False, learned=False, d=64, b=8):
+    """An AdapterHub bottleneck checkpoint's tensors, keys as AdapterHub lays them out: BERT puts the adapters
+    in attention.output / output, decoders in per-layer attention_adapters / output_adapters; the Linear is
+    adapter_down.0 (adapter_down.1 after an ln_before LayerNorm, which is also adapter_down.0)."""
+    g = torch.Generator().manual_seed(11)
+    sites = {"bert": ["bert.encoder.layer.{i}.attention.output", "bert.encoder.layer.{i}.output"],
+             "llama": ["model.layers.{i}.attention_adapters", "model.layers.{i}.output_adapters"]}[model_name]
+    state = {}
+    for i in range(2):
+        for site in sites:
+            prefix = f"{site.format(i=i)}.adapters.{name}."
+            linear = "adapter_down.1." if ln_before else "adapter_down.0."
+            state[prefix + linear + "weight"] = torch.randn(b, d, generator=g) * 0.1
+            state[prefix + linear + "bias"] = torch.randn(b, generator=g) * 0.1
+            state[prefix + "adapter_up.weight"] = torch.randn(d, b, generator=g) * 0.1
+            state[prefix + "adapter_up.bias"] = torch.randn(d, generator=g) * 0.1
+            if ln_before:
+                lw, lb = 1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g)
+                state[prefix + "adapter_norm_before.weight"] = state[prefix + "adapter_down.0.weight"] = lw
+                state[prefix + "adapter_norm_before.bias"] = state[prefix + "adapter_down.0.bias"] = lb
+            if learned:
+                state[prefix + "scaling"] = 1 + 0.1 * torch.randn(1, generator=g)
+    config = dict(mh_adapter=True, output_adapter=True, reduction_factor=8, non_linearity="swish",
+                  original_ln_before=False, original_ln_after=True, residual_before_ln=True, ln_before=ln_before,
+                  ln_after=False, scaling="learned" if learned else 1.0, is_parallel=False)
+    return state, config
+
+
+@pytest.mark.parametrize("model_name,ln_before,learned", [("bert", False, False), ("llama", True, True)])
+def test_adapterhub_checkpoint_loads(tmp_path, model_name, ln_before, learned):
+    state, config = adapterhub_tensors(model_name, ln_before=ln_before, learned=learned)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"config": config, "name": "task"}))
+    torch.save(state, tmp_path / "pytorch_adapter.bin")
+    torch.manual_seed(0)
+    model = FACTORIES[model_name]().to(DEVICE)
+    names = peftkern.load_adapterhub(model, str(tmp_path))
+    assert len(names) == 4
+    site = {"bert": ("bert.encoder.layer.1.attention.output", "bert.encoder.layer.1.output"),
+            "llama": ("model.layers.1.attention_adapters", "model.layers.1.output_adapters")}[model_name]
+    found = adapters(model)
+    for placement, prefix in zip(("after_attention", "after_feed_forward"), site):
+        layer = "bert.encoder.layer.1" if model_name == "bert" else "model.layers.1"
+        adapter = found[f"{layer}.bottleneck_adapters.{placement}"]
+        ah = f"{prefix}.adapters.task."
+        linear = "adapter_down.1." if ln_before else "adapter_down.0."
+        assert torch.equal(adapter.down.weight.cpu(), state[ah + linear + "weight"])
+        assert torch.equal(adapter.up.bias.cpu(), state[ah + "adapter_up.bias"])
+        assert adapter.non_linearity == "silu"
+        if ln_before:
+            assert torch.equal(adapter.layer_norm.weight.cpu(), state[ah + "adapter_norm_before.weight"])
+        if learned:
+            assert adapter.scale.item() == state[ah + "scaling"].item()
+    assert all(".bottleneck_adapters." in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_adapterhub_converter_keys_and_limits():
+    state, config = adapterhub_tensors("bert")
+    converted, ours = peftkern.convert_adapterhub(state, config)
+    assert ours.placements == ("after_attention", "after_feed_forward") and ours.bottleneck_size == 8
+    assert torch.equal(converted["bert.encoder.layer.0.bottleneck_adapters.after_feed_forward.down.weight"],
+                       state["bert.encoder.layer.0.output.adapters.task.adapter_down.0.weight"])
+    assert len(converted) == len(state)
+    parallel, ours_par = peftkern.convert_adapterhub(state, {**config, "is_parallel": True})
+    assert "parallel_feed_forward" in ours_par.placements
+    with pytest.warns(RuntimeWarning, match="original_ln_before"):
+        peftkern.convert_adapterhub(state, {**config, "original_ln_before": True})
+    with pytest.raises(ValueError, match="no peftkern counterpart"):
+        peftkern.convert_adapterhub({**state, "bert.encoder.layer.0.output.adapters.task.gate.weight":
+                                     torch.zeros(1, 64)}, config)
+    two = {**state, **{k.replace(".task.", ".other."): v for k, v in state.items()}}
+    with pytest.raises(ValueError, match="pass adapter_name"):
+        peftkern.convert_adapterhub(two, config)
+    assert peftkern.convert_adapterhub(two, config, adapter_name="other")[1].bottleneck_size == 8

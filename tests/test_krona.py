@@ -1,0 +1,456 @@
+"""KronA: every backend against reference.py, forward and backward, with fresh random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, INTERPRET, TOLERANCE, assert_close, backend_params, dtypes_for, rel_err
+
+import peftkern
+from peftkern import reference
+from peftkern.nn import KronALinear
+from peftkern.nn.krona import factorization, krona_factor_shapes
+
+# (lead shape of x, (n1, k1), (n2, k2), terms, rank of A or None, rank of B or None): M = 1, factor dimensions
+# below the MMA minimum of 16 (block-diagonal path) and above it (batched path), a 1-row A (127 = 1 x 127 in PEFT's
+# factorization), odd non-powers of two, sums of 1-4 terms, low-rank A and B, 3-D inputs.
+SHAPES = [
+    ((1,), (4, 4), (4, 4), 1, None, None),
+    ((37,), (3, 5), (6, 2), 2, None, None),
+    ((2, 9), (16, 16), (3, 5), 1, None, 3),
+    ((13,), (1, 8), (37, 2), 3, None, None),
+    ((11,), (5, 17), (16, 32), 1, 2, 40),
+    ((6,), (20, 3), (3, 20), 4, 2, 2),
+]
+if HAS_CUDA:
+    SHAPES += [
+        ((300,), (64, 64), (64, 64), 1, None, None),
+        ((3, 129), (86, 64), (128, 64), 1, None, 8),
+        ((77,), (4, 4), (1024, 1024), 4, None, 4),
+        ((50,), (64, 12), (12, 64), 2, 8, None),
+    ]
+
+
+def _gen():
+    return torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def make_factor(n, k, terms, rank, dtype, g, as_list=False):
+    """A factor in krona_linear's accepted forms: stacked (T, n, k), a low-rank pair, or a list of terms; with
+    entries scaled so that the Kronecker term is about as large as the base layer's output."""
+    def rnd(*shape, fan):
+        return (torch.randn(*shape, generator=g) * fan ** -0.5).to(DEVICE, dtype)
+    if rank is None:
+        f = rnd(terms, n, k, fan=k)
+        return list(f.unbind(0)) if as_list else f
+    f1, f2 = rnd(terms, n, rank, fan=rank), rnd(terms, rank, k, fan=k)
+    return list(zip(f1.unbind(0), f2.unbind(0))) if as_list else (f1, f2)
+
+
+def stacked(f):
+    """(f, f2) in reference.py's stacked form, from any accepted form."""
+    return peftkern.ops.krona.stack_factor("f", f)
+
+
+def leaves_of(f):
+    if isinstance(f, torch.Tensor):
+        return [f]
+    if isinstance(f, tuple):
+        return list(f)
+    return [t for item in f for t in leaves_of(item)]
+
+
+def with_grad(f):
+    """A copy of the factor whose tensors are leaves requiring grad, in the same form."""
+    if isinstance(f, torch.Tensor):
+        return f.detach().clone().requires_grad_()
+    if isinstance(f, tuple):
+        return tuple(with_grad(t) for t in f)
+    return [with_grad(t) for t in f]
+
+
+def make_inputs(lead, a_shape, b_shape, terms, ra, rb, dtype, *, bias=True, adapter_dtype=None, noncontig=False,
+                as_list=False):
+    g = _gen()
+    (n1, k1), (n2, k2) = a_shape, b_shape
+    K, N = k1 * k2, n1 * n2
+    x = torch.randn(*lead, 2 * K if noncontig else K, generator=g).to(DEVICE, dtype)
+    x = x[..., ::2] if noncontig else x
+    w = (torch.randn(N, K, generator=g) * K ** -0.5).to(DEVICE, dtype)
+    adt = adapter_dtype or dtype
+    A = make_factor(n1, k1, terms, ra, adt, g, as_list)
+    B = make_factor(n2, k2, terms, rb, adt, g, as_list)
+    b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, A, B, b
+
+
+def run_both(x, w, A, B, b, scaling, grad_w=False):
+    """The op (on the current backend) and reference.krona_linear (the dense-delta specification), with
+    gradients of x, every factor tensor, the bias (and the weight if grad_w), all from one random dy."""
+    xk, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    wk, wr = w.detach().clone().requires_grad_(grad_w), w.detach().clone().requires_grad_(grad_w)
+    bk = b.detach().clone().requires_grad_() if b is not None else None
+    br = b.detach().clone().requires_grad_() if b is not None else None
+    Ak, Bk, Ar, Br = with_grad(A), with_grad(B), with_grad(A), with_grad(B)
+    y = peftkern.krona_linear(xk, wk, Ak, Bk, scaling, bk)
+    K = x.shape[-1]
+    y_ref = reference.krona_linear(xr.reshape(-1, K), wr, *stacked(Ar), *stacked(Br), scaling, br)
+    y_ref = y_ref.reshape(y.shape)
+    dy = torch.randn_like(y_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    got = {"y": y, "dx": xk.grad}
+    ref = {"y": y_ref, "dx": xr.grad}
+    for i, (lk, lr) in enumerate(zip(leaves_of(Ak), leaves_of(Ar))):
+        got[f"dA{i}"], ref[f"dA{i}"] = lk.grad, lr.grad
+    for i, (lk, lr) in enumerate(zip(leaves_of(Bk), leaves_of(Br))):
+        got[f"dB{i}"], ref[f"dB{i}"] = lk.grad, lr.grad
+    if b is not None:
+        got["dbias"], ref["dbias"] = bk.grad, br.grad
+    if grad_w:
+        got["dweight"], ref["dweight"] = wk.grad, wr.grad
+    return got, ref
+
+
+def compare(got, ref, dtype, label):
+    for name in ref:
+        assert got[name] is not None, f"{label} {name}: no gradient"
+        assert got[name].dtype == ref[name].dtype, f"{label} {name}: dtype {got[name].dtype} != {ref[name].dtype}"
+        assert_close(got[name], ref[name], dtype, f"{label} {name}")
+
+
+def shape_id(s):
+    lead, (n1, k1), (n2, k2), t, ra, rb = s
+    return f"{lead}-A{n1}x{k1}{'r' + str(ra) if ra else ''}-B{n2}x{k2}{'r' + str(rb) if rb else ''}-T{t}"
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("variant", ["plain", "bias+list", "noncontig"])
+def test_matches_reference(backend, shape, variant, poison_empty):
+    lead, a_shape, b_shape, terms, ra, rb = shape
+    for dtype in dtypes_for(backend):
+        x, w, A, B, b = make_inputs(lead, a_shape, b_shape, terms, ra, rb, dtype, bias=variant == "bias+list",
+                                    noncontig=variant == "noncontig", as_list=variant == "bias+list")
+        got, ref = run_both(x, w, A, B, b, 0.8)
+        compare(got, ref, dtype, f"{backend} {dtype}")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="measures CUDA memory")
+def test_never_allocates_the_dense_delta():
+    """Forward and backward of a 4096 x 4096 layer with 64 x 64 factors on a few tokens: the peak allocation
+    stays far below the N x K delta PEFT builds (32 MB in bf16)."""
+    x, w, A, B, _ = make_inputs((64,), (64, 64), (64, 64), 1, None, None, torch.bfloat16, bias=False)
+    A.requires_grad_()
+    B.requires_grad_()
+    x.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    y = peftkern.krona_linear(x, w, A, B, 1.0)
+    torch.autograd.grad(y, [x, A, B], torch.randn_like(y))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 4096 * 4096, f"peak {extra / 2**20:.1f} MB above the inputs: an N x K matrix was built?"
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+def test_fp32_factors_beside_16bit_base(backend):
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    if dtype not in dtypes_for(backend):
+        pytest.skip(f"{dtype} not testable on {backend} here")
+    x, w, A, B, b = make_inputs((3, 7), (4, 8), (6, 4), 2, None, 3, dtype, adapter_dtype=torch.float32)
+    got, ref = run_both(x, w, A, B, b, 1.5)
+    assert got["y"].dtype == dtype and got["dA0"].dtype == torch.float32 and got["dB1"].dtype == torch.float32
+    compare(got, ref, dtype, "fp32 factors")
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("mode", ["cublas-beta", "cublas-add"])
+@pytest.mark.parametrize("factored_b", [False, True], ids=["dense-B", "factored-B"])
+def test_triton_paths_match_reference(mode, factored_b, poison_empty):
+    """Both forward modes and both treatments of a low-rank B (multiplied out, or kept factored through the
+    kernels' third product and the dBa / dBb reductions), with small and large factor dimensions."""
+    from peftkern.kernels.triton import krona as kk
+
+    for (M, (n1, k1), (n2, k2), T, rb) in ((9, (4, 2), (5, 24), 2, 3), (7, (16, 17), (18, 16), 1, 5)):
+        for dtype in dtypes_for("triton"):
+            g = _gen()
+            x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
+            w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
+            bias = torch.randn(n1 * n2, generator=g).to(DEVICE, dtype)
+            a = make_factor(n1, k1, T, None, dtype, g)
+            b, b2 = make_factor(n2, k2, T, rb, dtype, g)
+            dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+            y = kk.krona_forward(x, w, a, None, b, b2, 0.6, bias, mode=mode, factored_b=factored_b)
+            assert_close(y, reference.krona_forward(x, w, a, None, b, b2, 0.6, bias), dtype, f"{mode} y")
+            needs = (True,) * 7
+            got = kk.krona_backward(dy, x, w, a, None, b, b2, 0.6, needs, factored_b=factored_b)
+            ref = reference.krona_backward(dy, x, w, a, None, b, b2, 0.6, needs)
+            for name, u, v in zip(("dx", "da", "da2", "db", "db2", "dbias", "dw"), got, ref):
+                if v is not None:
+                    assert_close(u, v, dtype, f"factored_b={factored_b} {name}")
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("trainable", ["x", "A", "B", "A+B", "B_b"])
+def test_every_gradient_subset(backend, trainable):
+    """Only the tensors that require grad get one, and each matches the reference."""
+    x, w, A, B, b = make_inputs((21,), (4, 6), (5, 3), 2, 2, 2, torch.float32)
+    a1, a2 = A
+    b1, b2 = B
+    leaves = {"x": x, "A": a1, "A2": a2, "B": b1, "B_b": b2}
+    wanted = {"x": ["x"], "A": ["A", "A2"], "B": ["B", "B_b"], "A+B": ["A", "A2", "B", "B_b"], "B_b": ["B_b"]}
+    for name in wanted[trainable]:
+        leaves[name].requires_grad_()
+    y = peftkern.krona_linear(leaves["x"], w, (leaves["A"], leaves["A2"]), (leaves["B"], leaves["B_b"]), 0.9, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    refs = reference.krona_backward(dy, x, w, a1, a2, b1, b2, 0.9, (True,) * 7)
+    for name, ref in zip(("x", "A", "A2", "B", "B_b"), refs[:5]):
+        t = leaves[name]
+        if name in wanted[trainable]:
+            assert_close(t.grad, ref, torch.float32, f"d{name}")
+        else:
+            assert t.grad is None, f"{name} got a gradient it did not ask for"
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+def test_unfrozen_weight_gets_its_gradient(backend):
+    x, w, A, B, b = make_inputs((30,), (4, 6), (6, 4), 1, None, None, torch.float32)
+    got, ref = run_both(x, w, A, B, b, 1.0, grad_w=True)
+    assert_close(got["dweight"], ref["dweight"], torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("factors", ["dense", "low-rank", "terms"])
+def test_merge_unmerge(backend, factors, poison_empty):
+    for dtype in dtypes_for(backend):
+        terms, ra, rb = {"dense": (1, None, None), "low-rank": (1, 3, 2), "terms": (3, None, 4)}[factors]
+        _, w, A, B, _ = make_inputs((1,), (5, 6), (8, 4), terms, ra, rb, dtype, bias=False)
+        w0 = w.clone()
+        dt = reference.compute_dtype(w0)
+        expected = (w0.to(dt) + reference.krona_delta_weight(*stacked(A), *stacked(B), 0.7, dt)).to(dtype)
+        peftkern.krona_merge_(w, A, B, 0.7)
+        assert_close(w, expected, dtype, "merged weight")
+        peftkern.krona_merge_(w, A, B, 0.7, sign=-1.0)
+        # merge then unmerge rounds twice to the weight's dtype: within a few ulps of the original.
+        assert_close(w, w0, dtype, "unmerged weight", scale=0.5)
+
+
+def test_kron_layout_is_torch_kron():
+    """The documented convention, element by element: (A (x) B)[i1 n2 + i2, j1 k2 + j2] = A[i1, j1] B[i2, j2]."""
+    g = _gen()
+    A, B = torch.randn(1, 3, 4, generator=g), torch.randn(1, 5, 2, generator=g)
+    delta = reference.krona_delta_weight(A, None, B, None, 1.0)
+    i1, i2, j1, j2 = 2, 3, 1, 1
+    assert delta[i1 * 5 + i2, j1 * 2 + j2] == A[0, i1, j1] * B[0, i2, j2]
+    x = torch.randn(6, 8, generator=g)
+    assert torch.allclose(reference.krona_term(x, A, B, 1.0), x @ delta.t(), atol=1e-5)
+
+
+def test_reference_backward_formulas_match_autograd():
+    g = torch.Generator().manual_seed(4)
+    d = torch.float64
+    for ra, rb in ((None, None), (2, None), (None, 3), (2, 3)):
+        x, w, bias = (torch.randn(7, 12, dtype=d, generator=g), torch.randn(10, 12, dtype=d, generator=g),
+                      torch.randn(10, dtype=d, generator=g))
+        a = torch.randn(2, 2, ra or 3, dtype=d, generator=g)
+        a2 = torch.randn(2, ra, 3, dtype=d, generator=g) if ra else None
+        b = torch.randn(2, 5, rb or 4, dtype=d, generator=g)
+        b2 = torch.randn(2, rb, 4, dtype=d, generator=g) if rb else None
+        tensors = (x, w, a, a2, b, b2, bias)
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+        y = reference.krona_linear(*leaves[:6], 0.6, leaves[6])
+        assert torch.allclose(reference.krona_forward(x, w, a, a2, b, b2, 0.6, bias), y, atol=1e-12)
+        dy = torch.randn(7, 10, dtype=d, generator=g)
+        y.backward(dy)
+        grads = reference.krona_backward(dy, x, w, a, a2, b, b2, 0.6, (True,) * 7)
+        for name, got, i in zip(("dx", "da", "da2", "db", "db2", "dbias", "dw"), grads, (0, 2, 3, 4, 5, 6, 1)):
+            if leaves[i] is None:
+                assert got is None, name
+            else:
+                assert torch.allclose(got, leaves[i].grad, atol=1e-12), f"{name} (ra={ra}, rb={rb})"
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    d = torch.float64
+    x = torch.randn(4, 6, dtype=d, generator=g, requires_grad=True)
+    w = torch.randn(6, 6, dtype=d, generator=g)
+    a = torch.randn(2, 3, dtype=d, generator=g, requires_grad=True)
+    b1 = torch.randn(3, 2, dtype=d, generator=g, requires_grad=True)
+    b2 = torch.randn(2, 2, dtype=d, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: peftkern.krona_linear(t[0], w, t[1], (t[2], t[3]), 0.8),
+                                    (x, a, b1, b2))
+
+
+def test_autocast_keeps_the_autocast_dtype():
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    if not HAS_CUDA:
+        peftkern.set_backend("triton")
+    try:
+        x, w, A, B, b = make_inputs((3, 5), (4, 4), (4, 8), 1, None, None, torch.float32)
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = peftkern.krona_linear(x, w, A, B, 1.0, b)
+    finally:
+        peftkern.set_backend(None)
+    assert y.dtype == dtype
+    ref = reference.krona_linear(x.to(dtype).reshape(-1, 32), w.to(dtype), A, None, B, None, 1.0, b.to(dtype))
+    assert_close(y.reshape(-1, 16), ref, dtype, "autocast output")
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(KronALinear(24, 18, a_shape=(3, 4), terms=2, device=DEVICE), torch.nn.GELU(),
+                                 KronALinear(18, 8, rank=2, device=DEVICE))
+    with torch.no_grad():
+        for p in layers.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    x = torch.randn(6, 24, device=DEVICE)
+    trainable = [p for p in layers.parameters() if p.requires_grad]
+    layers(x).square().sum().backward()
+    eager_grads = [p.grad.clone() for p in trainable]
+    layers.zero_grad()
+    compiled = torch.compile(layers, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    assert_close(y, layers(x), torch.float32, "compiled output")
+    for g, p in zip(eager_grads, trainable):
+        assert_close(p.grad, g, torch.float32, "compiled grad")
+
+
+def test_layer_init_from_linear_merge_and_properties():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(DEVICE)
+    layer = KronALinear.from_linear(lin, scaling=2.0)
+    assert layer.weight is lin.weight and not layer.weight.requires_grad, "the frozen weight is shared, not copied"
+    assert layer.a_shape == (8, 8) and layer.b_shape == (12, 8), "PEFT's factorization: 96 = 8 x 12, 64 = 8 x 8"
+    assert torch.count_nonzero(layer.krona_B) == 0, "B starts at zero (KronA's init)"
+    bound = 1 / math.sqrt(8)  # kaiming_uniform(a=sqrt(5)) on each (8, 8) term: fan_in = 8
+    assert layer.krona_A.abs().max() <= bound + 1e-6 and layer.krona_A.std() > bound / 4
+    x = torch.randn(5, 7, 64, device=DEVICE)
+    layer.eval()
+    assert torch.allclose(layer(x), lin(x), atol=1e-5), "a fresh adapter leaves the output unchanged"
+    with torch.no_grad():
+        layer.krona_B.normal_()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert rel_err(layer(x), y) < TOLERANCE[torch.float32] * 10
+    layer.unmerge()
+    assert rel_err(layer(x), y) < TOLERANCE[torch.float32] * 10
+    props = layer.peft_ref.as_dict()
+    assert props["insertion_form"].startswith("parallel") and "sparse" in props["intra_connectivity"]
+    assert {p.shape for p in layer.parameters() if p.requires_grad} == {(1, 8, 8), (1, 12, 8)}
+
+
+def test_layer_phm_terms_and_low_rank():
+    layer = KronALinear(48, 32, a_shape=(4, 4), terms=4, rank=2, device=DEVICE)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
+    assert shapes == {"krona_A": (4, 4, 4), "krona_B_a": (4, 8, 2), "krona_B_b": (4, 2, 12)}
+    assert torch.count_nonzero(layer.krona_B_a) == 0 and torch.count_nonzero(layer.krona_B_b) > 0
+    x = torch.randn(9, 48, device=DEVICE)
+    y = layer(x)
+    y.square().sum().backward()
+    assert layer.krona_B_a.grad.abs().sum() > 0, "B_a learns from the first step"
+    with pytest.raises(ValueError, match="a_shape"):
+        KronALinear(48, 32, a_shape=(5, 4))
+
+
+def test_factorization_matches_peft():
+    lokr = pytest.importorskip("peft.tuners.lokr.layer")
+    dims = list(range(1, 130)) + [768, 3072, 4096, 5632, 11008, 12288, 14336]
+    for d in dims:
+        for f in (-1, 1, 2, 4, 7, 8, 16, 64):
+            assert factorization(d, f) == lokr.factorization(d, f), (d, f)
+    assert factorization(11008) == (86, 128)
+    assert krona_factor_shapes(4096, 11008) == ((86, 64), (128, 64))
+
+
+@pytest.mark.parametrize("decompose_both", [False, True])
+def test_layout_matches_peft_lokr(decompose_both):
+    """PEFT LoKr's delta is kron(w1, w2) * alpha / r with w1 = A (the factorization's first members) and
+    w2 = B (low-rank w2_a @ w2_b by default): the same layer through krona_linear gives PEFT's output."""
+    peft = pytest.importorskip("peft")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(96, 64)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    cfg = peft.LoKrConfig(r=2, alpha=3, target_modules=["proj"], decompose_both=decompose_both)
+    model = peft.get_peft_model(Wrap().to(DEVICE), cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if "lokr_" in n:
+                p.normal_(0, 0.5)
+    p = {n.split(".")[0]: t for n, t in layer.named_parameters() if "lokr_" in n}
+    A = p["lokr_w1"] if "lokr_w1" in p else (p["lokr_w1_a"], p["lokr_w1_b"])
+    B = p["lokr_w2"] if "lokr_w2" in p else (p["lokr_w2_a"], p["lokr_w2_b"])
+    base = layer.base_layer
+    x = torch.randn(5, 96, device=DEVICE)
+    y = peftkern.krona_linear(x, base.weight, A, B, layer.scaling["default"], base.bias)
+    assert_close(y, layer(x), torch.float32, "krona_linear vs PEFT LoKr")
+
+
+def _bad_cases():
+    def f(*shape):
+        return torch.randn(*shape)
+
+    return [
+        (dict(A=f(3, 4), B=f(5, 2)), ValueError, r"\(3, 4\) \(x\) B \(5, 2\) is \(15, 8\), but weight is"),
+        (dict(B=[f(2, 2), f(2, 2)]), ValueError, "same number of terms"),
+        (dict(x=f(4, 10)), ValueError, "x's last dimension"),
+        (dict(bias=f(5)), ValueError, "bias must be"),
+        (dict(A=f(1, 2, 2, 4)), ValueError, "A must be 2-D"),
+        (dict(A=(f(2, 3), f(2, 4))), ValueError, "low-rank pair A must be"),
+        (dict(A=(f(2, 3), f(3, 4), f(4, 4))), ValueError, "pair"),
+        (dict(A=[f(2, 4), (f(2, 1), f(1, 4))], B=[f(3, 2), f(3, 2)]), ValueError, "all be dense or all low-rank"),
+        (dict(A=[f(2, 4), f(4, 2)], B=[f(3, 2), f(3, 2)]), ValueError, "share their shapes"),
+        (dict(A=[f(2, 4), f(2, 4).double()], B=[f(3, 2), f(3, 2)]), TypeError, "share a dtype"),
+        (dict(A=[]), ValueError, "at least one term"),
+        (dict(A="A"), TypeError, "A must be a tensor"),
+        (dict(B=torch.randint(0, 3, (3, 2))), TypeError, "B must be a floating tensor"),
+        (dict(weight=f(6, 8).double()), TypeError, "share a dtype"),
+        (dict(scaling="2"), TypeError, "scaling must be a number"),
+    ]
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("override,exc,message", _bad_cases(), ids=[c[2] for c in _bad_cases()])
+def test_bad_input_is_named(backend, override, exc, message):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), A=torch.randn(2, 4), B=torch.randn(3, 2),
+                scaling=1.0, bias=torch.randn(6))
+    args.update(override)
+
+    def to_device(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(DEVICE)
+        if isinstance(v, (list, tuple)):
+            return type(v)(to_device(t) for t in v)
+        return v
+
+    with pytest.raises(exc, match=message):
+        peftkern.krona_linear(**{k: to_device(v) for k, v in args.items()})
+
+
+def test_merge_rejects_mismatched_factors():
+    with pytest.raises(ValueError, match="need n1 n2 = N and k1 k2 = K"):
+        peftkern.krona_merge_(torch.randn(6, 8, device=DEVICE), torch.randn(2, 2, device=DEVICE),
+                              torch.randn(3, 3, device=DEVICE), 1.0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device to mix devices")
+def test_mixed_devices_are_named():
+    with pytest.raises(ValueError, match="one device"):
+        peftkern.krona_linear(torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda"),
+                              torch.randn(2, 4), torch.randn(3, 2, device="cuda"), 1.0)
