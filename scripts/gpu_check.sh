@@ -2,17 +2,21 @@
 # The one GPU call: install (building the CUDA extension), run the whole test suite, run the benchmarks.
 # Everything lands under $OUT (the device tool's output folder) or ./out:
 #   gpu_check.log (install, info, benchmark tables), tests.log, and one JSON per benchmark.
-# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--bench "lora ia3 ..."] [--bench-args "..."]
+# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--shards N] [--bench "lora ia3 ..."] [--bench-args "..."]
+#   --shards N runs the test files in N pytest processes at once (the suite is mostly CPU-bound: Triton
+#   compiles, model builds), each with its own log tests.<i>.log; the exit status is the worst of them.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PEFTKERN_RESULTS_DIR="$OUT"
 TESTS="tests"
+SHARDS=1
 BENCH="lora ia3 krona adapter e2e"
 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS="$2"; shift 2 ;;
+    --shards) SHARDS="$2"; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
     *) echo "unknown argument $1"; exit 2 ;;
@@ -27,7 +31,25 @@ LOG="$OUT/gpu_check.log"
   python3 -m peftkern info
 } 2>&1 | tee "$LOG"
 status=0
-if [ "$TESTS" != "none" ]; then
+if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
+  echo "== tests: $TESTS in $SHARDS processes" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  mapfile -t files < <(find $TESTS -name 'test_*.py' | sort)
+  pids=()
+  for ((i = 0; i < SHARDS; i++)); do
+    mine=()
+    for ((j = i; j < ${#files[@]}; j += SHARDS)); do mine+=("${files[j]}"); done
+    [ ${#mine[@]} -eq 0 ] && continue
+    python3 -m pytest "${mine[@]}" -q -p no:cacheprovider -rfs > "$OUT/tests.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for f in "$OUT"/tests.*.log; do
+    echo "-- $f" | tee -a "$LOG"
+    grep -E "^(FAILED|ERROR)" "$f" | head -n 40
+    tail -n 1 "$f" | tee -a "$LOG"
+  done
+elif [ "$TESTS" != "none" ]; then
   echo "== tests: $TESTS" | tee -a "$LOG"
   # shellcheck disable=SC2086
   python3 -m pytest $TESTS -q -p no:cacheprovider -rfs 2>&1 | tee "$OUT/tests.log" | tail -n 60
