@@ -76,7 +76,7 @@ def _row_block(M, BLOCK_M: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows past M read row 0 rather than being masked, so the big loads stay unpredicated along M; what
     # they compute lands only in rows the stores skip.
-    rows = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+    rows = tl.where(offs_m < M, offs_m, 0)
     return offs_m, rows
 
 
@@ -139,6 +139,33 @@ def _small_times_wide(small, w_ptr, stride_wb, stride_wn, offs_b, b_mask, offs_n
 
 
 @triton.jit
+def row_stats_kernel(h_ptr, stats_ptr, M, D, stride_hm, stride_hd, ln_eps, EVEN_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """stats[m] = (mean, rstd) of row m of h, the sums shifted by the row's first element (LN statistics in a
+    pass of their own: the `separate_stats` schedule)."""
+    offs_m, rows = _row_block(M, BLOCK_M)
+    shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
+    sum1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :] * stride_hd
+        if EVEN_D:
+            centred = tl.load(ptrs).to(tl.float32) - shift[:, None]
+        else:
+            k_mask = offs_k < D
+            centred = tl.where(k_mask[None, :], tl.load(ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
+                               - shift[:, None], 0.0)
+        sum1 += tl.sum(centred, axis=1)
+        sum2 += tl.sum(centred * centred, axis=1)
+    mean_shifted = sum1 / D
+    var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0)
+    m_mask = offs_m < M
+    tl.store(stats_ptr + offs_m * 2, mean_shifted + shift, mask=m_mask)
+    tl.store(stats_ptr + offs_m * 2 + 1, 1.0 / tl.sqrt(var + ln_eps), mask=m_mask)
+
+
+@triton.jit
 def adapter_fwd_kernel(
     h_ptr, res_ptr, out_ptr, down_ptr, up_ptr, down_b_ptr, up_b_ptr, scale_ptr, z_ptr, stats_ptr, c1_ptr, c2_ptr,
     M, D, B, n_per_split,
@@ -146,7 +173,7 @@ def adapter_fwd_kernel(
     stride_db, stride_dd, stride_ud, stride_ub,
     scaling, ln_eps,
     ACT: tl.constexpr, Z_GIVEN: tl.constexpr, UP_PROJECT: tl.constexpr, SEQUENTIAL: tl.constexpr,
-    LAYER_NORM: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    LAYER_NORM: tl.constexpr, STATS_GIVEN: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -164,17 +191,21 @@ def adapter_fwd_kernel(
     else:
         shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
         acc, sum1, sum2 = _rows_times_skinny(h_ptr, rows, stride_hm, stride_hd, down_ptr, stride_dd, stride_db,
-                                             offs_b, b_mask, D, shift, c1_ptr, LAYER_NORM, False, EVEN_D,
-                                             DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B)
+                                             offs_b, b_mask, D, shift, c1_ptr, LAYER_NORM and not STATS_GIVEN,
+                                             False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B)
         if LAYER_NORM:
-            mean_shifted = sum1 / D
-            var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0)
-            mean = mean_shifted + shift
-            rstd = 1.0 / tl.sqrt(var + ln_eps)
+            if STATS_GIVEN:
+                mean = tl.load(stats_ptr + rows * 2)
+                rstd = tl.load(stats_ptr + rows * 2 + 1)
+            else:
+                mean_shifted = sum1 / D
+                var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0)
+                mean = mean_shifted + shift
+                rstd = 1.0 / tl.sqrt(var + ln_eps)
             c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
             c2 = tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)
             z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
-            if pid_n == 0:
+            if pid_n == 0 and not STATS_GIVEN:
                 tl.store(stats_ptr + offs_m * 2, mean, mask=m_mask)
                 tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=m_mask)
         else:
@@ -253,8 +284,10 @@ def adapter_bwd_kernel(
             centred = z - tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)[None, :]
             if HAS_DOWN_BIAS:
                 centred -= tl.load(down_b_ptr + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
-            r1 = tl.sum(dz * c1[None, :], axis=1) / D
-            r2 = tl.sum(dz * tl.where(b_mask[None, :], centred, 0.0), axis=1) / D
+            # the rounded dz that loop 2's product reads: mean_d(dz W') then cancels against it exactly
+            dz_r = dz.to(dtype).to(tl.float32)
+            r1 = tl.sum(dz_r * c1[None, :], axis=1) / D
+            r2 = tl.sum(dz_r * tl.where(b_mask[None, :], centred, 0.0), axis=1) / D
         if pid_n == 0:
             tl.store(dz_ptrs, dz.to(dtype), mask=zb_mask)
             tl.store(a_ptr + offs_m[:, None] * stride_am + offs_b[None, :], a.to(dtype), mask=zb_mask)
@@ -349,9 +382,13 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
     res = residual if residual is not None else h
     n_split, per_split = _splits(D, cfg)
     meta = _common_meta(h, D, B, cfg, activation)
-    flags = dict(SEQUENTIAL=residual is None, LAYER_NORM=layer_norm, HAS_DOWN_BIAS=down_bias is not None,
-                 HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
+    stats_given = layer_norm and cfg.get("separate_stats", False)
+    flags = dict(SEQUENTIAL=residual is None, LAYER_NORM=layer_norm, STATS_GIVEN=stats_given,
+                 HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
     dummy = z
+    if stats_given:
+        row_stats_kernel[(triton.cdiv(M, 64),)](h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
+                                                 EVEN_D=D % 128 == 0, BLOCK_M=64, BLOCK_K=128, num_warps=4)
 
     def launch(grid, z_given, up_project):
         adapter_fwd_kernel[grid](
