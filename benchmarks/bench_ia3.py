@@ -70,15 +70,13 @@ def implementations(M, K, N, dtype, device, feedforward: bool, compile_anchor: b
 
 
 def backward_variants(case: str, impls: dict, x, dy, eager: bool) -> list:
-    """peftkern triton forward+backward with each non-default backward mode (the floor re-timed beside it)."""
+    """peftkern triton forward+backward with each backward mode in turn (the floor re-timed beside it)."""
     from peftkern.kernels.triton import ia3 as kia3
 
     default, rows = kia3.DEFAULT_BACKWARD_MODE, []
     floor_name, floor = next(iter(impls.items()))
     for mode in kia3.BACKWARD_MODES:
-        if mode == default:
-            continue
-        kia3.DEFAULT_BACKWARD_MODE = mode
+        kia3.DEFAULT_BACKWARD_MODE = {form: mode for form in default}
         try:
             timed = time_layer_impls("ia3", case, {floor_name: floor, f"peftkern triton ({mode} bwd)":
                                                    impls["peftkern triton"]}, x, dy, eager, passes=("fwd+bwd",))

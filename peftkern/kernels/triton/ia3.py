@@ -285,15 +285,18 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed):
 
 # "fused": the dx GEMMs above, with the scaling and dl inside; "split": cuBLAS dx plus one scale_reduce pass
 # (version 1: +2 activation passes; kept to measure the fused kernels against, `bench ia3 --variants`).
+# Measured on an H100 (bf16, M=8192, 4096x4096, benchmarks/results/ia3-*-20261123-002822.json, NOTES-ia3.md):
+# output form fused 1.32x vs split 1.16x of the frozen layer; input form fused 1.14x (129 MB peak) vs split
+# 1.13x (193 MB): the default per form is the faster one, the input form's fused kernel for its memory.
 BACKWARD_MODES = ("fused", "split")
-DEFAULT_BACKWARD_MODE = "fused"
+DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
 
 
 def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
                  mode: Optional[str] = None):
     """(dx, dl, dbias, dweight) as reference.ia3_backward; mode: one of BACKWARD_MODES (None: the default)."""
     need_x, need_l, need_bias, need_w = needs
-    fused = (mode or DEFAULT_BACKWARD_MODE) == "fused"
+    fused = (mode or DEFAULT_BACKWARD_MODE["input" if scale_input else "output"]) == "fused"
     w = _w_nk(weight, weight_transposed)
     dx = dl = dbias = dw = None
     if scale_input:
