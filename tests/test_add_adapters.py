@@ -21,6 +21,7 @@ FAST = "triton" if (HAS_CUDA or INTERPRET) else None
 # Adam's first steps move every weight by ~lr whatever the gradient's size: later steps amplify rounding.
 STEP_SCALE = 4.0
 GRAD_SCALE = MODEL_TOLERANCE[DTYPE] / TOLERANCE[DTYPE] if HAS_CUDA else 2.0
+SCALAR_SCALE = 10.0
 
 
 def tiny_qwen2():
@@ -81,7 +82,11 @@ def test_training_matches_the_reference_path(name, preset):
         assert gf.keys() == gs.keys() and gf, "the same parameters get gradients"
         assert all(".bottleneck_adapters." in n or "embed" in n for n in gf)
         for n in gs:
-            assert_close(gf[n], gs[n], DTYPE, f"step {step} grad {n}", scale=GRAD_SCALE * scale)
+            # A learned scale's gradient is one number summed over every token and feature, terms of both signs:
+            # in a bf16 model the two paths' activation roundings are relative to the terms, not to the (much
+            # smaller) sum, as in test_adapter.py (SCALAR_SCALE); fp32 runs and test_adapter check it tightly.
+            scalar = SCALAR_SCALE if n.endswith(".scale") and DTYPE != torch.float32 else 1.0
+            assert_close(gf[n], gs[n], DTYPE, f"step {step} grad {n}", scale=GRAD_SCALE * scale * scalar)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])

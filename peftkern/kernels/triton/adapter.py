@@ -336,7 +336,7 @@ def default_config(M: int, D: int, B: int, device: torch.device) -> dict:
     block_m, warps = (128, 8) if block_b <= 128 else (64, 4)
     n_rows = triton.cdiv(M, block_m)
     sms = _sm_count(device)
-    if block_b > 128 and triton.cdiv(M, 128) * 2 >= sms:
+    if block_b > 128 and triton.cdiv(M, 128) * 2 * 2 >= sms:
         # Measured on an H100 (bf16, M=8192, d=4096, b=256, `bench adapter --explore`, results/adapter-*-
         # 20261123-002702.json): 128 rows, 8 warps, 2 column splits 0.435 ms fwd+bwd against 0.477 ms for
         # 64 rows / 4 warps / 1 split, the best of the six schedules tried (3.45x vs 3.78x the memory floor).
