@@ -11,6 +11,7 @@ of h or the up projection. The parallel form's residual gets the output gradient
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -238,6 +239,13 @@ def bottleneck_adapter(
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
+    if use_ln and backend == "triton" and h2d.is_cuda and os.environ.get("PEFTKERN_ADAPTER_FUSED_LN") != "1":
+        # Known defect: the fused layer-norm form gave wrong results in a GPU test at d=4096, b=256 (fp16/bf16)
+        # that the interpreter and the GPU diagnostic (scripts/diag_adapter_ln.py) do not reproduce: until it is
+        # found, LN adapters run on the reference on GPUs (NOTES-adapter.md). PEFTKERN_ADAPTER_FUSED_LN=1 opts in.
+        warn_once("adapter-ln-reference", "peftkern bottleneck_adapter: the layer-norm form runs on the reference "
+                  "path on GPUs (a known defect of its fused kernel; PEFTKERN_ADAPTER_FUSED_LN=1 to use it anyway)")
+        backend = "torch"
     r2d = residual.reshape(-1, d) if residual is not None else None
     out = BottleneckAdapterFunction.apply(h2d, down_weight, down_bias, up_weight, up_bias, scale, r2d, ln_weight,
                                           ln_bias, activation, scaling_f, use_ln, ln_eps, backend)
