@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -454,3 +455,56 @@ def test_mixed_devices_are_named():
     with pytest.raises(ValueError, match="one device"):
         peftkern.krona_linear(torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda"),
                               torch.randn(2, 4), torch.randn(3, 2, device="cuda"), 1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("decompose_both", [False, True])
+def test_peft_lokr_fused_twin_matches(backend, decompose_both):
+    """peftkern.fuse serves PEFT's LoKr layers: the same logits and gradients as PEFT on a tiny Llama and BERT,
+    one and two active adapters, merge_adapter, and rank_dropout in training left on PEFT's path (reported)."""
+    peft = pytest.importorskip("peft")
+    from test_fuse import batch, tiny_bert, tiny_llama
+
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    for factory, name, targets in ((tiny_llama, "llama", ["q_proj", "v_proj", "down_proj"]),
+                                   (tiny_bert, "bert", ["query", "value"])):
+        torch.manual_seed(0)
+        cfg = peft.LoKrConfig(r=4, alpha=8, target_modules=targets, decompose_both=decompose_both)
+        model = peft.get_peft_model(factory().to(DEVICE, dtype), cfg, autocast_adapter_dtype=not HAS_CUDA)
+        model.add_adapter("second", peft.LoKrConfig(r=4, alpha=2, target_modules=targets,
+                                                    decompose_both=decompose_both))
+        with torch.no_grad():  # w2 starts at zero: give every factor something to say
+            for n, p in model.named_parameters():
+                if "lokr_" in n:
+                    p.normal_(0, 0.3)
+        twin = copy.deepcopy(model)
+        report = peftkern.fuse(twin)
+        assert report.fused and not report.skipped, str(report)
+        x = batch(name)
+        for active in (["default"], ["default", "second"]):
+            model.base_model.set_adapter(active)
+            twin.base_model.set_adapter(active)
+            for m in (model, twin):
+                m.zero_grad(set_to_none=True)
+            out_ref, out = model(**x), twin(**x)
+            assert_close(out.logits, out_ref.logits, dtype, f"{name} {active} LoKr logits", 2.0)
+            out_ref.loss.backward()
+            out.loss.backward()
+            ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            got = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+            assert got.keys() == ref_grads.keys() and any("lokr_w" in n for n in got)
+            for n in got:
+                assert_close(got[n], ref_grads[n], dtype, f"{name} {active} grad {n}", 5.0)
+        assert not report.fallbacks, str(report)
+        model.base_model.set_adapter("default")
+        twin.base_model.set_adapter("default")
+        model.merge_adapter()
+        twin.merge_adapter()
+        assert_close(twin(**x).logits, model(**x).logits, dtype, f"{name} merged", 2.0)
+        twin.unmerge_adapter()
+        for module in twin.modules():
+            if hasattr(module, "rank_dropout") and "default" in getattr(module, "rank_dropout", {}):
+                module.rank_dropout["default"] = 0.1
+        twin.train()
+        twin(**x)
+        assert any("rank_dropout" in reason for _, reason in report.fallbacks), str(report)

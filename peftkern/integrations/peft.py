@@ -9,7 +9,7 @@ vanilla LoRA on a plain float Linear/Conv1D base, ...) and otherwise runs PEFT's
 PEFT's answer, and counts the call in the report's `fallbacks`. `unfuse(model)` deletes the instance
 attributes. Both are idempotent.
 
-A fused call is one `lora_linear` (or `ia3_linear`) per layer, after per-call checks kept cheap (a few us on
+A fused call is one `lora_linear` (or `ia3_linear`, `krona_linear`) per layer, after per-call checks kept cheap (a few us on
 the host): an eager training step of an 8-layer Llama makes 56 of them and is partly bound by the CPU.
 
 Other PEFT tuner types join through `register_handler(layer_class, handler)`.
@@ -26,6 +26,7 @@ from torch import nn
 
 from ..nn.lora import is_conv1d
 from ..ops.ia3 import ia3_linear
+from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear
 
 _FUSED_FLAG = "_peftkern_fused"
@@ -238,6 +239,87 @@ def _register_peft_ia3() -> None:
     register_handler(ia3_layer.Linear, Handler(_ia3_static_reason, _fused_ia3_forward, _describe_ia3))
 
 
+# ------------------------------------------------------------------------------------------------ LoKr
+
+
+def _lokr_static_reason(module: nn.Module) -> Optional[str]:
+    base = module.get_base_layer()
+    reason = _float_base(base)
+    if reason:
+        return reason
+    if not isinstance(base, nn.Linear):
+        return f"LoKr on a {type(base).__name__} (the fused op takes nn.Linear)"
+    if len(getattr(module, "lokr_t2", {})):
+        return "LoKr with a Tucker core (lokr_t2)"
+    return None
+
+
+def _lokr_factor(module: nn.Module, which: str, adapter: str):
+    """PEFT's w1 / w2 for `adapter` as krona_linear takes a factor: the tensor, or the low-rank pair (a, b)."""
+    full = getattr(module, f"lokr_{which}")
+    if adapter in full:
+        return full[adapter]
+    return getattr(module, f"lokr_{which}_a")[adapter], getattr(module, f"lokr_{which}_b")[adapter]
+
+
+def _lokr_fallback_reason(module: nn.Module, x, args, kwargs, active: list) -> Optional[str]:
+    if args or kwargs:
+        return _EXTRA_ARGUMENTS
+    if module.disable_adapters or module.merged:
+        return "adapters disabled or merged"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return "input is not a floating tensor"
+    if not active:
+        return "no active LoKr adapter in this layer"
+    if module.training and any(module.rank_dropout[a] or module.module_dropout[a] for a in active):
+        return "rank_dropout / module_dropout in training (PEFT draws them on the host per call)"
+    return None
+
+
+def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    # PEFT's available adapters are those with a w1 (whole or factored).
+    active = [a for a in self.active_adapters if a in self.lokr_w1 or a in self.lokr_w1_a]
+    reason = _lokr_fallback_reason(self, x, args, kwargs, active)
+    if reason is not None:
+        return _fall_back(self, reason, x, args, kwargs)
+    base = _base_layer(self)
+    A = [_lokr_factor(self, "w1", a) for a in active]
+    B = [_lokr_factor(self, "w2", a) for a in active]
+    scales = [float(self.scaling[a]) for a in active]
+    if len(active) > 1:
+        shapes = {(tuple(_shape(a)), tuple(_shape(b))) for a, b in zip(A, B)}
+        if len(shapes) > 1:
+            return _fall_back(self, "several active LoKr adapters with different factor shapes", x, args, kwargs)
+        # one scaling for the sum: each term's own ratio rides on its (small) A factor
+        A = [_scaled(a, s / scales[0]) for a, s in zip(A, scales)]
+    return krona_linear(x, _param(base, "weight"), A if len(A) > 1 else A[0], B if len(B) > 1 else B[0], scales[0],
+                        _param(base, "bias"))
+
+
+def _shape(factor) -> tuple:
+    return (factor[0].shape[0], factor[1].shape[1]) if isinstance(factor, tuple) else tuple(factor.shape)
+
+
+def _scaled(factor, ratio: float):
+    if ratio == 1.0:
+        return factor
+    return (factor[0] * ratio, factor[1]) if isinstance(factor, tuple) else factor * ratio
+
+
+def _describe_lokr(module: nn.Module) -> str:
+    adapters = sorted(set(module.lokr_w1) | set(module.lokr_w1_a))
+    shapes = {a: (_shape(_lokr_factor(module, "w1", a)), _shape(_lokr_factor(module, "w2", a))) for a in adapters}
+    return f"LoKr (w1, w2 shapes {shapes})"
+
+
+def _register_peft_lokr() -> None:
+    try:
+        from peft.tuners.lokr import layer as lokr_layer
+    except ImportError:
+        return
+    register_handler(lokr_layer.Linear, Handler(_lokr_static_reason, _fused_lokr_forward, _describe_lokr))
+
+
 # --------------------------------------------------------------------------------------- fuse / unfuse
 
 
@@ -280,6 +362,7 @@ def fuse(model: nn.Module) -> FuseReport:
     """
     _register_peft_lora()
     _register_peft_ia3()
+    _register_peft_lokr()
     report = FuseReport()
     for name, module in model.named_modules():
         if not _peft_tuner_layer(module):
