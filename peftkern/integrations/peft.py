@@ -9,14 +9,16 @@ vanilla LoRA on a plain float Linear/Conv1D base, ...) and otherwise runs PEFT's
 PEFT's answer, and counts the call in the report's `fallbacks`. `unfuse(model)` deletes the instance
 attributes. Both are idempotent.
 
-A fused call is one `lora_linear` (or `ia3_linear`, `krona_linear`) per layer, after per-call checks kept cheap (a few us on
-the host): an eager training step of an 8-layer Llama makes 56 of them and is partly bound by the CPU.
+A fused call is one `lora_linear` (or `ia3_linear`, `krona_linear`) per layer, after per-call checks kept
+cheap (a few us on the host): an eager training step of an 8-layer Llama makes 56 of them and is partly bound
+by the CPU.
 
 Other PEFT tuner types join through `register_handler(layer_class, handler)`.
 """
 
 from __future__ import annotations
 
+import importlib
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -186,13 +188,6 @@ def _describe_lora(module: nn.Module) -> str:
     return f"LoRA {ranks}" + (" (Conv1D)" if is_conv1d(module.get_base_layer()) else "")
 
 
-def _register_peft_lora() -> None:
-    try:
-        from peft.tuners.lora import layer as lora_layer
-    except ImportError:
-        return
-    register_handler(lora_layer.Linear, Handler(_lora_static_reason, _fused_lora_forward, _describe_lora))
-
 
 # ------------------------------------------------------------------------------------------------- IA3
 
@@ -230,13 +225,6 @@ def _fused_ia3_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
 def _describe_ia3(module: nn.Module) -> str:
     return f"IA3 ({'input' if module.is_feedforward else 'output'} form, adapters {sorted(module.ia3_l)})"
 
-
-def _register_peft_ia3() -> None:
-    try:
-        from peft.tuners.ia3 import layer as ia3_layer
-    except ImportError:
-        return
-    register_handler(ia3_layer.Linear, Handler(_ia3_static_reason, _fused_ia3_forward, _describe_ia3))
 
 
 # ------------------------------------------------------------------------------------------------ LoKr
@@ -312,12 +300,22 @@ def _describe_lokr(module: nn.Module) -> str:
     return f"LoKr (w1, w2 shapes {shapes})"
 
 
-def _register_peft_lokr() -> None:
-    try:
-        from peft.tuners.lokr import layer as lokr_layer
-    except ImportError:
-        return
-    register_handler(lokr_layer.Linear, Handler(_lokr_static_reason, _fused_lokr_forward, _describe_lokr))
+
+# PEFT's tuner layer classes fuse() serves: (module of the `Linear` class, its handler's functions).
+_PEFT_LAYERS = (
+    ("peft.tuners.lora.layer", (_lora_static_reason, _fused_lora_forward, _describe_lora)),
+    ("peft.tuners.ia3.layer", (_ia3_static_reason, _fused_ia3_forward, _describe_ia3)),
+    ("peft.tuners.lokr.layer", (_lokr_static_reason, _fused_lokr_forward, _describe_lokr)),
+)
+
+
+def _register_peft_layers() -> None:
+    for module_name, functions in _PEFT_LAYERS:
+        try:
+            layer_module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        register_handler(layer_module.Linear, Handler(*functions))
 
 
 # --------------------------------------------------------------------------------------- fuse / unfuse
@@ -360,9 +358,7 @@ def fuse(model: nn.Module) -> FuseReport:
     Accepts a PeftModel or any nn.Module holding PEFT tuner layers. Idempotent: fusing again fuses what was
     added since (a new adapter on a new module) and returns a new report, which then counts the fallbacks.
     """
-    _register_peft_lora()
-    _register_peft_ia3()
-    _register_peft_lokr()
+    _register_peft_layers()
     report = FuseReport()
     for name, module in model.named_modules():
         if not _peft_tuner_layer(module):
