@@ -1,6 +1,6 @@
 """`python -m peftkern ...`: bench, info (and profile, where present).
 
-    python -m peftkern bench [lora|ia3|krona|adapter|e2e|all] [benchmark options]   (default: lora)
+    python -m peftkern bench [lora|ia3|krona|adapter|decoder|e2e|all] [benchmark options]   (default: lora)
     python -m peftkern info
 """
 
@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("lora", "ia3", "krona", "adapter", "e2e")
+BENCHMARKS = ("lora", "ia3", "krona", "adapter", "decoder", "e2e")
 
 
 def _benchmarks_dir() -> Path:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import DEVICE
 
@@ -75,3 +76,18 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
 
     assert "| case | implementation |" in report.table(data)
     assert "+0.0%" in report.compare(data, data)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; on a GPU it is the real (long) benchmark")
+def test_decoder_layer_benchmark_runs_every_method(tmp_path):
+    """`bench decoder` (one Llama decoder layer, frozen vs PEFT vs fused) runs each method and saves its JSON."""
+    pytest.importorskip("peft")
+    out = _run("bench", "decoder", "--method", "all", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())
+    cases = {r["case"] for r in data["rows"]}
+    assert {c.split()[0] for c in cases} == {"lora", "ia3", "lokr"}
+    for case in cases:
+        impls = {r["impl"] for r in data["rows"] if r["case"] == case}
+        assert "frozen layer (floor)" in impls and sum(i.startswith("peftkern.fuse") for i in impls) == 2
+        assert "fuse left layers" not in out.stdout + out.stderr
