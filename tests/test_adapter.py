@@ -79,11 +79,21 @@ def run_both(args, activation, scaling=0.8):
 SCALAR_SCALE = 10.0
 
 
+# In float32 a bottleneck unit whose pre-activation z nearly cancels (z = h Wd^T + bd, few terms at tiny d and
+# M = 1) has an error relative to the terms of the sum, not to z; the up-projection's gradient column g^T act(z)
+# carries it, and with b = 4 units one such column moves the relative norm of the whole gradient past 1e-5
+# (seen once in CI: 1.2e-4). 16-bit tolerances are far above it.
+FP32_WEIGHT_GRAD_SCALE = 20.0
+
+
 def _check(got, ref, dtype, label):
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].dtype == ref[name].dtype, f"{label} {name}: dtype {got[name].dtype} != {ref[name].dtype}"
-        assert_close(got[name], ref[name], dtype, f"{label} {name}", scale=SCALAR_SCALE if name == "dscale" else 1.0)
+        scale = SCALAR_SCALE if name == "dscale" else 1.0
+        if dtype == torch.float32 and name in ("dup_weight", "ddown_weight", "dup_bias", "ddown_bias"):
+            scale = FP32_WEIGHT_GRAD_SCALE
+        assert_close(got[name], ref[name], dtype, f"{label} {name}", scale=scale)
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
