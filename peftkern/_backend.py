@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -25,6 +26,14 @@ DEFAULT_CUDA_BACKEND = {
 }
 
 _override: Optional[str] = None
+_warned: set = set()
+
+
+def warn_once(cause: str, message: str) -> None:
+    """One RuntimeWarning per cause per process (a fallback that would otherwise warn on every call)."""
+    if cause not in _warned:
+        _warned.add(cause)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -120,8 +129,6 @@ def resolve(op: str, device: torch.device) -> str:
     """The backend that runs `op` for tensors on `device`."""
     forced = get_backend()
     if forced == "cuda" and device.type == "cuda" and cuda_extension() is not None and op not in cuda_ops():
-        from .ops._common import warn_once
-
         warn_once(f"{op}-no-cuda-kernel", f"peftkern: the cuda backend has no {op} kernel yet; {op} runs on "
                   f"{DEFAULT_CUDA_BACKEND.get(op, 'triton')}")
         forced = None

@@ -338,9 +338,7 @@ def test_mixed_devices_are_named():
 def test_layer_norm_runs_on_the_reference_on_gpus_by_default(monkeypatch):
     """Without the opt-in, the LN form on a GPU warns once and gives the reference's answer."""
     monkeypatch.delenv("PEFTKERN_ADAPTER_FUSED_LN")
-    from peftkern.ops import _common
-
-    monkeypatch.setattr(_common, "_warned", set())
+    monkeypatch.setattr(peftkern._backend, "_warned", set())
     args = make_inputs((64,), 128, 16, torch.bfloat16, form="sequential+ln")
     with pytest.warns(RuntimeWarning, match="layer-norm form runs on the reference"):
         got = peftkern.bottleneck_adapter(args["h"], args["down_weight"], args["down_bias"], args["up_weight"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -124,13 +123,7 @@ def op_range(name: str):
     return contextlib.nullcontext()
 
 
-_warned: set = set()
-
-
-def warn_once(cause: str, message: str) -> None:
-    if cause not in _warned:
-        _warned.add(cause)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+warn_once = _backend.warn_once
 
 
 def pick_backend(op: str, x: Tensor) -> str:

@@ -39,15 +39,6 @@ def _stats_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def _adapter_module(backend: str):
-    """The backend's module; a CUDA extension without adapter kernels hands over to Triton."""
-    module = backend_module(backend, "adapter")
-    if backend == "cuda" and not hasattr(module, "adapter_forward"):
-        warn_once("adapter-cuda", "peftkern adapter: the CUDA extension has no adapter kernels; using Triton")
-        return backend_module("triton", "adapter")
-    return module
-
-
 def _adapter_fwd(
     h: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
     scale: Optional[Tensor], residual: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
@@ -56,7 +47,7 @@ def _adapter_fwd(
     """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) for a 2-D h (M, d)."""
     # The body computes in h's dtype and float32 by design: autocast must not recast its small products.
     with op_range("peftkern::adapter_fwd"), torch.autocast(h.device.type, enabled=False):
-        out, z, stats = _adapter_module(backend).adapter_forward(
+        out, z, stats = backend_module(backend, "adapter").adapter_forward(
             h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation,
             scaling, layer_norm, ln_eps)
     return out.contiguous(), z.contiguous(), stats.contiguous()
@@ -84,7 +75,7 @@ def _adapter_bwd(
     """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta); an empty tensor where a gradient was not asked for."""
     needs = (need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb)
     with op_range("peftkern::adapter_bwd"), torch.autocast(h.device.type, enabled=False):
-        grads = _adapter_module(backend).adapter_backward(
+        grads = backend_module(backend, "adapter").adapter_backward(
             grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
             activation, scaling, sequential, layer_norm, needs)
     refs = (h, down_weight, down_weight, up_weight, up_weight, h, h, h)
