@@ -49,6 +49,19 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
     return model
 
 
+def environment(device: torch.device) -> dict:
+    """The GPU and the library versions, saved with the losses."""
+    import peft
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "peftkern": getattr(peftkern, "__version__", "?")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "fsdp2"], default="single")
@@ -112,7 +125,8 @@ def main(argv=None) -> dict:
 
     steady = times[len(times) // 2:]
     result = {"mode": args.mode, "world": world, "size": args.size, "losses": losses,
-              "tokens_per_s_per_gpu": per_rank * args.seq / (sum(steady) / len(steady)), "device": str(device)}
+              "tokens_per_s_per_gpu": per_rank * args.seq / (sum(steady) / len(steady)), "device": str(device),
+              "environment": environment(device)}
     if args.save:
         if args.mode == "fsdp2":  # gather the sharded adapter weights before saving
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -123,7 +137,7 @@ def main(argv=None) -> dict:
         elif rank == 0:
             model.save_pretrained(args.save)
     if rank == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "environment")}))
         print("losses:", " ".join(f"{v:.5f}" for v in losses))
         if args.out:
             with open(args.out, "w") as f:
