@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, note_spread, print_table, progress, save_results, time_fn, time_layer_impls  # noqa: E402
+from common import Row, bench_device, note_spread, print_table, progress, save_results, time_fn, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
 from peftkern.kernels.triton import adapter as kadapter  # noqa: E402
@@ -248,10 +248,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if device == "cpu":
-        progress("no GPU: a small CPU version (reference backend) so you can see it work")
+    device, dtype = bench_device()
     if args.e2e:
         rows = e2e(args, device, dtype)
         path = save_results("adapter-e2e", rows, {"preset": "pfeiffer", "dtype": str(dtype)}, args.out)

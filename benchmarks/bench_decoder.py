@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import bench_device, note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
 
@@ -121,12 +121,8 @@ def main(argv=None) -> list:
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shape, tokens = args.shape, args.tokens
-    if device == "cpu":
-        progress("no GPU: running a small CPU version (reference backend) so you can see it work")
-        shape, tokens = "cpu", [64]
+    device, dtype = bench_device()
+    shape, tokens = (args.shape, args.tokens) if device == "cuda" else ("cpu", [64])
     methods = METHODS if args.method == "all" else (args.method,)
     rows = []
     for method in methods:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, print_table, progress, save_results  # noqa: E402
+from common import Row, bench_device, print_table, progress, save_results  # noqa: E402
 
 import peftkern  # noqa: E402
 
@@ -123,11 +123,9 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = bench_device("a tiny Llama config on the CPU (2 x 64 tokens) so you can see it work")
     cfg = LLAMA if device == "cuda" else TINY
     if device == "cpu":
-        progress("no GPU: a tiny Llama config on the CPU (2 x 64 tokens) so you can see it work")
         args.batch, args.seq = 2, 64
     steps, warmup = (3, 2) if args.quick else (5, 3)
     settings = [("eager", False, False)]

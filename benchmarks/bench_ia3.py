@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import bench_device, note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
 
@@ -95,14 +95,11 @@ def main(argv=None):
     parser.add_argument("--variants", action="store_true", help="also time the other Triton backward modes")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = bench_device()
     if args.shapes:
         cases = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     else:
         cases = CPU_CASES if device == "cpu" else (QUICK_CASES if args.quick else DEFAULT_CASES)
-    if device == "cpu":
-        progress("no GPU: running a small CPU version (reference backend) so you can see it work")
     rows = []
     for i, (M, K, N) in enumerate(cases):
         for feedforward in (False, True):

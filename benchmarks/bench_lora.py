@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import (  # noqa: E402
+    Row,
+    bench_device,
+    note_spread,
+    peft_single_layer,
+    print_table,
+    progress,
+    save_results,
+    time_layer_impls,
+)
 
 import peftkern  # noqa: E402
 
@@ -143,10 +152,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if device == "cpu":
-        progress("no GPU: running a small CPU version (reference backend) so you can see it work")
+    device, dtype = bench_device()
     cases = parse_cases(args, device)
     rows = []
     for i, (M, K, N, r) in enumerate(cases):

@@ -25,6 +25,16 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def bench_device(cpu_note: Optional[str] = "running a small CPU version (reference backend) so you can see it "
+                                           "work") -> tuple[str, torch.dtype]:
+    """(device, dtype) a benchmark runs in: the GPU in bf16, else the CPU in float32 (saying so, with cpu_note)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    if cpu_note:
+        progress(f"no GPU: {cpu_note}")
+    return "cpu", torch.float32
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
