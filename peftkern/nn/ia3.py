@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.ia3 import ia3_linear, ia3_merge_
 from ._peft_ref import PEFTRefProperties
-from .lora import is_conv1d
+from .lora import frozen_shell
 
 IA3_PEFT_REF = PEFTRefProperties(
     intra_connectivity="none (one vector, no matrices)",
@@ -52,14 +52,7 @@ class IA3Linear(nn.Module):
     def from_linear(cls, linear: nn.Module, feedforward: bool = False,
                     scale_dtype: Optional[torch.dtype] = None) -> "IA3Linear":
         """Wrap an nn.Linear (or GPT-2's Conv1D), sharing and freezing its weight and bias."""
-        transposed = is_conv1d(linear)
-        if not transposed and not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
-        K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.weight = linear.weight.requires_grad_(False)
-        layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        layer, K, N, transposed = frozen_shell(cls, linear)
         layer._init_scale(K, N, feedforward, transposed, scale_dtype or linear.weight.dtype, linear.weight.device)
         return layer
 

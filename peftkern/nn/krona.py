@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..ops.krona import krona_linear, krona_merge_
 from ._peft_ref import PEFTRefProperties
+from .lora import frozen_shell
 
 KRONA_PEFT_REF = PEFTRefProperties(
     intra_connectivity="sparse (a Kronecker product of two small dense factors, or a sum of them)",
@@ -125,16 +126,8 @@ class KronALinear(nn.Module):
                     adapter_dtype: Optional[torch.dtype] = None) -> "KronALinear":
         """Wrap an nn.Linear: its weight and bias Parameters are shared, not copied, and frozen. A's shape is
         a_shape, or PEFT LoKr's `factorization(., factor)` of both dimensions."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        layer.bias = linear.bias
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        layer._init_adapter(linear.in_features, linear.out_features, a_shape, factor, terms, rank, scaling,
+        layer, K, N, _ = frozen_shell(cls, linear, allow_conv1d=False)
+        layer._init_adapter(K, N, a_shape, factor, terms, rank, scaling,
                             adapter_dtype or linear.weight.dtype, linear.weight.device)
         return layer
 

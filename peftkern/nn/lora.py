@@ -30,6 +30,21 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def frozen_shell(cls: type, linear: nn.Module, allow_conv1d: bool = True) -> tuple:
+    """(layer, K, N, transposed): an uninitialised `cls` holding `linear`'s weight and bias Parameters, shared
+    (not copied) and frozen; K, N are its in and out features, transposed says it is GPT-2's Conv1D."""
+    transposed = allow_conv1d and is_conv1d(linear)
+    if not transposed and not isinstance(linear, nn.Linear):
+        kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
+        raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
+    K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    layer.weight = linear.weight.requires_grad_(False)
+    layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+    return layer, K, N, transposed
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T with W and b frozen; A (r, K) and B (N, r) train.
 
@@ -77,17 +92,7 @@ class LoRALinear(nn.Module):
                     use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
         """Wrap an nn.Linear (or GPT-2's Conv1D): its weight and bias Parameters are shared, not copied,
         and frozen."""
-        transposed = is_conv1d(linear)
-        if not transposed and not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
-        K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        layer.bias = linear.bias
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        layer, K, N, transposed = frozen_shell(cls, linear)
         layer._init_adapter(K, N, r, alpha, dropout, use_rslora, transposed,
                             adapter_dtype or linear.weight.dtype, linear.weight.device)
         return layer
