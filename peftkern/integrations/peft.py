@@ -196,13 +196,21 @@ def _ia3_static_reason(module: nn.Module) -> Optional[str]:
     return _float_base(module.get_base_layer())
 
 
-def _ia3_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
+def _call_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
+    """Why this call of a fused IA3 / LoKr layer must take PEFT's path, as far as every method shares it."""
     if args or kwargs:
         return _EXTRA_ARGUMENTS
     if module.disable_adapters or module.merged:
         return "adapters disabled or merged"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return "input is not a floating tensor"
+    return None
+
+
+def _ia3_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
+    reason = _call_fallback_reason(module, x, args, kwargs)
+    if reason is not None:
+        return reason
     if not any(a in module.ia3_l for a in module.active_adapters):
         return "no active IA3 adapter in this layer"
     return None
@@ -251,12 +259,9 @@ def _lokr_factor(module: nn.Module, which: str, adapter: str):
 
 
 def _lokr_fallback_reason(module: nn.Module, x, args, kwargs, active: list) -> Optional[str]:
-    if args or kwargs:
-        return _EXTRA_ARGUMENTS
-    if module.disable_adapters or module.merged:
-        return "adapters disabled or merged"
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return "input is not a floating tensor"
+    reason = _call_fallback_reason(module, x, args, kwargs)
+    if reason is not None:
+        return reason
     if not active:
         return "no active LoKr adapter in this layer"
     if module.training and any(module.rank_dropout[a] or module.module_dropout[a] for a in active):
