@@ -8,23 +8,21 @@ torch.compile. Forward is timed under no_grad; forward+backward as torch.autogra
 parameters, as CUDA-graph replays (benchmarks/common.time_fn).
 
     python -m peftkern bench adapter [--quick] [--cases M,d,reduction,form ...] [--no-compile] [--eager]
-                                     [--explore] [--e2e [--steps N]] [--out DIR]
+                                     [--explore] [--e2e] [--out DIR]
 
 --explore also times the Triton kernels with each schedule / tile choice in EXPLORE_CONFIGS (kernels/triton/
-adapter.py's default_config picks one). --e2e times a training step of a Llama-style model (hidden 2048,
-intermediate 5632, 8 layers, 16 heads, vocab 32000, batch 4 x 2048, bf16, AdamW): the frozen model against
-Pfeiffer adapters (peftkern, and an eager adapter through the same hooks), tokens/s and their ratio.
+adapter.py's default_config picks one). --e2e is `bench e2e --method adapter`: the training step of the
+Llama-style model with Pfeiffer adapters (peftkern, and an eager adapter through the same hooks) against the
+frozen model.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, bench_device, note_spread, print_table, progress, save_results, time_fn, time_layer_impls  # noqa: E402
@@ -149,77 +147,6 @@ def bench_case(M, d, reduction, form, dtype, device, args, bandwidth) -> list[Ro
     return rows
 
 
-# ------------------------------------------------------------------------------------------ training step
-
-
-def _eager_forward(adapter, h, residual=None):
-    """The same adapter as eager PyTorch (the anchor of the e2e run), in the model's dtype."""
-    x = adapter.layer_norm(h) if adapter.layer_norm is not None else h
-    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-           "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[adapter.non_linearity]
-    u = adapter.up(act(adapter.down(x)))
-    s = adapter.scale if adapter.scale is not None else adapter.scaling
-    return (h if residual is None else residual) + s * u
-
-
-def _time_fresh(make, timer, device):
-    """timer(model) on a model built for it alone, freed afterwards: one model in memory at a time."""
-    model = make()
-    try:
-        return timer(model)
-    finally:
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
-
-def e2e(args, device, dtype) -> list[Row]:
-    from bench_e2e import LLAMA, TINY, build_base, time_training
-
-    cfg = LLAMA if device == "cuda" else TINY
-    batch, seq = (args.batch, args.seq) if device == "cuda" else (2, 64)
-    steps, warmup = (args.steps, 3) if device == "cuda" else (2, 1)
-
-    def frozen():
-        model = build_base(cfg, device, dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)  # so that backward runs through every layer
-        return model
-
-    def pfeiffer(adapter_dtype=None, eager=False):
-        def make():
-            model = build_base(cfg, device, dtype)
-            peftkern.add_adapters(model, "pfeiffer", adapter_dtype=adapter_dtype)
-            if eager:
-                for adapter in peftkern.integrations.adapters.adapters(model).values():
-                    adapter.forward = functools.partial(_eager_forward, adapter)
-            return model
-        return make
-
-    variants = {"frozen model (floor)": frozen, "Pfeiffer, peftkern (model-dtype adapters)": pfeiffer(),
-                "Pfeiffer, peftkern (fp32 adapters)": pfeiffer(torch.float32),
-                "Pfeiffer, eager adapters (model dtype)": pfeiffer(eager=True)}
-    rows, floor = [], None
-    case = f"llama-{cfg['hidden_size']}x{cfg['num_hidden_layers']} {batch}x{seq} pfeiffer r16"
-    for name, make in variants.items():
-        progress(f"adapter e2e: {name}")
-        try:
-            ms, spread, peak = _time_fresh(make, lambda m: time_training(m, batch, seq, steps, warmup, device,
-                                                                         False, False), device)
-        except Exception as exc:  # an anchor that cannot run here is reported, not fatal
-            progress(f"  failed: {type(exc).__name__}: {exc}")
-            continue
-        floor = floor or ms
-        rows.append(Row("adapter-e2e", case, name, "train step", ms, spread, ms / floor, peak,
-                        {"tokens_per_s": batch * seq / ms * 1e3, "throughput_vs_frozen": floor / ms}))
-    print_table(rows, "Training step with Pfeiffer adapters (ratio: step time over the frozen model's)")
-    for r in rows:
-        print(f"  {r.impl:38s} {r.extra['tokens_per_s']:12,.0f} tokens/s  {r.extra['throughput_vs_frozen']:.3f}x "
-              "the frozen model's tokens/s")
-    return rows
-
-
 def parse_cases(args, device) -> list[tuple]:
     if args.cases:
         cases = []
@@ -243,17 +170,16 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--explore", action="store_true", help="also time every EXPLORE_CONFIGS schedule")
     parser.add_argument("--e2e", action="store_true", help="the Llama-style training step instead of the layer")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat (--e2e)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
-    if args.e2e:
-        rows = e2e(args, device, dtype)
-        path = save_results("adapter-e2e", rows, {"preset": "pfeiffer", "dtype": str(dtype)}, args.out)
-        progress(f"saved {path}")
-        return rows
+    if args.e2e:  # the training step lives with the other methods' in bench_e2e
+        import bench_e2e
+
+        return bench_e2e.main(["--method", "adapter", "--batch", str(args.batch), "--seq", str(args.seq),
+                               *(["--out", args.out] if args.out else [])])
     bandwidth = copy_bandwidth(device)
     progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
     cases = parse_cases(args, device)

@@ -25,27 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_device, note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
+from peftkern.workloads import peft_config  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
     "cpu": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4),
 }
-METHODS = ("lora", "ia3", "lokr")
+METHODS = ("lora", "ia3", "lokr")  # the PEFT methods; bottleneck adapters have their own layer benchmark
 SEQ = 2048
-
-
-def peft_config(method: str):
-    import peft
-
-    if method == "lora":
-        return peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"])
-    if method == "ia3":
-        return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    if method == "lokr":
-        return peft.LoKrConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-    raise SystemExit(f"unknown method {method!r}; choose from {METHODS}")
 
 
 class DecoderLayer(torch.nn.Module):

@@ -1,11 +1,17 @@
-"""A whole training step of a Llama-style model: frozen model vs PEFT LoRA vs PEFT LoRA fused by peftkern.
+"""A whole training step of a Llama-style model: the frozen model against each method as PEFT runs it and as
+peftkern runs it (peftkern.fuse of the same PEFT model; peftkern's own bottleneck adapters).
 
-The model is built from a config (hidden 2048, intermediate 5632, 8 layers, 16 heads, vocab 32000), bf16,
-batch 4 x 2048 tokens, AdamW, LoRA r=16 on q,k,v,o,gate,up,down. The floor is the same model with no adapters
-and a frozen body, its embedding trainable so that backward runs through every layer. Steps are timed eagerly
-(CUDA events around several steps after warm-up): Python overhead counts here, as it does in training.
+Models are built from configs (peftkern/workloads.py): "1b" is hidden 2048, intermediate 5632, 8 layers,
+16 heads, vocab 32000 (the fuse issue's model); "7b" is Llama-2-7B's layer shapes (hidden 4096, intermediate
+11008, 32 heads), 4 layers. bf16, AdamW. The floor is the same model with no adapters and a frozen body, its
+embedding trainable so that backward runs through every layer. Each sequence length runs with
+batch = tokens // seq (8192 tokens by default: GEMMs of 8192 rows fill an H100). Steps are timed eagerly (CUDA
+events around several steps after warm-up), three repeats: the median and the spread. Python overhead counts
+here, as it does in training. Anchors: PEFT eager with bf16 and with its default fp32 adapters; with --compile
+also the compiled frozen model and PEFT LoRA / fused LoRA under torch.compile.
 
-    python -m peftkern bench e2e [--quick] [--compile] [--checkpointing] [--out DIR]
+    python -m peftkern bench e2e [--method lora|ia3|lokr|adapter|all] [--shape 1b 7b] [--seq 1024 2048 4096]
+                                 [--tokens 8192 | --batch B] [--quick] [--compile] [--checkpointing] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,80 +19,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, bench_device, print_table, progress, save_results  # noqa: E402
+from common import Row, bench_device, note_spread, print_table, progress, save_results  # noqa: E402
 
-import peftkern  # noqa: E402
-
-LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=128, max_position_embeddings=128)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from peftkern import workloads  # noqa: E402
 
 
-def build_base(cfg: dict, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).to(device=device, dtype=dtype)
-
-
-def variants(cfg, device, dtype, r):
-    """name -> a model ready to train (built lazily, one at a time, to keep memory to one model)."""
-    from peft import LoraConfig, get_peft_model
-
-    def frozen():
-        model = build_base(cfg, device, dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
-
-    def peft_model(fp32_adapters: bool, fused: bool):
-        def make():
-            lcfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
-            model = get_peft_model(build_base(cfg, device, dtype), lcfg, autocast_adapter_dtype=fp32_adapters)
-            if fused:
-                report = peftkern.fuse(model)
-                progress("  " + str(report).splitlines()[0])
-                if report.skipped:  # the row would time PEFT's path under the fused name
-                    raise RuntimeError(f"fuse left layers on PEFT's path:\n{report}")
-            return model
-        return make
-
-    return {
-        "frozen model (floor)": frozen,
-        "PEFT LoRA (bf16 adapters)": peft_model(False, False),
-        "PEFT LoRA (fp32 adapters, default)": peft_model(True, False),
-        "peftkern.fuse(PEFT, bf16 adapters)": peft_model(False, True),
-        "peftkern.fuse(PEFT, fp32 adapters)": peft_model(True, True),
-    }
-
-
-def time_training(model, batch: int, seq: int, steps: int, warmup: int, device, compile_: bool,
-                  checkpointing: bool) -> tuple[float, float, float]:
-    """(median ms per step, spread ms, peak MB) of forward + backward + AdamW step."""
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    fwd = torch.compile(model) if compile_ else model
-    vocab = model.config.vocab_size
-    gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        fwd(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-
+def time_training(step, steps: int, warmup: int, device) -> tuple[float, float, float]:
+    """(median ms per step, spread ms, peak MB) of `step` over three repeats of `steps` steps."""
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -103,8 +48,6 @@ def time_training(model, batch: int, seq: int, steps: int, warmup: int, device, 
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / steps)
         else:
-            import time
-
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -113,59 +56,77 @@ def time_training(model, batch: int, seq: int, steps: int, warmup: int, device, 
     return statistics.median(times), max(times) - min(times), peak
 
 
-def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="peftkern bench e2e", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timed steps")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd frozen and fused models")
-    parser.add_argument("--checkpointing", action="store_true", help="also time with gradient checkpointing")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
-    args = parser.parse_args(argv)
-    device, dtype = bench_device("a tiny Llama config on the CPU (2 x 64 tokens) so you can see it work")
-    cfg = LLAMA if device == "cuda" else TINY
-    if device == "cpu":
-        args.batch, args.seq = 2, 64
+def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> list[Row]:
+    """Every variant of one (shape, batch, seq): one model in memory at a time."""
     steps, warmup = (3, 2) if args.quick else (5, 3)
-    settings = [("eager", False, False)]
-    if args.checkpointing:
-        settings.append(("eager+ckpt", False, True))
-    if args.compile:
-        settings.append(("compiled", True, False))
-        if args.checkpointing:
-            settings.append(("compiled+ckpt", True, True))
-    tokens = args.batch * args.seq
+    if device != "cuda":
+        steps, warmup = 2, 1
+    settings = [False, True] if args.checkpointing else [False]
+    case = f"llama-{shape} {batch}x{seq}"
+    model_dtype = str(dtype).replace("torch.", "").replace("bfloat16", "bf16")
     rows = []
-    for tag, compile_, ckpt in settings:
-        floor = None
-        for name, make in variants(cfg, device, dtype, args.rank).items():
-            if compile_ and name not in ("frozen model (floor)", "peftkern.fuse(PEFT, fp32 adapters)",
-                                         "PEFT LoRA (bf16 adapters)"):
-                continue
-            progress(f"e2e {tag}: {name}")
-            model = make()
+    for ckpt in settings:
+        floors: dict = {}
+        for method, impl, fp32, compiled in workloads.variants(methods, args.compile and device == "cuda"):
+            name = workloads.describe(method, impl, fp32, compiled, model_dtype)
+            pass_ = "train step" + (" +ckpt" if ckpt else "")
+            progress(f"e2e {case} {pass_}: {name}")
+            model = None
             try:
-                ms, spread, peak = time_training(model, args.batch, args.seq, steps, warmup, device, compile_, ckpt)
-            except Exception as exc:
+                model = workloads.build(method, impl, shape, device, dtype, args.rank, fp32, max_positions=seq)
+                step = workloads.training_step(model, batch, seq, device, compiled, ckpt)
+                ms, spread, peak = time_training(step, steps, warmup, device)
+            except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 progress(f"  failed: {type(exc).__name__}: {exc}")
                 continue
             finally:
                 del model
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            if floor is None:
-                floor = (ms, peak)
-            extra = {"tokens_per_s": tokens / ms * 1e3, "throughput_vs_floor": floor[0] / ms,
-                     "peak_vs_floor": (peak / floor[1]) if peak and floor[1] else None}
-            case = f"llama-{cfg['hidden_size']}x{cfg['num_hidden_layers']} {args.batch}x{args.seq} r={args.rank}"
-            rows.append(Row("e2e", case, name, tag, ms, spread, ms / floor[0], peak, extra))
+            floor = floors.setdefault("floor", (ms, peak))
+            extra = {"tokens_per_s": batch * seq / ms * 1e3, "throughput_vs_floor": floor[0] / ms,
+                     "peak_vs_floor": (peak / floor[1]) if peak and floor[1] else None,
+                     "adapter_dtype": "float32" if fp32 else model_dtype, "compiled": compiled,
+                     "checkpointing": ckpt, "shape": shape, "batch": batch, "seq": seq}
+            rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[0], peak, extra))
+    return rows
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="peftkern bench e2e", description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="all", choices=[*workloads.METHODS, "all"])
+    parser.add_argument("--shape", nargs="*", default=["1b"], choices=["1b", "7b"])
+    parser.add_argument("--seq", type=int, nargs="*", default=[2048])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step: batch = tokens // seq")
+    parser.add_argument("--batch", type=int, help="a fixed batch size instead of --tokens // seq")
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the compiled frozen model and LoRA (PEFT, fused) under torch.compile")
+    parser.add_argument("--checkpointing", action="store_true", help="also every row with gradient checkpointing")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    device, dtype = bench_device("the tiny Llama config on the CPU (2 x 64 tokens) so you can see it work")
+    methods = workloads.METHODS if args.method == "all" else (args.method,)
+    cases = []
+    for shape in args.shape:
+        for seq in args.seq:
+            cases.append((workloads.resolve_shape(shape, device), args.batch or max(1, args.tokens // seq), seq))
+    if device != "cuda":
+        cases = [("tiny", 2, 64)]
+    rows = []
+    for shape, batch, seq in cases:
+        rows += run_case(shape, batch, seq, methods, args, device, dtype)
+    note_spread(rows)
     print_table(rows, "Training step (ratio: step time over the frozen model's; lower is better)")
+    print(f"\n| {'case':<22} | {'pass':<16} | {'implementation':<52} | {'tokens/s':>10} | {'vs frozen':>9} | "
+          f"{'peak vs frozen':>14} |")
     for r in rows:
-        print(f"  {r.pass_:13s} {r.impl:38s} {r.extra['tokens_per_s']:12,.0f} tokens/s  "
-              f"{r.extra['throughput_vs_floor']:.3f}x the frozen model's tokens/s"
-              + (f"  peak {r.extra['peak_vs_floor']:.3f}x" if r.extra.get("peak_vs_floor") else ""))
-    path = save_results("e2e", rows, {"model": cfg, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+        peak = f"{r.extra['peak_vs_floor']:.3f}x" if r.extra.get("peak_vs_floor") else "-"
+        print(f"| {r.case:<22} | {r.pass_:<16} | {r.impl:<52} | {r.extra['tokens_per_s']:10,.0f} | "
+              f"{r.extra['throughput_vs_floor']:8.3f}x | {peak:>14} |")
+    path = save_results("e2e", rows, {"methods": list(methods), "cases": cases, "rank": args.rank,
+                                      "models": {s: workloads.SHAPES[s] for s, _, _ in cases},
                                       "timing": "eager steps between CUDA events"}, args.out)
     progress(f"saved {path}")
     return rows

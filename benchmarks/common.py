@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SAVED: list[Path] = []  # every JSON save_results wrote in this process, in order (bench all plots them)
 
 
 def progress(msg: str) -> None:
@@ -219,4 +220,5 @@ def save_results(name: str, rows: list[Row], config: dict, out_dir: Optional[Pat
         r.pop("pass_")
     path.write_text(json.dumps({"benchmark": name, "environment": env, "config": config, "rows": rows_json},
                                indent=1))
+    SAVED.append(path)
     return path

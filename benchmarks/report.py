@@ -45,7 +45,8 @@ def _m_of(case: str):
 
 
 def plot(data: dict, out_dir: Path) -> list[Path]:
-    """Ratio to the floor against M, one line per implementation, one figure per (shape without M, pass)."""
+    """Ratio to the floor against M, one line per implementation, one figure per (shape without M, pass); cases
+    without M (decoder layer, training step) as bar charts (plot_bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,6 +76,58 @@ def plot(data: dict, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         name = re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{shape}_{pass_}").strip("_") + ".png"
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths + plot_bars(data, out_dir)
+
+
+def _bars(ax, labels, values, title, floor_label=None):
+    colors = ["#888888" if lab == floor_label else "#1f77b4" if "peftkern" in lab else "#ff7f0e" for lab in labels]
+    ypos = range(len(labels))
+    ax.barh(list(ypos), values, color=colors)
+    ax.set_yticks(list(ypos), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    for y, v in zip(ypos, values):
+        ax.text(v, y, f" {v:,.2f}" if v < 100 else f" {v:,.0f}", va="center", fontsize=6)
+
+
+def plot_bars(data: dict, out_dir: Path) -> list[Path]:
+    """Cases without an M sweep (the decoder layer, the training step): one figure per (case, pass) with the
+    ratio to the floor per implementation, and for the training step tokens/s and peak memory beside it.
+    peftkern's rows are blue, the anchors orange, the floor grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for r in data["rows"]:
+        if _m_of(r["case"]) is None:
+            groups.setdefault((r["case"], r["pass"]), []).append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    gpu = data["environment"].get("gpu") or "CPU"
+    for (case, pass_), rows in groups.items():
+        labels = [r["impl"] for r in rows]
+        floor = next((r["impl"] for r in rows if abs(r["ratio"] - 1.0) < 1e-12), None)
+        e2e = all("tokens_per_s" in r.get("extra", {}) for r in rows)
+        panels = [("time / floor (lower is better)", [r["ratio"] for r in rows])]
+        if e2e:
+            panels = [("tokens/s (higher is better)", [r["extra"]["tokens_per_s"] for r in rows])]
+            if all(r.get("peak_mb") for r in rows):
+                panels.append(("peak memory, GB", [r["peak_mb"] / 1024 for r in rows]))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.5, 0.32 * len(rows) + 1.4),
+                                 squeeze=False)
+        for ax, (title, values) in zip(axes[0], panels):
+            _bars(ax, labels, values, title, floor)
+        for ax in axes[0][1:]:
+            ax.set_yticks([])
+        fig.suptitle(f"{data['benchmark']} {case} {pass_} ({gpu})", fontsize=9)
+        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{case}_{pass_}").strip("_") + ".png"
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)

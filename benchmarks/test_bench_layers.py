@@ -5,7 +5,8 @@
 
 Each measured call ends with a device synchronisation, so pytest-benchmark's clock sees the GPU time; the
 CUDA-event median (triton.testing.do_bench) and the ratio to the frozen F.linear of the same shape are put in
-extra_info. Without a GPU the cases run small on the CPU.
+extra_info. Methods: LoRA r=16, IA3 (output form), KronA (64 x 64 factor), a bottleneck adapter (its floor is
+a copy of x, the others' the frozen F.linear). Without a GPU the cases run small on the CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +50,38 @@ def _lora(x, K, N):
     return floor, fused
 
 
-METHODS = {"lora": _lora}
+def _ia3(x, K, N):
+    W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
+    scale = (1.0 + 0.1 * torch.randn(N, device=DEVICE, dtype=torch.float32)).requires_grad_()
+    dy = torch.randn(x.shape[0], N, device=DEVICE, dtype=DTYPE)
+    floor = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
+    fused = lambda: torch.autograd.grad(peftkern.ia3_linear(x, W, scale), [x, scale], dy)
+    return floor, fused
+
+
+def _krona(x, K, N):
+    W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
+    n1 = k1 = 64 if HAS_CUDA else 8  # PEFT LoKr's default factorisation at these sizes
+    A = (torch.randn(n1, k1, device=DEVICE, dtype=DTYPE) * 0.1).requires_grad_()
+    B = (torch.randn(N // n1, K // k1, device=DEVICE, dtype=DTYPE) * 0.01).requires_grad_()
+    dy = torch.randn(x.shape[0], N, device=DEVICE, dtype=DTYPE)
+    floor = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
+    fused = lambda: torch.autograd.grad(peftkern.krona_linear(x, W, A, B, 1.0), [x, A, B], dy)
+    return floor, fused
+
+
+def _adapter(x, K, N):
+    """A Pfeiffer bottleneck (reduction 16) on x; the floor is a copy of x (the adapter is memory-bound)."""
+    b = K // 16
+    Wd = (torch.randn(b, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_()
+    Wu = (torch.randn(K, b, device=DEVICE, dtype=DTYPE) * b ** -0.5).requires_grad_()
+    dy = torch.randn_like(x)
+    floor = lambda: torch.autograd.grad(x * 1.0, [x], dy)
+    fused = lambda: torch.autograd.grad(peftkern.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
+    return floor, fused
+
+
+METHODS = {"lora": _lora, "ia3": _ia3, "krona": _krona, "adapter": _adapter}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}".format(*s))

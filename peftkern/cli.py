@@ -1,6 +1,7 @@
 """`python -m peftkern ...`: bench, info (and profile, where present).
 
     python -m peftkern bench [lora|ia3|krona|adapter|decoder|e2e|all] [benchmark options]   (default: lora)
+    python -m peftkern bench --compare A.json B.json     what changed between two saved runs
     python -m peftkern info
 """
 
@@ -35,21 +36,28 @@ def _bench_module(name: str):
 def bench(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(f"usage: python -m peftkern bench [{'|'.join(BENCHMARKS)}|all] [options]\n"
-              "options go to the benchmark; `python -m peftkern bench lora --help` lists them")
+              "       python -m peftkern bench --compare A.json B.json\n"
+              "options go to the benchmark; `python -m peftkern bench lora --help` lists them; `all` runs every "
+              "method at the three levels (benchmarks/bench_all.py)")
+        return 0
+    if argv and argv[0] == "--compare":
+        if len(argv) != 3:
+            raise SystemExit("usage: python -m peftkern bench --compare A.json B.json")
+        sys.path.insert(0, str(_benchmarks_dir()))
+        import report
+
+        print(report.compare(report.load(argv[1]), report.load(argv[2])))
         return 0
     if argv and argv[0] == "--e2e":
         argv = ["e2e", *argv[1:]]
     name = argv[0] if argv and not argv[0].startswith("-") else "lora"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
-    names = [n for n in BENCHMARKS if n != "e2e"] if name == "all" else [name]
-    if any(n not in BENCHMARKS for n in names):
+    if name not in (*BENCHMARKS, "all"):
         raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} or all")
-    for n in names:
-        module = _bench_module(n)
-        if module is None:
-            print(f"benchmarks/bench_{n}.py is not there yet: skipped", file=sys.stderr)
-            continue
-        module.main(rest)
+    module = _bench_module(name)
+    if module is None:
+        raise SystemExit(f"benchmarks/bench_{name}.py is missing from this checkout")
+    module.main(rest)
     return 0
 
 

@@ -4,7 +4,7 @@
         train_step()
     print(prof.summary())          # the split, also prof.split (a dict of ms)
 
-    python -m peftkern profile --model llama --method lora --steps 5 --trace trace.json
+    python -m peftkern profile --shape 1b --method lora --steps 5 --trace trace.json
 
 Kernels launched inside a peftkern op (each op opens a profiler range while torch.profiler runs) count as
 peftkern's, whichever library ran them; the others are classified by name: the frozen GEMMs are cuBLAS /
@@ -126,39 +126,19 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
         prof.export_chrome_trace(trace)
 
 
-def _build_model(name: str, method: str, device: str, dtype: torch.dtype, r: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    sizes = {
-        "llama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=32000),
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=128),
-    }[name]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**sizes)).to(device=device, dtype=dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.get_input_embeddings().weight.requires_grad_(True)
-    if method == "lora":
-        from .nn.lora import LoRALinear
-
-        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-        for parent in list(model.modules()):
-            for child_name, child in list(parent.named_children()):
-                if child_name in targets and isinstance(child, torch.nn.Linear):
-                    setattr(parent, child_name, LoRALinear.from_linear(child, r=r, alpha=2 * r))
-    elif method != "none":
-        raise SystemExit(f"profile --method takes lora or none, got {method!r}")
-    return model
-
-
 def cli_main(argv=None) -> int:
+    from . import workloads
+
     parser = argparse.ArgumentParser(prog="python -m peftkern profile",
                                      description="profile a few training steps and print the GPU time split")
-    parser.add_argument("--model", default="llama", choices=["llama", "tiny"],
-                        help="llama: hidden 2048, 8 layers (the issues' model); tiny: a toy config")
-    parser.add_argument("--method", default="lora", choices=["lora", "none"])
+    parser.add_argument("--shape", default="1b", choices=["1b", "7b", "tiny"],
+                        help="1b: Llama-style hidden 2048, 8 layers (the issues' model); 7b: Llama-2-7B layer "
+                             "shapes, 4 layers; tiny: a toy config (peftkern/workloads.py)")
+    parser.add_argument("--method", default="lora", choices=[*workloads.METHODS, "none"],
+                        help="none: the frozen model, the floor to compare with")
+    parser.add_argument("--impl", default="fused", choices=["fused", "peft"],
+                        help="fused: PEFT + peftkern.fuse (peftkern's adapters for 'adapter'); peft: PEFT's own")
+    parser.add_argument("--fp32-adapters", action="store_true", help="adapter weights in float32 (PEFT's default)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
@@ -169,22 +149,17 @@ def cli_main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
         print("no GPU: profiling the tiny config on the CPU (64-token sequences) instead", file=sys.stderr)
-        args.model, args.seq, args.batch = "tiny", 64, 2
-    model = _build_model(args.model, args.method, device, dtype, args.rank)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-
+        args.shape, args.seq, args.batch = "tiny", 64, 2
+    impl = "frozen" if args.method == "none" else args.impl
+    model = workloads.build(args.method, impl, args.shape, device, dtype, args.rank, args.fp32_adapters,
+                            max_positions=args.seq)
+    step = workloads.training_step(model, args.batch, args.seq, device)
     step()  # warm-up: autotuning and allocations outside the profile
     with profile(trace=args.trace) as prof:
         for _ in range(args.steps):
             step()
-    print(f"{args.model} {args.method} r={args.rank}, {args.batch}x{args.seq} tokens, {args.steps} steps, {device}")
+    name = workloads.describe(args.method, impl, args.fp32_adapters, model_dtype=str(dtype).replace("torch.", ""))
+    print(f"llama-{args.shape} {name} r={args.rank}, "
+          f"{args.batch}x{args.seq} tokens, {args.steps} steps, {device}")
     print(prof.summary())
     return 0

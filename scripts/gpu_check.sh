@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PEFTKERN_RESULTS_DIR="$OUT"
 TESTS="tests"
 SHARDS=1
-BENCH="lora ia3 krona adapter e2e"
+BENCH="all"
 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -78,16 +78,43 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
     assert "+0.0%" in report.compare(data, data)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; on a GPU it is the real (long) benchmark")
-def test_decoder_layer_benchmark_runs_every_method(tmp_path):
-    """`bench decoder` (one Llama decoder layer, frozen vs PEFT vs fused) runs each method and saves its JSON."""
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; on a GPU `bench all` is the real 10-minute run")
+def test_bench_all_writes_every_piece_plots_and_a_summary(tmp_path):
+    """`bench all`: one JSON per piece (three levels, every method), PNG plots of each, a markdown summary."""
     pytest.importorskip("peft")
-    out = _run("bench", "decoder", "--method", "all", "--out", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    data = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())
-    cases = {r["case"] for r in data["rows"]}
+    pytest.importorskip("matplotlib")
+    out = _run("bench", "all", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    pieces = {p.name.split("-")[0] for p in tmp_path.glob("*.json")}
+    assert pieces == {"lora", "ia3", "krona", "adapter", "decoder", "e2e"}, pieces
+    e2e = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
+    assert {r["method"] for r in e2e["rows"]} == {"none", "lora", "ia3", "lokr", "adapter"}
+    floor = [r for r in e2e["rows"] if r["impl"] == "frozen model (floor)"]
+    assert len(floor) == 1 and floor[0]["ratio"] == 1.0
+    for r in e2e["rows"]:
+        assert r["extra"]["tokens_per_s"] > 0 and r["spread_ms"] >= 0, r
+        assert abs(r["extra"]["throughput_vs_floor"] * r["ratio"] - 1.0) < 1e-9, r
+    decoder = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())
+    cases = {r["case"] for r in decoder["rows"]}
     assert {c.split()[0] for c in cases} == {"lora", "ia3", "lokr"}
     for case in cases:
-        impls = {r["impl"] for r in data["rows"] if r["case"] == case}
+        impls = {r["impl"] for r in decoder["rows"] if r["case"] == case}
         assert "frozen layer (floor)" in impls and sum(i.startswith("peftkern.fuse") for i in impls) == 2
-        assert "fuse left layers" not in out.stdout + out.stderr
+    assert "fuse left layers" not in out.stdout + out.stderr
+    plots = list((tmp_path / "plots").glob("*.png"))
+    assert any(p.name.startswith("e2e_") for p in plots) and any(p.name.startswith("lora_") for p in plots)
+    summary = next(tmp_path.glob("summary-*.md")).read_text()
+    assert all(f"| {piece} |" in summary for piece in pieces), summary[:2000]
+    compared = _run("bench", "--compare", *[str(p) for p in [next(tmp_path.glob("e2e-*.json"))] * 2])
+    assert compared.returncode == 0 and "+0.0%" in compared.stdout, compared.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["ia3", "adapter"])
+def test_profile_cli_profiles_each_method(method, tmp_path):
+    """`python -m peftkern profile --method M` trains the Llama workload with M and prints the time split."""
+    pytest.importorskip("peft")
+    trace = tmp_path / "trace.json"
+    out = _run("profile", "--method", method, "--steps", "1", "--trace", str(trace))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "peftkern kernels" in out.stdout, out.stdout
+    assert trace.exists()

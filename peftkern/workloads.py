@@ -1,0 +1,164 @@
+"""The Llama-style training workloads that `python -m peftkern bench e2e` and `python -m peftkern profile` share.
+
+A model is built from a config (nothing is downloaded), its body frozen, and one method attached the way its
+users attach it:
+
+    impl "frozen"  no adapters; the embedding stays trainable so that backward runs through every layer (the floor)
+    impl "peft"    Hugging Face PEFT's own layers (get_peft_model), eager
+    impl "fused"   the same PEFT model after peftkern.fuse(model)
+
+Method "adapter" (bottleneck adapters at Pfeiffer's placement) is peftkern's own (`add_adapters`); its "peft"
+impl is the same adapters computed by eager PyTorch ops, the anchor a user without peftkern would write.
+Adapters per method follow PEFT's defaults for Llama: LoRA r=16 on all seven projections, IA3 on k, v and down
+(down in the input form), LoKr r=8 on q and v, a Pfeiffer adapter (reduction 16) after each MLP.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    # the foundation and fuse issues' model (about 1B parameters at 22 layers; 8 layers here)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+               num_key_value_heads=16, vocab_size=32000),
+    # Llama-2-7B's layer shapes, 4 layers so that a step fits beside the other models of a run
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=128),
+}
+METHODS = ("lora", "ia3", "lokr", "adapter")
+IMPLS = ("frozen", "peft", "fused")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_config(method: str, r: int = 16):
+    """PEFT's configuration of `method` for a Llama model, as the benchmarks use it."""
+    import peft
+
+    if method == "lora":
+        return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    if method == "ia3":
+        return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    if method == "lokr":
+        return peft.LoKrConfig(r=r // 2, alpha=r, target_modules=["q_proj", "v_proj"])
+    raise ValueError(f"no PEFT config for method {method!r}; choose from lora, ia3, lokr")
+
+
+def build_llama(shape: str, device, dtype: torch.dtype, max_positions: int = 4096):
+    """LlamaForCausalLM from SHAPES[shape], seeded, SDPA attention, in `dtype` on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(max_positions, 128), attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def freeze_body(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return model
+
+
+def eager_adapter_forward(adapter, h, residual=None):
+    """A BottleneckAdapter's function as plain PyTorch ops (the anchor of the adapter rows)."""
+    x = adapter.layer_norm(h) if adapter.layer_norm is not None else h
+    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+           "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[adapter.non_linearity]
+    u = adapter.up(act(adapter.down(x)))
+    s = adapter.scale if adapter.scale is not None else adapter.scaling
+    return (h if residual is None else residual) + s * u
+
+
+def build(method: str, impl: str, shape: str, device, dtype: torch.dtype, r: int = 16, fp32_adapters: bool = False,
+          max_positions: int = 4096):
+    """A model ready to train: SHAPES[shape] with `method` attached as `impl` (see the module docstring).
+
+    fp32_adapters: adapter weights in float32 beside the model's dtype (PEFT's default, autocast_adapter_dtype).
+    A fused model whose fuse() left a layer on PEFT's path raises: its timing would be PEFT's under peftkern's name.
+    """
+    import peftkern
+
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    model = build_llama(shape, device, dtype, max_positions)
+    if impl == "frozen" or method == "none":
+        return freeze_body(model)
+    if method == "adapter":
+        peftkern.add_adapters(model, "pfeiffer", adapter_dtype=torch.float32 if fp32_adapters else None)
+        if impl == "peft":
+            for adapter in peftkern.integrations.adapters.adapters(model).values():
+                adapter.forward = functools.partial(eager_adapter_forward, adapter)
+        return model
+    from peft import get_peft_model
+
+    model = get_peft_model(model, peft_config(method, r), autocast_adapter_dtype=fp32_adapters)
+    if impl == "fused":
+        report = peftkern.fuse(model)
+        if report.skipped:
+            raise RuntimeError(f"fuse left layers on PEFT's path:\n{report}")
+    return model
+
+
+def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_: bool = False,
+                  checkpointing: bool = False, lr: float = 1e-5, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """A closure running one forward + backward + AdamW step on fixed random token ids; returns the loss."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    fwd = torch.compile(model) if compile_ else model
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def describe(method: str, impl: str, fp32_adapters: bool, compiled: bool = False, model_dtype: str = "bf16") -> str:
+    """The row name of a variant in tables and plots."""
+    if impl == "frozen" or method == "none":
+        return "frozen model" + (", compiled" if compiled else " (floor)")
+    if fp32_adapters:
+        dtype = "fp32 adapters" + (", PEFT default" if method != "adapter" else "")
+    else:
+        dtype = f"{model_dtype} adapters"
+    if method == "adapter":
+        who = "Pfeiffer, peftkern" if impl == "fused" else "Pfeiffer, eager PyTorch"
+    else:
+        who = f"peftkern.fuse(PEFT {method})" if impl == "fused" else f"PEFT {method}"
+    return f"{who} ({dtype})" + (" + torch.compile" if compiled else "")
+
+
+def variants(methods, compile_anchors: bool = False) -> list[tuple[str, str, bool, bool]]:
+    """(method, impl, fp32_adapters, compiled) for every row of an e2e run, the floor first. With
+    compile_anchors: the compiled frozen model, PEFT LoRA (bf16) compiled and the fused LoRA compiled."""
+    rows = [("none", "frozen", False, False)]
+    if compile_anchors:
+        rows.append(("none", "frozen", False, True))
+    for method in methods:
+        for impl in ("peft", "fused"):
+            for fp32 in (False, True):
+                if method == "adapter" and impl == "peft" and fp32:
+                    continue  # the eager anchor in the model's dtype is enough
+                rows.append((method, impl, fp32, False))
+        if compile_anchors and method == "lora":
+            rows += [("lora", "peft", False, True), ("lora", "fused", False, True)]
+    return rows
+
+
+def resolve_shape(shape: Optional[str], device) -> str:
+    """The shape a run uses: tiny on the CPU, whatever was asked for on a GPU."""
+    return "tiny" if torch.device(device).type != "cuda" else (shape or "1b")
