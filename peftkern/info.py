@@ -32,6 +32,65 @@ def _methods() -> dict:
     return found
 
 
+def _load_config(model: str):
+    """A transformers config: a workloads shape name (1b, 7b, tiny), or a config.json / a folder holding one."""
+    from pathlib import Path
+
+    from . import workloads
+
+    if model in workloads.SHAPES:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**workloads.SHAPES[model]), True
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if not path.exists():
+        raise SystemExit(f"--model {model!r}: neither one of {', '.join(workloads.SHAPES)} nor a config path")
+    if path.is_dir():
+        return AutoConfig.from_pretrained(str(path)), False
+    import json
+
+    fields = json.loads(path.read_text())
+    return AutoConfig.for_model(fields.pop("model_type"), **fields), False
+
+
+def trainable_parameters(model: str) -> dict:
+    """method -> {trainable, total, percent} for the model config `model`, counted on the meta device (nothing
+    is allocated). For the workloads shapes the adapters are the benchmarks' (peftkern/workloads.py); for any
+    other config PEFT's default target modules for its model type, and Pfeiffer bottleneck adapters."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from . import workloads
+    from .integrations.adapters import add_adapters
+
+    config, ours = _load_config(model)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in base.parameters())
+    counts = {}
+    for method in workloads.METHODS:
+        try:
+            m = copy.deepcopy(base)
+            if method == "adapter":
+                add_adapters(m, "pfeiffer")
+            else:
+                import peft
+
+                cfg = workloads.peft_config(method) if ours else {
+                    "lora": peft.LoraConfig, "ia3": peft.IA3Config, "lokr": peft.LoKrConfig}[method]()
+                m = peft.get_peft_model(m, cfg)
+            trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        except Exception as exc:  # a method PEFT cannot attach to this model type
+            counts[method] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        counts[method] = {"trainable": trainable, "total_with_adapters": sum(p.numel() for p in m.parameters()),
+                          "percent_of_base": 100.0 * trainable / total}
+    return {"model": model, "model_type": config.model_type, "base_parameters": total, "methods": counts}
+
+
 def report() -> dict:
     device = {"cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
@@ -48,8 +107,16 @@ def report() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftkern info")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--model", default="1b",
+                        help="model config for the trainable-parameter counts: 1b, 7b, tiny (peftkern/workloads.py) "
+                             "or a config.json / a folder with one (default 1b); 'none' skips them")
     args = parser.parse_args(argv)
     data = report()
+    if args.model != "none":
+        try:
+            data["trainable_parameters"] = trainable_parameters(args.model)
+        except ImportError as exc:
+            data["trainable_parameters"] = {"error": f"needs transformers and peft: {exc}"}
     if args.json:
         import json
 
@@ -63,6 +130,15 @@ def main(argv=None) -> int:
     print("backend per op here:", ", ".join(f"{k}={v}" for k, v in data["backend_per_op"].items()))
     print("CUDA extension built:", data["cuda_extension_built"])
     print("versions:", ", ".join(f"{k} {v}" for k, v in data["versions"].items()))
+    counts = data.get("trainable_parameters")
+    if counts and "methods" in counts:
+        print(f"trainable parameters on {counts['model']} ({counts['model_type']}, "
+              f"{counts['base_parameters']:,} base parameters):")
+        for method, c in counts["methods"].items():
+            print(f"  {method:8s} " + (c["error"] if "error" in c else
+                                       f"{c['trainable']:>13,}  ({c['percent_of_base']:.3f}% of the base)"))
+    elif counts:
+        print("trainable parameters:", counts["error"])
     print("methods (PEFT-Ref properties):")
     for cls, props in data["methods"].items():
         print(f"  {cls}")

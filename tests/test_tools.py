@@ -48,9 +48,13 @@ def _run(*args, **kw):
 
 
 def test_cli_info_lists_backends_and_methods():
-    out = _run("info", "--json")
+    out = _run("info", "--json", "--model", "tiny")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
+    counts = data["trainable_parameters"]["methods"]
+    # LoRA r=16 on the seven projections of 2 layers, hidden 64, intermediate 128: r (in + out) per projection
+    assert counts["lora"]["trainable"] == 2 * 16 * (4 * (64 + 64) + 3 * (64 + 128)), counts
+    assert all(c.get("trainable", 0) > 0 for c in counts.values()), counts
     assert data["backends"]["torch"].startswith("available")
     assert "LoRALinear" in data["methods"]
     assert set(data["methods"]["LoRALinear"]) >= {"insertion_form", "integration_form", "workspace"}
