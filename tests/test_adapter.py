@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for
+from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for, rel_err
 
 import peftkern
 from peftkern import reference
@@ -47,15 +47,17 @@ def make_inputs(lead, d, b, dtype, *, form="sequential", bias=True, learned=Fals
 
 
 def run_both(args, activation, scaling=0.8):
-    """(op, reference) results: the output on the active backend and reference.bottleneck_adapter's, and the
-    gradients of every input for the same random output gradient."""
+    """(op, reference, exact) results: the output on the active backend, reference.bottleneck_adapter's in the
+    same dtype, and reference.bottleneck_adapter's on the inputs upcast to float64; each with the gradients of
+    every input for the same random output gradient."""
     names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual", "scale")
              if args[k] is not None]
     ln = args["ln"]
     dy, results = None, []
-    for use_op in (True, False):
-        leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
-        ln_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in ln] if ln else None
+    for use_op, dt in ((True, None), (False, None), (False, torch.float64)):
+        leaves = {k: args[k].detach().to(dtype=dt, copy=True).requires_grad_() for k in names}
+        ln_leaves = [t.detach().to(dtype=dt, copy=True).requires_grad_() if t is not None else None
+                     for t in ln] if ln else None
         weights = (leaves["h"], leaves["down_weight"], leaves.get("down_bias"), leaves["up_weight"],
                    leaves.get("up_bias"))
         if use_op:
@@ -66,7 +68,7 @@ def run_both(args, activation, scaling=0.8):
                                              leaves.get("scale"), leaves.get("residual"),
                                              *(ln_leaves if ln else (None, None)), layer_norm=ln is not None)
         dy = torch.randn_like(y) if dy is None else dy
-        y.backward(dy)
+        y.backward(dy.to(y.dtype))
         out = {"out": y, **{f"d{k}": v.grad for k, v in leaves.items()}}
         if ln:
             out.update({f"dln_{i}": t.grad for i, t in enumerate(ln_leaves) if t is not None})
@@ -86,14 +88,25 @@ SCALAR_SCALE = 10.0
 FP32_WEIGHT_GRAD_SCALE = 20.0
 
 
-def _check(got, ref, dtype, label):
-    assert got.keys() == ref.keys()
+def _check(got, ref, exact, dtype, label):
+    """The op against the reference in the same dtype; where they differ by more than the dtype's tolerance, the
+    op must still be as close to the float64 answer as that reference is (twice its error at most): two roundings
+    in 16 bits part near a kink of the activation (a ReLU unit whose pre-activation rounds to the other side of
+    0 flips a whole row of the down-projection's gradient: seen on an H100 at M = 387, d = 520, b = 33, where
+    hundreds of pre-activations lie within a bf16 rounding of 0), and neither is more right than the other."""
+    assert got.keys() == ref.keys() == exact.keys()
     for name in ref:
         assert got[name].dtype == ref[name].dtype, f"{label} {name}: dtype {got[name].dtype} != {ref[name].dtype}"
         scale = SCALAR_SCALE if name == "dscale" else 1.0
         if dtype == torch.float32 and name in ("dup_weight", "ddown_weight", "dup_bias", "ddown_bias"):
             scale = FP32_WEIGHT_GRAD_SCALE
-        assert_close(got[name], ref[name], dtype, f"{label} {name}", scale=scale)
+        try:
+            assert_close(got[name], ref[name], dtype, f"{label} {name}", scale=scale)
+        except AssertionError as differ:
+            err_op, err_ref = rel_err(got[name], exact[name]), rel_err(ref[name], exact[name])
+            if err_op > 2 * err_ref:
+                raise AssertionError(f"{differ}; against float64 the op's error is {err_op:.3e}, the {dtype} "
+                                     f"reference's {err_ref:.3e}") from None
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
@@ -105,8 +118,8 @@ def test_matches_reference(backend, shape, form, poison_empty, request):
         request.applymarker(KNOWN_LN_FAILURE)
     for i, dtype in enumerate(dtypes_for(backend)):
         activation = ACTIVATIONS[(i + FORMS.index(form) + SHAPES.index(shape)) % len(ACTIVATIONS)]
-        got, ref = run_both(make_inputs(lead, d, b, dtype, form=form), activation)
-        _check(got, ref, dtype, f"{backend} {dtype} {form} {activation}")
+        got, ref, exact = run_both(make_inputs(lead, d, b, dtype, form=form), activation)
+        _check(got, ref, exact, dtype, f"{backend} {dtype} {form} {activation}")
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
@@ -114,8 +127,8 @@ def test_matches_reference(backend, shape, form, poison_empty, request):
 @pytest.mark.parametrize("form", FORMS)
 def test_every_activation(backend, activation, form, poison_empty):
     dtype = dtypes_for(backend)[0]
-    got, ref = run_both(make_inputs((2, 13), 56, 8, dtype, form=form), activation)
-    _check(got, ref, dtype, f"{backend} {activation} {form}")
+    got, ref, exact = run_both(make_inputs((2, 13), 56, 8, dtype, form=form), activation)
+    _check(got, ref, exact, dtype, f"{backend} {activation} {form}")
 
 
 VARIANTS = {
@@ -131,8 +144,8 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(backend, variant, poison_empty):
     for dtype in dtypes_for(backend):
-        got, ref = run_both(make_inputs((23,), 48, 8, dtype, **VARIANTS[variant]), "gelu")
-        _check(got, ref, dtype, f"{backend} {dtype} {variant}")
+        got, ref, exact = run_both(make_inputs((23,), 48, 8, dtype, **VARIANTS[variant]), "gelu")
+        _check(got, ref, exact, dtype, f"{backend} {dtype} {variant}")
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
@@ -141,9 +154,9 @@ def test_fp32_adapters_beside_16bit_base(backend):
     if dtype not in dtypes_for(backend):
         pytest.skip(f"{dtype} not testable on {backend} here")
     args = make_inputs((2, 21), 64, 8, dtype, form="sequential+ln", learned=True, adapter_dtype=torch.float32)
-    got, ref = run_both(args, "silu")
+    got, ref, exact = run_both(args, "silu")
     assert got["out"].dtype == dtype and got["ddown_weight"].dtype == torch.float32
-    _check(got, ref, dtype, "fp32 adapters")
+    _check(got, ref, exact, dtype, "fp32 adapters")
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")

@@ -18,6 +18,7 @@ Other PEFT tuner types join through `register_handler(layer_class, handler)`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 from dataclasses import dataclass, field
@@ -285,8 +286,20 @@ def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
             return _fall_back(self, "several active LoKr adapters with different factor shapes", x, args, kwargs)
         # one scaling for the sum: each term's own ratio rides on its (small) A factor
         A = [_scaled(a, s / scales[0]) for a, s in zip(A, scales)]
+        # the terms are stacked, so they share a dtype (add_adapter keeps PEFT's fp32 default for a second adapter
+        # beside bf16 ones); the casts are differentiable and each factor's gradient comes back in its own dtype
+        common = functools.reduce(torch.promote_types, [t.dtype for f in A + B for t in _tensors(f)])
+        A, B = [_cast(f, common) for f in A], [_cast(f, common) for f in B]
     return krona_linear(x, _param(base, "weight"), A if len(A) > 1 else A[0], B if len(B) > 1 else B[0], scales[0],
                         _param(base, "bias"))
+
+
+def _tensors(factor) -> tuple:
+    return factor if isinstance(factor, tuple) else (factor,)
+
+
+def _cast(factor, dtype: torch.dtype):
+    return tuple(t.to(dtype) for t in factor) if isinstance(factor, tuple) else factor.to(dtype)
 
 
 def _shape(factor) -> tuple:
