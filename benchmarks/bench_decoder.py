@@ -2,20 +2,22 @@
 and fused by peftkern, forward and forward+backward of the hidden states (the middle level between the single
 linear layer of bench_lora / bench_ia3 / bench_krona and the whole training step of bench_e2e).
 
-    python -m peftkern bench decoder [--method lora|ia3|lokr|all] [--shape 1b|7b] [--tokens 8192 ...]
+    python -m peftkern bench decoder [--method lora|ia3|lokr|adapter|all] [--shape 1b|7b] [--tokens 8192 ...]
                                      [--no-compile] [--eager] [--out DIR]
 
 Shapes: "1b" is hidden 2048, intermediate 5632, 16 heads; "7b" is hidden 4096, intermediate 11008, 32 heads.
 Adapters as in PEFT's defaults for each method: LoRA r=16 on all seven projections, IA3 on k, v and down
-(down in the input form), LoKr r=8 on q and v. Anchors: PEFT eager with its default float32 adapters and with
-bf16 adapters, and (LoRA) the bf16 PEFT layer under torch.compile. Timing as in bench_lora (CUDA-graph
-replays by default); ratios are to the frozen layer of the same run.
+(down in the input form), LoKr r=8 on q and v; bottleneck adapters (peftkern's own, add_adapters) at Pfeiffer's
+placement after the MLP. Anchors: PEFT eager with its default float32 adapters and with bf16 adapters (for the
+bottleneck adapters: the same adapters as eager PyTorch ops), and (LoRA) the bf16 PEFT layer under torch.compile.
+Timing as in bench_lora (CUDA-graph replays by default); ratios are to the frozen layer of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -32,7 +34,7 @@ SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
     "cpu": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4),
 }
-METHODS = ("lora", "ia3", "lokr")  # the PEFT methods; bottleneck adapters have their own layer benchmark
+METHODS = ("lora", "ia3", "lokr", "adapter")
 SEQ = 2048
 
 
@@ -71,7 +73,27 @@ def with_adapters(frozen: DecoderLayer, method: str, fp32_adapters: bool):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def bottleneck_implementations(frozen: DecoderLayer, dtype) -> dict:
+    """Pfeiffer adapters on the layer: eager PyTorch ops (the anchor) and peftkern's, in the layer's dtype and fp32."""
+    from peftkern.integrations.adapters import adapters
+    from peftkern.workloads import eager_adapter_forward
+
+    impls = {"frozen layer (floor)": (frozen, [])}
+    for label, eager, adapter_dtype in ((f"Pfeiffer, eager PyTorch ({str(dtype)[6:]} adapters)", True, None),
+                                        (f"peftkern adapters ({str(dtype)[6:]} adapters)", False, None),
+                                        ("peftkern adapters (fp32 adapters)", False, torch.float32)):
+        model = copy.deepcopy(frozen)
+        peftkern.add_adapters(model, "pfeiffer", adapter_dtype=adapter_dtype)
+        if eager:
+            for adapter in adapters(model).values():
+                adapter.forward = functools.partial(eager_adapter_forward, adapter)
+        impls[label] = (model, [p for p in model.parameters() if p.requires_grad])
+    return impls
+
+
 def implementations(frozen: DecoderLayer, method: str, compile_anchor: bool, dtype) -> dict:
+    if method == "adapter":
+        return bottleneck_implementations(frozen, dtype)
     impls = {"frozen layer (floor)": (frozen, [])}
     for fp32, label in ((False, f"{str(dtype)[6:]} adapters"), (True, "fp32 adapters, PEFT default")):
         model, params = with_adapters(frozen, method, fp32)

@@ -100,10 +100,12 @@ def test_bench_all_writes_every_piece_plots_and_a_summary(tmp_path):
         assert abs(r["extra"]["throughput_vs_floor"] * r["ratio"] - 1.0) < 1e-9, r
     decoder = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())
     cases = {r["case"] for r in decoder["rows"]}
-    assert {c.split()[0] for c in cases} == {"lora", "ia3", "lokr"}
+    assert {c.split()[0] for c in cases} == {"lora", "ia3", "lokr", "adapter"}
     for case in cases:
         impls = {r["impl"] for r in decoder["rows"] if r["case"] == case}
-        assert "frozen layer (floor)" in impls and sum(i.startswith("peftkern.fuse") for i in impls) == 2
+        ours = sum(i.startswith("peftkern.fuse" if not case.startswith("adapter") else "peftkern adapters")
+                   for i in impls)
+        assert "frozen layer (floor)" in impls and ours == 2, impls
     assert "fuse left layers" not in out.stdout + out.stderr
     plots = list((tmp_path / "plots").glob("*.png"))
     assert any(p.name.startswith("e2e_") for p in plots) and any(p.name.startswith("lora_") for p in plots)
