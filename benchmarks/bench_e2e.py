@@ -17,6 +17,7 @@ also the compiled frozen model and PEFT LoRA / fused LoRA under torch.compile.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -71,7 +72,7 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
             name = workloads.describe(method, impl, fp32, compiled, model_dtype)
             pass_ = "train step" + (" +ckpt" if ckpt else "")
             progress(f"e2e {case} {pass_}: {name}")
-            model = None
+            model = step = None
             try:
                 model = workloads.build(method, impl, shape, device, dtype, args.rank, fp32, max_positions=seq)
                 step = workloads.training_step(model, batch, seq, device, compiled, ckpt)
@@ -80,7 +81,10 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
                 progress(f"  failed: {type(exc).__name__}: {exc}")
                 continue
             finally:
-                del model
+                # the step closure holds the model and its optimizer: left alive, the next row's peak memory
+                # would count this model too (seen on the H100: a fused row below the frozen floor)
+                del model, step
+                gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
             floor = floors.setdefault("floor", (ms, peak))
