@@ -164,7 +164,9 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
                 continue
             floor.setdefault(pass_, ms)
             mem = peak_memory_mb(step, dev) if pass_ == "fwd+bwd" else None
-            rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[pass_], mem, {"cuda_graph": graph}))
+            tokens = x.numel() // x.shape[-1]
+            rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[pass_], mem,
+                            {"cuda_graph": graph, "tokens_per_s": tokens / ms * 1e3}))
     return rows
 
 
@@ -199,12 +201,14 @@ def note_spread(rows: list[Row]) -> None:
 def print_table(rows: list[Row], title: str = "") -> None:
     if title:
         print(f"\n## {title}")
-    print(f"| {'case':<34} | {'pass':<8} | {'impl':<26} | {'ms':>9} | {'ratio':>6} | {'peak MB':>8} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{'-' * 10}|")
+    print(f"| {'case':<34} | {'pass':<8} | {'impl':<26} | {'ms':>9} | {'ratio':>6} | {'tokens/s':>11} | "
+          f"{'peak MB':>8} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{'-' * 13}|{'-' * 10}|")
     for r in rows:
         mem = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'-':>8}"
+        tps = f"{r.extra['tokens_per_s']:11,.0f}" if r.extra.get("tokens_per_s") else f"{'-':>11}"
         flag = " ~" if r.extra.get("within_spread_of") else ""
-        print(f"| {r.case:<34} | {r.pass_:<8} | {r.impl:<26} | {r.ms:9.4f} | {r.ratio:5.2f}x | {mem} |{flag}")
+        print(f"| {r.case:<34} | {r.pass_:<8} | {r.impl:<26} | {r.ms:9.4f} | {r.ratio:5.2f}x | {tps} | {mem} |{flag}")
     sys.stdout.flush()
 
 

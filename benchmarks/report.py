@@ -18,16 +18,19 @@ def load(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def table(data: dict, passes=("fwd", "fwd+bwd")) -> str:
-    """One markdown row per (case, implementation): ms and ratio to the floor for each pass, peak memory."""
+def table(data: dict, passes=None) -> str:
+    """One markdown row per (case, implementation): ms and ratio to the floor for each pass (those in the data:
+    fwd and fwd+bwd for layers, train step for the training step), tokens/s of the last, peak memory."""
     env = data["environment"]
+    passes = passes or list(dict.fromkeys(r["pass"] for r in data["rows"]))
     cases: dict = {}
     for r in data["rows"]:
         cases.setdefault(r["case"], {}).setdefault(r["impl"], {})[r["pass"]] = r
     head = f"{data['benchmark']} on {env.get('gpu') or 'CPU'} (torch {env['torch']}, triton {env.get('triton')}, " \
            f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')})\n\n"
     cols = " | ".join(f"{p} ms | {p} ratio" for p in passes)
-    lines = [f"| case | implementation | {cols} | peak MB |", "|" + " --- |" * (3 + 2 * len(passes))]
+    lines = [f"| case | implementation | {cols} | tokens/s ({passes[-1]}) | peak MB |",
+             "|" + " --- |" * (4 + 2 * len(passes))]
     for case, impls in cases.items():
         for impl, by_pass in impls.items():
             cells = []
@@ -35,7 +38,11 @@ def table(data: dict, passes=("fwd", "fwd+bwd")) -> str:
                 r = by_pass.get(p)
                 cells += [f"{r['ms']:.4f}", f"{r['ratio']:.2f}x"] if r else ["-", "-"]
             mem = next((r["peak_mb"] for r in by_pass.values() if r.get("peak_mb") is not None), None)
-            lines.append(f"| {case} | {impl} | {' | '.join(cells)} | {'-' if mem is None else f'{mem:.0f}'} |")
+            last = by_pass.get(passes[-1]) or {}
+            tps = last.get("extra", {}).get("tokens_per_s") or (
+                _m_of(case) / last["ms"] * 1e3 if last and _m_of(case) else None)
+            lines.append(f"| {case} | {impl} | {' | '.join(cells)} | {'-' if tps is None else f'{tps:,.0f}'} | "
+                         f"{'-' if mem is None else f'{mem:.0f}'} |")
     return head + "\n".join(lines)
 
 

@@ -111,6 +111,8 @@ def test_bench_all_writes_every_piece_plots_and_a_summary(tmp_path):
     assert any(p.name.startswith("e2e_") for p in plots) and any(p.name.startswith("lora_") for p in plots)
     summary = next(tmp_path.glob("summary-*.md")).read_text()
     assert all(f"| {piece} |" in summary for piece in pieces), summary[:2000]
+    assert "| train step ms | train step ratio |" in summary, "the training step's table has its own pass"
+    assert "| - | - | - | - |" not in summary, "a table row with no numbers"
     compared = _run("bench", "--compare", *[str(p) for p in [next(tmp_path.glob("e2e-*.json"))] * 2])
     assert compared.returncode == 0 and "+0.0%" in compared.stdout, compared.stderr[-2000:]
 
