@@ -12,15 +12,16 @@ from peftkern.nn import BottleneckAdapter
 
 ACTIVATIONS = list(reference.ADAPTER_ACTIVATIONS)
 # (lead shape of h, d, b): M = 1, sizes that are multiples of no tile, 3-D inputs, a bottleneck as wide as d.
-SHAPES = [((1,), 64, 4), ((37,), 72, 12), ((2, 9), 48, 16), ((19,), 40, 40)]
+# (3, 129) x 520, b = 33 runs in the interpreter too (a few seconds): the GPU failures of 2026-11-23 were found there.
+SHAPES = [((1,), 64, 4), ((37,), 72, 12), ((2, 9), 48, 16), ((19,), 40, 40), ((3, 129), 520, 33)]
 if HAS_CUDA:
-    SHAPES += [((3, 129), 520, 33), ((300,), 1024, 64), ((2, 1000), 4096, 256)]
+    SHAPES += [((300,), 1024, 64), ((2, 1000), 4096, 256)]
 FORMS = ["sequential", "parallel", "sequential+ln", "parallel+ln"]
-# The known GPU failures of the fused LN form (NOTES-adapter.md): on GPUs the op routes LN to the reference
-# unless PEFTKERN_ADAPTER_FUSED_LN=1, which these tests set so the fused kernel itself stays under test. Seen on
-# an H100 at d = 4096, b = 256 and at d = 520, b = 33 (ReLU; errors 10-80x the same-dtype reference's against
-# float64, so a bug, not rounding); never under the interpreter at the small shapes.
-KNOWN_LN_FAILURE = pytest.mark.xfail(HAS_CUDA, reason="fused LN failed on an H100 at d=520 and d=4096 "
+# The known GPU failure of the fused LN form (NOTES-adapter.md): the forward output at d = 4096, b = 256 (gelu,
+# fp16, 3e-2 off) on an H100, not explained. On GPUs the op routes LN to the reference unless
+# PEFTKERN_ADAPTER_FUSED_LN=1, which these tests set so the fused kernel itself stays under test. (The d = 520
+# failures of 2026-11-23 were ReLU kinks, now kept out of the inputs: clear_relu_kinks.)
+KNOWN_LN_FAILURE = pytest.mark.xfail(HAS_CUDA, reason="fused LN's forward at d=4096, b=256 failed on an H100 "
                                      "(NOTES-adapter.md); LN runs on the reference on GPUs", strict=False)
 
 
@@ -48,10 +49,43 @@ def make_inputs(lead, d, b, dtype, *, form="sequential", bias=True, learned=Fals
     return args
 
 
+# How close to ReLU's kink a pre-activation may lie before a 16-bit rounding (of LN(h), of the weights) can move
+# it to the other side: a few times each dtype's error on z (measured ~3e-4 in fp16 at d = 520).
+KINK_MARGIN = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def clear_relu_kinks(args, max_rounds: int = 60) -> None:
+    """Redraw (in place) the rows of h with an exact pre-activation z = LN(h) Wd^T + bd within KINK_MARGIN of 0.
+
+    Two correct roundings of such a z can land on either side of ReLU's kink and flip a whole row of dz: on an
+    H100 (and in the interpreter, at M = 387, d = 520, b = 33) one z of -1.4e-4 rounded to +1.3e-4 made the op's
+    gradients 1e-2 off float64 while the same-dtype reference happened to keep the sign; with that one z flipped
+    in the float64 answer too, the op matched it to 3e-4. Which side is right is not the op's to know."""
+    h = args["h"]
+    if not h.is_contiguous():
+        return
+    rows = h.view(-1, h.shape[-1])
+    tau = KINK_MARGIN[h.dtype]
+    ln = args["ln"]
+    for _ in range(max_rounds):
+        x = rows.double()
+        if ln is not None:
+            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), *(t.double() if t is not None else None for t in ln))
+        z = x @ args["down_weight"].double().t()
+        if args["down_bias"] is not None:
+            z = z + args["down_bias"].double()
+        bad = (z.abs() < tau).any(dim=1)
+        if not bad.any():
+            return
+        rows[bad] = (torch.randn(int(bad.sum()), rows.shape[1], device=rows.device) + 0.5).to(rows.dtype)
+
+
 def run_both(args, activation, scaling=0.8):
     """(op, reference, exact) results: the output on the active backend, reference.bottleneck_adapter's in the
     same dtype, and reference.bottleneck_adapter's on the inputs upcast to float64; each with the gradients of
     every input for the same random output gradient."""
+    if activation == "relu":
+        clear_relu_kinks(args)
     names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual", "scale")
              if args[k] is not None]
     ln = args["ln"]
@@ -92,10 +126,9 @@ FP32_WEIGHT_GRAD_SCALE = 20.0
 
 def _check(got, ref, exact, dtype, label):
     """The op against the reference in the same dtype; where they differ by more than the dtype's tolerance, the
-    op must still be as close to the float64 answer as that reference is (twice its error at most): two roundings
-    in 16 bits part near a kink of the activation (a ReLU unit whose pre-activation rounds to the other side of
-    0 flips a whole row of the down-projection's gradient: seen on an H100 at M = 387, d = 520, b = 33, where
-    hundreds of pre-activations lie within a bf16 rounding of 0), and neither is more right than the other."""
+    op must still be as close to the float64 answer as that reference is (twice its error at most): a difference
+    of two roundings is not the op's fault, an error the reference does not make is. (ReLU's kink, where two
+    right roundings part by a whole row of dz, is kept out of the inputs by clear_relu_kinks.)"""
     assert got.keys() == ref.keys() == exact.keys()
     for name in ref:
         assert got[name].dtype == ref[name].dtype, f"{label} {name}: dtype {got[name].dtype} != {ref[name].dtype}"
@@ -116,7 +149,7 @@ def _check(got, ref, exact, dtype, label):
 @pytest.mark.parametrize("form", FORMS)
 def test_matches_reference(backend, shape, form, poison_empty, request):
     lead, d, b = shape
-    if form.endswith("+ln") and d in (520, 4096) and backend == "triton":
+    if form.endswith("+ln") and d == 4096 and backend == "triton":
         request.applymarker(KNOWN_LN_FAILURE)
     for i, dtype in enumerate(dtypes_for(backend)):
         activation = ACTIVATIONS[(i + FORMS.index(form) + SHAPES.index(shape)) % len(ACTIVATIONS)]
