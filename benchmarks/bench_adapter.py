@@ -44,6 +44,15 @@ EXPLORE_CONFIGS = {
     "two-pass m64 split4": dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3, split_n=4, two_pass=True),
     "two-pass m128 w8 split4": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=4,
                                     two_pass=True),
+    # loop 1's product (h Wd^T, g Wu) from cuBLAS, everything else in one kernel: loop 1 had 64 row blocks at
+    # M = 8192 and no split over d, cuBLAS splits that reduction; the column splits now cost no recomputation.
+    "gemm-first m128 w8 split2": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2,
+                                      two_pass=False, gemm_first=True),
+    # ... and loop 2 as a tiled GEMM of its own (adapter_wide_kernel), wide_tile = (BM, BN, BK, warps, stages)
+    **{f"wide {bm}x{bn}x{bk} w{w} s{st}": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=1,
+                                               two_pass=False, wide=True, wide_tile=(bm, bn, bk, w, st))
+       for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+                                 (64, 256, 64, 4, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 2)]},
 }
 
 

@@ -62,6 +62,9 @@ import torch
 import triton
 import triton.language as tl
 
+# the grouped tile order of the persistent kernels, shared with the op (kernels/triton/lora.py)
+from peftkern.kernels.triton.lora import _tile_coords, _tile_counts  # noqa: E402
+
 SHAPES = [(8192, 4096, 4096), (8192, 11008, 4096), (2048, 4096, 4096)]  # (M, N, K)
 RANK = 16
 SCALING = 2.0
@@ -69,17 +72,6 @@ TOL = 1e-2
 GROUP_M = 8
 
 # --------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    # Tiles are numbered so that GROUP_M consecutive row-tiles sweep the columns together: the W tiles they
-    # share come from DRAM once per group and from L2 after that.
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    local = tile % per_group
-    return first_m + local % rows_in_group, local // rows_in_group
 
 
 @triton.jit
@@ -130,10 +122,7 @@ def gemm_persistent_kernel(
                                             block_shape=[BLOCK_M, BLOCK_R])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_R])
     start = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_m * num_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     # The epilogue finds its tile from a counter of its own rather than reusing the loop's: once the loops are
     # flattened and pipelined, the loads of the next tile run ahead of this tile's epilogue, and one value used
     # by both ends is what Triton's pipeliner has had trouble with.

@@ -196,20 +196,24 @@ def test_fp32_adapters_beside_16bit_base(backend):
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("schedule", [
-    dict(split_n=1, two_pass=False), dict(split_n=3, two_pass=False), dict(split_n=2, two_pass=True)],
-    ids=["fused", "fused-split3", "two-pass-split2"])
+    dict(split_n=1, two_pass=False), dict(split_n=3, two_pass=False), dict(split_n=2, two_pass=True),
+    dict(split_n=1, two_pass=False, gemm_first=True), dict(split_n=3, two_pass=False, gemm_first=True),
+    dict(split_n=1, two_pass=False, wide=True), dict(split_n=2, two_pass=False, gemm_first=True, wide="backward")],
+    ids=["fused", "fused-split3", "two-pass-split2", "gemm-first", "gemm-first-split3", "wide", "wide-backward"])
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["no-ln", "ln"])
 def test_kernel_schedules_match_reference(schedule, layer_norm, poison_empty):
-    """Both schedules of both kernels (fused, with recomputing column splits, and two-pass) at the kernel level:
-    every output element is written (poisoned buffers) and equals the reference's."""
+    """Every schedule of both kernels (fused, with recomputing column splits, two-pass, loop 1's product from
+    cuBLAS, and that with loop 2 as a tiled GEMM of its own) at the kernel level: every output element is
+    written (poisoned buffers) and equals the reference's."""
     from peftkern.kernels.triton import adapter as ka
 
-    small = dict(block_m=16, block_k=32, block_n=16, warps=4, stages=1) if INTERPRET else \
-        dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3)
+    small = dict(block_m=16, block_k=32, block_n=16, warps=4, stages=1, wide_tile=(16, 32, 16, 4, 1)) \
+        if INTERPRET else dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3)
     cfg = {**small, **schedule}
     M, d, b = 45, 88, 12
-    for dtype in dtypes_for("triton"):
-        a = make_inputs((M,), d, b, dtype, form="parallel+ln" if layer_norm else "sequential", learned=True)
+    for dtype, sequential in [(dt, seq) for dt in dtypes_for("triton") for seq in (True, False)]:
+        form = ("sequential" if sequential else "parallel") + ("+ln" if layer_norm else "")
+        a = make_inputs((M,), d, b, dtype, form=form, learned=True)
         lw, lb = a["ln"] if layer_norm else (None, None)
         common = (a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"], a["scale"])
         fwd_args = (*common, a["residual"], lw, lb, "gelu_tanh", 0.9, layer_norm, 1e-5)
@@ -221,13 +225,13 @@ def test_kernel_schedules_match_reference(schedule, layer_norm, poison_empty):
             assert_close(stats, stats_r, dtype, "stats")
         g = torch.randn(M, d, device=DEVICE).to(dtype)
         needs = (True,) * 6 + (layer_norm,) * 2
-        bwd_args = (g, *common, z_r, stats_r, lw, lb, "gelu_tanh", 0.9, not layer_norm, layer_norm, needs)
+        bwd_args = (g, *common, z_r, stats_r, lw, lb, "gelu_tanh", 0.9, sequential, layer_norm, needs)
         grads = ka.adapter_backward(*bwd_args, config=cfg)
         grads_r = reference.adapter_backward(*bwd_args)
         for name, x, y in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), grads, grads_r):
             assert (x is None) == (y is None), name
             if y is not None:
-                assert_close(x, y, dtype, f"{name} {schedule}", scale=SCALAR_SCALE if name == "dscale" else 1.0)
+                assert_close(x, y, dtype, f"{name} {schedule} {form}", scale=SCALAR_SCALE if name == "dscale" else 1.0)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

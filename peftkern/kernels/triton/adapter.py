@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from .lora import _block_r, _dot_precision, _sm_count
+from .lora import _block_r, _dot_precision, _grouped_pid, _sm_count
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -168,17 +168,20 @@ def row_stats_kernel(h_ptr, stats_ptr, M, D, stride_hm, stride_hd, ln_eps, EVEN_
 @triton.jit
 def adapter_fwd_kernel(
     h_ptr, res_ptr, out_ptr, down_ptr, up_ptr, down_b_ptr, up_b_ptr, scale_ptr, z_ptr, stats_ptr, c1_ptr, c2_ptr,
-    M, D, B, n_per_split,
+    acc_ptr, M, D, B, n_per_split,
     stride_hm, stride_hd, stride_rm, stride_rd, stride_om, stride_od,
-    stride_db, stride_dd, stride_ud, stride_ub,
+    stride_db, stride_dd, stride_ud, stride_ub, stride_acc,
     scaling, ln_eps,
-    ACT: tl.constexpr, Z_GIVEN: tl.constexpr, UP_PROJECT: tl.constexpr, SEQUENTIAL: tl.constexpr,
+    ACT: tl.constexpr, Z_GIVEN: tl.constexpr, ACC_GIVEN: tl.constexpr, UP_PROJECT: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
     LAYER_NORM: tl.constexpr, STATS_GIVEN: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """out[rows, this split's columns] = r + s (act(z) Wu^T + bu), z = LN(h) Wd^T + bd computed here (loop 1,
-    stored by the split-0 program) or read back (Z_GIVEN). down_ptr holds W' = Wd * gamma under LN."""
+    stored by the split-0 program) or read back (Z_GIVEN); with ACC_GIVEN loop 1's product h W'^T comes from
+    memory (a cuBLAS GEMM: the `gemm_first` schedule; LN then needs STATS_GIVEN). down_ptr holds W' = Wd * gamma
+    under LN."""
     pid_n = tl.program_id(1)
     offs_m, rows = _row_block(M, BLOCK_M)
     m_mask = offs_m < M
@@ -189,10 +192,13 @@ def adapter_fwd_kernel(
     if Z_GIVEN:
         z = tl.load(z_ptrs, mask=zb_mask, other=0.0)
     else:
-        shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
-        acc, sum1, sum2 = _rows_times_skinny(h_ptr, rows, stride_hm, stride_hd, down_ptr, stride_dd, stride_db,
-                                             offs_b, b_mask, D, shift, c1_ptr, LAYER_NORM and not STATS_GIVEN,
-                                             False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B)
+        if ACC_GIVEN:
+            acc = tl.load(acc_ptr + offs_m[:, None] * stride_acc + offs_b[None, :], mask=zb_mask, other=0.0)
+        else:
+            shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
+            acc, sum1, sum2 = _rows_times_skinny(h_ptr, rows, stride_hm, stride_hd, down_ptr, stride_dd, stride_db,
+                                                 offs_b, b_mask, D, shift, c1_ptr, LAYER_NORM and not STATS_GIVEN,
+                                                 False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B)
         if LAYER_NORM:
             if STATS_GIVEN:
                 mean = tl.load(stats_ptr + rows * 2)
@@ -240,12 +246,13 @@ def adapter_fwd_kernel(
 @triton.jit
 def adapter_bwd_kernel(
     g_ptr, h_ptr, dh_ptr, down_ptr, up_ptr, down_b_ptr, up_b_ptr, scale_ptr, z_ptr, stats_ptr, c1_ptr, c2_ptr,
-    dz_ptr, a_ptr, r_ptr, sdot_ptr,
+    dz_ptr, a_ptr, r_ptr, sdot_ptr, acc_ptr,
     M, D, B, n_per_split,
     stride_gm, stride_gd, stride_hm, stride_hd, stride_dhm, stride_dhd,
-    stride_db, stride_dd, stride_ud, stride_ub, stride_am,
+    stride_db, stride_dd, stride_ud, stride_ub, stride_am, stride_acc,
     scaling,
-    ACT: tl.constexpr, DZ_GIVEN: tl.constexpr, WRITE_DH: tl.constexpr, SEQUENTIAL: tl.constexpr,
+    ACT: tl.constexpr, DZ_GIVEN: tl.constexpr, ACC_GIVEN: tl.constexpr, WRITE_DH: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
     LAYER_NORM: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     SCALE_GRAD: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -254,7 +261,8 @@ def adapter_bwd_kernel(
     r = (dz c1 / d, dz (z - c2 - bd) / d) by the split-0 program; with SCALE_GRAD also each row's
     sum(g * u) = a . (g Wu) + g . bu in float32 (the learned scale's gradient, from the fp32 accumulator: a
     scalar summed over M d terms would lose too much through a rounded g^T a). Loop 2 (WRITE_DH): dh = dz W'
-    [LN backward] [+ g] for this split's columns."""
+    [LN backward] [+ g] for this split's columns. With ACC_GIVEN loop 1's product comes from memory: g [Wu, bu]
+    (a cuBLAS GEMM, the `gemm_first` schedule; its column B holds g . bu when SCALE_GRAD and HAS_UP_BIAS)."""
     pid_n = tl.program_id(1)
     offs_m, rows = _row_block(M, BLOCK_M)
     m_mask = offs_m < M
@@ -269,10 +277,17 @@ def adapter_bwd_kernel(
             r1 = tl.load(r_ptr + offs_m * 2, mask=m_mask, other=0.0)
             r2 = tl.load(r_ptr + offs_m * 2 + 1, mask=m_mask, other=0.0)
     else:
-        gu, g_dot_bu, _ = _rows_times_skinny(g_ptr, rows, stride_gm, stride_gd, up_ptr, stride_ud, stride_ub,
-                                             offs_b, b_mask, D, offs_m.to(tl.float32), up_b_ptr, False,
-                                             SCALE_GRAD and HAS_UP_BIAS, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K,
-                                             BLOCK_B)
+        if ACC_GIVEN:
+            gu = tl.load(acc_ptr + offs_m[:, None] * stride_acc + offs_b[None, :], mask=zb_mask, other=0.0)
+            if SCALE_GRAD and HAS_UP_BIAS:
+                g_dot_bu = tl.load(acc_ptr + offs_m * stride_acc + B, mask=m_mask, other=0.0)
+            else:
+                g_dot_bu = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        else:
+            gu, g_dot_bu, _ = _rows_times_skinny(g_ptr, rows, stride_gm, stride_gd, up_ptr, stride_ud, stride_ub,
+                                                 offs_b, b_mask, D, offs_m.to(tl.float32), up_b_ptr, False,
+                                                 SCALE_GRAD and HAS_UP_BIAS, EVEN_D, DOT_PRECISION, BLOCK_M,
+                                                 BLOCK_K, BLOCK_B)
         z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=zb_mask, other=0.0)
         a, act_grad = _activation(z, ACT)
         s = scaling
@@ -318,11 +333,69 @@ def adapter_bwd_kernel(
                      dx.to(dh_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def adapter_wide_kernel(
+    small_ptr, w_ptr, res_ptr, h_ptr, out_ptr, bias_ptr, scale_ptr, stats_ptr, r_ptr,
+    M, D, B,
+    stride_sm, stride_wb, stride_wn, stride_rm, stride_rd, stride_hm, stride_hd, stride_om, stride_od,
+    scaling,
+    ACT: tl.constexpr, APPLY_ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, LN_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Loop 2 as a GEMM of its own, one (BLOCK_M, BLOCK_N) output tile per program (the `wide` schedule):
+    out = [r +] epilogue(act?(small) @ w) with small (M, B) from memory and w a (B, D) view; K = B is short, so
+    the tile's big operands (r, and h for the LN backward) are loaded before the loop and arrive while the
+    MMAs run, and the many programs per SM overlap one tile's stores with another's loads.
+      forward:  small = z (float32, APPLY_ACT), w = Wu^T, out = r + s (act(z) Wu^T + bu);
+      backward: small = dz, w = W', out = [LN backward of] dz W' [+ g]."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Masks rather than clamped indices: offsets straight from tl.arange keep their contiguity, so the big
+    # loads and the store stay 16 bytes wide (a tl.where on the column index made them scalar).
+    m_mask = offs_m < M
+    n_mask = offs_n < D
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rd, mask=mn_mask, other=0.0)
+    if LN_BACKWARD:
+        x = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hd, mask=mn_mask, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < B
+        a = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        if APPLY_ACT:
+            a, _ = _activation(a.to(tl.float32), ACT)  # act(0) = 0: the masked columns add nothing
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wb + offs_n[None, :] * stride_wn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    if LN_BACKWARD:
+        mean = tl.load(stats_ptr + offs_m * 2, mask=m_mask, other=0.0)
+        rstd = tl.load(stats_ptr + offs_m * 2 + 1, mask=m_mask, other=0.0)
+        r1 = tl.load(r_ptr + offs_m * 2, mask=m_mask, other=0.0)
+        r2 = tl.load(r_ptr + offs_m * 2 + 1, mask=m_mask, other=0.0)
+        xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        acc = rstd[:, None] * (acc - r1[:, None] - xhat * r2[:, None])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    s = scaling
+    if HAS_SCALE:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    acc = acc * s
+    if HAS_RES:
+        acc += res.to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
+             mask=mn_mask)
+
+
 # ------------------------------------------------------------------------------------------- launchers
 
 
 def default_config(M: int, D: int, B: int, device: torch.device) -> dict:
-    """Tiles and schedule for both kernels (to be tuned on an H100: NOTES-adapter.md).
+    """Tiles and schedule for both kernels (measured on an H100 where it says so: NOTES-adapter.md).
 
     The BLOCK_M x b float32 accumulator lives in registers: 64 x 256 is 128 registers a thread over 4 warps
     (one warpgroup), so b = 256 takes BLOCK_M = 64; narrower bottlenecks take 128 rows and 8 warps, which
@@ -337,14 +410,27 @@ def default_config(M: int, D: int, B: int, device: torch.device) -> dict:
     n_rows = triton.cdiv(M, block_m)
     sms = _sm_count(device)
     if block_b > 128 and triton.cdiv(M, 128) * 2 * 2 >= sms:
-        # Measured on an H100 (bf16, M=8192, d=4096, b=256, `bench adapter --explore`, results/adapter-*-
-        # 20261123-002702.json): 128 rows, 8 warps, 2 column splits 0.435 ms fwd+bwd against 0.477 ms for
-        # 64 rows / 4 warps / 1 split, the best of the six schedules tried (3.45x vs 3.78x the memory floor).
-        return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2, two_pass=False)
+        # Measured on an H100 (bf16, d=4096, b=256, relu, scripts/explore_adapter.py, results/logs/explore-adapter-
+        # wide-h100.log): the forward with loop 1's product from cuBLAS and the rest in one kernel of 128 rows
+        # x 2 column splits, 132 us at M = 8192 (the all-Triton fused schedule: 153 us); the backward with
+        # g Wu from cuBLAS and dh = dz W' as a tiled GEMM (adapter_wide_kernel, 128x128x64, 4 warps), 246 us
+        # (fused: 283 us). M = 16384: 261 + 444 us against 313 + 547 us.
+        return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2, two_pass=False,
+                    gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3))
     if 2 * n_rows >= sms:
         return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=1, two_pass=False)
     split = max(1, min(triton.cdiv(2 * sms, n_rows), triton.cdiv(D, 64)))
     return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=split, two_pass=True)
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: for 16-bit CUDA operands cuBLAS's float32 accumulator is written as it is
+    (torch.mm's out_dtype), so the kernels that read it see what their own loop 1 would have summed."""
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the CPU has no 16-bit mm with a float32 result (the interpreter's tests)
 
 
 def _splits(D: int, cfg: dict) -> tuple[int, int]:
@@ -372,6 +458,30 @@ def _common_meta(h: torch.Tensor, D: int, B: int, cfg: dict, activation: str) ->
                 BLOCK_N=cfg["block_n"], BLOCK_B=_block_r(B), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
 
+def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activation, apply_act, ln_backward, cfg):
+    """adapter_wide_kernel over out (M, D): small (M, B), w_bd a (B, D) view; res / bias / scale / LN operands
+    where given (None: not used)."""
+    M, D = out.shape
+    B = small.shape[1]
+    wc = cfg.get("wide_tile", (128, 128, 64, 8, 3))
+    bm, bn, bk, warps, stages = wc
+    dummy = out
+    res_arg = res if res is not None else dummy
+    h_arg = h if h is not None else dummy
+    grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
+    adapter_wide_kernel[grid](
+        small, w_bd, res_arg, h_arg, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
+        stats if stats is not None else dummy, r if r is not None else dummy,
+        M, D, B,
+        small.stride(0), w_bd.stride(0), w_bd.stride(1), res_arg.stride(0), res_arg.stride(1),
+        h_arg.stride(0), h_arg.stride(1), out.stride(0), out.stride(1),
+        float(scaling),
+        ACT=ACTIVATION_IDS[activation], APPLY_ACT=apply_act, HAS_RES=res is not None, HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None, LN_BACKWARD=ln_backward, DOT_PRECISION=_dot_precision(out.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, max(16, triton.next_power_of_2(B))), GROUP_M=8,
+        num_warps=warps, num_stages=stages)
+
+
 def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
                     activation, scaling, layer_norm, ln_eps, config: Optional[dict] = None):
     """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) as in reference.adapter_forward, for a
@@ -387,26 +497,33 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
     res = residual if residual is not None else h
     n_split, per_split = _splits(D, cfg)
     meta = _common_meta(h, D, B, cfg, activation)
-    stats_given = layer_norm and cfg.get("separate_stats", False)
+    wide = cfg.get("wide", False) is True  # "backward": the wide kernel in the backward only
+    gemm_first = wide or cfg.get("gemm_first", False)
+    stats_given = layer_norm and (gemm_first or cfg.get("separate_stats", False))
     flags = dict(SEQUENTIAL=residual is None, LAYER_NORM=layer_norm, STATS_GIVEN=stats_given,
                  HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
     dummy = z
     if stats_given:
         row_stats_kernel[(triton.cdiv(M, 64),)](h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
                                                  EVEN_D=D % 128 == 0, BLOCK_M=64, BLOCK_K=128, num_warps=4)
+    acc = mm_float32(h, wd.t()) if gemm_first else dummy
 
     def launch(grid, z_given, up_project):
         adapter_fwd_kernel[grid](
             h, res, out, wd, wu, down_bias if down_bias is not None else dummy,
             up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z, stats,
-            c1 if c1 is not None else dummy, c2 if c2 is not None else dummy,
+            c1 if c1 is not None else dummy, c2 if c2 is not None else dummy, acc,
             M, D, B, per_split,
             h.stride(0), h.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1),
-            float(scaling), float(ln_eps), Z_GIVEN=z_given, UP_PROJECT=up_project, **flags, **meta)
+            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), acc.stride(0),
+            float(scaling), float(ln_eps), Z_GIVEN=z_given, ACC_GIVEN=gemm_first, UP_PROJECT=up_project, **flags,
+            **meta)
 
     n_rows = triton.cdiv(M, cfg["block_m"])
-    if cfg["two_pass"]:
+    if wide:
+        launch((n_rows, 1), False, False)  # z from cuBLAS's product: + bd, LN's correction
+        _launch_wide(z, wu.t(), res, None, out, up_bias, scale, None, None, scaling, activation, True, False, cfg)
+    elif cfg["two_pass"] and not gemm_first:
         launch((n_rows, 1), False, False)
         launch((n_rows, n_split), True, True)
     else:
@@ -440,20 +557,33 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     flags = dict(SEQUENTIAL=sequential, LAYER_NORM=layer_norm, HAS_DOWN_BIAS=down_bias is not None,
                  HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None, SCALE_GRAD=need_scale)
     dummy = z
+    wide = bool(cfg.get("wide", False))
+    gemm_first = wide or cfg.get("gemm_first", False)
+    acc = dummy
+    if gemm_first:
+        # g [Wu, bu]: the extra column gives each row's g . bu, which the learned scale's gradient needs
+        wu_ext = torch.cat([wu, up_bias.to(dtype)[:, None]], 1) if need_scale and up_bias is not None else wu
+        acc = mm_float32(grad_out, wu_ext)
 
     def launch(grid, dz_given, write_dh):
         adapter_bwd_kernel[grid](
             grad_out, h, dh, wd, wu, down_bias if down_bias is not None else dummy,
             up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z,
             stats if layer_norm else dummy, c1 if c1 is not None else dummy, c2 if c2 is not None else dummy,
-            dz, a_ext, r, sdot,
+            dz, a_ext, r, sdot, acc,
             M, D, B, per_split,
             grad_out.stride(0), grad_out.stride(1), h.stride(0), h.stride(1), dh.stride(0), dh.stride(1),
-            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), a_ext.stride(0),
-            float(scaling), DZ_GIVEN=dz_given, WRITE_DH=write_dh, **flags, **meta)
+            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), a_ext.stride(0), acc.stride(0),
+            float(scaling), DZ_GIVEN=dz_given, ACC_GIVEN=gemm_first, WRITE_DH=write_dh, **flags, **meta)
 
     n_rows = triton.cdiv(M, cfg["block_m"])
-    if cfg["two_pass"] and need_h:
+    if wide:
+        launch((n_rows, 1), False, False)  # dz, a, the LN row terms, the scale's row sums
+        if need_h:
+            _launch_wide(dz, wd, grad_out if sequential else None, h if layer_norm else None, dh, None, None,
+                         stats if layer_norm else None, r if layer_norm else None, 1.0, activation, False,
+                         layer_norm, cfg)
+    elif cfg["two_pass"] and need_h and not gemm_first:
         launch((n_rows, 1), False, False)
         launch((n_rows, n_split), True, True)
     else:

@@ -155,6 +155,83 @@ def lora_fused_matmul_tma_kernel(
 
 
 @triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M consecutive row-tiles sweep the columns together: the W tiles they share come from DRAM once.
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    local = tile % per_group
+    return first_m + local % rows_in_group, local // rows_in_group
+
+
+@triton.jit
+def _tile_counts(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(row tiles, column tiles, output tiles, K steps) of a persistent GEMM's walk."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    return num_m, num_n, num_m * num_n, tl.cdiv(K, BLOCK_K)
+
+
+@triton.jit
+def lora_forward_persistent_kernel(
+    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
+    M, N, K, R, stride_xam, scaling, NUM_SMS,
+    XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
+    SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T (float32) stored
+    for backward. One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
+    tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); every tile
+    moves by TMA. Unless XA_GIVEN (xa from cuBLAS, read here by TMA), xa is accumulated beside the main product
+    from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a separate pass over x) and
+    the column-0 tiles store it: measured slower on an H100 with Triton 3.6 (NOTES-lora.md)."""
+    dtype = y_desc.dtype
+    start = tl.program_id(0)
+    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    # The epilogue's tile comes from a counter of its own: with the loops flattened, the next tile's loads
+    # run ahead of this tile's epilogue.
+    out_tile = start - NUM_SMS
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not XA_GIVEN:
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kk in tl.range(k_tiles):
+            off_k = kk * BLOCK_K
+            x = x_desc.load([off_m, off_k])
+            if W_KMAJOR:
+                acc = tl.dot(x, w_desc.load([off_n, off_k]).T, acc)
+            else:
+                acc = tl.dot(x, w_desc.load([off_k, off_n]), acc)
+            if not XA_GIVEN:
+                xa = tl.dot(x, a_desc.load([0, off_k]).T, xa)
+        out_tile += NUM_SMS
+        out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
+        if XA_GIVEN:
+            xa = xa_desc.load([out_m * BLOCK_M, 0])
+        acc = tl.dot((xa * scaling).to(dtype), b_desc.load([out_n * BLOCK_N, 0]).T, acc)
+        if HAS_BIAS:
+            cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if not XA_GIVEN and out_n == 0:
+            rows = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rk = tl.arange(0, BLOCK_R)
+            tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], xa,
+                     mask=(rows[:, None] < M) & (rk[None, :] < R))
+        if SUBTILE:
+            # two stores of half the tile: the epilogue's shared-memory buffer halves, a pipeline stage fits
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], left.to(dtype))
+            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N + BLOCK_N // 2], right.to(dtype))
+        else:
+            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], acc.to(dtype))
+
+
+@triton.jit
 def lora_down_kernel(
     a_ptr, down_ptr, part_ptr,
     M, K, R, k_per_split,
@@ -373,6 +450,72 @@ def fused_matmul(
     return out
 
 
+def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Whether `persistent_forward` takes these operands: 16-bit, TMA-able strides (Hopper and newer, or the
+    interpreter), a rank whose rows of B are 16-byte lines (r a multiple of 8) and at most 64."""
+    R = lora_A.shape[0]
+    if x.dtype not in (torch.float16, torch.bfloat16) or R % 8 or R > 64:
+        return False
+    if (x.shape[1] * x.element_size()) % 16 or (w.shape[0] * x.element_size()) % 16:
+        return False
+    if not triton_interpret() and (not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return False
+    return _tma_layout(x) == "row" and _tma_layout(w) is not None
+
+
+def _persistent_config(M: int) -> dict:
+    if triton_interpret():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, FLATTEN=False, SUBTILE=True, XA_GIVEN=True,
+                    num_warps=4, num_stages=1)
+    # Measured on an H100, bf16, r = 16 (scripts/explore_lora_persistent.py, results/logs/explore-lora-persistent-
+    # h100.log): 128x256x64, 3 stages, 8 warps, flattened, half-tile stores from M = 1024 (1.10x F.linear at
+    # M = 8192 and 2048, 1.14x at 1024); below that 128x128x64 with 4 stages fills more SMs (1.40x vs 1.79x at
+    # M = 512, where cuBLAS's add mode is 1.51x).
+    if M < 1024:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=False, XA_GIVEN=True,
+                    num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=True, XA_GIVEN=True,
+                num_warps=8, num_stages=3)
+
+
+def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                       scaling: float, bias: Optional[torch.Tensor] = None,
+                       config: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T float32) by lora_forward_persistent_kernel; w an (N, K)
+    view, K-major (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok."""
+    M, K = x.shape
+    N = w.shape[0]
+    R = lora_A.shape[0]
+    cfg = dict(config or _persistent_config(M))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    block_r = _block_r(R)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    a = lora_A.to(x.dtype).contiguous()
+    xa_given = cfg.pop("XA_GIVEN", True)
+    if not xa_given:
+        xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    elif x.is_cuda:
+        xa = torch.mm(x, a.t(), out_dtype=torch.float32)  # cuBLAS's float32 accumulator, as it is
+    else:
+        xa = x.float() @ a.float().t()
+    b = lora_B.to(x.dtype).contiguous()
+    w_kmajor = _tma_layout(w) == "row"
+    w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
+    store_n = bn // 2 if cfg["SUBTILE"] else bn
+    sms = _sm_count(x.device)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    grid = (min(sms, tiles),)
+    xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
+    a_desc = xa_desc if xa_given else TensorDescriptor.from_tensor(a, [block_r, bk])  # unread when xa is given
+    lora_forward_persistent_kernel[grid](
+        TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
+        a_desc, TensorDescriptor.from_tensor(b, [bn, block_r]), xa_desc, xa, bias if bias is not None else y,
+        M, N, K, R, xa.stride(0), float(scaling), grid[0],
+        XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, **cfg,
+    )
+    return y, xa
+
+
 def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
                  config: Optional[tuple] = None) -> torch.Tensor:
     """low (M, R) float32 = drop(a) (M, K) @ down^T, down given as an (R, K) view."""
@@ -511,6 +654,12 @@ class _Overlap:
 # side stream (1.19x vs 1.21x at M = 2048). Small M stays on the Triton path, where launches dominate.
 CUBLAS_FORWARD_MIN_M = 128
 CUBLAS_BETA_MIN_M = 4096
+# From PERSISTENT_MIN_M rows (16-bit, no dropout, TMA-able strides) the forward is one persistent Triton GEMM
+# with the low-rank term in its epilogue, xa = x A^T from cuBLAS beforehand: 1.10x F.linear at M = 8192 and
+# 2048 against cublas-beta's 1.17x / 1.21x, 1.07x vs 1.12x at 11008 -> 4096, 1.14x vs 1.31x at M = 1024,
+# 1.40x vs 1.51x (cublas-add) at M = 512 (H100, results/logs/explore-lora-persistent-h100.log).
+PERSISTENT_FORWARD = True
+PERSISTENT_MIN_M = 512
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -531,13 +680,20 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r) float32, saved for backward.
 
     mode: "triton" (the fused Triton GEMM), "cublas-add" (cuBLAS x W^T, then y += s xa B^T in place, xa on a
-    side stream), "cublas-beta" (C = s xa B^T + b first, then cuBLAS C += x W^T in its epilogue); None picks
-    the fastest measured for the shape (NOTES-lora.md).
+    side stream), "cublas-beta" (C = s xa B^T + b first, then cuBLAS C += x W^T in its epilogue),
+    "persistent" (one persistent Triton kernel computes xa and y; without dropout, where persistent_forward_ok,
+    else the default); None picks the fastest measured for the shape (NOTES-lora.md).
     """
     w = _w_nk(weight, weight_transposed)
     if mode is None:
         large = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
         mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
+        if large and PERSISTENT_FORWARD and x.shape[0] >= PERSISTENT_MIN_M:
+            mode = "persistent"
+    if mode == "persistent":
+        if dropout_p == 0.0 and persistent_forward_ok(x, w, lora_A):
+            return persistent_forward(x, w, lora_A, lora_B, scaling, bias)
+        return lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed)
     skinny = _cublas_skinny(dropout_p, x.device)
 
     def down():

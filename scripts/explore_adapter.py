@@ -1,0 +1,102 @@
+"""Where the bottleneck adapter's time goes on a GPU: each product and pass of the op timed alone.
+
+bf16, M = 8192 (and 16384), d = 4096, b = 256 (reduction 16), relu, sequential form. Rows:
+  * copy: h.clone() (read + write one activation: the unit of the memory floor);
+  * the skinny products as cuBLAS runs them: h Wd^T (bf16 out and float32 out, `mm_float32`), g Wu, the weight
+    gradients g^T [a, 1] and dz^T h, and the up projection with the residual done by cuBLAS two ways
+    (torch.addmm(h, a, Wu^T), which copies h into the output first, and out = h.clone(); out.addmm_(...));
+  * the op's kernels: the forward and backward launchers with each schedule (its out / dh checked against
+    default_config's: relative error < 1e-2) (default_config, and the
+    `gemm_first` ones of benchmarks/bench_adapter.py's EXPLORE_CONFIGS), whole; the difference to the
+    cuBLAS product they start with is the Triton kernel's share.
+Timing: benchmarks/common.time_fn (CUDA events, L2 flushed between calls). Prints one table; with OUT set, also
+writes $OUT/explore_adapter.json.
+
+    python scripts/explore_adapter.py [--m 8192 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_adapter import EXPLORE_CONFIGS  # noqa: E402
+from common import environment, time_fn  # noqa: E402
+
+from peftkern.kernels.triton import adapter as ka  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--m", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--b", type=int, default=256)
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    rows = []
+    for M in args.m:
+        d, b = args.d, args.b
+        g = torch.Generator(device=dev).manual_seed(0)
+        h = torch.randn(M, d, device=dev, dtype=dt, generator=g)
+        gy = torch.randn(M, d, device=dev, dtype=dt, generator=g)
+        wd = torch.randn(b, d, device=dev, dtype=dt, generator=g) * d**-0.5
+        wu = torch.randn(d, b, device=dev, dtype=dt, generator=g) * b**-0.5
+        bd = torch.zeros(b, device=dev, dtype=dt)
+        bu = torch.zeros(d, device=dev, dtype=dt)
+        a = torch.relu(h @ wd.t())
+        a_ext = torch.cat([a, torch.ones(M, 8, device=dev, dtype=dt)], 1)
+        dz = torch.randn(M, b, device=dev, dtype=dt, generator=g)
+        out = torch.empty_like(h)
+        pieces = {
+            "copy h -> out (1 read + 1 write)": lambda: out.copy_(h),
+            "cuBLAS h Wd^T, bf16 out": lambda: h @ wd.t(),
+            "cuBLAS h Wd^T, float32 out": lambda: ka.mm_float32(h, wd.t()),
+            "cuBLAS g Wu, float32 out": lambda: ka.mm_float32(gy, wu),
+            "cuBLAS torch.addmm(h, a, Wu^T)": lambda: torch.addmm(h, a, wu.t()),
+            "cuBLAS out.copy_(h); out.addmm_(a, Wu^T)": lambda: out.copy_(h).addmm_(a, wu.t()),
+            "cuBLAS g^T [a, 1] (dWu, dbu)": lambda: gy.t() @ a_ext,
+            "cuBLAS dz^T h (dWd)": lambda: dz.t() @ h,
+            "cuBLAS torch.addmm(g, dz, Wd) (dh)": lambda: torch.addmm(gy, dz, wd),
+        }
+        out_ref, z_saved, _ = ka.adapter_forward(h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5)
+        needs = (True,) * 5 + (False,) * 3
+        dh_ref = ka.adapter_backward(gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True,
+                                     False, needs)[0]
+        configs = {"default_config": None,
+                   **{k: v for k, v in EXPLORE_CONFIGS.items() if k.startswith(("gemm-first", "wide"))}}
+        for name, cfg in configs.items():
+            pieces[f"op forward [{name}]"] = lambda cfg=cfg: ka.adapter_forward(
+                h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5, config=cfg)
+            pieces[f"op backward [{name}]"] = lambda cfg=cfg: ka.adapter_backward(
+                gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True, False, needs,
+                config=cfg)
+        copy_ms = None
+        for name, fn in pieces.items():
+            try:
+                if name.startswith("op "):  # each schedule must give the default's answer (bf16 roundings apart)
+                    got, want = fn()[0], out_ref if name.startswith("op forward") else dh_ref
+                    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                    if not err < 1e-2:
+                        print(f"M={M} {name}: WRONG, relative error {err:.2e} against default_config")
+                        continue
+                ms, _ = time_fn(fn, dev)
+            except Exception as err:  # a config that does not compile or fit: say so, go on
+                print(f"M={M} {name}: failed: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            copy_ms = copy_ms or ms
+            rows.append(dict(M=M, d=d, b=b, piece=name, ms=ms, copies=ms / copy_ms))
+            print(f"M={M:6d} {name:52s} {ms * 1e3:8.1f} us  {ms / copy_ms:5.2f} copies", flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "explore_adapter.json").write_text(
+            json.dumps(dict(environment=environment(), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
