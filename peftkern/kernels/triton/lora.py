@@ -685,15 +685,15 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     else the default); None picks the fastest measured for the shape (NOTES-lora.md).
     """
     w = _w_nk(weight, weight_transposed)
-    if mode is None:
+    persistent_ok = dropout_p == 0.0 and persistent_forward_ok(x, w, lora_A)
+    if mode is None or (mode == "persistent" and not persistent_ok):  # the default, or what stands in for it
         large = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
+        pick_persistent = mode is None and large and PERSISTENT_FORWARD and x.shape[0] >= PERSISTENT_MIN_M
         mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
-        if large and PERSISTENT_FORWARD and x.shape[0] >= PERSISTENT_MIN_M:
+        if pick_persistent and persistent_ok:
             mode = "persistent"
     if mode == "persistent":
-        if dropout_p == 0.0 and persistent_forward_ok(x, w, lora_A):
-            return persistent_forward(x, w, lora_A, lora_B, scaling, bias)
-        return lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed)
+        return persistent_forward(x, w, lora_A, lora_B, scaling, bias)
     skinny = _cublas_skinny(dropout_p, x.device)
 
     def down():
