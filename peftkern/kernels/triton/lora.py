@@ -23,6 +23,7 @@ products go to cuBLAS when there is no dropout) and why: NOTES-lora.md, with the
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -658,7 +659,8 @@ CUBLAS_BETA_MIN_M = 4096
 # with the low-rank term in its epilogue, xa = x A^T from cuBLAS beforehand: 1.10x F.linear at M = 8192 and
 # 2048 against cublas-beta's 1.17x / 1.21x, 1.07x vs 1.12x at 11008 -> 4096, 1.14x vs 1.31x at M = 1024,
 # 1.40x vs 1.51x (cublas-add) at M = 512 (H100, results/logs/explore-lora-persistent-h100.log).
-PERSISTENT_FORWARD = True
+# PEFTKERN_LORA_PERSISTENT=0 turns it off (the cuBLAS modes then run, as before).
+PERSISTENT_FORWARD = os.environ.get("PEFTKERN_LORA_PERSISTENT", "1") != "0"
 PERSISTENT_MIN_M = 512
 
 
