@@ -15,7 +15,8 @@ ACTIVATIONS = list(reference.ADAPTER_ACTIVATIONS)
 # (3, 129) x 520, b = 33 runs in the interpreter too (a few seconds): the GPU failures of 2026-11-23 were found there.
 SHAPES = [((1,), 64, 4), ((37,), 72, 12), ((2, 9), 48, 16), ((19,), 40, 40), ((3, 129), 520, 33)]
 if HAS_CUDA:
-    SHAPES += [((300,), 1024, 64), ((2, 1000), 4096, 256)]
+    # (4300,) x 512, b = 256: enough rows for default_config's large-M schedule (cuBLAS loop 1, wide backward)
+    SHAPES += [((300,), 1024, 64), ((2, 1000), 4096, 256), ((4300,), 512, 256)]
 FORMS = ["sequential", "parallel", "sequential+ln", "parallel+ln"]
 # The known GPU failure of the fused LN form (NOTES-adapter.md): the forward output at d = 4096, b = 256 (gelu,
 # fp16, 3e-2 off) on an H100, not explained. On GPUs the op routes LN to the reference unless

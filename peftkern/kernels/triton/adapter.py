@@ -394,7 +394,7 @@ def adapter_wide_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def default_config(M: int, D: int, B: int, device: torch.device) -> dict:
+def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> dict:
     """Tiles and schedule for both kernels (measured on an H100 where it says so: NOTES-adapter.md).
 
     The BLOCK_M x b float32 accumulator lives in registers: 64 x 256 is 128 registers a thread over 4 warps
@@ -409,7 +409,10 @@ def default_config(M: int, D: int, B: int, device: torch.device) -> dict:
     block_m, warps = (128, 8) if block_b <= 128 else (64, 4)
     n_rows = triton.cdiv(M, block_m)
     sms = _sm_count(device)
-    if block_b > 128 and triton.cdiv(M, 128) * 2 * 2 >= sms:
+    # 16-bit only: with float32 (tf32) tiles this schedule asked for 272 KB of shared memory on an H100 (the
+    # GPU test at M = 4300, d = 512); float32 keeps the 64-row fused schedule below, tested at that size.
+    sixteen_bit = dtype is None or dtype in (torch.float16, torch.bfloat16)
+    if block_b > 128 and triton.cdiv(M, 128) * 2 * 2 >= sms and sixteen_bit:
         # Measured on an H100 (bf16, d=4096, b=256, relu, scripts/explore_adapter.py, results/logs/explore-adapter-
         # wide-h100.log): the forward with loop 1's product from cuBLAS and the rest in one kernel of 128 rows
         # x 2 column splits, 132 us at M = 8192 (the all-Triton fused schedule: 153 us); the backward with
@@ -488,7 +491,7 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
     2-D h; the adapter tensors may have any float dtype (they are read in h's)."""
     M, D = h.shape
     B = down_weight.shape[0]
-    cfg = config or default_config(M, D, B, h.device)
+    cfg = config or default_config(M, D, B, h.device, h.dtype)
     wd, c1, c2 = fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm, h.dtype)
     wu = up_weight.to(h.dtype)
     out = torch.empty((M, D), device=h.device, dtype=h.dtype)
@@ -541,7 +544,7 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     M, D = h.shape
     B = z.shape[1]
     dtype = h.dtype
-    cfg = config or default_config(M, D, B, h.device)
+    cfg = config or default_config(M, D, B, h.device, h.dtype)
     wd, c1, c2 = fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm, dtype)
     wu = up_weight.to(dtype)
     dz = torch.empty((M, B), device=h.device, dtype=dtype)
