@@ -143,6 +143,9 @@ def main(argv=None) -> dict:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
     if distributed:
+        # Both ranks leave together: once, on the CPU (gloo), rank 1 tore its group down while rank 0 was still
+        # saving and aborted ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return result
 
