@@ -33,7 +33,11 @@ are skinny too, and dz^T LN(h) = ((dz rstd)^T h - (dz rstd)^T mean) * gamma + (s
 Two schedules (`config`): "fused" runs each kernel once per row block (split_n > 1 recomputes loop 1 in
 split_n programs that each write a part of the columns); "two_pass" runs loop 1 alone, then loop 2 on z / dz
 from memory over (row block, column split) programs: one more read of h for the forward's residual, but any
-M fills the GPU. Which wins where is a measurement (NOTES-adapter.md, benchmarks/bench_adapter.py --explore).
+M fills the GPU. `gemm_first` takes loop 1's product (h W'^T, g [Wu, bu]) from cuBLAS, which splits that
+reduction (the kernels then run only loop 1's epilogue and loop 2); `wide` also runs loop 2 as a tiled GEMM of
+its own (`adapter_wide_kernel`), in both directions (True) or in the backward only ("backward": the default for
+16-bit h at large M). Which wins where is a measurement (NOTES-adapter.md, scripts/explore_adapter.py,
+benchmarks/bench_adapter.py --explore).
 Every program reads both weights whole: 2 d b 2 B = 4 MiB from L2 per row block, M / BLOCK_M times, so
 BLOCK_M trades L2 traffic against the number of programs.
 """
