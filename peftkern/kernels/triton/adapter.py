@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from .lora import _block_r, _dot_precision, _grouped_pid, _sm_count
+from .lora import _block_r, _dot_precision, _grouped_pid, _sm_count, mm_float32
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -430,16 +430,6 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
     return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=split, two_pass=True)
 
 
-def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result: for 16-bit CUDA operands cuBLAS's float32 accumulator is written as it is
-    (torch.mm's out_dtype), so the kernels that read it see what their own loop 1 would have summed."""
-    if a.dtype == torch.float32 or a.dtype == torch.float64:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()  # the CPU has no 16-bit mm with a float32 result (the interpreter's tests)
-
-
 def _splits(D: int, cfg: dict) -> tuple[int, int]:
     """(number of column splits, columns per split: a multiple of BLOCK_N)."""
     per_split = triton.cdiv(triton.cdiv(D, cfg["split_n"]), cfg["block_n"]) * cfg["block_n"]
@@ -470,8 +460,7 @@ def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activ
     where given (None: not used)."""
     M, D = out.shape
     B = small.shape[1]
-    wc = cfg.get("wide_tile", (128, 128, 64, 8, 3))
-    bm, bn, bk, warps, stages = wc
+    bm, bn, bk, warps, stages = cfg.get("wide_tile", (128, 128, 64, 8, 3))
     dummy = out
     res_arg = res if res is not None else dummy
     h_arg = h if h is not None else dummy

@@ -454,6 +454,15 @@ def fused_matmul(
     return out
 
 
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: for 16-bit CUDA operands cuBLAS's float32 accumulator is written as it is
+    (torch.mm's out_dtype), so the kernels that read it see what their own loops would have summed."""
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the CPU has no 16-bit mm with a float32 result (the interpreter's tests)
+
 def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
     """Whether `persistent_forward` takes these operands: 16-bit, TMA-able strides (Hopper and newer, or the
     interpreter), a rank whose rows of B are 16-byte lines (r a multiple of 8) and at most 64."""
@@ -496,12 +505,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     a = lora_A.to(x.dtype).contiguous()
     xa_given = cfg.pop("XA_GIVEN", True)
-    if not xa_given:
-        xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    elif x.is_cuda:
-        xa = torch.mm(x, a.t(), out_dtype=torch.float32)  # cuBLAS's float32 accumulator, as it is
-    else:
-        xa = x.float() @ a.float().t()
+    xa = mm_float32(x, a.t()) if xa_given else torch.empty((M, R), device=x.device, dtype=torch.float32)
     b = lora_B.to(x.dtype).contiguous()
     w_kmajor = _tma_layout(w) == "row"
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
@@ -690,13 +694,16 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     else the default); None picks the fastest measured for the shape (NOTES-lora.md).
     """
     w = _w_nk(weight, weight_transposed)
-    persistent_ok = dropout_p == 0.0 and persistent_forward_ok(x, w, lora_A)
-    if mode is None or (mode == "persistent" and not persistent_ok):  # the default, or what stands in for it
+    default = mode is None
+    if mode == "persistent" and not (dropout_p == 0.0 and persistent_forward_ok(x, w, lora_A)):
+        default = True  # the default stands in, but never picks "persistent" again
+    if default:
         large = x.is_cuda and x.shape[0] >= CUBLAS_FORWARD_MIN_M and x.dtype != torch.float32
-        pick_persistent = mode is None and large and PERSISTENT_FORWARD and x.shape[0] >= PERSISTENT_MIN_M
-        mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
-        if pick_persistent and persistent_ok:
+        if (mode is None and large and PERSISTENT_FORWARD and x.shape[0] >= PERSISTENT_MIN_M and dropout_p == 0.0
+                and persistent_forward_ok(x, w, lora_A)):
             mode = "persistent"
+        else:
+            mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
     if mode == "persistent":
         return persistent_forward(x, w, lora_A, lora_B, scaling, bias)
     skinny = _cublas_skinny(dropout_p, x.device)
