@@ -2,7 +2,8 @@
 fused layers (bench e2e, 2026-11-23: 82 ms a step against 67 ms of GPU kernels), so this times what one layer's
 forward + backward costs the CPU, with the GPU kept idle enough (M = 64) that the wall clock is the host's time.
 
-    python scripts/cpu_overhead.py          # a GPU run; prints us per call for each variant, then the top host costs
+    python scripts/cpu_overhead.py [--m 64 --k 2048 --n 2048]   # a GPU run: us per call for each variant, then
+                                                                # the top host costs
 
 Variants: the frozen F.linear; PEFT's LoRA layer (bf16 and fp32 adapters); the same layer after peftkern.fuse;
 peftkern.nn.LoRALinear; the bare lora_linear op. Then cProfile of the fused PEFT layer (Python functions by own
@@ -11,6 +12,7 @@ time) and torch.profiler's CPU view (aten ops by self time).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import cProfile
 import io
@@ -23,15 +25,21 @@ import torch
 import peftkern
 
 
-def per_call_us(fn, iters: int = 300) -> float:
+def per_call_us(fn, iters: int = 300, host_only: bool = False) -> float:
+    """Wall time per call; host_only stops the clock before synchronising (the calls only enqueue work), with
+    few enough calls that the launch queue never fills: the host's cost even where the GPU's work is larger."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
+    iters = min(iters, 30) if host_only else iters
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
+    if not host_only:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
+    return elapsed / iters * 1e6
 
 
 def main() -> int:
@@ -40,7 +48,13 @@ def main() -> int:
         return 0
     from peft import LoraConfig, get_peft_model
 
-    dev, dt, M, K, N = "cuda", torch.bfloat16, 64, 2048, 2048
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--m", type=int, default=64, help="rows; from a few hundred the GPU's work is not idle")
+    parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=2048)
+    args = parser.parse_args()
+    dev, dt, M, K, N = "cuda", torch.bfloat16, args.m, args.k, args.n
+    host_only = M > 256  # the GPU's share is no longer negligible: time the enqueueing alone
     torch.manual_seed(0)
 
     class Wrap(torch.nn.Module):
@@ -79,25 +93,26 @@ def main() -> int:
                   if p.requires_grad]
         return lambda: torch.autograd.grad(layer(x), [x, *params], dy)
 
-    print(f"host time per forward + backward, M={M} K={K} N={N} r=16 (GPU nearly idle: wall = host)")
+    how = "host time to enqueue, no sync" if host_only else "GPU nearly idle: wall = host"
+    print(f"host time per forward + backward, M={M} K={K} N={N} r=16 ({how})")
     results = {}
     for name, layer in variants.items():
-        results[name] = per_call_us(step_of(layer))
+        results[name] = per_call_us(step_of(layer), host_only=host_only)
         print(f"  {name:34s} {results[name]:8.1f} us   (+{results[name] - results['frozen F.linear']:.1f})")
-    fwd_only = {name: per_call_us(lambda layer=layer: layer(x.detach())) for name, layer in variants.items()
-                if name in ("frozen F.linear", "PEFT LoRA (bf16 adapters)", "peftkern.fuse(PEFT) (bf16 adapters)")}
+    fwd_only = {name: per_call_us(lambda layer=layer: layer(x.detach()), host_only=host_only)
+                for name, layer in variants.items() if name in ("frozen F.linear", "PEFT LoRA (bf16 adapters)", "peftkern.fuse(PEFT) (bf16 adapters)")}
     print("forward alone (no grad graph):", ", ".join(f"{k} {v:.1f} us" for k, v in fwd_only.items()))
 
     fused_step = step_of(variants["peftkern.fuse(PEFT) (bf16 adapters)"])
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(200):
+    for _ in range(30 if host_only else 200):
         fused_step()
     torch.cuda.synchronize()
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(28)
-    print("\ncProfile of 200 fused PEFT layer steps, by own time:")
+    print(f"\ncProfile of {30 if host_only else 200} fused PEFT layer steps, by own time:")
     print("\n".join(line[:150] for line in out.getvalue().splitlines()[6:40]))
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
