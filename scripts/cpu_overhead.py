@@ -100,7 +100,8 @@ def main() -> int:
         results[name] = per_call_us(step_of(layer), host_only=host_only)
         print(f"  {name:34s} {results[name]:8.1f} us   (+{results[name] - results['frozen F.linear']:.1f})")
     fwd_only = {name: per_call_us(lambda layer=layer: layer(x.detach()), host_only=host_only)
-                for name, layer in variants.items() if name in ("frozen F.linear", "PEFT LoRA (bf16 adapters)", "peftkern.fuse(PEFT) (bf16 adapters)")}
+                for name, layer in variants.items()
+                if name in ("frozen F.linear", "PEFT LoRA (bf16 adapters)", "peftkern.fuse(PEFT) (bf16 adapters)")}
     print("forward alone (no grad graph):", ", ".join(f"{k} {v:.1f} us" for k, v in fwd_only.items()))
 
     fused_step = step_of(variants["peftkern.fuse(PEFT) (bf16 adapters)"])
