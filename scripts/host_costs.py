@@ -1,0 +1,115 @@
+"""The host's cost of each piece of the fused LoRA layer, one at a time: what the CPU spends to enqueue it.
+
+cpu_overhead.py measured the fused PEFT layer at 2.1x the host time of PEFT's own (1300 vs 613 us per forward +
+backward on the H100 machine, M = 8192, 2048 x 2048), and the 1b training step is bound by the host. This times
+each step of the layer's path separately, with the GPU's work queued but not waited for (30 calls after
+warm-up, the launch queue never fills), so the numbers add up to where the time goes.
+
+    python scripts/host_costs.py [--m 8192 --k 2048 --n 2048 --r 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _noop_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def host_us(fn, iters: int = 30) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a GPU")
+        return 0
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from peftkern.kernels.triton import lora as tk
+    from peftkern.ops import _common
+    from peftkern.ops import lora as ops
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--m", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=16)
+    args = parser.parse_args()
+    M, K, N, R = args.m, args.k, args.n, args.r
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=dev, dtype=dt)
+    W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+    A = torch.randn(R, K, device=dev, dtype=dt) / K**0.5
+    B = torch.randn(N, R, device=dev, dtype=dt) / R**0.5
+    A32, B32 = A.float(), B.float()
+    dy = torch.randn(M, N, device=dev, dtype=dt)
+    dyb = dy @ B
+    xa = tk.mm_float32(x, A.t())
+    seed = torch.zeros((), dtype=torch.int64)
+    needs = (True, True, True, False, False)
+    small = torch.zeros(1024, device=dev)
+    Ar, Br = A.clone().requires_grad_(), B.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+
+    def full_op():
+        y = ops.lora_linear(xr, W, Ar, Br, 2.0)
+        torch.autograd.grad(y, [xr, Ar, Br], dy)
+
+    pieces = {
+        "F.linear(x, W)": lambda: torch.nn.functional.linear(x, W),
+        "torch.mm(x, A^T) bf16": lambda: torch.mm(x, A.t()),
+        "mm_float32(x, A^T)": lambda: tk.mm_float32(x, A.t()),
+        "(x @ A^T).float()": lambda: (x @ A.t()).float(),
+        "torch.mm(dyb^T, x)": lambda: torch.mm(dyb.t(), x),
+        "torch.mm(dy^T, xa.bf16)": lambda: torch.mm(dy.t(), xa.to(dt)),
+        "dy @ B": lambda: dy @ B,
+        "mul_ on (r, K)": lambda: A.clone().mul_(2.0),
+        "A.to(bf16) (same dtype)": lambda: A.to(dt),
+        "A32.to(bf16)": lambda: A32.to(dt),
+        "torch.empty((M, N))": lambda: torch.empty((M, N), device=dev, dtype=dt),
+        "TensorDescriptor.from_tensor": lambda: TensorDescriptor.from_tensor(x, [128, 64]),
+        "a 2-arg Triton launch": lambda: _noop_kernel[(1,)](small, 1024, BLOCK=1024),
+        "persistent_forward_ok": lambda: tk.persistent_forward_ok(x, W, A),
+        "persistent_forward": lambda: tk.persistent_forward(x, W, A, B, 2.0),
+        "lora_forward (default mode)": lambda: tk.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False),
+        "fused_matmul (dx)": lambda: tk.fused_matmul(dy, W.t(), A.t(), dyb, 2.0),
+        "lora_backward (dx, dA, dB)": lambda: tk.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, needs),
+        "lora_backward, fp32 adapters": lambda: tk.lora_backward(dy, x, W, A32, B32, xa, 2.0, 0.0, 0, False, needs),
+        "_lora_fwd": lambda: ops._lora_fwd(x, W, A, B, None, 2.0, 0.0, False, "triton"),
+        "_lora_bwd": lambda: ops._lora_bwd(dy, x, W, A, B, xa, seed, 2.0, 0.0, False, "triton", *needs),
+        "check_lora_inputs": lambda: ops.check_lora_inputs(x, W, A, B, None, False),
+        "prepare_linear": lambda: _common.prepare_linear("lora", x, W, None, K),
+        "check_scalar": lambda: _common.check_scalar("scaling", 2.0),
+        "draw_seed": _common.draw_seed,
+        "op_range (off)": lambda: _common.op_range("x").__enter__(),
+        "torch.compiler.is_compiling": torch.compiler.is_compiling,
+        "lora_linear fwd + autograd.grad": full_op,
+    }
+    print(f"host us per call (enqueue only), M={M} K={K} N={N} r={R}, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}")
+    for name, fn in pieces.items():
+        print(f"  {name:34s} {host_us(fn):8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
