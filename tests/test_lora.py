@@ -306,6 +306,10 @@ def test_persistent_forward_matches_reference(w_layout, rank, xa_given, poison_e
                 assert xa.dtype == torch.float32 and xa.shape == (M, rank)
                 assert_close(xa, xa_ref, dtype, f"persistent xa {w_layout} r={rank} M={M}")
                 assert_close(y, ref, dtype, f"persistent y {w_layout} r={rank} M={M} bias={b is not None}")
+            # PEFT's float32 adapters: B is read in its own dtype, no cast beforehand
+            y32, _ = kl.persistent_forward(x, w, A.float(), B.float(), 0.7, bias, config=cfg)
+            ref = x.double() @ w.double().t() + 0.7 * xa_ref @ B.double().t() + bias.double()
+            assert_close(y32, ref, dtype, f"persistent y, float32 adapters, {w_layout} r={rank} M={M}")
         wt = w_layout == "n-major"
         weight = w.t() if wt else w
         y, xa = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt, mode="persistent")
@@ -315,6 +319,21 @@ def test_persistent_forward_matches_reference(w_layout, rank, xa_given, poison_e
         # with dropout the op's own default path runs: the same seed gives the same answer
         y_drop, _ = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt, mode="persistent")
         assert torch.equal(y_drop, kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt)[0])
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32), (torch.float32, torch.float32)])
+def test_scaled_mm(dtype, out_dtype):
+    """The backward's adapter gradients: scaling * a @ b in one call, in the adapters' dtype."""
+    from peftkern.kernels.triton import lora as kl
+
+    if DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("the CPU's 16-bit mm is not what the GPU runs")
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    a, b = (torch.randn(16, 300, generator=g).to(DEVICE, dtype), torch.randn(300, 72, generator=g).to(DEVICE, dtype))
+    got = kl.scaled_mm(a, b, 0.37, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (16, 72)
+    assert_close(got, 0.37 * (a.double() @ b.double()), dtype, "scaled_mm")
 
 
 @pytest.mark.skipif(not (HAS_CUDA or __import__("os").environ.get("TRITON_INTERPRET") == "1"),

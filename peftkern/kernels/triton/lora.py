@@ -178,18 +178,19 @@ def _tile_counts(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
 
 @triton.jit
 def lora_forward_persistent_kernel(
-    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
-    M, N, K, R, stride_xam, scaling, NUM_SMS,
+    x_desc, w_desc, y_desc, a_desc, b_ptr, xa_ptr, bias_ptr,
+    M, N, K, R, stride_xam, stride_bn, scaling, NUM_SMS,
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T (float32) stored
     for backward. One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
-    tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); every tile
-    moves by TMA. Unless XA_GIVEN (xa from cuBLAS, read here by TMA), xa is accumulated beside the main product
-    from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a separate pass over x) and
-    the column-0 tiles store it: measured slower on an H100 with Triton 3.6 (NOTES-lora.md)."""
+    tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); x, W and y
+    move by TMA, the small xa and B tiles by plain loads. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
+    beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
+    separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
+    (NOTES-lora.md)."""
     dtype = y_desc.dtype
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -214,15 +215,19 @@ def lora_forward_persistent_kernel(
                 xa = tl.dot(x, a_desc.load([0, off_k]).T, xa)
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
+        # xa and B by plain loads (8 KB each): as TMA descriptors they cost the host ~2x their share of the launch
+        rows = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_R)
         if XA_GIVEN:
-            xa = xa_desc.load([out_m * BLOCK_M, 0])
-        acc = tl.dot((xa * scaling).to(dtype), b_desc.load([out_n * BLOCK_N, 0]).T, acc)
+            xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rk[None, :],
+                         mask=(rows[:, None] < M) & (rk[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + rk[None, :], mask=(cols[:, None] < N) & (rk[None, :] < R),
+                    other=0.0)
+        acc = tl.dot((xa * scaling).to(dtype), b.to(dtype).T, acc)  # B in any float dtype (PEFT's float32)
         if HAS_BIAS:
-            cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if not XA_GIVEN and out_n == 0:
-            rows = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            rk = tl.arange(0, BLOCK_R)
             tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], xa,
                      mask=(rows[:, None] < M) & (rk[None, :] < R))
         if SUBTILE:
@@ -358,8 +363,22 @@ def lora_dropout_mask_kernel(keep_ptr, M, K, dropout_p, seed, BLOCK_M: tl.conste
 # ------------------------------------------------------------------------------------------- launchers
 
 
+_device_facts: dict = {}
+
+
+def _facts(device: torch.device) -> tuple[int, int]:
+    """(SM count, major compute capability) of a CUDA device, asked once: the queries cost the host several
+    microseconds on every call otherwise (scripts/host_costs.py)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    facts = _device_facts.get(index)
+    if facts is None:
+        props = torch.cuda.get_device_properties(index)
+        facts = _device_facts[index] = (props.multi_processor_count, props.major)
+    return facts
+
+
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _facts(device)[0] if device.type == "cuda" else 4
 
 
 def _block_r(r: int) -> int:
@@ -405,7 +424,7 @@ def _tma_layout(t: torch.Tensor) -> Optional[str]:
 
 def _tma_ok(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
     if not triton_interpret():
-        if not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] < 9:
+        if not a.is_cuda or _facts(a.device)[1] < 9:
             return False
     return _tma_layout(a) == "row" and _tma_layout(out) == "row" and _tma_layout(w) is not None
 
@@ -471,7 +490,7 @@ def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
         return False
     if (x.shape[1] * x.element_size()) % 16 or (w.shape[0] * x.element_size()) % 16:
         return False
-    if not triton_interpret() and (not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9):
+    if not triton_interpret() and (not x.is_cuda or _facts(x.device)[1] < 9):
         return False
     return _tma_layout(x) == "row" and _tma_layout(w) is not None
 
@@ -506,19 +525,20 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     a = lora_A.to(x.dtype).contiguous()
     xa_given = cfg.pop("XA_GIVEN", True)
     xa = mm_float32(x, a.t()) if xa_given else torch.empty((M, R), device=x.device, dtype=torch.float32)
-    b = lora_B.to(x.dtype).contiguous()
+    b = lora_B if lora_B.stride(1) == 1 else lora_B.contiguous()  # read in its own dtype, no cast
     w_kmajor = _tma_layout(w) == "row"
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     sms = _sm_count(x.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     grid = (min(sms, tiles),)
-    xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
-    a_desc = xa_desc if xa_given else TensorDescriptor.from_tensor(a, [block_r, bk])  # unread when xa is given
+    # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): only
+    # the streamed operands and the output travel by TMA; A's descriptor only when xa is made in the kernel.
+    a_desc = None if xa_given else TensorDescriptor.from_tensor(a, [block_r, bk])
     lora_forward_persistent_kernel[grid](
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
-        a_desc, TensorDescriptor.from_tensor(b, [bn, block_r]), xa_desc, xa, bias if bias is not None else y,
-        M, N, K, R, xa.stride(0), float(scaling), grid[0],
+        a_desc, b, xa, bias if bias is not None else y,
+        M, N, K, R, xa.stride(0), b.stride(0), float(scaling), grid[0],
         XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, **cfg,
     )
     return y, xa
@@ -679,6 +699,26 @@ def _cublas_skinny(dropout_p: float, device: torch.device) -> bool:
     return device.type == "cuda" and dropout_p == 0.0 and not triton_interpret()
 
 
+_zeros: dict = {}
+_addmm_out_dtype = [True]  # cleared the first time torch's addmm refuses out_dtype (older releases)
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """scaling * a @ b in out_dtype by one cuBLAS call: alpha carries the scaling (a separate mul_ cost the host as
+    much as the product, scripts/host_costs.py), and a float32 result (PEFT's float32 adapters) is cuBLAS's float32
+    accumulator rather than a 16-bit product widened."""
+    key = (a.device, a.dtype)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), device=a.device, dtype=a.dtype)  # never read: beta = 0
+    if out_dtype == torch.float32 and a.dtype != torch.float32 and a.is_cuda and _addmm_out_dtype[0]:
+        try:
+            return torch.addmm(zero, a, b, beta=0, alpha=scaling, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _addmm_out_dtype[0] = False
+    return torch.addmm(zero, a, b, beta=0, alpha=scaling).to(out_dtype)
+
+
 # The fused dx GEMM keeps the low-rank epilogue's operands in registers beside a 128x256 accumulator: from
 # r = 64 that spills, so wide ranks take cuBLAS's dx and one in-place addmm instead.
 _MAX_EPILOGUE_RANK = 32
@@ -744,8 +784,8 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             dx = (grad_y @ w_kn.t()).addmm_(dyb, lora_A.to(dt), alpha=scaling)
         elif need_x:
             dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling)
-        da = torch.mm(dyb.t(), x).mul_(scaling).to(lora_A.dtype) if need_a else None
-        db = torch.mm(grad_y.t(), xa.to(dt)).mul_(scaling).to(lora_B.dtype) if need_b else None
+        da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype) if need_a else None
+        db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
     else:
         dyb = down_project(grad_y, lora_B.t()) if (need_x or need_a) else None
