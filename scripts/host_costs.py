@@ -108,6 +108,7 @@ def main() -> int:
           f"torch {torch.__version__}, triton {triton.__version__}")
     for name, fn in pieces.items():
         print(f"  {name:34s} {host_us(fn):8.1f}")
+    print(f"addmm with out_dtype (float32 adapter gradients in one call): {tk._addmm_out_dtype[0]}")
     return 0
 
 

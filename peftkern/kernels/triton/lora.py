@@ -178,8 +178,8 @@ def _tile_counts(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
 
 @triton.jit
 def lora_forward_persistent_kernel(
-    x_desc, w_desc, y_desc, a_desc, b_ptr, xa_ptr, bias_ptr,
-    M, N, K, R, stride_xam, stride_bn, scaling, NUM_SMS,
+    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
+    M, N, K, R, stride_xam, scaling, NUM_SMS,
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -187,7 +187,7 @@ def lora_forward_persistent_kernel(
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T (float32) stored
     for backward. One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
     tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); x, W and y
-    move by TMA, the small xa and B tiles by plain loads. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
+    move by TMA, and so do the small xa and B tiles. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
     beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
     separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
     (NOTES-lora.md)."""
@@ -215,19 +215,15 @@ def lora_forward_persistent_kernel(
                 xa = tl.dot(x, a_desc.load([0, off_k]).T, xa)
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
-        # xa and B by plain loads (8 KB each): as TMA descriptors they cost the host ~2x their share of the launch
-        rows = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_R)
         if XA_GIVEN:
-            xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rk[None, :],
-                         mask=(rows[:, None] < M) & (rk[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + rk[None, :], mask=(cols[:, None] < N) & (rk[None, :] < R),
-                    other=0.0)
-        acc = tl.dot((xa * scaling).to(dtype), b.to(dtype).T, acc)  # B in any float dtype (PEFT's float32)
+            xa = xa_desc.load([out_m * BLOCK_M, 0])
+        acc = tl.dot((xa * scaling).to(dtype), b_desc.load([out_n * BLOCK_N, 0]).T, acc)
         if HAS_BIAS:
+            cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if not XA_GIVEN and out_n == 0:
+            rows = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rk = tl.arange(0, BLOCK_R)
             tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], xa,
                      mask=(rows[:, None] < M) & (rk[None, :] < R))
         if SUBTILE:
@@ -525,20 +521,22 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     a = lora_A.to(x.dtype).contiguous()
     xa_given = cfg.pop("XA_GIVEN", True)
     xa = mm_float32(x, a.t()) if xa_given else torch.empty((M, R), device=x.device, dtype=torch.float32)
-    b = lora_B if lora_B.stride(1) == 1 else lora_B.contiguous()  # read in its own dtype, no cast
+    b = lora_B.to(x.dtype).contiguous()
     w_kmajor = _tma_layout(w) == "row"
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     sms = _sm_count(x.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     grid = (min(sms, tiles),)
-    # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): only
-    # the streamed operands and the output travel by TMA; A's descriptor only when xa is made in the kernel.
+    # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): A's
+    # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
+    # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
+    xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
     a_desc = None if xa_given else TensorDescriptor.from_tensor(a, [block_r, bk])
     lora_forward_persistent_kernel[grid](
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
-        a_desc, b, xa, bias if bias is not None else y,
-        M, N, K, R, xa.stride(0), b.stride(0), float(scaling), grid[0],
+        a_desc, TensorDescriptor.from_tensor(b, [bn, block_r]), xa_desc, xa, bias if bias is not None else y,
+        M, N, K, R, xa.stride(0), float(scaling), grid[0],
         XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, **cfg,
     )
     return y, xa
