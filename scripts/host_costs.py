@@ -94,7 +94,7 @@ def main() -> int:
         "fused_matmul (dx)": lambda: tk.fused_matmul(dy, W.t(), A.t(), dyb, 2.0),
         "lora_backward (dx, dA, dB)": lambda: tk.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, needs),
         "lora_backward, fp32 adapters": lambda: tk.lora_backward(dy, x, W, A32, B32, xa, 2.0, 0.0, 0, False, needs),
-        "_lora_fwd": lambda: ops._lora_fwd(x, W, A, B, None, 2.0, 0.0, False, "triton"),
+        "_lora_fwd": lambda: ops._lora_fwd(x, W, A, B, None, seed, 2.0, 0.0, False, "triton"),
         "_lora_bwd": lambda: ops._lora_bwd(dy, x, W, A, B, xa, seed, 2.0, 0.0, False, "triton", *needs),
         "check_lora_inputs": lambda: ops.check_lora_inputs(x, W, A, B, None, False),
         "prepare_linear": lambda: _common.prepare_linear("lora", x, W, None, K),

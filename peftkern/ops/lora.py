@@ -2,7 +2,9 @@
 
 `lora_linear` checks its inputs once, applies autocast, picks a backend and calls `LoRALinearFunction`.
 The Function's forward and backward are two registered custom ops (peftkern::lora_fwd, peftkern::lora_bwd)
-so torch.compile traces them without graph breaks.
+so torch.compile traces them without graph breaks; with dropout, a third (peftkern::lora_seed, tagged as seeded
+randomness) draws the seed, so that a compiled activation checkpoint that recomputes the forward recomputes
+the same mask.
 
 Saved for backward: x (the caller holds it anyway), the frozen weight (a reference, never a copy),
 the adapters, xa = dropout(x) A^T (M x r float32: small) and the dropout seed -- never a mask or a
@@ -29,27 +31,49 @@ from ._common import (
 )
 
 
+def _lora_seed(cpu: Tensor) -> Tensor:
+    """The dropout seed, a CPU int64 scalar from torch's default generator (draw_seed). `cpu` (any CPU tensor,
+    unread) tells the compiler whose generator this is: inductor found no device for an op without inputs."""
+    return draw_seed()
+
+
+# Its own op, tagged as seeded randomness, so that torch.compile's partitioner, when activation checkpointing
+# recomputes the forward in backward, restores the generator's state around it (or saves its output) and the
+# recomputed forward regenerates the same mask. Drawn inside lora_fwd, the recomputation drew a new seed: the
+# backward's mask differed from the forward's and the gradients were wrong (seen on the CPU, torch 2.13).
+try:
+    lora_seed = torch.library.custom_op("peftkern::lora_seed", _lora_seed, mutates_args=(),
+                                        tags=(torch.Tag.nondeterministic_seeded,))
+except TypeError:  # a torch whose custom_op takes no tags: the Library API carries them
+    _lib = torch.library.Library("peftkern", "FRAGMENT")
+    _lib.define("lora_seed(Tensor cpu) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+    _lib.impl("lora_seed", _lora_seed, "CompositeExplicitAutograd")
+    lora_seed = torch.ops.peftkern.lora_seed.default
+else:
+    @lora_seed.register_fake
+    def _(cpu):
+        return torch.empty((), dtype=torch.int64)
+
+
 def _lora_fwd(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], seed: Tensor,
     scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y (M, N), xa (M, r) float32, seed ()) for a 2-D x (M, K)."""
-    seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+) -> tuple[Tensor, Tensor]:
+    """(y (M, N), xa (M, r) float32) for a 2-D x (M, K); seed is the dropout's (a CPU int64 scalar)."""
     with op_range("peftkern::lora_fwd"):
         y, xa = backend_module(backend, "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed), weight_transposed)
-    return y.contiguous(), xa.contiguous(), seed
+    return y.contiguous(), xa.contiguous()
 
 
 lora_fwd = torch.library.custom_op("peftkern::lora_fwd", _lora_fwd, mutates_args=())
 
 
 @lora_fwd.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend):
+def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend):
     N = weight.shape[1] if weight_transposed else weight.shape[0]
     xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=xa_dtype),
-            torch.empty((), dtype=torch.int64))
+    return x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=xa_dtype)
 
 
 def _lora_bwd(
@@ -90,8 +114,12 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend):
-        fwd = torch.ops.peftkern.lora_fwd if torch.compiler.is_compiling() else _lora_fwd
-        y, xa, seed = fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
+        compiling = torch.compiler.is_compiling()
+        seed = torch.zeros((), dtype=torch.int64)
+        if dropout_p > 0.0:
+            seed = torch.ops.peftkern.lora_seed(seed) if compiling else draw_seed()
+        fwd = torch.ops.peftkern.lora_fwd if compiling else _lora_fwd
+        y, xa = fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
         ctx.has_bias = bias is not None
