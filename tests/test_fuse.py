@@ -296,6 +296,36 @@ def test_gradient_checkpointing_and_modules_to_save():
             assert_close(gt[key], gr[key], DTYPE, f"grad {key}", 4 * GRAD_SCALE)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, monkeypatch):
+    """torch.compile(fullgraph=True) of a fused PEFT Llama: no graph break anywhere (an assignment expression in a
+    comprehension of the fused forward broke the graph once per layer, and the compiled model ran mostly eager),
+    the eager model's logits, loss and adapter gradients, with dropout and under non-reentrant checkpointing."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's dropout masks when compiled
+    model = build("llama", dropout=dropout)
+    peftkern.fuse(model)
+    if checkpointing:  # non-reentrant: no enable_input_require_grads (its hook's requires_grad_ stops fullgraph)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()  # transformers or PEFT may have installed it anyway
+    model.train()
+    data = dict(batch("llama"), use_cache=False)  # transformers warns (a graph break) if cache meets checkpointing
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout seeds for both
+        out = fn(**data)
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), out.loss.detach(), grads))
+    (logits_e, loss_e, g_e), (logits_c, loss_c, g_c) = results
+    assert_close(logits_c, logits_e, DTYPE, "compiled logits", 4.0)
+    assert_close(loss_c, loss_e, DTYPE, "compiled loss", 4.0)
+    assert g_e.keys() == g_c.keys() and any("lora_A" in k for k in g_e)
+    for key in g_e:
+        assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}", 4 * GRAD_SCALE)
+
+
 def test_fp32_adapters_beside_bf16_base():
     """PEFT's default: fp32 adapters on a bf16 model. Same training as PEFT's within bf16's model tolerance, a bf16
     output, and no fp32 copy of the activations saved for backward (PEFT casts x to fp32 and saves that)."""

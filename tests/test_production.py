@@ -29,7 +29,9 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
-def test_compile_fullgraph_matches_eager(training):
+def test_compile_fullgraph_matches_eager(training, monkeypatch):
+    # Compiled dropout draws its seed from inductor's generator, as nn.Dropout does; fallback_random gives eager's.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch.manual_seed(0)
     model = TwoLoRA().train(training)
     x = torch.randn(3, 7, 64, device=DEVICE, requires_grad=True)
@@ -108,37 +110,49 @@ def test_checkpoint_gives_the_same_gradients(reentrant):
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_checkpoint_with_dropout_gives_eager_gradients():
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, inner, use_checkpoint=True):
+        super().__init__()
+        self.inner, self.use_checkpoint = inner, use_checkpoint
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, x, use_reentrant=False) if self.use_checkpoint else self.inner(x)
+
+
+def _run(fn, model, x, seed=9):
+    model.zero_grad()
+    x.grad = None
+    torch.manual_seed(seed)
+    y = fn(x)
+    y.square().sum().backward()
+    return y.detach(), _grads(model), x.grad.clone()
+
+
+def _assert_same(got, want, what):
+    (y_g, g_g, dx_g), (y_w, g_w, dx_w) = got, want
+    assert_close(y_g, y_w, torch.float32, f"{what}: output")
+    assert {"l1.lora_A", "l1.lora_B", "l2.lora_A"} <= set(g_w) and g_w.keys() == g_g.keys()
+    for name in g_w:
+        assert_close(g_g[name], g_w[name], torch.float32, f"{what}: grad {name}")
+    assert_close(dx_g, dx_w, torch.float32, f"{what}: dx")
+
+
+def test_compiled_checkpoint_with_dropout_recomputes_the_same_mask(monkeypatch):
     """torch.compile over a non-reentrant checkpoint with LoRA dropout: the partitioner recomputes the forward in
-    backward, and the recomputation must draw the forward's dropout mask again. (With the seed drawn inside the
-    forward op it drew a new one and the adapter gradients were off by up to 20x their size.)"""
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = TwoLoRA(dropout=0.2)
-
-        def forward(self, x):
-            return checkpoint(self.inner, x, use_reentrant=False)
-
+    backward, and the recomputation must regenerate the forward's mask. (With the seed drawn inside the opaque
+    forward op it drew a new one, and the adapter gradients were off by up to 20x their size.) Checked against the
+    compiled model without the checkpoint (inductor's generator, the default) and against eager (fallback_random)."""
     torch.manual_seed(3)
-    model = Checkpointed()
+    inner = TwoLoRA(dropout=0.2)
     x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
-    results = []
-    for fn in (model, torch.compile(model, fullgraph=True)):
-        model.zero_grad()
-        x.grad = None
-        torch.manual_seed(9)  # the same seeds for both
-        y = fn(x)
-        y.square().sum().backward()
-        results.append((y.detach(), _grads(model), x.grad.clone()))
-    (y_e, g_e, dx_e), (y_c, g_c, dx_c) = results
-    assert_close(y_c, y_e, torch.float32, "compiled checkpointed output")
-    assert {"inner.l1.lora_A", "inner.l1.lora_B"} <= set(g_e) and g_e.keys() == g_c.keys()
-    for name in g_e:
-        assert_close(g_c[name], g_e[name], torch.float32, f"compiled checkpointed grad {name}")
-    assert_close(dx_c, dx_e, torch.float32, "compiled checkpointed dx")
+    plain = _run(torch.compile(_Checkpointed(inner, False), fullgraph=True), inner, x)
+    _assert_same(_run(torch.compile(_Checkpointed(inner), fullgraph=True), inner, x), plain, "compiled checkpoint")
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    _assert_same(_run(torch.compile(_Checkpointed(inner), fullgraph=True), inner, x), _run(inner, inner, x),
+                 "compiled checkpoint against eager")
 
 
 def test_float64_falls_back_to_the_reference_with_one_warning():

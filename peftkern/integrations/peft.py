@@ -157,7 +157,13 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
         B = torch.cat([_param(lora_B[a], "weight") * scalings[a] for a in active], 1)
         scaling, p = 1.0, 0.0
     bias = _param(base, "bias")
-    lora_biases = [b * scalings[a] for a in active if (b := _param(lora_B[a], "bias")) is not None]
+    # A plain loop: torch.compile (dynamo, torch 2.11-2.13) broke the graph at an assignment expression inside a
+    # comprehension ("read uninitialized cell"), once in every fused layer.
+    lora_biases = []
+    for a in active:
+        b = _param(lora_B[a], "bias")
+        if b is not None:
+            lora_biases.append(b * scalings[a])
     if lora_biases:
         # lora_bias=True: PEFT's lora_B bias enters scaled, s (h B^T + b_B). Folded into the base bias,
         # autograd carries its gradient back to lora_B.bias.

@@ -2,9 +2,10 @@
 
 `lora_linear` checks its inputs once, applies autocast, picks a backend and calls `LoRALinearFunction`.
 The Function's forward and backward are two registered custom ops (peftkern::lora_fwd, peftkern::lora_bwd)
-so torch.compile traces them without graph breaks; with dropout, a third (peftkern::lora_seed, tagged as seeded
-randomness) draws the seed, so that a compiled activation checkpoint that recomputes the forward recomputes
-the same mask.
+so torch.compile traces them without graph breaks. The dropout seed is drawn beside them (torch.randint on the
+CPU generator), so that under torch.compile it is a random op the partitioner replays when a checkpoint
+recomputes the forward; compiled dropout then draws from inductor's generator, as nn.Dropout does
+(`torch._inductor.config.fallback_random = True` gives eager's masks).
 
 Saved for backward: x (the caller holds it anyway), the frozen weight (a reference, never a copy),
 the adapters, xa = dropout(x) A^T (M x r float32: small) and the dropout seed -- never a mask or a
@@ -29,30 +30,6 @@ from ._common import (
     pick_backend,
     prepare_linear,
 )
-
-
-def _lora_seed(cpu: Tensor) -> Tensor:
-    """The dropout seed, a CPU int64 scalar from torch's default generator (draw_seed). `cpu` (any CPU tensor,
-    unread) tells the compiler whose generator this is: inductor found no device for an op without inputs."""
-    return draw_seed()
-
-
-# Its own op, tagged as seeded randomness, so that torch.compile's partitioner, when activation checkpointing
-# recomputes the forward in backward, restores the generator's state around it (or saves its output) and the
-# recomputed forward regenerates the same mask. Drawn inside lora_fwd, the recomputation drew a new seed: the
-# backward's mask differed from the forward's and the gradients were wrong (seen on the CPU, torch 2.13).
-try:
-    lora_seed = torch.library.custom_op("peftkern::lora_seed", _lora_seed, mutates_args=(),
-                                        tags=(torch.Tag.nondeterministic_seeded,))
-except TypeError:  # a torch whose custom_op takes no tags: the Library API carries them
-    _lib = torch.library.Library("peftkern", "FRAGMENT")
-    _lib.define("lora_seed(Tensor cpu) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
-    _lib.impl("lora_seed", _lora_seed, "CompositeExplicitAutograd")
-    lora_seed = torch.ops.peftkern.lora_seed.default
-else:
-    @lora_seed.register_fake
-    def _(cpu):
-        return torch.empty((), dtype=torch.int64)
 
 
 def _lora_fwd(
@@ -115,9 +92,11 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend):
         compiling = torch.compiler.is_compiling()
-        seed = torch.zeros((), dtype=torch.int64)
-        if dropout_p > 0.0:
-            seed = torch.ops.peftkern.lora_seed(seed) if compiling else draw_seed()
+        # The seed is drawn here, outside lora_fwd: under torch.compile it is then a random op of the graph, which
+        # the partitioner knows how to replay when activation checkpointing recomputes the forward in backward.
+        # Drawn inside the opaque lora_fwd, the recomputation drew a new seed: the backward's mask differed from
+        # the forward's and the adapter gradients were wrong (seen on the CPU, torch 2.13).
+        seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
         fwd = torch.ops.peftkern.lora_fwd if compiling else _lora_fwd
         y, xa = fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
