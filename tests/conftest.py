@@ -93,3 +93,13 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned)
     yield
+
+
+@pytest.fixture
+def eager_rng():
+    """Compiled random ops draw from torch's generators as eager ones do (inductor's fallback_random), for tests that
+    compare compiled dropout with eager. config.patch, not monkeypatch: pytest 9.2's undo deletes a config entry."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield

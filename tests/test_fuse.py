@@ -298,11 +298,10 @@ def test_gradient_checkpointing_and_modules_to_save():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
-def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, monkeypatch):
+def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, eager_rng):
     """torch.compile(fullgraph=True) of a fused PEFT Llama: no graph break anywhere (an assignment expression in a
     comprehension of the fused forward broke the graph once per layer, and the compiled model ran mostly eager),
     the eager model's logits, loss and adapter gradients, with dropout and under non-reentrant checkpointing."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's dropout masks when compiled
     model = build("llama", dropout=dropout)
     peftkern.fuse(model)
     if checkpointing:  # non-reentrant: no enable_input_require_grads (its hook's requires_grad_ stops fullgraph)

@@ -29,9 +29,8 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
-def test_compile_fullgraph_matches_eager(training, monkeypatch):
+def test_compile_fullgraph_matches_eager(training, eager_rng):
     # Compiled dropout draws its seed from inductor's generator, as nn.Dropout does; fallback_random gives eager's.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch.manual_seed(0)
     model = TwoLoRA().train(training)
     x = torch.randn(3, 7, 64, device=DEVICE, requires_grad=True)
@@ -139,7 +138,7 @@ def _assert_same(got, want, what):
     assert_close(dx_g, dx_w, torch.float32, f"{what}: dx")
 
 
-def test_compiled_checkpoint_with_dropout_recomputes_the_same_mask(monkeypatch):
+def test_compiled_checkpoint_with_dropout_recomputes_the_same_mask():
     """torch.compile over a non-reentrant checkpoint with LoRA dropout: the partitioner recomputes the forward in
     backward, and the recomputation must regenerate the forward's mask. (With the seed drawn inside the opaque
     forward op it drew a new one, and the adapter gradients were off by up to 20x their size.) Checked against the
@@ -149,10 +148,12 @@ def test_compiled_checkpoint_with_dropout_recomputes_the_same_mask(monkeypatch):
     x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     plain = _run(torch.compile(_Checkpointed(inner, False), fullgraph=True), inner, x)
     _assert_same(_run(torch.compile(_Checkpointed(inner), fullgraph=True), inner, x), plain, "compiled checkpoint")
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    import torch._inductor.config as inductor_config
+
     torch._dynamo.reset()
-    _assert_same(_run(torch.compile(_Checkpointed(inner), fullgraph=True), inner, x), _run(inner, inner, x),
-                 "compiled checkpoint against eager")
+    with inductor_config.patch(fallback_random=True):
+        compiled = _run(torch.compile(_Checkpointed(inner), fullgraph=True), inner, x)
+    _assert_same(compiled, _run(inner, inner, x), "compiled checkpoint against eager")
 
 
 def test_float64_falls_back_to_the_reference_with_one_warning():
