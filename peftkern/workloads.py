@@ -110,9 +110,12 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
                   checkpointing: bool = False, lr: float = 1e-5, seed: int = 0) -> Callable[[], torch.Tensor]:
     """A closure running one forward + backward + AdamW step on fixed random token ids; returns the loss."""
     if checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, so no enable_input_require_grads: its
-        # forward hook calls requires_grad_() on the embedding's output, which torch.compile cannot trace whole.
+        # Non-reentrant checkpointing needs no input that requires grad. transformers installs
+        # enable_input_require_grads's hook anyway; its requires_grad_() on the embedding's output is a graph
+        # break under torch.compile (fullgraph refuses it), so it is taken off again.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     fwd = torch.compile(model) if compile_ else model
