@@ -250,3 +250,18 @@ def test_peft_ia3_fused_twin_matches():
         model.merge_adapter()
         twin.merge_adapter()
         assert_close(twin(**x).logits, model(**x).logits, dtype, f"{name} merged", 2.0)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or the Triton interpreter")
+def test_explore_persistent_output_form_kernel_is_right():
+    """scripts/explore_ia3_persistent.py's kernel (z and y = z * l from one persistent GEMM's epilogue, not yet
+    in the op): its answers against float64, l with zeros, shapes that fill no tile, half- and full-tile stores."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "explore_ia3_persistent.py"
+    spec = importlib.util.spec_from_file_location("explore_ia3_persistent", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check()
