@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -40,6 +41,23 @@ def settle_compile() -> None:
     except ImportError:
         return
     shutdown_compile_workers()
+
+
+def host_probe_us(device, calls: int = 200) -> Optional[float]:
+    """What enqueueing one small CUDA op costs this machine's CPU (us, median of five rounds): the fused steps are
+    bound by the host, and machines of one kind differed 2x here (NOTES-lora.md), so every run records it."""
+    if device != "cuda":
+        return None
+    a = torch.ones(16, device="cuda")
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.add(a, a, out=a)
+        rounds.append((time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(rounds)
 
 
 def time_training(step, steps: int, warmup: int, device, compiled: bool = False) -> tuple[float, float, float]:
@@ -133,6 +151,9 @@ def main(argv=None) -> list[Row]:
             cases.append((workloads.resolve_shape(shape, device), args.batch or max(1, args.tokens // seq), seq))
     if device != "cuda":
         cases = [("tiny", 2, 64)]
+    probe = host_probe_us(device)
+    if probe is not None:
+        progress(f"host: {probe:.1f} us to enqueue a small CUDA op")
     rows = []
     for shape, batch, seq in cases:
         rows += run_case(shape, batch, seq, methods, args, device, dtype)
@@ -146,7 +167,8 @@ def main(argv=None) -> list[Row]:
               f"{r.extra['throughput_vs_floor']:8.3f}x | {peak:>14} |")
     path = save_results("e2e", rows, {"methods": list(methods), "cases": cases, "rank": args.rank,
                                       "models": {s: workloads.SHAPES[s] for s, _, _ in cases},
-                                      "timing": "eager steps between CUDA events"}, args.out)
+                                      "timing": "eager steps between CUDA events",
+                                      "host_us_per_small_op": probe}, args.out)
     progress(f"saved {path}")
     return rows
 
