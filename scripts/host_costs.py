@@ -12,29 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import triton
 import triton.language as tl
+from cpu_overhead import per_call_us  # this folder: the same enqueue-only timing
 
 
 @triton.jit
 def _noop_kernel(x_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
-
-
-def host_us(fn, iters: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / iters * 1e6
 
 
 def main() -> int:
@@ -107,7 +95,7 @@ def main() -> int:
     print(f"host us per call (enqueue only), M={M} K={K} N={N} r={R}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}")
     for name, fn in pieces.items():
-        print(f"  {name:34s} {host_us(fn):8.1f}")
+        print(f"  {name:34s} {per_call_us(fn, host_only=True):8.1f}")
     print(f"addmm with out_dtype (float32 adapter gradients in one call): {tk._addmm_out_dtype[0]}")
     return 0
 

@@ -91,13 +91,12 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend):
-        compiling = torch.compiler.is_compiling()
         # The seed is drawn here, outside lora_fwd: under torch.compile it is then a random op of the graph, which
         # the partitioner knows how to replay when activation checkpointing recomputes the forward in backward.
         # Drawn inside the opaque lora_fwd, the recomputation drew a new seed: the backward's mask differed from
         # the forward's and the adapter gradients were wrong (seen on the CPU, torch 2.13).
         seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
-        fwd = torch.ops.peftkern.lora_fwd if compiling else _lora_fwd
+        fwd = torch.ops.peftkern.lora_fwd if torch.compiler.is_compiling() else _lora_fwd
         y, xa = fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
