@@ -12,6 +12,7 @@ also the compiled frozen model and PEFT LoRA / fused LoRA under torch.compile.
 
     python -m peftkern bench e2e [--method lora|ia3|lokr|adapter|all] [--shape 1b 7b] [--seq 1024 2048 4096]
                                  [--tokens 8192 | --batch B] [--quick] [--compile]
+                                 [--compile-mode reduce-overhead] [--compiled-only]
                                  [--checkpointing | --checkpointing-only] [--out DIR]
 """
 
@@ -101,6 +102,9 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
     for ckpt in settings:
         floors: dict = {}
         for method, impl, fp32, compiled in workloads.variants(methods, args.compile and device == "cuda"):
+            if args.compiled_only and compiled is False and method != "none":
+                continue  # the eager floor stays: every ratio is taken against it
+            compiled = args.compile_mode if (compiled and args.compile_mode) else compiled
             name = workloads.describe(method, impl, fp32, compiled, model_dtype)
             pass_ = "train step" + (" +ckpt" if ckpt else "")
             progress(f"e2e {case} {pass_}: {name}")
@@ -138,11 +142,16 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--compile", action="store_true",
                         help="also the compiled frozen model and LoRA (PEFT, fused) under torch.compile")
+    parser.add_argument("--compile-mode", help="torch.compile's mode for the compiled rows (e.g. reduce-overhead: "
+                        "CUDA graphs); implies --compile")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="with --compile: the eager floor and the compiled rows only")
     parser.add_argument("--checkpointing", action="store_true", help="also every row with gradient checkpointing")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the rows with gradient checkpointing")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
+    args.compile = args.compile or bool(args.compile_mode) or args.compiled_only
     device, dtype = bench_device("the tiny Llama config on the CPU (2 x 64 tokens) so you can see it work")
     methods = workloads.METHODS if args.method == "all" else (args.method,)
     cases = []

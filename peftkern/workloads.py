@@ -16,7 +16,7 @@ Adapters per method follow PEFT's defaults for Llama: LoRA r=16 on all seven pro
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +106,11 @@ def build(method: str, impl: str, shape: str, device, dtype: torch.dtype, r: int
     return model
 
 
-def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_: bool = False,
+def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_: Union[bool, str] = False,
                   checkpointing: bool = False, lr: float = 1e-5, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """A closure running one forward + backward + AdamW step on fixed random token ids; returns the loss."""
+    """A closure running one forward + backward + AdamW step on fixed random token ids; returns the loss.
+    compile_: True compiles the model with torch.compile's default mode, a string names the mode
+    ("reduce-overhead": CUDA graphs, which take the host's launch costs out of the step)."""
     if checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad. transformers installs
         # enable_input_require_grads's hook anyway; its requires_grad_() on the embedding's output is a graph
@@ -118,7 +120,10 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
             model.disable_input_require_grads()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    fwd = torch.compile(model) if compile_ else model
+    if compile_:
+        fwd = torch.compile(model, mode=compile_ if isinstance(compile_, str) else None)
+    else:
+        fwd = model
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
 
@@ -132,10 +137,12 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
     return step
 
 
-def describe(method: str, impl: str, fp32_adapters: bool, compiled: bool = False, model_dtype: str = "bf16") -> str:
-    """The row name of a variant in tables and plots."""
+def describe(method: str, impl: str, fp32_adapters: bool, compiled: Union[bool, str] = False,
+             model_dtype: str = "bf16") -> str:
+    """The row name of a variant in tables and plots; compiled: True, or the torch.compile mode's name."""
+    mode = f"({compiled})" if isinstance(compiled, str) else ""
     if impl == "frozen" or method == "none":
-        return "frozen model" + (", compiled" if compiled else " (floor)")
+        return "frozen model" + (f", compiled{mode}" if compiled else " (floor)")
     if fp32_adapters:
         dtype = "fp32 adapters" + (", PEFT default" if method != "adapter" else "")
     else:
@@ -144,7 +151,7 @@ def describe(method: str, impl: str, fp32_adapters: bool, compiled: bool = False
         who = "Pfeiffer, peftkern" if impl == "fused" else "Pfeiffer, eager PyTorch"
     else:
         who = f"peftkern.fuse(PEFT {method})" if impl == "fused" else f"PEFT {method}"
-    return f"{who} ({dtype})" + (" + torch.compile" if compiled else "")
+    return f"{who} ({dtype})" + (f" + torch.compile{mode}" if compiled else "")
 
 
 def variants(methods, compile_anchors: bool = False) -> list[tuple[str, str, bool, bool]]:
