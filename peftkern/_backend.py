@@ -8,7 +8,6 @@ the Triton kernels also run on CPU tensors under TRITON_INTERPRET=1 (that is how
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Optional
@@ -60,13 +59,19 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_triton_found: list = []  # [whether triton imports], once known (a list, not lru_cache: dynamo warned at every
+# compile of a fused model that it ignores lru_cache wrappers)
+
+
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _triton_found:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_found.append(False)
+        else:
+            _triton_found.append(True)
+    return _triton_found[0]
 
 
 def cuda_extension():

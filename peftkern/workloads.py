@@ -127,7 +127,11 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
 
+    graphed = compile_ in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
+
     def step():
+        if graphed:  # a new iteration: the graphs may reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()

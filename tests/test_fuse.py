@@ -325,6 +325,49 @@ def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, ea
         assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}", 4 * GRAD_SCALE)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")
+@pytest.mark.parametrize("rows", [24, 640])  # 640 rows take the persistent forward, 24 the small-M path
+def test_fused_model_trains_under_cuda_graphs(rows):
+    """torch.compile(mode="reduce-overhead") of a fused PEFT Llama records the fused ops in CUDA graphs and trains
+    as the eager fused model does. (scaled_mm kept a device tensor across calls: made while the graphs were
+    recorded, it stayed in their memory pool and cudagraph trees refused the step.)"""
+    from torch._dynamo.utils import counters
+
+    models = []
+    for _ in range(2):
+        model = build("llama")
+        assert peftkern.fuse(model).fused
+        model.train()
+        models.append(model)
+    initial = {n: p.detach().clone() for n, p in models[0].named_parameters() if "lora_" in n}
+    seq = 12 if rows == 24 else 64
+    ids = torch.randint(0, 128, (rows // seq, seq), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    counters["inductor"]["cudagraph_skips"] = 0
+    histories = []
+    for model, fn in ((models[0], models[0]), (models[1], torch.compile(models[1], mode="reduce-overhead"))):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses, first_grads = [], None
+        for _ in range(4):  # the first calls warm up, then the graphs are recorded and replayed
+            torch.compiler.cudagraph_mark_step_begin()
+            opt.zero_grad(set_to_none=True)
+            loss = fn(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if first_grads is None:
+                first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            opt.step()
+            losses.append(loss.detach().clone())
+        trained = [n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(p, initial[n])]
+        histories.append((losses, first_grads, trained))
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor skipped the CUDA graphs"
+    (loss_e, grads_e, trained_e), (loss_g, grads_g, trained_g) = histories
+    for step, (lg, le) in enumerate(zip(loss_g, loss_e)):
+        assert_close(lg, le, DTYPE, f"loss step {step}", 4.0 + STEP_SCALE * step)
+    assert grads_e.keys() == grads_g.keys() and any("lora_A" in k for k in grads_e)
+    for key in grads_e:
+        assert_close(grads_g[key], grads_e[key], DTYPE, f"first step's grad {key}", 4 * GRAD_SCALE)
+    assert sorted(trained_g) == sorted(trained_e) == sorted(initial), "every adapter weight trains, graphed or not"
+
+
 def test_fp32_adapters_beside_bf16_base():
     """PEFT's default: fp32 adapters on a bf16 model. Same training as PEFT's within bf16's model tolerance, a bf16
     output, and no fp32 copy of the activations saved for backward (PEFT casts x to fp32 and saves that)."""

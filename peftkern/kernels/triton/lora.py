@@ -697,7 +697,6 @@ def _cublas_skinny(dropout_p: float, device: torch.device) -> bool:
     return device.type == "cuda" and dropout_p == 0.0 and not triton_interpret()
 
 
-_zeros: dict = {}
 _addmm_out_dtype = [True]  # cleared the first time torch's addmm refuses out_dtype (older releases)
 
 
@@ -705,10 +704,10 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float, out_dtype: torch
     """scaling * a @ b in out_dtype by one cuBLAS call: alpha carries the scaling (a separate mul_ cost the host as
     much as the product, scripts/host_costs.py), and a float32 result (PEFT's float32 adapters) is cuBLAS's float32
     accumulator rather than a 16-bit product widened."""
-    key = (a.device, a.dtype)
-    zero = _zeros.get(key)
-    if zero is None:
-        zero = _zeros[key] = torch.zeros((), device=a.device, dtype=a.dtype)  # never read: beta = 0
+    # addmm's input, never read (beta = 0): a 0-dim view of a, not a cached tensor. A tensor cached across calls,
+    # first made while torch.compile(mode="reduce-overhead") recorded its CUDA graphs, stayed alive in the graphs'
+    # memory pool, and cudagraph trees refused the step ("tensor(s) in the cudagraph pool not tracked").
+    zero = a[0, 0]
     if out_dtype == torch.float32 and a.dtype != torch.float32 and a.is_cuda and _addmm_out_dtype[0]:
         try:
             return torch.addmm(zero, a, b, beta=0, alpha=scaling, out_dtype=torch.float32)
