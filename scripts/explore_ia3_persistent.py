@@ -1,15 +1,19 @@
 """IA3's output form, y = (x W^T + b) * l, as one persistent GEMM that stores both z = x W^T + b (saved for dl)
 and y from its epilogue, against the op's forward (cuBLAS writes z, then a pass reads z and writes y).
 
-Why (NOTES-ia3.md): the output form's forward is 1.11x F.linear, and the two extra activation passes are most
-of that. lora.py's persistent kernel matched cuBLAS on the x W^T layout; its walk with an epilogue that scales
-by l and stores z beside y replaces a read and a write with one asynchronous TMA store. Predicted: ~1.04x
-F.linear for the forward at M = 8192, 4096 x 4096. Written without a GPU (2026-11-23): never timed yet.
+Why (NOTES-ia3.md): the output form's forward was 1.11-1.15x F.linear, and the two extra activation passes
+were most of that. lora.py's persistent kernel matched cuBLAS on the x W^T layout; its walk with an epilogue
+that scales by l and stores z beside y replaces a read and a write with one asynchronous TMA store.
+Predicted ~1.04x F.linear at M = 8192, 4096 x 4096; measured on an H100 (2026-11-23,
+results/logs/explore-ia3-persistent-h100.log): 1.099x (op 1.148x), 1.044x at 4096 -> 11008 (op 1.095x),
+1.051-1.062x at M = 2048 (op 1.081x); storing y alone would be 1.00-1.02x. The kernel now lives in
+peftkern/kernels/triton/ia3.py (the output form's default forward from M = 2048); this script times its
+configs against the cuBLAS path.
 
 Variants, bf16, each timed twice (CUDA-graph replays, median) with F.linear between, ratio to that F.linear:
-the op's forward (`ia3_forward`), the persistent kernel storing z and y (half-tile stores and full-tile
-stores), and the same kernel storing y alone (what the forward would cost if z were not saved). Every
-variant's y (and z) is checked against the op's. With OUT set, writes $OUT/explore_ia3_persistent.json.
+the op's cuBLAS forward (`ia3_forward(mode="cublas")`) and the persistent kernel storing z and y (half-tile
+and full-tile stores, 128x256 and 128x128 tiles). Every variant's y and z are checked against the cuBLAS
+path's. With OUT set, writes $OUT/explore_ia3_persistent.json.
 
     python scripts/explore_ia3_persistent.py            # a GPU
     TRITON_INTERPRET=1 python scripts/explore_ia3_persistent.py --check   # the kernel's answers, no GPU
@@ -25,69 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from peftkern.kernels.triton import ia3 as ki
-from peftkern.kernels.triton.lora import _sm_count, _tile_coords, _tile_counts
 
 
-@triton.jit
-def ia3_output_persistent_kernel(
-    x_desc, w_desc, y_desc, z_desc, l_ptr, bias_ptr, M, N, K, NUM_SMS,
-    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """z = x W^T + b and y = z * l (float32 math, each rounded once), W K-major, one program per SM."""
-    dtype = y_desc.dtype
-    start = tl.program_id(0)
-    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
-    out_tile = start - NUM_SMS
-    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in tl.range(k_tiles):
-            x = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
-            acc = tl.dot(x, w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K]).T, acc)
-        out_tile += NUM_SMS
-        out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
-        cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        scaled = acc * tl.load(l_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        row, col = out_m * BLOCK_M, out_n * BLOCK_N
-        if SUBTILE:
-            y_left, y_right = tl.split(tl.permute(tl.reshape(scaled, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            y_desc.store([row, col], y_left.to(dtype))
-            y_desc.store([row, col + BLOCK_N // 2], y_right.to(dtype))
-            if STORE_Z:
-                z_left, z_right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-                z_desc.store([row, col], z_left.to(dtype))
-                z_desc.store([row, col + BLOCK_N // 2], z_right.to(dtype))
-        else:
-            y_desc.store([row, col], scaled.to(dtype))
-            if STORE_Z:
-                z_desc.store([row, col], acc.to(dtype))
-
-
-def persistent_output_form(x, w, l_vec, bias=None, config=None, store_z=True):
-    """(y, z) of the output form by ia3_output_persistent_kernel; w (N, K) K-major; z None unless store_z."""
-    M, K = x.shape
-    N = w.shape[0]
-    cfg = dict(config)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    store_n = bn // 2 if cfg["SUBTILE"] else bn
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_z else y
-    grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    ia3_output_persistent_kernel[grid](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
-        TensorDescriptor.from_tensor(y, [bm, store_n]), TensorDescriptor.from_tensor(z, [bm, store_n]),
-        l_vec, bias if bias is not None else y, M, N, K, grid[0],
-        HAS_BIAS=bias is not None, STORE_Z=store_z, **cfg,
-    )
-    return y, (z if store_z else None)
+def persistent_output_form(x, w, l_vec, bias=None, config=None):
+    """(y, z) of the output form by ia3.py's persistent kernel (this script's kernel, moved there)."""
+    return ki.persistent_output_form(x, w, l_vec, bias, config=config)
 
 
 BASE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=True, num_warps=8, num_stages=3)
@@ -143,12 +91,11 @@ def main() -> None:
         x = torch.randn(M, K, device="cuda", dtype=dt)
         w = torch.randn(N, K, device="cuda", dtype=dt) * K**-0.5
         l_vec = torch.rand(N, device="cuda") + 0.5  # PEFT's float32 vector
-        y_ref, z_ref = ki.ia3_forward(x, w, l_vec, None, False, False)
-        variants = {"op (cuBLAS z, then y = z * l)": lambda: ki.ia3_forward(x, w, l_vec, None, False, False)}
+        y_ref, z_ref = ki.ia3_forward(x, w, l_vec, None, False, False, mode="cublas")
+        variants = {"op (cuBLAS z, then y = z * l)": lambda: ki.ia3_forward(x, w, l_vec, None, False, False,
+                                                                            mode="cublas")}
         for name, cfg in CONFIGS.items():
             variants[name] = lambda cfg=cfg: persistent_output_form(x, w, l_vec, config=cfg)
-        variants["y only 128x256x64 s3 half-stores"] = lambda: persistent_output_form(x, w, l_vec, config=BASE,
-                                                                                        store_z=False)
         for name, fn in variants.items():
             y, z = fn()
             err = max(rel(y, y_ref), rel(z, z_ref) if z is not None else 0.0)

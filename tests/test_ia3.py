@@ -252,16 +252,38 @@ def test_peft_ia3_fused_twin_matches():
         assert_close(twin(**x).logits, model(**x).logits, dtype, f"{name} merged", 2.0)
 
 
-@pytest.mark.skipif(not (HAS_CUDA or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
-                    reason="needs a GPU or the Triton interpreter")
-def test_explore_persistent_output_form_kernel_is_right():
-    """scripts/explore_ia3_persistent.py's kernel (z and y = z * l from one persistent GEMM's epilogue, not yet
-    in the op): its answers against float64, l with zeros, shapes that fill no tile, half- and full-tile stores."""
-    import importlib.util
-    from pathlib import Path
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("subtile", [True, False], ids=["half-tile-stores", "full-tile-stores"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_persistent_output_form_matches_reference(subtile, bias):
+    """The output form's persistent forward (z and y = z * l stored from one GEMM's epilogue): y and z against
+    reference.py with a float32 l holding zeros (those columns exactly zero), shapes that fill no tile."""
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16  # the interpreter mishandles bf16
+    shapes = [(45, 64, 48), (70, 40, 136)] + ([(1000, 520, 1096), (2304, 256, 520)] if HAS_CUDA else [])
+    for M, K, N in shapes:
+        x, w, scale, b = make((M,), K, N, dtype, False, bias=bias, zeros=True, scale_dtype=torch.float32)
+        assert kia3.persistent_output_ok(x, w)
+        y, z = kia3.persistent_output_form(x, w, scale, b, config={**kia3._persistent_config(M), "SUBTILE": subtile})
+        y_ref, z_ref = reference.ia3_forward(x, w, scale, b, False, False)
+        assert y.dtype == z.dtype == dtype
+        assert_close(z, z_ref, dtype, f"z {M}x{K}->{N}")
+        assert_close(y, y_ref, dtype, f"y {M}x{K}->{N}")
+        assert torch.all(y[:, ::3] == 0), "zeros in l give exact zeros"
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "explore_ia3_persistent.py"
-    spec = importlib.util.spec_from_file_location("explore_ia3_persistent", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check()
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the op picks the persistent forward on a GPU only")
+def test_op_takes_the_persistent_forward_from_its_threshold(monkeypatch):
+    """On a GPU the output form's forward is the persistent kernel from PERSISTENT_MIN_M rows (cuBLAS below it,
+    and for Conv1D's transposed weight); forward and backward against the reference either way."""
+    calls = []
+    original = kia3.persistent_output_form
+    monkeypatch.setattr(kia3, "persistent_output_form", lambda *a, **k: calls.append(1) or original(*a, **k))
+    M = kia3.PERSISTENT_MIN_M
+    for rows, transposed, taken in ((M, False, True), (M - 8, False, False), (M, True, False)):
+        calls.clear()
+        x, w, scale, b = make((rows,), 256, 520, torch.bfloat16, False, transposed=transposed,
+                              scale_dtype=torch.float32)
+        got, ref = run_both(x, w, scale, b, False, transposed)
+        assert bool(calls) == taken, (rows, transposed)
+        for name in ref:
+            assert_close(got[name], ref[name], torch.bfloat16, f"{name} rows={rows} transposed={transposed}")

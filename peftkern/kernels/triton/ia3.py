@@ -8,32 +8,46 @@ z is saved by the output form (y / l would divide by zero where l is 0; eager Py
 Floor (bf16, M=8192, N=K=4096): two GEMMs (forward, dx), 2MNK = 275 GFLOP each, ~0.39 ms each on an H100.
 The rescaling is M*N multiplies: nothing. What costs is memory: one pass over an activation is 64 MB, ~22 us
 at the ~3 TB/s a device copy reaches. Extra passes over the floor, forward + backward:
-  * output form: cuBLAS writes z = x W^T + b (as the floor writes y), `ia3_scale_kernel` reads z and writes
-    y = z * l (+2). Backward: `ia3_dx_output_form_kernel` is the dx GEMM with l applied to each dy tile on
-    its way to the tensor cores, and its programs then read z beside dy (mostly still in L2 from the main
-    loop) for dl's partial sums (+1, +2 if dy misses L2). Total +3: ~1.08x predicted.
+  * output form: `ia3_output_persistent_kernel`, a persistent TMA GEMM (lora.py's walk), stores
+    z = x W^T + b and y = z * l from its epilogue (+1: z's store). Below PERSISTENT_MIN_M rows, or where
+    TMA cannot take the strides, cuBLAS writes z and `ia3_scale_kernel` reads it and writes y (+2).
+    Backward (default "split"): `ia3_scale_reduce_kernel` reads dy and z, writes g = dy * l and dl's partial
+    sums, then cuBLAS dx = g W (+3). `ia3_dx_output_form_kernel` (mode "fused": l applied to each dy tile
+    on its way to the tensor cores, z read beside dy for dl) measured slower (NOTES-ia3.md).
   * input form: l is folded into a transient W' = W * l (an N x K read + write, one activation pass when
     M = 2K; x itself is scaled instead when M <= N), y = x W'^T + b by cuBLAS (+1). Backward:
     `ia3_dx_input_form_kernel` is the dx GEMM whose epilogue multiplies by l and reads x's tile for dl's
     partial sums, so dy W never reaches memory (+1). Total +2: ~1.05x predicted.
   * mode "split" (version 1, kept to measure against): cuBLAS dx and a separate `ia3_scale_reduce_kernel`
     pass (read two activations, write one: +3 backward).
-The forward GEMMs stay on cuBLAS: on the x W^T layout Triton ran ~30% slower than cuBLAS on an H100, on the
-dx = dy W layout it matches it (NOTES-lora.md). Every scaling is computed in float32 (l may be float32 beside
+The input form's forward GEMM stays on cuBLAS: on the x W^T layout only the persistent TMA kernel matches
+cuBLAS, and the input form has nothing to put in its epilogue. On the dx = dy W layout the plain Triton GEMM
+matches cuBLAS (NOTES-lora.md). Every scaling is computed in float32 (l may be float32 beside
 a bf16 base, as PEFT keeps it) and rounded once: no float32 copy of any activation. dl's partial sums (one row
 per row block, float32) are summed afterwards in a fixed order: deterministic.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
-from .lora import _dot_precision, _grouped_pid, _matmul_config, _sm_count
+from .lora import (
+    _dot_precision,
+    _facts,
+    _grouped_pid,
+    _matmul_config,
+    _sm_count,
+    _tile_coords,
+    _tile_counts,
+    _tma_layout,
+)
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -178,6 +192,45 @@ def ia3_scale_reduce_kernel(
     tl.store(part_ptr + pid_s * C + offs_c, acc, mask=c_mask)
 
 
+@triton.jit
+def ia3_output_persistent_kernel(
+    x_desc, w_desc, y_desc, z_desc, l_ptr, bias_ptr, M, N, K, NUM_SMS,
+    HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The output form's forward: z = x W^T + b and y = z * l, both stored by TMA from one persistent GEMM's
+    epilogue (float32 math, each rounded once to the base dtype), W K-major, one program per SM walking the
+    output tiles in lora.py's grouped order. SUBTILE stores each tile as two halves (less shared memory)."""
+    dtype = y_desc.dtype
+    start = tl.program_id(0)
+    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    out_tile = start - NUM_SMS
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in tl.range(k_tiles):
+            x = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
+            acc = tl.dot(x, w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K]).T, acc)
+        # the epilogue's tile, counted apart from the loop's: flattening pipelines it into the next tile's loop
+        out_tile += NUM_SMS
+        out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
+        cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        scaled = acc * tl.load(l_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        row, col = out_m * BLOCK_M, out_n * BLOCK_N
+        if SUBTILE:
+            y_left, y_right = tl.split(tl.permute(tl.reshape(scaled, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            y_desc.store([row, col], y_left.to(dtype))
+            y_desc.store([row, col + BLOCK_N // 2], y_right.to(dtype))
+            z_left, z_right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            z_desc.store([row, col], z_left.to(dtype))
+            z_desc.store([row, col + BLOCK_N // 2], z_right.to(dtype))
+        else:
+            y_desc.store([row, col], scaled.to(dtype))
+            z_desc.store([row, col], acc.to(dtype))
+
+
 # ------------------------------------------------------------------------------------------- launchers
 
 
@@ -232,6 +285,50 @@ def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Te
     return dx, part.sum(0), (sums.sum(0) if colsum else None)
 
 
+def persistent_output_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `persistent_output_form` takes these operands: 16-bit, x rows and w (N, K) K-major as TMA-able
+    lines, y's rows 16-byte lines; Hopper and newer, or the interpreter."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return False
+    if (x.shape[1] * x.element_size()) % 16 or (w.shape[0] * x.element_size()) % 16:
+        return False
+    if not triton_interpret() and (not x.is_cuda or _facts(x.device)[1] < 9):
+        return False
+    return _tma_layout(x) == "row" and _tma_layout(w) == "row"
+
+
+def _persistent_config(M: int) -> dict:
+    if triton_interpret():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
+                    num_stages=1)
+    # Measured on an H100, bf16 (scripts/explore_ia3_persistent.py, results/logs/explore-ia3-persistent-h100.log):
+    # 128x256x64, 3 stages, half-tile stores: 1.099x F.linear at M = 8192, 4096 x 4096 (op before: 1.148x) and
+    # 1.044x at 4096 -> 11008 (1.095x); full-tile stores at M = 2048: 1.051x (1.081x). 128x128 was slower.
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=M >= 4096, num_warps=8,
+                num_stages=3)
+
+
+def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None,
+                           config: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z) = ((x w^T + b) * l, x w^T + b) by ia3_output_persistent_kernel; needs persistent_output_ok."""
+    M, K = x.shape
+    N = w.shape[0]
+    cfg = dict(config or _persistent_config(M))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    store_n = bn // 2 if cfg["SUBTILE"] else bn
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    ia3_output_persistent_kernel[grid](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+        TensorDescriptor.from_tensor(y, [bm, store_n]), TensorDescriptor.from_tensor(z, [bm, store_n]),
+        scale_vec.contiguous(), bias.contiguous() if bias is not None else y, M, N, K, grid[0],
+        HAS_BIAS=bias is not None, **cfg,
+    )
+    return y, z
+
+
 def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """t (R, C) * vec along columns (vec: (C,)) or rows (vec: (R,)), float32 math, one rounding to out_dtype."""
@@ -269,8 +366,18 @@ def _w_nk(weight: torch.Tensor, weight_transposed: bool) -> torch.Tensor:
     return weight.t() if weight_transposed else weight
 
 
-def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed):
-    """(y, z) as reference.ia3_forward: z = x W^T + b for the output form, an empty tensor for the input form."""
+# From PERSISTENT_MIN_M rows (16-bit, TMA-able strides, nn.Linear's K-major W) the output form's forward is one
+# persistent GEMM storing z and y (measured from M = 2048 on; below, unmeasured, cuBLAS and the scale pass stay).
+# PEFTKERN_IA3_PERSISTENT=0 turns it off.
+PERSISTENT_FORWARD = os.environ.get("PEFTKERN_IA3_PERSISTENT", "1") != "0"
+PERSISTENT_MIN_M = 2048
+
+
+def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed, mode: Optional[str] = None):
+    """(y, z) as reference.ia3_forward: z = x W^T + b for the output form, an empty tensor for the input form.
+
+    mode (output form): "persistent" (one persistent Triton GEMM stores z and y, where persistent_output_ok),
+    "cublas" (cuBLAS z, then the scale pass); None picks persistent on a GPU from PERSISTENT_MIN_M rows."""
     w = _w_nk(weight, weight_transposed)
     if scale_input:
         M, N = x.shape[0], w.shape[0]
@@ -279,6 +386,10 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed):
         else:
             y = torch.nn.functional.linear(scale(x, scale_vec, cols=True), w, bias)
         return y, x.new_empty((0,))
+    if mode is None:
+        mode = "persistent" if PERSISTENT_FORWARD and x.is_cuda and x.shape[0] >= PERSISTENT_MIN_M else "cublas"
+    if mode == "persistent" and persistent_output_ok(x, w):
+        return persistent_output_form(x, w, scale_vec, bias)
     z = torch.nn.functional.linear(x, w, bias)
     return scale(z, scale_vec, cols=True), z
 
