@@ -32,14 +32,19 @@ from ._common import (
 )
 
 
+def _seed(seed: Optional[Tensor]) -> int:
+    return int(seed) if seed is not None else 0
+
+
 def _lora_fwd(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], seed: Tensor,
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], seed: Optional[Tensor],
     scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(y (M, N), xa (M, r) float32) for a 2-D x (M, K); seed is the dropout's (a CPU int64 scalar)."""
+    """(y (M, N), xa (M, r) float32) for a 2-D x (M, K); seed is the dropout's (a CPU int64 scalar), None
+    without dropout."""
     with op_range("peftkern::lora_fwd"):
         y, xa = backend_module(backend, "lora").lora_forward(
-            x, weight, lora_A, lora_B, scaling, bias, dropout_p, int(seed), weight_transposed)
+            x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed)
     return y.contiguous(), xa.contiguous()
 
 
@@ -54,14 +59,14 @@ def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transpos
 
 
 def _lora_bwd(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, seed: Tensor,
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, seed: Optional[Tensor],
     scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
     need_x: bool, need_a: bool, need_b: bool, need_bias: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dbias, dweight); an empty tensor where that gradient was not asked for."""
     with op_range("peftkern::lora_bwd"):
         grads = backend_module(backend, "lora").lora_backward(
-            grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), weight_transposed,
+            grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
             (need_x, need_a, need_b, need_bias, need_w))
     refs = (x, lora_A, lora_B, grad_y, weight)
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
@@ -95,7 +100,8 @@ class LoRALinearFunction(torch.autograd.Function):
         # the partitioner knows how to replay when activation checkpointing recomputes the forward in backward.
         # Drawn inside the opaque lora_fwd, the recomputation drew a new seed: the backward's mask differed from
         # the forward's and the adapter gradients were wrong (seen on the CPU, torch 2.13).
-        seed = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+        # Without dropout there is no seed at all: no CPU tensor in a compiled graph, one op less on the host.
+        seed = draw_seed() if dropout_p > 0.0 else None
         fwd = torch.ops.peftkern.lora_fwd if torch.compiler.is_compiling() else _lora_fwd
         y, xa = fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
