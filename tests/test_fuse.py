@@ -328,8 +328,8 @@ def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, ea
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")
 # Known failure, not yet diagnosed (H100, torch 2.11, 2026-11-23): after the cached tensor below was removed, the
 # graphed fused 1b step still stopped in cudagraph trees' pool check ("These storage data ptrs are not allocated in
-# pool (0, 1) but should be"), which points at a custom op whose output aliases memory outside the graphs' pool.
-# The CPU seed scalar was then taken out of the dropout-free graph; this test has not run on a GPU since.
+# pool (0, 1) but should be"): a graph output that the warm-up did not allocate in the graphs' pool (NOTES-lora.md).
+# This test itself has not run on a GPU yet.
 @pytest.mark.xfail(raises=RuntimeError, strict=False,
                    reason="reduce-overhead with fused LoRA stopped in cudagraph trees' pool check (H100, torch 2.11)")
 @pytest.mark.parametrize("rows", [24, 640])  # 640 rows take the persistent forward, 24 the small-M path
