@@ -32,12 +32,6 @@ import torch.nn.functional as F
 
 from peftkern.kernels.triton import ia3 as ki
 
-
-def persistent_output_form(x, w, l_vec, bias=None, config=None):
-    """(y, z) of the output form by ia3.py's persistent kernel (this script's kernel, moved there)."""
-    return ki.persistent_output_form(x, w, l_vec, bias, config=config)
-
-
 BASE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=True, num_warps=8, num_stages=3)
 CONFIGS = {
     "z+y 128x256x64 s3 half-stores": BASE,
@@ -65,7 +59,7 @@ def check() -> None:
             b = torch.randn(N, device=device).to(dt)
             l_vec = torch.randn(N, device=device)
             l_vec[::7] = 0.0  # exact for zeros
-            y, z = persistent_output_form(x, w, l_vec, b, config={**cfg, "SUBTILE": subtile})
+            y, z = ki.persistent_output_form(x, w, l_vec, b, config={**cfg, "SUBTILE": subtile})
             z_ref = x.double() @ w.double().t() + b.double()
             errors = rel(z, z_ref), rel(y, z_ref * l_vec.double())
             assert max(errors) < 1e-2, (M, K, N, subtile, errors)
@@ -95,7 +89,7 @@ def main() -> None:
         variants = {"op (cuBLAS z, then y = z * l)": lambda: ki.ia3_forward(x, w, l_vec, None, False, False,
                                                                             mode="cublas")}
         for name, cfg in CONFIGS.items():
-            variants[name] = lambda cfg=cfg: persistent_output_form(x, w, l_vec, config=cfg)
+            variants[name] = lambda cfg=cfg: ki.persistent_output_form(x, w, l_vec, config=cfg)
         for name, fn in variants.items():
             y, z = fn()
             err = max(rel(y, y_ref), rel(z, z_ref) if z is not None else 0.0)

@@ -40,13 +40,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..._backend import triton_interpret
 from .lora import (
     _dot_precision,
-    _facts,
     _grouped_pid,
     _matmul_config,
     _sm_count,
+    _store_tile,
     _tile_coords,
     _tile_counts,
     _tma_layout,
+    persistent_gemm_ok,
 )
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -201,7 +202,6 @@ def ia3_output_persistent_kernel(
     """The output form's forward: z = x W^T + b and y = z * l, both stored by TMA from one persistent GEMM's
     epilogue (float32 math, each rounded once to the base dtype), W K-major, one program per SM walking the
     output tiles in lora.py's grouped order. SUBTILE stores each tile as two halves (less shared memory)."""
-    dtype = y_desc.dtype
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     out_tile = start - NUM_SMS
@@ -219,16 +219,8 @@ def ia3_output_persistent_kernel(
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         scaled = acc * tl.load(l_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         row, col = out_m * BLOCK_M, out_n * BLOCK_N
-        if SUBTILE:
-            y_left, y_right = tl.split(tl.permute(tl.reshape(scaled, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            y_desc.store([row, col], y_left.to(dtype))
-            y_desc.store([row, col + BLOCK_N // 2], y_right.to(dtype))
-            z_left, z_right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            z_desc.store([row, col], z_left.to(dtype))
-            z_desc.store([row, col + BLOCK_N // 2], z_right.to(dtype))
-        else:
-            y_desc.store([row, col], scaled.to(dtype))
-            z_desc.store([row, col], acc.to(dtype))
+        _store_tile(y_desc, row, col, scaled, SUBTILE, BLOCK_M, BLOCK_N)
+        _store_tile(z_desc, row, col, acc, SUBTILE, BLOCK_M, BLOCK_N)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -286,15 +278,9 @@ def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Te
 
 
 def persistent_output_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `persistent_output_form` takes these operands: 16-bit, x rows and w (N, K) K-major as TMA-able
-    lines, y's rows 16-byte lines; Hopper and newer, or the interpreter."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
-        return False
-    if (x.shape[1] * x.element_size()) % 16 or (w.shape[0] * x.element_size()) % 16:
-        return False
-    if not triton_interpret() and (not x.is_cuda or _facts(x.device)[1] < 9):
-        return False
-    return _tma_layout(x) == "row" and _tma_layout(w) == "row"
+    """Whether `persistent_output_form` takes these operands: lora.persistent_gemm_ok, and w (N, K) K-major
+    (nn.Linear's layout) in x's dtype."""
+    return w.dtype == x.dtype and persistent_gemm_ok(x, w) and _tma_layout(w) == "row"
 
 
 def _persistent_config(M: int) -> dict:

@@ -226,14 +226,20 @@ def lora_forward_persistent_kernel(
             rk = tl.arange(0, BLOCK_R)
             tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], xa,
                      mask=(rows[:, None] < M) & (rk[None, :] < R))
-        if SUBTILE:
-            # two stores of half the tile: the epilogue's shared-memory buffer halves, a pipeline stage fits
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            left, right = tl.split(halves)
-            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], left.to(dtype))
-            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N + BLOCK_N // 2], right.to(dtype))
-        else:
-            y_desc.store([out_m * BLOCK_M, out_n * BLOCK_N], acc.to(dtype))
+        _store_tile(y_desc, out_m * BLOCK_M, out_n * BLOCK_N, acc, SUBTILE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(desc, row, col, tile, SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A float32 output tile stored by TMA in desc's dtype, at [row, col]. SUBTILE stores it as two halves of
+    BLOCK_N / 2 columns: the epilogue's shared-memory buffer halves, and a pipeline stage fits beside it."""
+    dtype = desc.dtype
+    if SUBTILE:
+        left, right = tl.split(tl.permute(tl.reshape(tile, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        desc.store([row, col], left.to(dtype))
+        desc.store([row, col + BLOCK_N // 2], right.to(dtype))
+    else:
+        desc.store([row, col], tile.to(dtype))
 
 
 @triton.jit
@@ -478,17 +484,23 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()  # the CPU has no 16-bit mm with a float32 result (the interpreter's tests)
 
-def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
-    """Whether `persistent_forward` takes these operands: 16-bit, TMA-able strides (Hopper and newer, or the
-    interpreter), a rank whose rows of B are 16-byte lines (r a multiple of 8) and at most 64."""
-    R = lora_A.shape[0]
-    if x.dtype not in (torch.float16, torch.bfloat16) or R % 8 or R > 64:
+def persistent_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """What the persistent TMA GEMMs (y = x w^T, w an (N, K) view) need of x: 16 bits, rows of x and of y
+    16-byte lines, x row-major, Hopper and newer (or the interpreter). w's layout is each kernel's to check."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
         return False
     if (x.shape[1] * x.element_size()) % 16 or (w.shape[0] * x.element_size()) % 16:
         return False
     if not triton_interpret() and (not x.is_cuda or _facts(x.device)[1] < 9):
         return False
-    return _tma_layout(x) == "row" and _tma_layout(w) is not None
+    return _tma_layout(x) == "row"
+
+
+def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Whether `persistent_forward` takes these operands: persistent_gemm_ok, w TMA-able either way, a rank whose
+    rows of B are 16-byte lines (r a multiple of 8) and at most 64."""
+    R = lora_A.shape[0]
+    return R % 8 == 0 and R <= 64 and persistent_gemm_ok(x, w) and _tma_layout(w) is not None
 
 
 def _persistent_config(M: int) -> dict:
