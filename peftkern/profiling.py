@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -144,6 +145,8 @@ def cli_main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trace", default="peftkern-profile.json", help="Chrome trace path")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the model first (MODE: default, reduce-overhead, max-autotune)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -153,12 +156,22 @@ def cli_main(argv=None) -> int:
     impl = "frozen" if args.method == "none" else args.impl
     model = workloads.build(args.method, impl, args.shape, device, dtype, args.rank, args.fp32_adapters,
                             max_positions=args.seq)
-    step = workloads.training_step(model, args.batch, args.seq, device)
-    step()  # warm-up: autotuning and allocations outside the profile
+    compile_ = {None: False, "default": True}.get(args.compile, args.compile)
+    step = workloads.training_step(model, args.batch, args.seq, device, compile_=compile_)
+    for _ in range(3 if compile_ else 1):  # warm-up: compilation, autotuning, allocations outside the profile
+        step()
+    if device == "cuda":  # the step's wall time without the profiler, to set beside its GPU kernel time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        print(f"wall time per step (no profiler): {(time.perf_counter() - t0) / args.steps * 1e3:.1f} ms")
     with profile(trace=args.trace) as prof:
         for _ in range(args.steps):
             step()
-    name = workloads.describe(args.method, impl, args.fp32_adapters, model_dtype=str(dtype).replace("torch.", ""))
+    name = workloads.describe(args.method, impl, args.fp32_adapters, compiled=compile_,
+                              model_dtype=str(dtype).replace("torch.", ""))
     print(f"llama-{args.shape} {name} r={args.rank}, "
           f"{args.batch}x{args.seq} tokens, {args.steps} steps, {device}")
     print(prof.summary())

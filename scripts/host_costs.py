@@ -31,6 +31,7 @@ def main() -> int:
         return 0
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from peftkern.kernels.triton import _launch
     from peftkern.kernels.triton import lora as tk
     from peftkern.ops import _common
     from peftkern.ops import lora as ops
@@ -62,6 +63,16 @@ def main() -> int:
         y = ops.lora_linear(xr, W, Ar, Br, 2.0)
         torch.autograd.grad(y, [xr, Ar, Br], dy)
 
+    def jit_dispatch(fn):
+        """fn with every Triton launch through kernel[grid](...) (kernels/triton/_launch.py's fast path off)."""
+        def run():
+            _launch.FAST_LAUNCH[0] = False
+            try:
+                return fn()
+            finally:
+                _launch.FAST_LAUNCH[0] = True
+        return run
+
     pieces = {
         "F.linear(x, W)": lambda: torch.nn.functional.linear(x, W),
         "torch.mm(x, A^T) bf16": lambda: torch.mm(x, A.t()),
@@ -92,10 +103,24 @@ def main() -> int:
         "torch.compiler.is_compiling": torch.compiler.is_compiling,
         "lora_linear fwd + autograd.grad": full_op,
     }
+    # each with Triton's own dispatch and with _launch's fast path, alternated: the host drifts between pieces
+    pairs = {
+        "persistent_forward": lambda: tk.persistent_forward(x, W, A, B, 2.0),
+        "fused_matmul (dx)": lambda: tk.fused_matmul(dy, W.t(), A.t(), dyb, 2.0),
+        "lora_linear fwd + autograd.grad": full_op,
+    }
     print(f"host us per call (enqueue only), M={M} K={K} N={N} r={R}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}")
     for name, fn in pieces.items():
-        print(f"  {name:34s} {per_call_us(fn, host_only=True):8.1f}")
+        print(f"  {name:38s} {per_call_us(fn, host_only=True):8.1f}")
+    print("Triton's dispatch (kernel[grid]) against kernels/triton/_launch.py's fast path, alternated 3 times:")
+    for name, fn in pairs.items():
+        jit, fast = [], []
+        for _ in range(3):
+            jit.append(per_call_us(jit_dispatch(fn), host_only=True))
+            fast.append(per_call_us(fn, host_only=True))
+        print(f"  {name:38s} JIT {sorted(jit)[1]:8.1f}   fast {sorted(fast)[1]:8.1f}")
+    print(f"launches by path: {_launch.stats}")
     print(f"addmm with out_dtype (float32 adapter gradients in one call): {tk._addmm_out_dtype[0]}")
     return 0
 

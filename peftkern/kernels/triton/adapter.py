@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
+from ._launch import launch
 from .lora import _block_r, _dot_precision, _grouped_pid, _sm_count, mm_float32
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -465,7 +466,7 @@ def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activ
     res_arg = res if res is not None else dummy
     h_arg = h if h is not None else dummy
     grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
-    adapter_wide_kernel[grid](
+    launch(adapter_wide_kernel, grid,
         small, w_bd, res_arg, h_arg, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
         stats if stats is not None else dummy, r if r is not None else dummy,
         M, D, B,
@@ -500,12 +501,12 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
                  HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
     dummy = z
     if stats_given:
-        row_stats_kernel[(triton.cdiv(M, 64),)](h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
-                                                 EVEN_D=D % 128 == 0, BLOCK_M=64, BLOCK_K=128, num_warps=4)
+        launch(row_stats_kernel, (triton.cdiv(M, 64),), h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
+               EVEN_D=D % 128 == 0, BLOCK_M=64, BLOCK_K=128, num_warps=4)
     acc = mm_float32(h, wd.t()) if gemm_first else dummy
 
-    def launch(grid, z_given, up_project):
-        adapter_fwd_kernel[grid](
+    def run_fwd(grid, z_given, up_project):
+        launch(adapter_fwd_kernel, grid,
             h, res, out, wd, wu, down_bias if down_bias is not None else dummy,
             up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z, stats,
             c1 if c1 is not None else dummy, c2 if c2 is not None else dummy, acc,
@@ -517,13 +518,13 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
 
     n_rows = triton.cdiv(M, cfg["block_m"])
     if wide:
-        launch((n_rows, 1), False, False)  # z from cuBLAS's product: + bd, LN's correction
+        run_fwd((n_rows, 1), False, False)  # z from cuBLAS's product: + bd, LN's correction
         _launch_wide(z, wu.t(), res, None, out, up_bias, scale, None, None, scaling, activation, True, False, cfg)
     elif cfg["two_pass"] and not gemm_first:
-        launch((n_rows, 1), False, False)
-        launch((n_rows, n_split), True, True)
+        run_fwd((n_rows, 1), False, False)
+        run_fwd((n_rows, n_split), True, True)
     else:
-        launch((n_rows, n_split), False, True)
+        run_fwd((n_rows, n_split), False, True)
     return out, z, stats
 
 
@@ -561,8 +562,8 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
         wu_ext = torch.cat([wu, up_bias.to(dtype)[:, None]], 1) if need_scale and up_bias is not None else wu
         acc = mm_float32(grad_out, wu_ext)
 
-    def launch(grid, dz_given, write_dh):
-        adapter_bwd_kernel[grid](
+    def run_bwd(grid, dz_given, write_dh):
+        launch(adapter_bwd_kernel, grid,
             grad_out, h, dh, wd, wu, down_bias if down_bias is not None else dummy,
             up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z,
             stats if layer_norm else dummy, c1 if c1 is not None else dummy, c2 if c2 is not None else dummy,
@@ -574,16 +575,16 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
 
     n_rows = triton.cdiv(M, cfg["block_m"])
     if wide:
-        launch((n_rows, 1), False, False)  # dz, a, the LN row terms, the scale's row sums
+        run_bwd((n_rows, 1), False, False)  # dz, a, the LN row terms, the scale's row sums
         if need_h:
             _launch_wide(dz, wd, grad_out if sequential else None, h if layer_norm else None, dh, None, None,
                          stats if layer_norm else None, r if layer_norm else None, 1.0, activation, False,
                          layer_norm, cfg)
     elif cfg["two_pass"] and need_h and not gemm_first:
-        launch((n_rows, 1), False, False)
-        launch((n_rows, n_split), True, True)
+        run_bwd((n_rows, 1), False, False)
+        run_bwd((n_rows, n_split), True, True)
     else:
-        launch((n_rows, n_split if need_h else 1), False, need_h)
+        run_bwd((n_rows, n_split if need_h else 1), False, need_h)
     d_scale = (scaling * sdot.sum()).reshape(scale.shape).to(scale.dtype) if need_scale else None
     grads = weight_grads(grad_out, h, dz, a_ext, down_weight, down_bias, up_weight, up_bias, scale, stats,
                          ln_weight, ln_bias, scaling, layer_norm, needs[1:5] + needs[6:])

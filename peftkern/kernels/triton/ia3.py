@@ -38,6 +38,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
+from ._launch import launch
 from .lora import (
     _dot_precision,
     _grouped_pid,
@@ -247,7 +248,7 @@ def dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Ten
     num_warps, num_stages, cfg = _gemm_config(M, grad_y.dtype, config)
     n_m = triton.cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_m, K), device=x.device, dtype=torch.float32)
-    ia3_dx_input_form_kernel[(n_m * triton.cdiv(K, cfg["BLOCK_N"]),)](
+    launch(ia3_dx_input_form_kernel, (n_m * triton.cdiv(K, cfg["BLOCK_N"]),),
         grad_y, w_kn, scale_vec, x, dx, part, M, K, N,
         grad_y.stride(0), grad_y.stride(1), w_kn.stride(0), w_kn.stride(1), x.stride(0), x.stride(1),
         dx.stride(0), dx.stride(1),
@@ -268,7 +269,7 @@ def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Te
     n_m = triton.cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_m, N), device=grad_y.device, dtype=torch.float32)
     sums = torch.empty((n_m, N), device=grad_y.device, dtype=torch.float32) if colsum else part
-    ia3_dx_output_form_kernel[(n_m * triton.cdiv(K, cfg["BLOCK_N"]),)](
+    launch(ia3_dx_output_form_kernel, (n_m * triton.cdiv(K, cfg["BLOCK_N"]),),
         grad_y, w_kn, scale_vec, z, dx, part, sums, M, K, N,
         grad_y.stride(0), grad_y.stride(1), w_kn.stride(0), w_kn.stride(1), z.stride(0), z.stride(1),
         dx.stride(0), dx.stride(1),
@@ -306,7 +307,7 @@ def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Te
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    ia3_output_persistent_kernel[grid](
+    launch(ia3_output_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, store_n]), TensorDescriptor.from_tensor(z, [bm, store_n]),
         scale_vec.contiguous(), bias.contiguous() if bias is not None else y, M, N, K, grid[0],
@@ -321,7 +322,7 @@ def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
     R, C = t.shape
     out = torch.empty((R, C), device=t.device, dtype=out_dtype or t.dtype)
     block_r, block_c = (16, 32) if triton_interpret() else (32, 256)
-    ia3_scale_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+    launch(ia3_scale_kernel, (triton.cdiv(R, block_r), triton.cdiv(C, block_c)),
         t, vec, out, R, C, t.stride(0), t.stride(1), out.stride(0), out.stride(1),
         SCALE_COLS=cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
@@ -338,7 +339,7 @@ def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out:
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
     part = torch.empty((splits, C), device=a.device, dtype=torch.float32)
-    ia3_scale_reduce_kernel[(n_c, splits)](
+    launch(ia3_scale_reduce_kernel, (n_c, splits),
         a, b, vec, out, part, M, C, rows_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)

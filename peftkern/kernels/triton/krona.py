@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
+from ._launch import launch
 from .lora import _dot_precision, _sm_count
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -381,7 +382,7 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     ba = Ba if lowrank else B
     grid = (triton.cdiv(M, cfg["BT"]), triton.cdiv(n2, cfg["BI2"]), triton.cdiv(n1, cfg["BI1"]))
-    krona_term_kernel[grid](
+    launch(krona_term_kernel, grid,
         x, A, B, ba, bias if bias is not None else out, out,
         M, n1, k1, n2, k2, R, T,
         x.stride(0), x.stride(1), *A.stride(), *B.stride(), *ba.stride(), out.stride(0), out.stride(1),

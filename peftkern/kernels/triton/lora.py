@@ -35,6 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
+from ._launch import launch
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -466,8 +467,8 @@ def fused_matmul(
             float(scaling), float(dropout_p), int(seed), W_KMAJOR=w_kmajor, **common,
         )
         return out
-    lora_fused_matmul_kernel[grid](
-        a, w, up, low, bias_arg, out, M, N, K, R,
+    launch(
+        lora_fused_matmul_kernel, grid, a, w, up, low, bias_arg, out, M, N, K, R,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), up.stride(0), up.stride(1),
         low.stride(0), low.stride(1), out.stride(0), out.stride(1),
         float(scaling), float(dropout_p), int(seed), EVEN_K=K % bk == 0, **common,
@@ -545,7 +546,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
     xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
     a_desc = None if xa_given else TensorDescriptor.from_tensor(a, [block_r, bk])
-    lora_forward_persistent_kernel[grid](
+    launch(
+        lora_forward_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
         a_desc, TensorDescriptor.from_tensor(b, [bn, block_r]), xa_desc, xa, bias if bias is not None else y,
         M, N, K, R, xa.stride(0), float(scaling), grid[0],
@@ -572,7 +574,7 @@ def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, se
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_per_split)
     part = torch.empty((splits, M, block_r), device=a.device, dtype=torch.float32)
-    lora_down_kernel[(n_m, splits)](
+    launch(lora_down_kernel, (n_m, splits),
         a, down, part, M, K, R, k_per_split,
         a.stride(0), a.stride(1), down.stride(0), down.stride(1),
         float(dropout_p), int(seed),
@@ -605,7 +607,7 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
     splits = triton.cdiv(M, rows_per_split)
     part = torch.empty((splits, P, block_r), device=big.device, dtype=torch.float32)
     sums = torch.empty((splits, P), device=big.device, dtype=torch.float32) if colsum else part
-    lora_adapter_grad_kernel[(n_p, splits)](
+    launch(lora_adapter_grad_kernel, (n_p, splits),
         big, small, part, sums, M, P, R, rows_per_split,
         big.stride(0), big.stride(1), small.stride(0), small.stride(1),
         float(dropout_p), int(seed),

@@ -1,0 +1,119 @@
+"""Launching a jitted kernel again without JITFunction.run's per-call dispatch.
+
+`kernel[grid](*args, **meta)` binds ~20 arguments, specialises each one, builds a cache key from them and the
+options, and looks the compiled kernel up, on every call: tens of microseconds of host time per launch
+(scripts/host_costs.py), and a training step of many small LoRA layers is bound by the host (NOTES-lora.md).
+`launch` does the same lookup once per class of arguments and then calls the compiled kernel's own launcher.
+
+The class of an argument holds everything Triton specialises a kernel on, and a little more: a tensor's dtype
+and whether its address is 16-byte aligned; an int's being 1, its divisibility by 16 and its width; a host
+TMA descriptor's dtype, block shape, padding, base alignment and the divisibility of its shape and strides;
+the keyword arguments (constexprs, num_warps, num_stages) by value. A finer class than Triton's only makes more
+entries, each holding the kernel that Triton compiled for an argument list of that class.
+
+The slow path stays in charge where the fast one cannot know enough: the interpreter, a launch hook installed
+(profilers), an argument of another kind, or a launcher that refuses the call (another Triton release);
+PEFTKERN_FAST_LAUNCH=0 turns the fast path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ..._backend import triton_interpret
+
+FAST_LAUNCH = [os.environ.get("PEFTKERN_FAST_LAUNCH", "1") != "0"]  # a list: tests and benchmarks flip it
+_MAX_ENTRIES = 512  # per kernel; a run that makes more (shapes that never repeat) starts the cache again
+
+_entries: dict = {}  # kernel -> {argument class: (launcher, function, packed metadata, trailing arguments)}
+_refused: set = set()  # kernels whose launcher refused a direct call: the slow path for good
+stats = {"fast": 0, "slow": 0}  # launches by path (tests check that the fast path is taken)
+
+
+def _int_class(v: int) -> tuple:
+    return (v == 1, v % 16 == 0, -(2**31) <= v < 2**31, v >= 0)
+
+
+def _arg_class(v):
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.data_ptr() % 16 == 0)
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return _int_class(v)
+    if isinstance(v, float):
+        return float
+    if isinstance(v, TensorDescriptor):
+        return (v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.block_shape), getattr(v, "padding", None),
+                tuple(_int_class(s) for s in v.shape), tuple(_int_class(s) for s in v.strides))
+    raise TypeError(type(v))
+
+
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton >= 3.4 keeps the launch hooks here
+
+
+def _hooks() -> tuple:
+    """(enter, exit) launch hooks as JITFunction.run passes them to the launcher."""
+    if _RUNTIME is None:
+        return None, None
+    return _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+
+
+def _hook_set(hook) -> bool:
+    # a HookChain (Triton >= 3.5) is never None: installed hooks are in its calls
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch(kernel, grid: tuple, *args, **meta) -> None:
+    """kernel[grid](*args, **meta), with the dispatch done once per class of arguments. args are the
+    kernel's leading parameters in order, meta the rest (constexprs) and the launch options by name."""
+    enter, leave = _hooks()
+    if not FAST_LAUNCH[0] or triton_interpret() or kernel in _refused or _hook_set(enter) or _hook_set(leave):
+        stats["slow"] += 1
+        kernel[grid](*args, **meta)
+        return
+    try:
+        key = (torch.cuda.current_device(), tuple(_arg_class(a) for a in args), tuple(meta.items()))
+    except TypeError:
+        stats["slow"] += 1
+        kernel[grid](*args, **meta)
+        return
+    table = _entries.setdefault(kernel, {})
+    entry = table.get(key)
+    if entry is None:
+        stats["slow"] += 1
+        compiled = kernel[grid](*args, **meta)
+        if len(table) >= _MAX_ENTRIES:
+            table.clear()
+        # The launcher takes every parameter's value in order, constexprs included (it skips those): the ones
+        # after args come from meta or their defaults, fixed for the whole class.
+        try:
+            params = kernel.params
+            # the class of a positional argument is not its value, so a constexpr must come by name, and what
+            # comes by name is fixed for the class, so it must be a constexpr
+            if any(p.is_constexpr for p in params[:len(args)]) or not all(p.is_constexpr for p in params[len(args):]):
+                _refused.add(kernel)
+                return
+            tail = tuple(meta[p.name] if p.name in meta else p.default for p in params[len(args):])
+            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+        except AttributeError:  # a Triton release without these: the slow path for good
+            _refused.add(kernel)
+        return
+    run, function, packed, tail = entry
+    device = key[0]
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    g = tuple(grid) + (1, 1)
+    try:
+        run(g[0], g[1], g[2], stream, function, packed, None, enter, leave, *args, *tail)
+    except (TypeError, SystemError):
+        # another Triton release's launcher convention: never try this kernel's fast path again
+        _refused.add(kernel)
+        table.clear()
+        stats["slow"] += 1
+        kernel[grid](*args, **meta)
+        return
+    stats["fast"] += 1

@@ -1,0 +1,86 @@
+"""kernels/triton/_launch.py: a kernel launched again through its compiled launcher gives what
+kernel[grid](...) gives, for every class of arguments that Triton specialises on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, INTERPRET
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+
+from peftkern.kernels.triton import _launch  # noqa: E402
+
+
+@triton.jit
+def _axpb_kernel(x_ptr, out_ptr, n, stride, a, b, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
+    """out[i] = a * x[i * stride] + b + SHIFT + n (n itself in the sum, so a wrong n shows)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs * stride, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, x * a + b + SHIFT + n, mask=mask)
+
+
+def _expected(x, n, stride, a, b, shift):
+    return x[: n * stride: stride] * a + b + shift + n
+
+
+def test_argument_classes_separate_what_triton_specialises_on():
+    """Ints: 1, divisibility by 16, width; tensors: dtype and 16-byte alignment; descriptors: block shape."""
+    cls = _launch._arg_class
+    assert cls(1) != cls(17) and cls(16) != cls(17) and cls(32) == cls(48) and cls(2**31) != cls(16)
+    x = torch.zeros(64)
+    assert cls(x) == cls(torch.ones(8)) and cls(x[1:]) != cls(x) and cls(x.half()) != cls(x)
+    assert cls(2.5) == cls(0.5) and cls(None) is None and cls(True) != cls(False)
+    m = torch.zeros(64, 64, dtype=torch.float16)
+    d1, d2 = TensorDescriptor.from_tensor(m, [16, 32]), TensorDescriptor.from_tensor(m, [32, 32])
+    assert cls(d1) != cls(d2) and cls(d1) == cls(TensorDescriptor.from_tensor(m.clone(), [16, 32]))
+    with pytest.raises(TypeError):
+        cls("a string")
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the fast path needs a GPU (the interpreter takes the slow one)")
+def test_fast_path_matches_the_jit_launch():
+    torch.manual_seed(0)
+    _launch.FAST_LAUNCH[0] = True
+    fast_before = _launch.stats["fast"]
+    try:
+        cases = [  # (n, stride, offset into x, shift): each row a new class after the first
+            (1000, 1, 0, 0), (1000, 1, 0, 0), (1024, 1, 0, 0), (1024, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0),
+            (777, 2, 0, 0), (777, 2, 0, 0), (777, 2, 1, 0), (777, 2, 1, 0), (500, 1, 0, 3), (500, 1, 0, 3),
+        ]
+        for n, stride, offset, shift in cases:
+            base = torch.randn(2 * 1024 + 8, device="cuda")
+            x = base[offset:]
+            a, b = float(torch.rand(())), float(torch.randn(()))
+            out = torch.full((n,), float("nan"), device="cuda")
+            _launch.launch(_axpb_kernel, (triton.cdiv(n, 256),), x, out, n, stride, a, b, BLOCK=256, SHIFT=shift,
+                           num_warps=4)
+            want = _expected(x, n, stride, a, b, shift)
+            torch.testing.assert_close(out, want, msg=lambda m: f"n={n} stride={stride} offset={offset}: {m}")
+        assert _launch.stats["fast"] - fast_before == 6, "every repeated class takes the fast path"
+    finally:
+        _launch.FAST_LAUNCH[0] = True
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a GPU")
+def test_fast_path_off_and_positional_constexpr_take_the_jit_launch():
+    x = torch.randn(300, device="cuda")
+    out = torch.empty(300, device="cuda")
+    _launch.FAST_LAUNCH[0] = False
+    try:
+        before = dict(_launch.stats)
+        for _ in range(2):
+            _launch.launch(_axpb_kernel, (2,), x, out, 300, 1, 2.0, 1.0, BLOCK=256, SHIFT=0)
+        assert _launch.stats["fast"] == before["fast"] and _launch.stats["slow"] == before["slow"] + 2
+    finally:
+        _launch.FAST_LAUNCH[0] = True
+    torch.testing.assert_close(out, _expected(x, 300, 1, 2.0, 1.0, 0))
+    # a constexpr given by position: its class is not its value, so that kernel never takes the fast path
+    for shift in (0, 5, 5):
+        _launch.launch(_axpb_kernel, (2,), x, out, 300, 1, 2.0, 1.0, 256, shift)
+        torch.testing.assert_close(out, _expected(x, 300, 1, 2.0, 1.0, shift))
+    assert _axpb_kernel in _launch._refused
+    _launch._refused.discard(_axpb_kernel)
