@@ -42,6 +42,10 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
   n=${#ids[@]}
   echo "== tests: $TESTS, $n in $SHARDS processes" | tee -a "$LOG"
   pids=()
+  # A timeout around this script stops bash alone: the shards would run on beside whatever comes next (on
+  # 2026-11-23 they overlapped an e2e benchmark and spoiled it), so they are stopped with it.
+  trap 'kill "${pids[@]}" 2>/dev/null' EXIT
+  trap 'exit 143' TERM INT
   for ((i = 0; i < SHARDS && i < n; i++)); do
     shard=()
     for ((j = i; j < n; j += SHARDS)); do shard+=("${ids[j]}"); done
