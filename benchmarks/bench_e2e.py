@@ -61,8 +61,36 @@ def host_probe_us(device, calls: int = 200) -> Optional[float]:
     return statistics.median(rounds)
 
 
-def time_training(step, steps: int, warmup: int, device, compiled: bool = False) -> tuple[float, float, float]:
-    """(median ms per step, spread ms, peak MB) of `step` over three repeats of `steps` steps."""
+class GcWatch:
+    """Python's garbage collections while the block runs: how many per generation and the pause they took.
+    The fused rows had one slow repeat of three (spreads of 20-40 ms a step on 2026-11-23) where PEFT's rows
+    mostly had none; a full (generation 2) collection of a process holding transformers and torch takes tens of
+    milliseconds, so every timed row now records them."""
+
+    def __init__(self):
+        self.collections = [0, 0, 0]
+        self.pause_ms = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.collections[info["generation"]] += 1
+            self.pause_ms += (time.perf_counter() - self._t0) * 1e3
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+        return False
+
+
+def time_training(step, steps: int, warmup: int, device, compiled: bool = False) -> tuple[float, float, float, dict]:
+    """(median ms per step, spread ms, peak MB, diagnostics) of `step` over three repeats of `steps` steps;
+    diagnostics: each repeat's ms per step and the garbage collections during the repeats (GcWatch)."""
     for _ in range(warmup):
         step()
     if compiled:
@@ -72,6 +100,16 @@ def time_training(step, steps: int, warmup: int, device, compiled: bool = False)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
+    watch = GcWatch()
+    with watch:
+        _repeats(step, steps, device, times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    diagnostics = {"repeat_ms": [round(t, 3) for t in times], "gc_collections": watch.collections,
+                   "gc_pause_ms": round(watch.pause_ms, 2)}
+    return statistics.median(times), max(times) - min(times), peak, diagnostics
+
+
+def _repeats(step, steps: int, device, times: list) -> None:
     for _ in range(3):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,8 +124,6 @@ def time_training(step, steps: int, warmup: int, device, compiled: bool = False)
             for _ in range(steps):
                 step()
             times.append((time.perf_counter() - t0) * 1e3 / steps)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return statistics.median(times), max(times) - min(times), peak
 
 
 def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> list[Row]:
@@ -112,7 +148,7 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
             try:
                 model = workloads.build(method, impl, shape, device, dtype, args.rank, fp32, max_positions=seq)
                 step = workloads.training_step(model, batch, seq, device, compiled, ckpt)
-                ms, spread, peak = time_training(step, steps, warmup, device, compiled)
+                ms, spread, peak, diagnostics = time_training(step, steps, warmup, device, compiled)
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 progress(f"  failed: {type(exc).__name__}: {exc}")
                 continue
@@ -127,7 +163,7 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
             extra = {"tokens_per_s": batch * seq / ms * 1e3, "throughput_vs_floor": floor[0] / ms,
                      "peak_vs_floor": (peak / floor[1]) if peak and floor[1] else None,
                      "adapter_dtype": "float32" if fp32 else model_dtype, "compiled": compiled,
-                     "checkpointing": ckpt, "shape": shape, "batch": batch, "seq": seq}
+                     "checkpointing": ckpt, "shape": shape, "batch": batch, "seq": seq, **diagnostics}
             rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[0], peak, extra))
     return rows
 
