@@ -41,6 +41,83 @@ def test_argument_classes_separate_what_triton_specialises_on():
         cls("a string")
 
 
+class _Param:
+    def __init__(self, name, is_constexpr, default=None):
+        self.name, self.is_constexpr, self.default = name, is_constexpr, default
+
+
+class _FakeKernel:
+    """A jitted kernel's launch interface without a GPU: kernel[grid](...) records a JIT launch and returns a
+    compiled kernel whose launcher records direct launches."""
+
+    def __init__(self, params):
+        self.params = params
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def jit_launch(*args, **meta):
+            self.calls.append(("jit", grid, args, meta))
+            compiled = type("Compiled", (), {})()
+            compiled.function, compiled.packed_metadata = 1234, "packed"
+            compiled.run = lambda *launch_args: self.calls.append(("fast", launch_args))
+            return compiled
+        return jit_launch
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """The fast path's view of a GPU: device 0, stream 77, not the interpreter."""
+    monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_current_stream", lambda device: 77)
+    monkeypatch.setattr(_launch, "FAST_LAUNCH", [True])
+
+
+def test_fast_path_passes_every_parameter_in_order(fake_device):
+    """After one JIT launch per class, the launcher gets grid, stream, the compiled function and every parameter's
+    value in the kernel's order: the positional ones as given, then the constexprs from meta or their defaults."""
+    kernel = _FakeKernel([_Param("x", False), _Param("n", False), _Param("scale", False),
+                          _Param("BLOCK", True), _Param("FLAG", True, default=False)])
+    x = torch.zeros(64)
+    _launch.launch(kernel, (4,), x, 64, 0.5, BLOCK=32, num_warps=4)
+    _launch.launch(kernel, (5, 2), x, 96, 0.25, BLOCK=32, num_warps=4)  # same class: 96 and 64 divide by 16
+    _launch.launch(kernel, (6,), x, 65, 0.25, BLOCK=32, num_warps=4)    # 65: a new class, so a JIT launch
+    _launch.launch(kernel, (6,), x, 64, 0.25, BLOCK=64, num_warps=4)    # a new constexpr value: JIT again
+    kinds = [c[0] for c in kernel.calls]
+    assert kinds == ["jit", "fast", "jit", "jit"], kinds
+    fast = kernel.calls[1][1]
+    assert fast[:6] == (5, 2, 1, 77, 1234, "packed") and fast[6] is None
+    assert fast[9:] == (x, 96, 0.25, 32, False)
+
+
+def test_fast_path_refuses_what_it_cannot_key(fake_device):
+    """A constexpr given by position, or a runtime parameter given by name, keeps that kernel on the JIT launch;
+    so does an argument of a kind the classes do not know, and an installed launch hook."""
+    by_position = _FakeKernel([_Param("x", False), _Param("BLOCK", True)])
+    for block in (16, 32, 32):
+        _launch.launch(by_position, (1,), torch.zeros(4), block)
+    assert [c[0] for c in by_position.calls] == ["jit"] * 3 and by_position in _launch._refused
+    by_name = _FakeKernel([_Param("x", False), _Param("n", False)])
+    for _ in range(2):
+        _launch.launch(by_name, (1,), torch.zeros(4), n=3)
+    assert [c[0] for c in by_name.calls] == ["jit"] * 2 and by_name in _launch._refused
+    odd = _FakeKernel([_Param("x", False)])
+    for _ in range(2):
+        _launch.launch(odd, (1,), "not a tensor")
+    assert [c[0] for c in odd.calls] == ["jit"] * 2
+    _launch._refused.difference_update({by_position, by_name})
+
+
+def test_launch_hooks_take_the_jit_launch(fake_device, monkeypatch):
+    hooked = _FakeKernel([_Param("x", False)])
+    chain = type("Chain", (), {"calls": [print]})()
+    monkeypatch.setattr(_launch, "_hooks", lambda: (chain, None))
+    for _ in range(3):
+        _launch.launch(hooked, (1,), torch.zeros(4))
+    assert [c[0] for c in hooked.calls] == ["jit"] * 3
+    assert not _launch._hook_set(type("Chain", (), {"calls": []})()) and not _launch._hook_set(None)
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the fast path needs a GPU (the interpreter takes the slow one)")
 def test_fast_path_matches_the_jit_launch():
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from ..._backend import triton_interpret
 FAST_LAUNCH = [os.environ.get("PEFTKERN_FAST_LAUNCH", "1") != "0"]  # a list: tests and benchmarks flip it
 _MAX_ENTRIES = 512  # per kernel; a run that makes more (shapes that never repeat) starts the cache again
 
-_entries: dict = {}  # kernel -> {argument class: (launcher, function, packed metadata, trailing arguments)}
+_entries: dict = {}  # kernel -> {class: (launcher, function, packed metadata, trailing arguments, compiled kernel)}
 _refused: set = set()  # kernels whose launcher refused a direct call: the slow path for good
 stats = {"fast": 0, "slow": 0}  # launches by path (tests check that the fast path is taken)
 
@@ -68,6 +68,14 @@ def _hook_set(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _current_stream(device: int) -> int:
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
 def launch(kernel, grid: tuple, *args, **meta) -> None:
     """kernel[grid](*args, **meta), with the dispatch done once per class of arguments. args are the
     kernel's leading parameters in order, meta the rest (constexprs) and the launch options by name."""
@@ -77,7 +85,7 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
         kernel[grid](*args, **meta)
         return
     try:
-        key = (torch.cuda.current_device(), tuple(_arg_class(a) for a in args), tuple(meta.items()))
+        key = (_current_device(), tuple(_arg_class(a) for a in args), tuple(meta.items()))
     except TypeError:
         stats["slow"] += 1
         kernel[grid](*args, **meta)
@@ -99,13 +107,15 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
                 _refused.add(kernel)
                 return
             tail = tuple(meta[p.name] if p.name in meta else p.default for p in params[len(args):])
-            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+            # the entry holds the compiled kernel itself: its module is unloaded when it is collected, and the
+            # function handle would then name freed code
+            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled)
         except AttributeError:  # a Triton release without these: the slow path for good
             _refused.add(kernel)
         return
-    run, function, packed, tail = entry
+    run, function, packed, tail, _ = entry
     device = key[0]
-    stream = triton.runtime.driver.active.get_current_stream(device)
+    stream = _current_stream(device)
     g = tuple(grid) + (1, 1)
     try:
         run(g[0], g[1], g[2], stream, function, packed, None, enter, leave, *args, *tail)
