@@ -395,10 +395,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _matmul_config(M: int) -> dict:
+def _matmul_config(M: int, dtype: Optional[torch.dtype] = None) -> dict:
     """Tile shapes for the fused GEMM on H100/H200 in 16-bit (measured: NOTES-lora.md), by shape class:
-    - M > 2048: 128x256x64, 8 warps (two consumer warpgroups of 64x256), 3 stages: cuBLAS's own tile class;
-    - medium M: 128x128x64, 4 stages, so a 2048x4096 output still has 4 tiles per SM;
+    - M > 2048: 128x256, 8 warps (two consumer warpgroups of 64x256): cuBLAS's own tile class;
+    - 1024 < M <= 2048 with a 16-bit dtype given (LoRA's dx): 128x256x64, 3 stages;
+    - medium M otherwise: 128x128x64, 4 stages, so a 2048x4096 output still has 4 tiles per SM;
     - small M (decode, <= 64): 16..64-row tiles over narrow 64-column strips so every SM streams W.
     """
     if triton_interpret():
@@ -407,6 +408,11 @@ def _matmul_config(M: int) -> dict:
         return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=128,
                     GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 2048:
+        if M > 1024 and dtype in (torch.float16, torch.bfloat16):
+            # dx = dy W at M = 2048, 4096 x 4096 (H100, logs/explore-lora-configs-h100.log, this kernel's code
+            # unchanged since): 0.0995 ms, 1.07x cuBLAS, against 0.1147 ms, 1.24x, with 128x128x64 x 4 stages.
+            # 1024 rows and below were not measured; float32 tiles would need twice the shared memory.
+            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     # BLOCK_K=32 with 5 stages: 0.376 ms for the 8192x4096x4096 dx GEMM, 0.97x cuBLAS (BLOCK_K=64: 1.07x).
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=5)
@@ -449,7 +455,7 @@ def fused_matmul(
     N = w.shape[0]
     R = up.shape[1]
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    cfg = dict(config or _matmul_config(M))
+    cfg = dict(config or _matmul_config(M, a.dtype))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
