@@ -1,8 +1,11 @@
 """Exploration on the GPU: variants of the LoRA forward/backward pieces against cuBLAS, one run.
 
 Not part of the test suite: it prints ms per variant so the choices in kernels/triton/lora.py can be made.
-    python scripts/explore_lora.py
+    python scripts/explore_lora.py              # side kernels, forward modes, the backward, three shapes
+    python scripts/explore_lora.py --dx-tiles   # the backward's dx GEMM per tile shape and M against cuBLAS
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton.testing as tt
@@ -46,5 +49,33 @@ def main():
         print(f"  backward {t_b:.4f} ({t_b / t_dx:.3f}x of cuBLAS dx {t_dx:.4f})", flush=True)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tiles _matmul_config chooses among, and two neighbours
+DX_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 5),
+            (256, 128, 64, 8, 3)]
+
+
+def dx_tiles(K: int = 4096, N: int = 4096, r: int = 16):
+    """dx = dy W + s dyb A (fused_matmul, W read N-major) per tile and M, against cuBLAS's dy @ W; the tile the
+    op picks is marked. 94ea202 moved 1024 < M <= 2048 to 128x256x64 x 3 from one measurement at M = 2048."""
+    dt = torch.bfloat16
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+    for M in (512, 1024, 1536, 2048, 4096, 8192):
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        dyb = (dy @ torch.randn(N, r, device="cuda", dtype=dt)).float()
+        t_cublas = ms(lambda: dy @ W)
+        chosen = kl._matmul_config(M, dt)
+        line = [f"M={M:5d} cuBLAS dx {t_cublas:.4f} ms:"]
+        for bm, bn, bk, warps, stages in DX_TILES:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            t = ms(lambda: kl.fused_matmul(dy, W.t(), A.t(), dyb, 2.0, config=cfg))
+            mark = "*" if cfg == chosen else " "
+            line.append(f"{bm}x{bn}x{bk}s{stages}{mark} {t / t_cublas:.3f}x")
+        print("  ".join(line), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    if "--dx-tiles" in sys.argv[1:]:
+        dx_tiles()
+    else:
+        main()
