@@ -99,17 +99,17 @@ def time_training(step, steps: int, warmup: int, device, compiled: bool = False)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    watch = GcWatch()
-    with watch:
-        _repeats(step, steps, device, times)
+    with GcWatch() as watch:
+        times = _repeats(step, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     diagnostics = {"repeat_ms": [round(t, 3) for t in times], "gc_collections": watch.collections,
                    "gc_pause_ms": round(watch.pause_ms, 2)}
     return statistics.median(times), max(times) - min(times), peak, diagnostics
 
 
-def _repeats(step, steps: int, device, times: list) -> None:
+def _repeats(step, steps: int, device) -> list[float]:
+    """ms per step in each of three repeats of `steps` steps."""
+    times = []
     for _ in range(3):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -124,6 +124,7 @@ def _repeats(step, steps: int, device, times: list) -> None:
             for _ in range(steps):
                 step()
             times.append((time.perf_counter() - t0) * 1e3 / steps)
+    return times
 
 
 def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> list[Row]:

@@ -2,8 +2,8 @@
 
 cpu_overhead.py measured the fused PEFT layer at 2.1x the host time of PEFT's own (1300 vs 613 us per forward +
 backward on the H100 machine, M = 8192, 2048 x 2048), and the 1b training step is bound by the host. This times
-each step of the layer's path separately, with the GPU's work queued but not waited for (30 calls after
-warm-up, the launch queue never fills), so the numbers add up to where the time goes.
+each step of the layer's path separately, with the GPU's work queued but not waited for (the median of 7 batches of
+30 calls after warm-up, the launch queue never fills), so the numbers add up to where the time goes.
 
     python scripts/host_costs.py [--m 8192 --k 2048 --n 2048 --r 16]
 """

@@ -76,26 +76,30 @@ def _current_stream(device: int) -> int:
     return triton.runtime.driver.active.get_current_stream(device)
 
 
+def _jit_launch(kernel, grid: tuple, args: tuple, meta: dict):
+    stats["slow"] += 1
+    return kernel[grid](*args, **meta)
+
+
 def launch(kernel, grid: tuple, *args, **meta) -> None:
     """kernel[grid](*args, **meta), with the dispatch done once per class of arguments. args are the
     kernel's leading parameters in order, meta the rest (constexprs) and the launch options by name."""
     enter, leave = _hooks()
     if not FAST_LAUNCH[0] or triton_interpret() or kernel in _refused or _hook_set(enter) or _hook_set(leave):
-        stats["slow"] += 1
-        kernel[grid](*args, **meta)
+        _jit_launch(kernel, grid, args, meta)
         return
     try:
         key = (_current_device(), tuple(_arg_class(a) for a in args), tuple(meta.items()))
     except TypeError:
-        stats["slow"] += 1
-        kernel[grid](*args, **meta)
+        _jit_launch(kernel, grid, args, meta)
         return
-    table = _entries.setdefault(kernel, {})
-    entry = table.get(key)
+    table = _entries.get(kernel)
+    entry = table.get(key) if table is not None else None
     if entry is None:
-        stats["slow"] += 1
-        compiled = kernel[grid](*args, **meta)
-        if len(table) >= _MAX_ENTRIES:
+        compiled = _jit_launch(kernel, grid, args, meta)
+        if table is None:
+            table = _entries[kernel] = {}
+        elif len(table) >= _MAX_ENTRIES:
             table.clear()
         # The launcher takes every parameter's value in order, constexprs included (it skips those): the ones
         # after args come from meta or their defaults, fixed for the whole class.
@@ -114,16 +118,13 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
             _refused.add(kernel)
         return
     run, function, packed, tail, _ = entry
-    device = key[0]
-    stream = _current_stream(device)
     g = tuple(grid) + (1, 1)
     try:
-        run(g[0], g[1], g[2], stream, function, packed, None, enter, leave, *args, *tail)
+        run(g[0], g[1], g[2], _current_stream(key[0]), function, packed, None, enter, leave, *args, *tail)
     except (TypeError, SystemError):
         # another Triton release's launcher convention: never try this kernel's fast path again
         _refused.add(kernel)
         table.clear()
-        stats["slow"] += 1
-        kernel[grid](*args, **meta)
+        _jit_launch(kernel, grid, args, meta)
         return
     stats["fast"] += 1
