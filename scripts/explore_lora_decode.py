@@ -1,7 +1,8 @@
 """Exploration on the GPU: the LoRA forward at decode sizes (M = 1 and 16) against F.linear, one run.
 
 Not part of the test suite. Prints, per (M, K, N): F.linear, the op's forward as it stands, the fused GEMM
-(fused_matmul, xa given) and the one-launch decode kernel (decode_forward, xa inside) per tile config, all as CUDA-graph replays (the GPU time, launch gaps included).
+(fused_matmul, xa given) and the one-launch decode kernels (decode_forward, xa inside) per tile
+config, all as CUDA-graph replays (the GPU time, launch gaps included).
     python scripts/explore_lora_decode.py
 """
 import itertools
@@ -34,23 +35,28 @@ def main():
         down = ms(lambda: (x @ A.t()).float())
         print(f"\n== M={M} K={K} N={N} r={r}: F.linear {base * 1e3:.1f} us ({gbs:.0f} GB/s of W); "
               f"op fwd {op * 1e3:.1f} us ({op / base:.2f}x); xa by cuBLAS + cast {down * 1e3:.1f} us", flush=True)
-        for name, fn in [("fused_matmul", lambda cfg: kl.fused_matmul(x, W, B, xa, 2.0, config=cfg)),
-                         ("decode_forward", lambda cfg: kl.decode_forward(x, W, A, B, 2.0, config=cfg))]:
+        bm = max(16, min(64, 1 << (M - 1).bit_length()))
+        sweeps = [("decode_forward", [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                                      for bn, bk, (w, st) in itertools.product(
+                                          [32, 64], [128, 256], [(2, 4), (2, 5), (2, 6), (1, 4)])])]
+        if M == 1:  # the non-MMA kernel for one row
+            sweeps.append(("gemv", [dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                                    for bn, bk, (w, st) in itertools.product(
+                                        [4, 8, 16, 32], [128, 256, 512], [(2, 3), (4, 1), (4, 3), (8, 3)])]))
+        for name, configs in sweeps:
             rows = []
-            bm = max(16, min(64, 1 << (M - 1).bit_length()))
-            for bn, bk, (warps, stages) in itertools.product([16, 32, 64], [128, 256], [(4, 3), (4, 4), (2, 4), (8, 3)]):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-                if name == "fused_matmul":
-                    cfg["GROUP_M"] = 1
+            for cfg in configs:
                 try:
-                    t = ms(lambda: fn(cfg))
+                    t = ms(lambda: kl.decode_forward(x, W, A, B, 2.0, config=cfg))
                 except Exception as e:  # out of shared memory or registers: skip the config
                     print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
                     continue
-                rows.append((t, bn, bk, warps, stages))
+                rows.append((t, sorted(cfg.items())))
             rows.sort()
-            for t, bn, bk, warps, stages in rows[:5]:
-                print(f"  {name} BM={bm} BN={bn} BK={bk} w={warps} s={stages}: {t * 1e3:.1f} us ({t / base:.2f}x)")
+            for t, cfg in rows[:6]:
+                print(f"  {name} {dict(cfg)}: {t * 1e3:.1f} us ({t / base:.2f}x)")
+        print(f"  fused_matmul (xa given), the op's dx config {kl._matmul_config(M, dt)}: "
+              f"{ms(lambda: kl.fused_matmul(x, W, B, xa, 2.0)) * 1e3:.1f} us", flush=True)
         print(f"  decode_forward, the op's config {kl._decode_config(M, N, dt)}: "
               f"{ms(lambda: kl.decode_forward(x, W, A, B, 2.0)) * 1e3:.1f} us", flush=True)
 

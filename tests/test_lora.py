@@ -367,9 +367,10 @@ def test_fused_matmul_kernels_match_reference(use_tma, w_layout, poison_empty):
 @pytest.mark.parametrize("w_layout", ["k-major", "n-major"])
 @pytest.mark.parametrize("rank", [8, 24])
 def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
-    """The one-launch forward for few rows (lora_decode_kernel): y and xa against float64, with and without bias,
-    K and N that fill no tile, several row tiles (a 16-row tile given for 40 rows), float32 adapters beside a
-    16-bit x, and dropout, whose mask must be the one backward regenerates (dropout_mask of x's shape)."""
+    """The one-launch forward for few rows (lora_decode_kernel, lora_gemv_kernel for one): y and xa against
+    float64, with and without bias, K and N that fill no tile, several row tiles (a 16-row tile given for 40
+    rows), float32 adapters beside a 16-bit x, and dropout, whose mask must be the one backward regenerates
+    (dropout_mask of x's shape)."""
     from peftkern.kernels.triton import lora as kl
 
     for dtype in dtypes_for("triton"):
@@ -381,6 +382,8 @@ def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
             configs = [None]
             if M > 16 and not INTERPRET:
                 configs.append(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2))
+            if M == 1:  # one row goes to lora_gemv_kernel by default; the MMA kernel takes it too
+                configs.append(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1))
             for adt in {dtype, torch.float32}:
                 A, B = rnd(rank, K, scale=K**-0.5, dt=adt), rnd(N, rank, dt=adt)
                 for b, p, cfg in [(bias, 0.0, None), (None, 0.0, None), (bias, 0.3, None)] + [

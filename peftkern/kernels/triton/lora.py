@@ -183,6 +183,58 @@ def lora_decode_kernel(
 
 
 @triton.jit
+def lora_gemv_kernel(
+    x_ptr, w_ptr, down_ptr, up_ptr, bias_ptr, out_ptr, xa_ptr,
+    N, K, R,
+    stride_xk, stride_wn, stride_wk, stride_dr, stride_dk, stride_un, stride_ur,
+    scaling, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """lora_decode_kernel for one row, without tensor cores: products of W's strip and of A with x accumulate
+    elementwise in float32 tiles, summed across K once at the end (an MMA would waste 15 of its 16 rows)."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    cols = tl.where(offs_n < N, offs_n, 0)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    low = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + offs_k * stride_xk
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        d_ptrs = down_ptr + offs_r[:, None] * stride_dr + offs_k[None, :] * stride_dk
+        if EVEN_K:
+            x = tl.load(x_ptrs).to(tl.float32)
+            w = tl.load(w_ptrs)
+            d = tl.load(d_ptrs, mask=r_mask[:, None], other=0.0)
+        else:
+            k_mask = offs_k < K
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            d = tl.load(d_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+        if HAS_DROPOUT:  # row 0 of _keep_mask: the Philox offset of x[0, k] is k
+            x = tl.where(tl.rand(seed, offs_k) >= dropout_p, x, 0.0)
+        low += d.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    xa = tl.sum(low, axis=1)
+    if HAS_DROPOUT:
+        xa = xa / (1.0 - dropout_p)
+    if pid_n == 0:
+        tl.store(xa_ptr + offs_r, xa, mask=r_mask)
+    up = tl.load(up_ptr + cols[:, None] * stride_un + offs_r[None, :] * stride_ur, mask=r_mask[None, :], other=0.0)
+    # the low-rank term as the MMA paths form it: s xa rounded to x's dtype, B in x's dtype
+    dtype = x_ptr.dtype.element_ty
+    xa_s = (xa * scaling).to(dtype).to(tl.float32)
+    y += tl.sum(up.to(dtype).to(tl.float32) * xa_s[None, :], axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
 def lora_fused_matmul_tma_kernel(
     a_desc, w_desc, out_desc, up_ptr, low_ptr, bias_ptr,
     M, N, K, R,
@@ -546,12 +598,15 @@ DECODE_MAX_M = 64
 
 
 def _decode_config(M: int, N: int, dtype: torch.dtype) -> dict:
-    """Tiles for lora_decode_kernel: one BLOCK_M row tile, narrow column strips so that every SM streams W."""
+    """Tiles for the decode kernels (results/logs/explore-lora-decode-*.log, H200): one BLOCK_M row tile (none for
+    one row: lora_gemv_kernel), narrow column strips so that every SM streams W."""
     if triton_interpret():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=M if M == 1 else 16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if M == 1:
+        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, num_warps=4, num_stages=3)
     block_m = max(16, min(64, triton.next_power_of_2(M)))
     block_k = 128 if dtype == torch.float32 or block_m > 16 else 256
-    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, num_warps=2, num_stages=4)
 
 
 def decode_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -565,6 +620,17 @@ def decode_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
     cfg = dict(config or _decode_config(M, N, x.dtype))
+    if M == 1 and cfg["BLOCK_M"] == 1:
+        cfg.pop("BLOCK_M")
+        launch(
+            lora_gemv_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),), x, w, lora_A, lora_B,
+            bias if bias is not None else y, y, xa, N, K, R,
+            x.stride(1), w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), float(scaling), float(dropout_p), int(seed),
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, EVEN_K=K % cfg["BLOCK_K"] == 0,
+            BLOCK_R=_block_r(R), **cfg,
+        )
+        return y, xa
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     launch(
         lora_decode_kernel, grid, x, w, lora_A, lora_B, bias if bias is not None else y, y, xa, M, N, K, R,
