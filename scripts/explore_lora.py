@@ -64,7 +64,7 @@ def dx_tiles(K: int = 4096, N: int = 4096, r: int = 16):
         dy = torch.randn(M, N, device="cuda", dtype=dt)
         dyb = (dy @ torch.randn(N, r, device="cuda", dtype=dt)).float()
         t_cublas = ms(lambda: dy @ W)
-        chosen = kl._matmul_config(M, dt)
+        chosen = kl._matmul_config(M, dt, torch.device("cuda"))
         line = [f"M={M:5d} cuBLAS dx {t_cublas:.4f} ms:"]
         for bm, bn, bk, warps, stages in DX_TILES:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)

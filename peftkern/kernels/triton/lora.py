@@ -478,14 +478,14 @@ def lora_dropout_mask_kernel(keep_ptr, M, K, dropout_p, seed, BLOCK_M: tl.conste
 _device_facts: dict = {}
 
 
-def _facts(device: torch.device) -> tuple[int, int]:
-    """(SM count, major compute capability) of a CUDA device, asked once: the queries cost the host several
+def _facts(device: torch.device) -> tuple[int, int, bool]:
+    """(SM count, major compute capability, is an H200) of a CUDA device, asked once: the queries cost the host several
     microseconds on every call otherwise (scripts/host_costs.py)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     facts = _device_facts.get(index)
     if facts is None:
         props = torch.cuda.get_device_properties(index)
-        facts = _device_facts[index] = (props.multi_processor_count, props.major)
+        facts = _device_facts[index] = (props.multi_processor_count, props.major, "H200" in props.name)
     return facts
 
 
@@ -504,7 +504,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _matmul_config(M: int, dtype: Optional[torch.dtype] = None) -> dict:
+def _matmul_config(M: int, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> dict:
     """Tile shapes for the fused GEMM on H100/H200 in 16-bit (measured: NOTES-lora.md), by shape class:
     - M > 2048: 128x256, 8 warps (two consumer warpgroups of 64x256): cuBLAS's own tile class;
     - 1024 < M <= 2048 with a 16-bit dtype given (LoRA's dx): 128x256x64, 3 stages;
@@ -523,7 +523,11 @@ def _matmul_config(M: int, dtype: Optional[torch.dtype] = None) -> dict:
             # 1024 rows and below were not measured; float32 tiles would need twice the shared memory.
             return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    # BLOCK_K=32 with 5 stages: 0.376 ms for the 8192x4096x4096 dx GEMM, 0.97x cuBLAS (BLOCK_K=64: 1.07x).
+    if device is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _facts(device)[2]:
+        # On H200s BLOCK_K=64 (3 or 4 stages) beat BLOCK_K=32 in both sweeps of 2026-12-03 (dx-tiles logs,
+        # explore-lora-dx-tiles-*-h200.log): 1.052x / 1.076x cuBLAS's dx at M = 4096 / 8192 against 1.066x / 1.103x.
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    # BLOCK_K=32 with 5 stages on an H100: 0.376 ms for the 8192x4096x4096 dx GEMM, 0.97x cuBLAS (BLOCK_K=64: 1.07x).
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=5)
 
 
@@ -564,7 +568,7 @@ def fused_matmul(
     N = w.shape[0]
     R = up.shape[1]
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    cfg = dict(config or _matmul_config(M, a.dtype))
+    cfg = dict(config or _matmul_config(M, a.dtype, a.device))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
