@@ -595,22 +595,26 @@ def fused_matmul(
     return out
 
 
-# Up to DECODE_MAX_M rows the forward is lora_decode_kernel alone: one launch instead of cuBLAS's x A^T, a cast
-# and the fused GEMM (at M = 16, 4096 x 4096 on an H200 those three took 2.13x F.linear, the GEMM alone 1.03x-1.4x
-# by its tile: results/logs/explore-lora-decode-*.log).
-DECODE_MAX_M = 64
+# Up to DECODE_MAX_M rows the forward is one launch (lora_decode_kernel; lora_gemv_kernel for one row) instead of
+# cuBLAS's x A^T, a cast and the fused GEMM, which took 2.13x F.linear at M = 16, 4096 x 4096 on an H200 (the
+# GEMM alone 1.03x). At 64 rows the one-launch kernel was slower than those three (18.5 vs 12.0 us): the MMA on
+# A beside W's costs more than a launch there (results/logs/explore-lora-decode-*-h200.log).
+DECODE_MAX_M = 16
 
 
 def _decode_config(M: int, N: int, dtype: torch.dtype) -> dict:
-    """Tiles for the decode kernels (results/logs/explore-lora-decode-*.log, H200): one BLOCK_M row tile (none for
-    one row: lora_gemv_kernel), narrow column strips so that every SM streams W."""
+    """Tiles for the decode kernels (results/logs/explore-lora-decode-*-h200.log): narrow column strips so that
+    every SM streams W. One row: lora_gemv_kernel, 16 columns x 128 of K per step, 8 warps (9.5 us at 4096 x 4096,
+    0.93x F.linear). 16 rows: 32 columns, and by the number of strips: 256 of K per step with 2 warps where they
+    fill about one wave (11.7 us, 1.22x, at N = 4096; 28.6 us, 1.00x, at 11008 -> 4096), 128 with 1 warp where
+    there are many (25.2 us, 1.00x, at 4096 -> 11008; 34.5 us, 1.38x, with the other tile)."""
     if triton_interpret():
         return dict(BLOCK_M=M if M == 1 else 16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if M == 1:
-        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, num_warps=4, num_stages=3)
-    block_m = max(16, min(64, triton.next_power_of_2(M)))
-    block_k = 128 if dtype == torch.float32 or block_m > 16 else 256
-    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, num_warps=2, num_stages=4)
+        return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, num_warps=8, num_stages=3)
+    if dtype == torch.float32 or N > 8192:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=4)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=2, num_stages=4)
 
 
 def decode_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
