@@ -384,7 +384,9 @@ def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
                 configs.append(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2))
             if M == 1:  # one row goes to lora_gemv_kernel by default; the MMA kernel takes it too
                 configs.append(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1))
-            for adt in {dtype, torch.float32}:
+            # float32 adapters at one size: every (dtype, adapter dtype, bias, dropout, tile) pair is a compile
+            # on a GPU, and the test took over a minute there with them at every size
+            for adt in ([dtype, torch.float32] if M == 5 and dtype != torch.float32 else [dtype]):
                 A, B = rnd(rank, K, scale=K**-0.5, dt=adt), rnd(N, rank, dt=adt)
                 for b, p, cfg in [(bias, 0.0, None), (None, 0.0, None), (bias, 0.3, None)] + [
                         (bias, 0.0, c) for c in configs[1:]]:
