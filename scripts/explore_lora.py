@@ -3,6 +3,7 @@
 Not part of the test suite: it prints ms per variant so the choices in kernels/triton/lora.py can be made.
     python scripts/explore_lora.py              # side kernels, forward modes, the backward, three shapes
     python scripts/explore_lora.py --dx-tiles   # the backward's dx GEMM per tile shape and M against cuBLAS
+    python scripts/explore_lora.py --persistent-dx   # the backward with dx by the persistent kernel, or not
 """
 import sys
 
@@ -74,8 +75,37 @@ def dx_tiles(K: int = 4096, N: int = 4096, r: int = 16):
         print("  ".join(line), flush=True)
 
 
+def persistent_dx():
+    """The backward with its dx from the fused GEMM (the default) and from the persistent forward kernel
+    (kl.PERSISTENT_DX), per shape and rank; the dx piece alone against cuBLAS's dy @ W beside it."""
+    dt = torch.bfloat16
+    for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16),
+                       (2048, 4096, 4096, 16), (8192, 4096, 4096, 64)]:
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        xa = (x @ A.t()).float()
+        dyb = (dy @ B).float()
+        t_cublas = ms(lambda: dy @ W)
+        t_fused = ms(lambda: kl.fused_matmul(dy, W.t(), A.t(), dyb, 2.0))
+        t_pers = ms(lambda: kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0))  # dyb by cuBLAS included
+        t_dyb = ms(lambda: kl.mm_float32(dy, B))
+        line = [f"M={M} K={K} N={N} r={r}: cuBLAS dx {t_cublas:.4f} ms; fused dx {t_fused / t_cublas:.3f}x "
+                f"(+ dyb {t_dyb / t_cublas:.3f}x); persistent dx with dyb {t_pers / t_cublas:.3f}x;"]
+        for on in (False, True):
+            kl.PERSISTENT_DX = on
+            t = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+            line.append(f"backward {'persistent' if on else 'default'} {t:.4f} ms ({t / t_cublas:.3f}x)")
+        kl.PERSISTENT_DX = False
+        print(" ".join(line), flush=True)
+
+
 if __name__ == "__main__":
     if "--dx-tiles" in sys.argv[1:]:
         dx_tiles()
+    elif "--persistent-dx" in sys.argv[1:]:
+        persistent_dx()
     else:
         main()

@@ -407,3 +407,38 @@ def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
                 y_ref, xa_ref = reference.lora_forward(x, w, A, B, 0.7, bias, 0.0, 3, False)
                 assert_close(y, y_ref, dtype, f"lora_forward decode {w_layout}")
                 assert_close(xa, xa_ref, dtype, f"lora_forward decode xa {w_layout}")
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("rank", [16, 64])
+def test_persistent_dx_matches_reference(transposed, rank, monkeypatch):
+    """PERSISTENT_DX (off by default until timed): the backward's dx and dyb by the persistent forward kernel with
+    dy, W^T, B^T and A^T for its x, w, A and B. Every gradient against the reference, with float32 adapters and
+    bias, the kernel's use checked, and left alone where it does not apply (dropout)."""
+    from peftkern.kernels.triton import lora as kl
+
+    peftkern.set_backend("triton")
+    monkeypatch.setattr(kl, "PERSISTENT_DX", True)
+    monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
+    calls = []
+    real = kl.persistent_forward
+    monkeypatch.setattr(kl, "persistent_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    try:
+        for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
+            for adapter_dtype in (None, torch.float32):
+                x, w, A, B, b = make_inputs((3, 23), 96, 72 if INTERPRET else 520, rank, dtype,
+                                            transposed=transposed, adapter_dtype=adapter_dtype)
+                calls.clear()
+                got, ref = run_both("triton", x, w, A, B, b, 0.9, transposed)
+                assert (69, w.shape[1] if transposed else w.shape[0]) in calls, "the persistent dx did not run"
+                for name in ref:
+                    assert got[name].dtype == ref[name].dtype, name
+                    assert_close(got[name], ref[name], dtype, f"persistent dx {dtype} r={rank} {name}")
+            calls.clear()
+            got, ref = run_both("triton", x, w, A, B, b, 0.9, transposed, dropout_p=0.25)
+            assert not calls, "dropout's masked dx must not take the persistent kernel"
+            for name in ref:
+                assert_close(got[name], ref[name], dtype, f"persistent dx, dropout fallback, {name}")
+    finally:
+        peftkern.set_backend(None)

@@ -876,6 +876,12 @@ CUBLAS_BETA_MIN_M = 4096
 # PEFTKERN_LORA_PERSISTENT=0 turns it off (the cuBLAS modes then run, as before).
 PERSISTENT_FORWARD = os.environ.get("PEFTKERN_LORA_PERSISTENT", "1") != "0"
 PERSISTENT_MIN_M = 512
+# The backward's dx = dy W + s dyb A by the same persistent kernel (dy for x, W^T for w, B^T for A, A^T for B; its
+# x A^T from cuBLAS is then dyb), where it applies: no dropout, 16-bit, r <= 64, from PERSISTENT_MIN_M rows.
+# Off until timed: PEFTKERN_LORA_PERSISTENT_DX=1 turns it on. Predicted from explore_gemm_ws (the persistent GEMM
+# at 0.94-1.00x cuBLAS, measured with W K-major only): ~20-30 us less than the fused GEMM's 1.076x at M = 8192
+# (r = 16), and at r = 64 the end of cuBLAS's dx + addmm_ (one read and write of dx, ~30 us).
+PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "0") == "1"
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -958,25 +964,32 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     """(dx, dA, dB, dbias, dweight) as in reference.lora_backward.
 
     dyb = dy B (one read of dy); dx = dy W + s mask (dyb A), the forward's fused GEMM with W read N-major
-    (Triton matches cuBLAS on this layout); dA = s dyb^T drop(x) (one read of x); dB = s dy^T xa and the bias
-    gradient (one more read of dy). Running the two reductions on a side stream beside the dx GEMM was
-    measured slower (0.72 vs 0.57 ms at M=8192, 4096x4096), so they run in order.
+    (Triton matches cuBLAS on this layout), or with PERSISTENT_DX the persistent forward kernel, dyb included;
+    dA = s dyb^T drop(x) (one read of x); dB = s dy^T xa and the bias gradient (one more read of dy). Running the
+    two reductions on a side stream beside the dx GEMM was measured slower (0.72 vs 0.57 ms at M=8192,
+    4096x4096), so they run in order.
     """
     need_x, need_a, need_b, need_bias, need_w = needs
-    dx = da = db = dbias = dw = None
+    dx = da = db = dbias = dw = dyb = None
     w_kn = _w_nk(weight, weight_transposed).t()
+    dt = grad_y.dtype
+    if (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_MIN_M
+            and persistent_forward_ok(grad_y, w_kn, lora_B.t())):
+        dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling)  # dyb: float32, (M, r)
+        need_x = False
     if _cublas_skinny(dropout_p, grad_y.device):
-        dt = grad_y.dtype
-        dyb = grad_y @ lora_B.to(dt) if (need_x or need_a) else None
+        if dyb is None and (need_x or need_a):
+            dyb = grad_y @ lora_B.to(dt)
         if need_x and _block_r(lora_A.shape[0]) > _MAX_EPILOGUE_RANK:
             dx = (grad_y @ w_kn.t()).addmm_(dyb, lora_A.to(dt), alpha=scaling)
         elif need_x:
             dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling)
-        da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype) if need_a else None
+        da = scaled_mm(dyb.t().to(dt), x, scaling, lora_A.dtype) if need_a else None
         db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
     else:
-        dyb = down_project(grad_y, lora_B.t()) if (need_x or need_a) else None
+        if dyb is None and (need_x or need_a):
+            dyb = down_project(grad_y, lora_B.t())
         if need_x:
             dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling, dropout_p=dropout_p, seed=seed)
         if need_a:
