@@ -42,25 +42,31 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
   n=${#ids[@]}
   echo "== tests: $TESTS, $n in $SHARDS processes" | tee -a "$LOG"
   pids=()
+  # The shards write outside $OUT and their logs are gathered into $OUT/tests.log however the script ends: on
+  # 2026-12-03 a device call ran out of time with 16 shard logs in $OUT, and the tool returned 7 of them.
+  SHARD_DIR=$(mktemp -d)
+  gather() {
+    for ((i = 0; i < SHARDS; i++)); do
+      [ -f "$SHARD_DIR/tests.$i.log" ] || continue
+      { echo "===== shard $i"; cat "$SHARD_DIR/tests.$i.log"; echo; } >> "$OUT/tests.log"
+      echo "-- shard $i: $(tail -n 1 "$SHARD_DIR/tests.$i.log")" | tee -a "$LOG"
+      grep -E "^(FAILED|ERROR)" "$SHARD_DIR/tests.$i.log" | head -n 40 | tee -a "$LOG"
+    done
+    rm -rf "$SHARD_DIR"
+  }
   # A timeout around this script stops bash alone: the shards would run on beside whatever comes next (on
   # 2026-11-23 they overlapped an e2e benchmark and spoiled it), so they are stopped with it.
-  trap 'kill "${pids[@]}" 2>/dev/null' EXIT
+  trap 'kill "${pids[@]}" 2>/dev/null; [ -d "$SHARD_DIR" ] && gather' EXIT
   trap 'exit 143' TERM INT
   for ((i = 0; i < SHARDS && i < n; i++)); do
     shard=()
     for ((j = i; j < n; j += SHARDS)); do shard+=("${ids[j]}"); done
-    python3 -m pytest "${shard[@]}" -q -p no:cacheprovider -rfs > "$OUT/tests.$i.log" 2>&1 &
+    # --durations: the slowest tests of each shard, so that the suite's time on the GPU can be cut where it goes
+    python3 -m pytest "${shard[@]}" -q -p no:cacheprovider -rfs --durations=5 > "$SHARD_DIR/tests.$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  # one file back (the device tool returns few files): the shards' logs in order, then their summaries
-  for ((i = 0; i < SHARDS; i++)); do
-    [ -f "$OUT/tests.$i.log" ] || continue
-    { echo "===== shard $i"; cat "$OUT/tests.$i.log"; } >> "$OUT/tests.log"
-    echo "-- shard $i: $(tail -n 1 "$OUT/tests.$i.log")" | tee -a "$LOG"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.$i.log" | head -n 40 | tee -a "$LOG"
-    rm -f "$OUT/tests.$i.log"
-  done
+  gather
 elif [ "$TESTS" != "none" ]; then
   echo "== tests: $TESTS" | tee -a "$LOG"
   # shellcheck disable=SC2086
