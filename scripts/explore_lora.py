@@ -4,6 +4,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py              # side kernels, forward modes, the backward, three shapes
     python scripts/explore_lora.py --dx-tiles   # the backward's dx GEMM per tile shape and M against cuBLAS
     python scripts/explore_lora.py --persistent-dx   # the backward with dx by the persistent kernel, or not
+    python scripts/explore_lora.py --ia3-dx-tiles    # IA3's dx GEMMs per tile shape and M against cuBLAS
 """
 import sys
 
@@ -75,6 +76,36 @@ def dx_tiles(K: int = 4096, N: int = 4096, r: int = 16):
         print("  ".join(line), flush=True)
 
 
+def ia3_dx_tiles(K: int = 4096, N: int = 4096):
+    """IA3's two dx GEMMs (ia3.dx_input_form, ia3.dx_output_form: W read N-major as in LoRA's dx, with their own
+    epilogues) per tile of DX_TILES and M, against cuBLAS's dy @ W; the tile they take today (_matmul_config(M),
+    the H100's LoRA tiles before 94ea202) is marked."""
+    from peftkern.kernels.triton import ia3 as ki
+
+    dt = torch.bfloat16
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    for M in (2048, 8192):
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        z = torch.randn(M, N, device="cuda", dtype=dt)
+        l_in, l_out = torch.rand(K, device="cuda", dtype=dt), torch.rand(N, device="cuda", dtype=dt)
+        t_cublas = ms(lambda: dy @ W)
+        chosen = kl._matmul_config(M)
+        for name, fn in [("input form", lambda c: ki.dx_input_form(dy, W.t(), l_in, x, config=c)),
+                         ("output form", lambda c: ki.dx_output_form(dy, W.t(), l_out, z, config=c))]:
+            line = [f"M={M:5d} IA3 {name} dx, cuBLAS dx {t_cublas:.4f} ms:"]
+            for bm, bn, bk, warps, stages in DX_TILES:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+                try:
+                    t = ms(lambda: fn(cfg))
+                except Exception as e:  # out of shared memory or registers
+                    line.append(f"{bm}x{bn}x{bk}s{stages} {type(e).__name__}")
+                    continue
+                mark = "*" if cfg == chosen else " "
+                line.append(f"{bm}x{bn}x{bk}s{stages}{mark} {t / t_cublas:.3f}x")
+            print("  ".join(line), flush=True)
+
+
 def persistent_dx():
     """The backward with its dx from the fused GEMM (the default) and from the persistent forward kernel
     (kl.PERSISTENT_DX), per shape and rank; the dx piece alone against cuBLAS's dy @ W beside it."""
@@ -107,5 +138,7 @@ if __name__ == "__main__":
         dx_tiles()
     elif "--persistent-dx" in sys.argv[1:]:
         persistent_dx()
+    elif "--ia3-dx-tiles" in sys.argv[1:]:
+        ia3_dx_tiles()
     else:
         main()
