@@ -310,6 +310,11 @@ def test_persistent_forward_matches_reference(w_layout, rank, xa_given, poison_e
             y32, _ = kl.persistent_forward(x, w, A.float(), B.float(), 0.7, bias, config=cfg)
             ref = x.double() @ w.double().t() + 0.7 * xa_ref @ B.double().t() + bias.double()
             assert_close(y32, ref, dtype, f"persistent y, float32 adapters, {w_layout} r={rank} M={M}")
+            # B stored as B^T (r, N) row-major, as the backward's dx passes A: its TMA tiles come from B^T as is
+            b_view = B.t().contiguous().t()
+            assert kl._tma_layout(b_view) == "col"
+            y_t, _ = kl.persistent_forward(x, w, A.t().contiguous().t(), b_view, 0.7, bias, config=cfg)
+            assert_close(y_t, ref, dtype, f"persistent y, B given transposed, {w_layout} r={rank} M={M}")
         wt = w_layout == "n-major"
         weight = w.t() if wt else w
         y, xa = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt, mode="persistent")

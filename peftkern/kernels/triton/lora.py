@@ -292,7 +292,7 @@ def lora_forward_persistent_kernel(
     M, N, K, R, stride_xam, scaling, NUM_SMS,
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T (float32) stored
     for backward. One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
@@ -300,7 +300,7 @@ def lora_forward_persistent_kernel(
     move by TMA, and so do the small xa and B tiles. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
     beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
     separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
-    (NOTES-lora.md)."""
+    (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T)."""
     dtype = y_desc.dtype
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -327,7 +327,11 @@ def lora_forward_persistent_kernel(
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
         if XA_GIVEN:
             xa = xa_desc.load([out_m * BLOCK_M, 0])
-        acc = tl.dot((xa * scaling).to(dtype), b_desc.load([out_n * BLOCK_N, 0]).T, acc)
+        if B_RMAJOR:
+            b_t = b_desc.load([0, out_n * BLOCK_N])
+        else:
+            b_t = b_desc.load([out_n * BLOCK_N, 0]).T
+        acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
         if HAS_BIAS:
             cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -706,10 +710,14 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     block_r = _block_r(R)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    a = lora_A.to(x.dtype).contiguous()
+    # A and B as they come where they can: the backward's dx passes B^T and A^T, views whose copies would cost a
+    # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
+    a = lora_A.to(x.dtype)
     xa_given = cfg.pop("XA_GIVEN", True)
     xa = mm_float32(x, a.t()) if xa_given else torch.empty((M, R), device=x.device, dtype=torch.float32)
-    b = lora_B.to(x.dtype).contiguous()
+    b = lora_B.to(x.dtype)
+    b_rmajor = _tma_layout(b) == "col"
+    b = b if b_rmajor else b.contiguous()
     w_kmajor = _tma_layout(w) == "row"
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
@@ -720,13 +728,15 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
     # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
     xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
-    a_desc = None if xa_given else TensorDescriptor.from_tensor(a, [block_r, bk])
+    a_desc = None if xa_given else TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk])
+    b_desc = TensorDescriptor.from_tensor(b.t(), [block_r, bn]) if b_rmajor else TensorDescriptor.from_tensor(
+        b, [bn, block_r])
     launch(
         lora_forward_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
-        a_desc, TensorDescriptor.from_tensor(b, [bn, block_r]), xa_desc, xa, bias if bias is not None else y,
+        a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
         M, N, K, R, xa.stride(0), float(scaling), grid[0],
-        XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, **cfg,
+        XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, B_RMAJOR=b_rmajor, **cfg,
     )
     return y, xa
 
