@@ -56,6 +56,22 @@ DX_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (1
             (256, 128, 64, 8, 3)]
 
 
+def _tile_ratios(fn, t_ref: float, chosen: dict) -> list:
+    """'BMxBNxBKsS ratio' per tile of DX_TILES: fn(config) timed against t_ref, the chosen tile starred, a tile
+    that does not fit (shared memory, registers) named with its error."""
+    out = []
+    for bm, bn, bk, warps, stages in DX_TILES:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        try:
+            t = ms(lambda: fn(cfg))
+        except Exception as e:  # out of shared memory or registers
+            out.append(f"{bm}x{bn}x{bk}s{stages} {type(e).__name__}")
+            continue
+        mark = "*" if cfg == chosen else " "
+        out.append(f"{bm}x{bn}x{bk}s{stages}{mark} {t / t_ref:.3f}x")
+    return out
+
+
 def dx_tiles(K: int = 4096, N: int = 4096, r: int = 16):
     """dx = dy W + s dyb A (fused_matmul, W read N-major) per tile and M, against cuBLAS's dy @ W; the tile the
     op picks is marked. 94ea202 moved 1024 < M <= 2048 to 128x256x64 x 3 from one measurement at M = 2048."""
@@ -68,11 +84,7 @@ def dx_tiles(K: int = 4096, N: int = 4096, r: int = 16):
         t_cublas = ms(lambda: dy @ W)
         chosen = kl._matmul_config(M, dt, torch.device("cuda"))
         line = [f"M={M:5d} cuBLAS dx {t_cublas:.4f} ms:"]
-        for bm, bn, bk, warps, stages in DX_TILES:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-            t = ms(lambda: kl.fused_matmul(dy, W.t(), A.t(), dyb, 2.0, config=cfg))
-            mark = "*" if cfg == chosen else " "
-            line.append(f"{bm}x{bn}x{bk}s{stages}{mark} {t / t_cublas:.3f}x")
+        line += _tile_ratios(lambda c: kl.fused_matmul(dy, W.t(), A.t(), dyb, 2.0, config=c), t_cublas, chosen)
         print("  ".join(line), flush=True)
 
 
@@ -93,16 +105,7 @@ def ia3_dx_tiles(K: int = 4096, N: int = 4096):
         chosen = kl._matmul_config(M)
         for name, fn in [("input form", lambda c: ki.dx_input_form(dy, W.t(), l_in, x, config=c)),
                          ("output form", lambda c: ki.dx_output_form(dy, W.t(), l_out, z, config=c))]:
-            line = [f"M={M:5d} IA3 {name} dx, cuBLAS dx {t_cublas:.4f} ms:"]
-            for bm, bn, bk, warps, stages in DX_TILES:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-                try:
-                    t = ms(lambda: fn(cfg))
-                except Exception as e:  # out of shared memory or registers
-                    line.append(f"{bm}x{bn}x{bk}s{stages} {type(e).__name__}")
-                    continue
-                mark = "*" if cfg == chosen else " "
-                line.append(f"{bm}x{bn}x{bk}s{stages}{mark} {t / t_cublas:.3f}x")
+            line = [f"M={M:5d} IA3 {name} dx, cuBLAS dx {t_cublas:.4f} ms:"] + _tile_ratios(fn, t_cublas, chosen)
             print("  ".join(line), flush=True)
 
 

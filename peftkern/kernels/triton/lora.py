@@ -136,7 +136,7 @@ def lora_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """The whole forward for a few rows (decode) in one launch: out = x W^T (+ b) + s xa B^T, xa = drop(x) A^T.
-    At M <= 64 the time is the stream of W (N x K) through the SMs; every program streams one strip of W and
+    At M <= DECODE_MAX_M the time is the stream of W (N x K) through the SMs; every program streams one strip of W and
     accumulates xa beside it from A (r x K: from L2 after the first program reads it), so the low-rank term
     costs no launch of its own. The programs of the first column strip write xa (float32) for backward."""
     pid_n = tl.program_id(0)
