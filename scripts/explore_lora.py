@@ -5,6 +5,8 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --dx-tiles   # the backward's dx GEMM per tile shape and M against cuBLAS
     python scripts/explore_lora.py --persistent-dx   # the backward with dx by the persistent kernel, or not
     python scripts/explore_lora.py --ia3-dx-tiles    # IA3's dx GEMMs per tile shape and M against cuBLAS
+    python scripts/explore_lora.py --wide-ranks      # r = 64, 128: persistent forward and dx, or cuBLAS
+    python scripts/explore_lora.py --ia3-input-dx    # IA3's input-form backward: persistent GEMM or not
 """
 import sys
 
@@ -109,10 +111,44 @@ def ia3_dx_tiles(K: int = 4096, N: int = 4096):
             print("  ".join(line), flush=True)
 
 
+def ia3_input_dx():
+    """IA3's input-form backward (dx = (dy W) * l, dl = sum_m x * (dy W)): the pointer-based fused GEMM
+    (ia3.dx_input_form, the op's default) against the persistent TMA kernel (ia3.persistent_dx_input_form) in two
+    tilings, each against cuBLAS's dy @ W alone; then the op's whole backward with ia3.PERSISTENT_DX off and on."""
+    from peftkern.kernels.triton import ia3 as ki
+
+    dt, default = torch.bfloat16, ki.PERSISTENT_DX
+    half = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=True, num_warps=8,
+                num_stages=3)
+    whole = {**half, "BLOCK_N": 128, "SUBTILE": False, "num_stages": 4}
+    for M, K, N in [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096)]:
+        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        lv = torch.rand(K, device="cuda", dtype=dt)
+        t_cublas = ms(lambda: dy @ W)
+        line = [f"M={M} K={K} N={N}: cuBLAS dx {t_cublas:.4f} ms;"]
+        for name, fn in [("fused", lambda: ki.dx_input_form(dy, W.t(), lv, x)),
+                         ("persistent 128x256 half-tiles", lambda: ki.persistent_dx_input_form(dy, W.t(), lv, x,
+                                                                                               config=half)),
+                         ("persistent 128x128 s4", lambda: ki.persistent_dx_input_form(dy, W.t(), lv, x,
+                                                                                       config=whole))]:
+            try:
+                line.append(f"{name} {ms(fn) / t_cublas:.3f}x;")
+            except Exception as e:  # out of shared memory or registers
+                line.append(f"{name} {type(e).__name__};")
+        for on in (False, True):
+            ki.PERSISTENT_DX = on
+            t = ms(lambda: ki.ia3_backward(dy, x, W, lv, None, True, False, (1, 1, 0, 0)))
+            line.append(f"backward {'persistent' if on else 'fused'} {t / t_cublas:.3f}x")
+        ki.PERSISTENT_DX = default
+        print(" ".join(line), flush=True)
+
+
 def persistent_dx():
     """The backward with its dx from the fused GEMM (the default) and from the persistent forward kernel
     (kl.PERSISTENT_DX), per shape and rank; the dx piece alone against cuBLAS's dy @ W beside it."""
-    dt = torch.bfloat16
+    dt, default = torch.bfloat16, kl.PERSISTENT_DX
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16),
                        (2048, 4096, 4096, 16), (8192, 4096, 4096, 64)]:
         x = torch.randn(M, K, device="cuda", dtype=dt)
@@ -132,7 +168,33 @@ def persistent_dx():
             kl.PERSISTENT_DX = on
             t = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
             line.append(f"backward {'persistent' if on else 'default'} {t:.4f} ms ({t / t_cublas:.3f}x)")
-        kl.PERSISTENT_DX = False
+        kl.PERSISTENT_DX = default
+        print(" ".join(line), flush=True)
+
+
+def wide_ranks():
+    """r = 64 and 128 at M = 8192, 4096^2: the forward by the persistent kernel (its epilogue adds the rank in
+    slices of 64) against cuBLAS's beta mode, and the backward with dx by the persistent kernel or by cuBLAS's dx
+    and an addmm_, each against F.linear's forward (x W^T) and backward (dy W)."""
+    dt, default = torch.bfloat16, kl.PERSISTENT_DX
+    M, K, N = 8192, 4096, 4096
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
+    for r in (64, 128):
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        xa = (x @ A.t()).float()
+        line = [f"M={M} K={K} N={N} r={r}: F.linear fwd {t_fwd:.4f} ms, dx {t_dx:.4f} ms;"]
+        for mode in ("persistent", "cublas-beta"):
+            t = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False, mode=mode))
+            line.append(f"forward {mode} {t / t_fwd:.3f}x;")
+        for on in (True, False):
+            kl.PERSISTENT_DX = on
+            t = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+            line.append(f"backward {'persistent' if on else 'cublas+addmm'} {t / t_dx:.3f}x")
+        kl.PERSISTENT_DX = default
         print(" ".join(line), flush=True)
 
 
@@ -143,5 +205,9 @@ if __name__ == "__main__":
         persistent_dx()
     elif "--ia3-dx-tiles" in sys.argv[1:]:
         ia3_dx_tiles()
+    elif "--wide-ranks" in sys.argv[1:]:
+        wide_ranks()
+    elif "--ia3-input-dx" in sys.argv[1:]:
+        ia3_input_dx()
     else:
         main()

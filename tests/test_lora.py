@@ -279,17 +279,24 @@ def test_reference_backward_formulas_match_autograd():
 @pytest.mark.skipif(not (HAS_CUDA or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("w_layout", ["k-major", "n-major"])
-@pytest.mark.parametrize("rank", [8, 16, 24])
+@pytest.mark.parametrize("rank", [8, 16, 24, 72, 128])
 @pytest.mark.parametrize("xa_given", [True, False], ids=["xa-cublas", "xa-inside"])
 def test_persistent_forward_matches_reference(w_layout, rank, xa_given, poison_empty):
     """The persistent forward kernel (low-rank epilogue inside the GEMM, x A^T from cuBLAS or inside): y and xa, with
     and without bias, on shapes that fill no tile, with more tiles than programs, and through lora_forward's
-    mode="persistent" (which falls back where the kernel does not apply: dropout)."""
+    mode="persistent" (which falls back where the kernel does not apply: dropout). Ranks above 64 are added in
+    slices of 64 (72: a full slice and a partial one); xa made inside the kernel refuses them."""
     from peftkern.kernels.triton import lora as kl
 
     cfg = kl._persistent_config(4096) if HAS_CUDA and not INTERPRET else dict(
         BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4, num_stages=1)
     cfg["XA_GIVEN"] = xa_given
+    if not xa_given and rank > 64:
+        x, w, A, B = (torch.ones(s, device=DEVICE, dtype=torch.bfloat16) for s in [(64, 64), (64, 64), (rank, 64),
+                                                                                  (64, rank)])
+        with pytest.raises(ValueError, match="r <= 64"):
+            kl.persistent_forward(x, w, A, B, 0.7, config=cfg)
+        return
     shapes = [(45, 64, 48), (70, 40, 136)] if INTERPRET else [(45, 64, 48), (1000, 520, 1096), (4100, 2048, 1024)]
     for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
         for M, K, N in shapes:
@@ -416,16 +423,17 @@ def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("rank", [16, 64, 128])
 def test_persistent_dx_matches_reference(transposed, rank, monkeypatch):
-    """PERSISTENT_DX (off by default until timed): the backward's dx and dyb by the persistent forward kernel with
-    dy, W^T, B^T and A^T for its x, w, A and B. Every gradient against the reference, with float32 adapters and
-    bias, the kernel's use checked, and left alone where it does not apply (dropout)."""
+    """PERSISTENT_DX (on by default from PERSISTENT_DX_MIN_M rows): the backward's dx and dyb by the persistent
+    forward kernel with dy, W^T, B^T and A^T for its x, w, A and B. Every gradient against the reference, with
+    float32 adapters and bias, the kernel's use checked, and left alone where it does not apply (dropout)."""
     from peftkern.kernels.triton import lora as kl
 
     peftkern.set_backend("triton")
     monkeypatch.setattr(kl, "PERSISTENT_DX", True)
     monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
     calls = []
     real = kl.persistent_forward
     monkeypatch.setattr(kl, "persistent_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))

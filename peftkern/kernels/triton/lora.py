@@ -292,7 +292,7 @@ def lora_forward_persistent_kernel(
     M, N, K, R, stride_xam, scaling, NUM_SMS,
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T (float32) stored
     for backward. One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
@@ -300,7 +300,9 @@ def lora_forward_persistent_kernel(
     move by TMA, and so do the small xa and B tiles. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
     beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
     separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
-    (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T)."""
+    (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T).
+    R_CHUNKS (XA_GIVEN only): the rank is added in R_CHUNKS slices of BLOCK_R, so r = 128 takes the shared memory
+    and registers of r = 64."""
     dtype = y_desc.dtype
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -325,13 +327,14 @@ def lora_forward_persistent_kernel(
                 xa = tl.dot(x, a_desc.load([0, off_k]).T, xa)
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
-        if XA_GIVEN:
-            xa = xa_desc.load([out_m * BLOCK_M, 0])
-        if B_RMAJOR:
-            b_t = b_desc.load([0, out_n * BLOCK_N])
-        else:
-            b_t = b_desc.load([out_n * BLOCK_N, 0]).T
-        acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
+        for c in tl.range(R_CHUNKS, num_stages=1):
+            if XA_GIVEN:
+                xa = xa_desc.load([out_m * BLOCK_M, c * BLOCK_R])
+            if B_RMAJOR:
+                b_t = b_desc.load([c * BLOCK_R, out_n * BLOCK_N])
+            else:
+                b_t = b_desc.load([out_n * BLOCK_N, c * BLOCK_R]).T
+            acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
         if HAS_BIAS:
             cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -676,11 +679,23 @@ def persistent_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _tma_layout(x) == "row"
 
 
+# The epilogue adds the low-rank term in slices of at most 64 ranks (R_CHUNKS), so r = 128 fits the shared memory of r =
+# 64 (xa's float32 slice and B's beside the main loop's stages). Measured at r = 128 on an H200 (explore_lora.py
+# --wide-ranks, logs/explore-lora-wide-ranks-20261203-h200.log; M = 8192, 4096^2): forward 1.154x F.linear vs 1.163x for
+# cuBLAS's beta mode, backward 1.255x vs 1.267x (cuBLAS dx + addmm_): a small gain. The slice loop costs more than r =
+# 64's single slice (1.099x forward). A guess at why, not checked on the device's Triton 3.6: compiled for sm_90 by
+# Triton 3.9 without a GPU, the kernel takes 180 KB of shared memory against 229 KB with one slice, as if the tile loop
+# were no longer flattened (the epilogue then stops overlapping the next tile's loads). Unrolled slices
+# (tl.static_range) asked for 377 KB: more than an SM has.
+PERSISTENT_MAX_RANK = 128
+_PERSISTENT_RANK_SLICE = 64
+
+
 def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
     """Whether `persistent_forward` takes these operands: persistent_gemm_ok, w TMA-able either way, a rank whose
-    rows of B are 16-byte lines (r a multiple of 8) and at most 64."""
+    rows of B are 16-byte lines (r a multiple of 8) and at most PERSISTENT_MAX_RANK."""
     R = lora_A.shape[0]
-    return R % 8 == 0 and R <= 64 and persistent_gemm_ok(x, w) and _tma_layout(w) is not None
+    return R % 8 == 0 and R <= PERSISTENT_MAX_RANK and persistent_gemm_ok(x, w) and _tma_layout(w) is not None
 
 
 def _persistent_config(M: int) -> dict:
@@ -708,12 +723,14 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     R = lora_A.shape[0]
     cfg = dict(config or _persistent_config(M))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    block_r = _block_r(R)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # A and B as they come where they can: the backward's dx passes B^T and A^T, views whose copies would cost a
     # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
     a = lora_A.to(x.dtype)
     xa_given = cfg.pop("XA_GIVEN", True)
+    block_r = min(_block_r(R), _PERSISTENT_RANK_SLICE)
+    if not xa_given and block_r < R:
+        raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     xa = mm_float32(x, a.t()) if xa_given else torch.empty((M, R), device=x.device, dtype=torch.float32)
     b = lora_B.to(x.dtype)
     b_rmajor = _tma_layout(b) == "col"
@@ -736,7 +753,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
         a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
         M, N, K, R, xa.stride(0), float(scaling), grid[0],
-        XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, B_RMAJOR=b_rmajor, **cfg,
+        XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, B_RMAJOR=b_rmajor,
+        R_CHUNKS=triton.cdiv(R, block_r), **cfg,
     )
     return y, xa
 
@@ -886,12 +904,15 @@ CUBLAS_BETA_MIN_M = 4096
 # PEFTKERN_LORA_PERSISTENT=0 turns it off (the cuBLAS modes then run, as before).
 PERSISTENT_FORWARD = os.environ.get("PEFTKERN_LORA_PERSISTENT", "1") != "0"
 PERSISTENT_MIN_M = 512
-# The backward's dx = dy W + s dyb A by the same persistent kernel (dy for x, W^T for w, B^T for A, A^T for B; its
-# x A^T from cuBLAS is then dyb), where it applies: no dropout, 16-bit, r <= 64, from PERSISTENT_MIN_M rows.
-# Off until timed: PEFTKERN_LORA_PERSISTENT_DX=1 turns it on. Predicted from explore_gemm_ws (the persistent GEMM
-# at 0.94-1.00x cuBLAS, measured with W K-major only): ~20-30 us less than the fused GEMM's 1.076x at M = 8192
-# (r = 16), and at r = 64 the end of cuBLAS's dx + addmm_ (one read and write of dx, ~30 us).
-PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "0") == "1"
+# The backward's dx = dy W + s dyb A by the same persistent kernel (dy for x, W^T for w, B^T for A, A^T for B; its x A^T
+# from cuBLAS is then dyb), where it applies: no dropout, 16-bit, r <= PERSISTENT_MAX_RANK, from PERSISTENT_DX_MIN_M
+# rows. Timed on an H200 (explore_lora.py --persistent-dx, logs/explore-lora-pdx-20261203-h200.log), the backward
+# against cuBLAS's dy @ W alone: 1.173x vs 1.211x (fused GEMM) at M = 8192, 4096^2, r = 16; 1.164x vs 1.170x at
+# 4096 -> 11008; 1.060x vs 1.097x at 11008 -> 4096;
+# 1.214x vs 1.267x at r = 64 (cuBLAS dx + addmm_); 1.229x vs 1.220x at M = 2048 (a tie). Below 2048 rows it was not
+# timed. PEFTKERN_LORA_PERSISTENT_DX=0 turns it off.
+PERSISTENT_DX_MIN_M = 2048
+PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "1") != "0"
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -983,7 +1004,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     dx = da = db = dbias = dw = dyb = None
     w_kn = _w_nk(weight, weight_transposed).t()
     dt = grad_y.dtype
-    if (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_MIN_M
+    if (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
             and persistent_forward_ok(grad_y, w_kn, lora_B.t())):
         dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling)  # dyb: float32, (M, r)
         need_x = False
