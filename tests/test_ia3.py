@@ -271,6 +271,59 @@ def test_persistent_output_form_matches_reference(subtile, bias):
         assert torch.all(y[:, ::3] == 0), "zeros in l give exact zeros"
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("subtile", [True, False], ids=["half-tiles", "whole-tiles"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_persistent_input_dx_matches_reference(subtile, transposed):
+    """The input form's backward as one persistent GEMM (dx = (dy W) * l and dl's partial sums from x's tile in
+    its epilogue): dx and dl against float64 with a float32 l holding zeros, on shapes that fill no tile, for
+    nn.Linear's and Conv1D's weight layouts, and dl alone (no dx written)."""
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16  # the interpreter mishandles bf16
+    shapes = [(45, 64, 48), (70, 40, 136)] + ([(1000, 520, 1096), (2304, 256, 520)] if HAS_CUDA else [])
+    for M, K, N in shapes:
+        x, w, scale, _ = make((M,), K, N, dtype, True, bias=False, transposed=transposed, zeros=True,
+                              scale_dtype=torch.float32)
+        w_kn = w if transposed else w.t()  # W^T, (K, N): Conv1D stores it, nn.Linear's is a view
+        dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
+        assert kia3.persistent_dx_input_ok(dy, w_kn, x)
+        cfg = kia3._persistent_config(M, SUBTILE=subtile)
+        if HAS_CUDA and not subtile:
+            cfg.update(BLOCK_N=128, num_stages=4)  # x's whole tile and the stages fit beside 128-column tiles
+        dx, dl = kia3.persistent_dx_input_form(dy, w_kn, scale, x, config=cfg)
+        t = dy.double() @ w_kn.double().t()
+        what = f"{M}x{K}->{N} transposed={transposed} subtile={subtile}"
+        assert dx.dtype == dtype and dl.dtype == torch.float32 and dl.shape == (K,)
+        assert_close(dx, t * scale.double(), dtype, f"dx {what}")
+        assert_close(dl, (t * x.double()).sum(0), dtype, f"dl {what}", 2.0)
+        assert torch.all(dx[:, ::3] == 0), "zeros in l give exact zeros"
+        none, dl_only = kia3.persistent_dx_input_form(dy, w_kn, scale, x, write_dx=False, config=cfg)
+        assert none is None and torch.equal(dl_only, dl)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+def test_op_takes_the_persistent_input_dx_from_its_threshold(monkeypatch):
+    """With PERSISTENT_DX the input form's backward is the persistent kernel from PERSISTENT_DX_MIN_M rows, and
+    the pointer-based fused kernel below it; every gradient against the reference either way."""
+    monkeypatch.setattr(kia3, "PERSISTENT_DX", True)
+    M = 64 if INTERPRET else kia3.PERSISTENT_DX_MIN_M
+    monkeypatch.setattr(kia3, "PERSISTENT_DX_MIN_M", M)
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    calls = []
+    original = kia3.persistent_dx_input_form
+    monkeypatch.setattr(kia3, "persistent_dx_input_form", lambda *a, **k: calls.append(1) or original(*a, **k))
+    peftkern.set_backend("triton")
+    try:
+        for rows, transposed, taken in ((M, False, True), (M - 8, False, False), (M, True, True)):
+            calls.clear()
+            x, w, scale, b = make((rows,), 96, 80, dtype, True, transposed=transposed, scale_dtype=torch.float32)
+            got, ref = run_both(x, w, scale, b, True, transposed)
+            assert bool(calls) == taken, (rows, transposed)
+            for name in ref:
+                assert_close(got[name], ref[name], dtype, f"{name} rows={rows} transposed={transposed}")
+    finally:
+        peftkern.set_backend(None)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="the op picks the persistent forward on a GPU only")
 def test_op_takes_the_persistent_forward_from_its_threshold(monkeypatch):
     """On a GPU the output form's forward is the persistent kernel from PERSISTENT_MIN_M rows (cuBLAS below it,

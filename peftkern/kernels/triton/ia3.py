@@ -15,9 +15,10 @@ at the ~3 TB/s a device copy reaches. Extra passes over the floor, forward + bac
     sums, then cuBLAS dx = g W (+3). `ia3_dx_output_form_kernel` (mode "fused": l applied to each dy tile
     on its way to the tensor cores, z read beside dy for dl) measured slower (NOTES-ia3.md).
   * input form: l is folded into a transient W' = W * l (an N x K read + write, one activation pass when
-    M = 2K; x itself is scaled instead when M <= N), y = x W'^T + b by cuBLAS (+1). Backward:
-    `ia3_dx_input_form_kernel` is the dx GEMM whose epilogue multiplies by l and reads x's tile for dl's
-    partial sums, so dy W never reaches memory (+1). Total +2: ~1.05x predicted.
+    M = 2K; x itself is scaled instead when M <= N), y = x W'^T + b by cuBLAS (+1). Backward: the dx GEMM
+    whose epilogue multiplies by l and reads x's tile for dl's partial sums, so dy W never reaches memory
+    (+1): `ia3_dx_input_persistent_kernel` (persistent, TMA) from PERSISTENT_DX_MIN_M rows on a GPU,
+    `ia3_dx_input_form_kernel` (pointer loads) otherwise. Total +2: ~1.05x predicted, 1.06x measured (H200).
   * mode "split" (version 1, kept to measure against): cuBLAS dx and a separate `ia3_scale_reduce_kernel`
     pass (read two activations, write one: +3 backward).
 The input form's forward GEMM stays on cuBLAS: on the x W^T layout only the persistent TMA kernel matches
@@ -195,6 +196,21 @@ def ia3_scale_reduce_kernel(
 
 
 @triton.jit
+def _persistent_mainloop(a_desc, w_desc, pid_m, pid_n, k_tiles, W_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile's a w^T over all of K by TMA tiles (float32): w_desc holds w (N, K) row-major (W_KMAJOR,
+    tiles [BLOCK_N, BLOCK_K]) or w^T (K, N) row-major (tiles [BLOCK_K, BLOCK_N])."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in tl.range(k_tiles):
+        a = a_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
+        if W_KMAJOR:
+            acc = tl.dot(a, w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K]).T, acc)
+        else:
+            acc = tl.dot(a, w_desc.load([kk * BLOCK_K, pid_n * BLOCK_N]), acc)
+    return acc
+
+
+@triton.jit
 def ia3_output_persistent_kernel(
     x_desc, w_desc, y_desc, z_desc, l_ptr, bias_ptr, M, N, K, NUM_SMS,
     HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
@@ -208,10 +224,7 @@ def ia3_output_persistent_kernel(
     out_tile = start - NUM_SMS
     for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in tl.range(k_tiles):
-            x = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
-            acc = tl.dot(x, w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K]).T, acc)
+        acc = _persistent_mainloop(x_desc, w_desc, pid_m, pid_n, k_tiles, True, BLOCK_M, BLOCK_N, BLOCK_K)
         # the epilogue's tile, counted apart from the loop's: flattening pipelines it into the next tile's loop
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
@@ -222,6 +235,49 @@ def ia3_output_persistent_kernel(
         row, col = out_m * BLOCK_M, out_n * BLOCK_N
         _store_tile(y_desc, row, col, scaled, SUBTILE, BLOCK_M, BLOCK_N)
         _store_tile(z_desc, row, col, acc, SUBTILE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def ia3_dx_input_persistent_kernel(
+    dy_desc, w_desc, x_desc, dx_desc, l_ptr, part_ptr, M, N, K, NUM_SMS,
+    W_KMAJOR: tl.constexpr, WRITE_OUT: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The input form's backward as one persistent GEMM: acc = dy W (M x N here, N the layer's in-features,
+    K its out-features), dx = acc * l stored by TMA (if WRITE_OUT), and part[tile row, n] = sum over the
+    tile's rows of acc * x, x's tile loaded by TMA in the epilogue (dl's partial sums). w_desc holds W (K, N)
+    row-major (nn.Linear's weight, tiles [BLOCK_K, BLOCK_N]), or with W_KMAJOR W^T (N, K) row-major (Conv1D's
+    stored weight, tiles [BLOCK_N, BLOCK_K]). Rows and columns outside the matrices load as zeros by TMA, so
+    they add nothing to dl, and TMA stores none of them."""
+    start = tl.program_id(0)
+    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    out_tile = start - NUM_SMS
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        acc = _persistent_mainloop(dy_desc, w_desc, pid_m, pid_n, k_tiles, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K)
+        out_tile += NUM_SMS
+        out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
+        row, col = out_m * BLOCK_M, out_n * BLOCK_N
+        if SUBTILE:  # two halves: x's tile and dx's staging buffer take half the shared memory each
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _input_dx_epilogue(left, x_desc, dx_desc, l_ptr, part_ptr + out_m * N, row, col, N, WRITE_OUT,
+                               BLOCK_N // 2)
+            _input_dx_epilogue(right, x_desc, dx_desc, l_ptr, part_ptr + out_m * N, row, col + BLOCK_N // 2, N,
+                               WRITE_OUT, BLOCK_N // 2)
+        else:
+            _input_dx_epilogue(acc, x_desc, dx_desc, l_ptr, part_ptr + out_m * N, row, col, N, WRITE_OUT, BLOCK_N)
+
+
+@triton.jit
+def _input_dx_epilogue(acc, x_desc, dx_desc, l_ptr, part_row_ptr, row, col, N, WRITE_OUT: tl.constexpr,
+                       WIDTH: tl.constexpr):
+    """dl's partial sums over the tile's rows of acc * x, and dx = acc * l, for WIDTH columns from col."""
+    cols = col + tl.arange(0, WIDTH)
+    x = x_desc.load([row, col]).to(tl.float32)
+    tl.store(part_row_ptr + cols, tl.sum(acc * x, axis=0), mask=cols < N)
+    if WRITE_OUT:
+        scaled = acc * tl.load(l_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        dx_desc.store([row, col], scaled.to(dx_desc.dtype))
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -257,6 +313,37 @@ def dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Ten
     return (dx if write_dx else None), part.sum(0)
 
 
+def persistent_dx_input_ok(grad_y: torch.Tensor, w_kn: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `persistent_dx_input_form` takes these operands: dy and x 16-bit row-major TMA-able (lora's
+    persistent_gemm_ok), W in dy's dtype with TMA-able rows one way or the other."""
+    return (w_kn.dtype == grad_y.dtype and x.dtype == grad_y.dtype and persistent_gemm_ok(grad_y, w_kn)
+            and _tma_layout(x) == "row" and (x.shape[1] * x.element_size()) % 16 == 0
+            and _tma_layout(w_kn) is not None)
+
+
+def persistent_dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Tensor, x: torch.Tensor,
+                             write_dx: bool = True, config: Optional[dict] = None
+                             ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """dx_input_form's answer by ia3_dx_input_persistent_kernel; needs persistent_dx_input_ok."""
+    M, N = grad_y.shape
+    K = w_kn.shape[0]
+    cfg = dict(config or _persistent_config(M, SUBTILE=True))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    store_n = bn // 2 if cfg["SUBTILE"] else bn
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if write_dx else x
+    part = torch.empty((triton.cdiv(M, bm), K), device=x.device, dtype=torch.float32)
+    w_kmajor = _tma_layout(w_kn) == "row"  # (K, N) row-major: Conv1D's stored weight
+    w_desc = TensorDescriptor.from_tensor(w_kn, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(
+        w_kn.t(), [bk, bn])
+    grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(K, bn)),)
+    launch(ia3_dx_input_persistent_kernel, grid,
+        TensorDescriptor.from_tensor(grad_y, [bm, bk]), w_desc, TensorDescriptor.from_tensor(x, [bm, store_n]),
+        TensorDescriptor.from_tensor(dx, [bm, store_n]), scale_vec.contiguous(), part, M, K, N, grid[0],
+        W_KMAJOR=w_kmajor, WRITE_OUT=write_dx, **cfg,
+    )
+    return (dx if write_dx else None), part.sum(0)
+
+
 def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Tensor, z: torch.Tensor,
                    colsum: bool = False, config: Optional[dict] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -284,15 +371,17 @@ def persistent_output_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return w.dtype == x.dtype and persistent_gemm_ok(x, w) and _tma_layout(w) == "row"
 
 
-def _persistent_config(M: int) -> dict:
+def _persistent_config(M: int, **fixed) -> dict:
+    """The output form's forward's tiles (fixed: keys to set, as the input form's dx GEMM sets SUBTILE: its
+    x tile beside the stages leaves no room for whole-tile stores)."""
     if triton_interpret():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
-                    num_stages=1)
+        return {**dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
+                       num_stages=1), **fixed}
     # Measured on an H100, bf16 (scripts/explore_ia3_persistent.py, results/logs/explore-ia3-persistent-h100.log):
     # 128x256x64, 3 stages, half-tile stores: 1.099x F.linear at M = 8192, 4096 x 4096 (op before: 1.148x) and
     # 1.044x at 4096 -> 11008 (1.095x); full-tile stores at M = 2048: 1.051x (1.081x). 128x128 was slower.
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=M >= 4096, num_warps=8,
-                num_stages=3)
+    return {**dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=M >= 4096, num_warps=8,
+                   num_stages=3), **fixed}
 
 
 def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Tensor,
@@ -388,6 +477,14 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed, mode
 # 1.13x (193 MB): the default per form is the faster one, the input form's fused kernel for its memory.
 BACKWARD_MODES = ("fused", "split")
 DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
+# The input form's fused backward by the persistent TMA GEMM (ia3_dx_input_persistent_kernel: x's tile comes by TMA in
+# an epilogue that overlaps the next tile's loads) from PERSISTENT_DX_MIN_M rows, 16-bit, TMA-able strides. Measured on
+# an H200 (explore_lora.py --ia3-input-dx, logs/explore-ia3-input-dx-20261203-h200.log), the op's backward against
+# cuBLAS's dy @ W alone: 1.131x vs 1.228x (pointer-based kernel) at M = 8192, 4096^2; 1.069x vs 1.134x at 4096 -> 11008;
+# 1.126x vs 1.299x at M = 2048 (128x128 tiles with 4 stages: 1.27-1.28x). Below 2048 rows it was not timed.
+# PEFTKERN_IA3_PERSISTENT_DX=0 turns it off (the pointer-based ia3_dx_input_form_kernel then runs).
+PERSISTENT_DX = os.environ.get("PEFTKERN_IA3_PERSISTENT_DX", "1") != "0"
+PERSISTENT_DX_MIN_M = 2048
 
 
 def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
@@ -398,7 +495,10 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
     w = _w_nk(weight, weight_transposed)
     dx = dl = dbias = dw = None
     if scale_input:
-        if fused and (need_x or need_l):
+        if (fused and (need_x or need_l) and PERSISTENT_DX and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
+                and (grad_y.is_cuda or triton_interpret()) and persistent_dx_input_ok(grad_y, w.t(), x)):
+            dx, dl = persistent_dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
+        elif fused and (need_x or need_l):
             dx, dl = dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
         elif need_x or need_l:
             dx, dl = scale_reduce(grad_y @ w, x, scale_vec, write_out=need_x, out_dtype=x.dtype)
