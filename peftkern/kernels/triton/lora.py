@@ -715,9 +715,12 @@ def _persistent_config(M: int) -> dict:
 
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                        scaling: float, bias: Optional[torch.Tensor] = None,
-                       config: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T float32) by lora_forward_persistent_kernel; w an (N, K)
-    view, K-major (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok."""
+                       config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T) by lora_forward_persistent_kernel; w an (N, K) view, K-major
+    (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok. xa is float32 (the forward
+    saves it), or x's dtype when xa_dtype says so (the backward's dyb, which dA's cuBLAS call takes in x's dtype:
+    no cast)."""
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
@@ -731,7 +734,10 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     block_r = min(_block_r(R), _PERSISTENT_RANK_SLICE)
     if not xa_given and block_r < R:
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
-    xa = mm_float32(x, a.t()) if xa_given else torch.empty((M, R), device=x.device, dtype=torch.float32)
+    if not xa_given:
+        xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    else:
+        xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
     b = lora_B.to(x.dtype)
     b_rmajor = _tma_layout(b) == "col"
     b = b if b_rmajor else b.contiguous()
@@ -1006,7 +1012,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     dt = grad_y.dtype
     if (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
             and persistent_forward_ok(grad_y, w_kn, lora_B.t())):
-        dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling)  # dyb: float32, (M, r)
+        dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt)  # dyb: (M, r)
         need_x = False
     if _cublas_skinny(dropout_p, grad_y.device):
         if dyb is None and (need_x or need_a):
