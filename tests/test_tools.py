@@ -126,3 +126,22 @@ def test_profile_cli_profiles_each_method(method, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "peftkern kernels" in out.stdout, out.stdout
     assert trace.exists()
+
+
+def test_persistent_kernel_configs_fit_an_sm90_sm():
+    """The configs the persistent TMA kernels take on a GPU, compiled for sm_90 without one
+    (scripts/compile_report.py): each fits an H100/H200 SM's shared memory and spills no registers, so a
+    change that breaks that fails here and not on the device."""
+    import os
+
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists() or not (tools / "ptxas").exists():
+        pytest.skip(f"this Triton ships no ptxas/cuobjdump under {tools}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "scripts" / "compile_report.py")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("shared") >= 10, run.stdout

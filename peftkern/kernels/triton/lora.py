@@ -682,11 +682,11 @@ def persistent_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 # The epilogue adds the low-rank term in slices of at most 64 ranks (R_CHUNKS), so r = 128 fits the shared memory of r =
 # 64 (xa's float32 slice and B's beside the main loop's stages). Measured at r = 128 on an H200 (explore_lora.py
 # --wide-ranks, logs/explore-lora-wide-ranks-20261203-h200.log; M = 8192, 4096^2): forward 1.154x F.linear vs 1.163x for
-# cuBLAS's beta mode, backward 1.255x vs 1.267x (cuBLAS dx + addmm_): a small gain. The slice loop costs more than r =
-# 64's single slice (1.099x forward). A guess at why, not checked on the device's Triton 3.6: compiled for sm_90 by
-# Triton 3.9 without a GPU, the kernel takes 180 KB of shared memory against 229 KB with one slice, as if the tile loop
-# were no longer flattened (the epilogue then stops overlapping the next tile's loads). Unrolled slices
-# (tl.static_range) asked for 377 KB: more than an SM has.
+# cuBLAS's beta mode, backward 1.255x vs 1.267x (cuBLAS dx + addmm_); in the op's benchmark a tie (1.20x both ways). The
+# slice loop costs more than r = 64's single slice (1.099x forward): in the IR compiled for sm_90
+# (scripts/compile_report.py) it stops the tile loop's flattening, so the epilogue no longer overlaps the next tile's
+# loads (NOTES-lora.md, seventh session). Unrolled slices (tl.static_range) ask for 377 KB of shared memory: more than
+# an SM has.
 PERSISTENT_MAX_RANK = 128
 _PERSISTENT_RANK_SLICE = 64
 

@@ -1,0 +1,129 @@
+"""The persistent TMA kernels compiled for sm_90 without a GPU: shared memory, registers and spills per config.
+
+Device time is scarce, and a config that does not fit an SM fails only on the device. Triton compiles for a
+target it is told, with the ptxas and cuobjdump it ships, so this runs on any machine with Triton installed
+(no GPU, no CUDA toolkit). An H100 or H200 SM gives one block at most 227 KB (232448 bytes) of shared memory.
+Found with it on 2026-12-03 (Triton 3.9): LoRA's persistent kernel with the rank in two unrolled slices asked
+for 377 KB, so it loops over them instead (NOTES-lora.md, seventh session). The device runs an older Triton
+(3.6), whose numbers may differ.
+
+    python scripts/compile_report.py     # exit status 1 if a config does not fit or spills
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from peftkern.kernels.triton import ia3 as ki
+from peftkern.kernels.triton import lora as kl
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may take on an H100 / H200 SM
+
+
+def _desc(dtype: str, *block: int) -> str:
+    return f"tensordesc<{dtype}[{','.join(map(str, block))}]>"
+
+
+def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """fn compiled for sm_90a: {'shared': bytes, 'registers': per thread, 'local': spill bytes per thread}."""
+    signature = {**args, **{name: "constexpr" for name in constexprs}}
+    ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    try:
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    line = next(w for w in usage.splitlines() if "REG:" in w)
+    fields = dict(item.split(":") for item in line.split() if ":" in item)
+    return dict(shared=ck.metadata.shared, registers=int(fields["REG"]), local=int(fields["LOCAL"]))
+
+
+def lora_forward(cfg: dict, r: int) -> tuple:
+    """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
+    weight read N-major as the backward's dx reads it, B given as B^T)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    block_r = min(kl._block_r(r), kl._PERSISTENT_RANK_SLICE)
+    store_n = bn // 2 if cfg["SUBTILE"] else bn
+    args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
+            "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("fp32", bm, block_r), "xa_ptr": "*fp32",
+            "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xam": "i32",
+            "scaling": "fp32", "NUM_SMS": "i32"}
+    const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
+                 SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
+                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r))
+    return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
+
+
+def ia3_output(cfg: dict) -> tuple:
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    store_n = bn // 2 if cfg["SUBTILE"] else bn
+    args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bn, bk), "y_desc": _desc("bf16", bm, store_n),
+            "z_desc": _desc("bf16", bm, store_n), "l_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32",
+            "K": "i32", "NUM_SMS": "i32"}
+    const = dict(HAS_BIAS=False, FLATTEN=cfg["FLATTEN"], SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn,
+                 BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
+    return ki.ia3_output_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
+
+
+def ia3_input_dx(cfg: dict) -> tuple:
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    store_n = bn // 2 if cfg["SUBTILE"] else bn
+    args = {"dy_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "x_desc": _desc("bf16", bm, store_n),
+            "dx_desc": _desc("bf16", bm, store_n), "l_ptr": "*fp32", "part_ptr": "*fp32", "M": "i32", "N": "i32",
+            "K": "i32", "NUM_SMS": "i32"}
+    const = dict(W_KMAJOR=False, WRITE_OUT=True, FLATTEN=cfg["FLATTEN"], SUBTILE=cfg["SUBTILE"], BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
+    return ki.ia3_dx_input_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
+
+
+def cases() -> dict:
+    """name -> (kernel, signature, constexprs, warps, stages) for the configs the package picks on a GPU (the
+    configs functions are asked as on a GPU, even under TRITON_INTERPRET=1)."""
+    real = kl.triton_interpret, ki.triton_interpret
+    kl.triton_interpret = ki.triton_interpret = lambda: False
+    try:
+        out = {}
+        for M in (512, 8192):
+            for r in (16, 64, 128):
+                out[f"lora persistent forward/dx, M={M}, r={r}"] = lora_forward(kl._persistent_config(M), r)
+        for M in (2048, 8192):
+            out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
+            out[f"ia3 input-form dx, M={M}"] = ia3_input_dx(ki._persistent_config(M, SUBTILE=True))
+        return out
+    finally:
+        kl.triton_interpret, ki.triton_interpret = real
+
+
+def main() -> int:
+    """Prints one line per case; returns 1 if any failed to compile, needs more shared memory than an SM has, or
+    spills registers (tests/test_tools.py runs it so in CI), else 0."""
+    print(f"Triton {triton.__version__}, sm_90a; a block may take {SMEM_LIMIT} bytes of shared memory")
+    status = 0
+    for name, (fn, args, const, warps, stages) in cases().items():
+        try:
+            r = compile_sm90(fn, args, const, warps, stages)
+        except Exception as e:  # a config Triton refuses
+            print(f"{name:42s} {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            status = 1
+            continue
+        flag = "  TOO MUCH SHARED MEMORY" if r["shared"] > SMEM_LIMIT else ""
+        flag += f"  SPILLS {r['local']} B" if r["local"] else ""
+        status = 1 if flag else status
+        print(f"{name:42s} shared {r['shared'] / 1024:6.1f} KB  registers {r['registers']:3d}{flag}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("compile_report.py compiles for the GPU: run it without TRITON_INTERPRET=1")
+    sys.exit(main())
