@@ -118,6 +118,17 @@ def run_both(args, activation, scaling=0.8):
 SCALAR_SCALE = 10.0
 
 
+def dscale_scale(g, z, up_weight, up_bias, activation):
+    """The tolerance's factor for dscale = scaling * sum(g * u), u = act(z) Wu^T + bu: the sum's condition number
+    sum|g u| / |sum g u| (float64), at least SCALAR_SCALE. A rounding error relative to the terms is this many
+    times larger relative to the sum; a fixed factor failed whenever the terms cancelled more than usual (CI,
+    2026-12-03: 1.47e-4 against 1e-4 in float32)."""
+    u = torch.nn.functional.linear(reference.adapter_activation(z.double(), activation)[0], up_weight.double(),
+                                   None if up_bias is None else up_bias.double())
+    terms = g.double() * u
+    return max(SCALAR_SCALE, (terms.abs().sum() / terms.sum().abs().clamp_min(1e-300)).item())
+
+
 # In float32 a bottleneck unit whose pre-activation z nearly cancels (z = h Wd^T + bd, few terms at tiny d and
 # M = 1) has an error relative to the terms of the sum, not to z; the up-projection's gradient column g^T act(z)
 # carries it, and with b = 4 units one such column moves the relative norm of the whole gradient past 1e-5
@@ -229,10 +240,11 @@ def test_kernel_schedules_match_reference(schedule, layer_norm, poison_empty):
         bwd_args = (g, *common, z_r, stats_r, lw, lb, "gelu_tanh", 0.9, sequential, layer_norm, needs)
         grads = ka.adapter_backward(*bwd_args, config=cfg)
         grads_r = reference.adapter_backward(*bwd_args)
+        k_dscale = dscale_scale(g, z_r, a["up_weight"], a["up_bias"], "gelu_tanh")
         for name, x, y in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), grads, grads_r):
             assert (x is None) == (y is None), name
             if y is not None:
-                assert_close(x, y, dtype, f"{name} {schedule} {form}", scale=SCALAR_SCALE if name == "dscale" else 1.0)
+                assert_close(x, y, dtype, f"{name} {schedule} {form}", scale=k_dscale if name == "dscale" else 1.0)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
