@@ -98,7 +98,7 @@ def cases() -> dict:
                 out[f"lora persistent forward/dx, M={M}, r={r}"] = lora_forward(kl._persistent_config(M), r)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
-            out[f"ia3 input-form dx, M={M}"] = ia3_input_dx(ki._persistent_config(M, SUBTILE=True))
+            out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})
         return out
     finally:
         kl.triton_interpret, ki.triton_interpret = real

@@ -286,7 +286,7 @@ def test_persistent_input_dx_matches_reference(subtile, transposed):
         w_kn = w if transposed else w.t()  # W^T, (K, N): Conv1D stores it, nn.Linear's is a view
         dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
         assert kia3.persistent_dx_input_ok(dy, w_kn, x)
-        cfg = kia3._persistent_config(M, SUBTILE=subtile)
+        cfg = {**kia3._persistent_config(M), "SUBTILE": subtile}
         if HAS_CUDA and not subtile:
             cfg.update(BLOCK_N=128, num_stages=4)  # x's whole tile and the stages fit beside 128-column tiles
         dx, dl = kia3.persistent_dx_input_form(dy, w_kn, scale, x, config=cfg)

@@ -314,11 +314,11 @@ def dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Ten
 
 
 def persistent_dx_input_ok(grad_y: torch.Tensor, w_kn: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether `persistent_dx_input_form` takes these operands: dy and x 16-bit row-major TMA-able (lora's
-    persistent_gemm_ok), W in dy's dtype with TMA-able rows one way or the other."""
+    """Whether `persistent_dx_input_form` takes these operands: dy 16-bit row-major TMA-able with TMA-able rows
+    of dx (lora's persistent_gemm_ok, which also asks for a GPU or the interpreter), x row-major in dy's dtype
+    (its rows are dx's), W in dy's dtype with TMA-able rows one way or the other."""
     return (w_kn.dtype == grad_y.dtype and x.dtype == grad_y.dtype and persistent_gemm_ok(grad_y, w_kn)
-            and _tma_layout(x) == "row" and (x.shape[1] * x.element_size()) % 16 == 0
-            and _tma_layout(w_kn) is not None)
+            and _tma_layout(x) == "row" and _tma_layout(w_kn) is not None)
 
 
 def persistent_dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Tensor, x: torch.Tensor,
@@ -327,7 +327,8 @@ def persistent_dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec
     """dx_input_form's answer by ia3_dx_input_persistent_kernel; needs persistent_dx_input_ok."""
     M, N = grad_y.shape
     K = w_kn.shape[0]
-    cfg = dict(config or _persistent_config(M, SUBTILE=True))
+    # x's tile beside the stages leaves no room for whole-tile stores: always half tiles by default
+    cfg = dict(config or {**_persistent_config(M), "SUBTILE": True})
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if write_dx else x
@@ -371,17 +372,16 @@ def persistent_output_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return w.dtype == x.dtype and persistent_gemm_ok(x, w) and _tma_layout(w) == "row"
 
 
-def _persistent_config(M: int, **fixed) -> dict:
-    """The output form's forward's tiles (fixed: keys to set, as the input form's dx GEMM sets SUBTILE: its
-    x tile beside the stages leaves no room for whole-tile stores)."""
+def _persistent_config(M: int) -> dict:
+    """The persistent kernels' tiles (the output form's forward; the input form's dx takes them with SUBTILE)."""
     if triton_interpret():
-        return {**dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
-                       num_stages=1), **fixed}
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
+                    num_stages=1)
     # Measured on an H100, bf16 (scripts/explore_ia3_persistent.py, results/logs/explore-ia3-persistent-h100.log):
     # 128x256x64, 3 stages, half-tile stores: 1.099x F.linear at M = 8192, 4096 x 4096 (op before: 1.148x) and
     # 1.044x at 4096 -> 11008 (1.095x); full-tile stores at M = 2048: 1.051x (1.081x). 128x128 was slower.
-    return {**dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=M >= 4096, num_warps=8,
-                   num_stages=3), **fixed}
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=M >= 4096, num_warps=8,
+                num_stages=3)
 
 
 def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Tensor,
@@ -496,7 +496,7 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
     dx = dl = dbias = dw = None
     if scale_input:
         if (fused and (need_x or need_l) and PERSISTENT_DX and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
-                and (grad_y.is_cuda or triton_interpret()) and persistent_dx_input_ok(grad_y, w.t(), x)):
+                and persistent_dx_input_ok(grad_y, w.t(), x)):
             dx, dl = persistent_dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
         elif fused and (need_x or need_l):
             dx, dl = dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
