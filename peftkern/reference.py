@@ -70,6 +70,11 @@ def lora_linear(
     return y.to(x.dtype)
 
 
+def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
+    """The dtype of the xa that lora_forward returns: float32 (float64 for float64), whatever x's dtype."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed):
     """The torch backend's forward: returns (y, xa) with xa = dropout(x) A^T in float32, saved for backward."""
     keep = dropout_mask(seed, tuple(x.shape), dropout_p, x.device) if dropout_p > 0 else None

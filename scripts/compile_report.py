@@ -55,7 +55,7 @@ def lora_forward(cfg: dict, r: int) -> tuple:
     block_r = min(kl._block_r(r), kl._PERSISTENT_RANK_SLICE)
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
-            "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("fp32", bm, block_r), "xa_ptr": "*fp32",
+            "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("bf16", bm, block_r), "xa_ptr": "*bf16",
             "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xam": "i32",
             "scaling": "fp32", "NUM_SMS": "i32"}
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],

@@ -101,6 +101,34 @@ def test_fp32_adapters_beside_16bit_base(backend):
         assert_close(got[name], ref[name], dtype, name)
 
 
+# Rows that reach each forward path: decode (M <= 16), the fused Triton GEMM, and on a GPU cuBLAS's add mode and
+# the persistent kernel (from 512 rows).
+XA_ROWS = [3, 40] + ([300, 1024] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["same", "fp32-adapters"])
+def test_saved_xa_has_the_dtype_the_fake_promises(backend, dropout_p, adapter_dtype):
+    """xa, which the forward saves, comes in the backend's lora_xa_dtype on every forward path (x's own on Triton
+    without dropout), and the custom op's fake implementation says the same (opcheck compares them), so
+    torch.compile's graph and the eager op agree. Its values are x A^T's, to the rounding of that dtype."""
+    module = peftkern.ops._common.backend_module(backend, "lora")
+    for dtype in dtypes_for(backend):
+        for M in XA_ROWS:
+            x, w, A, B, _ = make_inputs((M,), 256, 128, 16, dtype, bias=False, adapter_dtype=adapter_dtype)
+            seed = torch.tensor(7) if dropout_p > 0 else None
+            args = (x, w, A, B, None, seed, 0.5, dropout_p, False, backend)
+            torch.library.opcheck(torch.ops.peftkern.lora_fwd, args, test_utils=("test_schema", "test_faketensor"))
+            _, xa = torch.ops.peftkern.lora_fwd(*args)
+            assert xa.dtype == module.lora_xa_dtype(dtype, dropout_p), f"{backend} {dtype} M={M} p={dropout_p}"
+            if backend == "triton" and dropout_p == 0.0 and dtype != torch.float32:
+                assert xa.dtype == dtype, f"triton keeps a 16-bit xa in x's dtype, got {xa.dtype}"
+            if dropout_p == 0.0:
+                xa_ref = x.double() @ A.double().t()
+                assert_close(xa, xa_ref, dtype, f"xa {backend} {dtype} M={M}")
+
+
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
 @pytest.mark.parametrize("r", [8, 40])
 def test_dropout_matches_reference_with_the_same_mask(backend, r):

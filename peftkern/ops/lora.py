@@ -8,8 +8,8 @@ recomputes the forward; compiled dropout then draws from inductor's generator, a
 (`torch._inductor.config.fallback_random = True` gives eager's masks).
 
 Saved for backward: x (the caller holds it anyway), the frozen weight (a reference, never a copy),
-the adapters, xa = dropout(x) A^T (M x r float32: small) and the dropout seed -- never a mask or a
-dropped copy of x.
+the adapters, xa = dropout(x) A^T (M x r: small; in the dtype the backend's lora_xa_dtype names, x's own on the
+Triton backend without dropout) and the dropout seed -- never a mask or a dropped copy of x.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _lora_fwd(
     x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], seed: Optional[Tensor],
     scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(y (M, N), xa (M, r) float32) for a 2-D x (M, K); seed is the dropout's (a CPU int64 scalar), None
-    without dropout."""
+    """(y (M, N), xa (M, r) in the backend's lora_xa_dtype) for a 2-D x (M, K); seed is the dropout's (a CPU int64
+    scalar), None without dropout."""
     with op_range("peftkern::lora_fwd"):
         y, xa = backend_module(backend, "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed)
@@ -54,7 +54,7 @@ lora_fwd = torch.library.custom_op("peftkern::lora_fwd", _lora_fwd, mutates_args
 @lora_fwd.register_fake
 def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend):
     N = weight.shape[1] if weight_transposed else weight.shape[0]
-    xa_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa_dtype = backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p)
     return x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=xa_dtype)
 
 

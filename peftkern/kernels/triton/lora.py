@@ -1,7 +1,7 @@
 """LoRA in Triton: the low-rank term rides inside a GEMM's epilogue instead of costing passes of its own.
 
 Math (x: M x K, W: N x K frozen, A: r x K, B: N x r, s = scaling, p = dropout):
-    forward   y  = x W^T + b + s (drop(x) A^T) B^T          xa = drop(x) A^T  (M x r, saved, fp32)
+    forward   y  = x W^T + b + s (drop(x) A^T) B^T          xa = drop(x) A^T  (M x r, saved: lora_xa_dtype)
     backward  dx = dy W + s * drop'((dy B) A)                dyb = dy B        (M x r)
               dA = s dyb^T drop(x)      dB = s dy^T xa       db = sum_m dy
 
@@ -138,7 +138,8 @@ def lora_decode_kernel(
     """The whole forward for a few rows (decode) in one launch: out = x W^T (+ b) + s xa B^T, xa = drop(x) A^T.
     At M <= DECODE_MAX_M the time is the stream of W (N x K) through the SMs; every program streams one strip of W and
     accumulates xa beside it from A (r x K: from L2 after the first program reads it), so the low-rank term
-    costs no launch of its own. The programs of the first column strip write xa (float32) for backward."""
+    costs no launch of its own. The programs of the first column strip write xa (summed in float32, stored in xa's
+    dtype) for backward."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -294,8 +295,8 @@ def lora_forward_persistent_kernel(
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
 ):
-    """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T (float32) stored
-    for backward. One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
+    """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
+    (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
     tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); x, W and y
     move by TMA, and so do the small xa and B tiles. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
     beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
@@ -626,14 +627,15 @@ def _decode_config(M: int, N: int, dtype: torch.dtype) -> dict:
 
 def decode_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                    bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
-                   config: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa) by lora_decode_kernel: y (M, N) = x W^T (+ b) + s xa B^T, xa (M, r) float32 = drop(x) A^T.
-    w is the (N, K) weight view, any strides."""
+                   config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) by lora_decode_kernel: y (M, N) = x W^T (+ b) + s xa B^T, xa (M, r) = drop(x) A^T, summed in float32
+    and stored in xa_dtype. w is the (N, K) weight view, any strides."""
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     cfg = dict(config or _decode_config(M, N, x.dtype))
     if M == 1 and cfg["BLOCK_M"] == 1:
         cfg.pop("BLOCK_M")
@@ -718,9 +720,9 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
                        config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T) by lora_forward_persistent_kernel; w an (N, K) view, K-major
-    (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok. xa is float32 (the forward
-    saves it), or x's dtype when xa_dtype says so (the backward's dyb, which dA's cuBLAS call takes in x's dtype:
-    no cast)."""
+    (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok. xa comes in xa_dtype: the op's
+    forward saves it in lora_xa_dtype (x's), and the backward's dx makes its dyb in x's dtype, which dA's cuBLAS
+    call takes as it is. Either way the kernel adds s xa B^T from xa rounded to x's dtype."""
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
@@ -735,7 +737,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     if not xa_given and block_r < R:
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if not xa_given:
-        xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+        xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     else:
         xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
     b = lora_B.to(x.dtype)
@@ -953,9 +955,19 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float, out_dtype: torch
 _MAX_EPILOGUE_RANK = 32
 
 
+def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
+    """The dtype of the xa = drop(x) A^T that lora_forward returns and the op saves for backward: x's own for a
+    16-bit x without dropout, float32 otherwise. Without dropout the backward's cuBLAS products read xa in x's dtype
+    anyway (dB = s dy^T xa), so a float32 xa only cost M r 4 bytes of memory across the step and a cast kernel per
+    backward; with dropout the Triton reductions read the float32 xa that lora_down_kernel writes."""
+    if dropout_p == 0.0 and x_dtype in (torch.float16, torch.bfloat16):
+        return x_dtype
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed,
                  mode: Optional[str] = None):
-    """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r) float32, saved for backward.
+    """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r), saved for backward in lora_xa_dtype.
 
     mode: "triton" (the fused Triton GEMM), "cublas-add" (cuBLAS x W^T, then y += s xa B^T in place, xa on a
     side stream), "cublas-beta" (C = s xa B^T + b first, then cuBLAS C += x W^T in its epilogue),
@@ -973,15 +985,17 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
             mode = "persistent"
         else:
             mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
+    xa_dtype = lora_xa_dtype(x.dtype, dropout_p)
     if mode == "persistent":
-        return persistent_forward(x, w, lora_A, lora_B, scaling, bias)
+        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype)
     skinny = _cublas_skinny(dropout_p, x.device)
 
     def down():
-        return (x @ lora_A.t().to(x.dtype)).float() if skinny else down_project(x, lora_A, dropout_p, seed)
+        xa = x @ lora_A.t().to(x.dtype) if skinny else down_project(x, lora_A, dropout_p, seed)
+        return xa.to(xa_dtype)  # a cast only in the interpreter, whose down_project serves dropout-free calls too
 
     if mode == "triton" and x.shape[0] <= DECODE_MAX_M:
-        return decode_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed)
+        return decode_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, xa_dtype=xa_dtype)
     if mode == "triton":
         xa = down()
         return fused_matmul(x, w, lora_B, xa, scaling, bias), xa
@@ -1022,6 +1036,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         elif need_x:
             dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling)
         da = scaled_mm(dyb.t().to(dt), x, scaling, lora_A.dtype) if need_a else None
+        dyb = None  # freed before dB's product: the step's peak holds one skinny transient fewer
         db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
     else:
