@@ -50,17 +50,22 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
 
 def lora_forward(cfg: dict, r: int) -> tuple:
     """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
-    weight read N-major as the backward's dx reads it, B given as B^T)."""
+    weight read N-major as the backward's dx reads it, B given as B^T; above one slice of ranks the epilogue's plain
+    loads, EPI_PTR, unless PERSISTENT_WIDE_PTR is off)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    block_r = min(kl._block_r(r), kl._PERSISTENT_RANK_SLICE)
+    epi_ptr = kl.PERSISTENT_WIDE_PTR and r > kl._PERSISTENT_RANK_SLICE
+    block_r = min(kl._block_r(r), kl._PTR_RANK_SLICE if epi_ptr else kl._PERSISTENT_RANK_SLICE)
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
-            "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("bf16", bm, block_r), "xa_ptr": "*bf16",
-            "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xam": "i32",
-            "scaling": "fp32", "NUM_SMS": "i32"}
+            "xa_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+            "stride_xam": "i32", "stride_bn": "i32", "stride_br": "i32", "scaling": "fp32", "NUM_SMS": "i32"}
+    if not epi_ptr:
+        args.update(b_desc=_desc("bf16", block_r, bn), xa_desc=_desc("bf16", bm, block_r))
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
-                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r))
+                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), EPI_PTR=epi_ptr)
+    if epi_ptr:
+        const.update(b_desc=None, xa_desc=None)
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 

@@ -7,6 +7,8 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --ia3-dx-tiles    # IA3's dx GEMMs per tile shape and M against cuBLAS
     python scripts/explore_lora.py --wide-ranks      # r = 64, 128: persistent forward and dx, or cuBLAS
     python scripts/explore_lora.py --ia3-input-dx    # IA3's input-form backward: persistent GEMM or not
+    python scripts/explore_lora.py --pieces          # each kernel of the op's forward and backward, r = 16, 128
+    python scripts/explore_lora.py --wide-ptr        # r = 64, 128: the epilogue's xa and B by TMA or plain loads
 """
 import sys
 
@@ -198,6 +200,74 @@ def wide_ranks():
         print(" ".join(line), flush=True)
 
 
+def pieces():
+    """Each piece of the op's default forward and backward at M = 8192, 4096^2, timed alone (CUDA-graph replays),
+    against F.linear's forward and cuBLAS's dy @ W and against the time to read one 64 MB operand (a copy's
+    bandwidth): where the fwd+bwd's excess over the frozen layer goes, rank by rank."""
+    dt = torch.bfloat16
+    M, K, N = 8192, 4096, 4096
+    src = torch.empty(2**28, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e6  # GB/s, read + write
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
+    print(f"copy {bw:.0f} GB/s: reading 64 MB takes {M * K * 2 / bw / 1e3:.1f} us; F.linear fwd "
+          f"{t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
+    for r in (16, 128):
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        xa = x @ A.t()
+        dyb = dy @ B
+        parts = {
+            "xa = x A^T (cuBLAS)": lambda: torch.mm(x, A.t()),
+            "forward (xa + persistent)": lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False),
+            "dyb = dy B (cuBLAS)": lambda: torch.mm(dy, B),
+            "dx (dyb + persistent)": lambda: kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, xa_dtype=dt),
+            "dA = s dyb^T x (cuBLAS)": lambda: kl.scaled_mm(dyb.t(), x, 2.0, dt),
+            "dB = s dy^T xa (cuBLAS)": lambda: kl.scaled_mm(dy.t(), xa, 2.0, dt),
+            "dA by adapter_grad (Triton)": lambda: kl.adapter_grad(x, dyb),
+            "dB by adapter_grad (Triton)": lambda: kl.adapter_grad(dy, xa),
+            "backward (all)": lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)),
+        }
+        if r <= 64:
+            cfg = {**kl._persistent_config(M), "XA_GIVEN": False}
+            parts["forward, xa inside the kernel"] = lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg,
+                                                                                  xa_dtype=dt)
+        for name, fn in parts.items():
+            t = ms(fn)
+            print(f"  r={r:3d} {name:32s} {t * 1e3:7.1f} us", flush=True)
+
+
+def wide_ptr():
+    """r = 64 and 128 at M = 8192, 4096^2: the persistent forward and dx with the epilogue's xa and B as TMA tiles
+    (r = 128: a loop over two slices of 64) or by plain loads in unrolled slices of 32 (EPI_PTR), each against
+    F.linear's forward (x W^T) and dy W; then the op's forward and backward with the default (EPI_PTR above 64)."""
+    dt = torch.bfloat16
+    M, K, N = 8192, 4096, 4096
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
+    print(f"M={M} K={K} N={N}: F.linear fwd {t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
+    for r in (64, 128):
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        xa = x @ A.t()
+        line = [f"r={r}:"]
+        for ptr in (False, True):
+            cfg = {**kl._persistent_config(M), "EPI_PTR": ptr}
+            tf = ms(lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt))
+            tb = ms(lambda: kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa_dtype=dt))
+            line.append(f"{'plain loads' if ptr else 'TMA tiles'}: forward {tf / t_fwd:.3f}x, dx {tb / t_dx:.3f}x;")
+        tf = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
+        tb = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+        line.append(f"op default: forward {tf * 1e3:.1f} us ({tf / t_fwd:.3f}x), backward {tb * 1e3:.1f} us "
+                    f"({tb / t_dx:.3f}x), fwd+bwd {(tf + tb) / (t_fwd + t_dx):.3f}x")
+        print(" ".join(line), flush=True)
+
+
 if __name__ == "__main__":
     if "--dx-tiles" in sys.argv[1:]:
         dx_tiles()
@@ -209,5 +279,9 @@ if __name__ == "__main__":
         wide_ranks()
     elif "--ia3-input-dx" in sys.argv[1:]:
         ia3_input_dx()
+    elif "--pieces" in sys.argv[1:]:
+        pieces()
+    elif "--wide-ptr" in sys.argv[1:]:
+        wide_ptr()
     else:
         main()
