@@ -4,14 +4,17 @@ Device time is scarce, and a config that does not fit an SM fails only on the de
 target it is told, with the ptxas and cuobjdump it ships, so this runs on any machine with Triton installed
 (no GPU, no CUDA toolkit). An H100 or H200 SM gives one block at most 227 KB (232448 bytes) of shared memory.
 Found with it on 2026-12-03 (Triton 3.9): LoRA's persistent kernel with the rank in two unrolled slices asked
-for 377 KB, so it loops over them instead (NOTES-lora.md, seventh session). The device runs an older Triton
-(3.6), whose numbers may differ.
+for 377 KB, so it loops over them instead (NOTES-lora.md, seventh session). The device runs Triton 3.6, whose
+wheel installs here beside torch for the device's own numbers:
+    python3 -m venv --system-site-packages /tmp/v36 && /tmp/v36/bin/pip install --no-deps triton==3.6.0
+    /tmp/v36/bin/python scripts/compile_report.py
 
     python scripts/compile_report.py     # exit status 1 if a config does not fit or spills
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -32,9 +35,17 @@ def _desc(dtype: str, *block: int) -> str:
 
 
 def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """fn compiled for sm_90a: {'shared': bytes, 'registers': per thread, 'local': spill bytes per thread}."""
+    """fn compiled for sm_90a: {'shared': bytes, 'registers': per thread, 'local': spill bytes per thread}.
+
+    Specialised as a launch at the benchmark's shapes specialises it: every pointer 16-byte aligned and every
+    integer but NUM_SMS (132 on an H100 / H200) a multiple of 16. Without these hints the loads cannot be
+    vectorised, and the pipeliner leaves plain loads out of its stages. On 2026-12-03 a LoRA epilogue of plain loads
+    compiled here into 200 KB without them, and on the GPU into 296 KB: more than an SM has."""
     signature = {**args, **{name: "constexpr" for name in constexprs}}
-    ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    names = list(inspect.signature(fn.fn).parameters)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name, kind in args.items()
+             if (kind.startswith("*") or kind == "i32") and name != "NUM_SMS"}
+    ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
@@ -50,22 +61,17 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
 
 def lora_forward(cfg: dict, r: int) -> tuple:
     """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
-    weight read N-major as the backward's dx reads it, B given as B^T; above one slice of ranks the epilogue's plain
-    loads, EPI_PTR, unless PERSISTENT_WIDE_PTR is off)."""
+    weight read N-major as the backward's dx reads it, B given as B^T)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    epi_ptr = kl.PERSISTENT_WIDE_PTR and r > kl._PERSISTENT_RANK_SLICE
-    block_r = min(kl._block_r(r), kl._PTR_RANK_SLICE if epi_ptr else kl._PERSISTENT_RANK_SLICE)
+    block_r = min(kl._block_r(r), kl._PERSISTENT_RANK_SLICE)
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
-            "xa_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-            "stride_xam": "i32", "stride_bn": "i32", "stride_br": "i32", "scaling": "fp32", "NUM_SMS": "i32"}
-    if not epi_ptr:
-        args.update(b_desc=_desc("bf16", block_r, bn), xa_desc=_desc("bf16", bm, block_r))
+            "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("bf16", bm, block_r), "xa_ptr": "*bf16",
+            "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xam": "i32",
+            "scaling": "fp32", "NUM_SMS": "i32"}
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
-                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), EPI_PTR=epi_ptr)
-    if epi_ptr:
-        const.update(b_desc=None, xa_desc=None)
+                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r))
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 

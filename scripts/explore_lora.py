@@ -8,7 +8,6 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --wide-ranks      # r = 64, 128: persistent forward and dx, or cuBLAS
     python scripts/explore_lora.py --ia3-input-dx    # IA3's input-form backward: persistent GEMM or not
     python scripts/explore_lora.py --pieces          # each kernel of the op's forward and backward, r = 16, 128
-    python scripts/explore_lora.py --wide-ptr        # r = 64, 128: the epilogue's xa and B by TMA or plain loads
 """
 import sys
 
@@ -240,34 +239,6 @@ def pieces():
             print(f"  r={r:3d} {name:32s} {t * 1e3:7.1f} us", flush=True)
 
 
-def wide_ptr():
-    """r = 64 and 128 at M = 8192, 4096^2: the persistent forward and dx with the epilogue's xa and B as TMA tiles
-    (r = 128: a loop over two slices of 64) or by plain loads in unrolled slices of 32 (EPI_PTR), each against
-    F.linear's forward (x W^T) and dy W; then the op's forward and backward with the default (EPI_PTR above 64)."""
-    dt = torch.bfloat16
-    M, K, N = 8192, 4096, 4096
-    x = torch.randn(M, K, device="cuda", dtype=dt)
-    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-    dy = torch.randn(M, N, device="cuda", dtype=dt)
-    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
-    print(f"M={M} K={K} N={N}: F.linear fwd {t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
-    for r in (64, 128):
-        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
-        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
-        xa = x @ A.t()
-        line = [f"r={r}:"]
-        for ptr in (False, True):
-            cfg = {**kl._persistent_config(M), "EPI_PTR": ptr}
-            tf = ms(lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt))
-            tb = ms(lambda: kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa_dtype=dt))
-            line.append(f"{'plain loads' if ptr else 'TMA tiles'}: forward {tf / t_fwd:.3f}x, dx {tb / t_dx:.3f}x;")
-        tf = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
-        tb = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
-        line.append(f"op default: forward {tf * 1e3:.1f} us ({tf / t_fwd:.3f}x), backward {tb * 1e3:.1f} us "
-                    f"({tb / t_dx:.3f}x), fwd+bwd {(tf + tb) / (t_fwd + t_dx):.3f}x")
-        print(" ".join(line), flush=True)
-
-
 if __name__ == "__main__":
     if "--dx-tiles" in sys.argv[1:]:
         dx_tiles()
@@ -281,7 +252,5 @@ if __name__ == "__main__":
         ia3_input_dx()
     elif "--pieces" in sys.argv[1:]:
         pieces()
-    elif "--wide-ptr" in sys.argv[1:]:
-        wide_ptr()
     else:
         main()

@@ -289,12 +289,11 @@ def _tile_counts(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
 
 @triton.jit
 def lora_forward_persistent_kernel(
-    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, b_ptr, bias_ptr,
-    M, N, K, R, stride_xam, stride_bn, stride_br, scaling, NUM_SMS,
+    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
+    M, N, K, R, stride_xam, scaling, NUM_SMS,
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
-    EPI_PTR: tl.constexpr = False,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
     (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
@@ -304,9 +303,7 @@ def lora_forward_persistent_kernel(
     separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
     (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T).
     R_CHUNKS (XA_GIVEN only): the rank is added in R_CHUNKS slices of BLOCK_R, so r = 128 takes the shared memory
-    and registers of r = 64. EPI_PTR (XA_GIVEN only): the epilogue reads xa and B (b_ptr, B[n, k] at
-    n stride_bn + k stride_br) by plain loads in R_CHUNKS unrolled slices instead of TMA tiles in a slice loop: the
-    pipeliner gives TMA tiles a buffer per stage, and the slice loop stops the tile loop's flattening."""
+    and registers of r = 64."""
     dtype = y_desc.dtype
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -331,26 +328,14 @@ def lora_forward_persistent_kernel(
                 xa = tl.dot(x, a_desc.load([0, off_k]).T, xa)
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
-        if EPI_PTR:
-            rows = out_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            rows = tl.where(rows < M, rows, 0)  # rows and columns past the edge read row 0: the store clips them
-            cols = tl.where(cols < N, cols, 0)
-            for c in tl.static_range(R_CHUNKS):
-                rk = c * BLOCK_R + tl.arange(0, BLOCK_R)
-                xa_c = tl.load(xa_ptr + rows[:, None] * stride_xam + rk[None, :], mask=rk[None, :] < R, other=0.0)
-                b_c = tl.load(b_ptr + cols[None, :] * stride_bn + rk[:, None] * stride_br, mask=rk[:, None] < R,
-                              other=0.0)
-                acc = tl.dot((xa_c * scaling).to(dtype), b_c, acc)
-        else:
-            for c in tl.range(R_CHUNKS, num_stages=1):
-                if XA_GIVEN:
-                    xa = xa_desc.load([out_m * BLOCK_M, c * BLOCK_R])
-                if B_RMAJOR:
-                    b_t = b_desc.load([c * BLOCK_R, out_n * BLOCK_N])
-                else:
-                    b_t = b_desc.load([out_n * BLOCK_N, c * BLOCK_R]).T
-                acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
+        for c in tl.range(R_CHUNKS, num_stages=1):
+            if XA_GIVEN:
+                xa = xa_desc.load([out_m * BLOCK_M, c * BLOCK_R])
+            if B_RMAJOR:
+                b_t = b_desc.load([c * BLOCK_R, out_n * BLOCK_N])
+            else:
+                b_t = b_desc.load([out_n * BLOCK_N, c * BLOCK_R]).T
+            acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
         if HAS_BIAS:
             cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -706,11 +691,6 @@ def persistent_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 # an SM has.
 PERSISTENT_MAX_RANK = 128
 _PERSISTENT_RANK_SLICE = 64
-# Ranks above one slice: the epilogue reads xa and B by plain loads in unrolled slices of 32 (EPI_PTR), which keeps the
-# tile loop flattened in 200 KB of shared memory and 255 registers without spills (compiled for sm_90 by Triton 3.9).
-# PEFTKERN_LORA_WIDE_PTR=0 keeps the TMA slice loop.
-PERSISTENT_WIDE_PTR = os.environ.get("PEFTKERN_LORA_WIDE_PTR", "1") != "0"
-_PTR_RANK_SLICE = 32
 
 
 def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
@@ -753,19 +733,16 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
     a = lora_A.to(x.dtype)
     xa_given = cfg.pop("XA_GIVEN", True)
-    epi_ptr = cfg.pop("EPI_PTR", PERSISTENT_WIDE_PTR and R > _PERSISTENT_RANK_SLICE)
-    block_r = min(_block_r(R), _PTR_RANK_SLICE if epi_ptr else _PERSISTENT_RANK_SLICE)
-    if epi_ptr and not xa_given:
-        raise ValueError("persistent_forward: EPI_PTR reads xa given by cuBLAS (XA_GIVEN)")
+    block_r = min(_block_r(R), _PERSISTENT_RANK_SLICE)
     if not xa_given and block_r < R:
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if not xa_given:
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     else:
         xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
-    b = b_ptr = lora_B.to(x.dtype)
+    b = lora_B.to(x.dtype)
     b_rmajor = _tma_layout(b) == "col"
-    b = b if b_rmajor or epi_ptr else b.contiguous()
+    b = b if b_rmajor else b.contiguous()
     w_kmajor = _tma_layout(w) == "row"
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
@@ -775,20 +752,17 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): A's
     # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
     # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
-    if epi_ptr:
-        xa_desc = b_desc = None
-    else:
-        xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
-        b_desc = TensorDescriptor.from_tensor(b.t(), [block_r, bn]) if b_rmajor else TensorDescriptor.from_tensor(
-            b, [bn, block_r])
+    xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
     a_desc = None if xa_given else TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk])
+    b_desc = TensorDescriptor.from_tensor(b.t(), [block_r, bn]) if b_rmajor else TensorDescriptor.from_tensor(
+        b, [bn, block_r])
     launch(
         lora_forward_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
-        a_desc, b_desc, xa_desc, xa, b_ptr, bias if bias is not None else y,
-        M, N, K, R, xa.stride(0), b_ptr.stride(0), b_ptr.stride(1), float(scaling), grid[0],
+        a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
+        M, N, K, R, xa.stride(0), float(scaling), grid[0],
         XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, B_RMAJOR=b_rmajor,
-        R_CHUNKS=triton.cdiv(R, block_r), EPI_PTR=epi_ptr, **cfg,
+        R_CHUNKS=triton.cdiv(R, block_r), **cfg,
     )
     return y, xa
 
