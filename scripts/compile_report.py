@@ -63,7 +63,7 @@ def lora_forward(cfg: dict, r: int) -> tuple:
     """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
     weight read N-major as the backward's dx reads it, B given as B^T)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    block_r = min(kl._block_r(r), kl._PERSISTENT_RANK_SLICE)
+    block_r = kl._persistent_block_r(r, cfg["FLATTEN"])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
             "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("bf16", bm, block_r), "xa_ptr": "*bf16",
@@ -106,7 +106,7 @@ def cases() -> dict:
         out = {}
         for M in (512, 8192):
             for r in (16, 64, 128):
-                out[f"lora persistent forward/dx, M={M}, r={r}"] = lora_forward(kl._persistent_config(M), r)
+                out[f"lora persistent forward/dx, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

@@ -174,9 +174,10 @@ def persistent_dx():
 
 
 def wide_ranks():
-    """r = 64 and 128 at M = 8192, 4096^2: the forward by the persistent kernel (its epilogue adds the rank in
-    slices of 64) against cuBLAS's beta mode, and the backward with dx by the persistent kernel or by cuBLAS's dx
-    and an addmm_, each against F.linear's forward (x W^T) and backward (dy W)."""
+    """r = 64 and 128 at M = 8192, 4096^2: the persistent kernel (xa by cuBLAS included) flattened with the rank in
+    a loop of 64-wide slices, or unflattened with the whole rank at once; the op's forward by the persistent kernel
+    (its default config) against cuBLAS's beta mode, and the backward with dx by the persistent kernel or by cuBLAS's
+    dx and an addmm_, each against F.linear's forward (x W^T) and backward (dy W)."""
     dt, default = torch.bfloat16, kl.PERSISTENT_DX
     M, K, N = 8192, 4096, 4096
     x = torch.randn(M, K, device="cuda", dtype=dt)
@@ -186,8 +187,13 @@ def wide_ranks():
     for r in (64, 128):
         A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
         B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
-        xa = (x @ A.t()).float()
+        xa = x @ A.t()  # in x's dtype, as the op saves it
         line = [f"M={M} K={K} N={N} r={r}: F.linear fwd {t_fwd:.4f} ms, dx {t_dx:.4f} ms;"]
+        for flat in (True, False):  # the walk flattened, ranks in a loop of 64-wide slices; or not, the whole rank
+            cfg = {**kl._persistent_config(M, r), "FLATTEN": flat}
+            tf = ms(lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt))
+            tb = ms(lambda: kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa_dtype=dt))
+            line.append(f"{'flattened, slices' if flat else 'whole rank'}: fwd {tf / t_fwd:.3f}x dx {tb / t_dx:.3f}x;")
         for mode in ("persistent", "cublas-beta"):
             t = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False, mode=mode))
             line.append(f"forward {mode} {t / t_fwd:.3f}x;")

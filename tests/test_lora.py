@@ -308,17 +308,20 @@ def test_reference_backward_formulas_match_autograd():
                     reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("w_layout", ["k-major", "n-major"])
 @pytest.mark.parametrize("rank", [8, 16, 24, 72, 128])
-@pytest.mark.parametrize("xa_given", [True, False], ids=["xa-cublas", "xa-inside"])
-def test_persistent_forward_matches_reference(w_layout, rank, xa_given, poison_empty):
+@pytest.mark.parametrize("epilogue", ["whole-rank", "slices", "xa-inside"])
+def test_persistent_forward_matches_reference(w_layout, rank, epilogue, poison_empty):
     """The persistent forward kernel (low-rank epilogue inside the GEMM, x A^T from cuBLAS or inside): y and xa, with
     and without bias, on shapes that fill no tile, with more tiles than programs, and through lora_forward's
-    mode="persistent" (which falls back where the kernel does not apply: dropout). Ranks above 64 are added in
-    slices of 64 (72: a full slice and a partial one); xa made inside the kernel refuses them."""
+    mode="persistent" (which falls back where the kernel does not apply: dropout). Unflattened, the epilogue adds
+    the whole rank at once (the default above 64); flattened, ranks above 64 are added in a loop over slices of 64
+    (72: a full slice and a partial one); xa made inside the kernel refuses them."""
     from peftkern.kernels.triton import lora as kl
 
-    cfg = kl._persistent_config(4096) if HAS_CUDA and not INTERPRET else dict(
+    cfg = kl._persistent_config(4096, rank) if HAS_CUDA and not INTERPRET else dict(
         BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4, num_stages=1)
+    xa_given = epilogue != "xa-inside"
     cfg["XA_GIVEN"] = xa_given
+    cfg["FLATTEN"] = epilogue == "slices" or (epilogue == "xa-inside" and cfg["FLATTEN"])
     if not xa_given and rank > 64:
         x, w, A, B = (torch.ones(s, device=DEVICE, dtype=torch.bfloat16) for s in [(64, 64), (64, 64), (rank, 64),
                                                                                   (64, rank)])

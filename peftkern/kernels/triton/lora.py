@@ -689,6 +689,8 @@ def persistent_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 # (scripts/compile_report.py) it stops the tile loop's flattening, so the epilogue no longer overlaps the next tile's
 # loads (NOTES-lora.md, seventh session). Unrolled slices (tl.static_range) ask for 377 KB of shared memory: more than
 # an SM has.
+# Since 2026-12-03 (eighth session) the default config does not flatten the walk above 64 ranks and adds the whole rank
+# in one slice (_persistent_config); the slice loop serves flattened configs given explicitly.
 PERSISTENT_MAX_RANK = 128
 _PERSISTENT_RANK_SLICE = 64
 
@@ -700,7 +702,7 @@ def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
     return R % 8 == 0 and R <= PERSISTENT_MAX_RANK and persistent_gemm_ok(x, w) and _tma_layout(w) is not None
 
 
-def _persistent_config(M: int) -> dict:
+def _persistent_config(M: int, R: int = 16) -> dict:
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, FLATTEN=False, SUBTILE=True, XA_GIVEN=True,
                     num_warps=4, num_stages=1)
@@ -708,11 +710,24 @@ def _persistent_config(M: int) -> dict:
     # h100.log): 128x256x64, 3 stages, 8 warps, flattened, half-tile stores from M = 1024 (1.10x F.linear at
     # M = 8192 and 2048, 1.14x at 1024); below that 128x128x64 with 4 stages fills more SMs (1.40x vs 1.79x at
     # M = 512, where cuBLAS's add mode is 1.51x).
+    # Above one slice of ranks the walk is not flattened, and the epilogue adds the whole rank at once: the flattened
+    # walk's pipeliner would give the epilogue's xa and B tiles a buffer per stage (r = 128: 288 KB with 64-wide
+    # slices unrolled), and a loop over slices stops the flattening anyway. Unflattened, those tiles reuse the main
+    # loop's buffers: 176 KB, compiled for sm_90 by Triton 3.6 and 3.9 (scripts/compile_report.py).
+    flatten = R <= _PERSISTENT_RANK_SLICE
     if M < 1024:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=False, XA_GIVEN=True,
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=flatten, SUBTILE=False, XA_GIVEN=True,
                     num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=True, SUBTILE=True, XA_GIVEN=True,
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=flatten, SUBTILE=True, XA_GIVEN=True,
                 num_warps=8, num_stages=3)
+
+
+def _persistent_block_r(R: int, flatten: bool, xa_given: bool = True) -> int:
+    """The epilogue's slice of ranks: the whole rank where the walk is not flattened (its tiles then reuse the main
+    loop's buffers), else at most _PERSISTENT_RANK_SLICE, added in a loop of R_CHUNKS slices."""
+    if xa_given and not flatten:
+        return _block_r(R)
+    return min(_block_r(R), _PERSISTENT_RANK_SLICE)
 
 
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -726,14 +741,14 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
-    cfg = dict(config or _persistent_config(M))
+    cfg = dict(config or _persistent_config(M, R))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # A and B as they come where they can: the backward's dx passes B^T and A^T, views whose copies would cost a
     # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
     a = lora_A.to(x.dtype)
     xa_given = cfg.pop("XA_GIVEN", True)
-    block_r = min(_block_r(R), _PERSISTENT_RANK_SLICE)
+    block_r = _persistent_block_r(R, cfg["FLATTEN"], xa_given)
     if not xa_given and block_r < R:
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if not xa_given:
