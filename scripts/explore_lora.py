@@ -22,13 +22,17 @@ def ms(fn):
     return tt.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
+def copy_bandwidth() -> float:
+    """GB/s (read + write) of a 256 MB device-to-device copy: bytes / ms / 1e6."""
+    src = torch.empty(2**28, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e6
+
+
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
-    src = torch.empty(2**28, device="cuda", dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    t_copy = ms(lambda: dst.copy_(src))
-    bw = 2 * src.numel() / t_copy / 1e6  # GB/s (read + write): bytes / ms / 1e6
+    bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read+write)")
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (2048, 4096, 4096, 16)]:
         x = torch.randn(M, K, device="cuda", dtype=dt)
@@ -211,9 +215,7 @@ def pieces():
     bandwidth): where the fwd+bwd's excess over the frozen layer goes, rank by rank."""
     dt = torch.bfloat16
     M, K, N = 8192, 4096, 4096
-    src = torch.empty(2**28, device="cuda", dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e6  # GB/s, read + write
+    bw = copy_bandwidth()
     x = torch.randn(M, K, device="cuda", dtype=dt)
     W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
     dy = torch.randn(M, N, device="cuda", dtype=dt)

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference import lora_xa_dtype  # noqa: F401  (the extension saves xa in float32, as the reference does)
+
 _import_error: Optional[str] = None
 
 
@@ -40,12 +42,6 @@ def _ext():
 
 
 # -------------------------------------------------------------------------------------------------- LoRA
-def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
-    """The dtype of the xa that lora_forward returns: float32 (the extension's kernels read it so), float64 for
-    float64."""
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
-
-
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed):
     """(y, xa): y = x W^T + b + s xa B^T (M, N) in x's dtype, xa = drop(x) A^T (M, r) float32, saved for backward.
 
