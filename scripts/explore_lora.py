@@ -8,6 +8,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --wide-ranks      # r = 64, 128: persistent forward and dx, or cuBLAS
     python scripts/explore_lora.py --ia3-input-dx    # IA3's input-form backward: persistent GEMM or not
     python scripts/explore_lora.py --pieces          # each kernel of the op's forward and backward, r = 16, 128
+    python scripts/explore_lora.py --tail            # the backward with dA, dB beside the dx kernel's last round or after
 """
 import sys
 
@@ -247,7 +248,64 @@ def pieces():
             print(f"  r={r:3d} {name:32s} {t * 1e3:7.1f} us", flush=True)
 
 
+def tail():
+    """The backward with dA, dB and the bias gradient on a side stream behind the persistent dx kernel (TAIL_OVERLAP) or
+    after it on the main stream, against cuBLAS's dy @ W alone; also the whole op's fwd+bwd through autograd against
+    F.linear's, each as CUDA-graph replays."""
+    import peftkern
+    dt = torch.bfloat16
+    default = kl.TAIL_OVERLAP
+    for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 128), (8192, 4096, 11008, 16),
+                       (8192, 11008, 4096, 16), (2048, 4096, 4096, 16), (8192, 4096, 4096, 64)]:
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        xa = x @ A.t()
+        t_dx = ms(lambda: dy @ W)
+        xg = x.clone().requires_grad_(True)
+        Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        wg = W.clone().requires_grad_(False)
+
+        def base():
+            F.linear(xg, wg).backward(dy)
+
+        def op():
+            peftkern.lora_linear(xg, wg, Ag, Bg, 2.0).backward(dy)
+
+        t_base = ms(base)
+        line = [f"M={M} {K}->{N} r={r}: dy@W {t_dx * 1e3:.1f} us, F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
+        for on in (False, True, False, True):
+            kl.TAIL_OVERLAP = on
+            t = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+            t_op = ms(op)
+            line.append(f"{'tail' if on else 'serial'} bwd {t * 1e3:.1f} us ({t / t_dx:.3f}x) op {t_op / t_base:.4f}x")
+        kl.TAIL_OVERLAP = default
+        print(" ".join(line), flush=True)
+    from peftkern.kernels.triton import ia3 as kia3
+    for M, K, N in [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096)]:
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=dt).requires_grad_(True)
+        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+        lvec = (1 + 0.1 * torch.randn(N, device="cuda", dtype=dt)).requires_grad_(True)
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        t_base = ms(lambda: F.linear(x, W).backward(dy))
+        line = [f"IA3 output form M={M} {K}->{N}: F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
+        for mode, on in (("split", True), ("scaled-w", False), ("scaled-w", True), ("split", True),
+                         ("scaled-w", True)):
+            kia3.DEFAULT_BACKWARD_MODE["output"], kia3.TAIL_OVERLAP = mode, on
+            t = ms(lambda: peftkern.ia3_linear(x, W, lvec, None, False).backward(dy))
+            line.append(f"{mode}{'+tail' if on and mode == 'scaled-w' else ''} {t / t_base:.4f}x")
+        kia3.DEFAULT_BACKWARD_MODE["output"], kia3.TAIL_OVERLAP = "split", True
+        print(" ".join(line), flush=True)
+
+
 if __name__ == "__main__":
+    if "--tail" in sys.argv[1:]:
+        tail()
+        sys.exit()
     if "--dx-tiles" in sys.argv[1:]:
         dx_tiles()
     elif "--persistent-dx" in sys.argv[1:]:

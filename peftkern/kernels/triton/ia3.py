@@ -44,6 +44,7 @@ from .lora import (
     _dot_precision,
     _grouped_pid,
     _matmul_config,
+    _Overlap,
     _sm_count,
     _store_tile,
     _tile_coords,
@@ -171,15 +172,17 @@ def ia3_scale_kernel(
 def ia3_scale_reduce_kernel(
     a_ptr, b_ptr, scale_ptr, out_ptr, part_ptr, M, C, rows_per_split,
     stride_am, stride_ac, stride_bm, stride_bc, stride_om, stride_oc,
-    WRITE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLSUM: tl.constexpr = False,
 ):
     """out = a * l[c] (if WRITE_OUT) and part[split, c] = sum over this split's rows of a * b: one read of a
-    and b. Output-form backward: a = dy, b = z; input-form backward: a = dy W, b = x."""
+    and b. Output-form backward: a = dy, b = z; input-form backward: a = dy W, b = x. COLSUM: part[splits + split, c]
+    = sum over the split's rows of a as well (the output form's bias gradient, l times dy's column sums)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     pid_s = tl.program_id(1)
     c_mask = offs_c < C
     s = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m_start = pid_s * rows_per_split
     m_end = min(m_start + rows_per_split, M)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -189,10 +192,14 @@ def ia3_scale_reduce_kernel(
         b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_c[None, :] * stride_bc, mask=mask, other=0.0)
         a = a.to(tl.float32)
         acc += tl.sum(a * b.to(tl.float32), axis=0)
+        if COLSUM:
+            colsum += tl.sum(a, axis=0)
         if WRITE_OUT:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc,
                      (a * s[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid_s * C + offs_c, acc, mask=c_mask)
+    if COLSUM:
+        tl.store(part_ptr + (tl.num_programs(1) + pid_s) * C + offs_c, colsum, mask=c_mask)
 
 
 @triton.jit
@@ -418,8 +425,9 @@ def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
 
 
 def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out: bool = True,
-                 out_dtype: Optional[torch.dtype] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(a * vec if write_out, sum_m a * b as float32 (C,)) with one read of a and b, both (M, C)."""
+                 out_dtype: Optional[torch.dtype] = None, colsum: bool = False):
+    """(a * vec if write_out, sum_m a * b as float32 (C,)) with one read of a and b, both (M, C); with colsum, a third
+    item: sum_m a as float32 (C,)."""
     M, C = a.shape
     out = torch.empty((M, C), device=a.device, dtype=out_dtype or a.dtype) if write_out else a
     block_m, block_c = (16, 32) if triton_interpret() else (32, 256)
@@ -427,11 +435,14 @@ def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out:
     splits = max(1, min(triton.cdiv(4 * _sm_count(a.device), n_c), triton.cdiv(M, block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((splits, C), device=a.device, dtype=torch.float32)
+    part = torch.empty((2 * splits if colsum else splits, C), device=a.device, dtype=torch.float32)
     launch(ia3_scale_reduce_kernel, (n_c, splits),
         a, b, vec, out, part, M, C, rows_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_C=block_c, COLSUM=colsum, num_warps=4)
+    if colsum:
+        sums = part.view(2, splits, C).sum(1)
+        return (out if write_out else None), sums[0], sums[1]
     return (out if write_out else None), part.sum(0)
 
 
@@ -475,8 +486,11 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed, mode
 # Measured on an H100 (bf16, M=8192, 4096x4096, benchmarks/results/ia3-*-20261123-002822.json, NOTES-ia3.md):
 # output form fused 1.32x vs split 1.16x of the frozen layer; input form fused 1.14x (129 MB peak) vs split
 # 1.13x (193 MB): the default per form is the faster one, the input form's fused kernel for its memory.
-BACKWARD_MODES = ("fused", "split")
+BACKWARD_MODES = ("fused", "split", "scaled-w")
 DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
+# Output form, mode "scaled-w": dx = dy (diag(l) W), a transient W' with l folded into its rows (an N x K pass) and one
+# cuBLAS GEMM; dl = sum_m dy * z and the bias gradient (l times dy's column sums) by one scale_reduce pass that writes no
+# activation, on a side stream queued behind the GEMM, whose last wave leaves SMs idle (lora.py's TAIL_OVERLAP).
 # The input form's fused backward by the persistent TMA GEMM (ia3_dx_input_persistent_kernel: x's tile comes by TMA in
 # an epilogue that overlaps the next tile's loads) from PERSISTENT_DX_MIN_M rows, 16-bit, TMA-able strides. Measured on
 # an H200 (explore_lora.py --ia3-input-dx, logs/explore-ia3-input-dx-20261203-h200.log), the op's backward against
@@ -485,6 +499,7 @@ DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
 # PEFTKERN_IA3_PERSISTENT_DX=0 turns it off (the pointer-based ia3_dx_input_form_kernel then runs).
 PERSISTENT_DX = os.environ.get("PEFTKERN_IA3_PERSISTENT_DX", "1") != "0"
 PERSISTENT_DX_MIN_M = 2048
+TAIL_OVERLAP = os.environ.get("PEFTKERN_IA3_TAIL_OVERLAP", "1") != "0"  # "scaled-w" only
 
 
 def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
@@ -505,6 +520,14 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
         if need_w:
             dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
+    elif mode == "scaled-w" and need_x and not need_w:
+        w_scaled = scale(w, scale_vec, cols=False)  # (N, K): row n times l[n], rounded once
+        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP) as ov:
+            dx = grad_y @ w_scaled
+            with ov.side():
+                _, dl, colsum = scale_reduce(grad_y, z, scale_vec, write_out=False, colsum=True)
+                ov.keep(dl, colsum)
+        dbias = colsum * scale_vec.float() if need_bias else None
     elif fused and need_x and not need_w:
         dx, dl, colsum = dx_output_form(grad_y, w.t(), scale_vec, z, colsum=need_bias)
         dbias = colsum * scale_vec.float() if need_bias else None

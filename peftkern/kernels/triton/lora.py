@@ -732,12 +732,14 @@ def _persistent_block_r(R: int, flatten: bool, xa_given: bool = True) -> int:
 
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                        scaling: float, bias: Optional[torch.Tensor] = None,
-                       config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32,
+                       xa: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T) by lora_forward_persistent_kernel; w an (N, K) view, K-major
     (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok. xa comes in xa_dtype: the op's
     forward saves it in lora_xa_dtype (x's), and the backward's dx makes its dyb in x's dtype, which dA's cuBLAS
-    call takes as it is. Either way the kernel adds s xa B^T from xa rounded to x's dtype."""
+    call takes as it is. Either way the kernel adds s xa B^T from xa rounded to x's dtype. A given xa (M, r), x A^T
+    made beforehand in x's dtype and row-major, is used as it is (the backward makes dyb first, so that dA's product
+    can be queued beside the dx kernel)."""
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
@@ -751,9 +753,11 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     block_r = _persistent_block_r(R, cfg["FLATTEN"], xa_given)
     if not xa_given and block_r < R:
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
+    if xa is not None and not xa_given:
+        raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
     if not xa_given:
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
-    else:
+    elif xa is None:
         xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
     b = lora_B.to(x.dtype)
     b_rmajor = _tma_layout(b) == "col"
@@ -936,6 +940,11 @@ PERSISTENT_MIN_M = 512
 # timed. PEFTKERN_LORA_PERSISTENT_DX=0 turns it off.
 PERSISTENT_DX_MIN_M = 2048
 PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "1") != "0"
+# With the persistent dx, dA = s dyb^T x, dB = s dy^T xa and the bias gradient go on a side stream queued behind the dx
+# kernel: its one program per SM leaves SMs idle in its last round of tiles (1024 tiles on 132 SMs at M = 8192,
+# 4096^2: 32 idle for an eighth of the kernel), and the reductions, memory-bound, fill them.
+# PEFTKERN_LORA_TAIL_OVERLAP=0 runs them after dx on the main stream.
+TAIL_OVERLAP = os.environ.get("PEFTKERN_LORA_TAIL_OVERLAP", "1") != "0"
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1039,8 +1048,24 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     dx = da = db = dbias = dw = dyb = None
     w_kn = _w_nk(weight, weight_transposed).t()
     dt = grad_y.dtype
-    if (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
-            and persistent_forward_ok(grad_y, w_kn, lora_B.t())):
+    persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
+                     and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
+    if persistent_dx and TAIL_OVERLAP and _cublas_skinny(dropout_p, grad_y.device):
+        # dyb first; then the dx kernel, and behind it on a side stream the skinny reductions, which take the SMs
+        # that the persistent kernel's last round of tiles leaves idle.
+        dyb = grad_y @ lora_B.to(dt)
+        with _Overlap(grad_y.device) as ov:
+            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
+            with ov.side():
+                da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype) if need_a else None
+                db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
+                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+                ov.keep(da, db, dbias)  # what the side stream reads comes from main, which waits for it at exit
+        if need_w:
+            dw = (grad_y.t() @ x).float()
+            dw = dw.t() if weight_transposed else dw
+        return dx, da, db, dbias, dw
+    if persistent_dx:
         dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt)  # dyb: (M, r)
         need_x = False
     if _cublas_skinny(dropout_p, grad_y.device):
