@@ -285,21 +285,22 @@ def tail():
         kl.TAIL_OVERLAP = default
         print(" ".join(line), flush=True)
     from peftkern.kernels.triton import ia3 as kia3
+    modes = dict(kia3.DEFAULT_BACKWARD_MODE)
     for M, K, N in [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096)]:
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dt).requires_grad_(True)
         W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-        lvec = (1 + 0.1 * torch.randn(N, device="cuda", dtype=dt)).requires_grad_(True)
         dy = torch.randn(M, N, device="cuda", dtype=dt)
         t_base = ms(lambda: F.linear(x, W).backward(dy))
-        line = [f"IA3 output form M={M} {K}->{N}: F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
-        for mode, on in (("split", True), ("scaled-w", False), ("scaled-w", True), ("split", True),
-                         ("scaled-w", True)):
-            kia3.DEFAULT_BACKWARD_MODE["output"], kia3.TAIL_OVERLAP = mode, on
-            t = ms(lambda: peftkern.ia3_linear(x, W, lvec, None, False).backward(dy))
-            line.append(f"{mode}{'+tail' if on and mode == 'scaled-w' else ''} {t / t_base:.4f}x")
-        kia3.DEFAULT_BACKWARD_MODE["output"], kia3.TAIL_OVERLAP = "split", True
-        print(" ".join(line), flush=True)
+        for form, scale_input in (("output", False), ("input", True)):
+            lvec = (1 + 0.1 * torch.randn(K if scale_input else N, device="cuda", dtype=dt)).requires_grad_(True)
+            line = [f"IA3 {form} form M={M} {K}->{N}: F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
+            for mode, on in ((modes[form], True), ("tail", False), ("tail", True), (modes[form], True), ("tail", True)):
+                kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = mode, on
+                t = ms(lambda: peftkern.ia3_linear(x, W, lvec, None, scale_input).backward(dy))
+                line.append(f"{mode}{'' if on or mode != 'tail' else '(serial)'} {t / t_base:.4f}x")
+            kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = modes[form], True
+            print(" ".join(line), flush=True)
 
 
 if __name__ == "__main__":

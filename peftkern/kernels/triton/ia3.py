@@ -222,16 +222,19 @@ def ia3_output_persistent_kernel(
     x_desc, w_desc, y_desc, z_desc, l_ptr, bias_ptr, M, N, K, NUM_SMS,
     HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W_KMAJOR: tl.constexpr = True,
 ):
     """The output form's forward: z = x W^T + b and y = z * l, both stored by TMA from one persistent GEMM's
-    epilogue (float32 math, each rounded once to the base dtype), W K-major, one program per SM walking the
-    output tiles in lora.py's grouped order. SUBTILE stores each tile as two halves (less shared memory)."""
+    epilogue (float32 math, each rounded once to the base dtype), one program per SM walking the output tiles in
+    lora.py's grouped order. SUBTILE stores each tile as two halves (less shared memory). w_desc: W (N, K)
+    row-major (W_KMAJOR) or W^T (K, N) row-major. The input form's backward runs it with dy for x and the layer's
+    W^T for W: z = g = dy W and y = dx = g * l."""
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     out_tile = start - NUM_SMS
     for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        acc = _persistent_mainloop(x_desc, w_desc, pid_m, pid_n, k_tiles, True, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _persistent_mainloop(x_desc, w_desc, pid_m, pid_n, k_tiles, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K)
         # the epilogue's tile, counted apart from the loop's: flattening pipelines it into the next tile's loop
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
@@ -373,10 +376,12 @@ def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Te
     return dx, part.sum(0), (sums.sum(0) if colsum else None)
 
 
-def persistent_output_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+def persistent_output_ok(x: torch.Tensor, w: torch.Tensor, any_layout: bool = False) -> bool:
     """Whether `persistent_output_form` takes these operands: lora.persistent_gemm_ok, and w (N, K) K-major
-    (nn.Linear's layout) in x's dtype."""
-    return w.dtype == x.dtype and persistent_gemm_ok(x, w) and _tma_layout(w) == "row"
+    (nn.Linear's layout) in x's dtype, or with any_layout also N-major (the forward was measured K-major only)."""
+    layout = _tma_layout(w)
+    return (w.dtype == x.dtype and persistent_gemm_ok(x, w)
+            and (layout == "row" or (any_layout and layout is not None)))
 
 
 def _persistent_config(M: int) -> dict:
@@ -403,11 +408,13 @@ def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Te
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    w_kmajor = _tma_layout(w) == "row"
+    w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     launch(ia3_output_persistent_kernel, grid,
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+        TensorDescriptor.from_tensor(x, [bm, bk]), w_desc,
         TensorDescriptor.from_tensor(y, [bm, store_n]), TensorDescriptor.from_tensor(z, [bm, store_n]),
         scale_vec.contiguous(), bias.contiguous() if bias is not None else y, M, N, K, grid[0],
-        HAS_BIAS=bias is not None, **cfg,
+        HAS_BIAS=bias is not None, W_KMAJOR=w_kmajor, **cfg,
     )
     return y, z
 
@@ -486,11 +493,15 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed, mode
 # Measured on an H100 (bf16, M=8192, 4096x4096, benchmarks/results/ia3-*-20261123-002822.json, NOTES-ia3.md):
 # output form fused 1.32x vs split 1.16x of the frozen layer; input form fused 1.14x (129 MB peak) vs split
 # 1.13x (193 MB): the default per form is the faster one, the input form's fused kernel for its memory.
-BACKWARD_MODES = ("fused", "split", "scaled-w")
+BACKWARD_MODES = ("fused", "split", "tail")
 DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
-# Output form, mode "scaled-w": dx = dy (diag(l) W), a transient W' with l folded into its rows (an N x K pass) and one
-# cuBLAS GEMM; dl = sum_m dy * z and the bias gradient (l times dy's column sums) by one scale_reduce pass that writes no
-# activation, on a side stream queued behind the GEMM, whose last wave leaves SMs idle (lora.py's TAIL_OVERLAP).
+# Mode "tail": the reductions go on a side stream queued behind the dx GEMM, whose last round of tiles leaves SMs idle
+# (lora.py's TAIL_OVERLAP), and read an activation the GEMM does not need to wait for.
+# - output form: dx = dy (diag(l) W), a transient W' with l folded into its rows (an N x K pass) and one cuBLAS GEMM;
+#   dl = sum_m dy * z and the bias gradient (l times dy's column sums) by one scale_reduce pass that writes nothing big.
+# - input form: the output form's persistent forward kernel with dy for x and W^T for W stores g = dy W and
+#   dx = g * l from its epilogue (no x tile to load there); dl = sum_m x * g by scale_reduce behind it. g is a
+#   transient M x K activation in dy's dtype (the fused mode keeps none).
 # The input form's fused backward by the persistent TMA GEMM (ia3_dx_input_persistent_kernel: x's tile comes by TMA in
 # an epilogue that overlaps the next tile's loads) from PERSISTENT_DX_MIN_M rows, 16-bit, TMA-able strides. Measured on
 # an H200 (explore_lora.py --ia3-input-dx, logs/explore-ia3-input-dx-20261203-h200.log), the op's backward against
@@ -499,7 +510,7 @@ DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
 # PEFTKERN_IA3_PERSISTENT_DX=0 turns it off (the pointer-based ia3_dx_input_form_kernel then runs).
 PERSISTENT_DX = os.environ.get("PEFTKERN_IA3_PERSISTENT_DX", "1") != "0"
 PERSISTENT_DX_MIN_M = 2048
-TAIL_OVERLAP = os.environ.get("PEFTKERN_IA3_TAIL_OVERLAP", "1") != "0"  # "scaled-w" only
+TAIL_OVERLAP = os.environ.get("PEFTKERN_IA3_TAIL_OVERLAP", "1") != "0"  # mode "tail": the side stream, or not
 
 
 def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
@@ -509,7 +520,18 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
     fused = (mode or DEFAULT_BACKWARD_MODE["input" if scale_input else "output"]) == "fused"
     w = _w_nk(weight, weight_transposed)
     dx = dl = dbias = dw = None
-    if scale_input:
+    tail = mode == "tail"
+    if scale_input and tail and (need_x or need_l) and persistent_output_ok(grad_y, w.t(), any_layout=True):
+        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP) as ov:
+            dx, g = persistent_output_form(grad_y, w.t(), scale_vec)
+            with ov.side():
+                _, dl = scale_reduce(g, x, scale_vec, write_out=False)
+                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+                ov.keep(dl, dbias)
+        dx = dx if need_x else None
+        if need_w:
+            dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
+    elif scale_input:
         if (fused and (need_x or need_l) and PERSISTENT_DX and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                 and persistent_dx_input_ok(grad_y, w.t(), x)):
             dx, dl = persistent_dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
@@ -520,7 +542,7 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
         if need_w:
             dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
-    elif mode == "scaled-w" and need_x and not need_w:
+    elif tail and need_x and not need_w:
         w_scaled = scale(w, scale_vec, cols=False)  # (N, K): row n times l[n], rounded once
         with _Overlap(grad_y.device, enabled=TAIL_OVERLAP) as ov:
             dx = grad_y @ w_scaled
