@@ -256,7 +256,7 @@ def tail():
     dt = torch.bfloat16
     default = kl.TAIL_OVERLAP
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 128), (8192, 4096, 11008, 16),
-                       (8192, 11008, 4096, 16), (2048, 4096, 4096, 16), (8192, 4096, 4096, 64)]:
+                       (2048, 4096, 4096, 16)]:
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dt)
         W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
@@ -267,39 +267,39 @@ def tail():
         t_dx = ms(lambda: dy @ W)
         xg = x.clone().requires_grad_(True)
         Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-        wg = W.clone().requires_grad_(False)
 
-        def base():
-            F.linear(xg, wg).backward(dy)
+        def base():  # as the benchmark times it: autograd.grad, no accumulation into .grad
+            torch.autograd.grad(F.linear(xg, W), (xg,), dy)
 
         def op():
-            peftkern.lora_linear(xg, wg, Ag, Bg, 2.0).backward(dy)
+            torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
 
         t_base = ms(base)
         line = [f"M={M} {K}->{N} r={r}: dy@W {t_dx * 1e3:.1f} us, F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
-        for on in (False, True, False, True):
+        for on in ("0", "side", "priority", "0", "side", "priority"):
             kl.TAIL_OVERLAP = on
             t = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
             t_op = ms(op)
-            line.append(f"{'tail' if on else 'serial'} bwd {t * 1e3:.1f} us ({t / t_dx:.3f}x) op {t_op / t_base:.4f}x")
+            line.append(f"{on} bwd {t * 1e3:.1f} us op {t_op / t_base:.4f}x")
         kl.TAIL_OVERLAP = default
         print(" ".join(line), flush=True)
     from peftkern.kernels.triton import ia3 as kia3
     modes = dict(kia3.DEFAULT_BACKWARD_MODE)
-    for M, K, N in [(8192, 4096, 4096), (8192, 4096, 11008), (2048, 4096, 4096)]:
+    for M, K, N in [(8192, 4096, 4096), (8192, 4096, 11008)]:
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dt).requires_grad_(True)
         W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
         dy = torch.randn(M, N, device="cuda", dtype=dt)
-        t_base = ms(lambda: F.linear(x, W).backward(dy))
+        t_base = ms(lambda: torch.autograd.grad(F.linear(x, W), (x,), dy))
         for form, scale_input in (("output", False), ("input", True)):
             lvec = (1 + 0.1 * torch.randn(K if scale_input else N, device="cuda", dtype=dt)).requires_grad_(True)
             line = [f"IA3 {form} form M={M} {K}->{N}: F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
-            for mode, on in ((modes[form], True), ("tail", False), ("tail", True), (modes[form], True), ("tail", True)):
+            for mode, on in ((modes[form], "priority"), ("tail", "0"), ("tail", "priority"), (modes[form], "priority"),
+                             ("tail", "priority")):
                 kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = mode, on
-                t = ms(lambda: peftkern.ia3_linear(x, W, lvec, None, scale_input).backward(dy))
-                line.append(f"{mode}{'' if on or mode != 'tail' else '(serial)'} {t / t_base:.4f}x")
-            kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = modes[form], True
+                t = ms(lambda: torch.autograd.grad(peftkern.ia3_linear(x, W, lvec, None, scale_input), (x, lvec), dy))
+                line.append(f"{mode}{'(serial)' if on == '0' else ''} {t / t_base:.4f}x")
+            kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = modes[form], "priority"
             print(" ".join(line), flush=True)
 
 

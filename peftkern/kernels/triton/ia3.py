@@ -510,7 +510,7 @@ DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
 # PEFTKERN_IA3_PERSISTENT_DX=0 turns it off (the pointer-based ia3_dx_input_form_kernel then runs).
 PERSISTENT_DX = os.environ.get("PEFTKERN_IA3_PERSISTENT_DX", "1") != "0"
 PERSISTENT_DX_MIN_M = 2048
-TAIL_OVERLAP = os.environ.get("PEFTKERN_IA3_TAIL_OVERLAP", "1") != "0"  # mode "tail": the side stream, or not
+TAIL_OVERLAP = os.environ.get("PEFTKERN_IA3_TAIL_OVERLAP", "priority")  # mode "tail": streams ("0": one stream)
 
 
 def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
@@ -522,12 +522,12 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
     dx = dl = dbias = dw = None
     tail = mode == "tail"
     if scale_input and tail and (need_x or need_l) and persistent_output_ok(grad_y, w.t(), any_layout=True):
-        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP) as ov:
-            dx, g = persistent_output_form(grad_y, w.t(), scale_vec)
-            with ov.side():
-                _, dl = scale_reduce(g, x, scale_vec, write_out=False)
-                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-                ov.keep(dl, dbias)
+        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP != "0", priority=-1) as ov:
+            with ov.side():  # the GEMM on a high-priority stream, the reduction behind it on the main one
+                dx, g = persistent_output_form(grad_y, w.t(), scale_vec)
+                ov.keep(dx, g)
+            _, dl = scale_reduce(g, x, scale_vec, write_out=False)
+            dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
         dx = dx if need_x else None
         if need_w:
             dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
@@ -544,11 +544,10 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
             dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
     elif tail and need_x and not need_w:
         w_scaled = scale(w, scale_vec, cols=False)  # (N, K): row n times l[n], rounded once
-        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP) as ov:
-            dx = grad_y @ w_scaled
+        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP != "0", priority=-1) as ov:
             with ov.side():
-                _, dl, colsum = scale_reduce(grad_y, z, scale_vec, write_out=False, colsum=True)
-                ov.keep(dl, colsum)
+                dx = ov.keep(grad_y @ w_scaled)
+            _, dl, colsum = scale_reduce(grad_y, z, scale_vec, write_out=False, colsum=True)
         dbias = colsum * scale_vec.float() if need_bias else None
     elif fused and need_x and not need_w:
         dx, dl, colsum = dx_output_form(grad_y, w.t(), scale_vec, z, colsum=need_bias)

@@ -869,10 +869,10 @@ def _w_nk(weight: torch.Tensor, weight_transposed: bool) -> torch.Tensor:
 _side_streams: dict = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
+def _side_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
+    if (device, priority) not in _side_streams:
+        _side_streams[device, priority] = torch.cuda.Stream(device, priority=priority)
+    return _side_streams[device, priority]
 
 
 class _Overlap:
@@ -887,16 +887,20 @@ class _Overlap:
             with ov.side():
                 small = ov.keep(reduction(big), big)
             gemm(...)            # main stream, concurrently
+
+    priority=-1 makes the side stream a high-priority one: then the GEMM goes there and the memory-bound kernels queue
+    behind it on the main stream, and the block scheduler hands SMs to the GEMM's blocks first whenever both wait.
     """
 
-    def __init__(self, device: torch.device, enabled: bool = True):
+    def __init__(self, device: torch.device, enabled: bool = True, priority: int = 0):
         self.enabled = enabled and device.type == "cuda" and not triton_interpret()
         self.device = device
+        self.priority = priority
 
     def __enter__(self):
         if self.enabled:
             self.main = torch.cuda.current_stream(self.device)
-            self.stream = _side_stream(self.device)
+            self.stream = _side_stream(self.device, self.priority)
             self.stream.wait_stream(self.main)
         return self
 
@@ -944,7 +948,7 @@ PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "1") != "0"
 # kernel: its one program per SM leaves SMs idle in its last round of tiles (1024 tiles on 132 SMs at M = 8192,
 # 4096^2: 32 idle for an eighth of the kernel), and the reductions, memory-bound, fill them.
 # PEFTKERN_LORA_TAIL_OVERLAP=0 runs them after dx on the main stream.
-TAIL_OVERLAP = os.environ.get("PEFTKERN_LORA_TAIL_OVERLAP", "1") != "0"
+TAIL_OVERLAP = os.environ.get("PEFTKERN_LORA_TAIL_OVERLAP", "side")  # "side", "priority" or "0" (off)
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1050,17 +1054,23 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     dt = grad_y.dtype
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                      and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
-    if persistent_dx and TAIL_OVERLAP and _cublas_skinny(dropout_p, grad_y.device):
-        # dyb first; then the dx kernel, and behind it on a side stream the skinny reductions, which take the SMs
-        # that the persistent kernel's last round of tiles leaves idle.
+    if persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device):
+        # dyb first; then the dx kernel, and queued behind it the skinny reductions, which take the SMs that the
+        # persistent kernel's last round of tiles leaves idle: on a side stream ("side"), or with the dx kernel on a
+        # high-priority side stream and the reductions on the main one ("priority").
         dyb = grad_y @ lora_B.to(dt)
-        with _Overlap(grad_y.device) as ov:
-            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
-            with ov.side():
+        first = TAIL_OVERLAP == "priority"
+        with _Overlap(grad_y.device, priority=-1 if first else 0) as ov:
+            with ov.side() if first else contextlib.nullcontext():
+                dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
+                if first:
+                    ov.keep(dx)
+            with contextlib.nullcontext() if first else ov.side():
                 da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype) if need_a else None
                 db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
                 dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-                ov.keep(da, db, dbias)  # what the side stream reads comes from main, which waits for it at exit
+                if not first:
+                    ov.keep(da, db, dbias)  # what the side stream reads comes from main, which waits for it at exit
         if need_w:
             dw = (grad_y.t() @ x).float()
             dw = dw.t() if weight_transposed else dw
