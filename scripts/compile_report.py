@@ -59,7 +59,7 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
     return dict(shared=ck.metadata.shared, registers=int(fields["REG"]), local=int(fields["LOCAL"]))
 
 
-def lora_forward(cfg: dict, r: int) -> tuple:
+def lora_forward(cfg: dict, r: int, xa_scaled: bool = False) -> tuple:
     """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
     weight read N-major as the backward's dx reads it, B given as B^T)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -71,7 +71,7 @@ def lora_forward(cfg: dict, r: int) -> tuple:
             "scaling": "fp32", "NUM_SMS": "i32"}
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
-                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r))
+                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled)
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -107,6 +107,7 @@ def cases() -> dict:
         for M in (512, 8192):
             for r in (16, 64, 128):
                 out[f"lora persistent forward/dx, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r)
+                out[f"lora persistent dx, s xa given, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

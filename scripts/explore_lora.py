@@ -249,14 +249,16 @@ def pieces():
 
 
 def tail():
-    """The backward with dA, dB and the bias gradient on a side stream behind the persistent dx kernel (TAIL_OVERLAP) or
-    after it on the main stream, against cuBLAS's dy @ W alone; also the whole op's fwd+bwd through autograd against
-    F.linear's, each as CUDA-graph replays."""
+    """The backward with dA, dB and the bias gradient behind the persistent dx kernel (TAIL_OVERLAP "side" or
+    "priority") or after it ("0"), with dyb made as s dy B (PRESCALED_DYB) or not, and the forward with s B
+    (PRESCALED_B) or not: the backward alone, the forward alone, and the op's fwd+bwd through autograd.grad (as the
+    benchmark times it) against F.linear's, each as CUDA-graph replays."""
     import peftkern
     dt = torch.bfloat16
-    default = kl.TAIL_OVERLAP
-    for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 128), (8192, 4096, 11008, 16),
-                       (2048, 4096, 4096, 16)]:
+    saved = kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B
+    variants = [("0", False, False), ("side", False, False), ("side", True, False), ("side", True, True)]
+    for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 128), (8192, 4096, 4096, 64),
+                       (8192, 4096, 11008, 16)]:
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dt)
         W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
@@ -264,44 +266,20 @@ def tail():
         B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
         dy = torch.randn(M, N, device="cuda", dtype=dt)
         xa = x @ A.t()
-        t_dx = ms(lambda: dy @ W)
         xg = x.clone().requires_grad_(True)
         Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-
-        def base():  # as the benchmark times it: autograd.grad, no accumulation into .grad
-            torch.autograd.grad(F.linear(xg, W), (xg,), dy)
-
-        def op():
-            torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
-
-        t_base = ms(base)
-        line = [f"M={M} {K}->{N} r={r}: dy@W {t_dx * 1e3:.1f} us, F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
-        for on in ("0", "side", "priority", "0", "side", "priority"):
-            kl.TAIL_OVERLAP = on
-            t = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
-            t_op = ms(op)
-            line.append(f"{on} bwd {t * 1e3:.1f} us op {t_op / t_base:.4f}x")
-        kl.TAIL_OVERLAP = default
-        print(" ".join(line), flush=True)
-    from peftkern.kernels.triton import ia3 as kia3
-    modes = dict(kia3.DEFAULT_BACKWARD_MODE)
-    for M, K, N in [(8192, 4096, 4096), (8192, 4096, 11008)]:
-        torch.manual_seed(0)
-        x = torch.randn(M, K, device="cuda", dtype=dt).requires_grad_(True)
-        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-        dy = torch.randn(M, N, device="cuda", dtype=dt)
-        t_base = ms(lambda: torch.autograd.grad(F.linear(x, W), (x,), dy))
-        for form, scale_input in (("output", False), ("input", True)):
-            lvec = (1 + 0.1 * torch.randn(K if scale_input else N, device="cuda", dtype=dt)).requires_grad_(True)
-            line = [f"IA3 {form} form M={M} {K}->{N}: F.linear fwd+bwd {t_base * 1e3:.1f} us;"]
-            for mode, on in ((modes[form], "priority"), ("tail", "0"), ("tail", "priority"), (modes[form], "priority"),
-                             ("tail", "priority")):
-                kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = mode, on
-                t = ms(lambda: torch.autograd.grad(peftkern.ia3_linear(x, W, lvec, None, scale_input), (x, lvec), dy))
-                line.append(f"{mode}{'(serial)' if on == '0' else ''} {t / t_base:.4f}x")
-            kia3.DEFAULT_BACKWARD_MODE[form], kia3.TAIL_OVERLAP = modes[form], "priority"
-            print(" ".join(line), flush=True)
-
+        t_fwd = ms(lambda: F.linear(x, W))
+        t_base = ms(lambda: torch.autograd.grad(F.linear(xg, W), (xg,), dy))
+        print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us", flush=True)
+        for _ in range(2):
+            for tail_mode, dyb_s, b_s in variants:
+                kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B = tail_mode, dyb_s, b_s
+                t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+                t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
+                t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
+                print(f"  tail={tail_mode:5s} s*dyb={dyb_s:d} s*B={b_s:d}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} "
+                      f"us ({t_f / t_fwd:.4f}x), op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
+    kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B = saved
 
 if __name__ == "__main__":
     if "--tail" in sys.argv[1:]:

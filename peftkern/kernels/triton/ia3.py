@@ -44,7 +44,6 @@ from .lora import (
     _dot_precision,
     _grouped_pid,
     _matmul_config,
-    _Overlap,
     _sm_count,
     _store_tile,
     _tile_coords,
@@ -172,17 +171,15 @@ def ia3_scale_kernel(
 def ia3_scale_reduce_kernel(
     a_ptr, b_ptr, scale_ptr, out_ptr, part_ptr, M, C, rows_per_split,
     stride_am, stride_ac, stride_bm, stride_bc, stride_om, stride_oc,
-    WRITE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLSUM: tl.constexpr = False,
+    WRITE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out = a * l[c] (if WRITE_OUT) and part[split, c] = sum over this split's rows of a * b: one read of a
-    and b. Output-form backward: a = dy, b = z; input-form backward: a = dy W, b = x. COLSUM: part[splits + split, c]
-    = sum over the split's rows of a as well (the output form's bias gradient, l times dy's column sums)."""
+    and b. Output-form backward: a = dy, b = z; input-form backward: a = dy W, b = x."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     pid_s = tl.program_id(1)
     c_mask = offs_c < C
     s = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m_start = pid_s * rows_per_split
     m_end = min(m_start + rows_per_split, M)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -192,14 +189,10 @@ def ia3_scale_reduce_kernel(
         b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_c[None, :] * stride_bc, mask=mask, other=0.0)
         a = a.to(tl.float32)
         acc += tl.sum(a * b.to(tl.float32), axis=0)
-        if COLSUM:
-            colsum += tl.sum(a, axis=0)
         if WRITE_OUT:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc,
                      (a * s[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid_s * C + offs_c, acc, mask=c_mask)
-    if COLSUM:
-        tl.store(part_ptr + (tl.num_programs(1) + pid_s) * C + offs_c, colsum, mask=c_mask)
 
 
 @triton.jit
@@ -222,19 +215,16 @@ def ia3_output_persistent_kernel(
     x_desc, w_desc, y_desc, z_desc, l_ptr, bias_ptr, M, N, K, NUM_SMS,
     HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    W_KMAJOR: tl.constexpr = True,
 ):
     """The output form's forward: z = x W^T + b and y = z * l, both stored by TMA from one persistent GEMM's
-    epilogue (float32 math, each rounded once to the base dtype), one program per SM walking the output tiles in
-    lora.py's grouped order. SUBTILE stores each tile as two halves (less shared memory). w_desc: W (N, K)
-    row-major (W_KMAJOR) or W^T (K, N) row-major. The input form's backward runs it with dy for x and the layer's
-    W^T for W: z = g = dy W and y = dx = g * l."""
+    epilogue (float32 math, each rounded once to the base dtype), W K-major, one program per SM walking the
+    output tiles in lora.py's grouped order. SUBTILE stores each tile as two halves (less shared memory)."""
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     out_tile = start - NUM_SMS
     for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        acc = _persistent_mainloop(x_desc, w_desc, pid_m, pid_n, k_tiles, W_KMAJOR, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _persistent_mainloop(x_desc, w_desc, pid_m, pid_n, k_tiles, True, BLOCK_M, BLOCK_N, BLOCK_K)
         # the epilogue's tile, counted apart from the loop's: flattening pipelines it into the next tile's loop
         out_tile += NUM_SMS
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
@@ -376,12 +366,10 @@ def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Te
     return dx, part.sum(0), (sums.sum(0) if colsum else None)
 
 
-def persistent_output_ok(x: torch.Tensor, w: torch.Tensor, any_layout: bool = False) -> bool:
+def persistent_output_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `persistent_output_form` takes these operands: lora.persistent_gemm_ok, and w (N, K) K-major
-    (nn.Linear's layout) in x's dtype, or with any_layout also N-major (the forward was measured K-major only)."""
-    layout = _tma_layout(w)
-    return (w.dtype == x.dtype and persistent_gemm_ok(x, w)
-            and (layout == "row" or (any_layout and layout is not None)))
+    (nn.Linear's layout) in x's dtype."""
+    return w.dtype == x.dtype and persistent_gemm_ok(x, w) and _tma_layout(w) == "row"
 
 
 def _persistent_config(M: int) -> dict:
@@ -408,13 +396,11 @@ def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Te
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    w_kmajor = _tma_layout(w) == "row"
-    w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     launch(ia3_output_persistent_kernel, grid,
-        TensorDescriptor.from_tensor(x, [bm, bk]), w_desc,
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, store_n]), TensorDescriptor.from_tensor(z, [bm, store_n]),
         scale_vec.contiguous(), bias.contiguous() if bias is not None else y, M, N, K, grid[0],
-        HAS_BIAS=bias is not None, W_KMAJOR=w_kmajor, **cfg,
+        HAS_BIAS=bias is not None, **cfg,
     )
     return y, z
 
@@ -432,9 +418,8 @@ def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
 
 
 def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out: bool = True,
-                 out_dtype: Optional[torch.dtype] = None, colsum: bool = False):
-    """(a * vec if write_out, sum_m a * b as float32 (C,)) with one read of a and b, both (M, C); with colsum, a third
-    item: sum_m a as float32 (C,)."""
+                 out_dtype: Optional[torch.dtype] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(a * vec if write_out, sum_m a * b as float32 (C,)) with one read of a and b, both (M, C)."""
     M, C = a.shape
     out = torch.empty((M, C), device=a.device, dtype=out_dtype or a.dtype) if write_out else a
     block_m, block_c = (16, 32) if triton_interpret() else (32, 256)
@@ -442,14 +427,11 @@ def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out:
     splits = max(1, min(triton.cdiv(4 * _sm_count(a.device), n_c), triton.cdiv(M, block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((2 * splits if colsum else splits, C), device=a.device, dtype=torch.float32)
+    part = torch.empty((splits, C), device=a.device, dtype=torch.float32)
     launch(ia3_scale_reduce_kernel, (n_c, splits),
         a, b, vec, out, part, M, C, rows_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_C=block_c, COLSUM=colsum, num_warps=4)
-    if colsum:
-        sums = part.view(2, splits, C).sum(1)
-        return (out if write_out else None), sums[0], sums[1]
+        WRITE_OUT=write_out, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return (out if write_out else None), part.sum(0)
 
 
@@ -493,15 +475,8 @@ def ia3_forward(x, weight, scale_vec, bias, scale_input, weight_transposed, mode
 # Measured on an H100 (bf16, M=8192, 4096x4096, benchmarks/results/ia3-*-20261123-002822.json, NOTES-ia3.md):
 # output form fused 1.32x vs split 1.16x of the frozen layer; input form fused 1.14x (129 MB peak) vs split
 # 1.13x (193 MB): the default per form is the faster one, the input form's fused kernel for its memory.
-BACKWARD_MODES = ("fused", "split", "tail")
+BACKWARD_MODES = ("fused", "split")
 DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
-# Mode "tail": the reductions go on a side stream queued behind the dx GEMM, whose last round of tiles leaves SMs idle
-# (lora.py's TAIL_OVERLAP), and read an activation the GEMM does not need to wait for.
-# - output form: dx = dy (diag(l) W), a transient W' with l folded into its rows (an N x K pass) and one cuBLAS GEMM;
-#   dl = sum_m dy * z and the bias gradient (l times dy's column sums) by one scale_reduce pass that writes nothing big.
-# - input form: the output form's persistent forward kernel with dy for x and W^T for W stores g = dy W and
-#   dx = g * l from its epilogue (no x tile to load there); dl = sum_m x * g by scale_reduce behind it. g is a
-#   transient M x K activation in dy's dtype (the fused mode keeps none).
 # The input form's fused backward by the persistent TMA GEMM (ia3_dx_input_persistent_kernel: x's tile comes by TMA in
 # an epilogue that overlaps the next tile's loads) from PERSISTENT_DX_MIN_M rows, 16-bit, TMA-able strides. Measured on
 # an H200 (explore_lora.py --ia3-input-dx, logs/explore-ia3-input-dx-20261203-h200.log), the op's backward against
@@ -510,7 +485,6 @@ DEFAULT_BACKWARD_MODE = {"input": "fused", "output": "split"}
 # PEFTKERN_IA3_PERSISTENT_DX=0 turns it off (the pointer-based ia3_dx_input_form_kernel then runs).
 PERSISTENT_DX = os.environ.get("PEFTKERN_IA3_PERSISTENT_DX", "1") != "0"
 PERSISTENT_DX_MIN_M = 2048
-TAIL_OVERLAP = os.environ.get("PEFTKERN_IA3_TAIL_OVERLAP", "priority")  # mode "tail": streams ("0": one stream)
 
 
 def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed, needs,
@@ -520,18 +494,7 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
     fused = (mode or DEFAULT_BACKWARD_MODE["input" if scale_input else "output"]) == "fused"
     w = _w_nk(weight, weight_transposed)
     dx = dl = dbias = dw = None
-    tail = mode == "tail"
-    if scale_input and tail and (need_x or need_l) and persistent_output_ok(grad_y, w.t(), any_layout=True):
-        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP != "0", priority=-1) as ov:
-            with ov.side():  # the GEMM on a high-priority stream, the reduction behind it on the main one
-                dx, g = persistent_output_form(grad_y, w.t(), scale_vec)
-                ov.keep(dx, g)
-            _, dl = scale_reduce(g, x, scale_vec, write_out=False)
-            dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-        dx = dx if need_x else None
-        if need_w:
-            dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
-    elif scale_input:
+    if scale_input:
         if (fused and (need_x or need_l) and PERSISTENT_DX and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                 and persistent_dx_input_ok(grad_y, w.t(), x)):
             dx, dl = persistent_dx_input_form(grad_y, w.t(), scale_vec, x, write_dx=need_x)
@@ -542,13 +505,6 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
         if need_w:
             dw = (grad_y.t() @ scale(x, scale_vec, cols=True)).float()
-    elif tail and need_x and not need_w:
-        w_scaled = scale(w, scale_vec, cols=False)  # (N, K): row n times l[n], rounded once
-        with _Overlap(grad_y.device, enabled=TAIL_OVERLAP != "0", priority=-1) as ov:
-            with ov.side():
-                dx = ov.keep(grad_y @ w_scaled)
-            _, dl, colsum = scale_reduce(grad_y, z, scale_vec, write_out=False, colsum=True)
-        dbias = colsum * scale_vec.float() if need_bias else None
     elif fused and need_x and not need_w:
         dx, dl, colsum = dx_output_form(grad_y, w.t(), scale_vec, z, colsum=need_bias)
         dbias = colsum * scale_vec.float() if need_bias else None

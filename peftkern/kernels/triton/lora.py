@@ -294,6 +294,7 @@ def lora_forward_persistent_kernel(
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
+    XA_SCALED: tl.constexpr = False,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
     (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
@@ -303,7 +304,8 @@ def lora_forward_persistent_kernel(
     separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
     (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T).
     R_CHUNKS (XA_GIVEN only): the rank is added in R_CHUNKS slices of BLOCK_R, so r = 128 takes the shared memory
-    and registers of r = 64."""
+    and registers of r = 64. XA_SCALED (XA_GIVEN only): the scaling is in the given xa (s x A^T) or in B already,
+    and xa's tile, in y's dtype, goes to the tensor cores straight from shared memory (no multiply on the way)."""
     dtype = y_desc.dtype
     start = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -335,7 +337,10 @@ def lora_forward_persistent_kernel(
                 b_t = b_desc.load([c * BLOCK_R, out_n * BLOCK_N])
             else:
                 b_t = b_desc.load([out_n * BLOCK_N, c * BLOCK_R]).T
-            acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
+            if XA_SCALED:
+                acc = tl.dot(xa, b_t, acc)
+            else:
+                acc = tl.dot((xa * scaling).to(dtype), b_t, acc)
         if HAS_BIAS:
             cols = out_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -733,13 +738,16 @@ def _persistent_block_r(R: int, flatten: bool, xa_given: bool = True) -> int:
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                        scaling: float, bias: Optional[torch.Tensor] = None,
                        config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32,
-                       xa: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       xa: Optional[torch.Tensor] = None, xa_scaled: bool = False, prescale_b: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T) by lora_forward_persistent_kernel; w an (N, K) view, K-major
     (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok. xa comes in xa_dtype: the op's
     forward saves it in lora_xa_dtype (x's), and the backward's dx makes its dyb in x's dtype, which dA's cuBLAS
     call takes as it is. Either way the kernel adds s xa B^T from xa rounded to x's dtype. A given xa (M, r), x A^T
     made beforehand in x's dtype and row-major, is used as it is (the backward makes dyb first, so that dA's product
-    can be queued beside the dx kernel)."""
+    can be queued beside the dx kernel). xa_scaled: that xa is s x A^T already (cuBLAS's alpha), in x's dtype.
+    prescale_b: B is multiplied by s before the kernel (one small launch), so the epilogue need not scale xa's tile;
+    taken where xa is in x's dtype."""
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
@@ -755,11 +763,15 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if xa is not None and not xa_given:
         raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
+    if xa_scaled and (xa is None or xa.dtype != x.dtype):
+        raise ValueError("persistent_forward: xa_scaled needs xa given in x's dtype")
     if not xa_given:
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     elif xa is None:
         xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
-    b = lora_B.to(x.dtype)
+    no_scale = xa_scaled or (prescale_b and xa_given and xa.dtype == x.dtype and scaling != 1.0)
+    b = (lora_B * scaling).to(x.dtype) if no_scale and not xa_scaled else lora_B.to(x.dtype)
+    no_scale = no_scale or (xa_given and xa.dtype == x.dtype and scaling == 1.0)
     b_rmajor = _tma_layout(b) == "col"
     b = b if b_rmajor else b.contiguous()
     w_kmajor = _tma_layout(w) == "row"
@@ -779,8 +791,9 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         lora_forward_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
         a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
-        M, N, K, R, xa.stride(0), float(scaling), grid[0],
-        XA_GIVEN=xa_given, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r, B_RMAJOR=b_rmajor,
+        M, N, K, R, xa.stride(0), 1.0 if no_scale else float(scaling), grid[0],
+        XA_GIVEN=xa_given, XA_SCALED=no_scale, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r,
+        B_RMAJOR=b_rmajor,
         R_CHUNKS=triton.cdiv(R, block_r), **cfg,
     )
     return y, xa
@@ -949,6 +962,8 @@ PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "1") != "0"
 # 4096^2: 32 idle for an eighth of the kernel), and the reductions, memory-bound, fill them.
 # PEFTKERN_LORA_TAIL_OVERLAP=0 runs them after dx on the main stream.
 TAIL_OVERLAP = os.environ.get("PEFTKERN_LORA_TAIL_OVERLAP", "side")  # "side", "priority" or "0" (off)
+PRESCALED_DYB = os.environ.get("PEFTKERN_LORA_PRESCALED_DYB", "1") != "0"  # with TAIL_OVERLAP: dyb = s dy B
+PRESCALED_B = os.environ.get("PEFTKERN_LORA_PRESCALED_B", "1") != "0"  # the persistent forward takes s B
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1015,7 +1030,7 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
             mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
     xa_dtype = lora_xa_dtype(x.dtype, dropout_p)
     if mode == "persistent":
-        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype)
+        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype, prescale_b=PRESCALED_B)
     skinny = _cublas_skinny(dropout_p, x.device)
 
     def down():
@@ -1058,15 +1073,19 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # dyb first; then the dx kernel, and queued behind it the skinny reductions, which take the SMs that the
         # persistent kernel's last round of tiles leaves idle: on a side stream ("side"), or with the dx kernel on a
         # high-priority side stream and the reductions on the main one ("priority").
-        dyb = grad_y @ lora_B.to(dt)
+        # dyb is made as s dy B (cuBLAS's alpha): the kernel's epilogue then feeds its tile to the tensor cores as it
+        # is, and dA = dyb^T x needs no scaling either.
+        sc = 1.0 if PRESCALED_DYB else scaling
+        dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
         first = TAIL_OVERLAP == "priority"
         with _Overlap(grad_y.device, priority=-1 if first else 0) as ov:
             with ov.side() if first else contextlib.nullcontext():
-                dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
+                dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb,
+                                           xa_scaled=PRESCALED_DYB)
                 if first:
                     ov.keep(dx)
             with contextlib.nullcontext() if first else ov.side():
-                da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype) if need_a else None
+                da = scaled_mm(dyb.t(), x, sc, lora_A.dtype) if need_a else None
                 db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
                 dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
                 if not first:
