@@ -9,6 +9,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --ia3-input-dx    # IA3's input-form backward: persistent GEMM or not
     python scripts/explore_lora.py --pieces          # each kernel of the op's forward and backward, r = 16, 128
     python scripts/explore_lora.py --tail            # the backward with dA, dB beside the dx kernel's last round or after
+    python scripts/explore_lora.py --wide-stages     # r = 128: the persistent forward and dx with 3 or 4 stages
 """
 import sys
 
@@ -281,7 +282,37 @@ def tail():
                       f"us ({t_f / t_fwd:.4f}x), op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
     kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B = saved
 
+def wide_stages():
+    """r = 128 (and 96), M = 8192, 4096^2: the persistent forward (s B given) and dx (s dyb given) with 3 or 4 pipeline
+    stages against F.linear's forward and cuBLAS's dy @ W, cuBLAS's skinny product included, as the op runs them."""
+    dt = torch.bfloat16
+    M, K, N = 8192, 4096, 4096
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
+    print(f"F.linear fwd {t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
+    for r in (128, 96):
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        for _ in range(2):
+            for stages in (3, 4):
+                cfg = {**kl._persistent_config(M, r), "num_stages": stages}
+                tf = ms(lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt, prescale_b=True))
+
+                def dx():
+                    dyb = kl.scaled_mm(dy, B, 2.0, dt)
+                    return kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa=dyb, xa_scaled=True)
+
+                tb = ms(dx)
+                print(f"  r={r} stages={stages}: forward {tf * 1e3:.1f} us ({tf / t_fwd:.4f}x), dx {tb * 1e3:.1f} us "
+                      f"({tb / t_dx:.4f}x)", flush=True)
+
+
 if __name__ == "__main__":
+    if "--wide-stages" in sys.argv[1:]:
+        wide_stages()
+        sys.exit()
     if "--tail" in sys.argv[1:]:
         tail()
         sys.exit()

@@ -698,6 +698,9 @@ def persistent_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 # in one slice (_persistent_config); the slice loop serves flattened configs given explicitly.
 PERSISTENT_MAX_RANK = 128
 _PERSISTENT_RANK_SLICE = 64
+# Pipeline stages of the unflattened walk (r > 64) from 1024 rows: 4 fit beside the whole-rank epilogue (224 KB at
+# r = 128, compiled for sm_90 by Triton 3.6), the flattened r <= 64 walk takes 3 (4 would need 236 KB).
+WIDE_RANK_STAGES = int(os.environ.get("PEFTKERN_LORA_WIDE_STAGES", "3"))
 
 
 def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor) -> bool:
@@ -724,7 +727,7 @@ def _persistent_config(M: int, R: int = 16) -> dict:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=flatten, SUBTILE=False, XA_GIVEN=True,
                     num_warps=8, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=flatten, SUBTILE=True, XA_GIVEN=True,
-                num_warps=8, num_stages=3)
+                num_warps=8, num_stages=3 if flatten else WIDE_RANK_STAGES)
 
 
 def _persistent_block_r(R: int, flatten: bool, xa_given: bool = True) -> int:
