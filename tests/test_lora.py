@@ -353,6 +353,14 @@ def test_persistent_forward_matches_reference(w_layout, rank, epilogue, poison_e
             assert kl._tma_layout(b_view) == "col"
             y_t, _ = kl.persistent_forward(x, w, A.t().contiguous().t(), b_view, 0.7, bias, config=cfg)
             assert_close(y_t, ref, dtype, f"persistent y, B given transposed, {w_layout} r={rank} M={M}")
+            if xa_given:  # the scaling outside the epilogue: in B (the op's forward), in a given xa (its dx)
+                y_b, xa_b = kl.persistent_forward(x, w, A, B, 0.7, bias, config=cfg, xa_dtype=dtype, prescale_b=True)
+                assert xa_b.dtype == dtype
+                assert_close(xa_b, xa_ref, dtype, f"persistent xa, s B, {w_layout} r={rank} M={M}")
+                assert_close(y_b, ref, dtype, f"persistent y, s B, {w_layout} r={rank} M={M}")
+                xa_s = (0.7 * (x.float() @ A.float().t())).to(dtype)
+                y_s, _ = kl.persistent_forward(x, w, A, B, 0.7, bias, config=cfg, xa=xa_s, xa_scaled=True)
+                assert_close(y_s, ref, dtype, f"persistent y, s xa given, {w_layout} r={rank} M={M}")
         wt = w_layout == "n-major"
         weight = w.t() if wt else w
         y, xa = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt, mode="persistent")
