@@ -962,11 +962,17 @@ PERSISTENT_DX_MIN_M = 2048
 PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "1") != "0"
 # With the persistent dx, dA = s dyb^T x, dB = s dy^T xa and the bias gradient go on a side stream queued behind the dx
 # kernel: its one program per SM leaves SMs idle in its last round of tiles (1024 tiles on 132 SMs at M = 8192,
-# 4096^2: 32 idle for an eighth of the kernel), and the reductions, memory-bound, fill them.
-# PEFTKERN_LORA_TAIL_OVERLAP=0 runs them after dx on the main stream.
+# 4096^2: 32 idle for an eighth of the kernel), and the reductions, memory-bound, fill them. Measured on an H200
+# (explore_lora.py --tail, logs/explore-lora-tail-b431645-h200.log, the op's fwd+bwd): 900-902 vs 914-918 us at r = 16,
+# 1.063x vs 1.072-1.075x at 4096 -> 11008; r = 128 unchanged. "priority" (the dx kernel on a high-priority side stream,
+# the reductions behind it on the main one) tied with "side". PEFTKERN_LORA_TAIL_OVERLAP=0 runs them after dx on the
+# main stream.
 TAIL_OVERLAP = os.environ.get("PEFTKERN_LORA_TAIL_OVERLAP", "side")  # "side", "priority" or "0" (off)
 PRESCALED_DYB = os.environ.get("PEFTKERN_LORA_PRESCALED_DYB", "1") != "0"  # with TAIL_OVERLAP: dyb = s dy B
-PRESCALED_B = os.environ.get("PEFTKERN_LORA_PRESCALED_B", "1") != "0"  # the persistent forward takes s B
+# The persistent forward takes s B (one small launch more) from PRESCALED_B_MIN_RANK: 2-5 us less at r = 64 and 128 on an
+# H200, nothing measurable at r = 16, where the launch would cost the host for no gain (NOTES-lora.md, ninth session).
+PRESCALED_B = os.environ.get("PEFTKERN_LORA_PRESCALED_B", "1") != "0"
+PRESCALED_B_MIN_RANK = 64
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1033,7 +1039,8 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
             mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
     xa_dtype = lora_xa_dtype(x.dtype, dropout_p)
     if mode == "persistent":
-        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype, prescale_b=PRESCALED_B)
+        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype,
+                                  prescale_b=PRESCALED_B and lora_A.shape[0] >= PRESCALED_B_MIN_RANK)
     skinny = _cublas_skinny(dropout_p, x.device)
 
     def down():
