@@ -45,8 +45,8 @@ def implementations(M, K, N, dtype, device, feedforward: bool, compile_anchor: b
     scale = (1 + 0.3 * torch.randn(K if feedforward else N, device=device, dtype=dtype, generator=gen))
     scale.requires_grad_()
     impls = {"floor (F.linear)": (lambda x: F.linear(x, W), [])}
-    backends = ["triton"] if device == "cuda" else ["torch"]
-    for backend in backends:
+    backends = [b for b in ("triton", "cuda") if peftkern._backend.available(b, torch.device(device), "ia3")]
+    for backend in backends if device == "cuda" else ["torch"]:
         def run(x, backend=backend):
             peftkern.set_backend(backend)
             try:

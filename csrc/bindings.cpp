@@ -54,27 +54,34 @@ struct LoraShapes {
   int64_t M, K, N, R;
 };
 
-// x (M, K) in a kernel dtype, weight (N, K) or (K, N) in x's dtype, lora_A (R, K), lora_B (N, R) in any float
-// dtype, all on x's device.
-LoraShapes check_lora(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-                      const at::Tensor& lora_B, bool weight_transposed) {
+// x (M, K) in a kernel dtype and the frozen weight (N, K), or (K, N) with weight_transposed, in x's dtype, both on x's
+// device: {M, K, N}.
+std::tuple<int64_t, int64_t, int64_t> check_x_weight(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                                     bool weight_transposed) {
   TORCH_CHECK(x.is_cuda(), "peftkern._C.", op, ": x must be a CUDA tensor, got one on ", x.device());
-  const at::Device device = x.device();
-  check_tensor(op, "x", x, 2, device);
+  check_tensor(op, "x", x, 2, x.device());
   TORCH_CHECK(is_kernel_dtype(x), "peftkern._C.", op, ": x must be float32, float16 or bfloat16, got ",
               x.scalar_type());
-  check_tensor(op, "weight", weight, 2, device);
-  check_tensor(op, "lora_A", lora_A, 2, device);
-  check_tensor(op, "lora_B", lora_B, 2, device);
+  check_tensor(op, "weight", weight, 2, x.device());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "peftkern._C.", op, ": weight must share x's dtype ",
               x.scalar_type(), ", got ", weight.scalar_type());
-  const LoraShapes s{x.size(0), x.size(1), weight_transposed ? weight.size(1) : weight.size(0), lora_A.size(0)};
-  TORCH_CHECK(s.R >= 1, "peftkern._C.", op, ": the rank must be at least 1, got lora_A of shape ", lora_A.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = weight_transposed ? weight.size(1) : weight.size(0);
   if (weight_transposed) {
-    check_shape(op, "weight (K, N)", weight, {s.K, s.N});
+    check_shape(op, "weight (K, N)", weight, {K, N});
   } else {
-    check_shape(op, "weight (N, K)", weight, {s.N, s.K});
+    check_shape(op, "weight (N, K)", weight, {N, K});
   }
+  return {M, K, N};
+}
+
+// x and weight as check_x_weight, lora_A (R, K), lora_B (N, R) in any float dtype on x's device.
+LoraShapes check_lora(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                      const at::Tensor& lora_B, bool weight_transposed) {
+  const auto [M, K, N] = check_x_weight(op, x, weight, weight_transposed);
+  check_tensor(op, "lora_A", lora_A, 2, x.device());
+  check_tensor(op, "lora_B", lora_B, 2, x.device());
+  const LoraShapes s{M, K, N, lora_A.size(0)};
+  TORCH_CHECK(s.R >= 1, "peftkern._C.", op, ": the rank must be at least 1, got lora_A of shape ", lora_A.sizes());
   check_shape(op, "lora_A (r, K)", lora_A, {s.R, s.K});
   check_shape(op, "lora_B (N, r)", lora_B, {s.N, s.R});
   return s;
@@ -225,18 +232,23 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Optio
   return {dx, da, db, dbias, dw};
 }
 
-// weight += sign * scaling * B A in place (weight (N, K), or (K, N) with weight_transposed); returns weight.
-at::Tensor lora_merge_(at::Tensor weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
-                       double sign, bool weight_transposed) {
-  constexpr const char* op = "lora_merge_";
+// The weight a merge rewrites in place: a floating CUDA tensor of 2 dimensions in a kernel dtype; {N, K} of its
+// (N, K) view.
+std::tuple<int64_t, int64_t> check_merge_weight(const char* op, const at::Tensor& weight, bool weight_transposed) {
   TORCH_CHECK(weight.is_cuda(), "peftkern._C.", op, ": weight must be a CUDA tensor, got one on ", weight.device());
   check_tensor(op, "weight", weight, 2, weight.device());
   TORCH_CHECK(is_kernel_dtype(weight), "peftkern._C.", op, ": weight must be float32, float16 or bfloat16, got ",
               weight.scalar_type());
+  return {weight_transposed ? weight.size(1) : weight.size(0), weight_transposed ? weight.size(0) : weight.size(1)};
+}
+
+// weight += sign * scaling * B A in place (weight (N, K), or (K, N) with weight_transposed); returns weight.
+at::Tensor lora_merge_(at::Tensor weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                       double sign, bool weight_transposed) {
+  constexpr const char* op = "lora_merge_";
+  const auto [N, K] = check_merge_weight(op, weight, weight_transposed);
   check_tensor(op, "lora_A", lora_A, 2, weight.device());
   check_tensor(op, "lora_B", lora_B, 2, weight.device());
-  const int64_t N = weight_transposed ? weight.size(1) : weight.size(0);
-  const int64_t K = weight_transposed ? weight.size(0) : weight.size(1);
   const int64_t R = lora_A.size(0);
   check_shape(op, "lora_A (r, K)", lora_A, {R, K});
   check_shape(op, "lora_B (N, r)", lora_B, {N, R});
@@ -266,10 +278,179 @@ void dropout_mask_(at::Tensor keep, int64_t seed, double dropout_p) {
                op, "lora_dropout_mask");
 }
 
+// ---------------------------------------------------------------------------------------------------- IA3
+struct Ia3Shapes {
+  int64_t M, K, N;
+};
+
+// x and weight as check_x_weight, the bias (N,) in x's dtype, the vector l (K,) for the input form or (N,) for the
+// output form in any float dtype, all on x's device.
+Ia3Shapes check_ia3(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                    const OptionalTensor& bias, bool scale_input, bool weight_transposed) {
+  const auto [M, K, N] = check_x_weight(op, x, weight, weight_transposed);
+  const Ia3Shapes s{M, K, N};
+  check_tensor(op, "scale", scale, 1, x.device());
+  check_shape(op, scale_input ? "scale (K,)" : "scale (N,)", scale, {scale_input ? s.K : s.N});
+  if (bias.has_value()) {
+    check_tensor(op, "bias", *bias, 1, x.device());
+    check_shape(op, "bias (N,)", *bias, {s.N});
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "peftkern._C.", op, ": bias must share x's dtype ",
+                x.scalar_type(), ", got ", bias->scalar_type());
+  }
+  return s;
+}
+
+// t (rows, cols) * l along its columns (scale_cols) or rows, into a new row-major tensor (or in place into t when
+// `in_place`, which needs unit column stride).
+at::Tensor ia3_scaled(const char* op, const at::Tensor& t, const at::Tensor& scale, bool scale_cols, bool in_place) {
+  const at::Tensor src = unit_column_stride(t);
+  TORCH_CHECK(!in_place || src.is_same(t), "peftkern._C.", op, ": in-place scaling needs unit column stride");
+  at::Tensor out = in_place ? src : at::empty(src.sizes(), src.options());
+  check_launch(peftkern::ia3_scale(src.data_ptr(), dtype_of(src), src.stride(0), scale.data_ptr(), dtype_of(scale),
+                                   src.size(0), src.size(1), scale_cols, out.data_ptr(), out.stride(0),
+                                   at::cuda::getCurrentCUDAStream()),
+               op, "ia3_scale");
+  return out;
+}
+
+// The (N, K) view of the weight times l along K (along_k) or along N, scaled in its stored layout (no copy of a
+// Conv1D (K, N) weight first).
+at::Tensor ia3_scaled_weight_nk(const char* op, const at::Tensor& weight, const at::Tensor& scale, bool along_k,
+                                bool weight_transposed) {
+  if (!weight_transposed) return ia3_scaled(op, weight, scale, along_k, false);
+  return ia3_scaled(op, weight, scale, !along_k, false).t();
+}
+
+// (y, z) as reference.ia3_forward: z = x W^T + b for the output form, an empty tensor for the input form.
+std::tuple<at::Tensor, at::Tensor> ia3_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                               const OptionalTensor& bias, bool scale_input, bool weight_transposed) {
+  constexpr const char* op = "ia3_forward";
+  const Ia3Shapes s = check_ia3(op, x, weight, scale, bias, scale_input, weight_transposed);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor l = scale.contiguous();
+  const at::Tensor xs = unit_column_stride(x);
+  const auto gemm = [&](const at::Tensor& a, const at::Tensor& w_nk) {
+    return bias.has_value() ? at::addmm(*bias, a, w_nk.t()) : at::mm(a, w_nk.t());
+  };
+  if (scale_input) {
+    // l folded into whichever operand is smaller: W' = W * l (an N x K pass) when M > N, else x' = x * l.
+    const at::Tensor y = s.M > s.N ? gemm(xs, ia3_scaled_weight_nk(op, weight, l, true, weight_transposed))
+                                   : gemm(ia3_scaled(op, xs, l, true, false), weight_nk(weight, weight_transposed));
+    return {y, at::empty({0}, x.options())};
+  }
+  at::Tensor z = gemm(xs, weight_nk(weight, weight_transposed));
+  return {ia3_scaled(op, z, l, true, false), z};
+}
+
+// (dx, dl, dbias, dweight) as reference.ia3_backward; None where `need_*` is false. dl in l's dtype, dbias and dweight
+// in float32.
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> ia3_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& z, bool scale_input, bool weight_transposed, bool need_x, bool need_l, bool need_bias,
+    bool need_w) {
+  constexpr const char* op = "ia3_backward";
+  const Ia3Shapes s = check_ia3(op, x, weight, scale, std::nullopt, scale_input, weight_transposed);
+  check_tensor(op, "grad_y", grad_y, 2, x.device());
+  check_shape(op, "grad_y (M, N)", grad_y, {s.M, s.N});
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "peftkern._C.", op, ": grad_y must share x's dtype ",
+              x.scalar_type(), ", got ", grad_y.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x);
+  const at::Tensor l = scale.contiguous();
+  const at::Tensor dy = unit_column_stride(grad_y);
+  const at::Tensor xs = unit_column_stride(x);
+  const at::Tensor w_nk = weight_nk(weight, weight_transposed);
+  OptionalTensor dx, dl, dbias, dw;
+  if (scale_input) {
+    if (need_x || need_l) {
+      // G = dy W by cuBLAS, then one pass over G and x: dx = G * l and dl = sum_m G * x.
+      const at::Tensor g = at::mm(dy, w_nk);
+      at::Tensor out = need_x ? at::empty({s.M, s.K}, x.options()) : at::Tensor();
+      at::Tensor dl_f = need_l ? at::empty({s.K}, x.options().dtype(at::kFloat)) : at::Tensor();
+      at::Tensor ws = workspace(x, peftkern::ia3_scale_reduce_workspace(s.M, s.K, sms));
+      check_launch(peftkern::ia3_scale_reduce(g.data_ptr(), dtype_of(g), g.stride(0), xs.data_ptr(), xs.stride(0),
+                                              l.data_ptr(), dtype_of(l), s.M, s.K, need_x ? out.data_ptr() : nullptr,
+                                              s.K, need_l ? dl_f.data_ptr<float>() : nullptr, nullptr,
+                                              ws.data_ptr<float>(), sms, stream),
+                   op, "ia3_scale_reduce (dx = (dy W) * l, dl = sum_m x * dy W)");
+      if (need_x) dx = out;
+      if (need_l) dl = dl_f.to(scale.scalar_type());
+    }
+    if (need_bias) dbias = at::sum(dy, {0}, false, at::kFloat);
+    if (need_w) {
+      const at::Tensor g = at::mm(dy.t(), ia3_scaled(op, xs, l, true, false)).to(at::kFloat);
+      dw = weight_transposed ? g.t() : g;
+    }
+    return {dx, dl, dbias, dw};
+  }
+  // Output form: one pass over dy (and z, for dl) writes g = dy * l where dx or dweight need it, and sums
+  // dl = sum_m dy * z and dbias = sum_m dy * l; then cuBLAS dx = g W.
+  if (need_l) {
+    check_tensor(op, "z", z, 2, x.device());
+    check_shape(op, "z (M, N)", z, {s.M, s.N});
+    TORCH_CHECK(z.scalar_type() == x.scalar_type(), "peftkern._C.", op, ": z must share x's dtype ", x.scalar_type(),
+                ", got ", z.scalar_type());
+  }
+  const bool need_g = need_x || need_w;
+  if (need_g || need_l || need_bias) {
+    const at::Tensor zs = need_l ? unit_column_stride(z) : at::Tensor();
+    at::Tensor g = need_g ? at::empty({s.M, s.N}, x.options()) : at::Tensor();
+    at::Tensor dl_f = need_l ? at::empty({s.N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor db_f = need_bias ? at::empty({s.N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor ws = workspace(x, peftkern::ia3_scale_reduce_workspace(s.M, s.N, sms));
+    check_launch(peftkern::ia3_scale_reduce(dy.data_ptr(), dtype_of(dy), dy.stride(0),
+                                            need_l ? zs.data_ptr() : nullptr, need_l ? zs.stride(0) : 0,
+                                            l.data_ptr(), dtype_of(l), s.M, s.N, need_g ? g.data_ptr() : nullptr,
+                                            s.N, need_l ? dl_f.data_ptr<float>() : nullptr,
+                                            need_bias ? db_f.data_ptr<float>() : nullptr, ws.data_ptr<float>(), sms,
+                                            stream),
+                 op, "ia3_scale_reduce (g = dy * l, dl = sum_m dy * z, dbias = sum_m dy * l)");
+    if (need_x) dx = at::mm(g, w_nk);
+    if (need_w) {
+      const at::Tensor gw = at::mm(g.t(), xs).to(at::kFloat);
+      dw = weight_transposed ? gw.t() : gw;
+    }
+    if (need_l) dl = dl_f.to(scale.scalar_type());
+    if (need_bias) dbias = db_f;
+  }
+  return {dx, dl, dbias, dw};
+}
+
+// In place: W <- W * factor (rows of the (N, K) view for the output form, columns for the input form) and, for the
+// output form, b <- b * factor; factor is l (merge) or 1 / l (unmerge, made by the caller). Returns weight.
+at::Tensor ia3_merge_(at::Tensor weight, const at::Tensor& factor, const OptionalTensor& bias, bool scale_input,
+                      bool weight_transposed) {
+  constexpr const char* op = "ia3_merge_";
+  const auto [N, K] = check_merge_weight(op, weight, weight_transposed);
+  check_tensor(op, "factor", factor, 1, weight.device());
+  check_shape(op, scale_input ? "factor (K,)" : "factor (N,)", factor, {scale_input ? K : N});
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor f = factor.contiguous();
+  // Along K of the (N, K) view is along the stored weight's columns, or its rows when stored (K, N).
+  const bool scale_cols = scale_input != weight_transposed;
+  if (weight.size(1) <= 1 || weight.stride(1) == 1) {
+    ia3_scaled(op, weight, f, scale_cols, true);
+  } else {
+    weight.copy_(ia3_scaled(op, weight, f, scale_cols, false));
+  }
+  if (bias.has_value() && !scale_input) {
+    check_tensor(op, "bias", *bias, 1, weight.device());
+    check_shape(op, "bias (N,)", *bias, {N});
+    at::Tensor b = *bias;
+    if (b.is_contiguous() && is_kernel_dtype(b)) {
+      ia3_scaled(op, b.view({1, N}), f, true, true);
+    } else {
+      b.copy_(b.to(at::kFloat) * f.to(at::kFloat));
+    }
+  }
+  return weight;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "peftkern's CUDA backend: fused LoRA kernels around cuBLAS (built from csrc/)";
+  m.doc() = "peftkern's CUDA backend: LoRA and IA3 kernels around cuBLAS (built from csrc/)";
   m.def("lora_forward", &lora_forward, "(y, xa) of y = x W^T + b + s (drop(x) A^T) B^T", py::arg("x"),
         py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"), py::arg("bias"),
         py::arg("dropout_p"), py::arg("seed"), py::arg("weight_transposed"));
@@ -279,6 +460,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_b"), py::arg("need_bias"), py::arg("need_w"));
   m.def("lora_merge_", &lora_merge_, "weight += sign * scaling * B A in place", py::arg("weight"), py::arg("lora_A"),
         py::arg("lora_B"), py::arg("scaling"), py::arg("sign"), py::arg("weight_transposed"));
+  m.def("ia3_forward", &ia3_forward, "(y, z) of y = (x W^T + b) * l, or (x * l) W^T + b with z empty",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("scale_input"),
+        py::arg("weight_transposed"));
+  m.def("ia3_backward", &ia3_backward, "(dx, dl, dbias, dweight), None where not needed", py::arg("grad_y"),
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("z"), py::arg("scale_input"),
+        py::arg("weight_transposed"), py::arg("need_x"), py::arg("need_l"), py::arg("need_bias"), py::arg("need_w"));
+  m.def("ia3_merge_", &ia3_merge_, "weight (and the output form's bias) times factor in place", py::arg("weight"),
+        py::arg("factor"), py::arg("bias"), py::arg("scale_input"), py::arg("weight_transposed"));
   m.def("dropout_mask_", &dropout_mask_, "fill keep (M, K) bool with the kernels' dropout keep-mask",
         py::arg("keep"), py::arg("seed"), py::arg("dropout_p"));
 }

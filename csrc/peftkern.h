@@ -62,4 +62,22 @@ cudaError_t lora_merge(void* w, DType w_dtype, int64_t rows, int64_t cols, int64
 cudaError_t lora_dropout_mask(uint8_t* keep, int64_t M, int64_t K, float dropout_p, uint64_t seed,
                               cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------- IA3
+// out (rows, cols) = in * l along columns (scale_cols: l has cols entries) or along rows (l has rows entries), in and
+// out row-major in dtype at row strides ld_in, ld_out (out may be in: in place), l in any DType; fp32 math, one
+// rounding. The output form's y = z * l, the input form's W * l or x * l, and merge / unmerge.
+cudaError_t ia3_scale(const void* in, DType dtype, int64_t ld_in, const void* scale, DType scale_dtype, int64_t rows,
+                      int64_t cols, bool scale_cols, void* out, int64_t ld_out, cudaStream_t stream);
+
+// fp32 elements of workspace that ia3_scale_reduce needs for these sizes.
+int64_t ia3_scale_reduce_workspace(int64_t M, int64_t C, int sm_count);
+
+// One pass over a (M, C) and b (M, C), both row-major in dtype (row strides lda, ldb; b may be null), l (C,) in any
+// DType: out = a * l (if out is not null, row stride ldo), dot_sum (C,) fp32 = sum_m a * b (if not null), colsum (C,)
+// fp32 = sum_m a * l (if not null). Output form's backward: a = dy, b = z (g, dl, dbias); input form's: a = dy W,
+// b = x (dx, dl). The sums over M go through per-split partials added in a fixed order.
+cudaError_t ia3_scale_reduce(const void* a, DType dtype, int64_t lda, const void* b, int64_t ldb, const void* scale,
+                             DType scale_dtype, int64_t M, int64_t C, void* out, int64_t ldo, float* dot_sum,
+                             float* colsum, float* workspace, int sm_count, cudaStream_t stream);
+
 }  // namespace peftkern

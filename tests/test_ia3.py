@@ -340,3 +340,22 @@ def test_op_takes_the_persistent_forward_from_its_threshold(monkeypatch):
         assert bool(calls) == taken, (rows, transposed)
         for name in ref:
             assert_close(got[name], ref[name], torch.bfloat16, f"{name} rows={rows} transposed={transposed}")
+
+
+def test_every_backend_module_takes_the_reference_arguments():
+    """ops/ia3.py calls each backend's ia3_forward / ia3_backward / ia3_merge_ positionally with reference.py's
+    arguments: the CUDA extension's wrappers (which CI cannot run) and the Triton ones must take as many, in the
+    reference's order where the names agree, and default anything beyond."""
+    import inspect
+
+    from peftkern.kernels import cuda as kcuda
+
+    for name in ("ia3_forward", "ia3_backward", "ia3_merge_"):
+        ref = list(inspect.signature(getattr(reference, name)).parameters)
+        for module in (kcuda, kia3):
+            params = list(inspect.signature(getattr(module, name)).parameters.values())
+            what = f"{module.__name__}.{name}{tuple(p.name for p in params)} vs reference {ref}"
+            assert len(params) >= len(ref), what
+            assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:len(ref)]), what
+            assert all(p.name == r or {p.name, r} == {"scale", "scale_vec"} for p, r in zip(params, ref)), what
+            assert all(p.default is not inspect.Parameter.empty for p in params[len(ref):]), what

@@ -1,4 +1,4 @@
-"""The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present.
+"""The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present: LoRA and IA3.
 
 Each op's functions here keep the signatures and return conventions of reference.py's, so ops/ can call any
 backend alike. The kernels, what they fuse and how the extension is built: csrc/README.md.
@@ -76,3 +76,32 @@ def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> Ten
     keep = torch.empty((M, K), dtype=torch.bool, device=device)
     _ext().dropout_mask_(keep, int(seed), float(p))
     return keep
+
+
+# --------------------------------------------------------------------------------------------------- IA3
+def ia3_forward(x, weight, scale, bias, scale_input, weight_transposed):
+    """(y, z) as reference.ia3_forward: z = x W^T + b (output form: saved for dl) or an empty tensor (input form).
+
+    cuBLAS for the product; l applied by one kernel, in fp32 and rounded once: to z (output form), or folded into
+    W (an N x K pass, when M > N) or into x (input form).
+    """
+    return _ext().ia3_forward(x, weight, scale, bias, bool(scale_input), bool(weight_transposed))
+
+
+def ia3_backward(grad_y, x, weight, scale, z, scale_input, weight_transposed, needs):
+    """(dx, dl, dbias, dweight) as reference.ia3_backward, None where `needs` (4 bools) says no.
+
+    Output form: one pass over dy and z writes g = dy * l and sums dl and dbias, then cuBLAS dx = g W. Input form:
+    cuBLAS dy W, then one pass over it and x writes dx and sums dl. dl in l's dtype; dbias, dweight float32.
+    """
+    need_x, need_l, need_bias, need_w = (bool(n) for n in needs)
+    return _ext().ia3_backward(grad_y, x, weight, scale, z, bool(scale_input), bool(weight_transposed), need_x,
+                               need_l, need_bias, need_w)
+
+
+def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool, inverse: bool = False,
+               weight_transposed: bool = False) -> Tensor:
+    """W <- W * l (or / l) in place along N (output form) or K (input form), b <- b * l (or / l) for the output
+    form; fp32 math, one rounding."""
+    factor = 1.0 / scale.float() if inverse else scale
+    return _ext().ia3_merge_(weight, factor, bias, bool(scale_input), bool(weight_transposed))
