@@ -10,6 +10,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --pieces          # each kernel of the op's forward and backward, r = 16, 128
     python scripts/explore_lora.py --tail            # the backward with dA, dB beside the dx kernel's last round or after
     python scripts/explore_lora.py --wide-stages     # r = 128: the persistent forward and dx with 3 or 4 stages
+    python scripts/explore_lora.py --r128-configs    # r = 128: tiles, warps, grouping of the unflattened walk
 """
 import sys
 
@@ -309,7 +310,48 @@ def wide_stages():
                       f"({tb / t_dx:.4f}x)", flush=True)
 
 
+# Unflattened r = 128 configs over the default (_persistent_config(8192, 128)), each compiled for sm_90 here by Triton
+# 3.6 with the scaling outside the epilogue (scripts/compile_report.py's lora_forward case): 160-225 KB of shared
+# memory, 100-167 registers, no spills. Not yet timed (written 2026-12-03, when the device time had run out).
+R128_CONFIGS = [
+    dict(BLOCK_N=256, num_warps=8, num_stages=3, GROUP_M=8, SUBTILE=True),  # the default
+    dict(BLOCK_N=128, num_warps=8, num_stages=4, GROUP_M=8, SUBTILE=False),
+    dict(BLOCK_N=128, num_warps=4, num_stages=4, GROUP_M=8, SUBTILE=False),
+    dict(BLOCK_N=256, num_warps=8, num_stages=3, GROUP_M=16, SUBTILE=True),
+    dict(BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=2, GROUP_M=8, SUBTILE=True),
+    dict(BLOCK_N=256, num_warps=8, num_stages=3, GROUP_M=8, SUBTILE=False),
+]
+
+
+def r128_configs():
+    """r = 128, M = 8192, 4096^2: the persistent forward (s B) and dx (s dyb given) per config of R128_CONFIGS against
+    F.linear's forward and cuBLAS's dy @ W, the skinny cuBLAS product included as the op runs it; two rounds."""
+    dt = torch.bfloat16
+    M, K, N, r = 8192, 4096, 4096, 128
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+    B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
+    print(f"F.linear fwd {t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
+    for _ in range(2):
+        for change in R128_CONFIGS:
+            cfg = {**kl._persistent_config(M, r), **change}
+
+            def dx(cfg=cfg):
+                dyb = kl.scaled_mm(dy, B, 2.0, dt)
+                return kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa=dyb, xa_scaled=True)
+
+            tf = ms(lambda cfg=cfg: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt, prescale_b=True))
+            tb = ms(dx)
+            print(f"  {change}: forward {tf / t_fwd:.4f}x, dx {tb / t_dx:.4f}x", flush=True)
+
+
 if __name__ == "__main__":
+    if "--r128-configs" in sys.argv[1:]:
+        r128_configs()
+        sys.exit()
     if "--wide-stages" in sys.argv[1:]:
         wide_stages()
         sys.exit()
