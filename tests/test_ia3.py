@@ -359,3 +359,29 @@ def test_every_backend_module_takes_the_reference_arguments():
             assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:len(ref)]), what
             assert all(p.name == r or {p.name, r} == {"scale", "scale_vec"} for p, r in zip(params, ref)), what
             assert all(p.default is not inspect.Parameter.empty for p in params[len(ref):]), what
+
+
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+def test_a_product_input_is_recomputed_not_saved(backend, monkeypatch):
+    """The feed-forward place (the down projection, input form) gets h = act(gate) * up: the op multiplies again in
+    backward instead of saving h, with the saved path's gradients exactly (ops/_common.product_source)."""
+    from peftkern.ops import _common
+
+    dtype = dtypes_for(backend)[-1]
+    g0, u0 = (torch.randn(2, 19, 64).to(DEVICE, dtype) for _ in range(2))
+    _, w, scale0, b = make((1,), 64, 40, dtype, True, bias=True)
+    results = []
+    for recompute in (False, True):
+        monkeypatch.setattr(_common, "RECOMPUTE_PRODUCT_INPUT", recompute)
+        g, u, scale = g0.clone().requires_grad_(), u0.clone().requires_grad_(), scale0.clone().requires_grad_()
+        h = torch.nn.functional.silu(g) * u
+        y = peftkern.ia3_linear(h, w, scale, b, scale_input=True)
+        node = y.grad_fn
+        while type(node).__name__ != "IA3LinearFunctionBackward":
+            node = node.next_functions[0][0]
+        assert (node.x_source is not None) == recompute
+        assert recompute != any(t is not None and t.data_ptr() == h.data_ptr() for t in node.saved_tensors)
+        y.square().sum().backward()
+        results.append([g.grad, u.grad, scale.grad])
+    for got, ref in zip(*results):
+        assert torch.equal(got, ref), "the recomputed input must give the saved path's gradients exactly"

@@ -178,6 +178,65 @@ def test_dropout_under_activation_checkpointing(backend):
         "checkpoint recomputation must redraw the same dropout mask"
 
 
+def _op_node(y):
+    """The LoRA Function's node (its ctx) behind the output y, through the reshape lora_linear ends with."""
+    node = y.grad_fn
+    while type(node).__name__ != "LoRALinearFunctionBackward":
+        node = node.next_functions[0][0]
+    return node
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_a_product_input_is_recomputed_not_saved(backend, dropout_p, monkeypatch):
+    """The MLP's down projection gets h = act(gate) * up, whose operands autograd keeps for the product's backward: the
+    op saves no copy of h (a frozen linear saves none either) and multiplies again in backward, with the gradients of
+    the saved path exactly. Not where the product keeps one operand (a frozen factor, as RMSNorm's weight), nor under
+    saved-tensor hooks (activation checkpointing decides there)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import _common
+
+    dtype = dtypes_for(backend)[-1]
+    g0 = torch.randn(3, 29, 72).to(DEVICE, dtype)
+    u0 = torch.randn(3, 29, 72).to(DEVICE, dtype)
+    _, w, A, B, b = make_inputs((1,), 72, 40, 8, dtype)
+
+    def run(recompute, frozen_up=False, ckpt=False):
+        monkeypatch.setattr(_common, "RECOMPUTE_PRODUCT_INPUT", recompute)
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_(not frozen_up)
+        Ai, Bi = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+        torch.manual_seed(5)
+        saved = []
+
+        def layer(g, u):
+            h = torch.nn.functional.silu(g) * u
+            y = peftkern.lora_linear(h, w, Ai, Bi, 0.8, b, dropout_p=dropout_p)
+            node = _op_node(y)
+            kept = ckpt or any(t is not None and t.data_ptr() == h.data_ptr() for t in node.saved_tensors)
+            assert kept == (node.x_source is None), "the op saves x exactly when it cannot recompute it"
+            saved.append(node.x_source is None)
+            return y
+
+        y = checkpoint(layer, g, u, use_reentrant=False) if ckpt else layer(g, u)
+        y.square().sum().backward()
+        return saved[0], [t.grad for t in (g, u, Ai, Bi) if t.grad is not None]
+
+    saved_plain, grads_plain = run(False)
+    assert saved_plain, "without the recomputation the op saves its input"
+    saved, grads = run(True)
+    assert not saved, "the product's storage is saved by the op"
+    assert len(grads) == len(grads_plain) == 4
+    for got, ref in zip(grads, grads_plain):
+        assert torch.equal(got, ref), "the recomputed input must give the saved path's gradients exactly"
+    saved, grads = run(True, frozen_up=True)
+    assert saved and len(grads) == 3, "a product that keeps one operand only: the input is saved"
+    saved, grads = run(True, ckpt=True)
+    assert saved, "under checkpointing's saved-tensor hooks the op saves as usual"
+    for got, ref in zip(grads, grads_plain):
+        assert_close(got, ref, dtype, "checkpointed")
+
+
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
 def test_unfrozen_weight_gets_its_gradient(backend):
     x, w, A, B, b = make_inputs((30,), 48, 40, 8, torch.float32, transposed=True)

@@ -2,7 +2,8 @@
 
 `ia3_linear` checks its inputs once, applies autocast, picks a backend and calls `IA3LinearFunction`, whose
 forward and backward are registered custom ops (peftkern::ia3_fwd / ia3_bwd) for torch.compile.
-Saved for backward: x (the caller holds it), the frozen weight (a reference), l, and for the output form
+Saved for backward: x (the caller holds it; a product a * b such as the MLP's down projection input is multiplied
+again in backward instead, ops/_common.product_source), the frozen weight (a reference), l, and for the output form
 z = x W^T + b (what eager PyTorch saves too; y / l cannot replace it where l is 0).
 """
 
@@ -21,6 +22,8 @@ from ._common import (
     op_range,
     pick_backend,
     prepare_linear,
+    product_source,
+    recompute_product,
 )
 
 
@@ -71,7 +74,9 @@ class IA3LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, scale_input, weight_transposed, backend):
         fwd = torch.ops.peftkern.ia3_fwd if torch.compiler.is_compiling() else _ia3_fwd
         y, z = fwd(x, weight, scale, bias, scale_input, weight_transposed, backend)
-        ctx.save_for_backward(x, weight, scale, z)
+        # x = a * b (the MLP's down projection, IA3's feed-forward place) is multiplied again in backward, not saved
+        ctx.x_source, ctx.x_shape = product_source(x), x.shape
+        ctx.save_for_backward(None if ctx.x_source is not None else x, weight, scale, z)
         ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -79,6 +84,8 @@ class IA3LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, scale, z = ctx.saved_tensors
+        if ctx.x_source is not None:
+            x = recompute_product(ctx.x_source, ctx.x_shape)
         need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]
         need_bias = need_bias and ctx.bias_dtype is not None
         bwd = torch.ops.peftkern.ia3_bwd if torch.compiler.is_compiling() else _ia3_bwd

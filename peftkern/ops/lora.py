@@ -7,7 +7,8 @@ CPU generator), so that under torch.compile it is a random op the partitioner re
 recomputes the forward; compiled dropout then draws from inductor's generator, as nn.Dropout does
 (`torch._inductor.config.fallback_random = True` gives eager's masks).
 
-Saved for backward: x (the caller holds it anyway), the frozen weight (a reference, never a copy),
+Saved for backward: x (the caller holds it anyway; a product a * b, as the MLP's down projection gets, is not saved
+but multiplied again in backward from the a and b autograd keeps for it), the frozen weight (a reference, never a copy),
 the adapters, xa = dropout(x) A^T (M x r: small; in the dtype the backend's lora_xa_dtype names, x's own on the
 Triton backend without dropout) and the dropout seed -- never a mask or a dropped copy of x.
 """
@@ -29,6 +30,8 @@ from ._common import (
     op_range,
     pick_backend,
     prepare_linear,
+    product_source,
+    recompute_product,
 )
 
 
@@ -104,7 +107,10 @@ class LoRALinearFunction(torch.autograd.Function):
         seed = draw_seed() if dropout_p > 0.0 else None
         fwd = torch.ops.peftkern.lora_fwd if torch.compiler.is_compiling() else _lora_fwd
         y, xa = fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
+        ctx.x_source = product_source(x)
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(None if ctx.x_source is not None else x, weight, lora_A, lora_B, xa, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -113,6 +119,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        if ctx.x_source is not None:
+            x = recompute_product(ctx.x_source, ctx.x_shape)
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         bwd = torch.ops.peftkern.lora_bwd if torch.compiler.is_compiling() else _lora_bwd
         dx, da, db, dbias, dw = bwd(
