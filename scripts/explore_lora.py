@@ -283,29 +283,42 @@ def tail():
                       f"us ({t_f / t_fwd:.4f}x), op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
     kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B = saved
 
-def wide_stages():
-    """r = 128 (and 96), M = 8192, 4096^2: the persistent forward (s B given) and dx (s dyb given) with 3 or 4 pipeline
-    stages against F.linear's forward and cuBLAS's dy @ W, cuBLAS's skinny product included, as the op runs them."""
-    dt = torch.bfloat16
+
+def _big_operands(dt):
+    """x, W, dy at M = 8192, 4096^2, with F.linear's forward and cuBLAS's dy @ W timed (ms) and printed."""
     M, K, N = 8192, 4096, 4096
     x = torch.randn(M, K, device="cuda", dtype=dt)
     W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
     dy = torch.randn(M, N, device="cuda", dtype=dt)
     t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
     print(f"F.linear fwd {t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
+    return x, W, dy, t_fwd, t_dx
+
+
+def _scaled_epilogue_times(x, W, dy, A, B, cfg: dict) -> tuple[float, float]:
+    """(forward, dx) in ms of the persistent kernel with the scaling outside its epilogue, as the op runs them: s B for
+    the forward, dyb = s dy B by cuBLAS before the dx (timed with it)."""
+    dt = x.dtype
+
+    def dx():
+        dyb = kl.scaled_mm(dy, B, 2.0, dt)
+        return kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa=dyb, xa_scaled=True)
+
+    return ms(lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt, prescale_b=True)), ms(dx)
+
+
+def wide_stages():
+    """r = 128 (and 96), M = 8192, 4096^2: the persistent forward (s B given) and dx (s dyb given) with 3 or 4 pipeline
+    stages against F.linear's forward and cuBLAS's dy @ W, cuBLAS's skinny product included, as the op runs them."""
+    dt = torch.bfloat16
+    x, W, dy, t_fwd, t_dx = _big_operands(dt)
+    M, K = x.shape
     for r in (128, 96):
         A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
-        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        B = torch.randn(W.shape[0], r, device="cuda", dtype=dt) * 0.01
         for _ in range(2):
             for stages in (3, 4):
-                cfg = {**kl._persistent_config(M, r), "num_stages": stages}
-                tf = ms(lambda: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt, prescale_b=True))
-
-                def dx():
-                    dyb = kl.scaled_mm(dy, B, 2.0, dt)
-                    return kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa=dyb, xa_scaled=True)
-
-                tb = ms(dx)
+                tf, tb = _scaled_epilogue_times(x, W, dy, A, B, {**kl._persistent_config(M, r), "num_stages": stages})
                 print(f"  r={r} stages={stages}: forward {tf * 1e3:.1f} us ({tf / t_fwd:.4f}x), dx {tb * 1e3:.1f} us "
                       f"({tb / t_dx:.4f}x)", flush=True)
 
@@ -327,38 +340,24 @@ def r128_configs():
     """r = 128, M = 8192, 4096^2: the persistent forward (s B) and dx (s dyb given) per config of R128_CONFIGS against
     F.linear's forward and cuBLAS's dy @ W, the skinny cuBLAS product included as the op runs it; two rounds."""
     dt = torch.bfloat16
-    M, K, N, r = 8192, 4096, 4096, 128
-    x = torch.randn(M, K, device="cuda", dtype=dt)
-    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-    dy = torch.randn(M, N, device="cuda", dtype=dt)
-    A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
-    B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
-    t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
-    print(f"F.linear fwd {t_fwd * 1e3:.1f} us, dy @ W {t_dx * 1e3:.1f} us", flush=True)
+    x, W, dy, t_fwd, t_dx = _big_operands(dt)
+    M, K = x.shape
+    A = torch.randn(128, K, device="cuda", dtype=dt) * K ** -0.5
+    B = torch.randn(W.shape[0], 128, device="cuda", dtype=dt) * 0.01
     for _ in range(2):
         for change in R128_CONFIGS:
-            cfg = {**kl._persistent_config(M, r), **change}
-
-            def dx(cfg=cfg):
-                dyb = kl.scaled_mm(dy, B, 2.0, dt)
-                return kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa=dyb, xa_scaled=True)
-
-            tf = ms(lambda cfg=cfg: kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa_dtype=dt, prescale_b=True))
-            tb = ms(dx)
+            tf, tb = _scaled_epilogue_times(x, W, dy, A, B, {**kl._persistent_config(M, 128), **change})
             print(f"  {change}: forward {tf / t_fwd:.4f}x, dx {tb / t_dx:.4f}x", flush=True)
 
 
 if __name__ == "__main__":
     if "--r128-configs" in sys.argv[1:]:
         r128_configs()
-        sys.exit()
-    if "--wide-stages" in sys.argv[1:]:
+    elif "--wide-stages" in sys.argv[1:]:
         wide_stages()
-        sys.exit()
-    if "--tail" in sys.argv[1:]:
+    elif "--tail" in sys.argv[1:]:
         tail()
-        sys.exit()
-    if "--dx-tiles" in sys.argv[1:]:
+    elif "--dx-tiles" in sys.argv[1:]:
         dx_tiles()
     elif "--persistent-dx" in sys.argv[1:]:
         persistent_dx()

@@ -772,9 +772,11 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     elif xa is None:
         xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
-    no_scale = xa_scaled or (prescale_b and xa_given and xa.dtype == x.dtype and scaling != 1.0)
-    b = (lora_B * scaling).to(x.dtype) if no_scale and not xa_scaled else lora_B.to(x.dtype)
-    no_scale = no_scale or (xa_given and xa.dtype == x.dtype and scaling == 1.0)
+    # The epilogue adds xa's tile as it is where the scaling is in xa already, goes into B here, or is 1.
+    xa_plain = xa_given and xa.dtype == x.dtype
+    scale_b = prescale_b and xa_plain and not xa_scaled and scaling != 1.0
+    b = (lora_B * scaling).to(x.dtype) if scale_b else lora_B.to(x.dtype)
+    no_scale = xa_scaled or scale_b or (xa_plain and scaling == 1.0)
     b_rmajor = _tma_layout(b) == "col"
     b = b if b_rmajor else b.contiguous()
     w_kmajor = _tma_layout(w) == "row"
@@ -1090,21 +1092,21 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
         first = TAIL_OVERLAP == "priority"
         with _Overlap(grad_y.device, priority=-1 if first else 0) as ov:
-            with ov.side() if first else contextlib.nullcontext():
+            gemm_stream, rest_stream = (ov.side(), contextlib.nullcontext()) if first else (
+                contextlib.nullcontext(), ov.side())
+            with gemm_stream:
                 dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb,
                                            xa_scaled=PRESCALED_DYB)
-                if first:
-                    ov.keep(dx)
-            with contextlib.nullcontext() if first else ov.side():
+            with rest_stream:
                 da = scaled_mm(dyb.t(), x, sc, lora_A.dtype) if need_a else None
                 db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
                 dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-                if not first:
-                    ov.keep(da, db, dbias)  # what the side stream reads comes from main, which waits for it at exit
-        if need_w:
-            dw = (grad_y.t() @ x).float()
-            dw = dw.t() if weight_transposed else dw
-        return dx, da, db, dbias, dw
+            # what a side stream made, the main one uses; what it read came from main, which waits for it at exit
+            if first:
+                ov.keep(dx)
+            else:
+                ov.keep(da, db, dbias)
+        return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
     if persistent_dx:
         dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt)  # dyb: (M, r)
         need_x = False
@@ -1132,9 +1134,14 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             db = (grad * scaling).to(lora_B.dtype) if need_b else None
             dbias = sums
     if need_w:
-        dw = (grad_y.t() @ x).float()  # only when the user unfroze the weight; cuBLAS, no fp32 copies
-        dw = dw.t() if weight_transposed else dw
+        dw = _weight_grad(grad_y, x, weight_transposed)
     return dx, da, db, dbias, dw
+
+
+def _weight_grad(grad_y, x, weight_transposed):
+    """The frozen weight's gradient, only when the user unfroze it: cuBLAS, float32, no fp32 copies."""
+    dw = (grad_y.t() @ x).float()
+    return dw.t() if weight_transposed else dw
 
 
 def lora_merge_(weight, lora_A, lora_B, scaling, sign, weight_transposed=False):
