@@ -11,6 +11,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --tail            # the backward with dA, dB beside the dx kernel's last round or after
     python scripts/explore_lora.py --wide-stages     # r = 128: the persistent forward and dx with 3 or 4 stages
     python scripts/explore_lora.py --r128-configs    # r = 128: tiles, warps, grouping of the unflattened walk
+    python scripts/explore_lora.py --skinny          # the four skinny cuBLAS products, each way of asking for them
 """
 import sys
 
@@ -350,8 +351,52 @@ def r128_configs():
             print(f"  {change}: forward {tf / t_fwd:.4f}x, dx {tb / t_dx:.4f}x", flush=True)
 
 
+def skinny():
+    """M = 8192, 4096^2, r = 16 and 128: the op's four skinny products (x A^T, dy B, dA = s dyb^T x, dB = s dy^T xa),
+    each as the op asks cuBLAS for it and as the transposed problem (cuBLAS's heuristics see another shape), against the
+    time to read one 64 MB operand at the copy bandwidth; and dA, dB one after the other or on two streams."""
+    dt = torch.bfloat16
+    bw = copy_bandwidth()
+    M, K, N = 8192, 4096, 4096
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    print(f"copy {bw:.0f} GB/s: reading 64 MB takes {M * K * 2 / bw / 1e3 * 1e3:.1f} us", flush=True)
+    side = torch.cuda.Stream()
+
+    def both():
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        da = kl.scaled_mm(dyb.t(), x, 2.0, dt)
+        with torch.cuda.stream(side):
+            db = kl.scaled_mm(dy.t(), xa, 2.0, dt)
+        main.wait_stream(side)
+        return da, db
+
+    for r in (16, 128):
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        xa, dyb = x @ A.t(), dy @ B
+        variants = {
+            "xa  x @ A^T (op)": lambda: x @ A.t(),
+            "xa  (A @ x^T)^T": lambda: (A @ x.t()).t(),
+            "dyb s dy @ B (op)": lambda: kl.scaled_mm(dy, B, 2.0, dt),
+            "dyb (s B^T @ dy^T)^T": lambda: kl.scaled_mm(B.t(), dy.t(), 2.0, dt).t(),
+            "dA  s dyb^T @ x (op)": lambda: kl.scaled_mm(dyb.t(), x, 2.0, dt),
+            "dA  (s x^T @ dyb)^T": lambda: kl.scaled_mm(x.t(), dyb, 2.0, dt).t(),
+            "dB  s dy^T @ xa (op)": lambda: kl.scaled_mm(dy.t(), xa, 2.0, dt),
+            "dB  (s xa^T @ dy)^T": lambda: kl.scaled_mm(xa.t(), dy, 2.0, dt).t(),
+            "dA then dB (op, one stream)": lambda: (kl.scaled_mm(dyb.t(), x, 2.0, dt), kl.scaled_mm(dy.t(), xa, 2.0, dt)),
+            "dA beside dB (two streams)": both,
+        }
+        for _ in range(2):
+            for name, fn in variants.items():
+                print(f"  r={r:3d} {name:30s} {ms(fn) * 1e3:6.1f} us", flush=True)
+
+
 if __name__ == "__main__":
-    if "--r128-configs" in sys.argv[1:]:
+    if "--skinny" in sys.argv[1:]:
+        skinny()
+    elif "--r128-configs" in sys.argv[1:]:
         r128_configs()
     elif "--wide-stages" in sys.argv[1:]:
         wide_stages()
