@@ -59,19 +59,26 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
     return dict(shared=ck.metadata.shared, registers=int(fields["REG"]), local=int(fields["LOCAL"]))
 
 
-def lora_forward(cfg: dict, r: int, xa_scaled: bool = False) -> tuple:
+def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0) -> tuple:
     """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
-    weight read N-major as the backward's dx reads it, B given as B^T)."""
+    weight read N-major as the backward's dx reads it, B given as B^T). workers: that many programs make xa (dyb)
+    themselves from A^T (the backward's B) instead."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     block_r = kl._persistent_block_r(r, cfg["FLATTEN"])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
             "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("bf16", bm, block_r), "xa_ptr": "*bf16",
             "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xam": "i32",
-            "scaling": "fp32", "NUM_SMS": "i32"}
+            "scaling": "fp32", "NUM_SMS": "i32", "xa_scale": "fp32"}
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
-                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled)
+                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled, flags_ptr=None, XA_WORKERS=0,
+                 A_KMAJOR=True, SPIN=True)
+    if workers:
+        args.update(a_desc=_desc("bf16", bk, block_r), flags_ptr="*i32")
+        const.pop("a_desc")
+        const.pop("flags_ptr")
+        const.update(XA_WORKERS=workers, A_KMAJOR=False, SPIN=True)
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -108,6 +115,8 @@ def cases() -> dict:
             for r in (16, 64, 128):
                 out[f"lora persistent forward/dx, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r)
                 out[f"lora persistent dx, s xa given, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True)
+                out[f"lora persistent dx, xa workers, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True,
+                                                                                    workers=4)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

@@ -12,6 +12,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --wide-stages     # r = 128: the persistent forward and dx with 3 or 4 stages
     python scripts/explore_lora.py --r128-configs    # r = 128: tiles, warps, grouping of the unflattened walk
     python scripts/explore_lora.py --skinny          # the four skinny cuBLAS products, each way of asking for them
+    python scripts/explore_lora.py --workers         # xa and dyb made by the persistent kernel's own workers, or not
 """
 import sys
 
@@ -393,8 +394,53 @@ def skinny():
                 print(f"  r={r:3d} {name:30s} {ms(fn) * 1e3:6.1f} us", flush=True)
 
 
+def workers():
+    """XA_WORKERS on and off: the forward, the backward and the op's fwd+bwd (through autograd.grad, as the benchmark
+    times it) against F.linear's, CUDA-graph replays, two rounds; the number of workers each shape gets."""
+    import peftkern
+    dt = torch.bfloat16
+    saved = kl.XA_WORKERS
+    for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 128), (8192, 4096, 4096, 64),
+                       (2048, 4096, 4096, 16), (8192, 11008, 4096, 16), (8192, 4096, 11008, 16)]:
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        xa = x @ A.t()
+        xg = x.clone().requires_grad_(True)
+        Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        t_fwd = ms(lambda: F.linear(x, W))
+        t_base = ms(lambda: torch.autograd.grad(F.linear(xg, W), (xg,), dy))
+        kl.XA_WORKERS = True
+        n_fwd, n_dx = kl.xa_workers(M, N, r, x.device), kl.xa_workers(M, K, r, x.device)
+        print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us; workers "
+              f"{n_fwd} (forward), {n_dx} (dx)", flush=True)
+        outs = {}
+        for on in (False, True):
+            kl.XA_WORKERS = on
+            outs[on] = kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False) + tuple(
+                kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0))[:3])
+        diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                 for a, b in zip(outs[True], outs[False])]
+        print("  workers on vs off, max |diff| / max |off| of y, xa, dx, dA, dB: "
+              + ", ".join(f"{d:.1e}" for d in diffs), flush=True)
+        for _ in range(2):
+            for on in (False, True):
+                kl.XA_WORKERS = on
+                t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+                t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
+                t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
+                print(f"  workers={on:d}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} us ({t_f / t_fwd:.4f}x), "
+                      f"op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
+    kl.XA_WORKERS = saved
+
+
 if __name__ == "__main__":
-    if "--skinny" in sys.argv[1:]:
+    if "--workers" in sys.argv[1:]:
+        workers()
+    elif "--skinny" in sys.argv[1:]:
         skinny()
     elif "--r128-configs" in sys.argv[1:]:
         r128_configs()

@@ -431,6 +431,52 @@ def test_persistent_forward_matches_reference(w_layout, rank, epilogue, poison_e
         assert torch.equal(y_drop, kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt)[0])
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("rank", [8, 16, 128])
+@pytest.mark.parametrize("role", ["forward", "dx"])
+def test_persistent_xa_workers_match_reference(rank, role, poison_empty, monkeypatch):
+    """XA_WORKERS: the persistent kernel's first programs make xa themselves, row block by row block, and the GEMM
+    programs wait for each block's flag before their epilogue reads it. forward: xa = x A^T (saved, unscaled);
+    dx: dyb = s dy B from B^T, a column-major view, as the backward passes it. Shapes where the walk leaves SMs free
+    (the worker count checked), with more row blocks than workers; xa's buffer starts as NaN (poison_empty), so a
+    tile that read its row block before the flag would show. Where no SM is free, cuBLAS makes xa as before."""
+    from peftkern.kernels.triton import lora as kl
+
+    monkeypatch.setattr(kl, "XA_WORKERS", True)
+    gpu = HAS_CUDA and not INTERPRET
+    shapes = [(3000, 256, 4096), (1000, 520, 1096)] if gpu else [(45, 64, 48), (144, 32, 32)]
+    for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
+        for M, K, N in shapes:
+            g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+            rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)
+            x, W, A, B, bias = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(rank, K, scale=K**-0.5), rnd(N, rank), rnd(N)
+            what = f"{role} r={rank} M={M} K={K} N={N} {dtype}"
+            if role == "forward":
+                cfg = kl._persistent_config(M, rank) if gpu else dict(
+                    BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
+                    num_stages=1)
+                workers = kl.xa_workers(M, N, rank, x.device, cfg)
+                assert 0 < workers <= math.ceil(M / cfg["BLOCK_M"]), what
+                y, xa = kl.persistent_forward(x, W, A, B, 0.7, bias, config=cfg, xa_dtype=dtype, workers=True)
+                xa_ref = x.double() @ A.double().t()
+                ref = x.double() @ W.double().t() + 0.7 * xa_ref @ B.double().t() + bias.double()
+                assert_close(xa, xa_ref, dtype, f"{what}: xa")
+                assert_close(y, ref, dtype, f"{what}: y")
+            else:
+                dy = rnd(M, N)
+                cfg = kl._persistent_config(M, rank) if gpu else dict(
+                    BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
+                    num_stages=1)
+                assert kl.xa_workers(M, K, rank, x.device, cfg) > 0, what
+                dx, dyb = kl.persistent_forward(dy, W.t(), B.t(), A.t(), 0.7, config=cfg, xa_dtype=dtype,
+                                                xa_scaled=True, workers=True)
+                dyb_ref = 0.7 * dy.double() @ B.double()
+                assert_close(dyb, dyb_ref, dtype, f"{what}: s dy B")
+                assert_close(dx, dy.double() @ W.double() + dyb_ref @ A.double(), dtype, f"{what}: dx")
+    with pytest.raises(ValueError, match="workers make xa"):
+        kl.persistent_forward(x, W, A, B, 0.7, workers=True, xa=x @ A.t())
+
+
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float16, torch.float32), (torch.float32, torch.float32)])
 def test_scaled_mm(dtype, out_dtype):

@@ -288,31 +288,57 @@ def _tile_counts(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def lora_forward_persistent_kernel(
-    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
-    M, N, K, R, stride_xam, scaling, NUM_SMS,
-    XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
-    SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
-    XA_SCALED: tl.constexpr = False,
-):
-    """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
-    (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
-    tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); x, W and y
-    move by TMA, and so do the small xa and B tiles. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
-    beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
-    separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
-    (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T).
-    R_CHUNKS (XA_GIVEN only): the rank is added in R_CHUNKS slices of BLOCK_R, so r = 128 takes the shared memory
-    and registers of r = 64. XA_SCALED (XA_GIVEN only): the scaling is in the given xa (s x A^T) or in B already,
-    and xa's tile, in y's dtype, goes to the tensor cores straight from shared memory (no multiply on the way)."""
+def _wait_ready(flag_ptr, valid):
+    """Where valid (an int32, nonzero), spin until the int32 at flag_ptr is nonzero (acquire, GPU scope), then fence
+    the async proxy so that TMA loads issued after it see what the flag's writer stored before its release; returns
+    1. One inline-asm loop, no loop in Triton's IR, so the flattened walk around it stays flattened. It is declared
+    pure, which the flattened walk's pipeliner needs (it cannot predicate an op with side effects): it may then run
+    it for an iteration past the walk's end, which `valid` makes a no-op. The caller puts the returned 1 into the
+    coordinates of the loads that must wait, a data dependence that every pass keeps."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred %p; .reg .b32 %v; setp.eq.b32 %p, $2, 0; @%p bra done${:uid}; wait${:uid}: "
+        "ld.acquire.gpu.global.b32 %v, [$1]; setp.eq.b32 %p, %v, 0; @%p bra wait${:uid}; fence.proxy.async.global; "
+        "done${:uid}: mov.b32 $0, 1; }",
+        "=r,l,r", [flag_ptr, valid], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, worker, M, R, stride_xam, xa_scale, num_m, k_tiles,
+               XA_WORKERS: tl.constexpr, A_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """xa = xa_scale x A^T by row blocks of BLOCK_M, worker, worker + XA_WORKERS, ... in the order the GEMM's tiles
+    need them; each block stored, then its flag set with release semantics (after a barrier: every warp's stores
+    first). A_KMAJOR: a_desc holds A (r, K); else A^T (K, r), both row-major."""
+    for mb in tl.range(worker, num_m, XA_WORKERS):
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kk in tl.range(k_tiles):
+            x = x_desc.load([mb * BLOCK_M, kk * BLOCK_K])
+            if A_KMAJOR:
+                acc = tl.dot(x, a_desc.load([0, kk * BLOCK_K]).T, acc)
+            else:
+                acc = tl.dot(x, a_desc.load([kk * BLOCK_K, 0]), acc)
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_R)
+        tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc * xa_scale).to(xa_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (rk[None, :] < R))
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + mb, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr, flags_ptr,
+                      M, N, R, stride_xam, scaling, start, step, num_m, num_n, num_tiles, k_tiles,
+                      XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
+                      SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr, R_CHUNKS: tl.constexpr,
+                      XA_SCALED: tl.constexpr, WAIT: tl.constexpr):
+    """The GEMM programs' walk of lora_forward_persistent_kernel: tiles start, start + step, ... WAIT: xa's row
+    block comes from the kernel's own xa workers, and the epilogue waits for its flag before loading it."""
     dtype = y_desc.dtype
-    start = tl.program_id(0)
-    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     # The epilogue's tile comes from a counter of its own: with the loops flattened, the next tile's loads
     # run ahead of this tile's epilogue.
-    out_tile = start - NUM_SMS
-    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+    out_tile = start - step
+    for tile in tl.range(start, num_tiles, step, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -328,11 +354,15 @@ def lora_forward_persistent_kernel(
                 acc = tl.dot(x, w_desc.load([off_k, off_n]), acc)
             if not XA_GIVEN:
                 xa = tl.dot(x, a_desc.load([0, off_k]).T, xa)
-        out_tile += NUM_SMS
+        out_tile += step
         out_m, out_n = _tile_coords(out_tile, num_m, num_n, GROUP_M)
+        xa_row = out_m * BLOCK_M
+        if WAIT:
+            valid = (out_tile < num_tiles).to(tl.int32)
+            xa_row = xa_row * _wait_ready(flags_ptr + tl.where(valid != 0, out_m, 0), valid)
         for c in tl.range(R_CHUNKS, num_stages=1):
             if XA_GIVEN:
-                xa = xa_desc.load([out_m * BLOCK_M, c * BLOCK_R])
+                xa = xa_desc.load([xa_row, c * BLOCK_R])
             if B_RMAJOR:
                 b_t = b_desc.load([c * BLOCK_R, out_n * BLOCK_N])
             else:
@@ -350,6 +380,50 @@ def lora_forward_persistent_kernel(
             tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], xa,
                      mask=(rows[:, None] < M) & (rk[None, :] < R))
         _store_tile(y_desc, out_m * BLOCK_M, out_n * BLOCK_N, acc, SUBTILE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def lora_forward_persistent_kernel(
+    x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
+    M, N, K, R, stride_xam, scaling, NUM_SMS,
+    XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
+    SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
+    XA_SCALED: tl.constexpr = False, flags_ptr=None, xa_scale=1.0, XA_WORKERS: tl.constexpr = 0,
+    A_KMAJOR: tl.constexpr = True, SPIN: tl.constexpr = True,
+):
+    """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
+    (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
+    tile's loads, which is what brought Triton to cuBLAS's speed on this layout, NOTES-lora.md); x, W and y
+    move by TMA, and so do the small xa and B tiles. Unless XA_GIVEN (xa from cuBLAS), xa is accumulated
+    beside the main product from the x tiles already in shared memory (r / BLOCK_N more MMA work instead of a
+    separate pass over x) and the column-0 tiles store it: measured slower on an H100 with Triton 3.6
+    (NOTES-lora.md). B_RMAJOR: b_desc holds B^T (r, N) row-major (the backward's dx passes A itself as B^T).
+    R_CHUNKS (XA_GIVEN only): the rank is added in R_CHUNKS slices of BLOCK_R, so r = 128 takes the shared memory
+    and registers of r = 64. XA_SCALED (XA_GIVEN only): the scaling is in the given xa (s x A^T) or in B already,
+    and xa's tile, in y's dtype, goes to the tensor cores straight from shared memory (no multiply on the way).
+    XA_WORKERS (XA_GIVEN, R_CHUNKS = 1): the first XA_WORKERS programs make xa = xa_scale x A^T themselves, row block
+    by row block, each flagged in flags_ptr (int32 zeros, one per row block), on SMs the walk leaves free (the
+    grid's other programs take as many rounds of tiles as all of them would); the GEMM programs wait for a row
+    block's flag in the epilogue that reads it. Every program must be resident at once (a grid of at most one
+    program per SM does that). SPIN = False (the interpreter, which runs the programs one after another, workers
+    first) leaves the wait out."""
+    pid = tl.program_id(0)
+    num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    if XA_WORKERS > 0:
+        if pid < XA_WORKERS:
+            _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, pid, M, R, stride_xam, xa_scale, num_m, k_tiles,
+                       XA_WORKERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R)
+        else:
+            _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr, flags_ptr,
+                              M, N, R, stride_xam, scaling, pid - XA_WORKERS, NUM_SMS - XA_WORKERS,
+                              num_m, num_n, num_tiles, k_tiles, XA_GIVEN, W_KMAJOR, HAS_BIAS, FLATTEN, SUBTILE,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, B_RMAJOR, R_CHUNKS, XA_SCALED, SPIN)
+    else:
+        _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr, flags_ptr,
+                          M, N, R, stride_xam, scaling, pid, NUM_SMS, num_m, num_n, num_tiles, k_tiles,
+                          XA_GIVEN, W_KMAJOR, HAS_BIAS, FLATTEN, SUBTILE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M,
+                          B_RMAJOR, R_CHUNKS, XA_SCALED, False)
 
 
 @triton.jit
@@ -738,11 +812,36 @@ def _persistent_block_r(R: int, flatten: bool, xa_given: bool = True) -> int:
     return min(_block_r(R), _PERSISTENT_RANK_SLICE)
 
 
+# xa made inside the persistent kernel by programs of its own (XA_WORKERS), where the tile walk leaves SMs free
+# without a round more. PEFTKERN_LORA_XA_WORKERS=0 turns it off (cuBLAS makes xa and dyb beforehand, as before).
+XA_WORKERS = os.environ.get("PEFTKERN_LORA_XA_WORKERS", "1") != "0"
+_MAX_XA_WORKERS = 16
+
+
+def _gemm_programs(tiles: int, sms: int) -> int:
+    """The fewest programs that walk `tiles` in as few rounds as `sms` programs would."""
+    return triton.cdiv(tiles, triton.cdiv(tiles, sms))
+
+
+def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> int:
+    """How many of the persistent kernel's programs make xa (0: none; cuBLAS makes it beforehand): the SMs that
+    the walk over (M, N)'s tiles leaves free, at most one per row block of xa and _MAX_XA_WORKERS. Needs the
+    epilogue to read the whole rank at once (R_CHUNKS = 1)."""
+    cfg = config or _persistent_config(M, R)
+    if not XA_WORKERS or device.type != "cuda" and not triton_interpret():
+        return 0
+    if triton.cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
+        return 0
+    sms = _sm_count(device)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    return min(sms - _gemm_programs(tiles, sms), triton.cdiv(M, cfg["BLOCK_M"]), _MAX_XA_WORKERS)
+
+
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                        scaling: float, bias: Optional[torch.Tensor] = None,
                        config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32,
-                       xa: Optional[torch.Tensor] = None, xa_scaled: bool = False, prescale_b: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       xa: Optional[torch.Tensor] = None, xa_scaled: bool = False, prescale_b: bool = False,
+                       workers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) = (x w^T + b + s (x A^T) B^T, x A^T) by lora_forward_persistent_kernel; w an (N, K) view, K-major
     (nn.Linear) or N-major (Conv1D's stored (K, N)). Needs persistent_forward_ok. xa comes in xa_dtype: the op's
     forward saves it in lora_xa_dtype (x's), and the backward's dx makes its dyb in x's dtype, which dA's cuBLAS
@@ -750,7 +849,10 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     made beforehand in x's dtype and row-major, is used as it is (the backward makes dyb first, so that dA's product
     can be queued beside the dx kernel). xa_scaled: that xa is s x A^T already (cuBLAS's alpha), in x's dtype.
     prescale_b: B is multiplied by s before the kernel (one small launch), so the epilogue need not scale xa's tile;
-    taken where xa is in x's dtype."""
+    taken where xa is in x's dtype.
+    workers: xa is made inside the kernel by programs on the SMs that the tile walk leaves free
+    (xa_workers(...) > 0; else cuBLAS makes it beforehand, as without), in xa_dtype, as s x A^T where xa_scaled
+    (the backward's dyb), else x A^T. No xa may be given then."""
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
@@ -766,10 +868,18 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if xa is not None and not xa_given:
         raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
-    if xa_scaled and (xa is None or xa.dtype != x.dtype):
+    n_workers = xa_workers(M, N, R, x.device, cfg) if workers and xa_given and xa is None else 0
+    if workers and xa is not None:
+        raise ValueError("persistent_forward: workers make xa; none may be given")
+    if workers:
+        if xa_scaled and xa_dtype != x.dtype:
+            raise ValueError("persistent_forward: xa_scaled needs xa in x's dtype")
+    elif xa_scaled and (xa is None or xa.dtype != x.dtype):
         raise ValueError("persistent_forward: xa_scaled needs xa given in x's dtype")
-    if not xa_given:
+    if not xa_given or n_workers:
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
+    elif xa is None and xa_scaled:  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
+        xa = scaled_mm(x, a.t(), scaling, x.dtype)
     elif xa is None:
         xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
     # The epilogue adds xa's tile as it is where the scaling is in xa already, goes into B here, or is 1.
@@ -784,12 +894,21 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     sms = _sm_count(x.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    grid = (min(sms, tiles),)
+    grid = (n_workers + _gemm_programs(tiles, sms),) if n_workers else (min(sms, tiles),)
     # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): A's
     # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
     # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
     xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
-    a_desc = None if xa_given else TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk])
+    a_kmajor = True
+    flags = None
+    if n_workers:
+        # A's tiles as A (r, K) or A^T (K, r) hold them, row-major: the backward's dx passes B^T, a view of B
+        a_kmajor = _tma_layout(a) != "col"
+        a_desc = (TensorDescriptor.from_tensor(a if a.stride(1) == 1 else a.contiguous(), [block_r, bk]) if a_kmajor
+                  else TensorDescriptor.from_tensor(a.t(), [bk, block_r]))
+        flags = torch.zeros(triton.cdiv(M, bm), device=x.device, dtype=torch.int32)
+    else:
+        a_desc = None if xa_given else TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk])
     b_desc = TensorDescriptor.from_tensor(b.t(), [block_r, bn]) if b_rmajor else TensorDescriptor.from_tensor(
         b, [bn, block_r])
     launch(
@@ -799,7 +918,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         M, N, K, R, xa.stride(0), 1.0 if no_scale else float(scaling), grid[0],
         XA_GIVEN=xa_given, XA_SCALED=no_scale, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r,
         B_RMAJOR=b_rmajor,
-        R_CHUNKS=triton.cdiv(R, block_r), **cfg,
+        R_CHUNKS=triton.cdiv(R, block_r), flags_ptr=flags, xa_scale=float(scaling) if xa_scaled else 1.0,
+        XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(), **cfg,
     )
     return y, xa
 
@@ -1042,7 +1162,7 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     xa_dtype = lora_xa_dtype(x.dtype, dropout_p)
     if mode == "persistent":
         return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype,
-                                  prescale_b=PRESCALED_B and lora_A.shape[0] >= PRESCALED_B_MIN_RANK)
+                                  prescale_b=PRESCALED_B and lora_A.shape[0] >= PRESCALED_B_MIN_RANK, workers=True)
     skinny = _cublas_skinny(dropout_p, x.device)
 
     def down():
@@ -1082,6 +1202,20 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     dt = grad_y.dtype
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                      and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
+    if (persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device)
+            and xa_workers(grad_y.shape[0], w_kn.shape[0], lora_A.shape[0], grad_y.device)):
+        # dyb = s dy B made inside the dx kernel by its xa workers; dB and the bias gradient, which need no dyb, queued
+        # beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's idle ones);
+        # dA behind it.
+        with _Overlap(grad_y.device) as ov:
+            dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
+                                         workers=True)
+            with ov.side():
+                db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
+                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+            ov.keep(db, dbias)
+            da = scaled_mm(dyb.t(), x, 1.0, lora_A.dtype) if need_a else None
+        return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
     if persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device):
         # dyb first; then the dx kernel, and queued behind it the skinny reductions, which take the SMs that the
         # persistent kernel's last round of tiles leaves idle: on a side stream ("side"), or with the dx kernel on a
