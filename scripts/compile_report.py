@@ -73,12 +73,12 @@ def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0) -
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
                  B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled, flags_ptr=None, XA_WORKERS=0,
-                 A_KMAJOR=True, SPIN=True)
+                 A_KMAJOR=True, SPIN=True, WORKER_STAGES=3)
     if workers:
         args.update(a_desc=_desc("bf16", bk, block_r), flags_ptr="*i32")
         const.pop("a_desc")
         const.pop("flags_ptr")
-        const.update(XA_WORKERS=workers, A_KMAJOR=False, SPIN=True)
+        const.update(XA_WORKERS=workers, A_KMAJOR=False, SPIN=True, WORKER_STAGES=kl._worker_stages(bm, bk, block_r))
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 

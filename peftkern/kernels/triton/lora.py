@@ -305,13 +305,15 @@ def _wait_ready(flag_ptr, valid):
 @triton.jit
 def _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, worker, M, R, stride_xam, xa_scale, num_m, k_tiles,
                XA_WORKERS: tl.constexpr, A_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_R: tl.constexpr):
+               BLOCK_R: tl.constexpr, WORKER_STAGES: tl.constexpr):
     """xa = xa_scale x A^T by row blocks of BLOCK_M, worker, worker + XA_WORKERS, ... in the order the GEMM's tiles
     need them; each block stored, then its flag set with release semantics (after a barrier: every warp's stores
-    first). A_KMAJOR: a_desc holds A (r, K); else A^T (K, r), both row-major."""
+    first). A_KMAJOR: a_desc holds A (r, K); else A^T (K, r), both row-major. One SM streams x only as fast as the
+    loads it keeps in flight allow (~16 KB per stage over a DRAM latency of a microsecond or two under the GEMM's
+    traffic): WORKER_STAGES, deeper than the GEMM's pipeline, keeps more in flight."""
     for mb in tl.range(worker, num_m, XA_WORKERS):
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for kk in tl.range(k_tiles):
+        for kk in tl.range(k_tiles, num_stages=WORKER_STAGES):
             x = x_desc.load([mb * BLOCK_M, kk * BLOCK_K])
             if A_KMAJOR:
                 acc = tl.dot(x, a_desc.load([0, kk * BLOCK_K]).T, acc)
@@ -390,7 +392,7 @@ def lora_forward_persistent_kernel(
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
     XA_SCALED: tl.constexpr = False, flags_ptr=None, xa_scale=1.0, XA_WORKERS: tl.constexpr = 0,
-    A_KMAJOR: tl.constexpr = True, SPIN: tl.constexpr = True,
+    A_KMAJOR: tl.constexpr = True, SPIN: tl.constexpr = True, WORKER_STAGES: tl.constexpr = 3,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
     (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
@@ -413,7 +415,7 @@ def lora_forward_persistent_kernel(
     if XA_WORKERS > 0:
         if pid < XA_WORKERS:
             _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, pid, M, R, stride_xam, xa_scale, num_m, k_tiles,
-                       XA_WORKERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R)
+                       XA_WORKERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
         else:
             _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr, flags_ptr,
                               M, N, R, stride_xam, scaling, pid - XA_WORKERS, NUM_SMS - XA_WORKERS,
@@ -818,6 +820,17 @@ XA_WORKERS = os.environ.get("PEFTKERN_LORA_XA_WORKERS", "1") != "0"
 _MAX_XA_WORKERS = 16
 
 
+# Up to this rank: above it the workers' products are too much tensor work for the few SMs they get (r = 128 at
+# M = 8192, 4096^2: 4 workers, 2.1 GFLOP each, made the forward 1.37x F.linear against 1.12x without them).
+XA_WORKERS_MAX_RANK = 64
+_WORKER_SMEM = 200 * 1024  # bytes of the workers' pipeline buffers (the GEMM programs' own take ~188-224 KB)
+
+
+def _worker_stages(bm: int, bk: int, block_r: int) -> int:
+    """Pipeline stages of the xa workers' loop: as many x and A tiles in flight as _WORKER_SMEM holds, at most 10."""
+    return max(2, min(10, _WORKER_SMEM // ((bm + block_r) * bk * 2)))
+
+
 def _gemm_programs(tiles: int, sms: int) -> int:
     """The fewest programs that walk `tiles` in as few rounds as `sms` programs would."""
     return triton.cdiv(tiles, triton.cdiv(tiles, sms))
@@ -828,7 +841,7 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     the walk over (M, N)'s tiles leaves free, at most one per row block of xa and _MAX_XA_WORKERS. Needs the
     epilogue to read the whole rank at once (R_CHUNKS = 1)."""
     cfg = config or _persistent_config(M, R)
-    if not XA_WORKERS or device.type != "cuda" and not triton_interpret():
+    if not XA_WORKERS or R > XA_WORKERS_MAX_RANK or device.type != "cuda" and not triton_interpret():
         return 0
     if triton.cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
         return 0
@@ -919,7 +932,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         XA_GIVEN=xa_given, XA_SCALED=no_scale, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r,
         B_RMAJOR=b_rmajor,
         R_CHUNKS=triton.cdiv(R, block_r), flags_ptr=flags, xa_scale=float(scaling) if xa_scaled else 1.0,
-        XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(), **cfg,
+        XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
+        WORKER_STAGES=_worker_stages(bm, bk, block_r) if n_workers else 3, **cfg,
     )
     return y, xa
 
