@@ -570,8 +570,10 @@ def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
 # (rank, TAIL_OVERLAP): the default ("side") at every rank, and one stream ("0", the path with dyb made inside) and the
 # high-priority variant where they add code paths, not just compiles (each shard of the GPU suite compiles its own).
 # Under the interpreter the tail modes do not apply (cuBLAS's products on a side stream): "0" at every rank.
-_PDX_CASES = ([(16, "0"), (16, "side"), (16, "priority"), (64, "side"), (128, "0"), (128, "side")]
-              if HAS_CUDA and not INTERPRET else [(16, "0"), (64, "0"), (128, "0")])
+# "side" runs with the dx kernel's xa workers (up to XA_WORKERS_DX_MAX_M rows, as here) and without ("side-no-workers",
+# the path of larger M).
+_PDX_CASES = ([(16, "0"), (16, "side"), (16, "side-no-workers"), (16, "priority"), (64, "side"), (128, "0"),
+               (128, "side")] if HAS_CUDA and not INTERPRET else [(16, "0"), (64, "0"), (128, "0")])
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
@@ -581,11 +583,13 @@ def test_persistent_dx_matches_reference(transposed, rank, tail, monkeypatch):
     """PERSISTENT_DX (on by default from PERSISTENT_DX_MIN_M rows): the backward's dx and dyb by the persistent
     forward kernel with dy, W^T, B^T and A^T for its x, w, A and B. Every gradient against the reference, with
     float32 adapters and bias, the kernel's use checked, and left alone where it does not apply (dropout).
-    tail: dA, dB and the bias gradient on a side stream behind the dx kernel (TAIL_OVERLAP, cuBLAS's products: GPU)."""
+    tail: dA, dB and the bias gradient on a side stream behind the dx kernel (TAIL_OVERLAP, cuBLAS's products: GPU);
+    at these few rows "side" makes dyb in the dx kernel (XA_WORKERS), "side-no-workers" before it."""
     from peftkern.kernels.triton import lora as kl
 
     peftkern.set_backend("triton")
-    monkeypatch.setattr(kl, "TAIL_OVERLAP", tail)
+    monkeypatch.setattr(kl, "XA_WORKERS", not tail.endswith("no-workers"))
+    monkeypatch.setattr(kl, "TAIL_OVERLAP", tail.removesuffix("-no-workers"))
     monkeypatch.setattr(kl, "PERSISTENT_DX", True)
     monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)

@@ -823,6 +823,11 @@ _MAX_XA_WORKERS = 16
 # Up to this rank: above it the workers' products are too much tensor work for the few SMs they get (r = 128 at
 # M = 8192, 4096^2: 4 workers, 2.1 GFLOP each, made the forward 1.37x F.linear against 1.12x without them).
 XA_WORKERS_MAX_RANK = 64
+# The backward's dx takes them up to this many rows. Timed on an H200 (explore_lora.py --workers,
+# logs/explore-lora-workers-59b8084-h200.log), the backward alone: 118 vs 122 us at M = 2048, 239-240 vs 241-242 us at
+# 4096, but 470 vs 462-463 us at 8192 (4096^2, r = 16), where dA, which needs dyb, can only follow the dx kernel,
+# while without workers dA and dB both fill the SMs its last round of tiles leaves idle.
+XA_WORKERS_DX_MAX_M = 4096
 _WORKER_SMEM = 200 * 1024  # bytes of the workers' pipeline buffers (the GEMM programs' own take ~188-224 KB)
 
 
@@ -1217,6 +1222,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                      and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
     if (persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device)
+            and grad_y.shape[0] <= XA_WORKERS_DX_MAX_M
             and xa_workers(grad_y.shape[0], w_kn.shape[0], lora_A.shape[0], grad_y.device)):
         # dyb = s dy B made inside the dx kernel by its xa workers; dB and the bias gradient, which need no dyb, queued
         # beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's idle ones);
