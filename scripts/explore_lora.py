@@ -252,6 +252,21 @@ def pieces():
             print(f"  r={r:3d} {name:32s} {t * 1e3:7.1f} us", flush=True)
 
 
+def _op_operands(M: int, K: int, N: int, r: int, dt):
+    """x, W, A, B, dy, xa = x A^T, leaf copies of x, A, B for autograd, and F.linear's forward and fwd+bwd (ms)."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+    A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+    B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+    dy = torch.randn(M, N, device="cuda", dtype=dt)
+    xg = x.clone().requires_grad_(True)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    t_fwd = ms(lambda: F.linear(x, W))
+    t_base = ms(lambda: torch.autograd.grad(F.linear(xg, W), (xg,), dy))
+    return x, W, A, B, dy, x @ A.t(), xg, Ag, Bg, t_fwd, t_base
+
+
 def tail():
     """The backward with dA, dB and the bias gradient behind the persistent dx kernel (TAIL_OVERLAP "side" or
     "priority") or after it ("0"), with dyb made as s dy B (PRESCALED_DYB) or not, and the forward with s B
@@ -263,17 +278,7 @@ def tail():
     variants = [("0", False, False), ("side", False, False), ("side", True, False), ("side", True, True)]
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 128), (8192, 4096, 4096, 64),
                        (8192, 4096, 11008, 16)]:
-        torch.manual_seed(0)
-        x = torch.randn(M, K, device="cuda", dtype=dt)
-        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
-        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
-        dy = torch.randn(M, N, device="cuda", dtype=dt)
-        xa = x @ A.t()
-        xg = x.clone().requires_grad_(True)
-        Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-        t_fwd = ms(lambda: F.linear(x, W))
-        t_base = ms(lambda: torch.autograd.grad(F.linear(xg, W), (xg,), dy))
+        x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
         print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us", flush=True)
         for _ in range(2):
             for tail_mode, dyb_s, b_s in variants:
@@ -402,17 +407,7 @@ def workers():
     saved = kl.XA_WORKERS
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 4096, 16),
                        (4096, 4096, 4096, 16), (8192, 11008, 4096, 16), (8192, 4096, 11008, 16)]:
-        torch.manual_seed(0)
-        x = torch.randn(M, K, device="cuda", dtype=dt)
-        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
-        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
-        dy = torch.randn(M, N, device="cuda", dtype=dt)
-        xa = x @ A.t()
-        xg = x.clone().requires_grad_(True)
-        Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-        t_fwd = ms(lambda: F.linear(x, W))
-        t_base = ms(lambda: torch.autograd.grad(F.linear(xg, W), (xg,), dy))
+        x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
         kl.XA_WORKERS = True
         n_fwd, n_dx = kl.xa_workers(M, N, r, x.device), kl.xa_workers(M, K, r, x.device)
         print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us; workers "
