@@ -16,7 +16,9 @@ Kernels:
   * `lora_adapter_grad_kernel`: dA and dB (and the bias gradient) as skinny reductions over M, split over M
     into partial sums that a small deterministic sum finishes.
   * `lora_forward_persistent_kernel`: the forward from M = 512 without dropout: one program per SM walks the
-    output tiles of x W^T by TMA and adds s xa B^T in each tile's epilogue (xa from cuBLAS beforehand).
+    output tiles of x W^T by TMA and adds s xa B^T in each tile's epilogue (xa from cuBLAS beforehand, or, where the
+    walk leaves SMs free, from the kernel's own first programs, which flag each row block as it is stored:
+    XA_WORKERS). The backward's dx runs on it too.
   * `lora_merge_kernel`: W += sign s B A in place; `lora_dropout_mask_kernel`: the mask, for tests.
 How the op uses them (the persistent forward where it applies, else cuBLAS for x W^T with the term added
 beside; the backward uses the fused dx GEMM; the skinny products go to cuBLAS when there is no dropout) and
