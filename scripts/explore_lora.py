@@ -432,28 +432,10 @@ def workers():
     kl.XA_WORKERS = saved
 
 
+MODES = {"--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
+         "--tail": tail, "--dx-tiles": dx_tiles, "--persistent-dx": persistent_dx, "--ia3-dx-tiles": ia3_dx_tiles,
+         "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces}
+
+
 if __name__ == "__main__":
-    if "--workers" in sys.argv[1:]:
-        workers()
-    elif "--skinny" in sys.argv[1:]:
-        skinny()
-    elif "--r128-configs" in sys.argv[1:]:
-        r128_configs()
-    elif "--wide-stages" in sys.argv[1:]:
-        wide_stages()
-    elif "--tail" in sys.argv[1:]:
-        tail()
-    elif "--dx-tiles" in sys.argv[1:]:
-        dx_tiles()
-    elif "--persistent-dx" in sys.argv[1:]:
-        persistent_dx()
-    elif "--ia3-dx-tiles" in sys.argv[1:]:
-        ia3_dx_tiles()
-    elif "--wide-ranks" in sys.argv[1:]:
-        wide_ranks()
-    elif "--ia3-input-dx" in sys.argv[1:]:
-        ia3_input_dx()
-    elif "--pieces" in sys.argv[1:]:
-        pieces()
-    else:
-        main()
+    next((fn for flag, fn in MODES.items() if flag in sys.argv[1:]), main)()

@@ -449,14 +449,13 @@ def test_persistent_xa_workers_match_reference(rank, role, poison_empty, monkeyp
     shapes = [(3000, 256, 4096), (1000, 520, 1096)] if gpu else [(45, 64, 48), (144, 32, 32)]
     for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
         for M, K, N in shapes:
+            cfg = kl._persistent_config(M, rank) if gpu else dict(
+                BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4, num_stages=1)
             g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
             rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)
             x, W, A, B, bias = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(rank, K, scale=K**-0.5), rnd(N, rank), rnd(N)
             what = f"{role} r={rank} M={M} K={K} N={N} {dtype}"
             if role == "forward":
-                cfg = kl._persistent_config(M, rank) if gpu else dict(
-                    BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
-                    num_stages=1)
                 workers = kl.xa_workers(M, N, rank, x.device, cfg)
                 assert 0 < workers <= math.ceil(M / cfg["BLOCK_M"]), what
                 y, xa = kl.persistent_forward(x, W, A, B, 0.7, bias, config=cfg, xa_dtype=dtype, workers=True)
@@ -466,9 +465,6 @@ def test_persistent_xa_workers_match_reference(rank, role, poison_empty, monkeyp
                 assert_close(y, ref, dtype, f"{what}: y")
             else:
                 dy = rnd(M, N)
-                cfg = kl._persistent_config(M, rank) if gpu else dict(
-                    BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, FLATTEN=False, SUBTILE=True, num_warps=4,
-                    num_stages=1)
                 assert kl.xa_workers(M, K, rank, x.device, cfg) > 0, what
                 dx, dyb = kl.persistent_forward(dy, W.t(), B.t(), A.t(), 0.7, config=cfg, xa_dtype=dtype,
                                                 xa_scaled=True, workers=True)

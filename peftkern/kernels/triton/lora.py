@@ -847,9 +847,9 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     """How many of the persistent kernel's programs make xa (0: none; cuBLAS makes it beforehand): the SMs that
     the walk over (M, N)'s tiles leaves free, at most one per row block of xa and _MAX_XA_WORKERS. Needs the
     epilogue to read the whole rank at once (R_CHUNKS = 1)."""
-    cfg = config or _persistent_config(M, R)
     if not XA_WORKERS or R > XA_WORKERS_MAX_RANK or device.type != "cuda" and not triton_interpret():
         return 0
+    cfg = config or _persistent_config(M, R)
     if triton.cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
         return 0
     sms = _sm_count(device)
@@ -924,7 +924,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     if n_workers:
         # A's tiles as A (r, K) or A^T (K, r) hold them, row-major: the backward's dx passes B^T, a view of B
         a_kmajor = _tma_layout(a) != "col"
-        a_desc = (TensorDescriptor.from_tensor(a if a.stride(1) == 1 else a.contiguous(), [block_r, bk]) if a_kmajor
+        a_desc = (TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk]) if a_kmajor
                   else TensorDescriptor.from_tensor(a.t(), [bk, block_r]))
         flags = torch.zeros(triton.cdiv(M, bm), device=x.device, dtype=torch.int32)
     else:
