@@ -59,10 +59,10 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
     return dict(shared=ck.metadata.shared, registers=int(fields["REG"]), local=int(fields["LOCAL"]))
 
 
-def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0) -> tuple:
+def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0, helpers: int = 0) -> tuple:
     """lora_forward_persistent_kernel as persistent_forward launches it for rank r (xa from cuBLAS, nn.Linear's
     weight read N-major as the backward's dx reads it, B given as B^T). workers: that many programs make xa (dyb)
-    themselves from A^T (the backward's B) instead."""
+    themselves from A^T (the backward's B) instead; helpers: that many programs make it before their tiles."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     block_r = kl._persistent_block_r(r, cfg["FLATTEN"])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
@@ -73,12 +73,13 @@ def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0) -
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
                  B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled, flags_ptr=None, XA_WORKERS=0,
-                 A_KMAJOR=True, SPIN=True, WORKER_STAGES=3)
-    if workers:
+                 A_KMAJOR=True, SPIN=True, WORKER_STAGES=3, XA_HELPERS=0)
+    if workers or helpers:
         args.update(a_desc=_desc("bf16", bk, block_r), flags_ptr="*i32")
         const.pop("a_desc")
         const.pop("flags_ptr")
-        const.update(XA_WORKERS=workers, A_KMAJOR=False, SPIN=True, WORKER_STAGES=kl._worker_stages(bm, bk, block_r))
+        const.update(XA_WORKERS=workers, XA_HELPERS=helpers, A_KMAJOR=False, SPIN=True,
+                     WORKER_STAGES=kl._worker_stages(bm, bk, block_r))
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -117,6 +118,8 @@ def cases() -> dict:
                 out[f"lora persistent dx, s xa given, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True)
                 out[f"lora persistent dx, xa workers, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True,
                                                                                     workers=4)
+                out[f"lora persistent dx, xa helpers, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True,
+                                                                                    helpers=32)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

@@ -13,6 +13,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --r128-configs    # r = 128: tiles, warps, grouping of the unflattened walk
     python scripts/explore_lora.py --skinny          # the four skinny cuBLAS products, each way of asking for them
     python scripts/explore_lora.py --workers         # xa and dyb made by the persistent kernel's own workers, or not
+    python scripts/explore_lora.py --helpers         # the same by nobody, workers, or helpers (programs a tile short)
 """
 import sys
 
@@ -432,7 +433,44 @@ def workers():
     kl.XA_WORKERS = saved
 
 
-MODES = {"--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
+def helpers():
+    """xa and dyb made inside the persistent kernel by nobody (cuBLAS beforehand), by workers (programs of their own),
+    by helpers (the programs the walk gives a tile fewer, before their tiles), and by helpers in the dx kernel at every
+    M as well: the forward, the backward and the op's fwd+bwd (through autograd.grad, as the benchmark times it)
+    against F.linear's, CUDA-graph replays, two rounds; each shape's plan, and each variant's largest difference."""
+    import peftkern
+    dt = torch.bfloat16
+    saved = kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M
+    variants = {"off": (False, False, saved[2]), "workers": (True, False, saved[2]), "helpers": (True, True, saved[2]),
+                "helpers, dx at any M": (True, True, 1 << 30)}
+    for M, K, N, r in [(8192, 4096, 4096, 128), (8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 4096, 16),
+                       (4096, 4096, 4096, 16), (8192, 11008, 4096, 16), (8192, 4096, 11008, 16)]:
+        x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
+        kl.XA_WORKERS = kl.XA_HELPERS = True
+        print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us; plan (workers, "
+              f"helpers) {kl.xa_plan(M, N, r, x.device)} forward, {kl.xa_plan(M, K, r, x.device)} dx", flush=True)
+        outs = {}
+        for name, v in variants.items():
+            kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M = v
+            outs[name] = kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False) + tuple(
+                kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0))[:3])
+        for name in list(variants)[1:]:
+            diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                     for a, b in zip(outs[name], outs["off"])]
+            print(f"  {name} vs off, max |diff| / max |off| of y, xa, dx, dA, dB: "
+                  + ", ".join(f"{d:.1e}" for d in diffs), flush=True)
+        for _ in range(2):
+            for name, v in variants.items():
+                kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M = v
+                t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+                t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
+                t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
+                print(f"  {name:20s}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} us ({t_f / t_fwd:.4f}x), "
+                      f"op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
+    kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M = saved
+
+
+MODES = {"--helpers": helpers, "--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
          "--tail": tail, "--dx-tiles": dx_tiles, "--persistent-dx": persistent_dx, "--ia3-dx-tiles": ia3_dx_tiles,
          "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces}
 

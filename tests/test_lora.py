@@ -432,21 +432,33 @@ def test_persistent_forward_matches_reference(w_layout, rank, epilogue, poison_e
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
-@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("rank", [8, 16, 64, 128])
 @pytest.mark.parametrize("role", ["forward", "dx"])
-def test_persistent_xa_workers_match_reference(rank, role, poison_empty, monkeypatch):
-    """XA_WORKERS: the persistent kernel's first programs make xa themselves, row block by row block, and the GEMM
-    programs wait for each block's flag before their epilogue reads it. forward: xa = x A^T (saved, unscaled);
-    dx: dyb = s dy B from B^T, a column-major view, as the backward passes it. Shapes where the walk leaves SMs free
-    (the worker count checked), with more row blocks than workers; xa's buffer starts as NaN (poison_empty), so a
-    tile that read its row block before the flag would show. Where no SM is free, or above XA_WORKERS_MAX_RANK,
-    cuBLAS makes xa as before."""
+@pytest.mark.parametrize("mode", ["workers", "helpers"])
+def test_persistent_xa_workers_match_reference(rank, role, mode, poison_empty, monkeypatch):
+    """xa made inside the persistent kernel, and the GEMM programs waiting for each row block's flag before their
+    epilogue reads it. workers (XA_WORKERS): the first programs make xa and walk no tile; helpers (XA_HELPERS): the
+    programs the walk gives a tile fewer make xa first, then walk their tiles. forward: xa = x A^T (saved, unscaled);
+    dx: dyb = s dy B from B^T, a column-major view, as the backward passes it. Shapes where the plan picks the mode
+    (checked), with more row blocks than makers; xa's buffer starts as NaN (poison_empty), so a tile that read its row
+    block before the flag would show. Workers stop at XA_WORKERS_MAX_RANK, where cuBLAS makes xa as before."""
     from peftkern.kernels.triton import lora as kl
 
     monkeypatch.setattr(kl, "XA_WORKERS", True)
-    assert kl.xa_workers(8192, 4096, kl.XA_WORKERS_MAX_RANK + 8, torch.device(DEVICE)) == 0
+    monkeypatch.setattr(kl, "XA_HELPERS", mode == "helpers")
     gpu = HAS_CUDA and not INTERPRET
-    shapes = [(3000, 256, 4096), (1000, 520, 1096)] if gpu else [(45, 64, 48), (144, 32, 32)]
+    if not gpu:  # four programs and a few row blocks: let each helper make as many as the shape needs
+        monkeypatch.setattr(kl, "XA_HELPER_MAX_BLOCKS", 64)
+    dev = torch.device(DEVICE)
+    assert kl.xa_workers(8192, 4096, kl.XA_WORKERS_MAX_RANK + 8, dev) == 0
+    if mode == "workers" and rank > kl.XA_WORKERS_MAX_RANK:
+        assert kl.xa_plan(8192, 4096, rank, dev) == (0, 0)
+        return
+    if gpu:
+        shapes = [(3000, 256, 4096), (1000, 520, 1096)] if mode == "workers" else [(3000, 4096, 4096),
+                                                                                 (1500, 4000, 4000)]
+    else:
+        shapes = [(45, 64, 48), (144, 32, 32)]
     for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
         for M, K, N in shapes:
             cfg = kl._persistent_config(M, rank) if gpu else dict(
@@ -454,10 +466,12 @@ def test_persistent_xa_workers_match_reference(rank, role, poison_empty, monkeyp
             g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
             rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)
             x, W, A, B, bias = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(rank, K, scale=K**-0.5), rnd(N, rank), rnd(N)
-            what = f"{role} r={rank} M={M} K={K} N={N} {dtype}"
+            what = f"{mode} {role} r={rank} M={M} K={K} N={N} {dtype}"
+            workers, helpers = kl.xa_plan(M, N if role == "forward" else K, rank, x.device, cfg)
+            makers = workers if mode == "workers" else helpers
+            assert 0 < makers and (workers == 0 or helpers == 0), f"{what}: plan {workers, helpers}"
+            assert mode == "helpers" or makers <= math.ceil(M / cfg["BLOCK_M"]), what
             if role == "forward":
-                workers = kl.xa_workers(M, N, rank, x.device, cfg)
-                assert 0 < workers <= math.ceil(M / cfg["BLOCK_M"]), what
                 y, xa = kl.persistent_forward(x, W, A, B, 0.7, bias, config=cfg, xa_dtype=dtype, workers=True)
                 xa_ref = x.double() @ A.double().t()
                 ref = x.double() @ W.double().t() + 0.7 * xa_ref @ B.double().t() + bias.double()
@@ -465,7 +479,6 @@ def test_persistent_xa_workers_match_reference(rank, role, poison_empty, monkeyp
                 assert_close(y, ref, dtype, f"{what}: y")
             else:
                 dy = rnd(M, N)
-                assert kl.xa_workers(M, K, rank, x.device, cfg) > 0, what
                 dx, dyb = kl.persistent_forward(dy, W.t(), B.t(), A.t(), 0.7, config=cfg, xa_dtype=dtype,
                                                 xa_scaled=True, workers=True)
                 dyb_ref = 0.7 * dy.double() @ B.double()

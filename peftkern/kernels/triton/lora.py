@@ -306,14 +306,14 @@ def _wait_ready(flag_ptr, valid):
 
 @triton.jit
 def _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, worker, M, R, stride_xam, xa_scale, num_m, k_tiles,
-               XA_WORKERS: tl.constexpr, A_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               stride, A_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_R: tl.constexpr, WORKER_STAGES: tl.constexpr):
-    """xa = xa_scale x A^T by row blocks of BLOCK_M, worker, worker + XA_WORKERS, ... in the order the GEMM's tiles
+    """xa = xa_scale x A^T by row blocks of BLOCK_M, worker, worker + stride, ... in the order the GEMM's tiles
     need them; each block stored, then its flag set with release semantics (after a barrier: every warp's stores
     first). A_KMAJOR: a_desc holds A (r, K); else A^T (K, r), both row-major. One SM streams x only as fast as the
     loads it keeps in flight allow (~16 KB per stage over a DRAM latency of a microsecond or two under the GEMM's
     traffic): WORKER_STAGES, deeper than the GEMM's pipeline, keeps more in flight."""
-    for mb in tl.range(worker, num_m, XA_WORKERS):
+    for mb in tl.range(worker, num_m, stride):
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for kk in tl.range(k_tiles, num_stages=WORKER_STAGES):
             x = x_desc.load([mb * BLOCK_M, kk * BLOCK_K])
@@ -395,6 +395,7 @@ def lora_forward_persistent_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
     XA_SCALED: tl.constexpr = False, flags_ptr=None, xa_scale=1.0, XA_WORKERS: tl.constexpr = 0,
     A_KMAJOR: tl.constexpr = True, SPIN: tl.constexpr = True, WORKER_STAGES: tl.constexpr = 3,
+    XA_HELPERS: tl.constexpr = 0,
 ):
     """The whole LoRA forward in one kernel: y = x W^T + b + s (x A^T) B^T, and xa = x A^T stored for backward
     (in xa's dtype; read by TMA in it when XA_GIVEN). One program per SM walks the output tiles (persistent: a tile's epilogue overlaps the next
@@ -411,10 +412,30 @@ def lora_forward_persistent_kernel(
     grid's other programs take as many rounds of tiles as all of them would); the GEMM programs wait for a row
     block's flag in the epilogue that reads it. Every program must be resident at once (a grid of at most one
     program per SM does that). SPIN = False (the interpreter, which runs the programs one after another, workers
-    first) leaves the wait out."""
+    first) leaves the wait out.
+    XA_HELPERS (XA_GIVEN, R_CHUNKS = 1, no XA_WORKERS): where the walk gives XA_HELPERS of the NUM_SMS programs a tile
+    fewer than the rest, those programs (the first XA_HELPERS) make xa's row blocks first, then walk their tiles:
+    no program is taken from the walk, and the helpers' blocks fill the round the others spend on their last
+    tile. Under the interpreter (no SPIN) program 0 makes every block before any tile is walked."""
     pid = tl.program_id(0)
     num_m, num_n, num_tiles, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
-    if XA_WORKERS > 0:
+    if XA_HELPERS > 0:
+        # The walk's slots rem, ..., NUM_SMS - 1 (rem = num_tiles mod NUM_SMS) hold a tile fewer: the helpers take them.
+        if pid < XA_HELPERS:
+            if SPIN:
+                _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, pid, M, R, stride_xam, xa_scale, num_m, k_tiles,
+                           XA_HELPERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
+            elif pid == 0:
+                _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, 0, M, R, stride_xam, xa_scale, num_m, k_tiles,
+                           1, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
+            slot = pid + NUM_SMS - XA_HELPERS
+        else:
+            slot = pid - XA_HELPERS
+        _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr, flags_ptr,
+                          M, N, R, stride_xam, scaling, slot, NUM_SMS, num_m, num_n, num_tiles, k_tiles,
+                          XA_GIVEN, W_KMAJOR, HAS_BIAS, FLATTEN, SUBTILE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M,
+                          B_RMAJOR, R_CHUNKS, XA_SCALED, SPIN)
+    elif XA_WORKERS > 0:
         if pid < XA_WORKERS:
             _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, pid, M, R, stride_xam, xa_scale, num_m, k_tiles,
                        XA_WORKERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
@@ -857,6 +878,49 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     return min(sms - _gemm_programs(tiles, sms), triton.cdiv(M, cfg["BLOCK_M"]), _MAX_XA_WORKERS)
 
 
+# xa made inside the persistent kernel by helpers (XA_HELPERS): where the walk gives some programs a tile fewer than the
+# rest, those programs make xa's row blocks before walking their tiles. Unlike the workers, they take no program
+# from the walk, and their products may be as much tensor work as a tile (r = 128 at M = 8192, 4096^2: 32 of 132
+# programs walk 7 tiles, not 8, and make two 128-row blocks of xa each, half a 128x256 tile's MMA work apiece).
+# Where both apply the helpers go first. PEFTKERN_LORA_XA_HELPERS=0 turns them off (PEFTKERN_LORA_XA_WORKERS=0 both).
+XA_HELPERS = os.environ.get("PEFTKERN_LORA_XA_HELPERS", "1") != "0"
+# A helper makes at most this many row blocks: two of r = 128 are the MMA work of the tile it walks fewer.
+XA_HELPER_MAX_BLOCKS = 2
+
+
+def xa_helpers(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> int:
+    """How many of the persistent kernel's programs make xa before their tiles (0: none): the programs the walk
+    over (M, N)'s tiles gives a tile fewer, if that makes each at most XA_HELPER_MAX_BLOCKS row blocks of xa. Needs
+    the epilogue to read the whole rank at once (R_CHUNKS = 1)."""
+    if not (XA_WORKERS and XA_HELPERS) or device.type != "cuda" and not triton_interpret():
+        return 0
+    cfg = config or _persistent_config(M, R)
+    if triton.cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
+        return 0
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    programs = min(_sm_count(device), tiles)
+    helpers = programs - tiles % programs if tiles % programs else 0
+    if not helpers or triton.cdiv(triton.cdiv(M, cfg["BLOCK_M"]), helpers) > XA_HELPER_MAX_BLOCKS:
+        return 0
+    return helpers
+
+
+def xa_plan(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> tuple[int, int]:
+    """(workers, helpers) of a persistent kernel asked to make xa itself: helpers where they apply, else workers,
+    else neither (0, 0: cuBLAS makes xa beforehand)."""
+    helpers = xa_helpers(M, N, R, device, config)
+    return (0, helpers) if helpers else (xa_workers(M, N, R, device, config), 0)
+
+
+# The backward's dx kernel makes dyb itself up to XA_WORKERS_DX_MAX_M rows, and above that where helpers do it above
+# XA_WORKERS_MAX_RANK (there the last round's idle SMs could not hold dA and dB anyway: r = 128 gained nothing from
+# TAIL_OVERLAP, NOTES-lora.md, ninth session).
+def dx_makes_dyb(M: int, K: int, R: int, device: torch.device) -> bool:
+    """Whether the backward's persistent dx kernel (output M x K) makes dyb = s dy B itself."""
+    workers, helpers = xa_plan(M, K, R, device)
+    return bool(workers or helpers) and (M <= XA_WORKERS_DX_MAX_M or (helpers and R > XA_WORKERS_MAX_RANK))
+
+
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                        scaling: float, bias: Optional[torch.Tensor] = None,
                        config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32,
@@ -870,8 +934,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     can be queued beside the dx kernel). xa_scaled: that xa is s x A^T already (cuBLAS's alpha), in x's dtype.
     prescale_b: B is multiplied by s before the kernel (one small launch), so the epilogue need not scale xa's tile;
     taken where xa is in x's dtype.
-    workers: xa is made inside the kernel by programs on the SMs that the tile walk leaves free
-    (xa_workers(...) > 0; else cuBLAS makes it beforehand, as without), in xa_dtype, as s x A^T where xa_scaled
+    workers: xa is made inside the kernel by its workers or helpers where the tile walk leaves room
+    (xa_plan(...) != (0, 0); else cuBLAS makes it beforehand, as without), in xa_dtype, as s x A^T where xa_scaled
     (the backward's dyb), else x A^T. No xa may be given then."""
     M, K = x.shape
     N = w.shape[0]
@@ -888,7 +952,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if xa is not None and not xa_given:
         raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
-    n_workers = xa_workers(M, N, R, x.device, cfg) if workers and xa_given and xa is None else 0
+    n_workers, n_helpers = xa_plan(M, N, R, x.device, cfg) if workers and xa_given and xa is None else (0, 0)
     if workers and xa is not None:
         raise ValueError("persistent_forward: workers make xa; none may be given")
     if workers:
@@ -896,7 +960,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
             raise ValueError("persistent_forward: xa_scaled needs xa in x's dtype")
     elif xa_scaled and (xa is None or xa.dtype != x.dtype):
         raise ValueError("persistent_forward: xa_scaled needs xa given in x's dtype")
-    if not xa_given or n_workers:
+    if not xa_given or n_workers or n_helpers:
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     elif xa is None and xa_scaled:  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
         xa = scaled_mm(x, a.t(), scaling, x.dtype)
@@ -921,7 +985,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
     a_kmajor = True
     flags = None
-    if n_workers:
+    if n_workers or n_helpers:
         # A's tiles as A (r, K) or A^T (K, r) hold them, row-major: the backward's dx passes B^T, a view of B
         a_kmajor = _tma_layout(a) != "col"
         a_desc = (TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk]) if a_kmajor
@@ -940,7 +1004,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         B_RMAJOR=b_rmajor,
         R_CHUNKS=triton.cdiv(R, block_r), flags_ptr=flags, xa_scale=float(scaling) if xa_scaled else 1.0,
         XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
-        WORKER_STAGES=_worker_stages(bm, bk, block_r) if n_workers else 3, **cfg,
+        WORKER_STAGES=_worker_stages(bm, bk, block_r) if n_workers or n_helpers else 3, XA_HELPERS=n_helpers,
+        **cfg,
     )
     return y, xa
 
@@ -1224,11 +1289,10 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                      and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
     if (persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device)
-            and grad_y.shape[0] <= XA_WORKERS_DX_MAX_M
-            and xa_workers(grad_y.shape[0], w_kn.shape[0], lora_A.shape[0], grad_y.device)):
-        # dyb = s dy B made inside the dx kernel by its xa workers; dB and the bias gradient, which need no dyb, queued
-        # beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's idle ones);
-        # dA behind it.
+            and dx_makes_dyb(grad_y.shape[0], w_kn.shape[0], lora_A.shape[0], grad_y.device)):
+        # dyb = s dy B made inside the dx kernel by its xa workers or helpers; dB and the bias gradient, which need no
+        # dyb, queued beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's
+        # idle ones); dA behind it.
         with _Overlap(grad_y.device) as ov:
             dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
                                          workers=True)
