@@ -79,7 +79,7 @@ def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0, h
         const.pop("a_desc")
         const.pop("flags_ptr")
         const.update(XA_WORKERS=workers, XA_HELPERS=helpers, A_KMAJOR=False, SPIN=True,
-                     WORKER_STAGES=kl._worker_stages(bm, bk, block_r))
+                     WORKER_STAGES=kl._worker_stages(bm, bk, block_r, helpers > 0))
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 

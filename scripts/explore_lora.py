@@ -13,7 +13,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --r128-configs    # r = 128: tiles, warps, grouping of the unflattened walk
     python scripts/explore_lora.py --skinny          # the four skinny cuBLAS products, each way of asking for them
     python scripts/explore_lora.py --workers         # xa and dyb made by the persistent kernel's own workers, or not
-    python scripts/explore_lora.py --helpers         # the same by nobody, workers, or helpers (programs a tile short)
+    python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
 """
 import sys
 
@@ -443,8 +443,10 @@ def helpers():
     saved = kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M
     variants = {"off": (False, False, saved[2]), "workers": (True, False, saved[2]), "helpers": (True, True, saved[2]),
                 "helpers, dx at any M": (True, True, 1 << 30)}
-    for M, K, N, r in [(8192, 4096, 4096, 128), (8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 4096, 16),
-                       (4096, 4096, 4096, 16), (8192, 11008, 4096, 16), (8192, 4096, 11008, 16)]:
+    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
+        (8192, 4096, 4096, 128), (8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 4096, 16),
+        (4096, 4096, 4096, 16), (8192, 11008, 4096, 16), (8192, 4096, 11008, 16)]
+    for M, K, N, r in shapes:  # M,K,N,r arguments pick some
         x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
         kl.XA_WORKERS = kl.XA_HELPERS = True
         print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us; plan (workers, "

@@ -330,6 +330,40 @@ def _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, worker, M, R, stride_xam, xa_s
 
 
 @triton.jit
+def _xa_pairs(x_desc, a_desc, xa_ptr, flags_ptr, helper, M, R, stride_xam, xa_scale, num_m, k_tiles,
+              stride, A_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_R: tl.constexpr, WORKER_STAGES: tl.constexpr):
+    """_xa_worker two row blocks at a time: blocks 2 p and 2 p + 1 for p = helper, helper + stride, ..., both
+    multiplied by each of A's tiles as it arrives. Per MMA that loads as many bytes as the walk's 128x256 tiles do
+    (two x tiles and one A tile against one x and a W tile twice A's size), where one block at a time loads a third
+    more; each block stored and flagged as _xa_worker does."""
+    for pair in tl.range(helper, tl.cdiv(num_m, 2), stride):
+        mb = 2 * pair
+        acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kk in tl.range(k_tiles, num_stages=WORKER_STAGES):
+            x0 = x_desc.load([mb * BLOCK_M, kk * BLOCK_K])
+            x1 = x_desc.load([mb * BLOCK_M + BLOCK_M, kk * BLOCK_K])  # past M: TMA fills zeros, nothing is stored
+            if A_KMAJOR:
+                a_t = a_desc.load([0, kk * BLOCK_K]).T
+            else:
+                a_t = a_desc.load([kk * BLOCK_K, 0])
+            acc0 = tl.dot(x0, a_t, acc0)
+            acc1 = tl.dot(x1, a_t, acc1)
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_R)
+        tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc0 * xa_scale).to(xa_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (rk[None, :] < R))
+        rows += BLOCK_M
+        tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc1 * xa_scale).to(xa_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (rk[None, :] < R))
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + mb, 1, sem="release", scope="gpu")
+        if mb + 1 < num_m:
+            tl.atomic_xchg(flags_ptr + mb + 1, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr, flags_ptr,
                       M, N, R, stride_xam, scaling, start, step, num_m, num_n, num_tiles, k_tiles,
                       XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
@@ -414,7 +448,8 @@ def lora_forward_persistent_kernel(
     program per SM does that). SPIN = False (the interpreter, which runs the programs one after another, workers
     first) leaves the wait out.
     XA_HELPERS (XA_GIVEN, R_CHUNKS = 1, no XA_WORKERS): where the walk gives XA_HELPERS of the NUM_SMS programs a tile
-    fewer than the rest, those programs (the first XA_HELPERS) make xa's row blocks first, then walk their tiles:
+    fewer than the rest, those programs (the first XA_HELPERS) make xa's row blocks first, two at a time (_xa_pairs),
+    then walk their tiles:
     no program is taken from the walk, and the helpers' blocks fill the round the others spend on their last
     tile. Under the interpreter (no SPIN) program 0 makes every block before any tile is walked."""
     pid = tl.program_id(0)
@@ -423,11 +458,11 @@ def lora_forward_persistent_kernel(
         # The walk's slots rem, ..., NUM_SMS - 1 (rem = num_tiles mod NUM_SMS) hold a tile fewer: the helpers take them.
         if pid < XA_HELPERS:
             if SPIN:
-                _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, pid, M, R, stride_xam, xa_scale, num_m, k_tiles,
-                           XA_HELPERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
+                _xa_pairs(x_desc, a_desc, xa_ptr, flags_ptr, pid, M, R, stride_xam, xa_scale, num_m, k_tiles,
+                          XA_HELPERS, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
             elif pid == 0:
-                _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, 0, M, R, stride_xam, xa_scale, num_m, k_tiles,
-                           1, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
+                _xa_pairs(x_desc, a_desc, xa_ptr, flags_ptr, 0, M, R, stride_xam, xa_scale, num_m, k_tiles,
+                          1, A_KMAJOR, BLOCK_M, BLOCK_K, BLOCK_R, WORKER_STAGES)
             slot = pid + NUM_SMS - XA_HELPERS
         else:
             slot = pid - XA_HELPERS
@@ -854,9 +889,10 @@ XA_WORKERS_DX_MAX_M = 4096
 _WORKER_SMEM = 200 * 1024  # bytes of the workers' pipeline buffers (the GEMM programs' own take ~188-224 KB)
 
 
-def _worker_stages(bm: int, bk: int, block_r: int) -> int:
-    """Pipeline stages of the xa workers' loop: as many x and A tiles in flight as _WORKER_SMEM holds, at most 10."""
-    return max(2, min(10, _WORKER_SMEM // ((bm + block_r) * bk * 2)))
+def _worker_stages(bm: int, bk: int, block_r: int, pairs: bool = False) -> int:
+    """Pipeline stages of the xa workers' loop: as many x and A tiles in flight as _WORKER_SMEM holds, at most 10.
+    pairs: the helpers' loop, two x tiles a stage (_xa_pairs)."""
+    return max(2, min(10, _WORKER_SMEM // (((2 if pairs else 1) * bm + block_r) * bk * 2)))
 
 
 def _gemm_programs(tiles: int, sms: int) -> int:
@@ -882,9 +918,10 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
 # rest, those programs make xa's row blocks before walking their tiles. Unlike the workers, they take no program
 # from the walk, and their products may be as much tensor work as a tile (r = 128 at M = 8192, 4096^2: 32 of 132
 # programs walk 7 tiles, not 8, and make two 128-row blocks of xa each, half a 128x256 tile's MMA work apiece).
-# Where both apply the helpers go first. PEFTKERN_LORA_XA_HELPERS=0 turns them off (PEFTKERN_LORA_XA_WORKERS=0 both).
+# Where both apply the workers go first (xa_plan). PEFTKERN_LORA_XA_HELPERS=0 turns them off (PEFTKERN_LORA_XA_WORKERS=0 both).
 XA_HELPERS = os.environ.get("PEFTKERN_LORA_XA_HELPERS", "1") != "0"
-# A helper makes at most this many row blocks: two of r = 128 are the MMA work of the tile it walks fewer.
+# A helper makes at most this many row blocks (a pair, _xa_pairs): two of r = 128 are the MMA work of the tile it
+# walks fewer.
 XA_HELPER_MAX_BLOCKS = 2
 
 
@@ -900,16 +937,18 @@ def xa_helpers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     programs = min(_sm_count(device), tiles)
     helpers = programs - tiles % programs if tiles % programs else 0
-    if not helpers or triton.cdiv(triton.cdiv(M, cfg["BLOCK_M"]), helpers) > XA_HELPER_MAX_BLOCKS:
+    if not helpers or 2 * triton.cdiv(triton.cdiv(M, cfg["BLOCK_M"]), 2 * helpers) > XA_HELPER_MAX_BLOCKS:
         return 0
     return helpers
 
 
 def xa_plan(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> tuple[int, int]:
-    """(workers, helpers) of a persistent kernel asked to make xa itself: helpers where they apply, else workers,
-    else neither (0, 0: cuBLAS makes xa beforehand)."""
-    helpers = xa_helpers(M, N, R, device, config)
-    return (0, helpers) if helpers else (xa_workers(M, N, R, device, config), 0)
+    """(workers, helpers) of a persistent kernel asked to make xa itself: workers where they apply, else helpers,
+    else neither (0, 0: cuBLAS makes xa beforehand). Workers first: at r = 16 the forward took 435-439 us with them
+    against 440-444 with helpers (M = 8192, 4096^2, H200, explore_lora.py --helpers); helpers serve the ranks above
+    XA_WORKERS_MAX_RANK, where a few workers cannot do the tensor work in time."""
+    workers = xa_workers(M, N, R, device, config)
+    return (workers, 0) if workers else (0, xa_helpers(M, N, R, device, config))
 
 
 # The backward's dx kernel makes dyb itself up to XA_WORKERS_DX_MAX_M rows, and above that where helpers do it above
@@ -1004,7 +1043,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         B_RMAJOR=b_rmajor,
         R_CHUNKS=triton.cdiv(R, block_r), flags_ptr=flags, xa_scale=float(scaling) if xa_scaled else 1.0,
         XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
-        WORKER_STAGES=_worker_stages(bm, bk, block_r) if n_workers or n_helpers else 3, XA_HELPERS=n_helpers,
+        WORKER_STAGES=_worker_stages(bm, bk, block_r, n_helpers > 0) if n_workers or n_helpers else 3,
+        XA_HELPERS=n_helpers,
         **cfg,
     )
     return y, xa
