@@ -442,7 +442,12 @@ def helpers():
     dt = torch.bfloat16
     saved = kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M
     variants = {"off": (False, False, saved[2]), "workers": (True, False, saved[2]), "helpers": (True, True, saved[2]),
-                "helpers, dx at any M": (True, True, 1 << 30)}
+                "helpers, dx at any M": (True, True, 1 << 30), "helpers, forward only": (True, True, -1)}
+    dx_makes_dyb = kl.dx_makes_dyb
+
+    def only_forward(M, *rest):  # a negative row limit: the dx kernel never makes dyb
+        return kl.XA_WORKERS_DX_MAX_M >= 0 and dx_makes_dyb(M, *rest)
+    kl.dx_makes_dyb = only_forward
     shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
         (8192, 4096, 4096, 128), (8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 4096, 16),
         (4096, 4096, 4096, 16), (8192, 11008, 4096, 16), (8192, 4096, 11008, 16)]
@@ -470,6 +475,7 @@ def helpers():
                 print(f"  {name:20s}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} us ({t_f / t_fwd:.4f}x), "
                       f"op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
     kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M = saved
+    kl.dx_makes_dyb = dx_makes_dyb
 
 
 MODES = {"--helpers": helpers, "--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
