@@ -99,24 +99,29 @@ def time_training(step, steps: int, warmup: int, device, compiled: bool = False)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    host: list = []
     with GcWatch() as watch:
-        times = _repeats(step, steps, device)
+        times = _repeats(step, steps, device, host)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    diagnostics = {"repeat_ms": [round(t, 3) for t in times], "gc_collections": watch.collections,
-                   "gc_pause_ms": round(watch.pause_ms, 2)}
+    diagnostics = {"repeat_ms": [round(t, 3) for t in times], "host_ms": [round(t, 3) for t in host],
+                   "gc_collections": watch.collections, "gc_pause_ms": round(watch.pause_ms, 2)}
     return statistics.median(times), max(times) - min(times), peak, diagnostics
 
 
-def _repeats(step, steps: int, device) -> list[float]:
-    """ms per step in each of three repeats of `steps` steps."""
+def _repeats(step, steps: int, device, host: Optional[list] = None) -> list[float]:
+    """ms per step in each of three repeats of `steps` steps. host, if given, receives each repeat's host time per
+    step on a GPU: the wall time until the last step has been queued (the GPU's time near it: the host is the bound)."""
     times = []
     for _ in range(3):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             for _ in range(steps):
                 step()
             end.record()
+            if host is not None:
+                host.append((time.perf_counter() - t0) * 1e3 / steps)
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / steps)
         else:
