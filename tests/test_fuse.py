@@ -309,20 +309,32 @@ def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, ea
         model.disable_input_require_grads()  # transformers or PEFT may have installed it anyway
     model.train()
     data = dict(batch("llama"), use_cache=False)  # transformers warns (a graph break) if cache meets checkpointing
+    # transformers 5.25's output capturing sets a context variable inside the checkpointed forward, which dynamo
+    # refuses under fullgraph for the plain model too (checked 2026-12-03: LlamaForCausalLM, PEFT or not, torch 2.13);
+    # what is set there is not recomputed state, so the test takes dynamo's own remedy where the release has it.
+    knob = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    patch = {knob: True} if checkpointing and hasattr(torch._dynamo.config, knob) else {}
+    with torch._dynamo.config.patch(**patch):
+        (logits_e, loss_e, g_e), (logits_c, loss_c, g_c) = _eager_and_compiled_runs(
+            model, torch.compile(model, fullgraph=True), data)
+    assert_close(logits_c, logits_e, DTYPE, "compiled logits", 4.0)
+    assert_close(loss_c, loss_e, DTYPE, "compiled loss", 4.0)
+    assert g_e.keys() == g_c.keys() and any("lora_A" in k for k in g_e)
+    for key in g_e:
+        assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}", 4 * GRAD_SCALE)
+
+
+def _eager_and_compiled_runs(model, compiled, data) -> list:
+    """[(logits, loss, grads) of the eager model, the same of the compiled one], each from dropout seed 7."""
     results = []
-    for fn in (model, torch.compile(model, fullgraph=True)):
+    for fn in (model, compiled):
         model.zero_grad()
         torch.manual_seed(7)  # the same dropout seeds for both
         out = fn(**data)
         out.loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.logits.detach(), out.loss.detach(), grads))
-    (logits_e, loss_e, g_e), (logits_c, loss_c, g_c) = results
-    assert_close(logits_c, logits_e, DTYPE, "compiled logits", 4.0)
-    assert_close(loss_c, loss_e, DTYPE, "compiled loss", 4.0)
-    assert g_e.keys() == g_c.keys() and any("lora_A" in k for k in g_e)
-    for key in g_e:
-        assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}", 4 * GRAD_SCALE)
+    return results
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")
