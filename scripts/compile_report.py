@@ -69,15 +69,14 @@ def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0, h
     args = {"x_desc": _desc("bf16", bm, bk), "w_desc": _desc("bf16", bk, bn), "y_desc": _desc("bf16", bm, store_n),
             "b_desc": _desc("bf16", block_r, bn), "xa_desc": _desc("bf16", bm, block_r), "xa_ptr": "*bf16",
             "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xam": "i32",
-            "scaling": "fp32", "NUM_SMS": "i32", "xa_scale": "fp32"}
+            "scaling": "fp32", "NUM_SMS": "i32", "flags_ptr": "*i32", "xa_scale": "fp32"}
     const = dict(a_desc=None, XA_GIVEN=True, W_KMAJOR=False, HAS_BIAS=False, FLATTEN=cfg["FLATTEN"],
                  SUBTILE=cfg["SUBTILE"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=cfg["GROUP_M"],
-                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled, flags_ptr=None, XA_WORKERS=0,
+                 B_RMAJOR=True, R_CHUNKS=triton.cdiv(r, block_r), XA_SCALED=xa_scaled, XA_WORKERS=0,
                  A_KMAJOR=True, SPIN=True, WORKER_STAGES=3, XA_HELPERS=0)
     if workers or helpers:
-        args.update(a_desc=_desc("bf16", bk, block_r), flags_ptr="*i32")
+        args.update(a_desc=_desc("bf16", bk, block_r))
         const.pop("a_desc")
-        const.pop("flags_ptr")
         const.update(XA_WORKERS=workers, XA_HELPERS=helpers, A_KMAJOR=False, SPIN=True,
                      WORKER_STAGES=kl._worker_stages(bm, bk, block_r, helpers > 0))
     return kl.lora_forward_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]

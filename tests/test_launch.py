@@ -161,3 +161,35 @@ def test_fast_path_off_and_positional_constexpr_take_the_jit_launch():
         torch.testing.assert_close(out, _expected(x, 300, 1, 2.0, 1.0, shift))
     assert _axpb_kernel in _launch._refused
     _launch._refused.discard(_axpb_kernel)
+
+
+def test_every_launch_in_the_package_can_take_the_fast_path():
+    """Each `launch(kernel, grid, ...)` in kernels/triton passes every parameter that is not a constexpr by position
+    and only constexprs by name: the fast path refuses a kernel otherwise and sends all its launches through
+    Triton's dispatch (~100 us of host time a layer). Found on an H200 on 2026-12-03: the persistent LoRA kernel's
+    flags_ptr and xa_scale, given by name since the xa workers came in, kept it off the fast path for a session."""
+    import ast
+    import importlib
+    import inspect
+    import pathlib
+
+    folder = pathlib.Path(_launch.__file__).parent
+    checked = 0
+    for path in sorted(folder.glob("*.py")):
+        module = importlib.import_module(f"peftkern.kernels.triton.{path.stem}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"):
+                continue
+            kernel = getattr(module, node.args[0].id)
+            where = f"{path.name}:{node.lineno} {node.args[0].id}"
+            # the function's own signature (a JITFunction's params, which the interpreter's wrapper lacks)
+            params = [(p.name, p.annotation is tl.constexpr or "constexpr" in str(p.annotation))
+                      for p in inspect.signature(kernel.fn).parameters.values()]
+            plain = [name for name, constexpr in params if not constexpr]
+            assert [name for name, _ in params[:len(plain)]] == plain, f"{where}: a constexpr before {plain}"
+            by_name = {k.arg for k in node.keywords if k.arg is not None}
+            assert not by_name & set(plain), f"{where}: {sorted(by_name & set(plain))} must come by position"
+            if not any(isinstance(a, ast.Starred) for a in node.args):  # a splat's length is not known here
+                assert len(node.args) - 2 == len(plain), f"{where}: {len(node.args) - 2} by position, {plain}"
+            checked += 1
+    assert checked >= 15, checked

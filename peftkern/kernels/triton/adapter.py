@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from ._launch import launch
+from ._launch import cdiv, launch
 from .lora import _block_r, _dot_precision, _grouped_pid, _sm_count, mm_float32
 
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -412,12 +412,12 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
         return dict(block_m=16, block_k=32, block_n=32, warps=4, stages=1, split_n=1, two_pass=False)
     block_b = _block_r(B)
     block_m, warps = (128, 8) if block_b <= 128 else (64, 4)
-    n_rows = triton.cdiv(M, block_m)
+    n_rows = cdiv(M, block_m)
     sms = _sm_count(device)
     # 16-bit only: with float32 (tf32) tiles this schedule asked for 272 KB of shared memory on an H100 (the
     # GPU test at M = 4300, d = 512); float32 keeps the 64-row fused schedule below, tested at that size.
     sixteen_bit = dtype is None or dtype in (torch.float16, torch.bfloat16)
-    if block_b > 128 and triton.cdiv(M, 128) * 2 * 2 >= sms and sixteen_bit:
+    if block_b > 128 and cdiv(M, 128) * 2 * 2 >= sms and sixteen_bit:
         # Measured on an H100 (bf16, d=4096, b=256, relu, scripts/explore_adapter.py, results/logs/explore-adapter-
         # wide-h100.log): the forward with loop 1's product from cuBLAS and the rest in one kernel of 128 rows
         # x 2 column splits, 132 us at M = 8192 (the all-Triton fused schedule: 153 us); the backward with
@@ -427,14 +427,14 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
                     gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3))
     if 2 * n_rows >= sms:
         return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=1, two_pass=False)
-    split = max(1, min(triton.cdiv(2 * sms, n_rows), triton.cdiv(D, 64)))
+    split = max(1, min(cdiv(2 * sms, n_rows), cdiv(D, 64)))
     return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=split, two_pass=True)
 
 
 def _splits(D: int, cfg: dict) -> tuple[int, int]:
     """(number of column splits, columns per split: a multiple of BLOCK_N)."""
-    per_split = triton.cdiv(triton.cdiv(D, cfg["split_n"]), cfg["block_n"]) * cfg["block_n"]
-    return triton.cdiv(D, per_split), per_split
+    per_split = cdiv(cdiv(D, cfg["split_n"]), cfg["block_n"]) * cfg["block_n"]
+    return cdiv(D, per_split), per_split
 
 
 def fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm: bool, dtype: torch.dtype):
@@ -465,7 +465,7 @@ def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activ
     dummy = out
     res_arg = res if res is not None else dummy
     h_arg = h if h is not None else dummy
-    grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn),)
+    grid = (cdiv(M, bm) * cdiv(D, bn),)
     launch(adapter_wide_kernel, grid,
         small, w_bd, res_arg, h_arg, out, bias if bias is not None else dummy, scale if scale is not None else dummy,
         stats if stats is not None else dummy, r if r is not None else dummy,
@@ -501,7 +501,7 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
                  HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
     dummy = z
     if stats_given:
-        launch(row_stats_kernel, (triton.cdiv(M, 64),), h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
+        launch(row_stats_kernel, (cdiv(M, 64),), h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
                EVEN_D=D % 128 == 0, BLOCK_M=64, BLOCK_K=128, num_warps=4)
     acc = mm_float32(h, wd.t()) if gemm_first else dummy
 
@@ -516,7 +516,7 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
             float(scaling), float(ln_eps), Z_GIVEN=z_given, ACC_GIVEN=gemm_first, UP_PROJECT=up_project, **flags,
             **meta)
 
-    n_rows = triton.cdiv(M, cfg["block_m"])
+    n_rows = cdiv(M, cfg["block_m"])
     if wide:
         run_fwd((n_rows, 1), False, False)  # z from cuBLAS's product: + bd, LN's correction
         _launch_wide(z, wu.t(), res, None, out, up_bias, scale, None, None, scaling, activation, True, False, cfg)
@@ -542,7 +542,7 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     wd, c1, c2 = fold_layer_norm(down_weight, ln_weight, ln_bias, layer_norm, dtype)
     wu = up_weight.to(dtype)
     dz = torch.empty((M, B), device=h.device, dtype=dtype)
-    b_ext = triton.cdiv(B + 1, 8) * 8  # a's row stride stays 16-byte aligned for cuBLAS
+    b_ext = cdiv(B + 1, 8) * 8  # a's row stride stays 16-byte aligned for cuBLAS
     a_ext = torch.empty((M, b_ext), device=h.device, dtype=dtype)
     a_ext[:, B:] = 0
     a_ext[:, B] = 1
@@ -573,7 +573,7 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), a_ext.stride(0), acc.stride(0),
             float(scaling), DZ_GIVEN=dz_given, ACC_GIVEN=gemm_first, WRITE_DH=write_dh, **flags, **meta)
 
-    n_rows = triton.cdiv(M, cfg["block_m"])
+    n_rows = cdiv(M, cfg["block_m"])
     if wide:
         run_bwd((n_rows, 1), False, False)  # dz, a, the LN row terms, the scale's row sums
         if need_h:

@@ -39,7 +39,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
-from ._launch import launch
+from ._launch import cdiv, launch
 from .lora import (
     _dot_precision,
     _grouped_pid,
@@ -302,9 +302,9 @@ def dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Ten
     K = w_kn.shape[0]
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if write_dx else x
     num_warps, num_stages, cfg = _gemm_config(M, grad_y.dtype, config)
-    n_m = triton.cdiv(M, cfg["BLOCK_M"])
+    n_m = cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_m, K), device=x.device, dtype=torch.float32)
-    launch(ia3_dx_input_form_kernel, (n_m * triton.cdiv(K, cfg["BLOCK_N"]),),
+    launch(ia3_dx_input_form_kernel, (n_m * cdiv(K, cfg["BLOCK_N"]),),
         grad_y, w_kn, scale_vec, x, dx, part, M, K, N,
         grad_y.stride(0), grad_y.stride(1), w_kn.stride(0), w_kn.stride(1), x.stride(0), x.stride(1),
         dx.stride(0), dx.stride(1),
@@ -332,11 +332,11 @@ def persistent_dx_input_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if write_dx else x
-    part = torch.empty((triton.cdiv(M, bm), K), device=x.device, dtype=torch.float32)
+    part = torch.empty((cdiv(M, bm), K), device=x.device, dtype=torch.float32)
     w_kmajor = _tma_layout(w_kn) == "row"  # (K, N) row-major: Conv1D's stored weight
     w_desc = TensorDescriptor.from_tensor(w_kn, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(
         w_kn.t(), [bk, bn])
-    grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(K, bn)),)
+    grid = (min(_sm_count(x.device), cdiv(M, bm) * cdiv(K, bn)),)
     launch(ia3_dx_input_persistent_kernel, grid,
         TensorDescriptor.from_tensor(grad_y, [bm, bk]), w_desc, TensorDescriptor.from_tensor(x, [bm, store_n]),
         TensorDescriptor.from_tensor(dx, [bm, store_n]), scale_vec.contiguous(), part, M, K, N, grid[0],
@@ -354,10 +354,10 @@ def dx_output_form(grad_y: torch.Tensor, w_kn: torch.Tensor, scale_vec: torch.Te
     K = w_kn.shape[0]
     dx = torch.empty((M, K), device=grad_y.device, dtype=grad_y.dtype)
     num_warps, num_stages, cfg = _gemm_config(M, grad_y.dtype, config)
-    n_m = triton.cdiv(M, cfg["BLOCK_M"])
+    n_m = cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_m, N), device=grad_y.device, dtype=torch.float32)
     sums = torch.empty((n_m, N), device=grad_y.device, dtype=torch.float32) if colsum else part
-    launch(ia3_dx_output_form_kernel, (n_m * triton.cdiv(K, cfg["BLOCK_N"]),),
+    launch(ia3_dx_output_form_kernel, (n_m * cdiv(K, cfg["BLOCK_N"]),),
         grad_y, w_kn, scale_vec, z, dx, part, sums, M, K, N,
         grad_y.stride(0), grad_y.stride(1), w_kn.stride(0), w_kn.stride(1), z.stride(0), z.stride(1),
         dx.stride(0), dx.stride(1),
@@ -395,7 +395,7 @@ def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Te
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (min(_sm_count(x.device), triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    grid = (min(_sm_count(x.device), cdiv(M, bm) * cdiv(N, bn)),)
     launch(ia3_output_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, store_n]), TensorDescriptor.from_tensor(z, [bm, store_n]),
@@ -411,7 +411,7 @@ def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
     R, C = t.shape
     out = torch.empty((R, C), device=t.device, dtype=out_dtype or t.dtype)
     block_r, block_c = (16, 32) if triton_interpret() else (32, 256)
-    launch(ia3_scale_kernel, (triton.cdiv(R, block_r), triton.cdiv(C, block_c)),
+    launch(ia3_scale_kernel, (cdiv(R, block_r), cdiv(C, block_c)),
         t, vec, out, R, C, t.stride(0), t.stride(1), out.stride(0), out.stride(1),
         SCALE_COLS=cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
@@ -423,10 +423,10 @@ def scale_reduce(a: torch.Tensor, b: torch.Tensor, vec: torch.Tensor, write_out:
     M, C = a.shape
     out = torch.empty((M, C), device=a.device, dtype=out_dtype or a.dtype) if write_out else a
     block_m, block_c = (16, 32) if triton_interpret() else (32, 256)
-    n_c = triton.cdiv(C, block_c)
-    splits = max(1, min(triton.cdiv(4 * _sm_count(a.device), n_c), triton.cdiv(M, block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    n_c = cdiv(C, block_c)
+    splits = max(1, min(cdiv(4 * _sm_count(a.device), n_c), cdiv(M, block_m)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    splits = cdiv(M, rows_per_split)
     part = torch.empty((splits, C), device=a.device, dtype=torch.float32)
     launch(ia3_scale_reduce_kernel, (n_c, splits),
         a, b, vec, out, part, M, C, rows_per_split,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from ._launch import launch
+from ._launch import cdiv, launch
 from .lora import _dot_precision, _sm_count
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -321,7 +321,7 @@ def _token_block(bi: int, bj: int, left_dot: bool, width: int, budget: int = 163
     for several tokens; at least 16 rows in every MMA (the block-diagonal form's too); an accumulator of
     BT*BI x width and a block-diagonal factor of BT*BI x BT*BJ within `budget` elements (64 float32 registers a
     thread at 8 warps, 128 at 4), shrinking BT first, then the i block."""
-    bt_min = triton.cdiv(16, bj) if left_dot else max(triton.cdiv(16, bj), triton.cdiv(16, bi))
+    bt_min = cdiv(16, bj) if left_dot else max(cdiv(16, bj), cdiv(16, bi))
     bt = triton.next_power_of_2(max(bt_min, 128 // bj))
 
     def too_big(bt, bi):
@@ -329,7 +329,7 @@ def _token_block(bi: int, bj: int, left_dot: bool, width: int, budget: int = 163
 
     while bt > bt_min and too_big(bt, bi):
         bt //= 2
-    while too_big(bt, bi) and bi > (16 if left_dot else triton.cdiv(16, bt)):
+    while too_big(bt, bi) and bi > (16 if left_dot else cdiv(16, bt)):
         bi //= 2
     return bt, bi
 
@@ -381,7 +381,7 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
     cfg = dict(config or _term_config(n1, k1, n2, k2))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     ba = Ba if lowrank else B
-    grid = (triton.cdiv(M, cfg["BT"]), triton.cdiv(n2, cfg["BI2"]), triton.cdiv(n1, cfg["BI1"]))
+    grid = (cdiv(M, cfg["BT"]), cdiv(n2, cfg["BI2"]), cdiv(n1, cfg["BI1"]))
     launch(krona_term_kernel, grid,
         x, A, B, ba, bias if bias is not None else out, out,
         M, n1, k1, n2, k2, R, T,
@@ -400,9 +400,9 @@ def _reduce_over_m(kernel, args: tuple, M: int, programs: int, out_shape: tuple,
     SM in all; every split holds whole token blocks."""
     target = 2 * _sm_count(x.device)
     bt = meta["BT"]
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(M, bt)))
-    rows = triton.cdiv(triton.cdiv(M, splits), bt) * bt
-    part = torch.empty((triton.cdiv(M, rows), *out_shape), device=x.device, dtype=torch.float32)
+    splits = max(1, min(cdiv(target, programs), cdiv(M, bt)))
+    rows = cdiv(cdiv(M, splits), bt) * bt
+    part = torch.empty((cdiv(M, rows), *out_shape), device=x.device, dtype=torch.float32)
     kernel[(programs, part.shape[0])](
         *args, part, rows, part.stride(0), part.stride(1),
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, num_stages=1 if triton_interpret() else 2, **meta,
@@ -419,7 +419,7 @@ def grad_outer(g: torch.Tensor, x: torch.Tensor, n1: int, k1: int, RX: torch.Ten
     bi1, bj1, left_dot = _left_tiles(n1, k1, 64)
     bc = max(16, _pow2(NC, 64))
     bt, bi1 = _token_block(bi1, bj1, left_dot, bc)
-    n_i1, n_j1 = triton.cdiv(n1, bi1), triton.cdiv(k1, bj1)
+    n_i1, n_j1 = cdiv(n1, bi1), cdiv(k1, bj1)
     rg = RG if RG is not None else RX
     args = (g, x, rg, RX, x.shape[0], n1, k1, n2, k2, NC, n_i1, n_j1,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), *rg.stride(), *RX.stride())
@@ -438,7 +438,7 @@ def grad_inner(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, n2: int, RX: O
     bi1, bj1, left_dot = _left_tiles(n1, k1, 64)
     bi2, bc = max(16, _pow2(n2, 64)), max(16, _pow2(NC, 64))
     bt, bi1 = _token_block(bi1, bj1, left_dot, max(bi2, bc))
-    n_i2, n_c = triton.cdiv(n2, bi2), triton.cdiv(NC, bc)
+    n_i2, n_c = cdiv(n2, bi2), cdiv(NC, bc)
     rx = RX if RX is not None else A
     args = (g, x, A, rx, x.shape[0], n1, k1, n2, k2, NC, n_i2, n_c,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), *A.stride(), *rx.stride())
@@ -535,7 +535,7 @@ def krona_merge_(weight, a, a2, b, b2, scaling, sign):
     N, K = weight.shape
     T, n2, k2 = B.shape
     block_n, block_k = (16, 32) if triton_interpret() else (64, 64)
-    krona_merge_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+    krona_merge_kernel[(cdiv(N, block_n), cdiv(K, block_k))](
         weight, A, B, N, K, n2, k2, T,
         weight.stride(0), weight.stride(1), *A.stride(), *B.stride(),
         float(sign * scaling), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,

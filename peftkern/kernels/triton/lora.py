@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
-from ._launch import launch
+from ._launch import cdiv, launch
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -423,11 +423,11 @@ def _persistent_tiles(x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, b
 @triton.jit
 def lora_forward_persistent_kernel(
     x_desc, w_desc, y_desc, a_desc, b_desc, xa_desc, xa_ptr, bias_ptr,
-    M, N, K, R, stride_xam, scaling, NUM_SMS,
+    M, N, K, R, stride_xam, scaling, NUM_SMS, flags_ptr, xa_scale,
     XA_GIVEN: tl.constexpr, W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr,
     SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, B_RMAJOR: tl.constexpr = False, R_CHUNKS: tl.constexpr = 1,
-    XA_SCALED: tl.constexpr = False, flags_ptr=None, xa_scale=1.0, XA_WORKERS: tl.constexpr = 0,
+    XA_SCALED: tl.constexpr = False, XA_WORKERS: tl.constexpr = 0,
     A_KMAJOR: tl.constexpr = True, SPIN: tl.constexpr = True, WORKER_STAGES: tl.constexpr = 3,
     XA_HELPERS: tl.constexpr = 0,
 ):
@@ -718,7 +718,7 @@ def fused_matmul(
     cfg = dict(config or _matmul_config(M, a.dtype, a.device))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     common = dict(HAS_BIAS=bias is not None, DROPOUT_OUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(a.dtype),
                   BLOCK_R=_block_r(R), num_warps=num_warps, num_stages=num_stages, **cfg)
     bias_arg = bias if bias is not None else out
@@ -779,7 +779,7 @@ def decode_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_
     if M == 1 and cfg["BLOCK_M"] == 1:
         cfg.pop("BLOCK_M")
         launch(
-            lora_gemv_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),), x, w, lora_A, lora_B,
+            lora_gemv_kernel, (cdiv(N, cfg["BLOCK_N"]),), x, w, lora_A, lora_B,
             bias if bias is not None else y, y, xa, N, K, R,
             x.stride(1), w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), float(scaling), float(dropout_p), int(seed),
@@ -787,7 +787,7 @@ def decode_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_
             BLOCK_R=_block_r(R), **cfg,
         )
         return y, xa
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))
     launch(
         lora_decode_kernel, grid, x, w, lora_A, lora_B, bias if bias is not None else y, y, xa, M, N, K, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -897,7 +897,7 @@ def _worker_stages(bm: int, bk: int, block_r: int, pairs: bool = False) -> int:
 
 def _gemm_programs(tiles: int, sms: int) -> int:
     """The fewest programs that walk `tiles` in as few rounds as `sms` programs would."""
-    return triton.cdiv(tiles, triton.cdiv(tiles, sms))
+    return cdiv(tiles, cdiv(tiles, sms))
 
 
 def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> int:
@@ -907,11 +907,11 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     if not XA_WORKERS or R > XA_WORKERS_MAX_RANK or device.type != "cuda" and not triton_interpret():
         return 0
     cfg = config or _persistent_config(M, R)
-    if triton.cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
+    if cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
         return 0
     sms = _sm_count(device)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    return min(sms - _gemm_programs(tiles, sms), triton.cdiv(M, cfg["BLOCK_M"]), _MAX_XA_WORKERS)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    return min(sms - _gemm_programs(tiles, sms), cdiv(M, cfg["BLOCK_M"]), _MAX_XA_WORKERS)
 
 
 # xa made inside the persistent kernel by helpers (XA_HELPERS): where the walk gives some programs a tile fewer than the
@@ -932,12 +932,12 @@ def xa_helpers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     if not (XA_WORKERS and XA_HELPERS) or device.type != "cuda" and not triton_interpret():
         return 0
     cfg = config or _persistent_config(M, R)
-    if triton.cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
+    if cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
         return 0
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     programs = min(_sm_count(device), tiles)
     helpers = programs - tiles % programs if tiles % programs else 0
-    if not helpers or 2 * triton.cdiv(triton.cdiv(M, cfg["BLOCK_M"]), 2 * helpers) > XA_HELPER_MAX_BLOCKS:
+    if not helpers or 2 * cdiv(cdiv(M, cfg["BLOCK_M"]), 2 * helpers) > XA_HELPER_MAX_BLOCKS:
         return 0
     return helpers
 
@@ -1016,7 +1016,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     sms = _sm_count(x.device)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     grid = (n_workers + _gemm_programs(tiles, sms),) if n_workers else (min(sms, tiles),)
     # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): A's
     # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
@@ -1029,7 +1029,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         a_kmajor = _tma_layout(a) != "col"
         a_desc = (TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk]) if a_kmajor
                   else TensorDescriptor.from_tensor(a.t(), [bk, block_r]))
-        flags = torch.zeros(triton.cdiv(M, bm), device=x.device, dtype=torch.int32)
+        flags = torch.zeros(cdiv(M, bm), device=x.device, dtype=torch.int32)
     else:
         a_desc = None if xa_given else TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk])
     b_desc = TensorDescriptor.from_tensor(b.t(), [block_r, bn]) if b_rmajor else TensorDescriptor.from_tensor(
@@ -1038,11 +1038,13 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         lora_forward_persistent_kernel, grid,
         TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
         a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
+        # flags and xa_scale by position, as every argument that is not a constexpr: _launch's fast path takes a
+        # kernel only so (a keyword one sent every launch through Triton's dispatch, ~100 us of host time a layer)
         M, N, K, R, xa.stride(0), 1.0 if no_scale else float(scaling), grid[0],
+        flags if flags is not None else xa, float(scaling) if xa_scaled else 1.0,
         XA_GIVEN=xa_given, XA_SCALED=no_scale, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r,
         B_RMAJOR=b_rmajor,
-        R_CHUNKS=triton.cdiv(R, block_r), flags_ptr=flags, xa_scale=float(scaling) if xa_scaled else 1.0,
-        XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
+        R_CHUNKS=cdiv(R, block_r), XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
         WORKER_STAGES=_worker_stages(bm, bk, block_r, n_helpers > 0) if n_workers or n_helpers else 3,
         XA_HELPERS=n_helpers,
         **cfg,
@@ -1063,10 +1065,10 @@ def down_project(a: torch.Tensor, down: torch.Tensor, dropout_p: float = 0.0, se
     else:
         # ~4 programs per SM, each streaming a (block_m x k_per_split) slab of a.
         block_m, block_k, warps, stages, target = 64, 64, 4, 4, 4 * _sm_count(a.device)
-    n_m = triton.cdiv(M, block_m)
-    splits = max(1, min(target // n_m, triton.cdiv(K, 8 * block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_per_split)
+    n_m = cdiv(M, block_m)
+    splits = max(1, min(target // n_m, cdiv(K, 8 * block_k)))
+    k_per_split = cdiv(cdiv(K, splits), block_k) * block_k
+    splits = cdiv(K, k_per_split)
     part = torch.empty((splits, M, block_r), device=a.device, dtype=torch.float32)
     launch(lora_down_kernel, (n_m, splits),
         a, down, part, M, K, R, k_per_split,
@@ -1094,11 +1096,11 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
         # 128x64 tiles read big at ~2.3 TB/s on an H100 and keep the column sums cheapest (NOTES-lora.md);
         # wide ranks halve the rows so the pipelined buffers fit in shared memory.
         block_m, block_p, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
-    n_p = triton.cdiv(P, block_p)
+    n_p = cdiv(P, block_p)
     target = 2 * _sm_count(big.device)
-    splits = max(1, min(triton.cdiv(target, n_p), triton.cdiv(M, block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    splits = max(1, min(cdiv(target, n_p), cdiv(M, block_m)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    splits = cdiv(M, rows_per_split)
     part = torch.empty((splits, P, block_r), device=big.device, dtype=torch.float32)
     sums = torch.empty((splits, P), device=big.device, dtype=torch.float32) if colsum else part
     launch(lora_adapter_grad_kernel, (n_p, splits),
@@ -1119,7 +1121,7 @@ def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> tor
     M, K = shape
     keep = torch.empty((M, K), device=device, dtype=torch.int8)
     block = 16 if triton_interpret() else 64
-    lora_dropout_mask_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](
+    lora_dropout_mask_kernel[(cdiv(M, block), cdiv(K, block))](
         keep, M, K, float(p), int(seed), BLOCK_M=block, BLOCK_K=block)
     return keep.bool()
 
@@ -1410,7 +1412,7 @@ def lora_merge_(weight, lora_A, lora_B, scaling, sign, weight_transposed=False):
     N, K = w.shape
     R = lora_A.shape[0]
     block_n, block_k = (16, 32) if triton_interpret() else (64, 64)
-    lora_merge_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+    lora_merge_kernel[(cdiv(N, block_n), cdiv(K, block_k))](
         w, lora_A, lora_B, N, K, R,
         w.stride(0), w.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(sign * scaling),
