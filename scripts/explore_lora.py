@@ -268,12 +268,22 @@ def _op_operands(M: int, K: int, N: int, r: int, dt):
     return x, W, A, B, dy, x @ A.t(), xg, Ag, Bg, t_fwd, t_base
 
 
+def _op_times(x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base) -> str:
+    """The backward alone, the forward alone and the op's fwd+bwd through autograd.grad (as the benchmark times it),
+    CUDA-graph replays, as one line: us, and the forward's and the op's ratios to F.linear's."""
+    import peftkern
+    t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
+    t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
+    t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
+    return (f"bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} us ({t_f / t_fwd:.4f}x), "
+            f"op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)")
+
+
 def tail():
     """The backward with dA, dB and the bias gradient behind the persistent dx kernel (TAIL_OVERLAP "side" or
     "priority") or after it ("0"), with dyb made as s dy B (PRESCALED_DYB) or not, and the forward with s B
     (PRESCALED_B) or not: the backward alone, the forward alone, and the op's fwd+bwd through autograd.grad (as the
     benchmark times it) against F.linear's, each as CUDA-graph replays."""
-    import peftkern
     dt = torch.bfloat16
     saved = kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B
     variants = [("0", False, False), ("side", False, False), ("side", True, False), ("side", True, True)]
@@ -284,11 +294,8 @@ def tail():
         for _ in range(2):
             for tail_mode, dyb_s, b_s in variants:
                 kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B = tail_mode, dyb_s, b_s
-                t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
-                t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
-                t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
-                print(f"  tail={tail_mode:5s} s*dyb={dyb_s:d} s*B={b_s:d}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} "
-                      f"us ({t_f / t_fwd:.4f}x), op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
+                times = _op_times(x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base)
+                print(f"  tail={tail_mode:5s} s*dyb={dyb_s:d} s*B={b_s:d}: {times}", flush=True)
     kl.TAIL_OVERLAP, kl.PRESCALED_DYB, kl.PRESCALED_B = saved
 
 
@@ -403,7 +410,6 @@ def skinny():
 def workers():
     """XA_WORKERS on and off: the forward, the backward and the op's fwd+bwd (through autograd.grad, as the benchmark
     times it) against F.linear's, CUDA-graph replays, two rounds; the number of workers each shape gets."""
-    import peftkern
     dt = torch.bfloat16
     saved = kl.XA_WORKERS
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 4096, 4096, 16),
@@ -425,11 +431,7 @@ def workers():
         for _ in range(2):
             for on in (False, True):
                 kl.XA_WORKERS = on
-                t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
-                t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
-                t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
-                print(f"  workers={on:d}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} us ({t_f / t_fwd:.4f}x), "
-                      f"op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
+                print(f"  workers={on:d}: {_op_times(x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base)}", flush=True)
     kl.XA_WORKERS = saved
 
 
@@ -438,7 +440,6 @@ def helpers():
     by helpers (the programs the walk gives a tile fewer, before their tiles), and by helpers in the dx kernel at every
     M as well: the forward, the backward and the op's fwd+bwd (through autograd.grad, as the benchmark times it)
     against F.linear's, CUDA-graph replays, two rounds; each shape's plan, and each variant's largest difference."""
-    import peftkern
     dt = torch.bfloat16
     saved = kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M
     variants = {"off": (False, False, saved[2]), "workers": (True, False, saved[2]), "helpers": (True, True, saved[2]),
@@ -469,11 +470,7 @@ def helpers():
         for _ in range(2):
             for name, v in variants.items():
                 kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M = v
-                t_b = ms(lambda: kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0)))
-                t_f = ms(lambda: kl.lora_forward(x, W, A, B, 2.0, None, 0.0, 0, False))
-                t_op = ms(lambda: torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy))
-                print(f"  {name:20s}: bwd {t_b * 1e3:6.1f} us, fwd {t_f * 1e3:6.1f} us ({t_f / t_fwd:.4f}x), "
-                      f"op fwd+bwd {t_op * 1e3:6.1f} us ({t_op / t_base:.4f}x)", flush=True)
+                print(f"  {name:20s}: {_op_times(x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base)}", flush=True)
     kl.XA_WORKERS, kl.XA_HELPERS, kl.XA_WORKERS_DX_MAX_M = saved
     kl.dx_makes_dyb = dx_makes_dyb
 
