@@ -305,6 +305,15 @@ def _wait_ready(flag_ptr, valid):
 
 
 @triton.jit
+def _store_xa_block(xa_ptr, acc, mb, M, R, stride_xam, xa_scale, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Row block mb of xa = xa_scale acc, in xa's dtype, masked to M rows and R ranks."""
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_R)
+    tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc * xa_scale).to(xa_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (rk[None, :] < R))
+
+
+@triton.jit
 def _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, worker, M, R, stride_xam, xa_scale, num_m, k_tiles,
                stride, A_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_R: tl.constexpr, WORKER_STAGES: tl.constexpr):
@@ -321,10 +330,7 @@ def _xa_worker(x_desc, a_desc, xa_ptr, flags_ptr, worker, M, R, stride_xam, xa_s
                 acc = tl.dot(x, a_desc.load([0, kk * BLOCK_K]).T, acc)
             else:
                 acc = tl.dot(x, a_desc.load([kk * BLOCK_K, 0]), acc)
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_R)
-        tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc * xa_scale).to(xa_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (rk[None, :] < R))
+        _store_xa_block(xa_ptr, acc, mb, M, R, stride_xam, xa_scale, BLOCK_M, BLOCK_R)
         tl.debug_barrier()
         tl.atomic_xchg(flags_ptr + mb, 1, sem="release", scope="gpu")
 
@@ -350,13 +356,8 @@ def _xa_pairs(x_desc, a_desc, xa_ptr, flags_ptr, helper, M, R, stride_xam, xa_sc
                 a_t = a_desc.load([kk * BLOCK_K, 0])
             acc0 = tl.dot(x0, a_t, acc0)
             acc1 = tl.dot(x1, a_t, acc1)
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_R)
-        tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc0 * xa_scale).to(xa_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (rk[None, :] < R))
-        rows += BLOCK_M
-        tl.store(xa_ptr + rows[:, None] * stride_xam + rk[None, :], (acc1 * xa_scale).to(xa_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (rk[None, :] < R))
+        _store_xa_block(xa_ptr, acc0, mb, M, R, stride_xam, xa_scale, BLOCK_M, BLOCK_R)
+        _store_xa_block(xa_ptr, acc1, mb + 1, M, R, stride_xam, xa_scale, BLOCK_M, BLOCK_R)
         tl.debug_barrier()
         tl.atomic_xchg(flags_ptr + mb, 1, sem="release", scope="gpu")
         if mb + 1 < num_m:
@@ -900,18 +901,28 @@ def _gemm_programs(tiles: int, sms: int) -> int:
     return cdiv(tiles, cdiv(tiles, sms))
 
 
+def _xa_walk(M: int, N: int, R: int, device: torch.device, config: Optional[dict]) -> Optional[tuple[int, int]]:
+    """(row blocks of xa, output tiles) of a persistent kernel that may make xa itself, or None where it may not:
+    XA_WORKERS off, not a GPU (nor the interpreter), or an epilogue that does not read the whole rank at once."""
+    if not XA_WORKERS or device.type != "cuda" and not triton_interpret():
+        return None
+    cfg = config or _persistent_config(M, R)
+    if cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
+        return None
+    num_m = cdiv(M, cfg["BLOCK_M"])
+    return num_m, num_m * cdiv(N, cfg["BLOCK_N"])
+
+
 def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> int:
     """How many of the persistent kernel's programs make xa (0: none; cuBLAS makes it beforehand): the SMs that
     the walk over (M, N)'s tiles leaves free, at most one per row block of xa and _MAX_XA_WORKERS. Needs the
     epilogue to read the whole rank at once (R_CHUNKS = 1)."""
-    if not XA_WORKERS or R > XA_WORKERS_MAX_RANK or device.type != "cuda" and not triton_interpret():
+    walk = _xa_walk(M, N, R, device, config) if R <= XA_WORKERS_MAX_RANK else None
+    if walk is None:
         return 0
-    cfg = config or _persistent_config(M, R)
-    if cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
-        return 0
+    num_m, tiles = walk
     sms = _sm_count(device)
-    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    return min(sms - _gemm_programs(tiles, sms), cdiv(M, cfg["BLOCK_M"]), _MAX_XA_WORKERS)
+    return min(sms - _gemm_programs(tiles, sms), num_m, _MAX_XA_WORKERS)
 
 
 # xa made inside the persistent kernel by helpers (XA_HELPERS): where the walk gives some programs a tile fewer than the
@@ -929,15 +940,13 @@ def xa_helpers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     """How many of the persistent kernel's programs make xa before their tiles (0: none): the programs the walk
     over (M, N)'s tiles gives a tile fewer, if that makes each at most XA_HELPER_MAX_BLOCKS row blocks of xa. Needs
     the epilogue to read the whole rank at once (R_CHUNKS = 1)."""
-    if not (XA_WORKERS and XA_HELPERS) or device.type != "cuda" and not triton_interpret():
+    walk = _xa_walk(M, N, R, device, config) if XA_HELPERS else None
+    if walk is None:
         return 0
-    cfg = config or _persistent_config(M, R)
-    if cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
-        return 0
-    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    num_m, tiles = walk
     programs = min(_sm_count(device), tiles)
     helpers = programs - tiles % programs if tiles % programs else 0
-    if not helpers or 2 * cdiv(cdiv(M, cfg["BLOCK_M"]), 2 * helpers) > XA_HELPER_MAX_BLOCKS:
+    if not helpers or 2 * cdiv(num_m, 2 * helpers) > XA_HELPER_MAX_BLOCKS:
         return 0
     return helpers
 
