@@ -1,0 +1,149 @@
+"""Is a training step bound by the host, or does it wait somewhere? A trace of a few steps, read for that.
+
+bench e2e found the fused 1b step's host time equal to its GPU time (NOTES-lora.md, eleventh session): either the GPU
+starves while the host enqueues, or the host waits for the GPU inside the step (a synchronising call). This profiles
+a few steps of one workload (CPU + CUDA activities, no Python stacks) and prints:
+
+1. the GPU's busy time over the profiled span, and how many kernels started within a few us of the end of their
+   launch call: a kernel the GPU waited for (the queue was empty), as a host-bound step shows;
+2. CUDA runtime / driver calls that took long (a synchronisation, cudaMalloc, cudaFree, event waits), by name;
+3. per thread, the CPU ops at the top of their stacks by total time, and the peftkern op ranges' durations.
+
+    python scripts/step_trace.py [--method lora] [--impl fused|peft|frozen] [--steps 2] [--trace PATH.json.gz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+STARVED_US = 10.0  # a kernel that starts within this of its launch call's end found the GPU idle
+
+
+def analyse(events: list, steps: int) -> None:
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
+    if not kernels:
+        print("no kernels in the trace")
+        return
+    by_corr = {e["args"].get("correlation"): e for e in runtime if "args" in e}
+    spans = sorted((k["ts"], k["ts"] + k["dur"]) for k in kernels)
+    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    gaps = []
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_e))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = spans[-1][1] - spans[0][0]
+    print(f"GPU: {len(kernels)} kernels, busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span "
+          f"({100 * busy / span:.1f}%), per step {busy / 1e3 / steps:.2f} busy / {span / 1e3 / steps:.2f} ms")
+    big = sorted(gaps, reverse=True)
+    print(f"  idle gaps: {len(gaps)}, {sum(g for g, _ in gaps) / 1e3:.2f} ms in all; over 50 us: "
+          f"{sum(1 for g, _ in gaps if g > 50)} ({sum(g for g, _ in gaps if g > 50) / 1e3:.2f} ms); largest (us): "
+          f"{[round(g) for g, _ in big[:8]]}")
+    starved, waited, lag = 0, 0, []
+    for k in kernels:
+        launch = by_corr.get(k.get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        delay = k["ts"] - (launch["ts"] + launch["dur"])
+        lag.append(k["ts"] - launch["ts"])
+        waited += 1
+        starved += delay < STARVED_US
+    lag.sort()
+    if waited:
+        print(f"  kernels that started within {STARVED_US:.0f} us of their launch's end (the GPU waited for the host): "
+              f"{starved} of {waited} ({100 * starved / waited:.0f}%); launch-to-start lag median "
+              f"{lag[len(lag) // 2]:.0f} us, 90th percentile {lag[int(len(lag) * 0.9)]:.0f} us")
+    slow = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for e in runtime:
+        if e["dur"] > 50:
+            s = slow[e["name"]]
+            s[0] += 1
+            s[1] += e["dur"]
+            s[2] = max(s[2], e["dur"])
+    print("runtime/driver calls over 50 us (count, total ms, longest us):")
+    for name, (n, tot, mx) in sorted(slow.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {n:6d} {tot / 1e3:9.2f} ms {mx:9.0f} us  {name}")
+    cpu = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e),
+                 key=lambda e: (e["tid"], e["ts"]))
+    top = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+    end_by_tid: dict = {}
+    for e in cpu:  # outermost ops only: those that start after the previous outermost one ended
+        if e["ts"] >= end_by_tid.get(e["tid"], -1):
+            s = top[e["tid"]][e["name"]]
+            s[0] += 1
+            s[1] += e["dur"]
+            end_by_tid[e["tid"]] = e["ts"] + e["dur"]
+    for tid, ops in top.items():
+        total = sum(v[1] for v in ops.values())
+        print(f"thread {tid}: outermost CPU ops {total / 1e3 / steps:.2f} ms per step; largest (per step: calls, ms):")
+        for name, (n, tot) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:14]:
+            print(f"  {n / steps:7.1f} {tot / 1e3 / steps:8.2f}  {name[:100]}")
+    for name in ("peftkern::lora_fwd", "peftkern::lora_bwd"):
+        d = sorted(e["dur"] for e in events if e.get("name") == name and e.get("cat") in ("user_annotation", "cpu_op"))
+        if d:
+            print(f"{name}: {len(d)} ranges, median {d[len(d) // 2]:.0f} us, 90th percentile {d[int(len(d) * .9)]:.0f},"
+                  f" max {d[-1]:.0f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--impl", default="fused", choices=["fused", "peft", "frozen"])
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--trace", help="where to write the gzipped Chrome trace (default: not kept)")
+    parser.add_argument("--read", help="analyse this trace (.json or .json.gz) instead of running")
+    args = parser.parse_args()
+    if args.read:
+        opener = gzip.open if args.read.endswith(".gz") else open
+        with opener(args.read, "rt") as f:
+            analyse(json.load(f)["traceEvents"], args.steps)
+        return 0
+    if not torch.cuda.is_available():
+        print("needs a GPU")
+        return 0
+    from peftkern import workloads
+
+    model = workloads.build(args.method, args.impl, args.shape, "cuda", torch.bfloat16, 16, False, max_positions=2048)
+    step = workloads.training_step(model, 4, 2048, "cuda")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    print(f"{args.method} {args.impl}: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms a step without the profiler")
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    analyse(events, args.steps)
+    if args.trace:
+        with open(path, "rb") as f, gzip.open(args.trace, "wb") as g:
+            g.write(f.read())
+    os.remove(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
