@@ -56,7 +56,14 @@ def get_backend() -> Optional[str]:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1). Read once: Triton decides it when a kernel
+    module is imported, and the launchers ask several times a call (an environment lookup costs ~0.5 us)."""
+    if not _interpret:
+        _interpret.append(os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return _interpret[0]
+
+
+_interpret: list = []
 
 
 _triton_found: list = []  # [whether triton imports], once known (a list, not lru_cache: dynamo warned at every

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import triton_interpret
-from ._launch import cdiv, launch
+from ._launch import Descriptor, cdiv, launch, next_power_of_2
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -643,7 +643,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _block_r(r: int) -> int:
     # tl.dot needs every dimension >= 16.
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -662,7 +662,7 @@ def _matmul_config(M: int, dtype: Optional[torch.dtype] = None, device: Optional
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if M <= 64:
-        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=128,
+        return dict(BLOCK_M=max(16, min(64, next_power_of_2(M))), BLOCK_N=64, BLOCK_K=128,
                     GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 2048:
         if M > 1024 and dtype in (torch.float16, torch.bfloat16):
@@ -725,10 +725,10 @@ def fused_matmul(
     bias_arg = bias if bias is not None else out
     if use_tma and _tma_ok(a, w, out):
         w_kmajor = _tma_layout(w) == "row"
-        w_desc = (TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor
-                  else TensorDescriptor.from_tensor(w.t(), [bk, bn]))
+        w_desc = (Descriptor(w, [bn, bk]) if w_kmajor
+                  else Descriptor(w.t(), [bk, bn]))
         lora_fused_matmul_tma_kernel[grid](
-            TensorDescriptor.from_tensor(a, [bm, bk]), w_desc, TensorDescriptor.from_tensor(out, [bm, bn]),
+            Descriptor(a, [bm, bk]), w_desc, Descriptor(out, [bm, bn]),
             up, low, bias_arg, M, N, K, R,
             up.stride(0), up.stride(1), low.stride(0), low.stride(1),
             float(scaling), float(dropout_p), int(seed), W_KMAJOR=w_kmajor, **common,
@@ -845,7 +845,19 @@ def persistent_forward_ok(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
     return R % 8 == 0 and R <= PERSISTENT_MAX_RANK and persistent_gemm_ok(x, w) and _tma_layout(w) is not None
 
 
+_persistent_configs: dict = {}
+
+
 def _persistent_config(M: int, R: int = 16) -> dict:
+    """The persistent kernel's config for M rows and rank R (a fresh dict each call: callers pop from it)."""
+    key = (M >= 1024, R <= _PERSISTENT_RANK_SLICE, WIDE_RANK_STAGES, triton_interpret())
+    cfg = _persistent_configs.get(key)
+    if cfg is None:
+        cfg = _persistent_configs[key] = _make_persistent_config(M, R)
+    return dict(cfg)
+
+
+def _make_persistent_config(M: int, R: int) -> dict:
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, FLATTEN=False, SUBTILE=True, XA_GIVEN=True,
                     num_warps=4, num_stages=1)
@@ -887,6 +899,13 @@ XA_WORKERS_MAX_RANK = 64
 # 4096, but 470 vs 462-463 us at 8192 (4096^2, r = 16), where dA, which needs dyb, can only follow the dx kernel,
 # while without workers dA and dB both fill the SMs its last round of tiles leaves idle.
 XA_WORKERS_DX_MAX_M = 4096
+# A worker makes a 128-row block of xa (r <= 64) in about the time a walking program computes this many columns of
+# its output tiles (K cancels: both scale with it), so the workers keep up where blocks per worker x this <= rounds x
+# BLOCK_N. From the 1b training step's trace on an H200 (scripts/step_trace.py, NOTES-lora.md, twelfth session): at
+# M = 8192, 2048 -> 2048 the forward with 4 workers took 158 us (16 blocks each, 4 rounds of 256 columns: 2048 > 1024)
+# where the same GEMM without them took 98 us; 5632 -> 2048 357 us against ~270. Where workers were measured to gain
+# (4096^2 at M = 2048, 4096 and 8192; 11008 -> 4096; 2048 -> 5632 in that trace) the rule holds, at 4096^2 exactly.
+XA_WORKER_COLUMNS_PER_BLOCK = 128
 _WORKER_SMEM = 200 * 1024  # bytes of the workers' pipeline buffers (the GEMM programs' own take ~188-224 KB)
 
 
@@ -922,7 +941,13 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
         return 0
     num_m, tiles = walk
     sms = _sm_count(device)
-    return min(sms - _gemm_programs(tiles, sms), num_m, _MAX_XA_WORKERS)
+    workers = min(sms - _gemm_programs(tiles, sms), num_m, _MAX_XA_WORKERS)
+    if workers and not triton_interpret():
+        # Each worker's row blocks must be made in the time the others walk their rounds of tiles
+        block_n = (config or _persistent_config(M, R))["BLOCK_N"]
+        if cdiv(num_m, workers) * XA_WORKER_COLUMNS_PER_BLOCK > cdiv(tiles, sms - workers) * block_n:
+            return 0
+    return workers
 
 
 # xa made inside the persistent kernel by helpers (XA_HELPERS): where the walk gives some programs a tile fewer than the
@@ -956,6 +981,22 @@ def xa_plan(M: int, N: int, R: int, device: torch.device, config: Optional[dict]
     else neither (0, 0: cuBLAS makes xa beforehand). Workers first: at r = 16 the forward took 435-439 us with them
     against 440-444 with helpers (M = 8192, 4096^2, H200, explore_lora.py --helpers); helpers serve the ranks above
     XA_WORKERS_MAX_RANK, where a few workers cannot do the tensor work in time."""
+    if config is None:  # the default config's plan, memoised: it costs the host ~5 us a launch to work out
+        key = (M, N, R, device, XA_WORKERS, XA_HELPERS, XA_WORKERS_MAX_RANK, XA_HELPER_MAX_BLOCKS,
+               XA_WORKER_COLUMNS_PER_BLOCK, WIDE_RANK_STAGES, triton_interpret())
+        plan = _xa_plans.get(key)
+        if plan is None:
+            if len(_xa_plans) >= 4096:
+                _xa_plans.clear()
+            plan = _xa_plans[key] = _make_xa_plan(M, N, R, device, None)
+        return plan
+    return _make_xa_plan(M, N, R, device, config)
+
+
+_xa_plans: dict = {}
+
+
+def _make_xa_plan(M: int, N: int, R: int, device: torch.device, config: Optional[dict]) -> tuple[int, int]:
     workers = xa_workers(M, N, R, device, config)
     return (workers, 0) if workers else (0, xa_helpers(M, N, R, device, config))
 
@@ -1000,7 +1041,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
     if xa is not None and not xa_given:
         raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
-    n_workers, n_helpers = xa_plan(M, N, R, x.device, cfg) if workers and xa_given and xa is None else (0, 0)
+    n_workers, n_helpers = xa_plan(M, N, R, x.device, config) if workers and xa_given and xa is None else (0, 0)
     if workers and xa is not None:
         raise ValueError("persistent_forward: workers make xa; none may be given")
     if workers:
@@ -1022,7 +1063,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     b_rmajor = _tma_layout(b) == "col"
     b = b if b_rmajor else b.contiguous()
     w_kmajor = _tma_layout(w) == "row"
-    w_desc = TensorDescriptor.from_tensor(w, [bn, bk]) if w_kmajor else TensorDescriptor.from_tensor(w.t(), [bk, bn])
+    w_desc = Descriptor(w, [bn, bk]) if w_kmajor else Descriptor(w.t(), [bk, bn])
     store_n = bn // 2 if cfg["SUBTILE"] else bn
     sms = _sm_count(x.device)
     tiles = cdiv(M, bm) * cdiv(N, bn)
@@ -1030,22 +1071,22 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): A's
     # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
     # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
-    xa_desc = TensorDescriptor.from_tensor(xa, [bm, block_r])
+    xa_desc = Descriptor(xa, [bm, block_r])
     a_kmajor = True
     flags = None
     if n_workers or n_helpers:
         # A's tiles as A (r, K) or A^T (K, r) hold them, row-major: the backward's dx passes B^T, a view of B
         a_kmajor = _tma_layout(a) != "col"
-        a_desc = (TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk]) if a_kmajor
-                  else TensorDescriptor.from_tensor(a.t(), [bk, block_r]))
+        a_desc = (Descriptor(a.contiguous(), [block_r, bk]) if a_kmajor
+                  else Descriptor(a.t(), [bk, block_r]))
         flags = torch.zeros(cdiv(M, bm), device=x.device, dtype=torch.int32)
     else:
-        a_desc = None if xa_given else TensorDescriptor.from_tensor(a.contiguous(), [block_r, bk])
-    b_desc = TensorDescriptor.from_tensor(b.t(), [block_r, bn]) if b_rmajor else TensorDescriptor.from_tensor(
+        a_desc = None if xa_given else Descriptor(a.contiguous(), [block_r, bk])
+    b_desc = Descriptor(b.t(), [block_r, bn]) if b_rmajor else Descriptor(
         b, [bn, block_r])
     launch(
         lora_forward_persistent_kernel, grid,
-        TensorDescriptor.from_tensor(x, [bm, bk]), w_desc, TensorDescriptor.from_tensor(y, [bm, store_n]),
+        Descriptor(x, [bm, bk]), w_desc, Descriptor(y, [bm, store_n]),
         a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
         # flags and xa_scale by position, as every argument that is not a constexpr: _launch's fast path takes a
         # kernel only so (a keyword one sent every launch through Triton's dispatch, ~100 us of host time a layer)
@@ -1176,7 +1217,9 @@ class _Overlap:
         if self.enabled:
             self.main = torch.cuda.current_stream(self.device)
             self.stream = _side_stream(self.device, self.priority)
-            self.stream.wait_stream(self.main)
+            self.events = _overlap_events(self.device, self.priority)
+            self.events[0].record(self.main)  # Stream.wait_stream would make an Event (and a driver event) per call
+            self.stream.wait_event(self.events[0])
         return self
 
     def side(self):
@@ -1192,8 +1235,25 @@ class _Overlap:
 
     def __exit__(self, *exc):
         if self.enabled:
-            self.main.wait_stream(self.stream)
+            self.events[1].record(self.stream)
+            self.main.wait_event(self.events[1])
         return False
+
+
+_event_cache = threading.local()
+
+
+def _overlap_events(device: torch.device, priority: int) -> tuple:
+    """Two events for _Overlap's fork and join, made once per thread, device and side stream: a wait takes the event's
+    last record at the time of the call, so reuse is safe within a thread, and autograd's device threads and the
+    caller's each have their own pair."""
+    events = getattr(_event_cache, "events", None)
+    if events is None:
+        events = _event_cache.events = {}
+    pair = events.get((device, priority))
+    if pair is None:
+        pair = events[device, priority] = (torch.cuda.Event(), torch.cuda.Event())
+    return pair
 
 
 # cuBLAS runs the frozen forward GEMM (x W^T, K-major W) about 1.25x faster than this file's Triton GEMM on
@@ -1252,6 +1312,8 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float, out_dtype: torch
     # addmm's input, never read (beta = 0): a 0-dim view of a, not a cached tensor. A tensor cached across calls,
     # first made while torch.compile(mode="reduce-overhead") recorded its CUDA graphs, stayed alive in the graphs'
     # memory pool, and cudagraph trees refused the step ("tensor(s) in the cudagraph pool not tracked").
+    if scaling == 1.0 and out_dtype == a.dtype:  # no alpha to carry: mm, without addmm's ignored input (two views)
+        return torch.mm(a, b)
     zero = a[0, 0]
     if out_dtype == torch.float32 and a.dtype != torch.float32 and a.is_cuda and _addmm_out_dtype[0]:
         try:
