@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import gzip
 import json
 import os
@@ -106,6 +107,8 @@ def main() -> int:
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--trace", help="where to write the gzipped Chrome trace (default: not kept)")
+    parser.add_argument("--history", action="store_true",
+                        help="build, run and drop bench e2e's earlier rows (frozen, PEFT bf16 and fp32) first")
     parser.add_argument("--read", help="analyse this trace (.json or .json.gz) instead of running")
     args = parser.parse_args()
     if args.read:
@@ -118,16 +121,33 @@ def main() -> int:
         return 0
     from peftkern import workloads
 
+    if args.history:  # bench e2e's rows before the fused ones, each built, run and dropped as bench_e2e does
+        for impl, fp32 in (("frozen", False), ("peft", False), ("peft", True)):
+            model = workloads.build(args.method, impl, args.shape, "cuda", torch.bfloat16, 16, fp32, max_positions=2048)
+            step = workloads.training_step(model, 4, 2048, "cuda")
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            del model, step
+            gc.collect()
+            torch.cuda.empty_cache()
+        print("history: frozen, PEFT bf16 and PEFT fp32 models built, run 5 steps and dropped first")
     model = workloads.build(args.method, args.impl, args.shape, "cuda", torch.bfloat16, 16, False, max_positions=2048)
     step = workloads.training_step(model, 4, 2048, "cuda")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    print(f"{args.method} {args.impl}: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms a step without the profiler")
+    for _ in range(3):  # as bench e2e times: GPU events around the steps, and the host's time until they are queued
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(5):
+            step()
+        end.record()
+        host = (time.perf_counter() - t0) / 5 * 1e3
+        torch.cuda.synchronize()
+        print(f"{args.method} {args.impl}: {start.elapsed_time(end) / 5:.1f} ms a step (GPU events), host {host:.1f} ms,"
+              f" no profiler")
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
