@@ -41,6 +41,26 @@ def test_argument_classes_separate_what_triton_specialises_on():
         cls("a string")
 
 
+def test_unchecked_descriptor_is_a_tensor_descriptor_of_the_same_class():
+    """_launch.Descriptor skips the dataclass's checks only: the same fields and class as TensorDescriptor.from_tensor,
+    for a row-major tensor and for a transposed view."""
+    m = torch.zeros(64, 48, dtype=torch.float16)
+    for t, block in ((m, [16, 32]), (m.t(), [16, 16]), (m[8:], [8, 16])):
+        fast, ref = _launch.Descriptor(t, block), TensorDescriptor.from_tensor(t.contiguous(), block)
+        fast_ref = TensorDescriptor(t, t.shape, t.stride(), block) if t.stride(-1) == 1 else None
+        assert isinstance(fast, TensorDescriptor)
+        assert (fast.base is t and list(fast.shape) == list(t.shape) and list(fast.strides) == list(t.stride())
+                and fast.block_shape == block and fast.padding == ref.padding)
+        if fast_ref is not None:
+            assert _launch._arg_class(fast) == _launch._arg_class(fast_ref)
+    assert _launch._arg_class(_launch.Descriptor(m, [16, 32])) != _launch._arg_class(_launch.Descriptor(m, [32, 32]))
+
+
+def test_next_power_of_2_matches_triton():
+    assert [_launch.next_power_of_2(n) for n in range(0, 1100)] == [triton.next_power_of_2(max(n, 1))
+                                                                    for n in range(0, 1100)]
+
+
 class _Param:
     def __init__(self, name, is_constexpr, default=None):
         self.name, self.is_constexpr, self.default = name, is_constexpr, default
@@ -106,6 +126,18 @@ def test_fast_path_refuses_what_it_cannot_key(fake_device):
         _launch.launch(odd, (1,), "not a tensor")
     assert [c[0] for c in odd.calls] == ["jit"] * 2
     _launch._refused.difference_update({by_position, by_name})
+
+
+def test_planned_launch_keys_its_class_by_the_plan(fake_device):
+    """launch_planned: the caller's key stands for the arguments' classes: one JIT launch per key, then the launcher,
+    with every parameter in order; a new key launches through the JIT again."""
+    kernel = _FakeKernel([_Param("x", False), _Param("n", False), _Param("BLOCK", True)])
+    x = torch.zeros(64)
+    _launch.launch_planned(kernel, (2,), ("plan", 1), x, 64, BLOCK=32)
+    _launch.launch_planned(kernel, (3,), ("plan", 1), x, 64, BLOCK=32)
+    _launch.launch_planned(kernel, (3,), ("plan", 2), x, 65, BLOCK=32)
+    assert [c[0] for c in kernel.calls] == ["jit", "fast", "jit"]
+    assert kernel.calls[1][1][:4] == (3, 1, 1, 77) and kernel.calls[1][1][9:] == (x, 64, 32)
 
 
 def test_launch_hooks_take_the_jit_launch(fake_device, monkeypatch):
@@ -178,7 +210,8 @@ def test_every_launch_in_the_package_can_take_the_fast_path():
     for path in sorted(folder.glob("*.py")):
         module = importlib.import_module(f"peftkern.kernels.triton.{path.stem}")
         for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("launch", "launch_planned")):
                 continue
             kernel = getattr(module, node.args[0].id)
             where = f"{path.name}:{node.lineno} {node.args[0].id}"
@@ -189,7 +222,8 @@ def test_every_launch_in_the_package_can_take_the_fast_path():
             assert [name for name, _ in params[:len(plain)]] == plain, f"{where}: a constexpr before {plain}"
             by_name = {k.arg for k in node.keywords if k.arg is not None}
             assert not by_name & set(plain), f"{where}: {sorted(by_name & set(plain))} must come by position"
+            positional = len(node.args) - (3 if node.func.id == "launch_planned" else 2)
             if not any(isinstance(a, ast.Starred) for a in node.args):  # a splat's length is not known here
-                assert len(node.args) - 2 == len(plain), f"{where}: {len(node.args) - 2} by position, {plain}"
+                assert positional == len(plain), f"{where}: {positional} by position, {plain}"
             checked += 1
     assert checked >= 15, checked

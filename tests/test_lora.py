@@ -491,6 +491,49 @@ def test_persistent_xa_workers_match_reference(rank, role, mode, poison_empty, m
         kl.persistent_forward(x, W, A, B, 0.7, workers=True, xa=x @ A.t())
 
 
+def test_xa_workers_only_where_they_keep_up(monkeypatch):
+    """The workers' rule on an H200's 132 SMs (no GPU needed): blocks per worker x XA_WORKER_COLUMNS_PER_BLOCK within
+    the walk's rounds x BLOCK_N. The 1b step's 2048-wide forwards (M = 8192) took 158 us with workers against 98
+    without; 4096^2 and 2048 -> 5632 kept them. The plan is memoised: switching the workers off is seen at once."""
+    from peftkern.kernels.triton import lora as kl
+
+    monkeypatch.setattr(kl, "triton_interpret", lambda: False)
+    monkeypatch.setattr(kl, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(kl, "XA_WORKERS", True)
+    monkeypatch.setattr(kl, "_xa_plans", {})  # plans memoised with this machine's SM count stay out
+    dev = torch.device("cuda", 0)
+    assert kl.xa_plan(8192, 4096, 16, dev) == (4, 0)       # 16 blocks a worker, 8 rounds of 256 columns: equal
+    assert kl.xa_plan(8192, 5632, 16, dev) == (4, 0)       # 11 rounds
+    assert kl.xa_plan(2048, 4096, 16, dev) == (4, 0)       # 4 blocks, 2 rounds
+    assert kl.xa_plan(8192, 2048, 16, dev) == (0, 0)       # 16 blocks, 4 rounds: cuBLAS makes xa
+    assert kl.xa_workers(8192, 2048, 16, dev) == 0
+    monkeypatch.setattr(kl, "XA_WORKER_COLUMNS_PER_BLOCK", 64)
+    assert kl.xa_plan(8192, 2048, 16, dev) == (4, 0)
+    monkeypatch.setattr(kl, "XA_WORKERS", False)
+    assert kl.xa_plan(8192, 4096, 16, dev) == (0, 0)
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the fast launch path needs a GPU")
+def test_persistent_forward_launches_by_its_memoised_plan():
+    """From the second call of a class, persistent_forward launches through _launch's fast path by its plan's key, and
+    gives the reference's answer with new tensors of the same shapes (a memoised plan holds no tensor)."""
+    from peftkern.kernels.triton import _launch
+    from peftkern.kernels.triton import lora as kl
+
+    M, K, N, R, dt = 1024, 512, 768, 16, torch.bfloat16
+    for workers in (False, True):
+        for call in range(3):
+            g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+            rnd = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(DEVICE, dt)
+            x, W, A, B = rnd(M, K), rnd(N, K), rnd(R, K), rnd(N, R)
+            before = dict(_launch.stats)
+            y, xa = kl.persistent_forward(x, W, A, B, 0.5, xa_dtype=dt, workers=workers)
+            if call:
+                assert _launch.stats["fast"] == before["fast"] + 1 and _launch.stats["slow"] == before["slow"]
+            ref = x.double() @ W.double().t() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+            assert_close(y, ref, dt, f"workers={workers} call {call}")
+
+
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float16, torch.float32), (torch.float32, torch.float32)])
 def test_scaled_mm(dtype, out_dtype):

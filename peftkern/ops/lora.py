@@ -67,12 +67,19 @@ def _lora_bwd(
     need_x: bool, need_a: bool, need_b: bool, need_bias: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dbias, dweight); an empty tensor where that gradient was not asked for."""
-    with op_range("peftkern::lora_bwd"):
-        grads = backend_module(backend, "lora").lora_backward(
-            grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
-            (need_x, need_a, need_b, need_bias, need_w))
+    grads = _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed,
+                            backend, need_x, need_a, need_b, need_bias, need_w)
     refs = (x, lora_A, lora_B, grad_y, weight)
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
+
+
+def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
+                    need_x, need_a, need_b, need_bias, need_w) -> tuple:
+    """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate)."""
+    with op_range("peftkern::lora_bwd"):
+        return backend_module(backend, "lora").lora_backward(
+            grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
+            (need_x, need_a, need_b, need_bias, need_w))
 
 
 lora_bwd = torch.library.custom_op("peftkern::lora_bwd", _lora_bwd, mutates_args=())
@@ -122,7 +129,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if ctx.x_source is not None:
             x = recompute_product(ctx.x_source, ctx.x_shape)
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        bwd = torch.ops.peftkern.lora_bwd if torch.compiler.is_compiling() else _lora_bwd
+        bwd = torch.ops.peftkern.lora_bwd if torch.compiler.is_compiling() else _lora_bwd_eager
         dx, da, db, dbias, dw = bwd(
             grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.weight_transposed,
             ctx.backend, need_x, need_a, need_b, need_bias and ctx.has_bias, need_w)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from ._launch import Descriptor, cdiv, launch, next_power_of_2
+from ._launch import Descriptor, cdiv, launch, launch_planned, next_power_of_2
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -1010,6 +1010,77 @@ def dx_makes_dyb(M: int, K: int, R: int, device: torch.device) -> bool:
     return bool(workers or helpers) and (M <= XA_WORKERS_DX_MAX_M or (helpers and R > XA_WORKERS_MAX_RANK))
 
 
+_persistent_plans: dict = {}
+
+
+class _PersistentPlan:
+    """What persistent_forward decides on the host before a launch: tiles, grid, the xa plan, how xa is made, the
+    operands' layouts and the kernel's constexprs. Each depends only on shapes, strides, dtypes, 16-byte alignment,
+    the flags and the module's switches; persistent_forward memoises a plan on them for the default config (working it
+    out cost the host ~10 us a call on a fast CPU). key: that memo's key, None for a config given by the caller."""
+
+    __slots__ = ("bm", "bn", "bk", "block_r", "store_n", "grid", "make_xa", "scale_b", "no_scale", "b_rmajor",
+                 "w_kmajor", "a_layout", "flags", "meta", "key")
+
+    def __init__(self, x, w, lora_A, lora_B, scaling, bias, config, xa_dtype, xa, xa_scaled, prescale_b, workers, key):
+        M, K = x.shape
+        N = w.shape[0]
+        R = lora_A.shape[0]
+        cfg = dict(config or _persistent_config(M, R))
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        a = lora_A.to(x.dtype)
+        xa_given = cfg.pop("XA_GIVEN", True)
+        block_r = _persistent_block_r(R, cfg["FLATTEN"], xa_given)
+        if not xa_given and block_r < R:
+            raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
+        if xa is not None and not xa_given:
+            raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
+        if _tma_layout(x) != "row" or _tma_layout(w) is None:
+            raise ValueError("persistent_forward: x must be row-major and x and w TMA-able (persistent_forward_ok)")
+        n_workers, n_helpers = xa_plan(M, N, R, x.device, config) if workers and xa_given and xa is None else (0, 0)
+        if workers and xa is not None:
+            raise ValueError("persistent_forward: workers make xa; none may be given")
+        if workers:
+            if xa_scaled and xa_dtype != x.dtype:
+                raise ValueError("persistent_forward: xa_scaled needs xa in x's dtype")
+        elif xa_scaled and (xa is None or xa.dtype != x.dtype):
+            raise ValueError("persistent_forward: xa_scaled needs xa given in x's dtype")
+        if not xa_given or n_workers or n_helpers:
+            self.make_xa, made_dtype = "kernel", xa_dtype
+        elif xa is None and xa_scaled:
+            self.make_xa, made_dtype = "scaled", x.dtype
+        elif xa is None:
+            self.make_xa = "float32" if xa_dtype == torch.float32 else "mm"
+            made_dtype = torch.float32 if xa_dtype == torch.float32 else x.dtype
+        else:
+            self.make_xa, made_dtype = "given", xa.dtype
+        # The epilogue adds xa's tile as it is where the scaling is in xa already, goes into B here, or is 1.
+        xa_plain = xa_given and made_dtype == x.dtype
+        self.scale_b = prescale_b and xa_plain and not xa_scaled and scaling != 1.0
+        b = (lora_B * scaling).to(x.dtype) if self.scale_b else lora_B.to(x.dtype)
+        self.no_scale = xa_scaled or self.scale_b or (xa_plain and scaling == 1.0)
+        self.b_rmajor = _tma_layout(b) == "col"
+        self.w_kmajor = _tma_layout(w) == "row"
+        store_n = bn // 2 if cfg["SUBTILE"] else bn
+        sms = _sm_count(x.device)
+        tiles = cdiv(M, bm) * cdiv(N, bn)
+        self.grid = (n_workers + _gemm_programs(tiles, sms),) if n_workers else (min(sms, tiles),)
+        a_kmajor = True
+        if n_workers or n_helpers:
+            a_kmajor = _tma_layout(a) != "col"
+            self.a_layout = "row" if a_kmajor else "col"
+        else:
+            self.a_layout = None if xa_given else "row"
+        self.flags = cdiv(M, bm) if n_workers or n_helpers else 0
+        self.bm, self.bn, self.bk, self.block_r, self.store_n, self.key = bm, bn, bk, block_r, store_n, key
+        self.meta = dict(
+            XA_GIVEN=xa_given, XA_SCALED=self.no_scale, W_KMAJOR=self.w_kmajor, HAS_BIAS=bias is not None,
+            BLOCK_R=block_r, B_RMAJOR=self.b_rmajor, R_CHUNKS=cdiv(R, block_r), XA_WORKERS=n_workers,
+            A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
+            WORKER_STAGES=_worker_stages(bm, bk, block_r, n_helpers > 0) if n_workers or n_helpers else 3,
+            XA_HELPERS=n_helpers, **cfg)
+
+
 def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                        scaling: float, bias: Optional[torch.Tensor] = None,
                        config: Optional[dict] = None, xa_dtype: torch.dtype = torch.float32,
@@ -1029,76 +1100,62 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     M, K = x.shape
     N = w.shape[0]
     R = lora_A.shape[0]
-    cfg = dict(config or _persistent_config(M, R))
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if config is None:  # the host-side decisions, memoised on everything they depend on (NOTES-lora.md, twelfth session)
+        key = (M, N, K, R, x.dtype, x.stride(), x.data_ptr() % 16, x.device, xa_dtype, xa_scaled, prescale_b, workers,
+               scaling == 1.0, w.stride(), w.data_ptr() % 16, lora_A.dtype, lora_A.stride(), lora_A.data_ptr() % 16,
+               lora_B.dtype, lora_B.stride(), lora_B.data_ptr() % 16, None if bias is None else bias.dtype,
+               None if xa is None else (xa.dtype, xa.stride()), XA_WORKERS, XA_HELPERS, XA_WORKERS_MAX_RANK,
+               XA_HELPER_MAX_BLOCKS, XA_WORKER_COLUMNS_PER_BLOCK, WIDE_RANK_STAGES, triton_interpret())
+        plan = _persistent_plans.get(key)
+        if plan is None:
+            plan = _PersistentPlan(x, w, lora_A, lora_B, scaling, bias, None, xa_dtype, xa, xa_scaled, prescale_b,
+                                   workers, key)
+            if len(_persistent_plans) >= 4096:  # shapes that never repeat (varying sequence lengths): start again
+                _persistent_plans.clear()
+            _persistent_plans[key] = plan
+    else:
+        plan = _PersistentPlan(x, w, lora_A, lora_B, scaling, bias, config, xa_dtype, xa, xa_scaled, prescale_b,
+                               workers, None)
+    bm, bn, bk, block_r = plan.bm, plan.bn, plan.bk, plan.block_r
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # A and B as they come where they can: the backward's dx passes B^T and A^T, views whose copies would cost a
     # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
     a = lora_A.to(x.dtype)
-    xa_given = cfg.pop("XA_GIVEN", True)
-    block_r = _persistent_block_r(R, cfg["FLATTEN"], xa_given)
-    if not xa_given and block_r < R:
-        raise ValueError(f"persistent_forward: xa made in the kernel needs r <= {block_r}, got r = {R}")
-    if xa is not None and not xa_given:
-        raise ValueError("persistent_forward: a given xa needs a config with XA_GIVEN")
-    n_workers, n_helpers = xa_plan(M, N, R, x.device, config) if workers and xa_given and xa is None else (0, 0)
-    if workers and xa is not None:
-        raise ValueError("persistent_forward: workers make xa; none may be given")
-    if workers:
-        if xa_scaled and xa_dtype != x.dtype:
-            raise ValueError("persistent_forward: xa_scaled needs xa in x's dtype")
-    elif xa_scaled and (xa is None or xa.dtype != x.dtype):
-        raise ValueError("persistent_forward: xa_scaled needs xa given in x's dtype")
-    if not xa_given or n_workers or n_helpers:
+    make_xa = plan.make_xa
+    if make_xa == "kernel":
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
-    elif xa is None and xa_scaled:  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
+    elif make_xa == "scaled":  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
         xa = scaled_mm(x, a.t(), scaling, x.dtype)
-    elif xa is None:
-        xa = mm_float32(x, a.t()) if xa_dtype == torch.float32 else torch.mm(x, a.t())
-    # The epilogue adds xa's tile as it is where the scaling is in xa already, goes into B here, or is 1.
-    xa_plain = xa_given and xa.dtype == x.dtype
-    scale_b = prescale_b and xa_plain and not xa_scaled and scaling != 1.0
-    b = (lora_B * scaling).to(x.dtype) if scale_b else lora_B.to(x.dtype)
-    no_scale = xa_scaled or scale_b or (xa_plain and scaling == 1.0)
-    b_rmajor = _tma_layout(b) == "col"
-    b = b if b_rmajor else b.contiguous()
-    w_kmajor = _tma_layout(w) == "row"
-    w_desc = Descriptor(w, [bn, bk]) if w_kmajor else Descriptor(w.t(), [bk, bn])
-    store_n = bn // 2 if cfg["SUBTILE"] else bn
-    sms = _sm_count(x.device)
-    tiles = cdiv(M, bm) * cdiv(N, bn)
-    grid = (n_workers + _gemm_programs(tiles, sms),) if n_workers else (min(sms, tiles),)
+    elif make_xa == "float32":
+        xa = mm_float32(x, a.t())
+    elif make_xa == "mm":
+        xa = torch.mm(x, a.t())
+    b = (lora_B * scaling).to(x.dtype) if plan.scale_b else lora_B.to(x.dtype)
+    b_desc = Descriptor(b.t(), [block_r, bn]) if plan.b_rmajor else Descriptor(b.contiguous(), [bn, block_r])
+    w_desc = Descriptor(w, [bn, bk]) if plan.w_kmajor else Descriptor(w.t(), [bk, bn])
     # Every descriptor costs the host a Python call and a driver encode per launch (scripts/host_costs.py): A's
     # only when xa is made in the kernel. (Loading xa and B by plain loads instead of TMA saved 40 us of host
     # time but made the forward 12% slower on the GPU at M = 2048: the epilogue waited on them, NOTES-lora.md.)
-    xa_desc = Descriptor(xa, [bm, block_r])
-    a_kmajor = True
-    flags = None
-    if n_workers or n_helpers:
-        # A's tiles as A (r, K) or A^T (K, r) hold them, row-major: the backward's dx passes B^T, a view of B
-        a_kmajor = _tma_layout(a) != "col"
-        a_desc = (Descriptor(a.contiguous(), [block_r, bk]) if a_kmajor
-                  else Descriptor(a.t(), [bk, block_r]))
-        flags = torch.zeros(cdiv(M, bm), device=x.device, dtype=torch.int32)
-    else:
-        a_desc = None if xa_given else Descriptor(a.contiguous(), [block_r, bk])
-    b_desc = Descriptor(b.t(), [block_r, bn]) if b_rmajor else Descriptor(
-        b, [bn, block_r])
-    launch(
-        lora_forward_persistent_kernel, grid,
-        Descriptor(x, [bm, bk]), w_desc, Descriptor(y, [bm, store_n]),
-        a_desc, b_desc, xa_desc, xa, bias if bias is not None else y,
+    a_desc = None
+    if plan.a_layout == "row":
+        a_desc = Descriptor(a.contiguous(), [block_r, bk])
+    elif plan.a_layout == "col":  # A^T (K, r) row-major: the backward's dx passes B^T, a view of B
+        a_desc = Descriptor(a.t(), [bk, block_r])
+    flags = torch.zeros(plan.flags, device=x.device, dtype=torch.int32) if plan.flags else xa
+    args = (
+        Descriptor(x, [bm, bk]), w_desc, Descriptor(y, [bm, plan.store_n]), a_desc, b_desc, Descriptor(xa, [bm, block_r]),
+        xa, bias if bias is not None else y,
         # flags and xa_scale by position, as every argument that is not a constexpr: _launch's fast path takes a
         # kernel only so (a keyword one sent every launch through Triton's dispatch, ~100 us of host time a layer)
-        M, N, K, R, xa.stride(0), 1.0 if no_scale else float(scaling), grid[0],
-        flags if flags is not None else xa, float(scaling) if xa_scaled else 1.0,
-        XA_GIVEN=xa_given, XA_SCALED=no_scale, W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, BLOCK_R=block_r,
-        B_RMAJOR=b_rmajor,
-        R_CHUNKS=cdiv(R, block_r), XA_WORKERS=n_workers, A_KMAJOR=a_kmajor, SPIN=not triton_interpret(),
-        WORKER_STAGES=_worker_stages(bm, bk, block_r, n_helpers > 0) if n_workers or n_helpers else 3,
-        XA_HELPERS=n_helpers,
-        **cfg,
+        M, N, K, R, xa.stride(0), 1.0 if plan.no_scale else float(scaling), plan.grid[0], flags,
+        float(scaling) if xa_scaled else 1.0,
     )
+    if plan.key is None:
+        launch(lora_forward_persistent_kernel, plan.grid, *args, **plan.meta)
+    else:  # the plan's key names every argument's class but the alignment of xa and the bias, made or given here
+        launch_planned(lora_forward_persistent_kernel, plan.grid,
+                       (plan.key, xa.data_ptr() % 16, None if bias is None else bias.data_ptr() % 16), *args,
+                       **plan.meta)
     return y, xa
 
 
