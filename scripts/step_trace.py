@@ -109,6 +109,8 @@ def main() -> int:
     parser.add_argument("--trace", help="where to write the gzipped Chrome trace (default: not kept)")
     parser.add_argument("--history", action="store_true",
                         help="build, run and drop bench e2e's earlier rows (frozen, PEFT bf16 and fp32) first")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="warn at every CUDA call that synchronises with the GPU during the timed steps")
     parser.add_argument("--read", help="analyse this trace (.json or .json.gz) instead of running")
     args = parser.parse_args()
     if args.read:
@@ -137,17 +139,23 @@ def main() -> int:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.sync_debug:  # a warning for every CUDA call that makes the host wait for the GPU
+        torch.cuda.set_sync_debug_mode("warn")
     for _ in range(3):  # as bench e2e times: GPU events around the steps, and the host's time until they are queued
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
+        marks = [t0]
         start.record()
         for _ in range(5):
             step()
+            marks.append(time.perf_counter())
         end.record()
         host = (time.perf_counter() - t0) / 5 * 1e3
         torch.cuda.synchronize()
+        each = ", ".join(f"{(b - a) * 1e3:.1f}" for a, b in zip(marks, marks[1:]))
         print(f"{args.method} {args.impl}: {start.elapsed_time(end) / 5:.1f} ms a step (GPU events), host {host:.1f} ms,"
-              f" no profiler")
+              f" no profiler; host ms of each step: {each}")
+    torch.cuda.set_sync_debug_mode(0)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
