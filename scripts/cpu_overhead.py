@@ -25,6 +25,23 @@ import torch
 import peftkern
 
 
+def add_layer_shape_args(parser, m: int = 8192) -> None:
+    """--m --k --n --r: the one layer that host_costs.py and host_trace.py time (the 1b model's q projection)."""
+    parser.add_argument("--m", type=int, default=m)
+    parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=16)
+
+
+def layer_tensors(args) -> tuple:
+    """(x, W, A, B, dy) in bf16 on the GPU for add_layer_shape_args's shape, seeded: x (M, K), W (N, K), A (r, K),
+    B (N, r) scaled to unit-size products, dy (M, N)."""
+    M, K, N, R = args.m, args.k, args.n, args.r
+    torch.manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    return rnd(M, K), rnd(N, K) / K**0.5, rnd(R, K) / K**0.5, rnd(N, R) / R**0.5, rnd(M, N)
+
+
 def per_call_us(fn, iters: int = 300, host_only: bool = False) -> float:
     """Wall time per call; host_only stops the clock before synchronising (the calls only enqueue work), with
     few enough calls that the launch queue never fills: the host's cost even where the GPU's work is larger."""

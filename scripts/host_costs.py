@@ -16,7 +16,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
-from cpu_overhead import per_call_us  # this folder: the same enqueue-only timing
+from cpu_overhead import add_layer_shape_args, layer_tensors, per_call_us  # this folder: the same enqueue-only timing
 
 
 @triton.jit
@@ -37,20 +37,12 @@ def main() -> int:
     from peftkern.ops import lora as ops
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--m", type=int, default=8192)
-    parser.add_argument("--k", type=int, default=2048)
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=16)
+    add_layer_shape_args(parser)
     args = parser.parse_args()
     M, K, N, R = args.m, args.k, args.n, args.r
     dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device=dev, dtype=dt)
-    W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
-    A = torch.randn(R, K, device=dev, dtype=dt) / K**0.5
-    B = torch.randn(N, R, device=dev, dtype=dt) / R**0.5
+    x, W, A, B, dy = layer_tensors(args)
     A32, B32 = A.float(), B.float()
-    dy = torch.randn(M, N, device=dev, dtype=dt)
     dyb = dy @ B
     xa = tk.mm_float32(x, A.t())
     seed = torch.zeros((), dtype=torch.int64)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 import torch
-from cpu_overhead import per_call_us  # this folder: the same enqueue-only timing
+from cpu_overhead import add_layer_shape_args, layer_tensors, per_call_us  # this folder: the same enqueue-only timing
 
 import peftkern
 
@@ -55,20 +55,14 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--m", type=int, default=8192)
-    parser.add_argument("--k", type=int, default=2048)
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=16)
+    add_layer_shape_args(parser)
     parser.add_argument("--steps", type=int, default=10, help="fused steps under the profiler")
     args = parser.parse_args()
     M, K, N, R = args.m, args.k, args.n, args.r
     dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-    W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
-    A = (torch.randn(R, K, device=dev, dtype=dt) / K**0.5).requires_grad_()
-    B = (torch.randn(N, R, device=dev, dtype=dt) / R**0.5).requires_grad_()
-    dy = torch.randn(M, N, device=dev, dtype=dt)
+    x, W, A, B, dy = layer_tensors(args)
+    for t in (x, A, B):
+        t.requires_grad_()
 
     class Wrap(torch.nn.Module):
         def __init__(self):
