@@ -128,7 +128,7 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
     """kernel[grid](*args, **meta), with the dispatch done once per class of arguments. args are the
     kernel's leading parameters in order, meta the rest (constexprs) and the launch options by name."""
     enter, leave = _hooks()
-    if not FAST_LAUNCH[0] or triton_interpret() or kernel in _refused or _hook_set(enter) or _hook_set(leave):
+    if _slow_path(kernel, enter, leave):
         _jit_launch(kernel, grid, args, meta)
         return
     try:
@@ -145,10 +145,16 @@ def launch_planned(kernel, grid: tuple, plan_key, *args, **meta) -> None:
     host-side plan memoised on the call's shapes, strides, dtypes and alignments does. It saves the per-argument
     classification (~8 us a launch of the persistent kernel's 17 arguments on a fast CPU)."""
     enter, leave = _hooks()
-    if not FAST_LAUNCH[0] or triton_interpret() or kernel in _refused or _hook_set(enter) or _hook_set(leave):
+    if _slow_path(kernel, enter, leave):
         _jit_launch(kernel, grid, args, meta)
         return
     _launch_class(kernel, grid, (_current_device(), "planned", plan_key), args, meta, enter, leave)
+
+
+def _slow_path(kernel, enter, leave) -> bool:
+    """Whether this launch must go through Triton's dispatch: the fast path off, the interpreter, a kernel whose
+    launcher refused a direct call, or launch hooks installed (profilers)."""
+    return not FAST_LAUNCH[0] or triton_interpret() or kernel in _refused or _hook_set(enter) or _hook_set(leave)
 
 
 def _launch_class(kernel, grid: tuple, key: tuple, args: tuple, meta: dict, enter, leave) -> None:

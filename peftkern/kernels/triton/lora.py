@@ -920,16 +920,17 @@ def _gemm_programs(tiles: int, sms: int) -> int:
     return cdiv(tiles, cdiv(tiles, sms))
 
 
-def _xa_walk(M: int, N: int, R: int, device: torch.device, config: Optional[dict]) -> Optional[tuple[int, int]]:
-    """(row blocks of xa, output tiles) of a persistent kernel that may make xa itself, or None where it may not:
-    XA_WORKERS off, not a GPU (nor the interpreter), or an epilogue that does not read the whole rank at once."""
+def _xa_walk(M: int, N: int, R: int, device: torch.device,
+             config: Optional[dict]) -> Optional[tuple[int, int, int]]:
+    """(row blocks of xa, output tiles, BLOCK_N) of a persistent kernel that may make xa itself, or None where it may
+    not: XA_WORKERS off, not a GPU (nor the interpreter), or an epilogue that does not read the whole rank at once."""
     if not XA_WORKERS or device.type != "cuda" and not triton_interpret():
         return None
     cfg = config or _persistent_config(M, R)
     if cdiv(R, _persistent_block_r(R, cfg["FLATTEN"])) != 1:
         return None
     num_m = cdiv(M, cfg["BLOCK_M"])
-    return num_m, num_m * cdiv(N, cfg["BLOCK_N"])
+    return num_m, num_m * cdiv(N, cfg["BLOCK_N"]), cfg["BLOCK_N"]
 
 
 def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[dict] = None) -> int:
@@ -939,14 +940,13 @@ def xa_workers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     walk = _xa_walk(M, N, R, device, config) if R <= XA_WORKERS_MAX_RANK else None
     if walk is None:
         return 0
-    num_m, tiles = walk
+    num_m, tiles, block_n = walk
     sms = _sm_count(device)
     workers = min(sms - _gemm_programs(tiles, sms), num_m, _MAX_XA_WORKERS)
-    if workers and not triton_interpret():
-        # Each worker's row blocks must be made in the time the others walk their rounds of tiles
-        block_n = (config or _persistent_config(M, R))["BLOCK_N"]
-        if cdiv(num_m, workers) * XA_WORKER_COLUMNS_PER_BLOCK > cdiv(tiles, sms - workers) * block_n:
-            return 0
+    # Each worker's row blocks must be made in the time the others walk their rounds of tiles
+    if workers and not triton_interpret() and (
+            cdiv(num_m, workers) * XA_WORKER_COLUMNS_PER_BLOCK > cdiv(tiles, sms - workers) * block_n):
+        return 0
     return workers
 
 
@@ -968,7 +968,7 @@ def xa_helpers(M: int, N: int, R: int, device: torch.device, config: Optional[di
     walk = _xa_walk(M, N, R, device, config) if XA_HELPERS else None
     if walk is None:
         return 0
-    num_m, tiles = walk
+    num_m, tiles, _ = walk
     programs = min(_sm_count(device), tiles)
     helpers = programs - tiles % programs if tiles % programs else 0
     if not helpers or 2 * cdiv(num_m, 2 * helpers) > XA_HELPER_MAX_BLOCKS:
@@ -1120,8 +1120,9 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # A and B as they come where they can: the backward's dx passes B^T and A^T, views whose copies would cost a
     # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
-    a = lora_A.to(x.dtype)
+    # A is cast only where something reads it (a given xa with no workers needs none: float32 adapters' cast kernel).
     make_xa = plan.make_xa
+    a = lora_A.to(x.dtype) if make_xa != "given" or plan.a_layout is not None else None
     if make_xa == "kernel":
         xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
     elif make_xa == "scaled":  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
