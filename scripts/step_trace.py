@@ -7,7 +7,9 @@ a few steps of one workload (CPU + CUDA activities, no Python stacks) and prints
 1. the GPU's busy time over the profiled span, and how many kernels started within a few us of the end of their
    launch call: a kernel the GPU waited for (the queue was empty), as a host-bound step shows;
 2. CUDA runtime / driver calls that took long (a synchronisation, cudaMalloc, cudaFree, event waits), by name;
-3. per thread, the CPU ops at the top of their stacks by total time, and the peftkern op ranges' durations.
+3. per thread, the CPU ops at the top of their stacks by total time, and the peftkern op ranges' durations;
+4. the GPU's time by kernel name (template arguments dropped), so that two workloads' traces show where one spends
+   more.
 
     python scripts/step_trace.py [--method lora] [--impl fused|peft|frozen] [--steps 2] [--trace PATH.json.gz]
 """
@@ -27,6 +29,15 @@ import time
 import torch
 
 STARVED_US = 10.0  # a kernel that starts within this of its launch call's end found the GPU idle
+
+
+KERNEL_ROWS = 24
+
+
+def kernel_family(name: str) -> str:
+    """A kernel's name without its template arguments and launch details, so that one GEMM's tile variants add up."""
+    name = name.split("(")[0].split("<")[0]
+    return name[:90]
 
 
 def analyse(events: list, steps: int) -> None:
@@ -68,6 +79,14 @@ def analyse(events: list, steps: int) -> None:
         print(f"  kernels that started within {STARVED_US:.0f} us of their launch's end (the GPU waited for the host): "
               f"{starved} of {waited} ({100 * starved / waited:.0f}%); launch-to-start lag median "
               f"{lag[len(lag) // 2]:.0f} us, 90th percentile {lag[int(len(lag) * 0.9)]:.0f} us")
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for k in kernels:
+        s = by_name[kernel_family(k["name"])]
+        s[0] += 1
+        s[1] += k["dur"]
+    print(f"GPU time by kernel (per step: launches, ms), the largest {KERNEL_ROWS}:")
+    for name, (n, tot) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:KERNEL_ROWS]:
+        print(f"  {n / steps:7.1f} {tot / 1e3 / steps:8.3f}  {name}")
     slow = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for e in runtime:
         if e["dur"] > 50:
