@@ -55,6 +55,39 @@ def main() -> int:
         y = ops.lora_linear(xr, W, Ar, Br, 2.0)
         torch.autograd.grad(y, [xr, Ar, Br], dy)
 
+    xa16 = xa.to(dt)
+    main = torch.cuda.current_stream()
+
+    def mm_out32(a, b):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a release without mm's out_dtype
+            return torch.mm(a, b).float()
+
+    def overlap(side):
+        with tk._Overlap(x.device) as ov:
+            if side:
+                with ov.side():
+                    pass
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    gx = torch.ones_like(xr)
+
+    def identity_op():
+        torch.autograd.grad(Identity.apply(xr), [xr], gx)
+
+    def checkpointed_op():
+        y = torch.utils.checkpoint.checkpoint(ops.lora_linear, xr, W, Ar, Br, 2.0, use_reentrant=False)
+        torch.autograd.grad(y, [xr, Ar, Br], dy)
+
     def jit_dispatch(fn):
         """fn with every Triton launch through kernel[grid](...) (kernels/triton/_launch.py's fast path off)."""
         def run():
@@ -94,6 +127,23 @@ def main() -> int:
         "op_range (off)": lambda: _common.op_range("x").__enter__(),
         "torch.compiler.is_compiling": torch.compiler.is_compiling,
         "lora_linear fwd + autograd.grad": full_op,
+        # the backward's pieces beside the dx kernel, and what they could be instead
+        "scaled_mm(dy^T, xa, 2) bf16 (addmm)": lambda: tk.scaled_mm(dy.t(), xa16, 2.0, dt),
+        "scaled_mm(dy^T, xa, 2) fp32 out": lambda: tk.scaled_mm(dy.t(), xa16, 2.0, torch.float32),
+        "scaled_mm(dy^T, xa, 1) bf16 (mm)": lambda: tk.scaled_mm(dy.t(), xa16, 1.0, dt),
+        "torch.mm(dy^T, xa, out_dtype=fp32)": lambda: mm_out32(dy.t(), xa16),
+        "_Overlap enter + exit": lambda: overlap(False),
+        "_Overlap with side() entered": lambda: overlap(True),
+        "torch.zeros(64, int32)": lambda: torch.zeros(64, device=dev, dtype=torch.int32),
+        "t.record_stream(main)": lambda: xa16.record_stream(main),
+        "an identity autograd.Function fwd + grad": identity_op,
+        "lora_fwd by the dispatcher (custom op)": lambda: torch.ops.peftkern.lora_fwd(
+            x, W, A, B, None, None, 2.0, 0.0, False, "triton"),
+        "lora_bwd by the dispatcher (custom op)": lambda: torch.ops.peftkern.lora_bwd(
+            dy, x, W, A, B, xa16, None, 2.0, 0.0, False, "triton", *needs),
+        "_lora_bwd_eager": lambda: ops._lora_bwd_eager(
+            dy, x, W, A, B, xa16, None, 2.0, 0.0, False, "triton", *needs),
+        "lora_linear fwd + grad, checkpointed": checkpointed_op,
     }
     # each with Triton's own dispatch and with _launch's fast path, alternated: the host drifts between pieces
     pairs = {

@@ -12,6 +12,7 @@ a few steps of one workload (CPU + CUDA activities, no Python stacks) and prints
    more.
 
     python scripts/step_trace.py [--method lora] [--impl fused|peft|frozen] [--steps 2] [--trace PATH.json.gz]
+                                 [--checkpointing] [--compile]
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def main() -> int:
                         help="build, run and drop bench e2e's earlier rows (frozen, PEFT bf16 and fp32) first")
     parser.add_argument("--sync-debug", action="store_true",
                         help="warn at every CUDA call that synchronises with the GPU during the timed steps")
+    parser.add_argument("--checkpointing", action="store_true", help="the model with gradient checkpointing")
+    parser.add_argument("--compile", action="store_true", help="the model under torch.compile (default mode)")
     parser.add_argument("--read", help="analyse this trace (.json or .json.gz) instead of running")
     args = parser.parse_args()
     if args.read:
@@ -154,7 +157,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         print("history: frozen, PEFT bf16 and PEFT fp32 models built, run 5 steps and dropped first")
     model = workloads.build(args.method, args.impl, args.shape, "cuda", torch.bfloat16, 16, False, max_positions=2048)
-    step = workloads.training_step(model, 4, 2048, "cuda")
+    step = workloads.training_step(model, 4, 2048, "cuda", args.compile, args.checkpointing)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
