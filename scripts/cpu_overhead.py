@@ -33,6 +33,17 @@ def add_layer_shape_args(parser, m: int = 8192) -> None:
     parser.add_argument("--r", type=int, default=16)
 
 
+def add_step_args(parser, steps: int) -> None:
+    """--method --impl --shape --steps --checkpointing --compile: the training step (peftkern.workloads) that
+    step_trace.py and host_profile.py look at."""
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--impl", default="fused", choices=["fused", "peft", "frozen"])
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--checkpointing", action="store_true", help="the model with gradient checkpointing")
+    parser.add_argument("--compile", action="store_true", help="the model under torch.compile (default mode)")
+
+
 def layer_tensors(args) -> tuple:
     """(x, W, A, B, dy) in bf16 on the GPU for add_layer_shape_args's shape, seeded: x (M, K), W (N, K), A (r, K),
     B (N, r) scaled to unit-size products, dy (M, N)."""

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from cpu_overhead import add_step_args  # this folder
 
 ROWS = 40
 
@@ -50,12 +51,7 @@ def report(prof: cProfile.Profile, calls: int, what: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="lora")
-    parser.add_argument("--impl", default="fused", choices=["fused", "peft", "frozen"])
-    parser.add_argument("--shape", default="1b")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    add_step_args(parser, steps=3)
     parser.add_argument("--layer", action="store_true", help="one fused layer's fwd + grad instead of a model's step")
     args = parser.parse_args()
     if not torch.cuda.is_available():

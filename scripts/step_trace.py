@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import torch
+from cpu_overhead import add_step_args  # this folder
 
 STARVED_US = 10.0  # a kernel that starts within this of its launch call's end found the GPU idle
 
@@ -122,17 +123,12 @@ def analyse(events: list, steps: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="lora")
-    parser.add_argument("--impl", default="fused", choices=["fused", "peft", "frozen"])
-    parser.add_argument("--shape", default="1b")
-    parser.add_argument("--steps", type=int, default=2)
+    add_step_args(parser, steps=2)
     parser.add_argument("--trace", help="where to write the gzipped Chrome trace (default: not kept)")
     parser.add_argument("--history", action="store_true",
                         help="build, run and drop bench e2e's earlier rows (frozen, PEFT bf16 and fp32) first")
     parser.add_argument("--sync-debug", action="store_true",
                         help="warn at every CUDA call that synchronises with the GPU during the timed steps")
-    parser.add_argument("--checkpointing", action="store_true", help="the model with gradient checkpointing")
-    parser.add_argument("--compile", action="store_true", help="the model under torch.compile (default mode)")
     parser.add_argument("--read", help="analyse this trace (.json or .json.gz) instead of running")
     args = parser.parse_args()
     if args.read:

@@ -28,6 +28,30 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_lora_ops_go_to_their_bodies_through_the_dispatcher():
+    """The ops a compiled graph calls are registered operators (ops/_common.define_op) that torch.compile may keep whole
+    (pt2_compliant), whose schema and fake implementation opcheck accepts, and which give what their Python bodies
+    give, forward and backward."""
+    from peftkern.ops import lora as ops
+
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 48), torch.randn(40, 48)
+    A, B, dy = torch.randn(8, 48), torch.randn(40, 8), torch.randn(37, 40)
+    fwd_args = (x, w, A, B, None, None, 0.5, 0.0, False, "torch")
+    y, xa = torch.ops.peftkern.lora_fwd(*fwd_args)
+    y_ref, xa_ref = ops._lora_fwd(*fwd_args)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(xa, xa_ref)
+    bwd_args = (dy, x, w, A, B, xa, None, 0.5, 0.0, False, "torch", True, True, True, False, False)
+    for got, want in zip(torch.ops.peftkern.lora_bwd(*bwd_args), ops._lora_bwd(*bwd_args)):
+        torch.testing.assert_close(got, want)
+    for op, args in ((torch.ops.peftkern.lora_fwd, fwd_args), (torch.ops.peftkern.lora_bwd, bwd_args)):
+        assert torch.Tag.pt2_compliant_tag in op.default.tags
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    for name in ("ia3_fwd", "ia3_bwd", "krona_fwd", "krona_bwd", "adapter_fwd", "adapter_bwd"):
+        assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.peftkern, name).default.tags, name
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
 def test_compile_fullgraph_matches_eager(training, eager_rng):
     # Compiled dropout draws its seed from inductor's generator, as nn.Dropout does; fallback_random gives eager's.

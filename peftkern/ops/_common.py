@@ -187,6 +187,42 @@ def pick_backend(op: str, x: Tensor) -> str:
     return backend
 
 
+class _Op:
+    """An operator `ns::name` whose CPU and CUDA kernel is a Python function, for torch.compile: the graph holds the
+    call whole (no graph break) and its fake implementation (`register_fake`) gives the outputs' shapes.
+
+    The same as torch.library.custom_op(qualname, fn, mutates_args=()) for what peftkern needs, without its Python
+    layers around every call: custom_op routes a call through an autograd kernel, a redispatch and an aliasing check,
+    all in Python (13-23 us a call on the CI host, against 4-5 us for an operator defined here). A compiled training
+    step calls two of them per fused layer, and the compiled fused step was bound by its host (NOTES-lora.md,
+    thirteenth session). What that drops, peftkern does not use: the ops never carry autograd themselves (the
+    autograd.Functions of ops/ call them and hold the backward; a call that needs a gradient through the op itself
+    meets autograd's not-implemented fallback), and their outputs are new tensors (opcheck's test_schema checks it).
+    """
+
+    def __init__(self, qualname: str, fn) -> None:
+        ns, name = qualname.split("::")
+        lib = _libraries.get(ns)
+        if lib is None:
+            lib = _libraries[ns] = torch.library.Library(ns, "FRAGMENT")
+        lib.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        lib.impl(name, fn, "CompositeExplicitAutograd")
+        self.qualname = qualname
+
+    def register_fake(self, fake):
+        """Register the fake (meta) implementation; a decorator, as custom_op's."""
+        torch.library.register_fake(self.qualname)(fake)
+        return fake
+
+
+_libraries: dict = {}
+
+
+def define_op(qualname: str, fn) -> _Op:
+    """The registered operator `qualname` (e.g. "peftkern::lora_fwd") running fn; see _Op."""
+    return _Op(qualname, fn)
+
+
 def empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
     """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
     return t if t is not None else ref.new_empty((0,))

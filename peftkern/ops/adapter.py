@@ -24,6 +24,7 @@ from ._common import (
     check_same_device,
     check_scalar,
     check_tensor,
+    define_op,
     empty_like_none,
     op_range,
     pick_backend,
@@ -53,7 +54,7 @@ def _adapter_fwd(
     return out.contiguous(), z.contiguous(), stats.contiguous()
 
 
-adapter_fwd = torch.library.custom_op("peftkern::adapter_fwd", _adapter_fwd, mutates_args=())
+adapter_fwd = define_op("peftkern::adapter_fwd", _adapter_fwd)
 
 
 @adapter_fwd.register_fake
@@ -82,7 +83,7 @@ def _adapter_bwd(
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
 
 
-adapter_bwd = torch.library.custom_op("peftkern::adapter_bwd", _adapter_bwd, mutates_args=())
+adapter_bwd = define_op("peftkern::adapter_bwd", _adapter_bwd)
 
 
 @adapter_bwd.register_fake

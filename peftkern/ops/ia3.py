@@ -18,6 +18,7 @@ from ._common import (
     backend_module,
     check_same_device,
     check_tensor,
+    define_op,
     empty_like_none,
     op_range,
     pick_backend,
@@ -35,7 +36,7 @@ def _ia3_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], s
     return y.contiguous(), z.contiguous()
 
 
-ia3_fwd = torch.library.custom_op("peftkern::ia3_fwd", _ia3_fwd, mutates_args=())
+ia3_fwd = define_op("peftkern::ia3_fwd", _ia3_fwd)
 
 
 @ia3_fwd.register_fake
@@ -55,7 +56,7 @@ def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, (x, scale, grad_y, weight)))
 
 
-ia3_bwd = torch.library.custom_op("peftkern::ia3_bwd", _ia3_bwd, mutates_args=())
+ia3_bwd = define_op("peftkern::ia3_bwd", _ia3_bwd)
 
 
 @ia3_bwd.register_fake

@@ -26,6 +26,7 @@ from ._common import (
     check_same_device,
     check_scalar,
     check_tensor,
+    define_op,
     empty_like_none,
     op_range,
     pick_backend,
@@ -43,7 +44,7 @@ def _krona_fwd(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Te
     return y.contiguous()
 
 
-krona_fwd = torch.library.custom_op("peftkern::krona_fwd", _krona_fwd, mutates_args=())
+krona_fwd = define_op("peftkern::krona_fwd", _krona_fwd)
 
 
 @krona_fwd.register_fake
@@ -64,7 +65,7 @@ def _krona_bwd(
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
 
 
-krona_bwd = torch.library.custom_op("peftkern::krona_bwd", _krona_bwd, mutates_args=())
+krona_bwd = define_op("peftkern::krona_bwd", _krona_bwd)
 
 
 @krona_bwd.register_fake

@@ -25,6 +25,7 @@ from ._common import (
     check_same_device,
     check_scalar,
     check_tensor,
+    define_op,
     draw_seed,
     empty_like_none,
     op_range,
@@ -51,7 +52,7 @@ def _lora_fwd(
     return y.contiguous(), xa.contiguous()
 
 
-lora_fwd = torch.library.custom_op("peftkern::lora_fwd", _lora_fwd, mutates_args=())
+lora_fwd = define_op("peftkern::lora_fwd", _lora_fwd)
 
 
 @lora_fwd.register_fake
@@ -82,7 +83,7 @@ def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropou
             (need_x, need_a, need_b, need_bias, need_w))
 
 
-lora_bwd = torch.library.custom_op("peftkern::lora_bwd", _lora_bwd, mutates_args=())
+lora_bwd = define_op("peftkern::lora_bwd", _lora_bwd)
 
 
 @lora_bwd.register_fake
