@@ -52,6 +52,26 @@ def test_lora_ops_go_to_their_bodies_through_the_dispatcher():
         assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.peftkern, name).default.tags, name
 
 
+@pytest.mark.parametrize("custom_op", ["0", "1"], ids=["library", "custom_op"])
+def test_define_op_registers_either_way(custom_op, monkeypatch):
+    """define_op's operator (torch.library.Library) and, with PEFTKERN_TORCH_CUSTOM_OP=1, custom_op's: the same schema,
+    the body behind the dispatcher, the fake implementation for tracing."""
+    from peftkern.ops._common import define_op
+
+    def scaled(x: torch.Tensor, s: float) -> torch.Tensor:
+        return x * s
+
+    monkeypatch.setenv("PEFTKERN_TORCH_CUSTOM_OP", custom_op)
+    name = f"peftkern_test::scaled_{custom_op}"
+    op = define_op(name, scaled)
+    op.register_fake(lambda x, s: torch.empty_like(x))
+    packet = getattr(torch.ops.peftkern_test, name.split("::")[1])
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(packet(x, 2.0), x * 2.0)
+    assert str(packet.default._schema).endswith("(Tensor x, float s) -> Tensor")
+    torch.library.opcheck(packet, (x, 2.0), test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
 def test_compile_fullgraph_matches_eager(training, eager_rng):
     # Compiled dropout draws its seed from inductor's generator, as nn.Dropout does; fallback_random gives eager's.

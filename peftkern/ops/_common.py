@@ -218,8 +218,12 @@ class _Op:
 _libraries: dict = {}
 
 
-def define_op(qualname: str, fn) -> _Op:
-    """The registered operator `qualname` (e.g. "peftkern::lora_fwd") running fn; see _Op."""
+def define_op(qualname: str, fn):
+    """The registered operator `qualname` (e.g. "peftkern::lora_fwd") running fn; see _Op. With
+    PEFTKERN_TORCH_CUSTOM_OP=1 at import, torch.library.custom_op's operator instead (what peftkern used before; kept
+    for an A/B of the compiled step's host time on the GPU, which this session could not run)."""
+    if os.environ.get("PEFTKERN_TORCH_CUSTOM_OP", "0") == "1":
+        return torch.library.custom_op(qualname, fn, mutates_args=())
     return _Op(qualname, fn)
 
 
