@@ -2,9 +2,13 @@
 # The one GPU call: install (building the CUDA extension), run the whole test suite, run the benchmarks.
 # Everything lands under $OUT (the device tool's output folder) or ./out:
 #   gpu_check.log (install, info, benchmark tables), tests.log, and one JSON per benchmark.
-# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--shards N] [--bench "lora ia3 ..."] [--bench-args "..."]
+# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--shards N] [--part K/P] [--bench "lora ia3 ..."]
+#          [--bench-args "..."]
 #   --shards N runs the collected tests in N pytest processes at once (the suite is mostly CPU-bound: Triton
 #   compiles, model builds); their logs end up in one tests.log; the exit status is the worst of them.
+#   --part K/P (with --shards) runs only the collected tests i with i mod P = K (K from 0): the suite in P device
+#   calls. On an H200 with the CUDA extension built, the whole suite took more than 440 s on 16 shards (2026-12-03,
+#   60a7cf5: three shards cut), and building csrc/ took 71 s: together more than one call's 600 s.
 #   On an H100 the whole suite took ~7.5 min with one process per test file (test_adapter.py alone ~7 min);
 #   the device tool allows 600 s a call, so run the tests and the benchmarks in separate calls.
 set -uo pipefail
@@ -13,12 +17,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PEFTKERN_RESULTS_DIR="$OUT"
 TESTS="tests"
 SHARDS=1
+PART=""
 BENCH="all"
 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS="$2"; shift 2 ;;
     --shards) SHARDS="$2"; shift 2 ;;
+    --part) PART="$2"; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
     *) echo "unknown argument $1"; exit 2 ;;
@@ -39,8 +45,12 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
   # ran past 440 s while the others finished in 75-275 s. Triton's on-disk cache shares compiled kernels.
   # shellcheck disable=SC2086
   mapfile -t ids < <(python3 -m pytest --collect-only -q -p no:cacheprovider $TESTS 2>/dev/null | grep '::')
+  if [ -n "$PART" ]; then  # K/P: every P-th collected test from the K-th
+    part_k=${PART%/*} part_p=${PART#*/}
+    mapfile -t ids < <(printf '%s\n' "${ids[@]}" | awk -v k="$part_k" -v p="$part_p" '(NR - 1) % p == k')
+  fi
   n=${#ids[@]}
-  echo "== tests: $TESTS, $n in $SHARDS processes" | tee -a "$LOG"
+  echo "== tests: $TESTS${PART:+ (part $PART)}, $n in $SHARDS processes" | tee -a "$LOG"
   pids=()
   # The shards write outside $OUT and their logs are gathered into $OUT/tests.log however the script ends: on
   # 2026-12-03 a device call ran out of time with 16 shard logs in $OUT, and the tool returned 7 of them.
