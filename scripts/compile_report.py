@@ -104,6 +104,21 @@ def ia3_input_dx(cfg: dict) -> tuple:
     return ki.ia3_dx_input_persistent_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
+def skinny_grads(r: int) -> tuple:
+    """lora_skinny_grads_kernel as skinny_grads launches it without dropout at rank r (bf16 operands, float32 dA, bf16
+    dB, the bias gradient): unit strides are constexprs there, as the launch specialises them."""
+    block_r = kl._block_r(r)
+    block_m, block_c, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
+    args = {"x_ptr": "*bf16", "dyb_ptr": "*bf16", "da_ptr": "*fp32", "dy_ptr": "*bf16", "xa_ptr": "*bf16",
+            "db_ptr": "*bf16", "dbias_ptr": "*fp32", "part_ptr": "*fp32", "sums_ptr": "*fp32", "count_ptr": "*i32",
+            "M": "i32", "K": "i32", "N": "i32", "R": "i32", "rows_per_split": "i32", "splits": "i32",
+            "blocks_a": "i32", "scale_a": "fp32", "scale_b": "fp32", "stride_xm": "i32", "stride_dybm": "i32",
+            "stride_dar": "i32", "stride_dym": "i32", "stride_xam": "i32", "stride_dbn": "i32"}
+    const = dict(stride_xk=1, stride_dybr=1, stride_dak=1, stride_dyn=1, stride_xar=1, stride_dbr=1, STORE_DB=True,
+                 COLSUM=True, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r)
+    return kl.lora_skinny_grads_kernel, args, const, warps, stages
+
+
 def cases() -> dict:
     """name -> (kernel, signature, constexprs, warps, stages) for the configs the package picks on a GPU (the
     configs functions are asked as on a GPU, even under TRITON_INTERPRET=1)."""
@@ -119,6 +134,8 @@ def cases() -> dict:
                                                                                     workers=4)
                 out[f"lora persistent dx, xa helpers, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True,
                                                                                     helpers=32)
+        for r in (16, 64, 128):
+            out[f"lora skinny grads (dA, dB, bias), r={r}"] = skinny_grads(r)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

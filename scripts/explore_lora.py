@@ -14,6 +14,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --skinny          # the four skinny cuBLAS products, each way of asking for them
     python scripts/explore_lora.py --workers         # xa and dyb made by the persistent kernel's own workers, or not
     python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
+    python scripts/explore_lora.py --skinny-grads    # dA and dB by skinny_grads (one launch) or by two cuBLAS calls
 """
 import sys
 
@@ -407,6 +408,54 @@ def skinny():
                 print(f"  r={r:3d} {name:30s} {ms(fn) * 1e3:6.1f} us", flush=True)
 
 
+SKINNY_CONFIGS = [None, (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4)]
+
+
+def skinny_grads():
+    """dA = dyb^T x and dB = s dy^T xa as the backward makes them (two cuBLAS calls, dyb prescaled) against
+    kl.skinny_grads (one launch, M split, a fixed-order sum) in each of SKINNY_CONFIGS (None: its default), at the 1b
+    model's shapes and 4096^2; GPU time against reading x and dy once at the copy bandwidth, and the host's time to
+    queue each (cpu_overhead.per_call_us's enqueue-only timing)."""
+    from cpu_overhead import per_call_us  # this folder
+
+    dt = torch.bfloat16
+    bw = copy_bandwidth()
+    print(f"copy {bw:.0f} GB/s (read + write)", flush=True)
+
+    def host_us(fn):
+        return per_call_us(fn, host_only=True)
+
+    for M, K, N, r in [(8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (8192, 4096, 4096, 16),
+                       (8192, 4096, 4096, 128)]:
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        dyb = torch.randn(M, r, device="cuda", dtype=dt)
+        xa = torch.randn(M, r, device="cuda", dtype=dt)
+        floor_us = (M * K + M * N) * 2 * 2 / bw / 1e3 * 1e3  # bytes read once; bw counts read + write
+        print(f"\n== M={M} K={K} N={N} r={r}: reading x and dy once takes {floor_us:.1f} us", flush=True)
+
+        def cublas():
+            return kl.scaled_mm(dyb.t(), x, 1.0, dt), kl.scaled_mm(dy.t(), xa, 2.0, dt)
+
+        ref_a, ref_b = cublas()
+        t = ms(cublas) * 1e3
+        print(f"  two cuBLAS calls             {t:7.1f} us ({t / floor_us:.2f}x the read)  host {host_us(cublas):6.1f} us",
+              flush=True)
+        for cfg in SKINNY_CONFIGS:
+            def one(cfg=cfg):
+                return kl.skinny_grads(x, dyb, dy, xa, 1.0, 2.0, dt, dt, True, True, False, config=cfg)
+
+            try:
+                da, db, _ = one()
+                err = max(((da.float() - ref_a.float()).norm() / ref_a.float().norm()).item(),
+                          ((db.float() - ref_b.float()).norm() / ref_b.float().norm()).item())
+                t = ms(one) * 1e3
+                print(f"  skinny_grads {str(cfg):16s} {t:7.1f} us ({t / floor_us:.2f}x the read)  host "
+                      f"{host_us(one):6.1f} us  rel. diff to cuBLAS {err:.1e}", flush=True)
+            except Exception as e:  # a config that does not fit
+                print(f"  skinny_grads {str(cfg):16s} {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
+
+
 def workers():
     """XA_WORKERS on and off: the forward, the backward and the op's fwd+bwd (through autograd.grad, as the benchmark
     times it) against F.linear's, CUDA-graph replays, two rounds; the number of workers each shape gets."""
@@ -477,7 +526,7 @@ def helpers():
 
 MODES = {"--helpers": helpers, "--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
          "--tail": tail, "--dx-tiles": dx_tiles, "--persistent-dx": persistent_dx, "--ia3-dx-tiles": ia3_dx_tiles,
-         "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces}
+         "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces, "--skinny-grads": skinny_grads}
 
 
 if __name__ == "__main__":

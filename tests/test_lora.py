@@ -669,3 +669,77 @@ def test_persistent_dx_matches_reference(transposed, rank, tail, monkeypatch):
                 assert_close(got[name], ref[name], dtype, f"persistent dx, dropout fallback, {name}")
     finally:
         peftkern.set_backend(None)
+
+
+# M, K, N, r: odd sizes, M = 1, ranks below and above 32 (BLOCK_R 16 to 64); on a GPU the 1b model's q projection
+SKINNY_SHAPES = [(37, 72, 130, 4), (300, 96, 64, 16), (1, 40, 33, 40)]
+if HAS_CUDA:
+    SKINNY_SHAPES += [(8192, 2048, 2048, 16), (4100, 520, 1000, 128)]
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_skinny_grads_match_float64(shape):
+    """skinny_grads (dA, dB and the bias gradient in one launch, M split and summed in a fixed order) against float64:
+    every combination of what is asked for, x given as a transposed view, the adapters' dtype for the outputs, and the
+    same bits on a second run."""
+    from peftkern.kernels.triton import lora as kl
+
+    M, K, N, R = shape
+    for dtype in dtypes_for("triton"):
+        torch.manual_seed(M + R)
+        x = torch.randn(K, M, device=DEVICE, dtype=dtype).t()  # (M, K), column-major
+        dy, dyb, xa = (torch.randn(M, c, device=DEVICE, dtype=dtype) for c in (N, R, R))
+        want_a = 0.5 * dyb.double().t() @ x.double()
+        want_b = 2.0 * dy.double().t() @ xa.double()
+        want_bias = dy.double().sum(0)
+        for need in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+            da, db, dbias = kl.skinny_grads(x, dyb, dy, xa, 0.5, 2.0, torch.float32, dtype, *need)
+            for got, want, asked, out_dtype, name in ((da, want_a, need[0], torch.float32, "dA"),
+                                                      (db, want_b, need[1], dtype, "dB"),
+                                                      (dbias, want_bias, need[2], torch.float32, "dbias")):
+                if not asked:
+                    assert got is None, f"{name} was not asked for"
+                    continue
+                assert got.dtype == out_dtype, f"{name} {got.dtype}"
+                assert_close(got, want, dtype, f"{name} {dtype} {shape} {need}")
+        again = kl.skinny_grads(x, dyb, dy, xa, 0.5, 2.0, torch.float32, dtype, True, True, True)
+        first = kl.skinny_grads(x, dyb, dy, xa, 0.5, 2.0, torch.float32, dtype, True, True, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b), "skinny_grads gave different bits on a second run"
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the switch replaces cuBLAS's products: a GPU path")
+@pytest.mark.parametrize("path", ["after-dx-kernel", "side-stream", "no-persistent-dx"])
+@pytest.mark.parametrize("rank", [16, 128])
+def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
+    """PEFTKERN_LORA_SKINNY_GRADS (off by default): the backward's dA, dB and bias gradient by skinny_grads, on each of
+    lora_backward's paths (after the dx kernel that makes dyb, on the side stream beside the dx kernel, and without the
+    persistent dx), against the reference with bias and float32 adapters."""
+    from peftkern.kernels.triton import lora as kl
+
+    peftkern.set_backend("triton")
+    monkeypatch.setattr(kl, "SKINNY_GRADS", True)
+    monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX", path != "no-persistent-dx")
+    monkeypatch.setattr(kl, "TAIL_OVERLAP", "side")
+    monkeypatch.setattr(kl, "XA_WORKERS", path == "after-dx-kernel")
+    monkeypatch.setattr(kl, "XA_HELPERS", path == "after-dx-kernel")
+    calls = []
+    real = kl.skinny_grads
+    monkeypatch.setattr(kl, "skinny_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            for adapter_dtype in (None, torch.float32):
+                # the dx kernel's output is (69, K): wide enough there for its helpers to make dyb
+                K, N = (520, 96) if path == "after-dx-kernel" else (96, 520)
+                x, w, A, B, b = make_inputs((3, 23), K, N, rank, dtype, adapter_dtype=adapter_dtype)
+                calls.clear()
+                got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
+                assert calls, f"skinny_grads did not run on the {path} path"
+                for name in ref:
+                    assert got[name].dtype == ref[name].dtype, name
+                    assert_close(got[name], ref[name], dtype, f"skinny grads {path} {dtype} r={rank} {name}")
+    finally:
+        peftkern.set_backend(None)

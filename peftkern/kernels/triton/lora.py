@@ -542,6 +542,36 @@ def lora_down_kernel(
 
 
 @triton.jit
+def _skinny_partial(big_ptr, small_ptr, cb, split, M, C, R, rows_per_split, stride_bm, stride_bc, stride_sm, stride_sr,
+                    dropout_p, seed, HAS_DROPOUT: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(acc, colsum): sum over this split's rows m of drop(big)[m, c]^T small[m, :] for the column block cb (BLOCK_C x
+    BLOCK_R), and big's column sums when COLSUM."""
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_mb = tl.arange(0, BLOCK_M)
+    c_mask = offs_c < C
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m_start = split * rows_per_split
+    m_end = min(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_mb
+        m_mask = offs_m < m_end
+        big = tl.load(big_ptr + offs_m[:, None] * stride_bm + offs_c[None, :] * stride_bc,
+                      mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            big = tl.where(_keep_mask(seed, offs_m, offs_c, C, dropout_p), big, 0.0)
+        small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
+        if COLSUM:
+            colsum += tl.sum(big.to(tl.float32), axis=0)
+    return acc, colsum
+
+
+@triton.jit
 def lora_adapter_grad_kernel(
     big_ptr, small_ptr, part_ptr, colsum_ptr,
     M, P, R, rows_per_split,
@@ -556,29 +586,75 @@ def lora_adapter_grad_kernel(
     pid_s = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_mb = tl.arange(0, BLOCK_M)
     p_mask = offs_p < P
     r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    m_start = pid_s * rows_per_split
-    m_end = min(m_start + rows_per_split, M)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + offs_mb
-        m_mask = offs_m < m_end
-        big = tl.load(big_ptr + offs_m[:, None] * stride_bm + offs_p[None, :] * stride_bp,
-                      mask=m_mask[:, None] & p_mask[None, :], other=0.0)
-        if HAS_DROPOUT:
-            big = tl.where(_keep_mask(seed, offs_m, offs_p, P, dropout_p), big, 0.0)
-        small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
-        if COLSUM:
-            colsum += tl.sum(big.to(tl.float32), axis=0)
+    acc, colsum = _skinny_partial(big_ptr, small_ptr, pid_p, pid_s, M, P, R, rows_per_split, stride_bm, stride_bp,
+                                  stride_sm, stride_sr, dropout_p, seed, HAS_DROPOUT, COLSUM, DOT_PRECISION, BLOCK_M,
+                                  BLOCK_P, BLOCK_R)
     base = part_ptr + pid_s * P * BLOCK_R
     tl.store(base + offs_p[:, None] * BLOCK_R + offs_r[None, :], acc, mask=p_mask[:, None] & r_mask[None, :])
     if COLSUM:
         tl.store(colsum_ptr + pid_s * P + offs_p, colsum, mask=p_mask)
+
+
+@triton.jit
+def _skinny_finish(acc, colsum, part_ptr, sums_ptr, count_ptr, slot, split, splits, out_ptr, bias_ptr, cb, C, R,
+                   stride_oc, stride_or, scale,
+                   STORE_OUT: tl.constexpr, COLSUM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Leave this split's partial in part (and sums); the split that arrives last for the column block adds all of them
+    in split order, scales, casts and stores out[c, r] (and the bias gradient), then clears the block's counter."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    tile = offs_c[:, None] * BLOCK_R + offs_r[None, :]
+    tl.store(part_ptr + (slot * splits + split) * BLOCK_C * BLOCK_R + tile, acc)
+    if COLSUM:
+        tl.store(sums_ptr + (slot * splits + split) * BLOCK_C + offs_c, colsum)
+    tl.debug_barrier()  # every thread's partial written before the release below
+    arrived = tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        total = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+        total_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for s in range(0, splits):  # a fixed order: the same bits every run
+            total += tl.load(part_ptr + (slot * splits + s) * BLOCK_C * BLOCK_R + tile, cache_modifier=".cg")
+            if COLSUM:
+                total_sum += tl.load(sums_ptr + (slot * splits + s) * BLOCK_C + offs_c, cache_modifier=".cg")
+        cols = cb * BLOCK_C + offs_c
+        if STORE_OUT:
+            tl.store(out_ptr + cols[:, None] * stride_oc + offs_r[None, :] * stride_or,
+                     (total * scale).to(out_ptr.dtype.element_ty), mask=(cols[:, None] < C) & (offs_r[None, :] < R))
+        if COLSUM:
+            tl.store(bias_ptr + cols, total_sum, mask=cols < C)
+        tl.atomic_xchg(count_ptr + slot, 0)
+
+
+@triton.jit
+def lora_skinny_grads_kernel(
+    x_ptr, dyb_ptr, da_ptr, dy_ptr, xa_ptr, db_ptr, dbias_ptr, part_ptr, sums_ptr, count_ptr,
+    M, K, N, R, rows_per_split, splits, blocks_a, scale_a, scale_b,
+    stride_xm, stride_xk, stride_dybm, stride_dybr, stride_dak, stride_dar,
+    stride_dym, stride_dyn, stride_xam, stride_xar, stride_dbn, stride_dbr,
+    STORE_DB: tl.constexpr, COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The backward's reductions over M in one launch: dA^T = scale_a x^T dyb (programs 0 .. blocks_a - 1 along axis 0,
+    one per BLOCK_C columns of x) and dB = scale_b dy^T xa with the bias gradient dy^T 1 (the rest, one per BLOCK_C
+    columns of dy); axis 1 splits M. Each split leaves a float32 partial; the last split of a column block to arrive
+    (an atomic counter) adds them in split order and stores the result in the gradient's dtype."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    if pid < blocks_a:
+        acc, colsum = _skinny_partial(x_ptr, dyb_ptr, pid, split, M, K, R, rows_per_split, stride_xm, stride_xk,
+                                      stride_dybm, stride_dybr, 0.0, 0, False, False, DOT_PRECISION, BLOCK_M, BLOCK_C,
+                                      BLOCK_R)
+        _skinny_finish(acc, colsum, part_ptr, sums_ptr, count_ptr, pid, split, splits, da_ptr, dbias_ptr, pid, K, R,
+                       stride_dak, stride_dar, scale_a, True, False, BLOCK_C, BLOCK_R)
+    else:
+        cb = pid - blocks_a
+        acc, colsum = _skinny_partial(dy_ptr, xa_ptr, cb, split, M, N, R, rows_per_split, stride_dym, stride_dyn,
+                                      stride_xam, stride_xar, 0.0, 0, False, COLSUM, DOT_PRECISION, BLOCK_M, BLOCK_C,
+                                      BLOCK_R)
+        _skinny_finish(acc, colsum, part_ptr, sums_ptr, count_ptr, pid, split, splits, db_ptr, dbias_ptr, cb, N, R,
+                       stride_dbn, stride_dbr, scale_b, STORE_DB, COLSUM, BLOCK_C, BLOCK_R)
 
 
 @triton.jit
@@ -1224,6 +1300,60 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
     return grad, (sums.sum(0) if colsum else None)
 
 
+# skinny_grads: not the backward's default. Written in the thirteenth session, with no device time left to time it: the
+# cuBLAS products it would replace ran at about half the copy rate in the 1b step (4.4 ms a step, NOTES-lora.md), and one
+# launch instead of two cuBLAS calls and a stream fork would also shorten the host's path.
+# `python scripts/explore_lora.py --skinny-grads` times it against them.
+def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor, xa: Optional[torch.Tensor],
+                 scale_a: float, scale_b: float, a_dtype: torch.dtype, b_dtype: torch.dtype,
+                 need_a: bool = True, need_b: bool = True, need_bias: bool = False,
+                 config: Optional[tuple] = None) -> tuple:
+    """(dA, dB, dbias) = (scale_a dyb^T x (r, K) in a_dtype, scale_b dy^T xa (N, r) in b_dtype, dy's column sums (N,)
+    float32), each None where not asked for, by one launch of lora_skinny_grads_kernel. x (M, K), dy (M, N), dyb and xa
+    (M, r), any strides. The sums over M are split and added in a fixed order: the same bits every run.
+    config: (BLOCK_M, BLOCK_C, warps, stages)."""
+    M, K = x.shape
+    N = dy.shape[1]
+    R = (dyb if need_a else xa).shape[1]
+    if not (need_a or need_b or need_bias):
+        return None, None, None
+    block_r = _block_r(R)
+    if config is not None:
+        block_m, block_c, warps, stages = config
+    elif triton_interpret():
+        block_m, block_c, warps, stages = 16, 32, 4, 1
+    else:  # adapter_grad's tiles (NOTES-lora.md), untimed here
+        block_m, block_c, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
+    blocks_a = cdiv(K, block_c) if need_a else 0
+    blocks_b = cdiv(N, block_c) if (need_b or need_bias) else 0
+    slots = blocks_a + blocks_b
+    target = 2 * _sm_count(x.device)
+    splits = max(1, min(cdiv(target, slots), cdiv(M, block_m)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    splits = cdiv(M, rows_per_split)
+    dev = x.device
+    part = torch.empty((slots * splits * block_c * block_r,), device=dev, dtype=torch.float32)
+    sums = torch.empty((slots * splits * block_c,), device=dev, dtype=torch.float32) if need_bias else part
+    counts = torch.zeros((slots,), device=dev, dtype=torch.int32)
+    da = torch.empty((R, K), device=dev, dtype=a_dtype) if need_a else None
+    db = torch.empty((N, R), device=dev, dtype=b_dtype) if need_b else None
+    dbias = torch.empty((N,), device=dev, dtype=torch.float32) if need_bias else None
+    dyb_ = dyb if need_a else dy  # stand-ins a branch never taken reads nothing from
+    xa_ = xa if (need_b or need_bias) and xa is not None else dyb_
+    da_ = da if da is not None else part
+    db_ = db if db is not None else part
+    launch(lora_skinny_grads_kernel, (slots, splits),
+           x, dyb_, da_, dy, xa_, db_, dbias if dbias is not None else part, part, sums, counts,
+           M, K, N, R, rows_per_split, splits, blocks_a, float(scale_a), float(scale_b),
+           x.stride(0), x.stride(1), dyb_.stride(0), dyb_.stride(1),
+           1 if da is None else da.stride(1), 1 if da is None else da.stride(0),
+           dy.stride(0), dy.stride(1), xa_.stride(0), xa_.stride(1),
+           1 if db is None else db.stride(0), 1 if db is None else db.stride(1),
+           STORE_DB=need_b, COLSUM=need_bias, DOT_PRECISION=_dot_precision(x.dtype),
+           BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    return da, db, dbias
+
+
 def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> torch.Tensor:
     """The keep-mask (M, K) bool that this backend's kernels use for (seed, shape, p): for tests."""
     M, K = shape
@@ -1350,6 +1480,10 @@ PRESCALED_DYB = os.environ.get("PEFTKERN_LORA_PRESCALED_DYB", "1") != "0"  # wit
 # H200, nothing measurable at r = 16, where the launch would cost the host for no gain (NOTES-lora.md, ninth session).
 PRESCALED_B = os.environ.get("PEFTKERN_LORA_PRESCALED_B", "1") != "0"
 PRESCALED_B_MIN_RANK = 64
+# PEFTKERN_LORA_SKINNY_GRADS=1: the backward's dA, dB and bias gradient by one skinny_grads launch instead of cuBLAS calls
+# (and, beside the dx kernel, one side-stream launch instead of three). Off: untimed (thirteenth session, no device
+# time left); `explore_lora.py --skinny-grads` times the kernel, and bench e2e with the switch the step.
+SKINNY_GRADS = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "0") == "1"
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1464,6 +1598,12 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # dyb = s dy B made inside the dx kernel by its xa workers or helpers; dB and the bias gradient, which need no
         # dyb, queued beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's
         # idle ones); dA behind it.
+        if SKINNY_GRADS:  # all three after the dx kernel, which makes dyb, in one launch
+            dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
+                                         workers=True)
+            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, 1.0, scaling, lora_A.dtype, lora_B.dtype, need_a, need_b,
+                                         need_bias)
+            return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         with _Overlap(grad_y.device) as ov:
             dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
                                          workers=True)
@@ -1489,9 +1629,13 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                 dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb,
                                            xa_scaled=PRESCALED_DYB)
             with rest_stream:
-                da = scaled_mm(dyb.t(), x, sc, lora_A.dtype) if need_a else None
-                db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
-                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+                if SKINNY_GRADS:
+                    da, db, dbias = skinny_grads(x, dyb, grad_y, xa, sc, scaling, lora_A.dtype, lora_B.dtype, need_a,
+                                                 need_b, need_bias)
+                else:
+                    da = scaled_mm(dyb.t(), x, sc, lora_A.dtype) if need_a else None
+                    db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
+                    dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
             # what a side stream made, the main one uses; what it read came from main, which waits for it at exit
             if first:
                 ov.keep(dx)
@@ -1508,10 +1652,14 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             dx = (grad_y @ w_kn.t()).addmm_(dyb, lora_A.to(dt), alpha=scaling)
         elif need_x:
             dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling)
-        da = scaled_mm(dyb.t().to(dt), x, scaling, lora_A.dtype) if need_a else None
-        dyb = None  # freed before dB's product: the step's peak holds one skinny transient fewer
-        db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
-        dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+        if SKINNY_GRADS:
+            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype, need_a,
+                                         need_b, need_bias)
+        else:
+            da = scaled_mm(dyb.t().to(dt), x, scaling, lora_A.dtype) if need_a else None
+            dyb = None  # freed before dB's product: the step's peak holds one skinny transient fewer
+            db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
+            dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
     else:
         if dyb is None and (need_x or need_a):
             dyb = down_project(grad_y, lora_B.t())
