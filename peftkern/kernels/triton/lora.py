@@ -1304,6 +1304,27 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
 # cuBLAS products it would replace ran at about half the copy rate in the 1b step (4.4 ms a step, NOTES-lora.md), and one
 # launch instead of two cuBLAS calls and a stream fork would also shorten the host's path.
 # `python scripts/explore_lora.py --skinny-grads` times it against them.
+_skinny_plans: dict = {}
+
+
+def _skinny_plan(M: int, K: int, N: int, R: int, need_a: bool, need_b: bool, device: torch.device,
+                 config: Optional[tuple]) -> tuple:
+    """skinny_grads' tiles and grid: (BLOCK_M, BLOCK_C, warps, stages, BLOCK_R, dA's column blocks, all column blocks,
+    M splits, rows a split)."""
+    block_r = _block_r(R)
+    if config is not None:
+        block_m, block_c, warps, stages = config
+    elif triton_interpret():
+        block_m, block_c, warps, stages = 16, 32, 4, 1
+    else:  # adapter_grad's tiles (NOTES-lora.md), untimed here
+        block_m, block_c, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
+    blocks_a = cdiv(K, block_c) if need_a else 0
+    slots = blocks_a + (cdiv(N, block_c) if need_b else 0)
+    splits = max(1, min(cdiv(2 * _sm_count(device), slots), cdiv(M, block_m)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    return block_m, block_c, warps, stages, block_r, blocks_a, slots, cdiv(M, rows_per_split), rows_per_split
+
+
 def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor, xa: Optional[torch.Tensor],
                  scale_a: float, scale_b: float, a_dtype: torch.dtype, b_dtype: torch.dtype,
                  need_a: bool = True, need_b: bool = True, need_bias: bool = False,
@@ -1317,20 +1338,14 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
     R = (dyb if need_a else xa).shape[1]
     if not (need_a or need_b or need_bias):
         return None, None, None
-    block_r = _block_r(R)
-    if config is not None:
-        block_m, block_c, warps, stages = config
-    elif triton_interpret():
-        block_m, block_c, warps, stages = 16, 32, 4, 1
-    else:  # adapter_grad's tiles (NOTES-lora.md), untimed here
-        block_m, block_c, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
-    blocks_a = cdiv(K, block_c) if need_a else 0
-    blocks_b = cdiv(N, block_c) if (need_b or need_bias) else 0
-    slots = blocks_a + blocks_b
-    target = 2 * _sm_count(x.device)
-    splits = max(1, min(cdiv(target, slots), cdiv(M, block_m)))
-    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
-    splits = cdiv(M, rows_per_split)
+    plan_key = (M, K, N, R, need_a, need_b or need_bias, x.device, config)
+    plan = _skinny_plans.get(plan_key)
+    if plan is None:
+        plan = _skinny_plan(M, K, N, R, need_a, need_b or need_bias, x.device, config)
+        if len(_skinny_plans) >= 4096:  # shapes that never repeat: start again
+            _skinny_plans.clear()
+        _skinny_plans[plan_key] = plan
+    block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = plan
     dev = x.device
     part = torch.empty((slots * splits * block_c * block_r,), device=dev, dtype=torch.float32)
     sums = torch.empty((slots * splits * block_c,), device=dev, dtype=torch.float32) if need_bias else part
@@ -1342,7 +1357,12 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
     xa_ = xa if (need_b or need_bias) and xa is not None else dyb_
     da_ = da if da is not None else part
     db_ = db if db is not None else part
-    launch(lora_skinny_grads_kernel, (slots, splits),
+    # the launch's class: the plan, what is asked for, the operands' dtypes, strides and 16-byte alignment (the buffers
+    # made here are the allocator's, aligned)
+    key = (plan_key, need_b, need_bias, a_dtype, b_dtype, x.dtype, dy.dtype, dyb_.dtype, xa_.dtype, x.stride(),
+           dy.stride(), dyb_.stride(), xa_.stride(), x.data_ptr() % 16, dy.data_ptr() % 16, dyb_.data_ptr() % 16,
+           xa_.data_ptr() % 16)
+    launch_planned(lora_skinny_grads_kernel, (slots, splits), key,
            x, dyb_, da_, dy, xa_, db_, dbias if dbias is not None else part, part, sums, counts,
            M, K, N, R, rows_per_split, splits, blocks_a, float(scale_a), float(scale_b),
            x.stride(0), x.stride(1), dyb_.stride(0), dyb_.stride(1),
