@@ -422,9 +422,6 @@ def skinny_grads():
     bw = copy_bandwidth()
     print(f"copy {bw:.0f} GB/s (read + write)", flush=True)
 
-    def host_us(fn):
-        return per_call_us(fn, host_only=True)
-
     for M, K, N, r in [(8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (8192, 4096, 4096, 16),
                        (8192, 4096, 4096, 128)]:
         x = torch.randn(M, K, device="cuda", dtype=dt)
@@ -439,7 +436,7 @@ def skinny_grads():
 
         ref_a, ref_b = cublas()
         t = ms(cublas) * 1e3
-        print(f"  two cuBLAS calls             {t:7.1f} us ({t / floor_us:.2f}x the read)  host {host_us(cublas):6.1f} us",
+        print(f"  two cuBLAS calls             {t:7.1f} us ({t / floor_us:.2f}x the read)  host {per_call_us(cublas, host_only=True):6.1f} us",
               flush=True)
         for cfg in SKINNY_CONFIGS:
             def one(cfg=cfg):
@@ -451,7 +448,7 @@ def skinny_grads():
                           ((db.float() - ref_b.float()).norm() / ref_b.float().norm()).item())
                 t = ms(one) * 1e3
                 print(f"  skinny_grads {str(cfg):16s} {t:7.1f} us ({t / floor_us:.2f}x the read)  host "
-                      f"{host_us(one):6.1f} us  rel. diff to cuBLAS {err:.1e}", flush=True)
+                      f"{per_call_us(one, host_only=True):6.1f} us  rel. diff to cuBLAS {err:.1e}", flush=True)
             except Exception as e:  # a config that does not fit
                 print(f"  skinny_grads {str(cfg):16s} {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
 

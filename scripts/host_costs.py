@@ -58,12 +58,6 @@ def main() -> int:
     xa16 = xa.to(dt)
     main = torch.cuda.current_stream()
 
-    def mm_out32(a, b):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # a release without mm's out_dtype
-            return torch.mm(a, b).float()
-
     def overlap(side):
         with tk._Overlap(x.device) as ov:
             if side:
@@ -131,7 +125,7 @@ def main() -> int:
         "scaled_mm(dy^T, xa, 2) bf16 (addmm)": lambda: tk.scaled_mm(dy.t(), xa16, 2.0, dt),
         "scaled_mm(dy^T, xa, 2) fp32 out": lambda: tk.scaled_mm(dy.t(), xa16, 2.0, torch.float32),
         "scaled_mm(dy^T, xa, 1) bf16 (mm)": lambda: tk.scaled_mm(dy.t(), xa16, 1.0, dt),
-        "torch.mm(dy^T, xa, out_dtype=fp32)": lambda: mm_out32(dy.t(), xa16),
+        "mm_float32(dy^T, xa)": lambda: tk.mm_float32(dy.t(), xa16),
         "_Overlap enter + exit": lambda: overlap(False),
         "_Overlap with side() entered": lambda: overlap(True),
         "torch.zeros(64, int32)": lambda: torch.zeros(64, device=dev, dtype=torch.int32),

@@ -28,6 +28,7 @@ why: NOTES-lora.md, with the measurements.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Optional
@@ -1304,13 +1305,11 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
 # cuBLAS products it would replace ran at about half the copy rate in the 1b step (4.4 ms a step, NOTES-lora.md), and one
 # launch instead of two cuBLAS calls and a stream fork would also shorten the host's path.
 # `python scripts/explore_lora.py --skinny-grads` times it against them.
-_skinny_plans: dict = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _skinny_plan(M: int, K: int, N: int, R: int, need_a: bool, need_b: bool, device: torch.device,
                  config: Optional[tuple]) -> tuple:
-    """skinny_grads' tiles and grid: (BLOCK_M, BLOCK_C, warps, stages, BLOCK_R, dA's column blocks, all column blocks,
-    M splits, rows a split)."""
+    """skinny_grads' tiles and grid, memoised per shape: (BLOCK_M, BLOCK_C, warps, stages, BLOCK_R, dA's column blocks,
+    all column blocks, M splits, rows a split)."""
     block_r = _block_r(R)
     if config is not None:
         block_m, block_c, warps, stages = config
@@ -1339,13 +1338,7 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
     if not (need_a or need_b or need_bias):
         return None, None, None
     plan_key = (M, K, N, R, need_a, need_b or need_bias, x.device, config)
-    plan = _skinny_plans.get(plan_key)
-    if plan is None:
-        plan = _skinny_plan(M, K, N, R, need_a, need_b or need_bias, x.device, config)
-        if len(_skinny_plans) >= 4096:  # shapes that never repeat: start again
-            _skinny_plans.clear()
-        _skinny_plans[plan_key] = plan
-    block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = plan
+    block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = _skinny_plan(*plan_key)
     dev = x.device
     part = torch.empty((slots * splits * block_c * block_r,), device=dev, dtype=torch.float32)
     sums = torch.empty((slots * splits * block_c,), device=dev, dtype=torch.float32) if need_bias else part
@@ -1618,20 +1611,19 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # dyb = s dy B made inside the dx kernel by its xa workers or helpers; dB and the bias gradient, which need no
         # dyb, queued beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's
         # idle ones); dA behind it.
-        if SKINNY_GRADS:  # all three after the dx kernel, which makes dyb, in one launch
+        # With SKINNY_GRADS all three follow the dx kernel, which makes dyb, in one launch: no side stream.
+        with _Overlap(grad_y.device, enabled=not SKINNY_GRADS) as ov:
             dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
                                          workers=True)
-            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, 1.0, scaling, lora_A.dtype, lora_B.dtype, need_a, need_b,
-                                         need_bias)
-            return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
-        with _Overlap(grad_y.device) as ov:
-            dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
-                                         workers=True)
-            with ov.side():
-                db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
-                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-            ov.keep(db, dbias)
-            da = scaled_mm(dyb.t(), x, 1.0, lora_A.dtype) if need_a else None
+            if SKINNY_GRADS:
+                da, db, dbias = skinny_grads(x, dyb, grad_y, xa, 1.0, scaling, lora_A.dtype, lora_B.dtype, need_a,
+                                             need_b, need_bias)
+            else:
+                with ov.side():
+                    db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
+                    dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+                ov.keep(db, dbias)
+                da = scaled_mm(dyb.t(), x, 1.0, lora_A.dtype) if need_a else None
         return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
     if persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device):
         # dyb first; then the dx kernel, and queued behind it the skinny reductions, which take the SMs that the
