@@ -127,10 +127,20 @@ def shape_id(s):
     return f"{lead}-A{n1}x{k1}{'r' + str(ra) if ra else ''}-B{n2}x{k2}{'r' + str(rb) if rb else ''}-T{t}"
 
 
+@pytest.fixture(params=["kernels", "lora"])
+def route(request, backend, monkeypatch):
+    """Low-rank sums run through the LoRA op by default (ops/krona.py); "kernels" keeps them on the Kronecker
+    kernels. On the torch backend both are the reference, so "lora" is skipped there."""
+    if request.param == "lora" and backend == "torch":
+        pytest.skip("the reference backend has no LoRA route")
+    monkeypatch.setattr(peftkern.ops.krona, "LORA_ROUTE_MAX_RANK", [0 if request.param == "kernels" else 128])
+    return request.param
+
+
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("variant", ["plain", "bias+list", "noncontig"])
-def test_matches_reference(backend, shape, variant, poison_empty):
+def test_matches_reference(backend, route, shape, variant, poison_empty):
     lead, a_shape, b_shape, terms, ra, rb = shape
     for dtype in dtypes_for(backend):
         x, w, A, B, b = make_inputs(lead, a_shape, b_shape, terms, ra, rb, dtype, bias=variant == "bias+list",
@@ -158,7 +168,7 @@ def test_never_allocates_the_dense_delta():
 
 
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
-def test_fp32_factors_beside_16bit_base(backend):
+def test_fp32_factors_beside_16bit_base(backend, route):
     dtype = torch.bfloat16 if HAS_CUDA else torch.float16
     if dtype not in dtypes_for(backend):
         pytest.skip(f"{dtype} not testable on {backend} here")
@@ -197,7 +207,7 @@ def test_triton_paths_match_reference(mode, factored_b, poison_empty):
 
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
 @pytest.mark.parametrize("trainable", ["x", "A", "B", "A+B", "B_b"])
-def test_every_gradient_subset(backend, trainable):
+def test_every_gradient_subset(backend, route, trainable):
     """Only the tensors that require grad get one, and each matches the reference."""
     x, w, A, B, b = make_inputs((21,), (4, 6), (5, 3), 2, 2, 2, torch.float32)
     a1, a2 = A
@@ -239,6 +249,38 @@ def test_merge_unmerge(backend, factors, poison_empty):
         peftkern.krona_merge_(w, A, B, 0.7, sign=-1.0)
         # merge then unmerge rounds twice to the weight's dtype: within a few ulps of the original.
         assert_close(w, w0, dtype, "unmerged weight", scale=0.5)
+
+
+@pytest.mark.parametrize("ra,rb", [(None, None), (None, 3), (2, None), (2, 3)])
+def test_lora_route_factors_are_the_sum(ra, rb):
+    """L R = sum_t A_t (x) B_t for every way of splitting the factors (float64), at the rank lora_route_rank names;
+    Compacter's PHM case (4 terms, 4 x 4 A_i, rank-4 1024 x 1024 B_i) is rank 64, PEFT LoKr's default 64 x 64 w1
+    beside a rank-8 w2 is 512 (the Kronecker kernels)."""
+    from peftkern.ops.krona import lora_route_factors, lora_route_rank
+
+    g = torch.Generator().manual_seed(3)
+    T, (n1, k1), (n2, k2) = 3, (5, 4), (6, 7)
+
+    def factor(n, k, r):
+        if r is None:
+            return torch.randn(T, n, k, generator=g, dtype=torch.float64), None
+        return torch.randn(T, n, r, generator=g, dtype=torch.float64), torch.randn(T, r, k, generator=g,
+                                                                                   dtype=torch.float64)
+
+    def dense_term(f, f2, t):
+        return f[t] if f2 is None else f[t] @ f2[t]
+
+    a, a2 = factor(n1, k1, ra)
+    b, b2 = factor(n2, k2, rb)
+    dense = sum(torch.kron(dense_term(a, a2, t), dense_term(b, b2, t)) for t in range(T))
+    rmat, lmat = lora_route_factors(a, a2, b, b2)
+    rank = lora_route_rank(a, a2, b, b2)
+    assert rmat.shape == (rank, k1 * k2) and lmat.shape == (n1 * n2, rank)
+    assert rank == T * min(n1, k1, ra or n1) * min(n2, k2, rb or n2)
+    torch.testing.assert_close(lmat.double() @ rmat.double(), dense, rtol=1e-5, atol=1e-5)
+    e = torch.empty
+    assert lora_route_rank(e(4, 4, 4), None, e(4, 1024, 4), e(4, 4, 1024)) == 64
+    assert lora_route_rank(e(1, 64, 64), None, e(1, 64, 8), e(1, 8, 64)) == 512
 
 
 def test_kron_layout_is_torch_kron():

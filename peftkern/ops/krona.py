@@ -12,10 +12,21 @@ through it.
 
 Saved for backward: x (the caller holds it), the frozen weight (a reference, never a copy) and the factors:
 nothing of size M x N and never the N x K delta.
+
+Low-rank sums go through the LoRA op. Every factor F (n, k) is a product F = F_a F_b in three ways: (I_n, F) of
+rank n, (F, I_k) of rank k, or its own low-rank pair. By the mixed-product property
+    sum_t (A_a,t A_b,t) (x) (B_a,t B_b,t) = sum_t (A_a,t (x) B_a,t) (A_b,t (x) B_b,t) = L R,
+with L (N, rank) and R (rank, K) of rank T r_A r_B (the smallest r_A and r_B per factor). Compacter's PHM layer
+(4 terms, 4 x 4 A_i, rank-4 1024 x 1024 B_i) is rank 64: y = x W^T + b + s (x R^T) L^T is then the fused LoRA
+layer at rank 64 (kernels/triton/NOTES-krona.md), where the Kronecker kernels would run tiny MMAs. L and R are
+built in float32 by autograd-tracked broadcasts (N x rank and rank x K: small), so the factors' gradients come
+from the LoRA op's through the chain rule. Up to LORA_ROUTE_MAX_RANK (the persistent LoRA kernel's largest rank;
+PEFTKERN_KRONA_LORA_RANK=0 keeps every call on the Kronecker kernels).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -34,6 +45,8 @@ from ._common import (
 )
 
 Factor = Union[Tensor, tuple, list]
+
+LORA_ROUTE_MAX_RANK = [int(os.environ.get("PEFTKERN_KRONA_LORA_RANK", "128"))]  # a list: tests flip it
 
 
 def _krona_fwd(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
@@ -189,6 +202,47 @@ def check_krona_factors(weight_shape: tuple, a, a2, b, b2) -> None:
                          f"({N}, {K}): need n1 n2 = N and k1 k2 = K")
 
 
+def _split(f: Tensor, f2: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], int]:
+    """The cheapest F = F_a F_b of one stacked factor: (None, f, n) stands for (I_n, F), (f, None, k) for (F, I_k),
+    (f, f2, r) for a low-rank pair; the int is the inner rank."""
+    T, n, k = factor_shape(f, f2)
+    options = [(None, _dense_factor(f, f2), n), (_dense_factor(f, f2), None, k)]
+    if f2 is not None:
+        options.append((f, f2, f.shape[2]))
+    return min(options, key=lambda o: o[2])
+
+
+def _dense_factor(f: Tensor, f2: Optional[Tensor]) -> Tensor:
+    return f if f2 is None else torch.bmm(f.float(), f2.float())
+
+
+def lora_route_rank(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor]) -> int:
+    """The rank of sum_t A_t (x) B_t as a product L R built from the factors (module docstring)."""
+    T, n1, k1 = factor_shape(a, a2)
+    _, n2, k2 = factor_shape(b, b2)
+    ra = min(n1, k1, a.shape[2] if a2 is not None else n1)
+    rb = min(n2, k2, b.shape[2] if b2 is not None else n2)
+    return T * ra * rb
+
+
+def lora_route_factors(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(R (rank, K), L (N, rank)) with L R = sum_t A_t (x) B_t, in float32, tracked by autograd."""
+    T, n1, k1 = factor_shape(a, a2)
+    _, n2, k2 = factor_shape(b, b2)
+    aa, ab, _ = _split(a, a2)
+    ba, bb, _ = _split(b, b2)
+    dev = a.device
+    eye = (lambda n: torch.eye(n, device=dev).expand(T, n, n))
+    aa = eye(n1) if aa is None else aa.float()
+    ab = eye(k1) if ab is None else ab.float()
+    ba = eye(n2) if ba is None else ba.float()
+    bb = eye(k2) if bb is None else bb.float()
+    # L[(i1, i2), (t, p, q)] = A_a[t, i1, p] B_a[t, i2, q];  R[(t, p, q), (j1, j2)] = A_b[t, p, j1] B_b[t, q, j2]
+    lmat = torch.einsum("tip,tjq->ijtpq", aa, ba).reshape(n1 * n2, -1)
+    rmat = torch.einsum("tpi,tqj->tpqij", ab, bb).reshape(-1, k1 * k2)
+    return rmat, lmat
+
+
 def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float,
                  bias: Optional[Tensor] = None) -> Tensor:
     """y = x W^T + b + scaling * x (sum_t A_t (x) B_t)^T, fused, never forming an N x K matrix.
@@ -215,6 +269,15 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, A=a, A2=a2, B=b, B2=b2, bias=bias)
+    if (0 < lora_route_rank(a, a2, b, b2) <= LORA_ROUTE_MAX_RANK[0]
+            and pick_backend("krona", x.reshape(-1, K)) != "torch"):
+        from .lora import lora_linear
+
+        rmat, lmat = lora_route_factors(a, a2, b, b2)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        for f in (a2, b2):
+            dtype = torch.promote_types(dtype, f.dtype) if f is not None else dtype
+        return lora_linear(x, weight, rmat.to(dtype), lmat.to(dtype), scaling, bias)
     x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K)
     if x2d.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)
