@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from peftkern.kernels.triton import ia3 as ki
+from peftkern.kernels.triton import krona as kk
 from peftkern.kernels.triton import lora as kl
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may take on an H100 / H200 SM
@@ -119,11 +120,23 @@ def skinny_grads(r: int) -> tuple:
     return kl.lora_skinny_grads_kernel, args, const, warps, stages
 
 
+def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool) -> tuple:
+    """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors)."""
+    cfg = kk._fused_config(*a_shape, *b_shape)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    ptrs = {name: "*bf16" for name in ("g_ptr", "x_ptr", "a_ptr", "b_ptr", "dx_ptr")}
+    ints = ("M", "n1", "k1", "n2", "k2", "rows_per_split", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
+            "stride_at", "stride_ai", "stride_aj", "stride_bt", "stride_bi", "stride_bj", "stride_dm", "stride_dk",
+            "stride_pas", "stride_pat", "stride_pbs", "stride_pbt")
+    args = {**ptrs, "part_a_ptr": "*fp32", "part_b_ptr": "*fp32", **{n: "i32" for n in ints}, "scaling": "fp32"}
+    return kk.krona_grad_fused_kernel, args, dict(WRITE_DX=write_dx, DOT_PRECISION="tf32", **cfg), warps, stages
+
+
 def cases() -> dict:
     """name -> (kernel, signature, constexprs, warps, stages) for the configs the package picks on a GPU (the
     configs functions are asked as on a GPU, even under TRITON_INTERPRET=1)."""
-    real = kl.triton_interpret, ki.triton_interpret
-    kl.triton_interpret = ki.triton_interpret = lambda: False
+    real = kl.triton_interpret, ki.triton_interpret, kk.triton_interpret
+    kl.triton_interpret = ki.triton_interpret = kk.triton_interpret = lambda: False
     try:
         out = {}
         for M in (512, 8192):
@@ -139,9 +152,12 @@ def cases() -> dict:
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})
+        for a_shape, b_shape in (((64, 64), (64, 64)), ((86, 64), (128, 64)), ((64, 86), (64, 128))):
+            name = f"krona fused grads A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"
+            out[name] = krona_grad_fused(a_shape, b_shape, True)
         return out
     finally:
-        kl.triton_interpret, ki.triton_interpret = real
+        kl.triton_interpret, ki.triton_interpret, kk.triton_interpret = real
 
 
 def main() -> int:

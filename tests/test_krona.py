@@ -205,6 +205,40 @@ def test_triton_paths_match_reference(mode, factored_b, poison_empty):
                     assert_close(u, v, dtype, f"factored_b={factored_b} {name}")
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("case", [(37, (16, 16), (16, 16), 1), (21, (20, 17), (24, 16), 2), (300, (86, 64), (128, 64), 1),
+                                  (129, (64, 64), (64, 64), 1), (5, (16, 33), (16, 16), 3)],
+                         ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}")
+def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
+    """krona_grad_fused_kernel (dA, dB and, for one term, the dx term in one pass) against the reference and against
+    the separate kernels it replaces; several M splits (odd M), 1-3 terms, odd factor dimensions, fp32 factors."""
+    from peftkern.kernels.triton import krona as kk
+
+    M, (n1, k1), (n2, k2), T = case
+    if not HAS_CUDA and max(n1, k1, n2, k2) > 64:
+        pytest.skip("the interpreter takes minutes at 128-wide factors")
+    assert kk.fused_grad_fits(n1, k1, n2, k2)
+    needs = (True, True, False, True, False, False, False)
+    for dtype in dtypes_for("triton"):
+        for fdt in (dtype, torch.float32):
+            g = _gen()
+            x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
+            w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
+            a = make_factor(n1, k1, T, None, fdt, g)
+            b = make_factor(n2, k2, T, None, fdt, g)
+            dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+            ref = reference.krona_backward(dy, x, w, a, None, b, None, 0.7, needs)
+            monkeypatch.setattr(kk, "FUSED_GRAD", [True])
+            got = kk.krona_backward(dy, x, w, a, None, b, None, 0.7, needs)
+            monkeypatch.setattr(kk, "FUSED_GRAD", [False])
+            old = kk.krona_backward(dy, x, w, a, None, b, None, 0.7, needs)
+            for name, u, v, o in zip(("dx", "da", "da2", "db"), got, ref, old):
+                if v is not None:
+                    assert u.dtype == v.dtype, f"{name} dtype"
+                    assert_close(u, v, dtype, f"fused {fdt} {name}")
+                    assert_close(u, o.to(u.dtype), dtype, f"fused against separate kernels {fdt} {name}")
+
+
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
 @pytest.mark.parametrize("trainable", ["x", "A", "B", "A+B", "B_b"])
 def test_every_gradient_subset(backend, route, trainable):

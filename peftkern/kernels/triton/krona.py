@@ -33,6 +33,7 @@ Kernels:
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -42,6 +43,8 @@ import triton.language as tl
 from ..._backend import triton_interpret
 from ._launch import cdiv, launch
 from .lora import _dot_precision, _sm_count
+
+FUSED_GRAD = [os.environ.get("PEFTKERN_KRONA_FUSED_GRAD", "1") != "0"]  # a list: tests and benchmarks flip it
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -279,6 +282,72 @@ def krona_grad_inner_kernel(
 
 
 @triton.jit
+def krona_grad_fused_kernel(
+    g_ptr, x_ptr, a_ptr, b_ptr, dx_ptr, part_a_ptr, part_b_ptr,
+    M, n1, k1, n2, k2, rows_per_split,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_at, stride_ai, stride_aj, stride_bt, stride_bi, stride_bj,
+    stride_dm, stride_dk, stride_pas, stride_pat, stride_pbs, stride_pbt,
+    scaling,
+    WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BT: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
+):
+    """One term t of a dense sum, whole factors in one program (every factor dimension 16..128): over this split's
+    tokens, with G_m = dy_m as (n1, n2) and X_m = x_m as (k1, k2),
+        H = G B,  part_a[split, t] = sum_m H X^T (dA),  V = A X,  part_b[split, t] = sum_m G^T V (dB),
+    and with WRITE_DX (one term) dx_term[m] = s vec(A^T H) (the dx term: cuBLAS adds dy W into it). One read of dy
+    and x for all three, where the separate kernels read them three times."""
+    pid_s = tl.program_id(0)
+    term = tl.program_id(1)
+    dt = x_ptr.dtype.element_ty
+    offs_n1 = tl.arange(0, BN1)
+    offs_k1 = tl.arange(0, BK1)
+    offs_n2 = tl.arange(0, BN2)
+    offs_k2 = tl.arange(0, BK2)
+    a_t = a_ptr + term * stride_at
+    b_t = b_ptr + term * stride_bt
+    a = tl.load(a_t + offs_n1[:, None] * stride_ai + offs_k1[None, :] * stride_aj,
+                mask=(offs_n1 < n1)[:, None] & (offs_k1 < k1)[None, :], other=0.0).to(dt)
+    at = tl.load(a_t + offs_k1[:, None] * stride_aj + offs_n1[None, :] * stride_ai,
+                 mask=(offs_k1 < k1)[:, None] & (offs_n1 < n1)[None, :], other=0.0).to(dt)
+    b = tl.load(b_t + offs_n2[:, None] * stride_bi + offs_k2[None, :] * stride_bj,
+                mask=(offs_n2 < n2)[:, None] & (offs_k2 < k2)[None, :], other=0.0).to(dt)
+    a3 = tl.broadcast_to(a[None, :, :], (BT, BN1, BK1))
+    at3 = tl.broadcast_to(at[None, :, :], (BT, BK1, BN1))
+    acc_a = tl.zeros((BN1, BK1), dtype=tl.float32)
+    acc_b = tl.zeros((BN2, BK2), dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = min(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BT):
+        g = _token_tile(g_ptr, m0, m_end, stride_gm, stride_gn, 0, n1, n2, 0, BT, BN1, BN2).to(dt)
+        x = _token_tile(x_ptr, m0, m_end, stride_xm, stride_xk, 0, k1, k2, 0, BT, BK1, BK2).to(dt)
+        h = tl.dot(g, b, input_precision=DOT_PRECISION).to(dt)  # (BT*BN1, BK2): rows (t, i1) of G B
+        if BT == 1:
+            acc_a = tl.dot(h, tl.trans(x), acc_a, input_precision=DOT_PRECISION)
+            v = tl.dot(a, x, input_precision=DOT_PRECISION)
+        else:
+            acc_a = _contract_tokens(h, x, acc_a, BT, BN1, BK1, BK2, True, DOT_PRECISION)
+            v = tl.reshape(tl.dot(a3, tl.reshape(x, (BT, BK1, BK2)), input_precision=DOT_PRECISION), (BT * BN1, BK2))
+        acc_b = tl.dot(tl.trans(g), v.to(dt), acc_b, input_precision=DOT_PRECISION)
+        if WRITE_DX:
+            if BT == 1:
+                d = tl.dot(at, h, input_precision=DOT_PRECISION)
+            else:
+                d = tl.reshape(tl.dot(at3, tl.reshape(h, (BT, BN1, BK2)), input_precision=DOT_PRECISION),
+                               (BT * BK1, BK2))
+            d = d * scaling
+            rows = tl.arange(0, BT * BK1)
+            tok = m0 + rows // BK1
+            j1 = rows % BK1
+            mask = ((tok < m_end) & (j1 < k1))[:, None] & (offs_k2 < k2)[None, :]
+            d_ptrs = dx_ptr + tok[:, None] * stride_dm + (j1[:, None] * k2 + offs_k2[None, :]) * stride_dk
+            tl.store(d_ptrs, d.to(dx_ptr.dtype.element_ty), mask=mask)
+    pa = part_a_ptr + pid_s * stride_pas + term * stride_pat + offs_n1[:, None] * k1 + offs_k1[None, :]
+    tl.store(pa, acc_a, mask=(offs_n1 < n1)[:, None] & (offs_k1 < k1)[None, :])
+    pb = part_b_ptr + pid_s * stride_pbs + term * stride_pbt + offs_n2[:, None] * k2 + offs_k2[None, :]
+    tl.store(pb, acc_b, mask=(offs_n2 < n2)[:, None] & (offs_k2 < k2)[None, :])
+
+
+@triton.jit
 def krona_merge_kernel(
     w_ptr, a_ptr, b_ptr,
     N, K, n2, k2, TERMS,
@@ -447,6 +516,50 @@ def grad_inner(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, n2: int, RX: O
                           BK=max(16, _pow2(k2, 64)))
 
 
+def fused_grad_fits(n1: int, k1: int, n2: int, k2: int) -> bool:
+    """Whether krona_grad_fused_kernel takes a dense term: every factor dimension padded to 16..128, so one program
+    holds both factors, both gradients' accumulators and a token's G and X."""
+    return all(16 <= _pow2(d, 256) <= 128 for d in (n1, k1, n2, k2))
+
+
+def _fused_config(n1: int, k1: int, n2: int, k2: int) -> dict:
+    """Tokens per step and warps of krona_grad_fused_kernel (GPU values: NOTES-krona.md)."""
+    bn1, bk1, bn2, bk2 = (_pow2(d, 128) for d in (n1, k1, n2, k2))
+    big = max(bn1 * bk2, bk1 * bk2, bn1 * bk1, bn2 * bk2) > 64 * 64
+    return dict(BT=1, BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2, num_warps=8 if big else 4,
+                num_stages=1 if triton_interpret() else 2)
+
+
+def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+               want_dx: bool, config: Optional[dict] = None, programs_per_sm: int = 2):
+    """(dx term (M, K) or None, dA (T, n1, k1) float32 unscaled, dB (T, n2, k2) float32 unscaled) of a dense sum
+    in one pass over dy and x (krona_grad_fused_kernel). The dx term, s sum_t vec(A_t^T G B_t), only for one term
+    (several would need their sum in one program); dA and dB are float32 partial sums over M splits, added in order."""
+    M = x.shape[0]
+    T, n1, k1 = A.shape
+    n2, k2 = B.shape[1:]
+    cfg = dict(config or _fused_config(n1, k1, n2, k2))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    write_dx = want_dx and T == 1
+    bt = cfg["BT"]
+    splits = max(1, min(cdiv(programs_per_sm * _sm_count(x.device), T), cdiv(M, bt)))
+    rows = cdiv(cdiv(M, splits), bt) * bt
+    splits = cdiv(M, rows)
+    part_a = torch.empty((splits, T, n1, k1), device=x.device, dtype=torch.float32)
+    part_b = torch.empty((splits, T, n2, k2), device=x.device, dtype=torch.float32)
+    dx = torch.empty((M, k1 * k2), device=x.device, dtype=x.dtype) if write_dx else part_a
+    launch(krona_grad_fused_kernel, (splits, T),
+        g, x, A, B, dx, part_a, part_b,
+        M, n1, k1, n2, k2, rows,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), *A.stride(), *B.stride(),
+        dx.stride(0) if write_dx else 0, dx.stride(1) if write_dx else 0,
+        part_a.stride(0), part_a.stride(1), part_b.stride(0), part_b.stride(1),
+        float(scaling),
+        WRITE_DX=write_dx, DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages, **cfg,
+    )
+    return (dx if write_dx else None), part_a.sum(0), part_b.sum(0)
+
+
 # ------------------------------------------------------------------------------------------- the op
 
 
@@ -493,6 +606,9 @@ def krona_forward(x, weight, a, a2, b, b2, scaling, bias, mode: Optional[str] = 
 def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: Optional[bool] = None):
     """(dx, da, da2, db, db2, dbias, dweight) as in reference.krona_backward.
 
+    A dense B whose factors fit krona_grad_fused_kernel (every dimension 16..128: PEFT's 64 x 64, 86 x 128): dA, dB
+    and, for one term, the dx term in one pass over dy and x (FUSED_GRAD; PEFTKERN_KRONA_FUSED_GRAD=0 turns it off).
+    Otherwise:
     dx: the term kernel on dy with A^T and B^T (C), then cuBLAS C += dy W; dA: one reduction over M reading x and
     dy; dB (or dBa and dBb of a factored B): one reduction each. Factor gradients come back in their own dtypes.
     """
@@ -503,6 +619,17 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
     n2 = Ba.shape[1] if Ba is not None else B.shape[1]
     dx = da = da2 = db = db2 = dbias = dw = None
     At = A.transpose(1, 2)
+    fused = FUSED_GRAD[0] and Ba is None and (need_a or need_a2 or need_b or need_b2) and fused_grad_fits(
+        n1, k1, n2, B.shape[2])
+    if fused:
+        term, dA, dB = grad_fused(grad_y, x, A, B, scaling, need_x)
+        if need_x:
+            if term is None:
+                term = kron_term(grad_y, At, B.transpose(1, 2), None, scaling)
+            dx = term.addmm_(grad_y, weight)
+        da, da2 = _lowrank_chain(dA.mul_(scaling), a, a2, need_a, need_a2)
+        db, db2 = _lowrank_chain(dB.mul_(scaling), b, b2, need_b, need_b2)
+        need_x = need_a = need_a2 = need_b = need_b2 = False
     if need_x:
         if Ba is None:
             term = kron_term(grad_y, At, B.transpose(1, 2), None, scaling)
