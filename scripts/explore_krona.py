@@ -109,7 +109,7 @@ def term_configs():
         base = kk._term_config(n1, k1, n2, k2)
         print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2}: default {base}: {us(lambda: kk.kron_term(x, A, B, None, 2.0)):.1f} us",
               flush=True)
-        for bt in (1, 2, 4):
+        for bt in (1,):
             for warps in (4, 8):
                 for stages in (2, 3, 4):
                     for bj1 in (32, 64):

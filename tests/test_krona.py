@@ -206,8 +206,9 @@ def test_triton_paths_match_reference(mode, factored_b, poison_empty):
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
-@pytest.mark.parametrize("case", [(37, (16, 16), (16, 16), 1), (21, (20, 17), (24, 16), 2), (300, (86, 64), (128, 64), 1),
-                                  (129, (64, 64), (64, 64), 1), (5, (16, 33), (16, 16), 3)],
+@pytest.mark.parametrize("case", [(37, (16, 16), (16, 16), 1), (21, (20, 17), (24, 16), 2),
+                                  (300, (86, 64), (128, 64), 1), (129, (64, 64), (64, 64), 1),
+                                  (5, (16, 33), (16, 16), 3)],
                          ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}")
 def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
     """krona_grad_fused_kernel (dA, dB and, for one term, the dx term in one pass) against the reference and against

@@ -19,7 +19,7 @@ rank n, (F, I_k) of rank k, or its own low-rank pair. By the mixed-product prope
 with L (N, rank) and R (rank, K) of rank T r_A r_B (the smallest r_A and r_B per factor). Compacter's PHM layer
 (4 terms, 4 x 4 A_i, rank-4 1024 x 1024 B_i) is rank 64: y = x W^T + b + s (x R^T) L^T is then the fused LoRA
 layer at rank 64 (kernels/triton/NOTES-krona.md), where the Kronecker kernels would run tiny MMAs. L and R are
-built in float32 by autograd-tracked broadcasts (N x rank and rank x K: small), so the factors' gradients come
+built by autograd-tracked broadcast products (N x rank and rank x K: small), so the factors' gradients come
 from the LoRA op's through the chain rule. Up to LORA_ROUTE_MAX_RANK (the persistent LoRA kernel's largest rank;
 PEFTKERN_KRONA_LORA_RANK=0 keeps every call on the Kronecker kernels).
 """
@@ -202,18 +202,14 @@ def check_krona_factors(weight_shape: tuple, a, a2, b, b2) -> None:
                          f"({N}, {K}): need n1 n2 = N and k1 k2 = K")
 
 
-def _split(f: Tensor, f2: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], int]:
-    """The cheapest F = F_a F_b of one stacked factor: (None, f, n) stands for (I_n, F), (f, None, k) for (F, I_k),
-    (f, f2, r) for a low-rank pair; the int is the inner rank."""
+def _split(f: Tensor, f2: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The cheapest F = F_a F_b of one stacked factor (T, n, k): its low-rank pair (f, f2) where its rank is the
+    smallest, else (None, F) for (I_n, F) or (F, None) for (F, I_k), whichever identity is smaller."""
     T, n, k = factor_shape(f, f2)
-    options = [(None, _dense_factor(f, f2), n), (_dense_factor(f, f2), None, k)]
-    if f2 is not None:
-        options.append((f, f2, f.shape[2]))
-    return min(options, key=lambda o: o[2])
-
-
-def _dense_factor(f: Tensor, f2: Optional[Tensor]) -> Tensor:
-    return f if f2 is None else torch.bmm(f.float(), f2.float())
+    if f2 is not None and f.shape[2] <= min(n, k):
+        return f, f2
+    dense = f if f2 is None else torch.bmm(*(t.to(torch.promote_types(t.dtype, torch.float32)) for t in (f, f2)))
+    return (None, dense) if n <= k else (dense, None)
 
 
 def lora_route_rank(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor]) -> int:
@@ -225,22 +221,38 @@ def lora_route_rank(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Ten
     return T * ra * rb
 
 
-def lora_route_factors(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(R (rank, K), L (N, rank)) with L R = sum_t A_t (x) B_t, in float32, tracked by autograd."""
+_EYES: dict = {}  # (n, device, dtype) -> I_n, made once: the route's identities are constants
+
+
+def _eye(n: int, like: Tensor) -> Tensor:
+    key = (n, like.device, like.dtype)
+    if key not in _EYES:
+        _EYES[key] = torch.eye(n, device=like.device, dtype=like.dtype)
+    return _EYES[key]
+
+
+def lora_route_factors(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
+                       dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(R (rank, K), L (N, rank)) with L R = sum_t A_t (x) B_t, tracked by autograd, in `dtype` (default: the
+    factors' promoted dtype). Each is one broadcast product of two factors, no sum: every entry is one product,
+    rounded once, and the backward's reductions run in float32 inside torch (a few small kernels a call)."""
+    if dtype is None:
+        dtype = a.dtype
+        for f in (a2, b, b2):
+            dtype = torch.promote_types(dtype, f.dtype) if f is not None else dtype
     T, n1, k1 = factor_shape(a, a2)
     _, n2, k2 = factor_shape(b, b2)
-    aa, ab, _ = _split(a, a2)
-    ba, bb, _ = _split(b, b2)
-    dev = a.device
-    eye = (lambda n: torch.eye(n, device=dev).expand(T, n, n))
-    aa = eye(n1) if aa is None else aa.float()
-    ab = eye(k1) if ab is None else ab.float()
-    ba = eye(n2) if ba is None else ba.float()
-    bb = eye(k2) if bb is None else bb.float()
+    aa, ab = _split(a, a2)
+    ba, bb = _split(b, b2)
+    like = a.new_empty((), dtype=dtype)
+    aa = _eye(n1, like).expand(T, n1, n1) if aa is None else aa.to(dtype)
+    ab = _eye(k1, like).expand(T, k1, k1) if ab is None else ab.to(dtype)
+    ba = _eye(n2, like).expand(T, n2, n2) if ba is None else ba.to(dtype)
+    bb = _eye(k2, like).expand(T, k2, k2) if bb is None else bb.to(dtype)
     # L[(i1, i2), (t, p, q)] = A_a[t, i1, p] B_a[t, i2, q];  R[(t, p, q), (j1, j2)] = A_b[t, p, j1] B_b[t, q, j2]
-    lmat = torch.einsum("tip,tjq->ijtpq", aa, ba).reshape(n1 * n2, -1)
-    rmat = torch.einsum("tpi,tqj->tpqij", ab, bb).reshape(-1, k1 * k2)
-    return rmat, lmat
+    lmat = aa.permute(1, 0, 2)[:, None, :, :, None] * ba.permute(1, 0, 2)[None, :, :, None, :]
+    rmat = ab[:, :, None, :, None] * bb[:, None, :, None, :]
+    return rmat.reshape(-1, k1 * k2), lmat.reshape(n1 * n2, -1)
 
 
 def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float,
@@ -274,10 +286,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
         from .lora import lora_linear
 
         rmat, lmat = lora_route_factors(a, a2, b, b2)
-        dtype = torch.promote_types(a.dtype, b.dtype)
-        for f in (a2, b2):
-            dtype = torch.promote_types(dtype, f.dtype) if f is not None else dtype
-        return lora_linear(x, weight, rmat.to(dtype), lmat.to(dtype), scaling, bias)
+        return lora_linear(x, weight, rmat, lmat, scaling, bias)
     x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K)
     if x2d.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)

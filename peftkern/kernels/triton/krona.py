@@ -91,9 +91,12 @@ def _left_product(a_ptr, stride_ai, stride_aj, i0, n_i, j0, n_j, p,
         offs_j = j0 + tl.arange(0, BJ)
         a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
                     mask=(offs_i < n_i)[:, None] & (offs_j < n_j)[None, :], other=0.0).to(p.dtype)
-        prod = tl.dot(tl.broadcast_to(a[None, :, :], (BT, BI, BJ)), tl.reshape(p, (BT, BJ, BC)),
-                      input_precision=DOT_PRECISION)
-        out = tl.reshape(prod, (BT * BI, BC))
+        if BT == 1:
+            out = tl.dot(a, p, input_precision=DOT_PRECISION)
+        else:
+            prod = tl.dot(tl.broadcast_to(a[None, :, :], (BT, BI, BJ)), tl.reshape(p, (BT, BJ, BC)),
+                          input_precision=DOT_PRECISION)
+            out = tl.reshape(prod, (BT * BI, BC))
     else:
         # Factor dimensions below 16 cannot be an MMA operand's: I_BT (x) A, loaded straight into its
         # block-diagonal place (zeros elsewhere), makes the batched product one 2-D MMA of legal shape.
@@ -113,7 +116,9 @@ def _contract_tokens(h, p, acc, BT: tl.constexpr, BI: tl.constexpr, BJ: tl.const
     """acc += sum_t H_t P_t^T, h the rows (t, i) of H (BT*BI, BC), p the rows (t, j) of P (BT*BJ, BC).
     LEFT_DOT: acc is (BI, BJ) and the sum over (t, c) is one MMA's K dimension. Otherwise acc is (BT*BI, BT*BJ):
     every token pair's product, of which only the diagonal blocks are kept (_sum_diagonal_blocks adds them)."""
-    if LEFT_DOT:
+    if LEFT_DOT and BT == 1:
+        acc = tl.dot(h, tl.trans(p), acc, input_precision=DOT_PRECISION)
+    elif LEFT_DOT:
         h2 = tl.reshape(tl.permute(tl.reshape(h, (BT, BI, BC)), (1, 0, 2)), (BI, BT * BC))
         p2 = tl.reshape(tl.permute(tl.reshape(p, (BT, BJ, BC)), (0, 2, 1)), (BT * BC, BJ))
         acc = tl.dot(h2, p2, acc, input_precision=DOT_PRECISION)
@@ -386,12 +391,13 @@ def _left_tiles(n_i: int, n_j: int, cap: int) -> tuple[int, int, bool]:
 
 
 def _token_block(bi: int, bj: int, left_dot: bool, width: int, budget: int = 16384) -> tuple[int, int]:
-    """(BT, BI): about 128 GEMM rows (token, j) per right-product step, so each program reads the factors once
-    for several tokens; at least 16 rows in every MMA (the block-diagonal form's too); an accumulator of
-    BT*BI x width and a block-diagonal factor of BT*BI x BT*BJ within `budget` elements (64 float32 registers a
-    thread at 8 warps, 128 at 4), shrinking BT first, then the i block."""
+    """(BT, BI): one token a step where the factor blocks are MMA operands themselves (left_dot): the batched
+    3-D product over BT > 1 tokens ran 3-5x slower on an H200 than BT = 1's 2-D ones (NOTES-krona.md, 2026-12-03).
+    The block-diagonal form takes about 128 GEMM rows (token, j) per right-product step and at least 16 rows in
+    every MMA. An accumulator of BT*BI x width and a block-diagonal factor of BT*BI x BT*BJ within `budget` elements
+    (64 float32 registers a thread at 8 warps, 128 at 4), shrinking BT first, then the i block."""
     bt_min = cdiv(16, bj) if left_dot else max(cdiv(16, bj), cdiv(16, bi))
-    bt = triton.next_power_of_2(max(bt_min, 128 // bj))
+    bt = 1 if left_dot else triton.next_power_of_2(max(bt_min, 128 // bj))
 
     def too_big(bt, bi):
         return bt * bi * width > budget or (not left_dot and bt * bt * bi * bj > budget)
@@ -516,18 +522,21 @@ def grad_inner(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, n2: int, RX: O
                           BK=max(16, _pow2(k2, 64)))
 
 
-def fused_grad_fits(n1: int, k1: int, n2: int, k2: int) -> bool:
-    """Whether krona_grad_fused_kernel takes a dense term: every factor dimension padded to 16..128, so one program
-    holds both factors, both gradients' accumulators and a token's G and X."""
-    return all(16 <= _pow2(d, 256) <= 128 for d in (n1, k1, n2, k2))
+def fused_grad_fits(n1: int, k1: int, n2: int, k2: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether krona_grad_fused_kernel takes a dense term: every factor dimension padded to 16..128 (..64 in float32,
+    whose operands take twice the shared memory), so one program holds both factors, both gradients' accumulators
+    and a token's G and X."""
+    top = 64 if dtype == torch.float32 else 128
+    return all(16 <= _pow2(d, 256) <= top for d in (n1, k1, n2, k2))
 
 
 def _fused_config(n1: int, k1: int, n2: int, k2: int) -> dict:
-    """Tokens per step and warps of krona_grad_fused_kernel (GPU values: NOTES-krona.md)."""
+    """Tokens per step and warps of krona_grad_fused_kernel, measured on an H200 (NOTES-krona.md): one token a step
+    (two: 3-6x slower), 3 stages (64 x 64: 73 against 96 us at 2), 8 warps from 64 x 128 operands up."""
     bn1, bk1, bn2, bk2 = (_pow2(d, 128) for d in (n1, k1, n2, k2))
     big = max(bn1 * bk2, bk1 * bk2, bn1 * bk1, bn2 * bk2) > 64 * 64
     return dict(BT=1, BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2, num_warps=8 if big else 4,
-                num_stages=1 if triton_interpret() else 2)
+                num_stages=1 if triton_interpret() else 3)
 
 
 def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
@@ -620,7 +629,7 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
     dx = da = da2 = db = db2 = dbias = dw = None
     At = A.transpose(1, 2)
     fused = FUSED_GRAD[0] and Ba is None and (need_a or need_a2 or need_b or need_b2) and fused_grad_fits(
-        n1, k1, n2, B.shape[2])
+        n1, k1, n2, B.shape[2], x.dtype)
     if fused:
         term, dA, dB = grad_fused(grad_y, x, A, B, scaling, need_x)
         if need_x:
