@@ -132,6 +132,18 @@ def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool) -> tuple:
     return kk.krona_grad_fused_kernel, args, dict(WRITE_DX=write_dx, DOT_PRECISION="tf32", **cfg), warps, stages
 
 
+def krona_term_whole(a_shape: tuple, b_shape: tuple) -> tuple:
+    """krona_term_whole_kernel as kron_term launches it for dense factors (bf16 x and factors, no bias)."""
+    cfg = kk._whole_config(*a_shape, *b_shape)
+    ints = ("M", "n1", "k1", "n2", "k2", "TERMS", "rows_per_split", "stride_xm", "stride_xk", "stride_at",
+            "stride_ai", "stride_aj", "stride_bt", "stride_bi", "stride_bj", "stride_om", "stride_on")
+    args = {**{n: "*bf16" for n in ("x_ptr", "a_ptr", "b_ptr", "bias_ptr", "out_ptr")}, **{n: "i32" for n in ints},
+            "scaling": "fp32"}
+    pads = {name: kk._pow2(d, 128) for name, d in zip(("BN1", "BK1", "BN2", "BK2"), (*a_shape, *b_shape))}
+    const = dict(HAS_BIAS=False, DOT_PRECISION="tf32", **pads)
+    return kk.krona_term_whole_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
+
+
 def cases() -> dict:
     """name -> (kernel, signature, constexprs, warps, stages) for the configs the package picks on a GPU (the
     configs functions are asked as on a GPU, even under TRITON_INTERPRET=1)."""
@@ -155,6 +167,8 @@ def cases() -> dict:
         for a_shape, b_shape in (((64, 64), (64, 64)), ((86, 64), (128, 64)), ((64, 86), (64, 128))):
             name = f"krona fused grads A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"
             out[name] = krona_grad_fused(a_shape, b_shape, True)
+            out[f"krona whole term A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"] = krona_term_whole(
+                a_shape, b_shape)
         return out
     finally:
         kl.triton_interpret, ki.triton_interpret, kk.triton_interpret = real

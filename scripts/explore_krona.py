@@ -3,7 +3,7 @@
 Not part of the test suite: it prints microseconds per piece so the choices in kernels/triton/krona.py can be made.
     python scripts/explore_krona.py                  # each piece of the forward and backward, per case
     python scripts/explore_krona.py --fused-configs  # krona_grad_fused_kernel: tokens a step, warps, stages, splits
-    python scripts/explore_krona.py --term-configs   # krona_term_kernel's tiles for 64 x 64 factors
+    python scripts/explore_krona.py --term-configs   # krona_term_whole_kernel's warps, stages and splits
     python scripts/explore_krona.py --route          # sums of low rank: the LoRA route or the Kronecker kernels
 """
 import sys
@@ -68,6 +68,7 @@ def pieces():
         At, Bt = A.transpose(1, 2), B.transpose(1, 2)
         rows = [
             ("term kernel fwd (x -> C)", lambda: kk.kron_term(x, A, B, None, 2.0)),
+            ("tiled term kernel fwd", lambda: kk.kron_term(x, A, B, None, 2.0, config=kk._term_config(n1, k1, n2, k2))),
             ("cuBLAS C.addmm_(x, W^T)", lambda: C.addmm_(x, W.t())),
             ("term kernel dx (dy -> C')", lambda: kk.kron_term(dy, At, Bt, None, 2.0)),
             ("cuBLAS C'.addmm_(dy, W)", lambda: Cx.addmm_(dy, W)),
@@ -106,20 +107,21 @@ def fused_configs():
 def term_configs():
     for M, n1, k1, n2, k2, T in CASES[:3]:
         x, W, A, B, dy = make(M, n1, k1, n2, k2, T)
-        base = kk._term_config(n1, k1, n2, k2)
-        print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2}: default {base}: {us(lambda: kk.kron_term(x, A, B, None, 2.0)):.1f} us",
-              flush=True)
-        for bt in (1,):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    for bj1 in (32, 64):
-                        cfg = {**base, "BT": bt, "num_warps": warps, "num_stages": stages, "BJ1": min(bj1, base["BJ1"])}
-                        try:
-                            t = us(lambda: kk.kron_term(x, A, B, None, 2.0, config=cfg))
-                        except Exception as e:  # a config that does not fit
-                            print(f"  BT={bt} warps={warps} stages={stages} BJ1={bj1}: {type(e).__name__}")
-                            continue
-                        print(f"  BT={bt} warps={warps} stages={stages} BJ1={bj1}: {t:.1f} us", flush=True)
+        out = torch.empty(M, n1 * n2, device="cuda", dtype=x.dtype)
+        base = kk._whole_config(n1, k1, n2, k2)
+        print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2}: krona_term_whole_kernel, default {base}: "
+              f"{us(lambda: kk.kron_term(x, A, B, None, 2.0)):.1f} us", flush=True)
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                for per_sm in (1, 2, 4):
+                    cfg = {"num_warps": warps, "num_stages": stages}
+                    label = f"warps={warps} stages={stages} per_sm={per_sm}"
+                    try:
+                        t = us(lambda: kk._kron_term_whole(x, A, B, 2.0, None, out, cfg, per_sm))
+                    except Exception as e:  # a config that does not fit
+                        print(f"  {label}: {type(e).__name__}")
+                        continue
+                    print(f"  {label}: {t:.1f} us", flush=True)
 
 
 def route():
@@ -144,6 +146,12 @@ def route():
             y = peftkern.krona_linear(x, W, A, (Ba, Bb), 2.0)
             torch.autograd.grad(y, [x, A, Ba, Bb], dy)
 
+        rmat, lmat = (t.detach().requires_grad_() for t in ok.lora_route_factors(A, None, Ba, Bb))
+
+        def lora_alone():
+            y = peftkern.lora_linear(x, W, rmat, lmat, 2.0)
+            torch.autograd.grad(y, [x, rmat, lmat], dy)
+
         t0 = us(frozen)
         print(f"\n== M={M} T={T} A {n1}x{k1} B {n2}x{k2} rank {r}: route rank {ok.lora_route_rank(A, None, Ba, Bb)}; "
               f"frozen fwd+bwd {t0:.1f} us", flush=True)
@@ -152,6 +160,8 @@ def route():
             t = us(step)
             print(f"  {'LoRA route' if limit else 'Kronecker kernels':18s} fwd+bwd {t:.1f} us ({t / t0:.3f}x)", flush=True)
         ok.LORA_ROUTE_MAX_RANK[0] = 128
+        t = us(lora_alone)
+        print(f"  {'LoRA op alone':18s} fwd+bwd {t:.1f} us ({t / t0:.3f}x): L, R made beforehand", flush=True)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,38 @@ def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
                     assert_close(u, o.to(u.dtype), dtype, f"fused against separate kernels {fdt} {name}")
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("case", [(37, (16, 16), (16, 16), 1), (21, (20, 17), (24, 16), 2), (5, (16, 33), (16, 16), 3),
+                                  (300, (86, 64), (128, 64), 1), (77, (64, 86), (64, 128), 2)],
+                         ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}")
+def test_whole_term_kernel_matches_reference(case, monkeypatch):
+    """krona_term_whole_kernel (whole factors in one program, tokens looped) for the forward (with a bias) and the dx
+    term (A^T, B^T as views), against the reference and against krona_term_kernel."""
+    from peftkern.kernels.triton import krona as kk
+
+    M, (n1, k1), (n2, k2), T = case
+    if not HAS_CUDA and max(n1, k1, n2, k2) > 64:
+        pytest.skip("the interpreter takes minutes at 128-wide factors")
+    for dtype in dtypes_for("triton"):
+        g = _gen()
+        x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
+        w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
+        bias = torch.randn(n1 * n2, generator=g).to(DEVICE, dtype)
+        a = make_factor(n1, k1, T, None, dtype, g)
+        b = make_factor(n2, k2, T, None, dtype, g)
+        dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+        whole = kk.fused_grad_fits(n1, k1, n2, k2, dtype)
+        monkeypatch.setattr(kk, "WHOLE_TERM", [True])
+        y = kk.krona_forward(x, w, a, None, b, None, 0.6, bias)
+        dx_term = kk.kron_term(dy, a.transpose(1, 2), b.transpose(1, 2), None, 0.6)
+        monkeypatch.setattr(kk, "WHOLE_TERM", [False])
+        y_old = kk.krona_forward(x, w, a, None, b, None, 0.6, bias)
+        dx_old = kk.kron_term(dy, a.transpose(1, 2), b.transpose(1, 2), None, 0.6)
+        assert_close(y, reference.krona_forward(x, w, a, None, b, None, 0.6, bias), dtype, f"whole={whole} y")
+        assert_close(y, y_old, dtype, "y against krona_term_kernel")
+        assert_close(dx_term, dx_old, dtype, "dx term against krona_term_kernel")
+
+
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
 @pytest.mark.parametrize("trainable", ["x", "A", "B", "A+B", "B_b"])
 def test_every_gradient_subset(backend, route, trainable):

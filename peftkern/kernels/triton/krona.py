@@ -45,6 +45,7 @@ from ._launch import cdiv, launch
 from .lora import _dot_precision, _sm_count
 
 FUSED_GRAD = [os.environ.get("PEFTKERN_KRONA_FUSED_GRAD", "1") != "0"]  # a list: tests and benchmarks flip it
+WHOLE_TERM = [os.environ.get("PEFTKERN_KRONA_WHOLE_TERM", "1") != "0"]  # krona_term_whole_kernel where it fits
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -196,6 +197,51 @@ def krona_term_kernel(
     if ACCUMULATE:
         acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def krona_term_whole_kernel(
+    x_ptr, a_ptr, b_ptr, bias_ptr, out_ptr,
+    M, n1, k1, n2, k2, TERMS, rows_per_split,
+    stride_xm, stride_xk, stride_at, stride_ai, stride_aj, stride_bt, stride_bi, stride_bj, stride_om, stride_on,
+    scaling,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
+):
+    """krona_term_kernel's dense case with whole factors in one program (every dimension 16..128): out[m] =
+    s sum_t vec(A_t X_m B_t^T) (+ bias) for this split's tokens, one token a step, the factors of one term loaded
+    once for the whole split (each term's again per token for sums: they stay in L1)."""
+    pid_s = tl.program_id(0)
+    dt = x_ptr.dtype.element_ty
+    offs_n1 = tl.arange(0, BN1)
+    offs_k1 = tl.arange(0, BK1)
+    offs_n2 = tl.arange(0, BN2)
+    offs_k2 = tl.arange(0, BK2)
+    a_offs = offs_n1[:, None] * stride_ai + offs_k1[None, :] * stride_aj
+    a_mask = (offs_n1 < n1)[:, None] & (offs_k1 < k1)[None, :]
+    bt_offs = offs_k2[:, None] * stride_bj + offs_n2[None, :] * stride_bi  # B^T (k2, n2)
+    bt_mask = (offs_k2 < k2)[:, None] & (offs_n2 < n2)[None, :]
+    a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0).to(dt)
+    bt = tl.load(b_ptr + bt_offs, mask=bt_mask, other=0.0).to(dt)
+    cols = offs_n1[:, None] * n2 + offs_n2[None, :]
+    out_mask = (offs_n1 < n1)[:, None] & (offs_n2 < n2)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=out_mask, other=0.0).to(tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = min(m_start + rows_per_split, M)
+    for m in range(m_start, m_end):
+        x = _token_tile(x_ptr, m, m_end, stride_xm, stride_xk, 0, k1, k2, 0, 1, BK1, BK2).to(dt)
+        p = tl.dot(x, bt, input_precision=DOT_PRECISION).to(dt)  # (k1, n2): X B^T
+        acc = tl.dot(a, p, input_precision=DOT_PRECISION)  # (n1, n2): A X B^T
+        for term in range(1, TERMS):
+            a_t = tl.load(a_ptr + term * stride_at + a_offs, mask=a_mask, other=0.0).to(dt)
+            bt_t = tl.load(b_ptr + term * stride_bt + bt_offs, mask=bt_mask, other=0.0).to(dt)
+            p = tl.dot(x, bt_t, input_precision=DOT_PRECISION).to(dt)
+            acc = tl.dot(a_t, p, acc, input_precision=DOT_PRECISION)
+        acc = acc * scaling
+        if HAS_BIAS:
+            acc += bias
+        tl.store(out_ptr + m * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -453,6 +499,8 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
     accumulate = out is not None
     if out is None:
         out = torch.empty((M, n1 * n2), device=x.device, dtype=x.dtype)
+    if WHOLE_TERM[0] and not lowrank and not accumulate and config is None and fused_grad_fits(n1, k1, n2, k2, x.dtype):
+        return _kron_term_whole(x, A, B, scaling, bias, out)
     cfg = dict(config or _term_config(n1, k1, n2, k2))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     ba = Ba if lowrank else B
@@ -464,6 +512,30 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
         float(scaling),
         LOWRANK=lowrank, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DOT_PRECISION=_dot_precision(x.dtype),
         BR=_block_r(R), num_warps=num_warps, num_stages=num_stages, **cfg,
+    )
+    return out
+
+
+def _whole_config(n1: int, k1: int, n2: int, k2: int) -> dict:
+    """Warps and stages of krona_term_whole_kernel (GPU values: NOTES-krona.md)."""
+    big = max(_pow2(n1, 128), _pow2(k1, 128)) * max(_pow2(n2, 128), _pow2(k2, 128)) > 64 * 64
+    return dict(num_warps=8 if big else 4, num_stages=1 if triton_interpret() else 3)
+
+
+def _kron_term_whole(x, A, B, scaling, bias, out, config: Optional[dict] = None, programs_per_sm: int = 2):
+    M = x.shape[0]
+    T, n1, k1 = A.shape
+    n2, k2 = B.shape[1:]
+    cfg = dict(config or _whole_config(n1, k1, n2, k2))
+    splits = max(1, min(programs_per_sm * _sm_count(x.device), M))
+    rows = cdiv(M, splits)
+    launch(krona_term_whole_kernel, (cdiv(M, rows),),
+        x, A, B, bias if bias is not None else out, out,
+        M, n1, k1, n2, k2, T, rows,
+        x.stride(0), x.stride(1), *A.stride(), *B.stride(), out.stride(0), out.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
+        BN1=_pow2(n1, 128), BK1=_pow2(k1, 128), BN2=_pow2(n2, 128), BK2=_pow2(k2, 128), **cfg,
     )
     return out
 
