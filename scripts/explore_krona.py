@@ -91,8 +91,7 @@ def fused_configs():
         x, W, A, B, dy = make(M, n1, k1, n2, k2, T)
         base = kk._fused_config(n1, k1, n2, k2)
         print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2}: default {base}", flush=True)
-        variants = [(bt, w, st, 2) for bt in (1, 2) for w in (4, 8) for st in (2, 3)]
-        variants += [(base["BT"], base["num_warps"], base["num_stages"], per_sm) for per_sm in (1, 4)]
+        variants = [(1, w, st, per_sm) for w in (4, 8) for st in (3, 4) for per_sm in (1, 2, 3)]
         for bt, warps, stages, per_sm in variants:
             cfg = {**base, "BT": bt, "num_warps": warps, "num_stages": stages}
             label = f"BT={bt} warps={warps} stages={stages} per_sm={per_sm}"

@@ -517,9 +517,10 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
 
 
 def _whole_config(n1: int, k1: int, n2: int, k2: int) -> dict:
-    """Warps and stages of krona_term_whole_kernel (GPU values: NOTES-krona.md)."""
-    big = max(_pow2(n1, 128), _pow2(k1, 128)) * max(_pow2(n2, 128), _pow2(k2, 128)) > 64 * 64
-    return dict(num_warps=8 if big else 4, num_stages=1 if triton_interpret() else 3)
+    """Warps and stages of krona_term_whole_kernel, from an H200 sweep (NOTES-krona.md, ff433e7): 4 warps and 4
+    stages at 2 programs an SM took 38 us at 64 x 64 (8 warps: 47), 88 at 86x64 beside 128x64 (8 warps: 114), 78 at
+    64x86 beside 64x128 (the best there, 76, at 1 program an SM)."""
+    return dict(num_warps=4, num_stages=1 if triton_interpret() else 4)
 
 
 def _kron_term_whole(x, A, B, scaling, bias, out, config: Optional[dict] = None, programs_per_sm: int = 2):
