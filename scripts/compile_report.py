@@ -124,6 +124,7 @@ def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool) -> tuple:
     """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors)."""
     cfg = kk._fused_config(*a_shape, *b_shape)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg.pop("programs_per_sm")
     ptrs = {name: "*bf16" for name in ("g_ptr", "x_ptr", "a_ptr", "b_ptr", "dx_ptr")}
     ints = ("M", "n1", "k1", "n2", "k2", "rows_per_split", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
             "stride_at", "stride_ai", "stride_aj", "stride_bt", "stride_bi", "stride_bj", "stride_dm", "stride_dk",

@@ -604,16 +604,18 @@ def fused_grad_fits(n1: int, k1: int, n2: int, k2: int, dtype: torch.dtype = tor
 
 
 def _fused_config(n1: int, k1: int, n2: int, k2: int) -> dict:
-    """Tokens per step and warps of krona_grad_fused_kernel, measured on an H200 (NOTES-krona.md): one token a step
-    (two: 3-6x slower), 3 stages (64 x 64: 73 against 96 us at 2), 8 warps from 64 x 128 operands up."""
+    """Tokens per step, warps, stages and programs an SM of krona_grad_fused_kernel, measured on an H200
+    (NOTES-krona.md): one token a step (two: 3-6x slower); 3 stages (64 x 64: 73 against 96 us at 2; 4 stages ran
+    out of shared memory at the 11008 shapes); 4 warps and 2 programs an SM at 64 x 64 (72.5 us; 8 warps 95), 8 warps
+    and 1 program an SM from 64 x 128 operands up (86x64 beside 128x64: 130 against 142 us at 2; 4 warps: 740)."""
     bn1, bk1, bn2, bk2 = (_pow2(d, 128) for d in (n1, k1, n2, k2))
     big = max(bn1 * bk2, bk1 * bk2, bn1 * bk1, bn2 * bk2) > 64 * 64
     return dict(BT=1, BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2, num_warps=8 if big else 4,
-                num_stages=1 if triton_interpret() else 3)
+                num_stages=1 if triton_interpret() else 3, programs_per_sm=1 if big else 2)
 
 
 def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-               want_dx: bool, config: Optional[dict] = None, programs_per_sm: int = 2):
+               want_dx: bool, config: Optional[dict] = None, programs_per_sm: Optional[int] = None):
     """(dx term (M, K) or None, dA (T, n1, k1) float32 unscaled, dB (T, n2, k2) float32 unscaled) of a dense sum
     in one pass over dy and x (krona_grad_fused_kernel). The dx term, s sum_t vec(A_t^T G B_t), only for one term
     (several would need their sum in one program); dA and dB are float32 partial sums over M splits, added in order."""
@@ -622,6 +624,8 @@ def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     n2, k2 = B.shape[1:]
     cfg = dict(config or _fused_config(n1, k1, n2, k2))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    per_sm = cfg.pop("programs_per_sm", 2)
+    programs_per_sm = programs_per_sm or per_sm
     write_dx = want_dx and T == 1
     bt = cfg["BT"]
     splits = max(1, min(cdiv(programs_per_sm * _sm_count(x.device), T), cdiv(M, bt)))
