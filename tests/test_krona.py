@@ -178,6 +178,19 @@ def test_fp32_factors_beside_16bit_base(backend, route):
     compare(got, ref, dtype, "fp32 factors")
 
 
+def dense_case(M, a_shape, b_shape, T, rb, dtype, factor_dtype=None):
+    """(x, w, bias, a, (b, b2), dy) for the Triton path tests: a dense A, B dense (rb None) or a low-rank pair."""
+    g = _gen()
+    (n1, k1), (n2, k2) = a_shape, b_shape
+    x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
+    bias = torch.randn(n1 * n2, generator=g).to(DEVICE, dtype)
+    a = make_factor(n1, k1, T, None, factor_dtype or dtype, g)
+    b = make_factor(n2, k2, T, rb, factor_dtype or dtype, g)
+    dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+    return x, w, bias, a, (b if rb is not None else (b, None)), dy
+
+
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("mode", ["cublas-beta", "cublas-add"])
 @pytest.mark.parametrize("factored_b", [False, True], ids=["dense-B", "factored-B"])
@@ -186,15 +199,9 @@ def test_triton_paths_match_reference(mode, factored_b, poison_empty):
     kernels' third product and the dBa / dBb reductions), with small and large factor dimensions."""
     from peftkern.kernels.triton import krona as kk
 
-    for (M, (n1, k1), (n2, k2), T, rb) in ((9, (4, 2), (5, 24), 2, 3), (7, (16, 17), (18, 16), 1, 5)):
+    for (M, a_shape, b_shape, T, rb) in ((9, (4, 2), (5, 24), 2, 3), (7, (16, 17), (18, 16), 1, 5)):
         for dtype in dtypes_for("triton"):
-            g = _gen()
-            x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
-            w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
-            bias = torch.randn(n1 * n2, generator=g).to(DEVICE, dtype)
-            a = make_factor(n1, k1, T, None, dtype, g)
-            b, b2 = make_factor(n2, k2, T, rb, dtype, g)
-            dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+            x, w, bias, a, (b, b2), dy = dense_case(M, a_shape, b_shape, T, rb, dtype)
             y = kk.krona_forward(x, w, a, None, b, b2, 0.6, bias, mode=mode, factored_b=factored_b)
             assert_close(y, reference.krona_forward(x, w, a, None, b, b2, 0.6, bias), dtype, f"{mode} y")
             needs = (True,) * 7
@@ -222,12 +229,7 @@ def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
     needs = (True, True, False, True, False, False, False)
     for dtype in dtypes_for("triton"):
         for fdt in (dtype, torch.float32):
-            g = _gen()
-            x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
-            w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
-            a = make_factor(n1, k1, T, None, fdt, g)
-            b = make_factor(n2, k2, T, None, fdt, g)
-            dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+            x, w, _, a, (b, _), dy = dense_case(M, (n1, k1), (n2, k2), T, None, dtype, fdt)
             ref = reference.krona_backward(dy, x, w, a, None, b, None, 0.7, needs)
             monkeypatch.setattr(kk, "FUSED_GRAD", [True])
             got = kk.krona_backward(dy, x, w, a, None, b, None, 0.7, needs)
@@ -253,13 +255,7 @@ def test_whole_term_kernel_matches_reference(case, monkeypatch):
     if not HAS_CUDA and max(n1, k1, n2, k2) > 64:
         pytest.skip("the interpreter takes minutes at 128-wide factors")
     for dtype in dtypes_for("triton"):
-        g = _gen()
-        x = torch.randn(M, k1 * k2, generator=g).to(DEVICE, dtype)
-        w = (torch.randn(n1 * n2, k1 * k2, generator=g) * 0.2).to(DEVICE, dtype)
-        bias = torch.randn(n1 * n2, generator=g).to(DEVICE, dtype)
-        a = make_factor(n1, k1, T, None, dtype, g)
-        b = make_factor(n2, k2, T, None, dtype, g)
-        dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE, dtype)
+        x, w, bias, a, (b, _), dy = dense_case(M, (n1, k1), (n2, k2), T, None, dtype)
         whole = kk.fused_grad_fits(n1, k1, n2, k2, dtype)
         monkeypatch.setattr(kk, "WHOLE_TERM", [True])
         y = kk.krona_forward(x, w, a, None, b, None, 0.6, bias)

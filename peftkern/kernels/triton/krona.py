@@ -141,6 +141,15 @@ def _sum_diagonal_blocks(acc, BT: tl.constexpr, BI: tl.constexpr, BJ: tl.constex
 
 
 @triton.jit
+def _whole_factor(ptr, n_rows, n_cols, stride_r, stride_c, dt, BR: tl.constexpr, BC: tl.constexpr):
+    """A whole factor (or its transpose, by swapped strides) as a (BR, BC) tile in dtype dt, zero-padded."""
+    rows = tl.arange(0, BR)
+    cols = tl.arange(0, BC)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0).to(dt)
+
+
+@triton.jit
 def krona_term_kernel(
     x_ptr, a_ptr, b_ptr, ba_ptr, bias_ptr, out_ptr,
     M, n1, k1, n2, k2, R, TERMS,
@@ -214,15 +223,9 @@ def krona_term_whole_kernel(
     pid_s = tl.program_id(0)
     dt = x_ptr.dtype.element_ty
     offs_n1 = tl.arange(0, BN1)
-    offs_k1 = tl.arange(0, BK1)
     offs_n2 = tl.arange(0, BN2)
-    offs_k2 = tl.arange(0, BK2)
-    a_offs = offs_n1[:, None] * stride_ai + offs_k1[None, :] * stride_aj
-    a_mask = (offs_n1 < n1)[:, None] & (offs_k1 < k1)[None, :]
-    bt_offs = offs_k2[:, None] * stride_bj + offs_n2[None, :] * stride_bi  # B^T (k2, n2)
-    bt_mask = (offs_k2 < k2)[:, None] & (offs_n2 < n2)[None, :]
-    a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0).to(dt)
-    bt = tl.load(b_ptr + bt_offs, mask=bt_mask, other=0.0).to(dt)
+    a = _whole_factor(a_ptr, n1, k1, stride_ai, stride_aj, dt, BN1, BK1)
+    bt = _whole_factor(b_ptr, k2, n2, stride_bj, stride_bi, dt, BK2, BN2)  # B^T (k2, n2)
     cols = offs_n1[:, None] * n2 + offs_n2[None, :]
     out_mask = (offs_n1 < n1)[:, None] & (offs_n2 < n2)[None, :]
     if HAS_BIAS:
@@ -234,8 +237,8 @@ def krona_term_whole_kernel(
         p = tl.dot(x, bt, input_precision=DOT_PRECISION).to(dt)  # (k1, n2): X B^T
         acc = tl.dot(a, p, input_precision=DOT_PRECISION)  # (n1, n2): A X B^T
         for term in range(1, TERMS):
-            a_t = tl.load(a_ptr + term * stride_at + a_offs, mask=a_mask, other=0.0).to(dt)
-            bt_t = tl.load(b_ptr + term * stride_bt + bt_offs, mask=bt_mask, other=0.0).to(dt)
+            a_t = _whole_factor(a_ptr + term * stride_at, n1, k1, stride_ai, stride_aj, dt, BN1, BK1)
+            bt_t = _whole_factor(b_ptr + term * stride_bt, k2, n2, stride_bj, stride_bi, dt, BK2, BN2)
             p = tl.dot(x, bt_t, input_precision=DOT_PRECISION).to(dt)
             acc = tl.dot(a_t, p, acc, input_precision=DOT_PRECISION)
         acc = acc * scaling
@@ -356,12 +359,9 @@ def krona_grad_fused_kernel(
     offs_k2 = tl.arange(0, BK2)
     a_t = a_ptr + term * stride_at
     b_t = b_ptr + term * stride_bt
-    a = tl.load(a_t + offs_n1[:, None] * stride_ai + offs_k1[None, :] * stride_aj,
-                mask=(offs_n1 < n1)[:, None] & (offs_k1 < k1)[None, :], other=0.0).to(dt)
-    at = tl.load(a_t + offs_k1[:, None] * stride_aj + offs_n1[None, :] * stride_ai,
-                 mask=(offs_k1 < k1)[:, None] & (offs_n1 < n1)[None, :], other=0.0).to(dt)
-    b = tl.load(b_t + offs_n2[:, None] * stride_bi + offs_k2[None, :] * stride_bj,
-                mask=(offs_n2 < n2)[:, None] & (offs_k2 < k2)[None, :], other=0.0).to(dt)
+    a = _whole_factor(a_t, n1, k1, stride_ai, stride_aj, dt, BN1, BK1)
+    at = _whole_factor(a_t, k1, n1, stride_aj, stride_ai, dt, BK1, BN1)
+    b = _whole_factor(b_t, n2, k2, stride_bi, stride_bj, dt, BN2, BK2)
     a3 = tl.broadcast_to(a[None, :, :], (BT, BN1, BK1))
     at3 = tl.broadcast_to(at[None, :, :], (BT, BK1, BN1))
     acc_a = tl.zeros((BN1, BK1), dtype=tl.float32)
