@@ -349,9 +349,10 @@ def krona_grad_fused_kernel(
     tokens, with G_m = dy_m as (n1, n2) and X_m = x_m as (k1, k2),
         H = G B,  part_a[split, t] = sum_m H X^T (dA),  V = A X,  part_b[split, t] = sum_m G^T V (dB),
     and with WRITE_DX (one term) dx_term[m] = s vec(A^T H) (the dx term: cuBLAS adds dy W into it). One read of dy
-    and x for all three, where the separate kernels read them three times."""
-    pid_s = tl.program_id(0)
-    term = tl.program_id(1)
+    and x for all three, where the separate kernels read them three times. The terms of one split are neighbouring
+    programs (the grid's first axis), so that for sums they read the split's dy and x while it is in L2."""
+    term = tl.program_id(0)
+    pid_s = tl.program_id(1)
     dt = x_ptr.dtype.element_ty
     offs_n1 = tl.arange(0, BN1)
     offs_k1 = tl.arange(0, BK1)
@@ -634,7 +635,7 @@ def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     part_a = torch.empty((splits, T, n1, k1), device=x.device, dtype=torch.float32)
     part_b = torch.empty((splits, T, n2, k2), device=x.device, dtype=torch.float32)
     dx = torch.empty((M, k1 * k2), device=x.device, dtype=x.dtype) if write_dx else part_a
-    launch(krona_grad_fused_kernel, (splits, T),
+    launch(krona_grad_fused_kernel, (T, splits),
         g, x, A, B, dx, part_a, part_b,
         M, n1, k1, n2, k2, rows,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), *A.stride(), *B.stride(),
