@@ -428,7 +428,7 @@ def skinny_grads():
         dy = torch.randn(M, N, device="cuda", dtype=dt)
         dyb = torch.randn(M, r, device="cuda", dtype=dt)
         xa = torch.randn(M, r, device="cuda", dtype=dt)
-        floor_us = (M * K + M * N) * 2 * 2 / bw / 1e3 * 1e3  # bytes read once; bw counts read + write
+        floor_us = (M * K + M * N) * 2 / bw / 1e3  # bytes read once, at the copy's read + write rate (GB/s)
         print(f"\n== M={M} K={K} N={N} r={r}: reading x and dy once takes {floor_us:.1f} us", flush=True)
 
         def cublas():
