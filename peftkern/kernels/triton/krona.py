@@ -10,22 +10,26 @@ A low-rank B_t = Ba_t Bb_t (n2 x r, r x k2) stays factored where that is cheaper
     y_m gets A_t (X_m Bb_t^T) Ba_t^T;  dBa_t = s sum_m G_m^T A_t X_m Bb_t^T;  dBb_t = s sum_m (A_t^T G_m Ba_t)^T X_m.
 A low-rank A_t (n1 x k1, the small factor) is multiplied out on the host: its chain rule is two tiny GEMMs.
 
-Every per-token product is one GEMM over BT tokens at once: a "right product" Z_m R^T runs as a 2-D MMA whose rows
-are (token, row) pairs; a "left product" A P_m is a batched MMA over the tokens, or, where a factor dimension is
-below the MMA minimum of 16, one 2-D MMA with the block-diagonal I_BT (x) A (wasting a factor BT on a product that is
-small exactly then). The reductions over M for dA and dB split M into partial sums that the host adds in order.
+Every per-token product is a 2-D MMA. Where the factor blocks are MMA operands (every factor dimension >= 16), one
+token a step: the batched 3-D products over several tokens ran 3-5x slower on an H200 (NOTES-krona.md). Where a factor
+dimension is below the MMA minimum of 16, BT tokens a step, the right product Z_m R^T with (token, row) pairs as its
+rows and the left product with the block-diagonal I_BT (x) A (wasting a factor BT on a product that is small exactly
+then; such sums are mostly of low rank and run as the LoRA layer instead, ops/krona.py). The reductions over M for dA
+and dB split M into float32 partial sums that the host adds in order.
 
 Floor (bf16, M = 8192, N = K = 4096, one term of 64 x 64 factors): the base GEMM is 2MNK = 275 GFLOP each way,
-~0.35 ms on an H100. The term costs 2M(K n2 + N k1) = 8.6 GFLOP forward (3%: a fraction 1/n1 + 1/k2), the dx term
-8.6 GFLOP and dA, dB 8.6 GFLOP each, so the FLOPs are nothing; the bytes are what cost: x, y and dy are 64 MB each,
-~22 us per pass at ~3 TB/s. Passes over an M x K or M x N operand beyond the two GEMMs' own:
-    forward:  read x, write the term (C), cuBLAS reads C as its beta input          3 passes   ~ +66 us  (1.19x)
-    backward: read dy, write C, cuBLAS reads C (dx); read x and dy (dA); read x and dy (dB; dBa and dBb: twice)
-                                                                                     7 passes   ~ +155 us
-so this file's kernels around cuBLAS land near 1.3x of the frozen layer's forward+backward (0.70 ms); the 1.10x
-target needs the term inside the GEMMs' epilogues (NOTES-krona.md).
+~0.40 ms on an H200. The term costs 2M(K n2 + N k1) = 8.6 GFLOP forward (3%: a fraction 1/n1 + 1/k2), the dx term
+8.6 GFLOP and dA, dB 8.6 GFLOP each, so the FLOPs are little; the bytes are what cost: x, y and dy are 64 MB each,
+~17 us per read or write at an H200's ~3.9 TB/s. With whole factors in one program (dimensions 16..128, PEFT LoKr's
+64 x 64 and 86 x 128), passes over an M x K or M x N operand beyond the two GEMMs' own:
+    forward:  read x, write the term C (krona_term_whole_kernel); cuBLAS reads C as its beta input (~4 us)
+    backward: read dy and x, write the dx term C' (krona_grad_fused_kernel, with dA and dB); cuBLAS reads C'
+Measured at M = 8192 (H200, NOTES-krona.md): 1.09x forward and 1.14x forward+backward of the frozen layer at
+4096^2, 1.11x at 4096 -> 11008; the 1.10x target needs the term inside the GEMMs.
 Kernels:
-  * `krona_term_kernel`: out = s sum_t (A_t (x) B_t) x (+ bias), or out += it: one read of x, one write of out.
+  * `krona_term_whole_kernel`: out = s sum_t (A_t (x) B_t) x (+ bias), whole dense factors, tokens looped.
+  * `krona_grad_fused_kernel`: one term's dA and dB partial sums and, for one term, the dx term, in one pass.
+  * `krona_term_kernel`: the same term tiled (any factor sizes, a factored low-rank B, or out += term).
   * `krona_grad_outer_kernel`: partial sums of dA_t = s sum_m H_m P_m^T (H = G or G Ba, P = X B^T or X Bb^T).
   * `krona_grad_inner_kernel`: partial sums of dB_t = s sum_m G_m^T A_t X_m [Bb_t^T] (dB, dBa; dBb by symmetry).
   * `krona_merge_kernel`: W += sign s sum_t A_t (x) B_t in place, each element its own products.
