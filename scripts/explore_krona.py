@@ -75,7 +75,7 @@ def pieces():
             ("grad_outer (dA)", lambda: kk.grad_outer(dy, x, n1, k1, B)),
             ("grad_inner (dB)", lambda: kk.grad_inner(dy, x, A, n2)),
         ]
-        if kk.fused_grad_fits(n1, k1, n2, k2):
+        if kk.whole_factors_fit(n1, k1, n2, k2):
             rows += [("grad_fused (dA, dB, dx term)", lambda: kk.grad_fused(dy, x, A, B, 2.0, True)),
                      ("grad_fused (dA, dB)", lambda: kk.grad_fused(dy, x, A, B, 2.0, False))]
         for name, fn in rows:

@@ -225,7 +225,7 @@ def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
     M, (n1, k1), (n2, k2), T = case
     if not HAS_CUDA and max(n1, k1, n2, k2) > 64:
         pytest.skip("the interpreter takes minutes at 128-wide factors")
-    assert kk.fused_grad_fits(n1, k1, n2, k2)
+    assert kk.whole_factors_fit(n1, k1, n2, k2)
     needs = (True, True, False, True, False, False, False)
     for dtype in dtypes_for("triton"):
         for fdt in (dtype, torch.float32):
@@ -256,7 +256,7 @@ def test_whole_term_kernel_matches_reference(case, monkeypatch):
         pytest.skip("the interpreter takes minutes at 128-wide factors")
     for dtype in dtypes_for("triton"):
         x, w, bias, a, (b, _), dy = dense_case(M, (n1, k1), (n2, k2), T, None, dtype)
-        whole = kk.fused_grad_fits(n1, k1, n2, k2, dtype)
+        whole = kk.whole_factors_fit(n1, k1, n2, k2, dtype)
         monkeypatch.setattr(kk, "WHOLE_TERM", [True])
         y = kk.krona_forward(x, w, a, None, b, None, 0.6, bias)
         dx_term = kk.kron_term(dy, a.transpose(1, 2), b.transpose(1, 2), None, 0.6)

@@ -265,11 +265,11 @@ def _take_lora_route(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Te
         return False
     if rank <= 64:
         return True
-    from ..kernels.triton.krona import fused_grad_fits
+    from ..kernels.triton.krona import whole_factors_fit
 
     _, n1, k1 = factor_shape(a, a2)
     _, n2, k2 = factor_shape(b, b2)
-    return not fused_grad_fits(n1, k1, n2, k2, x.dtype)
+    return not whole_factors_fit(n1, k1, n2, k2, x.dtype)
 
 
 def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float,
@@ -298,14 +298,14 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, A=a, A2=a2, B=b, B2=b2, bias=bias)
-    if pick_backend("krona", x.reshape(-1, K)) == "triton" and _take_lora_route(a, a2, b, b2, x):
-        from .lora import lora_linear
-
-        rmat, lmat = lora_route_factors(a, a2, b, b2)
-        return lora_linear(x, weight, rmat, lmat, scaling, bias)
     x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K)
     if x2d.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)
+    if backend == "triton" and _take_lora_route(a, a2, b, b2, x2d):
+        from .lora import lora_linear
+
+        rmat, lmat = lora_route_factors(a, a2, b, b2)
+        return lora_linear(x2d, weight, rmat, lmat, scaling, bias).reshape(*lead, N)
     y = KronALinearFunction.apply(x2d, weight, a, a2, b, b2, bias, scaling, backend)
     return y.reshape(*lead, N)
 

@@ -504,7 +504,7 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
     accumulate = out is not None
     if out is None:
         out = torch.empty((M, n1 * n2), device=x.device, dtype=x.dtype)
-    if WHOLE_TERM[0] and not lowrank and not accumulate and config is None and fused_grad_fits(n1, k1, n2, k2, x.dtype):
+    if WHOLE_TERM[0] and not lowrank and not accumulate and config is None and whole_factors_fit(n1, k1, n2, k2, x.dtype):
         return _kron_term_whole(x, A, B, scaling, bias, out)
     cfg = dict(config or _term_config(n1, k1, n2, k2))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -600,10 +600,10 @@ def grad_inner(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, n2: int, RX: O
                           BK=max(16, _pow2(k2, 64)))
 
 
-def fused_grad_fits(n1: int, k1: int, n2: int, k2: int, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether krona_grad_fused_kernel takes a dense term: every factor dimension padded to 16..128 (..64 in float32,
-    whose operands take twice the shared memory), so one program holds both factors, both gradients' accumulators
-    and a token's G and X."""
+def whole_factors_fit(n1: int, k1: int, n2: int, k2: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether one program holds a dense term's whole factors (krona_grad_fused_kernel, krona_term_whole_kernel):
+    every factor dimension padded to 16..128 (..64 in float32, whose operands take twice the shared memory), so
+    that both factors, both gradients' accumulators and a token's G and X fit."""
     top = 64 if dtype == torch.float32 else 128
     return all(16 <= _pow2(d, 256) <= top for d in (n1, k1, n2, k2))
 
@@ -710,7 +710,7 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
     n2 = Ba.shape[1] if Ba is not None else B.shape[1]
     dx = da = da2 = db = db2 = dbias = dw = None
     At = A.transpose(1, 2)
-    fused = FUSED_GRAD[0] and Ba is None and (need_a or need_a2 or need_b or need_b2) and fused_grad_fits(
+    fused = FUSED_GRAD[0] and Ba is None and (need_a or need_a2 or need_b or need_b2) and whole_factors_fit(
         n1, k1, n2, B.shape[2], x.dtype)
     if fused:
         term, dA, dB = grad_fused(grad_y, x, A, B, scaling, need_x)
