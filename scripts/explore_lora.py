@@ -15,6 +15,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --workers         # xa and dyb made by the persistent kernel's own workers, or not
     python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
     python scripts/explore_lora.py --skinny-grads    # dA and dB by skinny_grads (one launch) or by two cuBLAS calls
+    python scripts/explore_lora.py --skinny-op [M,K,N,r ...]  # the op with PEFTKERN_LORA_SKINNY_GRADS 0/main/side
 """
 import sys
 
@@ -521,9 +522,54 @@ def helpers():
     kl.dx_makes_dyb = dx_makes_dyb
 
 
+def skinny_op():
+    """The op with the backward's dA, dB by cuBLAS on the side stream (the default), by skinny_grads after the dx kernel
+    on the main stream ("main") or beside it on the side stream ("side"): GPU time (the backward alone and the op's
+    fwd+bwd through autograd.grad, CUDA-graph replays) and host time (the backward's and the op's enqueue-only time,
+    cpu_overhead.per_call_us), alternated twice. The 1b model's shapes first, then 4096^2."""
+    from cpu_overhead import per_call_us  # this folder
+
+    import peftkern
+
+    dt = torch.bfloat16
+    saved = kl.SKINNY_GRADS, kl.SKINNY_SIDE
+    variants = {"cublas": (False, False), "main": (True, False), "side": (True, True)}
+    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
+        (8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (8192, 4096, 4096, 16),
+        (2048, 4096, 4096, 16), (8192, 4096, 4096, 128)]
+    for M, K, N, r in shapes:
+        x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
+        print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us", flush=True)
+
+        def bwd():
+            return kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0))
+
+        def op():
+            return torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
+
+        outs = {}
+        for name, v in variants.items():
+            kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
+            outs[name] = bwd()[:3]
+        for name in ("main", "side"):
+            diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                     for a, b in zip(outs[name], outs["cublas"])]
+            print(f"  {name} vs cublas, max |diff| / max |cublas| of dx, dA, dB: " + ", ".join(f"{d:.1e}" for d in diffs),
+                  flush=True)
+        for _ in range(2):
+            for name, v in variants.items():
+                kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
+                t_b, t_op = ms(bwd) * 1e3, ms(op) * 1e3
+                h_b, h_op = per_call_us(bwd, host_only=True), per_call_us(op, host_only=True)
+                print(f"  {name:7s}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
+                      f"host bwd {h_b:6.1f} us, op {h_op:6.1f} us", flush=True)
+    kl.SKINNY_GRADS, kl.SKINNY_SIDE = saved
+
+
 MODES = {"--helpers": helpers, "--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
          "--tail": tail, "--dx-tiles": dx_tiles, "--persistent-dx": persistent_dx, "--ia3-dx-tiles": ia3_dx_tiles,
-         "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces, "--skinny-grads": skinny_grads}
+         "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces, "--skinny-grads": skinny_grads,
+         "--skinny-op": skinny_op}
 
 
 if __name__ == "__main__":

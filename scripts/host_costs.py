@@ -156,6 +156,18 @@ def main() -> int:
             jit.append(per_call_us(jit_dispatch(fn), host_only=True))
             fast.append(per_call_us(fn, host_only=True))
         print(f"  {name:38s} JIT {sorted(jit)[1]:8.1f}   fast {sorted(fast)[1]:8.1f}")
+    print("the fast path calling the C launcher with memoised tensor maps (direct) or Triton's launcher, alternated 3 "
+          "times:")
+    direct_pairs = {**pairs, "lora_backward (dx, dA, dB)": pieces["lora_backward (dx, dA, dB)"],
+                    "_lora_fwd": pieces["_lora_fwd"]}
+    for name, fn in direct_pairs.items():
+        times = {True: [], False: []}
+        for _ in range(3):
+            for direct in (False, True):
+                _launch.DIRECT_LAUNCH[0] = direct
+                times[direct].append(per_call_us(fn, host_only=True))
+        _launch.DIRECT_LAUNCH[0] = True
+        print(f"  {name:38s} Triton's {sorted(times[False])[1]:8.1f}   direct {sorted(times[True])[1]:8.1f}")
     print(f"launches by path: {_launch.stats}")
     print(f"addmm with out_dtype (float32 adapter gradients in one call): {tk._addmm_out_dtype[0]}")
     return 0

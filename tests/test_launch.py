@@ -27,6 +27,17 @@ def _expected(x, n, stride, a, b, shift):
     return x[: n * stride: stride] * a + b + shift + n
 
 
+@triton.jit
+def _desc_axpy_kernel(x_desc, y_desc, out_ptr, M, N, a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = a * x + y over (M, N), x and y read through host TMA descriptors, out through pointers."""
+    pm, pn = tl.program_id(0), tl.program_id(1)
+    x = x_desc.load([pm * BLOCK_M, pn * BLOCK_N])
+    y = y_desc.load([pm * BLOCK_M, pn * BLOCK_N])
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(out_ptr + rows * N + cols, x * a + y, mask=(rows < M) & (cols < N))
+
+
 def test_argument_classes_separate_what_triton_specialises_on():
     """Ints: 1, divisibility by 16, width; tensors: dtype and 16-byte alignment; descriptors: block shape."""
     cls = _launch._arg_class
@@ -172,6 +183,63 @@ def test_fast_path_matches_the_jit_launch():
         assert _launch.stats["fast"] - fast_before == 6, "every repeated class takes the fast path"
     finally:
         _launch.FAST_LAUNCH[0] = True
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET or torch.cuda.get_device_capability()[0] < 9 if HAS_CUDA else True,
+                    reason="host TMA descriptors need a Hopper GPU")
+def test_direct_launch_with_descriptors_matches_the_jit_launch():
+    """The fast path's direct call (the C launcher with memoised tensor maps): right results for new tensors, for a
+    tensor freed and made again at the same address (the memo's hit), and for views of other shapes and strides; the
+    same outputs with DIRECT_LAUNCH off, where Triton's launcher runs."""
+    torch.manual_seed(0)
+    _launch.FAST_LAUNCH[0] = True
+    before = dict(_launch.stats)
+    try:
+        for direct in (True, False, True):
+            _launch.DIRECT_LAUNCH[0] = direct
+            for M, N, cols in [(256, 128, 128), (256, 128, 128), (200, 96, 128), (64, 64, 256), (256, 128, 128)]:
+                big_x = torch.randn(M, cols, device="cuda", dtype=torch.float16)
+                x = big_x[:, :N]  # a view whose row stride is not its width
+                y = torch.randn(M, N, device="cuda", dtype=torch.float16)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                a = float(torch.randn(()))
+                _launch.launch(_desc_axpy_kernel, (triton.cdiv(M, 64), triton.cdiv(N, 32)),
+                               _launch.Descriptor(x, [64, 32]), _launch.Descriptor(y, [64, 32]), out, M, N, a,
+                               BLOCK_M=64, BLOCK_N=32, num_warps=4)
+                torch.testing.assert_close(out, (x.float() * a + y.float()).half(), msg=lambda m: f"{M}x{N}: {m}")
+                del big_x, y  # freed: the next tensors of the same size may take these addresses
+    finally:
+        _launch.DIRECT_LAUNCH[0] = True
+    assert _launch.stats["direct"] - before["direct"] >= 6, "the repeated classes took the direct call"
+    assert any(k[0] for k in _launch._tensormaps), "tensor maps were memoised"
+
+
+def test_direct_plan_reads_the_launcher_it_knows():
+    """_direct_plan finds the C function behind Triton's descriptor wrapper, and refuses launchers it does not know
+    and kernels that want scratch memory."""
+    def launch(*args):  # stands in for the C module's function by name and type below
+        return args
+    c_launch = type("builtin_function_or_method", (), {"__name__": "launch", "__call__": launch})()
+
+    def wrap(raw):
+        def inner(*args):
+            return raw(*args)
+        return inner
+
+    meta = {"swizzle": 3, "elem_size": 2, "elem_type": 6, "block_size": [64, 32], "fp4_padded": False}
+    run = type("Run", (), {"launch": wrap(c_launch), "global_scratch_size": 0, "profile_scratch_size": 0,
+                           "launch_cooperative_grid": False, "launch_pdl": False})()
+    compiled = type("Compiled", (), {"run": run, "metadata": type("M", (), {"tensordesc_meta": [meta]})()})()
+    desc = _launch.Descriptor(torch.zeros(64, 32, dtype=torch.float16), [64, 32])
+    if _launch._make_tensordesc_arg is None:
+        assert _launch._direct_plan(compiled, (desc, 3)) is None
+        return
+    plan = _launch._direct_plan(compiled, (desc, 3))
+    assert plan is not None and plan[0] is c_launch and plan[3] == ((0, meta, _launch._frozen(meta)),)
+    run.global_scratch_size = 128
+    assert _launch._direct_plan(compiled, (desc, 3)) is None, "scratch memory: Triton's launcher"
+    run.global_scratch_size, run.launch = 0, lambda *a: None
+    assert _launch._direct_plan(compiled, (desc, 3)) is None, "an unknown launcher: Triton's"
 
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a GPU")

@@ -27,11 +27,40 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..._backend import triton_interpret
 
 FAST_LAUNCH = [os.environ.get("PEFTKERN_FAST_LAUNCH", "1") != "0"]  # a list: tests and benchmarks flip it
+# On the fast path, call the compiled launcher's C function itself, with each host TMA descriptor's expansion (its
+# CUtensorMap, shape and strides) memoised: Triton's Python launcher rebuilds every tensor map on every launch (five
+# or six a launch of the persistent kernel) and loops over all the arguments in Python to do it. A tensor map holds the
+# address, shape, strides, element type, box and swizzle, all of them in the memo's key, so a memoised one is the very
+# map Triton would build. PEFTKERN_DIRECT_LAUNCH=0 keeps Triton's launcher.
+DIRECT_LAUNCH = [os.environ.get("PEFTKERN_DIRECT_LAUNCH", "1") != "0"]
+
+
+def _known_driver():
+    """Triton's own expansion of a host descriptor (reused on a memo miss), where the NVIDIA driver's launcher takes the
+    arguments this file passes it (Triton 3.5-3.6: 13 leading arguments, make_tensordesc_arg(arg, metadata)); else
+    None, and Triton's launcher runs throughout."""
+    try:
+        import inspect
+
+        from triton.backends.nvidia import driver
+        expand = driver.make_tensordesc_arg
+        if getattr(driver, "_BASE_ARGS_FORMAT", None) != "iiiKKppOOOOOO" or len(
+                inspect.signature(expand).parameters) != 2:
+            return None
+        return expand
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+_make_tensordesc_arg = _known_driver()
+_MAX_TENSORMAPS = 4096
 _MAX_ENTRIES = 512  # per kernel; a run that makes more (shapes that never repeat) starts the cache again
 
 _entries: dict = {}  # kernel -> {class: (launcher, function, packed metadata, trailing arguments, compiled kernel)}
 _refused: set = set()  # kernels whose launcher refused a direct call: the slow path for good
-stats = {"fast": 0, "slow": 0}  # launches by path (tests check that the fast path is taken)
+stats = {"fast": 0, "slow": 0, "direct": 0}  # launches by path (tests check that the fast path is taken); direct: of
+# the fast ones, those that called the C launcher
+_tensormaps: dict = {}  # (address, shape, strides, padding, dtype, the kernel's descriptor metadata) -> expansion
 
 
 def cdiv(a: int, b: int) -> int:
@@ -180,14 +209,19 @@ def _launch_class(kernel, grid: tuple, key: tuple, args: tuple, meta: dict, ente
             tail = tuple(meta[p.name] if p.name in meta else p.default for p in params[len(args):])
             # the entry holds the compiled kernel itself: its module is unloaded when it is collected, and the
             # function handle would then name freed code
-            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled)
+            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled,
+                          _direct_plan(compiled, args))
         except AttributeError:  # a Triton release without these: the slow path for good
             _refused.add(kernel)
         return
-    run, function, packed, tail, _ = entry
+    run, function, packed, tail, _, direct = entry
     g = tuple(grid) + (1, 1)
     try:
-        run(g[0], g[1], g[2], _current_stream(key[0]), function, packed, None, enter, leave, *args, *tail)
+        if direct is not None and DIRECT_LAUNCH[0]:
+            _direct_call(direct, g, _current_stream(key[0]), function, packed, enter, leave, args, tail)
+            stats["direct"] += 1
+        else:
+            run(g[0], g[1], g[2], _current_stream(key[0]), function, packed, None, enter, leave, *args, *tail)
     except (TypeError, SystemError):
         # another Triton release's launcher convention: never try this kernel's fast path again
         _refused.add(kernel)
@@ -195,3 +229,64 @@ def _launch_class(kernel, grid: tuple, key: tuple, args: tuple, meta: dict, ente
         _jit_launch(kernel, grid, args, meta)
         return
     stats["fast"] += 1
+
+
+def _frozen(meta) -> tuple:
+    """A descriptor's metadata (a dict of ints and lists) as a hashable key."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in meta.items()))
+
+
+def _raw_launcher(run):
+    """The C function behind a compiled kernel's launcher (Triton 3.3-3.6's CudaLauncher: `launch` is the C module's
+    function itself, or, for kernels with host descriptors, Triton's Python wrapper `inner` around it), else None."""
+    launch = getattr(run, "launch", None)
+    if getattr(launch, "__name__", None) == "inner":
+        found = None
+        for cell in launch.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if type(value).__name__ == "builtin_function_or_method" and value.__name__ == "launch":
+                found = value
+        launch = found
+    if type(launch).__name__ != "builtin_function_or_method" or launch.__name__ != "launch":
+        return None
+    return launch
+
+
+def _direct_plan(compiled, args: tuple):
+    """What _direct_call needs to call the compiled launcher's C function itself: (that function, the cooperative-grid
+    and PDL flags, ((position, metadata, frozen metadata) of each host descriptor argument)). None where this Triton's
+    launcher is not the one this knows (then Triton's own launcher runs): no C function found, a kernel that wants
+    scratch memory allocated per launch, descriptors without the kernel's TMA metadata."""
+    if _make_tensordesc_arg is None:
+        return None
+    run = compiled.run
+    raw = _raw_launcher(run)
+    if raw is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    positions = [i for i, a in enumerate(args) if isinstance(a, TensorDescriptor)]
+    metas = list(getattr(compiled.metadata, "tensordesc_meta", None) or [])
+    if len(metas) != len(positions) or any(not isinstance(m, dict) for m in metas):
+        return None
+    descs = tuple((i, m, _frozen(m)) for i, m in zip(positions, metas))
+    return raw, bool(run.launch_cooperative_grid), bool(run.launch_pdl), descs[::-1]  # last first: see _direct_call
+
+
+def _direct_call(direct, g: tuple, stream: int, function, packed, enter, leave, args: tuple, tail: tuple) -> None:
+    """The compiled launcher's C function with the arguments Triton's launcher would give it: no scratch buffers (the
+    plan checked), each host descriptor replaced by its memoised (tensor map, shape..., strides...)."""
+    raw, cooperative, pdl, descs = direct
+    flat = list(args)
+    for i, meta, frozen in descs:  # last descriptor first, so that each expansion leaves earlier positions in place
+        d = flat[i]
+        base = d.base
+        k = (base.data_ptr(), tuple(d.shape), tuple(d.strides), getattr(d, "padding", None), base.dtype, frozen)
+        expansion = _tensormaps.get(k)
+        if expansion is None:
+            if len(_tensormaps) >= _MAX_TENSORMAPS:
+                _tensormaps.clear()
+            expansion = _tensormaps[k] = _make_tensordesc_arg(d, meta)
+        flat[i:i + 1] = expansion
+    raw(g[0], g[1], g[2], stream, function, cooperative, pdl, None, None, packed, None, enter, leave, *flat, *tail)

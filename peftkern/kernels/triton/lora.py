@@ -1493,10 +1493,13 @@ PRESCALED_DYB = os.environ.get("PEFTKERN_LORA_PRESCALED_DYB", "1") != "0"  # wit
 # H200, nothing measurable at r = 16, where the launch would cost the host for no gain (NOTES-lora.md, ninth session).
 PRESCALED_B = os.environ.get("PEFTKERN_LORA_PRESCALED_B", "1") != "0"
 PRESCALED_B_MIN_RANK = 64
-# PEFTKERN_LORA_SKINNY_GRADS=1: the backward's dA, dB and bias gradient by one skinny_grads launch instead of cuBLAS calls
-# (and, beside the dx kernel, one side-stream launch instead of three). Off: untimed (thirteenth session, no device
-# time left); `explore_lora.py --skinny-grads` times the kernel, and bench e2e with the switch the step.
-SKINNY_GRADS = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "0") == "1"
+# PEFTKERN_LORA_SKINNY_GRADS: the backward's dA, dB and bias gradient by one skinny_grads launch instead of cuBLAS calls.
+# "main" (or "1"): after the dx kernel on the main stream, with no side stream to fork and join (the host's path is
+# shorter by the fork, the join and a cuBLAS call); "side": beside the dx kernel on the side stream, as the cuBLAS calls
+# go; "0": the cuBLAS calls. `explore_lora.py --skinny-op` times the three in the op (GPU and host), bench e2e the step.
+_SKINNY_SETTING = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "0")
+SKINNY_GRADS = _SKINNY_SETTING not in ("0", "")
+SKINNY_SIDE = _SKINNY_SETTING == "side"  # with SKINNY_GRADS: on the side stream beside the dx kernel, not after it
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1633,6 +1636,11 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # is, and dA = dyb^T x needs no scaling either.
         sc = 1.0 if PRESCALED_DYB else scaling
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
+        if SKINNY_GRADS and not SKINNY_SIDE:  # one launch after the dx kernel, on the main stream: nothing to fork
+            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb, xa_scaled=PRESCALED_DYB)
+            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, sc, scaling, lora_A.dtype, lora_B.dtype, need_a, need_b,
+                                         need_bias)
+            return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         first = TAIL_OVERLAP == "priority"
         with _Overlap(grad_y.device, priority=-1 if first else 0) as ov:
             gemm_stream, rest_stream = (ov.side(), contextlib.nullcontext()) if first else (

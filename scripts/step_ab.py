@@ -1,0 +1,105 @@
+"""Host-side switches of the fused LoRA layer, A/B'd on whole training steps in one process.
+
+The fused 1b step is bound by its host on some machines and not on others, and the host's pace drifts between runs
+(NOTES-lora.md, twelfth and thirteenth sessions), so two runs of bench e2e cannot tell a few percent of host time
+apart. This builds the frozen model and the fused model once, then alternates the settings round by round: for each,
+a few warm-up steps and then timed steps, the GPU's time per step (CUDA events) and the host's (until the last step
+is queued). The ratio is against the frozen model timed in the same round.
+
+    python scripts/step_ab.py [--rounds 3] [--steps 5] [--checkpointing] [--compile]
+                              [--settings default direct-off skinny-main skinny-main+direct-off]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from peftkern import workloads
+from peftkern.kernels.triton import _launch
+from peftkern.kernels.triton import lora as kl
+
+# name -> ((module, attribute, value), ...): the switches each setting sets; the rest keep the import's values
+SETTINGS = {
+    "default": (),
+    "direct-off": ((_launch, "DIRECT_LAUNCH", [False]),),
+    "skinny-main": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False)),
+    "skinny-side": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", True)),
+    "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
+                               (_launch, "DIRECT_LAUNCH", [False])),
+}
+
+
+def timed(step, steps: int) -> tuple[float, float]:
+    """(GPU ms a step by CUDA events, host ms a step until the last one is queued) over `steps` steps after 2."""
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    host = (time.perf_counter() - t0) * 1e3 / steps
+    end.synchronize()
+    return start.elapsed_time(end) / steps, host
+
+
+def apply(setting: str, saved: dict) -> None:
+    for (module, name), value in saved.items():
+        setattr(module, name, value)
+    for module, name, value in SETTINGS[setting]:
+        setattr(module, name, value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="1b")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--settings", nargs="*", default=["default", "direct-off", "skinny-main"],
+                        choices=list(SETTINGS))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a GPU")
+        return 0
+    saved = {(m, n): getattr(m, n) for s in SETTINGS.values() for m, n, _ in s}
+    steps = {}
+    for impl in ("frozen", "fused"):
+        torch.manual_seed(0)
+        model = workloads.build("lora", impl, args.shape, "cuda", torch.bfloat16, 16, False, max_positions=2048)
+        steps[impl] = workloads.training_step(model, 4, 2048, "cuda", args.compile, args.checkpointing)
+    what = f"lora {args.shape}" + (" +ckpt" if args.checkpointing else "") + (" compiled" if args.compile else "")
+    print(f"{what}: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.steps} steps a sample", flush=True)
+    results = {s: [] for s in ["frozen", *args.settings]}
+    for rnd in range(args.rounds):
+        apply("default", saved)
+        gpu, host = timed(steps["frozen"], args.steps)
+        results["frozen"].append((gpu, host))
+        print(f"round {rnd}: frozen {gpu:6.2f} ms (host {host:6.2f})", flush=True)
+        for setting in args.settings:
+            apply(setting, saved)
+            gpu, host = timed(steps["fused"], args.steps)
+            results[setting].append((gpu, host))
+            print(f"round {rnd}: {setting:24s} {gpu:6.2f} ms (host {host:6.2f}), {results['frozen'][-1][0] / gpu:.3f}x"
+                  " the frozen step", flush=True)
+    apply("default", saved)
+    frozen = statistics.median(g for g, _ in results["frozen"])
+    print(f"medians over {args.rounds} rounds: frozen {frozen:.2f} ms")
+    for setting in args.settings:
+        g = statistics.median(x for x, _ in results[setting])
+        h = statistics.median(x for _, x in results[setting])
+        print(f"  {setting:24s} {g:6.2f} ms (host {h:6.2f}), {frozen / g:.3f}x")
+    print(f"launches by path: {_launch.stats}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
