@@ -3,8 +3,8 @@
 The fused 1b step is bound by its host on some machines and not on others, and the host's pace drifts between runs
 (NOTES-lora.md, twelfth and thirteenth sessions), so two runs of bench e2e cannot tell a few percent of host time
 apart. This builds the frozen model and the fused model once, then alternates the settings round by round: for each,
-a few warm-up steps and then timed steps, the GPU's time per step (CUDA events) and the host's (until the last step
-is queued). The ratio is against the frozen model timed in the same round.
+a few warm-up steps and then bench e2e's three repeats of timed steps, the GPU's time per step (CUDA events) and
+the host's (until the last step is queued), medians. The ratio is against the frozen model timed in the same round.
 
     python scripts/step_ab.py [--rounds 3] [--steps 5] [--checkpointing] [--compile]
                               [--settings default direct-off skinny-main skinny-main+direct-off]
@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from peftkern import workloads
-from peftkern.kernels.triton import _launch
-from peftkern.kernels.triton import lora as kl
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_e2e import _repeats  # noqa: E402  (the benchmark's own timing of a step)
+
+from peftkern import workloads  # noqa: E402
+from peftkern.kernels.triton import _launch  # noqa: E402
+from peftkern.kernels.triton import lora as kl  # noqa: E402
 
 # name -> ((module, attribute, value), ...): the switches each setting sets; the rest keep the import's values
 SETTINGS = {
@@ -35,19 +38,14 @@ SETTINGS = {
 
 
 def timed(step, steps: int) -> tuple[float, float]:
-    """(GPU ms a step by CUDA events, host ms a step until the last one is queued) over `steps` steps after 2."""
+    """(GPU ms a step by CUDA events, host ms a step until the last one is queued): the medians of bench e2e's three
+    repeats of `steps` steps, after 2 warm-up steps."""
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    host = (time.perf_counter() - t0) * 1e3 / steps
-    end.synchronize()
-    return start.elapsed_time(end) / steps, host
+    host: list = []
+    gpu = _repeats(step, steps, "cuda", host)
+    return statistics.median(gpu), statistics.median(host)
 
 
 def apply(setting: str, saved: dict) -> None:
