@@ -7,7 +7,7 @@ a few warm-up steps and then bench e2e's three repeats of timed steps, the GPU's
 the host's (until the last step is queued), medians. The ratio is against the frozen model timed in the same round.
 
     python scripts/step_ab.py [--rounds 3] [--steps 5] [--checkpointing] [--compile]
-                              [--settings default direct-off skinny-main skinny-main+direct-off]
+                              [--settings default direct-off cublas-side skinny-side ...]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from peftkern.kernels.triton import lora as kl  # noqa: E402
 SETTINGS = {
     "default": (),
     "direct-off": ((_launch, "DIRECT_LAUNCH", [False]),),
+    "cublas-side": ((kl, "SKINNY_GRADS", False),),  # the default before the fifteenth session
     "skinny-main": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False)),
     "skinny-side": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", True)),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
@@ -62,7 +63,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--settings", nargs="*", default=["default", "direct-off", "skinny-main"],
+    parser.add_argument("--settings", nargs="*", default=["default", "direct-off", "cublas-side"],
                         choices=list(SETTINGS))
     args = parser.parse_args()
     if not torch.cuda.is_available():

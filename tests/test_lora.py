@@ -713,14 +713,16 @@ def test_skinny_grads_match_float64(shape):
 @pytest.mark.parametrize("path", ["after-dx-kernel", "side-stream", "main-stream", "no-persistent-dx"])
 @pytest.mark.parametrize("rank", [16, 128])
 def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
-    """PEFTKERN_LORA_SKINNY_GRADS (off by default): the backward's dA, dB and bias gradient by skinny_grads, on each of
-    lora_backward's paths (after the dx kernel that makes dyb, on the side stream beside the dx kernel or after it on
-    the main stream, and without the persistent dx), against the reference with bias and float32 adapters."""
+    """PEFTKERN_LORA_SKINNY_GRADS (on by default up to rank 64; here at 128 too): the backward's dA, dB and bias
+    gradient by skinny_grads, on each of lora_backward's paths (after the dx kernel that makes dyb, on the side stream
+    beside the dx kernel or after it on the main stream, and without the persistent dx), against the reference with
+    bias and float32 adapters."""
     from peftkern.kernels.triton import lora as kl
 
     peftkern.set_backend("triton")
     monkeypatch.setattr(kl, "SKINNY_GRADS", True)
     monkeypatch.setattr(kl, "SKINNY_SIDE", path == "side-stream")
+    monkeypatch.setattr(kl, "SKINNY_MAX_RANK", 128)
     monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX", path != "no-persistent-dx")

@@ -1301,10 +1301,9 @@ def adapter_grad(big: torch.Tensor, small: torch.Tensor, dropout_p: float = 0.0,
     return grad, (sums.sum(0) if colsum else None)
 
 
-# skinny_grads: not the backward's default. Written in the thirteenth session, with no device time left to time it: the
-# cuBLAS products it would replace ran at about half the copy rate in the 1b step (4.4 ms a step, NOTES-lora.md), and one
-# launch instead of two cuBLAS calls and a stream fork would also shorten the host's path.
-# `python scripts/explore_lora.py --skinny-grads` times it against them.
+# skinny_grads: the backward's dA, dB and bias gradient up to rank SKINNY_MAX_RANK without dropout (SKINNY_GRADS below).
+# One launch on the main stream replaces two cuBLAS calls and a side stream's fork and join, which the host paid most
+# for. `python scripts/explore_lora.py --skinny-grads` times the kernel against the cuBLAS calls, `--skinny-op` the op.
 @functools.lru_cache(maxsize=4096)
 def _skinny_plan(M: int, K: int, N: int, R: int, need_a: bool, need_b: bool, device: torch.device,
                  config: Optional[tuple]) -> tuple:
@@ -1493,12 +1492,17 @@ PRESCALED_DYB = os.environ.get("PEFTKERN_LORA_PRESCALED_DYB", "1") != "0"  # wit
 # H200, nothing measurable at r = 16, where the launch would cost the host for no gain (NOTES-lora.md, ninth session).
 PRESCALED_B = os.environ.get("PEFTKERN_LORA_PRESCALED_B", "1") != "0"
 PRESCALED_B_MIN_RANK = 64
-# PEFTKERN_LORA_SKINNY_GRADS: the backward's dA, dB and bias gradient by one skinny_grads launch instead of cuBLAS calls.
-# "main" (or "1"): after the dx kernel on the main stream, with no side stream to fork and join (the host's path is
-# shorter by the fork, the join and a cuBLAS call); "side": beside the dx kernel on the side stream, as the cuBLAS calls
-# go; "0": the cuBLAS calls. `explore_lora.py --skinny-op` times the three in the op (GPU and host), bench e2e the step.
-_SKINNY_SETTING = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "0")
+# PEFTKERN_LORA_SKINNY_GRADS: the backward's dA, dB and bias gradient by one skinny_grads launch instead of cuBLAS calls,
+# up to rank SKINNY_MAX_RANK (at r = 128 the kernel takes 49 us against cuBLAS's 44, NOTES-lora.md, fourteenth session).
+# "main" (the default; "1" too): after the dx kernel on the main stream, with no side stream to fork and join. The fork
+# and join are what the host pays most for: on a slow host (F.linear queued in 32 us) the 1b step ran at 74.4-75.7 ms
+# this way against 84.5-90.0 ms with the cuBLAS calls on the side stream, and 82.6-87.5 with skinny_grads there
+# (scripts/step_ab.py, alternated in one process; NOTES-lora.md, fifteenth session). On the GPU it is within +-8 us of
+# the cuBLAS calls from 2048 to 4096 wide (`explore_lora.py --skinny-op`). "side": beside the dx kernel on the side
+# stream, as the cuBLAS calls go; "0": the cuBLAS calls.
+_SKINNY_SETTING = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "main")
 SKINNY_GRADS = _SKINNY_SETTING not in ("0", "")
+SKINNY_MAX_RANK = 64
 SKINNY_SIDE = _SKINNY_SETTING == "side"  # with SKINNY_GRADS: on the side stream beside the dx kernel, not after it
 
 
@@ -1605,6 +1609,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     """
     need_x, need_a, need_b, need_bias, need_w = needs
     dx = da = db = dbias = dw = dyb = None
+    skinny = SKINNY_GRADS and lora_A.shape[0] <= SKINNY_MAX_RANK
     w_kn = _w_nk(weight, weight_transposed).t()
     dt = grad_y.dtype
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
@@ -1614,11 +1619,12 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # dyb = s dy B made inside the dx kernel by its xa workers or helpers; dB and the bias gradient, which need no
         # dyb, queued beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's
         # idle ones); dA behind it.
-        # With SKINNY_GRADS all three follow the dx kernel, which makes dyb, in one launch: no side stream.
-        with _Overlap(grad_y.device, enabled=not SKINNY_GRADS) as ov:
+        # With skinny_grads (SKINNY_GRADS, rank <= SKINNY_MAX_RANK) all three follow the dx kernel, which makes dyb,
+        # in one launch: no side stream.
+        with _Overlap(grad_y.device, enabled=not skinny) as ov:
             dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
                                          workers=True)
-            if SKINNY_GRADS:
+            if skinny:
                 da, db, dbias = skinny_grads(x, dyb, grad_y, xa, 1.0, scaling, lora_A.dtype, lora_B.dtype, need_a,
                                              need_b, need_bias)
             else:
@@ -1636,7 +1642,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # is, and dA = dyb^T x needs no scaling either.
         sc = 1.0 if PRESCALED_DYB else scaling
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
-        if SKINNY_GRADS and not SKINNY_SIDE:  # one launch after the dx kernel, on the main stream: nothing to fork
+        if skinny and not SKINNY_SIDE:  # one launch after the dx kernel, on the main stream: nothing to fork
             dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb, xa_scaled=PRESCALED_DYB)
             da, db, dbias = skinny_grads(x, dyb, grad_y, xa, sc, scaling, lora_A.dtype, lora_B.dtype, need_a, need_b,
                                          need_bias)
@@ -1649,7 +1655,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                 dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb,
                                            xa_scaled=PRESCALED_DYB)
             with rest_stream:
-                if SKINNY_GRADS:
+                if skinny:
                     da, db, dbias = skinny_grads(x, dyb, grad_y, xa, sc, scaling, lora_A.dtype, lora_B.dtype, need_a,
                                                  need_b, need_bias)
                 else:
@@ -1672,7 +1678,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             dx = (grad_y @ w_kn.t()).addmm_(dyb, lora_A.to(dt), alpha=scaling)
         elif need_x:
             dx = fused_matmul(grad_y, w_kn, lora_A.t(), dyb, scaling)
-        if SKINNY_GRADS:
+        if skinny:
             da, db, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype, need_a,
                                          need_b, need_bias)
         else:
