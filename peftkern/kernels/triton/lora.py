@@ -1640,13 +1640,17 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # high-priority side stream and the reductions on the main one ("priority").
         # dyb is made as s dy B (cuBLAS's alpha): the kernel's epilogue then feeds its tile to the tensor cores as it
         # is, and dA = dyb^T x needs no scaling either.
+        if skinny and not SKINNY_SIDE:
+            # One launch after the dx kernel, on the main stream: nothing to fork. dyb = dy B by a plain mm: the dx
+            # kernel's epilogue and skinny_grads both scale by s themselves (a prescaled dyb, made by addmm's alpha,
+            # measured within 3 us of it on the GPU, NOTES-lora.md, and costs the host an addmm's extra input).
+            dyb = torch.mm(grad_y, lora_B.to(dt))
+            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
+            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype, need_a,
+                                         need_b, need_bias)
+            return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         sc = 1.0 if PRESCALED_DYB else scaling
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
-        if skinny and not SKINNY_SIDE:  # one launch after the dx kernel, on the main stream: nothing to fork
-            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb, xa_scaled=PRESCALED_DYB)
-            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, sc, scaling, lora_A.dtype, lora_B.dtype, need_a, need_b,
-                                         need_bias)
-            return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         first = TAIL_OVERLAP == "priority"
         with _Overlap(grad_y.device, priority=-1 if first else 0) as ov:
             gemm_stream, rest_stream = (ov.side(), contextlib.nullcontext()) if first else (
