@@ -1485,9 +1485,9 @@ PERSISTENT_DX = os.environ.get("PEFTKERN_LORA_PERSISTENT_DX", "1") != "0"
 # (explore_lora.py --tail, logs/explore-lora-tail-b431645-h200.log, the op's fwd+bwd): 900-902 vs 914-918 us at r = 16,
 # 1.063x vs 1.072-1.075x at 4096 -> 11008; r = 128 unchanged. "priority" (the dx kernel on a high-priority side stream,
 # the reductions behind it on the main one) tied with "side". PEFTKERN_LORA_TAIL_OVERLAP=0 runs them after dx on the
-# main stream. Since the fifteenth session this applies only with PEFTKERN_LORA_SKINNY_GRADS=0: the default is
-# skinny_grads on the main stream up to rank 64 and cuBLAS's products on the main stream above (lora_backward), since
-# the side stream's fork and join cost a training step's host more than the overlap saves its GPU.
+# main stream. Since the fifteenth session this applies above rank SKINNY_MAX_RANK, or with PEFTKERN_LORA_SKINNY_GRADS=0:
+# up to rank 64 skinny_grads follows the dx kernel on the main stream, since the side stream's fork and join cost a
+# training step's host more than the overlap saves its GPU.
 TAIL_OVERLAP = os.environ.get("PEFTKERN_LORA_TAIL_OVERLAP", "side")  # "side", "priority" or "0" (off)
 PRESCALED_DYB = os.environ.get("PEFTKERN_LORA_PRESCALED_DYB", "1") != "0"  # with TAIL_OVERLAP: dyb = s dy B
 # The persistent forward takes s B (one small launch more) from PRESCALED_B_MIN_RANK: 2-5 us less at r = 64 and 128 on an
@@ -1612,16 +1612,13 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     need_x, need_a, need_b, need_bias, need_w = needs
     dx = da = db = dbias = dw = dyb = None
     skinny = SKINNY_GRADS and lora_A.shape[0] <= SKINNY_MAX_RANK
-    # Above SKINNY_MAX_RANK, with skinny_grads' switch on, cuBLAS's dA and dB follow the dx kernel on the main stream
-    # too: at r = 128 the side stream gained ~5 us on the GPU (op fwd+bwd 1.153-1.161x with it, 1.158-1.163x without,
-    # logs/explore-lora-tail-b431645-h200.log), and its fork, join and record_stream cost a training step's host far
-    # more (NOTES-lora.md, fifteenth session). PEFTKERN_LORA_SKINNY_GRADS=0 brings TAIL_OVERLAP's side stream back.
-    tail = TAIL_OVERLAP if skinny or not SKINNY_GRADS else "0"
+    # Above SKINNY_MAX_RANK the cuBLAS products stay on TAIL_OVERLAP's side stream: at r = 128 on the main stream the
+    # op's backward took 11 us more (bench lora: 1.174x against 1.158x; NOTES-lora.md, fifteenth session).
     w_kn = _w_nk(weight, weight_transposed).t()
     dt = grad_y.dtype
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                      and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
-    if (persistent_dx and tail != "0" and _cublas_skinny(dropout_p, grad_y.device)
+    if (persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device)
             and dx_makes_dyb(grad_y.shape[0], w_kn.shape[0], lora_A.shape[0], grad_y.device)):
         # dyb = s dy B made inside the dx kernel by its xa workers or helpers; dB and the bias gradient, which need no
         # dyb, queued beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's
@@ -1641,7 +1638,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                 ov.keep(db, dbias)
                 da = scaled_mm(dyb.t(), x, 1.0, lora_A.dtype) if need_a else None
         return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
-    if persistent_dx and tail != "0" and _cublas_skinny(dropout_p, grad_y.device):
+    if persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device):
         # dyb first; then the dx kernel, and queued behind it the skinny reductions, which take the SMs that the
         # persistent kernel's last round of tiles leaves idle: on a side stream ("side"), or with the dx kernel on a
         # high-priority side stream and the reductions on the main one ("priority").
@@ -1658,7 +1655,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         sc = 1.0 if PRESCALED_DYB else scaling
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
-        first = tail == "priority"
+        first = TAIL_OVERLAP == "priority"
         with _Overlap(grad_y.device, priority=-1 if first else 0) as ov:
             gemm_stream, rest_stream = (ov.side(), contextlib.nullcontext()) if first else (
                 contextlib.nullcontext(), ov.side())
