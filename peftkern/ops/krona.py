@@ -44,6 +44,7 @@ from ._common import (
     pick_backend,
     prepare_linear,
 )
+from .lora import LoRALinearFunction
 
 Factor = Union[Tensor, tuple, list]
 
@@ -302,10 +303,11 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     if x2d.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)
     if backend == "triton" and _take_lora_route(a, a2, b, b2, x2d):
-        from .lora import lora_linear
-
+        # the LoRA op's Function on the inputs checked and prepared here (lora_linear would check and autocast them
+        # again on every call), on the LoRA op's own backend
         rmat, lmat = lora_route_factors(a, a2, b, b2)
-        return lora_linear(x2d, weight, rmat, lmat, scaling, bias).reshape(*lead, N)
+        y = LoRALinearFunction.apply(x2d, weight, rmat, lmat, bias, scaling, 0.0, False, pick_backend("lora", x2d))
+        return y.reshape(*lead, N)
     y = KronALinearFunction.apply(x2d, weight, a, a2, b, b2, bias, scaling, backend)
     return y.reshape(*lead, N)
 

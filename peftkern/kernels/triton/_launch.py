@@ -237,7 +237,7 @@ def _frozen(meta) -> tuple:
 
 
 def _raw_launcher(run):
-    """The C function behind a compiled kernel's launcher (Triton 3.3-3.6's CudaLauncher: `launch` is the C module's
+    """The C function behind a compiled kernel's launcher (Triton 3.5-3.6's CudaLauncher: `launch` is the C module's
     function itself, or, for kernels with host descriptors, Triton's Python wrapper `inner` around it), else None."""
     launch = getattr(run, "launch", None)
     if getattr(launch, "__name__", None) == "inner":
@@ -249,6 +249,7 @@ def _raw_launcher(run):
                 continue
             if type(value).__name__ == "builtin_function_or_method" and value.__name__ == "launch":
                 found = value
+                break
         launch = found
     if type(launch).__name__ != "builtin_function_or_method" or launch.__name__ != "launch":
         return None
