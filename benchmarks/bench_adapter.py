@@ -53,6 +53,12 @@ EXPLORE_CONFIGS = {
                                                two_pass=False, wide=True, wide_tile=(bm, bn, bk, w, st))
        for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
                                  (64, 256, 64, 4, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 2)]},
+    # ... and loop 2 (forward, and the backward's dh without LN) by the persistent kernel, whose weight tile stays in
+    # shared memory while its runs of row blocks stream a and the residual by TMA: persistent = (BM, BN, warps, stages)
+    **{f"persistent {bm}x{bn} w{w} s{st}": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2,
+                                                two_pass=False, gemm_first=True, wide="backward",
+                                                wide_tile=(128, 128, 64, 4, 3), persistent=(bm, bn, w, st))
+       for bm, bn, w, st in [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 8, 3), (64, 64, 4, 4)]},
 }
 
 

@@ -24,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from peftkern.kernels.triton import adapter as ka
 from peftkern.kernels.triton import ia3 as ki
 from peftkern.kernels.triton import krona as kk
 from peftkern.kernels.triton import lora as kl
@@ -145,11 +146,24 @@ def krona_term_whole(a_shape: tuple, b_shape: tuple) -> tuple:
     return kk.krona_term_whole_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
+def adapter_wide_persistent(tile: tuple, b: int, w_kmajor: bool) -> tuple:
+    """adapter_wide_persistent_kernel as _launch_wide_persistent launches it: the forward (Wu K-major, bias) or the
+    backward's dh (Wd N-major, no bias), both with a residual."""
+    bm, bn, warps, stages = tile[:4]
+    bb = ka._block_r(b)
+    args = {"a_desc": _desc("bf16", bm, bb), "w_desc": _desc("bf16", *((bn, bb) if w_kmajor else (bb, bn))),
+            "r_desc": _desc("bf16", bm, bn), "y_desc": _desc("bf16", bm, bn), "bias_ptr": "*bf16",
+            "scale_ptr": "*bf16", "M": "i32", "D": "i32", "scaling": "fp32", "NUM_SMS": "i32"}
+    const = dict(W_KMAJOR=w_kmajor, HAS_RES=True, HAS_BIAS=w_kmajor, HAS_SCALE=False, BLOCK_M=bm, BLOCK_N=bn,
+                 BLOCK_B=bb, STAGES=stages)
+    return ka.adapter_wide_persistent_kernel, args, const, warps, stages
+
+
 def cases() -> dict:
     """name -> (kernel, signature, constexprs, warps, stages) for the configs the package picks on a GPU (the
     configs functions are asked as on a GPU, even under TRITON_INTERPRET=1)."""
-    real = kl.triton_interpret, ki.triton_interpret, kk.triton_interpret
-    kl.triton_interpret = ki.triton_interpret = kk.triton_interpret = lambda: False
+    real = kl.triton_interpret, ki.triton_interpret, kk.triton_interpret, ka.triton_interpret
+    kl.triton_interpret = ki.triton_interpret = kk.triton_interpret = ka.triton_interpret = lambda: False
     try:
         out = {}
         for M in (512, 8192):
@@ -165,6 +179,10 @@ def cases() -> dict:
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})
+        for b in (64, 256):
+            tile = ka.PERSISTENT_TILE or (64, 128, 4, 3)
+            out[f"adapter persistent loop 2, forward, b={b}"] = adapter_wide_persistent(tile, b, True)
+            out[f"adapter persistent loop 2, dh, b={b}"] = adapter_wide_persistent(tile, b, False)
         for a_shape, b_shape in (((64, 64), (64, 64)), ((86, 64), (128, 64)), ((64, 86), (64, 128))):
             name = f"krona fused grads A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"
             out[name] = krona_grad_fused(a_shape, b_shape, True)
@@ -172,7 +190,7 @@ def cases() -> dict:
                 a_shape, b_shape)
         return out
     finally:
-        kl.triton_interpret, ki.triton_interpret, kk.triton_interpret = real
+        kl.triton_interpret, ki.triton_interpret, kk.triton_interpret, ka.triton_interpret = real
 
 
 def main() -> int:

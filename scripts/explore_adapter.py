@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_adapter import EXPLORE_CONFIGS  # noqa: E402
 from common import environment, time_fn  # noqa: E402
 
+from peftkern import reference  # noqa: E402
 from peftkern.kernels.triton import adapter as ka  # noqa: E402
 
 
@@ -65,12 +66,26 @@ def main() -> None:
             "cuBLAS dz^T h (dWd)": lambda: dz.t() @ h,
             "cuBLAS torch.addmm(g, dz, Wd) (dh)": lambda: torch.addmm(gy, dz, wd),
         }
-        out_ref, z_saved, _ = ka.adapter_forward(h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5)
+        # each schedule is checked against reference.py (eager PyTorch in bf16), not against another schedule
+        fwd_args = (h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5)
+        out_ref, z_saved, _ = reference.adapter_forward(*fwd_args)
         needs = (True,) * 5 + (False,) * 3
-        dh_ref = ka.adapter_backward(gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True,
-                                     False, needs)[0]
-        configs = {"default_config": None,
-                   **{k: v for k, v in EXPLORE_CONFIGS.items() if k.startswith(("gemm-first", "wide"))}}
+        bwd_args = (gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True, False, needs)
+        dh_ref = reference.adapter_backward(*bwd_args)[0]
+        before = dict(ka.default_config(M, d, b, dev, dt), persistent=None)  # the tiled loop 2 (before 2026-12-04)
+        configs = {"default_config": None, "default_config without persistent": before,
+                   **{k: v for k, v in EXPLORE_CONFIGS.items() if k.startswith(("gemm-first", "wide", "persistent"))}}
+        # loop 2 alone, as the forward runs it: out = h + s (a Wu^T + bu), a = act(z) given in bf16 (the tiled kernel
+        # reads z in float32 and applies the activation itself)
+        z32 = (h @ wd.t()).float()
+        loop2_ref = h.float() + 2.0 * (a.float() @ wu.float().t() + bu.float())
+        pieces["loop 2 alone: tiled adapter_wide_kernel 128x128x64 w4 s3"] = lambda: ka._launch_wide(
+            z32, wu.t(), h, None, out, bu, None, None, None, 2.0, "relu", True, False,
+            dict(wide_tile=(128, 128, 64, 4, 3)))
+        for k, v in EXPLORE_CONFIGS.items():
+            if k.startswith("persistent"):
+                pieces[f"loop 2 alone: {k}"] = lambda t=v["persistent"]: ka._launch_wide_persistent(
+                    a, wu.t(), h, out, bu, None, 2.0, t)
         for name, cfg in configs.items():
             pieces[f"op forward [{name}]"] = lambda cfg=cfg: ka.adapter_forward(
                 h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5, config=cfg)
@@ -80,11 +95,15 @@ def main() -> None:
         copy_ms = None
         for name, fn in pieces.items():
             try:
-                if name.startswith("op "):  # each schedule must give the default's answer (bf16 roundings apart)
-                    got, want = fn()[0], out_ref if name.startswith("op forward") else dh_ref
+                if name.startswith(("op ", "loop 2 alone: persistent")):  # the right answer, bf16 roundings apart
+                    if name.startswith("loop 2"):
+                        fn()
+                        got, want = out, loop2_ref
+                    else:
+                        got, want = fn()[0], out_ref if name.startswith("op forward") else dh_ref
                     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
                     if not err < 1e-2:
-                        print(f"M={M} {name}: WRONG, relative error {err:.2e} against default_config")
+                        print(f"M={M} {name}: WRONG, relative error {err:.2e} against reference.py")
                         continue
                 ms, _ = time_fn(fn, dev)
             except Exception as err:  # a config that does not compile or fit: say so, go on

@@ -206,6 +206,36 @@ def test_fp32_adapters_beside_16bit_base(backend):
     _check(got, ref, exact, dtype, "fp32 adapters")
 
 
+def _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, activation, scaling, label, check=None):
+    """adapter_forward and adapter_backward with config cfg against reference.py on fresh inputs: out, z (and the
+    LN statistics), then every gradient. check(inputs, residual) runs first (the tests' own assertions)."""
+    from peftkern.kernels.triton import adapter as ka
+
+    form = ("sequential" if sequential else "parallel") + ("+ln" if layer_norm else "")
+    a = make_inputs((M,), d, b, dtype, form=form, learned=True)
+    if check is not None:
+        check(a, a["residual"] if a["residual"] is not None else a["h"])
+    lw, lb = a["ln"] if layer_norm else (None, None)
+    common = (a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"], a["scale"])
+    fwd_args = (*common, a["residual"], lw, lb, activation, scaling, layer_norm, 1e-5)
+    out, z, stats = ka.adapter_forward(*fwd_args, config=cfg)
+    out_r, z_r, stats_r = reference.adapter_forward(*fwd_args)
+    assert_close(out, out_r, dtype, f"out {label} {form}")
+    assert_close(z, z_r, dtype, f"z {label} {form}")
+    if layer_norm:
+        assert_close(stats, stats_r, dtype, f"stats {label} {form}")
+    g = torch.randn(M, d, device=DEVICE).to(dtype)
+    needs = (True,) * 6 + (layer_norm,) * 2
+    bwd_args = (g, *common, z_r, stats_r, lw, lb, activation, scaling, sequential, layer_norm, needs)
+    grads = ka.adapter_backward(*bwd_args, config=cfg)
+    grads_r = reference.adapter_backward(*bwd_args)
+    k_dscale = dscale_scale(g, z_r, a["up_weight"], a["up_bias"], activation)
+    for name, x, y in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), grads, grads_r):
+        assert (x is None) == (y is None), name
+        if y is not None:
+            assert_close(x, y, dtype, f"{name} {label} {form}", scale=k_dscale if name == "dscale" else 1.0)
+
+
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("schedule", [
     dict(split_n=1, two_pass=False), dict(split_n=3, two_pass=False), dict(split_n=2, two_pass=True),
@@ -217,34 +247,60 @@ def test_kernel_schedules_match_reference(schedule, layer_norm, poison_empty):
     """Every schedule of both kernels (fused, with recomputing column splits, two-pass, loop 1's product from
     cuBLAS, and that with loop 2 as a tiled GEMM of its own) at the kernel level: every output element is
     written (poisoned buffers) and equals the reference's."""
-    from peftkern.kernels.triton import adapter as ka
-
     small = dict(block_m=16, block_k=32, block_n=16, warps=4, stages=1, wide_tile=(16, 32, 16, 4, 1)) \
         if INTERPRET else dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3)
-    cfg = {**small, **schedule}
-    M, d, b = 45, 88, 12
     for dtype, sequential in [(dt, seq) for dt in dtypes_for("triton") for seq in (True, False)]:
-        form = ("sequential" if sequential else "parallel") + ("+ln" if layer_norm else "")
-        a = make_inputs((M,), d, b, dtype, form=form, learned=True)
-        lw, lb = a["ln"] if layer_norm else (None, None)
-        common = (a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"], a["scale"])
-        fwd_args = (*common, a["residual"], lw, lb, "gelu_tanh", 0.9, layer_norm, 1e-5)
-        out, z, stats = ka.adapter_forward(*fwd_args, config=cfg)
-        out_r, z_r, stats_r = reference.adapter_forward(*fwd_args)
-        assert_close(out, out_r, dtype, "out")
-        assert_close(z, z_r, dtype, "z")
-        if layer_norm:
-            assert_close(stats, stats_r, dtype, "stats")
-        g = torch.randn(M, d, device=DEVICE).to(dtype)
-        needs = (True,) * 6 + (layer_norm,) * 2
-        bwd_args = (g, *common, z_r, stats_r, lw, lb, "gelu_tanh", 0.9, sequential, layer_norm, needs)
-        grads = ka.adapter_backward(*bwd_args, config=cfg)
-        grads_r = reference.adapter_backward(*bwd_args)
-        k_dscale = dscale_scale(g, z_r, a["up_weight"], a["up_bias"], "gelu_tanh")
-        for name, x, y in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), grads, grads_r):
-            assert (x is None) == (y is None), name
-            if y is not None:
-                assert_close(x, y, dtype, f"{name} {schedule} {form}", scale=k_dscale if name == "dscale" else 1.0)
+        _kernels_match_reference({**small, **schedule}, 45, 88, 12, dtype, sequential, layer_norm, "gelu_tanh", 0.9,
+                                 str(schedule))
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("b", [16, 24])
+@pytest.mark.parametrize("programs", [None, 5], ids=["grid-default", "grid-5"])
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["no-ln", "ln"])
+def test_persistent_loop_two_matches_reference(b, programs, layer_norm, poison_empty):
+    """adapter_wide_persistent_kernel (the `persistent` tile) in both directions: every output element written
+    (poisoned buffers) and equal to the reference's, with M, d and b multiples of no tile (b = 24 < BLOCK_B = 32:
+    TMA's zero fill pads the bottleneck), and 5 programs, whose runs of tiles cross column blocks mid-way. The LN
+    backward keeps the tiled kernel; its forward takes the persistent one."""
+    from peftkern.kernels.triton import adapter as ka
+
+    tile = (16, 32, 4, 1) if INTERPRET else (64, 128, 4, 3)
+    tile = tile + ((programs,) if programs else ())
+    base = dict(block_m=16, block_k=32, block_n=16, warps=4, stages=1, wide_tile=(16, 32, 16, 4, 1)) \
+        if INTERPRET else dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3)
+    cfg = dict(base, split_n=1, two_pass=False, gemm_first=True, wide="backward", persistent=tile)
+    M, d = (45, 96) if INTERPRET else (1000, 520)
+    for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
+        def takes_it(a, res, dtype=dtype):  # the operands qualify: the persistent kernel runs, not a fallback
+            assert ka.persistent_tile(cfg, dtype, b, d, res, a["up_weight"].to(dtype).t()) == tile
+
+        for sequential in (True, False):
+            _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, "silu", 0.7, "persistent",
+                                     check=takes_it)
+
+
+def test_persistent_tile_refuses_what_tma_cannot_take():
+    """persistent_tile: a bottleneck that is no multiple of 8 or wider than one MMA, fp32, an odd d or a residual
+    whose rows are not TMA lines keep the tiled kernels."""
+    from peftkern.kernels.triton import adapter as ka
+
+    cfg = dict(persistent=(16, 32, 4, 1))
+    h = torch.zeros(8, 64, dtype=torch.float16)
+    w = torch.zeros(64, 16, dtype=torch.float16).t()
+    real = ka.triton_interpret
+    ka.triton_interpret = lambda: True  # the interpreter's answer: what the operands allow, whatever the machine
+    try:
+        assert ka.persistent_tile(cfg, torch.float16, 16, 64, h, w) == (16, 32, 4, 1)
+        assert ka.persistent_tile({}, torch.float16, 16, 64, h, w) is None
+        assert ka.persistent_tile(cfg, torch.float16, 12, 64, h, w) is None
+        assert ka.persistent_tile(cfg, torch.float16, 512, 64, h, w) is None
+        assert ka.persistent_tile(cfg, torch.float16, 16, 60, h, w) is None
+        assert ka.persistent_tile(cfg, torch.float32, 16, 64, h.float(), w.float()) is None
+        assert ka.persistent_tile(cfg, torch.float16, 16, 64, h.t(), w) is None
+        assert ka.persistent_tile(cfg, torch.float16, 16, 64, None, w) == (16, 32, 4, 1)
+    finally:
+        ka.triton_interpret = real
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -44,6 +44,7 @@ BLOCK_M trades L2 traffic against the number of programs.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,9 +52,14 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from ._launch import cdiv, launch
-from .lora import _block_r, _dot_precision, _grouped_pid, _sm_count, mm_float32
+from ._launch import Descriptor, cdiv, launch
+from .lora import _block_r, _dot_precision, _facts, _grouped_pid, _sm_count, _tma_layout, mm_float32
 
+# The persistent loop-2 kernel's bottleneck is one MMA deep (a TMA box holds at most 256 elements a dimension).
+PERSISTENT_MAX_B = 256
+# (BLOCK_M, BLOCK_N, warps, stages) of adapter_wide_persistent_kernel in default_config; PEFTKERN_ADAPTER_PERSISTENT=0
+# keeps the tiled kernels (adapter_wide_kernel, adapter_fwd_kernel's loop 2) instead.
+PERSISTENT_TILE = (64, 128, 4, 3) if os.environ.get("PEFTKERN_ADAPTER_PERSISTENT", "1") != "0" else None
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -173,7 +179,7 @@ def row_stats_kernel(h_ptr, stats_ptr, M, D, stride_hm, stride_hd, ln_eps, EVEN_
 @triton.jit
 def adapter_fwd_kernel(
     h_ptr, res_ptr, out_ptr, down_ptr, up_ptr, down_b_ptr, up_b_ptr, scale_ptr, z_ptr, stats_ptr, c1_ptr, c2_ptr,
-    acc_ptr, M, D, B, n_per_split,
+    acc_ptr, a_out_ptr, M, D, B, n_per_split,
     stride_hm, stride_hd, stride_rm, stride_rd, stride_om, stride_od,
     stride_db, stride_dd, stride_ud, stride_ub, stride_acc,
     scaling, ln_eps,
@@ -182,11 +188,13 @@ def adapter_fwd_kernel(
     LAYER_NORM: tl.constexpr, STATS_GIVEN: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    STORE_A: tl.constexpr = False,
 ):
     """out[rows, this split's columns] = r + s (act(z) Wu^T + bu), z = LN(h) Wd^T + bd computed here (loop 1,
     stored by the split-0 program) or read back (Z_GIVEN); with ACC_GIVEN loop 1's product h W'^T comes from
     memory (a cuBLAS GEMM: the `gemm_first` schedule; LN then needs STATS_GIVEN). down_ptr holds W' = Wd * gamma
-    under LN."""
+    under LN. STORE_A (not Z_GIVEN): the split-0 program also stores act(z) in a_out's dtype at a_out (M, B)
+    row-major, the A operand of adapter_wide_persistent_kernel."""
     pid_n = tl.program_id(1)
     offs_m, rows = _row_block(M, BLOCK_M)
     m_mask = offs_m < M
@@ -225,6 +233,10 @@ def adapter_fwd_kernel(
             z += tl.load(down_b_ptr + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
         if pid_n == 0:
             tl.store(z_ptrs, z, mask=zb_mask)
+            if STORE_A:
+                a_st, _ = _activation(z, ACT)
+                tl.store(a_out_ptr + offs_m[:, None] * B + offs_b[None, :], a_st.to(a_out_ptr.dtype.element_ty),
+                         mask=zb_mask)
     if UP_PROJECT:
         dtype = out_ptr.dtype.element_ty
         # Padded bottleneck columns hold z = 0 and act(0) = 0 for every activation here: they add nothing.
@@ -396,6 +408,54 @@ def adapter_wide_kernel(
              mask=mn_mask)
 
 
+@triton.jit
+def adapter_wide_persistent_kernel(
+    a_desc, w_desc, r_desc, y_desc, bias_ptr, scale_ptr,
+    M, D, scaling, NUM_SMS,
+    W_KMAJOR: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Loop 2 as a persistent GEMM whose weight tile stays put: y = [r +] s (a @ w + bias), a (M, B) in y's dtype,
+    w a (B, D) operand given as (D, B) K-major (W_KMAJOR: Wu as stored) or as (B, D) (Wd as stored), B <= BLOCK_B
+    (one MMA of the whole bottleneck per tile).
+    The output tiles are walked column block by column block, rows fastest, and each program takes a contiguous
+    run of NUM_SMS-th of them: its run crosses a column boundary at most a few times, so the (BLOCK_B, BLOCK_N)
+    weight tile is loaded once per column block and the inner loop over row blocks holds only a's tile and the
+    residual's, both by TMA. They are unconditional loads of a plain loop, so the pipeliner keeps STAGES - 1 row
+    blocks of them in flight while this one's MMA and store run: the residual's read overlaps the rest, which is
+    what a K = B GEMM's epilogue needs (adapter_wide_kernel loads it once per tile and waits)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    total = num_m * tl.cdiv(D, BLOCK_N)
+    t = (pid * total) // NUM_SMS
+    hi = ((pid + 1) * total) // NUM_SMS
+    s = scaling
+    if HAS_SCALE:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    while t < hi:
+        col = t // num_m
+        row0 = t - col * num_m
+        rows = min(num_m - row0, hi - t)
+        off_n = col * BLOCK_N
+        if W_KMAJOR:
+            w = w_desc.load([off_n, 0]).T
+        else:
+            w = w_desc.load([0, off_n])
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            bias = tl.load(bias_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        for i in tl.range(0, rows, num_stages=STAGES):
+            off_m = (row0 + i) * BLOCK_M
+            acc = tl.dot(a_desc.load([off_m, 0]), w)
+            if HAS_BIAS:
+                acc += bias[None, :]
+            acc = acc * s
+            if HAS_RES:
+                acc += r_desc.load([off_m, off_n]).to(tl.float32)
+            y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+        t += rows
+
+
 # ------------------------------------------------------------------------------------------- launchers
 
 
@@ -423,8 +483,10 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
         # x 2 column splits, 132 us at M = 8192 (the all-Triton fused schedule: 153 us); the backward with
         # g Wu from cuBLAS and dh = dz W' as a tiled GEMM (adapter_wide_kernel, 128x128x64, 4 warps), 246 us
         # (fused: 283 us). M = 16384: 261 + 444 us against 313 + 547 us.
+        # persistent: where the operands allow (persistent_tile), loop 2 of both directions (not the LN backward's)
+        # by adapter_wide_persistent_kernel instead, 64 x 128 tiles, 4 warps, 3 stages (213 KB of shared memory).
         return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2, two_pass=False,
-                    gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3))
+                    gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
     if 2 * n_rows >= sms:
         return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=1, two_pass=False)
     split = max(1, min(cdiv(2 * sms, n_rows), cdiv(D, 64)))
@@ -479,6 +541,45 @@ def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activ
         num_warps=warps, num_stages=stages)
 
 
+
+
+def persistent_tile(cfg: dict, small_dtype: torch.dtype, B: int, D: int, res: Optional[torch.Tensor],
+                    w_bd: torch.Tensor) -> Optional[tuple]:
+    """cfg's `persistent` tile (BLOCK_M, BLOCK_N, warps, stages[, programs]) where adapter_wide_persistent_kernel
+    takes these operands, else None: 16-bit operands, B a multiple of 8 (a's and the weight's rows 16-byte lines)
+    and at most PERSISTENT_MAX_B, d a multiple of 8, the residual row-major and TMA-able, w_bd (B, D) TMA-able
+    either way, and a Hopper or newer GPU (or the interpreter)."""
+    tile = cfg.get("persistent")
+    if tile is None or small_dtype not in (torch.float16, torch.bfloat16) or w_bd.dtype != small_dtype:
+        return None
+    if B % 8 or B > PERSISTENT_MAX_B or D % 8:
+        return None
+    if not triton_interpret() and (w_bd.device.type != "cuda" or _facts(w_bd.device)[1] < 9):
+        return None
+    if res is not None and (res.dtype != small_dtype or _tma_layout(res) != "row"):
+        return None
+    return tile if _tma_layout(w_bd) is not None else None
+
+
+def _launch_wide_persistent(a, w_bd, res, out, bias, scale, scaling, tile) -> None:
+    """out = [res +] s (a @ w_bd + bias) by adapter_wide_persistent_kernel: a (M, B) row-major in out's dtype, w_bd
+    a (B, D) view (Wu^T or Wd), tile from persistent_tile."""
+    M, D = out.shape
+    B = a.shape[1]
+    bm, bn, warps, stages = tile[:4]
+    bb = _block_r(B)
+    programs = min(tile[4] if len(tile) > 4 else _sm_count(out.device), cdiv(M, bm) * cdiv(D, bn))
+    w_kmajor = _tma_layout(w_bd) == "col"  # (B, D) with unit stride along B: the (D, B) matrix is row-major
+    w_desc = Descriptor(w_bd.t(), [bn, bb]) if w_kmajor else Descriptor(w_bd, [bb, bn])
+    y_desc = Descriptor(out, [bm, bn])
+    launch(adapter_wide_persistent_kernel, (programs,),
+           Descriptor(a, [bm, bb]), w_desc, Descriptor(res, [bm, bn]) if res is not None else y_desc, y_desc,
+           bias if bias is not None else out, scale if scale is not None else out,
+           M, D, float(scaling), programs,
+           W_KMAJOR=w_kmajor, HAS_RES=res is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, STAGES=stages, num_warps=warps, num_stages=stages)
+
+
 def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
                     activation, scaling, layer_norm, ln_eps, config: Optional[dict] = None):
     """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) as in reference.adapter_forward, for a
@@ -494,7 +595,8 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
     res = residual if residual is not None else h
     n_split, per_split = _splits(D, cfg)
     meta = _common_meta(h, D, B, cfg, activation)
-    wide = cfg.get("wide", False) is True  # "backward": the wide kernel in the backward only
+    persistent = persistent_tile(cfg, h.dtype, B, D, res, wu.t())
+    wide = cfg.get("wide", False) is True or persistent is not None  # "backward": the wide kernel in the backward only
     gemm_first = wide or cfg.get("gemm_first", False)
     stats_given = layer_norm and (gemm_first or cfg.get("separate_stats", False))
     flags = dict(SEQUENTIAL=residual is None, LAYER_NORM=layer_norm, STATS_GIVEN=stats_given,
@@ -505,19 +607,24 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
                EVEN_D=D % 128 == 0, BLOCK_M=64, BLOCK_K=128, num_warps=4)
     acc = mm_float32(h, wd.t()) if gemm_first else dummy
 
+    a_out = torch.empty((M, B), device=h.device, dtype=h.dtype) if persistent is not None else dummy
+
     def run_fwd(grid, z_given, up_project):
         launch(adapter_fwd_kernel, grid,
             h, res, out, wd, wu, down_bias if down_bias is not None else dummy,
             up_bias if up_bias is not None else dummy, scale if scale is not None else dummy, z, stats,
-            c1 if c1 is not None else dummy, c2 if c2 is not None else dummy, acc,
+            c1 if c1 is not None else dummy, c2 if c2 is not None else dummy, acc, a_out,
             M, D, B, per_split,
             h.stride(0), h.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), acc.stride(0),
-            float(scaling), float(ln_eps), Z_GIVEN=z_given, ACC_GIVEN=gemm_first, UP_PROJECT=up_project, **flags,
-            **meta)
+            float(scaling), float(ln_eps), Z_GIVEN=z_given, ACC_GIVEN=gemm_first, UP_PROJECT=up_project,
+            STORE_A=persistent is not None and not z_given, **flags, **meta)
 
     n_rows = cdiv(M, cfg["block_m"])
-    if wide:
+    if persistent is not None:
+        run_fwd((n_rows, 1), False, False)  # z from cuBLAS's product: + bd, LN's correction; a = act(z) in h's dtype
+        _launch_wide_persistent(a_out, wu.t(), res, out, up_bias, scale, scaling, persistent)
+    elif wide:
         run_fwd((n_rows, 1), False, False)  # z from cuBLAS's product: + bd, LN's correction
         _launch_wide(z, wu.t(), res, None, out, up_bias, scale, None, None, scaling, activation, True, False, cfg)
     elif cfg["two_pass"] and not gemm_first:
@@ -554,7 +661,9 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     flags = dict(SEQUENTIAL=sequential, LAYER_NORM=layer_norm, HAS_DOWN_BIAS=down_bias is not None,
                  HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None, SCALE_GRAD=need_scale)
     dummy = z
-    wide = bool(cfg.get("wide", False))
+    persistent = None if layer_norm or not need_h else persistent_tile(cfg, dtype, B, D,
+                                                                        grad_out if sequential else None, wd)
+    wide = bool(cfg.get("wide", False)) or persistent is not None
     gemm_first = wide or cfg.get("gemm_first", False)
     acc = dummy
     if gemm_first:
@@ -576,7 +685,9 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     n_rows = cdiv(M, cfg["block_m"])
     if wide:
         run_bwd((n_rows, 1), False, False)  # dz, a, the LN row terms, the scale's row sums
-        if need_h:
+        if persistent is not None:  # dh = dz Wd [+ g]: no LN here
+            _launch_wide_persistent(dz, wd, grad_out if sequential else None, dh, None, None, 1.0, persistent)
+        elif need_h:
             _launch_wide(dz, wd, grad_out if sequential else None, h if layer_norm else None, dh, None, None,
                          stats if layer_norm else None, r if layer_norm else None, 1.0, activation, False,
                          layer_norm, cfg)
