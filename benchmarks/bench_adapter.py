@@ -58,7 +58,7 @@ EXPLORE_CONFIGS = {
     **{f"persistent {bm}x{bn} w{w} s{st}": dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2,
                                                 two_pass=False, gemm_first=True, wide="backward",
                                                 wide_tile=(128, 128, 64, 4, 3), persistent=(bm, bn, w, st))
-       for bm, bn, w, st in [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 8, 3), (64, 64, 4, 4)]},
+       for bm, bn, w, st in [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 4)]},
 }
 
 

@@ -12,7 +12,7 @@ bf16, M = 8192 (and 16384), d = 4096, b = 256 (reduction 16), relu, sequential f
 Timing: benchmarks/common.time_fn (CUDA events, L2 flushed between calls). Prints one table; with OUT set, also
 writes $OUT/explore_adapter.json.
 
-    python scripts/explore_adapter.py [--m 8192 16384]
+    python scripts/explore_adapter.py [--m 8192 16384] [--d 4096] [--b 256] [--quick]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--b", type=int, default=256)
+    parser.add_argument("--quick", action="store_true",
+                        help="only the copy, loop 2 alone, and the default_config and persistent schedules")
     args = parser.parse_args()
     dev = torch.device("cuda")
     dt = torch.bfloat16
@@ -73,8 +75,11 @@ def main() -> None:
         bwd_args = (gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True, False, needs)
         dh_ref = reference.adapter_backward(*bwd_args)[0]
         before = dict(ka.default_config(M, d, b, dev, dt), persistent=None)  # the tiled loop 2 (before 2026-12-04)
+        kinds = ("persistent",) if args.quick else ("gemm-first", "wide", "persistent")
         configs = {"default_config": None, "default_config without persistent": before,
-                   **{k: v for k, v in EXPLORE_CONFIGS.items() if k.startswith(("gemm-first", "wide", "persistent"))}}
+                   **{k: v for k, v in EXPLORE_CONFIGS.items() if k.startswith(kinds)}}
+        if args.quick:
+            pieces = {k: v for k, v in pieces.items() if k.startswith("copy")}
         # loop 2 alone, as the forward runs it: out = h + s (a Wu^T + bu), a = act(z) given in bf16 (the tiled kernel
         # reads z in float32 and applies the activation itself)
         z32 = (h @ wd.t()).float()

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from ..._backend import triton_interpret
 from ._launch import Descriptor, cdiv, launch
-from .lora import _block_r, _dot_precision, _facts, _grouped_pid, _sm_count, _tma_layout, mm_float32
+from .lora import _block_r, _dot_precision, _facts, _grouped_pid, _sm_count, _tma_layout, mm_float32, scaled_mm
 
 # The persistent loop-2 kernel's bottleneck is one MMA deep (a TMA box holds at most 256 elements a dimension).
 PERSISTENT_MAX_B = 256
@@ -323,6 +323,10 @@ def adapter_bwd_kernel(
         if pid_n == 0:
             tl.store(dz_ptrs, dz.to(dtype), mask=zb_mask)
             tl.store(a_ptr + offs_m[:, None] * stride_am + offs_b[None, :], a.to(dtype), mask=zb_mask)
+            # a's row is [act(z), 1, 0, ...] up to its stride: the ones column gives sum_m g from dWu's product
+            pad = tl.arange(0, 8)[None, :]
+            tl.store(a_ptr + offs_m[:, None] * stride_am + B + pad, tl.where(pad == 0, 1.0, 0.0).to(dtype)
+                     + tl.zeros((BLOCK_M, 8), dtype), mask=m_mask[:, None] & (B + pad < stride_am))
             if LAYER_NORM:
                 tl.store(r_ptr + offs_m * 2, r1, mask=m_mask)
                 tl.store(r_ptr + offs_m * 2 + 1, r2, mask=m_mask)
@@ -650,9 +654,7 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     wu = up_weight.to(dtype)
     dz = torch.empty((M, B), device=h.device, dtype=dtype)
     b_ext = cdiv(B + 1, 8) * 8  # a's row stride stays 16-byte aligned for cuBLAS
-    a_ext = torch.empty((M, b_ext), device=h.device, dtype=dtype)
-    a_ext[:, B:] = 0
-    a_ext[:, B] = 1
+    a_ext = torch.empty((M, b_ext), device=h.device, dtype=dtype)  # the kernel writes its ones and zeros too
     r = torch.empty((M, 2), device=h.device, dtype=torch.float32) if layer_norm else z
     sdot = torch.empty((M,), device=h.device, dtype=torch.float32) if need_scale else z
     dh = torch.empty((M, D), device=h.device, dtype=dtype) if need_h else dz
@@ -708,18 +710,23 @@ def weight_grads(grad_out, h, dz, a_ext, down_weight, down_bias, up_weight, up_b
     products over M, the rest on b x d tensors."""
     need_dw, need_db, need_uw, need_ub, need_lnw, need_lnb = needs
     B = dz.shape[1]
-    s = scaling * (scale.float().reshape(()) if scale is not None else 1.0)
     d_dw = d_db = d_uw = d_ub = d_lnw = d_lnb = None
     if need_uw or need_ub:
-        prod = (grad_out.t() @ a_ext).float()
-        d_uw = (s * prod[:, :B]).to(up_weight.dtype) if need_uw else None
-        d_ub = (s * prod[:, B]).to(up_bias.dtype) if need_ub else None
-    dz_sum = dz.float().sum(0) if (need_db or layer_norm) else None
+        if scale is None:  # s into cuBLAS's alpha, the result in the weight's dtype: no passes over it but the slices
+            prod = scaled_mm(grad_out.t(), a_ext, float(scaling), up_weight.dtype)
+            d_uw = prod[:, :B] if need_uw else None
+            d_ub = prod[:, B].to(up_bias.dtype) if need_ub else None
+        else:  # a learned scale: s is a tensor
+            s = scaling * scale.float().reshape(())
+            prod = mm_float32(grad_out.t(), a_ext)
+            d_uw = (s * prod[:, :B]).to(up_weight.dtype) if need_uw else None
+            d_ub = (s * prod[:, B]).to(up_bias.dtype) if need_ub else None
+    dz_sum = dz.sum(0, dtype=torch.float32) if (need_db or layer_norm) else None
     d_db = dz_sum.to(down_bias.dtype) if need_db else None
     if not (need_dw or need_lnw or need_lnb):
         return d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb
     if not layer_norm:
-        return (dz.t() @ h).float().to(down_weight.dtype), d_db, d_uw, d_ub, d_lnw, d_lnb
+        return scaled_mm(dz.t(), h, 1.0, down_weight.dtype), d_db, d_uw, d_ub, d_lnw, d_lnb
     mean, rstd = stats[:, 0], stats[:, 1]
     dz_r = dz.float() * rstd[:, None]
     # dz^T xhat = (dz rstd)^T h - (dz rstd)^T mean: the product runs on h itself, never on a normalised copy.
