@@ -60,6 +60,7 @@ PERSISTENT_MAX_B = 256
 # (BLOCK_M, BLOCK_N, warps, stages) of adapter_wide_persistent_kernel in default_config; PEFTKERN_ADAPTER_PERSISTENT=0
 # keeps the tiled kernels (adapter_wide_kernel, adapter_fwd_kernel's loop 2) instead.
 PERSISTENT_TILE = (64, 128, 4, 3) if os.environ.get("PEFTKERN_ADAPTER_PERSISTENT", "1") != "0" else None
+PERSISTENT_MIN_M = 1024  # rows from which default_config takes the persistent schedule at any b <= 256 (measured: 2048)
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -491,10 +492,28 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
         # by adapter_wide_persistent_kernel instead, 64 x 128 tiles, 4 warps, 3 stages (213 KB of shared memory).
         return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2, two_pass=False,
                     gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
+    if persistent_schedule(M, D, B, dtype):
+        # Measured on an H200 (bf16, relu, sequential, explore_adapter.py --quick, NOTES-adapter.md, 2026-12-04): the
+        # gemm-first schedule with the persistent loop 2 against this function's earlier picks, forward / backward:
+        # M = 2048, d = 4096, b = 256: 33 / 72 us against two-pass 69 / 108; M = 8192, d = 2048, b = 128: 43 / 98 us
+        # against fused 59 / 114. The column splits serve the LN backward's tiled kernel and operands that
+        # persistent_tile refuses.
+        split = max(2, min(cdiv(2 * sms, cdiv(M, 128)), cdiv(D, 64)))
+        return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=split, two_pass=False,
+                    gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
     if 2 * n_rows >= sms:
         return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=1, two_pass=False)
     split = max(1, min(cdiv(2 * sms, n_rows), cdiv(D, 64)))
     return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=split, two_pass=True)
+
+
+def persistent_schedule(M: int, D: int, B: int, dtype: Optional[torch.dtype]) -> bool:
+    """Whether default_config (on a GPU) takes the gemm-first schedule with the persistent loop 2 for shapes it
+    would otherwise give the fused or two-pass schedule: 16-bit, from PERSISTENT_MIN_M rows, b and d as
+    persistent_tile needs them. (Large M at b > 128 takes that schedule anyway.) Under it LN's statistics come
+    from a pass of their own and loop 1's product from cuBLAS: ops/adapter.py lets LN run fused there."""
+    return (PERSISTENT_TILE is not None and dtype in (torch.float16, torch.bfloat16) and M >= PERSISTENT_MIN_M
+            and B % 8 == 0 and B <= PERSISTENT_MAX_B and D % 8 == 0 and not triton_interpret())
 
 
 def _splits(D: int, cfg: dict) -> tuple[int, int]:
