@@ -19,9 +19,12 @@ if HAS_CUDA:
     SHAPES += [((300,), 1024, 64), ((2, 1000), 4096, 256), ((4300,), 512, 256)]
 FORMS = ["sequential", "parallel", "sequential+ln", "parallel+ln"]
 # The known GPU failure of the fused LN form (NOTES-adapter.md): the forward output at d = 4096, b = 256 (gelu,
-# fp16, 3e-2 off) on an H100, not explained. On GPUs the op routes LN to the reference unless
-# PEFTKERN_ADAPTER_FUSED_LN=1, which these tests set so the fused kernel itself stays under test. (The d = 520
-# failures of 2026-11-23 were ReLU kinks, now kept out of the inputs: clear_relu_kinks.)
+# fp16, 3e-2 off) on an H100, not explained, with LN's statistics summed inside loop 1 (the two-pass schedule).
+# Where default_config takes the persistent schedule (statistics in a pass of their own, loop 1 by cuBLAS) that test
+# passed on an H200 (2026-12-04), and the op runs LN fused there; elsewhere on GPUs it routes LN to the reference
+# unless PEFTKERN_ADAPTER_FUSED_LN=1, which these tests set so the fused kernel itself stays under test.
+# test_ln_with_statistics_in_loop_one_at_d4096 keeps the failing schedule under test. (The d = 520 failures of
+# 2026-11-23 were ReLU kinks, now kept out of the inputs: clear_relu_kinks.)
 KNOWN_LN_FAILURE = pytest.mark.xfail(HAS_CUDA, reason="fused LN's forward at d=4096, b=256 failed on an H100 "
                                      "(NOTES-adapter.md); LN runs on the reference on GPUs", strict=False)
 
@@ -156,12 +159,36 @@ def _check(got, ref, exact, dtype, label):
                                      f"reference's {err_ref:.3e}") from None
 
 
+def _persistent_schedule(lead, d, b) -> bool:
+    """Whether the Triton backend's default_config takes the persistent schedule for both 16-bit dtypes here."""
+    from peftkern.kernels.triton import adapter as ka
+
+    M = int(torch.tensor(lead).prod())
+    return all(ka.persistent_schedule(M, d, b, dt) for dt in (torch.float16, torch.bfloat16))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the known failure is a GPU one")
+@pytest.mark.parametrize("form", ["sequential+ln", "parallel+ln"])
+def test_ln_with_statistics_in_loop_one_at_d4096(form, poison_empty):
+    """The schedule of the known LN failure (two-pass, LN's statistics summed inside loop 1) at its shape, 16-bit:
+    still marked, strict=False, until it is explained (the op does not take it for LN on GPUs by default)."""
+    from peftkern.kernels.triton import adapter as ka
+
+    cfg = dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3, split_n=9, two_pass=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        _kernels_match_reference(cfg, 2000, 4096, 256, dtype, form == "sequential", True, "gelu", 0.8, "two-pass")
+    assert ka.default_config(2000, 4096, 256, torch.device("cuda"), torch.float16)["persistent"] is not None
+
+
+test_ln_with_statistics_in_loop_one_at_d4096 = KNOWN_LN_FAILURE(test_ln_with_statistics_in_loop_one_at_d4096)
+
+
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}b{s[2]}")
 @pytest.mark.parametrize("form", FORMS)
 def test_matches_reference(backend, shape, form, poison_empty, request):
     lead, d, b = shape
-    if form.endswith("+ln") and d == 4096 and backend == "triton":
+    if form.endswith("+ln") and d == 4096 and backend == "triton" and not _persistent_schedule(lead, d, b):
         request.applymarker(KNOWN_LN_FAILURE)
     for i, dtype in enumerate(dtypes_for(backend)):
         activation = ACTIVATIONS[(i + FORMS.index(form) + SHAPES.index(shape)) % len(ACTIVATIONS)]
