@@ -146,16 +146,17 @@ def krona_term_whole(a_shape: tuple, b_shape: tuple) -> tuple:
     return kk.krona_term_whole_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
-def adapter_wide_persistent(tile: tuple, b: int, w_kmajor: bool) -> tuple:
+def adapter_wide_persistent(tile: tuple, b: int, w_kmajor: bool, ln: bool = False) -> tuple:
     """adapter_wide_persistent_kernel as _launch_wide_persistent launches it: the forward (Wu K-major, bias) or the
-    backward's dh (Wd N-major, no bias), both with a residual."""
+    backward's dh (Wd N-major, no bias; ln: with the LN epilogue), both with a residual."""
     bm, bn, warps, stages = tile[:4]
     bb = ka._block_r(b)
     args = {"a_desc": _desc("bf16", bm, bb), "w_desc": _desc("bf16", *((bn, bb) if w_kmajor else (bb, bn))),
             "r_desc": _desc("bf16", bm, bn), "y_desc": _desc("bf16", bm, bn), "bias_ptr": "*bf16",
-            "scale_ptr": "*bf16", "M": "i32", "D": "i32", "scaling": "fp32", "NUM_SMS": "i32"}
+            "scale_ptr": "*bf16", "x_desc": _desc("bf16", bm, bn), "stats_ptr": "*fp32", "rr_ptr": "*fp32",
+            "M": "i32", "D": "i32", "scaling": "fp32", "NUM_SMS": "i32"}
     const = dict(W_KMAJOR=w_kmajor, HAS_RES=True, HAS_BIAS=w_kmajor, HAS_SCALE=False, BLOCK_M=bm, BLOCK_N=bn,
-                 BLOCK_B=bb, STAGES=stages)
+                 BLOCK_B=bb, STAGES=stages, LN_BACKWARD=ln)
     return ka.adapter_wide_persistent_kernel, args, const, warps, stages
 
 
@@ -183,6 +184,8 @@ def cases() -> dict:
             tile = ka.PERSISTENT_TILE or (64, 128, 4, 3)
             out[f"adapter persistent loop 2, forward, b={b}"] = adapter_wide_persistent(tile, b, True)
             out[f"adapter persistent loop 2, dh, b={b}"] = adapter_wide_persistent(tile, b, False)
+            out[f"adapter persistent loop 2, LN dh, b={b}"] = adapter_wide_persistent(
+                ka.PERSISTENT_LN_TILE, b, False, True)
         for a_shape, b_shape in (((64, 64), (64, 64)), ((86, 64), (128, 64)), ((64, 86), (64, 128))):
             name = f"krona fused grads A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"
             out[name] = krona_grad_fused(a_shape, b_shape, True)

@@ -12,7 +12,7 @@ bf16, M = 8192 (and 16384), d = 4096, b = 256 (reduction 16), relu, sequential f
 Timing: benchmarks/common.time_fn (CUDA events, L2 flushed between calls). Prints one table; with OUT set, also
 writes $OUT/explore_adapter.json.
 
-    python scripts/explore_adapter.py [--m 8192 16384] [--d 4096] [--b 256] [--quick]
+    python scripts/explore_adapter.py [--m 8192 16384] [--d 4096] [--b 256] [--quick] [--ln]
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--b", type=int, default=256)
     parser.add_argument("--quick", action="store_true",
                         help="only the copy, loop 2 alone, and the default_config and persistent schedules")
+    parser.add_argument("--ln", action="store_true",
+                        help="the op with a layer norm on the adapter's input (the LN backward's dh by the tiled "
+                             "kernel and, `persistent+ln`, by the persistent one)")
     args = parser.parse_args()
     dev = torch.device("cuda")
     dt = torch.bfloat16
@@ -69,15 +72,19 @@ def main() -> None:
             "cuBLAS torch.addmm(g, dz, Wd) (dh)": lambda: torch.addmm(gy, dz, wd),
         }
         # each schedule is checked against reference.py (eager PyTorch in bf16), not against another schedule
-        fwd_args = (h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5)
-        out_ref, z_saved, _ = reference.adapter_forward(*fwd_args)
-        needs = (True,) * 5 + (False,) * 3
-        bwd_args = (gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True, False, needs)
+        lw = (1.0 + 0.1 * torch.randn(d, device=dev, generator=g)).to(dt) if args.ln else None
+        lb = (0.1 * torch.randn(d, device=dev, generator=g)).to(dt) if args.ln else None
+        fwd_args = (h, wd, bd, wu, bu, None, None, lw, lb, "relu", 2.0, args.ln, 1e-5)
+        out_ref, z_saved, stats = reference.adapter_forward(*fwd_args)
+        needs = (True,) * 5 + (False,) + (args.ln,) * 2
+        bwd_args = (gy, h, wd, bd, wu, bu, None, z_saved, stats, lw, lb, "relu", 2.0, True, args.ln, needs)
         dh_ref = reference.adapter_backward(*bwd_args)[0]
         before = dict(ka.default_config(M, d, b, dev, dt), persistent=None)  # the tiled loop 2 (before 2026-12-04)
         kinds = ("persistent",) if args.quick else ("gemm-first", "wide", "persistent")
         configs = {"default_config": None, "default_config without persistent": before,
                    **{k: v for k, v in EXPLORE_CONFIGS.items() if k.startswith(kinds)}}
+        if args.ln:
+            configs["persistent+ln"] = dict(ka.default_config(M, d, b, dev, dt), persistent_ln=ka.PERSISTENT_LN_TILE)
         if args.quick:
             pieces = {k: v for k, v in pieces.items() if k.startswith("copy")}
         # loop 2 alone, as the forward runs it: out = h + s (a Wu^T + bu), a = act(z) given in bf16 (the tiled kernel
@@ -92,11 +99,8 @@ def main() -> None:
                 pieces[f"loop 2 alone: {k}"] = lambda t=v["persistent"]: ka._launch_wide_persistent(
                     a, wu.t(), h, out, bu, None, 2.0, t)
         for name, cfg in configs.items():
-            pieces[f"op forward [{name}]"] = lambda cfg=cfg: ka.adapter_forward(
-                h, wd, bd, wu, bu, None, None, None, None, "relu", 2.0, False, 1e-5, config=cfg)
-            pieces[f"op backward [{name}]"] = lambda cfg=cfg: ka.adapter_backward(
-                gy, h, wd, bd, wu, bu, None, z_saved, z_saved[:0], None, None, "relu", 2.0, True, False, needs,
-                config=cfg)
+            pieces[f"op forward [{name}]"] = lambda cfg=cfg: ka.adapter_forward(*fwd_args, config=cfg)
+            pieces[f"op backward [{name}]"] = lambda cfg=cfg: ka.adapter_backward(*bwd_args, config=cfg)
         copy_ms = None
         for name, fn in pieces.items():
             try:

@@ -288,19 +288,23 @@ def test_kernel_schedules_match_reference(schedule, layer_norm, poison_empty):
 def test_persistent_loop_two_matches_reference(b, programs, layer_norm, poison_empty):
     """adapter_wide_persistent_kernel (the `persistent` tile) in both directions: every output element written
     (poisoned buffers) and equal to the reference's, with M, d and b multiples of no tile (b = 24 < BLOCK_B = 32:
-    TMA's zero fill pads the bottleneck), and 5 programs, whose runs of tiles cross column blocks mid-way. The LN
-    backward keeps the tiled kernel; its forward takes the persistent one."""
+    TMA's zero fill pads the bottleneck), and 5 programs, whose runs of tiles cross column blocks mid-way. Under LN
+    the backward's dh takes it with its LN epilogue (the `persistent_ln` tile, 2 stages on a GPU)."""
     from peftkern.kernels.triton import adapter as ka
 
     tile = (16, 32, 4, 1) if INTERPRET else (64, 128, 4, 3)
     tile = tile + ((programs,) if programs else ())
     base = dict(block_m=16, block_k=32, block_n=16, warps=4, stages=1, wide_tile=(16, 32, 16, 4, 1)) \
         if INTERPRET else dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3)
-    cfg = dict(base, split_n=1, two_pass=False, gemm_first=True, wide="backward", persistent=tile)
+    ln_tile = tile[:3] + (min(tile[3], 2),) + tile[4:]
+    cfg = dict(base, split_n=1, two_pass=False, gemm_first=True, wide="backward", persistent=tile,
+               persistent_ln=ln_tile)
     M, d = (45, 96) if INTERPRET else (1000, 520)
     for dtype in [dt for dt in dtypes_for("triton") if dt != torch.float32]:
         def takes_it(a, res, dtype=dtype):  # the operands qualify: the persistent kernel runs, not a fallback
             assert ka.persistent_tile(cfg, dtype, b, d, res, a["up_weight"].to(dtype).t()) == tile
+            if layer_norm:
+                assert ka.persistent_tile(cfg, dtype, b, d, res, a["down_weight"].to(dtype), a["h"]) == ln_tile
 
         for sequential in (True, False):
             _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, "silu", 0.7, "persistent",
@@ -326,6 +330,11 @@ def test_persistent_tile_refuses_what_tma_cannot_take():
         assert ka.persistent_tile(cfg, torch.float32, 16, 64, h.float(), w.float()) is None
         assert ka.persistent_tile(cfg, torch.float16, 16, 64, h.t(), w) is None
         assert ka.persistent_tile(cfg, torch.float16, 16, 64, None, w) == (16, 32, 4, 1)
+        # the LN backward: only with a persistent_ln tile, and h's rows TMA lines
+        assert ka.persistent_tile(cfg, torch.float16, 16, 64, h, w, h) is None
+        ln_cfg = dict(cfg, persistent_ln=(16, 32, 4, 1))
+        assert ka.persistent_tile(ln_cfg, torch.float16, 16, 64, h, w, h) == (16, 32, 4, 1)
+        assert ka.persistent_tile(ln_cfg, torch.float16, 16, 64, h, w, h.t().contiguous().t()) is None
     finally:
         ka.triton_interpret = real
 

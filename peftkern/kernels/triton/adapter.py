@@ -60,6 +60,9 @@ PERSISTENT_MAX_B = 256
 # (BLOCK_M, BLOCK_N, warps, stages) of adapter_wide_persistent_kernel in default_config; PEFTKERN_ADAPTER_PERSISTENT=0
 # keeps the tiled kernels (adapter_wide_kernel, adapter_fwd_kernel's loop 2) instead.
 PERSISTENT_TILE = (64, 128, 4, 3) if os.environ.get("PEFTKERN_ADAPTER_PERSISTENT", "1") != "0" else None
+# The LN backward's tile for configs that ask for it (`persistent_ln`): h's tile is a third stream, so 2 stages fit
+# (208 KB at b = 256, compile_report.py). Not in default_config: not yet timed against the tiled kernel on a GPU.
+PERSISTENT_LN_TILE = (64, 128, 4, 2)
 PERSISTENT_MIN_M = 1024  # rows from which default_config takes the persistent schedule at any b <= 256 (measured: 2048)
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -415,10 +418,11 @@ def adapter_wide_kernel(
 
 @triton.jit
 def adapter_wide_persistent_kernel(
-    a_desc, w_desc, r_desc, y_desc, bias_ptr, scale_ptr,
+    a_desc, w_desc, r_desc, y_desc, bias_ptr, scale_ptr, x_desc, stats_ptr, rr_ptr,
     M, D, scaling, NUM_SMS,
     W_KMAJOR: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
+    LN_BACKWARD: tl.constexpr = False,
 ):
     """Loop 2 as a persistent GEMM whose weight tile stays put: y = [r +] s (a @ w + bias), a (M, B) in y's dtype,
     w a (B, D) operand given as (D, B) K-major (W_KMAJOR: Wu as stored) or as (B, D) (Wd as stored), B <= BLOCK_B
@@ -428,7 +432,10 @@ def adapter_wide_persistent_kernel(
     weight tile is loaded once per column block and the inner loop over row blocks holds only a's tile and the
     residual's, both by TMA. They are unconditional loads of a plain loop, so the pipeliner keeps STAGES - 1 row
     blocks of them in flight while this one's MMA and store run: the residual's read overlaps the rest, which is
-    what a K = B GEMM's epilogue needs (adapter_wide_kernel loads it once per tile and waits)."""
+    what a K = B GEMM's epilogue needs (adapter_wide_kernel loads it once per tile and waits).
+    LN_BACKWARD (the backward's dh under LN, a = dz, w = W'): the tile becomes rstd (acc - r1 - xhat r2) before the
+    residual, as in adapter_wide_kernel, with h's tile (x_desc) a third TMA stream and each row's (mean, rstd) and
+    (r1, r2) from stats_ptr and rr_ptr ((M, 2) float32 each)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     total = num_m * tl.cdiv(D, BLOCK_N)
@@ -452,6 +459,15 @@ def adapter_wide_persistent_kernel(
         for i in tl.range(0, rows, num_stages=STAGES):
             off_m = (row0 + i) * BLOCK_M
             acc = tl.dot(a_desc.load([off_m, 0]), w)
+            if LN_BACKWARD:
+                m_idx = off_m + tl.arange(0, BLOCK_M)
+                in_m = m_idx < M
+                mean = tl.load(stats_ptr + m_idx * 2, mask=in_m, other=0.0)
+                rstd = tl.load(stats_ptr + m_idx * 2 + 1, mask=in_m, other=0.0)
+                r1 = tl.load(rr_ptr + m_idx * 2, mask=in_m, other=0.0)
+                r2 = tl.load(rr_ptr + m_idx * 2 + 1, mask=in_m, other=0.0)
+                xhat = (x_desc.load([off_m, off_n]).to(tl.float32) - mean[:, None]) * rstd[:, None]
+                acc = rstd[:, None] * (acc - r1[:, None] - xhat * r2[:, None])
             if HAS_BIAS:
                 acc += bias[None, :]
             acc = acc * s
@@ -567,12 +583,15 @@ def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activ
 
 
 def persistent_tile(cfg: dict, small_dtype: torch.dtype, B: int, D: int, res: Optional[torch.Tensor],
-                    w_bd: torch.Tensor) -> Optional[tuple]:
+                    w_bd: torch.Tensor, ln_h: Optional[torch.Tensor] = None) -> Optional[tuple]:
     """cfg's `persistent` tile (BLOCK_M, BLOCK_N, warps, stages[, programs]) where adapter_wide_persistent_kernel
     takes these operands, else None: 16-bit operands, B a multiple of 8 (a's and the weight's rows 16-byte lines)
     and at most PERSISTENT_MAX_B, d a multiple of 8, the residual row-major and TMA-able, w_bd (B, D) TMA-able
-    either way, and a Hopper or newer GPU (or the interpreter)."""
-    tile = cfg.get("persistent")
+    either way, and a Hopper or newer GPU (or the interpreter). ln_h (the LN backward's h, row-major and TMA-able):
+    cfg's `persistent_ln` tile instead, None unless a config asks for it (not yet timed on a GPU)."""
+    tile = cfg.get("persistent" if ln_h is None else "persistent_ln")
+    if ln_h is not None and (ln_h.dtype != small_dtype or _tma_layout(ln_h) != "row"):
+        return None
     if tile is None or small_dtype not in (torch.float16, torch.bfloat16) or w_bd.dtype != small_dtype:
         return None
     if B % 8 or B > PERSISTENT_MAX_B or D % 8:
@@ -584,9 +603,9 @@ def persistent_tile(cfg: dict, small_dtype: torch.dtype, B: int, D: int, res: Op
     return tile if _tma_layout(w_bd) is not None else None
 
 
-def _launch_wide_persistent(a, w_bd, res, out, bias, scale, scaling, tile) -> None:
+def _launch_wide_persistent(a, w_bd, res, out, bias, scale, scaling, tile, ln=None) -> None:
     """out = [res +] s (a @ w_bd + bias) by adapter_wide_persistent_kernel: a (M, B) row-major in out's dtype, w_bd
-    a (B, D) view (Wu^T or Wd), tile from persistent_tile."""
+    a (B, D) view (Wu^T or Wd), tile from persistent_tile; ln = (h, stats, r): the LN backward's epilogue."""
     M, D = out.shape
     B = a.shape[1]
     bm, bn, warps, stages = tile[:4]
@@ -595,12 +614,15 @@ def _launch_wide_persistent(a, w_bd, res, out, bias, scale, scaling, tile) -> No
     w_kmajor = _tma_layout(w_bd) == "col"  # (B, D) with unit stride along B: the (D, B) matrix is row-major
     w_desc = Descriptor(w_bd.t(), [bn, bb]) if w_kmajor else Descriptor(w_bd, [bb, bn])
     y_desc = Descriptor(out, [bm, bn])
+    h, stats, r = ln if ln is not None else (None, out, out)
     launch(adapter_wide_persistent_kernel, (programs,),
            Descriptor(a, [bm, bb]), w_desc, Descriptor(res, [bm, bn]) if res is not None else y_desc, y_desc,
            bias if bias is not None else out, scale if scale is not None else out,
+           Descriptor(h, [bm, bn]) if h is not None else y_desc, stats, r,
            M, D, float(scaling), programs,
            W_KMAJOR=w_kmajor, HAS_RES=res is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, STAGES=stages, num_warps=warps, num_stages=stages)
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, STAGES=stages, LN_BACKWARD=ln is not None, num_warps=warps,
+           num_stages=stages)
 
 
 def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
@@ -686,8 +708,8 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     flags = dict(SEQUENTIAL=sequential, LAYER_NORM=layer_norm, HAS_DOWN_BIAS=down_bias is not None,
                  HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None, SCALE_GRAD=need_scale)
     dummy = z
-    persistent = None if layer_norm or not need_h else persistent_tile(cfg, dtype, B, D,
-                                                                        grad_out if sequential else None, wd)
+    persistent = None if not need_h else persistent_tile(cfg, dtype, B, D, grad_out if sequential else None, wd,
+                                                         h if layer_norm else None)
     wide = bool(cfg.get("wide", False)) or persistent is not None
     gemm_first = wide or cfg.get("gemm_first", False)
     acc = dummy
@@ -710,8 +732,9 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     n_rows = cdiv(M, cfg["block_m"])
     if wide:
         run_bwd((n_rows, 1), False, False)  # dz, a, the LN row terms, the scale's row sums
-        if persistent is not None:  # dh = dz Wd [+ g]: no LN here
-            _launch_wide_persistent(dz, wd, grad_out if sequential else None, dh, None, None, 1.0, persistent)
+        if persistent is not None:  # dh = [LN backward of] dz W' [+ g]
+            _launch_wide_persistent(dz, wd, grad_out if sequential else None, dh, None, None, 1.0, persistent,
+                                    (h, stats, r) if layer_norm else None)
         elif need_h:
             _launch_wide(dz, wd, grad_out if sequential else None, h if layer_norm else None, dh, None, None,
                          stats if layer_norm else None, r if layer_norm else None, 1.0, activation, False,
