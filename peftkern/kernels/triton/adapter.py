@@ -35,9 +35,12 @@ split_n programs that each write a part of the columns); "two_pass" runs loop 1 
 from memory over (row block, column split) programs: one more read of h for the forward's residual, but any
 M fills the GPU. `gemm_first` takes loop 1's product (h W'^T, g [Wu, bu]) from cuBLAS, which splits that
 reduction (the kernels then run only loop 1's epilogue and loop 2); `wide` also runs loop 2 as a tiled GEMM of
-its own (`adapter_wide_kernel`), in both directions (True) or in the backward only ("backward": the default for
-16-bit h at large M). Which wins where is a measurement (NOTES-adapter.md, scripts/explore_adapter.py,
-benchmarks/bench_adapter.py --explore).
+its own (`adapter_wide_kernel`), in both directions (True) or in the backward only ("backward"); `persistent`
+runs loop 2 by `adapter_wide_persistent_kernel` instead where the operands allow (persistent_tile): a persistent
+GEMM with K = b in one MMA, whose weight tile stays in shared memory while each program streams a run of row blocks'
+a and residual tiles by TMA. The gemm-first schedule with the persistent loop 2 is the default for 16-bit h from
+1024 rows with b <= 256 (default_config, persistent_schedule). Which wins where is a measurement
+(NOTES-adapter.md, scripts/explore_adapter.py, benchmarks/bench_adapter.py --explore).
 Every program reads both weights whole: 2 d b 2 B = 4 MiB from L2 per row block, M / BLOCK_M times, so
 BLOCK_M trades L2 traffic against the number of programs.
 """
