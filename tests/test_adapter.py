@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for, rel_err
@@ -163,8 +165,7 @@ def _persistent_schedule(lead, d, b) -> bool:
     """Whether the Triton backend's default_config takes the persistent schedule for both 16-bit dtypes here."""
     from peftkern.kernels.triton import adapter as ka
 
-    M = int(torch.tensor(lead).prod())
-    return all(ka.persistent_schedule(M, d, b, dt) for dt in (torch.float16, torch.bfloat16))
+    return all(ka.persistent_schedule(math.prod(lead), d, b, dt) for dt in (torch.float16, torch.bfloat16))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the known failure is a GPU one")

@@ -509,21 +509,31 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
         # (fused: 283 us). M = 16384: 261 + 444 us against 313 + 547 us.
         # persistent: where the operands allow (persistent_tile), loop 2 of both directions (not the LN backward's)
         # by adapter_wide_persistent_kernel instead, 64 x 128 tiles, 4 warps, 3 stages (213 KB of shared memory).
-        return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=2, two_pass=False,
-                    gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
+        return _gemm_first_config(2)
     if persistent_schedule(M, D, B, dtype):
         # Measured on an H200 (bf16, relu, sequential, explore_adapter.py --quick, NOTES-adapter.md, 2026-12-04): the
         # gemm-first schedule with the persistent loop 2 against this function's earlier picks, forward / backward:
         # M = 2048, d = 4096, b = 256: 33 / 72 us against two-pass 69 / 108; M = 8192, d = 2048, b = 128: 43 / 98 us
         # against fused 59 / 114. The column splits serve the LN backward's tiled kernel and operands that
         # persistent_tile refuses.
-        split = max(2, min(cdiv(2 * sms, cdiv(M, 128)), cdiv(D, 64)))
-        return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=split, two_pass=False,
-                    gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
+        return _gemm_first_config(max(2, min(cdiv(2 * sms, cdiv(M, 128)), cdiv(D, 64))))
     if 2 * n_rows >= sms:
         return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=1, two_pass=False)
     split = max(1, min(cdiv(2 * sms, n_rows), cdiv(D, 64)))
     return dict(block_m=block_m, block_k=64, block_n=64, warps=warps, stages=3, split_n=split, two_pass=True)
+
+
+def _gemm_first_config(split: int) -> dict:
+    """default_config's gemm-first schedule: loop 1's product by cuBLAS, loop 2 by the persistent kernel where
+    persistent_tile allows, else in split column splits (forward) and by the tiled wide kernel (backward)."""
+    return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=split, two_pass=False,
+                gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
+
+
+def _persistent_operands_ok(dtype: Optional[torch.dtype], B: int, D: int) -> bool:
+    """What adapter_wide_persistent_kernel needs of the dtype and sizes: 16 bits, B a multiple of 8 (a's and the
+    weight's rows 16-byte lines) and at most PERSISTENT_MAX_B, d a multiple of 8."""
+    return dtype in (torch.float16, torch.bfloat16) and B % 8 == 0 and B <= PERSISTENT_MAX_B and D % 8 == 0
 
 
 def persistent_schedule(M: int, D: int, B: int, dtype: Optional[torch.dtype]) -> bool:
@@ -531,8 +541,8 @@ def persistent_schedule(M: int, D: int, B: int, dtype: Optional[torch.dtype]) ->
     would otherwise give the fused or two-pass schedule: 16-bit, from PERSISTENT_MIN_M rows, b and d as
     persistent_tile needs them. (Large M at b > 128 takes that schedule anyway.) Under it LN's statistics come
     from a pass of their own and loop 1's product from cuBLAS: ops/adapter.py lets LN run fused there."""
-    return (PERSISTENT_TILE is not None and dtype in (torch.float16, torch.bfloat16) and M >= PERSISTENT_MIN_M
-            and B % 8 == 0 and B <= PERSISTENT_MAX_B and D % 8 == 0 and not triton_interpret())
+    return (PERSISTENT_TILE is not None and M >= PERSISTENT_MIN_M and _persistent_operands_ok(dtype, B, D)
+            and not triton_interpret())
 
 
 def _splits(D: int, cfg: dict) -> tuple[int, int]:
@@ -583,8 +593,6 @@ def _launch_wide(small, w_bd, res, h, out, bias, scale, stats, r, scaling, activ
         num_warps=warps, num_stages=stages)
 
 
-
-
 def persistent_tile(cfg: dict, small_dtype: torch.dtype, B: int, D: int, res: Optional[torch.Tensor],
                     w_bd: torch.Tensor, ln_h: Optional[torch.Tensor] = None) -> Optional[tuple]:
     """cfg's `persistent` tile (BLOCK_M, BLOCK_N, warps, stages[, programs]) where adapter_wide_persistent_kernel
@@ -595,9 +603,7 @@ def persistent_tile(cfg: dict, small_dtype: torch.dtype, B: int, D: int, res: Op
     tile = cfg.get("persistent" if ln_h is None else "persistent_ln")
     if ln_h is not None and (ln_h.dtype != small_dtype or _tma_layout(ln_h) != "row"):
         return None
-    if tile is None or small_dtype not in (torch.float16, torch.bfloat16) or w_bd.dtype != small_dtype:
-        return None
-    if B % 8 or B > PERSISTENT_MAX_B or D % 8:
+    if tile is None or w_bd.dtype != small_dtype or not _persistent_operands_ok(small_dtype, B, D):
         return None
     if not triton_interpret() and (w_bd.device.type != "cuda" or _facts(w_bd.device)[1] < 9):
         return None
@@ -670,7 +676,7 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
             h.stride(0), h.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), acc.stride(0),
             float(scaling), float(ln_eps), Z_GIVEN=z_given, ACC_GIVEN=gemm_first, UP_PROJECT=up_project,
-            STORE_A=persistent is not None and not z_given, **flags, **meta)
+            STORE_A=persistent is not None, **flags, **meta)
 
     n_rows = cdiv(M, cfg["block_m"])
     if persistent is not None:
