@@ -312,6 +312,23 @@ def test_persistent_loop_two_matches_reference(b, programs, layer_norm, poison_e
                                      check=takes_it)
 
 
+def test_default_config_gives_the_ln_backward_the_persistent_kernel():
+    """default_config's gemm-first schedule asks for the persistent LN backward (PERSISTENT_LN_TILE, 2 stages),
+    timed on an H200 against the tiled kernel (NOTES-adapter.md); on a Hopper GPU the op's operands at the
+    benchmark's shape qualify for it."""
+    from peftkern.kernels.triton import adapter as ka
+
+    if ka.PERSISTENT_TILE is None:
+        pytest.skip("PEFTKERN_ADAPTER_PERSISTENT=0 turns the persistent kernel off")
+    assert ka._gemm_first_config(2)["persistent_ln"] == ka.PERSISTENT_LN_TILE == (64, 128, 4, 2)
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9:
+        dev, dt = torch.device("cuda"), torch.bfloat16
+        cfg = ka.default_config(8192, 4096, 256, dev, dt)
+        h = torch.empty(8192, 4096, device=dev, dtype=dt)
+        wd = torch.empty(256, 4096, device=dev, dtype=dt)
+        assert ka.persistent_tile(cfg, dt, 256, 4096, None, wd, h) == ka.PERSISTENT_LN_TILE
+
+
 def test_persistent_tile_refuses_what_tma_cannot_take():
     """persistent_tile: a bottleneck that is no multiple of 8 or wider than one MMA, fp32, an odd d or a residual
     whose rows are not TMA lines keep the tiled kernels."""

@@ -63,9 +63,10 @@ PERSISTENT_MAX_B = 256
 # (BLOCK_M, BLOCK_N, warps, stages) of adapter_wide_persistent_kernel in default_config; PEFTKERN_ADAPTER_PERSISTENT=0
 # keeps the tiled kernels (adapter_wide_kernel, adapter_fwd_kernel's loop 2) instead.
 PERSISTENT_TILE = (64, 128, 4, 3) if os.environ.get("PEFTKERN_ADAPTER_PERSISTENT", "1") != "0" else None
-# The LN backward's tile for configs that ask for it (`persistent_ln`): h's tile is a third stream, so 2 stages fit
-# (208 KB at b = 256, compile_report.py). Not in default_config: not yet timed against the tiled kernel on a GPU.
-PERSISTENT_LN_TILE = (64, 128, 4, 2)
+# The LN backward's tile (`persistent_ln`): h's tile is a third stream, so 2 stages fit (177 KB at b = 256 with
+# Triton 3.6, compile_report.py). In default_config since it was timed on an H200 (M = 8192, d = 4096, b = 256: the
+# op's LN backward 328 us against 381 us with the tiled adapter_wide_kernel; NOTES-adapter.md).
+PERSISTENT_LN_TILE = (64, 128, 4, 2) if PERSISTENT_TILE is not None else None
 PERSISTENT_MIN_M = 1024  # rows from which default_config takes the persistent schedule at any b <= 256 (measured: 2048)
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -507,8 +508,9 @@ def default_config(M: int, D: int, B: int, device: torch.device, dtype: Optional
         # x 2 column splits, 132 us at M = 8192 (the all-Triton fused schedule: 153 us); the backward with
         # g Wu from cuBLAS and dh = dz W' as a tiled GEMM (adapter_wide_kernel, 128x128x64, 4 warps), 246 us
         # (fused: 283 us). M = 16384: 261 + 444 us against 313 + 547 us.
-        # persistent: where the operands allow (persistent_tile), loop 2 of both directions (not the LN backward's)
-        # by adapter_wide_persistent_kernel instead, 64 x 128 tiles, 4 warps, 3 stages (213 KB of shared memory).
+        # persistent: where the operands allow (persistent_tile), loop 2 of both directions (the LN backward's too,
+        # at 2 stages: persistent_ln) by adapter_wide_persistent_kernel instead, 64 x 128 tiles, 4 warps, 3 stages
+        # (213 KB of shared memory).
         return _gemm_first_config(2)
     if persistent_schedule(M, D, B, dtype):
         # Measured on an H200 (bf16, relu, sequential, explore_adapter.py --quick, NOTES-adapter.md, 2026-12-04): the
@@ -527,7 +529,8 @@ def _gemm_first_config(split: int) -> dict:
     """default_config's gemm-first schedule: loop 1's product by cuBLAS, loop 2 by the persistent kernel where
     persistent_tile allows, else in split column splits (forward) and by the tiled wide kernel (backward)."""
     return dict(block_m=128, block_k=64, block_n=64, warps=8, stages=3, split_n=split, two_pass=False,
-                gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE)
+                gemm_first=True, wide="backward", wide_tile=(128, 128, 64, 4, 3), persistent=PERSISTENT_TILE,
+                persistent_ln=PERSISTENT_LN_TILE)
 
 
 def _persistent_operands_ok(dtype: Optional[torch.dtype], B: int, D: int) -> bool:
@@ -599,7 +602,7 @@ def persistent_tile(cfg: dict, small_dtype: torch.dtype, B: int, D: int, res: Op
     takes these operands, else None: 16-bit operands, B a multiple of 8 (a's and the weight's rows 16-byte lines)
     and at most PERSISTENT_MAX_B, d a multiple of 8, the residual row-major and TMA-able, w_bd (B, D) TMA-able
     either way, and a Hopper or newer GPU (or the interpreter). ln_h (the LN backward's h, row-major and TMA-able):
-    cfg's `persistent_ln` tile instead, None unless a config asks for it (not yet timed on a GPU)."""
+    cfg's `persistent_ln` tile instead (default_config's gemm-first schedule asks for it)."""
     tile = cfg.get("persistent" if ln_h is None else "persistent_ln")
     if ln_h is not None and (ln_h.dtype != small_dtype or _tma_layout(ln_h) != "row"):
         return None
