@@ -92,8 +92,8 @@ def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
     W = base.weight
     impls = {"floor (F.linear)": (lambda x: F.linear(x, W), [])}
     # On the CPU the kernels would run in Triton's interpreter (TRITON_INTERPRET=1, which the test suite sets), whose
-    # times say nothing about speed (this benchmark took 74 s there, 8 s without them): the reference row stands in, as the
-    # other benchmarks' CPU versions do.
+    # times say nothing about speed (this benchmark took 74 s there, 8 s without them): the reference row stands in,
+    # as the other benchmarks' CPU versions do.
     for backend in ("triton", "cuda") if device == "cuda" else ():
         if peftkern._backend.available(backend, torch.device(device), "lora"):
             def run(x, backend=backend):
