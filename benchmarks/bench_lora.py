@@ -122,7 +122,8 @@ def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
         impls["PEFT eager (fp32 adapters)"] = (layer32, p32)
         layer16, p16 = _peft_layer(torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype), r, False)
         layer16.base_layer.weight = W
-        impls[f"PEFT eager ({str(dtype).replace('torch.', '')} adapters)"] = (layer16, p16)
+        if dtype != torch.float32:  # a float32 model's adapters are float32 either way: the row above
+            impls[f"PEFT eager ({str(dtype).replace('torch.', '')} adapters)"] = (layer16, p16)
         if compile_anchor and device == "cuda":
             impls["PEFT + torch.compile"] = (torch.compile(layer16), p16)
     return impls
