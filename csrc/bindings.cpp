@@ -13,6 +13,10 @@
 
 #include "peftkern.h"
 
+namespace peftkern {
+void bind_launcher(pybind11::module& m);  // launch.cpp
+}  // namespace peftkern
+
 namespace {
 
 using peftkern::DType;
@@ -470,4 +474,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("factor"), py::arg("bias"), py::arg("scale_input"), py::arg("weight_transposed"));
   m.def("dropout_mask_", &dropout_mask_, "fill keep (M, K) bool with the kernels' dropout keep-mask",
         py::arg("keep"), py::arg("seed"), py::arg("dropout_p"));
+  peftkern::bind_launcher(m);
 }

@@ -156,18 +156,19 @@ def main() -> int:
             jit.append(per_call_us(jit_dispatch(fn), host_only=True))
             fast.append(per_call_us(fn, host_only=True))
         print(f"  {name:38s} JIT {sorted(jit)[1]:8.1f}   fast {sorted(fast)[1]:8.1f}")
-    print("the fast path calling the C launcher with memoised tensor maps (direct) or Triton's launcher, alternated 3 "
-          "times:")
+    print("the fast path by Triton's launcher, by its C launcher with memoised tensor maps (direct), and by "
+          "csrc/launch.cpp (native, where the extension is built), alternated 3 times:")
     direct_pairs = {**pairs, "lora_backward (dx, dA, dB)": pieces["lora_backward (dx, dA, dB)"],
                     "_lora_fwd": pieces["_lora_fwd"]}
+    modes = {"Triton's": (False, False), "direct": (True, False), "native": (True, True)}
     for name, fn in direct_pairs.items():
-        times = {True: [], False: []}
+        times = {mode: [] for mode in modes}
         for _ in range(3):
-            for direct in (False, True):
-                _launch.DIRECT_LAUNCH[0] = direct
-                times[direct].append(per_call_us(fn, host_only=True))
-        _launch.DIRECT_LAUNCH[0] = True
-        print(f"  {name:38s} Triton's {sorted(times[False])[1]:8.1f}   direct {sorted(times[True])[1]:8.1f}")
+            for mode, (direct, native) in modes.items():
+                _launch.DIRECT_LAUNCH[0], _launch.NATIVE_LAUNCH[0] = direct, native
+                times[mode].append(per_call_us(fn, host_only=True))
+        _launch.DIRECT_LAUNCH[0] = _launch.NATIVE_LAUNCH[0] = True
+        print(f"  {name:38s} " + "   ".join(f"{mode} {sorted(t)[1]:8.1f}" for mode, t in times.items()))
     print(f"launches by path: {_launch.stats}")
     print(f"addmm with out_dtype (float32 adapter gradients in one call): {tk._addmm_out_dtype[0]}")
     return 0

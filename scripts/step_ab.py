@@ -30,6 +30,7 @@ from peftkern.kernels.triton import lora as kl  # noqa: E402
 SETTINGS = {
     "default": (),
     "direct-off": ((_launch, "DIRECT_LAUNCH", [False]),),
+    "native-off": ((_launch, "NATIVE_LAUNCH", [False]),),  # csrc/launch.cpp's launcher off: the direct call
     "cublas-side": ((kl, "SKINNY_GRADS", False),),  # the default before the fifteenth session
     "skinny-main": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False)),
     "skinny-side": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", True)),

@@ -185,6 +185,22 @@ def test_fast_path_matches_the_jit_launch():
         _launch.FAST_LAUNCH[0] = True
 
 
+def _desc_axpy_cases():
+    """_desc_axpy_kernel through _launch.launch on new tensors, on tensors made again at a freed address (a memoised
+    tensor map's hit) and on views of other shapes and strides, each checked against torch."""
+    for M, N, cols in [(256, 128, 128), (256, 128, 128), (200, 96, 128), (64, 64, 256), (256, 128, 128)]:
+        big_x = torch.randn(M, cols, device="cuda", dtype=torch.float16)
+        x = big_x[:, :N]  # a view whose row stride is not its width
+        y = torch.randn(M, N, device="cuda", dtype=torch.float16)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+        a = float(torch.randn(()))
+        _launch.launch(_desc_axpy_kernel, (triton.cdiv(M, 64), triton.cdiv(N, 32)),
+                       _launch.Descriptor(x, [64, 32]), _launch.Descriptor(y, [64, 32]), out, M, N, a,
+                       BLOCK_M=64, BLOCK_N=32, num_warps=4)
+        torch.testing.assert_close(out, (x.float() * a + y.float()).half(), msg=lambda m: f"{M}x{N}: {m}")
+        del big_x, y  # freed: the next tensors of the same size may take these addresses
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET or torch.cuda.get_device_capability()[0] < 9 if HAS_CUDA else True,
                     reason="host TMA descriptors need a Hopper GPU")
 def test_direct_launch_with_descriptors_matches_the_jit_launch():
@@ -194,24 +210,101 @@ def test_direct_launch_with_descriptors_matches_the_jit_launch():
     torch.manual_seed(0)
     _launch.FAST_LAUNCH[0] = True
     before = dict(_launch.stats)
+    _launch.NATIVE_LAUNCH[0] = False  # csrc/launch.cpp would take these launches first
     try:
         for direct in (True, False, True):
             _launch.DIRECT_LAUNCH[0] = direct
-            for M, N, cols in [(256, 128, 128), (256, 128, 128), (200, 96, 128), (64, 64, 256), (256, 128, 128)]:
-                big_x = torch.randn(M, cols, device="cuda", dtype=torch.float16)
-                x = big_x[:, :N]  # a view whose row stride is not its width
-                y = torch.randn(M, N, device="cuda", dtype=torch.float16)
-                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
-                a = float(torch.randn(()))
-                _launch.launch(_desc_axpy_kernel, (triton.cdiv(M, 64), triton.cdiv(N, 32)),
-                               _launch.Descriptor(x, [64, 32]), _launch.Descriptor(y, [64, 32]), out, M, N, a,
-                               BLOCK_M=64, BLOCK_N=32, num_warps=4)
-                torch.testing.assert_close(out, (x.float() * a + y.float()).half(), msg=lambda m: f"{M}x{N}: {m}")
-                del big_x, y  # freed: the next tensors of the same size may take these addresses
+            _desc_axpy_cases()
     finally:
         _launch.DIRECT_LAUNCH[0] = True
+        _launch.NATIVE_LAUNCH[0] = True
     assert _launch.stats["direct"] - before["direct"] >= 6, "the repeated classes took the direct call"
     assert any(k[0] for k in _launch._tensormaps), "tensor maps were memoised"
+
+
+@triton.jit
+def _scalars_kernel(out_ptr, small, big, a, flag, BIG_OFFSET: tl.constexpr):
+    """out = [small, big - BIG_OFFSET, a, flag]: an int32, an int64, a float32 and a bool parameter read back."""
+    tl.store(out_ptr + 0, small.to(tl.float32))
+    tl.store(out_ptr + 1, (big - BIG_OFFSET).to(tl.float32))
+    tl.store(out_ptr + 2, a)
+    tl.store(out_ptr + 3, flag.to(tl.float32))
+
+
+def _has_native_launcher() -> bool:
+    from peftkern.kernels.cuda import extension
+
+    ext = extension()
+    return ext is not None and hasattr(ext, "TritonLauncher")
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET or torch.cuda.get_device_capability()[0] < 9 if HAS_CUDA else True,
+                    reason="host TMA descriptors need a Hopper GPU")
+def test_native_launch_matches_the_jit_launch():
+    """csrc/launch.cpp's TritonLauncher: the descriptor kernel on new tensors, on tensors made again at a freed
+    address (its memo's hit) and on views of other shapes and strides, and int32, int64, float32 and bool scalars,
+    give what Triton's own launch gives (NATIVE_LAUNCH off, DIRECT_LAUNCH off)."""
+    if not _has_native_launcher():
+        pytest.fail("peftkern._C.TritonLauncher is not built: install with the CUDA extension on the GPU machine")
+    torch.manual_seed(0)
+    _launch.FAST_LAUNCH[0] = True
+    before = dict(_launch.stats)
+    big_offset = 2**33
+    try:
+        for native in (True, False, True):
+            _launch.NATIVE_LAUNCH[0] = native
+            _launch.DIRECT_LAUNCH[0] = native
+            _desc_axpy_cases()
+            for small, extra, flag in [(-77, 12345, True), (-77, 12345, True), (2**30 + 3, -999, False),
+                                       (41, 7, False)]:
+                out = torch.full((4,), float("nan"), device="cuda")
+                a = float(torch.randn(()))
+                _launch.launch(_scalars_kernel, (1,), out, small, big_offset + extra, a, flag, BIG_OFFSET=big_offset,
+                               num_warps=1)
+                want = torch.tensor([float(small), float(extra), a, float(flag)], device="cuda")
+                torch.testing.assert_close(out, want, msg=lambda m: f"small={small} extra={extra} flag={flag}: {m}")
+    finally:
+        _launch.NATIVE_LAUNCH[0] = True
+        _launch.DIRECT_LAUNCH[0] = True
+    assert _launch.stats["native"] - before["native"] >= 8, "the repeated classes took the native launch"
+
+
+def test_native_launcher_reads_the_compiled_signature(monkeypatch):
+    """_native_launcher's parameter list: constexprs and None arguments dropped, each host descriptor with its TMA
+    metadata (element type in the driver's host enum), pointers and 8- to 64-bit scalars by position; None for what
+    csrc/launch.cpp cannot take (a 16-bit float scalar, a tuple, another descriptor class, no direct plan)."""
+    made = []
+
+    class FakeLauncher:
+        def __init__(self, *args):
+            made.append(args)
+
+    kinds = {"pointer": 0, "i8": 1, "i16": 2, "i32": 3, "i64": 4, "fp32": 5, "fp64": 6, "descriptor": 7}
+    ext = type("Ext", (), {"TritonLauncher": FakeLauncher, "TRITON_LAUNCHER_KINDS": kinds})()
+    from peftkern.kernels import cuda
+
+    monkeypatch.setattr(cuda, "extension", lambda: ext)
+    meta = {"swizzle": 3, "elem_size": 2, "elem_type": 10, "block_size": [64, 32], "fp4_padded": False}
+    signature = {"x_desc": "tensordesc<bf16[64, 32]>", "a_desc": "constexpr", "out": "*bf16", "M": "i32",
+                 "one": "constexpr", "big": "i64", "s": "fp32", "flag": "i1", "BLOCK": "constexpr"}
+
+    def compiled(sig):
+        run = type("Run", (), {"launch_cooperative_grid": False, "launch_pdl": False})()
+        md = type("M", (), {"tensordesc_meta": [meta], "num_warps": 8, "num_ctas": 1, "shared": 1024})()
+        return type("Compiled", (), {"src": type("Src", (), {"signature": sig})(), "metadata": md, "run": run,
+                                     "function": 1234})()
+
+    desc = _launch.Descriptor(torch.zeros(64, 32, dtype=torch.bfloat16), [64, 32])
+    args = (desc, None, torch.zeros(4), 9, 1, 2**40, 0.5, True)
+    assert isinstance(_launch._native_launcher(compiled(signature), args, ()), FakeLauncher)
+    function, warps, ctas, shared, coop, pdl, slots, desc_type = made[-1]
+    assert (function, warps, ctas, shared, coop, pdl, desc_type) == (1234, 8, 1, 1024, False, False, _launch.Descriptor)
+    assert slots == [(7, 0, 9, 2, 3, False, [64, 32]), (0, 2), (3, 3), (4, 5), (5, 6), (1, 7)]
+    assert _launch._native_launcher(compiled(signature), args, None) is None, "no direct plan: not the known layout"
+    assert _launch._native_launcher(compiled({**signature, "s": "fp16"}), args, ()) is None
+    assert _launch._native_launcher(compiled({**signature, "s": ("fp32", "fp32")}), args, ()) is None
+    other = TensorDescriptor.from_tensor(torch.zeros(64, 32, dtype=torch.bfloat16), [64, 32])
+    assert _launch._native_launcher(compiled(signature), (other, *args[1:]), ()) is None
 
 
 def test_direct_plan_reads_the_launcher_it_knows():

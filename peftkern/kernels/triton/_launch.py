@@ -33,6 +33,11 @@ FAST_LAUNCH = [os.environ.get("PEFTKERN_FAST_LAUNCH", "1") != "0"]  # a list: te
 # address, shape, strides, element type, box and swizzle, all of them in the memo's key, so a memoised one is the very
 # map Triton would build. PEFTKERN_DIRECT_LAUNCH=0 keeps Triton's launcher.
 DIRECT_LAUNCH = [os.environ.get("PEFTKERN_DIRECT_LAUNCH", "1") != "0"]
+# Where the CUDA extension is built, the direct call goes one step further: peftkern._C.TritonLauncher reads the
+# arguments, encodes (or reuses) the tensor maps and calls cuLaunchKernelEx in one C++ call, with the kernel's parameter
+# list worked out once per compiled kernel (csrc/launch.cpp). It takes the direct call's conditions and more: every host
+# descriptor one of this file's Descriptors, scalars of 8 to 64 bits. PEFTKERN_NATIVE_LAUNCH=0 keeps the direct call.
+NATIVE_LAUNCH = [os.environ.get("PEFTKERN_NATIVE_LAUNCH", "1") != "0"]
 
 
 def _known_driver():
@@ -58,8 +63,8 @@ _MAX_ENTRIES = 512  # per kernel; a run that makes more (shapes that never repea
 
 _entries: dict = {}  # kernel -> {class: (launcher, function, packed metadata, trailing arguments, compiled kernel)}
 _refused: set = set()  # kernels whose launcher refused a direct call: the slow path for good
-stats = {"fast": 0, "slow": 0, "direct": 0}  # launches by path (tests check that the fast path is taken); direct: of
-# the fast ones, those that called the C launcher
+stats = {"fast": 0, "slow": 0, "direct": 0, "native": 0}  # launches by path (tests check that the fast path is
+# taken); direct: of the fast ones, those that called Triton's C launcher; native: those that csrc/launch.cpp launched
 _tensormaps: dict = {}  # (address, shape, strides, padding, dtype, the kernel's descriptor metadata) -> expansion
 
 
@@ -209,13 +214,18 @@ def _launch_class(kernel, grid: tuple, key: tuple, args: tuple, meta: dict, ente
             tail = tuple(meta[p.name] if p.name in meta else p.default for p in params[len(args):])
             # the entry holds the compiled kernel itself: its module is unloaded when it is collected, and the
             # function handle would then name freed code
-            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled,
-                          _direct_plan(compiled, args))
+            direct = _direct_plan(compiled, args)
+            table[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled, direct,
+                          _native_launcher(compiled, args, direct))
         except AttributeError:  # a Triton release without these: the slow path for good
             _refused.add(kernel)
         return
-    run, function, packed, tail, _, direct = entry
+    run, function, packed, tail, _, direct, native = entry
     g = tuple(grid) + (1, 1)
+    if native is not None and NATIVE_LAUNCH[0] and native.launch(g[0], g[1], g[2], args):
+        stats["fast"] += 1
+        stats["native"] += 1
+        return
     try:
         if direct is not None and DIRECT_LAUNCH[0]:
             _direct_call(direct, g, _current_stream(key[0]), function, packed, enter, leave, args, tail)
@@ -291,3 +301,56 @@ def _direct_call(direct, g: tuple, stream: int, function, packed, enter, leave, 
             expansion = _tensormaps[k] = _make_tensordesc_arg(d, meta)
         flat[i:i + 1] = expansion
     raw(g[0], g[1], g[2], stream, function, cooperative, pdl, None, None, packed, None, enter, leave, *flat, *tail)
+
+
+# Triton's scalar types as csrc/launch.cpp's kinds (ty_to_cpp in Triton's NVIDIA driver: i1 is an int8_t there)
+_SCALAR_KINDS = {"i1": "i8", "i8": "i8", "u1": "i8", "u8": "i8", "i16": "i16", "u16": "i16", "i32": "i32",
+                 "u32": "i32", "i64": "i64", "u64": "i64", "fp32": "fp32", "f32": "fp32", "fp64": "fp64"}
+# The TMA element type enum differs between the device side (the kernel's metadata) and the driver's host API
+_TMA_DTYPE_TO_HOST = {8: 10, 9: 8, 10: 9}
+
+
+def _native_launcher(compiled, args: tuple, direct):
+    """peftkern._C.TritonLauncher for this compiled kernel, or None (then _direct_call or Triton's launcher runs): the
+    extension not built, no direct plan (another launcher layout, scratch memory, descriptors without TMA metadata), or
+    a parameter it cannot take (a tuple, a 16-bit scalar, a descriptor of another class)."""
+    if direct is None:
+        return None
+    from ..cuda import extension
+
+    ext = extension()
+    if ext is None or not hasattr(ext, "TritonLauncher"):
+        return None
+    try:
+        kinds = ext.TRITON_LAUNCHER_KINDS
+        signature = list(compiled.src.signature.values())
+        metas = list(compiled.metadata.tensordesc_meta or [])
+        slots, described = [], 0
+        for i, ty in enumerate(signature):
+            if not isinstance(ty, str):
+                return None
+            if ty == "constexpr":
+                continue
+            if i >= len(args):  # a run-time parameter among those the class fixes: not the layout this knows
+                return None
+            if ty.startswith("tensordesc"):
+                arg, meta = args[i], metas[described]
+                described += 1
+                if type(arg) is not Descriptor or meta.get("fp4_padded"):
+                    return None
+                elem = meta["elem_type"]
+                slots.append((kinds["descriptor"], i, _TMA_DTYPE_TO_HOST.get(elem, elem), meta["elem_size"],
+                              meta["swizzle"], getattr(arg, "padding", None) == "nan", list(meta["block_size"])))
+            elif ty.startswith("*"):
+                slots.append((kinds["pointer"], i))
+            elif ty in _SCALAR_KINDS:
+                slots.append((kinds[_SCALAR_KINDS[ty]], i))
+            else:
+                return None
+        if described != len(metas):
+            return None
+        md, run = compiled.metadata, compiled.run
+        return ext.TritonLauncher(compiled.function, md.num_warps, getattr(md, "num_ctas", 1), md.shared,
+                                  bool(run.launch_cooperative_grid), bool(run.launch_pdl), slots, Descriptor)
+    except (AttributeError, IndexError, KeyError, TypeError, RuntimeError):
+        return None
