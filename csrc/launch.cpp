@@ -23,7 +23,9 @@
 #include <vector>
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -328,6 +330,31 @@ class TritonLauncher {
   std::vector<void*> params_;
 };
 
+// Tensors on ref's device for a launch's outputs and workspaces: specs is a tuple of (shape tuple, torch.dtype, zero),
+// each made by at::empty on the caching allocator and, where zero is true, cleared by cudaMemsetAsync on the current
+// stream. From Python each torch.empty cost the host ~6 us and each torch.zeros ~7 (a fill kernel through the
+// dispatcher, scripts/host_costs.py on an H200 machine); a persistent LoRA launch makes three, skinny_grads six.
+py::list empty_buffers(const at::Tensor& ref, const py::tuple& specs) {
+  if (!ref.is_cuda()) throw std::invalid_argument("empty_buffers: ref must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(ref.device());
+  const auto stream = at::cuda::getCurrentCUDAStream(ref.device().index());
+  py::list out;
+  for (const auto& item : specs) {
+    auto spec = item.cast<py::tuple>();
+    auto shape = spec[0].cast<std::vector<int64_t>>();
+    PyObject* dtype = spec[1].ptr();
+    if (!THPDtype_Check(dtype)) throw std::invalid_argument("empty_buffers: a spec's dtype must be a torch.dtype");
+    at::Tensor t = at::empty(shape, ref.options().dtype(reinterpret_cast<THPDtype*>(dtype)->scalar_type));
+    if (spec[2].cast<bool>() && t.nbytes() > 0) {
+      const cudaError_t err = cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), stream.stream());
+      if (err != cudaSuccess)
+        throw std::runtime_error(std::string("empty_buffers: cudaMemsetAsync failed: ") + cudaGetErrorString(err));
+    }
+    out.append(py::cast(t));
+  }
+  return out;
+}
+
 }  // namespace
 
 namespace peftkern {
@@ -341,6 +368,8 @@ void bind_launcher(py::module& m) {
       .def("launch", &TritonLauncher::launch, "launch on the current stream; False if an argument is not readable",
            py::arg("grid_x"), py::arg("grid_y"), py::arg("grid_z"), py::arg("args"))
       .def("cached_maps", &TritonLauncher::cached_maps, "tensor maps held in the memo");
+  m.def("empty_buffers", &empty_buffers, "tensors on ref's device from (shape, dtype, zero) specs; zero: cleared",
+        py::arg("ref"), py::arg("specs"));
   m.attr("TRITON_LAUNCHER_KINDS") = py::dict(
       py::arg("pointer") = static_cast<int>(kPointer), py::arg("i8") = static_cast<int>(kInt8),
       py::arg("i16") = static_cast<int>(kInt16), py::arg("i32") = static_cast<int>(kInt32),

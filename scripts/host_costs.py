@@ -104,6 +104,8 @@ def main() -> int:
         "A.to(bf16) (same dtype)": lambda: A.to(dt),
         "A32.to(bf16)": lambda: A32.to(dt),
         "torch.empty((M, N))": lambda: torch.empty((M, N), device=dev, dtype=dt),
+        "empty_buffers: (M, N), (M, r), zeroed flags": lambda: _launch.empty_buffers(
+            x, ((M, N), dt, False), ((M, R), dt, False), ((64,), torch.int32, True)),
         "TensorDescriptor.from_tensor": lambda: TensorDescriptor.from_tensor(x, [128, 64]),
         "a 2-arg Triton launch": lambda: _noop_kernel[(1,)](small, 1024, BLOCK=1024),
         "persistent_forward_ok": lambda: tk.persistent_forward_ok(x, W, A),

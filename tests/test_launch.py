@@ -388,3 +388,24 @@ def test_every_launch_in_the_package_can_take_the_fast_path():
                 assert positional == len(plain), f"{where}: {positional} by position, {plain}"
             checked += 1
     assert checked >= 15, checked
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_empty_buffers_make_each_spec(device):
+    """_launch.empty_buffers: each (shape, dtype, zero) spec as a tensor on ref's device, the zeroed ones all zero
+    (on the GPU over memory that held other data first), by csrc/launch.cpp where the extension is built."""
+    if device == "cuda" and (not HAS_CUDA or INTERPRET):
+        pytest.skip("needs a GPU")
+    if device == "cuda" and not _has_native_launcher():
+        pytest.fail("peftkern._C.empty_buffers is not built: install with the CUDA extension on the GPU machine")
+    ref = torch.randn(3, device=device)
+    specs = (((5, 7), torch.bfloat16, False), ((33,), torch.int32, True), ((0,), torch.float32, True),
+             ((4, 2, 3), torch.float32, True))
+    for _ in range(3):  # what the allocator hands back next held these values
+        junk = [torch.full(shape, 7, device=device, dtype=dtype) for shape, dtype, _ in specs]
+        del junk
+        made = _launch.empty_buffers(ref, *specs)
+        assert [(tuple(t.shape), t.dtype, t.device.type) for t in made] == [(s, d, device) for s, d, _ in specs]
+        for t, (_, _, zero) in zip(made, specs):
+            if zero:
+                assert int(torch.count_nonzero(t)) == 0, f"{t.shape} {t.dtype} not cleared"

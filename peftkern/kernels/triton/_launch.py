@@ -354,3 +354,21 @@ def _native_launcher(compiled, args: tuple, direct):
                                   bool(run.launch_cooperative_grid), bool(run.launch_pdl), slots, Descriptor)
     except (AttributeError, IndexError, KeyError, TypeError, RuntimeError):
         return None
+
+
+_buffer_maker: list = []  # [peftkern._C.empty_buffers or None], looked up at the first call
+
+
+def empty_buffers(ref: torch.Tensor, *specs: tuple) -> list:
+    """Tensors on ref's device for a launch's outputs and workspaces, one per (shape, dtype, zero) spec, cleared where
+    zero is true. One C++ call where the extension is built and ref is a CUDA tensor (csrc/launch.cpp: at::empty and
+    cudaMemsetAsync, a few microseconds of host time for all of them), else torch.empty / torch.zeros each."""
+    if not _buffer_maker:
+        from ..cuda import extension
+
+        ext = extension()
+        _buffer_maker.append(getattr(ext, "empty_buffers", None) if ext is not None else None)
+    maker = _buffer_maker[0]
+    if maker is not None and NATIVE_LAUNCH[0] and ref.is_cuda:
+        return maker(ref, specs)
+    return [(torch.zeros if zero else torch.empty)(shape, device=ref.device, dtype=dtype) for shape, dtype, zero in specs]

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from ._launch import Descriptor, cdiv, launch, launch_planned, next_power_of_2
+from ._launch import Descriptor, cdiv, empty_buffers, launch, launch_planned, next_power_of_2
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -1097,7 +1097,7 @@ class _PersistentPlan:
     out cost the host ~10 us a call on a fast CPU). key: that memo's key, None for a config given by the caller."""
 
     __slots__ = ("bm", "bn", "bk", "block_r", "store_n", "grid", "make_xa", "scale_b", "no_scale", "b_rmajor",
-                 "w_kmajor", "a_layout", "flags", "meta", "key")
+                 "w_kmajor", "a_layout", "flags", "buffers", "meta", "key")
 
     def __init__(self, x, w, lora_A, lora_B, scaling, bias, config, xa_dtype, xa, xa_scaled, prescale_b, workers, key):
         M, K = x.shape
@@ -1149,6 +1149,12 @@ class _PersistentPlan:
         else:
             self.a_layout = None if xa_given else "row"
         self.flags = cdiv(M, bm) if n_workers or n_helpers else 0
+        # what the kernel writes into, made in one call where xa is the kernel's too (_launch.empty_buffers)
+        self.buffers = None
+        if self.make_xa == "kernel":
+            self.buffers = (((M, N), x.dtype, False), ((M, R), made_dtype, False))
+            if self.flags:
+                self.buffers += (((self.flags,), torch.int32, True),)
         self.bm, self.bn, self.bk, self.block_r, self.store_n, self.key = bm, bn, bk, block_r, store_n, key
         self.meta = dict(
             XA_GIVEN=xa_given, XA_SCALED=self.no_scale, W_KMAJOR=self.w_kmajor, HAS_BIAS=bias is not None,
@@ -1194,15 +1200,17 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         plan = _PersistentPlan(x, w, lora_A, lora_B, scaling, bias, config, xa_dtype, xa, xa_scaled, prescale_b,
                                workers, None)
     bm, bn, bk, block_r = plan.bm, plan.bn, plan.bk, plan.block_r
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     # A and B as they come where they can: the backward's dx passes B^T and A^T, views whose copies would cost a
     # launch each. cuBLAS takes A in any layout; B's TMA tiles come from B (N, r) or from B^T (r, N) row-major.
     # A is cast only where something reads it (a given xa with no workers needs none: float32 adapters' cast kernel).
     make_xa = plan.make_xa
     a = lora_A.to(x.dtype) if make_xa != "given" or plan.a_layout is not None else None
-    if make_xa == "kernel":
-        xa = torch.empty((M, R), device=x.device, dtype=xa_dtype)
-    elif make_xa == "scaled":  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
+    flags = None
+    if plan.buffers is not None:  # y, xa and the zeroed flags in one call
+        y, xa, *flags = empty_buffers(x, *plan.buffers)
+    else:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if make_xa == "scaled":  # workers asked for where the walk leaves no SM free: s x A^T by cuBLAS
         xa = scaled_mm(x, a.t(), scaling, x.dtype)
     elif make_xa == "float32":
         xa = mm_float32(x, a.t())
@@ -1219,7 +1227,7 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
         a_desc = Descriptor(a.contiguous(), [block_r, bk])
     elif plan.a_layout == "col":  # A^T (K, r) row-major: the backward's dx passes B^T, a view of B
         a_desc = Descriptor(a.t(), [bk, block_r])
-    flags = torch.zeros(plan.flags, device=x.device, dtype=torch.int32) if plan.flags else xa
+    flags = flags[0] if flags else xa
     args = (
         Descriptor(x, [bm, bk]), w_desc, Descriptor(y, [bm, plan.store_n]), a_desc, b_desc, Descriptor(xa, [bm, block_r]),
         xa, bias if bias is not None else y,
@@ -1323,6 +1331,19 @@ def _skinny_plan(M: int, K: int, N: int, R: int, need_a: bool, need_b: bool, dev
     return block_m, block_c, warps, stages, block_r, blocks_a, slots, cdiv(M, rows_per_split), rows_per_split
 
 
+@functools.lru_cache(maxsize=4096)
+def _skinny_buffers(partials: int, block_c: int, block_r: int, slots: int, R: int, K: int, N: int, a_dtype: torch.dtype,
+                    b_dtype: torch.dtype, need_a: bool, need_b: bool, need_bias: bool) -> tuple:
+    """skinny_grads' buffers as _launch.empty_buffers specs, made in one call: the float32 partials, the column sums'
+    partials, the zeroed counters, dA, dB and the bias gradient, each where it is needed; and which of the six those
+    are."""
+    wanted = (True, need_bias, True, need_a, need_b, need_bias)
+    specs = (((partials * block_c * block_r,), torch.float32, False), ((partials * block_c,), torch.float32, False),
+             ((slots,), torch.int32, True), ((R, K), a_dtype, False), ((N, R), b_dtype, False),
+             ((N,), torch.float32, False))
+    return tuple(spec for spec, want in zip(specs, wanted) if want), wanted
+
+
 def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor, xa: Optional[torch.Tensor],
                  scale_a: float, scale_b: float, a_dtype: torch.dtype, b_dtype: torch.dtype,
                  need_a: bool = True, need_b: bool = True, need_bias: bool = False,
@@ -1338,13 +1359,11 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
         return None, None, None
     plan_key = (M, K, N, R, need_a, need_b or need_bias, x.device, config)
     block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = _skinny_plan(*plan_key)
-    dev = x.device
-    part = torch.empty((slots * splits * block_c * block_r,), device=dev, dtype=torch.float32)
-    sums = torch.empty((slots * splits * block_c,), device=dev, dtype=torch.float32) if need_bias else part
-    counts = torch.zeros((slots,), device=dev, dtype=torch.int32)
-    da = torch.empty((R, K), device=dev, dtype=a_dtype) if need_a else None
-    db = torch.empty((N, R), device=dev, dtype=b_dtype) if need_b else None
-    dbias = torch.empty((N,), device=dev, dtype=torch.float32) if need_bias else None
+    specs, wanted = _skinny_buffers(slots * splits, block_c, block_r, slots, R, K, N, a_dtype, b_dtype, need_a, need_b,
+                                    need_bias)
+    made = iter(empty_buffers(x, *specs))
+    part, sums, counts, da, db, dbias = (next(made) if want else None for want in wanted)
+    sums = sums if sums is not None else part
     dyb_ = dyb if need_a else dy  # stand-ins a branch never taken reads nothing from
     xa_ = xa if (need_b or need_bias) and xa is not None else dyb_
     da_ = da if da is not None else part
