@@ -245,12 +245,6 @@ class TritonLauncher {
     return true;
   }
 
-  size_t cached_maps() const {
-    size_t total = 0;
-    for (const auto& s : slots_) total += s.maps.size();
-    return total;
-  }
-
  private:
   // A CUDA tensor's address (None: 0).
   static bool pointer(PyObject* obj, uint64_t* out) {
@@ -366,8 +360,7 @@ void bind_launcher(py::module& m) {
            py::arg("num_warps"), py::arg("num_ctas"), py::arg("shared"), py::arg("cooperative"), py::arg("pdl"),
            py::arg("slots"), py::arg("descriptor_type"))
       .def("launch", &TritonLauncher::launch, "launch on the current stream; False if an argument is not readable",
-           py::arg("grid_x"), py::arg("grid_y"), py::arg("grid_z"), py::arg("args"))
-      .def("cached_maps", &TritonLauncher::cached_maps, "tensor maps held in the memo");
+           py::arg("grid_x"), py::arg("grid_y"), py::arg("grid_z"), py::arg("args"));
   m.def("empty_buffers", &empty_buffers, "tensors on ref's device from (shape, dtype, zero) specs; zero: cleared",
         py::arg("ref"), py::arg("specs"));
   m.attr("TRITON_LAUNCHER_KINDS") = py::dict(

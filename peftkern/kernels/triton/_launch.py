@@ -61,7 +61,8 @@ _make_tensordesc_arg = _known_driver()
 _MAX_TENSORMAPS = 4096
 _MAX_ENTRIES = 512  # per kernel; a run that makes more (shapes that never repeat) starts the cache again
 
-_entries: dict = {}  # kernel -> {class: (launcher, function, packed metadata, trailing arguments, compiled kernel)}
+_entries: dict = {}  # kernel -> {class: (launcher, function, packed metadata, trailing arguments, compiled kernel,
+# _direct_plan's plan or None, csrc/launch.cpp's TritonLauncher or None)}
 _refused: set = set()  # kernels whose launcher refused a direct call: the slow path for good
 stats = {"fast": 0, "slow": 0, "direct": 0, "native": 0}  # launches by path (tests check that the fast path is
 # taken); direct: of the fast ones, those that called Triton's C launcher; native: those that csrc/launch.cpp launched
@@ -310,19 +311,22 @@ _SCALAR_KINDS = {"i1": "i8", "i8": "i8", "u1": "i8", "u8": "i8", "i16": "i16", "
 _TMA_DTYPE_TO_HOST = {8: 10, 9: 8, 10: 9}
 
 
+def _extension_attr(name: str):
+    """peftkern._C's `name` (csrc/launch.cpp's launcher and buffer maker), or None where the extension is not built."""
+    from ..cuda import extension
+
+    return getattr(extension(), name, None)
+
+
 def _native_launcher(compiled, args: tuple, direct):
     """peftkern._C.TritonLauncher for this compiled kernel, or None (then _direct_call or Triton's launcher runs): the
     extension not built, no direct plan (another launcher layout, scratch memory, descriptors without TMA metadata), or
     a parameter it cannot take (a tuple, a 16-bit scalar, a descriptor of another class)."""
-    if direct is None:
-        return None
-    from ..cuda import extension
-
-    ext = extension()
-    if ext is None or not hasattr(ext, "TritonLauncher"):
+    launcher = _extension_attr("TritonLauncher")
+    if direct is None or launcher is None:
         return None
     try:
-        kinds = ext.TRITON_LAUNCHER_KINDS
+        kinds = _extension_attr("TRITON_LAUNCHER_KINDS")
         signature = list(compiled.src.signature.values())
         metas = list(compiled.metadata.tensordesc_meta or [])
         slots, described = [], 0
@@ -350,8 +354,8 @@ def _native_launcher(compiled, args: tuple, direct):
         if described != len(metas):
             return None
         md, run = compiled.metadata, compiled.run
-        return ext.TritonLauncher(compiled.function, md.num_warps, getattr(md, "num_ctas", 1), md.shared,
-                                  bool(run.launch_cooperative_grid), bool(run.launch_pdl), slots, Descriptor)
+        return launcher(compiled.function, md.num_warps, getattr(md, "num_ctas", 1), md.shared,
+                        bool(run.launch_cooperative_grid), bool(run.launch_pdl), slots, Descriptor)
     except (AttributeError, IndexError, KeyError, TypeError, RuntimeError):
         return None
 
@@ -364,10 +368,7 @@ def empty_buffers(ref: torch.Tensor, *specs: tuple) -> list:
     zero is true. One C++ call where the extension is built and ref is a CUDA tensor (csrc/launch.cpp: at::empty and
     cudaMemsetAsync, a few microseconds of host time for all of them), else torch.empty / torch.zeros each."""
     if not _buffer_maker:
-        from ..cuda import extension
-
-        ext = extension()
-        _buffer_maker.append(getattr(ext, "empty_buffers", None) if ext is not None else None)
+        _buffer_maker.append(_extension_attr("empty_buffers"))
     maker = _buffer_maker[0]
     if maker is not None and NATIVE_LAUNCH[0] and ref.is_cuda:
         return maker(ref, specs)
