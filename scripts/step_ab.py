@@ -25,12 +25,14 @@ from bench_e2e import _repeats  # noqa: E402  (the benchmark's own timing of a s
 from peftkern import workloads  # noqa: E402
 from peftkern.kernels.triton import _launch  # noqa: E402
 from peftkern.kernels.triton import lora as kl  # noqa: E402
+from peftkern.ops import _common  # noqa: E402
 
 # name -> ((module, attribute, value), ...): the switches each setting sets; the rest keep the import's values
 SETTINGS = {
     "default": (),
     "direct-off": ((_launch, "DIRECT_LAUNCH", [False]),),
     "native-off": ((_launch, "NATIVE_LAUNCH", [False]),),  # csrc/launch.cpp's launcher off: the direct call
+    "params-saved": ((_common, "PARAMS_ON_CTX", [False]),),  # the Parameters through save_for_backward, as before
     "cublas-side": ((kl, "SKINNY_GRADS", False),),  # the default before the fifteenth session
     "skinny-main": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False)),
     "skinny-side": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", True)),

@@ -178,6 +178,58 @@ def test_dropout_under_activation_checkpointing(backend):
         "checkpoint recomputation must redraw the same dropout mask"
 
 
+def _module_grads(layer, x, use_ckpt):
+    from torch.utils.checkpoint import checkpoint
+
+    layer.zero_grad(set_to_none=True)
+    xi = x.detach().clone().requires_grad_()
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    fn = lambda inp: torch.tanh(layer(inp))  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = checkpoint(fn, xi, use_reentrant=False) if use_ckpt else fn(xi)
+    y.square().sum().backward()
+    return (xi.grad, layer.lora_A.grad, layer.lora_B.grad), len(packed)
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("use_ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_parameters_kept_on_ctx_give_the_saved_gradients(backend, use_ckpt, monkeypatch):
+    """A module's Parameters ride on ctx (ops._common.keep_parameters): same gradients as with every input saved,
+    fewer tensors through the saved-tensor hooks (those checkpointing installs are Python)."""
+    from peftkern.ops import _common
+
+    dtype = dtypes_for(backend)[-1]
+    layer = LoRALinear(64, 48, r=8, bias=True, device=DEVICE, dtype=dtype)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(2, 20, 64, device=DEVICE, dtype=dtype)
+    kept, n_kept = _module_grads(layer, x, use_ckpt)
+    monkeypatch.setattr(_common, "PARAMS_ON_CTX", [False])
+    saved, n_saved = _module_grads(layer, x, use_ckpt)
+    for got, ref, name in zip(kept, saved, ("dx", "dA", "dB")):
+        assert torch.equal(got, ref), f"{name}: the Parameters kept on ctx gave another gradient"
+    if not use_ckpt:  # (a checkpoint's own hooks take every save inside it: the outer ones see its input only)
+        assert n_kept == n_saved - 3, f"the weight, A and B should skip the hooks: {n_kept} vs {n_saved} packed"
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("on_ctx", [True, False], ids=["on-ctx", "saved"])
+def test_parameter_changed_in_place_before_backward_raises(backend, on_ctx, monkeypatch):
+    from peftkern.ops import _common
+
+    monkeypatch.setattr(_common, "PARAMS_ON_CTX", [on_ctx])
+    layer = LoRALinear(32, 24, r=4, device=DEVICE)
+    y = layer(torch.randn(5, 32, device=DEVICE, requires_grad=True))
+    with torch.no_grad():
+        layer.lora_A.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def _op_node(y):
     """The LoRA Function's node (its ctx) behind the output y, through the reshape lora_linear ends with."""
     node = y.grad_fn

@@ -124,6 +124,41 @@ def recompute_product(node, shape: torch.Size) -> Tensor:
     return (node._saved_self * node._saved_other).reshape(shape)
 
 
+# A Function's nn.Parameter inputs (the frozen weight, the adapters) are kept for backward on ctx by reference, not
+# through save_for_backward: every saved tensor goes through the saved-tensor hooks installed at the time, and under
+# activation checkpointing (non-reentrant: transformers' gradient_checkpointing_enable, torch.utils.checkpoint) those
+# are Python functions, two when the forward runs and again when it is recomputed, and one more in backward. For a
+# module's own parameters they only cost the host: the module holds them anyway, and what the checkpoint recomputes
+# is the same tensor. Their version counters are recorded and checked in backward (parameters_back), as
+# save_for_backward's would be, so an in-place change between forward and backward still raises. Under torch.compile,
+# and where any input is not a Parameter (a cast copy under autocast, a view), everything goes through
+# save_for_backward as before. PEFTKERN_PARAMS_ON_CTX=0 saves them all.
+PARAMS_ON_CTX = [os.environ.get("PEFTKERN_PARAMS_ON_CTX", "1") != "0"]  # a list: scripts/step_ab.py switches it
+
+
+def keep_parameters(*params: Tensor) -> Optional[tuple]:
+    """(params, their versions) to keep on a Function's ctx where every one is an nn.Parameter or None, eager; else
+    None: the caller saves them with save_for_backward."""
+    if not PARAMS_ON_CTX[0] or torch.compiler.is_compiling():
+        return None
+    for p in params:
+        if p is not None and not isinstance(p, torch.nn.Parameter):
+            return None
+    return params, tuple(None if p is None else p._version for p in params)
+
+
+def parameters_back(kept: tuple, op: str) -> tuple:
+    """keep_parameters' tensors in backward, after the check that none was modified in place since the forward."""
+    params, versions = kept
+    for i, p in enumerate(params):
+        if p is not None and p._version != versions[i]:
+            raise RuntimeError(
+                f"{op}: one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a Parameter of shape {tuple(p.shape)} is at version {p._version}; expected version "
+                f"{versions[i]} instead (it was changed between the forward and the backward)")
+    return params
+
+
 def draw_seed() -> Tensor:
     """A dropout seed from torch's default generator: reproducible under torch.manual_seed, and the same
     on activation-checkpointing recomputation (which restores the RNG state)."""
