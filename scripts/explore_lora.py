@@ -16,6 +16,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
     python scripts/explore_lora.py --skinny-grads    # dA and dB by skinny_grads (one launch) or by two cuBLAS calls
     python scripts/explore_lora.py --skinny-op [M,K,N,r ...]  # the op with PEFTKERN_LORA_SKINNY_GRADS 0/main/side
+    python scripts/explore_lora.py --narrow-configs [M,K,N,r ...]  # the persistent kernel's configs at the 1b shapes
 """
 import sys
 
@@ -566,10 +567,73 @@ def skinny_op():
     kl.SKINNY_GRADS, kl.SKINNY_SIDE = saved
 
 
+# r = 16 configs of the flattened walk over the default (_persistent_config(8192, 16)), for the 1b model's 2048- and
+# 5632-wide GEMMs. There the persistent kernel took ~10% longer than cuBLAS on the same GEMMs in the compiled 1b
+# step's trace (18.40 ms against ~16.7 ms a step, NOTES-lora.md, twentieth session); the default was picked on an
+# H100 at 4096^2. Each was compiled for sm_90 by Triton 3.6 on a machine without a GPU, through
+# scripts/compile_report.py's lora_forward case with W read K-major (forward) and N-major (dx). Two first picks, 4
+# stages of 128x256x64 and 2 of 128x256x128, needed 236 KB, more than an SM's 227, and were replaced. Not yet timed.
+NARROW_CONFIGS = [  # shared memory and registers a thread, forward / dx (Triton 3.6, sm_90a); none spills
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SUBTILE=True, num_warps=8, num_stages=3),  # default, 188 KB, 162/166
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, SUBTILE=True, num_warps=8, num_stages=6),  # 188 KB, 163/168
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, SUBTILE=True, num_warps=8, num_stages=3),  # 188 KB, 162/166
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, SUBTILE=True, num_warps=8, num_stages=3),  # 188 KB, 162/166
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SUBTILE=False, num_warps=8, num_stages=4),  # 168 KB, 97/104
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SUBTILE=False, num_warps=4, num_stages=5),  # 200 KB, 168/172
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SUBTILE=True, num_warps=8, num_stages=3),  # 188 KB, 170/174
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SUBTILE=True, num_warps=8, num_stages=4),  # 208 KB, 120/121
+]
+
+
+def narrow_configs():
+    """The persistent kernel alone, per config of NARROW_CONFIGS, at the 1b model's shapes (M,K,N,r arguments pick
+    others): the forward with xa given (x A^T made beforehand, as where the walk leaves the workers no SM) against
+    F.linear, and the dx with dyb given (the op's order at r <= 64) against cuBLAS's dy @ W; two rounds. The LoRA
+    term is in both, so ~1-2% over cuBLAS is its epilogue; the rest is the GEMM itself."""
+    dt = torch.bfloat16
+    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
+        (8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16)]
+    for M, K, N, r in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
+        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
+        xa, dyb = x @ A.t(), dy @ B
+        t_fwd, t_dx = ms(lambda: x @ W.t()), ms(lambda: dy @ W)
+        flops = 2 * M * K * N
+        print(f"M={M} {K}->{N} r={r}: F.linear {t_fwd * 1e3:.1f} us ({flops / t_fwd / 1e9:.0f} TFLOP/s), dy @ W "
+              f"{t_dx * 1e3:.1f} us ({flops / t_dx / 1e9:.0f} TFLOP/s)", flush=True)
+        ref_y, ref_dx = x @ W.t() + 2.0 * (xa @ B.t()), dy @ W + 2.0 * (dyb @ A)
+        for rnd in range(2):
+            for i, cfg in enumerate(NARROW_CONFIGS):
+                cfg = {**kl._persistent_config(M, r), **cfg}
+
+                def fwd(cfg=cfg):
+                    return kl.persistent_forward(x, W, A, B, 2.0, config=cfg, xa=xa)
+
+                def dx(cfg=cfg):
+                    return kl.persistent_forward(dy, W.t(), B.t(), A.t(), 2.0, config=cfg, xa=dyb)
+
+                try:
+                    if rnd == 0:  # each config's answer once, against cuBLAS's
+                        errs = [((got[0].float() - ref.float()).norm() / ref.float().norm()).item()
+                                for got, ref in ((fwd(), ref_y), (dx(), ref_dx))]
+                        assert max(errs) < 2e-2, f"config {i} is wrong: relative errors {errs}"
+                    tf, tb = ms(fwd), ms(dx)
+                except Exception as e:  # a config the GPU refuses (shared memory) is reported, not fatal
+                    print(f"  config {i}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+                    continue
+                print(f"  config {i} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} G{cfg['GROUP_M']} "
+                      f"w{cfg['num_warps']} s{cfg['num_stages']}{' sub' if cfg['SUBTILE'] else ''}: forward "
+                      f"{tf * 1e3:6.1f} us ({tf / t_fwd:.4f}x), dx {tb * 1e3:6.1f} us ({tb / t_dx:.4f}x)", flush=True)
+
+
 MODES = {"--helpers": helpers, "--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
          "--tail": tail, "--dx-tiles": dx_tiles, "--persistent-dx": persistent_dx, "--ia3-dx-tiles": ia3_dx_tiles,
          "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces, "--skinny-grads": skinny_grads,
-         "--skinny-op": skinny_op}
+         "--skinny-op": skinny_op, "--narrow-configs": narrow_configs}
 
 
 if __name__ == "__main__":
