@@ -4,6 +4,10 @@ A model is built from a config (nothing is downloaded), its body frozen, and one
 users attach it:
 
     impl "frozen"  no adapters; the embedding stays trainable so that backward runs through every layer (the floor)
+    impl "frozen-norm"  no adapters; only the first layer's input norm trains: backward runs through every layer
+                   as in a PEFT model, without the embedding's gradient and AdamW over its parameters, which the
+                   floor pays and a PEFT model does not (~2-3% of the 1b step on an H200, NOTES-lora.md, twentieth
+                   session). It still computes the first layer's q, k and v input gradients, which a PEFT model skips.
     impl "peft"    Hugging Face PEFT's own layers (get_peft_model), eager
     impl "fused"   the same PEFT model after peftkern.fuse(model)
 
@@ -32,7 +36,8 @@ SHAPES = {
                  num_key_value_heads=4, vocab_size=128),
 }
 METHODS = ("lora", "ia3", "lokr", "adapter")
-IMPLS = ("frozen", "peft", "fused")
+IMPLS = ("frozen", "frozen-norm", "peft", "fused")
+FROZEN_IMPLS = ("frozen", "frozen-norm")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -59,10 +64,15 @@ def build_llama(shape: str, device, dtype: torch.dtype, max_positions: int = 409
         return LlamaForCausalLM(cfg).to(dtype=dtype)
 
 
-def freeze_body(model: torch.nn.Module) -> torch.nn.Module:
+def freeze_body(model: torch.nn.Module, trainable: str = "embedding") -> torch.nn.Module:
+    """Every parameter frozen but the embedding (trainable="embedding", the floor) or the first decoder layer's input
+    norm ("norm"): either way backward runs through every layer."""
     for p in model.parameters():
         p.requires_grad_(False)
-    model.get_input_embeddings().weight.requires_grad_(True)
+    if trainable == "embedding":
+        model.get_input_embeddings().weight.requires_grad_(True)
+    else:
+        model.model.layers[0].input_layernorm.weight.requires_grad_(True)
     return model
 
 
@@ -88,8 +98,8 @@ def build(method: str, impl: str, shape: str, device, dtype: torch.dtype, r: int
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     model = build_llama(shape, device, dtype, max_positions)
-    if impl == "frozen" or method == "none":
-        return freeze_body(model)
+    if impl in FROZEN_IMPLS or method == "none":
+        return freeze_body(model, "norm" if impl == "frozen-norm" else "embedding")
     if method == "adapter":
         peftkern.add_adapters(model, "pfeiffer", adapter_dtype=torch.float32 if fp32_adapters else None)
         if impl == "peft":
@@ -145,6 +155,8 @@ def describe(method: str, impl: str, fp32_adapters: bool, compiled: Union[bool, 
              model_dtype: str = "bf16") -> str:
     """The row name of a variant in tables and plots; compiled: True, or the torch.compile mode's name."""
     mode = f"({compiled})" if isinstance(compiled, str) else ""
+    if impl == "frozen-norm":
+        return "frozen model, embedding frozen too" + (f", compiled{mode}" if compiled else "")
     if impl == "frozen" or method == "none":
         return "frozen model" + (f", compiled{mode}" if compiled else " (floor)")
     if fp32_adapters:
@@ -159,9 +171,10 @@ def describe(method: str, impl: str, fp32_adapters: bool, compiled: Union[bool, 
 
 
 def variants(methods, compile_anchors: bool = False) -> list[tuple[str, str, bool, bool]]:
-    """(method, impl, fp32_adapters, compiled) for every row of an e2e run, the floor first. With
+    """(method, impl, fp32_adapters, compiled) for every row of an e2e run, the floor first, then the frozen model
+    without the embedding's training (the floor of the same frozen work as the adapters' models). With
     compile_anchors: the compiled frozen model, PEFT LoRA (bf16) compiled and the fused LoRA compiled."""
-    rows = [("none", "frozen", False, False)]
+    rows = [("none", "frozen", False, False), ("none", "frozen-norm", False, False)]
     for method in methods:
         for impl in ("peft", "fused"):
             for fp32 in (False, True):

@@ -37,7 +37,7 @@ def add_step_args(parser, steps: int) -> None:
     """--method --impl --shape --steps --checkpointing --compile: the training step (peftkern.workloads) that
     step_trace.py and host_profile.py look at."""
     parser.add_argument("--method", default="lora")
-    parser.add_argument("--impl", default="fused", choices=["fused", "peft", "frozen"])
+    parser.add_argument("--impl", default="fused", choices=["fused", "peft", "frozen", "frozen-norm"])
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--checkpointing", action="store_true", help="the model with gradient checkpointing")
