@@ -159,6 +159,24 @@ def parameters_back(kept: tuple, op: str) -> tuple:
     return params
 
 
+def save_with_parameters(ctx, tensors: tuple, params: tuple) -> None:
+    """ctx.save_for_backward(*tensors, *params), with params kept on ctx instead where keep_parameters takes them."""
+    ctx.kept_params = keep_parameters(*params)
+    ctx.saved_count = len(tensors)
+    if ctx.kept_params is None:
+        ctx.save_for_backward(*tensors, *params)
+    else:
+        ctx.save_for_backward(*tensors)
+
+
+def saved_with_parameters(ctx, op: str) -> tuple:
+    """(tensors, params) as save_with_parameters stored them; params kept on ctx are version-checked first."""
+    saved = ctx.saved_tensors
+    if ctx.kept_params is None:
+        return saved[:ctx.saved_count], saved[ctx.saved_count:]
+    return saved, parameters_back(ctx.kept_params, op)
+
+
 def draw_seed() -> Tensor:
     """A dropout seed from torch's default generator: reproducible under torch.manual_seed, and the same
     on activation-checkpointing recomputation (which restores the RNG state)."""

@@ -26,10 +26,10 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
-    keep_parameters,
     op_range,
-    parameters_back,
     pick_backend,
+    save_with_parameters,
+    saved_with_parameters,
     warn_once,
 )
 
@@ -109,23 +109,16 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         fwd = torch.ops.peftkern.adapter_fwd if torch.compiler.is_compiling() else _adapter_fwd
         out, z, stats = fwd(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
                             activation, scaling, layer_norm, ln_eps, backend)
-        ctx.params = keep_parameters(down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias)
-        if ctx.params is None:
-            ctx.save_for_backward(h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias)
-        else:
-            ctx.save_for_backward(h, z, stats)
+        save_with_parameters(ctx, (h, z, stats),
+                             (down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias))
         ctx.activation, ctx.scaling, ctx.layer_norm, ctx.backend = activation, scaling, layer_norm, backend
         ctx.sequential = residual is None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.params is None:
-            h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias = ctx.saved_tensors
-        else:
-            h, z, stats = ctx.saved_tensors
-            down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias = parameters_back(
-                ctx.params, "bottleneck_adapter")
+        (h, z, stats), (down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias) = saved_with_parameters(
+            ctx, "bottleneck_adapter")
         n = ctx.needs_input_grad
         needs = (n[0], n[1], n[2] and down_bias is not None, n[3], n[4] and up_bias is not None,
                  n[5] and scale is not None, n[7] and ln_weight is not None, n[8] and ln_bias is not None)

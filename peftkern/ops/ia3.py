@@ -20,13 +20,13 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
-    keep_parameters,
     op_range,
-    parameters_back,
     pick_backend,
     prepare_linear,
     product_source,
     recompute_product,
+    save_with_parameters,
+    saved_with_parameters,
 )
 
 
@@ -79,22 +79,14 @@ class IA3LinearFunction(torch.autograd.Function):
         y, z = fwd(x, weight, scale, bias, scale_input, weight_transposed, backend)
         # x = a * b (the MLP's down projection, IA3's feed-forward place) is multiplied again in backward, not saved
         ctx.x_source, ctx.x_shape = product_source(x), x.shape
-        ctx.params = keep_parameters(weight, scale)
-        if ctx.params is None:
-            ctx.save_for_backward(None if ctx.x_source is not None else x, weight, scale, z)
-        else:
-            ctx.save_for_backward(None if ctx.x_source is not None else x, z)
+        save_with_parameters(ctx, (None if ctx.x_source is not None else x, z), (weight, scale))
         ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        if ctx.params is None:
-            x, weight, scale, z = ctx.saved_tensors
-        else:
-            x, z = ctx.saved_tensors
-            weight, scale = parameters_back(ctx.params, "ia3_linear")
+        (x, z), (weight, scale) = saved_with_parameters(ctx, "ia3_linear")
         if ctx.x_source is not None:
             x = recompute_product(ctx.x_source, ctx.x_shape)
         need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]

@@ -40,11 +40,11 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
-    keep_parameters,
     op_range,
-    parameters_back,
     pick_backend,
     prepare_linear,
+    save_with_parameters,
+    saved_with_parameters,
 )
 from .lora import LoRALinearFunction
 
@@ -106,22 +106,14 @@ class KronALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, a, a2, b, b2, bias, scaling, backend):
         fwd = torch.ops.peftkern.krona_fwd if torch.compiler.is_compiling() else _krona_fwd
         y = fwd(x, weight, a, a2, b, b2, bias, scaling, backend)
-        ctx.params = keep_parameters(weight, a, a2, b, b2)
-        if ctx.params is None:
-            ctx.save_for_backward(x, weight, a, a2, b, b2)
-        else:
-            ctx.save_for_backward(x)
+        save_with_parameters(ctx, (x,), (weight, a, a2, b, b2))
         ctx.scaling, ctx.backend = scaling, backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        if ctx.params is None:
-            x, weight, a, a2, b, b2 = ctx.saved_tensors
-        else:
-            (x,) = ctx.saved_tensors
-            weight, a, a2, b, b2 = parameters_back(ctx.params, "krona_linear")
+        (x,), (weight, a, a2, b, b2) = saved_with_parameters(ctx, "krona_linear")
         need_x, need_w, need_a, need_a2, need_b, need_b2, need_bias = ctx.needs_input_grad[:7]
         need_bias = need_bias and ctx.bias_dtype is not None
         bwd = torch.ops.peftkern.krona_bwd if torch.compiler.is_compiling() else _krona_bwd

@@ -9,7 +9,7 @@ recomputes the forward; compiled dropout then draws from inductor's generator, a
 
 Kept for backward: x (the caller holds it anyway; a product a * b, as the MLP's down projection gets, is not saved
 but multiplied again in backward from the a and b autograd keeps for it), the frozen weight (a reference, never a copy),
-the adapters (the weight and adapters by reference on ctx where they are nn.Parameters: _common.keep_parameters),
+the adapters (the weight and adapters by reference on ctx where they are nn.Parameters: _common.save_with_parameters),
 xa = dropout(x) A^T (M x r: small; in the dtype the backend's lora_xa_dtype names, x's own on the Triton backend
 without dropout) and the dropout seed -- never a mask or a dropped copy of x.
 """
@@ -29,13 +29,13 @@ from ._common import (
     define_op,
     draw_seed,
     empty_like_none,
-    keep_parameters,
     op_range,
-    parameters_back,
     pick_backend,
     prepare_linear,
     product_source,
     recompute_product,
+    save_with_parameters,
+    saved_with_parameters,
 )
 
 
@@ -121,11 +121,7 @@ class LoRALinearFunction(torch.autograd.Function):
         # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
         ctx.x_source = product_source(x)
         ctx.x_shape = x.shape
-        ctx.params = keep_parameters(weight, lora_A, lora_B)
-        if ctx.params is None:
-            ctx.save_for_backward(None if ctx.x_source is not None else x, weight, lora_A, lora_B, xa, seed)
-        else:
-            ctx.save_for_backward(None if ctx.x_source is not None else x, xa, seed)
+        save_with_parameters(ctx, (None if ctx.x_source is not None else x, xa, seed), (weight, lora_A, lora_B))
         ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -133,11 +129,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        if ctx.params is None:
-            x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        else:
-            x, xa, seed = ctx.saved_tensors
-            weight, lora_A, lora_B = parameters_back(ctx.params, "lora_linear")
+        (x, xa, seed), (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
         if ctx.x_source is not None:
             x = recompute_product(ctx.x_source, ctx.x_shape)
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
