@@ -121,22 +121,6 @@ def skinny_grads(r: int) -> tuple:
     return kl.lora_skinny_grads_kernel, args, const, warps, stages
 
 
-def skinny_grads_tma(r: int, config: tuple = None) -> tuple:
-    """lora_skinny_grads_tma_kernel as skinny_grads launches it at rank r (bf16 operands by TMA, float32 dA, bf16 dB,
-    the bias gradient), in its default tiles or config (BLOCK_M, BLOCK_C, warps, stages)."""
-    block_m, block_c, warps, stages = config or kl._skinny_tma_tiles(r)
-    block_r = kl._block_r(r)
-    args = {"x_desc": _desc("bf16", block_m, block_c), "dyb_desc": _desc("bf16", block_m, block_r),
-            "dy_desc": _desc("bf16", block_m, block_c), "xa_desc": _desc("bf16", block_m, block_r),
-            "da_ptr": "*fp32", "db_ptr": "*bf16", "dbias_ptr": "*fp32", "part_ptr": "*fp32", "sums_ptr": "*fp32",
-            "count_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32", "R": "i32", "rows_per_split": "i32",
-            "splits": "i32", "blocks_a": "i32", "scale_a": "fp32", "scale_b": "fp32", "stride_dar": "i32",
-            "stride_dbn": "i32"}
-    const = dict(stride_dak=1, stride_dbr=1, STORE_DB=True, COLSUM=True, BLOCK_M=block_m, BLOCK_C=block_c,
-                 BLOCK_R=block_r, STAGES=stages)
-    return kl.lora_skinny_grads_tma_kernel, args, const, warps, stages
-
-
 def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool) -> tuple:
     """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors)."""
     cfg = kk._fused_config(*a_shape, *b_shape)
@@ -193,7 +177,6 @@ def cases() -> dict:
                                                                                     helpers=32)
         for r in (16, 64, 128):
             out[f"lora skinny grads (dA, dB, bias), r={r}"] = skinny_grads(r)
-            out[f"lora skinny grads by TMA (dA, dB, bias), r={r}"] = skinny_grads_tma(r)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

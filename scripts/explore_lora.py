@@ -411,15 +411,6 @@ def skinny():
 
 
 SKINNY_CONFIGS = [None, (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4)]
-# The TMA kernel's (BLOCK_M, BLOCK_C, warps, stages), None its default; shared memory and registers at r = 128 (r = 16)
-# compiled for sm_90 by Triton 3.6 (scripts/compile_report.py), none spilling
-SKINNY_TMA_CONFIGS = [
-    None,  # (64, 256, 8, 4): 192 KB, 254 registers (136 KB, 112)
-    (64, 256, 8, 3),  # 144 KB, 254 (102 KB, 112)
-    (64, 128, 4, 4),  # 128 KB, 255 (72 KB, 112)
-    (128, 128, 8, 4),  # 256 KB at r = 128: does not fit (144 KB, 100)
-    (128, 256, 8, 3),  # does not fit at r = 128 (204 KB, 170)
-]
 
 
 def skinny_grads():
@@ -449,20 +440,19 @@ def skinny_grads():
         t = ms(cublas) * 1e3
         print(f"  two cuBLAS calls             {t:7.1f} us ({t / floor_us:.2f}x the read)  host {per_call_us(cublas, host_only=True):6.1f} us",
               flush=True)
-        for tma, cfg in [(False, c) for c in SKINNY_CONFIGS] + [(True, c) for c in SKINNY_TMA_CONFIGS]:
-            def one(cfg=cfg, tma=tma):
-                return kl.skinny_grads(x, dyb, dy, xa, 1.0, 2.0, dt, dt, True, True, False, config=cfg, tma=tma)
+        for cfg in SKINNY_CONFIGS:
+            def one(cfg=cfg):
+                return kl.skinny_grads(x, dyb, dy, xa, 1.0, 2.0, dt, dt, True, True, False, config=cfg)
 
             try:
                 da, db, _ = one()
                 err = max(((da.float() - ref_a.float()).norm() / ref_a.float().norm()).item(),
                           ((db.float() - ref_b.float()).norm() / ref_b.float().norm()).item())
                 t = ms(one) * 1e3
-                print(f"  skinny_grads {'tma ' if tma else ''}{str(cfg):16s} {t:7.1f} us ({t / floor_us:.2f}x the read)  host "
+                print(f"  skinny_grads {str(cfg):16s} {t:7.1f} us ({t / floor_us:.2f}x the read)  host "
                       f"{per_call_us(one, host_only=True):6.1f} us  rel. diff to cuBLAS {err:.1e}", flush=True)
             except Exception as e:  # a config that does not fit
-                print(f"  skinny_grads {'tma ' if tma else ''}{str(cfg):16s} {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:80]}", flush=True)
+                print(f"  skinny_grads {str(cfg):16s} {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
 
 
 def workers():
@@ -543,15 +533,8 @@ def skinny_op():
     import peftkern
 
     dt = torch.bfloat16
-    saved = kl.SKINNY_GRADS, kl.SKINNY_SIDE, kl.SKINNY_TMA, kl.XA_HELPERS, kl.SKINNY_MAX_RANK
-    # (SKINNY_GRADS, SKINNY_SIDE, SKINNY_TMA, XA_HELPERS); skinny_grads at every rank here. Where the dx kernel's
-    # helpers make dyb (r = 128), skinny_grads follows it on the main stream whatever SKINNY_SIDE says: "nohelp" makes
-    # dyb by cuBLAS first, so that skinny_grads can go beside the dx kernel (the op's forward loses its helpers too).
-    variants = {"cublas": (False, False, False, True), "main": (True, False, False, True),
-                "side": (True, True, False, True), "main-tma": (True, False, True, True),
-                "side-tma": (True, True, True, True), "side-tma-nohelp": (True, True, True, False),
-                "cublas-nohelp": (False, False, False, False)}
-    kl.SKINNY_MAX_RANK = 128
+    saved = kl.SKINNY_GRADS, kl.SKINNY_SIDE
+    variants = {"cublas": (False, False), "main": (True, False), "side": (True, True)}
     shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
         (8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (8192, 4096, 4096, 16),
         (2048, 4096, 4096, 16), (8192, 4096, 4096, 128)]
@@ -567,21 +550,21 @@ def skinny_op():
 
         outs = {}
         for name, v in variants.items():
-            kl.SKINNY_GRADS, kl.SKINNY_SIDE, kl.SKINNY_TMA, kl.XA_HELPERS = v
+            kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
             outs[name] = bwd()[:3]
-        for name in list(variants)[1:]:
+        for name in ("main", "side"):
             diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
                      for a, b in zip(outs[name], outs["cublas"])]
             print(f"  {name} vs cublas, max |diff| / max |cublas| of dx, dA, dB: " + ", ".join(f"{d:.1e}" for d in diffs),
                   flush=True)
         for _ in range(2):
             for name, v in variants.items():
-                kl.SKINNY_GRADS, kl.SKINNY_SIDE, kl.SKINNY_TMA, kl.XA_HELPERS = v
+                kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
                 t_b, t_op = ms(bwd) * 1e3, ms(op) * 1e3
                 h_b, h_op = per_call_us(bwd, host_only=True), per_call_us(op, host_only=True)
-                print(f"  {name:15s}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
+                print(f"  {name:7s}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
                       f"host bwd {h_b:6.1f} us, op {h_op:6.1f} us", flush=True)
-    kl.SKINNY_GRADS, kl.SKINNY_SIDE, kl.SKINNY_TMA, kl.XA_HELPERS, kl.SKINNY_MAX_RANK = saved
+    kl.SKINNY_GRADS, kl.SKINNY_SIDE = saved
 
 
 # r = 16 configs of the flattened walk over the default (_persistent_config(8192, 16)), for the 1b model's 2048- and

@@ -762,69 +762,6 @@ def test_skinny_grads_match_float64(shape):
             assert torch.equal(a, b), "skinny_grads gave different bits on a second run"
 
 
-# M, K, N, r for the TMA kernel: 16-byte rows (K, N, r multiples of 8), M not a multiple of any tile, and a split's
-# last row block past M; on a GPU r = 128 and the 1b model's gate projection
-SKINNY_TMA_SHAPES = [(37, 72, 136, 8), (300, 96, 64, 16), (130, 40, 48, 40)]
-if HAS_CUDA:
-    SKINNY_TMA_SHAPES += [(4100, 520, 1000, 128), (8192, 2048, 5632, 16)]
-
-
-@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
-@pytest.mark.parametrize("shape", SKINNY_TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_skinny_grads_by_tma_match_float64(shape, monkeypatch):
-    """skinny_grads' TMA kernel (row-major 16-bit operands) against float64: every combination of what is asked for,
-    the adapters' dtype for the outputs, and the same bits on a second run; the TMA kernel is the one that ran."""
-    from peftkern.kernels.triton import lora as kl
-
-    calls = []
-    real = kl._skinny_grads_tma
-    monkeypatch.setattr(kl, "_skinny_grads_tma", lambda *a: calls.append(1) or real(*a))
-    M, K, N, R = shape
-    for dtype in [d for d in dtypes_for("triton") if d != torch.float32]:
-        torch.manual_seed(M + R + 1)
-        x, dy, dyb, xa = (torch.randn(M, c, device=DEVICE, dtype=dtype) for c in (K, N, R, R))
-        want_a = 0.5 * dyb.double().t() @ x.double()
-        want_b = 2.0 * dy.double().t() @ xa.double()
-        want_bias = dy.double().sum(0)
-        for need in ((True, True, True), (True, True, False), (True, False, False), (False, True, False),
-                     (False, False, True)):
-            calls.clear()
-            da, db, dbias = kl.skinny_grads(x, dyb, dy, xa, 0.5, 2.0, torch.float32, dtype, *need, tma=True)
-            assert calls, f"the TMA kernel did not run for {need}"
-            for got, want, asked, out_dtype, name in ((da, want_a, need[0], torch.float32, "dA"),
-                                                      (db, want_b, need[1], dtype, "dB"),
-                                                      (dbias, want_bias, need[2], torch.float32, "dbias")):
-                if not asked:
-                    assert got is None, f"{name} was not asked for"
-                    continue
-                assert got.dtype == out_dtype, f"{name} {got.dtype}"
-                assert_close(got, want, dtype, f"TMA {name} {dtype} {shape} {need}")
-        first = kl.skinny_grads(x, dyb, dy, xa, 0.5, 2.0, torch.float32, dtype, True, True, True, tma=True)
-        again = kl.skinny_grads(x, dyb, dy, xa, 0.5, 2.0, torch.float32, dtype, True, True, True, tma=True)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b), "skinny_grads by TMA gave different bits on a second run"
-
-
-def test_skinny_grads_by_tma_only_where_tma_can_read(monkeypatch):
-    """The TMA kernel is not picked for operands TMA cannot read: a column-major x, a rank whose rows are not 16-byte
-    lines, float32 or mixed dtypes; skinny_grads then takes the pointer kernel."""
-    from peftkern.kernels.triton import lora as kl
-
-    monkeypatch.setattr(kl, "triton_interpret", lambda: True)  # what the operands allow, whatever the machine
-
-    def ops(dtype=torch.float16, R=16, x_t=False, small_dtype=None):
-        x = torch.zeros(32, 64, dtype=dtype).t() if x_t else torch.zeros(64, 32, dtype=dtype)
-        small = torch.zeros(64, R, dtype=small_dtype or dtype)
-        return x, small, torch.zeros(64, 48, dtype=dtype), small
-
-    assert kl.skinny_tma_ok(*ops(), True, True)
-    assert not kl.skinny_tma_ok(*ops(x_t=True), True, True)
-    assert kl.skinny_tma_ok(*ops(x_t=True), False, True), "x is not read when dA is not asked for"
-    assert not kl.skinny_tma_ok(*ops(R=4), True, True)
-    assert not kl.skinny_tma_ok(*ops(dtype=torch.float32), True, True)
-    assert not kl.skinny_tma_ok(*ops(small_dtype=torch.float32), True, True)
-
-
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the switch replaces cuBLAS's products: a GPU path")
 @pytest.mark.parametrize("path", ["after-dx-kernel", "side-stream", "main-stream", "no-persistent-dx"])
 @pytest.mark.parametrize("rank", [16, 128])

@@ -659,51 +659,6 @@ def lora_skinny_grads_kernel(
 
 
 @triton.jit
-def _skinny_tma_partial(big_desc, small_desc, col, m_start, steps, COLSUM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr):
-    """_skinny_partial by TMA: sum over `steps` row blocks from m_start of big[m, col:col + BLOCK_C]^T small[m, :]
-    (BLOCK_C x BLOCK_R), both tiles brought by TMA (rows and ranks past the tensors' ends as zeros), and big's column
-    sums when COLSUM."""
-    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in tl.range(steps, num_stages=STAGES):
-        m = m_start + i * BLOCK_M
-        big = big_desc.load([m, col])
-        acc = tl.dot(big.T, small_desc.load([m, 0]), acc)
-        if COLSUM:
-            colsum += tl.sum(big.to(tl.float32), axis=0)
-    return acc, colsum
-
-
-@triton.jit
-def lora_skinny_grads_tma_kernel(
-    x_desc, dyb_desc, dy_desc, xa_desc, da_ptr, db_ptr, dbias_ptr, part_ptr, sums_ptr, count_ptr,
-    M, K, N, R, rows_per_split, splits, blocks_a, scale_a, scale_b,
-    stride_dak, stride_dar, stride_dbn, stride_dbr,
-    STORE_DB: tl.constexpr, COLSUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr,
-):
-    """lora_skinny_grads_kernel with its four operands read by TMA (16-bit, row-major): the same slots, splits and
-    fixed-order sum of the splits' partials. Each split's rows are a whole number of BLOCK_M blocks but the last, whose
-    rows past M load as zeros; ranks past R load as zeros too."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    m_start = split * rows_per_split
-    steps = tl.cdiv(tl.minimum(rows_per_split, M - m_start), BLOCK_M)
-    if pid < blocks_a:
-        acc, colsum = _skinny_tma_partial(x_desc, dyb_desc, pid * BLOCK_C, m_start, steps, False, BLOCK_M, BLOCK_C,
-                                          BLOCK_R, STAGES)
-        _skinny_finish(acc, colsum, part_ptr, sums_ptr, count_ptr, pid, split, splits, da_ptr, dbias_ptr, pid, K, R,
-                       stride_dak, stride_dar, scale_a, True, False, BLOCK_C, BLOCK_R)
-    else:
-        cb = pid - blocks_a
-        acc, colsum = _skinny_tma_partial(dy_desc, xa_desc, cb * BLOCK_C, m_start, steps, COLSUM, BLOCK_M, BLOCK_C,
-                                          BLOCK_R, STAGES)
-        _skinny_finish(acc, colsum, part_ptr, sums_ptr, count_ptr, pid, split, splits, db_ptr, dbias_ptr, cb, N, R,
-                       stride_dbn, stride_dbr, scale_b, STORE_DB, COLSUM, BLOCK_C, BLOCK_R)
-
-
-@triton.jit
 def lora_merge_kernel(
     w_ptr, a_ptr, b_ptr,
     N, K, R,
@@ -1389,62 +1344,19 @@ def _skinny_buffers(partials: int, block_c: int, block_r: int, slots: int, R: in
     return tuple(spec for spec, want in zip(specs, wanted) if want), wanted
 
 
-# skinny_grads by TMA (lora_skinny_grads_tma_kernel) where its operands allow: 16-bit, one dtype, row-major, TMA-able
-# strides, r a multiple of 8. PEFTKERN_LORA_SKINNY_TMA=0 keeps the pointer kernel everywhere.
-SKINNY_TMA = os.environ.get("PEFTKERN_LORA_SKINNY_TMA", "1") != "0"
-
-
-def skinny_tma_ok(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor, xa: Optional[torch.Tensor],
-                  need_a: bool, need_b: bool) -> bool:
-    """Whether skinny_grads' TMA kernel takes these operands (those not asked for are not looked at)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or dy.dtype != x.dtype:
-        return False
-    if not triton_interpret() and (not x.is_cuda or _facts(x.device)[1] < 9):
-        return False
-    ops = [x] if need_a else []
-    ops += [dyb] if need_a else []
-    ops += [dy] + ([xa] if need_b else [])
-    return all(t is not None and t.dtype == x.dtype and t.shape[1] % 8 == 0 and _tma_layout(t) == "row" for t in ops)
-
-
-def _skinny_tma_tiles(R: int) -> tuple:
-    """The TMA kernel's default (BLOCK_M, BLOCK_C, warps, stages): 256 columns of x or dy a program, so the small
-    operand's tile (64 x r) is at most half the big one's; 4 stages of both take 192 KB at r = 128."""
-    if triton_interpret():
-        return 16, 32, 4, 1
-    return 64, 256, 8, 4
-
-
-@functools.lru_cache(maxsize=4096)
-def _skinny_tma_plan(M: int, K: int, N: int, R: int, need_a: bool, need_b: bool, device: torch.device,
-                     config: Optional[tuple]) -> tuple:
-    """The TMA kernel's tiles and grid, memoised per shape, as _skinny_plan's tuple. One program an SM (its stages fill
-    the shared memory), so the splits make as many programs as there are SMs, at most."""
-    block_r = _block_r(R)
-    block_m, block_c, warps, stages = config or _skinny_tma_tiles(R)
-    blocks_a = cdiv(K, block_c) if need_a else 0
-    slots = blocks_a + (cdiv(N, block_c) if need_b else 0)
-    splits = max(1, min(_sm_count(device) // slots, cdiv(M, block_m)))
-    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
-    return block_m, block_c, warps, stages, block_r, blocks_a, slots, cdiv(M, rows_per_split), rows_per_split
-
-
 def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor, xa: Optional[torch.Tensor],
                  scale_a: float, scale_b: float, a_dtype: torch.dtype, b_dtype: torch.dtype,
                  need_a: bool = True, need_b: bool = True, need_bias: bool = False,
-                 config: Optional[tuple] = None, tma: Optional[bool] = None) -> tuple:
+                 config: Optional[tuple] = None) -> tuple:
     """(dA, dB, dbias) = (scale_a dyb^T x (r, K) in a_dtype, scale_b dy^T xa (N, r) in b_dtype, dy's column sums (N,)
-    float32), each None where not asked for, by one launch of lora_skinny_grads_kernel (pointer loads, any strides) or,
-    where skinny_tma_ok and SKINNY_TMA (tma=None) or tma=True, of lora_skinny_grads_tma_kernel. x (M, K), dy (M, N),
-    dyb and xa (M, r). The sums over M are split and added in a fixed order: the same bits every run.
+    float32), each None where not asked for, by one launch of lora_skinny_grads_kernel. x (M, K), dy (M, N), dyb and xa
+    (M, r), any strides. The sums over M are split and added in a fixed order: the same bits every run.
     config: (BLOCK_M, BLOCK_C, warps, stages)."""
     M, K = x.shape
     N = dy.shape[1]
     R = (dyb if need_a else xa).shape[1]
     if not (need_a or need_b or need_bias):
         return None, None, None
-    if (SKINNY_TMA if tma is None else tma) and skinny_tma_ok(x, dyb, dy, xa, need_a, need_b or need_bias):
-        return _skinny_grads_tma(x, dyb, dy, xa, scale_a, scale_b, a_dtype, b_dtype, need_a, need_b, need_bias, config)
     plan_key = (M, K, N, R, need_a, need_b or need_bias, x.device, config)
     block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = _skinny_plan(*plan_key)
     specs, wanted = _skinny_buffers(slots * splits, block_c, block_r, slots, R, K, N, a_dtype, b_dtype, need_a, need_b,
@@ -1470,38 +1382,6 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
            1 if db is None else db.stride(0), 1 if db is None else db.stride(1),
            STORE_DB=need_b, COLSUM=need_bias, DOT_PRECISION=_dot_precision(x.dtype),
            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
-    return da, db, dbias
-
-
-def _skinny_grads_tma(x, dyb, dy, xa, scale_a, scale_b, a_dtype, b_dtype, need_a, need_b, need_bias, config):
-    """skinny_grads by lora_skinny_grads_tma_kernel (skinny_tma_ok holds)."""
-    M, K = x.shape
-    N = dy.shape[1]
-    R = (dyb if need_a else xa).shape[1]
-    need_small_b = need_b or need_bias
-    plan_key = (M, K, N, R, need_a, need_small_b, x.device, config)
-    block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = _skinny_tma_plan(*plan_key)
-    specs, wanted = _skinny_buffers(slots * splits, block_c, block_r, slots, R, K, N, a_dtype, b_dtype, need_a, need_b,
-                                    need_bias)
-    made = iter(empty_buffers(x, *specs))
-    part, sums, counts, da, db, dbias = (next(made) if want else None for want in wanted)
-    sums = sums if sums is not None else part
-    # stand-ins for the operands of a branch never taken: descriptors of the right dtype and tile shape
-    x_, dyb_ = (x, dyb) if need_a else (dy, xa)
-    dy_, xa_ = (dy, xa) if need_small_b and xa is not None else (x_, dyb_)
-    da_ = da if da is not None else part
-    db_ = db if db is not None else part
-    key = ("tma", plan_key, need_b, need_bias, a_dtype, b_dtype, x.dtype, x_.stride(), dyb_.stride(), dy_.stride(),
-           xa_.stride())
-    launch_planned(lora_skinny_grads_tma_kernel, (slots, splits), key,
-                   Descriptor(x_, [block_m, block_c]), Descriptor(dyb_, [block_m, block_r]),
-                   Descriptor(dy_, [block_m, block_c]), Descriptor(xa_, [block_m, block_r]),
-                   da_, db_, dbias if dbias is not None else part, part, sums, counts,
-                   M, K, N, R, rows_per_split, splits, blocks_a, float(scale_a), float(scale_b),
-                   1 if da is None else da.stride(1), 1 if da is None else da.stride(0),
-                   1 if db is None else db.stride(0), 1 if db is None else db.stride(1),
-                   STORE_DB=need_b, COLSUM=need_bias, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r,
-                   STAGES=stages, num_warps=warps, num_stages=stages)
     return da, db, dbias
 
 
@@ -1643,7 +1523,7 @@ PRESCALED_B_MIN_RANK = 64
 # stream, as the cuBLAS calls go; "0": the cuBLAS calls.
 _SKINNY_SETTING = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "main")
 SKINNY_GRADS = _SKINNY_SETTING not in ("0", "")
-SKINNY_MAX_RANK = int(os.environ.get("PEFTKERN_LORA_SKINNY_MAX_RANK", "64"))
+SKINNY_MAX_RANK = 64
 SKINNY_SIDE = _SKINNY_SETTING == "side"  # with SKINNY_GRADS: on the side stream beside the dx kernel, not after it
 
 
