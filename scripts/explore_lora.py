@@ -16,7 +16,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
     python scripts/explore_lora.py --skinny-grads    # dA and dB by skinny_grads (one launch) or by two cuBLAS calls
     python scripts/explore_lora.py --skinny-op [M,K,N,r ...]  # the op with PEFTKERN_LORA_SKINNY_GRADS 0/main/side
-    python scripts/explore_lora.py --narrow-configs [M,K,N,r ...]  # the persistent kernel's configs at the 1b shapes
+    python scripts/explore_lora.py --narrow-configs [M,K,N,r ...] [--configs=0,3]  # the persistent kernel's configs
 """
 import sys
 
@@ -582,6 +582,7 @@ NARROW_CONFIGS = [  # shared memory and registers a thread, forward / dx (Triton
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SUBTILE=False, num_warps=4, num_stages=5),  # 200 KB, 168/172
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SUBTILE=True, num_warps=8, num_stages=3),  # 188 KB, 170/174
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SUBTILE=True, num_warps=8, num_stages=4),  # 208 KB, 120/121
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=2, SUBTILE=True, num_warps=8, num_stages=3),  # 188 KB, 162/166
 ]
 
 
@@ -591,8 +592,11 @@ def narrow_configs():
     F.linear, and the dx with dyb given (the op's order at r <= 64) against cuBLAS's dy @ W; two rounds. The LoRA
     term is in both, so ~1-2% over cuBLAS is its epilogue; the rest is the GEMM itself."""
     dt = torch.bfloat16
-    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
+    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3 and not a.startswith("--")] or [
         (8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16)]
+    # --configs i,j,...: only those of NARROW_CONFIGS
+    picked = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--configs=")), None)
+    wanted = set(map(int, picked.split(","))) if picked else set(range(len(NARROW_CONFIGS)))
     for M, K, N, r in shapes:
         torch.manual_seed(0)
         x = torch.randn(M, K, device="cuda", dtype=dt)
@@ -608,6 +612,8 @@ def narrow_configs():
         ref_y, ref_dx = x @ W.t() + 2.0 * (xa @ B.t()), dy @ W + 2.0 * (dyb @ A)
         for rnd in range(2):
             for i, cfg in enumerate(NARROW_CONFIGS):
+                if i not in wanted:
+                    continue
                 cfg = {**kl._persistent_config(M, r), **cfg}
 
                 def fwd(cfg=cfg):

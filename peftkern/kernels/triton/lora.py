@@ -934,6 +934,14 @@ def _persistent_config(M: int, R: int = 16) -> dict:
     return dict(cfg)
 
 
+# Row tiles a group of the walk's tile order takes from 1024 rows (_tile_coords). PEFTKERN_LORA_GROUP_M overrides it.
+# Timed on an H200 (explore_lora.py --narrow-configs, the kernel alone, r = 16 unless said; logs/explore-lora-narrow-
+# configs-*-h200.log): 4 gained 3-8 us a GEMM at the 1b model's 5632-wide shapes, tied at 2048^2, 4096^2 and r = 128,
+# and lost 26-32 us in the 4096 -> 11008 forward and 16-23 us in the 11008 -> 4096 dx; 2 lost nearly everywhere, 16
+# tied 8. No single value wins, and a rule by shape would fit these few shapes only: 8 stays.
+PERSISTENT_GROUP_M = int(os.environ.get("PEFTKERN_LORA_GROUP_M", "8"))
+
+
 def _make_persistent_config(M: int, R: int) -> dict:
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, FLATTEN=False, SUBTILE=True, XA_GIVEN=True,
@@ -950,8 +958,8 @@ def _make_persistent_config(M: int, R: int) -> dict:
     if M < 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, FLATTEN=flatten, SUBTILE=False, XA_GIVEN=True,
                     num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, FLATTEN=flatten, SUBTILE=True, XA_GIVEN=True,
-                num_warps=8, num_stages=3 if flatten else WIDE_RANK_STAGES)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=PERSISTENT_GROUP_M, FLATTEN=flatten, SUBTILE=True,
+                XA_GIVEN=True, num_warps=8, num_stages=3 if flatten else WIDE_RANK_STAGES)
 
 
 def _persistent_block_r(R: int, flatten: bool, xa_given: bool = True) -> int:
