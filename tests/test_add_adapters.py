@@ -30,12 +30,6 @@ def tiny_qwen2():
     return transformers.Qwen2ForCausalLM(cfg)
 
 
-@pytest.fixture(autouse=True)
-def fused_layer_norm(monkeypatch):
-    """Keep the fused LN kernel under test on GPUs (by default the op routes LN to the reference there)."""
-    monkeypatch.setenv("PEFTKERN_ADAPTER_FUSED_LN", "1")
-
-
 FACTORIES = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": tiny_bert}
 CASES = [("llama", "houlsby"), ("llama", "parallel"), ("mistral", "pfeiffer"), ("qwen2", "pfeiffer"),
          ("gpt2", "houlsby"), ("gpt2", "parallel"), ("bert", "houlsby"), ("bert", "parallel")]

@@ -11,7 +11,6 @@ of h or the up projection. The parallel form's residual gets the output gradient
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -30,7 +29,6 @@ from ._common import (
     pick_backend,
     save_with_parameters,
     saved_with_parameters,
-    warn_once,
 )
 
 # Names accepted for each activation (AdapterHub's and transformers' spellings included).
@@ -235,17 +233,6 @@ def bottleneck_adapter(
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
-    if (use_ln and backend == "triton" and h2d.is_cuda and os.environ.get("PEFTKERN_ADAPTER_FUSED_LN") != "1"
-            and not backend_module(backend, "adapter").persistent_schedule(*h2d.shape, down_weight.shape[0],
-                                                                           h2d.dtype)):
-        # Known defect: the fused layer-norm form gave wrong results in a GPU test at d=4096, b=256 (fp16/bf16)
-        # that the interpreter and the GPU diagnostic (scripts/diag_adapter_ln.py) do not reproduce, with LN's
-        # statistics summed inside loop 1: until it is found, LN adapters run on the reference on GPUs there
-        # (NOTES-adapter.md). The persistent schedule (statistics in a pass of their own, loop 1 by cuBLAS) passed
-        # that test on an H200 and runs fused. PEFTKERN_ADAPTER_FUSED_LN=1 opts in everywhere.
-        warn_once("adapter-ln-reference", "peftkern bottleneck_adapter: the layer-norm form runs on the reference "
-                  "path on GPUs (a known defect of its fused kernel; PEFTKERN_ADAPTER_FUSED_LN=1 to use it anyway)")
-        backend = "torch"
     r2d = residual.reshape(-1, d) if residual is not None else None
     out = BottleneckAdapterFunction.apply(h2d, down_weight, down_bias, up_weight, up_bias, scale, r2d, ln_weight,
                                           ln_bias, activation, scaling_f, use_ln, ln_eps, backend)

@@ -26,7 +26,8 @@ kernel's float32 accumulator instead). So the backward reads g twice, h once
 (plus once with LN, whose backward needs h) and writes dh once.
 
 LN is folded into the GEMMs so that no normalised copy of h is ever written: with W' = Wd * gamma,
-c1 = W' 1 and c2 = Wd beta, LN(h) Wd^T = rstd (h W'^T - mean c1) + c2, and the row sums ride in loop 1.
+c1 = W' 1 and c2 = Wd beta, LN(h) Wd^T = rstd (h W'^T - mean c1) + c2, with the row statistics from a pass of
+their own on GPUs (LOOP1_SUMS: summed inside a pipelined loop 1 they made its product wrong) and in loop 1 otherwise.
 Backward: gamma * dx = dz W', mean_d(gamma dx) = dz c1 / d and mean_d(gamma dx xhat) = dz (z - c2 - bd) / d
 are skinny too, and dz^T LN(h) = ((dz rstd)^T h - (dz rstd)^T mean) * gamma + (sum_m dz) beta.
 
@@ -68,6 +69,14 @@ PERSISTENT_TILE = (64, 128, 4, 3) if os.environ.get("PEFTKERN_ADAPTER_PERSISTENT
 # op's LN backward 328 us against 381 us with the tiled adapter_wide_kernel; NOTES-adapter.md).
 PERSISTENT_LN_TILE = (64, 128, 4, 2) if PERSISTENT_TILE is not None else None
 PERSISTENT_MIN_M = 1024  # rows from which default_config takes the persistent schedule at any b <= 256 (measured: 2048)
+# Row sums beside loop 1's product (LN's statistics in the forward, g . bu for the learned scale's gradient in the
+# backward) are taken on GPUs from passes of their own (row_stats_kernel; cuBLAS's g [Wu, bu]), not inside the loop. On
+# an H200 with Triton 3.6 the loop with a loaded tile feeding both its MMA and a row sum gave a wrong product whenever
+# it was pipelined (2 or 3 stages): at M = 2000, d = 4096, b = 256, LN's mean and rstd came out right and z 4.6e-2 off
+# (scripts/diag_adapter_ln_loop1.py, logs/diag-adapter-ln-loop1-9d8aa48-h200.log; 1 stage and separate statistics:
+# 1.5e-4, the reference's error). That was the known LN failure of NOTES-adapter.md. The interpreter never showed it.
+# PEFTKERN_ADAPTER_LOOP1_SUMS=1 sums inside the loop again, to look at the failure.
+LOOP1_SUMS = os.environ.get("PEFTKERN_ADAPTER_LOOP1_SUMS", "0") == "1"
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -543,7 +552,7 @@ def persistent_schedule(M: int, D: int, B: int, dtype: Optional[torch.dtype]) ->
     """Whether default_config (on a GPU) takes the gemm-first schedule with the persistent loop 2 for shapes it
     would otherwise give the fused or two-pass schedule: 16-bit, from PERSISTENT_MIN_M rows, b and d as
     persistent_tile needs them. (Large M at b > 128 takes that schedule anyway.) Under it LN's statistics come
-    from a pass of their own and loop 1's product from cuBLAS: ops/adapter.py lets LN run fused there."""
+    from a pass of their own and loop 1's product from cuBLAS."""
     return (PERSISTENT_TILE is not None and M >= PERSISTENT_MIN_M and _persistent_operands_ok(dtype, B, D)
             and not triton_interpret())
 
@@ -655,7 +664,7 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
     persistent = persistent_tile(cfg, h.dtype, B, D, res, wu.t())
     wide = cfg.get("wide", False) is True or persistent is not None  # "backward": the wide kernel in the backward only
     gemm_first = wide or cfg.get("gemm_first", False)
-    stats_given = layer_norm and (gemm_first or cfg.get("separate_stats", False))
+    stats_given = layer_norm and (gemm_first or cfg.get("separate_stats", False) or (h.is_cuda and not LOOP1_SUMS))
     flags = dict(SEQUENTIAL=residual is None, LAYER_NORM=layer_norm, STATS_GIVEN=stats_given,
                  HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, HAS_SCALE=scale is not None)
     dummy = z
@@ -723,7 +732,9 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     persistent = None if not need_h else persistent_tile(cfg, dtype, B, D, grad_out if sequential else None, wd,
                                                          h if layer_norm else None)
     wide = bool(cfg.get("wide", False)) or persistent is not None
-    gemm_first = wide or cfg.get("gemm_first", False)
+    # g . bu (the learned scale's gradient) comes from cuBLAS's product on GPUs: loop 1 does not sum rows (LOOP1_SUMS)
+    row_dot = need_scale and up_bias is not None and grad_out.is_cuda and not LOOP1_SUMS
+    gemm_first = wide or cfg.get("gemm_first", False) or row_dot
     acc = dummy
     if gemm_first:
         # g [Wu, bu]: the extra column gives each row's g . bu, which the learned scale's gradient needs
