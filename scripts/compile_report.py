@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,29 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
         os.unlink(f.name)
     line = next(w for w in usage.splitlines() if "REG:" in w)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
-    return dict(shared=ck.metadata.shared, registers=int(fields["REG"]), local=int(fields["LOCAL"]))
+    return dict(shared=ck.metadata.shared, registers=int(fields["REG"]), local=int(fields["LOCAL"]),
+                hazards=mma_operand_hazards(ck.asm["ttgir"]))
+
+
+def mma_operand_hazards(ttgir: str) -> list:
+    """The pipelined shared-memory buffers that an async MMA reads and registers read too, where an MMA may stay in
+    flight past its loop iteration (a wait with pendings >= 1). Triton 3.6 gives such a buffer one stage fewer than
+    the loop's other operands, so the copy of a later tile can overwrite it under the MMA still reading it. On an H200
+    that made the bottleneck adapter's loop-1 product wrong (NOTES-adapter.md, "The LN failure found"): a loaded tile
+    fed both the MMA and a row sum."""
+    if not re.search(r"warp_group_dot_wait .*pendings = [1-9]", ttgir):
+        return []
+    views = {}  # a view of a pipelined buffer -> the buffer: its stage (memdesc_index), then transposes and reshapes
+    for view, op, base in re.findall(r"(%[\w.#]+) = ttg\.(memdesc_index|memdesc_trans|memdesc_reshape) (%[\w.#]+)",
+                                     ttgir):
+        if op == "memdesc_index":
+            views[view] = base
+        elif base in views:
+            views[view] = views[base]
+    dot_read = {views[a] for pair in re.findall(r"ttng\.warp_group_dot (%[\w.#]+), (%[\w.#]+),", ttgir)
+                for a in pair if a in views}
+    reg_read = {views[v] for v in re.findall(r"ttg\.local_load (%[\w.#]+)", ttgir) if v in views}
+    return sorted(dot_read & reg_read)
 
 
 def lora_forward(cfg: dict, r: int, xa_scaled: bool = False, workers: int = 0, helpers: int = 0) -> tuple:
@@ -107,8 +130,8 @@ def ia3_input_dx(cfg: dict) -> tuple:
 
 
 def skinny_grads(r: int) -> tuple:
-    """lora_skinny_grads_kernel as skinny_grads launches it without dropout at rank r (bf16 operands, float32 dA, bf16
-    dB, the bias gradient): unit strides are constexprs there, as the launch specialises them."""
+    """lora_skinny_grads_kernel as skinny_grads launches it on GPUs without dropout at rank r (bf16 operands, float32
+    dA, bf16 dB; the bias gradient is a torch sum there): unit strides are constexprs, as the launch specialises them."""
     block_r = kl._block_r(r)
     block_m, block_c, warps, stages = (128, 64, 4, 3) if block_r <= 32 else (64, 64, 4, 3)
     args = {"x_ptr": "*bf16", "dyb_ptr": "*bf16", "da_ptr": "*fp32", "dy_ptr": "*bf16", "xa_ptr": "*bf16",
@@ -117,7 +140,7 @@ def skinny_grads(r: int) -> tuple:
             "blocks_a": "i32", "scale_a": "fp32", "scale_b": "fp32", "stride_xm": "i32", "stride_dybm": "i32",
             "stride_dar": "i32", "stride_dym": "i32", "stride_xam": "i32", "stride_dbn": "i32"}
     const = dict(stride_xk=1, stride_dybr=1, stride_dak=1, stride_dyn=1, stride_xar=1, stride_dbr=1, STORE_DB=True,
-                 COLSUM=True, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r)
+                 COLSUM=False, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r)
     return kl.lora_skinny_grads_kernel, args, const, warps, stages
 
 
@@ -144,6 +167,33 @@ def krona_term_whole(a_shape: tuple, b_shape: tuple) -> tuple:
     pads = {name: kk._pow2(d, 128) for name, d in zip(("BN1", "BK1", "BN2", "BK2"), (*a_shape, *b_shape))}
     const = dict(HAS_BIAS=False, DOT_PRECISION="tf32", **pads)
     return kk.krona_term_whole_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
+
+
+def _signature(fn, const: dict, fp32: tuple) -> dict:
+    """Every non-constexpr parameter of fn: pointers to bf16 (those in fp32: float32), the scalings float32, ints."""
+    return {name: ("*fp32" if name in fp32 else "*bf16") if name.endswith("_ptr") else
+            "fp32" if name in ("scaling", "ln_eps") else "i32"
+            for name in inspect.signature(fn.fn).parameters if name not in const}
+
+
+def adapter_loop_one(backward: bool, b: int = 256) -> tuple:
+    """adapter_fwd_kernel / adapter_bwd_kernel with loop 1 in the kernel (the fused and two-pass schedules, 64-row
+    blocks, 4 warps, 3 stages) as adapter_forward / adapter_backward launch them on GPUs: the forward under LN with the
+    statistics given (row_stats_kernel), the backward with a fixed scale (a learned one with an up bias takes g . bu
+    and loop 1's product from cuBLAS there). Summing rows inside loop 1 is what made its product wrong
+    (adapter.LOOP1_SUMS)."""
+    common = dict(ACT=1, SEQUENTIAL=True, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True, HAS_SCALE=True, EVEN_D=True,
+                  DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, BLOCK_B=ka._block_r(b))
+    fp32 = ("z_ptr", "stats_ptr", "c1_ptr", "c2_ptr", "acc_ptr", "r_ptr", "sdot_ptr")
+    if backward:
+        fn = ka.adapter_bwd_kernel
+        const = dict(common, DZ_GIVEN=False, ACC_GIVEN=False, WRITE_DH=True, LAYER_NORM=False, SCALE_GRAD=False,
+                     stride_gd=1, stride_hd=1, stride_dhd=1, stride_dd=1, stride_ub=1)
+    else:
+        fn = ka.adapter_fwd_kernel
+        const = dict(common, Z_GIVEN=False, ACC_GIVEN=False, UP_PROJECT=True, LAYER_NORM=True, STATS_GIVEN=True,
+                     STORE_A=False, stride_hd=1, stride_rd=1, stride_od=1, stride_dd=1, stride_ub=1)
+    return fn, _signature(fn, const, fp32), const, 4, 3
 
 
 def adapter_wide_persistent(tile: tuple, b: int, w_kmajor: bool, ln: bool = False) -> tuple:
@@ -176,10 +226,12 @@ def cases() -> dict:
                 out[f"lora persistent dx, xa helpers, M={M}, r={r}"] = lora_forward(kl._persistent_config(M, r), r, True,
                                                                                     helpers=32)
         for r in (16, 64, 128):
-            out[f"lora skinny grads (dA, dB, bias), r={r}"] = skinny_grads(r)
+            out[f"lora skinny grads (dA, dB), r={r}"] = skinny_grads(r)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})
+        out["adapter loop 1 in the kernel, LN forward"] = adapter_loop_one(False)
+        out["adapter loop 1 in the kernel, backward"] = adapter_loop_one(True)
         for b in (64, 256):
             tile = ka.PERSISTENT_TILE or (64, 128, 4, 3)
             out[f"adapter persistent loop 2, forward, b={b}"] = adapter_wide_persistent(tile, b, True)
@@ -197,8 +249,9 @@ def cases() -> dict:
 
 
 def main() -> int:
-    """Prints one line per case; returns 1 if any failed to compile, needs more shared memory than an SM has, or
-    spills registers (tests/test_tools.py runs it so in CI), else 0."""
+    """Prints one line per case; returns 1 if any failed to compile, needs more shared memory than an SM has,
+    spills registers, or has a pipelined MMA operand that registers read too (mma_operand_hazards; tests/test_tools.py
+    runs it so in CI), else 0."""
     print(f"Triton {triton.__version__}, sm_90a; a block may take {SMEM_LIMIT} bytes of shared memory")
     status = 0
     for name, (fn, args, const, warps, stages) in cases().items():
@@ -210,6 +263,7 @@ def main() -> int:
             continue
         flag = "  TOO MUCH SHARED MEMORY" if r["shared"] > SMEM_LIMIT else ""
         flag += f"  SPILLS {r['local']} B" if r["local"] else ""
+        flag += f"  MMA OPERAND ALSO READ INTO REGISTERS: {', '.join(r['hazards'])}" if r["hazards"] else ""
         status = 1 if flag else status
         print(f"{name:42s} shared {r['shared'] / 1024:6.1f} KB  registers {r['registers']:3d}{flag}", flush=True)
     return status

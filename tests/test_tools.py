@@ -145,3 +145,39 @@ def test_persistent_kernel_configs_fit_an_sm90_sm():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("shared") >= 10, run.stdout
+
+
+def test_compile_report_flags_an_mma_operand_read_into_registers_too():
+    """compile_report's hazard check finds the pattern behind the adapter's LN failure (a pipelined tile that an async
+    MMA and a row sum both read: Triton 3.6 gave it one buffer fewer) in the code that had it, the forward's loop 1
+    with LN's statistics summed in it, and in skinny_grads with the bias gradient summed in the kernel; and none in
+    those kernels as a GPU launches them now."""
+    import os
+
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip(f"this Triton ships no ptxas/cuobjdump under {tools}")
+    script = """
+import sys
+sys.path.insert(0, "scripts")
+import compile_report as cr
+from peftkern.kernels.triton import adapter, lora
+adapter.triton_interpret = lora.triton_interpret = lambda: False
+fn, args, const, warps, stages = cr.adapter_loop_one(False)
+print("fwd", cr.compile_sm90(fn, args, const, warps, stages)["hazards"])
+print("fwd-sums", cr.compile_sm90(fn, args, dict(const, STATS_GIVEN=False), warps, stages)["hazards"])
+fn, args, const, warps, stages = cr.skinny_grads(16)
+print("skinny", cr.compile_sm90(fn, args, const, warps, stages)["hazards"])
+print("skinny-colsum", cr.compile_sm90(fn, args, dict(const, COLSUM=True), warps, stages)["hazards"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = dict(line.split(" ", 1) for line in run.stdout.splitlines() if line.split(" ", 1)[0] in (
+        "fwd", "fwd-sums", "skinny", "skinny-colsum"))
+    assert found["fwd"] == "[]" and found["skinny"] == "[]", run.stdout
+    assert found["fwd-sums"] != "[]" and found["skinny-colsum"] != "[]", run.stdout

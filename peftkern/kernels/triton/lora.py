@@ -1357,14 +1357,21 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
                  need_a: bool = True, need_b: bool = True, need_bias: bool = False,
                  config: Optional[tuple] = None) -> tuple:
     """(dA, dB, dbias) = (scale_a dyb^T x (r, K) in a_dtype, scale_b dy^T xa (N, r) in b_dtype, dy's column sums (N,)
-    float32), each None where not asked for, by one launch of lora_skinny_grads_kernel. x (M, K), dy (M, N), dyb and xa
-    (M, r), any strides. The sums over M are split and added in a fixed order: the same bits every run.
-    config: (BLOCK_M, BLOCK_C, warps, stages)."""
+    float32), each None where not asked for, by one launch of lora_skinny_grads_kernel (on GPUs the bias gradient by a
+    column sum of its own). x (M, K), dy (M, N), dyb and xa (M, r), any strides. The sums over M are split and added in
+    a fixed order: the same bits every run. config: (BLOCK_M, BLOCK_C, warps, stages)."""
     M, K = x.shape
     N = dy.shape[1]
-    R = (dyb if need_a else xa).shape[1]
     if not (need_a or need_b or need_bias):
         return None, None, None
+    if need_bias and dy.is_cuda:
+        # On GPUs the bias gradient is a reduction of its own. Summed in the kernel, beside dB's MMA, the dy tile feeds
+        # both, and Triton 3.6's pipeliner gives that tile one buffer fewer while the async MMA reading it stays in
+        # flight: the next tile's copy can overwrite it (seen in the IR, scripts/compile_report.py; the same pattern
+        # made the bottleneck adapter's LN product wrong on an H200, NOTES-adapter.md).
+        da, db, _ = skinny_grads(x, dyb, dy, xa, scale_a, scale_b, a_dtype, b_dtype, need_a, need_b, False, config)
+        return da, db, dy.sum(0, dtype=torch.float32)
+    R = (dyb if need_a else xa).shape[1]
     plan_key = (M, K, N, R, need_a, need_b or need_bias, x.device, config)
     block_m, block_c, warps, stages, block_r, blocks_a, slots, splits, rows_per_split = _skinny_plan(*plan_key)
     specs, wanted = _skinny_buffers(slots * splits, block_c, block_r, slots, R, K, N, a_dtype, b_dtype, need_a, need_b,
