@@ -162,8 +162,10 @@ def test_ln_at_d4096_in_the_schedule_that_failed(form, poison_empty):
 @pytest.mark.parametrize("schedule", [dict(split_n=9, two_pass=True), dict(split_n=3, two_pass=False)],
                          ids=["two-pass-split9", "fused-split3"])
 def test_learned_scale_at_d4096_in_pipelined_schedules(schedule, poison_empty):
-    """A learned scale with an up bias (its gradient needs g . bu) without LN, in pipelined schedules that run loop 1
-    in the kernel: every output and gradient against the reference."""
+    """A learned scale with an up bias (its gradient needs g . bu) without LN, in the configs of pipelined schedules
+    that run loop 1 in the kernel: on GPUs its backward takes loop 1's product and g . bu from cuBLAS instead, since
+    summing g . bu beside the MMA is the pattern that gave wrong products (NOTES-adapter.md). Every output and gradient
+    against the reference."""
     cfg = dict(block_m=64, block_k=64, block_n=64, warps=4, stages=3, **schedule)
     for dtype in (torch.float16, torch.bfloat16):
         _kernels_match_reference(cfg, 2000, 4096, 256, dtype, True, False, "gelu", 0.8, "learned scale")
