@@ -495,20 +495,17 @@ def test_mixed_devices_are_named():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the fused LN form on a GPU")
-def test_layer_norm_runs_fused_on_gpus(recwarn):
+def test_layer_norm_runs_fused_on_gpus(recwarn, monkeypatch):
     """The LN form runs on the fused kernels on a GPU (it was routed to the reference while the loop-1 failure was
     open), with no warning, and agrees with the reference."""
-    args = make_inputs((64,), 128, 16, torch.bfloat16, form="sequential+ln")
-    calls = []
     from peftkern.kernels.triton import adapter as ka
 
+    args = make_inputs((64,), 128, 16, torch.bfloat16, form="sequential+ln")
+    calls = []
     real = ka.adapter_forward
-    ka.adapter_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        got = peftkern.bottleneck_adapter(args["h"], args["down_weight"], args["down_bias"], args["up_weight"],
-                                          args["up_bias"], "relu", 0.8, None, args["ln"])
-    finally:
-        ka.adapter_forward = real
+    monkeypatch.setattr(ka, "adapter_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = peftkern.bottleneck_adapter(args["h"], args["down_weight"], args["down_bias"], args["up_weight"],
+                                      args["up_bias"], "relu", 0.8, None, args["ln"])
     assert calls, "the LN form did not run on the Triton kernels"
     assert not [w for w in recwarn if "reference" in str(w.message)]
     with _torch_backend():

@@ -128,10 +128,9 @@ def test_profile_cli_profiles_each_method(method, tmp_path):
     assert trace.exists()
 
 
-def test_persistent_kernel_configs_fit_an_sm90_sm():
-    """The configs the persistent TMA kernels take on a GPU, compiled for sm_90 without one
-    (scripts/compile_report.py): each fits an H100/H200 SM's shared memory and spills no registers, so a
-    change that breaks that fails here and not on the device."""
+def _sm90_compile_env() -> tuple:
+    """(the repository's root, the environment without TRITON_INTERPRET) for compiling kernels for sm_90 in a
+    subprocess; skips where this Triton ships no ptxas / cuobjdump."""
     import os
 
     import triton
@@ -139,8 +138,14 @@ def test_persistent_kernel_configs_fit_an_sm90_sm():
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not (tools / "cuobjdump").exists() or not (tools / "ptxas").exists():
         pytest.skip(f"this Triton ships no ptxas/cuobjdump under {tools}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[1], {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_persistent_kernel_configs_fit_an_sm90_sm():
+    """The configs the persistent TMA kernels take on a GPU, compiled for sm_90 without one
+    (scripts/compile_report.py): each fits an H100/H200 SM's shared memory and spills no registers, so a
+    change that breaks that fails here and not on the device."""
+    root, env = _sm90_compile_env()
     run = subprocess.run([sys.executable, str(root / "scripts" / "compile_report.py")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -152,13 +157,7 @@ def test_compile_report_flags_an_mma_operand_read_into_registers_too():
     MMA and a row sum both read: Triton 3.6 gave it one buffer fewer) in the code that had it, the forward's loop 1
     with LN's statistics summed in it, and in skinny_grads with the bias gradient summed in the kernel; and none in
     those kernels as a GPU launches them now."""
-    import os
-
-    import triton
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
-        pytest.skip(f"this Triton ships no ptxas/cuobjdump under {tools}")
+    root, env = _sm90_compile_env()
     script = """
 import sys
 sys.path.insert(0, "scripts")
@@ -172,8 +171,6 @@ fn, args, const, warps, stages = cr.skinny_grads(16)
 print("skinny", cr.compile_sm90(fn, args, const, warps, stages)["hazards"])
 print("skinny-colsum", cr.compile_sm90(fn, args, dict(const, COLSUM=True), warps, stages)["hazards"])
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
