@@ -24,6 +24,9 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # bf16/fp16 operands with float32 accumulation land near 1e-3..1e-2; tf32 near 3e-4.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-3 if HAS_CUDA else 1e-5, torch.float16: 5e-3,
              torch.bfloat16: 2e-2}
+# PEFTKERN_MARGIN_LOG=path appends each assert_close's error / tolerance with the test and the name compared: the
+# comparisons nearest their limit on fresh random inputs are the ones that can fail by chance (scripts/margins.py).
+MARGIN_LOG = os.environ.get("PEFTKERN_MARGIN_LOG")
 # Whole models in bf16 against PEFT, which runs the adapter path in fp32: the difference is every bf16
 # activation rounding of the network, not the op's (measured 2-9% on adapter gradients of tiny models).
 MODEL_TOLERANCE = {torch.float32: TOLERANCE[torch.float32], torch.bfloat16: 0.1}
@@ -73,6 +76,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert torch.isfinite(a).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
     err = rel_err(a, e)
     tol = TOLERANCE[dtype] * scale
+    if MARGIN_LOG:
+        with open(MARGIN_LOG, "a") as log:
+            log.write(f"{err / tol:.4g}\t{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{name}\n")
     if err > tol:
         diff = (a - e).abs()
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))

@@ -178,3 +178,25 @@ print("skinny-colsum", cr.compile_sm90(fn, args, dict(const, COLSUM=True), warps
         "fwd", "fwd-sums", "skinny", "skinny-colsum"))
     assert found["fwd"] == "[]" and found["skinny"] == "[]", run.stdout
     assert found["fwd-sums"] != "[]" and found["skinny-colsum"] != "[]", run.stdout
+
+
+def test_margins_reports_each_comparisons_worst_ratio(tmp_path, monkeypatch):
+    """conftest's PEFTKERN_MARGIN_LOG writes a line per assert_close and scripts/margins.py ranks the comparisons by
+    their largest error / tolerance over every run logged."""
+    import conftest
+
+    log = tmp_path / "margins.tsv"
+    monkeypatch.setattr(conftest, "MARGIN_LOG", str(log))
+    expected = torch.ones(100, dtype=torch.float64)
+    for err in (2e-3, 1e-3):  # two runs of one comparison: its worst is the first
+        conftest.assert_close(expected * (1 + err), expected, torch.float16, "a")
+    conftest.assert_close(expected * (1 + 3e-3), expected, torch.float16, "b", scale=2.0)
+    with pytest.raises(AssertionError):
+        conftest.assert_close(expected * 1.01, expected, torch.float16, "c")  # over: logged before it raises
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import margins
+
+    rows = margins.worst_margins([str(log)])
+    assert [(name, count) for _, count, _, name in rows] == [("c", 1), ("a", 2), ("b", 1)]
+    assert [round(ratio, 3) for ratio, *_ in rows] == [2.0, 0.4, 0.3]
+    assert all(test.startswith("tests/test_tools.py::test_margins") for _, _, test, _ in rows)
