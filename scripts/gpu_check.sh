@@ -15,6 +15,13 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PEFTKERN_RESULTS_DIR="$OUT"
+# Every comparison's error / tolerance (tests/conftest.py), ranked into gpu_check.log after the tests: which GPU
+# comparisons come nearest their limit on fresh random inputs (scripts/margins.py). The raw log stays out of $OUT
+# (the device tool returns 8 files at most).
+export PEFTKERN_MARGIN_LOG="${PEFTKERN_MARGIN_LOG:-$(mktemp --suffix=.margins.tsv)}"
+margins() {
+  [ -s "$PEFTKERN_MARGIN_LOG" ] && python3 scripts/margins.py "$PEFTKERN_MARGIN_LOG" --top 20 | tee -a "$LOG"
+}
 TESTS="tests"
 SHARDS=1
 PART=""
@@ -63,6 +70,7 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
       grep -E "^(FAILED|ERROR)" "$SHARD_DIR/tests.$i.log" | head -n 40 | tee -a "$LOG"
     done
     rm -rf "$SHARD_DIR"
+    margins
   }
   # A timeout around this script stops bash alone: the shards would run on beside whatever comes next (on
   # 2026-11-23 they overlapped an e2e benchmark and spoiled it), so they are stopped with it.
@@ -83,6 +91,7 @@ elif [ "$TESTS" != "none" ]; then
   python3 -m pytest $TESTS -q -p no:cacheprovider -rfs 2>&1 | tee "$OUT/tests.log" | tail -n 60
   status=${PIPESTATUS[0]}
   tail -n 3 "$OUT/tests.log" >> "$LOG"
+  margins
 fi
 for b in $BENCH; do
   [ "$b" = "none" ] && continue
