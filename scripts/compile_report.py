@@ -144,28 +144,36 @@ def skinny_grads(r: int) -> tuple:
     return kl.lora_skinny_grads_kernel, args, const, warps, stages
 
 
-def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool) -> tuple:
-    """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors)."""
+def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool, tma: bool = False) -> tuple:
+    """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors); tma: dy, x
+    and the dx term as (1, rows, cols) token blocks by TMA."""
     cfg = kk._fused_config(*a_shape, *b_shape)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     cfg.pop("programs_per_sm")
     ptrs = {name: "*bf16" for name in ("g_ptr", "x_ptr", "a_ptr", "b_ptr", "dx_ptr")}
+    if tma:
+        ptrs.update(g_ptr=_desc("bf16", 1, cfg["BN1"], cfg["BN2"]), x_ptr=_desc("bf16", 1, cfg["BK1"], cfg["BK2"]),
+                    dx_ptr=_desc("bf16", 1, cfg["BK1"], cfg["BK2"]))
     ints = ("M", "n1", "k1", "n2", "k2", "rows_per_split", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
             "stride_at", "stride_ai", "stride_aj", "stride_bt", "stride_bi", "stride_bj", "stride_dm", "stride_dk",
             "stride_pas", "stride_pat", "stride_pbs", "stride_pbt")
     args = {**ptrs, "part_a_ptr": "*fp32", "part_b_ptr": "*fp32", **{n: "i32" for n in ints}, "scaling": "fp32"}
-    return kk.krona_grad_fused_kernel, args, dict(WRITE_DX=write_dx, DOT_PRECISION="tf32", **cfg), warps, stages
+    const = dict(WRITE_DX=write_dx, DOT_PRECISION="tf32", TMA=tma, **cfg)
+    return kk.krona_grad_fused_kernel, args, const, warps, stages
 
 
-def krona_term_whole(a_shape: tuple, b_shape: tuple) -> tuple:
-    """krona_term_whole_kernel as kron_term launches it for dense factors (bf16 x and factors, no bias)."""
+def krona_term_whole(a_shape: tuple, b_shape: tuple, tma: bool = False) -> tuple:
+    """krona_term_whole_kernel as kron_term launches it for dense factors (bf16 x and factors, no bias); tma: x and
+    the term as (1, rows, cols) token blocks by TMA."""
     cfg = kk._whole_config(*a_shape, *b_shape)
     ints = ("M", "n1", "k1", "n2", "k2", "TERMS", "rows_per_split", "stride_xm", "stride_xk", "stride_at",
             "stride_ai", "stride_aj", "stride_bt", "stride_bi", "stride_bj", "stride_om", "stride_on")
     args = {**{n: "*bf16" for n in ("x_ptr", "a_ptr", "b_ptr", "bias_ptr", "out_ptr")}, **{n: "i32" for n in ints},
             "scaling": "fp32"}
     pads = {name: kk._pow2(d, 128) for name, d in zip(("BN1", "BK1", "BN2", "BK2"), (*a_shape, *b_shape))}
-    const = dict(HAS_BIAS=False, DOT_PRECISION="tf32", **pads)
+    if tma:
+        args.update(x_ptr=_desc("bf16", 1, pads["BK1"], pads["BK2"]), out_ptr=_desc("bf16", 1, pads["BN1"], pads["BN2"]))
+    const = dict(HAS_BIAS=False, DOT_PRECISION="tf32", TMA=tma, ONE_TERM=True, **pads)
     return kk.krona_term_whole_kernel, args, const, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -239,10 +247,12 @@ def cases() -> dict:
             out[f"adapter persistent loop 2, LN dh, b={b}"] = adapter_wide_persistent(
                 ka.PERSISTENT_LN_TILE, b, False, True)
         for a_shape, b_shape in (((64, 64), (64, 64)), ((86, 64), (128, 64)), ((64, 86), (64, 128))):
-            name = f"krona fused grads A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"
-            out[name] = krona_grad_fused(a_shape, b_shape, True)
-            out[f"krona whole term A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"] = krona_term_whole(
-                a_shape, b_shape)
+            shapes = f"A{a_shape[0]}x{a_shape[1]} B{b_shape[0]}x{b_shape[1]}"
+            for tma in (False, True):
+                how = ", TMA" if tma else ""
+                if not tma or kk.fused_tma_fits(kk._fused_config(*a_shape, *b_shape), True):
+                    out[f"krona fused grads {shapes}{how}"] = krona_grad_fused(a_shape, b_shape, True, tma)
+                out[f"krona whole term {shapes}{how}"] = krona_term_whole(a_shape, b_shape, tma)
         return out
     finally:
         kl.triton_interpret, ki.triton_interpret, kk.triton_interpret, ka.triton_interpret = real

@@ -5,6 +5,7 @@ Not part of the test suite: it prints microseconds per piece so the choices in k
     python scripts/explore_krona.py --fused-configs  # krona_grad_fused_kernel: tokens a step, warps, stages, splits
     python scripts/explore_krona.py --term-configs   # krona_term_whole_kernel's warps, stages and splits
     python scripts/explore_krona.py --route          # sums of low rank: the LoRA route or the Kronecker kernels
+    python scripts/explore_krona.py --tma            # token blocks by TMA against plain loads, and TMA's configs
 """
 import sys
 
@@ -91,16 +92,20 @@ def fused_configs():
         x, W, A, B, dy = make(M, n1, k1, n2, k2, T)
         base = kk._fused_config(n1, k1, n2, k2)
         print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2}: default {base}", flush=True)
-        variants = [(1, w, st, per_sm) for w in (4, 8) for st in (3, 4) for per_sm in (1, 2, 3)]
-        for bt, warps, stages, per_sm in variants:
-            cfg = {**base, "BT": bt, "num_warps": warps, "num_stages": stages}
-            label = f"BT={bt} warps={warps} stages={stages} per_sm={per_sm}"
-            try:
-                t = us(lambda: kk.grad_fused(dy, x, A, B, 2.0, True, config=cfg, programs_per_sm=per_sm))
-            except Exception as e:  # a config that does not fit
-                print(f"  {label}: {type(e).__name__}")
-                continue
-            print(f"  {label}: {t:.1f} us", flush=True)
+        sweep_fused(x, A, B, dy, base, [(w, st, per_sm) for w in (4, 8) for st in (3, 4) for per_sm in (1, 2, 3)])
+
+
+def sweep_fused(x, A, B, dy, base: dict, variants: list, label: str = ""):
+    """Times grad_fused (with the dx term) at each (warps, stages, programs an SM) of variants, from config base."""
+    for warps, stages, per_sm in variants:
+        cfg = {**base, "num_warps": warps, "num_stages": stages}
+        name = f"{label}BT={cfg['BT']} warps={warps} stages={stages} per_sm={per_sm}"
+        try:
+            t = us(lambda: kk.grad_fused(dy, x, A, B, 2.0, True, config=cfg, programs_per_sm=per_sm))
+        except Exception as e:  # a config that does not fit
+            print(f"  {name}: {type(e).__name__}")
+            continue
+        print(f"  {name}: {t:.1f} us", flush=True)
 
 
 def term_configs():
@@ -121,6 +126,40 @@ def term_configs():
                         print(f"  {label}: {type(e).__name__}")
                         continue
                     print(f"  {label}: {t:.1f} us", flush=True)
+
+
+def tma():
+    """The whole-factor kernels (term forward, grad_fused) and the op with token blocks by TMA (kk.TMA_TOKENS) and with
+    plain loads, then the TMA kernels' warps, stages and programs an SM."""
+    for M, n1, k1, n2, k2, T in CASES:
+        x, W, A, B, dy = make(M, n1, k1, n2, k2, T)
+        f_fwd, f_dx = us(lambda: F.linear(x, W)), us(lambda: dy @ W)
+        print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2} T={T}: cuBLAS fwd {f_fwd:.1f} us, dx {f_dx:.1f} us; copy x "
+              f"{copy_us(x):.1f} us, copy dy {copy_us(dy):.1f} us", flush=True)
+        for on in (False, True):
+            kk.TMA_TOKENS[0] = on
+            t_term = us(lambda: kk.kron_term(x, A, B, None, 2.0))
+            t_grad = us(lambda: kk.grad_fused(dy, x, A, B, 2.0, True))
+            t_f, t_b, t_fb = op_us(x, W, A, B, dy, True)
+            print(f"  TMA={on!s:5s} term fwd {t_term:7.1f} us  grad_fused {t_grad:7.1f} us  op fwd {t_f:.1f} "
+                  f"({t_f / f_fwd:.3f}x) bwd {t_b:.1f} ({t_b / f_dx:.3f}x) fwd+bwd {t_fb:.1f} "
+                  f"({t_fb / (f_fwd + f_dx):.3f}x)", flush=True)
+        kk.TMA_TOKENS[0] = True
+        if T > 1 or M < 8192:
+            continue
+        out = torch.empty(M, n1 * n2, device="cuda", dtype=x.dtype)
+        for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+            for per_sm in (1, 2, 3):
+                label = f"term warps={warps} stages={stages} per_sm={per_sm}"
+                try:
+                    t = us(lambda: kk._kron_term_whole(x, A, B, 2.0, None, out, dict(num_warps=warps,
+                                                                                     num_stages=stages), per_sm))
+                except Exception as e:  # a config that does not fit
+                    print(f"  {label}: {type(e).__name__}")
+                    continue
+                print(f"  {label}: {t:.1f} us", flush=True)
+        sweep_fused(x, A, B, dy, kk._fused_config(n1, k1, n2, k2),
+                    [(w, st, per_sm) for w, st in ((4, 2), (4, 3), (8, 2), (8, 3)) for per_sm in (1, 2)], "grad_fused ")
 
 
 def route():
@@ -166,4 +205,4 @@ def route():
 if __name__ == "__main__":
     torch.manual_seed(0)
     arg = sys.argv[1] if len(sys.argv) > 1 else ""
-    {"--fused-configs": fused_configs, "--term-configs": term_configs, "--route": route}.get(arg, pieces)()
+    {"--fused-configs": fused_configs, "--term-configs": term_configs, "--route": route, "--tma": tma}.get(arg, pieces)()

@@ -217,12 +217,16 @@ def test_triton_paths_match_reference(mode, factored_b, poison_empty):
                                   (300, (86, 64), (128, 64), 1), (129, (64, 64), (64, 64), 1),
                                   (5, (16, 33), (16, 16), 3)],
                          ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}")
-def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "loads"])
+def test_fused_grad_matches_reference(case, tma, monkeypatch, poison_empty):
     """krona_grad_fused_kernel (dA, dB and, for one term, the dx term in one pass) against the reference and against
-    the separate kernels it replaces; several M splits (odd M), 1-3 terms, odd factor dimensions, fp32 factors."""
+    the separate kernels it replaces; several M splits (odd M), 1-3 terms, odd factor dimensions, fp32 factors; dy,
+    x and the dx term as token blocks by TMA (zero-filled past odd factor dimensions, clipped on the store) or by
+    loads."""
     from peftkern.kernels.triton import krona as kk
 
     M, (n1, k1), (n2, k2), T = case
+    monkeypatch.setattr(kk, "TMA_TOKENS", [tma])
     if not HAS_CUDA and max(n1, k1, n2, k2) >= 64:
         # 76 s of CI's ~10 min at 64 x 64 (M = 129), minutes at 128-wide; the GPU runs both, the smaller cases cover
         # odd M and odd factor dimensions in the interpreter
@@ -248,12 +252,15 @@ def test_fused_grad_matches_reference(case, monkeypatch, poison_empty):
 @pytest.mark.parametrize("case", [(37, (16, 16), (16, 16), 1), (21, (20, 17), (24, 16), 2), (5, (16, 33), (16, 16), 3),
                                   (300, (86, 64), (128, 64), 1), (77, (64, 86), (64, 128), 2)],
                          ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}")
-def test_whole_term_kernel_matches_reference(case, monkeypatch):
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "loads"])
+def test_whole_term_kernel_matches_reference(case, tma, monkeypatch):
     """krona_term_whole_kernel (whole factors in one program, tokens looped) for the forward (with a bias) and the dx
-    term (A^T, B^T as views), against the reference and against krona_term_kernel."""
+    term (A^T, B^T as views), against the reference and against krona_term_kernel; x and the term as token blocks by
+    TMA or by loads."""
     from peftkern.kernels.triton import krona as kk
 
     M, (n1, k1), (n2, k2), T = case
+    monkeypatch.setattr(kk, "TMA_TOKENS", [tma])
     if not HAS_CUDA and max(n1, k1, n2, k2) > 64:
         pytest.skip("the interpreter takes minutes at 128-wide factors")
     for dtype in dtypes_for("triton"):
@@ -623,3 +630,25 @@ def test_peft_lokr_fused_twin_matches(backend, decompose_both):
         twin.train()
         twin(**x)
         assert any("rank_dropout" in reason for _, reason in report.fallbacks), str(report)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+def test_token_blocks_go_by_tma_only_where_tma_can_read_them(monkeypatch):
+    """_token_desc: a descriptor of a contiguous (M, rows cols) tensor as (M, rows, cols) token blocks; none for a
+    tensor TMA cannot read (inner stride not 1, a row stride or a row of cols not a multiple of 16 bytes) or with
+    TMA_TOKENS off, so those take the kernels' plain loads."""
+    from peftkern.kernels.triton import krona as kk
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    x = torch.randn(7, 64 * 32, device=device, dtype=torch.float16)
+    d = kk._token_desc(x, 64, 32, 64, 32)
+    assert d is not None and tuple(d.shape) == (7, 64, 32) and tuple(d.strides) == (2048, 32, 1)
+    assert d.block_shape == [1, 64, 32]
+    assert kk._token_desc(x.t().contiguous().t(), 64, 32, 64, 32) is None  # columns contiguous
+    assert kk._token_desc(torch.randn(7, 20 * 12, device=device, dtype=torch.float16), 20, 12, 32, 16) is None
+    wide = torch.randn(7, 2056, device=device, dtype=torch.float16)
+    assert kk._token_desc(wide[:, :2048], 64, 32, 64, 32) is not None  # rows 16-byte aligned apart
+    odd = torch.randn(7, 2052, device=device, dtype=torch.float16)
+    assert kk._token_desc(odd[:, :2048], 64, 32, 64, 32) is None  # rows 4104 bytes apart
+    monkeypatch.setattr(kk, "TMA_TOKENS", [False])
+    assert kk._token_desc(x, 64, 32, 64, 32) is None

@@ -24,8 +24,9 @@ Floor (bf16, M = 8192, N = K = 4096, one term of 64 x 64 factors): the base GEMM
 64 x 64 and 86 x 128), passes over an M x K or M x N operand beyond the two GEMMs' own:
     forward:  read x, write the term C (krona_term_whole_kernel); cuBLAS reads C as its beta input (~4 us)
     backward: read dy and x, write the dx term C' (krona_grad_fused_kernel, with dA and dB); cuBLAS reads C'
-Measured at M = 8192 (H200, NOTES-krona.md): 1.09x forward and 1.14x forward+backward of the frozen layer at
-4096^2, 1.11x at 4096 -> 11008; the 1.10x target needs the term inside the GEMMs.
+Measured at M = 8192 (H200, NOTES-krona.md): 1.08x forward and 1.12-1.14x forward+backward of the frozen layer at
+4096^2, 1.10-1.11x at 4096 -> 11008; the 1.10x target needs the term inside the GEMMs. Where TMA can read them
+(contiguous rows, Hopper), the whole-factor kernels move each token's block of x, dy and the term by TMA.
 Kernels:
   * `krona_term_whole_kernel`: out = s sum_t (A_t (x) B_t) x (+ bias), whole dense factors, tokens looped.
   * `krona_grad_fused_kernel`: one term's dA and dB partial sums and, for one term, the dx term, in one pass.
@@ -45,11 +46,12 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
-from ._launch import cdiv, launch
-from .lora import _dot_precision, _sm_count
+from ._launch import Descriptor, cdiv, launch
+from .lora import _dot_precision, _facts, _sm_count, _tma_layout
 
 FUSED_GRAD = [os.environ.get("PEFTKERN_KRONA_FUSED_GRAD", "1") != "0"]  # a list: tests and benchmarks flip it
 WHOLE_TERM = [os.environ.get("PEFTKERN_KRONA_WHOLE_TERM", "1") != "0"]  # krona_term_whole_kernel where it fits
+TMA_TOKENS = [os.environ.get("PEFTKERN_KRONA_TMA", "1") != "0"]  # whole-factor kernels move token blocks by TMA
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -218,14 +220,22 @@ def krona_term_whole_kernel(
     M, n1, k1, n2, k2, TERMS, rows_per_split,
     stride_xm, stride_xk, stride_at, stride_ai, stride_aj, stride_bt, stride_bi, stride_bj, stride_om, stride_on,
     scaling,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ONE_TERM: tl.constexpr,
     BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
 ):
     """krona_term_kernel's dense case with whole factors in one program (every dimension 16..128): out[m] =
     s sum_t vec(A_t X_m B_t^T) (+ bias) for this split's tokens, one token a step, the factors of one term loaded
-    once for the whole split (each term's again per token for sums: they stay in L1)."""
+    once for the whole split (each term's again per token for sums: they stay in L1).
+    TMA: x_ptr and out_ptr are descriptors of x as (M, k1, k2) and out as (M, n1, n2), blocks (1, BK1, BK2) and
+    (1, BN1, BN2): a token's X comes by TMA straight into shared memory (the MMA's operand) and its term leaves by an
+    asynchronous TMA store, which clips the padded rows and columns.
+    ONE_TERM (TERMS = 1) leaves the loop over terms out of the token loop: Triton pipelines innermost loops only, so
+    with it there the next tokens' X would not be fetched while this one's products run."""
     pid_s = tl.program_id(0)
-    dt = x_ptr.dtype.element_ty
+    if TMA:
+        dt = x_ptr.dtype
+    else:
+        dt = x_ptr.dtype.element_ty
     offs_n1 = tl.arange(0, BN1)
     offs_n2 = tl.arange(0, BN2)
     a = _whole_factor(a_ptr, n1, k1, stride_ai, stride_aj, dt, BN1, BK1)
@@ -237,18 +247,25 @@ def krona_term_whole_kernel(
     m_start = pid_s * rows_per_split
     m_end = min(m_start + rows_per_split, M)
     for m in range(m_start, m_end):
-        x = _token_tile(x_ptr, m, m_end, stride_xm, stride_xk, 0, k1, k2, 0, 1, BK1, BK2).to(dt)
+        if TMA:
+            x = tl.reshape(x_ptr.load([m, 0, 0]), (BK1, BK2))
+        else:
+            x = _token_tile(x_ptr, m, m_end, stride_xm, stride_xk, 0, k1, k2, 0, 1, BK1, BK2).to(dt)
         p = tl.dot(x, bt, input_precision=DOT_PRECISION).to(dt)  # (k1, n2): X B^T
         acc = tl.dot(a, p, input_precision=DOT_PRECISION)  # (n1, n2): A X B^T
-        for term in range(1, TERMS):
-            a_t = _whole_factor(a_ptr + term * stride_at, n1, k1, stride_ai, stride_aj, dt, BN1, BK1)
-            bt_t = _whole_factor(b_ptr + term * stride_bt, k2, n2, stride_bj, stride_bi, dt, BK2, BN2)
-            p = tl.dot(x, bt_t, input_precision=DOT_PRECISION).to(dt)
-            acc = tl.dot(a_t, p, acc, input_precision=DOT_PRECISION)
+        if not ONE_TERM:
+            for term in range(1, TERMS):
+                a_t = _whole_factor(a_ptr + term * stride_at, n1, k1, stride_ai, stride_aj, dt, BN1, BK1)
+                bt_t = _whole_factor(b_ptr + term * stride_bt, k2, n2, stride_bj, stride_bi, dt, BK2, BN2)
+                p = tl.dot(x, bt_t, input_precision=DOT_PRECISION).to(dt)
+                acc = tl.dot(a_t, p, acc, input_precision=DOT_PRECISION)
         acc = acc * scaling
         if HAS_BIAS:
             acc += bias
-        tl.store(out_ptr + m * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if TMA:
+            out_ptr.store([m, 0, 0], tl.reshape(acc.to(out_ptr.dtype), (1, BN1, BN2)))
+        else:
+            tl.store(out_ptr + m * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -346,7 +363,7 @@ def krona_grad_fused_kernel(
     stride_gm, stride_gn, stride_xm, stride_xk, stride_at, stride_ai, stride_aj, stride_bt, stride_bi, stride_bj,
     stride_dm, stride_dk, stride_pas, stride_pat, stride_pbs, stride_pbt,
     scaling,
-    WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BT: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
 ):
     """One term t of a dense sum, whole factors in one program (every factor dimension 16..128): over this split's
@@ -354,10 +371,15 @@ def krona_grad_fused_kernel(
         H = G B,  part_a[split, t] = sum_m H X^T (dA),  V = A X,  part_b[split, t] = sum_m G^T V (dB),
     and with WRITE_DX (one term) dx_term[m] = s vec(A^T H) (the dx term: cuBLAS adds dy W into it). One read of dy
     and x for all three, where the separate kernels read them three times. The terms of one split are neighbouring
-    programs (the grid's first axis), so that for sums they read the split's dy and x while it is in L2."""
+    programs (the grid's first axis), so that for sums they read the split's dy and x while it is in L2.
+    TMA (BT = 1): g_ptr, x_ptr and dx_ptr are descriptors of dy as (M, n1, n2) and of x and dx as (M, k1, k2), whole
+    token blocks: G and X come by TMA straight into shared memory, where the products read them as operands."""
     term = tl.program_id(0)
     pid_s = tl.program_id(1)
-    dt = x_ptr.dtype.element_ty
+    if TMA:
+        dt = x_ptr.dtype
+    else:
+        dt = x_ptr.dtype.element_ty
     offs_n1 = tl.arange(0, BN1)
     offs_k1 = tl.arange(0, BK1)
     offs_n2 = tl.arange(0, BN2)
@@ -374,8 +396,12 @@ def krona_grad_fused_kernel(
     m_start = pid_s * rows_per_split
     m_end = min(m_start + rows_per_split, M)
     for m0 in range(m_start, m_end, BT):
-        g = _token_tile(g_ptr, m0, m_end, stride_gm, stride_gn, 0, n1, n2, 0, BT, BN1, BN2).to(dt)
-        x = _token_tile(x_ptr, m0, m_end, stride_xm, stride_xk, 0, k1, k2, 0, BT, BK1, BK2).to(dt)
+        if TMA:
+            g = tl.reshape(g_ptr.load([m0, 0, 0]), (BN1, BN2))
+            x = tl.reshape(x_ptr.load([m0, 0, 0]), (BK1, BK2))
+        else:
+            g = _token_tile(g_ptr, m0, m_end, stride_gm, stride_gn, 0, n1, n2, 0, BT, BN1, BN2).to(dt)
+            x = _token_tile(x_ptr, m0, m_end, stride_xm, stride_xk, 0, k1, k2, 0, BT, BK1, BK2).to(dt)
         h = tl.dot(g, b, input_precision=DOT_PRECISION).to(dt)  # (BT*BN1, BK2): rows (t, i1) of G B
         if BT == 1:
             acc_a = tl.dot(h, tl.trans(x), acc_a, input_precision=DOT_PRECISION)
@@ -391,12 +417,15 @@ def krona_grad_fused_kernel(
                 d = tl.reshape(tl.dot(at3, tl.reshape(h, (BT, BN1, BK2)), input_precision=DOT_PRECISION),
                                (BT * BK1, BK2))
             d = d * scaling
-            rows = tl.arange(0, BT * BK1)
-            tok = m0 + rows // BK1
-            j1 = rows % BK1
-            mask = ((tok < m_end) & (j1 < k1))[:, None] & (offs_k2 < k2)[None, :]
-            d_ptrs = dx_ptr + tok[:, None] * stride_dm + (j1[:, None] * k2 + offs_k2[None, :]) * stride_dk
-            tl.store(d_ptrs, d.to(dx_ptr.dtype.element_ty), mask=mask)
+            if TMA:
+                dx_ptr.store([m0, 0, 0], tl.reshape(d.to(dx_ptr.dtype), (1, BK1, BK2)))
+            else:
+                rows = tl.arange(0, BT * BK1)
+                tok = m0 + rows // BK1
+                j1 = rows % BK1
+                mask = ((tok < m_end) & (j1 < k1))[:, None] & (offs_k2 < k2)[None, :]
+                d_ptrs = dx_ptr + tok[:, None] * stride_dm + (j1[:, None] * k2 + offs_k2[None, :]) * stride_dk
+                tl.store(d_ptrs, d.to(dx_ptr.dtype.element_ty), mask=mask)
     pa = part_a_ptr + pid_s * stride_pas + term * stride_pat + offs_n1[:, None] * k1 + offs_k1[None, :]
     tl.store(pa, acc_a, mask=(offs_n1 < n1)[:, None] & (offs_k1 < k1)[None, :])
     pb = part_b_ptr + pid_s * stride_pbs + term * stride_pbt + offs_n2[:, None] * k2 + offs_k2[None, :]
@@ -522,26 +551,44 @@ def kron_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Ba: Optional[to
 
 
 def _whole_config(n1: int, k1: int, n2: int, k2: int) -> dict:
-    """Warps and stages of krona_term_whole_kernel, from an H200 sweep (NOTES-krona.md, ff433e7): 4 warps and 4
-    stages at 2 programs an SM took 38 us at 64 x 64 (8 warps: 47), 88 at 86x64 beside 128x64 (8 warps: 114), 78 at
-    64x86 beside 64x128 (the best there, 76, at 1 program an SM)."""
+    """Warps and stages of krona_term_whole_kernel, from H200 sweeps (NOTES-krona.md): with plain loads (ff433e7) 4
+    warps and 4 stages at 2 programs an SM took 38 us at 64 x 64 (8 warps: 47), 88 at 86x64 beside 128x64 (8 warps:
+    114), 78 at 64x86 beside 64x128; with TMA token blocks (twenty-third session) 38.5, 77.8 and 68.0 us, each within
+    2 us of the best config."""
     return dict(num_warps=4, num_stages=1 if triton_interpret() else 4)
+
+
+def _token_desc(t: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int) -> Optional[Descriptor]:
+    """A TMA descriptor of t (M, rows cols) as (M, rows, cols), one token's (block_rows, block_cols) block at a time
+    (the padding past rows and cols zero-filled on loads and clipped on stores); None where TMA cannot take t: an inner
+    stride other than 1, a base or row stride not 16-byte aligned, cols not a multiple of 16 bytes, or a GPU before
+    Hopper (TMA_TOKENS off: None everywhere)."""
+    if not TMA_TOKENS[0] or _tma_layout(t) != "row" or (cols * t.element_size()) % 16:
+        return None
+    if not triton_interpret() and (not t.is_cuda or _facts(t.device)[1] < 9):
+        return None
+    view = t.as_strided((t.shape[0], rows, cols), (t.stride(0), cols, 1))
+    return Descriptor(view, [1, block_rows, block_cols])
 
 
 def _kron_term_whole(x, A, B, scaling, bias, out, config: Optional[dict] = None, programs_per_sm: int = 2):
     M = x.shape[0]
     T, n1, k1 = A.shape
     n2, k2 = B.shape[1:]
+    bn1, bk1, bn2, bk2 = (_pow2(d, 128) for d in (n1, k1, n2, k2))
     cfg = dict(config or _whole_config(n1, k1, n2, k2))
     splits = max(1, min(programs_per_sm * _sm_count(x.device), M))
     rows = cdiv(M, splits)
+    x_desc = _token_desc(x, k1, k2, bk1, bk2)
+    out_desc = _token_desc(out, n1, n2, bn1, bn2) if x_desc is not None else None
+    tma = out_desc is not None
     launch(krona_term_whole_kernel, (cdiv(M, rows),),
-        x, A, B, bias if bias is not None else out, out,
+        x_desc if tma else x, A, B, bias if bias is not None else out, out_desc if tma else out,
         M, n1, k1, n2, k2, T, rows,
         x.stride(0), x.stride(1), *A.stride(), *B.stride(), out.stride(0), out.stride(1),
         float(scaling),
-        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        BN1=_pow2(n1, 128), BK1=_pow2(k1, 128), BN2=_pow2(n2, 128), BK2=_pow2(k2, 128), **cfg,
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype), TMA=tma, ONE_TERM=T == 1,
+        BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2, **cfg,
     )
     return out
 
@@ -619,6 +666,13 @@ def _fused_config(n1: int, k1: int, n2: int, k2: int) -> dict:
                 num_stages=1 if triton_interpret() else 3, programs_per_sm=1 if big else 2)
 
 
+def fused_tma_fits(cfg: dict, write_dx: bool) -> bool:
+    """Whether krona_grad_fused_kernel takes its token blocks by TMA at this config. Not with the dx term's store beside
+    a 128 x 128 block of x (64x86 beside 64x128): at 3 stages that needs 232 KB of shared memory (compile_report.py),
+    more than an SM has, and at 2 stages it ran 259 us against plain loads' 201 on an H200 (NOTES-krona.md)."""
+    return not (write_dx and cfg["BK1"] * cfg["BK2"] > 64 * 64)
+
+
 def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                want_dx: bool, config: Optional[dict] = None, programs_per_sm: Optional[int] = None):
     """(dx term (M, K) or None, dA (T, n1, k1) float32 unscaled, dB (T, n2, k2) float32 unscaled) of a dense sum
@@ -639,14 +693,21 @@ def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     part_a = torch.empty((splits, T, n1, k1), device=x.device, dtype=torch.float32)
     part_b = torch.empty((splits, T, n2, k2), device=x.device, dtype=torch.float32)
     dx = torch.empty((M, k1 * k2), device=x.device, dtype=x.dtype) if write_dx else part_a
+    descs = None
+    if bt == 1 and g.dtype == x.dtype and fused_tma_fits(cfg, write_dx):
+        descs = (_token_desc(g, n1, n2, cfg["BN1"], cfg["BN2"]), _token_desc(x, k1, k2, cfg["BK1"], cfg["BK2"]),
+                 _token_desc(dx, k1, k2, cfg["BK1"], cfg["BK2"]) if write_dx else dx)
+        descs = None if any(d is None for d in descs) else descs
+    g_arg, x_arg, dx_arg = descs or (g, x, dx)
     launch(krona_grad_fused_kernel, (T, splits),
-        g, x, A, B, dx, part_a, part_b,
+        g_arg, x_arg, A, B, dx_arg, part_a, part_b,
         M, n1, k1, n2, k2, rows,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), *A.stride(), *B.stride(),
         dx.stride(0) if write_dx else 0, dx.stride(1) if write_dx else 0,
         part_a.stride(0), part_a.stride(1), part_b.stride(0), part_b.stride(1),
         float(scaling),
-        WRITE_DX=write_dx, DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages, **cfg,
+        WRITE_DX=write_dx, DOT_PRECISION=_dot_precision(x.dtype), TMA=descs is not None, num_warps=num_warps,
+        num_stages=num_stages, **cfg,
     )
     return (dx if write_dx else None), part_a.sum(0), part_b.sum(0)
 
