@@ -528,3 +528,19 @@ class _torch_backend:
 
     def __exit__(self, *exc):
         peftkern.set_backend(None)
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0", "2x0"])
+def test_an_empty_batch_gives_zero_gradients(backend, lead):
+    """No tokens: an empty output, and zero gradients for h and every adapter weight, LN's included."""
+    for dtype in dtypes_for(backend):
+        h = torch.randn(*lead, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        params = [torch.randn(*s, device=DEVICE, dtype=dtype, requires_grad=True)
+                  for s in ((8, 32), (8,), (32, 8), (32,), (32,), (32,))]
+        dw, db, uw, ub, lw, lb = params
+        out = peftkern.bottleneck_adapter(h, dw, db, uw, ub, "gelu", 0.5, layer_norm=(lw, lb))
+        assert out.shape == h.shape and out.dtype == dtype
+        out.sum().backward()
+        for i, t in enumerate([h, *params]):
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), i

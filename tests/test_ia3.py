@@ -385,3 +385,21 @@ def test_a_product_input_is_recomputed_not_saved(backend, monkeypatch):
         results.append([g.grad, u.grad, scale.grad])
     for got, ref in zip(*results):
         assert torch.equal(got, ref), "the recomputed input must give the saved path's gradients exactly"
+
+
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0", "2x0"])
+def test_an_empty_batch_gives_zero_gradients(backend, scale_input, lead):
+    """No tokens: an empty output, and zero gradients for x, l (PEFT's float32 vector) and the bias; no kernel launches
+    (the output form's backward divided by the token count before)."""
+    for dtype in dtypes_for(backend):
+        x = torch.randn(*lead, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = torch.randn(40, 24, device=DEVICE, dtype=dtype)
+        scale = torch.randn(24 if scale_input else 40, device=DEVICE, dtype=torch.float32, requires_grad=True)
+        bias = torch.randn(40, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = peftkern.ia3_linear(x, w, scale, bias, scale_input=scale_input)
+        assert y.shape == (*lead, 40) and y.dtype == dtype
+        y.sum().backward()
+        for name, t in (("x", x), ("scale", scale), ("bias", bias)):
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name

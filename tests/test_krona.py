@@ -652,3 +652,21 @@ def test_token_blocks_go_by_tma_only_where_tma_can_read_them(monkeypatch):
     assert kk._token_desc(odd[:, :2048], 64, 32, 64, 32) is None  # rows 4104 bytes apart
     monkeypatch.setattr(kk, "TMA_TOKENS", [False])
     assert kk._token_desc(x, 64, 32, 64, 32) is None
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0", "2x0"])
+def test_an_empty_batch_gives_zero_gradients(backend, lead):
+    """No tokens: an empty output, and zero gradients for x and every factor (a low-rank B included), as PEFT's LoKr
+    layer gives them."""
+    for dtype in dtypes_for(backend):
+        x = torch.randn(*lead, 6 * 4, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = torch.randn(5 * 3, 6 * 4, device=DEVICE, dtype=dtype)
+        a = torch.randn(5, 6, device=DEVICE, dtype=dtype, requires_grad=True)
+        b1 = torch.randn(3, 2, device=DEVICE, dtype=dtype, requires_grad=True)
+        b2 = torch.randn(2, 4, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = peftkern.krona_linear(x, w, a, (b1, b2), 0.5)
+        assert y.shape == (*lead, 15) and y.dtype == dtype
+        y.sum().backward()
+        for name, t in (("x", x), ("A", a), ("B_a", b1), ("B_b", b2)):
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name

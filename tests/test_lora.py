@@ -799,3 +799,21 @@ def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
                     assert_close(got[name], ref[name], dtype, f"skinny grads {path} {dtype} r={rank} {name}")
     finally:
         peftkern.set_backend(None)
+
+
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0", "2x0"])
+def test_an_empty_batch_gives_zero_gradients(backend, lead):
+    """No tokens (an empty batch or sequence): an empty output, and zero gradients for x, A, B and the bias, as PEFT's
+    eager layer gives them (None would make DDP and the optimizer treat the adapter as unused that step)."""
+    for dtype in dtypes_for(backend):
+        x = torch.randn(*lead, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = torch.randn(40, 24, device=DEVICE, dtype=dtype)
+        a = torch.randn(8, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+        b = torch.randn(40, 8, device=DEVICE, dtype=dtype, requires_grad=True)
+        bias = torch.randn(40, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = peftkern.lora_linear(x, w, a, b, 2.0, bias, dropout_p=0.1)
+        assert y.shape == (*lead, 40) and y.dtype == dtype
+        y.sum().backward()
+        for name, t in (("x", x), ("lora_A", a), ("lora_B", b), ("bias", bias)):
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name

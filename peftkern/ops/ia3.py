@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import reference
 from ._common import (
     backend_module,
     check_same_device,
@@ -126,6 +127,9 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
     x2d, weight, bias, lead, backend = prepare_linear("ia3", x, weight, bias, K)
+    if x2d.shape[0] == 0:  # no tokens: the reference's products (no kernel launches), l gets a zero gradient
+        y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
+        return y.reshape(*lead, N)
     y = IA3LinearFunction.apply(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend)
     return y.reshape(*lead, N)
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import reference
 from ._common import (
     backend_module,
     check_same_device,
@@ -200,8 +201,9 @@ def lora_linear(
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
     x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K)
     p = dropout_p if training else 0.0
-    if x2d.shape[0] == 0:
-        return torch.nn.functional.linear(x, weight.t() if weight_transposed else weight, bias)
+    if x2d.shape[0] == 0:  # no tokens: the reference's products, so the adapter gets zero gradients (as in PEFT)
+        return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias,
+                                     weight_transposed=weight_transposed).reshape(*lead, N)
     y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, weight_transposed, backend)
     return y.reshape(*lead, N)
 
