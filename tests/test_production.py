@@ -213,3 +213,105 @@ def test_float64_falls_back_to_the_reference_with_one_warning():
         y2 = peftkern.lora_linear(x, w, A, B, 1.0)
     assert torch.allclose(y1, reference.lora_linear(x, w, A, B, 1.0)) and torch.equal(y1, y2)
     assert sum("reference path" in str(c.message) for c in caught) <= 1, "one warning per cause"
+
+
+def _has_cat(t: torch.Tensor) -> bool:
+    fn = t.grad_fn
+    for _ in range(3):  # the op's reshape to the input's leading shape sits above the concatenation
+        if fn is None:
+            return False
+        if type(fn).__name__ == "CatBackward0":
+            return True
+        fn = fn.next_functions[0][0]
+    return False
+
+
+@pytest.mark.parametrize("op", ["lora", "ia3-output", "ia3-input", "krona", "krona-lora-route", "adapter-ln",
+                                "adapter-parallel"])
+def test_inputs_past_32_bit_offsets_run_in_row_blocks(op, monkeypatch):
+    """An op whose per-row operands would overflow the kernels' 32-bit offsets runs as several calls on row blocks
+    (ops._common.apply_by_rows; the limit lowered here so that 37 rows make 4 blocks): the same output and gradients
+    as the reference's, the shared tensors' gradients summed over the blocks. On a GPU the real limit (2^31 elements)
+    is checked by test_a_large_input_beyond_32_bit_offsets."""
+    from peftkern.ops import _common
+
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
+
+    dtype = torch.float32
+    x = rand(37, 24)
+    if op == "lora":
+        w, params = rand(40, 24), [rand(8, 24), rand(40, 8), rand(40)]
+        width = 40
+        run = lambda x, p: peftkern.lora_linear(x, w, p[0], p[1], 0.5, p[2])  # noqa: E731
+        ref = lambda x, p: reference.lora_linear(x, w, p[0], p[1], 0.5, p[2])  # noqa: E731
+    elif op.startswith("ia3"):
+        inp = op == "ia3-input"
+        w, params = rand(40, 24), [rand(24 if inp else 40), rand(40)]
+        width = 40
+        run = lambda x, p: peftkern.ia3_linear(x, w, p[0], p[1], scale_input=inp)  # noqa: E731
+        ref = lambda x, p: reference.ia3_linear(x, w, p[0], p[1], scale_input=inp)  # noqa: E731
+    elif op.startswith("krona"):
+        # 4 terms of 2x2 beside rank-1 6x12 factors: rank 4, the LoRA route; dense 6x12 factors: the Kronecker kernels
+        route = op == "krona-lora-route"
+        terms, n1, k1, n2, k2 = (4, 2, 2, 6, 12) if route else (1, 4, 2, 10, 12)
+        w = rand(n1 * n2, k1 * k2)
+        params = [rand(terms, n1, k1), rand(terms, n2, 1), rand(terms, 1, k2)] if route else \
+            [rand(n1, k1), rand(n2, k2)]
+        width = n1 * n2
+        if not route:  # rank 20: the LoRA route unless told otherwise
+            from peftkern.ops import krona as ok
+            monkeypatch.setattr(ok, "LORA_ROUTE_MAX_RANK", [0])
+        if route:
+            run = lambda x, p: peftkern.krona_linear(x, w, p[0], (p[1], p[2]), 0.5)  # noqa: E731
+            ref = lambda x, p: reference.krona_linear(x, w, p[0], None, p[1], p[2], 0.5)  # noqa: E731
+        else:
+            run = lambda x, p: peftkern.krona_linear(x, w, p[0], p[1], 0.5)  # noqa: E731
+            ref = lambda x, p: reference.krona_linear(x, w, p[0][None], None, p[1][None], None, 0.5)  # noqa: E731
+    else:
+        ln = op == "adapter-ln"
+        params = [rand(8, 24), rand(8), rand(24, 8), rand(24)] + ([rand(24), rand(24)] if ln else [])
+        width = 24
+        r = rand(37, 24) if op == "adapter-parallel" else None
+        run = lambda x, p: peftkern.bottleneck_adapter(  # noqa: E731
+            x, p[0], p[1], p[2], p[3], "gelu", 0.5, residual=r, layer_norm=(p[4], p[5]) if ln else None)
+        ref = lambda x, p: reference.bottleneck_adapter(  # noqa: E731
+            x, p[0], p[1], p[2], p[3], "gelu", 0.5, None, r, p[4] if ln else None, p[5] if ln else None, ln, 1e-5)
+    monkeypatch.setattr(_common, "MAX_OFFSET", [10 * width])
+    leaves = [x, *params] + ([r] if op == "adapter-parallel" else [])
+    y = run(x, params)
+    assert _has_cat(y), "the op ran in one call"
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, dy)
+    monkeypatch.setattr(_common, "MAX_OFFSET", [2**31 - 1])
+    y_one = run(x, params)
+    assert not _has_cat(y_one)
+    y_ref = ref(x, params)
+    want = torch.autograd.grad(y_ref, leaves, dy)
+    assert_close(y, y_ref, dtype, f"{op} y")
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, dtype, f"{op} grad {i}")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU (and ~15 GB of its memory)")
+def test_a_large_input_beyond_32_bit_offsets():
+    """LoRA on 2^31 + 2^20 elements of x (bf16, 4.3 GB): offsets past 2^31 would wrap in the kernels' int32 arithmetic.
+    The last rows' output and the adapter's gradients from those rows alone are checked against the reference."""
+    K = N = 4096
+    M = 2**31 // K + 256
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    a = (torch.randn(16, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5).requires_grad_()
+    b = (torch.randn(N, 16, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_()
+    y = peftkern.lora_linear(x, w, a, b, 2.0)
+    tail = slice(M - 300, M)
+    assert_close(y[tail], reference.lora_linear(x[tail], w, a, b, 2.0), torch.bfloat16, "last rows")
+    dy = torch.zeros_like(y)
+    dy[tail] = torch.randn(300, N, device="cuda", dtype=torch.bfloat16)
+    da, db = torch.autograd.grad(y, [a, b], dy)
+    del y
+    want = torch.autograd.grad(reference.lora_linear(x[tail], w, a, b, 2.0), [a, b], dy[tail])
+    assert_close(da, want[0], torch.bfloat16, "dA from the last rows")
+    assert_close(db, want[1], torch.bfloat16, "dB from the last rows")

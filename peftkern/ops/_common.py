@@ -85,6 +85,26 @@ def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K
     return x2d, weight, bias, x.shape[:-1], pick_backend(op, x2d)
 
 
+# The kernels index an (M, width) operand with 32-bit offsets (row * row stride + column: Triton's integers are int32
+# unless an argument is too large for one). So an op whose row operands hold 2^31 elements or more (M = 524288 tokens at
+# 4096 features; 195084 at 11008) runs as several calls on row blocks below that, whose outputs are concatenated.
+MAX_OFFSET = [2**31 - 1]  # a list: tests lower it to exercise the split on small tensors
+
+
+def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
+    """call(*rows) (an autograd Function's apply on the op's per-row tensors, the rest bound in call), on blocks of
+    rows where M * the widest row (width, or a row stride) would overflow a 32-bit offset; the outputs concatenated.
+    Gradients of the shared tensors add up over the blocks through autograd."""
+    M = rows[0].shape[0]
+    for t in rows:
+        if t is not None and t.stride(0) > width:
+            width = t.stride(0)
+    step = max(1, MAX_OFFSET[0] // max(width, 1))
+    if M <= step:
+        return call(*rows)
+    return torch.cat([call(*(t if t is None else t[i:i + step] for t in rows)) for i in range(0, M, step)])
+
+
 # A layer's input that is a product a * b (the down projection's act(gate) * up in a Llama-style MLP, the layer's
 # largest activation) need not be saved: autograd keeps a and b for the product's own backward, which runs after the
 # layer's, so the layer's backward can multiply them again. A frozen nn.Linear saves no input at all; this keeps a fused

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    apply_by_rows,
     autocast_inputs,
     backend_module,
     check_same_device,
@@ -234,6 +235,7 @@ def bottleneck_adapter(
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
     r2d = residual.reshape(-1, d) if residual is not None else None
-    out = BottleneckAdapterFunction.apply(h2d, down_weight, down_bias, up_weight, up_bias, scale, r2d, ln_weight,
-                                          ln_bias, activation, scaling_f, use_ln, ln_eps, backend)
+    out = apply_by_rows(lambda hs, rs: BottleneckAdapterFunction.apply(
+        hs, down_weight, down_bias, up_weight, up_bias, scale, rs, ln_weight, ln_bias, activation, scaling_f, use_ln,
+        ln_eps, backend), (h2d, r2d), d)
     return out.reshape(h.shape)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    apply_by_rows,
     backend_module,
     check_same_device,
     check_tensor,
@@ -130,7 +131,8 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     if x2d.shape[0] == 0:  # no tokens: the reference's products (no kernel launches), l gets a zero gradient
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
-    y = IA3LinearFunction.apply(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend)
+    y = apply_by_rows(lambda xs: IA3LinearFunction.apply(xs, weight, scale.reshape(-1), bias, scale_input,
+                                                         weight_transposed, backend), (x2d,), max(K, N))
     return y.reshape(*lead, N)
 
 

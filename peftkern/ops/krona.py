@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    apply_by_rows,
     backend_module,
     check_same_device,
     check_scalar,
@@ -309,9 +310,12 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
         # the LoRA op's Function on the inputs checked and prepared here (lora_linear would check and autocast them
         # again on every call), on the LoRA op's own backend
         rmat, lmat = lora_route_factors(a, a2, b, b2)
-        y = LoRALinearFunction.apply(x2d, weight, rmat, lmat, bias, scaling, 0.0, False, pick_backend("lora", x2d))
+        lora_backend = pick_backend("lora", x2d)
+        y = apply_by_rows(lambda xs: LoRALinearFunction.apply(xs, weight, rmat, lmat, bias, scaling, 0.0, False,
+                                                              lora_backend), (x2d,), max(K, N))
         return y.reshape(*lead, N)
-    y = KronALinearFunction.apply(x2d, weight, a, a2, b, b2, bias, scaling, backend)
+    y = apply_by_rows(lambda xs: KronALinearFunction.apply(xs, weight, a, a2, b, b2, bias, scaling, backend), (x2d,),
+                      max(K, N))
     return y.reshape(*lead, N)
 
 

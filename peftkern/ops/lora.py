@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    apply_by_rows,
     backend_module,
     check_same_device,
     check_scalar,
@@ -204,7 +205,8 @@ def lora_linear(
     if x2d.shape[0] == 0:  # no tokens: the reference's products, so the adapter gets zero gradients (as in PEFT)
         return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias,
                                      weight_transposed=weight_transposed).reshape(*lead, N)
-    y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, weight_transposed, backend)
+    y = apply_by_rows(lambda xs: LoRALinearFunction.apply(xs, weight, lora_A, lora_B, bias, scaling, p,
+                                                          weight_transposed, backend), (x2d,), max(K, N))
     return y.reshape(*lead, N)
 
 
