@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close
+from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close
 
 import peftkern
 from peftkern import reference
@@ -226,13 +226,15 @@ def _has_cat(t: torch.Tensor) -> bool:
     return False
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter"))], indirect=True)
 @pytest.mark.parametrize("op", ["lora", "ia3-output", "ia3-input", "krona", "krona-lora-route", "adapter-ln",
                                 "adapter-parallel"])
-def test_inputs_past_32_bit_offsets_run_in_row_blocks(op, monkeypatch):
+def test_inputs_past_32_bit_offsets_run_in_row_blocks(op, backend, monkeypatch):
     """An op whose per-row operands would overflow the kernels' 32-bit offsets runs as several calls on row blocks
-    (ops._common.apply_by_rows; the limit lowered here so that 37 rows make 4 blocks): the same output and gradients
-    as the reference's, the shared tensors' gradients summed over the blocks. On a GPU the real limit (2^31 elements)
-    is checked by test_a_large_input_beyond_32_bit_offsets."""
+    (ops._common.apply_by_rows; the limit lowered here so that 61 rows make 3 blocks, the weights still below it): the
+    same output and gradients as the reference's, the shared tensors' gradients summed over the blocks. On a GPU the
+    real limit (2^31 elements) is checked by test_a_large_input_beyond_32_bit_offsets."""
     from peftkern.ops import _common
 
     g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
@@ -241,7 +243,7 @@ def test_inputs_past_32_bit_offsets_run_in_row_blocks(op, monkeypatch):
         return (torch.randn(*shape, generator=g) * scale).to(DEVICE).requires_grad_()
 
     dtype = torch.float32
-    x = rand(37, 24)
+    x = rand(61, 24)
     if op == "lora":
         w, params = rand(40, 24), [rand(8, 24), rand(40, 8), rand(40)]
         width = 40
@@ -274,12 +276,12 @@ def test_inputs_past_32_bit_offsets_run_in_row_blocks(op, monkeypatch):
         ln = op == "adapter-ln"
         params = [rand(8, 24), rand(8), rand(24, 8), rand(24)] + ([rand(24), rand(24)] if ln else [])
         width = 24
-        r = rand(37, 24) if op == "adapter-parallel" else None
+        r = rand(61, 24) if op == "adapter-parallel" else None
         run = lambda x, p: peftkern.bottleneck_adapter(  # noqa: E731
             x, p[0], p[1], p[2], p[3], "gelu", 0.5, residual=r, layer_norm=(p[4], p[5]) if ln else None)
         ref = lambda x, p: reference.bottleneck_adapter(  # noqa: E731
             x, p[0], p[1], p[2], p[3], "gelu", 0.5, None, r, p[4] if ln else None, p[5] if ln else None, ln, 1e-5)
-    monkeypatch.setattr(_common, "MAX_OFFSET", [10 * width])
+    monkeypatch.setattr(_common, "MAX_OFFSET", [25 * width])
     leaves = [x, *params] + ([r] if op == "adapter-parallel" else [])
     y = run(x, params)
     assert _has_cat(y), "the op ran in one call"
@@ -293,6 +295,47 @@ def test_inputs_past_32_bit_offsets_run_in_row_blocks(op, monkeypatch):
     assert_close(y, y_ref, dtype, f"{op} y")
     for i, (a, b) in enumerate(zip(got, want)):
         assert_close(a, b, dtype, f"{op} grad {i}")
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("op", ["lora", "ia3", "krona"])
+def test_a_weight_past_32_bit_offsets_runs_on_the_reference(op, backend, monkeypatch):
+    """A weight of 2^31 elements or more cannot be split into row blocks as an activation can: the call and the merge
+    run on the reference path, with one warning (the limit lowered here to below the 40 x 24 weight)."""
+    from peftkern import _backend
+    from peftkern.ops import _common
+
+    x = torch.randn(5, 24, device=DEVICE)
+    w = torch.randn(40, 24, device=DEVICE)
+    a, b = torch.randn(8, 24, device=DEVICE), torch.randn(40, 8, device=DEVICE)
+    l_ = torch.rand(40, device=DEVICE) + 0.5
+    fa, fb = torch.randn(4, 2, device=DEVICE), torch.randn(10, 12, device=DEVICE)
+    run = {"lora": lambda: peftkern.lora_linear(x, w, a, b, 0.5),
+           "ia3": lambda: peftkern.ia3_linear(x, w, l_),
+           "krona": lambda: peftkern.krona_linear(x, w, fa, fb, 0.5)}[op]
+    ref = {"lora": lambda: reference.lora_linear(x, w, a, b, 0.5),
+           "ia3": lambda: reference.ia3_linear(x, w, l_),
+           "krona": lambda: reference.krona_linear(x, w, fa[None], None, fb[None], None, 0.5)}[op]
+    merge = {"lora": lambda t: peftkern.lora_merge_(t, a, b, 0.5),
+             "ia3": lambda t: peftkern.ia3_merge_(t, l_),
+             "krona": lambda t: peftkern.krona_merge_(t, fa, fb, 0.5)}[op]
+    monkeypatch.setattr(_common, "MAX_OFFSET", [500])
+    for what in ("call", "merge"):
+        monkeypatch.setattr(_backend, "_warned", set())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if what == "call":
+                y1, y2 = run(), run()
+            else:
+                merged = merge(w.clone())
+        assert sum("past 32-bit offsets" in str(c.message) for c in caught) == 1, f"{what}: one warning per cause"
+    assert _common.weight_backend(op, w, "triton") == "torch"
+    assert_close(y1, ref(), torch.float32, f"{op} y")
+    assert torch.equal(y1, y2)
+    monkeypatch.setattr(_common, "MAX_OFFSET", [2**31 - 1])
+    assert _common.weight_backend(op, w, "triton") == "triton"
+    assert_close(merged, merge(w.clone()), torch.float32, f"{op} merged weight")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU (and ~15 GB of its memory)")

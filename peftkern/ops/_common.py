@@ -82,7 +82,18 @@ def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     x2d = x.reshape(-1, K)
-    return x2d, weight, bias, x.shape[:-1], pick_backend(op, x2d)
+    return x2d, weight, bias, x.shape[:-1], weight_backend(op, weight, pick_backend(op, x2d))
+
+
+def weight_backend(op: str, weight: Tensor, backend: str) -> str:
+    """backend, or the reference (with one warning) for a weight of 2^31 elements or more, which the kernels' 32-bit
+    offsets cannot index (a vocabulary-sized head of the largest models: 256000 x 18432). Activations past that run in
+    row blocks instead (apply_by_rows); a weight cannot be split so."""
+    if backend == "torch" or weight.numel() <= MAX_OFFSET[0]:
+        return backend
+    warn_once(f"{op}-weight-offsets", f"peftkern {op}: a weight of {tuple(weight.shape)} ({weight.numel()} elements, "
+                                      "past 32-bit offsets) runs on the reference path")
+    return "torch"
 
 
 # The kernels index an (M, width) operand with 32-bit offsets (row * row stride + column: Triton's integers are int32

@@ -29,6 +29,7 @@ from ._common import (
     recompute_product,
     save_with_parameters,
     saved_with_parameters,
+    weight_backend,
 )
 
 
@@ -147,7 +148,7 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
         raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}")
     if inverse and bool((scale == 0).any()):
         raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
-    backend = pick_backend("ia3", weight)
+    backend = weight_backend("ia3", weight, pick_backend("ia3", weight))
     with torch.no_grad():
         return backend_module(backend, "ia3").ia3_merge_(weight, scale.reshape(-1), bias, scale_input, inverse,
                                                          weight_transposed)

@@ -47,6 +47,7 @@ from ._common import (
     prepare_linear,
     save_with_parameters,
     saved_with_parameters,
+    weight_backend,
 )
 from .lora import LoRALinearFunction
 
@@ -327,6 +328,6 @@ def krona_merge_(weight: Tensor, A: Factor, B: Factor, scaling: float, sign: flo
     b, b2 = stack_factor("B", B)
     check_krona_factors(tuple(weight.shape), a, a2, b, b2)
     check_same_device(weight=weight, A=a, A2=a2, B=b, B2=b2)
-    backend = pick_backend("krona", weight)
+    backend = weight_backend("krona", weight, pick_backend("krona", weight))
     with torch.no_grad():
         return backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))

@@ -38,6 +38,7 @@ from ._common import (
     recompute_product,
     save_with_parameters,
     saved_with_parameters,
+    weight_backend,
 )
 
 
@@ -221,7 +222,7 @@ def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
         raise ValueError(f"cannot merge lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} into "
                          f"weight {tuple(weight.shape)} (N={N}, K={K})")
     check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
-    backend = pick_backend("lora", weight)
+    backend = weight_backend("lora", weight, pick_backend("lora", weight))
     with torch.no_grad():
         return backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
                                                             weight_transposed)
