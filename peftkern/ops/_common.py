@@ -71,6 +71,12 @@ def autocast_inputs(x: Tensor, frozen: Sequence[Optional[Tensor]]) -> tuple[Tens
     return (x.to(dtype) if x.is_floating_point() else x), cast
 
 
+# The kernels index an (M, width) operand with 32-bit offsets (row * row stride + column: Triton's integers are int32
+# unless an argument is too large for one). So an op whose row operands hold 2^31 elements or more (M = 524288 tokens at
+# 4096 features; 195084 at 11008) runs as several calls on row blocks below that, whose outputs are concatenated.
+MAX_OFFSET = [2**31 - 1]  # a list: tests lower it to exercise the split on small tensors
+
+
 def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K: int):
     """After the shape checks: apply autocast to x and the frozen tensors, check that x and weight share a
     dtype, match the bias to it, flatten x to (M, K) and pick the backend. Returns (x2d, weight, bias, lead
@@ -94,12 +100,6 @@ def weight_backend(op: str, weight: Tensor, backend: str) -> str:
     warn_once(f"{op}-weight-offsets", f"peftkern {op}: a weight of {tuple(weight.shape)} ({weight.numel()} elements, "
                                       "past 32-bit offsets) runs on the reference path")
     return "torch"
-
-
-# The kernels index an (M, width) operand with 32-bit offsets (row * row stride + column: Triton's integers are int32
-# unless an argument is too large for one). So an op whose row operands hold 2^31 elements or more (M = 524288 tokens at
-# 4096 features; 195084 at 11008) runs as several calls on row blocks below that, whose outputs are concatenated.
-MAX_OFFSET = [2**31 - 1]  # a list: tests lower it to exercise the split on small tensors
 
 
 def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
