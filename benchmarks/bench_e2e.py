@@ -3,8 +3,9 @@ peftkern runs it (peftkern.fuse of the same PEFT model; peftkern's own bottlenec
 
 Models are built from configs (peftkern/workloads.py): "1b" is hidden 2048, intermediate 5632, 8 layers,
 16 heads, vocab 32000 (the fuse issue's model); "7b" is Llama-2-7B's layer shapes (hidden 4096, intermediate
-11008, 32 heads), 4 layers. bf16, AdamW. The floor is the same model with no adapters and a frozen body, its
-embedding trainable so that backward runs through every layer. That floor also pays for the embedding's gradient and
+11008, 32 heads), 4 layers. bf16, AdamW with torch's defaults (--optimizer adamw-fused: AdamW(fused=True), Hugging
+Face Trainer's default). The floor is the same model with no adapters and a frozen body, its embedding trainable so
+that backward runs through every layer. That floor also pays for the embedding's gradient and
 AdamW over its parameters, which no adapter model does (~2-3% of the 1b step on an H200). The second row, the frozen
 model with only the first layer's input norm trainable, does nearly a LoRA or IA3 model's frozen work (it adds the
 first layer's q, k and v input gradients; a bottleneck adapter model's backward stops at its first adapter), and the
@@ -17,7 +18,7 @@ also the compiled frozen model and PEFT LoRA / fused LoRA under torch.compile.
     python -m peftkern bench e2e [--method lora|ia3|lokr|adapter|all] [--shape 1b 7b] [--seq 1024 2048 4096]
                                  [--tokens 8192 | --batch B] [--quick] [--compile]
                                  [--compile-mode reduce-overhead] [--compiled-only]
-                                 [--checkpointing | --checkpointing-only] [--out DIR]
+                                 [--checkpointing | --checkpointing-only] [--optimizer adamw-fused] [--out DIR]
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
             model = step = None
             try:
                 model = workloads.build(method, impl, shape, device, dtype, args.rank, fp32, max_positions=seq)
-                step = workloads.training_step(model, batch, seq, device, compiled, ckpt)
+                step = workloads.training_step(model, batch, seq, device, compiled, ckpt, optimizer=args.optimizer)
                 ms, spread, peak, diagnostics = time_training(step, steps, warmup, device, compiled)
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 progress(f"  failed: {type(exc).__name__}: {exc}")
@@ -178,7 +179,8 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
                      "throughput_vs_equal_floor": equal / ms if equal else None,
                      "peak_vs_floor": (peak / floor[1]) if peak and floor[1] else None,
                      "adapter_dtype": "float32" if fp32 else model_dtype, "compiled": compiled,
-                     "checkpointing": ckpt, "shape": shape, "batch": batch, "seq": seq, **diagnostics}
+                     "checkpointing": ckpt, "optimizer": args.optimizer, "shape": shape, "batch": batch, "seq": seq,
+                     **diagnostics}
             rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[0], peak, extra))
     return rows
 
@@ -200,6 +202,9 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--checkpointing", action="store_true", help="also every row with gradient checkpointing")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the rows with gradient checkpointing")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--optimizer", default="adamw", choices=workloads.OPTIMIZERS,
+                        help="every row's optimizer: adamw (torch's defaults, foreach on CUDA) or adamw-fused "
+                        "(fused=True, Hugging Face Trainer's default)")
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     args.compile = args.compile or bool(args.compile_mode) or args.compiled_only
@@ -229,7 +234,7 @@ def main(argv=None) -> list[Row]:
               f"{r.extra['throughput_vs_floor']:8.3f}x | {equal:>27} | {peak:>14} |")
     path = save_results("e2e", rows, {"methods": list(methods), "cases": cases, "rank": args.rank,
                                       "models": {s: workloads.SHAPES[s] for s, _, _ in cases},
-                                      "timing": "eager steps between CUDA events",
+                                      "timing": "eager steps between CUDA events", "optimizer": args.optimizer,
                                       "host_us_per_small_op": probe}, args.out)
     progress(f"saved {path}")
     return rows

@@ -116,11 +116,28 @@ def build(method: str, impl: str, shape: str, device, dtype: torch.dtype, r: int
     return model
 
 
+# The optimizers a training step can use. "adamw" is torch.optim.AdamW's defaults: on CUDA its foreach path, whose
+# host cost grows with the number of parameter tensors (4.07 ms a step under the profiler for the 1b LoRA model's 224
+# against 1.05 for the floor's one; NOTES-lora.md, twentieth session's trace). "adamw-fused" is AdamW(fused=True),
+# which Hugging Face's Trainer runs by default (TrainingArguments.optim "adamw_torch_fused").
+OPTIMIZERS = ("adamw", "adamw-fused")
+
+
+def make_optimizer(params, name: str = "adamw", lr: float = 1e-5) -> torch.optim.Optimizer:
+    """One of OPTIMIZERS over `params`."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return torch.optim.AdamW(params, lr=lr, fused=True if name == "adamw-fused" else None)
+
+
 def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_: Union[bool, str] = False,
-                  checkpointing: bool = False, lr: float = 1e-5, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """A closure running one forward + backward + AdamW step on fixed random token ids; returns the loss.
+                  checkpointing: bool = False, lr: float = 1e-5, seed: int = 0,
+                  optimizer: str = "adamw") -> Callable[[], torch.Tensor]:
+    """A closure running one forward + backward + optimizer step on fixed random token ids; returns the loss. Its
+    `optimizer` attribute is the optimizer.
     compile_: True compiles the model with torch.compile's default mode, a string names the mode
-    ("reduce-overhead": CUDA graphs, which take the host's launch costs out of the step)."""
+    ("reduce-overhead": CUDA graphs, which take the host's launch costs out of the step). optimizer: one of
+    OPTIMIZERS."""
     if checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad. transformers installs
         # enable_input_require_grads's hook anyway; its requires_grad_() on the embedding's output is a graph
@@ -129,7 +146,7 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
         if hasattr(model, "disable_input_require_grads"):
             model.disable_input_require_grads()
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr)
     if compile_:
         fwd = torch.compile(model, mode=compile_ if isinstance(compile_, str) else None)
     else:
@@ -148,6 +165,7 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
         opt.step()
         return loss.detach()
 
+    step.optimizer = opt  # for callers that inspect or checkpoint it
     return step
 
 

@@ -8,6 +8,7 @@ the host's (until the last step is queued), medians. The ratio is against the fr
 
     python scripts/step_ab.py [--rounds 3] [--steps 5] [--checkpointing] [--compile]
                               [--settings default direct-off cublas-side skinny-side ...]
+                              [--optimizers adamw adamw-fused]
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--settings", nargs="*", default=["default", "direct-off", "cublas-side"],
                         choices=list(SETTINGS))
+    parser.add_argument("--optimizers", nargs="+", default=["adamw"], choices=workloads.OPTIMIZERS,
+                        help="each setting runs with each optimizer, against the frozen step with the same one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a GPU")
@@ -77,28 +80,34 @@ def main() -> int:
     for impl in ("frozen", "fused"):
         torch.manual_seed(0)
         model = workloads.build("lora", impl, args.shape, "cuda", torch.bfloat16, 16, False, max_positions=2048)
-        steps[impl] = workloads.training_step(model, 4, 2048, "cuda", args.compile, args.checkpointing)
+        for opt in args.optimizers:  # one model, one optimizer (and its state) per closure
+            steps[impl, opt] = workloads.training_step(model, 4, 2048, "cuda", args.compile, args.checkpointing,
+                                                       optimizer=opt)
     what = f"lora {args.shape}" + (" +ckpt" if args.checkpointing else "") + (" compiled" if args.compile else "")
     print(f"{what}: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.steps} steps a sample", flush=True)
-    results = {s: [] for s in ["frozen", *args.settings]}
+    results = {(s, o): [] for s in ["frozen", *args.settings] for o in args.optimizers}
     for rnd in range(args.rounds):
-        apply("default", saved)
-        gpu, host = timed(steps["frozen"], args.steps)
-        results["frozen"].append((gpu, host))
-        print(f"round {rnd}: frozen {gpu:6.2f} ms (host {host:6.2f})", flush=True)
-        for setting in args.settings:
-            apply(setting, saved)
-            gpu, host = timed(steps["fused"], args.steps)
-            results[setting].append((gpu, host))
-            print(f"round {rnd}: {setting:24s} {gpu:6.2f} ms (host {host:6.2f}), {results['frozen'][-1][0] / gpu:.3f}x"
-                  " the frozen step", flush=True)
+        for opt in args.optimizers:
+            apply("default", saved)
+            gpu, host = timed(steps["frozen", opt], args.steps)
+            results["frozen", opt].append((gpu, host))
+            print(f"round {rnd}: {'frozen, ' + opt:36s} {gpu:6.2f} ms (host {host:6.2f})", flush=True)
+            for setting in args.settings:
+                apply(setting, saved)
+                gpu, host = timed(steps["fused", opt], args.steps)
+                results[setting, opt].append((gpu, host))
+                print(f"round {rnd}: {setting + ', ' + opt:36s} {gpu:6.2f} ms (host {host:6.2f}), "
+                      f"{results['frozen', opt][-1][0] / gpu:.3f}x the frozen step", flush=True)
     apply("default", saved)
-    frozen = statistics.median(g for g, _ in results["frozen"])
-    print(f"medians over {args.rounds} rounds: frozen {frozen:.2f} ms")
-    for setting in args.settings:
-        g = statistics.median(x for x, _ in results[setting])
-        h = statistics.median(x for _, x in results[setting])
-        print(f"  {setting:24s} {g:6.2f} ms (host {h:6.2f}), {frozen / g:.3f}x")
+    print(f"medians over {args.rounds} rounds:")
+    for opt in args.optimizers:
+        frozen = statistics.median(g for g, _ in results["frozen", opt])
+        host = statistics.median(h for _, h in results["frozen", opt])
+        print(f"  {'frozen, ' + opt:36s} {frozen:6.2f} ms (host {host:6.2f})")
+        for setting in args.settings:
+            g = statistics.median(x for x, _ in results[setting, opt])
+            h = statistics.median(x for _, x in results[setting, opt])
+            print(f"  {setting + ', ' + opt:36s} {g:6.2f} ms (host {h:6.2f}), {frozen / g:.3f}x")
     print(f"launches by path: {_launch.stats}")
     return 0
 

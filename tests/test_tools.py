@@ -200,3 +200,38 @@ def test_margins_reports_each_comparisons_worst_ratio(tmp_path, monkeypatch):
     assert [(name, count) for _, count, _, name in rows] == [("c", 1), ("a", 2), ("b", 1)]
     assert [round(ratio, 3) for ratio, *_ in rows] == [2.0, 0.4, 0.3]
     assert all(test.startswith("tests/test_tools.py::test_margins") for _, _, test, _ in rows)
+
+
+def test_training_step_optimizers():
+    """workloads' optimizers: the fused AdamW (Hugging Face Trainer's default) is what --optimizer adamw-fused names,
+    and it takes the same step as torch's default AdamW on a fused LoRA model."""
+    pytest.importorskip("peft")
+    from peftkern import workloads
+
+    params = {}
+    for name in workloads.OPTIMIZERS:
+        torch.manual_seed(0)
+        model = workloads.build("lora", "fused", "tiny", DEVICE, torch.float32, 4, False, max_positions=32)
+        for p in model.parameters():  # B starts at zero: give every adapter a gradient of both factors
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        step = workloads.training_step(model, 2, 16, DEVICE, optimizer=name, lr=1e-3)
+        assert isinstance(step.optimizer, torch.optim.AdamW)
+        assert step.optimizer.defaults["fused"] is (True if name == "adamw-fused" else None), name
+        for _ in range(2):
+            step()
+        params[name] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    assert len(params["adamw"]) > 0
+    for a, b in zip(params["adamw"], params["adamw-fused"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        workloads.make_optimizer([torch.zeros(2, requires_grad=True)], "sgd")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version of bench e2e")
+def test_bench_e2e_records_its_optimizer(tmp_path):
+    pytest.importorskip("peft")
+    out = _run("bench", "e2e", "--method", "lora", "--optimizer", "adamw-fused", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
+    assert data["rows"] and {r["extra"]["optimizer"] for r in data["rows"]} == {"adamw-fused"}
