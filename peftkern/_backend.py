@@ -55,6 +55,12 @@ def get_backend() -> Optional[str]:
     return None
 
 
+# The probes below run once and keep their answer in a module-level list. Under torch.compile, dynamo would trace that
+# first run as a mutation of module state, and inside a checkpointed layer (the tag_activation_checkpoint HOP) it
+# refuses one ("HOP: Unsafe side effect"): the graph broke at the first fused layer of a model compiled before any
+# eager call, and fullgraph=True raised (seen on an H200, torch 2.11, bench e2e's compiled checkpointed step).
+# assume_constant_result makes dynamo call them for real at trace time and keep the answer as a constant.
+@torch.compiler.assume_constant_result
 def triton_interpret() -> bool:
     """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1). Read once: Triton decides it when a kernel
     module is imported, and the launchers ask several times a call (an environment lookup costs ~0.5 us)."""
@@ -70,6 +76,7 @@ _triton_found: list = []  # [whether triton imports], once known (a list, not lr
 # compile of a fused model that it ignores lru_cache wrappers)
 
 
+@torch.compiler.assume_constant_result
 def _triton_importable() -> bool:
     if not _triton_found:
         try:
@@ -131,16 +138,23 @@ def available(name: str, device: torch.device, op: Optional[str] = None) -> bool
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
     if name == "cuda":
-        if device.type != "cuda" or cuda_extension() is None:
-            return False
-        return op is None or op in cuda_ops()
+        return device.type == "cuda" and _cuda_implements(op or "")
     return False
+
+
+@torch.compiler.assume_constant_result
+def _cuda_implements(op: str) -> bool:
+    """Whether the CUDA extension is built and, for a non-empty op, has that op's kernels. (A constant under
+    torch.compile, as the probes above: cuda_extension() imports peftkern._C and records why it failed.)"""
+    if cuda_extension() is None:
+        return False
+    return not op or op in cuda_ops()
 
 
 def resolve(op: str, device: torch.device) -> str:
     """The backend that runs `op` for tensors on `device`."""
     forced = get_backend()
-    if forced == "cuda" and device.type == "cuda" and cuda_extension() is not None and op not in cuda_ops():
+    if forced == "cuda" and device.type == "cuda" and _cuda_implements("") and not _cuda_implements(op):
         warn_once(f"{op}-no-cuda-kernel", f"peftkern: the cuda backend has no {op} kernel yet; {op} runs on "
                   f"{DEFAULT_CUDA_BACKEND.get(op, 'triton')}")
         forced = None

@@ -298,6 +298,11 @@ class _Op:
         torch.library.register_fake(self.qualname)(fake)
         return fake
 
+    def register_autograd(self, backward, *, setup_context) -> None:
+        """Give the op its own autograd (torch.library.register_autograd), for graphs that call it outside an
+        autograd.Function (COMPILED_OP_AUTOGRAD)."""
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context)
+
 
 _libraries: dict = {}
 
@@ -309,6 +314,14 @@ def define_op(qualname: str, fn):
     if os.environ.get("PEFTKERN_TORCH_CUSTOM_OP", "0") == "1":
         return torch.library.custom_op(qualname, fn, mutates_args=())
     return _Op(qualname, fn)
+
+
+# Under torch.compile an op's forward custom op is called by itself, with autograd registered on it, instead of inside
+# the op's autograd.Function. Activation checkpointing under compile tags every op of a checkpointed region to be
+# recomputed in backward, and torch 2.11's tagging skipped the ops inside an autograd.Function: the partitioner then
+# kept every fused layer's outputs for backward (bench e2e's compiled checkpointed LoRA step on an H200: 5073 MB at
+# peak against PEFT's 2917; torch 2.13 tags them, scripts/diag_compiled_ckpt.py). Read at trace time; 0 turns it off.
+COMPILED_OP_AUTOGRAD = [os.environ.get("PEFTKERN_COMPILED_OP_AUTOGRAD", "1") != "0"]
 
 
 def empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:

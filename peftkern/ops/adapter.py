@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     autocast_inputs,
     backend_module,
@@ -106,27 +107,53 @@ class BottleneckAdapterFunction(torch.autograd.Function):
     def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
                 activation, scaling, layer_norm, ln_eps, backend):
         fwd = torch.ops.peftkern.adapter_fwd if torch.compiler.is_compiling() else _adapter_fwd
-        out, z, stats = fwd(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
-                            activation, scaling, layer_norm, ln_eps, backend)
-        save_with_parameters(ctx, (h, z, stats),
-                             (down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias))
-        ctx.activation, ctx.scaling, ctx.layer_norm, ctx.backend = activation, scaling, layer_norm, backend
-        ctx.sequential = residual is None
-        return out
+        inputs = (h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation,
+                  scaling, layer_norm, ln_eps, backend)
+        outputs = fwd(*inputs)
+        _adapter_save(ctx, inputs, outputs)
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        (h, z, stats), (down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias) = saved_with_parameters(
-            ctx, "bottleneck_adapter")
-        n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2] and down_bias is not None, n[3], n[4] and up_bias is not None,
-                 n[5] and scale is not None, n[7] and ln_weight is not None, n[8] and ln_bias is not None)
         bwd = torch.ops.peftkern.adapter_bwd if torch.compiler.is_compiling() else _adapter_bwd
-        grads = bwd(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
-                    ctx.activation, ctx.scaling, ctx.sequential, ctx.layer_norm, ctx.backend, *needs)
-        dh, d_dw, d_db, d_uw, d_ub, d_scale, d_lnw, d_lnb = (g if need else None for g, need in zip(grads, needs))
-        d_res = grad_out if (n[6] and not ctx.sequential) else None
-        return dh, d_dw, d_db, d_uw, d_ub, d_scale, d_res, d_lnw, d_lnb, None, None, None, None, None
+        return _adapter_backward(ctx, grad_out, bwd)
+
+
+def _adapter_save(ctx, inputs: tuple, output: tuple) -> None:
+    h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias = inputs[:9]
+    activation, scaling, layer_norm, _ln_eps, backend = inputs[9:]
+    save_with_parameters(ctx, (h, output[1], output[2]),
+                         (down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias))
+    ctx.activation, ctx.scaling, ctx.layer_norm, ctx.backend = activation, scaling, layer_norm, backend
+    ctx.sequential = residual is None
+
+
+def _adapter_backward(ctx, grad_out, bwd) -> tuple:
+    (h, z, stats), (down_weight, down_bias, up_weight, up_bias, scale, ln_weight, ln_bias) = saved_with_parameters(
+        ctx, "bottleneck_adapter")
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2] and down_bias is not None, n[3], n[4] and up_bias is not None,
+             n[5] and scale is not None, n[7] and ln_weight is not None, n[8] and ln_bias is not None)
+    grads = bwd(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
+                ctx.activation, ctx.scaling, ctx.sequential, ctx.layer_norm, ctx.backend, *needs)
+    dh, d_dw, d_db, d_uw, d_ub, d_scale, d_lnw, d_lnb = (g if need else None for g, need in zip(grads, needs))
+    d_res = grad_out if (n[6] and not ctx.sequential) else None
+    return dh, d_dw, d_db, d_uw, d_ub, d_scale, d_res, d_lnw, d_lnb, None, None, None, None, None
+
+
+def _adapter_fwd_setup(ctx, inputs, output) -> None:
+    """Autograd of adapter_fwd called by itself (COMPILED_OP_AUTOGRAD, under torch.compile)."""
+    ctx.mark_non_differentiable(output[1], output[2])
+    _adapter_save(ctx, inputs, output)
+
+
+adapter_fwd.register_autograd(
+    lambda ctx, grad_out, _grad_z, _grad_stats: _adapter_backward(ctx, grad_out, torch.ops.peftkern.adapter_bwd),
+    setup_context=_adapter_fwd_setup)
+
+
+def _adapter_compiled(*inputs) -> Tensor:
+    return torch.ops.peftkern.adapter_fwd(*inputs)[0]
 
 
 LayerNormArg = Union[None, bool, torch.nn.LayerNorm, tuple]
@@ -235,7 +262,8 @@ def bottleneck_adapter(
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
     r2d = residual.reshape(-1, d) if residual is not None else None
-    out = apply_by_rows(lambda hs, rs: BottleneckAdapterFunction.apply(
-        hs, down_weight, down_bias, up_weight, up_bias, scale, rs, ln_weight, ln_bias, activation, scaling_f, use_ln,
-        ln_eps, backend), (h2d, r2d), d)
+    fn = (_adapter_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0]
+          else BottleneckAdapterFunction.apply)
+    out = apply_by_rows(lambda hs, rs: fn(hs, down_weight, down_bias, up_weight, up_bias, scale, rs, ln_weight, ln_bias,
+                                          activation, scaling_f, use_ln, ln_eps, backend), (h2d, r2d), d)
     return out.reshape(h.shape)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     backend_module,
     check_same_device,
@@ -80,25 +81,48 @@ class IA3LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, scale_input, weight_transposed, backend):
         fwd = torch.ops.peftkern.ia3_fwd if torch.compiler.is_compiling() else _ia3_fwd
         y, z = fwd(x, weight, scale, bias, scale_input, weight_transposed, backend)
-        # x = a * b (the MLP's down projection, IA3's feed-forward place) is multiplied again in backward, not saved
-        ctx.x_source, ctx.x_shape = product_source(x), x.shape
-        save_with_parameters(ctx, (None if ctx.x_source is not None else x, z), (weight, scale))
-        ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _ia3_save(ctx, (x, weight, scale, bias, scale_input, weight_transposed, backend), z, True)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x, z), (weight, scale) = saved_with_parameters(ctx, "ia3_linear")
-        if ctx.x_source is not None:
-            x = recompute_product(ctx.x_source, ctx.x_shape)
-        need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]
-        need_bias = need_bias and ctx.bias_dtype is not None
         bwd = torch.ops.peftkern.ia3_bwd if torch.compiler.is_compiling() else _ia3_bwd
-        dx, dl, dbias, dw = bwd(grad_y, x, weight, scale, z, ctx.scale_input, ctx.weight_transposed, ctx.backend,
-                                need_x, need_l, need_bias, need_w)
-        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None, dl if need_l else None,
-                dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None)
+        return _ia3_backward(ctx, grad_y, bwd)
+
+
+def _ia3_save(ctx, inputs: tuple, z: Tensor, recompute_input: bool) -> None:
+    x, weight, scale, bias, scale_input, weight_transposed, backend = inputs
+    # x = a * b (the MLP's down projection, IA3's feed-forward place) is multiplied again in backward, not saved
+    ctx.x_source, ctx.x_shape = (product_source(x) if recompute_input else None), x.shape
+    save_with_parameters(ctx, (None if ctx.x_source is not None else x, z), (weight, scale))
+    ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _ia3_backward(ctx, grad_y, bwd) -> tuple:
+    (x, z), (weight, scale) = saved_with_parameters(ctx, "ia3_linear")
+    if ctx.x_source is not None:
+        x = recompute_product(ctx.x_source, ctx.x_shape)
+    need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]
+    need_bias = need_bias and ctx.bias_dtype is not None
+    dx, dl, dbias, dw = bwd(grad_y, x, weight, scale, z, ctx.scale_input, ctx.weight_transposed, ctx.backend,
+                            need_x, need_l, need_bias, need_w)
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None, dl if need_l else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None, None, None, None)
+
+
+def _ia3_fwd_setup(ctx, inputs, output) -> None:
+    """Autograd of ia3_fwd called by itself (COMPILED_OP_AUTOGRAD, under torch.compile)."""
+    ctx.mark_non_differentiable(output[1])
+    _ia3_save(ctx, inputs, output[1], False)
+
+
+ia3_fwd.register_autograd(lambda ctx, grad_y, _grad_z: _ia3_backward(ctx, grad_y, torch.ops.peftkern.ia3_bwd),
+                          setup_context=_ia3_fwd_setup)
+
+
+def _ia3_compiled(x, weight, scale, bias, scale_input, weight_transposed, backend) -> Tensor:
+    return torch.ops.peftkern.ia3_fwd(x, weight, scale, bias, scale_input, weight_transposed, backend)[0]
 
 
 def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, scale_input: bool = False,
@@ -132,8 +156,9 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     if x2d.shape[0] == 0:  # no tokens: the reference's products (no kernel launches), l gets a zero gradient
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
-    y = apply_by_rows(lambda xs: IA3LinearFunction.apply(xs, weight, scale.reshape(-1), bias, scale_input,
-                                                         weight_transposed, backend), (x2d,), max(K, N))
+    fn = _ia3_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0] else IA3LinearFunction.apply
+    y = apply_by_rows(lambda xs: fn(xs, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend),
+                      (x2d,), max(K, N))
     return y.reshape(*lead, N)
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     backend_module,
     check_same_device,
@@ -49,7 +50,7 @@ from ._common import (
     saved_with_parameters,
     weight_backend,
 )
-from .lora import LoRALinearFunction
+from .lora import lora_function
 
 Factor = Union[Tensor, tuple, list]
 
@@ -109,30 +110,48 @@ class KronALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, a, a2, b, b2, bias, scaling, backend):
         fwd = torch.ops.peftkern.krona_fwd if torch.compiler.is_compiling() else _krona_fwd
         y = fwd(x, weight, a, a2, b, b2, bias, scaling, backend)
-        save_with_parameters(ctx, (x,), (weight, a, a2, b, b2))
-        ctx.scaling, ctx.backend = scaling, backend
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _krona_save(ctx, (x, weight, a, a2, b, b2, bias, scaling, backend), y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x,), (weight, a, a2, b, b2) = saved_with_parameters(ctx, "krona_linear")
-        need_x, need_w, need_a, need_a2, need_b, need_b2, need_bias = ctx.needs_input_grad[:7]
-        need_bias = need_bias and ctx.bias_dtype is not None
         bwd = torch.ops.peftkern.krona_bwd if torch.compiler.is_compiling() else _krona_bwd
-        dx, da, da2, db, db2, dbias, dw = bwd(
-            grad_y, x, weight, a, a2, b, b2, ctx.scaling, ctx.backend,
-            need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
-        return (
-            dx if need_x else None,
-            dw.to(weight.dtype) if need_w else None,
-            da if need_a else None,
-            da2 if (need_a2 and a2 is not None) else None,
-            db if need_b else None,
-            db2 if (need_b2 and b2 is not None) else None,
-            dbias.to(ctx.bias_dtype) if need_bias else None,
-            None, None,
-        )
+        return _krona_backward(ctx, grad_y, bwd)
+
+
+def _krona_save(ctx, inputs: tuple, output) -> None:
+    x, weight, a, a2, b, b2, bias, scaling, backend = inputs
+    save_with_parameters(ctx, (x,), (weight, a, a2, b, b2))
+    ctx.scaling, ctx.backend = scaling, backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _krona_backward(ctx, grad_y, bwd) -> tuple:
+    (x,), (weight, a, a2, b, b2) = saved_with_parameters(ctx, "krona_linear")
+    need_x, need_w, need_a, need_a2, need_b, need_b2, need_bias = ctx.needs_input_grad[:7]
+    need_bias = need_bias and ctx.bias_dtype is not None
+    dx, da, da2, db, db2, dbias, dw = bwd(
+        grad_y, x, weight, a, a2, b, b2, ctx.scaling, ctx.backend,
+        need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        da if need_a else None,
+        da2 if (need_a2 and a2 is not None) else None,
+        db if need_b else None,
+        db2 if (need_b2 and b2 is not None) else None,
+        dbias.to(ctx.bias_dtype) if need_bias else None,
+        None, None,
+    )
+
+
+# Autograd of krona_fwd called by itself (COMPILED_OP_AUTOGRAD, under torch.compile)
+krona_fwd.register_autograd(lambda ctx, grad_y: _krona_backward(ctx, grad_y, torch.ops.peftkern.krona_bwd),
+                            setup_context=_krona_save)
+
+
+def _krona_compiled(x, weight, a, a2, b, b2, bias, scaling, backend) -> Tensor:
+    return torch.ops.peftkern.krona_fwd(x, weight, a, a2, b, b2, bias, scaling, backend)
 
 
 def _one_term(name: str, f) -> tuple[Tensor, Optional[Tensor]]:
@@ -232,6 +251,8 @@ _EYES: dict = {}  # (n, device, dtype) -> I_n, made once: the route's identities
 
 
 def _eye(n: int, like: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():  # no cache in a graph: inside a checkpointed layer dynamo refuses the store
+        return torch.eye(n, device=like.device, dtype=like.dtype)
     key = (n, like.device, like.dtype)
     if key not in _EYES:
         _EYES[key] = torch.eye(n, device=like.device, dtype=like.dtype)
@@ -312,11 +333,12 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
         # again on every call), on the LoRA op's own backend
         rmat, lmat = lora_route_factors(a, a2, b, b2)
         lora_backend = pick_backend("lora", x2d)
-        y = apply_by_rows(lambda xs: LoRALinearFunction.apply(xs, weight, rmat, lmat, bias, scaling, 0.0, False,
-                                                              lora_backend), (x2d,), max(K, N))
+        lora = lora_function()
+        y = apply_by_rows(lambda xs: lora(xs, weight, rmat, lmat, bias, scaling, 0.0, False, lora_backend), (x2d,),
+                          max(K, N))
         return y.reshape(*lead, N)
-    y = apply_by_rows(lambda xs: KronALinearFunction.apply(xs, weight, a, a2, b, b2, bias, scaling, backend), (x2d,),
-                      max(K, N))
+    fn = _krona_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0] else KronALinearFunction.apply
+    y = apply_by_rows(lambda xs: fn(xs, weight, a, a2, b, b2, bias, scaling, backend), (x2d,), max(K, N))
     return y.reshape(*lead, N)
 
 

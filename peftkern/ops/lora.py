@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
+    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     backend_module,
     check_same_device,
@@ -103,6 +104,38 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_tr
             maybe(need_w, weight.shape, weight, torch.float32 if weight.dtype != torch.float64 else None))
 
 
+def _lora_fwd_setup(ctx, inputs, output) -> None:
+    """Autograd of lora_fwd called by itself (COMPILED_OP_AUTOGRAD, under torch.compile): saves what lora_bwd reads."""
+    x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.mark_non_differentiable(output[1])
+    ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _lora_fwd_backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    need_bias = need_bias and ctx.has_bias
+    dx, da, db, dbias, dw = torch.ops.peftkern.lora_bwd(
+        grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.weight_transposed,
+        ctx.backend, need_x, need_a, need_b, need_bias, need_w)
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None, da if need_a else None,
+            db if need_b else None, dbias.to(ctx.bias_dtype) if need_bias else None,
+            None, None, None, None, None)
+
+
+lora_fwd.register_autograd(_lora_fwd_backward, setup_context=_lora_fwd_setup)
+
+
+def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
+    """lora_linear's call under torch.compile with COMPILED_OP_AUTOGRAD: the registered op and its own autograd."""
+    seed = draw_seed() if dropout_p > 0.0 else None  # outside the op, as in LoRALinearFunction.forward
+    return torch.ops.peftkern.lora_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed,
+                                       backend)[0]
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd for lora_linear over 2-D x (M, K); lora_linear reshapes (..., K) inputs.
 
@@ -148,6 +181,12 @@ class LoRALinearFunction(torch.autograd.Function):
             dbias.to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None,
             None, None, None, None,
         )
+
+
+def lora_function():
+    """What runs LoRA on 2-D inputs, (x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
+    -> y: LoRALinearFunction.apply, or under torch.compile the op with its own autograd (COMPILED_OP_AUTOGRAD)."""
+    return _lora_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0] else LoRALinearFunction.apply
 
 
 def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tuple[int, int, int]:
@@ -206,8 +245,9 @@ def lora_linear(
     if x2d.shape[0] == 0:  # no tokens: the reference's products, so the adapter gets zero gradients (as in PEFT)
         return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias,
                                      weight_transposed=weight_transposed).reshape(*lead, N)
-    y = apply_by_rows(lambda xs: LoRALinearFunction.apply(xs, weight, lora_A, lora_B, bias, scaling, p,
-                                                          weight_transposed, backend), (x2d,), max(K, N))
+    fn = lora_function()
+    y = apply_by_rows(lambda xs: fn(xs, weight, lora_A, lora_B, bias, scaling, p, weight_transposed, backend),
+                      (x2d,), max(K, N))
     return y.reshape(*lead, N)
 
 
