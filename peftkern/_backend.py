@@ -30,9 +30,19 @@ _warned: set = set()
 
 def warn_once(cause: str, message: str) -> None:
     """One RuntimeWarning per cause per process (a fallback that would otherwise warn on every call)."""
-    if cause not in _warned:
-        _warned.add(cause)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    _warn_once(cause, message)
+
+
+# Under torch.compile dynamo cannot trace warnings.warn (fullgraph=True raised on a fallback's warning) nor, inside a
+# checkpointed layer, the set's update: as a constant-result function it runs for real while the graph is traced,
+# which is when the fallback is decided, and the graph keeps only its answer.
+@torch.compiler.assume_constant_result
+def _warn_once(cause: str, message: str) -> bool:
+    if cause in _warned:
+        return False
+    _warned.add(cause)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return True
 
 
 def set_backend(name: Optional[str]) -> None:

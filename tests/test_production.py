@@ -389,30 +389,39 @@ import sys, torch
 from torch.utils.checkpoint import checkpoint
 kind, device, tests = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path.insert(0, tests)
+import warnings
 from test_production import _square_layer  # imports peftkern, and nothing runs eagerly
-layer = _square_layer(kind)
+float64 = kind.endswith("-float64")  # a fallback to the reference, with its one warning
+kind = kind.removesuffix("-float64")
+layer = _square_layer(kind).to(torch.float64 if float64 else torch.float32)
 class Checkpointed(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.layer = layer
     def forward(self, x):
         return checkpoint(self.layer, x, use_reentrant=False)
-x = torch.randn(2, 8, 64, device=device, requires_grad=True)
-out = torch.compile(Checkpointed(), fullgraph=True)(x)
-out.float().square().sum().backward()
+x = torch.randn(2, 8, 64, device=device, requires_grad=True, dtype=torch.float64 if float64 else torch.float32)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = torch.compile(Checkpointed(), fullgraph=True)(x)
+    out.float().square().sum().backward()
+fallbacks = [str(w.message) for w in caught if "reference path" in str(w.message)]
+assert len(fallbacks) == (1 if float64 else 0), fallbacks
 want = layer(x)
 assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (out - want).abs().max()
-print("compiled", kind)
+print("compiled", sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3-output", "ia3-input", "krona", "adapter"])
+@pytest.mark.parametrize("kind", ["lora", "ia3-output", "ia3-input", "krona", "adapter", "lora-float64"])
 def test_compile_a_checkpointed_layer_first_thing_in_a_process(kind, tmp_path):
     """torch.compile(fullgraph=True) of a checkpointed fused layer in a process that has run nothing eagerly. The
     backend probes' first run (is triton importable, TRITON_INTERPRET, the CUDA extension) mutated module state, which
     dynamo refuses inside the checkpoint's HOP: fullgraph raised "HOP: Unsafe side effect" (the graph broke there
-    without fullgraph; seen in bench e2e's compiled checkpointed step on an H200). On the CPU the Triton backend is
-    forced (under the interpreter), as the probes run only for a Triton or CUDA backend."""
+    without fullgraph; seen in bench e2e's compiled checkpointed step on an H200). A float64 layer falls back to the
+    reference with one warning, also while compiled (warn_once's warnings.warn, which dynamo cannot trace, raised).
+    On the CPU the Triton backend is forced (under the interpreter), as the probes run only for a Triton or CUDA
+    backend."""
     import os
     import subprocess
     import sys
