@@ -28,21 +28,15 @@ _override: Optional[str] = None
 _warned: set = set()
 
 
-def warn_once(cause: str, message: str) -> None:
-    """One RuntimeWarning per cause per process (a fallback that would otherwise warn on every call)."""
-    _warn_once(cause, message)
-
-
 # Under torch.compile dynamo cannot trace warnings.warn (fullgraph=True raised on a fallback's warning) nor, inside a
 # checkpointed layer, the set's update: as a constant-result function it runs for real while the graph is traced,
 # which is when the fallback is decided, and the graph keeps only its answer.
 @torch.compiler.assume_constant_result
-def _warn_once(cause: str, message: str) -> bool:
-    if cause in _warned:
-        return False
-    _warned.add(cause)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
-    return True
+def warn_once(cause: str, message: str) -> None:
+    """One RuntimeWarning per cause per process (a fallback that would otherwise warn on every call)."""
+    if cause not in _warned:
+        _warned.add(cause)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -164,7 +158,7 @@ def _cuda_implements(op: str) -> bool:
 def resolve(op: str, device: torch.device) -> str:
     """The backend that runs `op` for tensors on `device`."""
     forced = get_backend()
-    if forced == "cuda" and device.type == "cuda" and _cuda_implements("") and not _cuda_implements(op):
+    if forced == "cuda" and device.type == "cuda" and not _cuda_implements(op) and _cuda_implements(""):
         warn_once(f"{op}-no-cuda-kernel", f"peftkern: the cuda backend has no {op} kernel yet; {op} runs on "
                   f"{DEFAULT_CUDA_BACKEND.get(op, 'triton')}")
         forced = None

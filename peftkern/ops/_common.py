@@ -324,6 +324,11 @@ def define_op(qualname: str, fn):
 COMPILED_OP_AUTOGRAD = [os.environ.get("PEFTKERN_COMPILED_OP_AUTOGRAD", "1") != "0"]
 
 
+def op_autograd() -> bool:
+    """Whether this call takes an op's forward custom op with its own autograd (COMPILED_OP_AUTOGRAD)."""
+    return torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0]
+
+
 def empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
     """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
     return t if t is not None else ref.new_empty((0,))

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
-    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     autocast_inputs,
     backend_module,
@@ -27,6 +26,7 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
+    op_autograd,
     op_range,
     pick_backend,
     save_with_parameters,
@@ -262,8 +262,7 @@ def bottleneck_adapter(
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
     r2d = residual.reshape(-1, d) if residual is not None else None
-    fn = (_adapter_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0]
-          else BottleneckAdapterFunction.apply)
+    fn = _adapter_compiled if op_autograd() else BottleneckAdapterFunction.apply
     out = apply_by_rows(lambda hs, rs: fn(hs, down_weight, down_bias, up_weight, up_bias, scale, rs, ln_weight, ln_bias,
                                           activation, scaling_f, use_ln, ln_eps, backend), (h2d, r2d), d)
     return out.reshape(h.shape)

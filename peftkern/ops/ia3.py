@@ -16,13 +16,13 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
-    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     backend_module,
     check_same_device,
     check_tensor,
     define_op,
     empty_like_none,
+    op_autograd,
     op_range,
     pick_backend,
     prepare_linear,
@@ -156,7 +156,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     if x2d.shape[0] == 0:  # no tokens: the reference's products (no kernel launches), l gets a zero gradient
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
-    fn = _ia3_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0] else IA3LinearFunction.apply
+    fn = _ia3_compiled if op_autograd() else IA3LinearFunction.apply
     y = apply_by_rows(lambda xs: fn(xs, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend),
                       (x2d,), max(K, N))
     return y.reshape(*lead, N)

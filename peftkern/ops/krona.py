@@ -35,7 +35,6 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
-    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     backend_module,
     check_same_device,
@@ -43,6 +42,7 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
+    op_autograd,
     op_range,
     pick_backend,
     prepare_linear,
@@ -337,7 +337,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
         y = apply_by_rows(lambda xs: lora(xs, weight, rmat, lmat, bias, scaling, 0.0, False, lora_backend), (x2d,),
                           max(K, N))
         return y.reshape(*lead, N)
-    fn = _krona_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0] else KronALinearFunction.apply
+    fn = _krona_compiled if op_autograd() else KronALinearFunction.apply
     y = apply_by_rows(lambda xs: fn(xs, weight, a, a2, b, b2, bias, scaling, backend), (x2d,), max(K, N))
     return y.reshape(*lead, N)
 

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .. import reference
 from ._common import (
-    COMPILED_OP_AUTOGRAD,
     apply_by_rows,
     backend_module,
     check_same_device,
@@ -32,6 +31,7 @@ from ._common import (
     define_op,
     draw_seed,
     empty_like_none,
+    op_autograd,
     op_range,
     pick_backend,
     prepare_linear,
@@ -104,38 +104,6 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_tr
             maybe(need_w, weight.shape, weight, torch.float32 if weight.dtype != torch.float64 else None))
 
 
-def _lora_fwd_setup(ctx, inputs, output) -> None:
-    """Autograd of lora_fwd called by itself (COMPILED_OP_AUTOGRAD, under torch.compile): saves what lora_bwd reads."""
-    x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.mark_non_differentiable(output[1])
-    ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _lora_fwd_backward(ctx, grad_y, _grad_xa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    need_bias = need_bias and ctx.has_bias
-    dx, da, db, dbias, dw = torch.ops.peftkern.lora_bwd(
-        grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.weight_transposed,
-        ctx.backend, need_x, need_a, need_b, need_bias, need_w)
-    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None, da if need_a else None,
-            db if need_b else None, dbias.to(ctx.bias_dtype) if need_bias else None,
-            None, None, None, None, None)
-
-
-lora_fwd.register_autograd(_lora_fwd_backward, setup_context=_lora_fwd_setup)
-
-
-def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
-    """lora_linear's call under torch.compile with COMPILED_OP_AUTOGRAD: the registered op and its own autograd."""
-    seed = draw_seed() if dropout_p > 0.0 else None  # outside the op, as in LoRALinearFunction.forward
-    return torch.ops.peftkern.lora_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed,
-                                       backend)[0]
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd for lora_linear over 2-D x (M, K); lora_linear reshapes (..., K) inputs.
 
@@ -153,40 +121,66 @@ class LoRALinearFunction(torch.autograd.Function):
         # Without dropout there is no seed at all: no CPU tensor in a compiled graph, one op less on the host.
         seed = draw_seed() if dropout_p > 0.0 else None
         fwd = torch.ops.peftkern.lora_fwd if torch.compiler.is_compiling() else _lora_fwd
-        y, xa = fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
-        # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
-        ctx.x_source = product_source(x)
-        ctx.x_shape = x.shape
-        save_with_parameters(ctx, (None if ctx.x_source is not None else x, xa, seed), (weight, lora_A, lora_B))
-        ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        inputs = (x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend)
+        y, xa = fwd(*inputs)
+        _lora_save(ctx, inputs, xa, True)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x, xa, seed), (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
-        if ctx.x_source is not None:
-            x = recompute_product(ctx.x_source, ctx.x_shape)
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         bwd = torch.ops.peftkern.lora_bwd if torch.compiler.is_compiling() else _lora_bwd_eager
-        dx, da, db, dbias, dw = bwd(
-            grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.weight_transposed,
-            ctx.backend, need_x, need_a, need_b, need_bias and ctx.has_bias, need_w)
-        return (
-            dx if need_x else None,
-            dw.to(weight.dtype) if need_w else None,
-            da if need_a else None,
-            db if need_b else None,
-            dbias.to(ctx.bias_dtype) if (need_bias and ctx.has_bias) else None,
-            None, None, None, None,
-        )
+        return (*_lora_backward(ctx, grad_y, bwd), None, None, None, None)
+
+
+def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
+    """What lora_bwd reads, on ctx; inputs are lora_fwd's."""
+    x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend = inputs
+    # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
+    ctx.x_source = product_source(x) if recompute_input else None
+    ctx.x_shape = x.shape
+    save_with_parameters(ctx, (None if ctx.x_source is not None else x, xa, seed), (weight, lora_A, lora_B))
+    ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _lora_backward(ctx, grad_y, bwd) -> tuple:
+    """The gradients of x, weight, lora_A, lora_B and bias (None where not needed) by bwd (lora_bwd or its body)."""
+    (x, xa, seed), (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
+    if ctx.x_source is not None:
+        x = recompute_product(ctx.x_source, ctx.x_shape)
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    need_bias = need_bias and ctx.has_bias
+    dx, da, db, dbias, dw = bwd(
+        grad_y, x, weight, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p, ctx.weight_transposed,
+        ctx.backend, need_x, need_a, need_b, need_bias, need_w)
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None, da if need_a else None,
+            db if need_b else None, dbias.to(ctx.bias_dtype) if need_bias else None)
+
+
+def _lora_fwd_setup(ctx, inputs, output) -> None:
+    """Autograd of lora_fwd called by itself (COMPILED_OP_AUTOGRAD, under torch.compile)."""
+    ctx.mark_non_differentiable(output[1])
+    _lora_save(ctx, inputs, output[1], False)
+
+
+lora_fwd.register_autograd(
+    lambda ctx, grad_y, _grad_xa: (*_lora_backward(ctx, grad_y, torch.ops.peftkern.lora_bwd), None, None, None,
+                                   None, None),
+    setup_context=_lora_fwd_setup)
+
+
+def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
+    """lora_linear's call under torch.compile with COMPILED_OP_AUTOGRAD: the registered op and its own autograd."""
+    seed = draw_seed() if dropout_p > 0.0 else None  # outside the op, as in LoRALinearFunction.forward
+    return torch.ops.peftkern.lora_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed,
+                                       backend)[0]
 
 
 def lora_function():
     """What runs LoRA on 2-D inputs, (x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
     -> y: LoRALinearFunction.apply, or under torch.compile the op with its own autograd (COMPILED_OP_AUTOGRAD)."""
-    return _lora_compiled if torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0] else LoRALinearFunction.apply
+    return _lora_compiled if op_autograd() else LoRALinearFunction.apply
 
 
 def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tuple[int, int, int]:
