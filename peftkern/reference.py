@@ -229,7 +229,8 @@ def krona_delta_weight(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[
                        dtype: torch.dtype = torch.float32) -> Tensor:
     """scaling * sum_t kron(A_t, B_t): the dense (N, K) delta. For merging and tests only."""
     A, B = krona_factor(a, a2, dtype), krona_factor(b, b2, dtype)
-    return scaling * sum(torch.kron(A[t], B[t]) for t in range(A.shape[0]))
+    # contiguous: torch.kron's view fails on a column-major factor (torch 2.13), which krona_linear accepts
+    return scaling * sum(torch.kron(A[t].contiguous(), B[t].contiguous()) for t in range(A.shape[0]))
 
 
 def krona_linear(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],

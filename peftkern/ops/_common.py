@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import math
+import numbers
 import os
 from typing import Optional, Sequence
 
@@ -47,10 +50,14 @@ def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[f
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:  # read as a number, it would get no gradient: say so rather than drop it
+            raise TypeError(f"{name} must be a number; a tensor that requires grad would get no gradient here")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
+    if (low is not None or high is not None) and math.isnan(value):
+        raise ValueError(f"{name} must be a number in range, got nan")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and (value > high or (not high_inclusive and value >= high)):
@@ -67,8 +74,13 @@ def autocast_inputs(x: Tensor, frozen: Sequence[Optional[Tensor]]) -> tuple[Tens
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return x, list(frozen)
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in frozen]
-    return (x.to(dtype) if x.is_floating_point() else x), cast
+    cast = [t.to(dtype) if _autocast_eligible(t) else t for t in frozen]
+    return (x.to(dtype) if _autocast_eligible(x) else x), cast
+
+
+def _autocast_eligible(t: Optional[Tensor]) -> bool:
+    """Whether autocast casts t: a floating tensor other than float64, which torch's autocast leaves alone."""
+    return t is not None and t.is_floating_point() and t.dtype != torch.float64
 
 
 # The kernels index an (M, width) operand with 32-bit offsets (row * row stride + column: Triton's integers are int32
@@ -88,7 +100,30 @@ def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     x2d = x.reshape(-1, K)
+    bias = vector(bias)
     return x2d, weight, bias, x.shape[:-1], weight_backend(op, weight, pick_backend(op, x2d))
+
+
+def vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A 1-D operand (a bias, IA3's l) with unit stride: the kernels index vectors as pointer + column, so a strided
+    or expanded view (a column of a table, ones(1).expand(N)) is copied (differentiably); a contiguous one is itself."""
+    return t if t is None else t.contiguous()
+
+
+def first_order(backward):
+    """An autograd.Function's backward that is not itself differentiable: under create_graph=True (a double
+    backward) it runs as torch.autograd.function.once_differentiable, so differentiating its gradients raises instead
+    of giving a silently wrong answer (the kernels' gradients carry no graph); otherwise it runs as it is, without
+    once_differentiable's no_grad context on every backward."""
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            return once(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
 
 
 def weight_backend(op: str, weight: Tensor, backend: str) -> str:

@@ -26,11 +26,13 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
+    first_order,
     op_autograd,
     op_range,
     pick_backend,
     save_with_parameters,
     saved_with_parameters,
+    vector,
 )
 
 # Names accepted for each activation (AdapterHub's and transformers' spellings included).
@@ -92,11 +94,12 @@ adapter_bwd = define_op("peftkern::adapter_bwd", _adapter_bwd)
 def _(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias, activation,
       scaling, sequential, layer_norm, backend, need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw,
       need_lnb):
-    def maybe(flag, like):
-        return like.new_empty(like.shape) if flag else h.new_empty((0,))
+    def maybe(flag, like, ref):  # a gradient not asked for: empty, in the dtype _adapter_bwd's refs give it
+        return like.new_empty(like.shape) if flag else ref.new_empty((0,))
 
-    return (maybe(need_h, h), maybe(need_dw, down_weight), maybe(need_db, down_bias), maybe(need_uw, up_weight),
-            maybe(need_ub, up_bias), maybe(need_scale, scale), maybe(need_lnw, ln_weight), maybe(need_lnb, ln_bias))
+    return (maybe(need_h, h, h), maybe(need_dw, down_weight, down_weight), maybe(need_db, down_bias, down_weight),
+            maybe(need_uw, up_weight, up_weight), maybe(need_ub, up_bias, up_weight), maybe(need_scale, scale, h),
+            maybe(need_lnw, ln_weight, h), maybe(need_lnb, ln_bias, h))
 
 
 class BottleneckAdapterFunction(torch.autograd.Function):
@@ -114,6 +117,7 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         return outputs[0]
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         bwd = torch.ops.peftkern.adapter_bwd if torch.compiler.is_compiling() else _adapter_bwd
         return _adapter_backward(ctx, grad_out, bwd)
@@ -250,6 +254,10 @@ def bottleneck_adapter(
     activation = ACTIVATION_ALIASES[activation.lower()]
     scaling_f, scale = _scaling_args(scaling)
     use_ln, ln_weight, ln_bias, ln_eps = _layer_norm_args(layer_norm)
+    if isinstance(layer_norm, torch.nn.LayerNorm) and isinstance(h, Tensor) and h.dim() >= 1 \
+            and layer_norm.normalized_shape[0] != h.shape[-1]:
+        raise ValueError(f"layer_norm normalises {tuple(layer_norm.normalized_shape)}, but h's last dimension is "
+                         f"{h.shape[-1]}: h {tuple(h.shape)}")
     check_adapter_inputs(h, down_weight, down_bias, up_weight, up_bias, residual, ln_weight, ln_bias, scale)
     h, (residual,) = autocast_inputs(h, (residual,))
     if residual is not None and residual.dtype != h.dtype:
@@ -261,6 +269,7 @@ def bottleneck_adapter(
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
+    down_bias, up_bias = vector(down_bias), vector(up_bias)
     r2d = residual.reshape(-1, d) if residual is not None else None
     fn = _adapter_compiled if op_autograd() else BottleneckAdapterFunction.apply
     out = apply_by_rows(lambda hs, rs: fn(hs, down_weight, down_bias, up_weight, up_bias, scale, rs, ln_weight, ln_bias,

@@ -22,6 +22,7 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
+    first_order,
     op_autograd,
     op_range,
     pick_backend,
@@ -30,6 +31,7 @@ from ._common import (
     recompute_product,
     save_with_parameters,
     saved_with_parameters,
+    vector,
     weight_backend,
 )
 
@@ -69,8 +71,8 @@ ia3_bwd = define_op("peftkern::ia3_bwd", _ia3_bwd)
 def _(grad_y, x, weight, scale, z, scale_input, weight_transposed, backend, need_x, need_l, need_bias, need_w):
     f32 = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
     return (x.new_empty(x.shape if need_x else (0,)), scale.new_empty(scale.shape if need_l else (0,)),
-            grad_y.new_empty((grad_y.shape[1],) if need_bias else (0,), dtype=f32),
-            weight.new_empty(weight.shape if need_w else (0,), dtype=f32))
+            grad_y.new_empty((grad_y.shape[1],), dtype=f32) if need_bias else grad_y.new_empty((0,)),
+            weight.new_empty(weight.shape, dtype=f32) if need_w else weight.new_empty((0,)))
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -85,6 +87,7 @@ class IA3LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_y):
         bwd = torch.ops.peftkern.ia3_bwd if torch.compiler.is_compiling() else _ia3_bwd
         return _ia3_backward(ctx, grad_y, bwd)
@@ -92,9 +95,14 @@ class IA3LinearFunction(torch.autograd.Function):
 
 def _ia3_save(ctx, inputs: tuple, z: Tensor, recompute_input: bool) -> None:
     x, weight, scale, bias, scale_input, weight_transposed, backend = inputs
+    # The output form's backward reads x only for the weight's gradient: with the weight frozen, x is not kept (as
+    # eager F.linear(x, W) * l keeps none; the k / v projections' input would be held by nothing else).
+    ctx.keep_x = scale_input or ctx.needs_input_grad[1]
     # x = a * b (the MLP's down projection, IA3's feed-forward place) is multiplied again in backward, not saved
-    ctx.x_source, ctx.x_shape = (product_source(x) if recompute_input else None), x.shape
-    save_with_parameters(ctx, (None if ctx.x_source is not None else x, z), (weight, scale))
+    ctx.x_source = product_source(x) if recompute_input and ctx.keep_x else None
+    ctx.x_shape = x.shape
+    kept = x if ctx.keep_x and ctx.x_source is None else None
+    save_with_parameters(ctx, (kept, z), (weight, scale))
     ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -103,6 +111,8 @@ def _ia3_backward(ctx, grad_y, bwd) -> tuple:
     (x, z), (weight, scale) = saved_with_parameters(ctx, "ia3_linear")
     if ctx.x_source is not None:
         x = recompute_product(ctx.x_source, ctx.x_shape)
+    elif not ctx.keep_x:  # the backends read x's shape and dtype only: a stand-in of one row, unit column stride
+        x = grad_y.new_zeros(ctx.x_shape[1]).expand(ctx.x_shape)
     need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]
     need_bias = need_bias and ctx.bias_dtype is not None
     dx, dl, dbias, dw = bwd(grad_y, x, weight, scale, z, ctx.scale_input, ctx.weight_transposed, ctx.backend,
@@ -157,7 +167,8 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
     fn = _ia3_compiled if op_autograd() else IA3LinearFunction.apply
-    y = apply_by_rows(lambda xs: fn(xs, weight, scale.reshape(-1), bias, scale_input, weight_transposed, backend),
+    scale = vector(scale.reshape(-1))
+    y = apply_by_rows(lambda xs: fn(xs, weight, scale, bias, scale_input, weight_transposed, backend),
                       (x2d,), max(K, N))
     return y.reshape(*lead, N)
 
@@ -175,5 +186,5 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
         raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
     backend = weight_backend("ia3", weight, pick_backend("ia3", weight))
     with torch.no_grad():
-        return backend_module(backend, "ia3").ia3_merge_(weight, scale.reshape(-1), bias, scale_input, inverse,
-                                                         weight_transposed)
+        return backend_module(backend, "ia3").ia3_merge_(weight, vector(scale.reshape(-1)), bias, scale_input,
+                                                         inverse, weight_transposed)

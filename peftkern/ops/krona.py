@@ -42,6 +42,7 @@ from ._common import (
     check_tensor,
     define_op,
     empty_like_none,
+    first_order,
     op_autograd,
     op_range,
     pick_backend,
@@ -114,6 +115,7 @@ class KronALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_y):
         bwd = torch.ops.peftkern.krona_bwd if torch.compiler.is_compiling() else _krona_bwd
         return _krona_backward(ctx, grad_y, bwd)
@@ -255,7 +257,8 @@ def _eye(n: int, like: Tensor) -> Tensor:
         return torch.eye(n, device=like.device, dtype=like.dtype)
     key = (n, like.device, like.dtype)
     if key not in _EYES:
-        _EYES[key] = torch.eye(n, device=like.device, dtype=like.dtype)
+        with torch.inference_mode(False):  # a first call under inference_mode must not cache an inference tensor
+            _EYES[key] = torch.eye(n, device=like.device, dtype=like.dtype)
     return _EYES[key]
 
 

@@ -31,6 +31,7 @@ from ._common import (
     define_op,
     draw_seed,
     empty_like_none,
+    first_order,
     op_autograd,
     op_range,
     pick_backend,
@@ -96,8 +97,8 @@ lora_bwd = define_op("peftkern::lora_bwd", _lora_bwd)
 @lora_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
       need_x, need_a, need_b, need_bias, need_w):
-    def maybe(flag, shape, like, dtype=None):
-        return like.new_empty(shape if flag else (0,), dtype=dtype)
+    def maybe(flag, shape, like, dtype=None):  # a gradient not asked for: empty, in its reference's dtype
+        return like.new_empty(shape, dtype=dtype) if flag else like.new_empty((0,))
 
     return (maybe(need_x, x.shape, x), maybe(need_a, lora_A.shape, lora_A), maybe(need_b, lora_B.shape, lora_B),
             maybe(need_bias, (grad_y.shape[1],), grad_y, torch.float32 if grad_y.dtype != torch.float64 else None),
@@ -127,6 +128,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_y):
         bwd = torch.ops.peftkern.lora_bwd if torch.compiler.is_compiling() else _lora_bwd_eager
         return (*_lora_backward(ctx, grad_y, bwd), None, None, None, None)

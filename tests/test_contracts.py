@@ -1,0 +1,209 @@
+"""Contracts every op keeps at the edges of its inputs, on every backend: strided 1-D operands, double backward,
+float64 under autocast, scalar arguments, the fake implementations' outputs, and what is kept for backward.
+(Found by a review of the public ops on 2026-12-04; each test failed before its fix.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, assert_close, backend_params
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import peftkern
+from peftkern import reference
+
+ALL_OPS = ["lora", "ia3-output", "ia3-input", "krona", "adapter"]
+
+
+def _backend_for(kind: str) -> str:
+    return {"ia3-output": "ia3", "ia3-input": "ia3"}.get(kind, kind)
+
+
+def _params(kinds=ALL_OPS):
+    return [pytest.param(kind, b.values[0], id=f"{kind}-{b.id}", marks=b.marks)
+            for kind in kinds for b in backend_params(_backend_for(kind))]
+
+
+def _call(kind: str, x, vec, g=None, **overrides):
+    """The op `kind` on x (M, 24) with vec as its 1-D operand (bias; IA3's l; the adapter's up bias); fixed random
+    weights from generator g."""
+    g = g or torch.Generator().manual_seed(1)
+    K = N = x.shape[-1]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=x.device, dtype=x.dtype)
+
+    w = rand(N, K)
+    if kind == "lora":
+        return peftkern.lora_linear(x, w, rand(4, K), rand(N, 4), 0.5, bias=vec)
+    if kind == "ia3-output":
+        return peftkern.ia3_linear(x, w, vec, rand(N))
+    if kind == "ia3-input":
+        return peftkern.ia3_linear(x, w, vec, rand(N), scale_input=True)
+    if kind == "krona":
+        return peftkern.krona_linear(x, w, rand(4, 6), rand(6, 4), 0.5, bias=vec)
+    return peftkern.bottleneck_adapter(x, rand(8, K), rand(8), rand(K, 8), vec, "gelu")
+
+
+@pytest.mark.parametrize("kind,backend", _params(), indirect=["backend"])
+def test_strided_and_expanded_vectors(kind, backend):
+    """A bias or IA3 vector that is a strided view (a column of a table) or an expanded one (ones(1).expand(N)) gives
+    the contiguous vector's answer: the Triton kernels index vectors as pointer + column, and read wrong values (or
+    past a 1-element storage) before the ops made them contiguous."""
+    x = torch.randn(7, 24, device=DEVICE)
+    table = torch.randn(24, 3, device=DEVICE)
+    for vec in (table[:, 1], torch.full((1,), 0.75, device=DEVICE).expand(24)):
+        assert not vec.is_contiguous()
+        assert_close(_call(kind, x, vec), _call(kind, x, vec.contiguous()), torch.float32, f"{kind} output")
+
+
+@pytest.mark.parametrize("kind,backend", _params(), indirect=["backend"])
+def test_double_backward_raises(kind, backend):
+    """create_graph=True through a fused op, then a gradient of its gradient (a gradient penalty): the backwards are
+    not differentiable, so this raises rather than dropping the second-order term (every backend gave a silently
+    wrong answer before)."""
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    vec = torch.randn(24, device=DEVICE, requires_grad=True)
+    y = _call(kind, x, vec)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.square().sum().backward()
+    # an ordinary backward is untouched
+    y = _call(kind, x, vec)
+    gx, gv = torch.autograd.grad(y.square().sum(), [x, vec])
+    assert gx.requires_grad is False and torch.isfinite(gv).all()
+
+
+@pytest.mark.parametrize("kind", ALL_OPS)
+def test_float64_is_left_alone_by_autocast(kind):
+    """Autocast leaves float64 tensors alone (F.linear stays float64 under it); the ops cast them down before."""
+    x = torch.randn(5, 24, dtype=torch.float64)
+    vec = torch.randn(24, dtype=torch.float64)
+    plain = _call(kind, x, vec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = _call(kind, x, vec)
+    assert inside.dtype == torch.float64
+    assert_close(inside, plain, torch.float64, f"{kind} under autocast")
+
+
+def test_scalar_arguments():
+    x, w, A, B = torch.randn(3, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    # a tensor scaling that requires grad would get none (it is read as a number): TypeError
+    with pytest.raises(TypeError, match="requires grad"):
+        peftkern.lora_linear(x, w, A, B, torch.tensor(0.5, requires_grad=True))
+    with pytest.raises(TypeError, match="requires grad"):
+        peftkern.krona_linear(x, w, torch.randn(2, 2), torch.randn(3, 4), torch.tensor(0.5, requires_grad=True))
+    with pytest.raises(ValueError, match="dropout_p"):
+        peftkern.lora_linear(x, w, A, B, 0.5, dropout_p=float("nan"))
+    # numpy scalars are numbers
+    want = peftkern.lora_linear(x, w, A, B, 0.5)
+    for s in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert_close(peftkern.lora_linear(x, w, A, B, s), want, torch.float32, f"scaling {type(s).__name__}")
+
+
+def test_adapter_rejects_a_layer_norm_of_another_width():
+    h = torch.randn(5, 12)
+    with pytest.raises(ValueError, match="layer_norm normalises"):
+        peftkern.bottleneck_adapter(h, torch.randn(4, 12), None, torch.randn(12, 4), None,
+                                    layer_norm=torch.nn.LayerNorm(15, elementwise_affine=False))
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+def test_krona_training_after_inference_mode(backend):
+    """A Compacter-style sum (rank 64) takes the LoRA route, whose identity factors are cached per shape: a first
+    call under inference_mode cached an inference tensor, and every later training call of that shape raised."""
+    from peftkern.ops import krona
+
+    krona._EYES.clear()
+    layer = peftkern.nn.KronALinear(256, 256, a_shape=(4, 4), terms=4, rank=4).to(DEVICE)
+    x = torch.randn(2, 256, device=DEVICE)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    fresh = peftkern.nn.KronALinear(256, 256, a_shape=(4, 4), terms=4, rank=4).to(DEVICE)
+    fresh(x).sum().backward()
+    assert all(p.grad is not None for p in fresh.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+def test_krona_merge_takes_a_column_major_factor(backend):
+    w = torch.randn(9, 8, device=DEVICE)
+    A, B = torch.randn(2, 3, device=DEVICE).t(), torch.randn(3, 4, device=DEVICE)
+    want = w + 0.5 * torch.kron(A.contiguous(), B)
+    assert_close(peftkern.krona_merge_(w.clone(), A, B, 0.5), want, torch.float32, "merged weight")
+
+
+def _fake_matches_real(op, args) -> None:
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert (r.shape, r.dtype) == (f.shape, f.dtype), f"output {i}: real {tuple(r.shape)} {r.dtype}, fake " \
+                                                         f"{tuple(f.shape)} {f.dtype}"
+
+
+def test_backward_ops_fakes_match_the_real_outputs():
+    """The fake implementations give every output the real op's shape and dtype, the empty 'not asked for' ones
+    included (fp16 activations beside fp32 adapters, as PEFT keeps them: they differed for lora_bwd, ia3_bwd and
+    adapter_bwd)."""
+    ops = torch.ops.peftkern
+    M, K, N, r = 5, 12, 10, 3
+    x, w, gy = torch.randn(M, K).half(), torch.randn(N, K).half(), torch.randn(M, N).half()
+    A, B = torch.randn(r, K), torch.randn(N, r)
+    _, xa = ops.lora_fwd(x, w, A, B, None, None, 0.5, 0.0, False, "torch")
+    for needs in ((True, True, True, False, False), (True, False, False, True, True)):
+        _fake_matches_real(ops.lora_bwd, (gy, x, w, A, B, xa, None, 0.5, 0.0, False, "torch", *needs))
+    l_out, l_in = torch.randn(N), torch.randn(K)
+    _, z = ops.ia3_fwd(x, w, l_out, None, False, False, "torch")
+    for needs in ((True, True, False, False), (False, False, True, True)):
+        _fake_matches_real(ops.ia3_bwd, (gy, x, w, l_out, z, False, False, "torch", *needs))
+        _fake_matches_real(ops.ia3_bwd, (gy, x, w, l_in, x.new_empty((0,)), True, False, "torch", *needs))
+    d, b = 12, 4
+    h, gh = torch.randn(M, d).half(), torch.randn(M, d).half()
+    wd, bd, wu, bu = torch.randn(b, d), torch.randn(b), torch.randn(d, b), torch.randn(d)
+    _, z, st = ops.adapter_fwd(h, wd, bd, wu, bu, None, None, None, None, "relu", 1.0, False, 1e-5, "torch")
+    for needs in ((True, True, False, True, False), (False, False, True, False, True)):
+        _fake_matches_real(ops.adapter_bwd, (gh, h, wd, bd, wu, bu, None, z, st, None, None, "relu", 1.0, True, False,
+                                             "torch", *needs, False, False, False))
+
+
+def _saved_activation_bytes(fn, params) -> int:
+    """Bytes of the tensors autograd keeps for fn's backward, parameters excluded."""
+    kept = []
+    ids = {p.data_ptr() for p in params}
+
+    def pack(t):
+        if t.data_ptr() not in ids:
+            kept.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept)
+
+
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+def test_ia3_output_form_keeps_no_input_for_a_frozen_weight(backend):
+    """The output form's backward needs x only for the weight's gradient: with the weight frozen (always, under
+    PEFT) x is not kept, as eager F.linear(x, W) * l keeps none; the gradients are the reference's."""
+    M, K, N = 64, 48, 40
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(N, K, device=DEVICE), torch.randn(N, device=DEVICE)
+    scale = torch.randn(N, device=DEVICE, requires_grad=True)
+    saved = _saved_activation_bytes(lambda: peftkern.ia3_linear(x, w, scale, b), [w, b, scale])
+    assert saved <= M * N * 4 + 4096, f"kept {saved} bytes: more than z (M x N)"
+    got = torch.autograd.grad(peftkern.ia3_linear(x, w, scale, b).square().sum(), [x, scale])
+    xr, sr = x.detach().double().requires_grad_(), scale.detach().double().requires_grad_()
+    want = torch.autograd.grad(reference.ia3_linear(xr, w.double(), sr, b.double(), False).square().sum(), [xr, sr])
+    for g, r, name in zip(got, want, ("dx", "dl")):
+        assert_close(g, r, torch.float32, name)
+    # with the weight trainable x is kept, and its gradient is right
+    w.requires_grad_(True)
+    saved = _saved_activation_bytes(lambda: peftkern.ia3_linear(x, w, scale, b), [w, b, scale])
+    assert saved >= M * K * 4
+    gw, = torch.autograd.grad(peftkern.ia3_linear(x, w, scale, b).square().sum(), [w])
+    wr = w.detach().double().requires_grad_()
+    gwr, = torch.autograd.grad(reference.ia3_linear(x.detach().double(), wr, scale.detach().double(), b.double(),
+                                                    False).square().sum(), [wr])
+    assert_close(gw, gwr, torch.float32, "dW")
