@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA, MODEL_TOLERANCE, TOLERANCE, assert_close
 
 import peftkern
-from peftkern.integrations.peft import _EXTRA_ARGUMENTS
+from peftkern.integrations.peft import _EXTRA_ARGUMENTS, is_fused
 from peftkern.ops._common import draw_seed
 
 peft = pytest.importorskip("peft")
@@ -484,3 +484,167 @@ def test_readme_example_trains_with_the_trainer_and_reloads_in_plain_peft(tmp_pa
     example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "peft_trainer.py"))
     example["main"](["--out", str(tmp_path)])  # asserts that plain PEFT's reload gives the fused model's logits
     assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+
+
+# Edge cases found by a review of fuse() on 2026-12-04; each test failed before its fix.
+
+
+def _one_layer(config, adapter_name="default", mixed=False, width=16):
+    """A PEFT model of one nn.Linear under `config`, every adapter weight random (so each adapter shows)."""
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(width, width)), config, adapter_name=adapter_name,
+                           mixed=mixed)
+    return model
+
+
+def _randomise_adapters(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "lokr_" in n or "hada_" in n:
+                p.normal_(std=0.3)
+
+
+def _assert_left_to_peft(model, reason: str) -> None:
+    """fuse() skips the model's one layer, saying `reason`, and the model still gives PEFT's output."""
+    reference = copy.deepcopy(model)
+    report = peftkern.fuse(model)
+    assert reason in dict(report.skipped)["base_model.model.0"], str(report)
+    x = torch.randn(3, 16)
+    assert_close(model(x), reference(x), torch.float32, "output")
+
+
+def test_nested_tuner_layers_of_a_mixed_model_stay_on_peft():
+    """Two adapter types on one module (get_peft_model(mixed=True)) nest PEFT's tuner layers: the outer one's
+    base_layer is the inner one. fuse() fused the outer LoRA over the innermost Linear and dropped the inner LoHa."""
+    from peft import LoHaConfig
+
+    model = _one_layer(LoHaConfig(r=4, alpha=4, target_modules=["0"]), "loha", mixed=True)
+    model.add_adapter("lora", LoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
+    _randomise_adapters(model)
+    model.set_adapter(["loha", "lora"])
+    _assert_left_to_peft(model, "nested")
+
+
+def test_hooks_on_the_inner_modules_keep_peft_path():
+    """PEFT's forward calls base_layer, lora_A and lora_B, so their hooks run (a user's, accelerate's offload,
+    DeepSpeed ZeRO-3's gathering); the fused op reads their weights without calling them, and skipped the hooks."""
+    model = _one_layer(LoraConfig(r=2, target_modules=["0"]))
+    _randomise_adapters(model)
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 16)
+
+    def zero_input(_module, args):
+        return (torch.zeros_like(args[0]),)
+
+    # a hook in place when fuse() runs: the layer is left on PEFT's path
+    handle = layer.base_layer.register_forward_pre_hook(zero_input)
+    want = model(x)
+    report = peftkern.fuse(model)
+    assert "hooks" in dict(report.skipped)["base_model.model.0"], str(report)
+    assert_close(model(x), want, torch.float32, "output with a base_layer hook")
+    handle.remove()
+    # a hook added after fuse(): each call falls back, and says so
+    want = model(x)
+    report = peftkern.fuse(model)
+    assert report.fused, str(report)
+    calls = []
+    handle = layer.lora_A["default"].register_forward_hook(lambda *_: calls.append(1))
+    assert_close(model(x), want, torch.float32, "output with a lora_A hook")
+    assert len(calls) == 1 and any("hooks" in reason for _, reason in report.fallbacks), str(report)
+    handle.remove()
+    # a hook registered for every module (torch.nn.modules.module.register_module_forward_hook)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, *_: seen.append(type(m).__name__))
+    model(x)
+    handle.remove()
+    assert "Linear" in seen and any("every module" in reason for _, reason in report.fallbacks), str(report)
+    # with every hook gone the layer runs fused again
+    before = sum(report.fallbacks.values())
+    model(x)
+    assert sum(report.fallbacks.values()) == before
+
+
+def test_linear_subclass_with_its_own_forward_is_left_to_peft():
+    class HalfLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(HalfLinear(16, 16))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"]))
+    _randomise_adapters(model)
+    _assert_left_to_peft(model, "its own forward")
+
+
+def test_fused_model_pickles_whole():
+    """torch.save(model) of a fused model loads back fused (a bound-method forward on the instance could be saved
+    but not loaded); copy.deepcopy gives a fused copy computing with its own parameters."""
+    import io
+
+    model = _one_layer(LoraConfig(r=2, target_modules=["0"]))
+    _randomise_adapters(model)
+    peftkern.fuse(model)
+    x = torch.randn(3, 16)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    layer = loaded.base_model.model[0]
+    assert is_fused(layer) and layer.forward.module is layer
+    assert_close(loaded(x), model(x), torch.float32, "loaded model output")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.base_model.model[0].lora_B["default"].weight.mul_(2.0)
+    peftkern.unfuse(twin)
+    want = twin(x)
+    peftkern.fuse(twin)
+    assert_close(twin(x), want, torch.float32, "deep copy's output")
+
+
+def test_data_parallel_replica_computes_with_its_own_parameters():
+    """nn.DataParallel replicates a module by copying its __dict__ (Module._replicate_for_data_parallel), then gives
+    the replica its device's parameter copies: a fused layer's replica kept the original's forward, and so the
+    original's parameters. torch.nn.parallel.replicate needs GPUs; this does its steps on the CPU."""
+    model = _one_layer(LoraConfig(r=2, target_modules=["0"]))
+    _randomise_adapters(model)
+    peftkern.fuse(model)
+
+    def replicate(network):  # one replica whose parameters are the original's times 2
+        modules = list(network.modules())
+        replicas = [m._replicate_for_data_parallel() for m in modules]
+        index = {m: i for i, m in enumerate(modules)}
+        for m, r in zip(modules, replicas):
+            for name, child in m._modules.items():
+                r._modules[name] = None if child is None else replicas[index[child]]
+            for name, p in m._parameters.items():
+                setattr(r, name, None if p is None else p * 2.0)
+        return replicas[0]
+
+    x = torch.randn(3, 16)
+    replica = replicate(model)
+    assert replica.base_model.model[0].forward.module is replica.base_model.model[0]
+    want = copy.deepcopy(model)
+    peftkern.unfuse(want)
+    with torch.no_grad():
+        for p in want.parameters():
+            p.mul_(2.0)
+    assert_close(replica(x), want(x), torch.float32, "replica output")
+
+
+def test_several_lokr_adapters_with_a_muted_first_one():
+    """Several active LoKr adapters are one krona_linear call, each term's scale folded into its A factor as a ratio
+    to one scale: the first adapter's, which set_scale(first, 0) made a division by zero."""
+    from peft import LoKrConfig
+
+    model = _one_layer(LoKrConfig(r=2, alpha=2, target_modules=["0"]), "k1")
+    model.add_adapter("k2", LoKrConfig(r=2, alpha=2, target_modules=["0"]))
+    _randomise_adapters(model)
+    model.base_model.set_adapter(["k1", "k2"])
+    reference = copy.deepcopy(model)
+    peftkern.fuse(model)
+    x = torch.randn(3, 16)
+    for scale in (0.0, 1e-6, 3.0):
+        for m in (model, reference):
+            m.base_model.model[0].set_scale("k1", scale)
+        with torch.no_grad():
+            assert_close(model(x), reference(x), torch.float32, f"output with k1 at scale {scale}")

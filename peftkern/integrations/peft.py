@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -76,17 +75,39 @@ def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
-    """PEFT's get_base_layer() without its hasattr probes, each of which raises and catches an AttributeError."""
-    base = _child(module, "base_layer")
-    while "base_layer" in base._modules:
-        base = _child(base, "base_layer")
-    return base
+    """The layer's own base_layer: the module PEFT's forward calls (self.base_layer(x)). In a mixed model (two adapter
+    types on one module) it is the inner tuner layer, which _float_base turns away: the fused op would skip it."""
+    return _child(module, "base_layer")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its class's forward: hooks (a user's, accelerate's offload, DeepSpeed
+    ZeRO-3's parameter gathering) or a forward replaced on the instance. PEFT's path calls the base layer and the
+    adapters' modules, so their hooks run there; the fused op reads their weights without calling them."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or "forward" in module.__dict__)
+
+
+_nn_module = nn.modules.module
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module (register_module_forward_hook, ...) are in place: PEFT's path
+    runs them on its inner modules' calls too."""
+    return bool(_nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks)
 
 
 def _float_base(base: nn.Module) -> Optional[str]:
     """None if `base` is a plain nn.Linear or GPT-2 Conv1D with a float weight, else why the fused op cannot take it."""
+    if "base_layer" in base._modules:
+        return f"base layer is a nested {type(base).__name__} tuner layer (a mixed model: PEFT's path calls it)"
     if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         return f"base layer is {type(base).__name__} (quantised or not a plain Linear/Conv1D)"
+    if type(base) is not nn.Linear and isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
+        return f"base layer is {type(base).__name__}, an nn.Linear with its own forward"
+    if _hooked(base):
+        return "base layer has hooks or an instance forward (PEFT's path calls it)"
     weight = _param(base, "weight")
     if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         return f"base layer weight is a {type(weight).__name__} (tensor subclass, e.g. quantised)"
@@ -96,9 +117,12 @@ def _float_base(base: nn.Module) -> Optional[str]:
 
 
 def _lora_static_reason(module: nn.Module) -> Optional[str]:
-    reason = _float_base(module.get_base_layer())
+    reason = _float_base(_base_layer(module))
     if reason:
         return reason
+    hooked = [name for name in ("lora_A", "lora_B") for m in getattr(module, name).values() if _hooked(m)]
+    if hooked:
+        return f"{' and '.join(sorted(set(hooked)))} modules have hooks or an instance forward (PEFT's path calls them)"
     dora = [a for a, on in getattr(module, "use_dora", {}).items() if on]
     if dora:
         return f"DoRA (use_dora=True) for adapter(s) {dora}"
@@ -141,6 +165,8 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
     for a in active:
         if a in variants:
             return f"adapter {a!r} is a LoRA variant ({type(variants[a]).__name__})"
+        if _hooked(lora_A[a]) or _hooked(lora_B[a]):
+            return f"adapter {a!r}'s lora_A / lora_B has hooks or an instance forward"
         p = _dropout_p(dropouts[a])
         if p is None:
             return f"adapter {a!r} has a custom dropout module {type(dropouts[a]).__name__}"
@@ -182,8 +208,11 @@ def _fall_back(module: nn.Module, reason: str, x, args, kwargs):
     return type(module).forward(module, x, *args, **kwargs)
 
 
+_GLOBAL_HOOKS = "module hooks registered for every module (PEFT's path runs them on its inner modules)"
+
+
 def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    operands = _EXTRA_ARGUMENTS if args or kwargs else _lora_operands(self, x)
+    operands = _EXTRA_ARGUMENTS if args or kwargs else _GLOBAL_HOOKS if _global_hooks() else _lora_operands(self, x)
     if isinstance(operands, str):
         return _fall_back(self, operands, x, args, kwargs)
     weight, A, B, scaling, bias, p, transposed = operands
@@ -200,18 +229,20 @@ def _describe_lora(module: nn.Module) -> str:
 
 
 def _ia3_static_reason(module: nn.Module) -> Optional[str]:
-    return _float_base(module.get_base_layer())
+    return _float_base(_base_layer(module))
 
 
 def _call_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
     """Why this call of a fused IA3 / LoKr layer must take PEFT's path, as far as every method shares it."""
     if args or kwargs:
         return _EXTRA_ARGUMENTS
+    if _global_hooks():
+        return _GLOBAL_HOOKS
     if module.disable_adapters or module.merged:
         return "adapters disabled or merged"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return "input is not a floating tensor"
-    return None
+    return _float_base(_base_layer(module))
 
 
 def _ia3_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
@@ -227,7 +258,7 @@ def _fused_ia3_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     reason = _ia3_fallback_reason(self, x, args, kwargs)
     if reason is not None:
         return _fall_back(self, reason, x, args, kwargs)
-    base = _base_layer(self)
+    base = _base_layer(self)  # _ia3_fallback_reason checked it
     active = [a for a in self.active_adapters if a in self.ia3_l]
     # Several active adapters multiply, as in PEFT: the product is a small (N,) or (K,) vector.
     scale = self.ia3_l[active[0]].flatten()
@@ -246,7 +277,7 @@ def _describe_ia3(module: nn.Module) -> str:
 
 
 def _lokr_static_reason(module: nn.Module) -> Optional[str]:
-    base = module.get_base_layer()
+    base = _base_layer(module)
     reason = _float_base(base)
     if reason:
         return reason
@@ -290,8 +321,11 @@ def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
         shapes = {(tuple(_shape(a)), tuple(_shape(b))) for a, b in zip(A, B)}
         if len(shapes) > 1:
             return _fall_back(self, "several active LoKr adapters with different factor shapes", x, args, kwargs)
-        # one scaling for the sum: each term's own ratio rides on its (small) A factor
-        A = [_scaled(a, s / scales[0]) for a, s in zip(A, scales)]
+        # one scaling for the sum, the largest in magnitude: each term's own ratio to it (at most 1, so no overflow in
+        # a 16-bit factor; 0 for a muted adapter) rides on its (small) A factor
+        largest = max(scales, key=abs) or 1.0
+        A = [_scaled(a, s / largest) for a, s in zip(A, scales)]
+        scales[0] = largest
         # the terms are stacked, so they share a dtype (add_adapter keeps PEFT's fp32 default for a second adapter
         # beside bf16 ones); the casts are differentiable and each factor's gradient comes back in its own dtype
         common = functools.reduce(torch.promote_types, [t.dtype for f in A + B for t in _tensors(f)])
@@ -398,11 +432,50 @@ def fuse(model: nn.Module) -> FuseReport:
             report.skipped.append((name, reason))
             continue
         if not is_fused(module):
-            module.forward = types.MethodType(handler.forward, module)
+            _bind(module, handler.forward)
             setattr(module, _FUSED_FLAG, True)
         setattr(module, _REPORT_ENTRY, (report, name))
         report.fused.append((name, handler.describe(module)))
     return report
+
+
+class _FusedForward:
+    """A fused layer's forward, set on the instance: impl(module, x, ...). Not a bound method, which pickles as
+    getattr(module, name) and so could not be loaded (torch.save(model) wrote a file torch.load refused)."""
+
+    __slots__ = ("module", "impl")
+
+    def __init__(self, module: nn.Module, impl: Callable) -> None:
+        self.module, self.impl = module, impl
+
+    def __call__(self, x, *args, **kwargs):
+        return self.impl(self.module, x, *args, **kwargs)
+
+    def __reduce__(self):
+        return _FusedForward, (self.module, self.impl)
+
+
+class _FusedReplicate:
+    """nn.DataParallel's replica of a fused layer (nn.Module._replicate_for_data_parallel), fused on its own: a replica
+    copies the instance's __dict__, so its forward would otherwise compute with the original layer's parameters."""
+
+    __slots__ = ("module", "impl")
+
+    def __init__(self, module: nn.Module, impl: Callable) -> None:
+        self.module, self.impl = module, impl
+
+    def __call__(self) -> nn.Module:
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        _bind(replica, self.impl)
+        return replica
+
+    def __reduce__(self):
+        return _FusedReplicate, (self.module, self.impl)
+
+
+def _bind(module: nn.Module, impl: Callable) -> None:
+    module.forward = _FusedForward(module, impl)
+    module._replicate_for_data_parallel = _FusedReplicate(module, impl)
 
 
 def unfuse(model: nn.Module) -> int:
@@ -411,6 +484,7 @@ def unfuse(model: nn.Module) -> int:
     for module in model.modules():
         if is_fused(module):
             del module.forward
+            del module._replicate_for_data_parallel
             delattr(module, _FUSED_FLAG)
             module.__dict__.pop(_REPORT_ENTRY, None)
             count += 1
