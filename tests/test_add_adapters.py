@@ -13,7 +13,7 @@ from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral
 
 import peftkern
 from peftkern import reference
-from peftkern.integrations.adapters import adapters, transformer_layers
+from peftkern.integrations.adapters import adapter_state_dict, adapters, transformer_layers
 
 transformers = pytest.importorskip("transformers")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -182,7 +182,7 @@ def test_bad_configs_are_named():
         peftkern.AdapterConfig(placements=("after_embedding",))
     with pytest.raises(ValueError, match="unknown adapter preset"):
         peftkern.add_adapters(tiny_llama(), "lora")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="no such layer"):
         peftkern.add_adapters(tiny_llama(), peftkern.AdapterConfig(layers=(5,)))
     with pytest.raises(ValueError, match="found no"):
         peftkern.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)))
@@ -190,6 +190,86 @@ def test_bad_configs_are_named():
     peftkern.add_adapters(model, "pfeiffer")
     with pytest.raises(ValueError, match="already has an adapter"):
         peftkern.add_adapters(model, "pfeiffer")
+
+
+def _trainable(model) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_second_call_keeps_the_first_adapters_and_saves_both(tmp_path):
+    """freeze_base froze every parameter, the first call's adapters included, and the second call's config replaced
+    the first's: save_adapters then wrote a file load_adapters refused."""
+    model, _ = build("llama", "pfeiffer")
+    first = _trainable(model)
+    peftkern.add_adapters(model, peftkern.AdapterConfig(placements=("after_attention",), reduction_factor=8))
+    assert first < _trainable(model), "the first call's adapters still train"
+    with pytest.raises(ValueError, match="already has an adapter"):
+        peftkern.add_adapters(model, "pfeiffer")
+    peftkern.save_adapters(model, str(tmp_path))
+    torch.manual_seed(0)
+    fresh = tiny_llama().to(DEVICE, DTYPE).eval()
+    peftkern.load_adapters(fresh, str(tmp_path))
+    model.eval()
+    x = batch_for("llama", 3)
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, model(**x).logits)
+    assert _trainable(fresh) == _trainable(model)
+
+
+def test_a_refused_call_leaves_the_model_as_it_was():
+    model, _ = build("llama", "pfeiffer")
+    trainable = _trainable(model)
+    model.eval()
+    x = batch_for("llama", 4)
+    with torch.no_grad():
+        before = model(**x).logits
+    for config in (peftkern.AdapterConfig(placements=("after_attention",), non_linearity="tanh"),
+                   peftkern.AdapterConfig(placements=("after_attention",), layers=(0, 0))):
+        with pytest.raises(ValueError):
+            peftkern.add_adapters(model, config)
+        assert _trainable(model) == trainable
+        with torch.no_grad():
+            assert torch.equal(model(**x).logits, before), "no hook or adapter was left behind"
+
+
+def test_wrapped_models_save_and_load_the_inner_models_keys(tmp_path):
+    """torch.compile's wrapper prefixes every key with _orig_mod.: the adapters' keys are the inner model's."""
+    model, names = build("llama", "pfeiffer")
+    compiled = torch.compile(model)
+    assert set(adapter_state_dict(compiled)) == set(adapter_state_dict(model))
+    peftkern.save_adapters(compiled, str(tmp_path))
+    fresh = torch.compile(tiny_llama().to(DEVICE, DTYPE))
+    assert sorted(peftkern.load_adapters(fresh, str(tmp_path))) == sorted(names)
+
+
+def test_layers_index_the_models_layer_stack_and_unknown_layers_are_named():
+    """A Qwen2-MoE with sparse layers between dense ones: the sparse ones have no layout peftkern knows. They get no
+    adapter, with a warning (they were skipped silently), and config.layers means model.layers.<i>."""
+    cfg = transformers.Qwen2MoeConfig(vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                                      num_experts_per_tok=2, decoder_sparse_step=2)
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    with pytest.warns(RuntimeWarning, match=r"model\.layers\.1"):
+        names = peftkern.add_adapters(copy.deepcopy(model), "pfeiffer")
+    assert [n.split(".bottleneck")[0] for n in names] == ["model.layers.0", "model.layers.2"]
+    assert peftkern.add_adapters(copy.deepcopy(model), peftkern.AdapterConfig(layers=(2,))) == [
+        "model.layers.2.bottleneck_adapters.after_feed_forward"]
+    with pytest.raises(ValueError, match="layers it can adapt are"):
+        peftkern.add_adapters(model, peftkern.AdapterConfig(layers=(1,)))
+
+
+def test_adapters_beside_lora_on_gpt2s_projection():
+    """GPT-2's c_proj wrapped by LoRA (peftkern's or PEFT's) is no longer a Conv1D by class name: the adapter's width
+    came from the wrapper's weight read the Linear way, (in, out) taken as (out, in), and its first call raised."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().to(DEVICE, DTYPE)
+    peftkern.add_lora(model, target_modules=["c_proj"], r=2)
+    names = peftkern.add_adapters(model, peftkern.AdapterConfig(reduction_factor=8))
+    assert all(adapters(model)[n].hidden_size == 64 for n in names)
+    x = batch_for("gpt2", 1)
+    model(**x).logits.float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------- AdapterHub

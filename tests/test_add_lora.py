@@ -73,3 +73,39 @@ def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
     x = batch("llama")
     # PEFT's adapters are fp32 beside the base (its default); on a GPU the base is bf16: the model tolerance
     assert_close(plain.eval()(**x).logits, peft_model(**x).logits, DTYPE, "patterns", 5.0 if HAS_CUDA else 1.0)
+
+
+def test_add_lora_twice_trains_and_saves_both(tmp_path):
+    """A second add_lora froze the first one's factors (freeze_base) and save_lora named only its own targets, so
+    PEFT loaded the file without the first call's layers."""
+    torch.manual_seed(0)
+    model = tiny_llama().to(DEVICE, DTYPE)
+    peftkern.add_lora(model, target_modules=["q_proj"], r=4)
+    peftkern.add_lora(model, target_modules=["v_proj"], r=2)
+    trainable = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
+                 if p.requires_grad}
+    assert trainable == {"q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    peftkern.save_lora(model, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["rank_pattern"]
+    torch.manual_seed(0)
+    again = tiny_llama().to(DEVICE, DTYPE)
+    assert len(peftkern.load_lora(again, str(tmp_path))) == 4
+    x = batch("llama")
+    assert torch.equal(again.eval()(**x).logits, model.eval()(**x).logits)
+
+
+@pytest.mark.parametrize("extra", [dict(bias="all"), dict(modules_to_save=["lm_head"]), dict(lora_bias=True)],
+                         ids=["bias", "modules_to_save", "lora_bias"])
+def test_load_lora_refuses_what_it_would_drop(tmp_path, extra):
+    """load_lora reads lora_A / lora_B only: a PEFT checkpoint holding more (biases, whole modules) loaded without
+    them and gave another model. It now raises and names PEFT's loader."""
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], **extra))
+    peft_model.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
+        peftkern.load_lora(tiny_llama(), str(tmp_path))

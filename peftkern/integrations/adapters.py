@@ -40,6 +40,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..nn import freeze_all_but_adapters
 from ..nn.adapter import BottleneckAdapter
 
 CONFIG_NAME = "bottleneck_adapter_config.json"
@@ -57,7 +58,8 @@ PLACEMENTS = {
 @dataclass
 class AdapterConfig:
     """What add_adapters attaches. bottleneck_size overrides hidden_size // reduction_factor; scaling is a number
-    or "learned"; layer_norm adds a pre-adapter LN; layers picks layers by index (None: all)."""
+    or "learned"; layer_norm adds a pre-adapter LN; layers picks layers by index (None: all): the position in the
+    model's layer stack (model.layers.<i>)."""
     placements: tuple = ("after_feed_forward",)
     reduction_factor: float = 16
     bottleneck_size: Optional[int] = None
@@ -146,13 +148,53 @@ def _layout_of(module: nn.Module) -> Optional[_Layout]:
 def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, _Layout]]:
     """(name, module, layout) of every transformer layer peftkern knows how to adapt, in model order."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in _unwrapped(model).named_modules():
         if any(name.startswith(prefix + ".") for prefix, _, _ in found):
             continue
         layout = _layout_of(module)
         if layout is not None:
             found.append((name, module, layout))
     return found
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's OptimizedModule and DDP / DataParallel / FSDP wrappers, whose own names and
+    state_dict keys carry a prefix (_orig_mod., module.): the adapters' keys are the inner model's."""
+    while True:
+        inner = model._modules.get("_orig_mod") or (model._modules.get("module")
+                                                    if type(model).__name__ in _WRAPPERS else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def _indexed_layers(model: nn.Module, layers: list) -> dict:
+    """{index: (name, module, layout)} of the layers peftkern can adapt, by the index config.layers uses: the layer's
+    position in the model's layer stack where one nn.ModuleList holds them all (model.layers.<i>), else its place
+    among them in model order."""
+    parents = {name.rpartition(".")[0] for name, _, _ in layers}
+    if len(parents) == 1:
+        parent = next(iter(parents))
+        if isinstance(model.get_submodule(parent) if parent else model, nn.ModuleList):
+            return {int(entry[0].rpartition(".")[2]): entry for entry in layers}
+    return dict(enumerate(layers))
+
+
+def _layer_stack_gaps(model: nn.Module, found: list) -> list[str]:
+    """Layers of the stacks (ModuleLists) that hold the found layers, which have no layout peftkern knows (a
+    mixture-of-experts layer among dense ones): add_adapters leaves them without adapters."""
+    names = {name for name, _, _ in found}
+    parents = {name.rpartition(".")[0] for name in names}
+    gaps = []
+    for parent in sorted(parents):
+        stack = model.get_submodule(parent) if parent else model
+        if isinstance(stack, nn.ModuleList):
+            gaps += [f"{parent}.{i}" if parent else str(i) for i in range(len(stack))
+                     if (f"{parent}.{i}" if parent else str(i)) not in names]
+    return gaps
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -203,8 +245,13 @@ def _attach(layer: nn.Module, layout: _Layout, placement: str, adapter: Bottlene
 
 def _hidden_size(layer: nn.Module, layout: _Layout) -> int:
     proj = layer.get_submodule(layout.feed_forward_output)
+    # the projection's output width: nn.Linear's out_features, GPT-2 Conv1D's nf, and the same attribute on a layer
+    # wrapping either (PEFT's tuner layers, peftkern's LoRALinear), whose weight may be Conv1D's (in, out)
+    for attr in ("out_features", "nf"):
+        width = getattr(proj, attr, None)
+        if isinstance(width, int):
+            return width
     weight = proj.weight
-    # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out).
     return weight.shape[1] if type(proj).__name__ == "Conv1D" else weight.shape[0]
 
 
@@ -220,73 +267,95 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
     encoders. The adapters take the dtype and device of the layer's weights unless adapter_dtype is given.
     """
     config = adapter_config(config)
+    model = _unwrapped(model)
     layers = transformer_layers(model)
     if not layers:
         raise ValueError(f"found no Llama-, GPT-2- or BERT-style transformer layers in {type(model).__name__}")
-    chosen = range(len(layers)) if config.layers is None else config.layers
-    bad = [i for i in chosen if not 0 <= i < len(layers)]
+    indexed = _indexed_layers(model, layers)
+    chosen = tuple(indexed) if config.layers is None else config.layers
+    bad = [i for i in chosen if i not in indexed]
     if bad:
-        raise ValueError(f"config.layers {list(bad)} out of range: the model has {len(layers)} layers")
-    if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    hooks = getattr(model, "_peftkern_adapter_hooks", [])
-    names = []
+        raise ValueError(f"config.layers {list(bad)}: no such layer, or one whose layout peftkern does not know; the "
+                         f"layers it can adapt are {list(indexed)}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"config.layers {list(chosen)} names a layer twice")
+    gaps = _layer_stack_gaps(model, layers)
+    if gaps and config.layers is None:
+        warnings.warn(f"add_adapters: layers {gaps} have no layout peftkern knows (e.g. a mixture-of-experts block) "
+                      "and get no adapter", RuntimeWarning, stacklevel=2)
+    # Every adapter is built and checked before the model changes: a refused call leaves it as it was.
+    planned = []
     for i in chosen:
-        layer_name, layer, layout = layers[i]
+        layer_name, layer, layout = indexed[i]
         container = getattr(layer, CONTAINER, None)
-        if container is None:
-            container = nn.ModuleDict()
-            layer.add_module(CONTAINER, container)
         weight = layer.get_submodule(layout.feed_forward_output).weight
         for placement in config.placements:
-            if placement in container:
+            if container is not None and placement in container:
                 raise ValueError(f"{layer_name} already has an adapter at {placement}")
             form, workspace = PLACEMENTS[placement]
             adapter = BottleneckAdapter(
                 _hidden_size(layer, layout), config.reduction_factor, config.bottleneck_size, config.non_linearity,
                 config.scaling, config.layer_norm, form, config.init, workspace, device=weight.device,
                 dtype=adapter_dtype or weight.dtype)
-            container[placement] = adapter
-            hooks += _attach(layer, layout, placement, adapter)
-            names.append(f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}")
+            planned.append((layer_name, layer, layout, placement, adapter))
+    if freeze_base:
+        freeze_all_but_adapters(model)  # the adapters attached before keep training
+    hooks = getattr(model, "_peftkern_adapter_hooks", [])
+    names = []
+    for layer_name, layer, layout, placement, adapter in planned:
+        if getattr(layer, CONTAINER, None) is None:
+            layer.add_module(CONTAINER, nn.ModuleDict())
+        getattr(layer, CONTAINER)[placement] = adapter
+        hooks += _attach(layer, layout, placement, adapter)
+        names.append(f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}")
     model._peftkern_adapter_hooks = hooks
-    model._peftkern_adapter_config = dataclasses.replace(config, layers=tuple(chosen))
+    model._peftkern_adapter_configs = _configs(model) + [dataclasses.replace(config, layers=tuple(chosen))]
     return names
 
 
+def _configs(model: nn.Module) -> list:
+    """The AdapterConfig of each add_adapters call on the model, in order (save_adapters writes them all)."""
+    return list(getattr(model, "_peftkern_adapter_configs", None) or [])
+
+
 def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+    return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, BottleneckAdapter)}
 
 
 def remove_adapters(model: nn.Module) -> None:
     """Detach every adapter add_adapters attached (hooks and modules); the model's own parameters stay frozen."""
+    model = _unwrapped(model)
     for handle in getattr(model, "_peftkern_adapter_hooks", []):
         handle.remove()
     model._peftkern_adapter_hooks = []
     for _, layer, _ in transformer_layers(model):
         if hasattr(layer, CONTAINER):
             delattr(layer, CONTAINER)
-    model._peftkern_adapter_config = None
+    model._peftkern_adapter_configs = []
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under their names in the model (the key layout in this module's docstring)."""
+    """The adapter tensors under their names in the model (the key layout in this module's docstring); a compiled
+    or DDP-wrapped model's are its inner model's."""
     marker = f"{CONTAINER}."
-    return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(marker) or f".{marker}" in k}
+    return {k: v.detach() for k, v in _unwrapped(model).state_dict().items()
+            if k.startswith(marker) or f".{marker}" in k}
 
 
 def save_adapters(model: nn.Module, path: str) -> None:
     """Write bottleneck_adapter_config.json and bottleneck_adapter.safetensors (the adapter weights only)."""
     from safetensors.torch import save_file
 
-    config = getattr(model, "_peftkern_adapter_config", None)
+    model = _unwrapped(model)
+    configs = _configs(model)
     state = adapter_state_dict(model)
-    if config is None or not state:
+    if not configs or not state:
         raise ValueError("the model has no adapters attached by peftkern.add_adapters to save")
     os.makedirs(path, exist_ok=True)
+    # "config": the first call's, as format 1 wrote it; "configs": every add_adapters call's, in order
     meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 1,
-            "config": config.to_dict(), "layers": [n for n, _, _ in transformer_layers(model)],
+            "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
+            "layers": [n for n, _, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale"}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
@@ -294,6 +363,7 @@ def save_adapters(model: nn.Module, path: str) -> None:
 
 
 def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    model = _unwrapped(model)
     own = adapter_state_dict(model)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -316,7 +386,9 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
         meta = json.load(f)
     if meta.get("peft_type") != "BOTTLENECK_ADAPTER":
         raise ValueError(f"{path} holds a {meta.get('peft_type')} adapter, not a peftkern bottleneck adapter")
-    names = add_adapters(model, AdapterConfig.from_dict(meta["config"]), adapter_dtype=adapter_dtype)
+    names = []
+    for config in meta.get("configs") or [meta["config"]]:
+        names += add_adapters(model, AdapterConfig.from_dict(config), adapter_dtype=adapter_dtype)
     _load_state(model, load_file(os.path.join(path, WEIGHTS_NAME)), path)
     return names
 
@@ -359,7 +431,8 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
 
     Weights map one to one (adapter_down.0 -> down, adapter_up -> up, adapter_norm_before -> layer_norm, a learned
     scaling -> scale). AdapterHub computes the adapter on the block's output with the residual taken before
-    the layer's LN (original_ln_before=False, as in its Houlsby config) exactly as peftkern's placements do;
+    the layer's LN (original_ln_before=False, as in its Houlsby config) as peftkern's placements do (in GPT-2 and
+    BERT peftkern's sequential adapters come before the block's dropout, AdapterHub's after it: the same in eval);
     configs that add the block's residual or LN before the adapter (original_ln_before=True: its Pfeiffer
     config) or an LN after it are converted with a warning, since the same weights then see other inputs.
     """
@@ -433,16 +506,16 @@ def load_adapterhub(model: nn.Module, source: Union[str, dict], config: Optional
     prefix (bert.encoder.layer.0 vs encoder.layer.0): a layer is matched by the longest common dotted suffix."""
     state, ah_config = (source, config) if isinstance(source, dict) else _read_adapterhub_dir(str(source))
     converted, ours = convert_adapterhub(state, ah_config, adapter_name)
-    layer_names = [n for n, _, _ in transformer_layers(model)]
+    indexed = _indexed_layers(_unwrapped(model), transformer_layers(model))
     renamed, indices = {}, set()
     for key, tensor in converted.items():
         layer, rest = key.split(f".{CONTAINER}.", 1)
-        hits = [i for i, n in enumerate(layer_names) if n == layer or n.endswith("." + layer) or
+        hits = [i for i, (n, _, _) in indexed.items() if n == layer or n.endswith("." + layer) or
                 layer.endswith("." + n)]
         if len(hits) != 1:
             raise ValueError(f"AdapterHub layer {layer!r} matches {len(hits)} layers of the model")
         indices.add(hits[0])
-        renamed[f"{layer_names[hits[0]]}.{CONTAINER}.{rest}"] = tensor
+        renamed[f"{indexed[hits[0]][0]}.{CONTAINER}.{rest}"] = tensor
     names = add_adapters(model, dataclasses.replace(ours, layers=tuple(sorted(indices))), adapter_dtype)
     _load_state(model, renamed, "the AdapterHub checkpoint")
     return names

@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ..nn import freeze_all_but_adapters
 from ..nn.lora import LoRALinear, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -44,9 +45,6 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
 
     target_modules: a list of names or name suffixes (["q_proj", "v_proj"]) or a regex on the full name.
     """
-    if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
     adapted = []
     for name, module in list(model.named_modules()):
         if not name or not _matches(name, target_modules):
@@ -55,6 +53,8 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
             continue
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
+        if freeze_base and not adapted:  # once something matched; the adapters already attached keep training
+            freeze_all_but_adapters(model)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
@@ -62,8 +62,8 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
         adapted.append(name)
     if not adapted:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear or Conv1D in the model")
-    model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                       target_modules=sorted({n.rsplit('.', 1)[-1] for n in adapted}))
+    if getattr(model, "_peftkern_lora_config", None) is None:  # a second call's layers differ by rank_pattern
+        model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
     return adapted
 
 
@@ -90,8 +90,9 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
     cfg = getattr(model, "_peftkern_lora_config", None)
     first = next(iter(layers.values()))
     if cfg is None:
-        cfg = dict(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout, use_rslora=first.use_rslora,
-                   target_modules=sorted({n.rsplit('.', 1)[-1] for n in layers}))
+        cfg = dict(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout, use_rslora=first.use_rslora)
+    # every adapted layer, whichever add_lora / load_lora call attached it
+    cfg = dict(cfg, target_modules=sorted({n.rsplit('.', 1)[-1] for n in layers}))
     ranks = {n: m.r for n, m in layers.items()}
     alphas = {n: m.alpha for n, m in layers.items()}
     config = {
@@ -120,6 +121,12 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter (use_dora={config.get('use_dora')}); "
                          "load_lora reads vanilla LoRA")
     weights = load_file(os.path.join(path, WEIGHTS_NAME))
+    other = sorted(k for k in weights if not re.search(r"\.lora_[AB]\.weight$", k))
+    extras = {key: config.get(key) for key in ("bias", "lora_bias", "modules_to_save")
+              if config.get(key) not in (None, "none", False, [])}
+    if other or extras:
+        raise ValueError(f"{path} holds more than LoRA factors ({extras or ''} {other[:4]}): load_lora would drop "
+                         "them. Load it with peft.PeftModel.from_pretrained, then peftkern.fuse(model)")
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     alphas = config.get("alpha_pattern") or {}
     adapted = []
@@ -136,6 +143,5 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
         adapted.append(name)
     model._peftkern_lora_config = dict(r=config["r"], lora_alpha=config["lora_alpha"],
                                        lora_dropout=config.get("lora_dropout", 0.0),
-                                       use_rslora=config.get("use_rslora", False),
-                                       target_modules=config["target_modules"])
+                                       use_rslora=config.get("use_rslora", False))
     return adapted
