@@ -25,7 +25,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, bench_device, note_spread, print_table, progress, save_results, time_fn, time_layer_impls  # noqa: E402
+from common import (  # noqa: E402
+    Row,
+    bench_device,
+    note_spread,
+    positive_ints,
+    print_table,
+    progress,
+    save_results,
+    time_fn,
+    time_layer_impls,
+    timing_label,
+)
 
 import peftkern  # noqa: E402
 from peftkern.kernels.triton import adapter as kadapter  # noqa: E402
@@ -166,11 +177,14 @@ def parse_cases(args, device) -> list[tuple]:
     if args.cases:
         cases = []
         for spec in args.cases:
-            M, d, red, *form = spec.split(",")
-            form = form[0] if form else "sequential"
+            *numbers, form = spec.split(",") if spec.count(",") == 3 else (*spec.split(","), "sequential")
             if form not in FORMS:
-                raise SystemExit(f"form must be one of {FORMS}, got {form!r}")
-            cases.append((int(M), int(d), int(red), form))
+                raise SystemExit(f"bench adapter: --cases {spec!r}: form must be one of {FORMS}, got {form!r}")
+            try:
+                M, d, red = positive_ints(3)(",".join(numbers))
+            except argparse.ArgumentTypeError as exc:
+                raise SystemExit(f"bench adapter: --cases {spec!r}: expected M,d,reduction[,form] ({exc})") from None
+            cases.append((M, d, red, form))
         return cases
     if device != "cuda":
         return CPU_CASES
@@ -204,7 +218,7 @@ def main(argv=None) -> list[Row]:
         rows += bench_case(M, d, reduction, form, dtype, device, args, bandwidth)
     note_spread(rows)
     print_table(rows, f"Bottleneck adapter, {str(dtype).replace('torch.', '')}: ms and ratio to the memory floor")
-    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    timing = timing_label(device, args.eager)
     path = save_results("adapter", rows, {"cases": cases, "dtype": str(dtype), "timing": timing,
                                           "copy_bandwidth_GBps": bandwidth / 1e9}, args.out)
     progress(f"saved {path}")

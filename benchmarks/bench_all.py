@@ -40,12 +40,17 @@ SUITE = [  # about 8 minutes on an H100 (the first full run, 9 minutes without i
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(prog="peftkern bench all", description=__doc__.split("\n")[0])
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile anchors anywhere")
-    parser.add_argument("--skip", nargs="*", default=[], help="pieces to leave out (lora, ia3, ..., e2e)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[name for name, _ in SUITE],
+                        help="pieces to leave out (lora, ia3, ..., e2e)")
     parser.add_argument("--out", help="directory for the JSON, plots and summary (default benchmarks/results/)")
     args = parser.parse_args(argv)
     out = Path(args.out or os.environ.get("PEFTKERN_RESULTS_DIR") or common.RESULTS_DIR)
     suite = [(name, opts) for name, opts in SUITE if name not in args.skip]
     walls, tables, plots = [], [], []
+    can_plot = report.can_plot()
+    if not can_plot:
+        common.progress("matplotlib is not installed (pip install -e '.[bench]'): the tables and the summary are "
+                        "written, the plots are not")
     t_start = time.perf_counter()
     for i, (name, opts) in enumerate(suite):
         opts = list(opts)
@@ -60,7 +65,8 @@ def main(argv=None) -> list:
         for path in common.SAVED[before:]:
             data = report.load(path)
             tables.append(f"### {path.name}\n\n{report.table(data)}")
-            plots += report.plot(data, out / "plots")
+            if can_plot:
+                plots += report.plot(data, out / "plots")
     total = time.perf_counter() - t_start
     env = common.environment()
     lines = [f"# bench all on {env.get('gpu') or 'CPU'}: {total:.0f} s", "",

@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_device, note_spread, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import (  # noqa: E402
+    bench_device,
+    note_spread,
+    print_table,
+    progress,
+    save_results,
+    time_layer_impls,
+    timing_label,
+)
 
 import peftkern  # noqa: E402
 from peftkern.workloads import peft_config  # noqa: E402
@@ -131,6 +139,9 @@ def main(argv=None) -> list:
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
+    bad = [n for n in args.tokens if n < 1 or (n > SEQ and n % SEQ)]
+    if bad:
+        parser.error(f"--tokens {bad}: a positive number, and above {SEQ} (one sequence) a multiple of it")
     device, dtype = bench_device()
     shape, tokens = (args.shape, args.tokens) if device == "cuda" else ("cpu", [64])
     methods = METHODS if args.method == "all" else (args.method,)
@@ -141,7 +152,8 @@ def main(argv=None) -> list:
     note_spread(rows)
     print_table(rows, f"Decoder layer, {dtype}: ms and ratio to the frozen layer")
     path = save_results("decoder", rows, {"methods": list(methods), "shape": shape, "tokens": tokens,
-                                          "dtype": str(dtype)}, Path(args.out) if args.out else None)
+                                          "dtype": str(dtype), "timing": timing_label(device, args.eager)},
+                        Path(args.out) if args.out else None)
     print(f"saved {path}")
     return rows
 

@@ -234,7 +234,8 @@ def main(argv=None) -> list[Row]:
               f"{r.extra['throughput_vs_floor']:8.3f}x | {equal:>27} | {peak:>14} |")
     path = save_results("e2e", rows, {"methods": list(methods), "cases": cases, "rank": args.rank,
                                       "models": {s: workloads.SHAPES[s] for s, _, _ in cases},
-                                      "timing": "eager steps between CUDA events", "optimizer": args.optimizer,
+                                      "timing": "steps between CUDA events" if device == "cuda" else
+                                      "wall clock on the CPU", "optimizer": args.optimizer,
                                       "host_us_per_small_op": probe}, args.out)
     progress(f"saved {path}")
     return rows

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import bench_device, note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
 
 import peftkern  # noqa: E402
@@ -89,7 +90,7 @@ def backward_variants(case: str, impls: dict, x, dy, eager: bool) -> list:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="peftkern bench ia3", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--shapes", nargs="*", help="cases as M,K,N")
+    parser.add_argument("--shapes", nargs="*", type=common.positive_ints(3), help="cases as M,K,N")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--variants", action="store_true", help="also time the other Triton backward modes")
@@ -97,7 +98,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     if args.shapes:
-        cases = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        cases = list(args.shapes)
     else:
         cases = CPU_CASES if device == "cpu" else (QUICK_CASES if args.quick else DEFAULT_CASES)
     rows = []
@@ -114,7 +115,7 @@ def main(argv=None):
                 rows += backward_variants(f"{form} M={M} K={K} N={N}", impls, x, dy, args.eager)
     note_spread(rows)
     print_table(rows, f"IA3, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
-    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    timing = common.timing_label(device, args.eager)
     path = save_results("ia3", rows, {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
     progress(f"saved {path}")
     return rows

@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     progress,
     save_results,
     time_layer_impls,
+    timing_label,
 )
 
 import peftkern  # noqa: E402
@@ -176,7 +177,7 @@ def main(argv=None) -> list[Row]:
         rows += bench_case(case, dtype, device, compile_anchor=not args.no_compile, eager=args.eager)
     note_spread(rows)
     print_table(rows, f"KronA, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
-    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    timing = timing_label(device, args.eager)
     path = save_results("krona", rows, {"cases": [list(c) for c in cases], "dtype": str(dtype), "timing": timing},
                         args.out)
     progress(f"saved {path}")

@@ -25,10 +25,12 @@ from common import (  # noqa: E402
     bench_device,
     note_spread,
     peft_single_layer,
+    positive_ints,
     print_table,
     progress,
     save_results,
     time_layer_impls,
+    timing_label,
 )
 
 import peftkern  # noqa: E402
@@ -139,7 +141,7 @@ def bench_case(M, K, N, r, dtype, device, compile_anchor: bool, eager: bool = Fa
 
 def parse_cases(args, device) -> list[tuple]:
     if args.shapes:
-        return [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        return list(args.shapes)
     if device != "cuda":
         return CPU_CASES
     if args.full:
@@ -151,7 +153,7 @@ def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="peftkern bench lora", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three cases only")
     parser.add_argument("--full", action="store_true", help="the whole M x (K, N) x r grid (long)")
-    parser.add_argument("--shapes", nargs="*", help="cases as M,K,N,r")
+    parser.add_argument("--shapes", nargs="*", type=positive_ints(4), help="cases as M,K,N,r")
     parser.add_argument("--no-compile", action="store_true", help="skip the PEFT + torch.compile anchor")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
@@ -164,7 +166,7 @@ def main(argv=None) -> list[Row]:
         rows += bench_case(M, K, N, r, dtype, device, compile_anchor=not args.no_compile, eager=args.eager)
     note_spread(rows)
     print_table(rows, f"LoRA, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
-    timing = "eager calls (do_bench)" if args.eager else "CUDA-graph replays (GPU time)"
+    timing = timing_label(device, args.eager)
     path = save_results("lora", rows, {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
     progress(f"saved {path}")
     return rows

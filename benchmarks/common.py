@@ -5,6 +5,7 @@ Every row is timed against the floor measured in the same run, and ratios are wh
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -36,21 +37,46 @@ def bench_device(cpu_note: Optional[str] = "running a small CPU version (referen
     return "cpu", torch.float32
 
 
+def positive_ints(count: int):
+    """An argparse type: a comma-separated list of `count` positive integers ("8192,4096,4096,16"), or a usage
+    error naming what was expected."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {count} positive integers separated by commas")
+        return values
+
+    return parse
+
+
+def timing_label(device: str, eager: bool) -> str:
+    """How a layer benchmark's rows were timed, for its JSON (time_fn's three ways)."""
+    if device != "cuda":
+        return "wall clock on the CPU"
+    return "eager calls (do_bench)" if eager else "CUDA-graph replays (GPU time)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-            repeats: int = 3, cuda_graph: bool = True) -> tuple[float, float]:
+            repeats: int = 3, cuda_graph: bool = True, info: Optional[dict] = None) -> tuple[float, float]:
     """(median ms, spread ms) of fn over `repeats` batches of timed calls.
 
     On a GPU, by default: replays of a CUDA graph of fn (triton.testing.do_bench_cudagraph), i.e. the GPU
     time of the kernels fn launches, without Python's launch overhead (which a training loop hides when the
     CPU runs ahead of the GPU, and which a per-call event timer would count). cuda_graph=False (or a fn that
     cannot be captured) times eager calls with triton.testing.do_bench. On the CPU: a wall clock.
-    The spread is max - min over the batch medians.
+    The spread is max - min over the batch medians. info, if given, gets "cuda_graph": whether CUDA-graph replays
+    timed it (False where fn could not be captured and was timed eagerly).
     """
+    if info is not None:
+        info["cuda_graph"] = cuda_graph and device.type == "cuda"
     if device.type == "cuda":
         import triton.testing as tt
 
@@ -60,8 +86,11 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
                 try:
                     meds.append(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
                     continue
-                except Exception:  # not capturable: time it eagerly instead
+                except Exception as exc:  # not capturable: time it eagerly instead, and say so
                     cuda_graph = False
+                    if info is not None:
+                        info["cuda_graph"] = False
+                    progress(f"  not capturable in a CUDA graph ({type(exc).__name__}): timed as eager calls")
                     torch.cuda.synchronize(device)
             meds.append(tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         return statistics.median(meds), max(meds) - min(meds)
@@ -156,9 +185,10 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
             else:
                 def step(fn=fn, params=params):
                     return torch.autograd.grad(fn(x), [x, *params], dy)
+            info: dict = {}
             try:
                 step()  # compile / autotune outside the timing
-                ms, spread = time_fn(step, dev, cuda_graph=graph)
+                ms, spread = time_fn(step, dev, cuda_graph=graph, info=info)
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 progress(f"  {case} {pass_} {name}: failed ({type(exc).__name__}: {exc})")
                 continue
@@ -166,7 +196,7 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
             mem = peak_memory_mb(step, dev) if pass_ == "fwd+bwd" else None
             tokens = x.numel() // x.shape[-1]
             rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[pass_], mem,
-                            {"cuda_graph": graph, "tokens_per_s": tokens / ms * 1e3}))
+                            {"cuda_graph": info["cuda_graph"], "tokens_per_s": tokens / ms * 1e3}))
     return rows
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def load(path) -> dict:
+    if not Path(path).is_file():
+        raise SystemExit(f"no such benchmark result: {path}")
     return json.loads(Path(path).read_text())
 
 
@@ -51,9 +53,19 @@ def _m_of(case: str):
     return int(found.group(1)) if found else None
 
 
-def plot(data: dict, out_dir: Path) -> list[Path]:
+def can_plot() -> bool:
+    """Whether matplotlib (the `bench` extra) is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot(data: dict, out_dir: Path, prefix: str = "") -> list[Path]:
     """Ratio to the floor against M, one line per implementation, one figure per (shape without M, pass); cases
-    without M (decoder layer, training step) as bar charts (plot_bars)."""
+    without M (decoder layer, training step) as bar charts (plot_bars). prefix starts every file name (several
+    runs of one benchmark plotted into one folder would otherwise overwrite each other's figures)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,12 +94,12 @@ def plot(data: dict, out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{shape}_{pass_}").strip("_") + ".png"
+        name = prefix + re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{shape}_{pass_}").strip("_") + ".png"
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
         paths.append(out_dir / name)
-    return paths + plot_bars(data, out_dir)
+    return paths + plot_bars(data, out_dir, prefix)
 
 
 def _bars(ax, labels, values, title, floor_label=None):
@@ -102,7 +114,7 @@ def _bars(ax, labels, values, title, floor_label=None):
         ax.text(v, y, f" {v:,.2f}" if v < 100 else f" {v:,.0f}", va="center", fontsize=6)
 
 
-def plot_bars(data: dict, out_dir: Path) -> list[Path]:
+def plot_bars(data: dict, out_dir: Path, prefix: str = "") -> list[Path]:
     """Cases without an M sweep (the decoder layer, the training step): one figure per (case, pass) with the
     ratio to the floor per implementation, and for the training step tokens/s and peak memory beside it.
     peftkern's rows are blue, the anchors orange, the floor grey."""
@@ -134,7 +146,7 @@ def plot_bars(data: dict, out_dir: Path) -> list[Path]:
         for ax in axes[0][1:]:
             ax.set_yticks([])
         fig.suptitle(f"{data['benchmark']} {case} {pass_} ({gpu})", fontsize=9)
-        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{case}_{pass_}").strip("_") + ".png"
+        name = prefix + re.sub(r"[^A-Za-z0-9]+", "_", f"{data['benchmark']}_{case}_{pass_}").strip("_") + ".png"
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -149,6 +161,8 @@ def compare(a: dict, b: dict) -> str:
     lines = [f"A: {a['environment'].get('git')} on {a['environment'].get('gpu')}   "
              f"B: {b['environment'].get('git')} on {b['environment'].get('gpu')}",
              "| case | implementation | pass | ratio A | ratio B | change |", "| --- | --- | --- | --- | --- | --- |"]
+    if not any(key(r) in rows_a for r in b["rows"]):
+        return "\n".join([lines[0], "no case, implementation and pass in common: nothing to compare"])
     for r in b["rows"]:
         old = rows_a.get(key(r))
         if old:
@@ -174,8 +188,12 @@ def main(argv=None) -> int:
         for f in args.files:
             print(table(load(f)), end="\n\n")
     elif args.cmd == "plot":
+        if not can_plot():
+            raise SystemExit("report.py plot needs matplotlib: pip install -e '.[bench]'")
         for f in args.files:
-            for path in plot(load(f), Path(args.out)):
+            # several files: each one's figures named after it, or the last file's would replace the others'
+            prefix = Path(f).stem + "_" if len(args.files) > 1 else ""
+            for path in plot(load(f), Path(args.out), prefix):
                 print(path)
     else:
         print(compare(load(args.a), load(args.b)))

@@ -97,11 +97,22 @@ def report() -> dict:
         props = torch.cuda.get_device_properties(0)
         device.update(name=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                       memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    defaults = {op: _backend.resolve(op, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-                for op in _backend.DEFAULT_CUDA_BACKEND}
-    return {"device": device, "backends": _backend.backend_status(), "forced_backend": _backend.get_backend(),
+    defaults = {op: _resolved(op) for op in _backend.DEFAULT_CUDA_BACKEND}
+    try:
+        forced = _backend.get_backend()
+    except ValueError as exc:  # a PEFTKERN_BACKEND no backend answers to: info is where the user looks
+        forced = f"invalid: {exc}"
+    return {"device": device, "backends": _backend.backend_status(), "forced_backend": forced,
             "backend_per_op": defaults, "cuda_extension_built": _backend.cuda_extension() is not None,
             "versions": _versions(), "methods": _methods()}
+
+
+def _resolved(op: str) -> str:
+    """The backend `op` runs on here, or why the forced one cannot (resolve raises on every op call then)."""
+    try:
+        return _backend.resolve(op, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError) as exc:
+        return f"error ({exc})"
 
 
 def main(argv=None) -> int:

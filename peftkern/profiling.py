@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import time
@@ -124,7 +125,11 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
         set_nvtx(False)
     result.split, result.kernels = _split(prof)
     if trace:
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
         prof.export_chrome_trace(trace)
+        if not os.path.exists(trace):  # the exporter logs its failure and returns
+            result.trace = None
+            raise OSError(f"peftkern.profile: the Chrome trace could not be written to {trace}")
 
 
 def cli_main(argv=None) -> int:
@@ -148,10 +153,17 @@ def cli_main(argv=None) -> int:
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="torch.compile the model first (MODE: default, reduce-overhead, max-autotune)")
     args = parser.parse_args(argv)
+    for name in ("rank", "batch", "seq", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        parser.error(f"--compile MODE must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
+                     f"got {args.compile!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
-        print("no GPU: profiling the tiny config on the CPU (64-token sequences) instead", file=sys.stderr)
+        print("no GPU: profiling the tiny config on the CPU (2 x 64 tokens) instead; --shape, --batch and --seq "
+              "apply on a GPU", file=sys.stderr)
         args.shape, args.seq, args.batch = "tiny", 64, 2
     impl = "frozen" if args.method == "none" else args.impl
     model = workloads.build(args.method, impl, args.shape, device, dtype, args.rank, args.fp32_adapters,

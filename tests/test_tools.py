@@ -42,9 +42,14 @@ def test_nvtx_switch_keeps_results():
     assert torch.equal(y0, y1)
 
 
-def _run(*args, **kw):
+def _run(*args, env_extra=None, **kw):
+    env = None
+    if env_extra:
+        import os
+
+        env = {**os.environ, **env_extra}
     return subprocess.run([sys.executable, "-m", "peftkern", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, **kw)
+                          timeout=600, env=env, **kw)
 
 
 def test_cli_info_lists_backends_and_methods():
@@ -235,3 +240,51 @@ def test_bench_e2e_records_its_optimizer(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
     assert data["rows"] and {r["extra"]["optimizer"] for r in data["rows"]} == {"adamw-fused"}
+
+
+# The command-line tools at the edges (a review of them on the CPU, 2026-12-04); each test failed before its fix.
+
+
+def test_bench_all_without_matplotlib_writes_the_tables(tmp_path):
+    """The README's install has no matplotlib (the `bench` extra): `bench all` stopped after its first piece."""
+    hidden = tmp_path / "hidden"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    out = _run("bench", "all", "--no-compile", "--skip", "krona", "adapter", "decoder", "e2e", "--out",
+               str(tmp_path / "out"), env_extra={"PYTHONPATH": str(hidden)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no plots" in out.stderr or "plots are not" in out.stderr, out.stderr[-2000:]
+    assert {p.name.split("-")[0] for p in (tmp_path / "out").glob("*.json")} == {"lora", "ia3"}
+    assert next((tmp_path / "out").glob("summary-*.md")).read_text().count("| lora |") == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "lora", "--shapes", "64,a,64,4"], ["bench", "ia3", "--shapes", "64,64"],
+                                  ["bench", "adapter", "--cases", "64,64,0"], ["bench", "decoder", "--tokens", "3000"],
+                                  ["profile", "--steps", "0"], ["profile", "--compile", "bogus"],
+                                  ["bench", "all", "--skip", "lorax"], ["bench", "--compare", "missing.json", "b"]],
+                         ids=lambda a: "-".join(a)[:40])
+def test_bad_arguments_are_usage_errors(argv):
+    out = _run(*argv)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_info_with_an_unusable_forced_backend_says_so():
+    out = _run("info", env_extra={"PEFTKERN_BACKEND": "bogus"})
+    assert out.returncode == 0 and "invalid" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's timing label")
+def test_cpu_results_say_they_are_wall_clock(tmp_path):
+    out = _run("bench", "lora", "--no-compile", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(next(tmp_path.glob("lora-*.json")).read_text())
+    assert data["config"]["timing"] == "wall clock on the CPU"
+    assert all(r["extra"]["cuda_graph"] is False for r in data["rows"])
+
+
+def test_profile_makes_the_traces_folder(tmp_path):
+    trace = tmp_path / "new" / "folder" / "t.json"
+    layer = peftkern.nn.LoRALinear(16, 16, r=2, device=DEVICE)
+    with peftkern.profile(trace=str(trace)):
+        layer(torch.randn(4, 16, device=DEVICE)).sum().backward()
+    assert json.loads(trace.read_text())
