@@ -117,15 +117,21 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def git_revision() -> str:
-    """The checkout's revision, or $PEFTKERN_GIT_REV where the tree was copied without .git (the GPU machine)."""
+def git_revision(cwd: Optional[Path] = None) -> str:
+    """The checkout's revision, with "-dirty" where a tracked file outside benchmarks/results/ differs from it; or
+    $PEFTKERN_GIT_REV where the tree was copied without .git (the GPU machine)."""
     if os.environ.get("PEFTKERN_GIT_REV"):
         return os.environ["PEFTKERN_GIT_REV"]
+    cwd = cwd or Path(__file__).parent
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, stderr=subprocess.DEVNULL,
+                                      text=True).strip()
+        changed = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                           ":(exclude)benchmarks/results"], cwd=cwd, stderr=subprocess.DEVNULL,
+                                          text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return rev + ("-dirty" if changed.strip() else "")
 
 
 def environment() -> dict:

@@ -288,3 +288,27 @@ def test_profile_makes_the_traces_folder(tmp_path):
     with peftkern.profile(trace=str(trace)):
         layer(torch.randn(4, 16, device=DEVICE)).sum().backward()
     assert json.loads(trace.read_text())
+
+
+def test_git_revision_marks_a_modified_tree(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    monkeypatch.delenv("PEFTKERN_GIT_REV", raising=False)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    clean = common.git_revision(tmp_path)
+    assert clean != "unknown" and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}\n')
+    assert common.git_revision(tmp_path) == clean, "a result file is not a change of the code"
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert common.git_revision(tmp_path) == clean + "-dirty"
