@@ -35,7 +35,7 @@ def classify(kernel_name: str) -> str:
     if PEFTKERN_KERNEL.search(kernel_name):
         return "peftkern kernels"
     if GEMM_KERNEL.search(kernel_name):
-        return "GEMMs (frozen base, attention, head)"
+        return "other GEMMs (outside peftkern ops)"
     return "everything else"
 
 
@@ -48,7 +48,8 @@ class ProfileResult:
 
     def summary(self, top: int = 8) -> str:
         total = sum(self.split.values()) or 1.0
-        lines = [f"{self.unit}: {total:.3f} ms"]
+        lines = [f"{self.unit}: {total:.3f} ms (peftkern kernels: everything a peftkern op runs, the frozen base GEMM "
+                 "it fuses or calls included; other GEMMs: the frozen layers and the head, by kernel name)"]
         for cat, ms in sorted(self.split.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {cat:38s} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
         lines.append(f"top {top} kernels:")
