@@ -216,6 +216,10 @@ def main(argv=None) -> list[Row]:
             cases.append((workloads.resolve_shape(shape, device), args.batch or max(1, args.tokens // seq), seq))
     if device != "cuda":
         cases = [("tiny", 2, 64)]
+        if args.compile:  # inductor on the CPU compiles for minutes and times nothing the issues ask about
+            progress("no GPU: the compiled rows are GPU-only; --compile, --compile-mode and --compiled-only are "
+                     "ignored here")
+            args.compile = args.compiled_only = False
     probe = host_probe_us(device)
     if probe is not None:
         progress(f"host: {probe:.1f} us to enqueue a small CUDA op")

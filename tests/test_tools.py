@@ -312,3 +312,12 @@ def test_git_revision_marks_a_modified_tree(tmp_path, monkeypatch):
     assert common.git_revision(tmp_path) == clean, "a result file is not a change of the code"
     (tmp_path / "a.py").write_text("x = 2\n")
     assert common.git_revision(tmp_path) == clean + "-dirty"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version of bench e2e")
+def test_cpu_e2e_with_compile_flags_times_the_eager_rows(tmp_path):
+    """The compiled rows are GPU-only: on the CPU --compiled-only left the floor alone in the JSON, silently."""
+    out = _run("bench", "e2e", "--method", "lora", "--compiled-only", "--out", str(tmp_path))
+    assert out.returncode == 0 and "ignored here" in out.stderr, out.stderr[-2000:]
+    impls = {r["impl"] for r in json.loads(next(tmp_path.glob("e2e-*.json")).read_text())["rows"]}
+    assert any(i.startswith("peftkern.fuse") for i in impls), impls
