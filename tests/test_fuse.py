@@ -648,3 +648,33 @@ def test_several_lokr_adapters_with_a_muted_first_one():
             m.base_model.model[0].set_scale("k1", scale)
         with torch.no_grad():
             assert_close(model(x), reference(x), torch.float32, f"output with k1 at scale {scale}")
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "lokr"])
+def test_torch_export_keeps_the_fused_ops(kind):
+    """torch.export traces with FakeTensor weights: the per-call base-layer check took them for a tensor subclass
+    (a quantised weight), so every fused layer fell back to PEFT's path in the exported graph."""
+    from peft import IA3Config, LoKrConfig
+
+    config = {"lora": LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+              "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              "lokr": LoKrConfig(r=2, target_modules=["q_proj"])}[kind]
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), config).eval()
+    report = peftkern.fuse(model)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids, use_cache=False).logits
+
+    ids = torch.randint(0, 128, (2, 8))
+    exported = torch.export.export(Logits(model.base_model.model), (ids,))
+    op = {"lora": "lora_fwd", "ia3": "ia3_fwd", "lokr": "krona_fwd"}[kind]
+    assert any(f"peftkern.{op}" in str(n.target) for n in exported.graph.nodes)
+    assert not report.fallbacks, str(report)
+    assert_close(exported.module()(ids), model(ids, use_cache=False).logits,
+                 torch.float32, "exported logits")

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..nn.lora import is_conv1d
 from ..ops.ia3 import ia3_linear
@@ -98,6 +99,10 @@ def _global_hooks() -> bool:
                 or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks)
 
 
+# A plain weight: a Parameter or Tensor, or the FakeTensor that stands for one while torch.export traces the model
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor, FakeTensor)
+
+
 def _float_base(base: nn.Module) -> Optional[str]:
     """None if `base` is a plain nn.Linear or GPT-2 Conv1D with a float weight, else why the fused op cannot take it."""
     if "base_layer" in base._modules:
@@ -109,7 +114,7 @@ def _float_base(base: nn.Module) -> Optional[str]:
     if _hooked(base):
         return "base layer has hooks or an instance forward (PEFT's path calls it)"
     weight = _param(base, "weight")
-    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+    if type(weight) not in _PLAIN_TENSORS:
         return f"base layer weight is a {type(weight).__name__} (tensor subclass, e.g. quantised)"
     if not weight.is_floating_point():
         return f"base layer weight is {weight.dtype} (quantised)"
