@@ -259,6 +259,26 @@ def test_layers_index_the_models_layer_stack_and_unknown_layers_are_named():
         peftkern.add_adapters(model, peftkern.AdapterConfig(layers=(1,)))
 
 
+def test_a_format_1_file_loads_onto_a_model_with_gaps(tmp_path):
+    """Files before format 2 counted config.layers over the adaptable layers only (the i-th one); on a model with
+    gaps in its stack (Qwen2-MoE's sparse layers) they are read so, not as stack positions."""
+    cfg = transformers.Qwen2MoeConfig(vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                                      num_experts_per_tok=2, decoder_sparse_step=2)
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    peftkern.add_adapters(model, peftkern.AdapterConfig(layers=(2,)))
+    peftkern.save_adapters(model, str(tmp_path))
+    path = tmp_path / "bottleneck_adapter_config.json"
+    meta = json.loads(path.read_text())
+    assert meta["format_version"] == 2
+    meta.update(format_version=1, configs=None)
+    meta["config"]["layers"] = [1]  # the second adaptable layer, as format 1 wrote it
+    path.write_text(json.dumps(meta))
+    fresh = transformers.Qwen2MoeForCausalLM(cfg)
+    assert peftkern.load_adapters(fresh, str(tmp_path)) == ["model.layers.2.bottleneck_adapters.after_feed_forward"]
+
+
 def test_adapters_beside_lora_on_gpt2s_projection():
     """GPT-2's c_proj wrapped by LoRA (peftkern's or PEFT's) is no longer a Conv1D by class name: the adapter's width
     came from the wrapper's weight read the Linear way, (in, out) taken as (out, in), and its first call raised."""

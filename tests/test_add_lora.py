@@ -109,3 +109,37 @@ def test_load_lora_refuses_what_it_would_drop(tmp_path, extra):
     peft_model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
         peftkern.load_lora(tiny_llama(), str(tmp_path))
+
+
+def test_save_lora_keeps_each_layers_scaling_across_calls(tmp_path):
+    """A second add_lora call with use_rslora=True beside plain layers: PEFT's config has one use_rslora, so the odd
+    layers' scaling goes into alpha_pattern (rsLoRA's alpha / sqrt(r) = (alpha sqrt(r)) / r). Reloaded, the model
+    computes the same (it differed by up to 0.13 in the logits)."""
+    torch.manual_seed(0)
+    model = tiny_llama().to(DEVICE, DTYPE)
+    peftkern.add_lora(model, target_modules=["q_proj"], r=4)
+    peftkern.add_lora(model, target_modules=["v_proj"], r=8, use_rslora=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    peftkern.save_lora(model, str(tmp_path))
+    x = batch("llama")
+    want = model.eval()(**x).logits
+    torch.manual_seed(0)
+    again = tiny_llama().to(DEVICE, DTYPE)
+    peftkern.load_lora(again, str(tmp_path))
+    assert_close(again.eval()(**x).logits, want, torch.float32, "reloaded by peftkern")
+    torch.manual_seed(0)
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama().to(DEVICE, DTYPE), str(tmp_path)).eval()
+    assert_close(peft_model(**x).logits, want, DTYPE, "reloaded by PEFT", 5.0 if HAS_CUDA else 1.0)
+
+
+def test_freeze_base_freezes_an_unfrozen_base_weight_but_no_adapter():
+    torch.manual_seed(0)
+    model = tiny_llama().to(DEVICE, DTYPE)
+    peftkern.add_lora(model, target_modules=["q_proj"], r=2)
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight.requires_grad_(True)
+    peftkern.add_lora(model, target_modules=["v_proj"], r=2)
+    assert not q.weight.requires_grad and q.lora_A.requires_grad and q.lora_B.requires_grad

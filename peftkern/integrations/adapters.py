@@ -353,7 +353,8 @@ def save_adapters(model: nn.Module, path: str) -> None:
         raise ValueError("the model has no adapters attached by peftkern.add_adapters to save")
     os.makedirs(path, exist_ok=True)
     # "config": the first call's, as format 1 wrote it; "configs": every add_adapters call's, in order
-    meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 1,
+    # format 2: config.layers are positions in the model's layer stack; format 1 counted the adaptable layers in order
+    meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 2,
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
             "layers": [n for n, _, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale"}
@@ -387,8 +388,12 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
     if meta.get("peft_type") != "BOTTLENECK_ADAPTER":
         raise ValueError(f"{path} holds a {meta.get('peft_type')} adapter, not a peftkern bottleneck adapter")
     names = []
-    for config in meta.get("configs") or [meta["config"]]:
-        names += add_adapters(model, AdapterConfig.from_dict(config), adapter_dtype=adapter_dtype)
+    for values in meta.get("configs") or [meta["config"]]:
+        config = AdapterConfig.from_dict(values)
+        if meta.get("format_version", 1) < 2 and config.layers is not None:  # the i-th adaptable layer, in order
+            order = list(_indexed_layers(_unwrapped(model), transformer_layers(model)))
+            config = dataclasses.replace(config, layers=tuple(order[i] for i in config.layers if i < len(order)))
+        names += add_adapters(model, config, adapter_dtype=adapter_dtype)
     _load_state(model, load_file(os.path.join(path, WEIGHTS_NAME)), path)
     return names
 

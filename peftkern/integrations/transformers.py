@@ -6,8 +6,10 @@ load the adapter weights alone in PEFT's file layout (adapter_config.json + adap
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -94,7 +96,14 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
     # every adapted layer, whichever add_lora / load_lora call attached it
     cfg = dict(cfg, target_modules=sorted({n.rsplit('.', 1)[-1] for n in layers}))
     ranks = {n: m.r for n, m in layers.items()}
-    alphas = {n: m.alpha for n, m in layers.items()}
+    # A layer whose use_rslora differs from the config's (a second add_lora call) keeps its scaling through its alpha:
+    # rsLoRA's alpha / sqrt(r) is plain LoRA's (alpha sqrt(r)) / r.
+    alphas = {n: m.alpha if m.use_rslora == cfg["use_rslora"] else
+              m.alpha * math.sqrt(m.r) if m.use_rslora else m.alpha / math.sqrt(m.r) for n, m in layers.items()}
+    dropouts = sorted({m.dropout for m in layers.values()})
+    if len(dropouts) > 1:
+        warnings.warn(f"save_lora: the layers use several dropout rates {dropouts}; PEFT's config holds one, "
+                      f"{cfg['lora_dropout']} is saved", RuntimeWarning, stacklevel=2)
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],

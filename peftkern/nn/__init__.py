@@ -10,13 +10,19 @@ __all__ = ["PEFTRefProperties", "LoRALinear", "IA3Linear"]
 __all__ += ["BottleneckAdapter"]
 __all__ += ["KronALinear"]
 
-_ADAPTER_LAYERS = (LoRALinear, IA3Linear, KronALinear, BottleneckAdapter)
+_WRAPPING_LAYERS = (LoRALinear, IA3Linear, KronALinear)  # hold the wrapped layer's weight and bias beside theirs
 
 
 def freeze_all_but_adapters(model) -> None:
-    """requires_grad_(False) on every parameter of `model` except those of peftkern's adapter layers (whose own frozen
-    base weights are frozen already): attaching a second set of adapters keeps the first set trainable."""
-    keep = {id(p) for m in model.modules() if isinstance(m, _ADAPTER_LAYERS) for p in m.parameters()}
+    """requires_grad_(False) on every parameter of `model` except the adapter parameters of peftkern's layers (a
+    BottleneckAdapter's all; a LoRALinear's, IA3Linear's or KronALinear's other than the base weight and bias):
+    attaching a second set of adapters keeps the first set trainable, and freezes a base weight a user unfroze."""
+    keep = set()
+    for m in model.modules():
+        if isinstance(m, BottleneckAdapter):
+            keep.update(id(p) for p in m.parameters())
+        elif isinstance(m, _WRAPPING_LAYERS):
+            keep.update(id(p) for name, p in m.named_parameters() if name not in ("weight", "bias"))
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
