@@ -678,3 +678,26 @@ def test_torch_export_keeps_the_fused_ops(kind):
     assert not report.fallbacks, str(report)
     assert_close(exported.module()(ids), model(ids, use_cache=False).logits,
                  torch.float32, "exported logits")
+
+
+def test_unfuse_keeps_an_accelerate_hook_added_after_fuse():
+    """accelerate's add_hook_to_module wraps whatever forward the instance has, here the fused one: unfuse() deleted
+    the instance forward and with it the hook."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Double(hooks.ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    model = _one_layer(LoraConfig(r=2, target_modules=["0"]))
+    _randomise_adapters(model)
+    x = torch.randn(3, 16)
+    want = model(x) * 2
+    peftkern.fuse(model)
+    layer = model.base_model.model[0]
+    hooks.add_hook_to_module(layer, Double())
+    assert_close(model(x), want, torch.float32, "fused, hooked")
+    assert peftkern.unfuse(model) == 1
+    assert_close(model(x), want, torch.float32, "unfused, still hooked")
+    hooks.remove_hook_from_module(layer)
+    assert_close(model(x) * 2, want, torch.float32, "hook removed")

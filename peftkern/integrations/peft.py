@@ -488,8 +488,13 @@ def unfuse(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_fused(module):
-            del module.forward
-            del module._replicate_for_data_parallel
+            if isinstance(module.__dict__.get("forward"), _FusedForward):
+                del module.forward
+            elif isinstance(module.__dict__.get("_old_forward"), _FusedForward):
+                # an accelerate hook added after fuse() wraps the fused forward (add_hook_to_module keeps it as
+                # _old_forward): the hook stays, around PEFT's forward
+                module._old_forward = functools.partial(type(module).forward, module)
+            module.__dict__.pop("_replicate_for_data_parallel", None)
             delattr(module, _FUSED_FLAG)
             module.__dict__.pop(_REPORT_ENTRY, None)
             count += 1
