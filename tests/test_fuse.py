@@ -701,3 +701,34 @@ def test_unfuse_keeps_an_accelerate_hook_added_after_fuse():
     assert_close(model(x), want, torch.float32, "unfused, still hooked")
     hooks.remove_hook_from_module(layer)
     assert_close(model(x) * 2, want, torch.float32, "hook removed")
+
+
+def test_several_lokr_adapters_of_different_ranks_match_peft():
+    """Two active LoKr adapters whose factors share their shapes but not their form (low-rank pairs of other ranks,
+    or a dense factor beside a pair) cannot be one stacked call: the fused forward raised; it now falls back."""
+    from peft import LoKrConfig
+
+    model = _one_layer(LoKrConfig(r=1, alpha=1, target_modules=["0"], decompose_both=True), "k1", width=64)
+    model.add_adapter("k2", LoKrConfig(r=2, alpha=2, target_modules=["0"], decompose_both=True))
+    _randomise_adapters(model)
+    model.base_model.set_adapter(["k1", "k2"])
+    reference = copy.deepcopy(model)
+    report = peftkern.fuse(model)
+    x = torch.randn(3, 64)
+    assert_close(model(x), reference(x), torch.float32, "output")
+    assert any("forms or ranks" in reason for _, reason in report.fallbacks), str(report)
+
+
+def test_lokr_under_autocast_returns_peft_dtype():
+    """PEFT's LoKr layer returns its input's dtype (float32 for a float32 model under autocast)."""
+    from peft import LoKrConfig
+
+    model = _one_layer(LoKrConfig(r=2, target_modules=["0"]), width=64)
+    _randomise_adapters(model)
+    reference = copy.deepcopy(model)
+    peftkern.fuse(model)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(x), reference(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, want, torch.bfloat16, "output under autocast")

@@ -323,9 +323,11 @@ def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     B = [_lokr_factor(self, "w2", a) for a in active]
     scales = [float(self.scaling[a]) for a in active]
     if len(active) > 1:
-        shapes = {(tuple(_shape(a)), tuple(_shape(b))) for a, b in zip(A, B)}
-        if len(shapes) > 1:
-            return _fall_back(self, "several active LoKr adapters with different factor shapes", x, args, kwargs)
+        # one stacked call needs one form per side: the same shapes, and dense factors or low-rank pairs of one rank
+        forms = {(_form(a), _form(b)) for a, b in zip(A, B)}
+        if len(forms) > 1:
+            return _fall_back(self, "several active LoKr adapters with factors of different shapes, forms or ranks",
+                              x, args, kwargs)
         # one scaling for the sum, the largest in magnitude: each term's own ratio to it (at most 1, so no overflow in
         # a 16-bit factor; 0 for a muted adapter) rides on its (small) A factor
         largest = max(scales, key=abs) or 1.0
@@ -335,8 +337,11 @@ def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
         # beside bf16 ones); the casts are differentiable and each factor's gradient comes back in its own dtype
         common = functools.reduce(torch.promote_types, [t.dtype for f in A + B for t in _tensors(f)])
         A, B = [_cast(f, common) for f in A], [_cast(f, common) for f in B]
-    return krona_linear(x, _param(base, "weight"), A if len(A) > 1 else A[0], B if len(B) > 1 else B[0], scales[0],
-                        _param(base, "bias"))
+    y = krona_linear(x, _param(base, "weight"), A if len(A) > 1 else A[0], B if len(B) > 1 else B[0], scales[0],
+                     _param(base, "bias"))
+    # PEFT's LoKr layer returns x's dtype (under autocast: float32 for a float32 model), where the op returns the
+    # autocast dtype
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _tensors(factor) -> tuple:
@@ -345,6 +350,11 @@ def _tensors(factor) -> tuple:
 
 def _cast(factor, dtype: torch.dtype):
     return tuple(t.to(dtype) for t in factor) if isinstance(factor, tuple) else factor.to(dtype)
+
+
+def _form(factor) -> tuple:
+    """A factor's shape, and for a low-rank pair (a, b) its rank too."""
+    return (_shape(factor), factor[0].shape[1]) if isinstance(factor, tuple) else (_shape(factor), None)
 
 
 def _shape(factor) -> tuple:
