@@ -187,13 +187,12 @@ def _layer_stack_gaps(model: nn.Module, found: list) -> list[str]:
     """Layers of the stacks (ModuleLists) that hold the found layers, which have no layout peftkern knows (a
     mixture-of-experts layer among dense ones): add_adapters leaves them without adapters."""
     names = {name for name, _, _ in found}
-    parents = {name.rpartition(".")[0] for name in names}
     gaps = []
-    for parent in sorted(parents):
+    for parent in sorted({name.rpartition(".")[0] for name in names}):
         stack = model.get_submodule(parent) if parent else model
         if isinstance(stack, nn.ModuleList):
-            gaps += [f"{parent}.{i}" if parent else str(i) for i in range(len(stack))
-                     if (f"{parent}.{i}" if parent else str(i)) not in names]
+            members = (f"{parent}.{i}" if parent else str(i) for i in range(len(stack)))
+            gaps += [name for name in members if name not in names]
     return gaps
 
 

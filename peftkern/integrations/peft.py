@@ -466,31 +466,21 @@ class _FusedForward:
     def __call__(self, x, *args, **kwargs):
         return self.impl(self.module, x, *args, **kwargs)
 
-    def __reduce__(self):
-        return _FusedForward, (self.module, self.impl)
-
-
-class _FusedReplicate:
-    """nn.DataParallel's replica of a fused layer (nn.Module._replicate_for_data_parallel), fused on its own: a replica
-    copies the instance's __dict__, so its forward would otherwise compute with the original layer's parameters."""
-
-    __slots__ = ("module", "impl")
-
-    def __init__(self, module: nn.Module, impl: Callable) -> None:
-        self.module, self.impl = module, impl
-
-    def __call__(self) -> nn.Module:
+    def replicate(self) -> nn.Module:
+        """nn.DataParallel's replica of the layer (nn.Module._replicate_for_data_parallel), fused on its own: a replica
+        copies the instance's __dict__, so its forward would otherwise compute with the original layer's parameters."""
         replica = type(self.module)._replicate_for_data_parallel(self.module)
         _bind(replica, self.impl)
         return replica
 
     def __reduce__(self):
-        return _FusedReplicate, (self.module, self.impl)
+        return _FusedForward, (self.module, self.impl)
 
 
 def _bind(module: nn.Module, impl: Callable) -> None:
-    module.forward = _FusedForward(module, impl)
-    module._replicate_for_data_parallel = _FusedReplicate(module, impl)
+    fused = _FusedForward(module, impl)
+    module.forward = fused
+    module._replicate_for_data_parallel = fused.replicate
 
 
 def unfuse(model: nn.Module) -> int:
