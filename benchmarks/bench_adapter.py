@@ -193,7 +193,7 @@ def parse_cases(args, device) -> list[tuple]:
 
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="peftkern bench adapter", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the two target cases only")
+    parser.add_argument("--quick", action="store_true", help="the two target cases (with --e2e: fewer timed steps)")
     parser.add_argument("--cases", nargs="*", help="cases as M,d,reduction[,form] (form: " + ", ".join(FORMS) + ")")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
@@ -208,7 +208,7 @@ def main(argv=None) -> list[Row]:
         import bench_e2e
 
         return bench_e2e.main(["--method", "adapter", "--batch", str(args.batch), "--seq", str(args.seq),
-                               *(["--out", args.out] if args.out else [])])
+                               *(["--quick"] if args.quick else []), *(["--out", args.out] if args.out else [])])
     bandwidth = copy_bandwidth(device)
     progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
     cases = parse_cases(args, device)

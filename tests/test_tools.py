@@ -321,3 +321,17 @@ def test_cpu_e2e_with_compile_flags_times_the_eager_rows(tmp_path):
     assert out.returncode == 0 and "ignored here" in out.stderr, out.stderr[-2000:]
     impls = {r["impl"] for r in json.loads(next(tmp_path.glob("e2e-*.json")).read_text())["rows"]}
     assert any(i.startswith("peftkern.fuse") for i in impls), impls
+
+
+def test_bench_adapter_e2e_passes_its_options_on(monkeypatch):
+    """`bench adapter --e2e --quick` ran bench e2e's full step count: --quick was dropped on the way."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_adapter
+    import bench_e2e
+
+    seen = []
+    monkeypatch.setattr(bench_e2e, "main", lambda argv: seen.append(argv) or [])
+    bench_adapter.main(["--e2e", "--quick", "--batch", "2", "--seq", "64", "--out", "somewhere"])
+    bench_adapter.main(["--e2e"])
+    assert seen[0] == ["--method", "adapter", "--batch", "2", "--seq", "64", "--quick", "--out", "somewhere"], seen
+    assert "--quick" not in seen[1], seen
