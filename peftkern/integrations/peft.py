@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..nn.lora import is_conv1d
+from ..nn._frozen import is_conv1d
 from ..ops.ia3 import ia3_linear
 from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear

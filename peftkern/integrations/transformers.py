@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..nn import freeze_all_but_adapters
-from ..nn.lora import LoRALinear, is_conv1d
+from ..nn._frozen import is_conv1d
+from ..nn.lora import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,6 +47,7 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     its weight and bias; freeze everything else (freeze_base). Returns the adapted module names.
 
     target_modules: a list of names or name suffixes (["q_proj", "v_proj"]) or a regex on the full name.
+    adapter_dtype: the factors' dtype; by default PEFT's: float32 beside a float16 / bfloat16 model, else the model's.
     """
     adapted = []
     for name, module in list(model.named_modules()):

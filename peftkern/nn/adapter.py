@@ -30,11 +30,38 @@ ADAPTER_PEFT_REF = PEFTRefProperties(
 )
 
 
+class AdapterProjection(nn.Linear):
+    """The adapter's down or up projection: an nn.Linear whose reset_parameters draws the adapter's init (its
+    `init` attribute: "normal" N(0, 0.02), "trunc_normal" N(0, 0.01) cut at 2 std, "kaiming" as nn.Linear, "zeros"; the
+    bias is zero), so that a model initialised module by module (meta device, `to_empty()`, then every module's
+    reset_parameters, parents before children) keeps the adapter's init rather than nn.Linear's."""
+
+    init = "kaiming"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.init == "normal":
+            nn.init.normal_(self.weight, std=0.02)
+        elif self.init == "trunc_normal":
+            nn.init.trunc_normal_(self.weight, std=1e-2, a=-2e-2, b=2e-2)
+        elif self.init == "zeros":
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+# (down, up) projection inits of each adapter init
+_PROJECTION_INITS = {"bert": ("normal", "normal"), "houlsby": ("trunc_normal", "trunc_normal"),
+                     "mam": ("kaiming", "zeros")}
+
+
 class BottleneckAdapter(nn.Module):
     """out = r + s * up(act(down(LN(h)))): sequential (r = h, after a block) or parallel (beside a block: h is
     its input, r its output, passed to forward).
 
-    Parameters: down (nn.Linear d -> b), up (nn.Linear b -> d), layer_norm (nn.LayerNorm(d), only with
+    Parameters: down (an nn.Linear d -> b), up (an nn.Linear b -> d), layer_norm (nn.LayerNorm(d), only with
     layer_norm=True: a pre-adapter LN of h), scale (a learned scalar, only with scaling="learned"). The
     bottleneck b is bottleneck_size, or hidden_size // reduction_factor.
 
@@ -71,8 +98,9 @@ class BottleneckAdapter(nn.Module):
         self.non_linearity, self.insertion_form, self.init = non_linearity.lower(), insertion_form, init
         self.workspace = workspace
         factory = dict(device=device, dtype=dtype)
-        self.down = nn.Linear(hidden_size, bottleneck_size, **factory)
-        self.up = nn.Linear(bottleneck_size, hidden_size, **factory)
+        self.down = AdapterProjection(hidden_size, bottleneck_size, **factory)
+        self.up = AdapterProjection(bottleneck_size, hidden_size, **factory)
+        self.down.init, self.up.init = _PROJECTION_INITS[init]
         self.layer_norm = nn.LayerNorm(hidden_size, **factory) if layer_norm else None
         if scaling == "learned":
             self.scaling = 1.0
@@ -87,17 +115,8 @@ class BottleneckAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.bias)
-        if self.init == "bert":
-            nn.init.normal_(self.down.weight, std=0.02)
-            nn.init.normal_(self.up.weight, std=0.02)
-        elif self.init == "houlsby":
-            for w in (self.down.weight, self.up.weight):
-                nn.init.trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2)
-        else:
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.up.weight)
+        self.down.reset_parameters()
+        self.up.reset_parameters()
         if self.layer_norm is not None:
             self.layer_norm.reset_parameters()
         if self.scale is not None:

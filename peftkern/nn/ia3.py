@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.ia3 import ia3_linear, ia3_merge_
+from ._frozen import FrozenLinear, adapter_dtype_for
 from ._peft_ref import PEFTRefProperties
-from .lora import frozen_shell
 
 IA3_PEFT_REF = PEFTRefProperties(
     intra_connectivity="none (one vector, no matrices)",
@@ -25,22 +24,22 @@ IA3_PEFT_REF = PEFTRefProperties(
 )
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(FrozenLinear):
     """y = (x W^T + b) * l, or with feedforward=True y = (x * l) W^T + b; W and b frozen, l trains.
-    l starts at ones (IA3's init), so the layer starts as the frozen one."""
+    l starts at ones (IA3's init), so the layer starts as the frozen one. l is float32 beside a float16 / bfloat16
+    base unless scale_dtype says otherwise (PEFT's default); the output keeps the base's dtype."""
 
     peft_ref = IA3_PEFT_REF
+    ADAPTER_PARAMETERS = ("ia3_l",)
 
     def __init__(self, in_features: int, out_features: int, feedforward: bool = False, bias: bool = True,
                  weight_transposed: bool = False, device=None, dtype=None,
                  scale_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        shape = (in_features, out_features) if weight_transposed else (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
-                     if bias else None)
-        self._init_scale(in_features, out_features, feedforward, weight_transposed, scale_dtype or dtype, device)
+        self._make_base(in_features, out_features, bias, weight_transposed, device, dtype)
+        self._init_scale(in_features, out_features, feedforward, weight_transposed,
+                         adapter_dtype_for(self.weight.dtype, scale_dtype), device)
+        self._reset_base()
 
     def _init_scale(self, in_features, out_features, feedforward, weight_transposed, scale_dtype, device):
         self.in_features, self.out_features = in_features, out_features
@@ -48,17 +47,21 @@ class IA3Linear(nn.Module):
         n = in_features if feedforward else out_features
         self.ia3_l = nn.Parameter(torch.ones(n, device=device, dtype=scale_dtype))
 
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        self.ia3_l.fill_(1.0)
+
     @classmethod
     def from_linear(cls, linear: nn.Module, feedforward: bool = False,
                     scale_dtype: Optional[torch.dtype] = None) -> "IA3Linear":
         """Wrap an nn.Linear (or GPT-2's Conv1D), sharing and freezing its weight and bias."""
-        layer, K, N, transposed = frozen_shell(cls, linear)
-        layer._init_scale(K, N, feedforward, transposed, scale_dtype or linear.weight.dtype, linear.weight.device)
-        return layer
+        dtype = adapter_dtype_for(linear.weight.dtype, scale_dtype)
+        return cls._wrap(linear, lambda layer, K, N, transposed: layer._init_scale(
+            K, N, feedforward, transposed, dtype, linear.weight.device))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return F.linear(x, self.weight.t() if self.weight_transposed else self.weight, self.bias)
+            return self._merged_forward(x)
         return ia3_linear(x, self.weight, self.ia3_l, self.bias, self.feedforward, self.weight_transposed)
 
     @torch.no_grad()

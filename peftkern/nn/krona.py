@@ -7,12 +7,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.krona import krona_linear, krona_merge_
+from ._frozen import FrozenLinear, adapter_dtype_for
 from ._peft_ref import PEFTRefProperties
-from .lora import frozen_shell
 
 KRONA_PEFT_REF = PEFTRefProperties(
     intra_connectivity="sparse (a Kronecker product of two small dense factors, or a sum of them)",
@@ -65,7 +64,7 @@ def krona_factor_shapes(in_features: int, out_features: int, a_shape: Optional[t
     return (n1, k1), (out_features // n1, in_features // k1)
 
 
-class KronALinear(nn.Module):
+class KronALinear(FrozenLinear):
     """y = x W^T + b + scaling * x (sum_t A_t (x) B_t)^T with W and b frozen; A_t (n1, k1) and B_t (n2, k2) train.
 
     terms > 1 sums several Kronecker products (Compacter's PHM layer); rank makes every B_t a low-rank pair
@@ -76,20 +75,16 @@ class KronALinear(nn.Module):
     """
 
     peft_ref = KRONA_PEFT_REF
+    ADAPTER_PARAMETERS = ("krona_A", "krona_B", "krona_B_a", "krona_B_b")
 
     def __init__(self, in_features: int, out_features: int, a_shape: Optional[tuple] = None, factor: int = -1,
                  terms: int = 1, rank: Optional[int] = None, scaling: float = 1.0, bias: bool = True,
                  device=None, dtype=None, adapter_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
-                     if bias else None)
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+        self._make_base(in_features, out_features, bias, False, device, dtype)
+        self._reset_base()
         self._init_adapter(in_features, out_features, a_shape, factor, terms, rank, scaling,
-                           adapter_dtype or dtype, device)
+                           adapter_dtype_for(self.weight.dtype, adapter_dtype), device)
 
     def _init_adapter(self, in_features, out_features, a_shape, factor, terms, rank, scaling, adapter_dtype,
                       device) -> None:
@@ -100,6 +95,7 @@ class KronALinear(nn.Module):
         (n1, k1), (n2, k2) = krona_factor_shapes(in_features, out_features, a_shape, factor)
         self.in_features, self.out_features, self.terms, self.rank = in_features, out_features, terms, rank
         self.a_shape, self.b_shape, self.scaling = (n1, k1), (n2, k2), float(scaling)
+        self.weight_transposed = False
         kw = dict(device=device, dtype=adapter_dtype)
         self.krona_A = nn.Parameter(torch.empty((terms, n1, k1), **kw))
         if rank is None:
@@ -108,10 +104,10 @@ class KronALinear(nn.Module):
             self.krona_B_a = nn.Parameter(torch.empty((terms, n2, rank), **kw))
             self.krona_B_b = nn.Parameter(torch.empty((terms, rank, k2), **kw))
         self.merged = False
-        self.reset_krona_parameters()
+        self.reset_adapter_parameters()
 
     @torch.no_grad()
-    def reset_krona_parameters(self) -> None:
+    def reset_adapter_parameters(self) -> None:
         for t in range(self.terms):
             nn.init.kaiming_uniform_(self.krona_A[t], a=math.sqrt(5))
             if self.rank is None:
@@ -126,10 +122,9 @@ class KronALinear(nn.Module):
                     adapter_dtype: Optional[torch.dtype] = None) -> "KronALinear":
         """Wrap an nn.Linear: its weight and bias Parameters are shared, not copied, and frozen. A's shape is
         a_shape, or PEFT LoKr's `factorization(., factor)` of both dimensions."""
-        layer, K, N, _ = frozen_shell(cls, linear, allow_conv1d=False)
-        layer._init_adapter(K, N, a_shape, factor, terms, rank, scaling,
-                            adapter_dtype or linear.weight.dtype, linear.weight.device)
-        return layer
+        dtype = adapter_dtype_for(linear.weight.dtype, adapter_dtype)
+        return cls._wrap(linear, lambda layer, K, N, _: layer._init_adapter(
+            K, N, a_shape, factor, terms, rank, scaling, dtype, linear.weight.device), allow_conv1d=False)
 
     def factors(self) -> tuple:
         """(A, B) as krona_linear takes them: stacked tensors, B a low-rank tuple when rank is set."""
@@ -137,7 +132,7 @@ class KronALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return self._merged_forward(x)
         A, B = self.factors()
         return krona_linear(x, self.weight, A, B, self.scaling, self.bias)
 

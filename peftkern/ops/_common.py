@@ -104,6 +104,23 @@ def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K
     return x2d, weight, bias, x.shape[:-1], weight_backend(op, weight, pick_backend(op, x2d))
 
 
+def plain_torch(rows: Tensor) -> bool:
+    """Whether an op runs the reference's torch ops instead of its autograd.Function: with no rows (no kernel to
+    launch; the adapters get zero gradients), or under a torch.func transform (grad, vmap, jacrev: per-sample
+    gradients), which cannot transform a Function whose forward takes ctx and whose kernels have no batching rule."""
+    return rows.shape[0] == 0 or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
+
+
+def no_autocast(device: torch.device):
+    """torch.autocast(device, enabled=False), or nothing where the device has no autocast (meta)."""
+    return torch.autocast(device.type, enabled=False) if _has_autocast(device.type) else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_autocast(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 def vector(t: Optional[Tensor]) -> Optional[Tensor]:
     """A 1-D operand (a bias, IA3's l) with unit stride: the kernels index vectors as pointer + column, so a strided
     or expanded view (a column of a table, ones(1).expand(N)) is copied (differentiably); a contiguous one is itself."""

@@ -27,9 +27,11 @@ from ._common import (
     define_op,
     empty_like_none,
     first_order,
+    no_autocast,
     op_autograd,
     op_range,
     pick_backend,
+    plain_torch,
     save_with_parameters,
     saved_with_parameters,
     vector,
@@ -51,7 +53,7 @@ def _adapter_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) for a 2-D h (M, d)."""
     # The body computes in h's dtype and float32 by design: autocast must not recast its small products.
-    with op_range("peftkern::adapter_fwd"), torch.autocast(h.device.type, enabled=False):
+    with op_range("peftkern::adapter_fwd"), no_autocast(h.device):
         out, z, stats = backend_module(backend, "adapter").adapter_forward(
             h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation,
             scaling, layer_norm, ln_eps)
@@ -79,7 +81,7 @@ def _adapter_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta); an empty tensor where a gradient was not asked for."""
     needs = (need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb)
-    with op_range("peftkern::adapter_bwd"), torch.autocast(h.device.type, enabled=False):
+    with op_range("peftkern::adapter_bwd"), no_autocast(h.device):
         grads = backend_module(backend, "adapter").adapter_backward(
             grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
             activation, scaling, sequential, layer_norm, needs)
@@ -265,7 +267,7 @@ def bottleneck_adapter(
                         f"{residual.dtype}")
     d = h.shape[-1]
     h2d = h.reshape(-1, d)
-    if h2d.shape[0] == 0:
+    if plain_torch(h2d):
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)

@@ -35,6 +35,7 @@ from ._common import (
     op_autograd,
     op_range,
     pick_backend,
+    plain_torch,
     prepare_linear,
     product_source,
     recompute_product,
@@ -238,9 +239,11 @@ def lora_linear(
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
     x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K)
     p = dropout_p if training else 0.0
-    if x2d.shape[0] == 0:  # no tokens: the reference's products, so the adapter gets zero gradients (as in PEFT)
-        return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias,
-                                     weight_transposed=weight_transposed).reshape(*lead, N)
+    if plain_torch(x2d):  # no tokens (the adapter gets zero gradients, as in PEFT), or a torch.func transform
+        # a torch.func transform's dropout: torch's random ops, under the transform's randomness rule (vmap's)
+        keep = torch.rand(x2d.shape, device=x2d.device) >= p if p > 0.0 and x2d.shape[0] else None
+        return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias, keep, p,
+                                     weight_transposed).reshape(*lead, N)
     fn = lora_function()
     y = apply_by_rows(lambda xs: fn(xs, weight, lora_A, lora_B, bias, scaling, p, weight_transposed, backend),
                       (x2d,), max(K, N))

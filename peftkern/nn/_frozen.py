@@ -1,0 +1,108 @@
+"""What LoRALinear, IA3Linear and KronALinear share: a frozen linear layer (weight (N, K), or (K, N) as GPT-2's
+Conv1D stores it) with a mergeable adapter beside it.
+
+- from_linear wraps a user's layer: its weight and bias Parameters are shared, not copied, and frozen once the adapter
+  is built (a rejected argument leaves the user's layer as it was).
+- reset_parameters initialises the base as nn.Linear does and the adapter as the constructor does, for construction
+  on the meta device (`to_empty()`, then `reset_parameters()` on every module, as FSDP2 users do).
+- `merged` travels with the weights it describes: state_dict carries it as the module's extra state, so a checkpoint
+  written after merge() loads as merged (its weight already holds the adapter) instead of adding the adapter twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_EXTRA_STATE = "_extra_state"  # torch.nn.Module's key suffix for get_extra_state
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transformers.pytorch_utils.Conv1D: a linear layer whose weight is stored (K, N)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """adapter_dtype, or PEFT's default (autocast_adapter_dtype=True): float32 beside a float16 / bfloat16 base, whose
+    rounding would lose most of an optimizer's small updates to the adapter; otherwise the base's dtype."""
+    if adapter_dtype is not None:
+        return adapter_dtype
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+class FrozenLinear(nn.Module):
+    """Base of the wrapping layers. A subclass sets in_features, out_features, weight_transposed and merged in its
+    adapter's init, and defines reset_adapter_parameters() and the adapter's parameter names (ADAPTER_PARAMETERS)."""
+
+    ADAPTER_PARAMETERS: tuple = ()
+
+    def _make_base(self, in_features: int, out_features: int, bias: bool, weight_transposed: bool, device,
+                   dtype) -> None:
+        self.in_features, self.out_features, self.weight_transposed = in_features, out_features, weight_transposed
+        shape = (in_features, out_features) if weight_transposed else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def _wrap(cls, linear: nn.Module, init_adapter: Callable, allow_conv1d: bool = True):
+        """A `cls` holding `linear`'s weight and bias Parameters, with init_adapter(layer, K, N, transposed) called on
+        it; the Parameters are frozen only once that returns."""
+        transposed = allow_conv1d and is_conv1d(linear)
+        if not transposed and not isinstance(linear, nn.Linear):
+            kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
+            raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
+        K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        init_adapter(layer, K, N, transposed)
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        return layer
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The base weight and bias as nn.Linear initialises them (uniform within 1/sqrt(in_features)), the adapter
+        as the constructor does; the layer is then unmerged."""
+        self._reset_base()
+        self.merged = False
+        self.reset_adapter_parameters()
+
+    @torch.no_grad()
+    def _reset_base(self) -> None:
+        bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0  # Kaiming-uniform(a=sqrt(5))
+        self.weight.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+
+    def reset_adapter_parameters(self) -> None:
+        raise NotImplementedError
+
+    def _merged_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.t() if self.weight_transposed else self.weight, self.bias)
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        self.merged = bool(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        has_flag = prefix + _EXTRA_STATE in state_dict
+        if (self.merged and not has_flag and prefix + "weight" not in state_dict
+                and any(prefix + name in state_dict for name in self.ADAPTER_PARAMETERS)):
+            self.unmerge()  # new adapter weights for a merged layer: take the old ones out of the weight first
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not has_flag:  # a state dict without the flag (saved before it existed, or by hand): not an error
+            if prefix + _EXTRA_STATE in missing_keys:
+                missing_keys.remove(prefix + _EXTRA_STATE)
+            if prefix + "weight" in state_dict:
+                self.merged = False  # its weight is taken as the frozen one

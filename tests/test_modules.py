@@ -1,0 +1,198 @@
+"""The nn layers as torch modules: default adapter dtypes, merged state in state_dict, meta-device initialisation,
+torch.func transforms, from_linear's checks (a review of the layers as an experienced PyTorch / PEFT user uses them)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close, backend_params
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import peftkern
+from peftkern.nn import BottleneckAdapter, IA3Linear, KronALinear, LoRALinear
+
+MAKERS = {
+    "lora": lambda **kw: LoRALinear(24, 20, r=4, **kw),
+    "lora-conv1d": lambda **kw: LoRALinear(24, 20, r=4, weight_transposed=True, **kw),
+    "ia3": lambda **kw: IA3Linear(24, 20, **kw),
+    "ia3-input": lambda **kw: IA3Linear(24, 20, feedforward=True, **kw),
+    "krona": lambda **kw: KronALinear(24, 20, a_shape=(4, 6), **kw),
+    "krona-lowrank-sum": lambda **kw: KronALinear(24, 20, a_shape=(4, 6), terms=2, rank=2, **kw),
+}
+ADAPTER_MAKERS = {
+    "adapter": lambda **kw: BottleneckAdapter(24, reduction_factor=4, layer_norm=True, **kw),
+    "adapter-parallel": lambda **kw: BottleneckAdapter(24, reduction_factor=4, insertion_form="parallel", **kw),
+}
+
+
+def _trained(layer: nn.Module) -> nn.Module:
+    """Every trainable parameter drawn at random, so that the adapter changes the output."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
+    return layer
+
+
+def _call(layer, x):
+    return layer(x, x.flip(-1)) if getattr(layer, "insertion_form", "") == "parallel" else layer(x)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_adapters_default_to_float32_beside_a_half_precision_base(half):
+    """PEFT's default (autocast_adapter_dtype=True): half-precision adapters lose most of an optimizer's small updates
+    to rounding (a bf16 l = 1 cannot move by less than 2^-8)."""
+    linear = nn.Linear(24, 20, device=DEVICE, dtype=half)
+    assert LoRALinear.from_linear(linear).lora_A.dtype == torch.float32
+    assert IA3Linear.from_linear(linear).ia3_l.dtype == torch.float32
+    assert KronALinear.from_linear(linear).krona_A.dtype == torch.float32
+    assert LoRALinear(24, 20, dtype=half, device=DEVICE).lora_B.dtype == torch.float32
+    assert IA3Linear(24, 20, dtype=half, device=DEVICE).ia3_l.dtype == torch.float32
+    assert KronALinear(24, 20, dtype=half, device=DEVICE).krona_A.dtype == torch.float32
+    assert LoRALinear.from_linear(linear, adapter_dtype=half).lora_A.dtype == half, "an explicit dtype is kept"
+    assert IA3Linear.from_linear(linear, scale_dtype=half).ia3_l.dtype == half
+    assert LoRALinear(24, 20, dtype=torch.float64).lora_A.dtype == torch.float64, "full precision: the base's"
+    model = nn.Sequential(nn.Linear(24, 20, device=DEVICE, dtype=half))
+    peftkern.add_lora(model, ["0"], r=2)
+    assert model[0].lora_A.dtype == torch.float32 and model[0].weight.dtype == half
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_a_merged_layers_state_dict_loads_as_merged(kind):
+    """state_dict after merge() holds W + delta: a fresh layer loading it must not add the adapter a second time."""
+    torch.manual_seed(0)
+    layer = _trained(MAKERS[kind](device=DEVICE))
+    x = torch.randn(5, 24, device=DEVICE)
+    expected = layer(x)
+    layer.merge()
+    state = copy.deepcopy(layer.state_dict())
+    fresh = MAKERS[kind](device=DEVICE)
+    fresh.load_state_dict(state)  # strict
+    assert fresh.merged
+    assert_close(fresh(x), expected, torch.float32, "merged, reloaded")
+    fresh.unmerge()
+    assert_close(fresh(x), expected, torch.float32, "reloaded, unmerged")
+    # a state dict from before the flag was saved loads strictly, as an unmerged one, into a merged layer too
+    unmerged = {k: v for k, v in fresh.state_dict().items() if not k.endswith("_extra_state")}
+    other = MAKERS[kind](device=DEVICE)
+    other.merge()
+    other.load_state_dict(unmerged)
+    assert not other.merged
+    assert_close(other(x), expected, torch.float32, "flagless state dict")
+    # new adapter weights alone into a merged layer: its old adapter leaves the weight first
+    base = {k: v for k, v in unmerged.items() if k in ("weight", "bias")}
+    adapters = {k: v for k, v in unmerged.items() if k not in base}
+    layer = _trained(MAKERS[kind](device=DEVICE))
+    layer.load_state_dict(base, strict=False)
+    layer.merge()
+    layer.load_state_dict(adapters, strict=False)
+    assert not layer.merged
+    assert_close(layer(x), expected, torch.float32, "adapters loaded into a merged layer")
+
+
+@pytest.mark.parametrize("kind", [*MAKERS, *ADAPTER_MAKERS])
+def test_meta_device_construction_then_reset_parameters(kind):
+    """FSDP2's recipe: build on the meta device, to_empty(), reset_parameters() on every module (parents first).
+    The wrapping layers had no reset_parameters (NaN or garbage adapters); the adapter's children were reset by
+    nn.Linear's init after the adapter's (the parallel adapter's zero up projection was not zero)."""
+    make = {**MAKERS, **ADAPTER_MAKERS}[kind]
+    with torch.device("meta"):
+        model = nn.Sequential(make())
+        assert _call(model[0], torch.randn(3, 24)).device.type == "meta", "forward runs on the meta device"
+    model.to_empty(device=DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    layer = model[0]
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    x = torch.randn(4, 24, device=DEVICE)
+    if isinstance(layer, BottleneckAdapter):
+        if layer.init == "mam":
+            assert torch.equal(layer.up.weight, torch.zeros_like(layer.up.weight))
+            assert_close(_call(layer, x), x.flip(-1), torch.float32, "mam adapter at init")
+        else:
+            assert 0.01 < layer.up.weight.std().item() < 0.03, "bert init: N(0, 0.02)"
+        assert not layer.down.bias.any() and not layer.up.bias.any()
+        return
+    base = nn.functional.linear(x, layer.weight.t() if layer.weight_transposed else layer.weight, layer.bias)
+    assert_close(layer(x), base, torch.float32, "the layer at init is its frozen base")
+    assert layer.weight.abs().max() <= 1 / math.sqrt(24) and layer.bias.abs().max() <= 1 / math.sqrt(24)
+
+
+def test_a_transposed_weight_is_initialised_by_its_input_width():
+    """Conv1D-layout weights (K, N): nn.Linear's bound is 1/sqrt(in_features), not 1/sqrt(N) (Kaiming's fan-in of the
+    stored (K, N) tensor)."""
+    torch.manual_seed(0)
+    w = LoRALinear(16, 400, weight_transposed=True).weight
+    assert w.shape == (16, 400) and 0.24 < w.abs().max().item() <= 0.25
+
+
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+@pytest.mark.parametrize("kind", [*MAKERS, *ADAPTER_MAKERS])
+def test_per_sample_gradients_by_torch_func(kind, backend):
+    """vmap(grad(...)) over the layer (per-sample gradients, as for differential privacy) gives each sample's
+    gradients as a loop of backward calls does; it raised (an autograd.Function without setup_context)."""
+    torch.manual_seed(0)
+    layer = _trained({**MAKERS, **ADAPTER_MAKERS}[kind](device=DEVICE))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    trainable = [k for k, v in layer.named_parameters() if v.requires_grad]
+    x = torch.randn(3, 24, device=DEVICE)
+
+    def loss(p, xi):
+        return _call_functional(layer, p, xi[None]).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        _call(layer, x[i:i + 1]).pow(2).sum().backward()
+        for name in trainable:
+            assert_close(per_sample[name][i], getattr_path(layer, name).grad, torch.float32, f"{name}[{i}]")
+
+
+def _call_functional(layer, params, x):
+    args = (x, x.flip(-1)) if getattr(layer, "insertion_form", "") == "parallel" else (x,)
+    return functional_call(layer, params, args)
+
+
+def getattr_path(module, name):
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_lora_dropout_under_vmap_follows_its_randomness():
+    layer = _trained(LoRALinear(24, 20, r=4, dropout=0.5, device=DEVICE))
+    x = torch.randn(1, 24, device=DEVICE).expand(6, 24)
+    out = vmap(lambda xi: layer(xi[None])[0], randomness="different")(x)
+    assert not torch.allclose(out[0], out[1]), "each sample draws its own mask"
+    out = vmap(lambda xi: layer(xi[None])[0], randomness="same")(x)
+    assert torch.equal(out[0], out[1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(lambda xi: layer(xi[None])[0])(x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda lin: LoRALinear.from_linear(lin, r=0),
+    lambda lin: LoRALinear.from_linear(lin, dropout=1.0),
+    lambda lin: KronALinear.from_linear(lin, a_shape=(7, 5)),
+    lambda lin: KronALinear.from_linear(lin, terms=0),
+], ids=["rank0", "dropout1", "krona-shape", "krona-terms"])
+def test_from_linear_checks_its_arguments_and_leaves_the_layer_alone(call):
+    """from_linear skipped __init__'s checks (r=0: ZeroDivisionError; dropout=1: every forward raised) and froze
+    the caller's layer before failing."""
+    linear = nn.Linear(24, 20)
+    with pytest.raises(ValueError):
+        call(linear)
+    assert linear.weight.requires_grad and linear.bias.requires_grad
+
+
+def test_rslora_layers_report_their_scaling():
+    assert "sqrt(r)" in LoRALinear(8, 8, r=4, use_rslora=True).peft_ref.integration_form
+    assert "alpha / r)" in LoRALinear(8, 8, r=4).peft_ref.integration_form
