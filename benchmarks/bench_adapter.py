@@ -192,7 +192,7 @@ def parse_cases(args, device) -> list[tuple]:
 
 
 def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="peftkern bench adapter", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench adapter", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the two target cases (with --e2e: fewer timed steps)")
     parser.add_argument("--cases", nargs="*", help="cases as M,d,reduction[,form] (form: " + ", ".join(FORMS) + ")")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor")

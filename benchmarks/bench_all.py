@@ -38,7 +38,7 @@ SUITE = [  # about 8 minutes on an H100 (the first full run, 9 minutes without i
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(prog="peftkern bench all", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile anchors anywhere")
     parser.add_argument("--skip", nargs="*", default=[], choices=[name for name, _ in SUITE],
                         help="pieces to leave out (lora, ia3, ..., e2e)")

@@ -131,7 +131,7 @@ def run_case(method: str, shape: str, tokens: int, dtype, device, compile_anchor
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(prog="peftkern bench decoder", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench decoder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="lora", choices=[*METHODS, "all"])
     parser.add_argument("--shape", default="1b", choices=["1b", "7b"])
     parser.add_argument("--tokens", type=int, nargs="*", default=[8192])

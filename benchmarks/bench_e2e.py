@@ -186,7 +186,7 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
 
 
 def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="peftkern bench e2e", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="all", choices=[*workloads.METHODS, "all"])
     parser.add_argument("--shape", nargs="*", default=["1b"], choices=["1b", "7b"])
     parser.add_argument("--seq", type=int, nargs="*", default=[2048])

@@ -88,7 +88,7 @@ def backward_variants(case: str, impls: dict, x, dy, eager: bool) -> list:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="peftkern bench ia3", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench ia3", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", type=common.positive_ints(3), help="cases as M,K,N")
     parser.add_argument("--no-compile", action="store_true")

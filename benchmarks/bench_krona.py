@@ -159,7 +159,7 @@ def parse_case(spec: str) -> tuple:
 
 
 def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="peftkern bench krona", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench krona", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two cases only (64 x 64 factors, M = 8192 and 2048)")
     parser.add_argument("--shapes", nargs="*", help="cases as M,K,N[,terms[,n1,k1[,rank]]]")
     parser.add_argument("--no-compile", action="store_true", help="skip the PEFT LoKr + torch.compile anchor")

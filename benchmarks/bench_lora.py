@@ -150,7 +150,7 @@ def parse_cases(args, device) -> list[tuple]:
 
 
 def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="peftkern bench lora", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="peftkern bench lora", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="three cases only")
     parser.add_argument("--full", action="store_true", help="the whole M x (K, N) x r grid (long)")
     parser.add_argument("--shapes", nargs="*", type=positive_ints(4), help="cases as M,K,N,r")

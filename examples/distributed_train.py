@@ -4,13 +4,13 @@
     python examples/distributed_train.py --steps 20 --out run1.json
     # two GPUs (or two CPU processes with gloo), the same global batch split across ranks
     torchrun --nproc_per_node 2 examples/distributed_train.py --mode ddp  --steps 20 --out ddp.json
-    torchrun --nproc_per_node 2 examples/distributed_train.py --mode fsdp2 --steps 20 --out fsdp.json
+    torchrun --nproc_per_node 2 examples/distributed_train.py --mode fsdp2 --steps 20 --out fsdp.json --save adapter/
 
 The model is a Llama-style config (--size tiny for CPU tests, --size 1b for hidden 2048 x 8 layers), LoRA r=16
 on every projection through PEFT, fused by peftkern. Every rank sees the same data order; each takes its slice
 of the global batch, so the gradient averaged by DDP / reduced by FSDP2 equals the single-process one up to
-the order of the floating-point sums. Rank 0 writes the losses, tokens/s per GPU, and saves the adapter with
-save_pretrained (it reloads into plain PEFT). The distributed engine is PyTorch's own.
+the order of the floating-point sums. Rank 0 writes the losses and tokens/s per GPU, and with --save DIR saves the
+adapter with save_pretrained (it reloads into plain PEFT). The distributed engine is PyTorch's own.
 """
 
 from __future__ import annotations
