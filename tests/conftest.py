@@ -88,7 +88,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Make torch.empty return NaN-filled float tensors, so an element a kernel forgets to write shows up."""
+    """Make torch.empty return NaN-filled float tensors, so an element a kernel forgets to write shows up; the
+    persistent kernels' buffers too, which _launch.empty_buffers makes in C++ (at::empty) where the extension is
+    built."""
     original = torch.empty
 
     def poisoned(*args, **kwargs):
@@ -98,7 +100,53 @@ def poison_empty(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned)
+    try:
+        from peftkern.kernels.triton import _launch
+        from peftkern.kernels.triton import lora as triton_lora
+    except ImportError:  # no Triton: no persistent kernels
+        _launch = None
+    if _launch is not None:
+        make = _launch.empty_buffers
+
+        def poisoned_buffers(ref, *specs):
+            made = make(ref, *specs)
+            for t, (_, _, zero) in zip(made, specs):
+                if not zero and t.is_floating_point():
+                    t.fill_(float("nan"))
+            return made
+
+        monkeypatch.setattr(_launch, "empty_buffers", poisoned_buffers)
+        monkeypatch.setattr(triton_lora, "empty_buffers", poisoned_buffers)
     yield
+
+
+# Every test starts torch's generators from a fresh seed, so the inputs it draws differ from run to run; a test that
+# needs the same draw twice (two models built alike, a dropout mask replayed) seeds with run_seed(k), which is fresh
+# per run too. PEFTKERN_TEST_SEED=N repeats a run; a failing test's report names its seed.
+_SEED = [0]
+
+
+def run_seed(offset: int = 0) -> int:
+    """This test's seed plus offset (mod 2^31): the same within the test, different from run to run."""
+    return (_SEED[0] + int(offset)) % (2**31 - 1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    fixed = os.environ.get("PEFTKERN_TEST_SEED")
+    _SEED[0] = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little") % (2**31 - 1)
+    request.node.peftkern_seed = _SEED[0]
+    torch.manual_seed(_SEED[0])
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "peftkern_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("seed", f"this test ran with seed {seed}: PEFTKERN_TEST_SEED={seed} repeats it"))
 
 
 @pytest.fixture

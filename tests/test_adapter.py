@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for, rel_err
+from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for, rel_err, run_seed
 
 import peftkern
 from peftkern import reference
@@ -353,7 +353,7 @@ def test_persistent_tile_refuses_what_tma_cannot_take():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("form", FORMS)
 def test_reference_backward_formulas_match_autograd(activation, form):
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(run_seed(7))
     M, d, b = 9, 12, 5
     rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)
     h, wd, bd, wu, bu, res = rnd(M, d) + 0.3, rnd(b, d), rnd(b), rnd(d, b), rnd(d), rnd(M, d)
@@ -375,7 +375,7 @@ def test_reference_backward_formulas_match_autograd(activation, form):
 
 
 def test_reference_gradcheck_float64():
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(run_seed(3))
     rnd = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
     inputs = (rnd(6, 8), rnd(3, 8), rnd(3), rnd(8, 3), rnd(8), rnd(()), rnd(6, 8), rnd(8), rnd(8))
     peftkern.set_backend("torch")
@@ -388,7 +388,7 @@ def test_reference_gradcheck_float64():
 
 
 def test_layer_init_properties_and_forms():
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     h = torch.randn(4, 6, 64, device=DEVICE)
     seq = BottleneckAdapter(64, reduction_factor=16, device=DEVICE)
     assert seq.bottleneck_size == 4 and seq.down.weight.shape == (4, 64) and seq.up.weight.shape == (64, 4)
@@ -417,7 +417,7 @@ def rel(a, b):
 
 
 def test_compile_fullgraph_matches_eager():
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = torch.nn.Sequential(BottleneckAdapter(64, 8, non_linearity="gelu", scaling="learned", layer_norm=True,
                                                   device=DEVICE), torch.nn.GELU(),
                                 BottleneckAdapter(64, 8, device=DEVICE))
@@ -444,7 +444,7 @@ def test_compile_fullgraph_matches_eager():
 
 def test_autocast_follows_the_autocast_dtype():
     device_type = "cuda" if HAS_CUDA else "cpu"
-    torch.manual_seed(1)
+    torch.manual_seed(run_seed(1))
     layer = BottleneckAdapter(64, 8, init="houlsby", device=DEVICE)
     h = torch.randn(5, 64, device=DEVICE)
     with torch.autocast(device_type, dtype=torch.bfloat16):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, INTERPRET, MODEL_TOLERANCE, TOLERANCE, assert_close
+from conftest import DEVICE, HAS_CUDA, INTERPRET, MODEL_TOLERANCE, TOLERANCE, assert_close, run_seed
 from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral
 
 import peftkern
@@ -36,7 +36,7 @@ CASES = [("llama", "houlsby"), ("llama", "parallel"), ("mistral", "pfeiffer"), (
 
 
 def build(name, preset, **overrides):
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = FACTORIES[name]().to(DEVICE, DTYPE)
     names = peftkern.add_adapters(model, peftkern.AdapterConfig(**{**peftkern.integrations.adapters.PRESETS[preset],
                                                                    "reduction_factor": 8, **overrides}))
@@ -152,7 +152,7 @@ def test_freezes_saves_and_loads_into_a_fresh_model(tmp_path, name):
     x = batch_for(name, 5)
     with torch.no_grad():
         expected = model(**x).logits
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     fresh = FACTORIES[name]().to(DEVICE, DTYPE).eval()
     with torch.no_grad():
         plain = fresh(**x).logits
@@ -206,7 +206,7 @@ def test_a_second_call_keeps_the_first_adapters_and_saves_both(tmp_path):
     with pytest.raises(ValueError, match="already has an adapter"):
         peftkern.add_adapters(model, "pfeiffer")
     peftkern.save_adapters(model, str(tmp_path))
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     fresh = tiny_llama().to(DEVICE, DTYPE).eval()
     peftkern.load_adapters(fresh, str(tmp_path))
     model.eval()
@@ -282,7 +282,7 @@ def test_a_format_1_file_loads_onto_a_model_with_gaps(tmp_path):
 def test_adapters_beside_lora_on_gpt2s_projection():
     """GPT-2's c_proj wrapped by LoRA (peftkern's or PEFT's) is no longer a Conv1D by class name: the adapter's width
     came from the wrapper's weight read the Linear way, (in, out) taken as (out, in), and its first call raised."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = tiny_gpt2().to(DEVICE, DTYPE)
     peftkern.add_lora(model, target_modules=["c_proj"], r=2)
     names = peftkern.add_adapters(model, peftkern.AdapterConfig(reduction_factor=8))
@@ -299,7 +299,7 @@ def adapterhub_tensors(model_name, name="task", ln_before=False, learned=False, 
     """An AdapterHub bottleneck checkpoint's tensors, keys as AdapterHub lays them out: BERT puts the adapters
     in attention.output / output, decoders in per-layer attention_adapters / output_adapters; the Linear is
     adapter_down.0 (adapter_down.1 after an ln_before LayerNorm, which is also adapter_down.0)."""
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(run_seed(11))
     sites = {"bert": ["bert.encoder.layer.{i}.attention.output", "bert.encoder.layer.{i}.output"],
              "llama": ["model.layers.{i}.attention_adapters", "model.layers.{i}.output_adapters"]}[model_name]
     state = {}
@@ -328,7 +328,7 @@ def test_adapterhub_checkpoint_loads(tmp_path, model_name, ln_before, learned):
     state, config = adapterhub_tensors(model_name, ln_before=ln_before, learned=learned)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"config": config, "name": "task"}))
     torch.save(state, tmp_path / "pytorch_adapter.bin")
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = FACTORIES[model_name]().to(DEVICE)
     names = peftkern.load_adapterhub(model, str(tmp_path))
     assert len(names) == 4

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close
+from conftest import DEVICE, HAS_CUDA, assert_close, run_seed
 from test_fuse import batch, tiny_gpt2, tiny_llama
 
 import peftkern
@@ -18,7 +18,7 @@ DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 @pytest.mark.parametrize("factory,targets,name", [(tiny_llama, ["q_proj", "v_proj", "down_proj"], "llama"),
                                                   (tiny_gpt2, ["c_attn", "c_fc"], "gpt2")])
 def test_add_lora_trains_saves_and_loads_in_peft(tmp_path, factory, targets, name):
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = factory().to(DEVICE, DTYPE)
     adapted = peftkern.add_lora(model, target_modules=targets, r=4, alpha=8, dropout=0.0)
     assert adapted and all(n.rsplit(".", 1)[-1] in targets for n in adapted)
@@ -36,13 +36,13 @@ def test_add_lora_trains_saves_and_loads_in_peft(tmp_path, factory, targets, nam
     peftkern.save_lora(model, str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and sorted(config["target_modules"]) == sorted(targets)
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     peft_model = peft.PeftModel.from_pretrained(factory().to(DEVICE, DTYPE), str(tmp_path)).eval()
     assert_close(peft_model(**x).logits, expected, DTYPE, "PEFT loads what peftkern saved")
     # and the other way round: PEFT's own save_pretrained loads into a plain model with load_lora
     peft_dir = tmp_path / "from_peft"
     peft_model.save_pretrained(str(peft_dir))
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     plain = factory().to(DEVICE, DTYPE)
     assert sorted(peftkern.load_lora(plain, str(peft_dir))) == sorted(adapted)
     assert_close(plain.eval()(**x).logits, expected, DTYPE, "load_lora reads PEFT's save_pretrained")
@@ -55,7 +55,7 @@ def test_add_lora_matches_nothing_is_an_error():
 
 def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
     """PEFT keys rank_pattern / alpha_pattern by name suffixes or regexes, not full module names."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                           rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 32, r"layers\.1\.self_attn\.o_proj": 2})
     peft_model = peft.get_peft_model(tiny_llama().to(DEVICE, DTYPE), cfg).eval()
@@ -64,7 +64,7 @@ def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     peft_model.save_pretrained(str(tmp_path))
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     plain = tiny_llama().to(DEVICE, DTYPE)
     assert len(peftkern.load_lora(plain, str(tmp_path))) == 6
     layers = plain.model.layers
@@ -78,7 +78,7 @@ def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
 def test_add_lora_twice_trains_and_saves_both(tmp_path):
     """A second add_lora froze the first one's factors (freeze_base) and save_lora named only its own targets, so
     PEFT loaded the file without the first call's layers."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = tiny_llama().to(DEVICE, DTYPE)
     peftkern.add_lora(model, target_modules=["q_proj"], r=4)
     peftkern.add_lora(model, target_modules=["v_proj"], r=2)
@@ -92,7 +92,7 @@ def test_add_lora_twice_trains_and_saves_both(tmp_path):
     peftkern.save_lora(model, str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q_proj", "v_proj"] and config["rank_pattern"]
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     again = tiny_llama().to(DEVICE, DTYPE)
     assert len(peftkern.load_lora(again, str(tmp_path))) == 4
     x = batch("llama")
@@ -104,7 +104,7 @@ def test_add_lora_twice_trains_and_saves_both(tmp_path):
 def test_load_lora_refuses_what_it_would_drop(tmp_path, extra):
     """load_lora reads lora_A / lora_B only: a PEFT checkpoint holding more (biases, whole modules) loaded without
     them and gave another model. It now raises and names PEFT's loader."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], **extra))
     peft_model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
@@ -115,7 +115,7 @@ def test_save_lora_keeps_each_layers_scaling_across_calls(tmp_path):
     """A second add_lora call with use_rslora=True beside plain layers: PEFT's config has one use_rslora, so the odd
     layers' scaling goes into alpha_pattern (rsLoRA's alpha / sqrt(r) = (alpha sqrt(r)) / r). Reloaded, the model
     computes the same (it differed by up to 0.13 in the logits)."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = tiny_llama().to(DEVICE, DTYPE)
     peftkern.add_lora(model, target_modules=["q_proj"], r=4)
     peftkern.add_lora(model, target_modules=["v_proj"], r=8, use_rslora=True)
@@ -126,17 +126,17 @@ def test_save_lora_keeps_each_layers_scaling_across_calls(tmp_path):
     peftkern.save_lora(model, str(tmp_path))
     x = batch("llama")
     want = model.eval()(**x).logits
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     again = tiny_llama().to(DEVICE, DTYPE)
     peftkern.load_lora(again, str(tmp_path))
     assert_close(again.eval()(**x).logits, want, torch.float32, "reloaded by peftkern")
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     peft_model = peft.PeftModel.from_pretrained(tiny_llama().to(DEVICE, DTYPE), str(tmp_path)).eval()
     assert_close(peft_model(**x).logits, want, DTYPE, "reloaded by PEFT", 5.0 if HAS_CUDA else 1.0)
 
 
 def test_freeze_base_freezes_an_unfrozen_base_weight_but_no_adapter():
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = tiny_llama().to(DEVICE, DTYPE)
     peftkern.add_lora(model, target_modules=["q_proj"], r=2)
     q = model.model.layers[0].self_attn.q_proj

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, INTERPRET
+from conftest import HAS_CUDA, INTERPRET, run_seed
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -163,7 +163,7 @@ def test_launch_hooks_take_the_jit_launch(fake_device, monkeypatch):
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the fast path needs a GPU (the interpreter takes the slow one)")
 def test_fast_path_matches_the_jit_launch():
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     _launch.FAST_LAUNCH[0] = True
     fast_before = _launch.stats["fast"]
     try:
@@ -207,7 +207,7 @@ def test_direct_launch_with_descriptors_matches_the_jit_launch():
     """The fast path's direct call (the C launcher with memoised tensor maps): right results for new tensors, for a
     tensor freed and made again at the same address (the memo's hit), and for views of other shapes and strides; the
     same outputs with DIRECT_LAUNCH off, where Triton's launcher runs."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     _launch.FAST_LAUNCH[0] = True
     before = dict(_launch.stats)
     _launch.NATIVE_LAUNCH[0] = False  # csrc/launch.cpp would take these launches first
@@ -246,7 +246,7 @@ def test_native_launch_matches_the_jit_launch():
     give what Triton's own launch gives (NATIVE_LAUNCH off, DIRECT_LAUNCH off)."""
     if not _has_native_launcher():
         pytest.fail("peftkern._C.TritonLauncher is not built: install with the CUDA extension on the GPU machine")
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     _launch.FAST_LAUNCH[0] = True
     before = dict(_launch.stats)
     big_offset = 2**33

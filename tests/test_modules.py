@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, backend_params
+from conftest import DEVICE, assert_close, backend_params, run_seed
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -64,7 +64,7 @@ def test_adapters_default_to_float32_beside_a_half_precision_base(half):
 @pytest.mark.parametrize("kind", MAKERS)
 def test_a_merged_layers_state_dict_loads_as_merged(kind):
     """state_dict after merge() holds W + delta: a fresh layer loading it must not add the adapter a second time."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     layer = _trained(MAKERS[kind](device=DEVICE))
     x = torch.randn(5, 24, device=DEVICE)
     expected = layer(x)
@@ -129,7 +129,7 @@ def test_meta_device_construction_then_reset_parameters(kind):
 def test_a_transposed_weight_is_initialised_by_its_input_width():
     """Conv1D-layout weights (K, N): nn.Linear's bound is 1/sqrt(in_features), not 1/sqrt(N) (Kaiming's fan-in of the
     stored (K, N) tensor)."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     w = LoRALinear(16, 400, weight_transposed=True).weight
     assert w.shape == (16, 400) and 0.24 < w.abs().max().item() <= 0.25
 
@@ -139,7 +139,7 @@ def test_a_transposed_weight_is_initialised_by_its_input_width():
 def test_per_sample_gradients_by_torch_func(kind, backend):
     """vmap(grad(...)) over the layer (per-sample gradients, as for differential privacy) gives each sample's
     gradients as a loop of backward calls does; it raised (an autograd.Function without setup_context)."""
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     layer = _trained({**MAKERS, **ADAPTER_MAKERS}[kind](device=DEVICE))
     params = {k: v.detach() for k, v in layer.named_parameters()}
     trainable = [k for k, v in layer.named_parameters() if v.requires_grad]

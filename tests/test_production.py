@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close
+from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, run_seed
 
 import peftkern
 from peftkern import reference
@@ -35,7 +35,7 @@ def test_lora_ops_go_to_their_bodies_through_the_dispatcher():
     give, forward and backward."""
     from peftkern.ops import lora as ops
 
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     x, w = torch.randn(37, 48), torch.randn(40, 48)
     A, B, dy = torch.randn(8, 48), torch.randn(40, 8), torch.randn(37, 40)
     fwd_args = (x, w, A, B, None, None, 0.5, 0.0, False, "torch")
@@ -99,14 +99,14 @@ def test_define_op_registers_either_way(custom_op, monkeypatch):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
 def test_compile_fullgraph_matches_eager(training, eager_rng):
     # Compiled dropout draws its seed from inductor's generator, as nn.Dropout does; fallback_random gives eager's.
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     model = TwoLoRA().train(training)
     x = torch.randn(3, 7, 64, device=DEVICE, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True)
     results = []
     for fn in (model, compiled):
         model.zero_grad()
-        torch.manual_seed(42)  # the same dropout seed for both
+        torch.manual_seed(run_seed(42))  # the same dropout seed for both
         y = fn(x)
         y.square().mean().backward()
         results.append((y.detach(), _grads(model)))
@@ -119,7 +119,7 @@ def test_compile_fullgraph_matches_eager(training, eager_rng):
 
 def test_autocast_bf16_matches_reference_under_autocast():
     device_type = "cuda" if HAS_CUDA else "cpu"
-    torch.manual_seed(1)
+    torch.manual_seed(run_seed(1))
     model = TwoLoRA(dropout=0.0)
     x = torch.randn(4, 9, 64, device=DEVICE)
     with torch.autocast(device_type, dtype=torch.bfloat16):
@@ -138,7 +138,7 @@ def test_autocast_bf16_matches_reference_under_autocast():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="fp16 autocast with GradScaler needs a CUDA device")
 def test_autocast_fp16_with_grad_scaler_trains():
-    torch.manual_seed(2)
+    torch.manual_seed(run_seed(2))
     model = TwoLoRA(dropout=0.0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scaler = torch.amp.GradScaler("cuda")
@@ -161,14 +161,14 @@ def test_autocast_fp16_with_grad_scaler_trains():
 def test_checkpoint_gives_the_same_gradients(reentrant):
     from torch.utils.checkpoint import checkpoint
 
-    torch.manual_seed(3)
+    torch.manual_seed(run_seed(3))
     model = TwoLoRA(dropout=0.2)
     x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     grads = []
     for use in (False, True):
         model.zero_grad()
         x.grad = None
-        torch.manual_seed(9)
+        torch.manual_seed(run_seed(9))
         y = checkpoint(model, x, use_reentrant=reentrant) if use else model(x)
         y.square().sum().backward()
         grads.append((_grads(model), x.grad.clone()))
@@ -191,7 +191,7 @@ class _Checkpointed(torch.nn.Module):
 def _run(fn, model, x, seed=9):
     model.zero_grad()
     x.grad = None
-    torch.manual_seed(seed)
+    torch.manual_seed(run_seed(seed))
     y = fn(x)
     y.square().sum().backward()
     return y.detach(), _grads(model), x.grad.clone()
@@ -211,7 +211,7 @@ def test_compiled_checkpoint_with_dropout_recomputes_the_same_mask():
     backward, and the recomputation must regenerate the forward's mask. (With the seed drawn inside the opaque
     forward op it drew a new one, and the adapter gradients were off by up to 20x their size.) Checked against the
     compiled model without the checkpoint (inductor's generator, the default) and against eager (fallback_random)."""
-    torch.manual_seed(3)
+    torch.manual_seed(run_seed(3))
     inner = TwoLoRA(dropout=0.2)
     x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     plain = _run(torch.compile(_Checkpointed(inner, False), fullgraph=True), inner, x)
@@ -444,7 +444,7 @@ _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].spl
 
 
 def _square_layer(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
+    torch.manual_seed(run_seed(0))
     layer = {
         "lora": lambda: peftkern.nn.LoRALinear(64, 64, r=4),
         "ia3-output": lambda: peftkern.nn.IA3Linear(64, 64),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, run_seed
 
 import peftkern
 
@@ -215,7 +215,7 @@ def test_training_step_optimizers():
 
     params = {}
     for name in workloads.OPTIMIZERS:
-        torch.manual_seed(0)
+        torch.manual_seed(run_seed(0))
         model = workloads.build("lora", "fused", "tiny", DEVICE, torch.float32, 4, False, max_positions=32)
         for p in model.parameters():  # B starts at zero: give every adapter a gradient of both factors
             if p.requires_grad:
