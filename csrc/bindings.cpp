@@ -373,7 +373,9 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> ia3_b
       at::Tensor out = need_x ? at::empty({s.M, s.K}, x.options()) : at::Tensor();
       at::Tensor dl_f = need_l ? at::empty({s.K}, x.options().dtype(at::kFloat)) : at::Tensor();
       at::Tensor ws = workspace(x, peftkern::ia3_scale_reduce_workspace(s.M, s.K, sms));
-      check_launch(peftkern::ia3_scale_reduce(g.data_ptr(), dtype_of(g), g.stride(0), xs.data_ptr(), xs.stride(0),
+      // x is read only for dl
+      check_launch(peftkern::ia3_scale_reduce(g.data_ptr(), dtype_of(g), g.stride(0), need_l ? xs.data_ptr() : nullptr,
+                                              need_l ? xs.stride(0) : 0,
                                               l.data_ptr(), dtype_of(l), s.M, s.K, need_x ? out.data_ptr() : nullptr,
                                               s.K, need_l ? dl_f.data_ptr<float>() : nullptr, nullptr,
                                               ws.data_ptr<float>(), sms, stream),

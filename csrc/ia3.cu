@@ -84,7 +84,8 @@ __global__ void ia3_sum_partials_kernel(const float* part, int64_t splits, int64
 }
 
 int64_t reduce_splits(int64_t M, int64_t C, int sm_count) {
-  // about four blocks per SM over the column blocks, each split at least kRowsPerSplitMin rows
+  // about four blocks per SM over the column blocks, each split at least kRowsPerSplitMin rows; no columns: one
+  if (C <= 0) return 1;
   const int64_t col_blocks = (C + kReduceThreads - 1) / kReduceThreads;
   const int64_t want = (4 * static_cast<int64_t>(sm_count) + col_blocks - 1) / col_blocks;
   const int64_t most = (M + kRowsPerSplitMin - 1) / kRowsPerSplitMin;

@@ -248,7 +248,7 @@ def krona_term(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     A (T, n1, k1), B (T, n2, k2) dense, all in one float dtype; returns (M, n1 n2)."""
     n1, k1 = A.shape[1:]
     n2, k2 = B.shape[1:]
-    X = x.reshape(-1, 1, k1, k2)
+    X = x.reshape(x.shape[0], 1, k1, k2)
     return scaling * (A @ X @ B.transpose(1, 2)).sum(1).reshape(x.shape[0], n1 * n2)
 
 

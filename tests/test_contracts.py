@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, assert_close, backend_params
+from conftest import DEVICE, assert_close, backend_params, run_seed
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import peftkern
@@ -28,7 +28,7 @@ def _params(kinds=ALL_OPS):
 def _call(kind: str, x, vec, g=None, **overrides):
     """The op `kind` on x (M, 24) with vec as its 1-D operand (bias; IA3's l; the adapter's up bias); fixed random
     weights from generator g."""
-    g = g or torch.Generator().manual_seed(1)
+    g = g or torch.Generator().manual_seed(run_seed(1))
     K = N = x.shape[-1]
 
     def rand(*shape):
@@ -207,3 +207,36 @@ def test_ia3_output_form_keeps_no_input_for_a_frozen_weight(backend):
     gwr, = torch.autograd.grad(reference.ia3_linear(x.detach().double(), wr, scale.detach().double(), b.double(),
                                                     False).square().sum(), [wr])
     assert_close(gw, gwr, torch.float32, "dW")
+
+
+ZERO_WIDTH = {  # (x's shape, the op on x with gradients for its adapter tensors): one width of 0 each
+    "lora-N0": ((4, 8), lambda x, t: peftkern.lora_linear(x, t(0, 8), t(2, 8, grad=True), t(0, 2, grad=True), 1.0)),
+    "lora-K0": ((4, 0), lambda x, t: peftkern.lora_linear(x, t(6, 0), t(2, 0, grad=True), t(6, 2, grad=True), 1.0)),
+    "ia3-output-N0": ((4, 8), lambda x, t: peftkern.ia3_linear(x, t(0, 8), t(0, grad=True))),
+    "ia3-input-N0": ((4, 8), lambda x, t: peftkern.ia3_linear(x, t(0, 8), t(8, grad=True), scale_input=True)),
+    "krona-K0": ((4, 0), lambda x, t: peftkern.krona_linear(x, t(6, 0), t(2, 0, grad=True), t(3, 0, grad=True), 1.0)),
+    "adapter-d0": ((4, 0), lambda x, t: peftkern.bottleneck_adapter(x, t(2, 0, grad=True), None, t(0, 2, grad=True),
+                                                                    None)),
+}
+
+
+@pytest.mark.parametrize("case", ZERO_WIDTH)
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)  # cuda: KronA and the adapter on Triton
+def test_a_width_of_zero_gives_empty_outputs_and_zero_gradients(case, backend):
+    """A weight with no rows or no columns: the Triton planners divided by zero (ZeroDivisionError), the cuda
+    backend's IA3 reduction by an integer zero (a crash of the process), reshape(-1, 0) raised. Now the reference's
+    products run, as for an empty batch."""
+    shape, op = ZERO_WIDTH[case]
+    made = []
+
+    def t(*shape, grad=False):
+        made.append(torch.randn(*shape, device=DEVICE).requires_grad_(grad))
+        return made[-1]
+
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    y = op(x, t)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+    for tensor in made:
+        if tensor.requires_grad:
+            assert tensor.grad is not None and tensor.grad.shape == tensor.shape and not tensor.grad.any()

@@ -99,16 +99,18 @@ def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K
                         f"weight {weight.dtype}")
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    x2d = x.reshape(-1, K)
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)  # -1 is ambiguous when K = 0
     bias = vector(bias)
     return x2d, weight, bias, x.shape[:-1], weight_backend(op, weight, pick_backend(op, x2d))
 
 
-def plain_torch(rows: Tensor) -> bool:
-    """Whether an op runs the reference's torch ops instead of its autograd.Function: with no rows (no kernel to
-    launch; the adapters get zero gradients), or under a torch.func transform (grad, vmap, jacrev: per-sample
-    gradients), which cannot transform a Function whose forward takes ctx and whose kernels have no batching rule."""
-    return rows.shape[0] == 0 or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
+def plain_torch(rows: Tensor, *widths: int) -> bool:
+    """Whether an op runs the reference's torch ops instead of its autograd.Function: with no rows or a width of 0 (no
+    kernel to launch; the adapters get zero gradients), or under a torch.func transform (grad, vmap, jacrev:
+    per-sample gradients), which cannot transform a Function whose forward takes ctx and whose kernels have no batching
+    rule."""
+    return (rows.shape[0] == 0 or 0 in widths
+            or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()))
 
 
 def no_autocast(device: torch.device):

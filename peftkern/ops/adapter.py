@@ -11,6 +11,7 @@ of h or the up projection. The parallel form's residual gets the output gradient
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -266,13 +267,14 @@ def bottleneck_adapter(
         raise TypeError(f"h and residual must share a dtype (use torch.autocast to mix): h {h.dtype}, residual "
                         f"{residual.dtype}")
     d = h.shape[-1]
-    h2d = h.reshape(-1, d)
-    if plain_torch(h2d):
+    rows = math.prod(h.shape[:-1])  # reshape's -1 is ambiguous when d = 0
+    h2d = h.reshape(rows, d)
+    if plain_torch(h2d, d, down_weight.shape[0]):
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
     backend = pick_backend("adapter", h2d)
     down_bias, up_bias = vector(down_bias), vector(up_bias)
-    r2d = residual.reshape(-1, d) if residual is not None else None
+    r2d = residual.reshape(rows, d) if residual is not None else None
     fn = _adapter_compiled if op_autograd() else BottleneckAdapterFunction.apply
     out = apply_by_rows(lambda hs, rs: fn(hs, down_weight, down_bias, up_weight, up_bias, scale, rs, ln_weight, ln_bias,
                                           activation, scaling_f, use_ln, ln_eps, backend), (h2d, r2d), d)

@@ -164,7 +164,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
     x2d, weight, bias, lead, backend = prepare_linear("ia3", x, weight, bias, K)
-    if plain_torch(x2d):  # no tokens (l gets a zero gradient), or a torch.func transform: the reference's products
+    if plain_torch(x2d, N, K):  # no tokens (l gets a zero gradient), a width of 0, or a torch.func transform
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
     fn = _ia3_compiled if op_autograd() else IA3LinearFunction.apply

@@ -239,7 +239,7 @@ def lora_linear(
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
     x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K)
     p = dropout_p if training else 0.0
-    if plain_torch(x2d):  # no tokens (the adapter gets zero gradients, as in PEFT), or a torch.func transform
+    if plain_torch(x2d, N, K):  # no tokens (the adapter gets zero gradients, as in PEFT), or a torch.func transform
         # a torch.func transform's dropout: torch's random ops, under the transform's randomness rule (vmap's)
         keep = torch.rand(x2d.shape, device=x2d.device) >= p if p > 0.0 and x2d.shape[0] else None
         return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias, keep, p,
