@@ -66,7 +66,7 @@ def implementations(M, K, N, dtype, device, feedforward: bool, compile_anchor: b
         layer, params = _peft_layer(base, feedforward, fp32)
         impls[f"PEFT eager ({'float32' if fp32 else dname} vector)"] = (layer, params)
         if not fp32 and compile_anchor and device == "cuda":
-            impls["PEFT + torch.compile"] = (torch.compile(layer), params)
+            impls[f"PEFT + torch.compile ({dname} vector)"] = (torch.compile(layer), params)
     return impls
 
 

@@ -127,7 +127,7 @@ def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
         if dtype != torch.float32:  # a float32 model's adapters are float32 either way: the row above
             impls[f"PEFT eager ({str(dtype).replace('torch.', '')} adapters)"] = (layer16, p16)
         if compile_anchor and device == "cuda":
-            impls["PEFT + torch.compile"] = (torch.compile(layer16), p16)
+            impls[f"PEFT + torch.compile ({str(dtype).replace('torch.', '')} adapters)"] = (torch.compile(layer16), p16)
     return impls
 
 

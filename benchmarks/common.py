@@ -73,7 +73,10 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     CPU runs ahead of the GPU, and which a per-call event timer would count). cuda_graph=False (or a fn that
     cannot be captured) times eager calls with triton.testing.do_bench. On the CPU: a wall clock.
     The spread is max - min over the batch medians. info, if given, gets "cuda_graph": whether CUDA-graph replays
-    timed it (False where fn could not be captured and was timed eagerly).
+    timed it (False where fn could not be captured and was timed eagerly), and "batches_ms": the batch medians.
+    CUDA-graph replays run back to back with no L2 flush: a working set that fits in L2 (~50 MB on an H100 or H200:
+    M <= 2048 at 4096 features, the 32 MB weight of a decode-sized call) stays warm from replay to replay, which a
+    training step does not see; --eager times calls with triton's L2 flush between them.
     """
     if info is not None:
         info["cuda_graph"] = cuda_graph and device.type == "cuda"
@@ -93,6 +96,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
                     progress(f"  not capturable in a CUDA graph ({type(exc).__name__}): timed as eager calls")
                     torch.cuda.synchronize(device)
             meds.append(tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        if info is not None:
+            info["batches_ms"] = sorted(meds)
         return statistics.median(meds), max(meds) - min(meds)
     fn()
     meds = []
@@ -102,6 +107,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
             fn()
             n += 1
         meds.append((time.perf_counter() - t0) * 1e3 / n)
+    if info is not None:
+        info["batches_ms"] = sorted(meds)
     return statistics.median(meds), max(meds) - min(meds)
 
 
@@ -137,7 +144,11 @@ def git_revision(cwd: Optional[Path] = None) -> str:
 def environment() -> dict:
     """GPU, driver and library versions: saved with every result."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "git": git_revision(),
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           # float32 rows: torch's matmuls run TF32 when these say so, and so do peftkern's Triton kernels where
+           # allow_tf32 is on (kernels/triton/lora.py _dot_precision)
+           "float32_matmul_precision": torch.get_float32_matmul_precision(),
+           "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     for name in ("triton", "transformers", "peft"):
         try:
             env[name] = __import__(name).__version__
@@ -178,12 +189,17 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
                      passes=("fwd", "fwd+bwd")) -> list[Row]:
     """Time each implementation name -> (fn(x), trainable tensors) forward (no_grad) and forward+backward
     (torch.autograd.grad of x and the trainables: no gradient accumulation in the loop). The first one must be
-    the floor: ratios are to it. An implementation that fails is reported and skipped."""
+    the floor: ratios are to it, and each row's extra["ratio_range"] bounds its ratio by the batches' extremes (its
+    slowest batch over the floor's fastest, and the reverse). An implementation that fails is reported and skipped;
+    when the floor fails, so does that pass of the case (no row would have a floor)."""
     dev = x.device
     graph = dev.type == "cuda" and not eager
-    rows, floor = [], {}
+    rows, floor, floor_batches = [], {}, {}
+    floor_name = next(iter(impls))
     for name, (fn, params) in impls.items():
         for pass_ in passes:
+            if pass_ not in floor and name != floor_name:
+                continue  # the floor of this pass failed
             if pass_ == "fwd":
                 def step(fn=fn):
                     with torch.no_grad():
@@ -198,11 +214,14 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 progress(f"  {case} {pass_} {name}: failed ({type(exc).__name__}: {exc})")
                 continue
-            floor.setdefault(pass_, ms)
+            if name == floor_name:
+                floor[pass_], floor_batches[pass_] = ms, info["batches_ms"]
             mem = peak_memory_mb(step, dev) if pass_ == "fwd+bwd" else None
             tokens = x.numel() // x.shape[-1]
+            fb, b = floor_batches[pass_], info["batches_ms"]
             rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[pass_], mem,
-                            {"cuda_graph": info["cuda_graph"], "tokens_per_s": tokens / ms * 1e3}))
+                            {"cuda_graph": info["cuda_graph"], "tokens_per_s": tokens / ms * 1e3,
+                             "ratio_range": [b[0] / fb[-1], b[-1] / fb[0]]}))
     return rows
 
 
@@ -235,16 +254,25 @@ def note_spread(rows: list[Row]) -> None:
 
 
 def print_table(rows: list[Row], title: str = "") -> None:
+    """ms, ratio to the floor (and, for adapters, to the floor's byte count at copy bandwidth), tokens/s, peak MB;
+    "~": within the spread of another row of the case."""
     if title:
         print(f"\n## {title}")
-    print(f"| {'case':<34} | {'pass':<8} | {'impl':<26} | {'ms':>9} | {'ratio':>6} | {'tokens/s':>11} | "
+    by_bytes = any("ratio_to_bandwidth_floor" in r.extra for r in rows)
+    extra_head, extra_rule = (f" {'vs bytes':>8} |", f"{'-' * 10}|") if by_bytes else ("", "")
+    print(f"| {'case':<34} | {'pass':<8} | {'impl':<26} | {'ms':>9} | {'ratio':>6} |{extra_head} {'tokens/s':>11} | "
           f"{'peak MB':>8} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{'-' * 13}|{'-' * 10}|")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{extra_rule}{'-' * 13}|{'-' * 10}|")
     for r in rows:
         mem = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'-':>8}"
         tps = f"{r.extra['tokens_per_s']:11,.0f}" if r.extra.get("tokens_per_s") else f"{'-':>11}"
         flag = " ~" if r.extra.get("within_spread_of") else ""
-        print(f"| {r.case:<34} | {r.pass_:<8} | {r.impl:<26} | {r.ms:9.4f} | {r.ratio:5.2f}x | {tps} | {mem} |{flag}")
+        vs_bytes = ""
+        if by_bytes:
+            b = r.extra.get("ratio_to_bandwidth_floor")
+            vs_bytes = f" {b:7.2f}x |" if b is not None else f" {'-':>8} |"
+        print(f"| {r.case:<34} | {r.pass_:<8} | {r.impl:<26} | {r.ms:9.4f} | {r.ratio:5.2f}x |{vs_bytes} {tps} | "
+              f"{mem} |{flag}")
     sys.stdout.flush()
 
 

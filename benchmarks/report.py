@@ -21,24 +21,30 @@ def load(path) -> dict:
 
 
 def table(data: dict, passes=None) -> str:
-    """One markdown row per (case, implementation): ms and ratio to the floor for each pass (those in the data:
-    fwd and fwd+bwd for layers, train step for the training step), tokens/s of the last, peak memory."""
+    """One markdown row per (case, implementation): for each pass (those in the data: fwd and fwd+bwd for layers,
+    train step for the training step) ms with the batches' spread, and the ratio to the floor with its range (the
+    slowest batch over the floor's fastest, and the reverse; "~": within the spread of another row of the case;
+    "eager": timed as eager calls where the run used CUDA-graph replays); for adapters also the ratio to the byte
+    count at copy bandwidth; tokens/s of the last pass, peak memory."""
     env = data["environment"]
     passes = passes or list(dict.fromkeys(r["pass"] for r in data["rows"]))
     cases: dict = {}
     for r in data["rows"]:
         cases.setdefault(r["case"], {}).setdefault(r["impl"], {})[r["pass"]] = r
+    by_bytes = any("ratio_to_bandwidth_floor" in r.get("extra", {}) for r in data["rows"])
     head = f"{data['benchmark']} on {env.get('gpu') or 'CPU'} (torch {env['torch']}, triton {env.get('triton')}, " \
            f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')})\n\n"
-    cols = " | ".join(f"{p} ms | {p} ratio" for p in passes)
+    per_pass = ["ms", "ratio"] + (["ratio to bytes"] if by_bytes else [])
+    cols = " | ".join(f"{p} {c}" for p in passes for c in per_pass)
     lines = [f"| case | implementation | {cols} | tokens/s ({passes[-1]}) | peak MB |",
-             "|" + " --- |" * (4 + 2 * len(passes))]
+             "|" + " --- |" * (4 + len(per_pass) * len(passes))]
+    graphs = any(r.get("extra", {}).get("cuda_graph") for r in data["rows"])
     for case, impls in cases.items():
         for impl, by_pass in impls.items():
             cells = []
             for p in passes:
                 r = by_pass.get(p)
-                cells += [f"{r['ms']:.4f}", f"{r['ratio']:.2f}x"] if r else ["-", "-"]
+                cells += _cells(r, graphs, by_bytes) if r else ["-"] * len(per_pass)
             mem = next((r["peak_mb"] for r in by_pass.values() if r.get("peak_mb") is not None), None)
             last = by_pass.get(passes[-1]) or {}
             tps = last.get("extra", {}).get("tokens_per_s") or (
@@ -46,6 +52,23 @@ def table(data: dict, passes=None) -> str:
             lines.append(f"| {case} | {impl} | {' | '.join(cells)} | {'-' if tps is None else f'{tps:,.0f}'} | "
                          f"{'-' if mem is None else f'{mem:.0f}'} |")
     return head + "\n".join(lines)
+
+
+def _cells(r: dict, graphs: bool, by_bytes: bool) -> list:
+    extra = r.get("extra", {})
+    ms = f"{r['ms']:.4f}" + (f" ±{r['spread_ms'] / 2:.4f}" if r.get("spread_ms") else "")
+    ratio = f"{r['ratio']:.3f}x"
+    if extra.get("ratio_range"):
+        lo, hi = extra["ratio_range"]
+        ratio += f" ({lo:.3f}-{hi:.3f})"
+    if extra.get("within_spread_of"):
+        ratio += " ~"
+    if graphs and extra.get("cuda_graph") is False:
+        ratio += " eager"
+    cells = [ms, ratio]
+    if by_bytes:
+        cells.append(f"{extra['ratio_to_bandwidth_floor']:.2f}x" if "ratio_to_bandwidth_floor" in extra else "-")
+    return cells
 
 
 def _m_of(case: str):

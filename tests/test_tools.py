@@ -335,3 +335,72 @@ def test_bench_adapter_e2e_passes_its_options_on(monkeypatch):
     bench_adapter.main(["--e2e"])
     assert seen[0] == ["--method", "adapter", "--batch", "2", "--seq", "64", "--quick", "--out", "somewhere"], seen
     assert "--quick" not in seen[1], seen
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return __import__(name)
+
+
+@pytest.mark.parametrize("terms,rank", [(1, None), (4, None), (3, 2)])
+def test_krona_eager_anchor_is_the_op(terms, rank):
+    """The eager reshape identity, now term by term (its broadcast product over the terms copied B_t per token),
+    computes the op: float64 outputs and gradients against reference.py."""
+    from peftkern import reference
+
+    bench_krona = _bench_module("bench_krona")
+    g = torch.Generator().manual_seed(run_seed())
+    A, B = bench_krona.make_factors(12, 15, terms, (3, 4), rank, torch.float64, "cpu", g)
+    x = torch.randn(7, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    W, dy = torch.randn(15, 12, dtype=torch.float64, generator=g), torch.randn(7, 15, dtype=torch.float64, generator=g)
+    leaves = [x, A, *(B if isinstance(B, tuple) else (B,))]
+    got = torch.autograd.grad(bench_krona.eager_identity(x, W, A, B, 0.7), leaves, dy)
+    b, b2 = B if isinstance(B, tuple) else (B, None)
+    want = torch.autograd.grad(reference.krona_linear(x, W, A, None, b, b2, 0.7), leaves, dy)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.allclose(a, e, rtol=1e-10, atol=1e-10), i
+
+
+def test_layer_rows_carry_a_ratio_range_and_stop_without_a_floor():
+    common = _bench_module("common")
+    x = torch.randn(64, 32, requires_grad=True)
+    dy = torch.randn(64, 32)
+
+    def broken(_):
+        raise RuntimeError("no floor today")
+
+    rows = common.time_layer_impls("t", "case", {"floor": (lambda t: t * 2.0, []), "op": (lambda t: t.sin(), [])},
+                                   x, dy, passes=("fwd+bwd",))
+    assert [r.impl for r in rows] == ["floor", "op"]
+    for r in rows:
+        lo, hi = r.extra["ratio_range"]
+        assert lo <= r.ratio <= hi, (lo, r.ratio, hi)
+    rows = common.time_layer_impls("t", "case", {"floor": (broken, []), "op": (lambda t: t.sin(), [])}, x, dy,
+                                   passes=("fwd+bwd",))
+    assert rows == [], "without its floor a case has no ratios (the next row became the floor, at 1.00x)"
+
+
+def test_compiled_e2e_rows_are_taken_against_the_compiled_frozen_model(monkeypatch):
+    """The JSON's ratio of a compiled row was over the eager frozen model's step: a compiled fused model read 0.81x,
+    faster than the frozen model, where it was 1.07x the compiled frozen one."""
+    import argparse
+
+    bench_e2e = _bench_module("bench_e2e")
+    times = {("none", "frozen", False): 70.0, ("none", "frozen-norm", False): 68.0, ("none", "frozen", True): 50.0,
+             ("lora", "fused", True): 55.0}
+    order = list(times)
+    calls = iter(order)
+    monkeypatch.setattr(bench_e2e.workloads, "variants",
+                        lambda methods, compile_anchors: [(m, i, False, c) for m, i, c in order])
+    monkeypatch.setattr(bench_e2e.workloads, "build", lambda *a, **k: object())
+    monkeypatch.setattr(bench_e2e.workloads, "training_step", lambda *a, **k: (lambda: None))
+    monkeypatch.setattr(bench_e2e, "time_training", lambda *a, **k: (times[next(calls)], 0.1, 100.0, {}))
+    args = argparse.Namespace(checkpointing_only=False, checkpointing=False, compiled_only=False, compile=True,
+                              compile_mode=None, quick=True, rank=8, optimizer="adamw")
+    rows = {(r.extra["compiled"], r.impl): r for r in bench_e2e.run_case("tiny", 2, 64, ["lora"], args, "cpu",
+                                                                           torch.float32)}
+    fused = next(r for (compiled, impl), r in rows.items() if compiled and "fuse" in impl)
+    assert abs(fused.ratio - 55.0 / 50.0) < 1e-12 and fused.extra["floor"] == "compiled frozen model"
+    assert abs(fused.extra["ratio_to_eager_floor"] - 55.0 / 70.0) < 1e-12
+    norm = next(r for (compiled, impl), r in rows.items() if "embedding frozen" in impl)
+    assert abs(norm.ratio - 68.0 / 70.0) < 1e-12
