@@ -544,3 +544,24 @@ def test_an_empty_batch_gives_zero_gradients(backend, lead):
         out.sum().backward()
         for i, t in enumerate([h, *params]):
             assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), i
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("form", ["sequential", "parallel"])
+def test_learned_scale_gradient_without_cancellation(backend, form):
+    """dscale = sum g u with g = u: terms of one sign, so the dtype's own tolerance applies (the general test's is
+    multiplied by the sum's condition number, ~16% in fp16 and ~64% in bf16: a dscale missing g bu passed it in half
+    of the bf16 draws). u = act(h Wd^T + bd) Wu^T + bu, in float64 here."""
+    M, d, b = (8192, 4096, 256) if HAS_CUDA else (96, 64, 16)
+    for dtype in dtypes_for(backend):
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+        h, wd, bd, wu, bu = rnd(M, d), rnd(b, d, scale=d ** -0.5), rnd(b, scale=0.1), rnd(d, b, scale=b ** -0.5), rnd(d)
+        r = rnd(M, d) if form == "parallel" else None
+        u = reference.bottleneck_adapter(*(t.double() for t in (h, wd, bd, wu, bu)), "relu") - h.double()
+        scale = torch.tensor(0.7, device=DEVICE, dtype=dtype, requires_grad=True)
+        out = peftkern.bottleneck_adapter(h, wd, bd, wu, bu, "relu", scale, residual=r)
+        out.backward(u.to(dtype))
+        expected = (u.to(dtype).double() * u).sum()
+        assert_close(scale.grad, expected, dtype, f"{form} dscale")
