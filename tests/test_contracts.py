@@ -240,3 +240,47 @@ def test_a_width_of_zero_gives_empty_outputs_and_zero_gradients(case, backend):
     for tensor in made:
         if tensor.requires_grad:
             assert tensor.grad is not None and tensor.grad.shape == tensor.shape and not tensor.grad.any()
+
+
+def test_ops_launch_on_their_tensors_gpu(monkeypatch):
+    """Triton and the C++ launcher launch on the current device: an op whose tensors are on another GPU (a model split
+    by device_map="auto") enters that GPU first. Checked here by the guard's choice; on two GPUs by the next test."""
+    from peftkern.ops import _common
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: entered.append(index) or torch.autograd.no_grad())
+
+    class OnGPU:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    with _common.on_device(OnGPU(1)):
+        pass
+    with _common.on_device(OnGPU(0)):
+        pass
+    with _common.on_device(torch.zeros(1)):
+        pass
+    assert entered == [1], entered
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("kind", ALL_OPS)
+def test_an_op_on_the_second_gpu_while_the_first_is_current(kind):
+    x = torch.randn(1024, 24, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    vec = torch.randn(24, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        y = _call(kind, x, vec)
+        y.float().square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.cuda.device(1):
+        y_ref = _call(kind, x_ref, vec)
+        y_ref.float().square().sum().backward()
+    torch.cuda.synchronize(1)
+    assert_close(y, y_ref, torch.bfloat16, f"{kind} output")
+    assert_close(x.grad, x_ref.grad, torch.bfloat16, f"{kind} dx")

@@ -113,6 +113,15 @@ def plain_torch(rows: Tensor, *widths: int) -> bool:
             or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()))
 
 
+def on_device(t: Tensor):
+    """torch.cuda.device(t's GPU) where that is not the current device, else nothing. Triton and the C++ launcher
+    launch on the current device and its current stream: a layer on cuda:1 called while cuda:0 is current (a model
+    split over GPUs by device_map="auto") ran its kernels on cuda:0, unordered with cuda:1's stream."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.get_device())
+    return contextlib.nullcontext()
+
+
 def no_autocast(device: torch.device):
     """torch.autocast(device, enabled=False), or nothing where the device has no autocast (meta)."""
     return torch.autocast(device.type, enabled=False) if _has_autocast(device.type) else contextlib.nullcontext()

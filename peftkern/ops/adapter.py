@@ -29,6 +29,7 @@ from ._common import (
     empty_like_none,
     first_order,
     no_autocast,
+    on_device,
     op_autograd,
     op_range,
     pick_backend,
@@ -54,7 +55,7 @@ def _adapter_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) for a 2-D h (M, d)."""
     # The body computes in h's dtype and float32 by design: autocast must not recast its small products.
-    with op_range("peftkern::adapter_fwd"), no_autocast(h.device):
+    with op_range("peftkern::adapter_fwd"), no_autocast(h.device), on_device(h):
         out, z, stats = backend_module(backend, "adapter").adapter_forward(
             h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation,
             scaling, layer_norm, ln_eps)
@@ -82,7 +83,7 @@ def _adapter_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta); an empty tensor where a gradient was not asked for."""
     needs = (need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb)
-    with op_range("peftkern::adapter_bwd"), no_autocast(h.device):
+    with op_range("peftkern::adapter_bwd"), no_autocast(h.device), on_device(h):
         grads = backend_module(backend, "adapter").adapter_backward(
             grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
             activation, scaling, sequential, layer_norm, needs)

@@ -23,6 +23,7 @@ from ._common import (
     define_op,
     empty_like_none,
     first_order,
+    on_device,
     op_autograd,
     op_range,
     pick_backend,
@@ -40,7 +41,7 @@ from ._common import (
 def _ia3_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool,
              weight_transposed: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(y (M, N), z (M, N) or empty) for a 2-D x (M, K)."""
-    with op_range("peftkern::ia3_fwd"):
+    with op_range("peftkern::ia3_fwd"), on_device(x):
         y, z = backend_module(backend, "ia3").ia3_forward(x, weight, scale, bias, scale_input, weight_transposed)
     return y.contiguous(), z.contiguous()
 
@@ -59,7 +60,7 @@ def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor
              weight_transposed: bool, backend: str, need_x: bool, need_l: bool, need_bias: bool,
              need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for."""
-    with op_range("peftkern::ia3_bwd"):
+    with op_range("peftkern::ia3_bwd"), on_device(grad_y):
         grads = backend_module(backend, "ia3").ia3_backward(
             grad_y, x, weight, scale, z, scale_input, weight_transposed, (need_x, need_l, need_bias, need_w))
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, (x, scale, grad_y, weight)))
@@ -186,6 +187,6 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
     if inverse and bool((scale == 0).any()):
         raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
     backend = weight_backend("ia3", weight, pick_backend("ia3", weight))
-    with torch.no_grad():
+    with torch.no_grad(), on_device(weight):
         return backend_module(backend, "ia3").ia3_merge_(weight, vector(scale.reshape(-1)), bias, scale_input,
                                                          inverse, weight_transposed)

@@ -43,6 +43,7 @@ from ._common import (
     define_op,
     empty_like_none,
     first_order,
+    on_device,
     op_autograd,
     op_range,
     pick_backend,
@@ -62,7 +63,7 @@ LORA_ROUTE_MAX_RANK = [int(os.environ.get("PEFTKERN_KRONA_LORA_RANK", "128"))]  
 def _krona_fwd(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
                bias: Optional[Tensor], scaling: float, backend: str) -> Tensor:
     """y (M, N) for a 2-D x (M, K)."""
-    with op_range("peftkern::krona_fwd"):
+    with op_range("peftkern::krona_fwd"), on_device(x):
         y = backend_module(backend, "krona").krona_forward(x, weight, a, a2, b, b2, scaling, bias)
     return y.contiguous()
 
@@ -82,7 +83,7 @@ def _krona_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, da2, db, db2, dbias, dweight); an empty tensor where that gradient was not asked for."""
     needs = (need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
-    with op_range("peftkern::krona_bwd"):
+    with op_range("peftkern::krona_bwd"), on_device(grad_y):
         grads = backend_module(backend, "krona").krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs)
     refs = (x, a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, grad_y, weight)
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
@@ -355,5 +356,5 @@ def krona_merge_(weight: Tensor, A: Factor, B: Factor, scaling: float, sign: flo
     check_krona_factors(tuple(weight.shape), a, a2, b, b2)
     check_same_device(weight=weight, A=a, A2=a2, B=b, B2=b2)
     backend = weight_backend("krona", weight, pick_backend("krona", weight))
-    with torch.no_grad():
+    with torch.no_grad(), on_device(weight):
         return backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))

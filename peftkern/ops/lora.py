@@ -32,6 +32,7 @@ from ._common import (
     draw_seed,
     empty_like_none,
     first_order,
+    on_device,
     op_autograd,
     op_range,
     pick_backend,
@@ -55,7 +56,7 @@ def _lora_fwd(
 ) -> tuple[Tensor, Tensor]:
     """(y (M, N), xa (M, r) in the backend's lora_xa_dtype) for a 2-D x (M, K); seed is the dropout's (a CPU int64
     scalar), None without dropout."""
-    with op_range("peftkern::lora_fwd"):
+    with op_range("peftkern::lora_fwd"), on_device(x):
         y, xa = backend_module(backend, "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed)
     return y.contiguous(), xa.contiguous()
@@ -86,7 +87,7 @@ def _lora_bwd(
 def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
                     need_x, need_a, need_b, need_bias, need_w) -> tuple:
     """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate)."""
-    with op_range("peftkern::lora_bwd"):
+    with op_range("peftkern::lora_bwd"), on_device(grad_y):
         return backend_module(backend, "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
             (need_x, need_a, need_b, need_bias, need_w))
@@ -262,7 +263,7 @@ def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
                          f"weight {tuple(weight.shape)} (N={N}, K={K})")
     check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
     backend = weight_backend("lora", weight, pick_backend("lora", weight))
-    with torch.no_grad():
+    with torch.no_grad(), on_device(weight):
         return backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
                                                             weight_transposed)
 

@@ -1192,9 +1192,10 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
     N = w.shape[0]
     R = lora_A.shape[0]
     if config is None:  # the host-side decisions, memoised on everything they depend on (NOTES-lora.md, twelfth session)
-        key = (M, N, K, R, x.dtype, x.stride(), x.data_ptr() % 16, x.device, xa_dtype, xa_scaled, prescale_b, workers,
-               scaling == 1.0, w.stride(), w.data_ptr() % 16, lora_A.dtype, lora_A.stride(), lora_A.data_ptr() % 16,
-               lora_B.dtype, lora_B.stride(), lora_B.data_ptr() % 16, None if bias is None else bias.dtype,
+        key = (M, N, K, R, x.dtype, w.dtype, x.stride(), x.data_ptr() % 16, x.device, xa_dtype, xa_scaled, prescale_b,
+               workers, scaling == 1.0, w.stride(), w.data_ptr() % 16, lora_A.dtype, lora_A.stride(),
+               lora_A.data_ptr() % 16, lora_B.dtype, lora_B.stride(), lora_B.data_ptr() % 16,
+               None if bias is None else bias.dtype,
                None if xa is None else (xa.dtype, xa.stride()), XA_WORKERS, XA_HELPERS, XA_WORKERS_MAX_RANK,
                XA_HELPER_MAX_BLOCKS, XA_WORKER_COLUMNS_PER_BLOCK, WIDE_RANK_STAGES, triton_interpret())
         plan = _persistent_plans.get(key)
@@ -1385,9 +1386,10 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
     db_ = db if db is not None else part
     # the launch's class: the plan, what is asked for, the operands' dtypes, strides and 16-byte alignment (the buffers
     # made here are the allocator's, aligned)
+    dot = _dot_precision(x.dtype)  # reads allow_tf32 now: a float32 backward after it changes is another launch
     key = (plan_key, need_b, need_bias, a_dtype, b_dtype, x.dtype, dy.dtype, dyb_.dtype, xa_.dtype, x.stride(),
            dy.stride(), dyb_.stride(), xa_.stride(), x.data_ptr() % 16, dy.data_ptr() % 16, dyb_.data_ptr() % 16,
-           xa_.data_ptr() % 16)
+           xa_.data_ptr() % 16, dot)
     launch_planned(lora_skinny_grads_kernel, (slots, splits), key,
            x, dyb_, da_, dy, xa_, db_, dbias if dbias is not None else part, part, sums, counts,
            M, K, N, R, rows_per_split, splits, blocks_a, float(scale_a), float(scale_b),
@@ -1395,7 +1397,7 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
            1 if da is None else da.stride(1), 1 if da is None else da.stride(0),
            dy.stride(0), dy.stride(1), xa_.stride(0), xa_.stride(1),
            1 if db is None else db.stride(0), 1 if db is None else db.stride(1),
-           STORE_DB=need_b, COLSUM=need_bias, DOT_PRECISION=_dot_precision(x.dtype),
+           STORE_DB=need_b, COLSUM=need_bias, DOT_PRECISION=dot,
            BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return da, db, dbias
 
