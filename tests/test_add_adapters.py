@@ -8,7 +8,16 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, INTERPRET, MODEL_TOLERANCE, TOLERANCE, assert_close, run_seed
+from conftest import (
+    DEVICE,
+    HAS_CUDA,
+    INTERPRET,
+    MODEL_TOLERANCE,
+    TOLERANCE,
+    assert_close,
+    assert_close_or_as_exact,
+    run_seed,
+)
 from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral
 
 import peftkern
@@ -75,18 +84,21 @@ def test_training_matches_the_reference_path(name, preset):
     adapter gradients at every step."""
     fast, _ = build(name, preset, layer_norm=preset == "houlsby", scaling="learned" if name == "gpt2" else
                     peftkern.integrations.adapters.PRESETS[preset].get("scaling", 1.0))
-    slow = copy.deepcopy(fast)
-    for step, ((lf, gf), (ls, gs)) in enumerate(zip(train_steps(fast, name, FAST), train_steps(slow, name, "torch"))):
+    slow, exact = copy.deepcopy(fast), copy.deepcopy(fast).double()  # exact: the arbiter (assert_close_or_as_exact)
+    histories = zip(train_steps(fast, name, FAST), train_steps(slow, name, "torch"), train_steps(exact, name, "torch"))
+    for step, ((lf, gf), (ls, gs), (le, ge)) in enumerate(histories):
         scale = 1.0 if step == 0 else STEP_SCALE
-        assert_close(lf, ls, DTYPE, f"step {step} logits", scale=scale)
+        assert_close_or_as_exact(lf, ls, le, DTYPE, f"step {step} logits", scale=scale)
         assert gf.keys() == gs.keys() and gf, "the same parameters get gradients"
         assert all(".bottleneck_adapters." in n or "embed" in n for n in gf)
         for n in gs:
-            # A learned scale's gradient is one number summed over every token and feature, terms of both signs:
-            # in a bf16 model the two paths' activation roundings are relative to the terms, not to the (much
-            # smaller) sum, as in test_adapter.py (SCALAR_SCALE); fp32 runs and test_adapter check it tightly.
-            scalar = SCALAR_SCALE if n.endswith(".scale") and DTYPE != torch.float32 else 1.0
-            assert_close(gf[n], gs[n], DTYPE, f"step {step} grad {n}", scale=GRAD_SCALE * scale * scalar)
+            # A learned scale's gradient is one number summed over every token and feature, terms of both signs: the
+            # two paths' roundings are relative to the terms, not to the (much smaller) sum, as in test_adapter.py
+            # (SCALAR_SCALE), in float32 too (the kernels' split sums against torch's cascade: 2.2e-5 against 2e-5
+            # with seed 98902793). test_adapter's test_learned_scale_gradient_without_cancellation checks it tightly.
+            scalar = SCALAR_SCALE if n.endswith(".scale") else 1.0
+            assert_close_or_as_exact(gf[n], gs[n], ge[n], DTYPE, f"step {step} grad {n}",
+                                     scale=GRAD_SCALE * scale * scalar)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
