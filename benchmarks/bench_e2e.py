@@ -170,7 +170,12 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            eager_floor = floors.setdefault("floor", (ms, peak))
+            if method == "none" and impl == "frozen" and not compiled:
+                floors["floor"] = (ms, peak)
+            if "floor" not in floors:  # the floor failed: no ratio (the next row became the floor at 1.00x)
+                progress(f"  no frozen floor in this case: {name} is left out")
+                continue
+            eager_floor = floors["floor"]
             if impl == "frozen-norm" and not compiled:
                 floors["equal"] = (ms, peak)
             if compiled and method == "none" and impl == "frozen":

@@ -98,7 +98,7 @@ def test_layer_fwd_bwd(benchmark, method, impl, shape):
     floor, fused, ref = METHODS[method](x, K, N)
     fn = floor if impl == "floor" else fused
     got = fn()  # compile and autotune outside the timing
-    if impl == "peftkern":  # what is timed computes the op: every gradient against reference.py's
+    if impl == "peftkern" and HAS_CUDA:  # what is timed computes the op (on the CPU both are reference.py's)
         for i, (g, r) in enumerate(zip(got, ref())):
             err = ((g.double() - r.double()).norm() / r.double().norm()).item()
             assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-4), f"{method} gradient {i}: relative error {err:.2e}"

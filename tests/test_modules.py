@@ -62,36 +62,48 @@ def test_adapters_default_to_float32_beside_a_half_precision_base(half):
 
 
 @pytest.mark.parametrize("kind", MAKERS)
-def test_a_merged_layers_state_dict_loads_as_merged(kind):
-    """state_dict after merge() holds W + delta: a fresh layer loading it must not add the adapter a second time."""
+def test_checkpoints_hold_the_weight_and_the_adapter_apart(kind):
+    """state_dict after merge() held W + delta: a fresh layer loading it added the adapter a second time. A merged
+    layer now saves its weight unmerged (the same keys), and unmerges before it loads a weight or adapter weights:
+    every checkpoint loads into any layer, merged or not, with the source's outputs."""
     torch.manual_seed(run_seed(0))
     layer = _trained(MAKERS[kind](device=DEVICE))
     x = torch.randn(5, 24, device=DEVICE)
     expected = layer(x)
+    unmerged_state = copy.deepcopy(layer.state_dict())
     layer.merge()
     state = copy.deepcopy(layer.state_dict())
-    fresh = MAKERS[kind](device=DEVICE)
-    fresh.load_state_dict(state)  # strict
-    assert fresh.merged
-    assert_close(fresh(x), expected, torch.float32, "merged, reloaded")
-    fresh.unmerge()
-    assert_close(fresh(x), expected, torch.float32, "reloaded, unmerged")
-    # a state dict from before the flag was saved loads strictly, as an unmerged one, into a merged layer too
-    unmerged = {k: v for k, v in fresh.state_dict().items() if not k.endswith("_extra_state")}
-    other = MAKERS[kind](device=DEVICE)
-    other.merge()
-    other.load_state_dict(unmerged)
-    assert not other.merged
-    assert_close(other(x), expected, torch.float32, "flagless state dict")
-    # new adapter weights alone into a merged layer: its old adapter leaves the weight first
-    base = {k: v for k, v in unmerged.items() if k in ("weight", "bias")}
-    adapters = {k: v for k, v in unmerged.items() if k not in base}
-    layer = _trained(MAKERS[kind](device=DEVICE))
-    layer.load_state_dict(base, strict=False)
-    layer.merge()
-    layer.load_state_dict(adapters, strict=False)
-    assert not layer.merged
-    assert_close(layer(x), expected, torch.float32, "adapters loaded into a merged layer")
+    assert state.keys() == unmerged_state.keys()
+    for key in state:
+        assert_close(state[key], unmerged_state[key], torch.float32, f"merged layer's {key}")
+    assert layer.merged and torch.equal(layer(x), layer(x)), "saving leaves the layer merged"
+    base = {k: v for k, v in state.items() if k in ("weight", "bias")}
+    adapters = {k: v for k, v in state.items() if k not in base}
+    for target_merged in (False, True):
+        for part in (state, adapters):  # the whole state, or adapters alone (DCP's ignore_frozen_params)
+            target = _trained(MAKERS[kind](device=DEVICE))
+            target.load_state_dict(base, strict=False)
+            target.merge() if target_merged else None
+            target.load_state_dict(part, strict=part is state)
+            assert not target.merged
+            assert_close(target(x), expected, torch.float32, f"loaded into a layer merged={target_merged}")
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
+def test_accelerate_loads_a_checkpoint_of_the_layers(kind, tmp_path):
+    """accelerate.load_checkpoint_and_dispatch sets each state_dict tensor on the module directly (no
+    load_state_dict): a merged layer's checkpoint loads into an empty model with its outputs."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(run_seed(0))
+    model = nn.Sequential(_trained(MAKERS[kind]()))
+    x = torch.randn(3, 24)
+    expected = model(x)
+    model[0].merge()
+    torch.save(model.state_dict(), tmp_path / "model.bin")
+    with accelerate.init_empty_weights():
+        empty = nn.Sequential(MAKERS[kind]())
+    loaded = accelerate.load_checkpoint_and_dispatch(empty, str(tmp_path / "model.bin"), device_map={"": "cpu"})
+    assert_close(loaded(x), expected, torch.float32, "loaded by accelerate")
 
 
 @pytest.mark.parametrize("kind", [*MAKERS, *ADAPTER_MAKERS])
@@ -196,3 +208,37 @@ def test_from_linear_checks_its_arguments_and_leaves_the_layer_alone(call):
 def test_rslora_layers_report_their_scaling():
     assert "sqrt(r)" in LoRALinear(8, 8, r=4, use_rslora=True).peft_ref.integration_form
     assert "alpha / r)" in LoRALinear(8, 8, r=4).peft_ref.integration_form
+
+
+def test_a_merged_ia3_layer_with_zeros_in_l_saves_the_same_function():
+    """W * 0 cannot be unmerged: the merged weight is saved with l = 1 (and a warning), which gives the same outputs."""
+    layer = _trained(IA3Linear(24, 20, device=DEVICE))
+    with torch.no_grad():
+        layer.ia3_l[3] = 0.0
+    x = torch.randn(5, 24, device=DEVICE)
+    expected = layer(x)
+    layer.merge()
+    with pytest.warns(RuntimeWarning, match="cannot be unmerged"):
+        state = layer.state_dict()
+    fresh = IA3Linear(24, 20, device=DEVICE)
+    fresh.load_state_dict(state)
+    assert_close(fresh(x), expected, torch.float32, "reloaded")
+    layer.load_state_dict(state)  # into the merged layer itself: its weight is replaced, nothing to unmerge
+    assert not layer.merged
+    assert_close(layer(x), expected, torch.float32, "reloaded into itself")
+
+
+def test_per_sample_gradients_under_torch_compile():
+    """torch.compile over a torch.func transform of a layer: the ops take the reference's torch ops there too (the
+    autograd.Function cannot run under functorch, compiled or not)."""
+    layer = _trained(LoRALinear(24, 20, r=4, device=DEVICE))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 24, device=DEVICE)
+
+    def per_sample(p, xs):
+        return vmap(grad(lambda q, xi: functional_call(layer, q, (xi[None],)).pow(2).sum()), in_dims=(None, 0))(p, xs)
+
+    eager = per_sample(params, x)
+    compiled = torch.compile(per_sample, backend="aot_eager")(params, x)
+    for name in ("lora_A", "lora_B"):
+        assert_close(compiled[name], eager[name], torch.float32, name)

@@ -404,3 +404,13 @@ def test_compiled_e2e_rows_are_taken_against_the_compiled_frozen_model(monkeypat
     assert abs(fused.extra["ratio_to_eager_floor"] - 55.0 / 70.0) < 1e-12
     norm = next(r for (compiled, impl), r in rows.items() if "embedding frozen" in impl)
     assert abs(norm.ratio - 68.0 / 70.0) < 1e-12
+    # the eager floor fails (out of memory, say): no row is taken against another one instead
+    calls = iter(order)
+
+    def failing(*a, **k):
+        if next(calls) == order[0]:
+            raise RuntimeError("out of memory")
+        return 60.0, 0.1, 100.0, {}
+
+    monkeypatch.setattr(bench_e2e, "time_training", failing)
+    assert bench_e2e.run_case("tiny", 2, 64, ["lora"], args, "cpu", torch.float32) == []

@@ -5,8 +5,9 @@ Conv1D stores it) with a mergeable adapter beside it.
   is built (a rejected argument leaves the user's layer as it was).
 - reset_parameters initialises the base as nn.Linear does and the adapter as the constructor does, for construction
   on the meta device (`to_empty()`, then `reset_parameters()` on every module, as FSDP2 users do).
-- `merged` travels with the weights it describes: state_dict carries it as the module's extra state, so a checkpoint
-  written after merge() loads as merged (its weight already holds the adapter) instead of adding the adapter twice.
+- state_dict holds the frozen weight and the adapter apart whether the layer is merged or not (a merged layer saves
+  its weight unmerged), and a merged layer unmerges before it loads: a checkpoint written after merge() no longer
+  adds the adapter twice when it is loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-_EXTRA_STATE = "_extra_state"  # torch.nn.Module's key suffix for get_extra_state
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -87,22 +86,36 @@ class FrozenLinear(nn.Module):
     def _merged_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.t() if self.weight_transposed else self.weight, self.bias)
 
-    def get_extra_state(self) -> Tensor:
-        return torch.tensor(self.merged)
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """A merged layer saves its weight (and IA3's bias) unmerged: a checkpoint always holds the frozen base and
+        the adapter apart, whatever the layer's state, so it loads into any layer (merged or not, or a plain
+        nn.Linear for the base) without the adapter applied twice. The keys are the unmerged layer's."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            weight, bias = self._unmerged_base()
+            destination[prefix + "weight"] = weight
+            if bias is not None:
+                destination[prefix + "bias"] = bias
 
-    def set_extra_state(self, state) -> None:
-        self.merged = bool(state)
+    @torch.no_grad()
+    def _unmerged_base(self) -> tuple:
+        """(weight, bias) with the adapter taken out, as copies: what unmerge() would leave (bias None: unchanged)."""
+        weight, bias = self.weight.detach().clone(), None
+        self._unmerge_into(weight)
+        return weight, bias
+
+    def _unmerge_into(self, weight: Tensor) -> None:
+        raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        has_flag = prefix + _EXTRA_STATE in state_dict
-        if (self.merged and not has_flag and prefix + "weight" not in state_dict
-                and any(prefix + name in state_dict for name in self.ADAPTER_PARAMETERS)):
-            self.unmerge()  # new adapter weights for a merged layer: take the old ones out of the weight first
+        """A merged layer unmerges before it loads a weight or adapter weights: checkpoints hold them apart."""
+        if self.merged and any(prefix + name in state_dict for name in ("weight", *self.ADAPTER_PARAMETERS)):
+            try:
+                self.unmerge()
+            except ValueError:  # IA3 with zeros in l cannot unmerge: fine where the weight is replaced anyway
+                if prefix + "weight" not in state_dict:
+                    raise
+                self.merged = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if not has_flag:  # a state dict without the flag (saved before it existed, or by hand): not an error
-            if prefix + _EXTRA_STATE in missing_keys:
-                missing_keys.remove(prefix + _EXTRA_STATE)
-            if prefix + "weight" in state_dict:
-                self.merged = False  # its weight is taken as the frozen one

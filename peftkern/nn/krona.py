@@ -150,6 +150,9 @@ class KronALinear(FrozenLinear):
             krona_merge_(self.weight, *self.factors(), self.scaling, -1.0)
             self.merged = False
 
+    def _unmerge_into(self, weight: Tensor) -> None:
+        krona_merge_(weight, *self.factors(), self.scaling, -1.0)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, A={self.a_shape}, "
                 f"B={self.b_shape}, terms={self.terms}, rank={self.rank}, scaling={self.scaling:g}, "

@@ -96,6 +96,9 @@ class LoRALinear(FrozenLinear):
             lora_merge_(self.weight, self.lora_A, self.lora_B, self.scaling, -1.0, self.weight_transposed)
             self.merged = False
 
+    def _unmerge_into(self, weight: Tensor) -> None:
+        lora_merge_(weight, self.lora_A, self.lora_B, self.scaling, -1.0, self.weight_transposed)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, scaling={self.scaling:g}, "

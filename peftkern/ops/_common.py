@@ -109,8 +109,7 @@ def plain_torch(rows: Tensor, *widths: int) -> bool:
     kernel to launch; the adapters get zero gradients), or under a torch.func transform (grad, vmap, jacrev:
     per-sample gradients), which cannot transform a Function whose forward takes ctx and whose kernels have no batching
     rule."""
-    return (rows.shape[0] == 0 or 0 in widths
-            or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()))
+    return rows.shape[0] == 0 or 0 in widths or torch._C._are_functorch_transforms_active()
 
 
 def on_device(t: Tensor):
