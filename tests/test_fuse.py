@@ -763,3 +763,49 @@ def test_lokr_under_autocast_returns_peft_dtype():
         got, want = model(x), reference(x)
     assert got.dtype == want.dtype == torch.float32
     assert_close(got, want, torch.bfloat16, "output under autocast")
+
+
+def test_lokr_in_training_keeps_peft_random_stream():
+    """PEFT's LoKr forward draws torch.rand(1) per adapter and call in training (its module dropout, even at 0): the
+    fused forward draws the same, so a seeded model with dropout elsewhere (here on the CPU, where LoKr's draw and
+    the model's dropout share a generator) trains as PEFT's does. Without the draw the logits were 0.75 off."""
+    from peft import LoKrConfig, get_peft_model
+
+    torch.manual_seed(run_seed(0))
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=128, max_position_embeddings=64, num_labels=3)  # dropout 0.1
+    model = get_peft_model(transformers.BertForSequenceClassification(cfg), LoKrConfig(
+        r=4, alpha=8, target_modules=["query", "value"])).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lokr_" in name:
+                p.normal_(0, 0.1)
+    twin = copy.deepcopy(model)
+    assert peftkern.fuse(twin).fused
+    model.train()
+    twin.train()
+    x = batch("bert")
+    torch.manual_seed(run_seed(1))
+    expected = model(**x).logits
+    torch.manual_seed(run_seed(1))
+    assert_close(twin(**x).logits, expected, torch.float32, "train-mode logits under one seed", 4.0)
+
+
+def test_report_names_what_is_left_to_peft():
+    """A LoRA MultiheadAttention's out_proj (PEFT merges it around each call: its forward never runs) is reported as
+    left to PEFT, not as fused; a LoRA variant's reason names the variant, not the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    report = peftkern.fuse(get_peft_model(Attention(), LoraConfig(r=2, target_modules=["mha"])))
+    assert not report.fused, report.fused
+    assert any(name.endswith("out_proj") and "merges it" in why for name, why in report.skipped), report.skipped
+    reasons = [why for _, why in peftkern.fuse(build("llama", alora_invocation_tokens=[3])).skipped]
+    assert reasons and all("ALoraLinearVariant" in why for why in reasons), reasons

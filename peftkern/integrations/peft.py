@@ -131,7 +131,7 @@ def _lora_static_reason(module: nn.Module) -> Optional[str]:
     dora = [a for a, on in getattr(module, "use_dora", {}).items() if on]
     if dora:
         return f"DoRA (use_dora=True) for adapter(s) {dora}"
-    variants = list(getattr(module, "lora_variant", {}))
+    variants = {a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items()}
     if variants:
         return f"LoRA variant(s) {variants} (only vanilla LoRA is fused)"
     return None
@@ -318,6 +318,9 @@ def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     reason = _lokr_fallback_reason(self, x, args, kwargs, active)
     if reason is not None:
         return _fall_back(self, reason, x, args, kwargs)
+    if self.training:  # PEFT's LoKr draws its module dropout on the CPU generator per adapter and call, even at 0:
+        for _ in active:  # the same draws keep every later random op of a seeded run where PEFT's would be
+            torch.rand(1)
     base = _base_layer(self)
     A = [_lokr_factor(self, "w1", a) for a in active]
     B = [_lokr_factor(self, "w2", a) for a in active]
@@ -425,6 +428,17 @@ def _peft_tuner_layer(module: nn.Module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
+def _merged_around_each_call(model: nn.Module) -> set:
+    """ids of the LoRA Linear layers whose forward PEFT never calls: a LoRA MultiheadAttention's out_proj, which it
+    merges into the weight around each call."""
+    try:
+        from peft.tuners.lora.layer import MultiheadAttention
+    except ImportError:
+        return set()
+    return {id(m.base_layer.out_proj) for m in model.modules()
+            if isinstance(m, MultiheadAttention) and hasattr(m.base_layer, "out_proj")}
+
+
 def fuse(model: nn.Module) -> FuseReport:
     """Make every PEFT tuner layer of `model` that peftkern serves run its fused op; returns a FuseReport.
 
@@ -433,12 +447,17 @@ def fuse(model: nn.Module) -> FuseReport:
     """
     _register_peft_layers()
     report = FuseReport()
+    merged_per_call = _merged_around_each_call(model)
     for name, module in model.named_modules():
         if not _peft_tuner_layer(module):
             continue
         handler = _HANDLERS.get(type(module))
         if handler is None:
             report.skipped.append((name, f"{type(module).__module__}.{type(module).__name__} is not fused yet"))
+            continue
+        if id(module) in merged_per_call:
+            report.skipped.append((name, "out_proj of a LoRA MultiheadAttention, which merges it into the weight "
+                                         "around each call (its forward never runs)"))
             continue
         reason = handler.static_reason(module)
         if reason is None and "forward" in vars(module) and not is_fused(module):
