@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -440,8 +441,17 @@ def test_compile_fullgraph_matches_eager():
     assert_close(y_c, y_e, torch.float32, "compiled output")
     assert_close(dx_c, dx_e, torch.float32, "compiled dx")
     assert g_e.keys() == g_c.keys() and "0.scale" in g_e
+    # the learned scale's gradient sums s-free terms g u of both signs: its tolerance is the sum's condition number
+    # times the dtype's (seed 737358120: 1.6e-4 against 1e-5 between inductor's and eager's roundings), the terms
+    # taken from a float64 run of the first adapter
+    exact = copy.deepcopy(model).double()
+    h64 = x.detach().double()
+    out = exact[0](h64)
+    out.retain_grad()
+    exact[2](exact[1](out)).square().mean().backward()
+    k_scale = sum_condition_scale(out.grad * (out - h64).detach() / exact[0].scale.detach())
     for name in g_e:
-        assert_close(g_c[name], g_e[name], torch.float32, f"compiled grad {name}")
+        assert_close(g_c[name], g_e[name], torch.float32, f"compiled grad {name}", k_scale if name == "0.scale" else 1)
 
 
 def test_autocast_follows_the_autocast_dtype():
