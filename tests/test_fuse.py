@@ -419,18 +419,16 @@ def test_fp32_adapters_beside_bf16_base():
     output, and no fp32 copy of the activations saved for backward (PEFT casts x to fp32 and saves that)."""
     bf16 = torch.bfloat16
     reference = build("llama", dtype=bf16, fp32_adapters=True)
-    twin, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
+    twin = copy.deepcopy(reference)
     assert peftkern.fuse(twin).fused
-    ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
-    exact_hist = train_steps(exact, "llama", steps=2)
-    # after an AdamW step the two bf16 runs part by their roundings' amplified difference (seed 1511249347: 0.109
-    # against 0.1 at step 1): the float64 run arbitrates there
-    for step, ((lr, sr, _), (lt, st, _), (le, se, _)) in enumerate(zip(ref_hist, twin_hist, exact_hist)):
-        assert_close_or_as_exact(lt, lr, le, bf16, f"logits step {step}", 1.0 + STEP_SCALE * step)
-        assert_close_or_as_exact(st, sr, se, bf16, f"loss step {step}", 1.0 + STEP_SCALE * step)
-    # Gradients of the first step only: AdamW's normalised update turns bf16 rounding differences in near-zero
-    # gradients into full-size steps, so later gradients drift apart by 15% in either order of rounding.
-    (_, _, gr), (_, _, gt) = ref_hist[0], twin_hist[0]
+    ref_hist, twin_hist = train_steps(reference, "llama", steps=1), train_steps(twin, "llama", steps=1)
+    # The first step only: AdamW's first update is lr * sign(g) for every entry, so bf16 rounding differences in
+    # near-zero gradients (B starts at zero) flip whole entries of B by 2 lr, and the next step's logits part by up
+    # to 0.3 relative in either order of rounding (fresh seeds: 0.11 and 0.30, the fused run once nearer float64,
+    # once further). Several steps are test_fused_twin_trains_like_peft's job.
+    (lr, sr, gr), (lt, st, gt) = ref_hist[0], twin_hist[0]
+    assert_close(lt, lr, bf16, "logits")
+    assert_close(st, sr, bf16, "loss")
     for key in gr:
         assert gt[key].dtype == torch.float32, f"{key}: the adapters stay fp32"
         assert_close(gt[key], gr[key], bf16, f"grad {key}", MODEL_TOLERANCE[bf16] / TOLERANCE[bf16])
