@@ -325,9 +325,7 @@ def test_cpu_e2e_with_compile_flags_times_the_eager_rows(tmp_path):
 
 def test_bench_adapter_e2e_passes_its_options_on(monkeypatch):
     """`bench adapter --e2e --quick` ran bench e2e's full step count: --quick was dropped on the way."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_adapter
-    import bench_e2e
+    bench_adapter, bench_e2e = _bench_module("bench_adapter"), _bench_module("bench_e2e")
 
     seen = []
     monkeypatch.setattr(bench_e2e, "main", lambda argv: seen.append(argv) or [])

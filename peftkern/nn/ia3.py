@@ -80,18 +80,18 @@ class IA3Linear(FrozenLinear):
             self.merged = False
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged and bool((self.ia3_l == 0).any()):
-            # W * 0 cannot be divided back: save the merged weight with l = 1, the same function (the vector's
-            # values are lost, as unmerge() would refuse)
-            warnings.warn("IA3Linear.state_dict: a merged layer whose l has zeros cannot be unmerged; its merged "
-                          "weight is saved with l = 1, the same outputs", RuntimeWarning, stacklevel=3)
-            destination[prefix + "ia3_l"] = torch.ones_like(self.ia3_l.detach())
+        if not (self.merged and bool((self.ia3_l == 0).any())):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        # W * 0 cannot be divided back: save the merged weight as it is with l = 1, the same function (the vector's
+        # values are lost, as unmerge() would refuse)
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        warnings.warn("IA3Linear.state_dict: a merged layer whose l has zeros cannot be unmerged; its merged "
+                      "weight is saved with l = 1, the same outputs", RuntimeWarning, stacklevel=3)
+        destination[prefix + "ia3_l"] = torch.ones_like(self.ia3_l.detach())
 
     @torch.no_grad()
     def _unmerged_base(self) -> tuple:
-        if bool((self.ia3_l == 0).any()):
-            return self.weight.detach(), self.bias.detach() if self.bias is not None else None
         weight = self.weight.detach().clone()
         bias = self.bias.detach().clone() if self.bias is not None and not self.feedforward else None
         ia3_merge_(weight, self.ia3_l, bias, self.feedforward, True, self.weight_transposed)

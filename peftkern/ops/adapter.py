@@ -83,7 +83,7 @@ def _adapter_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta); an empty tensor where a gradient was not asked for."""
     needs = (need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb)
-    with op_range("peftkern::adapter_bwd"), no_autocast(h.device), on_device(h):
+    with op_range("peftkern::adapter_bwd"), no_autocast(h.device):  # autograd runs it on h's device
         grads = backend_module(backend, "adapter").adapter_backward(
             grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
             activation, scaling, sequential, layer_norm, needs)

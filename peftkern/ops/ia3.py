@@ -60,7 +60,7 @@ def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor
              weight_transposed: bool, backend: str, need_x: bool, need_l: bool, need_bias: bool,
              need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for."""
-    with op_range("peftkern::ia3_bwd"), on_device(grad_y):
+    with op_range("peftkern::ia3_bwd"):  # no on_device: autograd runs a backward on its tensors' device
         grads = backend_module(backend, "ia3").ia3_backward(
             grad_y, x, weight, scale, z, scale_input, weight_transposed, (need_x, need_l, need_bias, need_w))
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, (x, scale, grad_y, weight)))

@@ -83,7 +83,7 @@ def _krona_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, da2, db, db2, dbias, dweight); an empty tensor where that gradient was not asked for."""
     needs = (need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
-    with op_range("peftkern::krona_bwd"), on_device(grad_y):
+    with op_range("peftkern::krona_bwd"):  # no on_device: autograd runs a backward on its tensors' device
         grads = backend_module(backend, "krona").krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs)
     refs = (x, a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, grad_y, weight)
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))

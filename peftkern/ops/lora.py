@@ -87,7 +87,7 @@ def _lora_bwd(
 def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
                     need_x, need_a, need_b, need_bias, need_w) -> tuple:
     """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate)."""
-    with op_range("peftkern::lora_bwd"), on_device(grad_y):
+    with op_range("peftkern::lora_bwd"):  # no on_device: autograd runs a backward on its tensors' device
         return backend_module(backend, "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
             (need_x, need_a, need_b, need_bias, need_w))
