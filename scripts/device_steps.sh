@@ -23,6 +23,9 @@ for step in "$@"; do
   PEFTKERN_RESULTS_DIR="$WORK/steps/$name" OUT="$WORK/steps/$name" timeout "$secs" bash -c "$cmd" \
     > "$WORK/steps/$name.log" 2>&1
   rc=$?
+  # a step cut by the timeout may leave a script's EXIT trap still writing its logs (the TERM goes to the whole
+  # group): a moment for it before the folder is packed
+  [ "$rc" -eq 124 ] && sleep 3
   [ "$rc" -eq 0 ] || status=1
   echo "== step $name: rc $rc in $(( $(date +%s) - start )) s" | tee -a "$WORK/steps/steps.log"
   tar czf "$WORK/steps.tgz" -C "$WORK" steps && mv "$WORK/steps.tgz" "$OUT/steps.tgz"

@@ -61,7 +61,11 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
   pids=()
   # The shards write outside $OUT and their logs are gathered into $OUT/tests.log however the script ends: on
   # 2026-12-03 a device call ran out of time with 16 shard logs in $OUT, and the tool returned 7 of them.
-  SHARD_DIR=$(mktemp -d)
+  # PEFTKERN_SHARD_DIR (a folder under $OUT, with device_steps.sh, which packs the step's folder into one file)
+  # keeps each shard's log where it comes back even when the call is cut before gather runs: on 2026-12-05 a part
+  # ran past device_steps' timeout and came back with no shard log at all.
+  SHARD_DIR=${PEFTKERN_SHARD_DIR:-$(mktemp -d)}
+  mkdir -p "$SHARD_DIR"
   gather() {
     for ((i = 0; i < SHARDS; i++)); do
       [ -f "$SHARD_DIR/tests.$i.log" ] || continue
@@ -69,18 +73,21 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
       echo "-- shard $i: $(tail -n 1 "$SHARD_DIR/tests.$i.log")" | tee -a "$LOG"
       grep -E "^(FAILED|ERROR)" "$SHARD_DIR/tests.$i.log" | head -n 40 | tee -a "$LOG"
     done
-    rm -rf "$SHARD_DIR"
+    [ -n "${PEFTKERN_SHARD_DIR:-}" ] || rm -rf "$SHARD_DIR"
     margins
   }
   # A timeout around this script stops bash alone: the shards would run on beside whatever comes next (on
   # 2026-11-23 they overlapped an e2e benchmark and spoiled it), so they are stopped with it.
-  trap 'kill "${pids[@]}" 2>/dev/null; [ -d "$SHARD_DIR" ] && gather' EXIT
+  trap 'kill "${pids[@]}" 2>/dev/null; [ -d "$SHARD_DIR" ] && [ ! -f "$OUT/tests.log" ] && gather' EXIT
   trap 'exit 143' TERM INT
   for ((i = 0; i < SHARDS && i < n; i++)); do
     shard=()
     for ((j = i; j < n; j += SHARDS)); do shard+=("${ids[j]}"); done
     # --durations: the slowest tests of each shard, so that the suite's time on the GPU can be cut where it goes
-    python3 -m pytest "${shard[@]}" -q -p no:cacheprovider -rfs --durations=5 > "$SHARD_DIR/tests.$i.log" 2>&1 &
+    # -v names each test as it starts, so a shard cut short shows the test it was in; faulthandler_timeout dumps
+    # the stacks of a test still running after 150 s (a hang, or where the time goes).
+    python3 -m pytest "${shard[@]}" -v -p no:cacheprovider -rfs --durations=5 -o faulthandler_timeout=150 \
+      > "$SHARD_DIR/tests.$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
