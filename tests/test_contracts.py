@@ -69,6 +69,13 @@ def test_double_backward_raises(kind, backend):
     gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.square().sum().backward()
+    # a gradient that names the op's inputs: once_differentiable's error node hung off detached copies, so
+    # autograd.grad found no path to x (None with allow_unused, a misleading error without) and hessian gave zeros
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.grad(gx.square().sum(), x, allow_unused=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.functional.hessian(lambda v: _call(kind, v, vec).tanh().sum(), x[:2].detach())
     # an ordinary backward is untouched
     y = _call(kind, x, vec)
     gx, gv = torch.autograd.grad(y.square().sum(), [x, vec])

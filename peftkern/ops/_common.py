@@ -137,18 +137,45 @@ def vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None else t.contiguous()
 
 
+class _SecondOrderError(torch.autograd.Function):
+    """The gradients of a first-order backward, tied to that backward's grad outputs and to the op's saved tensors
+    that require grad, so that any gradient of them (.backward(), autograd.grad naming the op's inputs, hessian)
+    reaches this node and raises."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("peftkern's fused ops are once_differentiable: their backward has no graph, so a gradient "
+                           "of a gradient (create_graph=True, a gradient penalty, a Hessian) is not available; "
+                           "torch.func transforms, or peftkern.set_backend('torch'), run the differentiable reference")
+
+
 def first_order(backward):
-    """An autograd.Function's backward that is not itself differentiable: under create_graph=True (a double
-    backward) it runs as torch.autograd.function.once_differentiable, so differentiating its gradients raises instead
-    of giving a silently wrong answer (the kernels' gradients carry no graph); otherwise it runs as it is, without
-    once_differentiable's no_grad context on every backward."""
-    once = torch.autograd.function.once_differentiable(backward)
+    """An autograd.Function's backward that is not itself differentiable. Under create_graph=True (grad mode on in
+    the backward) its gradients come out tied to the grad outputs and to the op's saved tensors that require grad
+    through a node that raises when differentiated: torch's once_differentiable ties them to detached copies only,
+    so .backward() raised but autograd.grad(gx.sum(), x) and autograd.functional.hessian saw no path to x and
+    returned None / zeros (a review, 2026-12-05). Otherwise it runs as it is, without a no_grad context."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
-        if torch.is_grad_enabled():
-            return once(ctx, *grads)
-        return backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        links = [t for t in grads if isinstance(t, Tensor) and t.requires_grad]
+        links += [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not links:
+            return out
+        single = not isinstance(out, tuple)
+        outs = (out,) if single else out
+        tensors = [t for t in outs if isinstance(t, Tensor)]
+        tied = iter(_SecondOrderError.apply(len(tensors), *tensors, *links))
+        outs = tuple(next(tied) if isinstance(t, Tensor) else t for t in outs)
+        return outs[0] if single else outs
 
     return run
 
