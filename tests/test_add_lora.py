@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, assert_close, run_seed
 from test_fuse import batch, tiny_gpt2, tiny_llama
+from torch import nn
 
 import peftkern
+from peftkern.nn import LoRALinear
 
 peft = pytest.importorskip("peft")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -143,3 +145,95 @@ def test_freeze_base_freezes_an_unfrozen_base_weight_but_no_adapter():
     q.weight.requires_grad_(True)
     peftkern.add_lora(model, target_modules=["v_proj"], r=2)
     assert not q.weight.requires_grad and q.lora_A.requires_grad and q.lora_B.requires_grad
+
+
+# add_lora / save_lora / load_lora as a PyTorch user meets them (a review of the nn layers, 2026-12-05); each test
+# failed before its fix.
+
+
+class _ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward (as a quantized or otherwise custom layer has)."""
+
+    def forward(self, x):
+        return super().forward(x) * 3.0
+
+
+def test_add_lora_refuses_a_linear_with_its_own_forward():
+    """LoRALinear computes x W^T + b from the weight: a subclass's forward was dropped (the output changed at init,
+    where B = 0 must leave it alone). add_lora raises before it changes anything; a subclass that keeps
+    nn.Linear's forward (MultiheadAttention's NonDynamicallyQuantizableLinear) is adapted."""
+    model = nn.Sequential(nn.Linear(8, 8), _ScaledLinear(8, 8), nn.Linear(8, 4)).to(DEVICE)
+    with pytest.raises(TypeError, match="its own forward"):
+        peftkern.add_lora(model, target_modules=["0", "1"], r=2)
+    assert type(model[0]) is nn.Linear and type(model[1]) is _ScaledLinear, "nothing replaced"
+    assert all(p.requires_grad for p in model.parameters()), "nothing frozen"
+    for layer in (LoRALinear, peftkern.nn.IA3Linear, peftkern.nn.KronALinear):
+        with pytest.raises(TypeError, match="its own forward"):
+            layer.from_linear(_ScaledLinear(8, 8))
+    plain = nn.Sequential(nn.modules.linear.NonDynamicallyQuantizableLinear(8, 8)).to(DEVICE)
+    assert peftkern.add_lora(plain, target_modules=["0"], r=2) == ["0"]
+
+
+def test_add_lora_leaves_a_multihead_attention_out_proj_alone():
+    """nn.MultiheadAttention never calls its out_proj: a LoRA there would not run (no effect, no gradient)."""
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 8)})
+    with pytest.warns(RuntimeWarning, match="out_proj"):
+        assert peftkern.add_lora(model, target_modules=["out_proj", "head"], r=2) == ["head"]
+    assert type(model["attn"].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def _lora_model(seed: int) -> nn.Module:
+    torch.manual_seed(run_seed(seed))
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)).to(DEVICE)
+
+
+def _train_b(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data-parallel"])
+def test_save_lora_of_a_wrapped_model_writes_peft_keys(tmp_path, wrap):
+    """torch.compile's OptimizedModule and DataParallel put _orig_mod. / module. into the names: save_lora wrote them
+    into PEFT's keys, and neither load_lora nor PEFT found the layers again."""
+    model = _lora_model(0)
+    peftkern.add_lora(model, target_modules=["0", "2"], r=2)
+    _train_b(model)
+    x = torch.randn(3, 12, device=DEVICE)
+    expected = model(x)
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+    peftkern.save_lora(wrapped, str(tmp_path))
+    from safetensors.torch import load_file
+
+    keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert keys == [f"base_model.model.{i}.lora_{f}.weight" for i in (0, 2) for f in "AB"], keys
+    plain = _lora_model(0)
+    assert sorted(peftkern.load_lora(plain, str(tmp_path))) == ["0", "2"]
+    assert_close(plain(x), expected, torch.float32, "reloaded")
+
+
+def test_load_lora_into_layers_adapted_already(tmp_path):
+    """Resuming into a model that add_lora (or an earlier load_lora) adapted: load_lora said the names 'matched no
+    nn.Linear'. It loads into the LoRALinear layers there (unmerging a merged one), and a rank that differs is a
+    clear error."""
+    model = _lora_model(0)
+    peftkern.add_lora(model, target_modules=["0", "2"], r=2, alpha=6.0)
+    _train_b(model)
+    x = torch.randn(3, 12, device=DEVICE)
+    expected = model(x)
+    peftkern.save_lora(model, str(tmp_path))
+    target = _lora_model(0)
+    peftkern.add_lora(target, target_modules=["0", "2"], r=2, alpha=1.0)
+    target[0].merge()
+    assert sorted(peftkern.load_lora(target, str(tmp_path))) == ["0", "2"]
+    assert not target[0].merged and target[0].alpha == 6.0
+    assert_close(target(x), expected, torch.float32, "loaded into adapted layers")
+    assert sorted(peftkern.load_lora(target, str(tmp_path))) == ["0", "2"], "twice"
+    assert_close(target(x), expected, torch.float32, "loaded twice")
+    other = _lora_model(0)
+    peftkern.add_lora(other, target_modules=["0"], r=4)
+    with pytest.raises(ValueError, match="rank 4 already"):
+        peftkern.load_lora(other, str(tmp_path))

@@ -87,6 +87,13 @@ def test_checkpoints_hold_the_weight_and_the_adapter_apart(kind):
             target.load_state_dict(part, strict=part is state)
             assert not target.merged
             assert_close(target(x), expected, torch.float32, f"loaded into a layer merged={target_merged}")
+    # the bias alone (strict=False): IA3's output form merges l into the bias too, so the layer must unmerge first
+    # (it loaded the unmerged bias beside the merged weight: 0.118 off, a review, 2026-12-05)
+    target = copy.deepcopy(layer)
+    target.load_state_dict({"bias": state["bias"]}, strict=False)
+    assert_close(target(x), expected, torch.float32, "a merged layer loading its bias alone")
+    target.unmerge() if target.merged else None
+    assert_close(target(x), expected, torch.float32, "unmerged after loading its bias")
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
@@ -242,3 +249,30 @@ def test_per_sample_gradients_under_torch_compile():
     compiled = torch.compile(per_sample, backend="aot_eager")(params, x)
     for name in ("lora_A", "lora_B"):
         assert_close(compiled[name], eager[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "prune"])
+@pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
+def test_merge_refuses_a_recomputed_weight(kind, how):
+    """A weight that parametrize / weight_norm / prune recompute on each access: merge wrote into the recomputed
+    copy and marked the layer merged, which then ran without its adapter (20.7 off, a review, 2026-12-05)."""
+    torch.manual_seed(run_seed(0))
+    layer = _trained(MAKERS[kind](device=DEVICE))
+    if how == "parametrize":
+        class Doubled(nn.Module):
+            def forward(self, w):
+                return 2 * w
+
+        nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
+    elif how == "weight_norm":
+        layer = torch.nn.utils.weight_norm(layer)
+    else:
+        import torch.nn.utils.prune as prune
+
+        prune.random_unstructured(layer, "weight", amount=0.3)
+    x = torch.randn(5, 24, device=DEVICE)
+    expected = layer(x)
+    with pytest.raises(RuntimeError, match="cannot be merged"):
+        layer.merge()
+    assert not layer.merged
+    assert_close(layer(x), expected, torch.float32, f"{kind} under {how} after the refused merge")

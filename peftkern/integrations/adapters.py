@@ -42,6 +42,7 @@ from torch import nn
 
 from ..nn import freeze_all_but_adapters
 from ..nn.adapter import BottleneckAdapter
+from ._common import _unwrapped
 
 CONFIG_NAME = "bottleneck_adapter_config.json"
 WEIGHTS_NAME = "bottleneck_adapter.safetensors"
@@ -155,20 +156,6 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, _Layout]]
         if layout is not None:
             found.append((name, module, layout))
     return found
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's OptimizedModule and DDP / DataParallel / FSDP wrappers, whose own names and
-    state_dict keys carry a prefix (_orig_mod., module.): the adapters' keys are the inner model's."""
-    while True:
-        inner = model._modules.get("_orig_mod") or (model._modules.get("module")
-                                                    if type(model).__name__ in _WRAPPERS else None)
-        if inner is None:
-            return model
-        model = inner
-
-
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
 
 def _indexed_layers(model: nn.Module, layers: list) -> dict:

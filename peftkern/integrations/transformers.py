@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..nn import freeze_all_but_adapters
-from ..nn._frozen import is_conv1d
+from ..nn._frozen import check_wrappable, is_conv1d
 from ..nn.lora import LoRALinear
+from ._common import _unwrapped
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,14 +50,25 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     target_modules: a list of names or name suffixes (["q_proj", "v_proj"]) or a regex on the full name.
     adapter_dtype: the factors' dtype; by default PEFT's: float32 beside a float16 / bfloat16 model, else the model's.
     """
+    model = _unwrapped(model)
+    matched = [(name, module) for name, module in model.named_modules()
+               if name and _matches(name, target_modules) and not isinstance(module, LoRALinear)
+               and (isinstance(module, nn.Linear) or is_conv1d(module))]
+    # nn.MultiheadAttention reads its out_proj's weight and bias in its own forward and never calls out_proj: an
+    # adapter there would never run (PEFT 0.21's LoRA on it is as silent)
+    unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    if any(id(module) in unused for _, module in matched):
+        skipped = [name for name, module in matched if id(module) in unused]
+        warnings.warn(f"add_lora: {skipped} left alone: nn.MultiheadAttention uses its out_proj's weight directly, "
+                      "so a LoRA there would never run", RuntimeWarning, stacklevel=2)
+        matched = [(name, module) for name, module in matched if id(module) not in unused]
+    for name, module in matched:  # before anything changes
+        try:
+            check_wrappable(module)
+        except TypeError as e:
+            raise TypeError(f"add_lora: {name}: {e}") from None
     adapted = []
-    for name, module in list(model.named_modules()):
-        if not name or not _matches(name, target_modules):
-            continue
-        if isinstance(module, LoRALinear):
-            continue
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            continue
+    for name, module in matched:
         if freeze_base and not adapted:  # once something matched; the adapters already attached keep training
             freeze_all_but_adapters(model)
         parent_name, _, child = name.rpartition(".")
@@ -71,8 +83,18 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     return adapted
 
 
+def _lora_at(model: nn.Module, name: str) -> Optional[LoRALinear]:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, LoRALinear) else None
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The LoRALinear layers by name, in the model inside torch.compile / DDP / DataParallel / FSDP wrappers (whose
+    names carry an _orig_mod. / module. prefix that PEFT's keys do not)."""
+    return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, LoRALinear)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,6 +110,7 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
     """Write adapter_config.json and adapter_model.safetensors in PEFT's layout."""
     from safetensors.torch import save_file
 
+    model = _unwrapped(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear layers to save")
@@ -140,14 +163,22 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
                          "them. Load it with peft.PeftModel.from_pretrained, then peftkern.fuse(model)")
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     alphas = config.get("alpha_pattern") or {}
+    model = _unwrapped(model)
     adapted = []
     for name in names:
         r = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
-        add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r,
-                 alpha=_pattern_value(alphas, name, config["lora_alpha"]), dropout=config.get("lora_dropout", 0.0),
-                 use_rslora=config.get("use_rslora", False), adapter_dtype=adapter_dtype,
-                 freeze_base=not adapted)
-        layer = model.get_submodule(name)
+        alpha = _pattern_value(alphas, name, config["lora_alpha"])
+        dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+        layer = _lora_at(model, name)
+        if layer is not None:  # adapted already (add_lora, or a load_lora before): load into it
+            if layer.r != r:
+                raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
+            layer.unmerge()
+            layer._set_hyperparameters(alpha, dropout, use_rslora)
+        else:
+            add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r, alpha=alpha, dropout=dropout,
+                     use_rslora=use_rslora, adapter_dtype=adapter_dtype, freeze_base=not adapted)
+            layer = model.get_submodule(name)
         with torch.no_grad():
             layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
             layer.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])

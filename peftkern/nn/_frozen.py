@@ -25,6 +25,20 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
+    """A TypeError unless `linear` is an nn.Linear (or GPT-2's Conv1D) computing x W^T + b: a subclass with its own
+    forward (a quantized layer, a custom op) would lose it inside the wrapping layer, which computes the plain
+    product from its weight (an nn.Linear subclass's scaled output changed by 0.97 at init, a review, 2026-12-05)."""
+    transposed = allow_conv1d and is_conv1d(linear)
+    if not transposed and not isinstance(linear, nn.Linear):
+        kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
+        raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
+    if not transposed and type(linear).forward is not nn.Linear.forward:
+        raise TypeError(f"{type(linear).__name__} is an nn.Linear with its own forward, which the wrapping layer "
+                        "would drop (it computes x W^T + b from the weight); PEFT with peftkern.fuse leaves such "
+                        "layers on PEFT's path")
+
+
 def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
     """adapter_dtype, or PEFT's default (autocast_adapter_dtype=True): float32 beside a float16 / bfloat16 base, whose
     rounding would lose most of an optimizer's small updates to the adapter; otherwise the base's dtype."""
@@ -51,10 +65,8 @@ class FrozenLinear(nn.Module):
     def _wrap(cls, linear: nn.Module, init_adapter: Callable, allow_conv1d: bool = True):
         """A `cls` holding `linear`'s weight and bias Parameters, with init_adapter(layer, K, N, transposed) called on
         it; the Parameters are frozen only once that returns."""
+        check_wrappable(linear, allow_conv1d)
         transposed = allow_conv1d and is_conv1d(linear)
-        if not transposed and not isinstance(linear, nn.Linear):
-            kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
-            raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
         K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -107,14 +119,29 @@ class FrozenLinear(nn.Module):
     def _unmerge_into(self, weight: Tensor) -> None:
         raise NotImplementedError
 
+    def _check_mergeable(self) -> None:
+        """A RuntimeError where the weight is not this layer's Parameter but recomputed from others on each access
+        (torch.nn.utils.parametrize, weight_norm, prune): merge would write into the recomputed copy, and the layer,
+        marked merged, would run without its adapter (20.7 off, a review, 2026-12-05)."""
+        if "weight" not in self._parameters:
+            raise RuntimeError(f"{type(self).__name__}.merge: the weight is recomputed from other tensors "
+                               "(parametrize, weight_norm or prune), so it cannot be merged into in place; remove "
+                               "the parametrization first, or keep the layer unmerged")
+
+    def _merged_into(self) -> tuple:
+        """The base parameters that merge() changes: a state dict holding any of them makes a merged layer unmerge
+        before it loads (IA3's output form scales the bias too)."""
+        return ("weight",)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         """A merged layer unmerges before it loads a weight or adapter weights: checkpoints hold them apart."""
-        if self.merged and any(prefix + name in state_dict for name in ("weight", *self.ADAPTER_PARAMETERS)):
+        merged_into = self._merged_into()
+        if self.merged and any(prefix + name in state_dict for name in (*merged_into, *self.ADAPTER_PARAMETERS)):
             try:
                 self.unmerge()
-            except ValueError:  # IA3 with zeros in l cannot unmerge: fine where the weight is replaced anyway
-                if prefix + "weight" not in state_dict:
+            except ValueError:  # IA3 with zeros in l cannot unmerge: fine where everything merged is replaced
+                if not all(prefix + name in state_dict for name in merged_into):
                     raise
                 self.merged = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -66,9 +66,13 @@ class IA3Linear(FrozenLinear):
         return ia3_linear(x, self.weight, self.ia3_l, self.bias, self.feedforward, self.weight_transposed)
 
     @torch.no_grad()
+    def _merged_into(self) -> tuple:
+        return ("weight",) if self.feedforward or self.bias is None else ("weight", "bias")
+
     def merge(self) -> None:
         """Fold l into W (and b) in place; forward then runs the plain linear."""
         if not self.merged:
+            self._check_mergeable()
             ia3_merge_(self.weight, self.ia3_l, self.bias, self.feedforward, False, self.weight_transposed)
             self.merged = True
 

@@ -140,6 +140,7 @@ class KronALinear(FrozenLinear):
     def merge(self) -> None:
         """W += s sum_t A_t (x) B_t in place (a kernel on the GPU); forward then runs the plain linear."""
         if not self.merged:
+            self._check_mergeable()
             krona_merge_(self.weight, *self.factors(), self.scaling, 1.0)
             self.merged = True
 

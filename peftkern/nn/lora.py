@@ -53,15 +53,23 @@ class LoRALinear(FrozenLinear):
             raise ValueError(f"r must be at least 1, got {r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
-        self.dropout, self.use_rslora, self.weight_transposed = dropout, use_rslora, weight_transposed
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.weight_transposed = weight_transposed
+        self._set_hyperparameters(alpha, dropout, use_rslora)
         self.lora_A = nn.Parameter(torch.empty((r, in_features), device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.empty((out_features, r), device=device, dtype=adapter_dtype))
         self.merged = False
+        self.reset_adapter_parameters()
+
+    def _set_hyperparameters(self, alpha: float, dropout: float, use_rslora: bool) -> None:
+        """alpha, dropout and rsLoRA, and what follows from them (an unmerged layer only: merge used the old
+        scaling)."""
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.alpha, self.dropout, self.use_rslora = alpha, dropout, use_rslora
+        self.scaling = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
         self.peft_ref = (dataclasses.replace(LORA_PEFT_REF, integration_form="scaled addition (s = alpha / sqrt(r))")
                          if use_rslora else LORA_PEFT_REF)
-        self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -86,6 +94,7 @@ class LoRALinear(FrozenLinear):
     def merge(self) -> None:
         """W += s B A in place (a kernel on the GPU); forward then runs the plain linear."""
         if not self.merged:
+            self._check_mergeable()
             lora_merge_(self.weight, self.lora_A, self.lora_B, self.scaling, 1.0, self.weight_transposed)
             self.merged = True
 
