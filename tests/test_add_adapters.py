@@ -380,3 +380,80 @@ def test_adapterhub_converter_keys_and_limits():
     with pytest.raises(ValueError, match="pass adapter_name"):
         peftkern.convert_adapterhub(two, config)
     assert peftkern.convert_adapterhub(two, config, adapter_name="other")[1].bottleneck_size == 8
+
+
+# load / remove as a resume or a refusal meets them (a review, 2026-12-05); each test failed before its fix.
+
+
+def test_load_adapters_into_the_same_adapters_resumes(tmp_path):
+    """A model with the file's adapters attached already (add_adapters, or a load before) loads into them: this
+    raised 'already has an adapter'. One that has some of them and not others is a clear error."""
+    source, _ = build("llama", "houlsby")
+    x = batch("llama")
+    expected = source.eval()(**x).logits
+    peftkern.save_adapters(source, str(tmp_path))
+    target, _ = build("llama", "houlsby")  # the same config, its own random adapters
+    with torch.no_grad():
+        for p in adapters(target)[next(iter(adapters(target)))].parameters():
+            p.add_(1.0)
+    for _ in range(2):
+        assert sorted(peftkern.load_adapters(target, str(tmp_path))) == sorted(adapters(source))
+        assert_close(target.eval()(**x).logits, expected, DTYPE, "resumed")
+    partial, _ = build("llama", "houlsby", layers=(0,))
+    with pytest.raises(ValueError, match="some of its adapters"):
+        peftkern.load_adapters(partial, str(tmp_path))
+
+
+def test_a_refused_load_leaves_the_model_as_it_was(tmp_path):
+    """A file that does not fit (another hidden size): the adapters were attached before the check and stayed, with
+    their initial weights, and the base was left frozen."""
+    source, _ = build("llama", "pfeiffer")
+    peftkern.save_adapters(source, str(tmp_path))
+    torch.manual_seed(run_seed(1))
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    other = transformers.LlamaForCausalLM(cfg).to(DEVICE, DTYPE)
+    state = copy.deepcopy(other.state_dict())
+    x = batch("llama")
+    before = other.eval()(**x).logits
+    with pytest.raises(ValueError, match="hidden size or reduction factor"):
+        peftkern.load_adapters(other, str(tmp_path))
+    assert not adapters(other) and all(p.requires_grad for p in other.parameters())
+    assert other.state_dict().keys() == state.keys() and not peftkern.integrations.adapters._configs(other)
+    assert torch.equal(other(**x).logits, before), "no hook left behind"
+
+
+def test_load_adapters_of_another_placement_adds_them(tmp_path):
+    """A file whose adapters sit where the model has none adds them beside the model's own (as a second
+    add_adapters call does); this raised, naming the model's own adapters as missing."""
+    source, _ = build("llama", "houlsby")
+    peftkern.save_adapters(source, str(tmp_path))
+    target, _ = build("llama", "parallel")
+    own = set(adapters(target))
+    names = peftkern.load_adapters(target, str(tmp_path))
+    assert set(names) == set(adapters(source)) and set(adapters(target)) == own | set(names)
+    for key, tensor in adapter_state_dict(source).items():
+        assert torch.equal(adapter_state_dict(target)[key], tensor)
+
+
+def test_remove_and_save_whichever_module_add_was_called_on(tmp_path):
+    """add_adapters(m.model) then remove_adapters(m) (or the other way round): the hook handles and configs lived on
+    the module add_adapters was given, so the adapters ran on after their modules were gone (3.6e-4 off), and
+    save_adapters(m) said no adapters were attached."""
+    torch.manual_seed(run_seed(0))
+    base = tiny_llama().to(DEVICE, DTYPE).eval()
+    x = batch("llama")
+    expected = base(**x).logits
+    for add_on, remove_on in (("inner", "outer"), ("outer", "inner")):
+        model = copy.deepcopy(base)
+        pick = {"inner": model.model, "outer": model}
+        peftkern.add_adapters(pick[add_on], "pfeiffer")
+        with torch.no_grad():
+            for p in adapters(model).values():
+                p.up.weight.normal_(0, 0.5)
+        assert not torch.equal(model(**x).logits, expected)
+        if add_on == "inner":
+            peftkern.save_adapters(pick[remove_on], str(tmp_path / add_on))
+        peftkern.remove_adapters(pick[remove_on])
+        assert not adapters(model)
+        assert torch.equal(model(**x).logits, expected), f"add on {add_on}, remove on {remove_on}"

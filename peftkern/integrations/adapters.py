@@ -286,38 +286,53 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
             planned.append((layer_name, layer, layout, placement, adapter))
     if freeze_base:
         freeze_all_but_adapters(model)  # the adapters attached before keep training
-    hooks = getattr(model, "_peftkern_adapter_hooks", [])
     names = []
     for layer_name, layer, layout, placement, adapter in planned:
         if getattr(layer, CONTAINER, None) is None:
             layer.add_module(CONTAINER, nn.ModuleDict())
         getattr(layer, CONTAINER)[placement] = adapter
-        hooks += _attach(layer, layout, placement, adapter)
+        _attach(layer, layout, placement, adapter)
         names.append(f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}")
-    model._peftkern_adapter_hooks = hooks
-    model._peftkern_adapter_configs = _configs(model) + [dataclasses.replace(config, layers=tuple(chosen))]
+    model._peftkern_adapter_configs = list(getattr(model, "_peftkern_adapter_configs", None) or []) + [
+        dataclasses.replace(config, layers=tuple(chosen))]
     return names
 
 
 def _configs(model: nn.Module) -> list:
-    """The AdapterConfig of each add_adapters call on the model, in order (save_adapters writes them all)."""
-    return list(getattr(model, "_peftkern_adapter_configs", None) or [])
+    """The AdapterConfig of each add_adapters call on the model or on any module inside it (add_adapters(m.model)
+    then save_adapters(m)), in order (save_adapters writes them all)."""
+    return [c for m in _unwrapped(model).modules() for c in (getattr(m, "_peftkern_adapter_configs", None) or [])]
 
 
 def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
     return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, BottleneckAdapter)}
 
 
+_HOOKS = (_sequential_hook, _parallel_hook, _stash_input_hook, _parallel_from_stash_hook)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def _remove_hooks(model: nn.Module, only: Optional[set] = None) -> None:
+    """Remove the hooks that run adapters (those of the adapters whose id() is in `only`, else all) from every module
+    of the model, wherever add_adapters was called: handles kept on the model that add_adapters was given missed the
+    hooks when remove_adapters got another (add_adapters(m.model), remove_adapters(m): the adapters ran on, unseen)."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()) + list(module._forward_pre_hooks.items()):
+            if (isinstance(hook, functools.partial) and hook.func in _HOOKS
+                    and (only is None or id(hook.args[0]) in only)):
+                for name in _HOOK_DICTS:
+                    getattr(module, name, {}).pop(key, None)
+
+
 def remove_adapters(model: nn.Module) -> None:
     """Detach every adapter add_adapters attached (hooks and modules); the model's own parameters stay frozen."""
     model = _unwrapped(model)
-    for handle in getattr(model, "_peftkern_adapter_hooks", []):
-        handle.remove()
-    model._peftkern_adapter_hooks = []
-    for _, layer, _ in transformer_layers(model):
-        if hasattr(layer, CONTAINER):
-            delattr(layer, CONTAINER)
-    model._peftkern_adapter_configs = []
+    _remove_hooks(model)
+    for module in model.modules():
+        if isinstance(getattr(module, CONTAINER, None), nn.ModuleDict):
+            delattr(module, CONTAINER)
+        module.__dict__.pop("_peftkern_adapter_configs", None)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -349,20 +364,77 @@ def save_adapters(model: nn.Module, path: str) -> None:
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME))
 
 
-def _load_state(model: nn.Module, state: dict, source: str) -> None:
-    model = _unwrapped(model)
-    own = adapter_state_dict(model)
+def _adapter_of(key: str) -> str:
+    """The adapter module's name in a key <layer>.bottleneck_adapters.<placement>.<param...>."""
+    if key.startswith(f"{CONTAINER}."):
+        head, rest = "", key[len(CONTAINER) + 1:]
+    else:
+        head, _, rest = key.partition(f".{CONTAINER}.")
+    placement = rest.split(".", 1)[0]
+    return f"{head}.{CONTAINER}.{placement}" if head else f"{CONTAINER}.{placement}"
+
+
+def _copy_state(model: nn.Module, state: dict, source: str, names: set) -> None:
+    """state (exactly the tensors of the adapters `names`) into them; every key and shape checked before a copy."""
+    own = {k: v for k, v in adapter_state_dict(model).items() if _adapter_of(k) in names}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit the attached adapters: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+        raise ValueError(f"{source} does not fit the attached adapters (a different configuration: layer norm, "
+                         f"learned scale?): missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model's adapter "
+                             f"{tuple(own[key].shape)} (a different hidden size or reduction factor)")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in state.items():
-            if params[key].shape != tensor.shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model's adapter "
-                                 f"{tuple(params[key].shape)}")
             params[key].copy_(tensor)
+
+
+def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,
+                     adapter_dtype: Optional[torch.dtype]) -> list[str]:
+    """The adapters of `state` loaded: into the model's own where it has all of them already (a resume), else attached
+    by add_adapters(model, config) for each of `configs` first. A refused load leaves the model as it was (before, a
+    failed check left adapters attached with their initial weights, and the base frozen; a resume raised)."""
+    model = _unwrapped(model)
+    wanted = {_adapter_of(k) for k in state}
+    present = wanted & set(adapters(model))
+    if present:
+        if present != wanted:
+            raise ValueError(f"{source}: the model has some of its adapters ({sorted(present)[:2]}) but not others "
+                             f"({sorted(wanted - present)[:2]}); load it into a model with all of them or none")
+        _copy_state(model, state, source, wanted)
+        return sorted(wanted)
+    grads = {p: p.requires_grad for p in model.parameters()}
+    recorded = {m: m.__dict__.get("_peftkern_adapter_configs") for m in model.modules()}
+    names = []
+    try:
+        for config in configs:
+            names += add_adapters(model, config, adapter_dtype=adapter_dtype)
+        _copy_state(model, state, source, set(names))
+    except Exception:
+        _detach(model, names)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, value in recorded.items():
+            if value is None:
+                m.__dict__.pop("_peftkern_adapter_configs", None)
+            else:
+                m._peftkern_adapter_configs = value
+        raise
+    return names
+
+
+def _detach(model: nn.Module, names: list) -> None:
+    """The adapters `names` (from add_adapters) off the model: their hooks, then the modules."""
+    _remove_hooks(model, {id(model.get_submodule(name)) for name in names})
+    for name in names:
+        container_name, _, placement = name.rpartition(".")
+        container = model.get_submodule(container_name)
+        del container[placement]
+        if not len(container):
+            parent_name, _, attr = container_name.rpartition(".")
+            delattr(model.get_submodule(parent_name) if parent_name else model, attr)
 
 
 def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
@@ -373,15 +445,14 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
         meta = json.load(f)
     if meta.get("peft_type") != "BOTTLENECK_ADAPTER":
         raise ValueError(f"{path} holds a {meta.get('peft_type')} adapter, not a peftkern bottleneck adapter")
-    names = []
+    configs = []
     for values in meta.get("configs") or [meta["config"]]:
         config = AdapterConfig.from_dict(values)
         if meta.get("format_version", 1) < 2 and config.layers is not None:  # the i-th adaptable layer, in order
             order = list(_indexed_layers(_unwrapped(model), transformer_layers(model)))
             config = dataclasses.replace(config, layers=tuple(order[i] for i in config.layers if i < len(order)))
-        names += add_adapters(model, config, adapter_dtype=adapter_dtype)
-    _load_state(model, load_file(os.path.join(path, WEIGHTS_NAME)), path)
-    return names
+        configs.append(config)
+    return _attach_and_load(model, configs, load_file(os.path.join(path, WEIGHTS_NAME)), path, adapter_dtype)
 
 
 # ------------------------------------------------------------------------------------------- AdapterHub
@@ -507,6 +578,5 @@ def load_adapterhub(model: nn.Module, source: Union[str, dict], config: Optional
             raise ValueError(f"AdapterHub layer {layer!r} matches {len(hits)} layers of the model")
         indices.add(hits[0])
         renamed[f"{indexed[hits[0]][0]}.{CONTAINER}.{rest}"] = tensor
-    names = add_adapters(model, dataclasses.replace(ours, layers=tuple(sorted(indices))), adapter_dtype)
-    _load_state(model, renamed, "the AdapterHub checkpoint")
-    return names
+    return _attach_and_load(model, [dataclasses.replace(ours, layers=tuple(sorted(indices)))], renamed,
+                            "the AdapterHub checkpoint", adapter_dtype)
