@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -163,15 +164,30 @@ def test_add_lora_refuses_a_linear_with_its_own_forward():
     where B = 0 must leave it alone). add_lora raises before it changes anything; a subclass that keeps
     nn.Linear's forward (MultiheadAttention's NonDynamicallyQuantizableLinear) is adapted."""
     model = nn.Sequential(nn.Linear(8, 8), _ScaledLinear(8, 8), nn.Linear(8, 4)).to(DEVICE)
-    with pytest.raises(TypeError, match="its own forward"):
+    with pytest.raises(TypeError, match="own forward does not compute"):
         peftkern.add_lora(model, target_modules=["0", "1"], r=2)
     assert type(model[0]) is nn.Linear and type(model[1]) is _ScaledLinear, "nothing replaced"
     assert all(p.requires_grad for p in model.parameters()), "nothing frozen"
     for layer in (LoRALinear, peftkern.nn.IA3Linear, peftkern.nn.KronALinear):
-        with pytest.raises(TypeError, match="its own forward"):
+        with pytest.raises(TypeError, match="own forward does not compute"):
             layer.from_linear(_ScaledLinear(8, 8))
     plain = nn.Sequential(nn.modules.linear.NonDynamicallyQuantizableLinear(8, 8)).to(DEVICE)
     assert peftkern.add_lora(plain, target_modules=["0"], r=2) == ["0"]
+    # a forward of its own that computes x W^T + b (transformers' FalconLinear, every Falcon projection) is adapted:
+    # the first version of the check refused every Falcon model (the review of the change, 2026-12-05)
+    torch.manual_seed(run_seed(1))
+    written_out = nn.Sequential(_WrittenOutLinear(8, 8)).to(DEVICE)
+    x = torch.randn(3, 8, device=DEVICE)
+    expected = written_out(x)
+    assert peftkern.add_lora(written_out, target_modules=["0"], r=2) == ["0"]
+    assert_close(written_out(x), expected, torch.float32, "a written-out linear, adapted at init")
+
+
+class _WrittenOutLinear(nn.Linear):
+    """x W^T + b written out, as transformers' FalconLinear does."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
 
 
 def test_add_lora_leaves_a_multihead_attention_out_proj_alone():
@@ -234,6 +250,11 @@ def test_load_lora_into_layers_adapted_already(tmp_path):
     assert sorted(peftkern.load_lora(target, str(tmp_path))) == ["0", "2"], "twice"
     assert_close(target(x), expected, torch.float32, "loaded twice")
     other = _lora_model(0)
-    peftkern.add_lora(other, target_modules=["0"], r=4)
+    peftkern.add_lora(other, target_modules=["0"], r=2, alpha=1.0)
+    peftkern.add_lora(other, target_modules=["2"], r=4)
+    before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="rank 4 already"):
         peftkern.load_lora(other, str(tmp_path))
+    # refused before any layer changed (the first layer was reloaded and re-configured before the check reached
+    # the second, the review of the change)
+    assert other[0].alpha == 1.0 and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())

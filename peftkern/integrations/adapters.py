@@ -244,16 +244,11 @@ def _hidden_size(layer: nn.Module, layout: _Layout) -> int:
 # ------------------------------------------------------------------------------------------- public API
 
 
-def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pfeiffer",
-                 adapter_dtype: Optional[torch.dtype] = None, freeze_base: bool = True) -> list[str]:
-    """Attach BottleneckAdapters to every transformer layer of `model` (or config.layers) at config.placements;
-    freeze everything else (freeze_base). Returns the adapters' module names.
-
-    Layers are found by structure: Llama-style decoders (Llama, Mistral, Qwen2, ...), GPT-2 and BERT-style
-    encoders. The adapters take the dtype and device of the layer's weights unless adapter_dtype is given.
-    """
-    config = adapter_config(config)
-    model = _unwrapped(model)
+def _plan(model: nn.Module, config: AdapterConfig, adapter_dtype: Optional[torch.dtype],
+          device: Optional[torch.device] = None, attached_ok: bool = False) -> tuple:
+    """(the chosen layer indices, [(layer name, layer, layout, placement, adapter)]) that add_adapters(model, config)
+    attaches, the adapters built (on `device`, else beside the layer's weight) and nothing changed; an adapter at a
+    placement already taken is an error unless attached_ok."""
     layers = transformer_layers(model)
     if not layers:
         raise ValueError(f"found no Llama-, GPT-2- or BERT-style transformer layers in {type(model).__name__}")
@@ -265,25 +260,39 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
                          f"layers it can adapt are {list(indexed)}")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"config.layers {list(chosen)} names a layer twice")
-    gaps = _layer_stack_gaps(model, layers)
-    if gaps and config.layers is None:
-        warnings.warn(f"add_adapters: layers {gaps} have no layout peftkern knows (e.g. a mixture-of-experts block) "
-                      "and get no adapter", RuntimeWarning, stacklevel=2)
-    # Every adapter is built and checked before the model changes: a refused call leaves it as it was.
     planned = []
     for i in chosen:
         layer_name, layer, layout = indexed[i]
         container = getattr(layer, CONTAINER, None)
         weight = layer.get_submodule(layout.feed_forward_output).weight
         for placement in config.placements:
-            if container is not None and placement in container:
+            if container is not None and placement in container and not attached_ok:
                 raise ValueError(f"{layer_name} already has an adapter at {placement}")
             form, workspace = PLACEMENTS[placement]
             adapter = BottleneckAdapter(
                 _hidden_size(layer, layout), config.reduction_factor, config.bottleneck_size, config.non_linearity,
-                config.scaling, config.layer_norm, form, config.init, workspace, device=weight.device,
+                config.scaling, config.layer_norm, form, config.init, workspace, device=device or weight.device,
                 dtype=adapter_dtype or weight.dtype)
             planned.append((layer_name, layer, layout, placement, adapter))
+    return chosen, planned
+
+
+def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pfeiffer",
+                 adapter_dtype: Optional[torch.dtype] = None, freeze_base: bool = True) -> list[str]:
+    """Attach BottleneckAdapters to every transformer layer of `model` (or config.layers) at config.placements;
+    freeze everything else (freeze_base). Returns the adapters' module names.
+
+    Layers are found by structure: Llama-style decoders (Llama, Mistral, Qwen2, ...), GPT-2 and BERT-style
+    encoders. The adapters take the dtype and device of the layer's weights unless adapter_dtype is given.
+    """
+    config = adapter_config(config)
+    model = _unwrapped(model)
+    gaps = _layer_stack_gaps(model, transformer_layers(model))
+    if gaps and config.layers is None:
+        warnings.warn(f"add_adapters: layers {gaps} have no layout peftkern knows (e.g. a mixture-of-experts block) "
+                      "and get no adapter", RuntimeWarning, stacklevel=2)
+    # Every adapter is built and checked before the model changes: a refused call leaves it as it was.
+    chosen, planned = _plan(model, config, adapter_dtype)
     if freeze_base:
         freeze_all_but_adapters(model)  # the adapters attached before keep training
     names = []
@@ -403,6 +412,13 @@ def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,
         if present != wanted:
             raise ValueError(f"{source}: the model has some of its adapters ({sorted(present)[:2]}) but not others "
                              f"({sorted(wanted - present)[:2]}); load it into a model with all of them or none")
+        attached = adapters(model)
+        for config in configs:  # the file's configuration against the adapters there (activation, scale, ...)
+            for layer_name, _, _, placement, expected in _plan(model, config, None, torch.device("meta"), True)[1]:
+                name = f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}"
+                if name in wanted and attached[name].extra_repr() != expected.extra_repr():
+                    raise ValueError(f"{source}: {name} is attached as ({attached[name].extra_repr()}), the file's "
+                                     f"configuration makes ({expected.extra_repr()})")
         _copy_state(model, state, source, wanted)
         return sorted(wanted)
     grads = {p: p.requires_grad for p in model.parameters()}

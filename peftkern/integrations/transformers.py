@@ -164,15 +164,18 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     alphas = config.get("alpha_pattern") or {}
     model = _unwrapped(model)
+    for name in names:  # every rank checked before a layer changes
+        layer = _lora_at(model, name)
+        r = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
+        if layer is not None and layer.r != r:
+            raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
     adapted = []
     for name in names:
         r = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
         alpha = _pattern_value(alphas, name, config["lora_alpha"])
         dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
         layer = _lora_at(model, name)
-        if layer is not None:  # adapted already (add_lora, or a load_lora before): load into it
-            if layer.r != r:
-                raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
+        if layer is not None:  # adapted already (add_lora, or a load_lora before): load into it, unmerged
             layer.unmerge()
             layer._set_hyperparameters(alpha, dropout, use_rslora)
         else:

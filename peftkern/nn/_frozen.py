@@ -25,18 +25,39 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+def _computes_linear(linear: nn.Linear) -> bool:
+    """Whether an nn.Linear subclass's own forward computes x W^T + b, tried on two random rows (transformers'
+    FalconLinear, Falcon's every projection, writes out the same product): a weight off the CPU / GPU (meta) cannot be
+    tried, and is taken as not."""
+    weight = linear.weight
+    if weight.device.type == "meta" or weight.dim() != 2 or not weight.dtype.is_floating_point:
+        return False
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            got, want = linear(x), torch.nn.functional.linear(x, weight, linear.bias)
+    except Exception:
+        return False
+    # the two products' roundings apart, and no more (an 8-bit fake-quantized weight, torch.ao's QAT Linear, is ~1e-2
+    # off in float32)
+    tolerance = 2e-2 if weight.element_size() < 4 else 1e-4
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and bool(((got - want).abs().max() <= tolerance * (want.abs().max() + 1e-6)).item()))
+
+
 def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
     """A TypeError unless `linear` is an nn.Linear (or GPT-2's Conv1D) computing x W^T + b: a subclass with its own
-    forward (a quantized layer, a custom op) would lose it inside the wrapping layer, which computes the plain
-    product from its weight (an nn.Linear subclass's scaled output changed by 0.97 at init, a review, 2026-12-05)."""
+    forward that computes something else (a quantized layer, a custom op) would lose it inside the wrapping layer,
+    which computes the plain product from its weight (an nn.Linear subclass's scaled output changed by 0.97 at init,
+    a review, 2026-12-05)."""
     transposed = allow_conv1d and is_conv1d(linear)
     if not transposed and not isinstance(linear, nn.Linear):
         kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
         raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
-    if not transposed and type(linear).forward is not nn.Linear.forward:
-        raise TypeError(f"{type(linear).__name__} is an nn.Linear with its own forward, which the wrapping layer "
-                        "would drop (it computes x W^T + b from the weight); PEFT with peftkern.fuse leaves such "
-                        "layers on PEFT's path")
+    if not transposed and type(linear).forward is not nn.Linear.forward and not _computes_linear(linear):
+        raise TypeError(f"{type(linear).__name__} is an nn.Linear whose own forward does not compute x W^T + b, "
+                        "which the wrapping layer would drop (it computes x W^T + b from the weight); PEFT with "
+                        "peftkern.fuse leaves such layers on PEFT's path")
 
 
 def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:

@@ -65,10 +65,10 @@ class IA3Linear(FrozenLinear):
             return self._merged_forward(x)
         return ia3_linear(x, self.weight, self.ia3_l, self.bias, self.feedforward, self.weight_transposed)
 
-    @torch.no_grad()
     def _merged_into(self) -> tuple:
         return ("weight",) if self.feedforward or self.bias is None else ("weight", "bias")
 
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold l into W (and b) in place; forward then runs the plain linear."""
         if not self.merged:

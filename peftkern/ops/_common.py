@@ -153,21 +153,46 @@ class _SecondOrderError(torch.autograd.Function):
                            "torch.func transforms, or peftkern.set_backend('torch'), run the differentiable reference")
 
 
+def _tensors_in(value) -> list:
+    """The tensors in nested tuples / lists."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+class _SavedOnce:
+    """An autograd ctx whose saved_tensors were unpacked already (the rest is the ctx's own)."""
+
+    def __init__(self, ctx, saved: tuple) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", saved)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value) -> None:
+        setattr(self._ctx, name, value)
+
+
 def first_order(backward):
     """An autograd.Function's backward that is not itself differentiable. Under create_graph=True (grad mode on in
-    the backward) its gradients come out tied to the grad outputs and to the op's saved tensors that require grad
-    through a node that raises when differentiated: torch's once_differentiable ties them to detached copies only,
-    so .backward() raised but autograd.grad(gx.sum(), x) and autograd.functional.hessian saw no path to x and
-    returned None / zeros (a review, 2026-12-05). Otherwise it runs as it is, without a no_grad context."""
+    the backward) its gradients come out tied to the grad outputs and to the op's tensors that require grad (saved,
+    or kept on ctx in eager mode: the weights) through a node that raises when differentiated. torch's
+    once_differentiable tied them to detached copies only, so .backward() raised but autograd.grad(gx.sum(), x) and
+    autograd.functional.hessian saw no path to x and returned None / zeros, and a penalty on the adapters' own
+    gradients lost its second-order term (reviews, 2026-12-05). Otherwise it runs as it is, without a no_grad
+    context. The ctx's saved tensors are unpacked once (non-reentrant checkpointing refuses a second unpack)."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
-        links = [t for t in grads if isinstance(t, Tensor) and t.requires_grad]
-        links += [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        saved = ctx.saved_tensors  # once: non-reentrant checkpointing refuses a second unpack
+        links = [t for t in _tensors_in((grads, saved, tuple(vars(ctx).values()))) if t.requires_grad]
         with torch.no_grad():
-            out = backward(ctx, *grads)
+            out = backward(_SavedOnce(ctx, saved), *grads)
         if not links:
             return out
         single = not isinstance(out, tuple)
