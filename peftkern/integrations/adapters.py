@@ -244,12 +244,15 @@ def _hidden_size(layer: nn.Module, layout: _Layout) -> int:
 # ------------------------------------------------------------------------------------------- public API
 
 
-def _plan(model: nn.Module, config: AdapterConfig, adapter_dtype: Optional[torch.dtype],
+def _adapter_name(layer_name: str, placement: str) -> str:
+    return f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}"
+
+
+def _plan(model: nn.Module, layers: list, config: AdapterConfig, adapter_dtype: Optional[torch.dtype],
           device: Optional[torch.device] = None, attached_ok: bool = False) -> tuple:
     """(the chosen layer indices, [(layer name, layer, layout, placement, adapter)]) that add_adapters(model, config)
-    attaches, the adapters built (on `device`, else beside the layer's weight) and nothing changed; an adapter at a
-    placement already taken is an error unless attached_ok."""
-    layers = transformer_layers(model)
+    attaches to `layers` (transformer_layers(model)), the adapters built (on `device`, else beside the layer's
+    weight) and nothing changed; an adapter at a placement already taken is an error unless attached_ok."""
     if not layers:
         raise ValueError(f"found no Llama-, GPT-2- or BERT-style transformer layers in {type(model).__name__}")
     indexed = _indexed_layers(model, layers)
@@ -287,12 +290,13 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
     """
     config = adapter_config(config)
     model = _unwrapped(model)
-    gaps = _layer_stack_gaps(model, transformer_layers(model))
+    layers = transformer_layers(model)
+    gaps = _layer_stack_gaps(model, layers)
     if gaps and config.layers is None:
         warnings.warn(f"add_adapters: layers {gaps} have no layout peftkern knows (e.g. a mixture-of-experts block) "
                       "and get no adapter", RuntimeWarning, stacklevel=2)
     # Every adapter is built and checked before the model changes: a refused call leaves it as it was.
-    chosen, planned = _plan(model, config, adapter_dtype)
+    chosen, planned = _plan(model, layers, config, adapter_dtype)
     if freeze_base:
         freeze_all_but_adapters(model)  # the adapters attached before keep training
     names = []
@@ -301,7 +305,7 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
             layer.add_module(CONTAINER, nn.ModuleDict())
         getattr(layer, CONTAINER)[placement] = adapter
         _attach(layer, layout, placement, adapter)
-        names.append(f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}")
+        names.append(_adapter_name(layer_name, placement))
     model._peftkern_adapter_configs = list(getattr(model, "_peftkern_adapter_configs", None) or []) + [
         dataclasses.replace(config, layers=tuple(chosen))]
     return names
@@ -379,8 +383,7 @@ def _adapter_of(key: str) -> str:
         head, rest = "", key[len(CONTAINER) + 1:]
     else:
         head, _, rest = key.partition(f".{CONTAINER}.")
-    placement = rest.split(".", 1)[0]
-    return f"{head}.{CONTAINER}.{placement}" if head else f"{CONTAINER}.{placement}"
+    return _adapter_name(head, rest.split(".", 1)[0])
 
 
 def _copy_state(model: nn.Module, state: dict, source: str, names: set) -> None:
@@ -407,15 +410,17 @@ def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,
     failed check left adapters attached with their initial weights, and the base frozen; a resume raised)."""
     model = _unwrapped(model)
     wanted = {_adapter_of(k) for k in state}
-    present = wanted & set(adapters(model))
+    attached = adapters(model)
+    present = wanted & set(attached)
     if present:
         if present != wanted:
             raise ValueError(f"{source}: the model has some of its adapters ({sorted(present)[:2]}) but not others "
                              f"({sorted(wanted - present)[:2]}); load it into a model with all of them or none")
-        attached = adapters(model)
+        layers = transformer_layers(model)
         for config in configs:  # the file's configuration against the adapters there (activation, scale, ...)
-            for layer_name, _, _, placement, expected in _plan(model, config, None, torch.device("meta"), True)[1]:
-                name = f"{layer_name}.{CONTAINER}.{placement}" if layer_name else f"{CONTAINER}.{placement}"
+            for layer_name, _, _, placement, expected in _plan(model, layers, config, None, torch.device("meta"),
+                                                               True)[1]:
+                name = _adapter_name(layer_name, placement)
                 if name in wanted and attached[name].extra_repr() != expected.extra_repr():
                     raise ValueError(f"{source}: {name} is attached as ({attached[name].extra_repr()}), the file's "
                                      f"configuration makes ({expected.extra_repr()})")

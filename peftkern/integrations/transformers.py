@@ -57,8 +57,8 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     # nn.MultiheadAttention reads its out_proj's weight and bias in its own forward and never calls out_proj: an
     # adapter there would never run (PEFT 0.21's LoRA on it is as silent)
     unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    if any(id(module) in unused for _, module in matched):
-        skipped = [name for name, module in matched if id(module) in unused]
+    skipped = [name for name, module in matched if id(module) in unused]
+    if skipped:
         warnings.warn(f"add_lora: {skipped} left alone: nn.MultiheadAttention uses its out_proj's weight directly, "
                       "so a LoRA there would never run", RuntimeWarning, stacklevel=2)
         matched = [(name, module) for name, module in matched if id(module) not in unused]
@@ -164,17 +164,15 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     alphas = config.get("alpha_pattern") or {}
     model = _unwrapped(model)
-    for name in names:  # every rank checked before a layer changes
-        layer = _lora_at(model, name)
-        r = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
+    targets = [(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0], _lora_at(model, name))
+               for name in names]
+    for name, r, layer in targets:  # every rank checked before a layer changes
         if layer is not None and layer.r != r:
             raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
     adapted = []
-    for name in names:
-        r = weights[f"base_model.model.{name}.lora_A.weight"].shape[0]
+    for name, r, layer in targets:
         alpha = _pattern_value(alphas, name, config["lora_alpha"])
         dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
-        layer = _lora_at(model, name)
         if layer is not None:  # adapted already (add_lora, or a load_lora before): load into it, unmerged
             layer.unmerge()
             layer._set_hyperparameters(alpha, dropout, use_rslora)

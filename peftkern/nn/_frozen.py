@@ -35,7 +35,7 @@ def _computes_linear(linear: nn.Linear) -> bool:
     try:
         with torch.no_grad():
             x = torch.randn(2, weight.shape[1], device=weight.device, dtype=weight.dtype)
-            got, want = linear(x), torch.nn.functional.linear(x, weight, linear.bias)
+            got, want = linear(x), F.linear(x, weight, linear.bias)
     except Exception:
         return False
     # the two products' roundings apart, and no more (an 8-bit fake-quantized weight, torch.ao's QAT Linear, is ~1e-2

@@ -148,7 +148,7 @@ class KronALinear(FrozenLinear):
     def unmerge(self) -> None:
         """W -= s sum_t A_t (x) B_t: the inverse of merge, exact to the weight dtype's rounding."""
         if self.merged:
-            krona_merge_(self.weight, *self.factors(), self.scaling, -1.0)
+            self._unmerge_into(self.weight)
             self.merged = False
 
     def _unmerge_into(self, weight: Tensor) -> None:

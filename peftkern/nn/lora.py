@@ -51,8 +51,6 @@ class LoRALinear(FrozenLinear):
                       adapter_dtype, device) -> None:
         if r < 1:
             raise ValueError(f"r must be at least 1, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.weight_transposed = weight_transposed
         self._set_hyperparameters(alpha, dropout, use_rslora)
@@ -102,7 +100,7 @@ class LoRALinear(FrozenLinear):
     def unmerge(self) -> None:
         """W -= s B A: the inverse of merge, exact to the weight dtype's rounding."""
         if self.merged:
-            lora_merge_(self.weight, self.lora_A, self.lora_B, self.scaling, -1.0, self.weight_transposed)
+            self._unmerge_into(self.weight)
             self.merged = False
 
     def _unmerge_into(self, weight: Tensor) -> None:
