@@ -462,3 +462,38 @@ def test_remove_and_save_whichever_module_add_was_called_on(tmp_path):
         peftkern.remove_adapters(pick[remove_on])
         assert not adapters(model)
         assert torch.equal(model(**x).logits, expected), f"add on {add_on}, remove on {remove_on}"
+
+
+def test_modules_to_save_train_and_save_with_the_adapters(tmp_path):
+    """A classifier head made at random trains beside the adapters (add_adapters froze it, as PEFT does not with
+    modules_to_save), stays trainable through a second call, and save_adapters / load_adapters carry it."""
+    torch.manual_seed(run_seed(0))
+    model = tiny_bert().to(DEVICE, DTYPE)
+    head = model.classifier.weight.detach().clone()
+    peftkern.add_adapters(model, "pfeiffer", modules_to_save=["classifier"])
+    peftkern.add_adapters(model, dict(placements=("after_attention",)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert all(".bottleneck_adapters." in n for n in trainable - {"classifier.weight", "classifier.bias"})
+    train_steps(model, "bert", None, steps=2)
+    assert not torch.equal(model.classifier.weight, head), "the head trained"
+    model.eval()
+    x = batch_for("bert", 5)
+    with torch.no_grad():
+        expected = model(**x).logits
+    peftkern.save_adapters(model, str(tmp_path))
+    assert json.loads((tmp_path / "bottleneck_adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    torch.manual_seed(run_seed(0))  # the same base and the untrained head: the file's head must replace it
+    fresh = tiny_bert().to(DEVICE, DTYPE).eval()
+    peftkern.load_adapters(fresh, str(tmp_path))
+    assert fresh.classifier.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, expected)
+    other = tiny_bert()
+    other.classifier = torch.nn.Linear(64, 5)  # another head's size: refused before an adapter attaches
+    with pytest.raises(ValueError, match="shape"):
+        peftkern.load_adapters(other, str(tmp_path))
+    assert not adapters(other) and all(p.requires_grad for p in other.parameters())
+    with pytest.raises(ValueError, match="named no module"):
+        peftkern.add_adapters(other, modules_to_save=["score"])
+    assert not adapters(other)

@@ -12,10 +12,19 @@ from test_fuse import batch, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkern
+from peftkern.integrations.transformers import lora_layers
 from peftkern.nn import LoRALinear
 
 peft = pytest.importorskip("peft")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+
+
+def train(model, name, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        opt.zero_grad()
+        model(**batch(name, seed=step)).loss.backward()
+        opt.step()
 
 
 @pytest.mark.parametrize("factory,targets,name", [(tiny_llama, ["q_proj", "v_proj", "down_proj"], "llama"),
@@ -27,18 +36,21 @@ def test_add_lora_trains_saves_and_loads_in_peft(tmp_path, factory, targets, nam
     assert adapted and all(n.rsplit(".", 1)[-1] in targets for n in adapted)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable), "everything but the adapters is frozen"
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        opt.zero_grad()
-        model(**batch(name, seed=step)).loss.backward()
-        opt.step()
+    train(model, name)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n), "B moved off zero"
     model.eval()
     x = batch(name)
     expected = model(**x).logits
+    config, loaded, _ = round_trip(model, factory, x, expected, tmp_path)
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and sorted(config["target_modules"]) == sorted(targets)
+    assert sorted(loaded) == sorted(adapted)
+
+
+def round_trip(model, factory, x, expected, tmp_path):
+    """save_lora, PEFT's from_pretrained on a fresh model of the same seed, PEFT's save_pretrained, load_lora on a
+    fresh model: both give `expected`. Returns the saved config, load_lora's names and its model."""
     peftkern.save_lora(model, str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and sorted(config["target_modules"]) == sorted(targets)
     torch.manual_seed(run_seed(0))
     peft_model = peft.PeftModel.from_pretrained(factory().to(DEVICE, DTYPE), str(tmp_path)).eval()
     assert_close(peft_model(**x).logits, expected, DTYPE, "PEFT loads what peftkern saved")
@@ -47,8 +59,9 @@ def test_add_lora_trains_saves_and_loads_in_peft(tmp_path, factory, targets, nam
     peft_model.save_pretrained(str(peft_dir))
     torch.manual_seed(run_seed(0))
     plain = factory().to(DEVICE, DTYPE)
-    assert sorted(peftkern.load_lora(plain, str(peft_dir))) == sorted(adapted)
+    loaded = peftkern.load_lora(plain, str(peft_dir))
     assert_close(plain.eval()(**x).logits, expected, DTYPE, "load_lora reads PEFT's save_pretrained")
+    return config, loaded, plain
 
 
 def test_add_lora_matches_nothing_is_an_error():
@@ -102,16 +115,55 @@ def test_add_lora_twice_trains_and_saves_both(tmp_path):
     assert torch.equal(again.eval()(**x).logits, model.eval()(**x).logits)
 
 
-@pytest.mark.parametrize("extra", [dict(bias="all"), dict(modules_to_save=["lm_head"]), dict(lora_bias=True)],
-                         ids=["bias", "modules_to_save", "lora_bias"])
+@pytest.mark.parametrize("extra", [dict(bias="all"), dict(lora_bias=True)], ids=["bias", "lora_bias"])
 def test_load_lora_refuses_what_it_would_drop(tmp_path, extra):
-    """load_lora reads lora_A / lora_B only: a PEFT checkpoint holding more (biases, whole modules) loaded without
+    """load_lora reads lora_A / lora_B and the modules_to_save: a PEFT checkpoint holding more (biases) loaded without
     them and gave another model. It now raises and names PEFT's loader."""
     torch.manual_seed(run_seed(0))
     peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], **extra))
     peft_model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
         peftkern.load_lora(tiny_llama(), str(tmp_path))
+
+
+def test_modules_to_save_trains_saves_and_loads_with_peft(tmp_path):
+    """PEFT's modules_to_save: a classifier head made at random trains beside the adapters (add_lora froze it: the
+    head stayed random), stays trainable through a second add_lora call, and save_lora / load_lora carry it in PEFT's
+    keys, both ways (load_lora refused PEFT's file of a SEQ_CLS model)."""
+    from test_fuse import tiny_bert
+    torch.manual_seed(run_seed(0))
+    model = tiny_bert().to(DEVICE, DTYPE)
+    head = model.classifier.weight.detach().clone()
+    peftkern.add_lora(model, target_modules=["query", "value"], r=4, alpha=8, modules_to_save=["classifier"])
+    peftkern.add_lora(model, target_modules=["key"], r=4, alpha=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert all(".lora_" in n for n in trainable - {"classifier.weight", "classifier.bias"})
+    train(model, "bert")
+    assert not torch.equal(model.classifier.weight, head), "the head trained"
+    model.eval()
+    x = batch("bert")
+    expected = model(**x).logits
+    # the fresh models have the same base and the untrained head: the file's head must replace it
+    config, loaded, plain = round_trip(model, tiny_bert, x, expected, tmp_path)
+    assert config["modules_to_save"] == ["classifier"] and len(loaded) == 6
+    assert plain.classifier.weight.requires_grad and plain.classifier.bias.requires_grad
+
+
+def test_modules_to_save_refusals_leave_the_model_alone(tmp_path):
+    from test_fuse import tiny_bert
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="named no module"):
+        peftkern.add_lora(model, target_modules=["query"], modules_to_save=["score"])
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    # a head of another size in the file: refused before any layer changes
+    peft_model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    peft_model.save_pretrained(str(tmp_path))
+    other = tiny_bert()
+    other.classifier = nn.Linear(64, 5)
+    with pytest.raises(ValueError, match="shape"):
+        peftkern.load_lora(other, str(tmp_path))
+    assert not lora_layers(other) and all(p.requires_grad for p in other.parameters())
 
 
 def test_save_lora_keeps_each_layers_scaling_across_calls(tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from ..nn import TO_SAVE
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
@@ -16,3 +19,76 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+def matches_suffix(name: str, targets) -> bool:
+    """PEFT's rule for a list of names: the module's name, or a dotted suffix of it."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_modules_to_save(model: nn.Module, targets, caller: str) -> list[str]:
+    """PEFT's modules_to_save: the modules named by `targets` (names or dotted suffixes: ["score"], ["lm_head"]),
+    outermost where they nest. Raises where no target names a module."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    found = []
+    for name, _ in model.named_modules():
+        if name and matches_suffix(name, targets) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    if not found:
+        raise ValueError(f"{caller}: modules_to_save {targets} named no module of the model")
+    return found
+
+
+def mark_to_save(model: nn.Module, names) -> None:
+    """The modules `names` trained whole beside the adapters (a task head made at random): trainable, kept trainable by
+    later freezes (freeze_all_but_adapters) and saved with the adapters. Trained in place, where PEFT trains a copy
+    beside the original."""
+    for name in names:
+        module = model.get_submodule(name)
+        setattr(module, TO_SAVE, True)
+        module.requires_grad_(True)
+
+
+def modules_to_save(model: nn.Module) -> list[str]:
+    """The names of the modules marked by mark_to_save (the outermost where they nest)."""
+    found = []
+    for name, module in model.named_modules():
+        if getattr(module, TO_SAVE, False) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def saved_module_state(model: nn.Module) -> dict:
+    """The state (parameters and persistent buffers) of the modules to save, under their names in the model."""
+    return {f"{name}.{key}": value.detach() for name in modules_to_save(model)
+            for key, value in model.get_submodule(name).state_dict().items()}
+
+
+def check_saved_modules(model: nn.Module, state: dict, targets, source: str) -> list[str]:
+    """The modules that `state` (keys <module>.<param>, as saved_module_state writes them) loads into: each key a
+    tensor of a module named by `targets` (PEFT's modules_to_save) with the model's shape, else a ValueError."""
+    own = model.state_dict(keep_vars=True)
+    names = set()
+    for key, tensor in state.items():
+        owner = key.rpartition(".")[0]
+        while owner and not matches_suffix(owner, targets):
+            owner = owner.rpartition(".")[0]
+        if not owner or key not in own:
+            raise ValueError(f"{source}: {key} is neither an adapter weight nor a tensor of the model's "
+                             f"modules_to_save {list(targets)}")
+        if own[key].shape != tensor.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model's {tuple(own[key].shape)}")
+        names.add(owner)
+    return sorted(names)
+
+
+def load_saved_modules(model: nn.Module, state: dict, targets, source: str) -> list[str]:
+    """`state` copied into the modules_to_save (every key and shape checked first: check_saved_modules), which are
+    marked to save (trainable). Returns their names."""
+    names = check_saved_modules(model, state, targets, source)
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor)
+    mark_to_save(model, names)
+    return names

@@ -22,7 +22,9 @@ their layer, so the saved file's keys are predictable:
     <layer>.bottleneck_adapters.<placement>.scale          ()         with scaling="learned"
 
 where <layer> is the layer's name in the model (model.layers.0, transformer.h.0, bert.encoder.layer.0):
-bottleneck_adapter.safetensors holds exactly these tensors, bottleneck_adapter_config.json the configuration.
+bottleneck_adapter.safetensors holds exactly these tensors, and those of the modules_to_save (<module>.<param>: a
+task head trained beside the adapters) where add_adapters was given some; bottleneck_adapter_config.json the
+configuration.
 """
 
 from __future__ import annotations
@@ -42,7 +44,15 @@ from torch import nn
 
 from ..nn import freeze_all_but_adapters
 from ..nn.adapter import BottleneckAdapter
-from ._common import _unwrapped
+from ._common import (
+    _unwrapped,
+    check_saved_modules,
+    find_modules_to_save,
+    load_saved_modules,
+    mark_to_save,
+    modules_to_save,
+    saved_module_state,
+)
 
 CONFIG_NAME = "bottleneck_adapter_config.json"
 WEIGHTS_NAME = "bottleneck_adapter.safetensors"
@@ -281,15 +291,19 @@ def _plan(model: nn.Module, layers: list, config: AdapterConfig, adapter_dtype: 
 
 
 def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pfeiffer",
-                 adapter_dtype: Optional[torch.dtype] = None, freeze_base: bool = True) -> list[str]:
+                 adapter_dtype: Optional[torch.dtype] = None, freeze_base: bool = True,
+                 modules_to_save: Optional[list[str]] = None) -> list[str]:
     """Attach BottleneckAdapters to every transformer layer of `model` (or config.layers) at config.placements;
     freeze everything else (freeze_base). Returns the adapters' module names.
 
     Layers are found by structure: Llama-style decoders (Llama, Mistral, Qwen2, ...), GPT-2 and BERT-style
     encoders. The adapters take the dtype and device of the layer's weights unless adapter_dtype is given.
+    modules_to_save: as PEFT's, names or suffixes of modules trained whole beside the adapters (a classifier head
+    made at random: ["classifier"]) and saved with them by save_adapters; trained in place.
     """
     config = adapter_config(config)
     model = _unwrapped(model)
+    to_save = find_modules_to_save(model, modules_to_save, "add_adapters") if modules_to_save else []
     layers = transformer_layers(model)
     gaps = _layer_stack_gaps(model, layers)
     if gaps and config.layers is None:
@@ -306,6 +320,7 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
         getattr(layer, CONTAINER)[placement] = adapter
         _attach(layer, layout, placement, adapter)
         names.append(_adapter_name(layer_name, placement))
+    mark_to_save(model, to_save)
     model._peftkern_adapter_configs = list(getattr(model, "_peftkern_adapter_configs", None) or []) + [
         dataclasses.replace(config, layers=tuple(chosen))]
     return names
@@ -371,9 +386,11 @@ def save_adapters(model: nn.Module, path: str) -> None:
     meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 2,
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
             "layers": [n for n, _, _ in transformer_layers(model)],
-            "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale"}
+            "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
+            "modules_to_save": modules_to_save(model) or None}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
+    state.update(saved_module_state(model))
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME))
 
 
@@ -473,7 +490,13 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
             order = list(_indexed_layers(_unwrapped(model), transformer_layers(model)))
             config = dataclasses.replace(config, layers=tuple(order[i] for i in config.layers if i < len(order)))
         configs.append(config)
-    return _attach_and_load(model, configs, load_file(os.path.join(path, WEIGHTS_NAME)), path, adapter_dtype)
+    state = load_file(os.path.join(path, WEIGHTS_NAME))
+    saved = {k: state.pop(k) for k in list(state) if not (k.startswith(f"{CONTAINER}.") or f".{CONTAINER}." in k)}
+    targets = meta.get("modules_to_save") or []
+    check_saved_modules(_unwrapped(model), saved, targets, path)  # before the adapters attach
+    names = _attach_and_load(model, configs, state, path, adapter_dtype)
+    load_saved_modules(_unwrapped(model), saved, targets, path)
+    return names
 
 
 # ------------------------------------------------------------------------------------------- AdapterHub

@@ -18,7 +18,16 @@ from torch import nn
 from ..nn import freeze_all_but_adapters
 from ..nn._frozen import check_wrappable, is_conv1d
 from ..nn.lora import LoRALinear
-from ._common import _unwrapped
+from ._common import (
+    _unwrapped,
+    check_saved_modules,
+    find_modules_to_save,
+    load_saved_modules,
+    mark_to_save,
+    matches_suffix,
+    modules_to_save,
+    saved_module_state,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,7 +38,7 @@ def _matches(name: str, targets: Union[str, Iterable[str]]) -> bool:
     (or a dotted suffix of it)."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return matches_suffix(name, targets)
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -43,14 +52,18 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int = 8, alpha: float = 8.0,
              dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: Optional[torch.dtype] = None,
-             freeze_base: bool = True) -> list[str]:
+             freeze_base: bool = True, modules_to_save: Optional[Iterable[str]] = None) -> list[str]:
     """Replace each nn.Linear / GPT-2 Conv1D whose name matches `target_modules` with a LoRALinear that shares
     its weight and bias; freeze everything else (freeze_base). Returns the adapted module names.
 
     target_modules: a list of names or name suffixes (["q_proj", "v_proj"]) or a regex on the full name.
     adapter_dtype: the factors' dtype; by default PEFT's: float32 beside a float16 / bfloat16 model, else the model's.
+    modules_to_save: as PEFT's, names or suffixes of modules trained whole beside the adapters (a classifier head
+    made at random: ["score"], ["classifier"]) and saved with them by save_lora; trained in place, where PEFT trains
+    a copy.
     """
     model = _unwrapped(model)
+    to_save = find_modules_to_save(model, modules_to_save, "add_lora") if modules_to_save else []
     matched = [(name, module) for name, module in model.named_modules()
                if name and _matches(name, target_modules) and not isinstance(module, LoRALinear)
                and (isinstance(module, nn.Linear) or is_conv1d(module))]
@@ -78,6 +91,7 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
         adapted.append(name)
     if not adapted:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear or Conv1D in the model")
+    mark_to_save(model, to_save)
     if getattr(model, "_peftkern_lora_config", None) is None:  # a second call's layers differ by rank_pattern
         model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
     return adapted
@@ -98,8 +112,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's saved key names (base_model.model.<module>.lora_A.weight, ...)."""
-    out = {}
+    """The adapter weights under PEFT's saved key names (base_model.model.<module>.lora_A.weight, ...), and the
+    modules_to_save's tensors (base_model.model.<module>.<param>) as PEFT saves them."""
+    model = _unwrapped(model)
+    out = {f"base_model.model.{key}": value for key, value in saved_module_state(model).items()}
     for name, layer in lora_layers(model).items():
         out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
         out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
@@ -134,7 +150,7 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
         "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
         "use_rslora": cfg["use_rslora"], "target_modules": cfg["target_modules"], "bias": "none",
         "fan_in_fan_out": any(m.weight_transposed for m in layers.values()), "inference_mode": True,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": modules_to_save(model) or None,
         "rank_pattern": {n: r for n, r in ranks.items() if r != cfg["r"]},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg["lora_alpha"]},
     }
@@ -156,9 +172,9 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
                          "load_lora reads vanilla LoRA")
     weights = load_file(os.path.join(path, WEIGHTS_NAME))
     other = sorted(k for k in weights if not re.search(r"\.lora_[AB]\.weight$", k))
-    extras = {key: config.get(key) for key in ("bias", "lora_bias", "modules_to_save")
-              if config.get(key) not in (None, "none", False, [])}
-    if other or extras:
+    extras = {key: config.get(key) for key in ("bias", "lora_bias") if config.get(key) not in (None, "none", False)}
+    to_save = config.get("modules_to_save") or []
+    if extras or (other and not to_save):
         raise ValueError(f"{path} holds more than LoRA factors ({extras or ''} {other[:4]}): load_lora would drop "
                          "them. Load it with peft.PeftModel.from_pretrained, then peftkern.fuse(model)")
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
@@ -169,6 +185,8 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
     for name, r, layer in targets:  # every rank checked before a layer changes
         if layer is not None and layer.r != r:
             raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
+    saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
+    check_saved_modules(model, saved, to_save, path)
     adapted = []
     for name, r, layer in targets:
         alpha = _pattern_value(alphas, name, config["lora_alpha"])
@@ -184,6 +202,7 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
             layer.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
         adapted.append(name)
+    load_saved_modules(model, saved, to_save, path)
     model._peftkern_lora_config = dict(r=config["r"], lora_alpha=config["lora_alpha"],
                                        lora_dropout=config.get("lora_dropout", 0.0),
                                        use_rslora=config.get("use_rslora", False))

@@ -11,15 +11,17 @@ __all__ += ["BottleneckAdapter"]
 __all__ += ["KronALinear"]
 
 _WRAPPING_LAYERS = (LoRALinear, IA3Linear, KronALinear)  # hold the wrapped layer's weight and bias beside theirs
+TO_SAVE = "_peftkern_modules_to_save"  # marks a module trained whole beside the adapters (PEFT's modules_to_save)
 
 
 def freeze_all_but_adapters(model) -> None:
     """requires_grad_(False) on every parameter of `model` except the adapter parameters of peftkern's layers (a
     BottleneckAdapter's all; a LoRALinear's, IA3Linear's or KronALinear's other than the base weight and bias):
-    attaching a second set of adapters keeps the first set trainable, and freezes a base weight a user unfroze."""
+    attaching a second set of adapters keeps the first set trainable, and freezes a base weight a user unfroze.
+    The modules marked TO_SAVE (add_lora's / add_adapters' modules_to_save) stay trainable whole."""
     keep = set()
     for m in model.modules():
-        if isinstance(m, BottleneckAdapter):
+        if isinstance(m, BottleneckAdapter) or getattr(m, TO_SAVE, False):
             keep.update(id(p) for p in m.parameters())
         elif isinstance(m, _WRAPPING_LAYERS):
             keep.update(id(p) for name, p in m.named_parameters() if name not in ("weight", "bias"))
