@@ -156,6 +156,9 @@ def test_modules_to_save_refusals_leave_the_model_alone(tmp_path):
     with pytest.raises(ValueError, match="named no module"):
         peftkern.add_lora(model, target_modules=["query"], modules_to_save=["score"])
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    gpt2 = tiny_gpt2()  # lm_head is the token embedding's weight: both train, unlike PEFT's copy
+    with pytest.warns(RuntimeWarning, match=r"shares its weights with \['transformer.wte.weight'\]"):
+        peftkern.add_lora(gpt2, target_modules=["c_attn"], modules_to_save=["lm_head"])
     # a head of another size in the file: refused before any layer changes
     peft_model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
     peft_model.save_pretrained(str(tmp_path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -45,6 +47,12 @@ def mark_to_save(model: nn.Module, names) -> None:
     beside the original."""
     for name in names:
         module = model.get_submodule(name)
+        own = {id(p) for p in module.parameters()}
+        tied = sorted({n for n, p in model.named_parameters(remove_duplicate=False)
+                       if id(p) in own and not n.startswith(name + ".")})
+        if tied:  # GPT-2's lm_head and its token embedding: PEFT's copy unties them
+            warnings.warn(f"modules_to_save: {name} shares its weights with {tied[:3]}, which train with it (PEFT "
+                          "trains an untied copy)", RuntimeWarning, stacklevel=3)
         setattr(module, TO_SAVE, True)
         module.requires_grad_(True)
 
