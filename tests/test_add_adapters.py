@@ -489,6 +489,8 @@ def test_modules_to_save_train_and_save_with_the_adapters(tmp_path):
     assert fresh.classifier.weight.requires_grad
     with torch.no_grad():
         assert torch.equal(fresh(**x).logits, expected)
+    peftkern.remove_adapters(fresh)  # the head is frozen again, as the rest of the model stays
+    assert not any(p.requires_grad for p in fresh.parameters())
     other = tiny_bert()
     other.classifier = torch.nn.Linear(64, 5)  # another head's size: refused before an adapter attaches
     with pytest.raises(ValueError, match="shape"):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import DEVICE, HAS_CUDA, assert_close, run_seed
 from test_fuse import batch, tiny_gpt2, tiny_llama
 from torch import nn
@@ -156,9 +157,6 @@ def test_modules_to_save_refusals_leave_the_model_alone(tmp_path):
     with pytest.raises(ValueError, match="named no module"):
         peftkern.add_lora(model, target_modules=["query"], modules_to_save=["score"])
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
-    gpt2 = tiny_gpt2()  # lm_head is the token embedding's weight: both train, unlike PEFT's copy
-    with pytest.warns(RuntimeWarning, match=r"shares its weights with \['transformer.wte.weight'\]"):
-        peftkern.add_lora(gpt2, target_modules=["c_attn"], modules_to_save=["lm_head"])
     # a head of another size in the file: refused before any layer changes
     peft_model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
     peft_model.save_pretrained(str(tmp_path))
@@ -167,6 +165,52 @@ def test_modules_to_save_refusals_leave_the_model_alone(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         peftkern.load_lora(other, str(tmp_path))
     assert not lora_layers(other) and all(p.requires_grad for p in other.parameters())
+    # a layer the model lacks (a file of a deeper model): refused before any layer changes (the layers before it were
+    # adapted, and the base frozen)
+    shallow = tiny_bert()
+    shallow.bert.encoder.layer = shallow.bert.encoder.layer[:1]
+    with pytest.raises(ValueError, match="layer.1.attention.self.query"):
+        peftkern.load_lora(shallow, str(tmp_path))
+    assert not lora_layers(shallow) and all(p.requires_grad for p in shallow.parameters())
+
+
+def test_modules_to_save_match_as_peft_does(tmp_path):
+    """PEFT's rules: a name that ends with a target is saved (DistilBERT's SEQ_CLS file holds pre_classifier: load_lora
+    refused it), no LoRA goes inside a module to save (save_lora raised on the head's LoRA tensors written twice), and
+    a weight tied to another module is untied (GPT-2's lm_head: loading the head overwrote the token embedding)."""
+    cfg = transformers.DistilBertConfig(dim=64, hidden_dim=128, n_layers=1, n_heads=4, vocab_size=128,
+                                        max_position_embeddings=64, num_labels=3)
+    x = {"input_ids": batch("llama")["input_ids"]}
+    torch.manual_seed(run_seed(0))
+    peft_model = peft.get_peft_model(transformers.DistilBertForSequenceClassification(cfg).to(DEVICE, DTYPE),
+                                     peft.LoraConfig(r=2, target_modules=["q_lin"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name or "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(str(tmp_path / "distilbert"))
+    torch.manual_seed(run_seed(0))
+    plain = transformers.DistilBertForSequenceClassification(cfg).to(DEVICE, DTYPE)
+    peftkern.load_lora(plain, str(tmp_path / "distilbert"))
+    assert {"pre_classifier.weight", "classifier.weight"} <= {n for n, p in plain.named_parameters() if p.requires_grad}
+    assert_close(plain.eval()(**x).logits, peft_model.eval()(**x).logits, DTYPE, "load_lora reads pre_classifier")
+
+    from test_fuse import tiny_bert
+    model = tiny_bert()
+    adapted = peftkern.add_lora(model, target_modules=["dense"], modules_to_save=["pooler"])
+    assert adapted and not any("pooler" in n for n in adapted)
+    peftkern.save_lora(model, str(tmp_path / "pooler"))
+
+    torch.manual_seed(run_seed(0))
+    gpt2 = tiny_gpt2().to(DEVICE, DTYPE)
+    embedding = gpt2.transformer.wte.weight.detach().clone()
+    peftkern.add_lora(gpt2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    assert gpt2.lm_head.weight is not gpt2.transformer.wte.weight and not gpt2.transformer.wte.weight.requires_grad
+    train(gpt2, "gpt2")
+    assert torch.equal(gpt2.transformer.wte.weight, embedding) and not torch.equal(gpt2.lm_head.weight, embedding)
+    x = batch("gpt2")
+    _, _, loaded = round_trip(gpt2.eval(), tiny_gpt2, x, gpt2(**x).logits, tmp_path / "gpt2")
+    assert torch.equal(loaded.transformer.wte.weight, embedding), "load_lora leaves the tied embedding alone"
 
 
 def test_save_lora_keeps_each_layers_scaling_across_calls(tmp_path):

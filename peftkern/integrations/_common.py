@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -28,36 +26,62 @@ def matches_suffix(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _to_save_match(name: str, targets) -> bool:
+    """PEFT's rule for modules_to_save: the name ends with a target, with no dot boundary (so "classifier" names
+    DistilBERT's pre_classifier too, as PEFT wraps it)."""
+    return any(name.endswith(t) for t in targets)
+
+
+def _outermost(name: str, targets):
+    """The outermost module of the dotted `name` (itself included) that the modules_to_save `targets` name."""
+    parts = name.split(".")
+    return next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                 if _to_save_match(".".join(parts[:i]), targets)), None)
+
+
 def find_modules_to_save(model: nn.Module, targets, caller: str) -> list[str]:
-    """PEFT's modules_to_save: the modules named by `targets` (names or dotted suffixes: ["score"], ["lm_head"]),
-    outermost where they nest. Raises where no target names a module."""
+    """PEFT's modules_to_save: the modules named by `targets` (names ending so: ["score"], ["lm_head"]), outermost
+    where they nest. Raises where no target names a module."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     found = []
     for name, _ in model.named_modules():
-        if name and matches_suffix(name, targets) and not any(name.startswith(f + ".") for f in found):
+        if name and _outermost(name, targets) == name:
             found.append(name)
     if not found:
         raise ValueError(f"{caller}: modules_to_save {targets} named no module of the model")
     return found
 
 
+def inside(name: str, outer) -> bool:
+    """Whether the module `name` is one of the modules `outer` or lies inside one."""
+    return any(name == o or name.startswith(o + ".") for o in outer)
+
+
 def mark_to_save(model: nn.Module, names) -> None:
     """The modules `names` trained whole beside the adapters (a task head made at random): trainable, kept trainable by
     later freezes (freeze_all_but_adapters) and saved with the adapters. Trained in place, where PEFT trains a copy
-    beside the original."""
+    beside the original; a parameter shared with a module outside them (GPT-2's lm_head is its token embedding) is
+    untied first, as PEFT's copy is, so that the other module keeps its weights."""
     for name in names:
         module = model.get_submodule(name)
         own = {id(p) for p in module.parameters()}
-        tied = sorted({n for n, p in model.named_parameters(remove_duplicate=False)
-                       if id(p) in own and not n.startswith(name + ".")})
-        if tied:  # GPT-2's lm_head and its token embedding: PEFT's copy unties them
-            warnings.warn(f"modules_to_save: {name} shares its weights with {tied[:3]}, which train with it (PEFT "
-                          "trains an untied copy)", RuntimeWarning, stacklevel=3)
+        shared = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+                  if id(p) in own and not n.startswith(name + ".")}
+        for owner in module.modules():
+            for key, p in list(owner._parameters.items()):
+                if p is not None and id(p) in shared:
+                    owner._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=True)
         setattr(module, TO_SAVE, True)
         module.requires_grad_(True)
 
 
-def modules_to_save(model: nn.Module) -> list[str]:
+def unmark_to_save(module: nn.Module) -> None:
+    """mark_to_save undone: the module frozen again, and no longer saved with the adapters."""
+    module.__dict__.pop(TO_SAVE, None)
+    module.requires_grad_(False)
+
+
+def saved_module_names(model: nn.Module) -> list[str]:
     """The names of the modules marked by mark_to_save (the outermost where they nest)."""
     found = []
     for name, module in model.named_modules():
@@ -68,7 +92,7 @@ def modules_to_save(model: nn.Module) -> list[str]:
 
 def saved_module_state(model: nn.Module) -> dict:
     """The state (parameters and persistent buffers) of the modules to save, under their names in the model."""
-    return {f"{name}.{key}": value.detach() for name in modules_to_save(model)
+    return {f"{name}.{key}": value.detach() for name in saved_module_names(model)
             for key, value in model.get_submodule(name).state_dict().items()}
 
 
@@ -78,9 +102,7 @@ def check_saved_modules(model: nn.Module, state: dict, targets, source: str) -> 
     own = model.state_dict(keep_vars=True)
     names = set()
     for key, tensor in state.items():
-        owner = key.rpartition(".")[0]
-        while owner and not matches_suffix(owner, targets):
-            owner = owner.rpartition(".")[0]
+        owner = _outermost(key.rpartition(".")[0], targets)
         if not owner or key not in own:
             raise ValueError(f"{source}: {key} is neither an adapter weight nor a tensor of the model's "
                              f"modules_to_save {list(targets)}")
@@ -94,9 +116,9 @@ def load_saved_modules(model: nn.Module, state: dict, targets, source: str) -> l
     """`state` copied into the modules_to_save (every key and shape checked first: check_saved_modules), which are
     marked to save (trainable). Returns their names."""
     names = check_saved_modules(model, state, targets, source)
+    mark_to_save(model, names)  # untied before the copy: a tied embedding keeps its weights
     own = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, tensor in state.items():
             own[key].copy_(tensor)
-    mark_to_save(model, names)
     return names

@@ -50,8 +50,9 @@ from ._common import (
     find_modules_to_save,
     load_saved_modules,
     mark_to_save,
-    modules_to_save,
+    saved_module_names,
     saved_module_state,
+    unmark_to_save,
 )
 
 CONFIG_NAME = "bottleneck_adapter_config.json"
@@ -321,9 +322,15 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
         _attach(layer, layout, placement, adapter)
         names.append(_adapter_name(layer_name, placement))
     mark_to_save(model, to_save)
+    _record_to_save(model, to_save)
     model._peftkern_adapter_configs = list(getattr(model, "_peftkern_adapter_configs", None) or []) + [
         dataclasses.replace(config, layers=tuple(chosen))]
     return names
+
+
+def _record_to_save(model: nn.Module, names: list) -> None:
+    """The modules_to_save that add_adapters / load_adapters marked, which remove_adapters unmarks."""
+    model._peftkern_adapters_to_save = sorted(set(getattr(model, "_peftkern_adapters_to_save", ())) | set(names))
 
 
 def _configs(model: nn.Module) -> list:
@@ -354,13 +361,16 @@ def _remove_hooks(model: nn.Module, only: Optional[set] = None) -> None:
 
 
 def remove_adapters(model: nn.Module) -> None:
-    """Detach every adapter add_adapters attached (hooks and modules); the model's own parameters stay frozen."""
+    """Detach every adapter add_adapters attached (hooks and modules); the model's own parameters stay frozen, the
+    modules_to_save of add_adapters included (they are no longer saved with adapters)."""
     model = _unwrapped(model)
     _remove_hooks(model)
     for module in model.modules():
         if isinstance(getattr(module, CONTAINER, None), nn.ModuleDict):
             delattr(module, CONTAINER)
         module.__dict__.pop("_peftkern_adapter_configs", None)
+        for name in module.__dict__.pop("_peftkern_adapters_to_save", ()):
+            unmark_to_save(module.get_submodule(name))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -387,7 +397,7 @@ def save_adapters(model: nn.Module, path: str) -> None:
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
             "layers": [n for n, _, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
-            "modules_to_save": modules_to_save(model) or None}
+            "modules_to_save": saved_module_names(model) or None}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
     state.update(saved_module_state(model))
@@ -495,7 +505,9 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
     targets = meta.get("modules_to_save") or []
     check_saved_modules(_unwrapped(model), saved, targets, path)  # before the adapters attach
     names = _attach_and_load(model, configs, state, path, adapter_dtype)
-    load_saved_modules(_unwrapped(model), saved, targets, path)
+    inner = _unwrapped(model)
+    loaded = load_saved_modules(inner, saved, targets, path)
+    _record_to_save(inner, loaded)
     return names
 
 

@@ -22,10 +22,11 @@ from ._common import (
     _unwrapped,
     check_saved_modules,
     find_modules_to_save,
+    inside,
     load_saved_modules,
     mark_to_save,
     matches_suffix,
-    modules_to_save,
+    saved_module_names,
     saved_module_state,
 )
 
@@ -64,9 +65,10 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     """
     model = _unwrapped(model)
     to_save = find_modules_to_save(model, modules_to_save, "add_lora") if modules_to_save else []
+    whole = to_save + saved_module_names(model)  # trained whole: no adapter inside them, as in PEFT
     matched = [(name, module) for name, module in model.named_modules()
                if name and _matches(name, target_modules) and not isinstance(module, LoRALinear)
-               and (isinstance(module, nn.Linear) or is_conv1d(module))]
+               and (isinstance(module, nn.Linear) or is_conv1d(module)) and not inside(name, whole)]
     # nn.MultiheadAttention reads its out_proj's weight and bias in its own forward and never calls out_proj: an
     # adapter there would never run (PEFT 0.21's LoRA on it is as silent)
     unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -150,7 +152,7 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
         "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
         "use_rslora": cfg["use_rslora"], "target_modules": cfg["target_modules"], "bias": "none",
         "fan_in_fan_out": any(m.weight_transposed for m in layers.values()), "inference_mode": True,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": modules_to_save(model) or None,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": saved_module_names(model) or None,
         "rank_pattern": {n: r for n, r in ranks.items() if r != cfg["r"]},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg["lora_alpha"]},
     }
@@ -182,9 +184,19 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
     model = _unwrapped(model)
     targets = [(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0], _lora_at(model, name))
                for name in names]
-    for name, r, layer in targets:  # every rank checked before a layer changes
+    modules = dict(model.named_modules())
+    for name, r, layer in targets:  # every layer checked before one changes
         if layer is not None and layer.r != r:
             raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
+        module = modules.get(name)
+        if layer is None and not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise ValueError(f"load_lora: {path} adapts {name}, which the model has as {type(module).__name__}, not "
+                             "an nn.Linear or Conv1D")
+        if layer is None:
+            try:
+                check_wrappable(module)
+            except TypeError as e:
+                raise TypeError(f"load_lora: {name}: {e}") from None
     saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
     check_saved_modules(model, saved, to_save, path)
     adapted = []
