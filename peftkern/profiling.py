@@ -27,14 +27,17 @@ import torch
 
 from .ops._common import set_nvtx
 
-PEFTKERN_KERNEL = re.compile(r"^(lora_|ia3_|krona_|adapter_|peftkern)", re.IGNORECASE)
+# peftkern's Triton kernels by their names, the CUDA extension's by its namespace ("void peftkern::(anonymous
+# namespace)::lora_down_kernel<...>")
+PEFTKERN_KERNEL = re.compile(r"^(lora_|ia3_|krona_|adapter_|row_stats_kernel|peftkern)|\bpeftkern::", re.IGNORECASE)
 GEMM_KERNEL = re.compile(r"(gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul|aten::(mm|addmm|bmm|linear))", re.IGNORECASE)
+ATTENTION_KERNEL = re.compile(r"(fmha|sdpa|flash|attention)", re.IGNORECASE)  # CUTLASS / cuDNN attention: not GEMMs
 
 
 def classify(kernel_name: str) -> str:
     if PEFTKERN_KERNEL.search(kernel_name):
         return "peftkern kernels"
-    if GEMM_KERNEL.search(kernel_name):
+    if GEMM_KERNEL.search(kernel_name) and not ATTENTION_KERNEL.search(kernel_name):
         return "other GEMMs (outside peftkern ops)"
     return "everything else"
 
@@ -47,11 +50,11 @@ class ProfileResult:
     unit: str = "GPU kernel time"
 
     def summary(self, top: int = 8) -> str:
-        total = sum(self.split.values()) or 1.0
+        total = sum(self.split.values())
         lines = [f"{self.unit}: {total:.3f} ms (peftkern kernels: everything a peftkern op runs, the frozen base GEMM "
                  "it fuses or calls included; other GEMMs: the frozen layers and the head, by kernel name)"]
         for cat, ms in sorted(self.split.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {cat:38s} {ms:9.3f} ms  {100 * ms / total:5.1f}%")
+            lines.append(f"  {cat:38s} {ms:9.3f} ms  {100 * ms / (total or 1.0):5.1f}%")
         lines.append(f"top {top} kernels:")
         for name, ms in sorted(self.kernels.items(), key=lambda kv: -kv[1])[:top]:
             cat = "peftkern kernels" if name.endswith("(in a peftkern op)") else classify(name)
@@ -65,10 +68,11 @@ def _is_peftkern_range(evt) -> bool:
     return evt.name.startswith("peftkern::")
 
 
-def _split(prof) -> tuple[dict, dict]:
-    """(time by category, time by kernel name), in ms. On a GPU: kernel time, where kernels launched inside a
-    peftkern op (its profiler range) count as peftkern whatever library ran them (cuBLAS skinny products
-    too); other kernels are classified by name. Without a GPU: CPU operators' self time, likewise."""
+def _split(prof) -> tuple[dict, dict, bool]:
+    """(time by category, time by kernel name, whether it is GPU time), in ms. Where the profile holds GPU kernels:
+    kernel time, where kernels launched inside a peftkern op (its profiler range) count as peftkern whatever library
+    ran them (cuBLAS skinny products too); other kernels are classified by name. Else: the self time of every CPU
+    event (operators, compiled graphs' calls, autograd nodes, the optimizer's Python), likewise."""
     from torch.autograd import DeviceType
 
     events = prof.events()
@@ -99,9 +103,9 @@ def _split(prof) -> tuple[dict, dict]:
         if gpu:
             for k in evt.kernels:
                 add("peftkern kernels" if owned else classify(k.name), k.name, k.duration / 1e3)
-        elif evt.name.startswith("aten::") or _is_peftkern_range(evt):
+        elif evt.self_cpu_time_total > 0:
             add("peftkern kernels" if owned else classify(evt.name), evt.name, evt.self_cpu_time_total / 1e3)
-    return by_cat, by_kernel
+    return by_cat, by_kernel, gpu
 
 
 @contextlib.contextmanager
@@ -109,26 +113,31 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
     """Profile the GPU kernels of the enclosed code (e.g. a few training steps) with torch.profiler.
 
     Yields a ProfileResult that is filled when the block exits: the time split, the per-kernel times and,
-    with `trace`, the path of a Chrome trace (open in chrome://tracing or Perfetto).
+    with `trace`, the path of a Chrome trace (open in chrome://tracing or Perfetto). `nvtx` names the ops in NVTX
+    ranges too while it runs (set_nvtx), for a run under Nsight Systems; the setting before is restored.
     """
-    result = ProfileResult(trace=trace, unit="GPU kernel time" if torch.cuda.is_available()
-                           else "CPU operator self time (no GPU)")
+    if trace and os.path.isdir(trace):  # before the block runs: the exporter would log its failure and go on
+        raise IsADirectoryError(f"peftkern.profile: the trace path {trace} is a directory")
+    result = ProfileResult(trace=trace)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    set_nvtx(nvtx)
+    previous = set_nvtx(nvtx)
     try:
         with torch.profiler.profile(activities=activities) as prof:
             yield result
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     finally:
-        set_nvtx(False)
-    result.split, result.kernels = _split(prof)
+        set_nvtx(previous)
+    result.split, result.kernels, gpu = _split(prof)
+    result.unit = "GPU kernel time" if gpu else "CPU self time (no GPU kernel in the profile)"
     if trace:
         os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+        if os.path.isfile(trace):  # an earlier run's trace would stand for this one if the export failed
+            os.remove(trace)
         prof.export_chrome_trace(trace)
-        if not os.path.exists(trace):  # the exporter logs its failure and returns
+        if not os.path.isfile(trace):  # the exporter logs its failure and returns
             result.trace = None
             raise OSError(f"peftkern.profile: the Chrome trace could not be written to {trace}")
 
@@ -150,7 +159,8 @@ def cli_main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--trace", default="peftkern-profile.json", help="Chrome trace path")
+    parser.add_argument("--trace", default="peftkern-profile.json",
+                        help="Chrome trace path (default: %(default)s; --trace '' writes none)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="torch.compile the model first (MODE: default, reduce-overhead, max-autotune)")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,7 +27,42 @@ def test_profile_splits_time_and_writes_a_trace(tmp_path):
     assert sum(prof.split.values()) > 0.0
     assert trace.exists() and json.loads(trace.read_text()), "the Chrome trace must be valid JSON"
     assert "peftkern kernels" in prof.summary()
+    # every GEMM here runs inside the LoRA op (with profile()'s default NVTX on a GPU, the op's NVTX range replaced
+    # its profiler range, and the op's cuBLAS calls counted as other GEMMs)
+    assert "other GEMMs (outside peftkern ops)" not in prof.split, prof.summary()
     assert not peftkern.ops._common._nvtx_enabled, "profile() switches NVTX back off"
+
+
+def test_profile_restores_nvtx_and_refuses_a_directory(tmp_path):
+    peftkern.set_nvtx(True)
+    try:
+        with peftkern.profile(nvtx=False) as prof:
+            pass
+        assert peftkern.ops._common._nvtx_enabled, "the user's NVTX setting is restored (it was switched off)"
+    finally:
+        peftkern.set_nvtx(False)
+    assert prof.split == {} and " 0.000 ms" in prof.summary(), prof.summary()  # an empty profile said 1.000 ms
+    ran = []
+    with pytest.raises(IsADirectoryError):
+        with peftkern.profile(trace=str(tmp_path)):
+            ran.append(1)
+    assert not ran, "refused before the block runs"
+
+
+def test_op_range_opens_the_profiler_range_beside_nvtx(monkeypatch):
+    """With NVTX on and torch.profiler running, an op's body is in both ranges: peftkern.profile finds its ops by
+    the profiler's range (the NVTX range alone hid them). The NVTX call is stubbed, so that this runs on a CPU."""
+    from peftkern.ops import _common
+
+    opened = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range", lambda name: opened.append(name) or contextlib.nullcontext())
+    monkeypatch.setattr(_common, "_nvtx_enabled", True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with _common.op_range("peftkern::probe"):
+            torch.ones(4).sum()
+    assert opened == ["peftkern::probe"]
+    assert any(e.name == "peftkern::probe" for e in prof.events())
 
 
 def test_nvtx_switch_keeps_results():
@@ -414,3 +450,16 @@ def test_compiled_e2e_rows_are_taken_against_the_compiled_frozen_model(monkeypat
 
     monkeypatch.setattr(bench_e2e, "time_training", failing)
     assert bench_e2e.run_case("tiny", 2, 64, ["lora"], args, "cpu", torch.float32) == []
+
+
+def test_kernel_names_are_classified():
+    """The CUDA extension's kernels carry their namespace after a return type, and CUTLASS / cuDNN attention kernels
+    are not the frozen layers' GEMMs (both were misfiled by name)."""
+    from peftkern.profiling import classify
+
+    peftkern_ = "peftkern kernels"
+    assert classify("void peftkern::(anonymous namespace)::lora_down_kernel<__nv_bfloat16, 64>(...)") == peftkern_
+    assert classify("lora_forward_persistent_kernel") == peftkern_ and classify("row_stats_kernel") == peftkern_
+    assert classify("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "other GEMMs (outside peftkern ops)"
+    assert classify("fmha_cutlassF_bf16_aligned_64x128_rf_sm80") == "everything else"
+    assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "everything else"

@@ -349,19 +349,28 @@ _modules: dict = {}
 _nvtx_enabled = os.environ.get("PEFTKERN_NVTX", "0") == "1"
 
 
-def set_nvtx(enabled: bool) -> None:
+def set_nvtx(enabled: bool) -> bool:
     """Wrap every peftkern op in an NVTX range named after it (peftkern::lora_fwd, ...), for Nsight Systems.
-    Off by default; PEFTKERN_NVTX=1 turns it on at import."""
+    Off by default; PEFTKERN_NVTX=1 turns it on at import. Returns the setting it replaced."""
     global _nvtx_enabled
-    _nvtx_enabled = bool(enabled)
+    previous, _nvtx_enabled = _nvtx_enabled, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def _nvtx_and_profiler_range(name: str):
+    with torch.cuda.nvtx.range(name), torch.profiler.record_function(name):
+        yield
 
 
 def op_range(name: str):
     """Name an op's body for the tools: an NVTX range when set_nvtx(True) (Nsight Systems), a profiler range
-    while torch.profiler runs (peftkern.profile attributes the kernels inside to peftkern), else nothing."""
+    while torch.profiler runs (peftkern.profile attributes the kernels inside to peftkern), both where both are on
+    (the NVTX range alone hid the op from peftkern.profile, whose default turns NVTX on), else nothing."""
+    profiling = torch.autograd.profiler._is_profiler_enabled
     if _nvtx_enabled and torch.cuda.is_available():
-        return torch.cuda.nvtx.range(name)
-    if torch.autograd.profiler._is_profiler_enabled:
+        return _nvtx_and_profiler_range(name) if profiling else torch.cuda.nvtx.range(name)
+    if profiling:
         return torch.profiler.record_function(name)
     return contextlib.nullcontext()
 
