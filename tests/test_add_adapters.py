@@ -304,6 +304,16 @@ def test_adapters_beside_lora_on_gpt2s_projection():
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_lora_after_adapters_on_the_same_projection_is_refused():
+    """add_lora after add_adapters on the projection that carries an adapter's hook replaced the module and dropped
+    the hook: the adapter stayed in the model and in its file but never ran. It raises now, before any change."""
+    model = tiny_gpt2().to(DEVICE, DTYPE)
+    peftkern.add_adapters(model, "pfeiffer")
+    with pytest.raises(TypeError, match="call add_lora before add_adapters"):
+        peftkern.add_lora(model, target_modules=["c_proj"], r=2)
+    assert not any(isinstance(m, peftkern.nn.LoRALinear) for m in model.modules())
+
+
 # ------------------------------------------------------------------------------------------- AdapterHub
 
 

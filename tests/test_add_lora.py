@@ -282,6 +282,22 @@ def test_add_lora_refuses_a_linear_with_its_own_forward():
     assert_close(written_out(x), expected, torch.float32, "a written-out linear, adapted at init")
 
 
+def test_add_lora_refuses_a_linear_with_hooks():
+    """A hook on the layer (accelerate's cpu_offload / device_map offload hook, which loads the weight from the CPU on
+    each call) was dropped with the module: the adapted model then failed in its forward ("weight: meta") or ran
+    without the user's hook. add_lora raises before it changes anything; an instance forward likewise."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(DEVICE)
+    model[1].register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(TypeError, match="has hooks or an instance forward"):
+        peftkern.add_lora(model, target_modules=["0", "1"], r=2)
+    assert type(model[0]) is nn.Linear and all(p.requires_grad for p in model.parameters()), "nothing changed"
+    bound = nn.Linear(8, 8)
+    bound.forward = lambda x: x
+    for layer in (LoRALinear, peftkern.nn.IA3Linear, peftkern.nn.KronALinear):
+        with pytest.raises(TypeError, match="has hooks or an instance forward"):
+            layer.from_linear(bound)
+
+
 class _WrittenOutLinear(nn.Linear):
     """x W^T + b written out, as transformers' FalconLinear does."""
 

@@ -348,14 +348,19 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks_with_kwargs")
 
 
+def adapter_hooks(module: nn.Module) -> list:
+    """The hooks on `module` that run bottleneck adapters (add_adapters'), with their handles' ids."""
+    return [(key, hook) for key, hook in list(module._forward_hooks.items()) + list(module._forward_pre_hooks.items())
+            if isinstance(hook, functools.partial) and hook.func in _HOOKS]
+
+
 def _remove_hooks(model: nn.Module, only: Optional[set] = None) -> None:
     """Remove the hooks that run adapters (those of the adapters whose id() is in `only`, else all) from every module
     of the model, wherever add_adapters was called: handles kept on the model that add_adapters was given missed the
     hooks when remove_adapters got another (add_adapters(m.model), remove_adapters(m): the adapters ran on, unseen)."""
     for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()) + list(module._forward_pre_hooks.items()):
-            if (isinstance(hook, functools.partial) and hook.func in _HOOKS
-                    and (only is None or id(hook.args[0]) in only)):
+        for key, hook in adapter_hooks(module):
+            if only is None or id(hook.args[0]) in only:
                 for name in _HOOK_DICTS:
                     getattr(module, name, {}).pop(key, None)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..nn._frozen import is_conv1d
+from ..nn._frozen import hooked, is_conv1d
 from ..ops.ia3 import ia3_linear
 from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear
@@ -81,14 +81,6 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return _child(module, "base_layer")
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs more than its class's forward: hooks (a user's, accelerate's offload, DeepSpeed
-    ZeRO-3's parameter gathering) or a forward replaced on the instance. PEFT's path calls the base layer and the
-    adapters' modules, so their hooks run there; the fused op reads their weights without calling them."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                or module._backward_hooks or "forward" in module.__dict__)
-
-
 _nn_module = nn.modules.module
 
 
@@ -111,7 +103,7 @@ def _float_base(base: nn.Module) -> Optional[str]:
         return f"base layer is {type(base).__name__} (quantised or not a plain Linear/Conv1D)"
     if type(base) is not nn.Linear and isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
         return f"base layer is {type(base).__name__}, an nn.Linear with its own forward"
-    if _hooked(base):
+    if hooked(base):
         return "base layer has hooks or an instance forward (PEFT's path calls it)"
     weight = _param(base, "weight")
     if type(weight) not in _PLAIN_TENSORS:
@@ -125,9 +117,10 @@ def _lora_static_reason(module: nn.Module) -> Optional[str]:
     reason = _float_base(_base_layer(module))
     if reason:
         return reason
-    hooked = [name for name in ("lora_A", "lora_B") for m in getattr(module, name).values() if _hooked(m)]
-    if hooked:
-        return f"{' and '.join(sorted(set(hooked)))} modules have hooks or an instance forward (PEFT's path calls them)"
+    with_hooks = [name for name in ("lora_A", "lora_B") for m in getattr(module, name).values() if hooked(m)]
+    if with_hooks:
+        return (f"{' and '.join(sorted(set(with_hooks)))} modules have hooks or an instance forward (PEFT's path calls "
+                "them)")
     dora = [a for a, on in getattr(module, "use_dora", {}).items() if on]
     if dora:
         return f"DoRA (use_dora=True) for adapter(s) {dora}"
@@ -170,7 +163,7 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
     for a in active:
         if a in variants:
             return f"adapter {a!r} is a LoRA variant ({type(variants[a]).__name__})"
-        if _hooked(lora_A[a]) or _hooked(lora_B[a]):
+        if hooked(lora_A[a]) or hooked(lora_B[a]):
             return f"adapter {a!r}'s lora_A / lora_B has hooks or an instance forward"
         p = _dropout_p(dropouts[a])
         if p is None:

@@ -29,6 +29,7 @@ from ._common import (
     saved_module_names,
     saved_module_state,
 )
+from .adapters import adapter_hooks
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,6 +79,9 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
                       "so a LoRA there would never run", RuntimeWarning, stacklevel=2)
         matched = [(name, module) for name, module in matched if id(module) not in unused]
     for name, module in matched:  # before anything changes
+        if adapter_hooks(module):
+            raise TypeError(f"add_lora: {name} runs bottleneck adapters through hooks (add_adapters), which the LoRA "
+                            "layer would drop: call add_lora before add_adapters")
         try:
             check_wrappable(module)
         except TypeError as e:

@@ -45,6 +45,15 @@ def _computes_linear(linear: nn.Linear) -> bool:
             and bool(((got - want).abs().max() <= tolerance * (want.abs().max() + 1e-6)).item()))
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its class's forward: hooks (a user's, accelerate's offload, DeepSpeed
+    ZeRO-3's parameter gathering) or a forward replaced on the instance. PEFT's path calls the base layer and the
+    adapters' modules, so their hooks run there; a fused op or a wrapping layer reads their weights without calling
+    them."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or "forward" in module.__dict__)
+
+
 def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
     """A TypeError unless `linear` is an nn.Linear (or GPT-2's Conv1D) computing x W^T + b: a subclass with its own
     forward that computes something else (a quantized layer, a custom op) would lose it inside the wrapping layer,
@@ -58,6 +67,10 @@ def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
         raise TypeError(f"{type(linear).__name__} is an nn.Linear whose own forward does not compute x W^T + b, "
                         "which the wrapping layer would drop (it computes x W^T + b from the weight); PEFT with "
                         "peftkern.fuse leaves such layers on PEFT's path")
+    if hooked(linear):  # accelerate's offload hook loads the weight from the CPU / disk on each call
+        raise TypeError(f"this {type(linear).__name__} has hooks or an instance forward (accelerate's device_map "
+                        "offload, a user's hook), which the wrapping layer would drop; PEFT with peftkern.fuse leaves "
+                        "such layers on PEFT's path")
 
 
 def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
