@@ -194,6 +194,21 @@ def test_matches_reference(backend, shape, form, poison_empty):
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("form", ["sequential+ln", "parallel+ln"])
+def test_layer_norm_of_rows_far_from_zero(backend, form, poison_empty):
+    """LN's weight gradients take dz^T xhat as (dz rstd)^T h - (dz rstd)^T mean: two sums that cancel where a row's
+    mean is large against its spread. In 16 bits the first was summed on a rounded dz rstd and rounded again, the
+    second not: rows offset by 60 sigma gave dWd 1.9e-2 off float64 in fp16, 100x the reference's error (a fuzz
+    under the interpreter, 2026-12-05). Float32 keeps the fold's cancellation, eps times the offset over the spread
+    (2e-5 of dgamma here, against 1e-5 for float32 elsewhere): a cost of never writing a normalised copy of h."""
+    for dtype in [dt for dt in dtypes_for(backend) if dt in (torch.float16, torch.bfloat16)]:
+        args = make_inputs((256,), 64, 16, dtype, form=form)
+        args["h"] = args["h"] + 60.0
+        got, ref, exact, k_dscale = run_both(args, "gelu")
+        _check(got, ref, exact, k_dscale, dtype, f"{backend} {dtype} {form} offset rows")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("form", FORMS)
 def test_every_activation(backend, activation, form, poison_empty):
