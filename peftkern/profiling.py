@@ -118,6 +118,10 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
     """
     if trace and os.path.isdir(trace):  # before the block runs: the exporter would log its failure and go on
         raise IsADirectoryError(f"peftkern.profile: the trace path {trace} is a directory")
+    if trace and os.path.exists(trace) and not os.path.isfile(trace):  # the exporter renames its file over the path:
+        # as root, trace="/dev/null" replaced the device with a regular file
+        raise ValueError(f"peftkern.profile: the trace path {trace} is not a regular file (trace=None, or --trace '', "
+                         "writes no trace)")
     result = ProfileResult(trace=trace)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def test_profile_restores_nvtx_and_refuses_a_directory(tmp_path):
         with peftkern.profile(trace=str(tmp_path)):
             ran.append(1)
     assert not ran, "refused before the block runs"
+    fifo = tmp_path / "fifo"  # as /dev/null is: the exporter's rename replaced it with a regular file (as root)
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        with peftkern.profile(trace=str(fifo)):
+            ran.append(1)
+    assert not ran and not fifo.is_file()
 
 
 def test_op_range_opens_the_profiler_range_beside_nvtx(monkeypatch):
