@@ -44,8 +44,8 @@ def find_modules_to_save(model: nn.Module, targets, caller: str) -> list[str]:
     where they nest. Raises where no target names a module."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     found = []
-    for name, _ in model.named_modules():
-        if name and _outermost(name, targets) == name:
+    for name, _ in model.named_modules():  # parents come first: a match inside a found module is skipped
+        if name and _to_save_match(name, targets) and not inside(name, found):
             found.append(name)
     if not found:
         raise ValueError(f"{caller}: modules_to_save {targets} named no module of the model")
@@ -85,7 +85,7 @@ def saved_module_names(model: nn.Module) -> list[str]:
     """The names of the modules marked by mark_to_save (the outermost where they nest)."""
     found = []
     for name, module in model.named_modules():
-        if getattr(module, TO_SAVE, False) and not any(name.startswith(f + ".") for f in found):
+        if getattr(module, TO_SAVE, False) and not inside(name, found):
             found.append(name)
     return found
 

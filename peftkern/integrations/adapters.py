@@ -381,9 +381,12 @@ def remove_adapters(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under their names in the model (the key layout in this module's docstring); a compiled
     or DDP-wrapped model's are its inner model's."""
-    marker = f"{CONTAINER}."
-    return {k: v.detach() for k, v in _unwrapped(model).state_dict().items()
-            if k.startswith(marker) or f".{marker}" in k}
+    return {k: v.detach() for k, v in _unwrapped(model).state_dict().items() if _is_adapter_key(k)}
+
+
+def _is_adapter_key(key: str) -> bool:
+    """Whether a state_dict key is an adapter tensor's (<layer>.bottleneck_adapters.<placement>....)."""
+    return key.startswith(f"{CONTAINER}.") or f".{CONTAINER}." in key
 
 
 def save_adapters(model: nn.Module, path: str) -> None:
@@ -506,11 +509,10 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
             config = dataclasses.replace(config, layers=tuple(order[i] for i in config.layers if i < len(order)))
         configs.append(config)
     state = load_file(os.path.join(path, WEIGHTS_NAME))
-    saved = {k: state.pop(k) for k in list(state) if not (k.startswith(f"{CONTAINER}.") or f".{CONTAINER}." in k)}
-    targets = meta.get("modules_to_save") or []
-    check_saved_modules(_unwrapped(model), saved, targets, path)  # before the adapters attach
-    names = _attach_and_load(model, configs, state, path, adapter_dtype)
-    inner = _unwrapped(model)
+    saved = {k: state.pop(k) for k in list(state) if not _is_adapter_key(k)}  # the modules_to_save
+    targets, inner = meta.get("modules_to_save") or [], _unwrapped(model)
+    check_saved_modules(inner, saved, targets, path)  # before the adapters attach
+    names = _attach_and_load(inner, configs, state, path, adapter_dtype)
     loaded = load_saved_modules(inner, saved, targets, path)
     _record_to_save(inner, loaded)
     return names

@@ -79,13 +79,7 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
                       "so a LoRA there would never run", RuntimeWarning, stacklevel=2)
         matched = [(name, module) for name, module in matched if id(module) not in unused]
     for name, module in matched:  # before anything changes
-        if adapter_hooks(module):
-            raise TypeError(f"add_lora: {name} runs bottleneck adapters through hooks (add_adapters), which the LoRA "
-                            "layer would drop: call add_lora before add_adapters")
-        try:
-            check_wrappable(module)
-        except TypeError as e:
-            raise TypeError(f"add_lora: {name}: {e}") from None
+        _check_target("add_lora", name, module)
     adapted = []
     for name, module in matched:
         if freeze_base and not adapted:  # once something matched; the adapters already attached keep training
@@ -101,6 +95,18 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     if getattr(model, "_peftkern_lora_config", None) is None:  # a second call's layers differ by rank_pattern
         model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
     return adapted
+
+
+def _check_target(caller: str, name: str, module: nn.Module) -> None:
+    """A TypeError unless a LoRALinear can take `module`'s place without dropping what it runs (checked for every
+    target before any layer changes)."""
+    if adapter_hooks(module):
+        raise TypeError(f"{caller}: {name} runs bottleneck adapters through hooks (add_adapters), which the LoRA layer "
+                        "would drop: call add_lora before add_adapters")
+    try:
+        check_wrappable(module)
+    except TypeError as e:
+        raise TypeError(f"{caller}: {name}: {e}") from None
 
 
 def _lora_at(model: nn.Module, name: str) -> Optional[LoRALinear]:
@@ -197,10 +203,7 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             raise ValueError(f"load_lora: {path} adapts {name}, which the model has as {type(module).__name__}, not "
                              "an nn.Linear or Conv1D")
         if layer is None:
-            try:
-                check_wrappable(module)
-            except TypeError as e:
-                raise TypeError(f"load_lora: {name}: {e}") from None
+            _check_target("load_lora", name, module)
     saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
     check_saved_modules(model, saved, to_save, path)
     adapted = []
