@@ -200,15 +200,15 @@ def ia3_backward(grad_y, x, weight, scale, z, scale_input, weight_transposed, ne
 def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool, inverse: bool = False,
                weight_transposed: bool = False) -> Tensor:
     """Fold l into the frozen layer in place: W <- W * l (rows for the output form, columns for the input
-    form), b <- b * l (output form). inverse=True divides: exact only where l != 0 (the caller checks)."""
+    form), b <- b * l (output form). inverse=True divides (by l, not times a rounded 1 / l, whose error would
+    compound over merge / unmerge cycles): defined only where l != 0 (the caller checks)."""
     dt = compute_dtype(weight)
     l_ = scale.to(dt)
-    factor = 1.0 / l_ if inverse else l_
+    apply = torch.div if inverse else torch.mul
     w = _weight_nk(weight, weight_transposed)
-    scaled = w.to(dt) * (factor[None, :] if scale_input else factor[:, None])
-    w.copy_(scaled.to(weight.dtype))
+    w.copy_(apply(w.to(dt), l_[None, :] if scale_input else l_[:, None]).to(weight.dtype))
     if bias is not None and not scale_input:
-        bias.copy_((bias.to(dt) * factor).to(bias.dtype))
+        bias.copy_(apply(bias.to(dt), l_).to(bias.dtype))
     return weight
 
 
@@ -229,8 +229,11 @@ def krona_delta_weight(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[
                        dtype: torch.dtype = torch.float32) -> Tensor:
     """scaling * sum_t kron(A_t, B_t): the dense (N, K) delta. For merging and tests only."""
     A, B = krona_factor(a, a2, dtype), krona_factor(b, b2, dtype)
-    # contiguous: torch.kron's view fails on a column-major factor (torch 2.13), which krona_linear accepts
-    return scaling * sum(torch.kron(A[t].contiguous(), B[t].contiguous()) for t in range(A.shape[0]))
+    (T, n1, k1), (_, n2, k2) = A.shape, B.shape
+    # The product by broadcasting, not torch.kron, whose view fails (torch 2.13) on a factor whose strides are
+    # not row-major: a transposed (n, 1) factor, which .contiguous() does not copy, as it counts as contiguous.
+    kron = (A[t, :, None, :, None] * B[t, None, :, None, :] for t in range(T))
+    return scaling * sum(kron).reshape(n1 * n2, k1 * k2)
 
 
 def krona_linear(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],

@@ -134,11 +134,65 @@ def test_krona_training_after_inference_mode(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
-def test_krona_merge_takes_a_column_major_factor(backend):
-    w = torch.randn(9, 8, device=DEVICE)
-    A, B = torch.randn(2, 3, device=DEVICE).t(), torch.randn(3, 4, device=DEVICE)
-    want = w + 0.5 * torch.kron(A.contiguous(), B)
+@pytest.mark.parametrize("k1", [2, 1])
+def test_krona_merge_takes_a_column_major_factor(backend, k1):
+    """A transposed factor: (3, 2), and (3, 1), which counts as contiguous with strides (1, 3), so the reference's
+    .contiguous() before torch.kron copied nothing and kron's view raised (a review, 2026-12-05)."""
+    w = torch.randn(9, 4 * k1, device=DEVICE)
+    A, B = torch.randn(k1, 3, device=DEVICE).t(), torch.randn(3, 4, device=DEVICE)
+    want = w + 0.5 * torch.tensor(np.kron(A.cpu().numpy(), B.cpu().numpy()), device=DEVICE)
     assert_close(peftkern.krona_merge_(w.clone(), A, B, 0.5), want, torch.float32, "merged weight")
+
+
+MERGE_KINDS = ["lora", "lora-conv1d", "ia3", "ia3-input", "krona", "krona-lowrank-sum"]
+
+
+def _merge_layer(kind: str) -> torch.nn.Module:
+    """A layer of `kind` whose adapter changes the output (random adapter parameters, not the init)."""
+    layer = {
+        "lora": lambda: peftkern.nn.LoRALinear(24, 20, r=4),
+        "lora-conv1d": lambda: peftkern.nn.LoRALinear(24, 20, r=4, weight_transposed=True),
+        "ia3": lambda: peftkern.nn.IA3Linear(24, 20),
+        "ia3-input": lambda: peftkern.nn.IA3Linear(24, 20, feedforward=True),
+        "krona": lambda: peftkern.nn.KronALinear(24, 20, a_shape=(4, 6)),
+        "krona-lowrank-sum": lambda: peftkern.nn.KronALinear(24, 20, a_shape=(4, 6), terms=2, rank=2),
+    }[kind]().to(DEVICE)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    return layer
+
+
+@pytest.mark.parametrize("kind,backend", [pytest.param(k, b.values[0], id=f"{k}-{b.id}", marks=b.marks)
+                                          for k in MERGE_KINDS for b in backend_params(k.split("-")[0])],
+                         indirect=["backend"])
+@pytest.mark.parametrize("between", ["merge", "unmerge"])
+def test_backward_after_a_merge_raises(kind, backend, between):
+    """merge() or unmerge() between a forward and its backward changes the weight that backward reads: it raises, as
+    after any in-place change. The Triton merge kernels wrote through the weight's pointer and left its version alone,
+    so LoRA's and KronA's backward silently used the merged weight beside the adapter: the delta twice (LoRA's dx 86
+    off, a review, 2026-12-05)."""
+    layer = _merge_layer(kind)
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    if between == "unmerge":
+        layer.merge()
+    y = layer(x)
+    layer.merge() if between == "merge" else layer.unmerge()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+@pytest.mark.parametrize("bias_size", [1, 6])
+def test_ia3_merge_checks_the_bias(backend, bias_size):
+    """ia3_merge_ took any bias: the Triton kernel read past l for a longer one and scaled a 1-element one by l[0]."""
+    w, scale, bias = (torch.randn(4, 3, device=DEVICE), torch.rand(4, device=DEVICE) + 0.5,
+                      torch.randn(bias_size, device=DEVICE))
+    w0, b0 = w.clone(), bias.clone()
+    with pytest.raises(ValueError, match=r"bias of shape \(%d,\) does not fit weight \(4, 3\)" % bias_size):
+        peftkern.ia3_merge_(w, scale, bias)
+    assert torch.equal(w, w0) and torch.equal(bias, b0), "a refused merge changes nothing"
 
 
 def _fake_matches_real(op, args) -> None:

@@ -154,6 +154,24 @@ def test_merge_matches_reference(backend, scale_input, transposed):
         assert_close(b, b0, dtype, "unmerged bias")
 
 
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+def test_merge_unmerge_cycles_do_not_drift(backend, scale_input):
+    """Unmerging divides by l. Multiplying by a rounded 1 / l scaled W (and b) by the same 1 + d each cycle: an
+    ulp a cycle in float32, 100 ulp after 100 cycles (a review, 2026-12-05)."""
+    _, w, scale, b = make((1,), 40, 48, torch.float32, scale_input)
+    with torch.no_grad():  # away from zero, both signs
+        scale.copy_((torch.rand_like(scale) + 0.25) * torch.where(torch.rand_like(scale) < 0.5, -1.0, 1.0))
+    w0, b0 = w.clone(), b.clone()
+    for _ in range(30):
+        peftkern.ia3_merge_(w, scale, b, scale_input)
+        peftkern.ia3_merge_(w, scale, b, scale_input, inverse=True)
+    eps = torch.finfo(torch.float32).eps  # 2 eps |v| is at least 2 ulp of v
+    for name, got, want in (("weight", w, w0), ("bias", b, b0)):
+        worst = ((got - want).abs() / (eps * want.abs())).max().item()
+        assert worst <= 2.0, f"{name} drifted {worst:.0f} eps |{name}| after 30 merge / unmerge cycles"
+
+
 def test_reference_backward_formulas_match_autograd():
     g = torch.Generator().manual_seed(run_seed(5))
     for scale_input, transposed in ((False, False), (True, False), (False, True), (True, True)):

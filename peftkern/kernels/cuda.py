@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..reference import lora_xa_dtype  # noqa: F401  (the extension saves xa in float32, as the reference does)
 
 _import_error: Optional[str] = None
@@ -102,6 +103,8 @@ def ia3_backward(grad_y, x, weight, scale, z, scale_input, weight_transposed, ne
 def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool, inverse: bool = False,
                weight_transposed: bool = False) -> Tensor:
     """W <- W * l (or / l) in place along N (output form) or K (input form), b <- b * l (or / l) for the output
-    form; fp32 math, one rounding."""
-    factor = 1.0 / scale.float() if inverse else scale
-    return _ext().ia3_merge_(weight, factor, bias, bool(scale_input), bool(weight_transposed))
+    form; fp32 math, one rounding. The extension's kernel multiplies, so unmerging runs reference.py's division
+    (torch ops on the GPU): times a rounded 1 / l, W drifted by an ulp a merge / unmerge cycle in float32."""
+    if inverse:
+        return reference.ia3_merge_(weight, scale, bias, scale_input, True, weight_transposed)
+    return _ext().ia3_merge_(weight, scale, bias, bool(scale_input), bool(weight_transposed))

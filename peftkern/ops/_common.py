@@ -216,6 +216,15 @@ def weight_backend(op: str, weight: Tensor, backend: str) -> str:
     return "torch"
 
 
+def written_in_place(weight: Tensor, *others: Optional[Tensor]) -> Tensor:
+    """Mark tensors a merge kernel wrote through their pointers as modified in place, as torch's in-place ops
+    do: a backward that saved the weight before the merge then raises instead of using the merged weight
+    (Triton's lora_merge_ and krona_merge_ left the version alone, and such a backward counted the delta
+    twice: dx 86 off). Returns weight."""
+    torch.autograd.graph.increment_version([t for t in (weight, *others) if t is not None])
+    return weight
+
+
 def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
     """call(*rows) (an autograd Function's apply on the op's per-row tensors, the rest bound in call), on blocks of
     rows where M * the widest row (width, or a row stride) would overflow a 32-bit offset; the outputs concatenated.

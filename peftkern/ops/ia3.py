@@ -35,6 +35,7 @@ from ._common import (
     saved_with_parameters,
     vector,
     weight_backend,
+    written_in_place,
 )
 
 
@@ -184,9 +185,14 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
     N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
     if scale.numel() != (K if scale_input else N):
         raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}")
+    check_tensor("bias", bias, dims=1, optional=True)
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit weight {tuple(weight.shape)} (N={N})")
+    check_same_device(weight=weight, scale=scale, bias=bias)
     if inverse and bool((scale == 0).any()):
         raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
     backend = weight_backend("ia3", weight, pick_backend("ia3", weight))
     with torch.no_grad(), on_device(weight):
-        return backend_module(backend, "ia3").ia3_merge_(weight, vector(scale.reshape(-1)), bias, scale_input,
-                                                         inverse, weight_transposed)
+        backend_module(backend, "ia3").ia3_merge_(weight, vector(scale.reshape(-1)), bias, scale_input, inverse,
+                                                  weight_transposed)
+    return written_in_place(weight, None if scale_input else bias)

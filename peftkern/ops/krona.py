@@ -52,6 +52,7 @@ from ._common import (
     save_with_parameters,
     saved_with_parameters,
     weight_backend,
+    written_in_place,
 )
 from .lora import lora_function
 
@@ -357,4 +358,5 @@ def krona_merge_(weight: Tensor, A: Factor, B: Factor, scaling: float, sign: flo
     check_same_device(weight=weight, A=a, A2=a2, B=b, B2=b2)
     backend = weight_backend("krona", weight, pick_backend("krona", weight))
     with torch.no_grad(), on_device(weight):
-        return backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))
+        backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))
+    return written_in_place(weight)

@@ -43,6 +43,7 @@ from ._common import (
     save_with_parameters,
     saved_with_parameters,
     weight_backend,
+    written_in_place,
 )
 
 
@@ -264,8 +265,9 @@ def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
     check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
     backend = weight_backend("lora", weight, pick_backend("lora", weight))
     with torch.no_grad(), on_device(weight):
-        return backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
-                                                            weight_transposed)
+        backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
+                                                     weight_transposed)
+    return written_in_place(weight)
 
 
 def lora_dropout_mask(seed: int, shape: tuple, p: float, device, backend: Optional[str] = None) -> Tensor:

@@ -152,9 +152,10 @@ def ia3_dx_output_form_kernel(
 def ia3_scale_kernel(
     in_ptr, scale_ptr, out_ptr, R, C,
     stride_ir, stride_ic, stride_or, stride_oc,
-    SCALE_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_COLS: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[r, c] = in[r, c] * l[c] (SCALE_COLS) or * l[r], in float32, rounded once to out's dtype."""
+    """out[r, c] = in[r, c] * l[c] (SCALE_COLS) or * l[r] (or / l with DIVIDE), in float32, rounded once to
+    out's dtype."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
@@ -163,8 +164,12 @@ def ia3_scale_kernel(
         s = tl.load(scale_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     else:
         s = tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc,
-             (v.to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=mask)
+    if DIVIDE:
+        v = tl.where(mask, v.to(tl.float32) / tl.where(mask, s, 1.0), 0.0)
+    else:
+        v = v.to(tl.float32) * s
+    tl.store(out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc, v.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -406,14 +411,15 @@ def persistent_output_form(x: torch.Tensor, w: torch.Tensor, scale_vec: torch.Te
 
 
 def scale(t: torch.Tensor, vec: torch.Tensor, cols: bool = True,
-          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """t (R, C) * vec along columns (vec: (C,)) or rows (vec: (R,)), float32 math, one rounding to out_dtype."""
+          out_dtype: Optional[torch.dtype] = None, divide: bool = False) -> torch.Tensor:
+    """t (R, C) * vec (or / vec if divide) along columns (vec: (C,)) or rows (vec: (R,)), float32 math, one
+    rounding to out_dtype."""
     R, C = t.shape
     out = torch.empty((R, C), device=t.device, dtype=out_dtype or t.dtype)
     block_r, block_c = (16, 32) if triton_interpret() else (32, 256)
     launch(ia3_scale_kernel, (cdiv(R, block_r), cdiv(C, block_c)),
         t, vec, out, R, C, t.stride(0), t.stride(1), out.stride(0), out.stride(1),
-        SCALE_COLS=cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        SCALE_COLS=cols, DIVIDE=divide, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 
 
@@ -520,9 +526,8 @@ def ia3_backward(grad_y, x, weight, scale_vec, z, scale_input, weight_transposed
 
 def ia3_merge_(weight, scale_vec, bias, scale_input, inverse=False, weight_transposed=False):
     """W <- W * l (or / l) in place by the scale kernel; b <- b * l (or / l) for the output form."""
-    factor = 1.0 / scale_vec.float() if inverse else scale_vec
     w = _w_nk(weight, weight_transposed)
-    w.copy_(scale(w, factor, cols=scale_input))
+    w.copy_(scale(w, scale_vec, cols=scale_input, divide=inverse))
     if bias is not None and not scale_input:
-        bias.copy_(scale(bias[None, :], factor, cols=True)[0])
+        bias.copy_(scale(bias[None, :], scale_vec, cols=True, divide=inverse)[0])
     return weight
