@@ -509,3 +509,32 @@ def test_modules_to_save_train_and_save_with_the_adapters(tmp_path):
     with pytest.raises(ValueError, match="named no module"):
         peftkern.add_adapters(other, modules_to_save=["score"])
     assert not adapters(other)
+
+
+def _vision(kind):
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=8,
+                 patch_size=4)
+    if kind == "videomae":
+        model = transformers.VideoMAEModel(transformers.VideoMAEConfig(num_frames=2, tubelet_size=2, **small))
+        return model, torch.randn(1, 2, 3, 8, 8)
+    return transformers.Data2VecVisionModel(transformers.Data2VecVisionConfig(**small)), torch.randn(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["videomae", "data2vec-vision"])
+def test_parallel_adapter_reads_the_feed_forward_input_of_pre_ln_encoders(kind):
+    """Encoders that reuse BERT's module names with the LayerNorm before the feed-forward block: the parallel adapter
+    took BertOutput's input_tensor, which is the un-normalised residual there (VideoMAE, YOLOS: 1.6 off the block's
+    input), or absent (Data2VecVision: every forward raised IndexError; a review, 2026-12-05). It reads what
+    intermediate reads, as in BERT."""
+    torch.manual_seed(run_seed(0))
+    model, pixels = _vision(kind)
+    model = model.to(DEVICE).eval()
+    peftkern.add_adapters(model, "parallel")
+    layer = model.encoder.layer[0]
+    seen = {}
+    layer.bottleneck_adapters["parallel_feed_forward"].register_forward_pre_hook(
+        lambda m, args: seen.update(adapter=args[0]))
+    layer.intermediate.register_forward_pre_hook(lambda m, args: seen.update(block=args[0]))
+    with torch.no_grad():
+        model(pixel_values=pixels.to(DEVICE))
+    assert torch.equal(seen["adapter"], seen["block"])

@@ -373,3 +373,73 @@ def test_load_lora_into_layers_adapted_already(tmp_path):
     # refused before any layer changed (the first layer was reloaded and re-configured before the check reached
     # the second, the review of the change)
     assert other[0].alpha == 1.0 and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_save_lora_names_exactly_the_adapted_layers(tmp_path):
+    """A regex that adapts some of the layers sharing a name (layer 1's q_proj of a Llama): target_modules held the
+    last name alone, so PEFT's from_pretrained added fresh LoRA factors to layer 0's q_proj too, which a resumed run
+    then trained (T5's decoder-only q / v: 12 layers for 8, a review, 2026-12-05). Where the last names name no
+    other module they are kept, as PEFT users write them."""
+    torch.manual_seed(run_seed(0))
+    model = tiny_llama().to(DEVICE, DTYPE)
+    adapted = peftkern.add_lora(model, r"model\.layers\.1\.self_attn\.q_proj|.*v_proj", r=4, alpha=8)
+    assert adapted == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
+                       "model.layers.1.self_attn.v_proj"]
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.2)
+    model.eval()
+    x = batch("llama")
+    config, loaded, _ = round_trip(model, tiny_llama, x, model(**x).logits, tmp_path / "subset")
+    assert sorted(config["target_modules"]) == sorted(adapted)
+    assert sorted(loaded) == sorted(adapted)
+    torch.manual_seed(run_seed(0))
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama().to(DEVICE, DTYPE), str(tmp_path / "subset"))
+    assert sorted(n.rpartition(".lora_A")[0].removeprefix("base_model.model.")
+                  for n, _ in peft_model.named_modules() if n.endswith(".lora_A")) == sorted(adapted)
+    every = tiny_llama().to(DEVICE, DTYPE)  # every layer's q_proj and v_proj: the short names say it
+    peftkern.add_lora(every, ["q_proj", "v_proj"], r=4)
+    peftkern.save_lora(every, str(tmp_path / "every"))
+    assert json.loads((tmp_path / "every" / "adapter_config.json").read_text())["target_modules"] == ["q_proj",
+                                                                                                     "v_proj"]
+
+
+def test_add_lora_refuses_mamba_projections_the_mixer_never_calls():
+    """A Mamba mixer multiplies by dt_proj's weight itself (and mamba-ssm's training kernels read out_proj's and
+    x_proj's): add_lora adapted dt_proj silently, and the adapter never ran (the logits did not move with B random, a
+    review, 2026-12-05). Refused before anything changes; x_proj gets a warning; in_proj is called and adapted."""
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4, expand=2,
+                                      conv_kernel=3)
+    torch.manual_seed(run_seed(0))
+    model = transformers.MambaForCausalLM(config).to(DEVICE)
+    for targets in (["dt_proj"], ["in_proj", "out_proj"]):
+        with pytest.raises(ValueError, match="would not run"):
+            peftkern.add_lora(model, targets, r=2)
+        assert not lora_layers(model) and all(p.requires_grad for p in model.parameters()), "nothing changed"
+    with pytest.warns(RuntimeWarning, match="x_proj's weight directly"):
+        peftkern.add_lora(model, ["x_proj"], r=2)
+    assert sorted(peftkern.add_lora(model, ["in_proj"], r=2)) == ["backbone.layers.0.mixer.in_proj",
+                                                                 "backbone.layers.1.mixer.in_proj"]
+    ids = torch.randint(0, 64, (2, 6), device=DEVICE)
+    base = model(ids).logits
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    assert (model(ids).logits - base).abs().max() > 1e-3, "the adapted projections run"
+    every = transformers.MambaForCausalLM(config).to(DEVICE)  # all-linear: the uncalled ones left out, with a warning
+    with pytest.warns(RuntimeWarning, match="all-linear leaves"):
+        adapted = peftkern.add_lora(every, "all-linear", r=2)
+    assert sorted({n.rsplit(".", 1)[-1] for n in adapted}) == ["in_proj", "x_proj"]
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_all_linear_adapts_what_peft_adapts(factory):
+    """PEFT's "all-linear" shorthand: every nn.Linear / Conv1D but the output layer. add_lora matched it as a regex,
+    which named no module ("matched no nn.Linear", a review, 2026-12-05)."""
+    torch.manual_seed(run_seed(0))
+    model = factory().to(DEVICE, DTYPE)
+    adapted = peftkern.add_lora(model, "all-linear", r=2)
+    peft_model = peft.get_peft_model(factory().to(DEVICE, DTYPE), peft.LoraConfig(r=2, target_modules="all-linear"))
+    expected = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A")
+                      for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    assert sorted(adapted) == expected and "lm_head" not in adapted

@@ -12,7 +12,7 @@ the feed-forward block (relu), parallel = He et al.'s parallel adapter (relu, re
 Where they go: a forward hook on the block's output projection (Llama-style self_attn.o_proj / mlp.down_proj,
 GPT-2 attn.c_proj / mlp.c_proj, BERT attention.output.dense / output.dense) for the sequential places; for the
 parallel one a hook on the whole feed-forward module (mlp: input and output at hand) or, in BERT, whose
-feed-forward is split over two modules, a pre-hook on BertOutput that hands its input_tensor to a hook on
+feed-forward is split over two modules, a pre-hook on BertIntermediate that hands its input to a hook on
 output.dense. Hooks leave every name of the model's state_dict as it was; the adapters are submodules of
 their layer, so the saved file's keys are predictable:
 
@@ -136,7 +136,10 @@ class _Layout:
 LAYOUTS = (
     _Layout("llama", "self_attn.o_proj", "mlp.down_proj", feed_forward="mlp"),  # Llama, Mistral, Qwen2, Phi-3
     _Layout("gpt2", "attn.c_proj", "mlp.c_proj", feed_forward="mlp"),
-    _Layout("bert", "attention.output.dense", "output.dense", feed_forward_input=("output", 1)),  # BERT, RoBERTa
+    # BERT, RoBERTa; the feed-forward input is intermediate's: BertOutput's input_tensor is the same tensor in BERT, but
+    # the un-normalised residual in the pre-LN encoders that reuse BERT's names (VideoMAE, YOLOS), and absent from
+    # Data2VecVision's output (whose forward failed with an IndexError there)
+    _Layout("bert", "attention.output.dense", "output.dense", feed_forward_input=("intermediate", 0)),
 )
 
 

@@ -58,7 +58,8 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     """Replace each nn.Linear / GPT-2 Conv1D whose name matches `target_modules` with a LoRALinear that shares
     its weight and bias; freeze everything else (freeze_base). Returns the adapted module names.
 
-    target_modules: a list of names or name suffixes (["q_proj", "v_proj"]) or a regex on the full name.
+    target_modules: a list of names or name suffixes (["q_proj", "v_proj"]), a regex on the full name, or PEFT's
+    "all-linear": every nn.Linear / Conv1D but the output layer (get_output_embeddings(): a causal LM's lm_head).
     adapter_dtype: the factors' dtype; by default PEFT's: float32 beside a float16 / bfloat16 model, else the model's.
     modules_to_save: as PEFT's, names or suffixes of modules trained whole beside the adapters (a classifier head
     made at random: ["score"], ["classifier"]) and saved with them by save_lora; trained in place, where PEFT trains
@@ -67,8 +68,12 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     model = _unwrapped(model)
     to_save = find_modules_to_save(model, modules_to_save, "add_lora") if modules_to_save else []
     whole = to_save + saved_module_names(model)  # trained whole: no adapter inside them, as in PEFT
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    if all_linear:
+        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        whole = whole + [name for name, module in model.named_modules() if module is output_layer and name]
     matched = [(name, module) for name, module in model.named_modules()
-               if name and _matches(name, target_modules) and not isinstance(module, LoRALinear)
+               if name and (all_linear or _matches(name, target_modules)) and not isinstance(module, LoRALinear)
                and (isinstance(module, nn.Linear) or is_conv1d(module)) and not inside(name, whole)]
     # nn.MultiheadAttention reads its out_proj's weight and bias in its own forward and never calls out_proj: an
     # adapter there would never run (PEFT 0.21's LoRA on it is as silent)
@@ -78,6 +83,8 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
         warnings.warn(f"add_lora: {skipped} left alone: nn.MultiheadAttention uses its out_proj's weight directly, "
                       "so a LoRA there would never run", RuntimeWarning, stacklevel=2)
         matched = [(name, module) for name, module in matched if id(module) not in unused]
+    uncalled = _check_mamba_targets(model, [name for name, _ in matched], named=not all_linear)
+    matched = [(name, module) for name, module in matched if name not in uncalled]
     for name, module in matched:  # before anything changes
         _check_target("add_lora", name, module)
     adapted = []
@@ -95,6 +102,35 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     if getattr(model, "_peftkern_lora_config", None) is None:  # a second call's layers differ by rank_pattern
         model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
     return adapted
+
+
+# Mamba-style mixers read some projections' weights in their own code instead of calling them: dt_proj's in every path
+# (dt_proj.weight @ time_step), out_proj's and x_proj's in the scan kernels of mamba-ssm that training takes on a GPU.
+# A LoRA there would not run. PEFT refuses out_proj (and conv1d) on these model types, and saves of them cannot load.
+MAMBA_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"}
+MAMBA_UNCALLED = ("out_proj", "dt_proj")
+MAMBA_KERNEL_READS = ("x_proj",)
+
+
+def _check_mamba_targets(model: nn.Module, names: list[str], named: bool) -> set:
+    """The targets a Mamba mixer does not call: a ValueError where the caller named them, else (all-linear) they are
+    returned to be left alone, with a warning. A warning for those its training kernels skip."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in MAMBA_MODEL_TYPES:
+        return set()
+    refused = [n for n in names if n.rsplit(".", 1)[-1] in MAMBA_UNCALLED]
+    why = (f"a {model.config.model_type} mixer reads these projections' weights without calling them (dt_proj's "
+           "always, out_proj's in mamba-ssm's training kernels), so a LoRA there would not run")
+    if refused and named:
+        raise ValueError(f"add_lora: {refused}: {why}; PEFT refuses out_proj on these models too. Target in_proj")
+    if refused:
+        warnings.warn(f"add_lora: all-linear leaves {refused[:3]}{' ...' if len(refused) > 3 else ''} alone: {why}",
+                      RuntimeWarning, stacklevel=3)
+    read = [n for n in names if n.rsplit(".", 1)[-1] in MAMBA_KERNEL_READS]
+    if read:
+        warnings.warn(f"add_lora: {read[:3]}{' ...' if len(read) > 3 else ''}: with mamba-ssm's kernels (a GPU) the "
+                      "mixer's training path reads x_proj's weight directly, so these adapters run only on the "
+                      "other paths", RuntimeWarning, stacklevel=3)
+    return set(refused)
 
 
 def _check_target(caller: str, name: str, module: nn.Module) -> None:
@@ -134,6 +170,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _target_modules(model: nn.Module, layers: dict) -> list[str]:
+    """PEFT's target_modules for exactly the adapted layers: their last names (["q_proj", "v_proj"]) where those name
+    no other module, else their full names. A layer name that other modules share (T5's q in the encoder when only
+    the decoder's was adapted, CLIP's q_proj in both towers) made PeftModel.from_pretrained add LoRA there too, which
+    then trained in a resumed run."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    whole = saved_module_names(model)  # PEFT puts no LoRA inside modules_to_save
+    others = [n for n, _ in model.named_modules()
+              if n and n not in layers and matches_suffix(n, short) and not inside(n, whole)]
+    return sorted(layers) if others else short
+
+
 def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None) -> None:
     """Write adapter_config.json and adapter_model.safetensors in PEFT's layout."""
     from safetensors.torch import save_file
@@ -146,8 +194,8 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
     first = next(iter(layers.values()))
     if cfg is None:
         cfg = dict(r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout, use_rslora=first.use_rslora)
-    # every adapted layer, whichever add_lora / load_lora call attached it
-    cfg = dict(cfg, target_modules=sorted({n.rsplit('.', 1)[-1] for n in layers}))
+    # every adapted layer, whichever add_lora / load_lora call attached it, and no other
+    cfg = dict(cfg, target_modules=_target_modules(model, layers))
     ranks = {n: m.r for n, m in layers.items()}
     # A layer whose use_rslora differs from the config's (a second add_lora call) keeps its scaling through its alpha:
     # rsLoRA's alpha / sqrt(r) is plain LoRA's (alpha sqrt(r)) / r.
