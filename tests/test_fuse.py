@@ -588,6 +588,14 @@ def test_hooks_on_the_inner_modules_keep_peft_path():
     assert_close(model(x), want, torch.float32, "output with a lora_A hook")
     assert len(calls) == 1 and any("hooks" in reason for _, reason in report.fallbacks), str(report)
     handle.remove()
+    # lora_dropout is called by PEFT's forward too (an nn.Identity at p = 0): its hooks ran on PEFT's path only, and a
+    # hook that mutes the adapter was skipped silently (a review, 2026-12-05)
+    handle = layer.lora_dropout["default"].register_forward_hook(lambda m, a, out: out * 0)
+    assert_close(model(x), layer.base_layer(x), torch.float32, "output with a muting lora_dropout hook")
+    assert any("lora_dropout has hooks" in reason for _, reason in report.fallbacks), str(report)
+    assert "lora_dropout" in dict(peftkern.fuse(model).skipped)["base_model.model.0"]
+    handle.remove()
+    report = peftkern.fuse(model)
     # a hook registered for every module (torch.nn.modules.module.register_module_forward_hook)
     seen = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, *_: seen.append(type(m).__name__))
@@ -609,7 +617,43 @@ def test_linear_subclass_with_its_own_forward_is_left_to_peft():
     base = torch.nn.Sequential(HalfLinear(16, 16))
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"]))
     _randomise_adapters(model)
-    _assert_left_to_peft(model, "its own forward")
+    _assert_left_to_peft(model, "own forward does not compute")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "lokr"])
+def test_falcon_linear_is_fused(method):
+    """transformers' FalconLinear (every Falcon projection) is an nn.Linear subclass whose own forward writes out
+    x W^T + b: add_lora took it (tried on two rows), fuse left every Falcon layer on PEFT's path (two reviews,
+    2026-12-05). fuse now tries the forward as add_lora does, and the fused model gives PEFT's outputs and gradients,
+    in a deep copy too."""
+    cfg = transformers.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+                                    bias=True)
+    torch.manual_seed(run_seed(0))
+    base = transformers.FalconForCausalLM(cfg).to(DEVICE)
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    config = {"lora": lambda: LoraConfig(r=2, target_modules=targets),
+              "ia3": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=["dense_4h_to_h"]),
+              "lokr": lambda: peft.LoKrConfig(r=2, target_modules=targets)}[method]()
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    reference = copy.deepcopy(model)
+    report = peftkern.fuse(model)
+    assert len(report.fused) == 8 and not report.skipped, str(report)
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    for m in (model, copy.deepcopy(model)):
+        m.zero_grad()
+        reference.zero_grad()
+        want, got = reference(ids, labels=ids), m(ids, labels=ids)
+        want.loss.backward()
+        got.loss.backward()
+        assert_close(got.logits, want.logits, torch.float32, f"{method} logits")
+        for (n, p), (_, q) in zip(m.named_parameters(), reference.named_parameters()):
+            if p.requires_grad:
+                assert_close(p.grad, q.grad, torch.float32, f"{method} {n}'s gradient", scale=2.0)
+    assert not sum(report.fallbacks.values()), str(report)
 
 
 def test_fused_model_pickles_whole():

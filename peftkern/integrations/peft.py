@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..nn._frozen import hooked, is_conv1d
+from ..nn._frozen import computes_linear, hooked, is_conv1d
 from ..ops.ia3 import ia3_linear
 from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear
@@ -95,16 +95,26 @@ def _global_hooks() -> bool:
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor, FakeTensor)
 
 
-def _float_base(base: nn.Module) -> Optional[str]:
-    """None if `base` is a plain nn.Linear or GPT-2 Conv1D with a float weight, else why the fused op cannot take it."""
+# Set on an nn.Linear subclass's instance whose own forward fuse() found computing x W^T + b (transformers'
+# FalconLinear): read on each call, which tries nothing itself (it may be traced by torch.compile); deepcopy and pickle
+# carry it.
+_COMPUTES_LINEAR = "_peftkern_computes_linear"
+
+
+def _float_base(base: nn.Module, try_forward: bool = False) -> Optional[str]:
+    """None if `base` is a plain nn.Linear or GPT-2 Conv1D with a float weight, else why the fused op cannot take it.
+    An nn.Linear subclass with its own forward passes where fuse() tried it (try_forward) and found x W^T + b."""
     if "base_layer" in base._modules:
         return f"base layer is a nested {type(base).__name__} tuner layer (a mixed model: PEFT's path calls it)"
     if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         return f"base layer is {type(base).__name__} (quantised or not a plain Linear/Conv1D)"
-    if type(base) is not nn.Linear and isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
-        return f"base layer is {type(base).__name__}, an nn.Linear with its own forward"
     if hooked(base):
         return "base layer has hooks or an instance forward (PEFT's path calls it)"
+    if type(base) is not nn.Linear and isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
+        if try_forward:
+            setattr(base, _COMPUTES_LINEAR, computes_linear(base))
+        if not getattr(base, _COMPUTES_LINEAR, False):
+            return f"base layer is {type(base).__name__}, an nn.Linear whose own forward does not compute x W^T + b"
     weight = _param(base, "weight")
     if type(weight) not in _PLAIN_TENSORS:
         return f"base layer weight is a {type(weight).__name__} (tensor subclass, e.g. quantised)"
@@ -114,10 +124,11 @@ def _float_base(base: nn.Module) -> Optional[str]:
 
 
 def _lora_static_reason(module: nn.Module) -> Optional[str]:
-    reason = _float_base(_base_layer(module))
+    reason = _float_base(_base_layer(module), try_forward=True)
     if reason:
         return reason
-    with_hooks = [name for name in ("lora_A", "lora_B") for m in getattr(module, name).values() if hooked(m)]
+    with_hooks = [name for name in ("lora_A", "lora_B", "lora_dropout") for m in getattr(module, name).values()
+                  if hooked(m)]
     if with_hooks:
         return (f"{' and '.join(sorted(set(with_hooks)))} modules have hooks or an instance forward (PEFT's path calls "
                 "them)")
@@ -163,8 +174,8 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
     for a in active:
         if a in variants:
             return f"adapter {a!r} is a LoRA variant ({type(variants[a]).__name__})"
-        if hooked(lora_A[a]) or hooked(lora_B[a]):
-            return f"adapter {a!r}'s lora_A / lora_B has hooks or an instance forward"
+        if hooked(lora_A[a]) or hooked(lora_B[a]) or hooked(dropouts[a]):
+            return f"adapter {a!r}'s lora_A / lora_B / lora_dropout has hooks or an instance forward"
         p = _dropout_p(dropouts[a])
         if p is None:
             return f"adapter {a!r} has a custom dropout module {type(dropouts[a]).__name__}"
@@ -227,7 +238,7 @@ def _describe_lora(module: nn.Module) -> str:
 
 
 def _ia3_static_reason(module: nn.Module) -> Optional[str]:
-    return _float_base(_base_layer(module))
+    return _float_base(_base_layer(module), try_forward=True)
 
 
 def _call_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
@@ -276,7 +287,7 @@ def _describe_ia3(module: nn.Module) -> str:
 
 def _lokr_static_reason(module: nn.Module) -> Optional[str]:
     base = _base_layer(module)
-    reason = _float_base(base)
+    reason = _float_base(base, try_forward=True)
     if reason:
         return reason
     if not isinstance(base, nn.Linear):

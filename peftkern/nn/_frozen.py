@@ -25,7 +25,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-def _computes_linear(linear: nn.Linear) -> bool:
+def computes_linear(linear: nn.Linear) -> bool:
     """Whether an nn.Linear subclass's own forward computes x W^T + b, tried on two random rows (transformers'
     FalconLinear, Falcon's every projection, writes out the same product): a weight off the CPU / GPU (meta) cannot be
     tried, and is taken as not."""
@@ -63,7 +63,7 @@ def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
     if not transposed and not isinstance(linear, nn.Linear):
         kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
         raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
-    if not transposed and type(linear).forward is not nn.Linear.forward and not _computes_linear(linear):
+    if not transposed and type(linear).forward is not nn.Linear.forward and not computes_linear(linear):
         raise TypeError(f"{type(linear).__name__} is an nn.Linear whose own forward does not compute x W^T + b, "
                         "which the wrapping layer would drop (it computes x W^T + b from the weight); PEFT with "
                         "peftkern.fuse leaves such layers on PEFT's path")
