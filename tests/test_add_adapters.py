@@ -538,3 +538,81 @@ def test_parallel_adapter_reads_the_feed_forward_input_of_pre_ln_encoders(kind):
     with torch.no_grad():
         model(pixel_values=pixels.to(DEVICE))
     assert torch.equal(seen["adapter"], seen["block"])
+
+
+def _more_layouts():
+    """Tiny models of the layouts beyond Llama, GPT-2 and BERT: (model, inputs, the sites written out here: attention
+    output, and the feed-forward module or its first and last projections)."""
+    T = transformers
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    ids = torch.randint(0, 64, (2, 6))
+    text = {"input_ids": ids}
+    return {
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, vocab_size=64, word_embed_proj_dim=32)),
+                text, ("self_attn.out_proj", ("fc1", "fc2"))),
+        "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(
+                     d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64)),
+                 {"input_ids": ids, "decoder_input_ids": ids}, ("self_attn.out_proj", ("fc1", "fc2"))),
+        "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(vocab_size=64, **small)), text, ("self_attn.dense", "mlp")),
+        "gpt_neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=64, **small)), text,
+                     ("attention.dense", "mlp")),
+        "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(hidden_size=32, num_attention_heads=4,
+                                                              num_hidden_layers=2, vocab_size=64)),
+                   text, ("self_attention.dense", "mlp")),
+        "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                                                    vocab_size=64)), text,
+                       ("attention.out_lin", "ffn")),
+        "clip": (lambda: T.CLIPTextModel(T.CLIPTextConfig(vocab_size=64, **small)), text,
+                 ("self_attn.out_proj", "mlp")),
+        "vit": (lambda: T.ViTModel(T.ViTConfig(image_size=8, patch_size=4, **small)),
+                {"pixel_values": torch.randn(2, 3, 8, 8)}, ("attention.o_proj", "mlp")),
+    }
+
+
+def _first_output(out):
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["opt", "bart", "phi", "gpt_neox", "falcon", "distilbert", "clip", "vit"])
+def test_more_layouts_take_the_documented_placements(arch, tmp_path):
+    """add_adapters refused these models ("found no Llama-, GPT-2- or BERT-style transformer layers", a review,
+    2026-12-05). Each now gets houlsby's and the parallel placements, checked against an eager adapter through plain
+    hooks at the sites named here; the weights save and load."""
+    make, inputs, (attention, feed_forward) = _more_layouts()[arch]
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    torch.manual_seed(run_seed(0))
+    model = make().to(DEVICE).eval()
+    with torch.no_grad():
+        base = _first_output(model(**inputs))
+    names = peftkern.add_adapters(model, peftkern.AdapterConfig(**{
+        **peftkern.integrations.adapters.PRESETS["houlsby"], "reduction_factor": 4,
+        "placements": ("after_attention", "parallel_feed_forward")}))
+    assert len(names) == 2 * len(transformer_layers(model)) and len(transformer_layers(model)) >= 2
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".bottleneck_adapters." in n and p.dim() > 0 and "layer_norm" not in n:
+                p.normal_(0, 0.1)
+        expected = _first_output(model(**inputs))
+    assert (expected - base).abs().max() > 1e-3, "the adapters run"
+    eager = copy.deepcopy(model)
+    peftkern.remove_adapters(eager)
+    for (_, layer, _), (_, source, _) in zip(transformer_layers(eager), transformer_layers(model)):
+        att, par = (source.bottleneck_adapters[p] for p in ("after_attention", "parallel_feed_forward"))
+        layer.get_submodule(attention).register_forward_hook(lambda m, a, out, ad=att: out + _eager(ad, out))
+        if isinstance(feed_forward, str):
+            layer.get_submodule(feed_forward).register_forward_hook(lambda m, a, out, ad=par: out + _eager(ad, a[0]))
+        else:  # the feed-forward block is the layer's own fc1 ... fc2
+            store = {}
+            layer.get_submodule(feed_forward[0]).register_forward_pre_hook(lambda m, a, s=store: s.update(x=a[0]))
+            layer.get_submodule(feed_forward[1]).register_forward_hook(
+                lambda m, a, out, ad=par, s=store: out + _eager(ad, s["x"]))
+    with torch.no_grad():
+        assert_close(_first_output(eager(**inputs)), expected, torch.float32, f"{arch} placements")
+    peftkern.save_adapters(model, str(tmp_path))
+    torch.manual_seed(run_seed(0))
+    fresh = make().to(DEVICE).eval()
+    peftkern.load_adapters(fresh, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(_first_output(fresh(**inputs)), expected)

@@ -10,10 +10,11 @@ Houlsby et al. and He et al. define them. Presets: houlsby = both sequential pla
 the feed-forward block (relu), parallel = He et al.'s parallel adapter (relu, reduction 2, s = 4).
 
 Where they go: a forward hook on the block's output projection (Llama-style self_attn.o_proj / mlp.down_proj,
-GPT-2 attn.c_proj / mlp.c_proj, BERT attention.output.dense / output.dense) for the sequential places; for the
-parallel one a hook on the whole feed-forward module (mlp: input and output at hand) or, in BERT, whose
-feed-forward is split over two modules, a pre-hook on BertIntermediate that hands its input to a hook on
-output.dense. Hooks leave every name of the model's state_dict as it was; the adapters are submodules of
+GPT-2 attn.c_proj / mlp.c_proj, BERT attention.output.dense / output.dense, and the other LAYOUTS below) for the
+sequential places; for the parallel one a hook on the whole feed-forward module (mlp: input and output at hand)
+or, where the feed-forward block is not one module (BERT's intermediate and output, OPT's and BART's fc1 and fc2
+on the layer itself), a pre-hook on its first module that hands its input to a hook on the output projection.
+Hooks leave every name of the model's state_dict as it was; the adapters are submodules of
 their layer, so the saved file's keys are predictable:
 
     <layer>.bottleneck_adapters.<placement>.down.weight    (b, d)     down.bias  (b,)
@@ -140,6 +141,15 @@ LAYOUTS = (
     # the un-normalised residual in the pre-LN encoders that reuse BERT's names (VideoMAE, YOLOS), and absent from
     # Data2VecVision's output (whose forward failed with an IndexError there)
     _Layout("bert", "attention.output.dense", "output.dense", feed_forward_input=("intermediate", 0)),
+    _Layout("clip", "self_attn.out_proj", "mlp.fc2", feed_forward="mlp"),  # CLIP's and SigLIP's towers
+    _Layout("vit", "attention.o_proj", "mlp.fc2", feed_forward="mlp"),  # ViT (transformers 5)
+    _Layout("phi", "self_attn.dense", "mlp.fc2", feed_forward="mlp"),  # Phi-1, Phi-2
+    _Layout("gpt_neox", "attention.dense", "mlp.dense_4h_to_h", feed_forward="mlp"),  # GPT-NeoX, Pythia
+    _Layout("falcon", "self_attention.dense", "mlp.dense_4h_to_h", feed_forward="mlp"),
+    _Layout("distilbert", "attention.out_lin", "ffn.lin2", feed_forward="ffn"),
+    # OPT, and BART / Whisper / Marian encoder and decoder layers (a decoder's cross-attention gets no adapter):
+    # the feed-forward block is fc1, activation, fc2 on the layer itself
+    _Layout("bart", "self_attn.out_proj", "fc2", feed_forward_input=("fc1", 0)),
 )
 
 
@@ -268,7 +278,9 @@ def _plan(model: nn.Module, layers: list, config: AdapterConfig, adapter_dtype: 
     attaches to `layers` (transformer_layers(model)), the adapters built (on `device`, else beside the layer's
     weight) and nothing changed; an adapter at a placement already taken is an error unless attached_ok."""
     if not layers:
-        raise ValueError(f"found no Llama-, GPT-2- or BERT-style transformer layers in {type(model).__name__}")
+        known = ", ".join(layout.name for layout in LAYOUTS)
+        raise ValueError(f"found no transformer layers of a layout peftkern knows ({known}: "
+                         f"peftkern/integrations/adapters.py, LAYOUTS) in {type(model).__name__}")
     indexed = _indexed_layers(model, layers)
     chosen = tuple(indexed) if config.layers is None else config.layers
     bad = [i for i in chosen if i not in indexed]
