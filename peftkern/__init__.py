@@ -12,7 +12,7 @@ from .integrations.adapters import (
     save_adapters,
 )
 from .integrations.peft import FuseReport, fuse, unfuse
-from .integrations.transformers import add_lora, load_lora, save_lora
+from .integrations.transformers import add_lora, load_lora, merge_and_unload, save_lora
 from .ops._common import set_nvtx
 from .ops.adapter import bottleneck_adapter
 from .ops.ia3 import ia3_linear, ia3_merge_
@@ -27,7 +27,7 @@ __all__ = [
     "set_backend", "get_backend", "backend_status",
     "lora_linear", "lora_merge_", "ia3_linear", "ia3_merge_",
     "profile", "set_nvtx",
-    "fuse", "unfuse", "FuseReport", "add_lora", "save_lora", "load_lora",
+    "fuse", "unfuse", "FuseReport", "add_lora", "save_lora", "load_lora", "merge_and_unload",
 ]
 __all__ += ["bottleneck_adapter", "AdapterConfig", "add_adapters", "save_adapters", "load_adapters",
             "remove_adapters", "convert_adapterhub", "load_adapterhub"]

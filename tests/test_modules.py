@@ -313,3 +313,30 @@ def test_create_graph_under_checkpointing_beside_a_fused_layer():
         results.append(torch.autograd.grad(total, [head.weight, layer.lora_A]))
     for got, want in zip(results[1], results[0]):
         assert_close(got, want, torch.float32, "checkpointed")
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+@pytest.mark.parametrize("wrapped", [True, False], ids=["from_linear", "constructed"])
+def test_merge_and_unload_returns_the_plain_layer(kind, wrapped):
+    """layer.merge_and_unload(): the adapter merged, and the plain layer with this layer's weight and bias Parameters
+    (the wrapped layer's class, or nn.Linear / Conv1D for a constructed one), giving the same outputs."""
+    transposed = kind == "lora-conv1d"
+    if wrapped and transposed:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = LoRALinear.from_linear(Conv1D(20, 24), r=4)
+    elif wrapped:
+        linear = nn.Linear(24, 20)
+        layer = {"lora": LoRALinear, "ia3": IA3Linear, "krona": KronALinear}[kind.split("-")[0]].from_linear(
+            linear, **({"feedforward": True} if kind == "ia3-input" else {}))
+    else:
+        layer = MAKERS[kind]()
+    layer = _trained(layer.to(DEVICE))
+    x = torch.randn(5, 24, device=DEVICE)
+    with torch.no_grad():
+        expected = layer(x)
+    plain = layer.merge_and_unload()
+    assert type(plain).__name__ == ("Conv1D" if transposed else "Linear")
+    assert plain.weight is layer.weight and plain.bias is layer.bias
+    with torch.no_grad():
+        assert_close(plain(x), expected, torch.float32, f"{kind} unloaded", 10.0)

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..nn import freeze_all_but_adapters
+from ..nn import _WRAPPING_LAYERS, freeze_all_but_adapters
 from ..nn._frozen import check_wrappable, is_conv1d
 from ..nn.lora import LoRALinear
 from ._common import (
@@ -131,6 +131,24 @@ def _check_mamba_targets(model: nn.Module, names: list[str], named: bool) -> set
                       "mixer's training path reads x_proj's weight directly, so these adapters run only on the "
                       "other paths", RuntimeWarning, stacklevel=3)
     return set(refused)
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge every peftkern layer of `model` (LoRALinear, IA3Linear, KronALinear) into its weight and put back the
+    plain layer it wrapped (nn.Linear, Conv1D, ...), as PEFT's merge_and_unload does: the model is then a plain
+    transformers model that save_pretrained / from_pretrained carry whole (add_lora's layers are not: their
+    checkpoints hold the frozen weight and the factors apart, and from_pretrained into a plain model drops the
+    factors). Returns the names replaced. Bottleneck adapters, which do not merge, stay (remove_adapters detaches
+    them), as do the trained modules_to_save."""
+    model = _unwrapped(model)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, _WRAPPING_LAYERS):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.merge_and_unload())
+            replaced.append(name)
+    vars(model).pop("_peftkern_lora_config", None)
+    return replaced
 
 
 def _check_target(caller: str, name: str, module: nn.Module) -> None:

@@ -25,6 +25,16 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+_MODULE_STATE = frozenset(vars(nn.Module()))  # what nn.Module.__init__ sets: training, _parameters, hooks ...
+
+
+def _plain_attributes(module: nn.Module) -> dict:
+    """The attributes a layer's own __init__ set that are plain values (nn.Linear's in_features and out_features,
+    Conv1D's nf and nx), which a rebuilt layer of its class needs beside its Parameters."""
+    return {k: v for k, v in vars(module).items()
+            if k not in _MODULE_STATE and isinstance(v, (bool, int, float, str, type(None)))}
+
+
 def computes_linear(linear: nn.Linear) -> bool:
     """Whether an nn.Linear subclass's own forward computes x W^T + b, tried on two random rows (transformers'
     FalconLinear, Falcon's every projection, writes out the same product): a weight off the CPU / GPU (meta) cannot be
@@ -106,10 +116,33 @@ class FrozenLinear(nn.Module):
         nn.Module.__init__(layer)
         layer.weight, layer.bias = linear.weight, linear.bias
         init_adapter(layer, K, N, transposed)
+        # what merge_and_unload() rebuilds: the layer's class and its plain attributes (in_features, nf, ...)
+        layer._base_class, layer._base_attributes = type(linear), _plain_attributes(linear)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
         return layer
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """The adapter merged into the weight (merge()), returned as the plain layer this one wrapped (from_linear's
+        class: an nn.Linear, GPT-2's Conv1D, FalconLinear ...; an nn.Linear or Conv1D for a layer built by its
+        constructor) holding this layer's weight and bias Parameters, for saving or serving a merged model."""
+        self.merge()
+        cls = getattr(self, "_base_class", None)
+        attributes = getattr(self, "_base_attributes", None)
+        if cls is None:
+            if self.weight_transposed:
+                from transformers.pytorch_utils import Conv1D as cls
+                attributes = {"nf": self.out_features, "nx": self.in_features}
+            else:
+                cls, attributes = nn.Linear, {"in_features": self.in_features, "out_features": self.out_features}
+        plain = cls.__new__(cls)
+        nn.Module.__init__(plain)
+        vars(plain).update(attributes)
+        plain.weight = self.weight
+        plain.register_parameter("bias", self.bias)
+        return plain.train(self.training)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
