@@ -340,3 +340,20 @@ def test_merge_and_unload_returns_the_plain_layer(kind, wrapped):
     assert plain.weight is layer.weight and plain.bias is layer.bias
     with torch.no_grad():
         assert_close(plain(x), expected, torch.float32, f"{kind} unloaded", 10.0)
+
+
+def test_from_linear_and_add_lora_refuse_a_parametrized_weight():
+    """A weight_norm'd nn.Linear: from_linear raised torch's "requires_grad flags of leaf variables", and add_lora
+    (which froze the model first) wrapped one computed copy of the weight, a plain attribute that state_dict left out
+    (a review, 2026-12-05). Both refuse it, naming the parametrization, and change nothing."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    linear = weight_norm(nn.Linear(8, 6))
+    with pytest.raises(TypeError, match="computed on each access"):
+        LoRALinear.from_linear(linear)
+    model = nn.Sequential(weight_norm(nn.Linear(8, 6)))
+    keys, layer = set(model.state_dict()), model[0]
+    with pytest.raises(TypeError, match="computed on each access"):
+        peftkern.add_lora(model, ["0"], r=2)
+    assert model[0] is layer and set(model.state_dict()) == keys
+    assert all(p.requires_grad for p in model.parameters())
