@@ -254,14 +254,24 @@ def test_wrapped_models_save_and_load_the_inner_models_keys(tmp_path):
     assert sorted(peftkern.load_adapters(fresh, str(tmp_path))) == sorted(names)
 
 
+def _llama_with_unknown_layers():
+    """A tiny Llama of four layers whose layers 1 and 3 have no layout peftkern knows (their attention's output
+    projection renamed), standing for layers of another kind in the stack."""
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(run_seed(0))
+    model = transformers.LlamaForCausalLM(cfg)
+    for i in (1, 3):
+        attention = model.model.layers[i].self_attn
+        attention.out = attention.o_proj
+        del attention.o_proj
+    return model
+
+
 def test_layers_index_the_models_layer_stack_and_unknown_layers_are_named():
-    """A Qwen2-MoE with sparse layers between dense ones: the sparse ones have no layout peftkern knows. They get no
-    adapter, with a warning (they were skipped silently), and config.layers means model.layers.<i>."""
-    cfg = transformers.Qwen2MoeConfig(vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
-                                      num_experts_per_tok=2, decoder_sparse_step=2)
-    model = transformers.Qwen2MoeForCausalLM(cfg)
+    """Layers of a kind peftkern has no layout for, between known ones, get no adapter, with a warning (they were
+    skipped silently), and config.layers means model.layers.<i>."""
+    model = _llama_with_unknown_layers()
     with pytest.warns(RuntimeWarning, match=r"model\.layers\.1"):
         names = peftkern.add_adapters(copy.deepcopy(model), "pfeiffer")
     assert [n.split(".bottleneck")[0] for n in names] == ["model.layers.0", "model.layers.2"]
@@ -273,12 +283,8 @@ def test_layers_index_the_models_layer_stack_and_unknown_layers_are_named():
 
 def test_a_format_1_file_loads_onto_a_model_with_gaps(tmp_path):
     """Files before format 2 counted config.layers over the adaptable layers only (the i-th one); on a model with
-    gaps in its stack (Qwen2-MoE's sparse layers) they are read so, not as stack positions."""
-    cfg = transformers.Qwen2MoeConfig(vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
-                                      num_experts_per_tok=2, decoder_sparse_step=2)
-    model = transformers.Qwen2MoeForCausalLM(cfg)
+    gaps in its stack they are read so, not as stack positions."""
+    model = _llama_with_unknown_layers()
     peftkern.add_adapters(model, peftkern.AdapterConfig(layers=(2,)))
     peftkern.save_adapters(model, str(tmp_path))
     path = tmp_path / "bottleneck_adapter_config.json"
@@ -287,7 +293,7 @@ def test_a_format_1_file_loads_onto_a_model_with_gaps(tmp_path):
     meta.update(format_version=1, configs=None)
     meta["config"]["layers"] = [1]  # the second adaptable layer, as format 1 wrote it
     path.write_text(json.dumps(meta))
-    fresh = transformers.Qwen2MoeForCausalLM(cfg)
+    fresh = _llama_with_unknown_layers()
     assert peftkern.load_adapters(fresh, str(tmp_path)) == ["model.layers.2.bottleneck_adapters.after_feed_forward"]
 
 
@@ -568,6 +574,13 @@ def _more_layouts():
                  ("self_attn.out_proj", "mlp")),
         "vit": (lambda: T.ViTModel(T.ViTConfig(image_size=8, patch_size=4, **small)),
                 {"pixel_values": torch.randn(2, 3, 8, 8)}, ("attention.o_proj", "mlp")),
+        "mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(num_key_value_heads=2, vocab_size=64,
+                                                                 num_local_experts=4, **small)),
+                    text, ("self_attn.o_proj", "mlp")),
+        "qwen2_moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+                          num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=16, shared_expert_intermediate_size=16, **small)),
+                      text, ("self_attn.o_proj", "mlp")),
     }
 
 
@@ -575,10 +588,12 @@ def _first_output(out):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["opt", "bart", "phi", "gpt_neox", "falcon", "distilbert", "clip", "vit"])
+@pytest.mark.parametrize("arch", ["opt", "bart", "phi", "gpt_neox", "falcon", "distilbert", "clip", "vit", "mixtral",
+                                  "qwen2_moe"])
 def test_more_layouts_take_the_documented_placements(arch, tmp_path):
     """add_adapters refused these models ("found no Llama-, GPT-2- or BERT-style transformer layers", a review,
-    2026-12-05). Each now gets houlsby's and the parallel placements, checked against an eager adapter through plain
+    2026-12-05; the mixtures of experts, whose every layer is one, too). Each now gets houlsby's and the parallel
+    placements, checked against an eager adapter through plain
     hooks at the sites named here; the weights save and load."""
     make, inputs, (attention, feed_forward) = _more_layouts()[arch]
     inputs = {k: v.to(DEVICE) for k, v in inputs.items()}

@@ -136,6 +136,9 @@ class _Layout:
 
 LAYOUTS = (
     _Layout("llama", "self_attn.o_proj", "mlp.down_proj", feed_forward="mlp"),  # Llama, Mistral, Qwen2, Phi-3
+    # a mixture-of-experts block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the adapters sit on the whole block's output
+    # (the router's weighted sum of the experts), as Llama's on its MLP's
+    _Layout("llama_moe", "self_attn.o_proj", "mlp", feed_forward="mlp"),
     _Layout("gpt2", "attn.c_proj", "mlp.c_proj", feed_forward="mlp"),
     # BERT, RoBERTa; the feed-forward input is intermediate's: BertOutput's input_tensor is the same tensor in BERT, but
     # the un-normalised residual in the pre-LN encoders that reuse BERT's names (VideoMAE, YOLOS), and absent from
@@ -217,12 +220,21 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, index: int):
     return kwargs[name]
 
 
+def _on_hidden(output, apply):
+    """apply() to a block's hidden states: its output, or the first element of a tuple (a mixture-of-experts block
+    that also returns its router logits)."""
+    if isinstance(output, tuple):
+        return (apply(output[0]), *output[1:])
+    return apply(output)
+
+
 def _sequential_hook(adapter: BottleneckAdapter, module, args, output):
-    return adapter(output)
+    return _on_hidden(output, adapter)
 
 
 def _parallel_hook(adapter: BottleneckAdapter, module, args, kwargs, output):
-    return adapter(_argument(module, args, kwargs, 0), residual=output)
+    block_input = _argument(module, args, kwargs, 0)
+    return _on_hidden(output, lambda out: adapter(block_input, residual=out))
 
 
 def _stash_input_hook(adapter: BottleneckAdapter, index: int, module, args, kwargs):
@@ -253,8 +265,16 @@ def _attach(layer: nn.Module, layout: _Layout, placement: str, adapter: Bottlene
                 functools.partial(_parallel_from_stash_hook, adapter))]
 
 
-def _hidden_size(layer: nn.Module, layout: _Layout) -> int:
+def _projection(layer: nn.Module, layout: _Layout) -> nn.Module:
+    """The layer's output projection whose width the adapters take: the feed-forward block's, or the attention's
+    where the block ends in no one projection (a mixture of experts)."""
     proj = layer.get_submodule(layout.feed_forward_output)
+    return proj if isinstance(getattr(proj, "weight", None), torch.Tensor) else layer.get_submodule(
+        layout.attention_output)
+
+
+def _hidden_size(layer: nn.Module, layout: _Layout) -> int:
+    proj = _projection(layer, layout)
     # the projection's output width: nn.Linear's out_features, GPT-2 Conv1D's nf, and the same attribute on a layer
     # wrapping either (PEFT's tuner layers, peftkern's LoRALinear), whose weight may be Conv1D's (in, out)
     for attr in ("out_features", "nf"):
@@ -293,7 +313,7 @@ def _plan(model: nn.Module, layers: list, config: AdapterConfig, adapter_dtype: 
     for i in chosen:
         layer_name, layer, layout = indexed[i]
         container = getattr(layer, CONTAINER, None)
-        weight = layer.get_submodule(layout.feed_forward_output).weight
+        weight = _projection(layer, layout).weight
         for placement in config.placements:
             if container is not None and placement in container and not attached_ok:
                 raise ValueError(f"{layer_name} already has an adapter at {placement}")
