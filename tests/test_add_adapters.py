@@ -631,3 +631,51 @@ def test_more_layouts_take_the_documented_placements(arch, tmp_path):
     peftkern.load_adapters(fresh, str(tmp_path))
     with torch.no_grad():
         assert torch.equal(_first_output(fresh(**inputs)), expected)
+
+
+class _TupleMoE(torch.nn.Module):
+    """A feed-forward block that returns its router logits beside its output, as transformers 4's Mixtral did."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, h):
+        return self.fc(h), h.sum(-1)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.o_proj = torch.nn.Linear(16, 16)
+        self.mlp = _TupleMoE()
+
+    def forward(self, x):
+        h = x + self.self_attn.o_proj(x)
+        out, _ = self.mlp(h)
+        return h + out
+
+
+@pytest.mark.parametrize("preset", ["pfeiffer", "parallel"])
+def test_a_block_that_returns_a_tuple_gets_its_adapter_on_the_hidden_states(preset):
+    """The adapter hooks apply to the first element of a tuple output (hidden states, router logits) and pass the
+    rest on."""
+    torch.manual_seed(run_seed(0))
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([_Block(), _Block()])}).to(DEVICE)
+    peftkern.add_adapters(model, preset)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".bottleneck_adapters." in n and p.dim() > 0 and "layer_norm" not in n:
+                p.normal_(0, 0.1)
+    x = torch.randn(3, 16, device=DEVICE)
+    got = x
+    for layer in model["layers"]:
+        got = layer(got)
+    want = x
+    for layer in model["layers"]:
+        adapter = next(iter(layer.bottleneck_adapters.values()))
+        h = want + layer.self_attn.o_proj(want)
+        out = layer.mlp.fc(h)
+        want = h + out + _eager(adapter, h if preset == "parallel" else out)
+    assert_close(got, want, torch.float32, f"{preset} on a tuple-returning block")
