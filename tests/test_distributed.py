@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import peftkern
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "distributed_train.py"
 STEPS = 4
@@ -59,3 +61,132 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path, mode):
     assert w_single.keys() == w_multi.keys() and any("lora_A" in k for k in w_single)
     for k in w_single:
         assert torch.allclose(w_multi[k].float(), w_single[k].float(), rtol=50 * tol, atol=tol), k
+
+
+# ------------------------------------------------------------------- saving sharded models, one rank in this process
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of this process alone (gloo, CPU tensors): FSDP wraps and shards as it does on many ranks."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _llama():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _adapted(kind):
+    model = _llama()
+    if kind == "lora":
+        peftkern.add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, modules_to_save=["lm_head"])
+    else:
+        peftkern.add_adapters(model, "pfeiffer", modules_to_save=["lm_head"])
+    with torch.no_grad():  # trained adapters and head
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _reloads(kind, path, expected, ids):
+    """The saved adapter loads into a fresh model (PEFT's from_pretrained and load_lora, or load_adapters) and gives
+    `expected`."""
+    import peft
+
+    fresh = _llama().eval()
+    if kind == "lora":
+        with torch.no_grad():
+            assert torch.allclose(peft.PeftModel.from_pretrained(_llama(), str(path)).eval()(ids).logits, expected,
+                                  atol=1e-5), "PEFT loads the file"
+        peftkern.load_lora(fresh, str(path))
+    else:
+        peftkern.load_adapters(fresh, str(path))
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_save_under_fsdp1_writes_the_models_names(one_rank, tmp_path, kind):
+    """FSDP1 keeps each wrapped unit under _fsdp_wrapped_module: save_lora wrote that segment into PEFT's keys, so
+    PEFT loaded no factor at all, silently, and load_lora refused the file; save_adapters counted every add_adapters
+    call twice (FSDP1 hands attribute reads to the module it wraps) and load_adapters refused the file (a review,
+    2026-12-05)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = _adapted(kind)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True,
+                   device_id=torch.device("cpu"))
+    with FSDP.summon_full_params(wrapped):
+        (peftkern.save_lora if kind == "lora" else peftkern.save_adapters)(wrapped, str(tmp_path))
+    _reloads(kind, tmp_path, expected, ids)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_save_under_fsdp2_takes_the_full_state_dict(one_rank, tmp_path, kind):
+    """FSDP2 shards every parameter (DTensor): save_lora / save_adapters crashed in safetensors ("invalid python
+    storage") and save_adapters had no way round it. A sharded tensor is refused with the way out, and state_dict=
+    takes the full state dict, as PEFT's save_pretrained does (a review, 2026-12-05)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _adapted(kind)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    save = peftkern.save_lora if kind == "lora" else peftkern.save_adapters
+    with pytest.raises(ValueError, match="state_dict="):
+        save(model, str(tmp_path / "refused"))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    save(model, str(tmp_path), state_dict=full)
+    _reloads(kind, tmp_path, expected, ids)
+
+
+def test_fuse_after_fully_shard_fuses(one_rank):
+    """fuse() after fully_shard found each weight sharded (a DTensor) and left every layer on PEFT's path, calling it
+    a quantised tensor subclass; each forward sees the weight unsharded, so the layers are fused and run so."""
+    import copy
+
+    import peft
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    reference = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    report = peftkern.fuse(model)
+    assert len(report.fused) == 4 and not report.skipped, str(report)
+    ids = torch.randint(0, 64, (2, 6))
+    got, want = model(ids, labels=ids), reference(ids, labels=ids)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    assert not report.fallbacks, str(report)

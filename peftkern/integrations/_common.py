@@ -2,23 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..nn import TO_SAVE
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+# The children that wrappers keep the wrapped module under: torch.compile's, FSDP1's (at the root and around each
+# unit it wraps) and the activation-checkpointing wrapper's. Their names are not the model's: saved keys leave them out.
+WRAPPED_CHILDREN = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's OptimizedModule and DDP / DataParallel / FSDP wrappers, whose own names and
-    state_dict keys carry a prefix (_orig_mod., module.): the adapters' keys are the inner model's."""
+    state_dict keys carry a prefix (_orig_mod., module., _fsdp_wrapped_module.): the adapters' keys are the inner
+    model's."""
     while True:
-        inner = model._modules.get("_orig_mod") or (model._modules.get("module")
-                                                    if type(model).__name__ in _WRAPPERS else None)
+        inner = next((model._modules[c] for c in WRAPPED_CHILDREN if model._modules.get(c) is not None), None)
+        if inner is None and type(model).__name__ in _WRAPPERS:
+            inner = model._modules.get("module")
         if inner is None:
             return model
         model = inner
+
+
+def clean_name(name: str) -> str:
+    """A module's name in the model without the wrappers' segments (FSDP1 wraps each unit in place, so its layers'
+    names hold _fsdp_wrapped_module. inside them): the name the unwrapped model, and PEFT's keys, give it."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPED_CHILDREN)
+
+
+def full_tensor(t: torch.Tensor, caller: str) -> torch.Tensor:
+    """t detached, or a ValueError for a shard of a DTensor (FSDP2's fully_shard), which a file cannot hold."""
+    if type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+        raise ValueError(f"{caller}: the model's parameters are sharded (DTensor, e.g. FSDP2's fully_shard): pass "
+                         "state_dict=torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                         "StateDictOptions(full_state_dict=True)), computed on every rank, as PEFT's save_pretrained "
+                         "takes it")
+    return t.detach()
 
 
 def matches_suffix(name: str, targets) -> bool:
@@ -81,19 +104,26 @@ def unmark_to_save(module: nn.Module) -> None:
     module.requires_grad_(False)
 
 
-def saved_module_names(model: nn.Module) -> list[str]:
-    """The names of the modules marked by mark_to_save (the outermost where they nest)."""
+def saved_module_names(model: nn.Module, clean: bool = False) -> list[str]:
+    """The names of the modules marked by mark_to_save (the outermost where they nest); clean: without wrappers'
+    segments (clean_name), as files hold them."""
     found = []
     for name, module in model.named_modules():
-        if getattr(module, TO_SAVE, False) and not inside(name, found):
+        if vars(module).get(TO_SAVE, False) and not inside(name, found):
             found.append(name)
-    return found
+    return [clean_name(n) for n in found] if clean else found
 
 
-def saved_module_state(model: nn.Module) -> dict:
-    """The state (parameters and persistent buffers) of the modules to save, under their names in the model."""
-    return {f"{name}.{key}": value.detach() for name in saved_module_names(model)
-            for key, value in model.get_submodule(name).state_dict().items()}
+def saved_module_state(model: nn.Module, state: Optional[dict] = None, caller: str = "save") -> dict:
+    """The state (parameters and persistent buffers) of the modules to save, under their (clean) names in the model:
+    from `state` (the model's full state dict, keys as model.state_dict() gives them) where given."""
+    out = {}
+    for name in saved_module_names(model):
+        prefix = clean_name(name)
+        for key, value in model.get_submodule(name).state_dict().items():
+            key = f"{prefix}.{clean_name(key)}"
+            out[key] = full_tensor(state[key] if state is not None else value, caller)
+    return out
 
 
 def check_saved_modules(model: nn.Module, state: dict, targets, source: str) -> list[str]:

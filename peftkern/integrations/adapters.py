@@ -48,7 +48,9 @@ from ..nn.adapter import BottleneckAdapter
 from ._common import (
     _unwrapped,
     check_saved_modules,
+    clean_name,
     find_modules_to_save,
+    full_tensor,
     load_saved_modules,
     mark_to_save,
     saved_module_names,
@@ -371,7 +373,8 @@ def _record_to_save(model: nn.Module, names: list) -> None:
 def _configs(model: nn.Module) -> list:
     """The AdapterConfig of each add_adapters call on the model or on any module inside it (add_adapters(m.model)
     then save_adapters(m)), in order (save_adapters writes them all)."""
-    return [c for m in _unwrapped(model).modules() for c in (getattr(m, "_peftkern_adapter_configs", None) or [])]
+    # vars(): FSDP1's wrapper hands attribute reads to the module it wraps, which would count its configs twice
+    return [c for m in _unwrapped(model).modules() for c in (vars(m).get("_peftkern_adapter_configs") or [])]
 
 
 def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
@@ -413,10 +416,12 @@ def remove_adapters(model: nn.Module) -> None:
             unmark_to_save(module.get_submodule(name))
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """The adapter tensors under their names in the model (the key layout in this module's docstring); a compiled
-    or DDP-wrapped model's are its inner model's."""
-    return {k: v.detach() for k, v in _unwrapped(model).state_dict().items() if _is_adapter_key(k)}
+    or DDP / FSDP-wrapped model's are its inner model's; read from `state_dict` (the model's full state dict) where
+    given."""
+    state = _unwrapped(model).state_dict() if state_dict is None else state_dict
+    return {clean_name(k): full_tensor(v, "save_adapters") for k, v in state.items() if _is_adapter_key(k)}
 
 
 def _is_adapter_key(key: str) -> bool:
@@ -424,13 +429,17 @@ def _is_adapter_key(key: str) -> bool:
     return key.startswith(f"{CONTAINER}.") or f".{CONTAINER}." in key
 
 
-def save_adapters(model: nn.Module, path: str) -> None:
-    """Write bottleneck_adapter_config.json and bottleneck_adapter.safetensors (the adapter weights only)."""
+def save_adapters(model: nn.Module, path: str, state_dict: Optional[dict] = None) -> None:
+    """Write bottleneck_adapter_config.json and bottleneck_adapter.safetensors (the adapter weights only). state_dict:
+    the model's full state dict for a sharded model (FSDP2: get_model_state_dict(model,
+    options=StateDictOptions(full_state_dict=True)) on every rank, then save_adapters on one)."""
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
     configs = _configs(model)
-    state = adapter_state_dict(model)
+    if state_dict is not None:
+        state_dict = {clean_name(k): v for k, v in state_dict.items()}
+    state = adapter_state_dict(model, state_dict)
     if not configs or not state:
         raise ValueError("the model has no adapters attached by peftkern.add_adapters to save")
     os.makedirs(path, exist_ok=True)
@@ -438,12 +447,12 @@ def save_adapters(model: nn.Module, path: str) -> None:
     # format 2: config.layers are positions in the model's layer stack; format 1 counted the adaptable layers in order
     meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 2,
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
-            "layers": [n for n, _, _ in transformer_layers(model)],
+            "layers": [clean_name(n) for n, _, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
-            "modules_to_save": saved_module_names(model) or None}
+            "modules_to_save": saved_module_names(model, clean=True) or None}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
-    state.update(saved_module_state(model))
+    state.update(saved_module_state(model, state_dict, "save_adapters"))
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME))
 
 

@@ -116,7 +116,10 @@ def _float_base(base: nn.Module, try_forward: bool = False) -> Optional[str]:
         if not getattr(base, _COMPUTES_LINEAR, False):
             return f"base layer is {type(base).__name__}, an nn.Linear whose own forward does not compute x W^T + b"
     weight = _param(base, "weight")
-    if type(weight) not in _PLAIN_TENSORS:
+    # fuse() after FSDP2's fully_shard finds the weight sharded (a DTensor); each forward sees it unsharded, a plain
+    # tensor, and the per-call check decides then (a DTensor still there, as tensor parallelism leaves it, falls back)
+    sharded = try_forward and type(weight).__name__ == "DTensor"
+    if type(weight) not in _PLAIN_TENSORS and not sharded:
         return f"base layer weight is a {type(weight).__name__} (tensor subclass, e.g. quantised)"
     if not weight.is_floating_point():
         return f"base layer weight is {weight.dtype} (quantised)"

@@ -21,7 +21,9 @@ from ..nn.lora import LoRALinear
 from ._common import (
     _unwrapped,
     check_saved_modules,
+    clean_name,
     find_modules_to_save,
+    full_tensor,
     inside,
     load_saved_modules,
     mark_to_save,
@@ -173,18 +175,23 @@ def _lora_at(model: nn.Module, name: str) -> Optional[LoRALinear]:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The LoRALinear layers by name, in the model inside torch.compile / DDP / DataParallel / FSDP wrappers (whose
-    names carry an _orig_mod. / module. prefix that PEFT's keys do not)."""
-    return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, LoRALinear)}
+    names carry an _orig_mod. / module. / _fsdp_wrapped_module. segment that PEFT's keys do not)."""
+    return {clean_name(name): m for name, m in _unwrapped(model).named_modules() if isinstance(m, LoRALinear)}
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """The adapter weights under PEFT's saved key names (base_model.model.<module>.lora_A.weight, ...), and the
-    modules_to_save's tensors (base_model.model.<module>.<param>) as PEFT saves them."""
+    modules_to_save's tensors (base_model.model.<module>.<param>) as PEFT saves them; read from `state_dict` (the
+    model's full state dict) where given."""
     model = _unwrapped(model)
-    out = {f"base_model.model.{key}": value for key, value in saved_module_state(model).items()}
+    if state_dict is not None:
+        state_dict = {clean_name(k): v for k, v in state_dict.items()}
+    out = {f"base_model.model.{key}": value
+           for key, value in saved_module_state(model, state_dict, "save_lora").items()}
     for name, layer in lora_layers(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+        for factor in ("lora_A", "lora_B"):
+            value = state_dict[f"{name}.{factor}"] if state_dict is not None else getattr(layer, factor)
+            out[f"base_model.model.{name}.{factor}.weight"] = full_tensor(value, "save_lora").contiguous()
     return out
 
 
@@ -194,14 +201,17 @@ def _target_modules(model: nn.Module, layers: dict) -> list[str]:
     the decoder's was adapted, CLIP's q_proj in both towers) made PeftModel.from_pretrained add LoRA there too, which
     then trained in a resumed run."""
     short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    whole = saved_module_names(model)  # PEFT puts no LoRA inside modules_to_save
-    others = [n for n, _ in model.named_modules()
-              if n and n not in layers and matches_suffix(n, short) and not inside(n, whole)]
+    whole = saved_module_names(model, clean=True)  # PEFT puts no LoRA inside modules_to_save
+    names = {clean_name(n) for n, _ in model.named_modules()} - {""}
+    others = [n for n in names if n not in layers and matches_suffix(n, short) and not inside(n, whole)]
     return sorted(layers) if others else short
 
 
-def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write adapter_config.json and adapter_model.safetensors in PEFT's layout."""
+def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
+              state_dict: Optional[dict] = None) -> None:
+    """Write adapter_config.json and adapter_model.safetensors in PEFT's layout. state_dict: the model's full state dict
+    for a sharded model (FSDP2: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) on every
+    rank, then save_lora on one), as PEFT's save_pretrained takes it."""
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
@@ -228,14 +238,16 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
         "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
         "use_rslora": cfg["use_rslora"], "target_modules": cfg["target_modules"], "bias": "none",
         "fan_in_fan_out": any(m.weight_transposed for m in layers.values()), "inference_mode": True,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": saved_module_names(model) or None,
+        "init_lora_weights": True, "use_dora": False,
+        "modules_to_save": saved_module_names(model, clean=True) or None,
         "rank_pattern": {n: r for n, r in ranks.items() if r != cfg["r"]},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg["lora_alpha"]},
     }
+    tensors = lora_state_dict(model, state_dict)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
-    save_file({k: v.cpu() for k, v in lora_state_dict(model).items()}, os.path.join(path, WEIGHTS_NAME))
+    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
 
 
 def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
