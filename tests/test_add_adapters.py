@@ -679,3 +679,31 @@ def test_a_block_that_returns_a_tuple_gets_its_adapter_on_the_hidden_states(pres
         out = layer.mlp.fc(h)
         want = h + out + _eager(adapter, h if preset == "parallel" else out)
     assert_close(got, want, torch.float32, f"{preset} on a tuple-returning block")
+
+
+def test_a_language_model_beside_a_vision_tower_keeps_its_adapters_alone():
+    """The layouts added on 2026-12-05 (CLIP, ViT, ...) also matched a vision-language model's tower, which moved the
+    adapters and config.layers' indices there, and a file saved before no longer loaded (a review). Where a model has
+    layers of the Llama / GPT-2 / BERT layouts, those alone take adapters, as before."""
+    model = torch.nn.Module()
+    model.vision_tower = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    model.language_model = tiny_llama()
+    names = peftkern.add_adapters(model, "pfeiffer")
+    assert names and all(n.startswith("language_model.") for n in names)
+    fresh = torch.nn.Module()
+    fresh.language_model = tiny_llama()
+    assert peftkern.add_adapters(fresh, peftkern.AdapterConfig(layers=(0,))) == [
+        "language_model.model.layers.0.bottleneck_adapters.after_feed_forward"]
+
+
+def test_load_adapters_resumes_into_layers_compiled_in_place(tmp_path):
+    """Each layer replaced by torch.compile(layer), as accelerate's regional compilation does: save_adapters then
+    load_adapters into the same model resumed at fab107c and raised "already has an adapter" after the day's name
+    cleaning (a review, 2026-12-05)."""
+    model = tiny_llama()
+    names = peftkern.add_adapters(model, "pfeiffer")
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = torch.compile(layer, backend="eager")
+    peftkern.save_adapters(model, str(tmp_path))
+    assert len(peftkern.load_adapters(model, str(tmp_path))) == len(names)

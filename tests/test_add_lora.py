@@ -470,3 +470,46 @@ def test_merge_and_unload_gives_a_plain_model_that_saves_whole(tmp_path, factory
     reloaded = type(model).from_pretrained(str(tmp_path)).to(DEVICE).eval()
     with torch.no_grad():
         assert_close(reloaded(**x).logits, expected, torch.float32, "reloaded by from_pretrained", scale=10.0)
+
+
+def test_merge_and_unload_keeps_bottleneck_adapters_and_all_linear_leaves_their_projections():
+    """merge_and_unload put a new layer in place of each LoRALinear without the bottleneck adapter hooks that
+    add_adapters had put on it (0.35 off, silently); add_lora("all-linear") after add_adapters wrapped the adapters'
+    own down / up projections, which froze them (their op reads the weights: the LoRA never ran). A review of the
+    day's change, 2026-12-05."""
+    torch.manual_seed(run_seed(0))
+    model = tiny_llama().to(DEVICE).eval()
+    peftkern.add_lora(model, ["o_proj", "down_proj"], r=4)
+    peftkern.add_adapters(model, "houlsby")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = batch("llama")
+    with torch.no_grad():
+        expected = model(**x).logits
+        peftkern.merge_and_unload(model)
+        assert_close(model(**x).logits, expected, torch.float32, "adapters after merge_and_unload", scale=10.0)
+    other = tiny_llama().to(DEVICE)
+    peftkern.add_adapters(other, "parallel")
+    adapted = peftkern.add_lora(other, "all-linear", r=2)
+    assert adapted and not [n for n in adapted if "bottleneck_adapters" in n]
+    assert all(p.requires_grad for n, p in other.named_parameters() if "bottleneck_adapters" in n)
+
+
+def test_load_lora_loads_a_file_that_adapts_a_mamba_out_proj(tmp_path, monkeypatch):
+    """Files that adapt Mamba's out_proj (ours before 2026-12-05; the mixer does call it on its slow path) load, with
+    a warning, where add_lora now refuses the target."""
+    from peftkern.integrations import transformers as integration
+
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4, expand=2,
+                                      conv_kernel=3)
+    torch.manual_seed(run_seed(0))
+    model = transformers.MambaForCausalLM(config).to(DEVICE)
+    with monkeypatch.context() as patch:  # the file as the older add_lora wrote it
+        patch.setattr(integration, "MAMBA_UNCALLED", ())
+        peftkern.add_lora(model, ["out_proj"], r=2)
+    peftkern.save_lora(model, str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="loaded as the file says"):
+        loaded = peftkern.load_lora(transformers.MambaForCausalLM(config).to(DEVICE), str(tmp_path))
+    assert loaded == ["backbone.layers.0.mixer.out_proj"]

@@ -190,3 +190,18 @@ def test_fuse_after_fully_shard_fuses(one_rank):
     got.loss.backward()
     want.loss.backward()
     assert not report.fallbacks, str(report)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_save_with_a_ddp_state_dict(one_rank, tmp_path, kind):
+    """state_dict= as DDP's state_dict() gives it (keys under module.): save_lora raised a bare KeyError and
+    save_adapters wrote keys that load_adapters refused (a review, 2026-12-05)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _adapted(kind)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    ddp = DDP(model)
+    (peftkern.save_lora if kind == "lora" else peftkern.save_adapters)(ddp, str(tmp_path), state_dict=ddp.state_dict())
+    _reloads(kind, tmp_path, expected, ids)

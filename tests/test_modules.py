@@ -357,3 +357,24 @@ def test_from_linear_and_add_lora_refuse_a_parametrized_weight():
         peftkern.add_lora(model, ["0"], r=2)
     assert model[0] is layer and set(model.state_dict()) == keys
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_and_unload_rebuilds_a_subclass_only_from_what_it_holds():
+    """A wrapped nn.Linear subclass with state beyond its weight, bias and plain attributes (a buffer here) comes back
+    as an nn.Linear, which computes the same product, rather than as its class without that state (AttributeError
+    in forward, a review, 2026-12-05)."""
+    class Scaled(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.register_buffer("one", torch.ones(()))
+
+        def forward(self, x):
+            return super().forward(x) * self.one
+
+    layer = _trained(LoRALinear.from_linear(Scaled(8, 6), r=2))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        plain = layer.merge_and_unload()
+        assert type(plain) is nn.Linear
+        assert_close(plain(x), expected, torch.float32, "rebuilt as nn.Linear", 10.0)

@@ -19,19 +19,43 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's OptimizedModule and DDP / DataParallel / FSDP wrappers, whose own names and
     state_dict keys carry a prefix (_orig_mod., module., _fsdp_wrapped_module.): the adapters' keys are the inner
     model's."""
+    return _unwrap(model)[0]
+
+
+def _unwrap(model: nn.Module) -> tuple:
+    """(the inner model, the prefix its wrappers give its names: "module." under DDP, "" for none)."""
+    path = []
     while True:
-        inner = next((model._modules[c] for c in WRAPPED_CHILDREN if model._modules.get(c) is not None), None)
-        if inner is None and type(model).__name__ in _WRAPPERS:
-            inner = model._modules.get("module")
-        if inner is None:
-            return model
-        model = inner
+        child = next((c for c in WRAPPED_CHILDREN if model._modules.get(c) is not None), None)
+        if child is None and type(model).__name__ in _WRAPPERS and model._modules.get("module") is not None:
+            child = "module"
+        if child is None:
+            return model, "".join(f"{c}." for c in path)
+        path.append(child)
+        model = model._modules[child]
 
 
-def clean_name(name: str) -> str:
+def inner_state(model: nn.Module, state_dict: dict, keep_compiled: bool = False) -> dict:
+    """A full state dict of `model` (a wrapper's, as DDP's state_dict() gives it, or the inner model's) with the inner
+    model's names as keys, as saved files hold them (clean_name)."""
+    prefix = _unwrap(model)[1]
+    return {clean_name(k[len(prefix):] if prefix and k.startswith(prefix) else k, keep_compiled): v
+            for k, v in state_dict.items()}
+
+
+def from_state(state: dict, key: str, caller: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"{caller}: state_dict holds no {key!r}: pass the model's full state dict (its state_dict(), "
+                         "or get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))")
+    return state[key]
+
+
+def clean_name(name: str, keep_compiled: bool = False) -> str:
     """A module's name in the model without the wrappers' segments (FSDP1 wraps each unit in place, so its layers'
-    names hold _fsdp_wrapped_module. inside them): the name the unwrapped model, and PEFT's keys, give it."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPED_CHILDREN)
+    names hold _fsdp_wrapped_module. inside them): the name the unwrapped model, and PEFT's keys, give it.
+    keep_compiled keeps _orig_mod. (a layer compiled in place), as the bottleneck adapters' own files hold it."""
+    drop = WRAPPED_CHILDREN[1:] if keep_compiled else WRAPPED_CHILDREN
+    return ".".join(part for part in name.split(".") if part not in drop)
 
 
 def full_tensor(t: torch.Tensor, caller: str) -> torch.Tensor:
@@ -122,7 +146,7 @@ def saved_module_state(model: nn.Module, state: Optional[dict] = None, caller: s
         prefix = clean_name(name)
         for key, value in model.get_submodule(name).state_dict().items():
             key = f"{prefix}.{clean_name(key)}"
-            out[key] = full_tensor(state[key] if state is not None else value, caller)
+            out[key] = full_tensor(from_state(state, key, caller) if state is not None else value, caller)
     return out
 
 

@@ -51,6 +51,7 @@ from ._common import (
     clean_name,
     find_modules_to_save,
     full_tensor,
+    inner_state,
     load_saved_modules,
     mark_to_save,
     saved_module_names,
@@ -175,6 +176,12 @@ def _layout_of(module: nn.Module) -> Optional[_Layout]:
     return None
 
 
+# The layouts peftkern knew first. A model that has layers of these and of the others (a vision-language model: a CLIP
+# or SigLIP tower beside a Llama-style language model) gets its adapters on these alone, as before the others came:
+# add_adapters' choice of layers and config.layers' indices, and the files saved, stay as they were.
+LANGUAGE_MODEL_LAYOUTS = ("llama", "llama_moe", "gpt2", "bert")
+
+
 def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, _Layout]]:
     """(name, module, layout) of every transformer layer peftkern knows how to adapt, in model order."""
     found = []
@@ -184,6 +191,8 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module, _Layout]]
         layout = _layout_of(module)
         if layout is not None:
             found.append((name, module, layout))
+    if any(layout.name in LANGUAGE_MODEL_LAYOUTS for _, _, layout in found):
+        found = [entry for entry in found if entry[2].name in LANGUAGE_MODEL_LAYOUTS]
     return found
 
 
@@ -416,12 +425,18 @@ def remove_adapters(model: nn.Module) -> None:
             unmark_to_save(module.get_submodule(name))
 
 
+def _clean(name: str) -> str:
+    """A name without the sharding wrappers' segments; a layer compiled in place keeps its _orig_mod. (the files
+    written so load back into the same compiled model, as accelerate's regional compilation makes it)."""
+    return clean_name(name, keep_compiled=True)
+
+
 def adapter_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """The adapter tensors under their names in the model (the key layout in this module's docstring); a compiled
     or DDP / FSDP-wrapped model's are its inner model's; read from `state_dict` (the model's full state dict) where
     given."""
     state = _unwrapped(model).state_dict() if state_dict is None else state_dict
-    return {clean_name(k): full_tensor(v, "save_adapters") for k, v in state.items() if _is_adapter_key(k)}
+    return {_clean(k): full_tensor(v, "save_adapters") for k, v in state.items() if _is_adapter_key(k)}
 
 
 def _is_adapter_key(key: str) -> bool:
@@ -435,10 +450,10 @@ def save_adapters(model: nn.Module, path: str, state_dict: Optional[dict] = None
     options=StateDictOptions(full_state_dict=True)) on every rank, then save_adapters on one)."""
     from safetensors.torch import save_file
 
+    if state_dict is not None:
+        state_dict = inner_state(model, state_dict, keep_compiled=True)
     model = _unwrapped(model)
     configs = _configs(model)
-    if state_dict is not None:
-        state_dict = {clean_name(k): v for k, v in state_dict.items()}
     state = adapter_state_dict(model, state_dict)
     if not configs or not state:
         raise ValueError("the model has no adapters attached by peftkern.add_adapters to save")
@@ -447,7 +462,7 @@ def save_adapters(model: nn.Module, path: str, state_dict: Optional[dict] = None
     # format 2: config.layers are positions in the model's layer stack; format 1 counted the adaptable layers in order
     meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 2,
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
-            "layers": [clean_name(n) for n, _, _ in transformer_layers(model)],
+            "layers": [_clean(n) for n, _, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
             "modules_to_save": saved_module_names(model, clean=True) or None}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:

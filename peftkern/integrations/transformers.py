@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..nn import _WRAPPING_LAYERS, freeze_all_but_adapters
+from ..nn import _WRAPPING_LAYERS, BottleneckAdapter, freeze_all_but_adapters
 from ..nn._frozen import check_wrappable, is_conv1d
 from ..nn.lora import LoRALinear
 from ._common import (
@@ -23,7 +23,9 @@ from ._common import (
     check_saved_modules,
     clean_name,
     find_modules_to_save,
+    from_state,
     full_tensor,
+    inner_state,
     inside,
     load_saved_modules,
     mark_to_save,
@@ -70,6 +72,9 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     model = _unwrapped(model)
     to_save = find_modules_to_save(model, modules_to_save, "add_lora") if modules_to_save else []
     whole = to_save + saved_module_names(model)  # trained whole: no adapter inside them, as in PEFT
+    # a bottleneck adapter's projections: its op reads their weights, so a LoRA there would not run (and would freeze
+    # them); "all-linear" matched them
+    whole = whole + [name for name, module in model.named_modules() if isinstance(module, BottleneckAdapter)]
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     if all_linear:
         output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -114,6 +119,9 @@ MAMBA_UNCALLED = ("out_proj", "dt_proj")
 MAMBA_KERNEL_READS = ("x_proj",)
 
 
+_LOADING = [False]  # load_lora's add_lora calls: layers a file adapts are loaded, with a warning where they do not run
+
+
 def _check_mamba_targets(model: nn.Module, names: list[str], named: bool) -> set:
     """The targets a Mamba mixer does not call: a ValueError where the caller named them, else (all-linear) they are
     returned to be left alone, with a warning. A warning for those its training kernels skip."""
@@ -122,6 +130,10 @@ def _check_mamba_targets(model: nn.Module, names: list[str], named: bool) -> set
     refused = [n for n in names if n.rsplit(".", 1)[-1] in MAMBA_UNCALLED]
     why = (f"a {model.config.model_type} mixer reads these projections' weights without calling them (dt_proj's "
            "always, out_proj's in mamba-ssm's training kernels), so a LoRA there would not run")
+    if refused and _LOADING[0]:  # a file that adapts them (PEFT's, or ours before 2026-12-05) loads as it says
+        warnings.warn(f"load_lora: the file adapts {refused[:3]}{' ...' if len(refused) > 3 else ''}: {why} there; "
+                      "loaded as the file says", RuntimeWarning, stacklevel=4)
+        refused = []
     if refused and named:
         raise ValueError(f"add_lora: {refused}: {why}; PEFT refuses out_proj on these models too. Target in_proj")
     if refused:
@@ -183,14 +195,15 @@ def lora_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict
     """The adapter weights under PEFT's saved key names (base_model.model.<module>.lora_A.weight, ...), and the
     modules_to_save's tensors (base_model.model.<module>.<param>) as PEFT saves them; read from `state_dict` (the
     model's full state dict) where given."""
-    model = _unwrapped(model)
     if state_dict is not None:
-        state_dict = {clean_name(k): v for k, v in state_dict.items()}
+        state_dict = inner_state(model, state_dict)
+    model = _unwrapped(model)
     out = {f"base_model.model.{key}": value
            for key, value in saved_module_state(model, state_dict, "save_lora").items()}
     for name, layer in lora_layers(model).items():
         for factor in ("lora_A", "lora_B"):
-            value = state_dict[f"{name}.{factor}"] if state_dict is not None else getattr(layer, factor)
+            value = (from_state(state_dict, f"{name}.{factor}", "save_lora") if state_dict is not None
+                     else getattr(layer, factor))
             out[f"base_model.model.{name}.{factor}.weight"] = full_tensor(value, "save_lora").contiguous()
     return out
 
@@ -214,6 +227,8 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
     rank, then save_lora on one), as PEFT's save_pretrained takes it."""
     from safetensors.torch import save_file
 
+    if state_dict is not None:  # keyed as the inner model's names (a DDP model's state_dict() holds module.)
+        state_dict = inner_state(model, state_dict)
     model = _unwrapped(model)
     layers = lora_layers(model)
     if not layers:
@@ -292,8 +307,12 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             layer.unmerge()
             layer._set_hyperparameters(alpha, dropout, use_rslora)
         else:
-            add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r, alpha=alpha, dropout=dropout,
-                     use_rslora=use_rslora, adapter_dtype=adapter_dtype, freeze_base=not adapted)
+            _LOADING[0] = True
+            try:
+                add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r, alpha=alpha,
+                         dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype, freeze_base=not adapted)
+            finally:
+                _LOADING[0] = False
             layer = model.get_submodule(name)
         with torch.no_grad():
             layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])

@@ -25,7 +25,17 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 _MODULE_STATE = frozenset(vars(nn.Module()))  # what nn.Module.__init__ sets: training, _parameters, hooks ...
+
+
+def _rebuildable(module: nn.Module) -> bool:
+    """Whether merge_and_unload can rebuild `module` from its class and plain attributes: no buffers, submodules or
+    other state, and a class defined at a module's top level (a local class would stop the layer pickling)."""
+    extra = {k: v for k, v in vars(module).items() if k not in _MODULE_STATE}
+    return (not module._buffers and not module._modules and set(module._parameters) <= {"weight", "bias"}
+            and len(extra) == len(_plain_attributes(module)) and "<locals>" not in type(module).__qualname__)
 
 
 def _plain_attributes(module: nn.Module) -> dict:
@@ -43,8 +53,9 @@ def computes_linear(linear: nn.Linear) -> bool:
     if weight.device.type == "meta" or weight.dim() != 2 or not weight.dtype.is_floating_point:
         return False
     try:
-        with torch.no_grad():
-            x = torch.randn(2, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # a generator of its own: fuse() and add_lora leave the global random state alone
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, weight.shape[1], generator=g).to(weight.device, weight.dtype)
             got, want = linear(x), F.linear(x, weight, linear.bias)
     except Exception:
         return False
@@ -120,8 +131,10 @@ class FrozenLinear(nn.Module):
         nn.Module.__init__(layer)
         layer.weight, layer.bias = linear.weight, linear.bias
         init_adapter(layer, K, N, transposed)
-        # what merge_and_unload() rebuilds: the layer's class and its plain attributes (in_features, nf, ...)
-        layer._base_class, layer._base_attributes = type(linear), _plain_attributes(linear)
+        # what merge_and_unload() rebuilds: the layer's class and its plain attributes (in_features, nf, ...), where
+        # those are all it holds beside weight and bias and the class pickles (else an nn.Linear / Conv1D is rebuilt)
+        if _rebuildable(linear):
+            layer._base_class, layer._base_attributes = type(linear), _plain_attributes(linear)
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -146,6 +159,8 @@ class FrozenLinear(nn.Module):
         vars(plain).update(attributes)
         plain.weight = self.weight
         plain.register_parameter("bias", self.bias)
+        for name in _HOOK_DICTS:  # hooks added after wrapping (a bottleneck adapter's, a user's) carry over
+            setattr(plain, name, getattr(self, name))
         return plain.train(self.training)
 
     @torch.no_grad()
