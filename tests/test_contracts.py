@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, assert_close, backend_params, run_seed
+from test_modules import MAKERS
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import peftkern
@@ -144,19 +145,10 @@ def test_krona_merge_takes_a_column_major_factor(backend, k1):
     assert_close(peftkern.krona_merge_(w.clone(), A, B, 0.5), want, torch.float32, "merged weight")
 
 
-MERGE_KINDS = ["lora", "lora-conv1d", "ia3", "ia3-input", "krona", "krona-lowrank-sum"]
-
-
 def _merge_layer(kind: str) -> torch.nn.Module:
-    """A layer of `kind` whose adapter changes the output (random adapter parameters, not the init)."""
-    layer = {
-        "lora": lambda: peftkern.nn.LoRALinear(24, 20, r=4),
-        "lora-conv1d": lambda: peftkern.nn.LoRALinear(24, 20, r=4, weight_transposed=True),
-        "ia3": lambda: peftkern.nn.IA3Linear(24, 20),
-        "ia3-input": lambda: peftkern.nn.IA3Linear(24, 20, feedforward=True),
-        "krona": lambda: peftkern.nn.KronALinear(24, 20, a_shape=(4, 6)),
-        "krona-lowrank-sum": lambda: peftkern.nn.KronALinear(24, 20, a_shape=(4, 6), terms=2, rank=2),
-    }[kind]().to(DEVICE)
+    """A layer of `kind` (test_modules.MAKERS) whose adapter changes the output (random adapter parameters, not the
+    init)."""
+    layer = MAKERS[kind]().to(DEVICE)
     with torch.no_grad():
         for p in layer.parameters():
             if p.requires_grad:
@@ -165,7 +157,7 @@ def _merge_layer(kind: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("kind,backend", [pytest.param(k, b.values[0], id=f"{k}-{b.id}", marks=b.marks)
-                                          for k in MERGE_KINDS for b in backend_params(k.split("-")[0])],
+                                          for k in MAKERS for b in backend_params(k.split("-")[0])],
                          indirect=["backend"])
 @pytest.mark.parametrize("between", ["merge", "unmerge"])
 def test_backward_after_a_merge_raises(kind, backend, between):

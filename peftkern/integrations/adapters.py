@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..nn import freeze_all_but_adapters
+from ..nn._frozen import HOOK_DICTS
 from ..nn.adapter import BottleneckAdapter
 from ._common import (
     _unwrapped,
@@ -391,8 +392,6 @@ def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
 
 
 _HOOKS = (_sequential_hook, _parallel_hook, _stash_input_hook, _parallel_from_stash_hook)
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs")
 
 
 def adapter_hooks(module: nn.Module) -> list:
@@ -408,7 +407,7 @@ def _remove_hooks(model: nn.Module, only: Optional[set] = None) -> None:
     for module in model.modules():
         for key, hook in adapter_hooks(module):
             if only is None or id(hook.args[0]) in only:
-                for name in _HOOK_DICTS:
+                for name in HOOK_DICTS:
                     getattr(module, name, {}).pop(key, None)
 
 

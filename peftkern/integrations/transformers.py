@@ -227,9 +227,7 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
     rank, then save_lora on one), as PEFT's save_pretrained takes it."""
     from safetensors.torch import save_file
 
-    if state_dict is not None:  # keyed as the inner model's names (a DDP model's state_dict() holds module.)
-        state_dict = inner_state(model, state_dict)
-    model = _unwrapped(model)
+    wrapper, model = model, _unwrapped(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear layers to save")
@@ -258,7 +256,7 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
         "rank_pattern": {n: r for n, r in ranks.items() if r != cfg["r"]},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg["lora_alpha"]},
     }
-    tensors = lora_state_dict(model, state_dict)
+    tensors = lora_state_dict(wrapper, state_dict)  # its keys taken relative to the inner model there
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)

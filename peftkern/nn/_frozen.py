@@ -25,24 +25,21 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 _MODULE_STATE = frozenset(vars(nn.Module()))  # what nn.Module.__init__ sets: training, _parameters, hooks ...
 
 
-def _rebuildable(module: nn.Module) -> bool:
-    """Whether merge_and_unload can rebuild `module` from its class and plain attributes: no buffers, submodules or
-    other state, and a class defined at a module's top level (a local class would stop the layer pickling)."""
+def _rebuild_attributes(module: nn.Module) -> Optional[dict]:
+    """The plain attributes (nn.Linear's in_features and out_features, Conv1D's nf and nx) from which, with its class
+    and Parameters, merge_and_unload rebuilds `module`; None where it holds more (buffers, submodules, other state) or
+    its class is local (a local class would stop the wrapping layer pickling)."""
     extra = {k: v for k, v in vars(module).items() if k not in _MODULE_STATE}
-    return (not module._buffers and not module._modules and set(module._parameters) <= {"weight", "bias"}
-            and len(extra) == len(_plain_attributes(module)) and "<locals>" not in type(module).__qualname__)
-
-
-def _plain_attributes(module: nn.Module) -> dict:
-    """The attributes a layer's own __init__ set that are plain values (nn.Linear's in_features and out_features,
-    Conv1D's nf and nx), which a rebuilt layer of its class needs beside its Parameters."""
-    return {k: v for k, v in vars(module).items()
-            if k not in _MODULE_STATE and isinstance(v, (bool, int, float, str, type(None)))}
+    plain = {k: v for k, v in extra.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    if (module._buffers or module._modules or not set(module._parameters) <= {"weight", "bias"}
+            or len(plain) != len(extra) or "<locals>" in type(module).__qualname__):
+        return None
+    return plain
 
 
 def computes_linear(linear: nn.Linear) -> bool:
@@ -133,8 +130,9 @@ class FrozenLinear(nn.Module):
         init_adapter(layer, K, N, transposed)
         # what merge_and_unload() rebuilds: the layer's class and its plain attributes (in_features, nf, ...), where
         # those are all it holds beside weight and bias and the class pickles (else an nn.Linear / Conv1D is rebuilt)
-        if _rebuildable(linear):
-            layer._base_class, layer._base_attributes = type(linear), _plain_attributes(linear)
+        attributes = _rebuild_attributes(linear)
+        if attributes is not None:
+            layer._base_class, layer._base_attributes = type(linear), attributes
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -159,7 +157,7 @@ class FrozenLinear(nn.Module):
         vars(plain).update(attributes)
         plain.weight = self.weight
         plain.register_parameter("bias", self.bias)
-        for name in _HOOK_DICTS:  # hooks added after wrapping (a bottleneck adapter's, a user's) carry over
+        for name in HOOK_DICTS:  # hooks added after wrapping (a bottleneck adapter's, a user's) carry over
             setattr(plain, name, getattr(self, name))
         return plain.train(self.training)
 
