@@ -34,6 +34,28 @@ def test_profile_splits_time_and_writes_a_trace(tmp_path):
     assert not peftkern.ops._common._nvtx_enabled, "profile() switches NVTX back off"
 
 
+def test_profile_without_gpu_kernels_leaves_out_the_profilers_own_events():
+    """Where CUDA is profiled but no kernel ran, the split is the CPU's self time, and the profiler's own host
+    events are not part of it: an empty block on an H100 said 2 ms of "Activity Buffer Request" (CUPTI) and
+    cudaDeviceSynchronize. Events as torch's profiler gives them, made up here so that the CPU runs it."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from peftkern import profiling
+
+    def event(name, us):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_children=[], kernels=[],
+                               self_cpu_time_total=us)
+
+    events = [event("Activity Buffer Request", 1970.0), event("cudaDeviceSynchronize", 26.0),
+              event("cuLaunchKernel", 3.0), event("aten::mm", 500.0), event("custom_op", 250.0)]
+    by_cat, by_kernel, gpu = profiling._split(SimpleNamespace(events=lambda: events))
+    assert not gpu
+    assert set(by_kernel) == {"aten::mm", "custom_op"}, by_kernel
+    assert sum(by_cat.values()) == pytest.approx(0.75), by_cat
+
+
 def test_profile_restores_nvtx_and_refuses_a_directory(tmp_path):
     peftkern.set_nvtx(True)
     try:

@@ -165,7 +165,9 @@ def ia3_scale_kernel(
     else:
         s = tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)[:, None]
     if DIVIDE:
-        v = tl.where(mask, v.to(tl.float32) / tl.where(mask, s, 1.0), 0.0)
+        # div_rn: Triton's `/` on float32 is the GPU's approximate division (2 ulp), which drifted an unmerge by ~1 ulp
+        # per merge / unmerge cycle on an H100; the interpreter divides exactly and cannot show it
+        v = tl.where(mask, tl.math.div_rn(v.to(tl.float32), tl.where(mask, s, 1.0)), 0.0)
     else:
         v = v.to(tl.float32) * s
     tl.store(out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc, v.to(out_ptr.dtype.element_ty),
