@@ -7,6 +7,13 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}
 STEPS=${1:-20}
 SIZE=${SIZE:-1b}
+# before anything is installed: without 2 GPUs the runs below would train the 1b model on the CPU, silently
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${gpus:-0}" -lt 2 ]; then
+  echo "ddp_check.sh: needs 2 CUDA GPUs, torch sees ${gpus:-0}; on the CPU, torchrun --nproc_per_node 2" \
+    "examples/distributed_train.py --size tiny --mode ddp (or fsdp2) runs two gloo processes" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -n "${NO_INSTALL:-}" ] || PEFTKERN_BUILD_CUDA=0 python3 -m pip install --no-build-isolation --no-deps -e . > /dev/null 2>&1
