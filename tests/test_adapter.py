@@ -217,6 +217,45 @@ def test_every_activation(backend, activation, form, poison_empty):
     _check(got, ref, exact, k_dscale, dtype, f"{backend} {activation} {form}")
 
 
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("form", FORMS)
+def test_a_nan_propagates_as_in_torch(backend, activation, form, poison_empty):
+    """A NaN in the down bias (one bottleneck unit, every row) is NaN in the output and the gradients wherever torch's
+    layers give NaN. ReLU as tl.maximum compiles to max.f32, which returns the number beside a NaN (Triton 3.9's
+    interpreter takes np.fmax and does the same): the parallel form returned a finite output where nn.ReLU gives NaN,
+    training on with a NaN weight unseen, and the poisoned buffers of the tests could not show an unwritten z."""
+    shapes = [((2, 13), 56, 8)] + ([((4300,), 512, 256)] if HAS_CUDA else [])
+    for lead, d, b in shapes:
+        dtype = dtypes_for(backend)[0]
+        args = make_inputs(lead, d, b, dtype, form=form)
+        args["down_bias"][1] = float("nan")
+        names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
+                 if args[k] is not None]
+        results = []
+        for fn in (peftkern.bottleneck_adapter, None):
+            leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
+            ln = tuple(t.detach().clone().requires_grad_() for t in args["ln"]) if args["ln"] else None
+            w = (leaves["h"], leaves["down_weight"], leaves["down_bias"], leaves["up_weight"], leaves["up_bias"])
+            if fn is None:
+                y = reference.bottleneck_adapter(*w, activation, 0.8, None, leaves.get("residual"),
+                                                 *(ln or (None, None)), layer_norm=ln is not None)
+            else:
+                y = fn(*w, activation, 0.8, leaves.get("residual"), ln)
+            y.backward(torch.ones_like(y))
+            results.append({"out": y, **{f"d{k}": v.grad for k, v in leaves.items()},
+                            **{f"dln_{i}": t.grad for i, t in enumerate(ln or ())}})
+        got, ref = results
+        assert ref["out"].isnan().any(), "the reference propagates the NaN"
+        for name in ref:
+            # the output's NaNs are torch's; a gradient may have more (the LN backward's fold multiplies z, NaN
+            # in the unit, by its zero gradient), never fewer
+            nan, nan_ref = got[name].isnan(), ref[name].isnan()
+            assert torch.equal(nan, nan_ref) if name == "out" else bool((nan | ~nan_ref).all()), (
+                f"{backend} {activation} {form} {lead}x{d}b{b} {name}: NaN at {int(nan.sum())} elements, torch's "
+                f"layers at {int(nan_ref.sum())}")
+
+
 VARIANTS = {
     "learned-scale": dict(learned=True),
     "no-bias": dict(bias=False),

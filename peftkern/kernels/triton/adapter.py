@@ -86,7 +86,8 @@ ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 def _activation(z, ACT: tl.constexpr):
     """(act(z), act'(z)) in float32; gelu_tanh's 0.5 (1 + tanh(u)) is sigmoid(2u), so no tanh is needed."""
     if ACT == 0:
-        return tl.maximum(z, 0.0), (z > 0).to(tl.float32)
+        # a NaN stays NaN as in torch.relu: plain tl.maximum is max.f32 on the GPU, which returns the 0 beside a NaN
+        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), (z > 0).to(tl.float32)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         return z * cdf, cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
