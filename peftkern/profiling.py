@@ -68,11 +68,20 @@ def _is_peftkern_range(evt) -> bool:
     return evt.name.startswith("peftkern::")
 
 
-def _profiler_own(name: str) -> bool:
-    """Host events the profiler records of itself where CUDA is profiled: CUPTI's buffer requests and CUDA runtime /
-    driver calls. A profile with no GPU kernel (a model on the CPU, on a machine with a GPU) is the CPU's work alone:
-    an empty block on an H100 said 2 ms, all "Activity Buffer Request" and the profiler's cudaDeviceSynchronize."""
-    return name == "Activity Buffer Request" or re.match(r"cu(da)?[A-Z]", name) is not None
+# CUPTI's overhead activities, as the profiler names them
+_CUPTI_OVERHEAD = {"Activity Buffer Request", "Buffer Flush", "Lazy Function Loading",
+                   "Runtime Triggered Module Loading", "Resource", "Instrumentation", "Command Buffer Full",
+                   "UVM Activity Init"}
+
+
+def _profiler_own(evt) -> bool:
+    """Host events the profiler records of itself where CUDA is profiled: CUPTI's overhead and CUDA runtime / driver
+    calls. A profile with no GPU kernel (a model on the CPU, on a machine with a GPU) is the CPU's work alone: an
+    empty block on an H100 said 2 ms, all "Activity Buffer Request" and the profiler's cudaDeviceSynchronize. A
+    user's own range (record_function("cuGraph step")) is never one of them."""
+    if getattr(evt, "is_user_annotation", False):
+        return False
+    return evt.name in _CUPTI_OVERHEAD or re.fullmatch(r"cu(da)?[A-Z]\w*", evt.name) is not None
 
 
 def _split(prof) -> tuple[dict, dict, bool]:
@@ -110,7 +119,7 @@ def _split(prof) -> tuple[dict, dict, bool]:
         if gpu:
             for k in evt.kernels:
                 add("peftkern kernels" if owned else classify(k.name), k.name, k.duration / 1e3)
-        elif evt.self_cpu_time_total > 0 and not _profiler_own(evt.name):
+        elif evt.self_cpu_time_total > 0 and not _profiler_own(evt):
             add("peftkern kernels" if owned else classify(evt.name), evt.name, evt.self_cpu_time_total / 1e3)
     return by_cat, by_kernel, gpu
 

@@ -221,10 +221,11 @@ def test_every_activation(backend, activation, form, poison_empty):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("form", FORMS)
 def test_a_nan_propagates_as_in_torch(backend, activation, form, poison_empty):
-    """A NaN in the down bias (one bottleneck unit, every row) is NaN in the output and the gradients wherever torch's
-    layers give NaN. ReLU as tl.maximum compiles to max.f32, which returns the number beside a NaN (Triton 3.9's
-    interpreter takes np.fmax and does the same): the parallel form returned a finite output where nn.ReLU gives NaN,
-    training on with a NaN weight unseen, and the poisoned buffers of the tests could not show an unwritten z."""
+    """A NaN in the down bias (one bottleneck unit, every row) is NaN in the output and the gradients where
+    reference.py's are (its ReLU is clamp_min, whose gradient at a NaN is 0, as the kernels' z > 0). ReLU as
+    tl.maximum compiles to max.f32, which returns the number beside a NaN (Triton 3.9's interpreter takes np.fmax
+    and does the same): every form returned a finite output where nn.ReLU gives NaN, training on with a NaN weight
+    unseen, and the poisoned buffers of the tests could not show an unwritten z."""
     shapes = [((2, 13), 56, 8)] + ([((4300,), 512, 256)] if HAS_CUDA else [])
     for lead, d, b in shapes:
         dtype = dtypes_for(backend)[0]
@@ -248,10 +249,11 @@ def test_a_nan_propagates_as_in_torch(backend, activation, form, poison_empty):
         got, ref = results
         assert ref["out"].isnan().any(), "the reference propagates the NaN"
         for name in ref:
-            # the output's NaNs are torch's; a gradient may have more (the LN backward's fold multiplies z, NaN
-            # in the unit, by its zero gradient), never fewer
+            # NaN where the reference has NaN, nowhere else, but for dh through ReLU with LN, which may have more
+            # (the LN backward's fold multiplies z, NaN in that unit, by its zero gradient), never fewer
             nan, nan_ref = got[name].isnan(), ref[name].isnan()
-            assert torch.equal(nan, nan_ref) if name == "out" else bool((nan | ~nan_ref).all()), (
+            more = name == "dh" and activation == "relu" and form.endswith("+ln")
+            assert bool((nan | ~nan_ref).all()) if more else torch.equal(nan, nan_ref), (
                 f"{backend} {activation} {form} {lead}x{d}b{b} {name}: NaN at {int(nan.sum())} elements, torch's "
                 f"layers at {int(nan_ref.sum())}")
 

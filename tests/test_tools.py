@@ -44,16 +44,28 @@ def test_profile_without_gpu_kernels_leaves_out_the_profilers_own_events():
 
     from peftkern import profiling
 
-    def event(name, us):
+    def event(name, us, user=False):
         return SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_children=[], kernels=[],
-                               self_cpu_time_total=us)
+                               self_cpu_time_total=us, is_user_annotation=user)
 
     events = [event("Activity Buffer Request", 1970.0), event("cudaDeviceSynchronize", 26.0),
-              event("cuLaunchKernel", 3.0), event("aten::mm", 500.0), event("custom_op", 250.0)]
+              event("cuLaunchKernel", 3.0), event("Buffer Flush", 5.0), event("aten::mm", 500.0),
+              event("custom_op", 250.0), event("cuGraph step", 40.0, user=True), event("cuDF merge", 10.0)]
     by_cat, by_kernel, gpu = profiling._split(SimpleNamespace(events=lambda: events))
     assert not gpu
-    assert set(by_kernel) == {"aten::mm", "custom_op"}, by_kernel
-    assert sum(by_cat.values()) == pytest.approx(0.75), by_cat
+    assert set(by_kernel) == {"aten::mm", "custom_op", "cuGraph step", "cuDF merge"}, by_kernel
+    assert sum(by_cat.values()) == pytest.approx(0.8), by_cat
+
+
+def test_profile_keeps_a_users_range_named_like_a_cuda_call():
+    """record_function("cuGraph step") is the user's own range (the filter of the profiler's own events took any
+    name starting cu + a capital letter, and dropped it), here through torch's real profiler on the CPU."""
+    import time
+
+    with peftkern.profile() as prof:
+        with torch.profiler.record_function("cuGraph step"):
+            time.sleep(0.002)
+    assert prof.kernels.get("cuGraph step", 0.0) > 1.0, prof.summary()
 
 
 def test_profile_restores_nvtx_and_refuses_a_directory(tmp_path):

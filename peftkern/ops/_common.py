@@ -150,8 +150,8 @@ class _SecondOrderError(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError("peftkern's fused ops are once_differentiable: their backward has no graph, so a gradient "
                            "of a gradient (create_graph=True, a gradient penalty, a Hessian) is not available; "
-                           "torch.func transforms (torch.func.grad, hessian) run the differentiable reference "
-                           "(peftkern.set_backend('torch') does not: its backward is first-order too)")
+                           "torch.func transforms (torch.func.grad, torch.func.hessian) run the differentiable "
+                           "reference (peftkern.set_backend('torch') does not: its backward is first-order too)")
 
 
 def _tensors_in(value) -> list:
