@@ -217,45 +217,54 @@ def test_every_activation(backend, activation, form, poison_empty):
     _check(got, ref, exact, k_dscale, dtype, f"{backend} {activation} {form}")
 
 
+def _adapter_results(args, activation, use_op):
+    """The output and every gradient (for dy = 1) of the op or of reference.bottleneck_adapter."""
+    names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual") if args[k] is not None]
+    leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
+    ln = tuple(t.detach().clone().requires_grad_() for t in args["ln"]) if args["ln"] else None
+    w = (leaves["h"], leaves["down_weight"], leaves["down_bias"], leaves["up_weight"], leaves["up_bias"])
+    if use_op:
+        y = peftkern.bottleneck_adapter(*w, activation, 0.8, leaves.get("residual"), ln)
+    else:
+        y = reference.bottleneck_adapter(*w, activation, 0.8, None, leaves.get("residual"), *(ln or (None, None)),
+                                         layer_norm=ln is not None)
+    y.backward(torch.ones_like(y))
+    return {"out": y, **{f"d{k}": v.grad for k, v in leaves.items()},
+            **{f"dln_{i}": t.grad for i, t in enumerate(ln or ())}}
+
+
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("form", FORMS)
-def test_a_nan_propagates_as_in_torch(backend, activation, form, poison_empty):
-    """A NaN in the down bias (one bottleneck unit, every row) is NaN in the output and the gradients where
-    reference.py's are (its ReLU is clamp_min, whose gradient at a NaN is 0, as the kernels' z > 0). ReLU as
-    tl.maximum compiles to max.f32, which returns the number beside a NaN (Triton 3.9's interpreter takes np.fmax
-    and does the same): every form returned a finite output where nn.ReLU gives NaN, training on with a NaN weight
-    unseen, and the poisoned buffers of the tests could not show an unwritten z."""
+@pytest.mark.parametrize("where", ["down-bias-nan", "h-inf"])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy's, under the interpreter
+def test_non_finite_values_propagate_as_in_torch(backend, activation, form, where, poison_empty):
+    """A NaN in the down bias (one bottleneck unit, every row), or an inf in one element of h, is non-finite in the
+    output where reference.py's is (its ReLU is clamp_min, whose gradient at a NaN is 0, as the kernels' z > 0), and
+    a gradient never hides one of the reference's (GradScaler skips a step by them). ReLU as tl.maximum compiles to
+    max.f32, which returns the number beside a NaN (Triton 3.9's interpreter takes np.fmax and does the same): every
+    form returned a finite output where nn.ReLU gives NaN. LN's variance went through the same max: a row with an
+    inf had variance inf - inf = NaN, clamped to 0, and a finite output where torch's layer_norm gives NaN."""
     shapes = [((2, 13), 56, 8)] + ([((4300,), 512, 256)] if HAS_CUDA else [])
     for lead, d, b in shapes:
         dtype = dtypes_for(backend)[0]
         args = make_inputs(lead, d, b, dtype, form=form)
-        args["down_bias"][1] = float("nan")
-        names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
-                 if args[k] is not None]
-        results = []
-        for fn in (peftkern.bottleneck_adapter, None):
-            leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
-            ln = tuple(t.detach().clone().requires_grad_() for t in args["ln"]) if args["ln"] else None
-            w = (leaves["h"], leaves["down_weight"], leaves["down_bias"], leaves["up_weight"], leaves["up_bias"])
-            if fn is None:
-                y = reference.bottleneck_adapter(*w, activation, 0.8, None, leaves.get("residual"),
-                                                 *(ln or (None, None)), layer_norm=ln is not None)
-            else:
-                y = fn(*w, activation, 0.8, leaves.get("residual"), ln)
-            y.backward(torch.ones_like(y))
-            results.append({"out": y, **{f"d{k}": v.grad for k, v in leaves.items()},
-                            **{f"dln_{i}": t.grad for i, t in enumerate(ln or ())}})
-        got, ref = results
-        assert ref["out"].isnan().any(), "the reference propagates the NaN"
+        if where == "h-inf":  # every unit's pre-activation -inf: ReLU's output, and so the adapter's, is finite
+            args["h"].view(-1, d)[1, 3] = float("inf")
+            args["down_weight"][:, 3] = -args["down_weight"][:, 3].abs() - 0.1
+        else:
+            args["down_bias"][1] = float("nan")
+        got, ref = _adapter_results(args, activation, True), _adapter_results(args, activation, False)
+        assert not all(t.isfinite().all() for t in ref.values()), "the reference propagates the non-finite value"
         for name in ref:
-            # NaN where the reference has NaN, nowhere else, but for dh through ReLU with LN, which may have more
-            # (the LN backward's fold multiplies z, NaN in that unit, by its zero gradient), never fewer
-            nan, nan_ref = got[name].isnan(), ref[name].isnan()
-            more = name == "dh" and activation == "relu" and form.endswith("+ln")
-            assert bool((nan | ~nan_ref).all()) if more else torch.equal(nan, nan_ref), (
-                f"{backend} {activation} {form} {lead}x{d}b{b} {name}: NaN at {int(nan.sum())} elements, torch's "
-                f"layers at {int(nan_ref.sum())}")
+            bad, bad_ref = ~got[name].isfinite(), ~ref[name].isfinite()
+            # exactly the reference's for the down bias's NaN, but for dh through ReLU with LN, which has more (the
+            # LN backward's fold multiplies z, NaN in that unit, by its zero gradient); never fewer for h's inf
+            relu_ln_dh = name == "dh" and activation == "relu" and form.endswith("+ln")
+            more = name != "out" and (where == "h-inf" or relu_ln_dh)
+            assert bool((bad | ~bad_ref).all()) if more else torch.equal(bad, bad_ref), (
+                f"{backend} {activation} {form} {where} {lead}x{d}b{b} {name}: non-finite at {int(bad.sum())} "
+                f"elements, the reference at {int(bad_ref.sum())}")
 
 
 VARIANTS = {

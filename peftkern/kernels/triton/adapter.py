@@ -188,7 +188,9 @@ def row_stats_kernel(h_ptr, stats_ptr, M, D, stride_hm, stride_hd, ln_eps, EVEN_
         sum1 += tl.sum(centred, axis=1)
         sum2 += tl.sum(centred * centred, axis=1)
     mean_shifted = sum1 / D
-    var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0)
+    # a row holding an inf gives inf - inf: its NaN variance must stay NaN (plain tl.maximum gave 0, rstd 316, and
+    # finite outputs where torch's layer_norm gives NaN)
+    var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0, propagate_nan=tl.PropagateNan.ALL)
     m_mask = offs_m < M
     tl.store(stats_ptr + offs_m * 2, mean_shifted + shift, mask=m_mask)
     tl.store(stats_ptr + offs_m * 2 + 1, 1.0 / tl.sqrt(var + ln_eps), mask=m_mask)
@@ -236,7 +238,7 @@ def adapter_fwd_kernel(
                 rstd = tl.load(stats_ptr + rows * 2 + 1)
             else:
                 mean_shifted = sum1 / D
-                var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0)
+                var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 mean = mean_shifted + shift
                 rstd = 1.0 / tl.sqrt(var + ln_eps)
             c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
@@ -249,6 +251,9 @@ def adapter_fwd_kernel(
             z = acc
         if HAS_DOWN_BIAS:
             z += tl.load(down_b_ptr + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+        # padded columns are 0: the product gives inf * 0 = NaN there for a row of h that holds an inf, and the
+        # up projection would spread it over the row (act(NaN) is NaN), where torch's adapter gives one inf
+        z = tl.where(b_mask[None, :], z, 0.0)
         if pid_n == 0:
             tl.store(z_ptrs, z, mask=zb_mask)
             if STORE_A:
