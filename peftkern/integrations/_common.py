@@ -43,6 +43,12 @@ def inner_state(model: nn.Module, state_dict: dict, keep_compiled: bool = False)
             for k, v in state_dict.items()}
 
 
+def saved_tensor(state: Optional[dict], key: str, value: torch.Tensor, caller: str) -> torch.Tensor:
+    """The tensor a file saves for `key`: state[key] where the caller passed the model's full state dict, else the
+    model's own `value`; refused where it is a shard (full_tensor)."""
+    return full_tensor(from_state(state, key, caller) if state is not None else value, caller)
+
+
 def from_state(state: dict, key: str, caller: str) -> torch.Tensor:
     if key not in state:
         raise ValueError(f"{caller}: state_dict holds no {key!r}: pass the model's full state dict (its state_dict(), "
@@ -146,7 +152,7 @@ def saved_module_state(model: nn.Module, state: Optional[dict] = None, caller: s
         prefix = clean_name(name)
         for key, value in model.get_submodule(name).state_dict().items():
             key = f"{prefix}.{clean_name(key)}"
-            out[key] = full_tensor(from_state(state, key, caller) if state is not None else value, caller)
+            out[key] = saved_tensor(state, key, value, caller)
     return out
 
 

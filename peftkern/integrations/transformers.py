@@ -23,8 +23,6 @@ from ._common import (
     check_saved_modules,
     clean_name,
     find_modules_to_save,
-    from_state,
-    full_tensor,
     inner_state,
     inside,
     load_saved_modules,
@@ -32,6 +30,7 @@ from ._common import (
     matches_suffix,
     saved_module_names,
     saved_module_state,
+    saved_tensor,
 )
 from .adapters import adapter_hooks
 
@@ -202,9 +201,8 @@ def lora_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict
            for key, value in saved_module_state(model, state_dict, "save_lora").items()}
     for name, layer in lora_layers(model).items():
         for factor in ("lora_A", "lora_B"):
-            value = (from_state(state_dict, f"{name}.{factor}", "save_lora") if state_dict is not None
-                     else getattr(layer, factor))
-            out[f"base_model.model.{name}.{factor}.weight"] = full_tensor(value, "save_lora").contiguous()
+            value = saved_tensor(state_dict, f"{name}.{factor}", getattr(layer, factor), "save_lora")
+            out[f"base_model.model.{name}.{factor}.weight"] = value.contiguous()
     return out
 
 

@@ -168,6 +168,16 @@ def _small_times_wide(small, w_ptr, stride_wb, stride_wn, offs_b, b_mask, offs_n
 
 
 @triton.jit
+def _mean_rstd(sum1, sum2, shift, D, ln_eps):
+    """Each row's LN mean and rstd from its sums of (h - shift) and (h - shift)^2 over D features."""
+    mean_shifted = sum1 / D
+    # a row holding an inf gives inf - inf: its NaN variance must stay NaN (plain tl.maximum gave 0, rstd 316, and
+    # finite outputs where torch's layer_norm gives NaN)
+    var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return mean_shifted + shift, 1.0 / tl.sqrt(var + ln_eps)
+
+
+@triton.jit
 def row_stats_kernel(h_ptr, stats_ptr, M, D, stride_hm, stride_hd, ln_eps, EVEN_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """stats[m] = (mean, rstd) of row m of h, the sums shifted by the row's first element (LN statistics in a
@@ -187,13 +197,10 @@ def row_stats_kernel(h_ptr, stats_ptr, M, D, stride_hm, stride_hd, ln_eps, EVEN_
                                - shift[:, None], 0.0)
         sum1 += tl.sum(centred, axis=1)
         sum2 += tl.sum(centred * centred, axis=1)
-    mean_shifted = sum1 / D
-    # a row holding an inf gives inf - inf: its NaN variance must stay NaN (plain tl.maximum gave 0, rstd 316, and
-    # finite outputs where torch's layer_norm gives NaN)
-    var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    mean, rstd = _mean_rstd(sum1, sum2, shift, D, ln_eps)
     m_mask = offs_m < M
-    tl.store(stats_ptr + offs_m * 2, mean_shifted + shift, mask=m_mask)
-    tl.store(stats_ptr + offs_m * 2 + 1, 1.0 / tl.sqrt(var + ln_eps), mask=m_mask)
+    tl.store(stats_ptr + offs_m * 2, mean, mask=m_mask)
+    tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=m_mask)
 
 
 @triton.jit
@@ -237,10 +244,7 @@ def adapter_fwd_kernel(
                 mean = tl.load(stats_ptr + rows * 2)
                 rstd = tl.load(stats_ptr + rows * 2 + 1)
             else:
-                mean_shifted = sum1 / D
-                var = tl.maximum(sum2 / D - mean_shifted * mean_shifted, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                mean = mean_shifted + shift
-                rstd = 1.0 / tl.sqrt(var + ln_eps)
+                mean, rstd = _mean_rstd(sum1, sum2, shift, D, ln_eps)
             c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
             c2 = tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)
             z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
