@@ -312,6 +312,54 @@ def test_a_product_input_is_recomputed_not_saved(backend, dropout_p, monkeypatch
 
 
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
+def test_a_product_input_is_saved_where_recomputing_it_would_go_wrong(backend):
+    """Where a * b is not what the op read, or its operands are not the op's to unpack, the op saves its input and
+    gives torch's gradients (a review found each of these, 2026-12-05): the product changed in place under no_grad
+    (dA used the old product: 55 off), the product alone checkpointed (non-reentrant: the forward unpacked its
+    operands and backward raised CheckpointError), a second-order gradient through the recomputed product (None for
+    the factors instead of the once-differentiable error), and an operand changed after the forward (a clear error)."""
+    from torch.utils.checkpoint import checkpoint
+
+    dtype = dtypes_for(backend)[-1]
+    g0, u0 = (torch.randn(3, 11, 48).to(DEVICE, dtype) for _ in range(2))
+    _, w, A0, B0, b = make_inputs((1,), 48, 40, 8, dtype)
+
+    def grads(edit, fused):
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        if edit == "checkpointed":
+            h = checkpoint(lambda g, u: torch.nn.functional.silu(g) * u, g, u, use_reentrant=False)
+        else:
+            h = torch.nn.functional.silu(g) * u
+        if edit == "in-place":
+            with torch.no_grad():
+                h.mul_(3.0).clamp_(-1.0, 1.0)
+        y = (peftkern.lora_linear(h, w, A, B, 0.7, b) if fused
+             else reference.lora_linear(h, w, A, B, 0.7, b))
+        y.square().sum().backward()
+        return [t.grad for t in (g, u, A, B)]
+
+    for edit in ("in-place", "checkpointed"):
+        for got, ref in zip(grads(edit, True), grads(edit, False)):
+            assert_close(got, ref, dtype, edit)
+
+    g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+    A = A0.clone().requires_grad_()
+    y = peftkern.lora_linear(torch.nn.functional.silu(g) * u, w, A, B0, 0.7, b)
+    (dA,) = torch.autograd.grad(y.sum(), A, create_graph=True)  # a constant grad output: no path to g through it
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.grad(dA.sum(), g, allow_unused=True)
+
+    g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+    B = B0.clone().requires_grad_()
+    y = peftkern.lora_linear(g * u, w, A0, B, 0.7, b)
+    with torch.no_grad():
+        u.add_(1.0)
+    with pytest.raises(RuntimeError, match="PEFTKERN_RECOMPUTE_PRODUCT_INPUT=0"):
+        torch.autograd.grad(y.sum(), B)
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
 def test_unfrozen_weight_gets_its_gradient(backend):
     x, w, A, B, b = make_inputs((30,), 48, 40, 8, torch.float32, transposed=True)
     got, ref = run_both(backend, x, w, A, B, b, 1.0, True, grad_w=True)

@@ -191,7 +191,8 @@ def first_order(backward):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
         saved = ctx.saved_tensors  # once: non-reentrant checkpointing refuses a second unpack
-        links = [t for t in _tensors_in((grads, saved, tuple(vars(ctx).values()))) if t.requires_grad]
+        state = tuple(vars(ctx).values()) + product_operands(getattr(ctx, "x_source", None))
+        links = [t for t in _tensors_in((grads, saved, state)) if t.requires_grad]
         with torch.no_grad():
             out = backward(_SavedOnce(ctx, saved), *grads)
         if not links:
@@ -250,19 +251,27 @@ _VIEW_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
 
 def product_source(x: Tensor):
-    """The autograd node of a product a * b of which x is a view of the same size, when that node keeps both a and b
-    and nothing else decides what autograd saves (saved-tensor hooks, as activation checkpointing and offloading
-    install, or a graph being compiled): then `recompute_product` gives x back in backward. Else None."""
+    """The autograd node of a product a * b of which x is a view of the same size, unchanged since (version 0), when
+    that node keeps both a and b and nothing else decides what autograd saves (saved-tensor hooks, as activation
+    checkpointing and offloading install, around the op or around the product alone, or a graph being compiled):
+    then `recompute_product` gives x back in backward. Else None."""
     if not RECOMPUTE_PRODUCT_INPUT or not x.requires_grad or torch.compiler.is_compiling():
         return None
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top_hooks is None or top_hooks(False) is not None:
+        return None
+    if x._version != 0:  # changed in place since (under no_grad, or a product made by mul_): not what a * b gives
         return None
     node = x.grad_fn
     while node is not None and type(node).__name__ in _VIEW_NODES:
         node = node.next_functions[0][0]
     if node is None or type(node).__name__ != "MulBackward0":
         return None
+    for raw in (getattr(node, "_raw_saved_self", None), getattr(node, "_raw_saved_other", None)):
+        # the product's own operands under saved-tensor hooks (the product alone checkpointed, or offloaded): they
+        # are the hooks' to unpack, once, in the product's backward (a checkpoint refuses a second unpack)
+        if raw is None or getattr(raw, "unpack_hook", True) is not None:
+            return None
     try:
         a, b = node._saved_self, node._saved_other
     except (AttributeError, RuntimeError):
@@ -274,9 +283,24 @@ def product_source(x: Tensor):
     return node
 
 
+def product_operands(node) -> tuple:
+    """The operands a product's node keeps (none for None). A backward that multiplies them again depends on them,
+    which a second-order gradient must see (first_order)."""
+    if node is None:
+        return ()
+    try:
+        return node._saved_self, node._saved_other
+    except RuntimeError as err:  # an operand changed in place since, or the product's backward freed them already
+        raise RuntimeError(
+            "peftkern: the layer's input was a product a * b, which the op does not save but multiplies again in "
+            "backward from the operands autograd keeps for the product; those can no longer be read (" + str(err)
+            + "). Set PEFTKERN_RECOMPUTE_PRODUCT_INPUT=0 to save the input instead.") from err
+
+
 def recompute_product(node, shape: torch.Size) -> Tensor:
     """The product product_source found, from the operands its node keeps, in the saved input's shape."""
-    return (node._saved_self * node._saved_other).reshape(shape)
+    a, b = product_operands(node)
+    return (a * b).reshape(shape)
 
 
 # A Function's nn.Parameter inputs (the frozen weight, the adapters) are kept for backward on ctx by reference, not
