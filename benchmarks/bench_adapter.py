@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Row,
     bench_device,
+    compiled,
     note_spread,
     positive_ints,
     print_table,
@@ -132,7 +133,7 @@ def implementations(M, d, reduction, form, dtype, device, compile_anchor: bool, 
 
     impls["eager (nn.Sequential)"] = (eager, params)
     if compile_anchor and device == "cuda":
-        impls["eager + torch.compile"] = (torch.compile(eager), params)
+        impls["eager + torch.compile"] = (compiled(eager), params)
     return impls
 
 

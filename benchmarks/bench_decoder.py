@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     bench_device,
+    compiled,
     note_spread,
     print_table,
     progress,
@@ -113,7 +114,7 @@ def implementations(frozen: DecoderLayer, method: str, compile_anchor: bool, dty
         impls[f"peftkern.fuse ({label})"] = (fused, fparams)
     if compile_anchor and method == "lora":
         model, params = with_adapters(frozen, method, False)
-        impls["PEFT lora + torch.compile (bf16 adapters)"] = (torch.compile(model), params)
+        impls["PEFT lora + torch.compile (bf16 adapters)"] = (compiled(model), params)
     return impls
 
 

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import bench_device, note_spread, peft_single_layer, print_table, progress, save_results, time_layer_impls  # noqa: E402
+from common import (  # noqa: E402
+    bench_device,
+    compiled,
+    note_spread,
+    peft_single_layer,
+    print_table,
+    progress,
+    save_results,
+    time_layer_impls,
+)
 
 import peftkern  # noqa: E402
 
@@ -66,7 +75,7 @@ def implementations(M, K, N, dtype, device, feedforward: bool, compile_anchor: b
         layer, params = _peft_layer(base, feedforward, fp32)
         impls[f"PEFT eager ({'float32' if fp32 else dname} vector)"] = (layer, params)
         if not fp32 and compile_anchor and device == "cuda":
-            impls[f"PEFT + torch.compile ({dname} vector)"] = (torch.compile(layer), params)
+            impls[f"PEFT + torch.compile ({dname} vector)"] = (compiled(layer), params)
     return impls
 
 

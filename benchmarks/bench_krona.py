@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Row,
     bench_device,
+    compiled,
     note_spread,
     peft_single_layer,
     print_table,
@@ -141,7 +142,7 @@ def implementations(M, K, N, terms, a_shape, rank, dtype, device, compile_anchor
     layer16, p16 = _peft_lokr(W, K, N, rank, fp32_factors=False)
     impls[f"PEFT LoKr eager ({dname} factors)"] = (layer16, p16)
     if compile_anchor and device == "cuda":
-        impls[f"PEFT LoKr + torch.compile ({dname} factors)"] = (torch.compile(layer16), p16)
+        impls[f"PEFT LoKr + torch.compile ({dname} factors)"] = (compiled(layer16), p16)
     return impls
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Row,
     bench_device,
+    compiled,
     note_spread,
     peft_single_layer,
     positive_ints,
@@ -127,7 +128,7 @@ def implementations(M, K, N, r, dtype, device, compile_anchor: bool):
         if dtype != torch.float32:  # a float32 model's adapters are float32 either way: the row above
             impls[f"PEFT eager ({str(dtype).replace('torch.', '')} adapters)"] = (layer16, p16)
         if compile_anchor and device == "cuda":
-            impls[f"PEFT + torch.compile ({str(dtype).replace('torch.', '')} adapters)"] = (torch.compile(layer16), p16)
+            impls[f"PEFT + torch.compile ({str(dtype).replace('torch.', '')} adapters)"] = (compiled(layer16), p16)
     return impls
 
 

@@ -124,6 +124,17 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def compiled(module):
+    """torch.compile(module) for an anchor, with dynamo's caches emptied first. Every case compiles the same class's
+    forward again (new weights and shapes, and a forward and a fwd+bwd grad mode), which piles up entries for one
+    code object: past dynamo's recompile limit (8) a call ran eager with a log line only, under the compiled row's
+    label (a review found the lora / ia3 / krona / adapter anchors eager from the fourth case on, 2026-12-05, and
+    the committed r = 64 / 128 rows of lora-...-20261122-185230.json at 0.99-1.00x their eager twins). One case
+    compiles at most its forms times two grad modes, under the limit, and at its own static shapes."""
+    torch._dynamo.reset()
+    return torch.compile(module)
+
+
 def git_revision(cwd: Optional[Path] = None) -> str:
     """The checkout's revision, with "-dirty" where a tracked file outside benchmarks/results/ differs from it; or
     $PEFTKERN_GIT_REV where the tree was copied without .git (the GPU machine)."""
@@ -133,8 +144,8 @@ def git_revision(cwd: Optional[Path] = None) -> str:
     try:
         rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, stderr=subprocess.DEVNULL,
                                       text=True).strip()
-        changed = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                           ":(exclude)benchmarks/results"], cwd=cwd, stderr=subprocess.DEVNULL,
+        changed = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                           ":(top,exclude)benchmarks/results"], cwd=cwd, stderr=subprocess.DEVNULL,
                                           text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -168,6 +179,10 @@ def environment() -> dict:
     from peftkern import _backend
 
     env["backends"] = _backend.backend_status()
+    # what changes which kernel runs without changing a row's label: the forced backend and peftkern's switches
+    env["backend"] = _backend.get_backend() or "auto"
+    env["settings"] = {k: v for k, v in sorted(os.environ.items())
+                       if k.startswith("PEFTKERN_") or k == "TRITON_INTERPRET"}
     return env
 
 

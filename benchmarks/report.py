@@ -177,21 +177,40 @@ def plot_bars(data: dict, out_dir: Path, prefix: str = "") -> list[Path]:
     return paths
 
 
+def _basis(data: dict, row: dict) -> dict:
+    """What a row's ratio is measured against and how: rows whose bases differ have ratios that cannot be compared
+    (bench e2e divided its compiled rows by the eager floor before 2026-12-04, by the compiled frozen model since)."""
+    config, extra = data.get("config") or {}, row.get("extra") or {}
+    basis = {"timing": config.get("timing"), "dtype": config.get("dtype")}
+    basis.update({k: extra.get(k) for k in ("floor", "adapter_dtype", "compiled", "checkpointing", "optimizer")})
+    if data.get("benchmark") == "e2e" and basis["floor"] is None:
+        basis["floor"] = "frozen model (eager)"  # every row's, before the key was written
+    return basis
+
+
 def compare(a: dict, b: dict) -> str:
-    """Rows present in both runs: ratio in A, ratio in B, and the change."""
+    """Rows present in both runs: time and ratio in A and in B, and the ratio's change; where the two rows' ratios
+    are measured against different floors or timings, the change is not given and the difference is named."""
     key = lambda r: (r["case"], r["impl"], r["pass"])
     rows_a = {key(r): r for r in a["rows"]}
     lines = [f"A: {a['environment'].get('git')} on {a['environment'].get('gpu')}   "
              f"B: {b['environment'].get('git')} on {b['environment'].get('gpu')}",
-             "| case | implementation | pass | ratio A | ratio B | change |", "| --- | --- | --- | --- | --- | --- |"]
+             "| case | implementation | pass | ms A | ms B | ratio A | ratio B | change |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     if not any(key(r) in rows_a for r in b["rows"]):
         return "\n".join([lines[0], "no case, implementation and pass in common: nothing to compare"])
     for r in b["rows"]:
         old = rows_a.get(key(r))
-        if old:
-            change = (r["ratio"] - old["ratio"]) / old["ratio"] * 100
-            lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {old['ratio']:.2f}x | {r['ratio']:.2f}x | "
-                         f"{change:+.1f}% |")
+        if not old:
+            continue
+        basis_a, basis_b = _basis(a, old), _basis(b, r)
+        differ = [f"{k} {basis_a[k]} / {basis_b[k]}" for k in basis_a if basis_a[k] != basis_b[k]]
+        if differ:
+            change = "not comparable: " + ", ".join(differ)
+        else:
+            change = f"{(r['ratio'] - old['ratio']) / old['ratio'] * 100:+.1f}%"
+        lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {old['ms']:.4g} | {r['ms']:.4g} | "
+                     f"{old['ratio']:.2f}x | {r['ratio']:.2f}x | {change} |")
     return "\n".join(lines)
 
 

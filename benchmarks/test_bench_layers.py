@@ -6,7 +6,7 @@
 Each measured call ends with a device synchronisation, so pytest-benchmark's clock sees the GPU time; the
 CUDA-event median (triton.testing.do_bench) and the ratio to the frozen F.linear of the same shape are put in
 extra_info. Methods: LoRA r=16, IA3 (output form), KronA (64 x 64 factor), a bottleneck adapter (its floor is
-a copy of x, the others' the frozen F.linear). Without a GPU the cases run small on the CPU.
+bench adapter's memory floor, the others' the frozen F.linear). Without a GPU the cases run small on the CPU.
 """
 
 from __future__ import annotations
@@ -75,12 +75,19 @@ def _krona(x, K, N):
 
 
 def _adapter(x, K, N):
-    """A Pfeiffer bottleneck (reduction 16) on x; the floor is a copy of x (the adapter is memory-bound)."""
+    """A Pfeiffer bottleneck (reduction 16) on x; the floor is bench adapter's memory floor (the adapter is
+    memory-bound): a copy of x forward, and backward's copy of the gradient plus the read of x that dWd needs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_adapter import MemoryFloor
+
     b = K // 16
     Wd = (torch.randn(b, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_()
     Wu = (torch.randn(K, b, device=DEVICE, dtype=DTYPE) * b ** -0.5).requires_grad_()
     dy = torch.randn_like(x)
-    floor = lambda: torch.autograd.grad(x * 1.0, [x], dy)
+    floor = lambda: torch.autograd.grad(MemoryFloor.apply(x, None), [x], dy)
     fused = lambda: torch.autograd.grad(peftkern.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
     ref = lambda: torch.autograd.grad(reference.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
     return floor, fused, ref

@@ -147,7 +147,7 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
         args = ("bench", "lora", "--shapes", "256,256,256,8", "--no-compile", "--out", str(tmp_path))
     else:
         args = ("bench", "lora", "--out", str(tmp_path))
-    out = _run(*args)
+    out = _run(*args, env_extra={"PEFTKERN_LORA_TAIL_OVERLAP": "side"})
     assert out.returncode == 0, out.stderr[-2000:]
     files = list(tmp_path.glob("lora-*.json"))
     assert len(files) == 1
@@ -162,6 +162,14 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
 
     assert "| case | implementation |" in report.table(data)
     assert "+0.0%" in report.compare(data, data)
+    assert data["environment"]["settings"].get("PEFTKERN_LORA_TAIL_OVERLAP") == "side", "the switches are recorded"
+    # a ratio measured against another floor is not compared as a change (bench e2e changed its compiled rows' floor)
+    other = json.loads(json.dumps(data))
+    for r in other["rows"]:
+        r["extra"]["floor"] = "another floor"
+        r["ratio"] *= 1.3
+    compared = report.compare(data, other)
+    assert "+30.0%" not in compared and "not comparable: floor None / another floor" in compared, compared
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; on a GPU `bench all` is the real 10-minute run")
@@ -385,12 +393,14 @@ def test_git_revision_marks_a_modified_tree(tmp_path, monkeypatch):
     (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
     git("add", ".")
     git("commit", "-qm", "one")
-    clean = common.git_revision(tmp_path)
-    assert clean != "unknown" and not clean.endswith("-dirty")
-    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}\n')
-    assert common.git_revision(tmp_path) == clean, "a result file is not a change of the code"
-    (tmp_path / "a.py").write_text("x = 2\n")
-    assert common.git_revision(tmp_path) == clean + "-dirty"
+    for cwd in (tmp_path, tmp_path / "benchmarks"):  # the default is benchmarks/: it looked at that folder only
+        clean = common.git_revision(cwd)
+        assert clean != "unknown" and not clean.endswith("-dirty")
+        (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"a": 1}\n')
+        assert common.git_revision(cwd) == clean, "a result file is not a change of the code"
+        (tmp_path / "a.py").write_text("x = 2\n")
+        assert common.git_revision(cwd) == clean + "-dirty"
+        git("checkout", "-q", ".")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version of bench e2e")
