@@ -124,6 +124,19 @@ def _split(prof) -> tuple[dict, dict, bool]:
     return by_cat, by_kernel, gpu
 
 
+def _synchronize_used_devices() -> None:
+    """Wait for every GPU that holds memory, and the current one, inside the profile: kernels still queued when the
+    profiler stops are not in it. torch's profiler synchronises the current device only, and the synchronize here
+    ran after the profile had stopped (a review, 2026-12-05: a model on cuda:1 with cuda:0 current). A device that
+    was never used is left alone (synchronizing it would make a context there)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    current = torch.cuda.current_device()
+    for i in range(torch.cuda.device_count()):
+        if i == current or torch.cuda.memory_reserved(i) > 0:
+            torch.cuda.synchronize(i)
+
+
 @contextlib.contextmanager
 def profile(trace: Optional[str] = None, nvtx: bool = True):
     """Profile the GPU kernels of the enclosed code (e.g. a few training steps) with torch.profiler.
@@ -146,8 +159,7 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
     try:
         with torch.profiler.profile(activities=activities) as prof:
             yield result
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            _synchronize_used_devices()
     finally:
         set_nvtx(previous)
     result.split, result.kernels, gpu = _split(prof)

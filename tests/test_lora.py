@@ -755,6 +755,36 @@ def test_decode_forward_matches_reference(w_layout, rank, poison_empty):
                 assert_close(xa, xa_ref, dtype, f"lora_forward decode xa {w_layout}")
 
 
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA streams")
+def test_overlap_side_stream_is_never_the_callers_and_gives_the_same_gradients(monkeypatch):
+    """The tail's side stream came from torch's pool of 32 streams a priority, as a user's stream does: one of 32 user
+    streams was the side stream itself, and under it the overlap ran serially (a review, 2026-12-05). Under every one
+    of them the side stream differs, and the gradients under a user stream are those on the default stream."""
+    from peftkern.kernels.triton import lora as kl
+
+    peftkern.set_backend("triton")
+    dev = torch.device(DEVICE, torch.cuda.current_device())
+    for _ in range(33):
+        user = torch.cuda.Stream(dev)
+        with torch.cuda.stream(user), kl._Overlap(dev) as ov:
+            assert ov.stream.cuda_stream != user.cuda_stream, "the side stream is the caller's"
+    monkeypatch.setattr(kl, "TAIL_OVERLAP", "side")
+    monkeypatch.setattr(kl, "SKINNY_GRADS", False)
+    monkeypatch.setattr(kl, "PERSISTENT_DX", True)
+    monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
+    x, w, A, B, b = make_inputs((300,), 256, 320, 16, torch.bfloat16)
+    plain, _ = run_both("triton", x, w, A, B, b, 0.9, False)
+    user = torch.cuda.Stream(dev)
+    user.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(user):
+        got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
+    torch.cuda.current_stream(dev).wait_stream(user)
+    assert torch.equal(got["y"], plain["y"]), "the forward under a user stream"
+    for name in ref:
+        assert_close(got[name], ref[name], torch.bfloat16, f"{name} under a user stream")
+
+
 # (rank, TAIL_OVERLAP): the default ("side") at every rank, and one stream ("0", the path with dyb made inside) and the
 # high-priority variant where they add code paths, not just compiles (each shard of the GPU suite compiles its own).
 # Under the interpreter the tail modes do not apply (cuBLAS's products on a side stream): "0" at every rank.

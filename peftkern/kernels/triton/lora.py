@@ -1418,13 +1418,26 @@ def _w_nk(weight: torch.Tensor, weight_transposed: bool) -> torch.Tensor:
     return weight.t() if weight_transposed else weight
 
 
-_side_streams: dict = {}
+_side_cache = threading.local()
 
 
-def _side_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
-    if (device, priority) not in _side_streams:
-        _side_streams[device, priority] = torch.cuda.Stream(device, priority=priority)
-    return _side_streams[device, priority]
+def _side_stream(device: torch.device, priority: int, main: torch.cuda.Stream) -> torch.cuda.Stream:
+    """_Overlap's side stream for this thread and main stream, made once. Per thread: a stream that waits on a
+    capturing stream's event joins its capture until the capture ends, so one side stream shared with a thread
+    capturing a graph (cudagraph trees) would pull another thread's eager kernels into that graph. Never the main
+    stream itself: torch.cuda.Stream hands out a pool of 32 streams per priority in turn, and a side stream that
+    was the caller's would run the overlap serially, and silently (a review of the stream use, 2026-12-05)."""
+    streams = getattr(_side_cache, "streams", None)
+    if streams is None:
+        streams = _side_cache.streams = {}
+    key = (device, priority, main.cuda_stream)
+    stream = streams.get(key)
+    if stream is None:
+        stream = torch.cuda.Stream(device, priority=priority)
+        while stream.cuda_stream == main.cuda_stream:
+            stream = torch.cuda.Stream(device, priority=priority)
+        streams[key] = stream
+    return stream
 
 
 class _Overlap:
@@ -1452,7 +1465,7 @@ class _Overlap:
     def __enter__(self):
         if self.enabled:
             self.main = torch.cuda.current_stream(self.device)
-            self.stream = _side_stream(self.device, self.priority)
+            self.stream = _side_stream(self.device, self.priority, self.main)
             self.events = _overlap_events(self.device, self.priority)
             self.events[0].record(self.main)  # Stream.wait_stream would make an Event (and a driver event) per call
             self.stream.wait_event(self.events[0])
