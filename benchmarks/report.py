@@ -182,10 +182,18 @@ def _basis(data: dict, row: dict) -> dict:
     (bench e2e divided its compiled rows by the eager floor before 2026-12-04, by the compiled frozen model since)."""
     config, extra = data.get("config") or {}, row.get("extra") or {}
     basis = {"timing": config.get("timing"), "dtype": config.get("dtype")}
-    basis.update({k: extra.get(k) for k in ("floor", "adapter_dtype", "compiled", "checkpointing", "optimizer")})
-    if data.get("benchmark") == "e2e" and basis["floor"] is None:
-        basis["floor"] = "frozen model (eager)"  # every row's, before the key was written
+    basis.update({k: extra.get(k) for k in ("floor", "adapter_dtype", "compiled", "checkpointing", "optimizer",
+                                            "cuda_graph")})
+    if data.get("benchmark") == "e2e":
+        basis["floor"] = basis["floor"] or "frozen model (eager)"  # every row's, before the key was written
+        if basis["timing"] == "eager steps between CUDA events":  # renamed when compiled steps came, same method
+            basis["timing"] = "steps between CUDA events"
     return basis
+
+
+def _bases_differ(a: dict, b: dict) -> list:
+    """The differences between two rows' bases, as "key A / B"; a key one run did not write yet (None) is not one."""
+    return [f"{k} {a[k]} / {b[k]}" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
 
 
 def compare(a: dict, b: dict) -> str:
@@ -204,7 +212,7 @@ def compare(a: dict, b: dict) -> str:
         if not old:
             continue
         basis_a, basis_b = _basis(a, old), _basis(b, r)
-        differ = [f"{k} {basis_a[k]} / {basis_b[k]}" for k in basis_a if basis_a[k] != basis_b[k]]
+        differ = _bases_differ(basis_a, basis_b)
         if differ:
             change = "not comparable: " + ", ".join(differ)
         else:

@@ -125,15 +125,16 @@ def _split(prof) -> tuple[dict, dict, bool]:
 
 
 def _synchronize_used_devices() -> None:
-    """Wait for every GPU that holds memory, and the current one, inside the profile: kernels still queued when the
+    """Wait for every GPU in use (with a CUDA context) inside the profile: kernels still queued when the
     profiler stops are not in it. torch's profiler synchronises the current device only, and the synchronize here
-    ran after the profile had stopped (a review, 2026-12-05: a model on cuda:1 with cuda:0 current). A device that
-    was never used is left alone (synchronizing it would make a context there)."""
+    ran after the profile had stopped (a review, 2026-12-05: a model on cuda:1 with cuda:0 current). A device with no
+    CUDA context is left alone (synchronizing it would make one there)."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
     current = torch.cuda.current_device()
     for i in range(torch.cuda.device_count()):
-        if i == current or torch.cuda.memory_reserved(i) > 0:
+        if has_context(i) if has_context is not None else (i == current or torch.cuda.memory_reserved(i) > 0):
             torch.cuda.synchronize(i)
 
 

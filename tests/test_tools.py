@@ -168,8 +168,11 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
     for r in other["rows"]:
         r["extra"]["floor"] = "another floor"
         r["ratio"] *= 1.3
+    assert "+30.0%" in report.compare(data, other), "a key one run did not write yet is no difference"
+    for r in data["rows"]:
+        r["extra"]["floor"] = "F.linear"
     compared = report.compare(data, other)
-    assert "+30.0%" not in compared and "not comparable: floor None / another floor" in compared, compared
+    assert "+30.0%" not in compared and "not comparable: floor F.linear / another floor" in compared, compared
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; on a GPU `bench all` is the real 10-minute run")
