@@ -41,14 +41,21 @@ def _event_ms(fn) -> float:
     return tt.do_bench(fn, return_mode="median")
 
 
+def _run(forward, inputs, dy):
+    """The timed call: forward, then the gradients of inputs; returns the output and the gradients, so the check
+    below compares the forward too (LoRA's and IA3's gradients do not depend on it)."""
+    y = forward()
+    return (y, *torch.autograd.grad(y, inputs, dy))
+
+
 def _lora(x, K, N):
     W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
     A = (torch.randn(16, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_()
     B = (torch.randn(N, 16, device=DEVICE, dtype=DTYPE) * 0.01).requires_grad_()
     dy = torch.randn(x.shape[0], N, device=DEVICE, dtype=DTYPE)
-    floor = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
-    fused = lambda: torch.autograd.grad(peftkern.lora_linear(x, W, A, B, 2.0), [x, A, B], dy)
-    ref = lambda: torch.autograd.grad(reference.lora_linear(x, W, A, B, 2.0), [x, A, B], dy)
+    floor = lambda: _run(lambda: F.linear(x, W), [x], dy)
+    fused = lambda: _run(lambda: peftkern.lora_linear(x, W, A, B, 2.0), [x, A, B], dy)
+    ref = lambda: _run(lambda: reference.lora_linear(x, W, A, B, 2.0), [x, A, B], dy)
     return floor, fused, ref
 
 
@@ -56,9 +63,9 @@ def _ia3(x, K, N):
     W = torch.randn(N, K, device=DEVICE, dtype=DTYPE) * K ** -0.5
     scale = (1.0 + 0.1 * torch.randn(N, device=DEVICE, dtype=torch.float32)).requires_grad_()
     dy = torch.randn(x.shape[0], N, device=DEVICE, dtype=DTYPE)
-    floor = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
-    fused = lambda: torch.autograd.grad(peftkern.ia3_linear(x, W, scale), [x, scale], dy)
-    ref = lambda: torch.autograd.grad(reference.ia3_linear(x, W, scale), [x, scale], dy)
+    floor = lambda: _run(lambda: F.linear(x, W), [x], dy)
+    fused = lambda: _run(lambda: peftkern.ia3_linear(x, W, scale), [x, scale], dy)
+    ref = lambda: _run(lambda: reference.ia3_linear(x, W, scale), [x, scale], dy)
     return floor, fused, ref
 
 
@@ -68,9 +75,9 @@ def _krona(x, K, N):
     A = (torch.randn(n1, k1, device=DEVICE, dtype=DTYPE) * 0.1).requires_grad_()
     B = (torch.randn(N // n1, K // k1, device=DEVICE, dtype=DTYPE) * 0.01).requires_grad_()
     dy = torch.randn(x.shape[0], N, device=DEVICE, dtype=DTYPE)
-    floor = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
-    fused = lambda: torch.autograd.grad(peftkern.krona_linear(x, W, A, B, 1.0), [x, A, B], dy)
-    ref = lambda: torch.autograd.grad(reference.krona_linear(x, W, A[None], None, B[None], None, 1.0), [x, A, B], dy)
+    floor = lambda: _run(lambda: F.linear(x, W), [x], dy)
+    fused = lambda: _run(lambda: peftkern.krona_linear(x, W, A, B, 1.0), [x, A, B], dy)
+    ref = lambda: _run(lambda: reference.krona_linear(x, W, A[None], None, B[None], None, 1.0), [x, A, B], dy)
     return floor, fused, ref
 
 
@@ -87,9 +94,9 @@ def _adapter(x, K, N):
     Wd = (torch.randn(b, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_()
     Wu = (torch.randn(K, b, device=DEVICE, dtype=DTYPE) * b ** -0.5).requires_grad_()
     dy = torch.randn_like(x)
-    floor = lambda: torch.autograd.grad(MemoryFloor.apply(x, None), [x], dy)
-    fused = lambda: torch.autograd.grad(peftkern.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
-    ref = lambda: torch.autograd.grad(reference.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
+    floor = lambda: _run(lambda: MemoryFloor.apply(x, None), [x], dy)
+    fused = lambda: _run(lambda: peftkern.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
+    ref = lambda: _run(lambda: reference.bottleneck_adapter(x, Wd, None, Wu, None), [x, Wd, Wu], dy)
     return floor, fused, ref
 
 
@@ -106,9 +113,12 @@ def test_layer_fwd_bwd(benchmark, method, impl, shape):
     fn = floor if impl == "floor" else fused
     got = fn()  # compile and autotune outside the timing
     if impl == "peftkern" and HAS_CUDA:  # what is timed computes the op (on the CPU both are reference.py's)
-        for i, (g, r) in enumerate(zip(got, ref())):
+        want = ref()
+        assert len(got) == len(want)
+        for i, (g, r) in enumerate(zip(got, want)):
             err = ((g.double() - r.double()).norm() / r.double().norm()).item()
-            assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-4), f"{method} gradient {i}: relative error {err:.2e}"
+            name = "output" if i == 0 else f"gradient {i - 1}"
+            assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-4), f"{method} {name}: relative error {err:.2e}"
     benchmark.extra_info.update(method=method, impl=impl, device=torch.cuda.get_device_name() if HAS_CUDA else "cpu")
     if HAS_CUDA:
         ms, floor_ms = _event_ms(fn), _event_ms(floor)

@@ -7,7 +7,17 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, INTERPRET, assert_close, backend_params, dtypes_for, rel_err, run_seed
+from conftest import (
+    DEVICE,
+    HAS_CUDA,
+    INTERPRET,
+    TOLERANCE,
+    assert_close,
+    backend_params,
+    dtypes_for,
+    rel_err,
+    run_seed,
+)
 
 import peftkern
 from peftkern import reference
@@ -194,6 +204,41 @@ def test_matches_reference(backend, shape, form, poison_empty):
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
+def test_layer_norm_eps_and_the_modules_scaling_are_the_callers(backend):
+    """An nn.LayerNorm's eps, or a (weight, bias, eps) tuple's, reaches the kernels; BottleneckAdapter's scaling (4.0,
+    as the parallel preset gives) reaches the op. An audit of the tests, 2026-12-05: with eps fixed at 1e-5, or the
+    module's scaling at 1, every test passed (none used another eps, and the module tests read the scaling back off the
+    module). Rows with a spread of 0.1 make eps 0.1 move the output by far more than the tolerance."""
+    dtype = dtypes_for(backend)[0]
+    torch.manual_seed(run_seed(3))
+    d, b = 48, 8
+    h = (torch.randn(37, d) * 0.1).to(DEVICE, dtype)
+    ln = torch.nn.LayerNorm(d, eps=0.1).to(DEVICE, dtype)
+    with torch.no_grad():
+        ln.weight.add_(torch.randn_like(ln.weight) * 0.2)
+        ln.bias.add_(torch.randn_like(ln.bias) * 0.2)
+    wd, bd = (torch.randn(b, d) * d ** -0.5).to(DEVICE, dtype), (torch.randn(b) * 0.1).to(DEVICE, dtype)
+    wu, bu = (torch.randn(d, b) * b ** -0.5).to(DEVICE, dtype), (torch.randn(d) * 0.1).to(DEVICE, dtype)
+    want = reference.bottleneck_adapter(h, wd, bd, wu, bu, "relu", 1.0, ln_weight=ln.weight, ln_bias=ln.bias,
+                                        layer_norm=True, ln_eps=0.1)
+    default_eps = reference.bottleneck_adapter(h, wd, bd, wu, bu, "relu", 1.0, ln_weight=ln.weight, ln_bias=ln.bias,
+                                               layer_norm=True)
+    assert rel_err(default_eps, want) > 100 * TOLERANCE[dtype], "the case cannot tell eps 0.1 from 1e-5"
+    for layer_norm in (ln, (ln.weight, ln.bias, 0.1)):
+        got = peftkern.bottleneck_adapter(h, wd, bd, wu, bu, "relu", layer_norm=layer_norm)
+        assert_close(got, want, dtype, f"eps 0.1 given by {type(layer_norm).__name__}")
+
+    module = BottleneckAdapter(d, bottleneck_size=b, scaling=4.0, insertion_form="parallel", device=DEVICE,
+                               dtype=dtype)
+    with torch.no_grad():
+        module.up.weight.normal_()
+    x, r = (torch.randn(37, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    want = reference.bottleneck_adapter(x, module.down.weight, module.down.bias, module.up.weight, module.up.bias,
+                                        module.non_linearity, 4.0, residual=r)
+    assert_close(module(x, residual=r), want, dtype, "the parallel module's output with scaling 4")
+
+
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
 @pytest.mark.parametrize("form", ["sequential+ln", "parallel+ln"])
 def test_layer_norm_of_rows_far_from_zero(backend, form, poison_empty):
     """LN's weight gradients take dz^T xhat as (dz rstd)^T h - (dz rstd)^T mean: two sums that cancel where a row's
@@ -201,7 +246,10 @@ def test_layer_norm_of_rows_far_from_zero(backend, form, poison_empty):
     second not: rows offset by 60 sigma gave dWd 1.9e-2 off float64 in fp16, 100x the reference's error (a fuzz
     under the interpreter, 2026-12-05). Float32 keeps the fold's cancellation, eps times the offset over the spread
     (2e-5 of dgamma here, against 1e-5 for float32 elsewhere): a cost of never writing a normalised copy of h."""
-    for dtype in [dt for dt in dtypes_for(backend) if dt in (torch.float16, torch.bfloat16)]:
+    dtypes = [dt for dt in dtypes_for(backend) if dt in (torch.float16, torch.bfloat16)]
+    if not dtypes:  # it passed with no check at all (an audit of the tests, 2026-12-05)
+        pytest.skip("16-bit only: the torch backend on the CPU runs float32 / float64")
+    for dtype in dtypes:
         args = make_inputs((256,), 64, 16, dtype, form=form)
         args["h"] = args["h"] + 60.0
         got, ref, exact, k_dscale = run_both(args, "gelu")

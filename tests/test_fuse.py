@@ -645,6 +645,10 @@ def test_falcon_linear_is_fused(method):
     assert torch.equal(torch.get_rng_state(), rng), "fuse's try of the forward leaves the random state alone"
     assert len(report.fused) == 8 and not report.skipped, str(report)
     ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    # PEFT's path in float64 judges where the two float32 paths part by more than the tolerance: LoKr's w1 gradient
+    # sums over every token and output of the block, and 1 in 20 seeds parted by 2.55e-5 against 2e-5 (an audit)
+    exact = copy.deepcopy(reference).double()
+    exact(ids, labels=ids).loss.backward()
     for m in (model, copy.deepcopy(model)):
         m.zero_grad()
         reference.zero_grad()
@@ -652,9 +656,11 @@ def test_falcon_linear_is_fused(method):
         want.loss.backward()
         got.loss.backward()
         assert_close(got.logits, want.logits, torch.float32, f"{method} logits")
-        for (n, p), (_, q) in zip(m.named_parameters(), reference.named_parameters()):
+        for (n, p), (_, q), (_, e) in zip(m.named_parameters(), reference.named_parameters(),
+                                          exact.named_parameters()):
             if p.requires_grad:
-                assert_close(p.grad, q.grad, torch.float32, f"{method} {n}'s gradient", scale=2.0)
+                assert_close_or_as_exact(p.grad, q.grad, e.grad, torch.float32, f"{method} {n}'s gradient",
+                                         scale=2.0)
     assert not sum(report.fallbacks.values()), str(report)
 
 

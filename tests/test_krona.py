@@ -461,6 +461,11 @@ def test_layer_init_from_linear_merge_and_properties():
     with torch.no_grad():
         layer.krona_B.normal_()
     y = layer(x)
+    # against the specification with the caller's scaling (an audit, 2026-12-05: with the layer's scaling set to 1,
+    # forward and merge agreed with each other and this test passed)
+    want = reference.krona_linear(x.reshape(-1, 64), lin.weight, layer.krona_A, None, layer.krona_B, None, 2.0,
+                                  lin.bias)
+    assert_close(y.reshape(-1, 96), want, torch.float32, "the layer's output with scaling 2")
     layer.merge()
     assert layer.merged
     assert rel_err(layer(x), y) < TOLERANCE[torch.float32] * 10
