@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_adapter import MemoryFloor  # this folder: pytest puts it on sys.path for its test files
 
 import peftkern
 from peftkern import reference
@@ -84,11 +85,6 @@ def _krona(x, K, N):
 def _adapter(x, K, N):
     """A Pfeiffer bottleneck (reduction 16) on x; the floor is bench adapter's memory floor (the adapter is
     memory-bound): a copy of x forward, and backward's copy of the gradient plus the read of x that dWd needs."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_adapter import MemoryFloor
 
     b = K // 16
     Wd = (torch.randn(b, K, device=DEVICE, dtype=DTYPE) * K ** -0.5).requires_grad_()

@@ -131,10 +131,8 @@ def _synchronize_used_devices() -> None:
     CUDA context is left alone (synchronizing it would make one there)."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return
-    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
-    current = torch.cuda.current_device()
     for i in range(torch.cuda.device_count()):
-        if has_context(i) if has_context is not None else (i == current or torch.cuda.memory_reserved(i) > 0):
+        if torch._C._cuda_hasPrimaryContext(i):
             torch.cuda.synchronize(i)
 
 
