@@ -191,34 +191,60 @@ def _fake_matches_real(op, args) -> None:
     real = op(*args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real, fake = (out if isinstance(out, (tuple, list)) else (out,) for out in (real, fake))
+    assert len(real) == len(fake), f"{op}: {len(real)} real outputs, {len(fake)} fake ones"
     for i, (r, f) in enumerate(zip(real, fake)):
         assert (r.shape, r.dtype) == (f.shape, f.dtype), f"output {i}: real {tuple(r.shape)} {r.dtype}, fake " \
                                                          f"{tuple(f.shape)} {f.dtype}"
 
 
-def test_backward_ops_fakes_match_the_real_outputs():
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+def test_ops_fakes_match_the_real_outputs(backend):
     """The fake implementations give every output the real op's shape and dtype, the empty 'not asked for' ones
     included (fp16 activations beside fp32 adapters, as PEFT keeps them: they differed for lora_bwd, ia3_bwd and
-    adapter_bwd)."""
-    ops = torch.ops.peftkern
+    adapter_bwd), on every backend that runs here. krona_bwd's fake gave da2 a shape where a2 is None and need_a2
+    is set (2026-12-05; krona_linear never asks for it, a direct call of the op could)."""
+    from peftkern import _backend
+
+    ops, dev = torch.ops.peftkern, torch.device(DEVICE)
+    torch.manual_seed(run_seed(0))
+
+    def runs(op):
+        return _backend.available(backend, dev, op)
+
     M, K, N, r = 5, 12, 10, 3
-    x, w, gy = torch.randn(M, K).half(), torch.randn(N, K).half(), torch.randn(M, N).half()
-    A, B = torch.randn(r, K), torch.randn(N, r)
-    _, xa = ops.lora_fwd(x, w, A, B, None, None, 0.5, 0.0, False, "torch")
-    for needs in ((True, True, True, False, False), (True, False, False, True, True)):
-        _fake_matches_real(ops.lora_bwd, (gy, x, w, A, B, xa, None, 0.5, 0.0, False, "torch", *needs))
-    l_out, l_in = torch.randn(N), torch.randn(K)
-    _, z = ops.ia3_fwd(x, w, l_out, None, False, False, "torch")
-    for needs in ((True, True, False, False), (False, False, True, True)):
-        _fake_matches_real(ops.ia3_bwd, (gy, x, w, l_out, z, False, False, "torch", *needs))
-        _fake_matches_real(ops.ia3_bwd, (gy, x, w, l_in, x.new_empty((0,)), True, False, "torch", *needs))
-    d, b = 12, 4
-    h, gh = torch.randn(M, d).half(), torch.randn(M, d).half()
-    wd, bd, wu, bu = torch.randn(b, d), torch.randn(b), torch.randn(d, b), torch.randn(d)
-    _, z, st = ops.adapter_fwd(h, wd, bd, wu, bu, None, None, None, None, "relu", 1.0, False, 1e-5, "torch")
-    for needs in ((True, True, False, True, False), (False, False, True, False, True)):
-        _fake_matches_real(ops.adapter_bwd, (gh, h, wd, bd, wu, bu, None, z, st, None, None, "relu", 1.0, True, False,
-                                             "torch", *needs, False, False, False))
+    x, w, gy = (torch.randn(*shape, device=dev).half() for shape in ((M, K), (N, K), (M, N)))
+    A, B = torch.randn(r, K, device=dev), torch.randn(N, r, device=dev)
+    if runs("lora"):
+        _fake_matches_real(ops.lora_fwd, (x, w, A, B, None, None, 0.5, 0.0, False, backend))
+        _, xa = ops.lora_fwd(x, w, A, B, None, None, 0.5, 0.0, False, backend)
+        for needs in ((True, True, True, False, False), (True, False, False, True, True)):
+            _fake_matches_real(ops.lora_bwd, (gy, x, w, A, B, xa, None, 0.5, 0.0, False, backend, *needs))
+    if runs("ia3"):
+        l_out, l_in = torch.randn(N, device=dev), torch.randn(K, device=dev)
+        _fake_matches_real(ops.ia3_fwd, (x, w, l_out, None, False, False, backend))
+        _fake_matches_real(ops.ia3_fwd, (x, w, l_in, None, True, False, backend))
+        _, z = ops.ia3_fwd(x, w, l_out, None, False, False, backend)
+        for needs in ((True, True, False, False), (False, False, True, True)):
+            _fake_matches_real(ops.ia3_bwd, (gy, x, w, l_out, z, False, False, backend, *needs))
+            _fake_matches_real(ops.ia3_bwd, (gy, x, w, l_in, x.new_empty((0,)), True, False, backend, *needs))
+    if runs("adapter"):
+        d, b = 12, 4
+        h, gh = (torch.randn(M, d, device=dev).half() for _ in range(2))
+        wd, bd, wu, bu = (torch.randn(*shape, device=dev) for shape in ((b, d), (b,), (d, b), (d,)))
+        fwd = (h, wd, bd, wu, bu, None, None, None, None, "relu", 1.0, False, 1e-5, backend)
+        _fake_matches_real(ops.adapter_fwd, fwd)
+        _, z, st = ops.adapter_fwd(*fwd)
+        for needs in ((True, True, False, True, False), (False, False, True, False, True)):
+            _fake_matches_real(ops.adapter_bwd, (gh, h, wd, bd, wu, bu, None, z, st, None, None, "relu", 1.0, True,
+                                                 False, backend, *needs, False, False, False))
+    if runs("krona"):  # N = 10 = 2 x 5, K = 12 = 3 x 4, two terms; B of rank 2 in the second case
+        a, b = torch.randn(2, 2, 3, device=dev), torch.randn(2, 5, 4, device=dev)
+        b_lo, b_hi = torch.randn(2, 5, 2, device=dev), torch.randn(2, 2, 4, device=dev)
+        for factors in ((a, None, b, None), (a, None, b_lo, b_hi)):
+            _fake_matches_real(ops.krona_fwd, (x, w, *factors, None, 0.5, backend))
+            for needs in ((True,) * 3 + (False,) * 4, (False,) * 3 + (True,) * 4):
+                _fake_matches_real(ops.krona_bwd, (gy, x, w, *factors, 0.5, backend, *needs))
 
 
 def _saved_activation_bytes(fn, params) -> int:

@@ -101,6 +101,8 @@ def _(grad_y, x, weight, a, a2, b, b2, scaling, backend, need_x, need_a, need_a2
     def maybe(flag, like, shape=None, dtype=None):
         return like.new_empty(like.shape if shape is None else shape, dtype=dtype) if flag else like.new_empty((0,))
 
+    # as the real op: no gradient for a factor that is not there, whatever need_a2 / need_b2 say
+    need_a2, need_b2 = need_a2 and a2 is not None, need_b2 and b2 is not None
     a2, b2 = (a2 if a2 is not None else a), (b2 if b2 is not None else b)
     return (maybe(need_x, x), maybe(need_a, a), maybe(need_a2, a2), maybe(need_b, b), maybe(need_b2, b2),
             maybe(need_bias, grad_y, (grad_y.shape[1],), f32), maybe(need_w, weight, dtype=f32))
