@@ -56,6 +56,15 @@ def backend_params(op: str = "lora") -> list:
     return params
 
 
+@pytest.fixture(autouse=True)
+def _no_forced_backend_after_a_test():
+    """Every test leaves the backend switch as it found it (unforced), whether it fails or not: a GPU test that
+    forced "triton" without resetting it made a later test of its process run triton on the meta device and fail
+    (the GPU run, 2026-12-05)."""
+    yield
+    peftkern.set_backend(None)
+
+
 @pytest.fixture
 def backend(request):
     peftkern.set_backend(request.param)

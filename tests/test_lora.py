@@ -765,7 +765,7 @@ def test_overlap_side_stream_is_never_the_callers_and_gives_the_same_gradients(m
     of them the side stream differs, and the gradients under a user stream are those on the default stream."""
     from peftkern.kernels.triton import lora as kl
 
-    peftkern.set_backend("triton")
+    peftkern.set_backend("triton")  # conftest's autouse fixture unforces it after the test
     dev = torch.device(DEVICE, torch.cuda.current_device())
     for _ in range(33):
         user = torch.cuda.Stream(dev)
