@@ -57,6 +57,13 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
     mapfile -t ids < <(printf '%s\n' "${ids[@]}" | awk -v k="$part_k" -v p="$part_p" '(NR - 1) % p == k')
   fi
   n=${#ids[@]}
+  # One process per 6 GB of the GPU's memory at most: 16 processes on an H100 (80 GB) ran out of memory on
+  # 2026-12-05 (each held 4-7 GB); an H200 (141 GB) keeps 16.
+  mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+  if [ -n "$mem_mib" ] && [ "$(( mem_mib / 1024 / 6 ))" -lt "$SHARDS" ]; then
+    SHARDS=$(( mem_mib / 1024 / 6 ))
+    echo "== $mem_mib MiB of GPU memory: $SHARDS processes" | tee -a "$LOG"
+  fi
   echo "== tests: $TESTS${PART:+ (part $PART)}, $n in $SHARDS processes" | tee -a "$LOG"
   pids=()
   # The shards write outside $OUT and their logs are gathered into $OUT/tests.log however the script ends: on
