@@ -341,6 +341,66 @@ def test_fused_model_compiles_whole_and_matches_eager(dropout, checkpointing, ea
         assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}", 4 * GRAD_SCALE)
 
 
+def test_compiled_hotswap_scalings_compile_whole_and_follow_a_swap():
+    """PEFT's prepare_model_for_compiled_hotswap makes each LoRA scaling a 0-d tensor, which a hot swap overwrites in
+    place without a recompile. The fused forward read it with .item(): torch.compile(fullgraph=True) failed (a
+    SymFloat where the op takes a float), and without fullgraph every fused layer broke the graph (a review,
+    2026-12-05). Compiled whole, the fused model gives PEFT's eager logits and gradients before and after a swap."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    model = build("llama")
+    twin = copy.deepcopy(model)
+    assert peftkern.fuse(twin).fused
+    for m in (model, twin):
+        prepare_model_for_compiled_hotswap(m, target_rank=8)
+        m.train()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    data = batch("llama")
+    for swap in (None, 0.25):
+        if swap is not None:  # what a hot swap of an adapter with another alpha does to the scalings
+            for m in (model, twin):
+                for module in m.modules():
+                    if isinstance(getattr(module, "scaling", None), dict):
+                        for t in module.scaling.values():
+                            t.fill_(swap)
+        out_e, g_e = _loss_and_grads(model, model, data)
+        out_c, g_c = _loss_and_grads(compiled, twin, data)
+        assert_close(out_c.logits, out_e.logits, DTYPE, f"compiled logits, scaling {swap}", 4.0)
+        assert g_e.keys() == g_c.keys() and any("lora_A" in k for k in g_e)
+        for key in g_e:
+            assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}, scaling {swap}", 4 * GRAD_SCALE)
+
+
+def _loss_and_grads(fn, model, data):
+    model.zero_grad()
+    out = fn(**data)
+    out.loss.backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_dropout_of_one_falls_back_to_peft():
+    """LoraConfig(lora_dropout=1.0) in training: PEFT's nn.Dropout(1.0) zeroes the adapter's input, and the fused
+    forward passed p = 1 on to the op, which refuses it (ValueError; a review, 2026-12-05). The call takes PEFT's
+    path and says so in the report; in eval mode (no dropout) it is fused."""
+    model = build("llama", dropout=1.0)
+    twin = copy.deepcopy(model)
+    report = peftkern.fuse(twin)
+    for m in (model, twin):
+        m.train()
+    data = batch("llama")
+    (out_e, g_e), (out_f, g_f) = (_loss_and_grads(m, m, data) for m in (model, twin))
+    assert_close(out_f.logits, out_e.logits, DTYPE, "logits with dropout 1")
+    assert g_e.keys() == g_f.keys()
+    for key in g_e:
+        assert_close(g_f[key], g_e[key], DTYPE, f"grad {key}", GRAD_SCALE)
+    assert any("p = 1" in reason for _, reason in report.fallbacks), report.fallbacks
+    calls = sum(report.fallbacks.values())
+    twin.eval()
+    with torch.no_grad():
+        twin(**data)
+    assert sum(report.fallbacks.values()) == calls, "an eval call fell back"
+
+
 def _eager_and_compiled_runs(model, compiled, data) -> list:
     """[(logits, loss, grads) of the eager model, the same of the compiled one], each from dropout seed 7."""
     results = []
@@ -822,30 +882,42 @@ def test_lokr_under_autocast_returns_peft_dtype():
     assert_close(got, want, torch.bfloat16, "output under autocast")
 
 
-def test_lokr_in_training_keeps_peft_random_stream():
+@pytest.mark.parametrize("adapters", ["one", "two-forms"])
+def test_lokr_in_training_keeps_peft_random_stream(adapters):
     """PEFT's LoKr forward draws torch.rand(1) per adapter and call in training (its module dropout, even at 0): the
     fused forward draws the same, so a seeded model with dropout elsewhere (here on the CPU, where LoKr's draw and
-    the model's dropout share a generator) trains as PEFT's does. Without the draw the logits were 0.75 off."""
+    the model's dropout share a generator) trains as PEFT's does. Without the draw the logits were 0.75 off. With two
+    active adapters of different forms the call falls back to PEFT's path, which draws for itself: the fused forward
+    drew before it decided so, twice in all, and the logits were 0.2 off (a review, 2026-12-05)."""
     from peft import LoKrConfig, get_peft_model
 
     torch.manual_seed(run_seed(0))
     cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   vocab_size=128, max_position_embeddings=64, num_labels=3)  # dropout 0.1
     model = get_peft_model(transformers.BertForSequenceClassification(cfg), LoKrConfig(
-        r=4, alpha=8, target_modules=["query", "value"])).to(DEVICE)
+        r=4, alpha=8, target_modules=["query", "value"]))
+    if adapters == "two-forms":  # rank 2: a low-rank pair for w2 (8 x 8) beside the first adapter's whole w2
+        model.add_adapter("b", LoKrConfig(r=2, alpha=8, target_modules=["query", "value"]))
+        model.base_model.set_adapter(["default", "b"])
+    model.to(DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lokr_" in name:
                 p.normal_(0, 0.1)
     twin = copy.deepcopy(model)
-    assert peftkern.fuse(twin).fused
+    report = peftkern.fuse(twin)
+    assert report.fused
     model.train()
     twin.train()
     x = batch("bert")
     torch.manual_seed(run_seed(1))
-    expected = model(**x).logits
+    expected, expected_next = model(**x).logits, torch.rand(4)
     torch.manual_seed(run_seed(1))
-    assert_close(twin(**x).logits, expected, torch.float32, "train-mode logits under one seed", 4.0)
+    got, got_next = twin(**x).logits, torch.rand(4)
+    assert_close(got, expected, torch.float32, "train-mode logits under one seed", 4.0)
+    assert torch.equal(got_next, expected_next), "the random stream after the forward"
+    if adapters == "two-forms":
+        assert any("different shapes, forms" in reason for _, reason in report.fallbacks), report.fallbacks
 
 
 def test_report_names_what_is_left_to_peft():

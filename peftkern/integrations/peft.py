@@ -183,10 +183,17 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
         p = _dropout_p(dropouts[a])
         if p is None:
             return f"adapter {a!r} has a custom dropout module {type(dropouts[a]).__name__}"
+        if p >= 1.0:  # the op takes p < 1; nn.Dropout(1.0) zeroes the adapter's input, and PEFT's path does that
+            return f"adapter {a!r}'s dropout drops every element (p = 1)"
         ps.append(p)
     if len(active) == 1:
         a = active[0]
         A, B, scaling, p = _param(lora_A[a], "weight"), _param(lora_B[a], "weight"), scalings[a], ps[0]
+        if isinstance(scaling, torch.Tensor):
+            # PEFT's prepare_model_for_compiled_hotswap makes each scaling a 0-d tensor that a hot swap overwrites in
+            # place. The op takes a number (its .item() broke torch.compile's graph in every layer, or failed under
+            # fullgraph=True: a review, 2026-12-05): the tensor rides on B, read at each call as PEFT's path reads it.
+            B, scaling = B * scaling, 1.0
     elif any(ps):
         return "several active adapters with dropout in training (PEFT draws independent masks)"
     else:
@@ -326,19 +333,21 @@ def _fused_lokr_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     reason = _lokr_fallback_reason(self, x, args, kwargs, active)
     if reason is not None:
         return _fall_back(self, reason, x, args, kwargs)
-    if self.training:  # PEFT's LoKr draws its module dropout on the CPU generator per adapter and call, even at 0:
-        for _ in active:  # the same draws keep every later random op of a seeded run where PEFT's would be
-            torch.rand(1)
     base = _base_layer(self)
     A = [_lokr_factor(self, "w1", a) for a in active]
     B = [_lokr_factor(self, "w2", a) for a in active]
     scales = [float(self.scaling[a]) for a in active]
+    # one stacked call needs one form per side: the same shapes, and dense factors or low-rank pairs of one rank
+    if len({(_form(a), _form(b)) for a, b in zip(A, B)}) > 1:
+        return _fall_back(self, "several active LoKr adapters with factors of different shapes, forms or ranks",
+                          x, args, kwargs)
+    # PEFT's LoKr draws its module dropout on the CPU generator per adapter and call, even at 0: the same draws keep
+    # every later random op of a seeded run where PEFT's would be. After the last fallback: PEFT's path draws its own
+    # (drawn before the check above, a call that fell back drew twice; a review, 2026-12-05)
+    if self.training:
+        for _ in active:
+            torch.rand(1)
     if len(active) > 1:
-        # one stacked call needs one form per side: the same shapes, and dense factors or low-rank pairs of one rank
-        forms = {(_form(a), _form(b)) for a, b in zip(A, B)}
-        if len(forms) > 1:
-            return _fall_back(self, "several active LoKr adapters with factors of different shapes, forms or ranks",
-                              x, args, kwargs)
         # one scaling for the sum, the largest in magnitude: each term's own ratio to it (at most 1, so no overflow in
         # a 16-bit factor; 0 for a muted adapter) rides on its (small) A factor
         largest = max(scales, key=abs) or 1.0
