@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICE, assert_close, backend_params, run_seed
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import prune
 
 import peftkern
 from peftkern.nn import BottleneckAdapter, IA3Linear, KronALinear, LoRALinear
@@ -378,3 +379,87 @@ def test_merge_and_unload_rebuilds_a_subclass_only_from_what_it_holds():
         plain = layer.merge_and_unload()
         assert type(plain) is nn.Linear
         assert_close(plain(x), expected, torch.float32, "rebuilt as nn.Linear", 10.0)
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_a_merged_layer_loads_keys_a_pre_hook_renames(kind):
+    """A load pre-hook that renames the checkpoint's keys (here from PEFT's `base_layer.weight` and
+    `lora_A.default`-style names): a merged layer decided whether to unmerge before nn.Module ran the hook, loaded the
+    renamed keys into its merged weight and stayed merged, without its adapter (1.5 off; a review, 2026-12-05)."""
+    torch.manual_seed(run_seed(0))
+    source = _trained(MAKERS[kind](device=DEVICE))
+    x = torch.randn(5, 24, device=DEVICE)
+    expected = source(x)
+    renamed = {f"peft.{k}": v for k, v in source.state_dict().items()}
+    target = _trained(MAKERS[kind](device=DEVICE))
+    target.merge()
+    calls = []
+
+    def rename(state_dict, prefix, *args):
+        calls.append(1)
+        for key in [k for k in state_dict if k.startswith(prefix + "peft.")]:
+            state_dict[prefix + key[len(prefix) + len("peft."):]] = state_dict.pop(key)
+
+    target._register_load_state_dict_pre_hook(rename)
+    target.load_state_dict(renamed)
+    assert len(calls) == 1, "the pre-hook runs once"
+    assert not target.merged
+    assert_close(target(x), expected, torch.float32, "the loaded layer")
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_a_layer_without_bias_registers_it_as_nn_linear_does(kind):
+    """bias=False left `bias` a plain attribute, so register_parameter("bias", ...) raised KeyError where it works on
+    nn.Linear(bias=False) (a review, 2026-12-05). The layer registers None, and a bias registered later is used."""
+    layer = _trained(MAKERS[kind](bias=False, device=DEVICE))
+    wrapped = {"lora": LoRALinear, "ia3": IA3Linear, "krona": KronALinear}[kind.split("-")[0]]
+    if not kind.endswith("conv1d"):
+        assert "bias" in wrapped.from_linear(nn.Linear(24, 20, bias=False))._parameters
+    assert "bias" in layer._parameters and layer.bias is None and "bias" not in layer.state_dict()
+    x = torch.randn(5, 24, device=DEVICE)
+    without = layer(x).detach()
+    layer.register_parameter("bias", nn.Parameter(torch.full((20,), 0.5, device=DEVICE), requires_grad=False))
+    scale = layer.ia3_l.detach() if kind == "ia3" else 1.0  # the output form scales the bias too
+    assert_close(layer(x).detach(), without + 0.5 * scale, torch.float32, "with the bias registered afterwards")
+
+
+def test_merge_and_unload_keeps_a_full_backward_hook():
+    """merge_and_unload copied the hook dicts but not the flag that makes torch run _backward_hooks as full backward
+    hooks, so the plain layer dropped them (a review, 2026-12-05)."""
+    layer = _trained(LoRALinear(24, 20, r=4, device=DEVICE))
+    calls = []
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(grad_out[0].shape))
+    plain = layer.merge_and_unload()
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    plain(x).sum().backward()
+    assert calls == [torch.Size([5, 20])]
+
+
+@pytest.mark.parametrize("how", ["forward-hook", "prune"])
+@pytest.mark.parametrize("kind", ADAPTER_MAKERS)
+def test_an_adapter_runs_its_projections_hooks(kind, how, monkeypatch):
+    """BottleneckAdapter read down.weight / up.weight without calling the modules: a forward hook on them, or
+    torch.nn.utils.prune's (which recomputes the weight before each call), never ran (4.7 off the eager adapter after
+    a step with prune; a review, 2026-12-05). With hooks on its modules the adapter runs them eagerly, and warns."""
+    torch.manual_seed(run_seed(0))
+    adapter = _trained(ADAPTER_MAKERS[kind](device=DEVICE))
+    if how == "forward-hook":
+        adapter.down.register_forward_hook(lambda module, args, out: out * 2.0)
+    else:
+        prune.random_unstructured(adapter.down, "weight", amount=0.5)
+    plain = adapter  # its values; prune's masked weight is the `weight` attribute it recomputes
+    down, up = plain.down.weight.detach(), plain.up.weight.detach()
+    assert how != "prune" or (down == 0).sum() >= down.numel() // 2, "the mask is applied"
+    h = torch.randn(5, 24, device=DEVICE)
+    r = h.flip(-1) if adapter.insertion_form == "parallel" else h
+    x = torch.nn.functional.layer_norm(h, (24,), plain.layer_norm.weight, plain.layer_norm.bias, plain.layer_norm.eps) \
+        if plain.layer_norm is not None else h
+    z = torch.nn.functional.linear(x, down, plain.down.bias) * (2.0 if how == "forward-hook" else 1.0)
+    act = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
+    want = r + plain.scaling * torch.nn.functional.linear(act[adapter.non_linearity](z), up, plain.up.bias)
+    from peftkern import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        got = _call(adapter, h)
+    assert_close(got, want, torch.float32, f"{kind} with a {how}")

@@ -114,8 +114,9 @@ class FrozenLinear(nn.Module):
         self.in_features, self.out_features, self.weight_transposed = in_features, out_features, weight_transposed
         shape = (in_features, out_features) if weight_transposed else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
-                     if bias else None)
+        # registered even when None, as nn.Linear(bias=False) does: register_parameter("bias", ...) then works
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
+                                                     requires_grad=False) if bias else None)
 
     @classmethod
     def _wrap(cls, linear: nn.Module, init_adapter: Callable, allow_conv1d: bool = True):
@@ -126,7 +127,8 @@ class FrozenLinear(nn.Module):
         K, N = (linear.weight.shape if transposed else linear.weight.shape[::-1])
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.weight = linear.weight
+        layer.register_parameter("bias", linear.bias)  # None too, as nn.Linear(bias=False) registers it
         init_adapter(layer, K, N, transposed)
         # what merge_and_unload() rebuilds: the layer's class and its plain attributes (in_features, nf, ...), where
         # those are all it holds beside weight and bias and the class pickles (else an nn.Linear / Conv1D is rebuilt)
@@ -159,6 +161,9 @@ class FrozenLinear(nn.Module):
         plain.register_parameter("bias", self.bias)
         for name in HOOK_DICTS:  # hooks added after wrapping (a bottleneck adapter's, a user's) carry over
             setattr(plain, name, getattr(self, name))
+        # the flag that makes torch run _backward_hooks as full backward hooks (without it they were dropped: a
+        # review, 2026-12-05); the state-dict hooks stay with this layer, whose keys and semantics they were for
+        plain._is_full_backward_hook = self._is_full_backward_hook
         return plain.train(self.training)
 
     @torch.no_grad()
@@ -219,7 +224,22 @@ class FrozenLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """A merged layer unmerges before it loads a weight or adapter weights: checkpoints hold them apart."""
+        """A merged layer unmerges before it loads a weight or adapter weights: checkpoints hold them apart. The
+        module's load pre-hooks (which nn.Module runs inside this method) run first, here, once: one that renames
+        the checkpoint's keys (PEFT's base_layer.weight to weight) decides what is loaded (decided before them, a
+        merged layer loaded the renamed keys without unmerging and lost its adapter: a review, 2026-12-05)."""
+        hooks = self._load_state_dict_pre_hooks
+        for hook in hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._load_state_dict_pre_hooks = type(hooks)()
+        try:
+            self._unmerge_to_load(state_dict, prefix)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._load_state_dict_pre_hooks = hooks
+
+    def _unmerge_to_load(self, state_dict, prefix) -> None:
         merged_into = self._merged_into()
         if self.merged and any(prefix + name in state_dict for name in (*merged_into, *self.ADAPTER_PARAMETERS)):
             try:
@@ -228,5 +248,3 @@ class FrozenLinear(nn.Module):
                 if not all(prefix + name in state_dict for name in merged_into):
                     raise
                 self.merged = False
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)

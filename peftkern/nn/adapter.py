@@ -4,13 +4,17 @@ adapter of He et al. (2022), on the fused op."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._backend import warn_once
 from ..ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter
+from ._frozen import hooked
 from ._peft_ref import PEFTRefProperties
 
 INSERTION_FORMS = ("sequential", "parallel")
@@ -51,6 +55,9 @@ class AdapterProjection(nn.Linear):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+
+_EAGER_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+                      "silu": F.silu}
 
 # (down, up) projection inits of each adapter init
 _PROJECTION_INITS = {"bert": ("normal", "normal"), "houlsby": ("trunc_normal", "trunc_normal"),
@@ -140,9 +147,26 @@ class BottleneckAdapter(nn.Module):
         """Sequential: forward(h) = h + s adapter(h). Parallel: forward(h, block(h)) = block(h) + s adapter(h)."""
         if self.insertion_form == "parallel" and residual is None:
             raise ValueError("a parallel adapter needs the block's output: forward(h, residual=block(h))")
+        if any(m is not None and hooked(m) for m in (self.down, self.up, self.layer_norm)):
+            # the fused op reads the projections' weights without calling them, so their hooks (a user's,
+            # torch.nn.utils.prune's, weight_norm's) would not run: they were silently ignored (a review, 2026-12-05)
+            warn_once("adapter-hooked-projection", "peftkern: a BottleneckAdapter whose down / up / layer_norm "
+                      "module has hooks or an instance forward runs eagerly (its modules called one by one), not fused")
+            return self._eager_forward(h, residual)
         return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                                   self.non_linearity, self.scale if self.scale is not None else self.scaling,
                                   residual, self.layer_norm)
+
+    def _eager_forward(self, h: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """r + s up(act(down(LN(h)))) by calling the modules, so that their hooks run; computed in the adapter's
+        dtype, returned in h's (as the fused op returns)."""
+        x = h.to(self.down.weight.dtype)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        u = self.up(_EAGER_ACTIVATIONS[ACTIVATION_ALIASES[self.non_linearity.lower()]](self.down(x)))
+        r = h if residual is None else residual
+        s = self.scale if self.scale is not None else self.scaling
+        return (r.to(u.dtype) + s * u).to(h.dtype)
 
     def extra_repr(self) -> str:
         scaling = "learned" if self.scale is not None else f"{self.scaling:g}"
