@@ -156,11 +156,20 @@ def bench_case(case, dtype, device, compile_anchor: bool, eager: bool = False) -
 
 
 def parse_case(spec: str) -> tuple:
-    v = [int(t) for t in spec.split(",")]
-    if len(v) not in (3, 4, 6, 7):
-        raise SystemExit(f"--shapes takes M,K,N[,terms[,n1,k1[,rank]]], got {spec!r}")
+    """M,K,N[,terms[,n1,k1[,rank]]], every value a positive integer and n1, k1 dividing N, K: else a usage error
+    (a letter, a 0 or a factor that does not divide gave a traceback, or a run with 0 tokens; a review,
+    2026-12-05)."""
+    usage = f"--shapes takes M,K,N[,terms[,n1,k1[,rank]]] of positive integers, got {spec!r}"
+    try:
+        v = [int(t) for t in spec.split(",")]
+    except ValueError:
+        raise SystemExit(usage) from None
+    if len(v) not in (3, 4, 6, 7) or min(v) < 1:
+        raise SystemExit(usage)
     terms = v[3] if len(v) > 3 else 1
     a_shape = (v[4], v[5]) if len(v) > 5 else None
+    if a_shape is not None and (v[2] % v[4] or v[1] % v[5]):
+        raise SystemExit(f"--shapes {spec!r}: n1 = {v[4]} must divide N = {v[2]} and k1 = {v[5]} divide K = {v[1]}")
     return (v[0], v[1], v[2], terms, a_shape, v[6] if len(v) > 6 else None)
 
 

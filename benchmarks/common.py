@@ -175,7 +175,10 @@ def environment() -> dict:
         except (OSError, subprocess.CalledProcessError):
             env["driver"] = None
     else:
-        env.update(gpu=None, cpu=platform.processor() or platform.machine())
+        env.update(gpu=None, cpu=_cpu_model() or platform.processor() or platform.machine(),
+                   # CPU timings depend on both, and on what else runs: two threads beside another process gave
+                   # times in steps of ~8 ms (a review, 2026-12-05)
+                   cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     from peftkern import _backend
 
     env["backends"] = _backend.backend_status()
@@ -184,6 +187,15 @@ def environment() -> dict:
     env["settings"] = {k: v for k, v in sorted(os.environ.items())
                        if k.startswith("PEFTKERN_") or k == "TRITON_INTERPRET"}
     return env
+
+
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 @dataclass
@@ -236,7 +248,10 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
             fb, b = floor_batches[pass_], info["batches_ms"]
             rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[pass_], mem,
                             {"cuda_graph": info["cuda_graph"], "tokens_per_s": tokens / ms * 1e3,
-                             "ratio_range": [b[0] / fb[-1], b[-1] / fb[0]]}))
+                             "ratio_range": [b[0] / fb[-1], b[-1] / fb[0]],
+                             # the floor this ratio divides by: a variant row's floor is re-timed beside it and
+                             # not kept as a row, so its ratio could not be recomputed from the JSON
+                             "floor_ms": floor[pass_]}))
     return rows
 
 
@@ -269,14 +284,15 @@ def note_spread(rows: list[Row]) -> None:
 
 
 def print_table(rows: list[Row], title: str = "") -> None:
-    """ms, ratio to the floor (and, for adapters, to the floor's byte count at copy bandwidth), tokens/s, peak MB;
+    """ms, ratio to the floor (and, for adapters, to the floor's byte count at copy bandwidth), tokens/s, peak MiB
+    (the layer benchmarks': above what was allocated before the call; bench e2e's: the step's whole peak);
     "~": within the spread of another row of the case."""
     if title:
         print(f"\n## {title}")
     by_bytes = any("ratio_to_bandwidth_floor" in r.extra for r in rows)
     extra_head, extra_rule = (f" {'vs bytes':>8} |", f"{'-' * 10}|") if by_bytes else ("", "")
     print(f"| {'case':<34} | {'pass':<8} | {'impl':<26} | {'ms':>9} | {'ratio':>6} |{extra_head} {'tokens/s':>11} | "
-          f"{'peak MB':>8} |")
+          f"{'peak MiB':>8} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{extra_rule}{'-' * 13}|{'-' * 10}|")
     for r in rows:
         mem = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'-':>8}"

@@ -36,7 +36,7 @@ def table(data: dict, passes=None) -> str:
            f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')})\n\n"
     per_pass = ["ms", "ratio"] + (["ratio to bytes"] if by_bytes else [])
     cols = " | ".join(f"{p} {c}" for p in passes for c in per_pass)
-    lines = [f"| case | implementation | {cols} | tokens/s ({passes[-1]}) | peak MB |",
+    lines = [f"| case | implementation | {cols} | tokens/s ({passes[-1]}) | peak MiB |",
              "|" + " --- |" * (4 + len(per_pass) * len(passes))]
     graphs = any(r.get("extra", {}).get("cuda_graph") for r in data["rows"])
     for case, impls in cases.items():
@@ -161,7 +161,7 @@ def plot_bars(data: dict, out_dir: Path, prefix: str = "") -> list[Path]:
         if e2e:
             panels = [("tokens/s (higher is better)", [r["extra"]["tokens_per_s"] for r in rows])]
             if all(r.get("peak_mb") for r in rows):
-                panels.append(("peak memory, GB", [r["peak_mb"] / 1024 for r in rows]))
+                panels.append(("peak memory, GiB", [r["peak_mb"] / 1024 for r in rows]))
         fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.5, 0.32 * len(rows) + 1.4),
                                  squeeze=False)
         for ax, (title, values) in zip(axes[0], panels):
@@ -181,7 +181,9 @@ def _basis(data: dict, row: dict) -> dict:
     """What a row's ratio is measured against and how: rows whose bases differ have ratios that cannot be compared
     (bench e2e divided its compiled rows by the eager floor before 2026-12-04, by the compiled frozen model since)."""
     config, extra = data.get("config") or {}, row.get("extra") or {}
-    basis = {"timing": config.get("timing"), "dtype": config.get("dtype")}
+    # the GPU too: a ratio's change from an H100 run to an H200 run is the hardware's as much as the code's
+    env = data.get("environment") or {}
+    basis = {"gpu": env.get("gpu") or env.get("cpu"), "timing": config.get("timing"), "dtype": config.get("dtype")}
     basis.update({k: extra.get(k) for k in ("floor", "adapter_dtype", "compiled", "checkpointing", "optimizer",
                                             "cuda_graph")})
     if data.get("benchmark") == "e2e":
@@ -201,8 +203,8 @@ def compare(a: dict, b: dict) -> str:
     are measured against different floors or timings, the change is not given and the difference is named."""
     key = lambda r: (r["case"], r["impl"], r["pass"])
     rows_a = {key(r): r for r in a["rows"]}
-    lines = [f"A: {a['environment'].get('git')} on {a['environment'].get('gpu')}   "
-             f"B: {b['environment'].get('git')} on {b['environment'].get('gpu')}",
+    where = lambda d: d['environment'].get('gpu') or d['environment'].get('cpu')  # noqa: E731
+    lines = [f"A: {a['environment'].get('git')} on {where(a)}   B: {b['environment'].get('git')} on {where(b)}",
              "| case | implementation | pass | ms A | ms B | ratio A | ratio B | change |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     if not any(key(r) in rows_a for r in b["rows"]):

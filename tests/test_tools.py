@@ -173,6 +173,13 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
         r["extra"]["floor"] = "F.linear"
     compared = report.compare(data, other)
     assert "+30.0%" not in compared and "not comparable: floor F.linear / another floor" in compared, compared
+    # nor one from another GPU (an H100 run against an H200 run gave a change for every row, 2026-12-05)
+    elsewhere = json.loads(json.dumps(data))
+    elsewhere["environment"]["gpu"] = "another GPU"
+    assert "not comparable: gpu" in report.compare(data, elsewhere)
+    # every ratio can be recomputed from the JSON: each row names the floor's ms it was divided by
+    for r in data["rows"]:
+        assert abs(r["ms"] / r["extra"]["floor_ms"] - r["ratio"]) < 1e-9, r
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version; on a GPU `bench all` is the real 10-minute run")
@@ -517,3 +524,15 @@ def test_kernel_names_are_classified():
     assert classify("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "other GEMMs (outside peftkern ops)"
     assert classify("fmha_cutlassF_bf16_aligned_64x128_rf_sm80") == "everything else"
     assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "everything else"
+
+
+@pytest.mark.parametrize("spec", ["abc", "0,64,64", "64,64,64,0", "64,64,64,1,7,7", "64,64,64,1,8,8,0"])
+def test_bench_krona_refuses_a_bad_case_with_a_usage_error(spec):
+    """A letter, a zero or a factor that does not divide gave a traceback (ValueError, ZeroDivisionError) or a run of
+    0 tokens with ratios of 8-14x (a review, 2026-12-05)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_krona
+
+    with pytest.raises(SystemExit, match="--shapes"):
+        bench_krona.parse_case(spec)
+    assert bench_krona.parse_case("64,64,64,2,8,8,4") == (64, 64, 64, 2, (8, 8), 4)
