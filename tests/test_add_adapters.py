@@ -76,8 +76,28 @@ def train_steps(model, name, backend, steps=3):
         peftkern.set_backend(None)
 
 
+def _autograd_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual=None,
+                      layer_norm=None):
+    """peftkern.bottleneck_adapter's arguments, computed by reference.bottleneck_adapter under torch's autograd: no
+    code of the op's autograd.Function or backends (the torch backend runs reference.py's hand-written backward
+    through the same Function, so a defect there was on both sides; a test audit, 2026-12-05)."""
+    from peftkern.ops import adapter as op
+
+    scaling_f, scale = op._scaling_args(scaling)
+    use_ln, ln_weight, ln_bias, ln_eps = op._layer_norm_args(layer_norm)
+    return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias,
+                                        op.ACTIVATION_ALIASES[activation.lower()], scaling_f, scale, residual,
+                                        ln_weight, ln_bias, use_ln, ln_eps)
+
+
 def step_grads(model, name, backend, step):
-    """(logits, {name: grad}) of one training step's forward and backward on `backend`, gradients zeroed first."""
+    """(logits, {name: grad}) of one training step's forward and backward, gradients zeroed first: on `backend`, or
+    with backend None through _autograd_adapter."""
+    import peftkern.nn.adapter as module
+
+    fused = module.bottleneck_adapter
+    if backend is None:
+        module.bottleneck_adapter = _autograd_adapter
     peftkern.set_backend(backend)
     try:
         model.zero_grad(set_to_none=True)
@@ -86,17 +106,18 @@ def step_grads(model, name, backend, step):
         return out.logits.detach(), {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
     finally:
         peftkern.set_backend(None)
+        module.bottleneck_adapter = fused
 
 
 @pytest.mark.skipif(FAST is None, reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("name,preset", CASES, ids=[f"{n}-{p}" for n, p in CASES])
 def test_training_matches_the_reference_path(name, preset):
-    """A model trained three AdamW steps with the fused kernels: at every step the reference path (reference.py), on
-    the same parameters, gives the same logits and adapter gradients. The reference replicas take the fused model's
-    parameters at each step rather than training on their own: with lr 1e-2 AdamW's first steps move each parameter
-    by about lr times the sign of its gradient, so two trajectories part wherever a gradient element near zero has
-    two signs, and a down-bias gradient at step 2 came out 0.0046 against -0.0024 from parameters that had parted
-    (llama-parallel, bf16, the GPU run of 2026-12-05)."""
+    """A model trained three AdamW steps with the fused kernels: at every step the reference path (reference.py's
+    bottleneck_adapter under torch's autograd), on the same parameters, gives the same logits and adapter gradients.
+    The reference replicas take the fused model's parameters at each step rather than training on their own: with lr
+    1e-2 AdamW's first steps move each parameter by about lr times the sign of its gradient, so two trajectories
+    part wherever a gradient element near zero has two signs, and a down-bias gradient at step 2 came out 0.0046
+    against -0.0024 from parameters that had parted (llama-parallel, bf16, the GPU run of 2026-12-05)."""
     fast, _ = build(name, preset, layer_norm=preset == "houlsby", scaling="learned" if name == "gpt2" else
                     peftkern.integrations.adapters.PRESETS[preset].get("scaling", 1.0))
     slow, exact = copy.deepcopy(fast), copy.deepcopy(fast).double()  # exact: the arbiter (assert_close_or_as_exact)
@@ -106,7 +127,7 @@ def test_training_matches_the_reference_path(name, preset):
         for replica in (slow, exact):
             replica.load_state_dict(fast.state_dict())  # copy_ casts to exact's float64
         (lf, gf), (ls, gs), (le, ge) = (step_grads(m, name, b, step) for m, b in
-                                        ((fast, FAST), (slow, "torch"), (exact, "torch")))
+                                        ((fast, FAST), (slow, None), (exact, None)))
         assert_close_or_as_exact(lf, ls, le, DTYPE, f"step {step} logits")
         assert gf.keys() == gs.keys() and gf, "the same parameters get gradients"
         assert all(".bottleneck_adapters." in n or "embed" in n for n in gf)
@@ -115,7 +136,9 @@ def test_training_matches_the_reference_path(name, preset):
             # two paths' roundings are relative to the terms, not to the (much smaller) sum, as in test_adapter.py
             # (SCALAR_SCALE), in float32 too (the kernels' split sums against torch's cascade: 2.2e-5 against 2e-5
             # with seed 98902793). test_adapter's test_learned_scale_gradient_without_cancellation checks it tightly.
-            scalar = SCALAR_SCALE if n.endswith(".scale") else 1.0
+            # At most a tolerance of 0.5 though: on a GPU 0.02 x 5 x 10 = 1.0 passed a zeroed scale gradient (its
+            # relative error is 1.0; a test audit, 2026-12-05).
+            scalar = min(SCALAR_SCALE, 0.5 / (TOLERANCE[DTYPE] * GRAD_SCALE)) if n.endswith(".scale") else 1.0
             assert_close_or_as_exact(gf[n], gs[n], ge[n], DTYPE, f"step {step} grad {n}", scale=GRAD_SCALE * scalar)
         opt.step()
     assert all(not torch.equal(p, start[n]) for n, p in fast.named_parameters() if p.requires_grad), "it trained"

@@ -452,6 +452,10 @@ def _square_layer(kind: str) -> torch.nn.Module:
         "krona": lambda: peftkern.nn.KronALinear(64, 64),
         "adapter": lambda: peftkern.nn.BottleneckAdapter(64, bottleneck_size=8, init="bert"),
     }[kind]()
+    with torch.no_grad():  # off the inits, whose zero B made LoRA's and KronA's A gradient 0 on both sides and the
+        for p in layer.parameters():  # output independent of A (a test audit, 2026-12-05)
+            if p.requires_grad:
+                p.normal_(0.0, 0.2)
     return layer.to(DEVICE)
 
 
