@@ -421,9 +421,13 @@ def test_autocast_keeps_the_autocast_dtype():
     assert_close(y.reshape(-1, 16), ref, dtype, "autocast output")
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
 def test_compile_fullgraph_matches_eager():
     """Both layers take the LoRA route on the Triton backend (ranks 36 and 4); compiled first, with the route's
-    identity cache empty, so that the cache is filled while dynamo traces and then read by eager calls."""
+    identity cache empty, so that the cache is filled while dynamo traces and then read by eager calls. On the CPU
+    the backend resolved to torch and the route never ran (a test audit, 2026-12-05): Triton is forced, and the
+    identity cache must have been filled."""
+    peftkern.set_backend("triton")  # conftest's autouse fixture unforces it
     peftkern.ops.krona._EYES.clear()
     torch.manual_seed(run_seed(0))
     layers = torch.nn.Sequential(KronALinear(24, 18, a_shape=(3, 4), terms=2, device=DEVICE), torch.nn.GELU(),
@@ -444,6 +448,7 @@ def test_compile_fullgraph_matches_eager():
     assert_close(y, y_eager, torch.float32, "compiled output")
     for g, p in zip(compiled_grads, trainable):
         assert_close(g, p.grad, torch.float32, "compiled grad")
+    assert peftkern.ops.krona._EYES, "the LoRA route ran"
 
 
 def test_layer_init_from_linear_merge_and_properties():
