@@ -185,6 +185,8 @@ def parse_cases(args, device) -> list[tuple]:
                 M, d, red = positive_ints(3)(",".join(numbers))
             except argparse.ArgumentTypeError as exc:
                 raise SystemExit(f"bench adapter: --cases {spec!r}: expected M,d,reduction[,form] ({exc})") from None
+            if d // red < 1:  # the bottleneck d // reduction: 0 ran a case with no adapter at all
+                raise SystemExit(f"bench adapter: --cases {spec!r}: reduction {red} leaves no bottleneck at d = {d}")
             cases.append((M, d, red, form))
         return cases
     if device != "cuda":
@@ -210,9 +212,9 @@ def main(argv=None) -> list[Row]:
 
         return bench_e2e.main(["--method", "adapter", "--batch", str(args.batch), "--seq", str(args.seq),
                                *(["--quick"] if args.quick else []), *(["--out", args.out] if args.out else [])])
+    cases = parse_cases(args, device)  # before the bandwidth's 2 GiB copies: a bad case is refused at once
     bandwidth = copy_bandwidth(device)
     progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
-    cases = parse_cases(args, device)
     rows = []
     for i, (M, d, reduction, form) in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] adapter {form} M={M} d={d} reduction={reduction}")

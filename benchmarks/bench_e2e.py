@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, bench_device, note_spread, print_table, progress, save_results  # noqa: E402
+from common import Row, bench_device, note_spread, positive_ints, print_table, progress, save_results  # noqa: E402
 
 from peftkern import workloads  # noqa: E402
 
@@ -201,9 +201,11 @@ def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="peftkern bench e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="all", choices=[*workloads.METHODS, "all"])
     parser.add_argument("--shape", nargs="*", default=["1b"], choices=["1b", "7b"])
-    parser.add_argument("--seq", type=int, nargs="*", default=[2048])
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step: batch = tokens // seq")
-    parser.add_argument("--batch", type=int, help="a fixed batch size instead of --tokens // seq")
+    # positive integers, or a usage error (--seq 0 divided by zero, --tokens 0 and --batch 0 became batch 1)
+    positive = lambda text: positive_ints(1)(text)[0]  # noqa: E731
+    parser.add_argument("--seq", type=positive, nargs="*", default=[2048])
+    parser.add_argument("--tokens", type=positive, default=8192, help="tokens per step: batch = tokens // seq")
+    parser.add_argument("--batch", type=positive, help="a fixed batch size instead of --tokens // seq")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--compile", action="store_true",
                         help="also the compiled frozen model and LoRA (PEFT, fused) under torch.compile")
@@ -213,7 +215,7 @@ def main(argv=None) -> list[Row]:
                         help="with --compile: the eager floor and the compiled rows only")
     parser.add_argument("--checkpointing", action="store_true", help="also every row with gradient checkpointing")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the rows with gradient checkpointing")
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=positive, default=16)
     parser.add_argument("--optimizer", default="adamw", choices=workloads.OPTIMIZERS,
                         help="every row's optimizer: adamw (torch's defaults, foreach on CUDA) or adamw-fused "
                         "(fused=True, Hugging Face Trainer's default)")

@@ -46,7 +46,8 @@ def positive_ints(count: int):
         except ValueError:
             values = ()
         if len(values) != count or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {count} positive integers separated by commas")
+            raise argparse.ArgumentTypeError(f"{text!r}: expected " + ("a positive integer" if count == 1 else
+                                             f"{count} positive integers separated by commas"))
         return values
 
     return parse

@@ -536,3 +536,12 @@ def test_bench_krona_refuses_a_bad_case_with_a_usage_error(spec):
     with pytest.raises(SystemExit, match="--shapes"):
         bench_krona.parse_case(spec)
     assert bench_krona.parse_case("64,64,64,2,8,8,4") == (64, 64, 64, 2, (8, 8), 4)
+
+
+@pytest.mark.parametrize("args", [("e2e", "--seq", "0"), ("e2e", "--tokens", "0"), ("e2e", "--rank", "0"),
+                                  ("adapter", "--cases", "64,64,128")])
+def test_bench_refuses_a_zero_with_a_usage_error(args):
+    """--seq 0 divided by zero, --tokens 0 and --batch 0 became batch 1, --rank 0 ran and failed every adapter row
+    with rc 0, and a reduction leaving no bottleneck ran a case without one (a review, 2026-12-05)."""
+    out = _run("bench", *args)
+    assert out.returncode != 0 and ("positive integer" in out.stderr or "no bottleneck" in out.stderr), out.stderr
