@@ -23,7 +23,6 @@ import functools
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 SHAPES = {
     # the foundation and fuse issues' model (about 1B parameters at 22 layers; 8 layers here)
@@ -77,13 +76,9 @@ def freeze_body(model: torch.nn.Module, trainable: str = "embedding") -> torch.n
 
 
 def eager_adapter_forward(adapter, h, residual=None):
-    """A BottleneckAdapter's function as plain PyTorch ops (the anchor of the adapter rows)."""
-    x = adapter.layer_norm(h) if adapter.layer_norm is not None else h
-    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-           "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[adapter.non_linearity]
-    u = adapter.up(act(adapter.down(x)))
-    s = adapter.scale if adapter.scale is not None else adapter.scaling
-    return (h if residual is None else residual) + s * u
+    """A BottleneckAdapter's function as plain PyTorch ops, its modules called one by one (the anchor of the adapter
+    rows): the layer's own eager path."""
+    return adapter._eager_forward(h, residual)
 
 
 def build(method: str, impl: str, shape: str, device, dtype: torch.dtype, r: int = 16, fp32_adapters: bool = False,

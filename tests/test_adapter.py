@@ -124,12 +124,9 @@ def run_both(args, activation, scaling=0.8):
         return (*results, SCALAR_SCALE)
     r = args["h"] if args["residual"] is None else args["residual"]
     su = results[2]["out"].detach() - r.double()  # s u, in float64
-    c = min(1.0, max(2.0 ** -14, 2.0 ** math.floor(math.log2(256.0 / su.abs().sum().clamp_min(1e-30).item()))))
-    g = (su.sign() * c).to(dy.dtype)
+    g, k_dscale = one_signed_grad(su, dy.dtype)
     for out, (use_op, dt) in zip(results, passes):
         out["dscale"] = run(use_op, dt, g)[1]["dscale"]
-    k_dscale = sum_condition_scale(g.double() * su)
-    assert k_dscale * TOLERANCE[dy.dtype] < 0.5, f"dscale's tolerance {k_dscale:.0f}x would pass a zeroed dscale"
     return (*results, k_dscale)
 
 
@@ -146,15 +143,21 @@ def sum_condition_scale(terms):
     return max(SCALAR_SCALE, (terms.abs().sum() / terms.sum().abs().clamp_min(1e-300)).item())
 
 
+def one_signed_grad(u, dtype):
+    """(g, k_dscale): g = c sign(u) in dtype, so that every term of dscale = scaling sum(g * u) has one sign (u: the
+    adapter's output before its scale, or times it), c a power of two (exact in every dtype, at least fp16's smallest
+    normal) that keeps the sum near 256; k_dscale, the sum's tolerance factor, must leave a zeroed dscale failing."""
+    c = min(1.0, max(2.0 ** -14, 2.0 ** math.floor(math.log2(256.0 / u.abs().sum().clamp_min(1e-30).item()))))
+    g = (u.sign() * c).to(dtype)
+    k_dscale = sum_condition_scale(g.double() * u.double())
+    assert k_dscale * TOLERANCE[dtype] < 0.5, f"dscale's tolerance {k_dscale:.0f}x would pass a zeroed dscale"
+    return g, k_dscale
+
+
 def _adapter_u(z, up_weight, up_bias, activation):
     """u = act(z) Wu^T + bu in float64: the adapter's output before scaling * scale."""
     return torch.nn.functional.linear(reference.adapter_activation(z.double(), activation)[0], up_weight.double(),
                                       None if up_bias is None else up_bias.double())
-
-
-def dscale_scale(g, z, up_weight, up_bias, activation):
-    """sum_condition_scale for dscale = scaling * sum(g * u), u = act(z) Wu^T + bu."""
-    return sum_condition_scale(g.double() * _adapter_u(z, up_weight, up_bias, activation))
 
 
 # In float32 a bottleneck unit whose pre-activation z nearly cancels (z = h Wd^T + bd, few terms at tiny d and
@@ -399,11 +402,7 @@ def _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, activa
     # with g along u (randn + u / std u) it overflowed fp16 (the GPU run, 2026-12-05). Here every term is positive
     # (condition number 1), c a power of two (exact in every dtype, at least fp16's smallest normal) that keeps the sum
     # near 256, and the kernels take the same path as with any other g.
-    u = _adapter_u(z_r, a["up_weight"], a["up_bias"], activation)
-    c = min(1.0, max(2.0 ** -14, 2.0 ** math.floor(math.log2(256.0 / u.abs().sum().item()))))
-    g = (u.sign() * c).to(dtype)
-    k_dscale = dscale_scale(g, z_r, a["up_weight"], a["up_bias"], activation)
-    assert k_dscale * TOLERANCE[dtype] < 0.5, f"dscale's tolerance {k_dscale:.0f}x would pass a zeroed dscale"
+    g, k_dscale = one_signed_grad(_adapter_u(z_r, a["up_weight"], a["up_bias"], activation), dtype)
     x, y = backward(g)["dscale"]
     assert torch.isfinite(y).all(), "dscale's reference overflowed"
     assert_close(x, y, dtype, f"dscale {label} {form}", scale=k_dscale)
