@@ -3,12 +3,14 @@
 # Everything lands under $OUT (the device tool's output folder) or ./out:
 #   gpu_check.log (install, info, benchmark tables), tests.log, and one JSON per benchmark.
 # Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--shards N] [--part K/P] [--bench "lora ia3 ..."]
-#          [--bench-args "..."]
+#          [--bench-args "..."] [--skip-done DIR]
 #   --shards N runs the collected tests in N pytest processes at once (the suite is mostly CPU-bound: Triton
 #   compiles, model builds); their logs end up in one tests.log; the exit status is the worst of them.
 #   --part K/P (with --shards) runs only the collected tests i with i mod P = K (K from 0): the suite in P device
 #   calls. On an H200 with the CUDA extension built, the whole suite took more than 440 s on 16 shards (2026-12-03,
 #   60a7cf5: three shards cut), and building csrc/ took 71 s: together more than one call's 600 s.
+#   --skip-done DIR leaves out every test that an earlier run's shard logs in DIR (tests.*.log, pytest -v) show with
+#   an outcome: the rest of a part whose call was cut (2026-12-05: two shards of part 2/3 cut at 285 s).
 #   On an H100 the whole suite took ~7.5 min with one process per test file (test_adapter.py alone ~7 min);
 #   the device tool allows 600 s a call, so run the tests and the benchmarks in separate calls.
 set -uo pipefail
@@ -27,6 +29,7 @@ SHARDS=1
 PART=""
 BENCH="all"
 BENCH_ARGS=""
+SKIP_DONE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS="$2"; shift 2 ;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --part) PART="$2"; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
+    --skip-done) SKIP_DONE="$2"; shift 2 ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
 done
@@ -55,6 +59,10 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
   if [ -n "$PART" ]; then  # K/P: every P-th collected test from the K-th
     part_k=${PART%/*} part_p=${PART#*/}
     mapfile -t ids < <(printf '%s\n' "${ids[@]}" | awk -v k="$part_k" -v p="$part_p" '(NR - 1) % p == k')
+  fi
+  if [ -n "$SKIP_DONE" ]; then  # a test id runs to the space before its outcome (ids may hold spaces)
+    mapfile -t ids < <(printf '%s\n' "${ids[@]}" | awk 'NR == FNR { done[$0]; next } !($0 in done)' \
+      <(cat "$SKIP_DONE"/tests.*.log | grep -oP '^tests/\S.*?(?= (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b)') -)
   fi
   n=${#ids[@]}
   # One process per 6 GB of the GPU's memory at most: 16 processes on an H100 (80 GB) ran out of memory on

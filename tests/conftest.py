@@ -81,6 +81,13 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
+def record_margin(ratio: float, name: str) -> None:
+    """One comparison's error / tolerance into PEFTKERN_MARGIN_LOG, when set, with the test and the name compared."""
+    if MARGIN_LOG:
+        with open(MARGIN_LOG, "a") as log:
+            log.write(f"{ratio:.4g}\t{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{name}\n")
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "output",
                  scale: float = 1.0) -> None:
     """Relative L2 error within the dtype's tolerance (times scale); on failure say where it was worst."""
@@ -89,9 +96,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert torch.isfinite(a).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
     err = rel_err(a, e)
     tol = TOLERANCE[dtype] * scale
-    if MARGIN_LOG:
-        with open(MARGIN_LOG, "a") as log:
-            log.write(f"{err / tol:.4g}\t{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{name}\n")
+    record_margin(err / tol, name)
     if err > tol:
         diff = (a - e).abs()
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))

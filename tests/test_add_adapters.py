@@ -16,6 +16,7 @@ from conftest import (
     TOLERANCE,
     assert_close,
     assert_close_or_as_exact,
+    record_margin,
     run_seed,
 )
 from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral
@@ -90,19 +91,47 @@ def _autograd_adapter(h, down_weight, down_bias, up_weight, up_bias, activation,
                                         ln_weight, ln_bias, use_ln, ln_eps)
 
 
-def step_grads(model, name, backend, step):
+def _autograd_adapter_with_terms(terms):
+    """_autograd_adapter that also adds up, into terms[id(scale)], the sum of |terms| of its learned scale's
+    gradient: scaling * sum |g * u| over every token and feature (g the gradient of the output, u the adapter's
+    output before the scale), the size against which that gradient's rounding is measured."""
+    from peftkern.ops import adapter as op
+
+    def adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual=None, layer_norm=None):
+        out = _autograd_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual,
+                                layer_norm)
+        if isinstance(scaling, torch.Tensor) and out.requires_grad:
+            with torch.no_grad():  # residual 0, scale 1: u alone
+                u = _autograd_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, 1.0,
+                                      torch.zeros_like(out), layer_norm)
+            key, size = id(scaling), abs(op._scaling_args(scaling)[0])
+
+            def add(g, key=key, size=size, u=u):
+                terms[key] = terms.get(key, 0.0) + size * (g * u).abs().sum().item()
+
+            out.register_hook(add)
+        return out
+
+    return adapter
+
+
+def step_grads(model, name, backend, step, terms=None):
     """(logits, {name: grad}) of one training step's forward and backward, gradients zeroed first: on `backend`, or
-    with backend None through _autograd_adapter."""
+    with backend None through _autograd_adapter (recording each learned scale's sum of |terms| into `terms`, a dict
+    by parameter name, when given)."""
     import peftkern.nn.adapter as module
 
     fused = module.bottleneck_adapter
+    by_id = {}
     if backend is None:
-        module.bottleneck_adapter = _autograd_adapter
+        module.bottleneck_adapter = _autograd_adapter if terms is None else _autograd_adapter_with_terms(by_id)
     peftkern.set_backend(backend)
     try:
         model.zero_grad(set_to_none=True)
         out = model(**batch_for(name, step))
         out.loss.backward()
+        if terms is not None:
+            terms.update({n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id})
         return out.logits.detach(), {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
     finally:
         peftkern.set_backend(None)
@@ -126,8 +155,9 @@ def test_training_matches_the_reference_path(name, preset):
     for step in range(3):
         for replica in (slow, exact):
             replica.load_state_dict(fast.state_dict())  # copy_ casts to exact's float64
-        (lf, gf), (ls, gs), (le, ge) = (step_grads(m, name, b, step) for m, b in
-                                        ((fast, FAST), (slow, None), (exact, None)))
+        terms = {}
+        (lf, gf), (ls, gs), (le, ge) = (step_grads(m, name, b, step, t) for m, b, t in
+                                        ((fast, FAST, None), (slow, None, None), (exact, None, terms)))
         assert_close_or_as_exact(lf, ls, le, DTYPE, f"step {step} logits")
         assert gf.keys() == gs.keys() and gf, "the same parameters get gradients"
         assert all(".bottleneck_adapters." in n or "embed" in n for n in gf)
@@ -139,7 +169,23 @@ def test_training_matches_the_reference_path(name, preset):
             # At most a tolerance of 0.5 though: on a GPU 0.02 x 5 x 10 = 1.0 passed a zeroed scale gradient (its
             # relative error is 1.0; a test audit, 2026-12-05).
             scalar = min(SCALAR_SCALE, 0.5 / (TOLERANCE[DTYPE] * GRAD_SCALE)) if n.endswith(".scale") else 1.0
-            assert_close_or_as_exact(gf[n], gs[n], ge[n], DTYPE, f"step {step} grad {n}", scale=GRAD_SCALE * scalar)
+            try:
+                assert_close_or_as_exact(gf[n], gs[n], ge[n], DTYPE, f"step {step} grad {n}",
+                                         scale=GRAD_SCALE * scalar)
+            except AssertionError as differ:
+                # Where the sum cancels by more than that, its error is measured against the sum of |terms|: in
+                # bf16 on a GPU the float64 value was 4.6e-5, the reference path's 2.8e-5 and the kernels' -3.8e-6
+                # (gpt2-houlsby, seed 129342843, 2026-12-05): each path's g comes through the model's bf16 layers,
+                # rounded differently, and each term's rounding is relative to the term. The replicas share the
+                # step's parameters, so no GRAD_SCALE for Adam's amplification; a zeroed scale gradient still fails
+                # wherever the sum is more than the tolerance times its |terms| (checked by mutation in float32).
+                if n not in terms:
+                    raise
+                err, bound = (gf[n].double() - ge[n]).abs().item(), TOLERANCE[DTYPE] * terms[n]
+                record_margin(err / bound, f"step {step} grad {n} against its sum of |terms|")
+                if err > bound:
+                    raise AssertionError(f"{differ}; its error {err:.3e} is above {bound:.3e}, the tolerance times "
+                                         f"its sum of |terms| {terms[n]:.3e}") from None
         opt.step()
     assert all(not torch.equal(p, start[n]) for n, p in fast.named_parameters() if p.requires_grad), "it trained"
 
