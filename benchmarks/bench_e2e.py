@@ -34,7 +34,16 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, bench_device, note_spread, positive_ints, print_table, progress, save_results  # noqa: E402
+from common import (  # noqa: E402
+    Row,
+    bench_device,
+    note_spread,
+    positive_ints,
+    print_table,
+    progress,
+    report_failure,
+    save_results,
+)
 
 from peftkern import workloads  # noqa: E402
 
@@ -161,7 +170,8 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
                 step = workloads.training_step(model, batch, seq, device, compiled, ckpt, optimizer=args.optimizer)
                 ms, spread, peak, diagnostics = time_training(step, steps, warmup, device, compiled)
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
-                progress(f"  failed: {type(exc).__name__}: {exc}")
+                report_failure(f"e2e {case} {pass_} {name}", exc,
+                               ours=impl in ("fused", *workloads.FROZEN_IMPLS) or method == "none")
                 continue
             finally:
                 # the step closure holds the model and its optimizer: left alive, the next row's peak memory

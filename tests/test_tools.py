@@ -545,3 +545,20 @@ def test_bench_refuses_a_zero_with_a_usage_error(args):
     with rc 0, and a reduction leaving no bottleneck ran a case without one (a review, 2026-12-05)."""
     out = _run("bench", *args)
     assert out.returncode != 0 and ("positive integer" in out.stderr or "no bottleneck" in out.stderr), out.stderr
+
+
+def test_cli_bench_exits_1_when_a_peftkern_row_fails(tmp_path, monkeypatch, capsys):
+    """An anchor that cannot run is skipped; peftkern's own row failing made the tables silently shorter and the
+    CLI exit 0 (a review, 2026-12-05). In-process, with peftkern.lora_linear broken."""
+    from peftkern import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(peftkern, "lora_linear", broken)
+    shapes = ("--shapes", "256,256,256,8", "--no-compile") if torch.cuda.is_available() else ()
+    assert cli.main(["bench", "lora", *shapes, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "of peftkern's rows or floors failed" in err and "broken on purpose" in err
+    monkeypatch.undo()
+    assert cli.main(["bench", "lora", *shapes, "--out", str(tmp_path)]) == 0, "the list starts empty each run"
