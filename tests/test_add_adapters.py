@@ -151,7 +151,7 @@ def test_training_matches_the_reference_path(name, preset):
                     peftkern.integrations.adapters.PRESETS[preset].get("scaling", 1.0))
     slow, exact = copy.deepcopy(fast), copy.deepcopy(fast).double()  # exact: the arbiter (assert_close_or_as_exact)
     opt = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-2)
-    start = {n: p.detach().clone() for n, p in fast.named_parameters() if p.requires_grad}
+    moved = set()  # the parameters that an optimizer step changed
     for step in range(3):
         for replica in (slow, exact):
             replica.load_state_dict(fast.state_dict())  # copy_ casts to exact's float64
@@ -186,8 +186,12 @@ def test_training_matches_the_reference_path(name, preset):
                 if err > bound:
                     raise AssertionError(f"{differ}; its error {err:.3e} is above {bound:.3e}, the tolerance times "
                                          f"its sum of |terms| {terms[n]:.3e}") from None
+        before = {n: p.detach().clone() for n, p in fast.named_parameters() if p.requires_grad}
         opt.step()
-    assert all(not torch.equal(p, start[n]) for n, p in fast.named_parameters() if p.requires_grad), "it trained"
+        moved |= {n for n, p in fast.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    # each parameter moved at some step: a bf16 learned scale starting at 1.0 went up one ulp and back down by
+    # the next step's (gpt2, three seeds in ten on the H100, 2026-12-05), so it can end where it started
+    assert moved == {n for n, p in fast.named_parameters() if p.requires_grad}, "it trained"
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
