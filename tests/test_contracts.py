@@ -363,3 +363,72 @@ def test_an_op_on_the_second_gpu_while_the_first_is_current(kind):
     torch.cuda.synchronize(1)
     assert_close(y, y_ref, torch.bfloat16, f"{kind} output")
     assert_close(x.grad, x_ref.grad, torch.bfloat16, f"{kind} dx")
+
+
+def _subclass_cases(kind: str, x: torch.Tensor):
+    """(operands by name, the op on them) for a subclass check: every tensor operand named, so that each can be
+    swapped for a wrapper subclass in turn."""
+    g = torch.Generator().manual_seed(run_seed(2))
+    K = N = x.shape[-1]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=x.device, dtype=x.dtype)
+
+    if kind == "lora":
+        ops = dict(x=x, weight=rand(N, K), lora_A=rand(4, K), lora_B=rand(N, 4), bias=rand(N))
+        return ops, lambda o: peftkern.lora_linear(o["x"], o["weight"], o["lora_A"], o["lora_B"], 0.5, o["bias"])
+    if kind in ("ia3-output", "ia3-input"):
+        ops = dict(x=x, weight=rand(N, K), scale=rand(N), bias=rand(N))
+        return ops, lambda o: peftkern.ia3_linear(o["x"], o["weight"], o["scale"], o["bias"],
+                                                  scale_input=kind == "ia3-input")
+    if kind == "krona":
+        ops = dict(x=x, weight=rand(N, K), A=rand(4, 6), B=rand(6, 4), bias=rand(N))
+        return ops, lambda o: peftkern.krona_linear(o["x"], o["weight"], o["A"], o["B"], 0.5, bias=o["bias"])
+    ops = dict(h=x, down_weight=rand(8, K), down_bias=rand(8), up_weight=rand(K, 8), up_bias=rand(K),
+               scale=rand(()), residual=rand(*x.shape), ln_weight=rand(K), ln_bias=rand(K))
+    return ops, lambda o: peftkern.bottleneck_adapter(o["h"], o["down_weight"], o["down_bias"], o["up_weight"],
+                                                      o["up_bias"], "gelu", o["scale"], o["residual"],
+                                                      (o["ln_weight"], o["ln_bias"]))
+
+
+@pytest.mark.parametrize("kind,backend", _params(), indirect=["backend"])
+def test_a_subclass_operand_runs_on_the_reference(kind, backend):
+    """Any tensor operand a wrapper subclass (as a quantised weight is: no storage of its own) runs on the reference
+    with a warning and gives the plain tensors' answer. Only x was checked: a subclass weight, adapter, vector or
+    factor reached the kernels, which read it through a data pointer it lacks, and the call crashed inside the launch
+    (a review, 2026-12-05)."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    x = torch.randn(5, 24, device=DEVICE)
+    ops, op = _subclass_cases(kind, x)
+    expected = op(ops)
+    for name, t in ops.items():
+        wrapped = two_tensor.TwoTensor(t, t.clone())
+        got = op({**ops, name: wrapped})
+        got = got.a if isinstance(got, two_tensor.TwoTensor) else got
+        assert_close(got, expected, torch.float32, f"{kind} with {name} a subclass")
+    if kind == "lora":  # a sparse weight likewise
+        got = op({**ops, "weight": ops["weight"].to_sparse()})
+        assert_close(got, expected, torch.float32, "lora with a sparse weight")
+
+
+@pytest.mark.parametrize("kind,backend", _params(["lora", "ia3-output", "krona"]), indirect=["backend"])
+def test_a_subclass_operand_merges_on_the_reference(kind, backend):
+    """The merges likewise, for each operand a wrapper subclass."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    g = torch.Generator().manual_seed(run_seed(3))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    w = rand(24, 24)
+    ops = {"lora": dict(lora_A=rand(4, 24), lora_B=rand(24, 4)), "ia3-output": dict(scale=rand(24)),
+           "krona": dict(A=rand(4, 6), B=rand(6, 4))}[kind]
+    merge = {"lora": lambda w, o: peftkern.lora_merge_(w, o["lora_A"], o["lora_B"], 0.5),
+             "ia3-output": lambda w, o: peftkern.ia3_merge_(w, o["scale"]),
+             "krona": lambda w, o: peftkern.krona_merge_(w, o["A"], o["B"], 0.5)}[kind]
+    expected = merge(w.clone(), ops)
+    for name, t in ops.items():
+        got = merge(w.clone(), {**ops, name: two_tensor.TwoTensor(t, t.clone())})
+        assert_close(got, expected, torch.float32, f"{kind} merge with {name} a subclass")
+    got = merge(two_tensor.TwoTensor(w.clone(), w.clone()), ops)
+    assert_close(got.a, expected, torch.float32, f"{kind} merge into a subclass weight")

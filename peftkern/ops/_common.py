@@ -89,7 +89,8 @@ def _autocast_eligible(t: Optional[Tensor]) -> bool:
 MAX_OFFSET = [2**31 - 1]  # a list: tests lower it to exercise the split on small tensors
 
 
-def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K: int):
+def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K: int,
+                   operands: tuple = ()):
     """After the shape checks: apply autocast to x and the frozen tensors, check that x and weight share a
     dtype, match the bias to it, flatten x to (M, K) and pick the backend. Returns (x2d, weight, bias, lead
     shape, backend)."""
@@ -101,7 +102,7 @@ def prepare_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], K
         bias = bias.to(x.dtype)
     x2d = x.reshape(math.prod(x.shape[:-1]), K)  # -1 is ambiguous when K = 0
     bias = vector(bias)
-    return x2d, weight, bias, x.shape[:-1], weight_backend(op, weight, pick_backend(op, x2d))
+    return x2d, weight, bias, x.shape[:-1], weight_backend(op, weight, pick_backend(op, x2d, weight, bias, *operands))
 
 
 def plain_torch(rows: Tensor, *widths: int) -> bool:
@@ -412,19 +413,28 @@ def op_range(name: str):
 warn_once = _backend.warn_once
 
 
-def pick_backend(op: str, x: Tensor) -> str:
+def pick_backend(op: str, x: Tensor, *operands: Optional[Tensor]) -> str:
     """The backend for this call, falling back to the reference (with one warning per cause) where the
-    fast path's conditions do not hold: a dtype the kernels lack or a tensor subclass."""
+    fast path's conditions do not hold: x of a dtype the kernels lack, or x or one of the other tensor operands
+    (None where absent) a tensor subclass or not strided (sparse). The kernels read every operand through its data
+    pointer: a wrapper subclass (a quantised weight's) has none, and a weight, adapter or vector of one crashed
+    inside the launch where only x was checked (a review, 2026-12-05)."""
     backend = _backend.resolve(op, x.device)
     if backend == "torch":
         return backend
     if x.dtype not in KERNEL_DTYPES:
         warn_once(f"{op}-dtype-{x.dtype}", f"peftkern {op}: {x.dtype} inputs run on the reference path")
         return "torch"
-    if not torch.compiler.is_compiling() and type(x) not in (Tensor, torch.nn.Parameter):
-        warn_once(f"{op}-subclass-{type(x).__name__}",
-                  f"peftkern {op}: tensor subclass {type(x).__name__} runs on the reference path")
-        return "torch"
+    for t in (x, *operands):
+        if t is None:
+            continue
+        if not torch.compiler.is_compiling() and type(t) not in (Tensor, torch.nn.Parameter):
+            warn_once(f"{op}-subclass-{type(t).__name__}",
+                      f"peftkern {op}: tensor subclass {type(t).__name__} runs on the reference path")
+            return "torch"
+        if t.layout != torch.strided:
+            warn_once(f"{op}-layout-{t.layout}", f"peftkern {op}: {t.layout} tensors run on the reference path")
+            return "torch"
     return backend
 
 

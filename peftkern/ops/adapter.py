@@ -273,7 +273,8 @@ def bottleneck_adapter(
     if plain_torch(h2d, d, down_weight.shape[0]):
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
-    backend = pick_backend("adapter", h2d)
+    backend = pick_backend("adapter", h2d, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight,
+                           ln_bias)
     down_bias, up_bias = vector(down_bias), vector(up_bias)
     r2d = residual.reshape(rows, d) if residual is not None else None
     fn = _adapter_compiled if op_autograd() else BottleneckAdapterFunction.apply

@@ -165,7 +165,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
-    x2d, weight, bias, lead, backend = prepare_linear("ia3", x, weight, bias, K)
+    x2d, weight, bias, lead, backend = prepare_linear("ia3", x, weight, bias, K, (scale,))
     if plain_torch(x2d, N, K):  # no tokens (l gets a zero gradient), a width of 0, or a torch.func transform
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
@@ -191,7 +191,7 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
     check_same_device(weight=weight, scale=scale, bias=bias)
     if inverse and bool((scale == 0).any()):
         raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
-    backend = weight_backend("ia3", weight, pick_backend("ia3", weight))
+    backend = weight_backend("ia3", weight, pick_backend("ia3", weight, scale, bias))
     with torch.no_grad(), on_device(weight):
         backend_module(backend, "ia3").ia3_merge_(weight, vector(scale.reshape(-1)), bias, scale_input, inverse,
                                                   weight_transposed)

@@ -333,7 +333,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, A=a, A2=a2, B=b, B2=b2, bias=bias)
-    x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K)
+    x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K, (a, a2, b, b2))
     if plain_torch(x2d, N, K):  # no tokens (the factors get zero gradients, as in PEFT), or a torch.func transform
         return reference.krona_forward(x2d, weight, a, a2, b, b2, scaling, bias).reshape(*lead, N)
     if backend == "triton" and _take_lora_route(a, a2, b, b2, x2d):
@@ -358,7 +358,7 @@ def krona_merge_(weight: Tensor, A: Factor, B: Factor, scaling: float, sign: flo
     b, b2 = stack_factor("B", B)
     check_krona_factors(tuple(weight.shape), a, a2, b, b2)
     check_same_device(weight=weight, A=a, A2=a2, B=b, B2=b2)
-    backend = weight_backend("krona", weight, pick_backend("krona", weight))
+    backend = weight_backend("krona", weight, pick_backend("krona", weight, a, a2, b, b2))
     with torch.no_grad(), on_device(weight):
         backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))
     return written_in_place(weight)

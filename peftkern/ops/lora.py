@@ -239,7 +239,7 @@ def lora_linear(
     scaling = check_scalar("scaling", scaling)
     dropout_p = check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
-    x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K)
+    x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K, (lora_A, lora_B))
     p = dropout_p if training else 0.0
     if plain_torch(x2d, N, K):  # no tokens (the adapter gets zero gradients, as in PEFT), or a torch.func transform
         # a torch.func transform's dropout: torch's random ops, under the transform's randomness rule (vmap's)
@@ -263,7 +263,7 @@ def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
         raise ValueError(f"cannot merge lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} into "
                          f"weight {tuple(weight.shape)} (N={N}, K={K})")
     check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
-    backend = weight_backend("lora", weight, pick_backend("lora", weight))
+    backend = weight_backend("lora", weight, pick_backend("lora", weight, lora_A, lora_B))
     with torch.no_grad(), on_device(weight):
         backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
                                                      weight_transposed)
