@@ -505,3 +505,24 @@ def test_compiled_checkpoint_recomputes_the_fused_ops(kind, compiled_op_autograd
     recomputes = any(f"peftkern.{op}_fwd.default" in backward_ops for op in ops)
     if compiled_op_autograd or _TORCH_VERSION >= (2, 13):
         assert recomputes, backward_ops
+
+
+def test_row_blocks_bound_a_column_major_inputs_offsets(monkeypatch):
+    """apply_by_rows hands the kernels blocks whose largest element offset is within the limit, for a column-major x
+    too (x = t.t(), as a transposed activation comes): the blocks were sized from the row stride alone, and each
+    still reached M * K through the column stride (a review, 2026-12-05). The split output is the whole one."""
+    from peftkern.ops import _common
+
+    monkeypatch.setattr(_common, "MAX_OFFSET", [500])
+    seen = []
+
+    def call(xs):
+        seen.append(sum((n - 1) * st for n, st in zip(xs.shape, xs.stride()) if n))
+        return xs * 2
+
+    for x in (torch.randn(24, 45, device=DEVICE).t(), torch.randn(45, 24, device=DEVICE),
+              torch.randn(45, 48, device=DEVICE)[:, ::2]):
+        seen.clear()
+        y = _common.apply_by_rows(call, (x,), 24)
+        assert len(seen) > 1 and max(seen) <= 500, seen
+        assert torch.equal(y, x * 2)

@@ -231,7 +231,11 @@ def written_in_place(weight: Tensor, *others: Optional[Tensor]) -> Tensor:
 def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
     """call(*rows) (an autograd Function's apply on the op's per-row tensors, the rest bound in call), on blocks of
     rows where M * the widest row (width, or a row stride) would overflow a 32-bit offset; the outputs concatenated.
-    Gradients of the shared tensors add up over the blocks through autograd."""
+    Gradients of the shared tensors add up over the blocks through autograd. A row tensor whose columns are strided
+    (x = t.t(), column-major) is copied to rows first where its offsets pass the limit: blocks of rows do not shorten
+    a column stride (its blocks each reached M * K, a review, 2026-12-05)."""
+    rows = [t.contiguous() if t is not None and t.dim() == 2 and t.stride(1) != 1 and
+            sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n) > MAX_OFFSET[0] else t for t in rows]
     M = rows[0].shape[0]
     for t in rows:
         if t is not None and t.stride(0) > width:
