@@ -128,6 +128,10 @@ def main(argv=None) -> int:
             data["trainable_parameters"] = trainable_parameters(args.model)
         except ImportError as exc:
             data["trainable_parameters"] = {"error": f"needs transformers and peft: {exc}"}
+        except (ValueError, KeyError, OSError, TypeError) as exc:
+            # a config transformers cannot build a causal LM from (T5), or without a model_type: the counts say
+            # so, and the report stays (a traceback lost it, and --json printed nothing; a review, 2026-12-05)
+            data["trainable_parameters"] = {"error": f"--model {args.model}: {type(exc).__name__}: {exc}"}
     if args.json:
         import json
 

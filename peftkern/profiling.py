@@ -30,7 +30,10 @@ from .ops._common import set_nvtx
 # peftkern's Triton kernels by their names, the CUDA extension's by its namespace ("void peftkern::(anonymous
 # namespace)::lora_down_kernel<...>")
 PEFTKERN_KERNEL = re.compile(r"^(lora_|ia3_|krona_|adapter_|row_stats_kernel|peftkern)|\bpeftkern::", re.IGNORECASE)
-GEMM_KERNEL = re.compile(r"(gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul|aten::(mm|addmm|bmm|linear))", re.IGNORECASE)
+# inductor names its Triton GEMM templates triton_tem_fused_<ops>: mm, addmm, bmm (under --compile max-autotune the
+# frozen layers' GEMMs ran as those and were filed as everything else, a review, 2026-12-05)
+GEMM_KERNEL = re.compile(r"(gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul|aten::(mm|addmm|bmm|linear)|^triton_tem_\w*mm)",
+                         re.IGNORECASE)
 ATTENTION_KERNEL = re.compile(r"(fmha|sdpa|flash|attention)", re.IGNORECASE)  # CUTLASS / cuDNN attention: not GEMMs
 
 
@@ -136,6 +139,23 @@ def _synchronize_used_devices() -> None:
             torch.cuda.synchronize(i)
 
 
+def _check_trace_path(trace: str) -> None:
+    """Refuse, before the block runs, a trace path the export after it would fail on; make its folder."""
+    if os.path.isdir(trace) or trace.endswith((os.sep, "/")):  # the exporter would log its failure and go on
+        raise IsADirectoryError(f"peftkern.profile: the trace path {trace} is a directory")
+    if os.path.exists(trace) and not os.path.isfile(trace):  # the exporter renames its file over the path:
+        # as root, trace="/dev/null" replaced the device with a regular file
+        raise ValueError(f"peftkern.profile: the trace path {trace} is not a regular file (trace=None, or --trace '', "
+                         "writes no trace)")
+    folder = os.path.dirname(os.path.abspath(trace))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:  # a part of it is a file, or no permission: found after the block ran, before
+        raise OSError(f"peftkern.profile: cannot make the trace's folder {folder}: {exc}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"peftkern.profile: the trace's folder {folder} is not writable")
+
+
 @contextlib.contextmanager
 def profile(trace: Optional[str] = None, nvtx: bool = True):
     """Profile the GPU kernels of the enclosed code (e.g. a few training steps) with torch.profiler.
@@ -143,13 +163,17 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
     Yields a ProfileResult that is filled when the block exits: the time split, the per-kernel times and,
     with `trace`, the path of a Chrome trace (open in chrome://tracing or Perfetto). `nvtx` names the ops in NVTX
     ranges too while it runs (set_nvtx), for a run under Nsight Systems; the setting before is restored.
+    torch runs one profiler session at a time: a profile inside another torch.profiler session (or with one inside
+    it) raises RuntimeError rather than report an empty split.
     """
-    if trace and os.path.isdir(trace):  # before the block runs: the exporter would log its failure and go on
-        raise IsADirectoryError(f"peftkern.profile: the trace path {trace} is a directory")
-    if trace and os.path.exists(trace) and not os.path.isfile(trace):  # the exporter renames its file over the path:
-        # as root, trace="/dev/null" replaced the device with a regular file
-        raise ValueError(f"peftkern.profile: the trace path {trace} is not a regular file (trace=None, or --trace '', "
-                         "writes no trace)")
+    trace = os.fspath(trace) if trace else None  # a pathlib.Path failed in the exporter, after the block had run
+    if trace:
+        _check_trace_path(trace)
+    if torch._C._autograd._profiler_enabled():
+        # torch runs one profiler session at a time: the inner one's exit ends the outer one's, which then reports
+        # nothing (or, inside a user's scheduled profiler, the process crashed at its exit; a review, 2026-12-05)
+        raise RuntimeError("peftkern.profile: another torch.profiler session is running; torch runs one at a time, "
+                           "so profile outside it (or read that profiler's own results)")
     result = ProfileResult(trace=trace)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -159,12 +183,14 @@ def profile(trace: Optional[str] = None, nvtx: bool = True):
         with torch.profiler.profile(activities=activities) as prof:
             yield result
             _synchronize_used_devices()
+            if not torch._C._autograd._profiler_enabled():
+                raise RuntimeError("peftkern.profile: a torch.profiler session inside the block ended this one's "
+                                   "(torch runs one at a time): its split would be empty")
     finally:
         set_nvtx(previous)
     result.split, result.kernels, gpu = _split(prof)
     result.unit = "GPU kernel time" if gpu else "CPU self time (no GPU kernel in the profile)"
     if trace:
-        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
         if os.path.isfile(trace):  # an earlier run's trace would stand for this one if the export failed
             os.remove(trace)
         prof.export_chrome_trace(trace)

@@ -524,6 +524,9 @@ def test_kernel_names_are_classified():
     assert classify("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "other GEMMs (outside peftkern ops)"
     assert classify("fmha_cutlassF_bf16_aligned_64x128_rf_sm80") == "everything else"
     assert classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "everything else"
+    for template in ("triton_tem_fused_mm_0", "triton_tem_fused_addmm_t_1", "triton_tem_fused__unsafe_view_mm_2"):
+        assert classify(template) == "other GEMMs (outside peftkern ops)", template  # inductor's GEMM templates
+    assert classify("triton_poi_fused_add_0") == "everything else"
 
 
 @pytest.mark.parametrize("spec", ["abc", "0,64,64", "64,64,64,0", "64,64,64,1,7,7", "64,64,64,1,8,8,0"])
@@ -562,3 +565,50 @@ def test_cli_bench_exits_1_when_a_peftkern_row_fails(tmp_path, monkeypatch, caps
     assert "of peftkern's rows or floors failed" in err and "broken on purpose" in err
     monkeypatch.undo()
     assert cli.main(["bench", "lora", *shapes, "--out", str(tmp_path)]) == 0, "the list starts empty each run"
+
+
+def test_profile_checks_its_trace_path_before_the_block(tmp_path):
+    """A pathlib.Path trace is taken (the exporter failed on it after the block, and the earlier trace was gone);
+    a folder path with a trailing separator, or one under a regular file, is refused before the block runs (found
+    after it; a review, 2026-12-05)."""
+    trace = tmp_path / "p.json"
+    with peftkern.profile(trace=trace) as prof:
+        torch.randn(8, 8) @ torch.randn(8, 8)
+    assert json.loads(trace.read_text()) and prof.trace == str(trace)
+    (tmp_path / "afile").write_text("x")
+    ran = []
+    for bad in (str(tmp_path / "newdir") + os.sep, str(tmp_path / "afile" / "x.json")):
+        with pytest.raises(OSError):
+            with peftkern.profile(trace=bad):
+                ran.append(bad)
+    assert not ran, "refused before the block runs"
+
+
+def test_profile_refuses_another_profiler_session():
+    """torch runs one profiler session at a time: a profile inside another, or another inside it, reported an empty
+    split (0.000 ms) with only a C++ warning (a review, 2026-12-05); now each raises."""
+    with torch.profiler.profile():
+        with pytest.raises(RuntimeError, match="another torch.profiler session"):
+            with peftkern.profile():
+                pass
+    with pytest.raises(RuntimeError, match="ended this one's"):
+        with peftkern.profile():
+            with torch.profiler.profile():
+                torch.randn(8, 8) @ torch.randn(8, 8)
+    with peftkern.profile() as prof:  # and a profile after them works
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    assert sum(prof.split.values()) > 0
+
+
+@pytest.mark.parametrize("config", [{"model_type": "t5", "d_model": 64, "num_layers": 1, "num_heads": 2},
+                                    {"hidden_size": 64}])
+def test_info_reports_a_model_it_cannot_count(tmp_path, config):
+    """A config transformers builds no causal LM from (T5), or one without a model_type, gave a traceback and no
+    report at all, --json included (a review, 2026-12-05): the counts carry the error and the rest is printed."""
+    pytest.importorskip("transformers")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = _run("info", "--json", "--model", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert "error" in data["trainable_parameters"] and data["backends"]
