@@ -344,8 +344,9 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
     """Attach BottleneckAdapters to every transformer layer of `model` (or config.layers) at config.placements;
     freeze everything else (freeze_base). Returns the adapters' module names.
 
-    Layers are found by structure: Llama-style decoders (Llama, Mistral, Qwen2, ...), GPT-2 and BERT-style
-    encoders. The adapters take the dtype and device of the layer's weights unless adapter_dtype is given.
+    Layers are found by structure (the layouts in this module; the README's bottleneck adapter section lists the
+    model families: Llama-style decoders, GPT-2, BERT-style encoders, OPT, BART, Falcon, ViT, ...). The adapters
+    take the dtype and device of the layer's weights unless adapter_dtype is given.
     modules_to_save: as PEFT's, names or suffixes of modules trained whole beside the adapters (a classifier head
     made at random: ["classifier"]) and saved with them by save_adapters; trained in place.
     """

@@ -314,7 +314,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     x: (..., K), any leading shape and strides. weight: (N, K), frozen in spirit (it gets a gradient only if it
     requires one). A: (n1, k1) and B: (n2, k2) with n1 n2 = N and k1 k2 = K, in torch.kron's layout (module
     docstring); each may be a tensor, a stacked (T, n, k) tensor of T terms, a low-rank tuple (F (n, r), G (r, k))
-    standing for F @ G, or a list of terms (tensors or tuples); A and B hold as many terms, and the result sums
+    standing for F @ G, or a list of terms (all tensors or all tuples); A and B hold as many terms, and the result sums
     A_t (x) B_t over them (Compacter's PHM layer). Factors may have their own float dtype (float32 beside a bf16
     base); their gradients come back in it. bias: (N,) or None. Returns (..., N) in x's dtype (the autocast
     dtype under torch.autocast).
