@@ -653,7 +653,13 @@ def test_hooks_on_the_inner_modules_keep_peft_path():
     handle = layer.lora_dropout["default"].register_forward_hook(lambda m, a, out: out * 0)
     assert_close(model(x), layer.base_layer(x), torch.float32, "output with a muting lora_dropout hook")
     assert any("lora_dropout has hooks" in reason for _, reason in report.fallbacks), str(report)
-    assert "lora_dropout" in dict(peftkern.fuse(model).skipped)["base_model.model.0"]
+    again = peftkern.fuse(model)
+    assert "lora_dropout" in dict(again.skipped)["base_model.model.0"]
+    # fused before and skipped now: PEFT's forward again, as the report says (it stayed fused, its fallbacks counted
+    # in the old report; a review, 2026-12-05)
+    assert not is_fused(layer), "a layer reported skipped is not fused"
+    model(x)
+    assert not again.fallbacks, str(again)
     handle.remove()
     report = peftkern.fuse(model)
     # a hook registered for every module (torch.nn.modules.module.register_module_forward_hook)

@@ -480,6 +480,10 @@ def fuse(model: nn.Module) -> FuseReport:
         if reason is None and "forward" in vars(module) and not is_fused(module):
             reason = "its forward is already replaced on the instance (e.g. an accelerate hook)"
         if reason is not None:
+            # a layer fused before and now skipped (a hook added since) gets PEFT's forward back, as a first fuse
+            # would leave it: it stayed fused, reported skipped, its fallbacks counted in the old report (a review,
+            # 2026-12-05)
+            unfuse(module)
             report.skipped.append((name, reason))
             continue
         if not is_fused(module):
