@@ -431,6 +431,10 @@ at::Tensor ia3_merge_(at::Tensor weight, const at::Tensor& factor, const Optiona
   const auto [N, K] = check_merge_weight(op, weight, weight_transposed);
   check_tensor(op, "factor", factor, 1, weight.device());
   check_shape(op, scale_input ? "factor (K,)" : "factor (N,)", factor, {scale_input ? K : N});
+  if (bias.has_value() && !scale_input) {  // before the weight is written: a bad bias left it scaled
+    check_tensor(op, "bias", *bias, 1, weight.device());
+    check_shape(op, "bias (N,)", *bias, {N});
+  }
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor f = factor.contiguous();
   // Along K of the (N, K) view is along the stored weight's columns, or its rows when stored (K, N).
@@ -441,8 +445,6 @@ at::Tensor ia3_merge_(at::Tensor weight, const at::Tensor& factor, const Optiona
     weight.copy_(ia3_scaled(op, weight, f, scale_cols, false));
   }
   if (bias.has_value() && !scale_input) {
-    check_tensor(op, "bias", *bias, 1, weight.device());
-    check_shape(op, "bias (N,)", *bias, {N});
     at::Tensor b = *bias;
     if (b.is_contiguous() && is_kernel_dtype(b)) {
       ia3_scaled(op, b.view({1, N}), f, true, true);

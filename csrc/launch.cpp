@@ -177,6 +177,10 @@ class TritonLauncher {
       } else if (s.kind == kFloat32 || s.kind == kFloat64) {
         if (!PyFloat_Check(obj) && !PyLong_Check(obj)) return false;
         const double x = PyFloat_AsDouble(obj);
+        if (x == -1.0 && PyErr_Occurred()) {  // an int past a double's range: Triton's own launcher takes it
+          PyErr_Clear();
+          return false;
+        }
         if (s.kind == kFloat32) {
           const float f = static_cast<float>(x);
           word = 0;
@@ -196,10 +200,12 @@ class TritonLauncher {
           if (x < INT32_MIN || x > INT32_MAX) return false;
           const int32_t y = static_cast<int32_t>(x);
           std::memcpy(&word, &y, sizeof(y));
-        } else if (s.kind == kInt16) {
+        } else if (s.kind == kInt16) {  // i16 / u16: a value past 16 bits goes to Triton's launcher, not truncated
+          if (x < INT16_MIN || x > UINT16_MAX) return false;
           const int16_t y = static_cast<int16_t>(x);
           std::memcpy(&word, &y, sizeof(y));
-        } else {
+        } else {  // i1 / i8 / u8 likewise
+          if (x < INT8_MIN || x > UINT8_MAX) return false;
           const int8_t y = static_cast<int8_t>(x);
           std::memcpy(&word, &y, sizeof(y));
         }
@@ -209,7 +215,8 @@ class TritonLauncher {
       values_[v] = 0;
       params_[p++] = &values_[v++];
     }
-    if (grid_x * grid_y * grid_z == 0) return true;
+    // in 64 bits: a product past 2^31 wrapped in int (to 0, which returned without launching)
+    if (static_cast<int64_t>(grid_x) * grid_y * grid_z == 0) return true;
 
     CUlaunchAttribute attrs[4];
     unsigned int count = 0;
