@@ -252,25 +252,34 @@ def test_per_sample_gradients_under_torch_compile():
         assert_close(compiled[name], eager[name], torch.float32, name)
 
 
-@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "prune"])
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "prune", "parametrize-bias", "prune-bias"])
 @pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
 def test_merge_refuses_a_recomputed_weight(kind, how):
     """A weight that parametrize / weight_norm / prune recompute on each access: merge wrote into the recomputed
-    copy and marked the layer merged, which then ran without its adapter (20.7 off, a review, 2026-12-05)."""
+    copy and marked the layer merged, which then ran without its adapter (20.7 off, a review, 2026-12-05). IA3's
+    output form merges into the bias too: a recomputed bias was scaled in a copy (0.085 off, a review, 2026-12-05);
+    LoRA and KronA leave the bias alone, and merge."""
     torch.manual_seed(run_seed(0))
     layer = _trained(MAKERS[kind](device=DEVICE))
-    if how == "parametrize":
+    name = "bias" if how.endswith("-bias") else "weight"
+    if how.startswith("parametrize"):
         class Doubled(nn.Module):
             def forward(self, w):
                 return 2 * w
 
-        nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
+        nn.utils.parametrize.register_parametrization(layer, name, Doubled())
     elif how == "weight_norm":
         layer = torch.nn.utils.weight_norm(layer)
     else:
         import torch.nn.utils.prune as prune
 
-        prune.random_unstructured(layer, "weight", amount=0.3)
+        prune.random_unstructured(layer, name, amount=0.3)
+    if name == "bias" and kind != "ia3":
+        x = torch.randn(5, 24, device=DEVICE)
+        expected = layer(x)
+        layer.merge()
+        assert_close(layer(x), expected, torch.float32, f"{kind} merged beside a recomputed bias")
+        return
     x = torch.randn(5, 24, device=DEVICE)
     expected = layer(x)
     with pytest.raises(RuntimeError, match="cannot be merged"):
@@ -435,7 +444,7 @@ def test_merge_and_unload_keeps_a_full_backward_hook():
     assert calls == [torch.Size([5, 20])]
 
 
-@pytest.mark.parametrize("how", ["forward-hook", "prune"])
+@pytest.mark.parametrize("how", ["forward-hook", "prune", "global-hook"])
 @pytest.mark.parametrize("kind", ADAPTER_MAKERS)
 def test_an_adapter_runs_its_projections_hooks(kind, how, monkeypatch):
     """BottleneckAdapter read down.weight / up.weight without calling the modules: a forward hook on them, or
@@ -443,8 +452,12 @@ def test_an_adapter_runs_its_projections_hooks(kind, how, monkeypatch):
     a step with prune; a review, 2026-12-05). With hooks on its modules the adapter runs them eagerly, and warns."""
     torch.manual_seed(run_seed(0))
     adapter = _trained(ADAPTER_MAKERS[kind](device=DEVICE))
+    handle = None
     if how == "forward-hook":
         adapter.down.register_forward_hook(lambda module, args, out: out * 2.0)
+    elif how == "global-hook":  # a hook for every module (register_module_forward_hook) was dropped on the fused path
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: out * 2.0 if module is adapter.down else None)
     else:
         prune.random_unstructured(adapter.down, "weight", amount=0.5)
     plain = adapter  # its values; prune's masked weight is the `weight` attribute it recomputes
@@ -454,12 +467,32 @@ def test_an_adapter_runs_its_projections_hooks(kind, how, monkeypatch):
     r = h.flip(-1) if adapter.insertion_form == "parallel" else h
     x = torch.nn.functional.layer_norm(h, (24,), plain.layer_norm.weight, plain.layer_norm.bias, plain.layer_norm.eps) \
         if plain.layer_norm is not None else h
-    z = torch.nn.functional.linear(x, down, plain.down.bias) * (2.0 if how == "forward-hook" else 1.0)
+    z = torch.nn.functional.linear(x, down, plain.down.bias) * (1.0 if how == "prune" else 2.0)
     act = {"relu": torch.relu, "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
     want = r + plain.scaling * torch.nn.functional.linear(act[adapter.non_linearity](z), up, plain.up.bias)
     from peftkern import _backend
 
     monkeypatch.setattr(_backend, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="runs eagerly"):
-        got = _call(adapter, h)
+    try:
+        with pytest.warns(RuntimeWarning, match="runs eagerly"):
+            got = _call(adapter, h)
+    finally:
+        if handle is not None:
+            handle.remove()
     assert_close(got, want, torch.float32, f"{kind} with a {how}")
+
+
+@pytest.mark.parametrize("kind", ADAPTER_MAKERS)
+def test_an_adapters_eager_path_returns_the_fused_dtype_under_autocast(kind):
+    """The eager path (taken for hooks) returned float32 under autocast where the fused op returns the autocast dtype
+    (a review, 2026-12-05): the same module's output dtype depended on whether a hook was present."""
+    torch.manual_seed(run_seed(0))
+    adapter = _trained(ADAPTER_MAKERS[kind](device=DEVICE))
+    h = torch.randn(5, 24, device=DEVICE)
+    device_type = torch.device(DEVICE).type
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        fused = _call(adapter, h)
+        adapter.down.register_forward_hook(lambda module, args, out: out)
+        eager = _call(adapter, h)
+    assert eager.dtype == fused.dtype == torch.bfloat16
+    assert_close(eager.float(), fused.float(), torch.bfloat16, f"{kind} eager against fused under autocast")

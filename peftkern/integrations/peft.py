@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..nn._frozen import computes_linear, hooked, is_conv1d
+from ..nn._frozen import computes_linear, global_hooks, hooked, is_conv1d
 from ..ops.ia3 import ia3_linear
 from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear
@@ -81,14 +81,6 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return _child(module, "base_layer")
 
 
-_nn_module = nn.modules.module
-
-
-def _global_hooks() -> bool:
-    """Whether module hooks registered for every module (register_module_forward_hook, ...) are in place: PEFT's path
-    runs them on its inner modules' calls too."""
-    return bool(_nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks
-                or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks)
 
 
 # A plain weight: a Parameter or Tensor, or the FakeTensor that stands for one while torch.export traces the model
@@ -232,7 +224,7 @@ _GLOBAL_HOOKS = "module hooks registered for every module (PEFT's path runs them
 
 
 def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    operands = _EXTRA_ARGUMENTS if args or kwargs else _GLOBAL_HOOKS if _global_hooks() else _lora_operands(self, x)
+    operands = _EXTRA_ARGUMENTS if args or kwargs else _GLOBAL_HOOKS if global_hooks() else _lora_operands(self, x)
     if isinstance(operands, str):
         return _fall_back(self, operands, x, args, kwargs)
     weight, A, B, scaling, bias, p, transposed = operands
@@ -256,7 +248,7 @@ def _call_fallback_reason(module: nn.Module, x, args, kwargs) -> Optional[str]:
     """Why this call of a fused IA3 / LoKr layer must take PEFT's path, as far as every method shares it."""
     if args or kwargs:
         return _EXTRA_ARGUMENTS
-    if _global_hooks():
+    if global_hooks():
         return _GLOBAL_HOOKS
     if module.disable_adapters or module.merged:
         return "adapters disabled or merged"

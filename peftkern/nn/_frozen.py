@@ -63,6 +63,14 @@ def computes_linear(linear: nn.Linear) -> bool:
             and bool(((got - want).abs().max() <= tolerance * (want.abs().max() + 1e-6)).item()))
 
 
+def global_hooks() -> bool:
+    """Whether module hooks registered for every module (register_module_forward_hook, ...) are in place: PEFT's path,
+    and an adapter's eager one, run them on their inner modules' calls too, which a fused op does not make."""
+    m = nn.modules.module
+    return bool(m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
+                or m._global_backward_hooks)
+
+
 def hooked(module: nn.Module) -> bool:
     """Whether calling `module` runs more than its class's forward: hooks (a user's, accelerate's offload, DeepSpeed
     ZeRO-3's parameter gathering) or a forward replaced on the instance. PEFT's path calls the base layer and the
@@ -211,11 +219,13 @@ class FrozenLinear(nn.Module):
     def _check_mergeable(self) -> None:
         """A RuntimeError where the weight is not this layer's Parameter but recomputed from others on each access
         (torch.nn.utils.parametrize, weight_norm, prune): merge would write into the recomputed copy, and the layer,
-        marked merged, would run without its adapter (20.7 off, a review, 2026-12-05)."""
-        if "weight" not in self._parameters:
-            raise RuntimeError(f"{type(self).__name__}.merge: the weight is recomputed from other tensors "
-                               "(parametrize, weight_norm or prune), so it cannot be merged into in place; remove "
-                               "the parametrization first, or keep the layer unmerged")
+        marked merged, would run without its adapter (20.7 off, a review, 2026-12-05). Likewise every parameter merge
+        changes: IA3's output form scales the bias too (a pruned bias: 0.085 off, a review, 2026-12-05)."""
+        for name in self._merged_into():
+            if name not in self._parameters:
+                raise RuntimeError(f"{type(self).__name__}.merge: the {name} is recomputed from other tensors "
+                                   "(parametrize, weight_norm or prune), so it cannot be merged into in place; remove "
+                                   "the parametrization first, or keep the layer unmerged")
 
     def _merged_into(self) -> tuple:
         """The base parameters that merge() changes: a state dict holding any of them makes a merged layer unmerge

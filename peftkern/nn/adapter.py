@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import warn_once
+from ..ops._common import autocast_inputs
 from ..ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter
-from ._frozen import hooked
+from ._frozen import global_hooks, hooked
 from ._peft_ref import PEFTRefProperties
 
 INSERTION_FORMS = ("sequential", "parallel")
@@ -153,20 +154,25 @@ class BottleneckAdapter(nn.Module):
             warn_once("adapter-hooked-projection", "peftkern: a BottleneckAdapter whose down / up / layer_norm "
                       "module has hooks or an instance forward runs eagerly (its modules called one by one), not fused")
             return self._eager_forward(h, residual)
+        if global_hooks():  # hooks for every module (register_module_forward_hook): down / up are modules too
+            warn_once("adapter-global-hooks", "peftkern: with module hooks registered for every module, "
+                      "BottleneckAdapter runs eagerly (its modules called one by one), not fused")
+            return self._eager_forward(h, residual)
         return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                                   self.non_linearity, self.scale if self.scale is not None else self.scaling,
                                   residual, self.layer_norm)
 
     def _eager_forward(self, h: Tensor, residual: Optional[Tensor]) -> Tensor:
         """r + s up(act(down(LN(h)))) by calling the modules, so that their hooks run; computed in the adapter's
-        dtype, returned in h's (as the fused op returns)."""
+        dtype, returned in the fused op's: h's, or the autocast dtype under torch.autocast (it returned float32 there
+        while the fused op returned bf16: a review, 2026-12-05)."""
         x = h.to(self.down.weight.dtype)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         u = self.up(_EAGER_ACTIVATIONS[ACTIVATION_ALIASES[self.non_linearity.lower()]](self.down(x)))
         r = h if residual is None else residual
         s = self.scale if self.scale is not None else self.scaling
-        return (r.to(u.dtype) + s * u).to(h.dtype)
+        return (r.to(u.dtype) + s * u).to(autocast_inputs(h, ())[0].dtype)
 
     def extra_repr(self) -> str:
         scaling = "learned" if self.scale is not None else f"{self.scaling:g}"
