@@ -478,8 +478,21 @@ def test_adapterhub_converter_keys_and_limits():
     assert torch.equal(converted["bert.encoder.layer.0.bottleneck_adapters.after_feed_forward.down.weight"],
                        state["bert.encoder.layer.0.output.adapters.task.adapter_down.0.weight"])
     assert len(converted) == len(state)
-    parallel, ours_par = peftkern.convert_adapterhub(state, {**config, "is_parallel": True})
-    assert "parallel_feed_forward" in ours_par.placements
+    # a parallel adapter: at the attention site there is no parallel placement, and it was made a sequential one; at
+    # the FFN it converts, with a warning where the input differs (pre-LN models); a review, 2026-12-05
+    with pytest.raises(ValueError, match="parallel adapter at the attention"):
+        peftkern.convert_adapterhub(state, {**config, "is_parallel": True})
+    ffn_only = {k: v for k, v in state.items() if ".attention." not in k}
+    with pytest.warns(RuntimeWarning, match="pre-LN"):
+        parallel, ours_par = peftkern.convert_adapterhub(ffn_only, {**config, "is_parallel": True,
+                                                                    "mh_adapter": False})
+    assert ours_par.placements == ("parallel_feed_forward",)
+    # a decoder's cross-attention adapters have no placement: they were dropped without a word
+    cross = {**state, **{k.replace(".attention.output.", ".crossattention.output.").replace(
+        ".output.adapters.", ".cross_attention_adapters.adapters."): v for k, v in state.items()
+        if ".attention.output." in k}}
+    with pytest.raises(ValueError, match="cross-attention"):
+        peftkern.convert_adapterhub(cross, config)
     with pytest.warns(RuntimeWarning, match="original_ln_before"):
         peftkern.convert_adapterhub(state, {**config, "original_ln_before": True})
     with pytest.raises(ValueError, match="no peftkern counterpart"):
@@ -489,6 +502,29 @@ def test_adapterhub_converter_keys_and_limits():
     with pytest.raises(ValueError, match="pass adapter_name"):
         peftkern.convert_adapterhub(two, config)
     assert peftkern.convert_adapterhub(two, config, adapter_name="other")[1].bottleneck_size == 8
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_sequential_and_parallel_feed_forward_adapters_compose_in_either_order(name):
+    """Pfeiffer (after the FFN) and a parallel adapter beside it: the parallel one adds s ad_p(x) to the FFN's output
+    with the sequential adapter applied, whichever was added first. In BERT (and OPT, BART, MoE blocks) both hook the
+    same module, and the one added last wrapped the other (BERT 1.2e-2 off, OPT 0.27, a review, 2026-12-05); in
+    GPT-2 the sequential hook sits inside the parallel one's module, so the order never mattered."""
+    torch.manual_seed(run_seed(0))
+    base = FACTORIES[name]().to(DEVICE, DTYPE).eval()
+    first, second = copy.deepcopy(base), copy.deepcopy(base)
+    peftkern.add_adapters(first, peftkern.AdapterConfig(placements=("after_feed_forward",), reduction_factor=8))
+    peftkern.add_adapters(first, peftkern.AdapterConfig(placements=("parallel_feed_forward",), reduction_factor=8))
+    peftkern.add_adapters(second, peftkern.AdapterConfig(placements=("parallel_feed_forward",), reduction_factor=8))
+    peftkern.add_adapters(second, peftkern.AdapterConfig(placements=("after_feed_forward",), reduction_factor=8))
+    with torch.no_grad():
+        for n, p in first.named_parameters():
+            if ".bottleneck_adapters." in n:
+                p.normal_(0, 0.3)
+    second.load_state_dict(first.state_dict())
+    x = batch_for(name, 3)
+    with torch.no_grad():
+        assert_close(second(**x).logits, first(**x).logits, DTYPE, f"{name}: parallel first against sequential first")
 
 
 # load / remove as a resume or a refusal meets them (a review, 2026-12-05); each test failed before its fix.

@@ -258,6 +258,24 @@ def _parallel_from_stash_hook(adapter: BottleneckAdapter, module, args, output):
     return adapter(block_input, residual=output)
 
 
+def _before_parallel_adapters(target: nn.Module, handle) -> None:
+    """Move the hook of `handle` before the parallel adapters' hooks on `target`: where a family's sequential FFN
+    adapter and its parallel one hook the same module (BERT's output.dense, OPT's and BART's fc2, a MoE block), the
+    parallel adapter adds s ad_p(x) to the FFN's output with the sequential adapter applied, as in Llama, where they
+    hook down_proj inside mlp, whichever was added first (the order of placements or of add_adapters calls changed
+    the function: 0.2-0.4 off in OPT and Mixtral, a review, 2026-12-05)."""
+    hooks = target._forward_hooks
+    parallel = [k for k, h in hooks.items() if k != handle.id and isinstance(h, functools.partial)
+                and h.func in (_parallel_hook, _parallel_from_stash_hook)]
+    if not parallel:
+        return
+    items = [(k, h) for k, h in hooks.items() if k != handle.id]
+    at = next(i for i, (k, _) in enumerate(items) if k == parallel[0])
+    items.insert(at, (handle.id, hooks[handle.id]))
+    hooks.clear()
+    hooks.update(items)
+
+
 def _attach(layer: nn.Module, layout: _Layout, placement: str, adapter: BottleneckAdapter) -> list:
     # functools.partial binds the adapter as data: copy.deepcopy(model) gives the copy's hooks its own adapters.
     if placement == "after_attention":
@@ -265,7 +283,9 @@ def _attach(layer: nn.Module, layout: _Layout, placement: str, adapter: Bottlene
         return [target.register_forward_hook(functools.partial(_sequential_hook, adapter))]
     if placement == "after_feed_forward":
         target = layer.get_submodule(layout.feed_forward_output)
-        return [target.register_forward_hook(functools.partial(_sequential_hook, adapter))]
+        handle = target.register_forward_hook(functools.partial(_sequential_hook, adapter))
+        _before_parallel_adapters(target, handle)
+        return [handle]
     if layout.feed_forward is not None:
         target = layer.get_submodule(layout.feed_forward)
         return [target.register_forward_hook(functools.partial(_parallel_hook, adapter), with_kwargs=True)]
@@ -622,11 +642,13 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
     """
     config = dict(config or {})
     matched: dict = {}
+    matched_keys = set()
     for key, tensor in state_dict.items():
         for pattern, site in _ADAPTERHUB_KEY:
             m = pattern.match(key)
             if m:
                 matched.setdefault(m["name"], []).append((m["layer"], site, m["param"], tensor))
+                matched_keys.add(key)
                 break
     if not matched:
         raise ValueError("no AdapterHub bottleneck adapter keys (...adapters.<name>.adapter_down...) found")
@@ -637,7 +659,21 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
     if adapter_name not in matched:
         raise ValueError(f"adapter {adapter_name!r} not in the checkpoint (found {sorted(matched)})")
     entries = matched[adapter_name]
+    # keys of this adapter at a site peftkern has no placement for (a decoder's cross_attention_adapters) were
+    # dropped without a word (a review, 2026-12-05)
+    unplaced = sorted(k for k in state_dict if f"adapters.{adapter_name}." in k and k not in matched_keys)
+    if unplaced:
+        raise ValueError(f"AdapterHub adapter {adapter_name!r} has keys at sites peftkern has no placement for "
+                         f"(cross-attention adapters?): {unplaced[:3]}{' ...' if len(unplaced) > 3 else ''}")
     ln_before = any(p.startswith("adapter_norm_before.") for _, _, p, _ in entries)
+    if config.get("is_parallel"):
+        if any(site == "attention" for _, site, _, _ in entries):
+            raise ValueError("an AdapterHub parallel adapter at the attention (mh_adapter=True with is_parallel) has "
+                             "no peftkern placement: after_attention is sequential")
+        warnings.warn("AdapterHub parallel adapter: AdapterHub's reads the residual stream before the block's "
+                      "LayerNorm, peftkern's parallel_feed_forward the feed-forward block's input; the same tensor "
+                      "in post-LN encoders (BERT), the LayerNorm's output in pre-LN models (GPT-2, Llama), whose "
+                      "outputs will differ from AdapterHub's", RuntimeWarning, stacklevel=2)
     output_place = "parallel_feed_forward" if config.get("is_parallel") else "after_feed_forward"
     state, sites, sizes = {}, set(), set()
     learned = False
