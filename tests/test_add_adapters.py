@@ -836,3 +836,28 @@ def test_load_adapters_resumes_into_layers_compiled_in_place(tmp_path):
         model.model.layers[i] = torch.compile(layer, backend="eager")
     peftkern.save_adapters(model, str(tmp_path))
     assert len(peftkern.load_adapters(model, str(tmp_path))) == len(names)
+
+
+def test_load_adapters_keeps_the_files_dtype(tmp_path):
+    """float32 adapters saved beside a bf16 model came back in bf16, rounded (2e-3 off the saved model's logits, a
+    review, 2026-12-05): without adapter_dtype the load takes the file's."""
+    peftkern.set_backend("torch")
+    torch.manual_seed(run_seed(0))
+    base = tiny_llama().to(DEVICE, torch.bfloat16).eval()
+    model = copy.deepcopy(base)
+    peftkern.add_adapters(model, peftkern.AdapterConfig(**{**peftkern.integrations.adapters.PRESETS["houlsby"],
+                                                          "reduction_factor": 8}), adapter_dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".bottleneck_adapters." in n:
+                p.normal_(0, 0.1)
+    peftkern.save_adapters(model, str(tmp_path))
+    fresh = copy.deepcopy(base)
+    peftkern.load_adapters(fresh, str(tmp_path))
+    assert {p.dtype for n, p in fresh.named_parameters() if ".bottleneck_adapters." in n} == {torch.float32}
+    x = batch_for("llama", 2)
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, model(**x).logits)
+    bf16 = copy.deepcopy(base)
+    peftkern.load_adapters(bf16, str(tmp_path), adapter_dtype=torch.bfloat16)  # asked for: as asked
+    assert {p.dtype for n, p in bf16.named_parameters() if ".bottleneck_adapters." in n} == {torch.bfloat16}

@@ -573,7 +573,9 @@ def _detach(model: nn.Module, names: list) -> None:
 
 
 def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
-    """Attach adapters as saved by save_adapters to a fresh model and load their weights; returns their names."""
+    """Attach adapters as saved by save_adapters to a fresh model and load their weights; returns their names.
+    adapter_dtype None: the file's dtype (float32 adapters saved beside a bf16 model came back bf16, rounded: 2e-3
+    off the saved model's logits, a review, 2026-12-05), or the model's where the file mixes dtypes."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, CONFIG_NAME)) as f:
@@ -591,6 +593,9 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
     saved = {k: state.pop(k) for k in list(state) if not _is_adapter_key(k)}  # the modules_to_save
     targets, inner = meta.get("modules_to_save") or [], _unwrapped(model)
     check_saved_modules(inner, saved, targets, path)  # before the adapters attach
+    if adapter_dtype is None:
+        dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        adapter_dtype = dtypes.pop() if len(dtypes) == 1 else None
     names = _attach_and_load(inner, configs, state, path, adapter_dtype)
     loaded = load_saved_modules(inner, saved, targets, path)
     _record_to_save(inner, loaded)
