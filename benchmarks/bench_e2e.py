@@ -166,9 +166,15 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
             progress(f"e2e {case} {pass_}: {name}")
             model = step = None
             try:
+                torch._dynamo.utils.counters.clear()
                 model = workloads.build(method, impl, shape, device, dtype, args.rank, fp32, max_positions=seq)
                 step = workloads.training_step(model, batch, seq, device, compiled, ckpt, optimizer=args.optimizer)
                 ms, spread, peak, diagnostics = time_training(step, steps, warmup, device, compiled)
+                workloads.check_fused(model)
+                if compiled:  # a compiled row with graph breaks runs part of the model eagerly: say so
+                    diagnostics["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+                    if diagnostics["graph_breaks"]:
+                        progress(f"  {diagnostics['graph_breaks']} graph breaks under torch.compile")
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 report_failure(f"e2e {case} {pass_} {name}", exc,
                                ours=impl in ("fused", *workloads.FROZEN_IMPLS) or method == "none")

@@ -93,7 +93,9 @@ def _peft_lokr(W: torch.Tensor, K, N, rank: Optional[int], fp32_factors: bool):
     from peft import LoKrConfig
 
     (_, _), (n2, k2) = krona_factor_shapes(K, N)
-    r = rank if rank is not None else max(n2, k2) // 2
+    # PEFT makes w2 dense where r >= max(n2, k2) / 2: rounded up, so an odd size is dense too (it made w2 low-rank,
+    # against the case's label and the peftkern row's dense B; a review, 2026-12-05)
+    r = rank if rank is not None else (max(n2, k2) + 1) // 2
     base = torch.nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
     base.weight = torch.nn.Parameter(W, requires_grad=False)
     layer = peft_single_layer(base, LoKrConfig(r=r, alpha=r, target_modules=["proj"]), fp32_factors)

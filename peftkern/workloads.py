@@ -19,6 +19,7 @@ Adapters per method follow PEFT's defaults for Llama: LoRA r=16 on all seven pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional, Union
 
@@ -108,7 +109,16 @@ def build(method: str, impl: str, shape: str, device, dtype: torch.dtype, r: int
         report = peftkern.fuse(model)
         if report.skipped:
             raise RuntimeError(f"fuse left layers on PEFT's path:\n{report}")
+        model.peftkern_fuse_report = report  # its fallbacks: the calls that ran PEFT's path (check_fused)
     return model
+
+
+def check_fused(model: torch.nn.Module) -> None:
+    """Raise where a model build() fused made calls on PEFT's path since (FuseReport.fallbacks): a row timed so would
+    be PEFT's under peftkern's name (nothing read the report's fallbacks; a review of the workloads, 2026-12-05)."""
+    report = getattr(model, "peftkern_fuse_report", None)
+    if report is not None and report.fallbacks:
+        raise RuntimeError(f"the fused model fell back to PEFT's path: {dict(report.fallbacks)}")
 
 
 # The optimizers a training step can use. "adamw" is torch.optim.AdamW's defaults: on CUDA its foreach path, whose
@@ -142,6 +152,19 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
             model.disable_input_require_grads()
     model.train()
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr)
+    extra = {}
+    if checkpointing:
+        # No KV cache to build (transformers warns on every call otherwise), and under torch.compile the side effects
+        # of transformers' output capturing inside a checkpointed layer are not replayed in its recompute: with newer
+        # transformers (5.25) both broke the graph around every decoder layer, so the compiled + checkpointed rows ran
+        # every layer eagerly (a review of the workloads, 2026-12-05: 4 graphs, 5-6 breaks, no peftkern op inside)
+        extra["use_cache"] = False
+    if compile_ and checkpointing and hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        # for this step's calls only, not the process's
+        def traced():
+            return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    else:
+        traced = contextlib.nullcontext
     if compile_:
         fwd = torch.compile(model, mode=compile_ if isinstance(compile_, str) else None)
     else:
@@ -155,8 +178,9 @@ def training_step(model: torch.nn.Module, batch: int, seq: int, device, compile_
         if graphed:  # a new iteration: the graphs may reuse the memory of the last step's outputs
             torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
-        loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with traced():
+            loss = fwd(input_ids=ids, labels=ids, **extra).loss
+            loss.backward()
         opt.step()
         return loss.detach()
 

@@ -612,3 +612,59 @@ def test_info_reports_a_model_it_cannot_count(tmp_path, config):
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
     assert "error" in data["trainable_parameters"] and data["backends"]
+
+
+def test_compiled_checkpointed_training_step_has_no_graph_break(monkeypatch):
+    """The compiled + checkpointed rows of bench e2e: with transformers 5.25 the KV cache's warning and the output
+    capturing's side effects inside each checkpointed layer broke the graph around every decoder layer, so those rows
+    ran the layers eagerly (a review of the workloads, 2026-12-05: 5-6 breaks). torch.compile runs with the eager
+    backend here (the graph, not inductor's code, is the point)."""
+    pytest.importorskip("peft")
+    from torch._dynamo.utils import counters
+
+    from peftkern import workloads
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: compile_(model, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    model = workloads.build("lora", "fused", "tiny", DEVICE, torch.float32, 4, False, max_positions=32)
+    step = workloads.training_step(model, 2, 16, DEVICE, compile_=True, checkpointing=True)
+    step()
+    step()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert not torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint, "set for the step's calls only"
+    torch._dynamo.reset()
+
+
+def test_a_fused_workload_that_falls_back_is_refused():
+    """A fused model that ran PEFT's path (a hook registered for every module, here) was timed as peftkern's row:
+    nothing read the fuse report's fallbacks (a review of the workloads, 2026-12-05)."""
+    pytest.importorskip("peft")
+    from peftkern import workloads
+
+    model = workloads.build("lora", "fused", "tiny", DEVICE, torch.float32, 4, False, max_positions=32)
+    step = workloads.training_step(model, 2, 16, DEVICE)
+    step()
+    workloads.check_fused(model)  # fused throughout: nothing to say
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        step()
+    finally:
+        handle.remove()
+    with pytest.raises(RuntimeError, match="fell back"):
+        workloads.check_fused(model)
+
+
+@pytest.mark.parametrize("features", [9, 2025, 64])
+def test_bench_krona_peft_anchor_has_a_dense_w2(features):
+    """The LoKr anchor's rank makes PEFT's w2 dense, as the case's label and the peftkern row's B are: for an odd
+    factor size it was low-rank (2025 -> w2 45x22 @ 22x45; a review of the workloads, 2026-12-05)."""
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_krona
+
+    W = torch.randn(features, features)
+    layer, _ = bench_krona._peft_lokr(W, features, features, None, False)
+    names = {n.split(".")[0] for n, _ in layer.named_parameters()}
+    assert "lokr_w2" in names and "lokr_w2_a" not in names, names
