@@ -37,7 +37,7 @@ from common import (  # noqa: E402
 )
 
 import peftkern  # noqa: E402
-from peftkern.workloads import peft_config  # noqa: E402
+from peftkern.workloads import check_fused, peft_config  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16),
@@ -114,6 +114,7 @@ def implementations(frozen: DecoderLayer, method: str, compile_anchor: bool, dty
             report_failure(f"decoder {method} peftkern.fuse ({label})",
                            RuntimeError(f"fuse left layers on PEFT's path: {report.skipped}"), ours=True)
             continue
+        fused.peftkern_fuse_report = report  # its fallbacks, read after the timing (run_case)
         impls[f"peftkern.fuse ({label})"] = (fused, fparams)
     if compile_anchor and method == "lora":
         model, params = with_adapters(frozen, method, False)
@@ -130,8 +131,15 @@ def run_case(method: str, shape: str, tokens: int, dtype, device, compile_anchor
     dy = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=gen)
     case = f"{method} {shape} decoder layer, {tokens} tokens"
     progress(case)
-    return time_layer_impls("decoder", case, implementations(frozen, method, compile_anchor, dtype), h, dy,
-                            eager)
+    impls = implementations(frozen, method, compile_anchor, dtype)
+    rows = time_layer_impls("decoder", case, impls, h, dy, eager)
+    for name, (fn, _) in impls.items():  # a fused row whose calls ran PEFT's path is not peftkern's timing
+        try:
+            check_fused(fn)
+        except RuntimeError as exc:
+            report_failure(f"decoder {case} {name}", exc, ours=True)
+            rows = [r for r in rows if r.impl != name]
+    return rows
 
 
 def main(argv=None) -> list:

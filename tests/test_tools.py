@@ -668,3 +668,20 @@ def test_bench_krona_peft_anchor_has_a_dense_w2(features):
     layer, _ = bench_krona._peft_lokr(W, features, features, None, False)
     names = {n.split(".")[0] for n, _ in layer.named_parameters()}
     assert "lokr_w2" in names and "lokr_w2_a" not in names, names
+
+
+def test_bench_decoder_refuses_a_fused_row_that_fell_back(tmp_path, capsys):
+    """bench decoder timed a fused layer whose calls ran PEFT's path (a hook registered for every module, here) under
+    peftkern's name; it drops the row and the CLI exits 1 (a review of the workloads, 2026-12-05)."""
+    pytest.importorskip("peft")
+    from peftkern import cli
+
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        status = cli.main(["bench", "decoder", "--method", "lora", "--no-compile", "--tokens", "256", "--out",
+                           str(tmp_path)])
+    finally:
+        handle.remove()
+    assert status == 1 and "fell back to PEFT's path" in capsys.readouterr().err
+    rows = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())["rows"]
+    assert rows and not any(r["impl"].startswith("peftkern.fuse") for r in rows)
