@@ -40,7 +40,8 @@ def warn_once(cause: str, message: str) -> None:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force every op onto one backend ("cuda", "triton", "torch"); None restores the defaults."""
+    """Force every op onto one backend ("cuda", "triton", "torch"), for the whole process (not per thread); None
+    drops the forcing: PEFTKERN_BACKEND then decides where set, else each op's default."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     global _override

@@ -432,3 +432,25 @@ def test_a_subclass_operand_merges_on_the_reference(kind, backend):
         assert_close(got, expected, torch.float32, f"{kind} merge with {name} a subclass")
     got = merge(two_tensor.TwoTensor(w.clone(), w.clone()), ops)
     assert_close(got.a, expected, torch.float32, f"{kind} merge into a subclass weight")
+
+
+def test_krona_lora_route_runs_on_kronas_backend(monkeypatch):
+    """KronA's LoRA route ran on the LoRA op's backend: with "cuda" forced, the CUDA LoRA kernels, where the README
+    and the warning say KronA runs on Triton (a review, 2026-12-05). Resolution is stubbed: lora to cuda, krona to
+    triton, as a forced "cuda" resolves them on a GPU."""
+    from peftkern import _backend
+    from peftkern.ops import krona as krona_op
+
+    monkeypatch.setattr(_backend, "resolve", lambda op, device: {"lora": "cuda"}.get(op, "triton"))
+    seen = []
+
+    def spy_function():
+        def run(x, weight, A, B, bias, scaling, p, transposed, backend):
+            seen.append(backend)
+            return reference.lora_linear(x, weight, A, B, scaling, bias)
+        return run
+
+    monkeypatch.setattr(krona_op, "lora_function", spy_function)
+    x = torch.randn(5, 24)
+    peftkern.krona_linear(x, torch.randn(20, 24), torch.randn(4, 6), (torch.randn(5, 2), torch.randn(2, 4)), 0.5)
+    assert seen == ["triton"], seen

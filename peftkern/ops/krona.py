@@ -338,11 +338,11 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
         return reference.krona_forward(x2d, weight, a, a2, b, b2, scaling, bias).reshape(*lead, N)
     if backend == "triton" and _take_lora_route(a, a2, b, b2, x2d):
         # the LoRA op's Function on the inputs checked and prepared here (lora_linear would check and autocast them
-        # again on every call), on the LoRA op's own backend
+        # again on every call), on KronA's backend: Triton (with "cuda" forced, the LoRA op's own backend ran it on
+        # the CUDA kernels, where the README and the warning say KronA runs on Triton; a review, 2026-12-05)
         rmat, lmat = lora_route_factors(a, a2, b, b2)
-        lora_backend = pick_backend("lora", x2d)
         lora = lora_function()
-        y = apply_by_rows(lambda xs: lora(xs, weight, rmat, lmat, bias, scaling, 0.0, False, lora_backend), (x2d,),
+        y = apply_by_rows(lambda xs: lora(xs, weight, rmat, lmat, bias, scaling, 0.0, False, backend), (x2d,),
                           max(K, N))
         return y.reshape(*lead, N)
     fn = _krona_compiled if op_autograd() else KronALinearFunction.apply
