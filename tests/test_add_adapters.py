@@ -861,3 +861,28 @@ def test_load_adapters_keeps_the_files_dtype(tmp_path):
     bf16 = copy.deepcopy(base)
     peftkern.load_adapters(bf16, str(tmp_path), adapter_dtype=torch.bfloat16)  # asked for: as asked
     assert {p.dtype for n, p in bf16.named_parameters() if ".bottleneck_adapters." in n} == {torch.bfloat16}
+
+
+def test_adapters_added_to_a_decoder_alone_reload_into_the_whole_model(tmp_path):
+    """add_adapters(model.model.decoder) counts the decoder's layers; saved from the whole BART model, the file said
+    layers 0.. of the whole model, which are the encoder's: the load raised 'does not fit' (a review, 2026-12-05)."""
+    torch.manual_seed(run_seed(0))
+    cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64)
+    base = transformers.BartForConditionalGeneration(cfg).to(DEVICE).eval()
+    model = copy.deepcopy(base)
+    peftkern.add_adapters(model.model.decoder, peftkern.AdapterConfig(placements=("after_feed_forward",),
+                                                                       reduction_factor=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".bottleneck_adapters." in n:
+                p.normal_(0, 0.3)
+    peftkern.save_adapters(model, str(tmp_path))
+    fresh = copy.deepcopy(base)
+    names = peftkern.load_adapters(fresh, str(tmp_path))
+    assert names and all(n.startswith("model.decoder.") for n in names), names
+    ids = torch.randint(0, 64, (2, 8), device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)

@@ -405,7 +405,25 @@ def _configs(model: nn.Module) -> list:
     """The AdapterConfig of each add_adapters call on the model or on any module inside it (add_adapters(m.model)
     then save_adapters(m)), in order (save_adapters writes them all)."""
     # vars(): FSDP1's wrapper hands attribute reads to the module it wraps, which would count its configs twice
-    return [c for m in _unwrapped(model).modules() for c in (vars(m).get("_peftkern_adapter_configs") or [])]
+    model = _unwrapped(model)
+    configs, full = [], None
+    for prefix, m in model.named_modules():
+        recorded = vars(m).get("_peftkern_adapter_configs") or []
+        if m is model or not recorded:
+            configs += recorded
+            continue
+        # a call on an inner module counted that module's layers: its config says which of the model's they are (the
+        # decoder's layers 0.. of a BART model are the model's after the encoder's, and a file saved from the whole
+        # model put the adapters on the encoder at load; a review, 2026-12-05)
+        if full is None:
+            full = {name: i for i, (name, _, _) in _indexed_layers(model, transformer_layers(model)).items()}
+        own = _indexed_layers(m, transformer_layers(m))
+        for c in recorded:
+            names = [f"{prefix}.{own[i][0]}" for i in (own if c.layers is None else c.layers) if i in own]
+            if names and all(n in full for n in names):
+                c = dataclasses.replace(c, layers=tuple(sorted(full[n] for n in names)))
+            configs.append(c)
+    return configs
 
 
 def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:
