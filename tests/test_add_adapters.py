@@ -56,6 +56,14 @@ def build(name, preset, **overrides):
     return model, names
 
 
+def draw_adapters(model, std):
+    """Every adapter parameter of `model` drawn from N(0, std^2), so that the adapters matter."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".bottleneck_adapters." in n:
+                p.normal_(0, std)
+
+
 def batch_for(name, seed):
     return batch("bert" if name == "bert" else "llama", seed=seed)
 
@@ -517,10 +525,7 @@ def test_sequential_and_parallel_feed_forward_adapters_compose_in_either_order(n
     peftkern.add_adapters(first, peftkern.AdapterConfig(placements=("parallel_feed_forward",), reduction_factor=8))
     peftkern.add_adapters(second, peftkern.AdapterConfig(placements=("parallel_feed_forward",), reduction_factor=8))
     peftkern.add_adapters(second, peftkern.AdapterConfig(placements=("after_feed_forward",), reduction_factor=8))
-    with torch.no_grad():
-        for n, p in first.named_parameters():
-            if ".bottleneck_adapters." in n:
-                p.normal_(0, 0.3)
+    draw_adapters(first, 0.3)
     second.load_state_dict(first.state_dict())
     x = batch_for(name, 3)
     with torch.no_grad():
@@ -847,10 +852,7 @@ def test_load_adapters_keeps_the_files_dtype(tmp_path):
     model = copy.deepcopy(base)
     peftkern.add_adapters(model, peftkern.AdapterConfig(**{**peftkern.integrations.adapters.PRESETS["houlsby"],
                                                           "reduction_factor": 8}), adapter_dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".bottleneck_adapters." in n:
-                p.normal_(0, 0.1)
+    draw_adapters(model, 0.1)
     peftkern.save_adapters(model, str(tmp_path))
     fresh = copy.deepcopy(base)
     peftkern.load_adapters(fresh, str(tmp_path))
@@ -874,10 +876,7 @@ def test_adapters_added_to_a_decoder_alone_reload_into_the_whole_model(tmp_path)
     model = copy.deepcopy(base)
     peftkern.add_adapters(model.model.decoder, peftkern.AdapterConfig(placements=("after_feed_forward",),
                                                                        reduction_factor=4))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".bottleneck_adapters." in n:
-                p.normal_(0, 0.3)
+    draw_adapters(model, 0.3)
     peftkern.save_adapters(model, str(tmp_path))
     fresh = copy.deepcopy(base)
     names = peftkern.load_adapters(fresh, str(tmp_path))
