@@ -265,12 +265,11 @@ def _before_parallel_adapters(target: nn.Module, handle) -> None:
     hook down_proj inside mlp, whichever was added first (the order of placements or of add_adapters calls changed
     the function: 0.2-0.4 off in OPT and Mixtral, a review, 2026-12-05)."""
     hooks = target._forward_hooks
-    parallel = [k for k, h in hooks.items() if k != handle.id and isinstance(h, functools.partial)
-                and h.func in (_parallel_hook, _parallel_from_stash_hook)]
-    if not parallel:
-        return
     items = [(k, h) for k, h in hooks.items() if k != handle.id]
-    at = next(i for i, (k, _) in enumerate(items) if k == parallel[0])
+    at = next((i for i, (_, h) in enumerate(items) if isinstance(h, functools.partial)
+               and h.func in (_parallel_hook, _parallel_from_stash_hook)), None)
+    if at is None:
+        return
     items.insert(at, (handle.id, hooks[handle.id]))
     hooks.clear()
     hooks.update(items)

@@ -81,8 +81,6 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return _child(module, "base_layer")
 
 
-
-
 # A plain weight: a Parameter or Tensor, or the FakeTensor that stands for one while torch.export traces the model
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor, FakeTensor)
 

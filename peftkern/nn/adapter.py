@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import warn_once
-from ..ops._common import autocast_inputs
+from ..ops._common import autocast_dtype
 from ..ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter
 from ._frozen import global_hooks, hooked
 from ._peft_ref import PEFTRefProperties
@@ -172,7 +172,7 @@ class BottleneckAdapter(nn.Module):
         u = self.up(_EAGER_ACTIVATIONS[ACTIVATION_ALIASES[self.non_linearity.lower()]](self.down(x)))
         r = h if residual is None else residual
         s = self.scale if self.scale is not None else self.scaling
-        return (r.to(u.dtype) + s * u).to(autocast_inputs(h, ())[0].dtype)
+        return (r.to(u.dtype) + s * u).to(autocast_dtype(h))
 
     def extra_repr(self) -> str:
         scaling = "learned" if self.scale is not None else f"{self.scaling:g}"

@@ -70,12 +70,25 @@ def autocast_inputs(x: Tensor, frozen: Sequence[Optional[Tensor]]) -> tuple[Tens
 
     The adapters keep their own dtype: the kernels read them in any float dtype without copies of x.
     """
-    device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_target(x)
+    if dtype is None:
         return x, list(frozen)
-    dtype = torch.get_autocast_dtype(device_type)
     cast = [t.to(dtype) if _autocast_eligible(t) else t for t in frozen]
     return (x.to(dtype) if _autocast_eligible(x) else x), cast
+
+
+def _autocast_target(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts to on x's device, or None where it is off (or the device has none)."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast_inputs gives x, without casting it."""
+    dtype = _autocast_target(x)
+    return dtype if dtype is not None and _autocast_eligible(x) else x.dtype
 
 
 def _autocast_eligible(t: Optional[Tensor]) -> bool:
@@ -429,10 +442,11 @@ def pick_backend(op: str, x: Tensor, *operands: Optional[Tensor]) -> str:
     if x.dtype not in KERNEL_DTYPES:
         warn_once(f"{op}-dtype-{x.dtype}", f"peftkern {op}: {x.dtype} inputs run on the reference path")
         return "torch"
+    compiling = torch.compiler.is_compiling()  # traced, every operand is a FakeTensor or a functional wrapper
     for t in (x, *operands):
         if t is None:
             continue
-        if not torch.compiler.is_compiling() and type(t) not in (Tensor, torch.nn.Parameter):
+        if not compiling and type(t) not in (Tensor, torch.nn.Parameter):
             warn_once(f"{op}-subclass-{type(t).__name__}",
                       f"peftkern {op}: tensor subclass {type(t).__name__} runs on the reference path")
             return "torch"
