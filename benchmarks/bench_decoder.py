@@ -106,6 +106,8 @@ def implementations(frozen: DecoderLayer, method: str, compile_anchor: bool, dty
         return bottleneck_implementations(frozen, dtype)
     impls = {"frozen layer (floor)": (frozen, [])}
     for fp32, label in ((False, f"{str(dtype)[6:]} adapters"), (True, "fp32 adapters, PEFT default")):
+        if fp32 and dtype == torch.float32:
+            continue  # a float32 model's adapters are float32 either way: the same rows twice, under two labels
         model, params = with_adapters(frozen, method, fp32)
         impls[f"PEFT {method} eager ({label})"] = (model, params)
         fused, fparams = with_adapters(frozen, method, fp32)

@@ -160,6 +160,8 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
         for method, impl, fp32, compiled in workloads.variants(methods, args.compile and device == "cuda"):
             if args.compiled_only and compiled is False and (method != "none" or impl != "frozen"):
                 continue  # the eager floor stays: every ratio is taken against it
+            if fp32 and dtype == torch.float32:
+                continue  # a float32 model's adapters are float32 either way: the same row twice, under two labels
             compiled = args.compile_mode if (compiled and args.compile_mode) else compiled
             name = workloads.describe(method, impl, fp32, compiled, model_dtype)
             pass_ = "train step" + (" +ckpt" if ckpt else "")

@@ -198,9 +198,21 @@ def environment() -> dict:
     env["backends"] = _backend.backend_status()
     # what changes which kernel runs without changing a row's label: the forced backend and peftkern's switches
     env["backend"] = _backend.get_backend() or "auto"
-    env["settings"] = {k: v for k, v in sorted(os.environ.items())
-                       if k.startswith("PEFTKERN_") or k == "TRITON_INTERPRET"}
+    env["settings"] = {k: v for k, v in sorted(os.environ.items()) if _is_setting(k)}
     return env
+
+
+# environment variables that change which kernel runs or how fast: peftkern's switches, Triton's, inductor's (the
+# compiled anchors), torch's and CUDA's (CUDA_LAUNCH_BLOCKING serialises every launch, NVIDIA_TF32_OVERRIDE turns TF32
+# off under torch's flags), the CPU's thread counts
+_SETTING_PREFIXES = ("PEFTKERN_", "TRITON_", "TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "CUDA_", "CUBLAS_", "NCCL_")
+_SETTING_NAMES = ("NVIDIA_TF32_OVERRIDE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _is_setting(name: str) -> bool:
+    if any(word in name for word in ("TOKEN", "SECRET", "PASSWORD", "KEY")):
+        return False
+    return name in _SETTING_NAMES or name.startswith(_SETTING_PREFIXES)
 
 
 def _cpu_model() -> Optional[str]:

@@ -11,13 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 
 def load(path) -> dict:
     if not Path(path).is_file():
         raise SystemExit(f"no such benchmark result: {path}")
-    return json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{path}: not a benchmark result ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "environment" not in data:
+        raise SystemExit(f"{path}: not a benchmark result (no rows and environment; benchmarks/results/distributed/ "
+                         "holds another format)")
+    return data
 
 
 def table(data: dict, passes=None) -> str:
@@ -36,8 +44,12 @@ def table(data: dict, passes=None) -> str:
            f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')})\n\n"
     per_pass = ["ms", "ratio"] + (["ratio to bytes"] if by_bytes else [])
     cols = " | ".join(f"{p} {c}" for p in passes for c in per_pass)
-    lines = [f"| case | implementation | {cols} | tokens/s ({passes[-1]}) | peak MiB |",
-             "|" + " --- |" * (4 + len(per_pass) * len(passes))]
+    # a peak per pass that has one (bench e2e --checkpointing: the checkpointed step's peak is about half the other's)
+    peak_passes = [p for p in passes if any(r["pass"] == p and r.get("peak_mb") is not None for r in data["rows"])]
+    peak_cols = peak_passes or [None]
+    peak_head = " | ".join("peak MiB" if p is None or len(passes) == 1 else f"peak MiB ({p})" for p in peak_cols)
+    lines = [f"| case | implementation | {cols} | tokens/s ({passes[-1]}) | {peak_head} |",
+             "|" + " --- |" * (3 + len(peak_cols) + len(per_pass) * len(passes))]
     graphs = any(r.get("extra", {}).get("cuda_graph") for r in data["rows"])
     for case, impls in cases.items():
         for impl, by_pass in impls.items():
@@ -45,12 +57,13 @@ def table(data: dict, passes=None) -> str:
             for p in passes:
                 r = by_pass.get(p)
                 cells += _cells(r, graphs, by_bytes) if r else ["-"] * len(per_pass)
-            mem = next((r["peak_mb"] for r in by_pass.values() if r.get("peak_mb") is not None), None)
+            mems = [(by_pass.get(p) or {}).get("peak_mb") if p else None for p in peak_cols]
             last = by_pass.get(passes[-1]) or {}
             tps = last.get("extra", {}).get("tokens_per_s") or (
                 _m_of(case) / last["ms"] * 1e3 if last and _m_of(case) else None)
+            peaks = " | ".join("-" if mem is None else f"{mem:.0f}" for mem in mems)
             lines.append(f"| {case} | {impl} | {' | '.join(cells)} | {'-' if tps is None else f'{tps:,.0f}'} | "
-                         f"{'-' if mem is None else f'{mem:.0f}'} |")
+                         f"{peaks} |")
     return head + "\n".join(lines)
 
 
@@ -188,6 +201,8 @@ def _basis(data: dict, row: dict) -> dict:
                                             "cuda_graph")})
     if data.get("benchmark") == "e2e":
         basis["floor"] = basis["floor"] or "frozen model (eager)"  # every row's, before the key was written
+        # --rank is in neither the case nor the implementation's name (the frozen rows have no adapters to rank)
+        basis["rank"] = config.get("rank") if row.get("method") != "none" else None
         if basis["timing"] == "eager steps between CUDA events":  # renamed when compiled steps came, same method
             basis["timing"] = "steps between CUDA events"
     return basis
@@ -203,10 +218,15 @@ def compare(a: dict, b: dict) -> str:
     are measured against different floors or timings, the change is not given and the difference is named."""
     key = lambda r: (r["case"], r["impl"], r["pass"])
     rows_a = {key(r): r for r in a["rows"]}
+    keys_b = {key(r) for r in b["rows"]}
+    # a key two rows of one run share (a case given twice) cannot be paired: which of them would B's row be?
+    twice = {k for d in (a, b) for k, n in Counter(key(r) for r in d["rows"]).items() if n > 1}
     where = lambda d: d['environment'].get('gpu') or d['environment'].get('cpu')  # noqa: E731
     lines = [f"A: {a['environment'].get('git')} on {where(a)}   B: {b['environment'].get('git')} on {where(b)}",
              "| case | implementation | pass | ms A | ms B | ratio A | ratio B | change |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if a.get("benchmark") != b.get("benchmark"):
+        lines[0] += f"   (different benchmarks: {a.get('benchmark')} / {b.get('benchmark')})"
     if not any(key(r) in rows_a for r in b["rows"]):
         return "\n".join([lines[0], "no case, implementation and pass in common: nothing to compare"])
     for r in b["rows"]:
@@ -215,12 +235,20 @@ def compare(a: dict, b: dict) -> str:
             continue
         basis_a, basis_b = _basis(a, old), _basis(b, r)
         differ = _bases_differ(basis_a, basis_b)
-        if differ:
+        if key(r) in twice:
+            change = "not comparable: several rows for this case, implementation and pass in one run"
+        elif differ:
             change = "not comparable: " + ", ".join(differ)
         else:
             change = f"{(r['ratio'] - old['ratio']) / old['ratio'] * 100:+.1f}%"
         lines.append(f"| {r['case']} | {r['impl']} | {r['pass']} | {old['ms']:.4g} | {r['ms']:.4g} | "
                      f"{old['ratio']:.2f}x | {r['ratio']:.2f}x | {change} |")
+    # rows of one run only: a row that failed in one run, a case only one of them timed (they were left out silently)
+    for label, only in (("A", [k for k in rows_a if k not in keys_b]),
+                        ("B", list(dict.fromkeys(k for k in map(key, b["rows"]) if k not in rows_a)))):
+        if only:
+            lines += ["", f"only in {label} ({len(only)} rows, not compared):",
+                      *[f"| {case} | {impl} | {pass_} |" for case, impl, pass_ in only]]
     return "\n".join(lines)
 
 

@@ -335,6 +335,8 @@ def test_bench_e2e_records_its_optimizer(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
     assert data["rows"] and {r["extra"]["optimizer"] for r in data["rows"]} == {"adamw-fused"}
+    # the CPU's model is float32: PEFT's default fp32 adapters are its adapters, not a second row under another label
+    assert not any("fp32 adapters" in r["impl"] for r in data["rows"]), [r["impl"] for r in data["rows"]]
 
 
 # The command-line tools at the edges (a review of them on the CPU, 2026-12-04); each test failed before its fix.
@@ -685,3 +687,110 @@ def test_bench_decoder_refuses_a_fused_row_that_fell_back(tmp_path, capsys):
     assert status == 1 and "fell back to PEFT's path" in capsys.readouterr().err
     rows = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())["rows"]
     assert rows and not any(r["impl"].startswith("peftkern.fuse") for r in rows)
+
+
+# The benchmark reports as a user comparing runs reads them (a review of the benchmark tooling, 2026-12-05); each
+# test failed before its fix.
+
+
+def _result(rows, benchmark="lora", config=None, **env):
+    """A saved benchmark result with these (case, impl, pass, ratio[, peak_mb]) rows."""
+    out = []
+    for case, impl, pass_, ratio, *peak in rows:
+        out.append({"method": benchmark, "case": case, "impl": impl, "pass": pass_, "ms": ratio, "spread_ms": 0.0,
+                    "ratio": ratio, "peak_mb": peak[0] if peak else None, "extra": {}})
+    environment = {"gpu": "GPU", "torch": "2", "git": "abc", **env}
+    return {"benchmark": benchmark, "environment": environment, "config": config or {"timing": "t"}, "rows": out}
+
+
+def test_compare_lists_the_rows_of_one_run_only():
+    """A row in one run only (a peftkern row that failed in B, a case only one run had) vanished from the comparison
+    without a word: 26 of the 66 rows of bench-all-h200-218c97b/lora-...121331.json against lora-...134736.json."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    a = _result([("M=16", "floor", "fwd", 1.0), ("M=16", "peftkern triton", "fwd", 1.1), ("M=8", "floor", "fwd", 1.0)])
+    b = _result([("M=16", "floor", "fwd", 1.0), ("M=32", "floor", "fwd", 1.0)])
+    out = report.compare(a, b)
+    assert "+0.0%" in out
+    assert "only in A" in out and "M=16 | peftkern triton | fwd" in out and "M=8 | floor | fwd" in out, out
+    assert "only in B" in out and "M=32 | floor | fwd" in out, out
+
+
+def test_compare_does_not_pair_rows_a_run_holds_twice():
+    """A key held by two rows of one run (--shapes given twice) paired every B row with A's last one."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    a = _result([("M=16", "peftkern triton", "fwd", 1.1), ("M=16", "peftkern triton", "fwd", 2.2)])
+    b = _result([("M=16", "peftkern triton", "fwd", 1.1)])
+    out = report.compare(a, b)
+    assert "-50.0%" not in out and "several rows" in out, out
+
+
+def test_compare_marks_e2e_rows_of_another_rank_not_comparable():
+    """bench e2e's --rank is in neither the case, the implementation nor the basis: a rank-16 run against a rank-64
+    run gave a change for every adapter row."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    rows = [("llama-1b 4x2048", "frozen model (floor)", "train step", 1.0),
+            ("llama-1b 4x2048", "PEFT lora (bf16 adapters)", "train step", 1.2)]
+    a = _result(rows, "e2e", {"timing": "t", "rank": 16})
+    b = _result(rows, "e2e", {"timing": "t", "rank": 64})
+    for data in (a, b):
+        data["rows"][0]["method"] = "none"
+    out = report.compare(a, b)
+    assert "not comparable: rank 16 / 64" in out, out
+    assert "| frozen model (floor) | train step | 1 | 1 | 1.00x | 1.00x | +0.0% |" in out, out
+
+
+def test_table_gives_each_pass_its_peak_memory():
+    """bench e2e --checkpointing: the table's one peak column held the first pass's peak beside the last pass's
+    tokens/s, and the checkpointed rows' peaks (about half) were in no column."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    data = _result([("c", "frozen", "train step", 1.0, 8579.0), ("c", "frozen", "train step +ckpt", 1.0, 4702.0)],
+                   "e2e")
+    out = report.table(data)
+    assert "peak MiB (train step)" in out and "peak MiB (train step +ckpt)" in out, out
+    assert "| 8579 | 4702 |" in out, out
+
+
+def test_reports_refuse_a_json_that_is_no_benchmark_result(tmp_path):
+    """benchmarks/results/distributed/*.json (no rows) and a non-JSON file gave tracebacks."""
+    (tmp_path / "ddp.json").write_text(json.dumps({"mode": "ddp"}))
+    (tmp_path / "notes.json").write_text("# not json")
+    for name in ("ddp.json", "notes.json"):
+        out = _run("bench", "--compare", str(tmp_path / name), str(tmp_path / name))
+        assert out.returncode == 1 and "Traceback" not in out.stderr and "not a benchmark result" in out.stderr, \
+            out.stderr[-2000:]
+
+
+def test_environment_records_the_settings_that_change_timings(monkeypatch):
+    """CUDA_LAUNCH_BLOCKING (every launch synchronises: the host-bound steps), NVIDIA_TF32_OVERRIDE, inductor's and
+    Triton's switches and the CPU thread counts change the numbers and were not saved."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    for name in ("CUDA_LAUNCH_BLOCKING", "NVIDIA_TF32_OVERRIDE", "TORCHINDUCTOR_MAX_AUTOTUNE", "TRITON_F32_DEFAULT",
+                 "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("TORCH_HUB_TOKEN", "secret")
+    settings = common.environment()["settings"]
+    assert {"CUDA_LAUNCH_BLOCKING", "NVIDIA_TF32_OVERRIDE", "TORCHINDUCTOR_MAX_AUTOTUNE", "TRITON_F32_DEFAULT",
+            "OMP_NUM_THREADS"} <= set(settings), settings
+    assert "TORCH_HUB_TOKEN" not in settings
+
+
+def test_bench_decoder_times_a_float32_model_once_per_implementation(tmp_path):
+    """In a float32 model PEFT's default fp32 adapters are the model's own: the CPU run timed the same layer twice
+    under two labels (7.4 and 10.6 ms), and read as a cost of fp32 adapters."""
+    pytest.importorskip("peft")
+    from peftkern import cli
+
+    assert cli.main(["bench", "decoder", "--method", "lora", "--no-compile", "--tokens", "64", "--out",
+                     str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("decoder-*.json")).read_text())["rows"]
+    assert rows and not any("fp32 adapters" in r["impl"] for r in rows), [r["impl"] for r in rows]
