@@ -46,8 +46,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    peftkern.fuse(model)
-    return model
+    report = peftkern.fuse(model)
+    return model, report
 
 
 def environment(device: torch.device) -> dict:
@@ -63,18 +63,30 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "fsdp2"], default="single")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--steps", type=_at_least(1), default=20)
+    parser.add_argument("--batch", type=_at_least(1), default=8, help="global batch (sequences)")
+    parser.add_argument("--seq", type=_at_least(2), default=32, help="tokens a sequence (2 or more: one label)")
     parser.add_argument("--out", default=None, help="JSON with the losses (rank 0)")
     parser.add_argument("--save", default=None, help="save_pretrained directory for the adapter (rank 0)")
     args = parser.parse_args(argv)
 
     distributed = args.mode != "single"
+    if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"launched as {os.environ['WORLD_SIZE']} processes (torchrun) with --mode single: each would "
+                         "train alone on the whole batch; pass --mode ddp or --mode fsdp2")
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -85,7 +97,7 @@ def main(argv=None) -> dict:
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must divide among {world} ranks")
 
-    model = build(args.size, device, dtype)
+    model, report = build(args.size, device, dtype)
     train_model = model
     if args.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -127,7 +139,10 @@ def main(argv=None) -> dict:
     steady = times[len(times) // 2:]
     result = {"mode": args.mode, "world": world, "size": args.size, "losses": losses,
               "tokens_per_s_per_gpu": per_rank * args.seq / (sum(steady) / len(steady)), "device": str(device),
-              "environment": environment(device)}
+              "environment": environment(device),
+              # the run trained the fused op only if every layer fused and no call fell back to PEFT's forward
+              "fused_layers": len(report.fused), "skipped_layers": len(report.skipped),
+              "fallback_calls": sum(report.fallbacks.values())}
     if args.save:
         if args.mode == "fsdp2":  # gather the sharded adapter weights before saving
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

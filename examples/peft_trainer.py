@@ -41,7 +41,8 @@ def main(argv=None):
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    print(peftkern.fuse(model))                         # the one line: PEFT's LoRA layers now run fused kernels
+    report = peftkern.fuse(model)                       # the one line: PEFT's LoRA layers now run fused kernels
+    print(report)
 
     trainer = Trainer(model=model, train_dataset=RandomTokens(),
                       args=TrainingArguments(output_dir=out, max_steps=10, per_device_train_batch_size=8,
@@ -56,6 +57,9 @@ def main(argv=None):
     diff = (reloaded(input_ids=ids).logits - fused_logits).abs().max().item()
     print(f"saved to {out}; max |plain PEFT reload - fused| = {diff:.2e}")
     assert diff < 1e-3, diff
+    # the comparison says something only if the fused op computed fused_logits: no layer skipped, no call fell back
+    assert report.fused and not report.skipped and not report.fallbacks, str(report)
+    return {"diff": diff, "fused": len(report.fused), "fallbacks": dict(report.fallbacks)}
 
 
 if __name__ == "__main__":
