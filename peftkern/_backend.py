@@ -9,6 +9,7 @@ the Triton kernels also run on CPU tensors under TRITON_INTERPRET=1 (that is how
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -33,10 +34,28 @@ _warned: set = set()
 # which is when the fallback is decided, and the graph keeps only its answer.
 @torch.compiler.assume_constant_result
 def warn_once(cause: str, message: str) -> None:
-    """One RuntimeWarning per cause per process (a fallback that would otherwise warn on every call)."""
+    """One RuntimeWarning per cause per process (a fallback that would otherwise warn on every call), attributed to
+    the first caller outside peftkern and the libraries that call into it (_CALLERS_SKIPPED): the user's line."""
     if cause not in _warned:
         _warned.add(cause)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=_callers_stacklevel())
+
+
+# The packages whose frames lie between a user's line and a fallback: peftkern's own calls, torch's nn.Module call and
+# autograd, and the model and adapter code of transformers, peft and accelerate (a fixed stacklevel named a line
+# inside peftkern, which depended on the call path; a review, 2026-12-05).
+_CALLERS_SKIPPED = ("peftkern", "torch", "transformers", "peft", "accelerate")
+
+
+def _callers_stacklevel() -> int:
+    """warnings.warn's stacklevel, called in warn_once, of the first frame outside _CALLERS_SKIPPED's folders: 2 is
+    warn_once's caller. The folders come from the packages already imported, so nothing is imported here."""
+    folders = tuple(os.path.dirname(module.__file__) + os.sep for module in map(sys.modules.get, _CALLERS_SKIPPED)
+                    if getattr(module, "__file__", None))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(folders):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def set_backend(name: Optional[str]) -> None:

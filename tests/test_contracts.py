@@ -454,3 +454,22 @@ def test_krona_lora_route_runs_on_kronas_backend(monkeypatch):
     x = torch.randn(5, 24)
     peftkern.krona_linear(x, torch.randn(20, 24), torch.randn(4, 6), (torch.randn(5, 2), torch.randn(2, 4)), 0.5)
     assert seen == ["triton"], seen
+
+
+def test_a_fallback_warning_names_the_callers_line(monkeypatch):
+    """A fallback's one warning points at the user's line, through the op and through a layer's nn.Module call: a
+    fixed stacklevel named a line inside peftkern (ops/_common.py, or torch's module call for a layer)."""
+    import warnings
+
+    from peftkern import _backend
+
+    peftkern.set_backend("triton")
+    layer = peftkern.nn.LoRALinear.from_linear(torch.nn.Linear(8, 8, dtype=torch.float64, device=DEVICE), r=2)
+    x = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
+    for call in (lambda: peftkern.lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, 2.0), lambda: layer(x)):
+        monkeypatch.setattr(_backend, "_warned", set())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in caught if "reference path" in str(w.message)] == [__file__], \
+            [(w.filename, w.lineno, str(w.message)) for w in caught]
