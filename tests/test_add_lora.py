@@ -513,3 +513,35 @@ def test_load_lora_loads_a_file_that_adapts_a_mamba_out_proj(tmp_path, monkeypat
     with pytest.warns(RuntimeWarning, match="loaded as the file says"):
         loaded = peftkern.load_lora(transformers.MambaForCausalLM(config).to(DEVICE), str(tmp_path))
     assert loaded == ["backbone.layers.0.mixer.out_proj"]
+
+
+def test_a_tied_weight_is_named_at_add_lora_and_refused_by_merge_and_unload(tmp_path):
+    """A LoRA on a tied lm_head (tie_word_embeddings) merged into the tensor the input embedding shares: the embedding
+    changed by 1.3 and the merged model computed another function, without a word (a review, 2026-12-05). add_lora
+    warns, merge_and_unload refuses before any layer changes, and merges once the weight is untied."""
+    torch.manual_seed(run_seed(0))
+    model = tiny_gpt2().to(DEVICE).eval()  # GPT-2 ties lm_head to wte
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.warns(RuntimeWarning, match="lm_head's weight is tied to transformer.wte.weight"):
+        peftkern.add_lora(model, ["c_attn", "lm_head"], r=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = batch("gpt2")
+    wte = model.transformer.wte.weight.detach().clone()
+    with torch.no_grad():
+        expected = model(**x).logits
+    with pytest.raises(ValueError, match="tied to transformer.wte.weight"):
+        peftkern.merge_and_unload(model)
+    assert len(lora_layers(model)) == 3 and torch.equal(model.transformer.wte.weight, wte), "nothing changed"
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    assert "lm_head" in peftkern.merge_and_unload(model)
+    assert torch.equal(model.transformer.wte.weight, wte), "the embedding is left alone"
+    with torch.no_grad():
+        assert_close(model(**x).logits, expected, torch.float32, "merged after untying", scale=10.0)
+    model.save_pretrained(str(tmp_path))  # what the error message promises of the untied model
+    reloaded = type(model).from_pretrained(str(tmp_path)).to(DEVICE).eval()
+    with torch.no_grad():
+        assert_close(reloaded(**x).logits, expected, torch.float32, "reloaded after untying", scale=10.0)

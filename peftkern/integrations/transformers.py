@@ -105,6 +105,11 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     if not adapted:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear or Conv1D in the model")
     mark_to_save(model, to_save)
+    tied = _tied_weights(model, {name: model.get_submodule(name) for name in adapted})
+    if tied:
+        warnings.warn(f"add_lora: {_describe_tied(tied)}: merging these layers would change the modules their weight "
+                      "is tied to as well, so merge_and_unload refuses them until they are untied", RuntimeWarning,
+                      stacklevel=2)
     if getattr(model, "_peftkern_lora_config", None) is None:  # a second call's layers differ by rank_pattern
         model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
     return adapted
@@ -154,6 +159,12 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     factors). Returns the names replaced. Bottleneck adapters, which do not merge, stay (remove_adapters detaches
     them), as do the trained modules_to_save."""
     model = _unwrapped(model)
+    tied = _tied_weights(model, {name: m for name, m in model.named_modules() if isinstance(m, _WRAPPING_LAYERS)})
+    if tied:  # checked before any layer changes
+        raise ValueError(f"merge_and_unload: {_describe_tied(tied)}: merging would change them too (a tied lm_head's "
+                         "merge changes the input embedding), and the model would compute another function. Untie "
+                         "first, e.g. model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone()) "
+                         "and model.config.tie_word_embeddings = False, so that save_pretrained keeps both")
     replaced = []
     for name, module in list(model.named_modules()):
         if name and isinstance(module, _WRAPPING_LAYERS):
@@ -162,6 +173,24 @@ def merge_and_unload(model: nn.Module) -> list[str]:
             replaced.append(name)
     vars(model).pop("_peftkern_lora_config", None)
     return replaced
+
+
+def _tied_weights(model: nn.Module, layers: dict) -> dict[str, list[str]]:
+    """For each of `layers` (name -> peftkern layer) whose frozen weight another module of `model` holds too (a tied
+    lm_head and input embedding), the names of those parameters. Merging writes into the shared tensor."""
+    holders: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(pname)
+    tied = {}
+    for name, layer in layers.items():
+        others = [p for p in holders.get(id(layer.weight), []) if p.rpartition(".")[0] != name]
+        if others:
+            tied[name] = others
+    return tied
+
+
+def _describe_tied(tied: dict) -> str:
+    return "; ".join(f"{name}'s weight is tied to {', '.join(others)}" for name, others in tied.items())
 
 
 def _check_target(caller: str, name: str, module: nn.Module) -> None:
