@@ -711,6 +711,13 @@ def _more_layouts():
         "mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(num_key_value_heads=2, vocab_size=64,
                                                                  num_local_experts=4, **small)),
                     text, ("self_attn.o_proj", "mlp")),
+        # a T5 decoder block's feed-forward is its layer.2, an encoder block's layer.1: the layout names it (None)
+        "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                               num_decoder_layers=1, num_heads=4, vocab_size=64)),
+               {"input_ids": ids, "decoder_input_ids": ids}, ("layer.0.SelfAttention.o", None)),
+        "mt5": (lambda: T.MT5ForConditionalGeneration(T.MT5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                                  num_decoder_layers=1, num_heads=4, vocab_size=64)),
+                {"input_ids": ids, "decoder_input_ids": ids}, ("layer.0.SelfAttention.o", None)),
         "qwen2_moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
                           num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2,
                           moe_intermediate_size=16, shared_expert_intermediate_size=16, **small)),
@@ -723,7 +730,7 @@ def _first_output(out):
 
 
 @pytest.mark.parametrize("arch", ["opt", "bart", "phi", "gpt_neox", "falcon", "distilbert", "clip", "vit", "mixtral",
-                                  "qwen2_moe"])
+                                  "qwen2_moe", "t5", "mt5"])
 def test_more_layouts_take_the_documented_placements(arch, tmp_path):
     """add_adapters refused these models ("found no Llama-, GPT-2- or BERT-style transformer layers", a review,
     2026-12-05; the mixtures of experts, whose every layer is one, too). Each now gets houlsby's and the parallel
@@ -747,11 +754,12 @@ def test_more_layouts_take_the_documented_placements(arch, tmp_path):
     assert (expected - base).abs().max() > 1e-3, "the adapters run"
     eager = copy.deepcopy(model)
     peftkern.remove_adapters(eager)
-    for (_, layer, _), (_, source, _) in zip(transformer_layers(eager), transformer_layers(model)):
+    for (_, layer, layout), (_, source, _) in zip(transformer_layers(eager), transformer_layers(model)):
         att, par = (source.bottleneck_adapters[p] for p in ("after_attention", "parallel_feed_forward"))
         layer.get_submodule(attention).register_forward_hook(lambda m, a, out, ad=att: out + _eager(ad, out))
-        if isinstance(feed_forward, str):
-            layer.get_submodule(feed_forward).register_forward_hook(lambda m, a, out, ad=par: out + _eager(ad, a[0]))
+        if feed_forward is None or isinstance(feed_forward, str):
+            layer.get_submodule(feed_forward or layout.feed_forward).register_forward_hook(
+                lambda m, a, out, ad=par: out + _eager(ad, a[0]))
         else:  # the feed-forward block is the layer's own fc1 ... fc2
             store = {}
             layer.get_submodule(feed_forward[0]).register_forward_pre_hook(lambda m, a, s=store: s.update(x=a[0]))

@@ -157,6 +157,11 @@ LAYOUTS = (
     # OPT, and BART / Whisper / Marian encoder and decoder layers (a decoder's cross-attention gets no adapter):
     # the feed-forward block is fc1, activation, fc2 on the layer itself
     _Layout("bart", "self_attn.out_proj", "fc2", feed_forward_input=("fc1", 0)),
+    # T5 / mT5 blocks: layer.0 is the self-attention, then a decoder's cross-attention (no adapter), then the
+    # feed-forward block (DenseReluDense, gated or not, whose input is the layer-normed hidden state)
+    _Layout("t5_decoder", "layer.0.SelfAttention.o", "layer.2.DenseReluDense.wo",
+            feed_forward="layer.2.DenseReluDense"),
+    _Layout("t5", "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wo", feed_forward="layer.1.DenseReluDense"),
 )
 
 
