@@ -473,3 +473,148 @@ def test_a_fallback_warning_names_the_callers_line(monkeypatch):
             call()
         assert [w.filename for w in caught if "reference path" in str(w.message)] == [__file__], \
             [(w.filename, w.lineno, str(w.message)) for w in caught]
+
+
+# A review of the inputs' checks, 2026-12-06: each case below raised from deep inside (AttributeError, RuntimeError,
+# NotImplementedError), or ran on a silently wrong reading of its argument, before its fix.
+
+
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)  # cuda: KronA's merge on Triton
+def test_merges_check_their_scalars_and_flags(backend):
+    """The merges read scaling and sign by float() and their flags by truthiness: True, "0.5" and a tensor that
+    requires grad merged, an IA3 inverse="no" divided the weight by l, a rank-0 LoRA merged nothing (lora_linear
+    refuses all of them)."""
+    w = torch.randn(6, 8, device=DEVICE)
+    A, B = torch.randn(2, 8, device=DEVICE), torch.randn(6, 2, device=DEVICE)
+    fa, fb = torch.randn(2, 2, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    l_ = torch.rand(6, device=DEVICE) + 0.5
+    merges = {"lora": lambda **kw: peftkern.lora_merge_(w, A, B, **{"scaling": 0.5, **kw}),
+              "krona": lambda **kw: peftkern.krona_merge_(w, fa, fb, **{"scaling": 0.5, **kw})}
+    for merge in merges.values():
+        for bad in (True, "0.5", torch.tensor(0.5, requires_grad=True)):
+            with pytest.raises(TypeError, match="scaling must be a number"):
+                merge(scaling=bad)
+        with pytest.raises(ValueError, match="scaling must be a number, got a tensor of shape"):
+            merge(scaling=torch.ones(2))
+        with pytest.raises(TypeError, match="sign must be a number"):
+            merge(sign=True)
+    with pytest.raises(TypeError, match="weight_transposed must be a bool"):
+        peftkern.lora_merge_(w, A, B, 0.5, weight_transposed="no")
+    with pytest.raises(ValueError, match="LoRA rank must be at least 1"):
+        peftkern.lora_merge_(w, A[:0], B[:, :0], 0.5)
+    for flag in ("inverse", "scale_input", "weight_transposed"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            peftkern.ia3_merge_(w, l_, **{flag: "no"})
+    w0 = w.clone()
+    with pytest.raises(ValueError, match=r"scale of shape \(2, 3\) does not fit weight \(6, 8\)"):
+        peftkern.ia3_merge_(w, l_.reshape(2, 3))  # a matrix of N values: ia3_linear refuses it
+    assert torch.equal(w, w0), "a refused merge changes nothing"
+
+
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+@pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
+def test_merge_refuses_an_expanded_weight(backend, kind):
+    """An expanded weight (stride 0): the reference raised torch's RuntimeError, the Triton LoRA and KronA merge
+    kernels wrote every row into the one row in memory (a silently wrong weight)."""
+    row = torch.randn(1, 8, device=DEVICE)
+    w = row.expand(6, 8)
+    merge = {"lora": lambda: peftkern.lora_merge_(w, torch.randn(2, 8, device=DEVICE),
+                                                  torch.randn(6, 2, device=DEVICE), 0.5),
+             "ia3": lambda: peftkern.ia3_merge_(w, torch.rand(6, device=DEVICE) + 0.5),
+             "krona": lambda: peftkern.krona_merge_(w, torch.randn(2, 2, device=DEVICE),
+                                                    torch.randn(3, 4, device=DEVICE), 0.5)}[kind]
+    before = row.clone()
+    with pytest.raises(ValueError, match=r"weight must not be an expanded view .* shape \(6, 8\)"):
+        merge()
+    assert torch.equal(row, before)
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+def test_krona_refuses_a_stacked_factor_of_no_terms(backend):
+    """A stacked (0, n, k) factor (T = 0 terms): an empty list is refused, but this ran on (the reference's
+    krona_linear and the torch backend's merge raised AttributeError: 'int' object has no attribute 'reshape')."""
+    x, w = torch.randn(5, 12, device=DEVICE), torch.randn(10, 12, device=DEVICE)
+    a, b = torch.randn(0, 2, 3, device=DEVICE), torch.randn(0, 5, 4, device=DEVICE)
+    pair = (torch.randn(0, 5, 2, device=DEVICE), torch.randn(0, 2, 4, device=DEVICE))
+    for B in (b, pair):
+        with pytest.raises(ValueError, match=r"must hold at least one term, got a stacked"):
+            peftkern.krona_linear(x, w, a if B is pair else torch.randn(1, 2, 3, device=DEVICE), B, 0.5)
+        with pytest.raises(ValueError, match=r"must hold at least one term, got a stacked"):
+            peftkern.krona_merge_(w, torch.randn(1, 2, 3, device=DEVICE), B, 0.5)
+    with pytest.raises(ValueError, match=r"A must hold at least one term, got a stacked factor of shape \(0, 2, 3\)"):
+        peftkern.krona_linear(x, w, a, b, 0.5)
+
+
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+def test_op_flags_must_be_bools(backend):
+    """weight_transposed and training were read by truthiness: weight_transposed="False" ran a square weight
+    transposed, a silently wrong output."""
+    x, w = torch.randn(5, 8, device=DEVICE), torch.randn(8, 8, device=DEVICE)
+    A, B = torch.randn(2, 8, device=DEVICE), torch.randn(8, 2, device=DEVICE)
+    with pytest.raises(TypeError, match="weight_transposed must be a bool"):
+        peftkern.lora_linear(x, w, A, B, 0.5, weight_transposed="False")
+    with pytest.raises(TypeError, match="training must be a bool"):
+        peftkern.lora_linear(x, w, A, B, 0.5, dropout_p=0.1, training="False")
+    with pytest.raises(TypeError, match="weight_transposed must be a bool"):
+        peftkern.ia3_linear(x, w, torch.randn(8, device=DEVICE), weight_transposed="False")
+
+
+def _int_linear() -> torch.nn.Linear:
+    linear = torch.nn.Linear(12, 10, bias=False)
+    linear.weight = torch.nn.Parameter(torch.ones(10, 12, dtype=torch.int8), requires_grad=False)
+    return linear
+
+
+LAYER_CASES = {  # a layer's construction -> (the exception, what its message says)
+    "lora int weight": (lambda: peftkern.nn.LoRALinear.from_linear(_int_linear()), TypeError, "must be floating"),
+    "lora int adapter_dtype": (lambda: peftkern.nn.LoRALinear.from_linear(torch.nn.Linear(12, 10),
+                                                                          adapter_dtype=torch.int32),
+                               TypeError, "adapter_dtype must be a floating"),
+    "lora int dtype": (lambda: peftkern.nn.LoRALinear(12, 10, r=2, dtype=torch.int64), TypeError, "must be floating"),
+    "lora negative in_features": (lambda: peftkern.nn.LoRALinear(-1, 10, r=2), ValueError, "in_features must be >= 0"),
+    "lora alpha True": (lambda: peftkern.nn.LoRALinear(12, 10, r=2, alpha=True), TypeError, "alpha must be a number"),
+    "lora alpha grad tensor": (lambda: peftkern.nn.LoRALinear(12, 10, r=2, alpha=torch.tensor(2.0, requires_grad=True)),
+                               TypeError, "alpha must be a number"),
+    "lora r True": (lambda: peftkern.nn.LoRALinear(12, 10, r=True), TypeError, "r must be an int"),
+    "lora weight_transposed str": (lambda: peftkern.nn.LoRALinear(12, 10, r=2, weight_transposed="no"), TypeError,
+                                   "weight_transposed must be a bool"),
+    "ia3 feedforward str": (lambda: peftkern.nn.IA3Linear.from_linear(torch.nn.Linear(12, 10), feedforward="no"),
+                            TypeError, "feedforward must be a bool"),
+    "ia3 int scale_dtype": (lambda: peftkern.nn.IA3Linear(12, 10, scale_dtype=torch.int64), TypeError,
+                            "scale_dtype must be a floating"),
+    "krona int dtype": (lambda: peftkern.nn.KronALinear(12, 10, dtype=torch.int64), TypeError, "must be floating"),
+    "krona int weight": (lambda: peftkern.nn.KronALinear.from_linear(_int_linear()), TypeError, "must be floating"),
+    "krona scaling True": (lambda: peftkern.nn.KronALinear(12, 10, scaling=True), TypeError,
+                           "scaling must be a number"),
+    "krona scaling str": (lambda: peftkern.nn.KronALinear(12, 10, scaling="0.5"), TypeError,
+                          "scaling must be a number"),
+    "krona scaling grad tensor": (lambda: peftkern.nn.KronALinear(12, 10,
+                                                                  scaling=torch.tensor(0.5, requires_grad=True)),
+                                  TypeError, "scaling must be a number"),
+    "krona a_shape float": (lambda: peftkern.nn.KronALinear(12, 10, a_shape=(2.5, 3)), TypeError,
+                            "a_shape must be two ints"),
+    "krona a_shape of 3": (lambda: peftkern.nn.KronALinear(12, 10, a_shape=(2, 3, 1)), TypeError,
+                           "a_shape must be two ints"),
+    "adapter non_linearity None": (lambda: peftkern.nn.BottleneckAdapter(12, non_linearity=None), ValueError,
+                                   "non_linearity must be one of"),
+    "adapter scaling True": (lambda: peftkern.nn.BottleneckAdapter(12, scaling=True), TypeError,
+                             "scaling must be a number"),
+    "adapter layer_norm str": (lambda: peftkern.nn.BottleneckAdapter(12, layer_norm="no"), TypeError,
+                               "layer_norm must be a bool"),
+    "adapter negative hidden_size": (lambda: peftkern.nn.BottleneckAdapter(-4, bottleneck_size=2), ValueError,
+                                     "hidden_size must be a non-negative int"),
+    "adapter int dtype": (lambda: peftkern.nn.BottleneckAdapter(12, dtype=torch.int64), TypeError,
+                          "dtype must be a floating"),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layers_check_their_arguments(case):
+    """The layers' constructors and from_linear raise a TypeError / ValueError naming the argument: before, an integer
+    dtype or weight reached nn.Parameter's RuntimeError (KronALinear's init a NotImplementedError), a negative size
+    torch.empty's, non_linearity=None an AttributeError; KronALinear and BottleneckAdapter took scaling=True or "0.5"
+    by float() (a tensor that requires grad lost its gradient), a_shape=(2.5, 3) became (2, 3), and a flag such as
+    feedforward="no" was read as true."""
+    make, error, message = LAYER_CASES[case]
+    with pytest.raises(error, match=message):
+        make()

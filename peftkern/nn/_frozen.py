@@ -13,11 +13,14 @@ Conv1D stores it) with a mergeable adapter beside it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops._common import check_flag
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -103,12 +106,29 @@ def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
                         "such layers on PEFT's path")
 
 
-def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype],
+                      name: str = "adapter_dtype") -> Optional[torch.dtype]:
     """adapter_dtype, or PEFT's default (autocast_adapter_dtype=True): float32 beside a float16 / bfloat16 base, whose
-    rounding would lose most of an optimizer's small updates to the adapter; otherwise the base's dtype."""
+    rounding would lose most of an optimizer's small updates to the adapter; otherwise the base's dtype. A TypeError
+    for a dtype that is not floating (an integer base or adapter_dtype reached nn.Parameter's RuntimeError)."""
+    if base_dtype is not None and not (isinstance(base_dtype, torch.dtype) and base_dtype.is_floating_point):
+        raise TypeError(f"the base layer's weight must be floating (float16, bfloat16, float32, float64), got "
+                        f"{base_dtype}")
     if adapter_dtype is not None:
+        if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise TypeError(f"{name} must be a floating torch.dtype, got {adapter_dtype!r}")
         return adapter_dtype
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def check_features(**sizes) -> None:
+    """Each a non-negative int (a TypeError / ValueError naming it; a negative size reached torch.empty's
+    RuntimeError)."""
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(n).__name__} {n!r}")
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
 
 
 class FrozenLinear(nn.Module):
@@ -119,6 +139,9 @@ class FrozenLinear(nn.Module):
 
     def _make_base(self, in_features: int, out_features: int, bias: bool, weight_transposed: bool, device,
                    dtype) -> None:
+        check_features(in_features=in_features, out_features=out_features)
+        check_flag("weight_transposed", weight_transposed)
+        adapter_dtype_for(dtype, None)  # an integer base dtype: TypeError here, not nn.Parameter's RuntimeError
         self.in_features, self.out_features, self.weight_transposed = in_features, out_features, weight_transposed
         shape = (in_features, out_features) if weight_transposed else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import warn_once
-from ..ops._common import autocast_dtype
+from ..ops._common import autocast_dtype, check_flag, check_scalar
 from ..ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter
 from ._frozen import global_hooks, hooked
 from ._peft_ref import PEFTRefProperties
@@ -89,10 +90,14 @@ class BottleneckAdapter(nn.Module):
                  insertion_form: str = "sequential", init: Optional[str] = None, workspace: str = "",
                  device=None, dtype=None) -> None:
         super().__init__()
-        if non_linearity.lower() not in ACTIVATION_ALIASES:
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, numbers.Integral) or hidden_size < 0:
+            raise ValueError(f"hidden_size must be a non-negative int, got {hidden_size!r}")
+        if not isinstance(non_linearity, str) or non_linearity.lower() not in ACTIVATION_ALIASES:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATION_ALIASES)}, got {non_linearity!r}")
         if insertion_form not in INSERTION_FORMS:
             raise ValueError(f"insertion_form must be one of {INSERTION_FORMS}, got {insertion_form!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         init = init or ("mam" if insertion_form == "parallel" else "bert")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -109,14 +114,14 @@ class BottleneckAdapter(nn.Module):
         self.down = AdapterProjection(hidden_size, bottleneck_size, **factory)
         self.up = AdapterProjection(bottleneck_size, hidden_size, **factory)
         self.down.init, self.up.init = _PROJECTION_INITS[init]
-        self.layer_norm = nn.LayerNorm(hidden_size, **factory) if layer_norm else None
+        self.layer_norm = nn.LayerNorm(hidden_size, **factory) if check_flag("layer_norm", layer_norm) else None
         if scaling == "learned":
             self.scaling = 1.0
             self.scale = nn.Parameter(torch.ones((), **factory))
         elif isinstance(scaling, str):
             raise ValueError(f"scaling must be a number or 'learned', got {scaling!r}")
         else:
-            self.scaling = float(scaling)
+            self.scaling = check_scalar("scaling", scaling)  # as bottleneck_adapter: float() took True
             self.scale = None
         self.peft_ref = self._peft_ref()
         self.reset_parameters()

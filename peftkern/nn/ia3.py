@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops._common import check_flag
 from ..ops.ia3 import ia3_linear, ia3_merge_
 from ._frozen import FrozenLinear, adapter_dtype_for
 from ._peft_ref import PEFTRefProperties
@@ -39,10 +40,11 @@ class IA3Linear(FrozenLinear):
         super().__init__()
         self._make_base(in_features, out_features, bias, weight_transposed, device, dtype)
         self._init_scale(in_features, out_features, feedforward, weight_transposed,
-                         adapter_dtype_for(self.weight.dtype, scale_dtype), device)
+                         adapter_dtype_for(self.weight.dtype, scale_dtype, "scale_dtype"), device)
         self._reset_base()
 
     def _init_scale(self, in_features, out_features, feedforward, weight_transposed, scale_dtype, device):
+        check_flag("feedforward", feedforward)  # a truthy "no" sized l as the input form's
         self.in_features, self.out_features = in_features, out_features
         self.feedforward, self.weight_transposed, self.merged = feedforward, weight_transposed, False
         n = in_features if feedforward else out_features
@@ -56,7 +58,7 @@ class IA3Linear(FrozenLinear):
     def from_linear(cls, linear: nn.Module, feedforward: bool = False,
                     scale_dtype: Optional[torch.dtype] = None) -> "IA3Linear":
         """Wrap an nn.Linear (or GPT-2's Conv1D), sharing and freezing its weight and bias."""
-        dtype = adapter_dtype_for(linear.weight.dtype, scale_dtype)
+        dtype = adapter_dtype_for(linear.weight.dtype, scale_dtype, "scale_dtype")
         return cls._wrap(linear, lambda layer, K, N, transposed: layer._init_scale(
             K, N, feedforward, transposed, dtype, linear.weight.device))
 

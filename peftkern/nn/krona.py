@@ -4,11 +4,13 @@ Kronecker terms (Compacter's PHM layer, Mahabadi et al., 2021)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..ops._common import check_scalar
 from ..ops.krona import krona_linear, krona_merge_
 from ._frozen import FrozenLinear, adapter_dtype_for
 from ._peft_ref import PEFTRefProperties
@@ -57,7 +59,9 @@ def krona_factor_shapes(in_features: int, out_features: int, a_shape: Optional[t
         n1, n2 = factorization(out_features, factor)
         k1, k2 = factorization(in_features, factor)
         return (n1, k1), (n2, k2)
-    n1, k1 = (int(v) for v in a_shape)
+    if len(a_shape) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in a_shape):
+        raise TypeError(f"a_shape must be two ints (n1, k1), got {a_shape!r}")  # int() made (2.5, 3) (2, 3)
+    n1, k1 = a_shape
     if n1 < 1 or k1 < 1 or out_features % n1 or in_features % k1:
         raise ValueError(f"a_shape (n1, k1) = {tuple(a_shape)} must divide the weight's (out_features, in_features) "
                          f"= ({out_features}, {in_features})")
@@ -88,13 +92,17 @@ class KronALinear(FrozenLinear):
 
     def _init_adapter(self, in_features, out_features, a_shape, factor, terms, rank, scaling, adapter_dtype,
                       device) -> None:
+        for name, n in (("terms", terms), ("rank", rank)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)):
+                raise TypeError(f"{name} must be an int, got {type(n).__name__} {n!r}")
         if terms < 1:
             raise ValueError(f"terms must be at least 1, got {terms}")
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be at least 1 (or None for a dense B), got {rank}")
         (n1, k1), (n2, k2) = krona_factor_shapes(in_features, out_features, a_shape, factor)
         self.in_features, self.out_features, self.terms, self.rank = in_features, out_features, terms, rank
-        self.a_shape, self.b_shape, self.scaling = (n1, k1), (n2, k2), float(scaling)
+        self.a_shape, self.b_shape = (n1, k1), (n2, k2)
+        self.scaling = check_scalar("scaling", scaling)  # as krona_linear: float() took True, "0.5" and a grad tensor
         self.weight_transposed = False
         kw = dict(device=device, dtype=adapter_dtype)
         self.krona_A = nn.Parameter(torch.empty((terms, n1, k1), **kw))

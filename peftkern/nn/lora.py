@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..ops._common import check_flag, check_scalar
 from ..ops.lora import lora_linear, lora_merge_
 from ._frozen import FrozenLinear, adapter_dtype_for
 from ._peft_ref import PEFTRefProperties
@@ -49,6 +51,8 @@ class LoRALinear(FrozenLinear):
 
     def _init_adapter(self, in_features, out_features, r, alpha, dropout, use_rslora, weight_transposed,
                       adapter_dtype, device) -> None:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise TypeError(f"r must be an int, got {type(r).__name__} {r!r}")
         if r < 1:
             raise ValueError(f"r must be at least 1, got {r}")
         self.in_features, self.out_features, self.r = in_features, out_features, r
@@ -62,8 +66,10 @@ class LoRALinear(FrozenLinear):
     def _set_hyperparameters(self, alpha: float, dropout: float, use_rslora: bool) -> None:
         """alpha, dropout and rsLoRA, and what follows from them (an unmerged layer only: merge used the old
         scaling)."""
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        # as lora_linear checks them, here rather than at the first forward (alpha=True was scaling 1 / r)
+        check_scalar("alpha", alpha)
+        check_scalar("dropout", dropout, 0.0, 1.0, high_inclusive=False)
+        check_flag("use_rslora", use_rslora)
         self.alpha, self.dropout, self.use_rslora = alpha, dropout, use_rslora
         self.scaling = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
         self.peft_ref = (dataclasses.replace(LORA_PEFT_REF, integration_form="scaled addition (s = alpha / sqrt(r))")

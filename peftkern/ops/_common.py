@@ -65,6 +65,22 @@ def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[f
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """A bool (TypeError otherwise): a flag that is a string or a tensor was read by its truthiness ("False" is true),
+    and a square weight silently ran transposed or an IA3 merge divided."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_writable(name: str, t: Tensor) -> None:
+    """A merge target whose elements do not share memory (ValueError otherwise): an expanded weight (stride 0) was
+    refused by the reference's in-place add (a RuntimeError) and written over silently by the Triton merge kernels."""
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} must not be an expanded view (its elements share memory; clone() it first), got "
+                         f"shape {tuple(t.shape)} with strides {tuple(t.stride())}")
+
+
 def autocast_inputs(x: Tensor, frozen: Sequence[Optional[Tensor]]) -> tuple[Tensor, list]:
     """Under torch.autocast, cast x and the frozen base tensors to the autocast dtype (as F.linear would).
 

@@ -18,8 +18,10 @@ from .. import reference
 from ._common import (
     apply_by_rows,
     backend_module,
+    check_flag,
     check_same_device,
     check_tensor,
+    check_writable,
     define_op,
     empty_like_none,
     first_order,
@@ -153,6 +155,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     check_tensor("bias", bias, dims=1, optional=True)
     if isinstance(scale_input, Tensor) or not isinstance(scale_input, bool):
         raise TypeError(f"scale_input must be a bool, got {type(scale_input).__name__}")
+    check_flag("weight_transposed", weight_transposed)
     N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x's last dimension must match weight ({'K, N' if weight_transposed else 'N, K'}): "
@@ -180,15 +183,24 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
                inverse: bool = False, weight_transposed: bool = False) -> Tensor:
     """Fold l into the frozen layer in place (a kernel on the GPU); inverse=True takes it out again, which needs
     l != 0 everywhere (ValueError otherwise, as PEFT cannot unmerge there either)."""
+    check_flag("scale_input", scale_input)
+    check_flag("inverse", inverse)  # a truthy "no" divided the weight by l
+    check_flag("weight_transposed", weight_transposed)
     check_tensor("weight", weight, dims=2)
     check_tensor("scale", scale)
     N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
-    if scale.numel() != (K if scale_input else N):
-        raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}")
+    want = K if scale_input else N
+    # as ia3_linear: a vector, or PEFT's (N, 1) / (1, K); a (2, 5) matrix of N = 10 values was merged as one
+    if scale.numel() != want or max(scale.shape, default=1) != want:
+        raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}: it must "
+                         f"hold {want} values ({'input form: (K,)' if scale_input else 'output form: (N,)'})")
     check_tensor("bias", bias, dims=1, optional=True)
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not fit weight {tuple(weight.shape)} (N={N})")
     check_same_device(weight=weight, scale=scale, bias=bias)
+    check_writable("weight", weight)
+    if bias is not None and not scale_input:
+        check_writable("bias", bias)
     if inverse and bool((scale == 0).any()):
         raise ValueError("cannot unmerge an IA3 vector with zeros: W * 0 / 0 is lost")
     backend = weight_backend("ia3", weight, pick_backend("ia3", weight, scale, bias))

@@ -40,6 +40,7 @@ from ._common import (
     check_same_device,
     check_scalar,
     check_tensor,
+    check_writable,
     define_op,
     empty_like_none,
     first_order,
@@ -167,6 +168,8 @@ def _one_term(name: str, f) -> tuple[Tensor, Optional[Tensor]]:
         check_tensor(name, f)
         if f.dim() not in (2, 3):
             raise ValueError(f"{name} must be 2-D (n, k) or stacked 3-D (T, n, k), got shape {tuple(f.shape)}")
+        if f.dim() == 3 and f.shape[0] == 0:  # as an empty list: the reference and the torch merge raised inside
+            raise ValueError(f"{name} must hold at least one term, got a stacked factor of shape {tuple(f.shape)}")
         return (f.unsqueeze(0) if f.dim() == 2 else f), None
     if isinstance(f, tuple):
         if len(f) != 2:
@@ -180,6 +183,9 @@ def _one_term(name: str, f) -> tuple[Tensor, Optional[Tensor]]:
         if f1.shape[-1] != f2.shape[-2] or f1.shape[-1] == 0 or f1.shape[:-2] != f2.shape[:-2]:
             raise ValueError(f"the low-rank pair {name} must be (n, r) and (r, k) with r >= 1, got "
                              f"{tuple(f1.shape)} and {tuple(f2.shape)}")
+        if f1.dim() == 3 and f1.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one term, got a stacked pair of shapes {tuple(f1.shape)} "
+                             f"and {tuple(f2.shape)}")
         if f1.dim() == 2:
             return f1.unsqueeze(0), f2.unsqueeze(0)
         return f1, f2
@@ -353,12 +359,15 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
 def krona_merge_(weight: Tensor, A: Factor, B: Factor, scaling: float, sign: float = 1.0) -> Tensor:
     """weight += sign * scaling * sum_t A_t (x) B_t in place (a kernel on the GPU), rounded once to weight's
     dtype. A and B as in krona_linear."""
+    scaling = check_scalar("scaling", scaling)  # as krona_linear: float() took True, "0.5" and nan
+    sign = check_scalar("sign", sign)
     check_tensor("weight", weight, dims=2)
     a, a2 = stack_factor("A", A)
     b, b2 = stack_factor("B", B)
     check_krona_factors(tuple(weight.shape), a, a2, b, b2)
     check_same_device(weight=weight, A=a, A2=a2, B=b, B2=b2)
+    check_writable("weight", weight)
     backend = weight_backend("krona", weight, pick_backend("krona", weight, a, a2, b, b2))
     with torch.no_grad(), on_device(weight):
-        backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, float(scaling), float(sign))
+        backend_module(backend, "krona").krona_merge_(weight, a, a2, b, b2, scaling, sign)
     return written_in_place(weight)

@@ -25,9 +25,11 @@ from .. import reference
 from ._common import (
     apply_by_rows,
     backend_module,
+    check_flag,
     check_same_device,
     check_scalar,
     check_tensor,
+    check_writable,
     define_op,
     draw_seed,
     empty_like_none,
@@ -195,6 +197,7 @@ def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tup
     check_tensor("lora_A", lora_A, dims=2)
     check_tensor("lora_B", lora_B, dims=2)
     check_tensor("bias", bias, dims=1, optional=True)
+    check_flag("weight_transposed", weight_transposed)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., K), got a scalar")
     N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
@@ -238,6 +241,7 @@ def lora_linear(
     """
     scaling = check_scalar("scaling", scaling)
     dropout_p = check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
+    check_flag("training", training)
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
     x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K, (lora_A, lora_B))
     p = dropout_p if training else 0.0
@@ -255,18 +259,24 @@ def lora_linear(
 def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, sign: float = 1.0,
                 weight_transposed: bool = False) -> Tensor:
     """weight += sign * scaling * B A in place (a kernel on the GPU), rounded once to weight's dtype."""
+    # checked as lora_linear checks them: float() took True, "0.5", nan and a tensor that requires grad
+    scaling = check_scalar("scaling", scaling)
+    sign = check_scalar("sign", sign)
+    check_flag("weight_transposed", weight_transposed)
     check_tensor("weight", weight, dims=2)
     check_tensor("lora_A", lora_A, dims=2)
     check_tensor("lora_B", lora_B, dims=2)
     N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
+    if lora_A.shape[0] == 0:
+        raise ValueError(f"the LoRA rank must be at least 1, got lora_A of shape {tuple(lora_A.shape)}")
     if lora_A.shape[1] != K or tuple(lora_B.shape) != (N, lora_A.shape[0]):
         raise ValueError(f"cannot merge lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} into "
                          f"weight {tuple(weight.shape)} (N={N}, K={K})")
     check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    check_writable("weight", weight)
     backend = weight_backend("lora", weight, pick_backend("lora", weight, lora_A, lora_B))
     with torch.no_grad(), on_device(weight):
-        backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, float(scaling), float(sign),
-                                                     weight_transposed)
+        backend_module(backend, "lora").lora_merge_(weight, lora_A, lora_B, scaling, sign, weight_transposed)
     return written_in_place(weight)
 
 
