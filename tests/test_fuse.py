@@ -946,3 +946,64 @@ def test_report_names_what_is_left_to_peft():
     assert any(name.endswith("out_proj") and "merges it" in why for name, why in report.skipped), report.skipped
     reasons = [why for _, why in peftkern.fuse(build("llama", alora_invocation_tokens=[3])).skipped]
     assert reasons and all("ALoraLinearVariant" in why for why in reasons), reasons
+
+
+def _train_twins(model, steps=2):
+    """(PEFT's, the fused twin's) [(output, {name: grad})] over `steps` AdamW steps on one random batch, and the
+    twin's report."""
+    twin = copy.deepcopy(model)
+    report = peftkern.fuse(twin)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    histories = []
+    for m in (model, twin):
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        history = []
+        for _ in range(steps):
+            opt.zero_grad()
+            y = m(x)
+            y.pow(2).mean().backward()
+            history.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+            opt.step()
+        histories.append(history)
+    return histories, report
+
+
+def test_mica_init_is_vanilla_lora_and_fused():
+    """init_lora_weights="mica" makes PEFT tag the adapter MiCALinearVariant, whose forward is vanilla LoRA's (only
+    lora_B frozen). The README's table says every init_lora_weights is fused; fuse() skipped it as a LoRA variant."""
+    model = _one_layer(LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights="mica"))
+    _randomise_adapters(model)
+    assert type(model.base_model.model[0].lora_variant["default"]).__name__ == "MiCALinearVariant"
+    (ref, fused), report = _train_twins(model)
+    assert [n for n, _ in report.fused] == ["base_model.model.0"] and not report.skipped, str(report)
+    assert not report.fallbacks, str(report)
+    for (yr, gr), (yf, gf) in zip(ref, fused):
+        assert_close(yf, yr, torch.float32, "output")
+        assert gr.keys() == gf.keys() and not any("lora_B" in k for k in gr), "lora_B stays frozen"
+        for k in gr:
+            assert_close(gf[k], gr[k], torch.float32, f"grad {k}")
+
+
+def test_an_inactive_dora_adapter_leaves_the_active_vanilla_one_fused():
+    """A layer holding a vanilla adapter and a DoRA one: the per-call check falls back while DoRA is active; fuse()
+    skipped the whole layer, even while only the vanilla adapter runs."""
+    model = _one_layer(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    model.add_adapter("dora", LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True))
+    _randomise_adapters(model)
+    (ref, fused), report = _train_twins(model)
+    assert [n for n, _ in report.fused] == ["base_model.model.0"] and not report.skipped, str(report)
+    for (yr, _), (yf, _) in zip(ref, fused):
+        assert_close(yf, yr, torch.float32, "output")
+    assert not report.fallbacks, str(report)
+    # DoRA active: PEFT's path, counted
+    twin = copy.deepcopy(model)
+    report = peftkern.fuse(twin)
+    for m in (model, twin):
+        m.set_adapter("dora")
+    x = torch.randn(3, 16)
+    assert_close(twin(x), model(x), torch.float32, "DoRA active")
+    assert any("DoraLinearVariant" in reason for (_, reason) in report.fallbacks), str(report)
+    # every adapter DoRA: still skipped at fuse time
+    dora_only = _one_layer(LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert "DoRA" in dict(peftkern.fuse(dora_only).skipped)["base_model.model.0"]

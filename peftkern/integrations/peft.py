@@ -126,13 +126,23 @@ def _lora_static_reason(module: nn.Module) -> Optional[str]:
     if with_hooks:
         return (f"{' and '.join(sorted(set(with_hooks)))} modules have hooks or an instance forward (PEFT's path calls "
                 "them)")
-    dora = [a for a, on in getattr(module, "use_dora", {}).items() if on]
-    if dora:
-        return f"DoRA (use_dora=True) for adapter(s) {dora}"
-    variants = {a: type(v).__name__ for a, v in getattr(module, "lora_variant", {}).items()}
-    if variants:
-        return f"LoRA variant(s) {variants} (only vanilla LoRA is fused)"
+    # Only where no adapter of the layer can take the fused path: a vanilla adapter beside a DoRA or other variant one
+    # is fused, and the per-call check (_lora_operands) sends the calls with a variant active to PEFT's path, counted.
+    variants = getattr(module, "lora_variant", _NO_VARIANTS)
+    dora = sorted(a for a, on in getattr(module, "use_dora", {}).items() if on)
+    others = {a: type(v).__name__ for a, v in variants.items() if not _vanilla_variant(v) and a not in dora}
+    if set(module.lora_A) <= set(dora) | set(others):
+        if dora:
+            return f"DoRA (use_dora=True) for adapter(s) {dora}"
+        return f"LoRA variant(s) {others} (only vanilla LoRA is fused)"
     return None
+
+
+def _vanilla_variant(variant) -> bool:
+    """Whether a PEFT LoraVariant's forward is vanilla LoRA's: MiCA (init_lora_weights="mica") only freezes lora_B
+    (its forward is result + lora_B(lora_A(dropout(x))) * scaling, as PEFT's docstring says)."""
+    cls = type(variant)
+    return cls.__name__ == "MiCALinearVariant" and cls.__module__ == "peft.tuners.lora.variants"
 
 
 _EXTRA_ARGUMENTS = "extra forward arguments (e.g. adapter_names= for a mixed-adapter batch)"
@@ -166,7 +176,7 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
     variants = getattr(module, "lora_variant", _NO_VARIANTS)
     ps = []
     for a in active:
-        if a in variants:
+        if a in variants and not _vanilla_variant(variants[a]):
             return f"adapter {a!r} is a LoRA variant ({type(variants[a]).__name__})"
         if hooked(lora_A[a]) or hooked(lora_B[a]) or hooked(dropouts[a]):
             return f"adapter {a!r}'s lora_A / lora_B / lora_dropout has hooks or an instance forward"
