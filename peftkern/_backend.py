@@ -17,7 +17,7 @@ import torch
 
 BACKENDS = ("cuda", "triton", "torch")
 
-# Fastest measured backend per op on a CUDA device (benchmarks/results/, NOTES.md per kernel family).
+# Fastest measured backend per op on a CUDA device (benchmarks/results/, kernels/triton/NOTES-*.md).
 DEFAULT_CUDA_BACKEND = {
     "lora": "triton",
     "ia3": "triton",

@@ -1,5 +1,5 @@
 """The known LN failure of the bottleneck adapter (NOTES-adapter.md): the two-pass schedule with LN's statistics summed
-inside loop 1, at d = 4096, b = 256, M = 2000 (test_ln_with_statistics_in_loop_one_at_d4096's config), against the
+inside loop 1, at d = 4096, b = 256, M = 2000 (test_ln_at_d4096_in_the_schedule_that_failed's config), against the
 float64 reference: which of out, z, mean and rstd is off, and whether fewer pipeline stages, more warps, the fused
 schedule or statistics from a pass of their own (separate_stats) change it. The inputs are drawn as tests/test_adapter.py
 draws them (h with a 0.5 mean offset, gamma around 1). Usage: python scripts/diag_adapter_ln_loop1.py"""
