@@ -3,6 +3,7 @@ single-process loss curve for the same global batch, and the adapter saved from 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import peftkern
+from peftkern.integrations.transformers import lora_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "distributed_train.py"
@@ -234,3 +236,69 @@ def test_save_with_a_ddp_state_dict(one_rank, tmp_path, kind):
     ddp = DDP(model)
     (peftkern.save_lora if kind == "lora" else peftkern.save_adapters)(ddp, str(tmp_path), state_dict=ddp.state_dict())
     _reloads(kind, tmp_path, expected, ids)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_adding_to_a_wrapped_model_is_refused(one_rank, tmp_path, wrapper, kind):
+    """add_lora / add_adapters on a model that DDP or fully_shard wraps already: the new parameters are not the
+    wrapper's, so DDP never all-reduced their gradients (each rank trained its own adapters, silently: on 2 ranks the
+    adapters differed after 3 steps) and FSDP2 met them beside sharded weights (add_lora: a DTensor error in the first
+    forward; add_adapters: unsynchronised as under DDP). load_* into the adapters there already (a resume) still
+    loads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    add = (lambda m: peftkern.add_lora(m, ["q_proj", "v_proj"], r=4)) if kind == "lora" else \
+        (lambda m: peftkern.add_adapters(m, "houlsby"))
+    model = _llama()
+    if wrapper == "ddp":
+        wrapped = DDP(model)
+    else:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    with pytest.raises(ValueError, match="already wrapped"):
+        add(wrapped)
+    load = peftkern.load_lora if kind == "lora" else peftkern.load_adapters
+    saved = _adapted(kind)
+    (peftkern.save_lora if kind == "lora" else peftkern.save_adapters)(saved, str(tmp_path))
+    with pytest.raises(ValueError, match="already wrapped"):
+        load(wrapped, str(tmp_path))
+    if wrapper == "ddp":  # a resume: the adapters were there before DDP
+        fresh = _llama()
+        load(fresh, str(tmp_path))
+        resumed = DDP(fresh)
+        load(resumed, str(tmp_path))
+        ids = torch.randint(0, 64, (2, 6))
+        with torch.no_grad():
+            assert torch.allclose(fresh.eval()(ids).logits, saved.eval()(ids).logits, atol=1e-5)
+
+
+def test_merge_and_unload_of_a_sharded_model_is_refused(one_rank):
+    """merge_and_unload on a fully_shard-ed model raised 'mixed torch.Tensor and DTensor' from inside the merge, and
+    inside unshard() it ran but FSDP2 dropped the merged weights at the reshard (0.46 off, silently): it now refuses
+    before anything changes and says to gather first."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _adapted("lora")
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for context in (contextlib.nullcontext(), _unsharded(model)):
+        with context, pytest.raises(ValueError, match="sharded by FSDP; gather it first"):
+            peftkern.merge_and_unload(model)
+    assert len(lora_layers(model)) == 4, "nothing was replaced"
+
+
+@contextlib.contextmanager
+def _unsharded(model):
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

@@ -35,6 +35,24 @@ def _unwrap(model: nn.Module) -> tuple:
         model = model._modules[child]
 
 
+def check_not_distributed(model: nn.Module, caller: str) -> None:
+    """A ValueError where `model` is wrapped by DistributedDataParallel or FSDP1, or holds modules that FSDP2's
+    fully_shard has sharded: parameters added now are not ones the wrapper knows, so their gradients would never be
+    all-reduced (each rank trained its own adapters, silently: a review, 2026-12-05) or they would meet sharded
+    weights (FSDP2: a DTensor error in the first forward). DataParallel, which replicates at every call, is fine."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        FSDPModule = ()
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in ("DistributedDataParallel", "FullyShardedDataParallel") or isinstance(module, FSDPModule):
+            wrapper = "fully_shard (FSDP2)" if isinstance(module, FSDPModule) else kind
+            raise ValueError(f"{caller}: the model is already wrapped by {wrapper}, which would not synchronise (or "
+                             "shard) the parameters added now: each rank would train its own. Add the adapters to the "
+                             "plain model first, then wrap it")
+
+
 def inner_state(model: nn.Module, state_dict: dict, keep_compiled: bool = False) -> dict:
     """A full state dict of `model` (a wrapper's, as DDP's state_dict() gives it, or the inner model's) with the inner
     model's names as keys, as saved files hold them (clean_name)."""

@@ -48,6 +48,7 @@ from ..nn._frozen import HOOK_DICTS
 from ..nn.adapter import BottleneckAdapter
 from ._common import (
     _unwrapped,
+    check_not_distributed,
     check_saved_modules,
     clean_name,
     find_modules_to_save,
@@ -375,6 +376,7 @@ def add_adapters(model: nn.Module, config: Union[AdapterConfig, dict, str] = "pf
     made at random: ["classifier"]) and saved with them by save_adapters; trained in place.
     """
     config = adapter_config(config)
+    check_not_distributed(model, "add_adapters")
     model = _unwrapped(model)
     to_save = find_modules_to_save(model, modules_to_save, "add_adapters") if modules_to_save else []
     layers = transformer_layers(model)
@@ -544,7 +546,7 @@ def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,
     """The adapters of `state` loaded: into the model's own where it has all of them already (a resume), else attached
     by add_adapters(model, config) for each of `configs` first. A refused load leaves the model as it was (before, a
     failed check left adapters attached with their initial weights, and the base frozen; a resume raised)."""
-    model = _unwrapped(model)
+    outer, model = model, _unwrapped(model)
     wanted = {_adapter_of(k) for k in state}
     attached = adapters(model)
     present = wanted & set(attached)
@@ -562,6 +564,7 @@ def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,
                                      f"configuration makes ({expected.extra_repr()})")
         _copy_state(model, state, source, wanted)
         return sorted(wanted)
+    check_not_distributed(outer, "load_adapters")  # loading into the adapters there already (a resume) is fine
     grads = {p: p.requires_grad for p in model.parameters()}
     recorded = {m: m.__dict__.get("_peftkern_adapter_configs") for m in model.modules()}
     names = []
@@ -618,7 +621,7 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
     if adapter_dtype is None:
         dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
         adapter_dtype = dtypes.pop() if len(dtypes) == 1 else None
-    names = _attach_and_load(inner, configs, state, path, adapter_dtype)
+    names = _attach_and_load(model, configs, state, path, adapter_dtype)
     loaded = load_saved_modules(inner, saved, targets, path)
     _record_to_save(inner, loaded)
     return names

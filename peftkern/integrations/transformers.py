@@ -20,6 +20,7 @@ from ..nn._frozen import check_wrappable, is_conv1d
 from ..nn.lora import LoRALinear
 from ._common import (
     _unwrapped,
+    check_not_distributed,
     check_saved_modules,
     clean_name,
     find_modules_to_save,
@@ -68,6 +69,7 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
     made at random: ["score"], ["classifier"]) and saved with them by save_lora; trained in place, where PEFT trains
     a copy.
     """
+    check_not_distributed(model, "add_lora")
     model = _unwrapped(model)
     to_save = find_modules_to_save(model, modules_to_save, "add_lora") if modules_to_save else []
     whole = to_save + saved_module_names(model)  # trained whole: no adapter inside them, as in PEFT
@@ -158,6 +160,7 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     checkpoints hold the frozen weight and the factors apart, and from_pretrained into a plain model drops the
     factors). Returns the names replaced. Bottleneck adapters, which do not merge, stay (remove_adapters detaches
     them), as do the trained modules_to_save."""
+    _check_not_sharded(model)
     model = _unwrapped(model)
     tied = _tied_weights(model, {name: m for name, m in model.named_modules() if isinstance(m, _WRAPPING_LAYERS)})
     if tied:  # checked before any layer changes
@@ -173,6 +176,20 @@ def merge_and_unload(model: nn.Module) -> list[str]:
             replaced.append(name)
     vars(model).pop("_peftkern_lora_config", None)
     return replaced
+
+
+def _check_not_sharded(model: nn.Module) -> None:
+    """A ValueError, before anything changes, where FSDP (fully_shard, or FSDP1) shards the model: the merge met
+    DTensor weights (a 'mixed torch.Tensor and DTensor' error), and inside unshard() its in-place writes to the
+    gathered weights were dropped at the reshard (0.46 off, silently; a review, 2026-12-05)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        FSDPModule = ()
+    if any(isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError("merge_and_unload: the model is sharded by FSDP; gather it first (e.g. "
+                         "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) loaded into a "
+                         "plain copy of the model, on one rank), then merge that copy")
 
 
 def _tied_weights(model: nn.Module, layers: dict) -> dict[str, list[str]]:
@@ -309,7 +326,7 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
                          "them. Load it with peft.PeftModel.from_pretrained, then peftkern.fuse(model)")
     names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     alphas = config.get("alpha_pattern") or {}
-    model = _unwrapped(model)
+    outer, model = model, _unwrapped(model)
     targets = [(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0], _lora_at(model, name))
                for name in names]
     modules = dict(model.named_modules())
@@ -321,6 +338,7 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             raise ValueError(f"load_lora: {path} adapts {name}, which the model has as {type(module).__name__}, not "
                              "an nn.Linear or Conv1D")
         if layer is None:
+            check_not_distributed(outer, "load_lora")  # loading into LoRA layers there already (a resume) is fine
             _check_target("load_lora", name, module)
     saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
     check_saved_modules(model, saved, to_save, path)
