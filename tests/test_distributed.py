@@ -302,3 +302,50 @@ def _unsharded(model):
         yield
     finally:
         model.reshard()
+
+
+def test_a_learned_adapter_scale_shards_under_fully_shard(one_rank, tmp_path):
+    """A learned adapter scaling was a 0-dim Parameter, which fully_shard refuses ('doesn't support scalar
+    parameters'). It is now (1,), read as a 0-dim view: the sharded model trains as the plain one, the saved file keeps
+    the 0-dim scale, and a state dict with a 0-dim scale (a checkpoint of the older layer) loads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    config = peftkern.AdapterConfig(placements=("after_attention", "after_feed_forward"), scaling="learned",
+                                    layer_norm=True)
+    plain = _llama()
+    peftkern.add_adapters(plain, config)
+    with torch.no_grad():
+        for p in plain.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    old_layout = {k: (v.reshape(()) if k.endswith(".scale") else v) for k, v in plain.state_dict().items()}
+    sharded = _llama()
+    peftkern.add_adapters(sharded, config)
+    sharded.load_state_dict(old_layout)  # the pre-hook reads a 0-dim scale as the (1,) parameter
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    ids = torch.randint(0, 64, (2, 6))
+    losses = []
+    for model in (plain, sharded):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 for n, p in model.named_parameters() if n.endswith(".scale")}
+        losses.append((out.loss.detach(), grads))
+    (loss_p, grads_p), (loss_s, grads_s) = losses
+    assert torch.allclose(loss_s, loss_p, atol=1e-6) and grads_p and grads_p.keys() == grads_s.keys()
+    for n in grads_p:
+        assert grads_s[n].shape == (1,) and torch.allclose(grads_s[n], grads_p[n], atol=1e-6), n
+    peftkern.save_adapters(plain, str(tmp_path))
+    from safetensors.torch import load_file
+
+    scales = {k: v for k, v in load_file(str(tmp_path / "bottleneck_adapter.safetensors")).items()
+              if k.endswith(".scale")}
+    assert scales and all(v.shape == () for v in scales.values())
+    fresh = _llama()
+    peftkern.load_adapters(fresh, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, plain(input_ids=ids).logits)

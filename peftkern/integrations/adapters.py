@@ -480,7 +480,13 @@ def adapter_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> d
     or DDP / FSDP-wrapped model's are its inner model's; read from `state_dict` (the model's full state dict) where
     given."""
     state = _unwrapped(model).state_dict() if state_dict is None else state_dict
-    return {_clean(k): full_tensor(v, "save_adapters") for k, v in state.items() if _is_adapter_key(k)}
+    # a learned scale is saved 0-dim, as files always held it (the parameter is (1,) for FSDP2's sake)
+    return {_clean(k): _file_layout(k, full_tensor(v, "save_adapters")) for k, v in state.items()
+            if _is_adapter_key(k)}
+
+
+def _file_layout(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(()) if key.endswith(".scale") and tensor.numel() == 1 else tensor
 
 
 def _is_adapter_key(key: str) -> bool:
@@ -538,7 +544,7 @@ def _copy_state(model: nn.Module, state: dict, source: str, names: set) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in state.items():
-            params[key].copy_(tensor)
+            params[key].copy_(tensor.reshape(params[key].shape))
 
 
 def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,

@@ -116,8 +116,11 @@ class BottleneckAdapter(nn.Module):
         self.down.init, self.up.init = _PROJECTION_INITS[init]
         self.layer_norm = nn.LayerNorm(hidden_size, **factory) if check_flag("layer_norm", layer_norm) else None
         if scaling == "learned":
+            # one element of shape (1,), read as a 0-dim view: FSDP2's fully_shard refuses 0-dim parameters. A state
+            # dict's 0-dim scale (files and checkpoints written before 2026-12-05, and save_adapters' files) loads
             self.scaling = 1.0
-            self.scale = nn.Parameter(torch.ones((), **factory))
+            self.scale = nn.Parameter(torch.ones(1, **factory))
+            self._register_load_state_dict_pre_hook(_scale_of_one_element, with_module=True)
         elif isinstance(scaling, str):
             raise ValueError(f"scaling must be a number or 'learned', got {scaling!r}")
         else:
@@ -164,7 +167,7 @@ class BottleneckAdapter(nn.Module):
                       "BottleneckAdapter runs eagerly (its modules called one by one), not fused")
             return self._eager_forward(h, residual)
         return bottleneck_adapter(h, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                                  self.non_linearity, self.scale if self.scale is not None else self.scaling,
+                                  self.non_linearity, self.scale.view(()) if self.scale is not None else self.scaling,
                                   residual, self.layer_norm)
 
     def _eager_forward(self, h: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -176,7 +179,7 @@ class BottleneckAdapter(nn.Module):
             x = self.layer_norm(x)
         u = self.up(_EAGER_ACTIVATIONS[ACTIVATION_ALIASES[self.non_linearity.lower()]](self.down(x)))
         r = h if residual is None else residual
-        s = self.scale if self.scale is not None else self.scaling
+        s = self.scale.view(()) if self.scale is not None else self.scaling
         return (r.to(u.dtype) + s * u).to(autocast_dtype(h))
 
     def extra_repr(self) -> str:
@@ -184,3 +187,11 @@ class BottleneckAdapter(nn.Module):
         return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
                 f"non_linearity={self.non_linearity}, scaling={scaling}, "
                 f"layer_norm={self.layer_norm is not None}, insertion_form={self.insertion_form}")
+
+
+def _scale_of_one_element(module, state_dict, prefix, *args) -> None:
+    """load_state_dict's pre-hook of a learned scale: a 0-dim `scale` (the saved files' layout, and checkpoints of
+    the layer before its parameter became (1,)) is read as the parameter's one element."""
+    key = prefix + "scale"
+    if key in state_dict and isinstance(state_dict[key], Tensor) and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
