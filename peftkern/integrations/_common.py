@@ -35,22 +35,29 @@ def _unwrap(model: nn.Module) -> tuple:
         model = model._modules[child]
 
 
-def check_not_distributed(model: nn.Module, caller: str) -> None:
-    """A ValueError where `model` is wrapped by DistributedDataParallel or FSDP1, or holds modules that FSDP2's
-    fully_shard has sharded: parameters added now are not ones the wrapper knows, so their gradients would never be
-    all-reduced (each rank trained its own adapters, silently: a review, 2026-12-05) or they would meet sharded
-    weights (FSDP2: a DTensor error in the first forward). DataParallel, which replicates at every call, is fine."""
+def distributed_wrapper(model: nn.Module) -> Optional[str]:
+    """The data-parallel wrapper that wraps or shards `model` or a module inside it, a sharding one first:
+    "fully_shard (FSDP2)", "FullyShardedDataParallel" (FSDP1) or "DistributedDataParallel"; None for a plain model or
+    DataParallel (which replicates at every call)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # older torch
         FSDPModule = ()
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind in ("DistributedDataParallel", "FullyShardedDataParallel") or isinstance(module, FSDPModule):
-            wrapper = "fully_shard (FSDP2)" if isinstance(module, FSDPModule) else kind
-            raise ValueError(f"{caller}: the model is already wrapped by {wrapper}, which would not synchronise (or "
-                             "shard) the parameters added now: each rank would train its own. Add the adapters to the "
-                             "plain model first, then wrap it")
+    found = {"fully_shard (FSDP2)" if isinstance(m, FSDPModule) else type(m).__name__ for m in model.modules()}
+    return next((w for w in ("fully_shard (FSDP2)", "FullyShardedDataParallel", "DistributedDataParallel")
+                 if w in found), None)
+
+
+def check_not_distributed(model: nn.Module, caller: str) -> None:
+    """A ValueError where a data-parallel wrapper (distributed_wrapper) wraps or shards `model`: parameters added now
+    are not ones the wrapper knows, so their gradients would never be all-reduced (each rank trained its own adapters,
+    silently: a review, 2026-12-05) or they would meet sharded weights (FSDP2: a DTensor error in the first
+    forward)."""
+    wrapper = distributed_wrapper(model)
+    if wrapper is not None:
+        raise ValueError(f"{caller}: the model is already wrapped by {wrapper}, which would not synchronise (or "
+                         "shard) the parameters added now: each rank would train its own. Add the adapters to the "
+                         "plain model first, then wrap it")
 
 
 def inner_state(model: nn.Module, state_dict: dict, keep_compiled: bool = False) -> dict:

@@ -23,6 +23,7 @@ from ._common import (
     check_not_distributed,
     check_saved_modules,
     clean_name,
+    distributed_wrapper,
     find_modules_to_save,
     inner_state,
     inside,
@@ -182,11 +183,7 @@ def _check_not_sharded(model: nn.Module) -> None:
     """A ValueError, before anything changes, where FSDP (fully_shard, or FSDP1) shards the model: the merge met
     DTensor weights (a 'mixed torch.Tensor and DTensor' error), and inside unshard() its in-place writes to the
     gathered weights were dropped at the reshard (0.46 off, silently; a review, 2026-12-05)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # older torch
-        FSDPModule = ()
-    if any(isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+    if distributed_wrapper(model) not in (None, "DistributedDataParallel"):
         raise ValueError("merge_and_unload: the model is sharded by FSDP; gather it first (e.g. "
                          "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) loaded into a "
                          "plain copy of the model, on one rank), then merge that copy")
@@ -330,6 +327,8 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
     targets = [(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0], _lora_at(model, name))
                for name in names]
     modules = dict(model.named_modules())
+    if any(layer is None for _, _, layer in targets):  # loading into LoRA layers there already (a resume) is fine
+        check_not_distributed(outer, "load_lora")
     for name, r, layer in targets:  # every layer checked before one changes
         if layer is not None and layer.r != r:
             raise ValueError(f"load_lora: {name} is a LoRALinear of rank {layer.r} already; {path} holds rank {r}")
@@ -338,7 +337,6 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             raise ValueError(f"load_lora: {path} adapts {name}, which the model has as {type(module).__name__}, not "
                              "an nn.Linear or Conv1D")
         if layer is None:
-            check_not_distributed(outer, "load_lora")  # loading into LoRA layers there already (a resume) is fine
             _check_target("load_lora", name, module)
     saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
     check_saved_modules(model, saved, to_save, path)

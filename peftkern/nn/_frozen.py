@@ -115,10 +115,15 @@ def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional
         raise TypeError(f"the base layer's weight must be floating (float16, bfloat16, float32, float64), got "
                         f"{base_dtype}")
     if adapter_dtype is not None:
-        if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
-            raise TypeError(f"{name} must be a floating torch.dtype, got {adapter_dtype!r}")
-        return adapter_dtype
+        return check_float_dtype(name, adapter_dtype)
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    """dtype, a floating torch.dtype (a TypeError naming `name` otherwise)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating torch.dtype, got {dtype!r}")
+    return dtype
 
 
 def check_features(**sizes) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._backend import warn_once
 from ..ops._common import autocast_dtype, check_flag, check_scalar
 from ..ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter
-from ._frozen import global_hooks, hooked
+from ._frozen import check_float_dtype, global_hooks, hooked
 from ._peft_ref import PEFTRefProperties
 
 INSERTION_FORMS = ("sequential", "parallel")
@@ -96,8 +96,8 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATION_ALIASES)}, got {non_linearity!r}")
         if insertion_form not in INSERTION_FORMS:
             raise ValueError(f"insertion_form must be one of {INSERTION_FORMS}, got {insertion_form!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype is not None:
+            check_float_dtype("dtype", dtype)
         init = init or ("mam" if insertion_form == "parallel" else "bert")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
