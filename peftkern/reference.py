@@ -31,7 +31,12 @@ def _weight_nk(weight: Tensor, weight_transposed: bool) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- dropout
 def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> Tensor:
-    """The keep-mask (bool) of the torch backend: a function of (seed, shape, p) alone."""
+    """The keep-mask (bool) of the torch backend: a function of (seed, shape, p) alone. On the meta device, which
+    holds no values and has no generator, a meta tensor of the mask's shape (torch.Generator(device="meta") raised
+    "META device type not an accelerator": a LoRA layer with dropout could not run a meta forward in training, as
+    nn.Dropout can; a review, 2026-12-05)."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return torch.rand(shape, generator=gen, device=device) >= p

@@ -1007,3 +1007,23 @@ def test_an_inactive_dora_adapter_leaves_the_active_vanilla_one_fused():
     # every adapter DoRA: still skipped at fuse time
     dora_only = _one_layer(LoraConfig(r=2, target_modules=["0"], use_dora=True))
     assert "DoRA" in dict(peftkern.fuse(dora_only).skipped)["base_model.model.0"]
+
+
+def test_fused_lora_dropout_runs_on_the_meta_device_in_training():
+    """A PEFT model built on the meta device with lora_dropout, fused and in training, raised "META device type not an
+    accelerator" in its first (meta) forward, where PEFT's own path runs: the fused op's dropout mask now has a meta
+    form, and the call stays fused."""
+    torch.manual_seed(run_seed(0))
+    _, targets, _ = MODELS["llama"]
+    with torch.device("meta"):
+        model = get_peft_model(tiny_llama(), LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.1))
+        ids = torch.randint(0, 128, (2, 12))
+    report = peftkern.fuse(model)
+    assert report.fused and not report.skipped
+    model.train()
+    out = model(input_ids=ids).logits
+    assert out.device.type == "meta" and out.shape == (2, 12, 128)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for n, p in model.named_parameters()
+               if p.requires_grad)
+    assert not report.fallbacks, report.fallbacks

@@ -496,3 +496,25 @@ def test_an_adapters_eager_path_returns_the_fused_dtype_under_autocast(kind):
         eager = _call(adapter, h)
     assert eager.dtype == fused.dtype == torch.bfloat16
     assert_close(eager.float(), fused.float(), torch.bfloat16, f"{kind} eager against fused under autocast")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lora_dropout_runs_on_the_meta_device_in_training(transposed):
+    """A meta forward and backward (shape inference, FSDP2's meta-built model before to_empty) of a LoRA layer with
+    dropout in training raised "META device type not an accelerator" (the mask's torch.Generator on meta), where
+    nn.Dropout runs; the layer now gives meta tensors of the right shapes, and its CPU / GPU masks are unchanged."""
+    torch.manual_seed(run_seed(0))
+    with torch.device("meta"):
+        layer = LoRALinear(24, 20, r=4, dropout=0.25, weight_transposed=transposed).train()
+        x = torch.randn(2, 5, 24, requires_grad=True)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == (2, 5, 20)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.lora_A.grad.shape == layer.lora_A.shape
+    assert layer.lora_B.grad.shape == layer.lora_B.shape
+    seed = run_seed(1)
+    keep = peftkern.ops.lora_dropout_mask(seed, (7, 24), 0.25, "meta", backend="torch")
+    assert keep.device.type == "meta" and keep.shape == (7, 24) and keep.dtype == torch.bool
+    on_cpu = peftkern.ops.lora_dropout_mask(seed, (7, 24), 0.25, "cpu", backend="torch")
+    assert torch.equal(on_cpu, peftkern.ops.lora_dropout_mask(seed, (7, 24), 0.25, "cpu", backend="torch"))
+    assert 0 < on_cpu.sum() < on_cpu.numel(), "a CPU mask still drops some elements and keeps others"
