@@ -53,6 +53,11 @@ def build(name, preset, **overrides):
         for n, p in model.named_parameters():
             if ".bottleneck_adapters." in n and p.dim() > 0 and "layer_norm" not in n:
                 p.normal_(0, 0.1)
+                if n.endswith(".down.bias"):
+                    # a tiny model's block outputs are small (|h| < 0.35), so a ReLU unit lives where its bias is
+                    # positive: with 8 units of N(0, 0.1) biases all eight were dead now and then, and a layer's down
+                    # and up weights got zero gradients (qwen2-pfeiffer, seed 1255395745, the H100, 2026-12-05)
+                    p.abs_()
     return model, names
 
 
@@ -112,7 +117,9 @@ def _autograd_adapter_with_terms(terms):
             with torch.no_grad():  # residual 0, scale 1: u alone
                 u = _autograd_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, 1.0,
                                       torch.zeros_like(out), layer_norm)
-            key, size = id(scaling), abs(op._scaling_args(scaling)[0])
+            # the layer passes its (1,) Parameter as a 0-dim view: the key is the Parameter's id
+            key = id(scaling if scaling._base is None else scaling._base)
+            size = abs(op._scaling_args(scaling)[0])
 
             def add(g, key=key, size=size, u=u):
                 terms[key] = terms.get(key, 0.0) + size * (g * u).abs().sum().item()
