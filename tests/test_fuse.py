@@ -1027,3 +1027,36 @@ def test_fused_lora_dropout_runs_on_the_meta_device_in_training():
     assert all(p.grad is not None and p.grad.device.type == "meta" for n, p in model.named_parameters()
                if p.requires_grad)
     assert not report.fallbacks, report.fallbacks
+
+
+def test_a_layer_whose_adapters_were_all_deleted_stays_fused_for_the_next_adapter(fused_calls):
+    """delete_adapter of the only adapter a layer held left it with none; fuse() then skipped it as "LoRA variant(s) {}
+    (only vanilla LoRA is fused)" and put PEFT's forward back, so a vanilla adapter added to it afterwards ran PEFT's
+    path, uncounted, under a reason that named no variant. An empty layer is fused and falls back per call, counted."""
+    torch.manual_seed(run_seed(0))
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+    model.add_adapter("second", LoraConfig(r=3, lora_alpha=3, target_modules=["0"]))
+    model.delete_adapter("default")  # layer "1" holds no adapter now
+    twin = copy.deepcopy(model)
+    report = peftkern.fuse(twin)
+    assert not report.skipped, str(report)
+    assert sorted(n for n, _ in report.fused) == ["base_model.model.0", "base_model.model.1"], str(report)
+    for m in (model, twin):
+        m.add_adapter("third", LoraConfig(r=2, lora_alpha=8, target_modules=["1"]))
+    _randomise_adapters(model)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 16)
+    outputs = []
+    for m in (model, twin):
+        m.base_model.set_adapter(["second", "third"])
+        y = m(x)
+        y.pow(2).mean().backward()
+        outputs.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (yr, gr), (yf, gf) = outputs
+    assert len(fused_calls) == 2, f"both layers take the fused op: {len(fused_calls)} call(s); {report}"
+    assert not report.fallbacks, str(report)
+    assert_close(yf, yr, torch.float32, "output")
+    assert gr.keys() == gf.keys() and any("lora_A.third" in k for k in gr)
+    for k in gr:
+        assert_close(gf[k], gr[k], torch.float32, f"grad {k}")

@@ -128,10 +128,16 @@ def _lora_static_reason(module: nn.Module) -> Optional[str]:
                 "them)")
     # Only where no adapter of the layer can take the fused path: a vanilla adapter beside a DoRA or other variant one
     # is fused, and the per-call check (_lora_operands) sends the calls with a variant active to PEFT's path, counted.
+    # A layer with no adapter left (delete_adapter of the only one it held) is fused: each call falls back, counted,
+    # until an adapter is added to it. It was skipped as "LoRA variant(s) {}" and unfused, so a vanilla adapter
+    # added later ran PEFT's path, uncounted, under that reason (a review, 2026-12-05). PEFT keeps a deleted adapter's
+    # lora_variant entry, so only the adapters the layer holds count.
+    held = set(module.lora_A)
     variants = getattr(module, "lora_variant", _NO_VARIANTS)
-    dora = sorted(a for a, on in getattr(module, "use_dora", {}).items() if on)
-    others = {a: type(v).__name__ for a, v in variants.items() if not _vanilla_variant(v) and a not in dora}
-    if set(module.lora_A) <= set(dora) | set(others):
+    dora = sorted(a for a, on in getattr(module, "use_dora", {}).items() if on and a in held)
+    others = {a: type(v).__name__ for a, v in variants.items()
+              if not _vanilla_variant(v) and a not in dora and a in held}
+    if held and held <= set(dora) | set(others):
         if dora:
             return f"DoRA (use_dora=True) for adapter(s) {dora}"
         return f"LoRA variant(s) {others} (only vanilla LoRA is fused)"
