@@ -305,6 +305,41 @@ class _WrittenOutLinear(nn.Linear):
         return x @ self.weight.T + self.bias
 
 
+def test_add_lora_tries_a_meta_layers_forward_through_a_cpu_twin():
+    """The FSDP2 recipe builds the model on the meta device and attaches adapters there: add_lora on a meta Falcon
+    model raised that FalconLinear's forward "does not compute x W^T + b", which it could not try (a meta weight
+    holds no values; a review, 2026-12-05). Its class's forward is tried on a small CPU twin: a written-out product is
+    adapted, a scaled one still refused, and the meta layers are left on meta."""
+    with torch.device("meta"):
+        written_out = nn.Sequential(_WrittenOutLinear(8, 8), nn.Linear(8, 4))
+        scaled = nn.Sequential(_ScaledLinear(8, 8))
+    assert peftkern.add_lora(written_out, target_modules=["0", "1"], r=2) == ["0", "1"]
+    assert all(p.device.type == "meta" for p in written_out.parameters())
+    with pytest.raises(TypeError, match="own forward does not compute"):
+        peftkern.add_lora(scaled, target_modules=["0"], r=2)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=False, bias=True)
+    with torch.device("meta"):
+        falcon = transformers.FalconForCausalLM(cfg)
+    names = peftkern.add_lora(falcon, ["query_key_value", "dense"], r=2)
+    assert len(names) == 4 and all(isinstance(falcon.get_submodule(n), LoRALinear) for n in names), names
+    # then the recipe's to_empty and a load of real weights: the adapted model computes Falcon's product
+    torch.manual_seed(run_seed(2))
+    real = transformers.FalconForCausalLM(cfg).to(DEVICE)
+    falcon.to_empty(device=DEVICE)
+    missing, unexpected = falcon.load_state_dict(real.state_dict(), strict=False)
+    assert not unexpected and all("lora_" in k for k in missing), (missing, unexpected)
+    # each adapted layer at B = 0 is the real one (layer by layer: to_empty leaves the rotary embedding's
+    # non-persistent buffer unset, which no state_dict restores)
+    for n in names:
+        layer = falcon.get_submodule(n)
+        with torch.no_grad():
+            layer.lora_B.zero_()
+        x = torch.randn(3, layer.in_features, device=DEVICE)
+        assert_close(layer(x), real.get_submodule(n)(x), torch.float32, f"meta-built, loaded {n} at B = 0")
+
+
 def test_add_lora_leaves_a_multihead_attention_out_proj_alone():
     """nn.MultiheadAttention never calls its out_proj: a LoRA there would not run (no effect, no gradient)."""
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 8)})

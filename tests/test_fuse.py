@@ -688,6 +688,19 @@ def test_linear_subclass_with_its_own_forward_is_left_to_peft():
     _assert_left_to_peft(model, "own forward does not compute")
 
 
+def test_falcon_linear_built_on_meta_is_fused():
+    """A PEFT Falcon model built on the meta device (the FSDP2 recipe): FalconLinear's forward could not be tried on
+    a meta weight, so fuse() left all eight layers on PEFT's path (a review, 2026-12-05). It is tried on a small CPU
+    twin of the class now, and fused."""
+    cfg = transformers.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
+                                    bias=True)
+    with torch.device("meta"):
+        model = get_peft_model(transformers.FalconForCausalLM(cfg), LoraConfig(
+            r=2, target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]))
+    report = peftkern.fuse(model)
+    assert len(report.fused) == 8 and not report.skipped, str(report)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "lokr"])
 def test_falcon_linear_is_fused(method):
     """transformers' FalconLinear (every Falcon projection) is an nn.Linear subclass whose own forward writes out

@@ -104,8 +104,7 @@ def _float_base(base: nn.Module, try_forward: bool = False) -> Optional[str]:
         if try_forward:
             setattr(base, _COMPUTES_LINEAR, computes_linear(base))
         if not getattr(base, _COMPUTES_LINEAR, False):
-            return (f"base layer is {type(base).__name__}, an nn.Linear whose own forward does not compute x W^T + b "
-                    "(or could not be tried: a weight on the meta device)")
+            return (f"base layer is {type(base).__name__}, an nn.Linear whose own forward does not compute x W^T + b")
     weight = _param(base, "weight")
     # fuse() after FSDP2's fully_shard finds the weight sharded (a DTensor); each forward sees it unsharded, a plain
     # tensor, and the per-call check decides then (a DTensor still there, as tensor parallelism leaves it, falls back)

@@ -12,6 +12,7 @@ Conv1D stores it) with a mergeable adapter beside it.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Callable, Optional
@@ -45,13 +46,29 @@ def _rebuild_attributes(module: nn.Module) -> Optional[dict]:
     return plain
 
 
+def _cpu_twin(linear: nn.Linear) -> nn.Linear:
+    """A shallow copy of a meta-device nn.Linear subclass with a small random CPU weight (and bias), whose class's
+    forward can be tried: a meta weight holds no values. The layer itself is left alone."""
+    twin = copy.copy(linear)
+    g = torch.Generator().manual_seed(0)
+    twin._parameters = dict(linear._parameters)
+    twin._parameters["weight"] = nn.Parameter(torch.randn(4, 3, generator=g), requires_grad=False)
+    if linear.bias is not None:
+        twin._parameters["bias"] = nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
+    twin.in_features, twin.out_features = 3, 4
+    return twin
+
+
 def computes_linear(linear: nn.Linear) -> bool:
     """Whether an nn.Linear subclass's own forward computes x W^T + b, tried on two random rows (transformers'
-    FalconLinear, Falcon's every projection, writes out the same product): a weight off the CPU / GPU (meta) cannot be
-    tried, and is taken as not."""
+    FalconLinear, Falcon's every projection, writes out the same product). A layer built on the meta device (the
+    FSDP2 recipe: build on meta, attach adapters, to_empty) is tried through a small CPU twin of its class: add_lora
+    on a meta Falcon model blamed FalconLinear's forward, which it could not try (a review, 2026-12-05)."""
     weight = linear.weight
-    if weight.device.type == "meta" or weight.dim() != 2 or not weight.dtype.is_floating_point:
+    if weight.dim() != 2 or not weight.dtype.is_floating_point:
         return False
+    if weight.device.type == "meta":
+        return computes_linear(_cpu_twin(linear))
     try:
         with torch.no_grad():  # a generator of its own: fuse() and add_lora leave the global random state alone
             g = torch.Generator().manual_seed(0)
