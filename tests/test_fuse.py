@@ -220,6 +220,21 @@ def test_save_pretrained_of_fused_model_loads_into_plain_peft(tmp_path):
     assert_close(fresh(**x).logits, expected, DTYPE, "reloaded logits")
 
 
+def test_peftkern_merge_and_unload_refuses_a_peft_model():
+    """peftkern.merge_and_unload merges peftkern's own layers (add_lora): on a PEFT model, fused or not, it returned []
+    and left the model unmerged, silently (a review, 2026-12-05). It names PEFT's own merge_and_unload, and the
+    model is unchanged."""
+    torch.manual_seed(run_seed(0))
+    layers = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)).to(DEVICE)
+    model = get_peft_model(layers, LoraConfig(r=2, target_modules=["0"]))
+    peftkern.fuse(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="PEFT model's own merge_and_unload"):
+        peftkern.merge_and_unload(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_merge_disable_and_merge_and_unload_match():
     model = build("llama")
     peftkern.fuse(model)

@@ -169,8 +169,17 @@ def merge_and_unload(model: nn.Module) -> list[str]:
                          "merge changes the input embedding), and the model would compute another function. Untie "
                          "first, e.g. model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone()) "
                          "and model.config.tie_word_embeddings = False, so that save_pretrained keeps both")
+    from .peft import _peft_tuner_layer
+
+    modules = list(model.named_modules())
+    if (not any(isinstance(m, _WRAPPING_LAYERS) for _, m in modules)
+            and any(_peft_tuner_layer(m) for _, m in modules)):
+        # it returned [] and left a PEFT model unmerged, silently (a review, 2026-12-05)
+        raise ValueError("merge_and_unload: the model's adapters are PEFT's (get_peft_model, with or without "
+                         "peftkern.fuse), which this function does not merge: call the PEFT model's own "
+                         "merge_and_unload()")
     replaced = []
-    for name, module in list(model.named_modules()):
+    for name, module in modules:
         if name and isinstance(module, _WRAPPING_LAYERS):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.merge_and_unload())
