@@ -326,6 +326,16 @@ def test_create_graph_under_checkpointing_beside_a_fused_layer():
 
 
 @pytest.mark.parametrize("kind", MAKERS)
+def test_repr_names_the_shape_bias_and_merge_state(kind):
+    """print(model) shows each layer's sizes, whether it has a bias and whether it is merged (IA3Linear's left out
+    the bias; a review, 2026-12-05)."""
+    for bias in (True, False):
+        text = repr(MAKERS[kind](bias=bias))
+        for part in ("in_features=24", "out_features=20", f"bias={bias}", "merged=False"):
+            assert part in text, (part, text)
+
+
+@pytest.mark.parametrize("kind", MAKERS)
 @pytest.mark.parametrize("wrapped", [True, False], ids=["from_linear", "constructed"])
 def test_merge_and_unload_returns_the_plain_layer(kind, wrapped):
     """layer.merge_and_unload(): the adapter merged, and the plain layer with this layer's weight and bias Parameters

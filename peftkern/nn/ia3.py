@@ -105,4 +105,4 @@ class IA3Linear(FrozenLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"feedforward={self.feedforward}, merged={self.merged}")
+                f"feedforward={self.feedforward}, bias={self.bias is not None}, merged={self.merged}")
