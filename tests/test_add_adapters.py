@@ -176,6 +176,8 @@ def test_training_matches_the_reference_path(name, preset):
         assert_close_or_as_exact(lf, ls, le, DTYPE, f"step {step} logits")
         assert gf.keys() == gs.keys() and gf, "the same parameters get gradients"
         assert all(".bottleneck_adapters." in n or "embed" in n for n in gf)
+        # the |terms| fallback below needs every learned scale's sum (a key by the 0-dim view's id found none)
+        assert {n for n in gs if n.endswith(".scale")} <= terms.keys(), "each learned scale's sum of |terms|"
         for n in gs:
             # A learned scale's gradient is one number summed over every token and feature, terms of both signs: the
             # two paths' roundings are relative to the terms, not to the (much smaller) sum, as in test_adapter.py
