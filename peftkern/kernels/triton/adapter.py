@@ -346,7 +346,10 @@ def adapter_bwd_kernel(
             # the rounded dz that loop 2's product reads: mean_d(dz W') then cancels against it exactly
             dz_r = dz.to(dtype).to(tl.float32)
             r1 = tl.sum(dz_r * c1[None, :], axis=1) / D
-            r2 = tl.sum(dz_r * tl.where(b_mask[None, :], centred, 0.0), axis=1) / D
+            # a unit with dz = 0 (ReLU's dead side) adds nothing, as in torch's LN backward: its centred z is
+            # -inf - (-inf) = NaN where bd (or LN's beta, through c2) is -inf, and 0 * NaN made the row's dh NaN
+            # (a NaN dz stays: NaN != 0)
+            r2 = tl.sum(tl.where(b_mask[None, :] & (dz_r != 0.0), dz_r * centred, 0.0), axis=1) / D
         if pid_n == 0:
             tl.store(dz_ptrs, dz.to(dtype), mask=zb_mask)
             tl.store(a_ptr + offs_m[:, None] * stride_am + offs_b[None, :], a.to(dtype), mask=zb_mask)
