@@ -222,6 +222,28 @@ def test_bad_input_is_named(backend, override, exc, message):
         peftkern.ia3_linear(**args)
 
 
+@pytest.mark.parametrize("backend", backend_params("ia3"), indirect=True)
+@pytest.mark.parametrize("scale_input", [False, True], ids=["output-form", "input-form"])
+def test_compile_dynamic_fullgraph_with_a_plain_tensor_scale(backend, scale_input):
+    """The op called with plain tensors (no nn.Parameter) under torch.compile(dynamic=True, fullgraph=True): the
+    scale's shape check, max(scale.shape, default=1), could not be traced with symbolic sizes (a review,
+    2026-12-06). Each of the scale's layouts (a vector, PEFT's (N, 1) / (1, K)) matches eager, gradients too."""
+    torch.manual_seed(run_seed(0))
+    x = torch.randn(7, 24, device=DEVICE, requires_grad=True)
+    w = torch.randn(20, 24, device=DEVICE)
+    want = 24 if scale_input else 20
+    compiled = torch.compile(lambda x, w, s: peftkern.ia3_linear(x, w, s, scale_input=scale_input), dynamic=True,
+                             fullgraph=True)
+    for shape in ((want,), (1, want) if scale_input else (want, 1)):
+        scale = torch.rand(shape, device=DEVICE).add_(0.5).requires_grad_()
+        results = []
+        for fn in (lambda x, w, s: peftkern.ia3_linear(x, w, s, scale_input=scale_input), compiled):
+            y = fn(x, w, scale)
+            results.append((y.detach(), *torch.autograd.grad(y.square().sum(), [x, scale])))
+        for got, expected, name in zip(results[1], results[0], ("y", "dx", "dscale")):
+            assert_close(got, expected, torch.float32, f"{shape} {name}")
+
+
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(run_seed(0))
     layers = torch.nn.Sequential(IA3Linear(32, 48, device=DEVICE), torch.nn.GELU(),

@@ -140,6 +140,13 @@ def _ia3_compiled(x, weight, scale, bias, scale_input, weight_transposed, backen
     return torch.ops.peftkern.ia3_fwd(x, weight, scale, bias, scale_input, weight_transposed, backend)[0]
 
 
+def _holds_as_vector(scale: Tensor, want: int) -> bool:
+    """Whether scale holds `want` values along one dimension, every other of size 1: a vector, or PEFT's (N, 1) /
+    (1, K). Written without max(shape, default=...), which torch.compile(dynamic=True, fullgraph=True) could not
+    trace where the scale is a plain tensor (its sizes symbolic; a review, 2026-12-06)."""
+    return scale.numel() == want and all(d == 1 or d == want for d in scale.shape)
+
+
 def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, scale_input: bool = False,
                weight_transposed: bool = False) -> Tensor:
     """IA3: y = (x W^T + b) * l, or with scale_input=True y = (x * l) W^T + b, fused.
@@ -161,7 +168,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
         raise ValueError(f"x's last dimension must match weight ({'K, N' if weight_transposed else 'N, K'}): "
                          f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     want = K if scale_input else N
-    if scale.numel() != want or max(scale.shape, default=1) != want:
+    if not _holds_as_vector(scale, want):
         form = "input form: (K,)" if scale_input else "output form: (N,)"
         raise ValueError(f"scale must hold {want} values ({form}) for weight {tuple(weight.shape)}, got shape "
                          f"{tuple(scale.shape)}")
@@ -191,7 +198,7 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, sca
     N, K = (weight.shape[1], weight.shape[0]) if weight_transposed else tuple(weight.shape)
     want = K if scale_input else N
     # as ia3_linear: a vector, or PEFT's (N, 1) / (1, K); a (2, 5) matrix of N = 10 values was merged as one
-    if scale.numel() != want or max(scale.shape, default=1) != want:
+    if not _holds_as_vector(scale, want):
         raise ValueError(f"scale of shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}: it must "
                          f"hold {want} values ({'input form: (K,)' if scale_input else 'output form: (N,)'})")
     check_tensor("bias", bias, dims=1, optional=True)
