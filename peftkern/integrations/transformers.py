@@ -163,24 +163,23 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     them), as do the trained modules_to_save."""
     _check_not_sharded(model)
     model = _unwrapped(model)
-    tied = _tied_weights(model, {name: m for name, m in model.named_modules() if isinstance(m, _WRAPPING_LAYERS)})
+    from .peft import _peft_tuner_layer
+
+    ours = {name: m for name, m in model.named_modules() if isinstance(m, _WRAPPING_LAYERS)}
+    if not ours and any(_peft_tuner_layer(m) for m in model.modules()):
+        # it returned [] and left a PEFT model unmerged, silently (a review, 2026-12-05)
+        raise ValueError("merge_and_unload: the model's adapters are PEFT's (get_peft_model, with or without "
+                         "peftkern.fuse), which this function does not merge: call the PEFT model's own "
+                         "merge_and_unload()")
+    tied = _tied_weights(model, ours)
     if tied:  # checked before any layer changes
         raise ValueError(f"merge_and_unload: {_describe_tied(tied)}: merging would change them too (a tied lm_head's "
                          "merge changes the input embedding), and the model would compute another function. Untie "
                          "first, e.g. model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone()) "
                          "and model.config.tie_word_embeddings = False, so that save_pretrained keeps both")
-    from .peft import _peft_tuner_layer
-
-    modules = list(model.named_modules())
-    if (not any(isinstance(m, _WRAPPING_LAYERS) for _, m in modules)
-            and any(_peft_tuner_layer(m) for _, m in modules)):
-        # it returned [] and left a PEFT model unmerged, silently (a review, 2026-12-05)
-        raise ValueError("merge_and_unload: the model's adapters are PEFT's (get_peft_model, with or without "
-                         "peftkern.fuse), which this function does not merge: call the PEFT model's own "
-                         "merge_and_unload()")
     replaced = []
-    for name, module in modules:
-        if name and isinstance(module, _WRAPPING_LAYERS):
+    for name, module in ours.items():
+        if name:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.merge_and_unload())
             replaced.append(name)
