@@ -284,7 +284,7 @@ def krona_backward(grad_y: Tensor, x: Tensor, weight: Tensor, a: Tensor, a2: Opt
     X = x.to(dt).reshape(M, A.shape[2], B.shape[2])
     dx = da = da2 = db = db2 = dbias = dw = None
     if need_x:
-        term = torch.einsum("tij,mik,tkl->mjl", A, G, B).reshape(M, -1)
+        term = torch.einsum("tij,mik,tkl->mjl", A, G, B).reshape(M, x.shape[1])
         dx = (grad_y.to(dt) @ weight.to(dt) + scaling * term).to(x.dtype)
     if need_a or need_a2:
         dA = scaling * torch.einsum("mik,tkl,mjl->tij", G, B, X)
@@ -406,8 +406,8 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     if layer_norm:
         mean, rstd = stats[:, 0].to(dt), stats[:, 1].to(dt)
         xhat = (x - mean[:, None]) * rstd[:, None]
-        gamma = _up(ln_weight, dt) if ln_weight is not None else torch.ones_like(x[0])
-        beta = _up(ln_bias, dt) if ln_bias is not None else torch.zeros_like(x[0])
+        gamma = _up(ln_weight, dt) if ln_weight is not None else x.new_ones(x.shape[-1])
+        beta = _up(ln_bias, dt) if ln_bias is not None else x.new_zeros(x.shape[-1])
         x = xhat * gamma + beta
     dz = s * act_grad * (g @ wu)
     grads = [None] * 8

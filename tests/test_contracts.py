@@ -18,7 +18,7 @@ ALL_OPS = ["lora", "ia3-output", "ia3-input", "krona", "adapter"]
 
 
 def _backend_for(kind: str) -> str:
-    return {"ia3-output": "ia3", "ia3-input": "ia3"}.get(kind, kind)
+    return {"ia3-output": "ia3", "ia3-input": "ia3", "krona-kron": "krona"}.get(kind, kind)
 
 
 def _params(kinds=ALL_OPS):
@@ -319,6 +319,79 @@ def test_a_width_of_zero_gives_empty_outputs_and_zero_gradients(case, backend):
     for tensor in made:
         if tensor.requires_grad:
             assert tensor.grad is not None and tensor.grad.shape == tensor.shape and not tensor.grad.any()
+
+
+def _expert_layer(kind: str, t):
+    """One expert's adapted layer (x (M, 24) -> y (M, 24)) of `kind`, its tensors made by t(*shape, grad=...)."""
+    if kind == "lora":
+        weights = t(24, 24), t(4, 24, grad=True), t(24, 4, grad=True), t(24, grad=True)
+        return lambda x: peftkern.lora_linear(x, *weights[:3], 0.5, weights[3], dropout_p=0.25)
+    if kind in ("ia3-output", "ia3-input"):
+        weights = t(24, 24), t(24, grad=True), t(24, grad=True)
+        return lambda x: peftkern.ia3_linear(x, *weights, scale_input=kind == "ia3-input")
+    if kind in ("krona", "krona-kron"):
+        weights = t(24, 24), (t(4, 2, grad=True), t(2, 6, grad=True)), t(6, 4, grad=True), t(24, grad=True)
+        return lambda x: peftkern.krona_linear(x, *weights[:3], 0.5, weights[3])
+    weights = t(8, 24, grad=True), t(8, grad=True), t(24, 8, grad=True), t(24, grad=True), t(24, grad=True)
+    return lambda x: peftkern.bottleneck_adapter(x, *weights[:4], "gelu", 0.5, layer_norm=(weights[4], None))
+
+
+@pytest.mark.parametrize("kind,backend", _params(ALL_OPS + ["krona-kron"]), indirect=["backend"])
+def test_a_compiled_mixture_of_experts_routes_no_token_to_an_expert(kind, backend, eager_rng, monkeypatch):
+    """A mixture of experts compiled whole (fullgraph, torch.where's token lists captured:
+    capture_dynamic_output_shape_ops) calls each expert's layer on a row count that depends on the routing, 0 for an
+    expert no token chose. The ops tested it for 0 at trace time ("Could not guard on data-dependent expression": an
+    error under fullgraph, a graph break in every layer without), where F.linear traces; taken through the op
+    instead, the Triton backward divided by that 0 and the reference's KronA and LN backwards raised. Now the graph
+    holds the ops and an expert without tokens gets zero gradients, as in eager mode."""
+    from peftkern.ops import krona
+
+    if kind == "krona-kron":  # the Kronecker kernels, not the LoRA op's route
+        monkeypatch.setattr(krona, "LORA_ROUTE_MAX_RANK", [0])
+    kind = kind.removesuffix("-kron")
+    made = []
+
+    def t(*shape, grad=False):
+        made.append(torch.randn(*shape, device=DEVICE).requires_grad_(grad))
+        return made[-1]
+
+    experts = [_expert_layer(kind, t) for _ in range(3)]
+    h = torch.randn(6, 24, device=DEVICE, requires_grad=True)
+    # the last expert gets no token (last: a compiled call draws its dropout seed, which an eager call without rows
+    # does not, and the experts after it would draw different masks)
+    route = torch.tensor([0, 1, 0, 0, 1, 0], device=DEVICE)
+
+    def moe(h, route):
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(experts):
+            (tokens,) = torch.where(route == e)
+            out = out.index_add(0, tokens, expert(h[tokens]))
+        return out
+
+    torch._dynamo.reset()  # moe's code object is every case's: their graphs would pile up past the recompile limit
+    compiled = torch.compile(moe, fullgraph=True)
+    results = []
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        for fn in (moe, compiled):
+            for tensor in made + [h]:
+                tensor.grad = None
+            torch.manual_seed(run_seed(7))  # the same dropout seeds for both
+            y = fn(h, route)
+            y.square().sum().backward()
+            results.append((y.detach(), [tensor.grad for tensor in made + [h]]))
+    (y_eager, grads_eager), (y_compiled, grads_compiled) = results
+    assert_close(y_compiled, y_eager, torch.float32, f"{kind} output")
+    per_expert = len(made) // len(experts)
+    for i, tensor in enumerate(made + [h]):
+        if not tensor.requires_grad:
+            continue
+        got, want = grads_compiled[i], grads_eager[i]
+        name = f"{kind} gradient of expert {i // per_expert}'s {tuple(tensor.shape)}" if i < len(made) else "dh"
+        assert got is not None and got.shape == tensor.shape, f"{name}: {None if got is None else got.shape}"
+        if 2 * per_expert <= i < len(made):
+            assert not got.any(), f"{name}: the expert with no token gets zero gradients"
+        else:
+            assert_close(got, want, torch.float32, name)
 
 
 def test_ops_launch_on_their_tensors_gpu(monkeypatch):

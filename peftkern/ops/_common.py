@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .. import _backend
 
@@ -138,8 +139,29 @@ def plain_torch(rows: Tensor, *widths: int) -> bool:
     """Whether an op runs the reference's torch ops instead of its autograd.Function: with no rows or a width of 0 (no
     kernel to launch; the adapters get zero gradients), or under a torch.func transform (grad, vmap, jacrev:
     per-sample gradients), which cannot transform a Function whose forward takes ctx and whose kernels have no batching
-    rule."""
-    return rows.shape[0] == 0 or 0 in widths or torch._C._are_functorch_transforms_active()
+    rule. Under torch.compile a row count that depends on data (an unbacked size: the tokens routed to one expert of a
+    mixture of experts, captured with capture_dynamic_output_shape_ops) cannot be tested: such a call takes the op,
+    whose bodies run the reference where they find no rows (rows_backend); the test raised "Could not guard on
+    data-dependent expression", a graph break, or an error under fullgraph=True, where F.linear traces."""
+    n = rows.shape[0]
+    if symbolic(n):  # guard where a size is known, take the op where it depends on data
+        empty = guard_or_false(n == 0) or any(guard_or_false(w == 0) for w in widths)
+    else:
+        empty = n == 0 or 0 in widths
+    return empty or torch._C._are_functorch_transforms_active()
+
+
+def symbolic(size) -> bool:
+    """Whether a size may be symbolic: traced by dynamo (which shows a SymInt to type() as an int) or by make_fx / a
+    non-strict export (a SymInt object). Eager mode pays a call that returns at once and a type test."""
+    return torch.compiler.is_dynamo_compiling() or type(size) is not int
+
+
+def rows_backend(backend: str, rows: Tensor) -> str:
+    """backend, or the reference for a call with no rows, which the kernels' launchers do not take (their grids and
+    block counts divide by M). Eager calls without rows never get here (plain_torch); a graph compiled for a row count
+    that depends on data (plain_torch) runs the op's body with whatever count the data gives, 0 included."""
+    return "torch" if rows.shape[0] == 0 else backend
 
 
 def on_device(t: Tensor):
@@ -270,7 +292,12 @@ def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
         if t is not None and t.stride(0) > width:
             width = t.stride(0)
     step = max(1, MAX_OFFSET[0] // max(width, 1))
-    if M <= step:
+    if not symbolic(M):
+        if M <= step:
+            return call(*rows)
+    elif guard_or_true(M <= step):  # symbolic: a row count that depends on data runs as one block, checked when it runs
+        # (the message's closure may hold only constants under dynamo: step and width are symbolic with dynamic=True)
+        torch._check(M <= step, lambda: "peftkern: the rows' 32-bit element offsets overflow")
         return call(*rows)
     return torch.cat([call(*(t if t is None else t[i:i + step] for t in rows)) for i in range(0, M, step)])
 

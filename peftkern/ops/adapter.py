@@ -34,6 +34,7 @@ from ._common import (
     op_range,
     pick_backend,
     plain_torch,
+    rows_backend,
     save_with_parameters,
     saved_with_parameters,
     vector,
@@ -56,7 +57,7 @@ def _adapter_fwd(
     """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) for a 2-D h (M, d)."""
     # The body computes in h's dtype and float32 by design: autocast must not recast its small products.
     with op_range("peftkern::adapter_fwd"), no_autocast(h.device), on_device(h):
-        out, z, stats = backend_module(backend, "adapter").adapter_forward(
+        out, z, stats = backend_module(rows_backend(backend, h), "adapter").adapter_forward(
             h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias, activation,
             scaling, layer_norm, ln_eps)
     return out.contiguous(), z.contiguous(), stats.contiguous()
@@ -84,7 +85,7 @@ def _adapter_bwd(
     """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta); an empty tensor where a gradient was not asked for."""
     needs = (need_h, need_dw, need_db, need_uw, need_ub, need_scale, need_lnw, need_lnb)
     with op_range("peftkern::adapter_bwd"), no_autocast(h.device):  # autograd runs it on h's device
-        grads = backend_module(backend, "adapter").adapter_backward(
+        grads = backend_module(rows_backend(backend, h), "adapter").adapter_backward(
             grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
             activation, scaling, sequential, layer_norm, needs)
     refs = (h, down_weight, down_weight, up_weight, up_weight, h, h, h)

@@ -33,6 +33,7 @@ from ._common import (
     prepare_linear,
     product_source,
     recompute_product,
+    rows_backend,
     save_with_parameters,
     saved_with_parameters,
     vector,
@@ -45,7 +46,8 @@ def _ia3_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], s
              weight_transposed: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(y (M, N), z (M, N) or empty) for a 2-D x (M, K)."""
     with op_range("peftkern::ia3_fwd"), on_device(x):
-        y, z = backend_module(backend, "ia3").ia3_forward(x, weight, scale, bias, scale_input, weight_transposed)
+        y, z = backend_module(rows_backend(backend, x), "ia3").ia3_forward(x, weight, scale, bias, scale_input,
+                                                                         weight_transposed)
     return y.contiguous(), z.contiguous()
 
 
@@ -62,9 +64,12 @@ def _(x, weight, scale, bias, scale_input, weight_transposed, backend):
 def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor, scale_input: bool,
              weight_transposed: bool, backend: str, need_x: bool, need_l: bool, need_bias: bool,
              need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for."""
+    """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for. x may be one row standing for
+    all of grad_y's (the output form's backward without the weight's gradient reads x's dtype and width only)."""
+    if x.shape[0] != grad_y.shape[0]:
+        x = x.expand(grad_y.shape[0], x.shape[1])
     with op_range("peftkern::ia3_bwd"):  # no on_device: autograd runs a backward on its tensors' device
-        grads = backend_module(backend, "ia3").ia3_backward(
+        grads = backend_module(rows_backend(backend, x), "ia3").ia3_backward(
             grad_y, x, weight, scale, z, scale_input, weight_transposed, (need_x, need_l, need_bias, need_w))
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, (x, scale, grad_y, weight)))
 
@@ -75,7 +80,8 @@ ia3_bwd = define_op("peftkern::ia3_bwd", _ia3_bwd)
 @ia3_bwd.register_fake
 def _(grad_y, x, weight, scale, z, scale_input, weight_transposed, backend, need_x, need_l, need_bias, need_w):
     f32 = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
-    return (x.new_empty(x.shape if need_x else (0,)), scale.new_empty(scale.shape if need_l else (0,)),
+    return (x.new_empty((grad_y.shape[0], x.shape[1]) if need_x else (0,)),
+            scale.new_empty(scale.shape if need_l else (0,)),
             grad_y.new_empty((grad_y.shape[1],), dtype=f32) if need_bias else grad_y.new_empty((0,)),
             weight.new_empty(weight.shape, dtype=f32) if need_w else weight.new_empty((0,)))
 
@@ -116,8 +122,13 @@ def _ia3_backward(ctx, grad_y, bwd) -> tuple:
     (x, z), (weight, scale) = saved_with_parameters(ctx, "ia3_linear")
     if ctx.x_source is not None:
         x = recompute_product(ctx.x_source, ctx.x_shape)
-    elif not ctx.keep_x:  # the backends read x's shape and dtype only: a stand-in of one row, unit column stride
-        x = grad_y.new_zeros(ctx.x_shape[1]).expand(ctx.x_shape)
+    elif not ctx.keep_x:
+        # the backends read x's shape and dtype only: a stand-in of one row, which the op expands to grad_y's rows (unit
+        # column stride). Expanded here, it was under torch.compile with a row count that depends on data a buffer of
+        # (u, K) with strides (0, 1), whose storage inductor (torch 2.13) counts as K elements even for u = 0: it gave
+        # an expert without tokens' empty buffer to the next expert's stand-in, whose zeros it wrote out of bounds
+        # (a segfault of the compiled backward)
+        x = grad_y.new_zeros(1, ctx.x_shape[1])
     need_x, need_w, need_l, need_bias = ctx.needs_input_grad[:4]
     need_bias = need_bias and ctx.bias_dtype is not None
     dx, dl, dbias, dw = bwd(grad_y, x, weight, scale, z, ctx.scale_input, ctx.weight_transposed, ctx.backend,

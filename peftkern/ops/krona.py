@@ -50,6 +50,7 @@ from ._common import (
     pick_backend,
     plain_torch,
     prepare_linear,
+    rows_backend,
     save_with_parameters,
     saved_with_parameters,
     weight_backend,
@@ -66,7 +67,8 @@ def _krona_fwd(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Te
                bias: Optional[Tensor], scaling: float, backend: str) -> Tensor:
     """y (M, N) for a 2-D x (M, K)."""
     with op_range("peftkern::krona_fwd"), on_device(x):
-        y = backend_module(backend, "krona").krona_forward(x, weight, a, a2, b, b2, scaling, bias)
+        y = backend_module(rows_backend(backend, x), "krona").krona_forward(x, weight, a, a2, b, b2, scaling,
+                                                                            bias)
     return y.contiguous()
 
 
@@ -86,7 +88,8 @@ def _krona_bwd(
     """(dx, da, da2, db, db2, dbias, dweight); an empty tensor where that gradient was not asked for."""
     needs = (need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
     with op_range("peftkern::krona_bwd"):  # no on_device: autograd runs a backward on its tensors' device
-        grads = backend_module(backend, "krona").krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs)
+        grads = backend_module(rows_backend(backend, x), "krona").krona_backward(grad_y, x, weight, a, a2, b, b2,
+                                                                                scaling, needs)
     refs = (x, a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, grad_y, weight)
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, refs))
 

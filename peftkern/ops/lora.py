@@ -42,6 +42,7 @@ from ._common import (
     prepare_linear,
     product_source,
     recompute_product,
+    rows_backend,
     save_with_parameters,
     saved_with_parameters,
     weight_backend,
@@ -59,9 +60,12 @@ def _lora_fwd(
 ) -> tuple[Tensor, Tensor]:
     """(y (M, N), xa (M, r) in the backend's lora_xa_dtype) for a 2-D x (M, K); seed is the dropout's (a CPU int64
     scalar), None without dropout."""
+    runs = rows_backend(backend, x)
     with op_range("peftkern::lora_fwd"), on_device(x):
-        y, xa = backend_module(backend, "lora").lora_forward(
+        y, xa = backend_module(runs, "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed)
+    if runs != backend:  # no rows: the reference's xa, in the dtype the fake and the backend's backward give it
+        xa = xa.to(backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p))
     return y.contiguous(), xa.contiguous()
 
 
@@ -91,7 +95,7 @@ def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropou
                     need_x, need_a, need_b, need_bias, need_w) -> tuple:
     """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate)."""
     with op_range("peftkern::lora_bwd"):  # no on_device: autograd runs a backward on its tensors' device
-        return backend_module(backend, "lora").lora_backward(
+        return backend_module(rows_backend(backend, x), "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
             (need_x, need_a, need_b, need_bias, need_w))
 
