@@ -252,6 +252,67 @@ def test_per_sample_gradients_under_torch_compile():
         assert_close(compiled[name], eager[name], torch.float32, name)
 
 
+class _Called(nn.Module):
+    """A module calling the layer as _call does, so that export and compile see a parallel adapter's two inputs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return _call(self.layer, x)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+@pytest.mark.parametrize("kind", [*MAKERS, *ADAPTER_MAKERS])
+def test_torch_export_with_a_dynamic_batch_and_sequence(kind, strict):
+    """torch.export of an eval-mode layer with the batch and sequence dimensions dynamic, run on other shapes, a batch
+    of 0 and of 1 included. A strict export failed on every layer ("'function' object has no attribute
+    'is_quantized'": the message function of apply_by_rows' torch._check went into dynamo's graph)."""
+    from torch.export import Dim
+
+    torch.manual_seed(run_seed(0))
+    module = _Called(_trained({**MAKERS, **ADAPTER_MAKERS}[kind](device=DEVICE))).eval()
+    dims = {0: Dim("batch", max=64), 1: Dim("seq", max=64)}
+    exported = torch.export.export(module, (torch.randn(3, 5, 24, device=DEVICE),), dynamic_shapes={"x": dims},
+                                   strict=strict)
+    for shape in ((2, 7, 24), (1, 5, 24), (0, 5, 24), (4, 1, 24)):
+        x = torch.randn(*shape, device=DEVICE)
+        with torch.no_grad():
+            expected = module(x)
+        got = exported.module()(x)
+        if expected.numel():
+            assert_close(got, expected, torch.float32, f"exported output at {shape}")
+        else:
+            assert got.shape == expected.shape, f"at {shape}: {tuple(got.shape)} != {tuple(expected.shape)}"
+
+
+@pytest.mark.parametrize("kind", [*MAKERS, *ADAPTER_MAKERS])
+def test_torch_compile_dynamic_in_eval_mode_over_batches(kind):
+    """torch.compile(dynamic=True, fullgraph=True) of an eval-mode layer, called under inference_mode on a changing
+    batch: one graph serves every batch of 2 or more (no recompile), and 1 and 0 run too. LoRALinear failed to trace:
+    dynamic=True makes its float dropout a SymFloat, and the op's range check called math.isnan on it."""
+    torch.manual_seed(run_seed(0))
+    module = _Called(_trained({**MAKERS, **ADAPTER_MAKERS}[kind](device=DEVICE))).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, dynamic=True, fullgraph=True)
+
+    def check(batch):
+        x = torch.randn(batch, 4, 24, device=DEVICE)  # a sequence length no batch shares (duck sizing)
+        with torch.inference_mode():
+            got, expected = compiled(x), module(x)
+        assert got.shape == expected.shape, f"batch {batch}: {tuple(got.shape)} != {tuple(expected.shape)}"
+        if expected.numel():
+            assert_close(got, expected, torch.float32, f"compiled output at batch {batch}")
+
+    check(3)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for batch in (5, 2, 7):
+            check(batch)
+    for batch in (1, 0):
+        check(batch)
+
+
 @pytest.mark.parametrize("how", ["parametrize", "weight_norm", "prune", "parametrize-bias", "prune-bias"])
 @pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
 def test_merge_refuses_a_recomputed_weight(kind, how):

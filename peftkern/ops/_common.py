@@ -57,7 +57,9 @@ def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[f
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if (low is not None or high is not None) and math.isnan(value):
+    # value != value is NaN's test: math.isnan cannot be traced for the SymFloat that torch.compile(dynamic=True) makes
+    # of a module's float (LoRALinear's dropout: a graph break in every layer, an error under fullgraph=True)
+    if (low is not None or high is not None) and value != value:
         raise ValueError(f"{name} must be a number in range, got nan")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -296,8 +298,13 @@ def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
         if M <= step:
             return call(*rows)
     elif guard_or_true(M <= step):  # symbolic: a row count that depends on data runs as one block, checked when it runs
-        # (the message's closure may hold only constants under dynamo: step and width are symbolic with dynamic=True)
-        torch._check(M <= step, lambda: "peftkern: the rows' 32-bit element offsets overflow")
+        # (the message's closure may hold only constants under dynamo: step and width are symbolic with dynamic=True).
+        # A strict torch.export puts the message function in its graph, and failed on it ("'function' object has no
+        # attribute 'is_quantized'", torch 2.13): it checks without one
+        if torch.compiler.is_exporting():
+            torch._check(M <= step)
+        else:
+            torch._check(M <= step, lambda: "peftkern: the rows' 32-bit element offsets overflow")
         return call(*rows)
     return torch.cat([call(*(t if t is None else t[i:i + step] for t in rows)) for i in range(0, M, step)])
 
