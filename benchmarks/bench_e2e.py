@@ -230,7 +230,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--compile-mode", help="torch.compile's mode for the compiled rows (e.g. reduce-overhead: "
                         "CUDA graphs); implies --compile")
     parser.add_argument("--compiled-only", action="store_true",
-                        help="with --compile: the eager floor and the compiled rows only")
+                        help="the eager floor and the compiled rows only; implies --compile")
     parser.add_argument("--checkpointing", action="store_true", help="also every row with gradient checkpointing")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the rows with gradient checkpointing")
     parser.add_argument("--rank", type=positive, default=16)

@@ -14,7 +14,7 @@ from torch import nn
 
 import peftkern
 from peftkern.integrations.transformers import lora_layers
-from peftkern.nn import LoRALinear
+from peftkern.nn import IA3Linear, KronALinear, LoRALinear
 
 peft = pytest.importorskip("peft")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -530,6 +530,20 @@ def test_merge_and_unload_keeps_bottleneck_adapters_and_all_linear_leaves_their_
     adapted = peftkern.add_lora(other, "all-linear", r=2)
     assert adapted and not [n for n in adapted if "bottleneck_adapters" in n]
     assert all(p.requires_grad for n, p in other.named_parameters() if "bottleneck_adapters" in n)
+
+
+@pytest.mark.parametrize("make", [lambda: LoRALinear(8, 6, r=2), lambda: IA3Linear(8, 6), lambda: KronALinear(8, 6)],
+                         ids=["lora", "ia3", "krona"])
+def test_merge_and_unload_refuses_a_model_that_is_a_peftkern_layer(make):
+    """peftkern.merge_and_unload(layer) on a peftkern layer itself returned [] and left it unmerged, silently, where its
+    docstring merges every peftkern layer of the model: it replaces layers inside a model, and the model's root has no
+    parent to put the plain layer in. It refuses, naming the layer's own merge_and_unload (a review, 2026-12-06)."""
+    torch.manual_seed(run_seed(0))
+    layer = make().to(DEVICE)
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\)"):
+        peftkern.merge_and_unload(layer)
+    assert not layer.merged, "nothing changed"
+    assert isinstance(layer.merge_and_unload(), nn.Linear)
 
 
 def test_load_lora_loads_a_file_that_adapts_a_mamba_out_proj(tmp_path, monkeypatch):

@@ -160,9 +160,15 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     transformers model that save_pretrained / from_pretrained carry whole (add_lora's layers are not: their
     checkpoints hold the frozen weight and the factors apart, and from_pretrained into a plain model drops the
     factors). Returns the names replaced. Bottleneck adapters, which do not merge, stay (remove_adapters detaches
-    them), as do the trained modules_to_save."""
+    them), as do the trained modules_to_save. A model that is a peftkern layer itself raises ValueError: its own
+    merge_and_unload() returns the plain layer."""
     _check_not_sharded(model)
     model = _unwrapped(model)
+    if isinstance(model, _WRAPPING_LAYERS):
+        # the layers are replaced in their parents: the model's root has none, and it returned [] and stayed unmerged,
+        # silently (a review, 2026-12-06)
+        raise ValueError(f"merge_and_unload: the model is a {type(model).__name__} itself, which has no parent to put "
+                         "the plain layer in: call its own merge_and_unload(), which returns that layer")
     from .peft import _peft_tuner_layer
 
     ours = {name: m for name, m in model.named_modules() if isinstance(m, _WRAPPING_LAYERS)}
