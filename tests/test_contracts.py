@@ -541,6 +541,65 @@ def test_a_subclass_operand_merges_on_the_reference(kind, backend):
     assert_close(got.a, expected, torch.float32, f"{kind} merge into a subclass weight")
 
 
+class _AtenOnly(torch.Tensor):
+    """A wrapper subclass that knows aten's operators only, as a quantised weight's (torchao's) or a DTensor does: it
+    computes them on the plain tensor it holds (dequantised on use), and refuses any other operator, peftkern's
+    registered ops included."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return _AtenOnly(inner["inner"])
+
+    def __repr__(self):
+        return f"_AtenOnly({self.inner!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func.namespace != "aten":
+            raise NotImplementedError(f"_AtenOnly has no rule for {func}")
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return _AtenOnly(func(args[0].inner))
+        unwrap = lambda t: t.inner if isinstance(t, _AtenOnly) else t  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+@pytest.mark.parametrize("kind,backend", _params(), indirect=["backend"])
+def test_a_subclass_operand_compiles_on_the_reference(kind, backend):
+    """Under torch.compile too: pick_backend skipped its subclass check while compiling, and every backend (the
+    reference's included) called the registered op, which a subclass that knows aten's operators only refuses. A
+    quantised weight or a DTensor (tensor parallelism) failed to compile ("NotImplementedError when running FX
+    node") where F.linear compiles; eager mode fell back (a review of the fallbacks, 2026-12-06)."""
+    x = torch.randn(5, 24, device=DEVICE)
+    ops, op = _subclass_cases(kind, x)
+    first = next(iter(ops))
+    adapters = [name for name in ops if name not in (first, "weight", "down_weight", "residual")][:2]
+    grads = [first, *adapters]
+
+    def run(call, operands):
+        leaves = {name: t.detach().requires_grad_() if name in grads else t for name, t in operands.items()}
+        out = call(leaves)
+        out.square().sum().backward()
+        return out.detach(), [leaves[name].grad for name in grads]
+
+    expected, expected_grads = run(op, ops)
+    weight = "down_weight" if kind == "adapter" else "weight"
+    torch._dynamo.reset()
+    got, got_grads = run(torch.compile(op, fullgraph=True), {**ops, weight: _AtenOnly(ops[weight])})
+    assert_close(got, expected, torch.float32, f"compiled {kind} with a subclass {weight}")
+    for name, g, e in zip(grads, got_grads, expected_grads):
+        assert_close(g, e, torch.float32, f"compiled {kind}: d{name} with a subclass {weight}")
+
+
 def test_krona_lora_route_runs_on_kronas_backend(monkeypatch):
     """KronA's LoRA route ran on the LoRA op's backend: with "cuda" forced, the CUDA LoRA kernels, where the README
     and the warning say KronA runs on Triton (a review, 2026-12-05). Resolution is stubbed: lora to cuda, krona to
@@ -666,10 +725,13 @@ def test_op_flags_must_be_bools(backend):
         peftkern.ia3_linear(x, w, torch.randn(8, device=DEVICE), weight_transposed="False")
 
 
-def _int_linear() -> torch.nn.Linear:
+def _int_linear(dtype: torch.dtype = torch.int8) -> torch.nn.Linear:
     linear = torch.nn.Linear(12, 10, bias=False)
-    linear.weight = torch.nn.Parameter(torch.ones(10, 12, dtype=torch.int8), requires_grad=False)
+    linear.weight = torch.nn.Parameter(torch.ones(10, 12, dtype=dtype), requires_grad=False)
     return linear
+
+
+F8 = torch.float8_e4m3fn  # floating to is_floating_point, but no op takes it: TypeError at construction, like an int
 
 
 LAYER_CASES = {  # a layer's construction -> (the exception, what its message says)
@@ -712,6 +774,23 @@ LAYER_CASES = {  # a layer's construction -> (the exception, what its message sa
                                      "hidden_size must be a non-negative int"),
     "adapter int dtype": (lambda: peftkern.nn.BottleneckAdapter(12, dtype=torch.int64), TypeError,
                           "dtype must be a floating"),
+    # float8 (a review of the fallbacks, 2026-12-06): LoRA's and KronA's from_linear raised NotImplementedError from
+    # their init ("check_uniform_bounds" not implemented for 'Float8_e4m3fn'); IA3Linear was built and raised at its
+    # first call; an adapter_dtype or dtype of float8 likewise
+    "lora float8 weight": (lambda: peftkern.nn.LoRALinear.from_linear(_int_linear(F8)), TypeError,
+                           "must be floating .*float8_e4m3fn"),
+    "ia3 float8 weight": (lambda: peftkern.nn.IA3Linear.from_linear(_int_linear(F8)), TypeError,
+                          "must be floating .*float8_e4m3fn"),
+    "krona float8 weight": (lambda: peftkern.nn.KronALinear.from_linear(_int_linear(F8)), TypeError,
+                            "must be floating .*float8_e4m3fn"),
+    "lora float8 adapter_dtype": (lambda: peftkern.nn.LoRALinear.from_linear(torch.nn.Linear(12, 10),
+                                                                             adapter_dtype=F8),
+                                  TypeError, "adapter_dtype must be a floating"),
+    "ia3 float8 scale_dtype": (lambda: peftkern.nn.IA3Linear(12, 10, scale_dtype=F8), TypeError,
+                               "scale_dtype must be a floating"),
+    "krona float8 dtype": (lambda: peftkern.nn.KronALinear(12, 10, dtype=F8), TypeError, "must be floating"),
+    "adapter float8 dtype": (lambda: peftkern.nn.BottleneckAdapter(12, dtype=F8), TypeError,
+                             "dtype must be a floating"),
 }
 
 

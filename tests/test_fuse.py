@@ -588,6 +588,24 @@ def test_any_module_with_tuner_layers_and_the_skip_reasons():
     assert "already replaced" in dict(peftkern.fuse(hooked).skipped)["fc"]
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "lokr"])
+def test_a_float8_base_is_reported_before_any_call(method):
+    """A base weight in float8 (floating to is_floating_point) was fused, and every call then raised the op's
+    TypeError (weight must be float16, bfloat16, float32 or float64): the report said fused. It is left on PEFT's
+    path with the dtype as the reason (a review of the fallbacks, 2026-12-06)."""
+    from peft import IA3Config, LoKrConfig, inject_adapter_in_model
+
+    config = {"lora": LoraConfig(r=2, target_modules=["fc", "quant"]),
+              "ia3": IA3Config(target_modules=["fc", "quant"], feedforward_modules=[]),
+              "lokr": LoKrConfig(r=2, target_modules=["fc", "quant"])}[method]
+    model = inject_adapter_in_model(config, ConvNet())
+    base = model.quant.base_layer
+    base.weight = torch.nn.Parameter(base.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    report = peftkern.fuse(model)
+    assert [n for n, _ in report.fused] == ["fc"], str(report)
+    assert "float8_e4m3fn" in dict(report.skipped)["quant"], str(report)
+
+
 def test_readme_example_trains_with_the_trainer_and_reloads_in_plain_peft(tmp_path):
     import runpy
     from pathlib import Path

@@ -28,6 +28,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..nn._frozen import computes_linear, global_hooks, hooked, is_conv1d
+from ..ops._common import FLOAT_DTYPES
 from ..ops.ia3 import ia3_linear
 from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear
@@ -113,6 +114,8 @@ def _float_base(base: nn.Module, try_forward: bool = False) -> Optional[str]:
         return f"base layer weight is a {type(weight).__name__} (tensor subclass, e.g. quantised)"
     if not weight.is_floating_point():
         return f"base layer weight is {weight.dtype} (quantised)"
+    if weight.dtype not in FLOAT_DTYPES:  # float8: floating, but the ops take none (each call raised their TypeError)
+        return f"base layer weight is {weight.dtype} (the fused ops take float16, bfloat16, float32, float64)"
     return None
 
 

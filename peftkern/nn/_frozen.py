@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._common import check_flag
+from ..ops._common import FLOAT_DTYPES, check_flag
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -127,8 +127,10 @@ def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional
                       name: str = "adapter_dtype") -> Optional[torch.dtype]:
     """adapter_dtype, or PEFT's default (autocast_adapter_dtype=True): float32 beside a float16 / bfloat16 base, whose
     rounding would lose most of an optimizer's small updates to the adapter; otherwise the base's dtype. A TypeError
-    for a dtype that is not floating (an integer base or adapter_dtype reached nn.Parameter's RuntimeError)."""
-    if base_dtype is not None and not (isinstance(base_dtype, torch.dtype) and base_dtype.is_floating_point):
+    for a dtype that is not floating (an integer base or adapter_dtype reached nn.Parameter's RuntimeError) or one the
+    ops do not take (float8, floating to is_floating_point: LoRA's init raised NotImplementedError, an IA3 layer was
+    built and raised at its first call)."""
+    if base_dtype is not None and base_dtype not in FLOAT_DTYPES:
         raise TypeError(f"the base layer's weight must be floating (float16, bfloat16, float32, float64), got "
                         f"{base_dtype}")
     if adapter_dtype is not None:
@@ -137,9 +139,9 @@ def adapter_dtype_for(base_dtype: Optional[torch.dtype], adapter_dtype: Optional
 
 
 def check_float_dtype(name: str, dtype) -> torch.dtype:
-    """dtype, a floating torch.dtype (a TypeError naming `name` otherwise)."""
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{name} must be a floating torch.dtype, got {dtype!r}")
+    """dtype, a floating torch.dtype the ops take (a TypeError naming `name` otherwise: an integer, float8)."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating torch.dtype (float16, bfloat16, float32, float64), got {dtype!r}")
     return dtype
 
 

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .. import _backend
@@ -492,18 +494,40 @@ def pick_backend(op: str, x: Tensor, *operands: Optional[Tensor]) -> str:
     if x.dtype not in KERNEL_DTYPES:
         warn_once(f"{op}-dtype-{x.dtype}", f"peftkern {op}: {x.dtype} inputs run on the reference path")
         return "torch"
-    compiling = torch.compiler.is_compiling()  # traced, every operand is a FakeTensor or a functional wrapper
+    subclass = subclass_operand(x, *operands)
+    if subclass is not None:
+        warn_once(f"{op}-subclass-{type(subclass).__name__}",
+                  f"peftkern {op}: tensor subclass {type(subclass).__name__} runs on the reference path")
+        return "torch"
     for t in (x, *operands):
-        if t is None:
-            continue
-        if not compiling and type(t) not in (Tensor, torch.nn.Parameter):
-            warn_once(f"{op}-subclass-{type(t).__name__}",
-                      f"peftkern {op}: tensor subclass {type(t).__name__} runs on the reference path")
-            return "torch"
-        if t.layout != torch.strided:
+        if t is not None and t.layout != torch.strided:
             warn_once(f"{op}-layout-{t.layout}", f"peftkern {op}: {t.layout} tensors run on the reference path")
             return "torch"
     return backend
+
+
+# A plain operand's class. Traced by make_fx or a non-strict torch.export, a plain operand is a FakeTensor or a
+# functional wrapper; dynamo shows each operand's own class, a subclass's (a DTensor, a quantised weight) included.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_TRACED_PLAIN_TYPES = (*_PLAIN_TYPES, FakeTensor, FunctionalTensor)
+
+
+def subclass_operand(*operands: Optional[Tensor]) -> Optional[Tensor]:
+    """The first of the tensor operands (None where absent) that is a tensor subclass, or None."""
+    plain = _TRACED_PLAIN_TYPES if torch.compiler.is_compiling() else _PLAIN_TYPES
+    for t in operands:
+        if t is not None and type(t) not in plain:
+            return t
+    return None
+
+
+def traced_subclass(*operands: Optional[Tensor]) -> bool:
+    """Whether a call under torch.compile has a tensor subclass among its operands (None where absent): it then runs
+    the reference's torch ops, which the subclass traces as it traces F.linear. A registered op reached the subclass's
+    __torch_dispatch__, which knows aten's operators only (a DTensor, a quantised weight): compiling failed
+    ("NotImplementedError when running FX node") on every backend, where eager mode fell back (a review, 2026-12-06).
+    Dynamo's test, which eager mode pays nothing for (torch.compiler.is_compiling took ~75 ns a call on this CPU)."""
+    return torch.compiler.is_dynamo_compiling() and subclass_operand(*operands) is not None
 
 
 class _Op:

@@ -37,6 +37,7 @@ from ._common import (
     rows_backend,
     save_with_parameters,
     saved_with_parameters,
+    traced_subclass,
     vector,
 )
 
@@ -271,11 +272,11 @@ def bottleneck_adapter(
     d = h.shape[-1]
     rows = math.prod(h.shape[:-1])  # reshape's -1 is ambiguous when d = 0
     h2d = h.reshape(rows, d)
-    if plain_torch(h2d, d, down_weight.shape[0]):
+    operands = (down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias)
+    backend = pick_backend("adapter", h2d, *operands)  # first: a subclass under compile warns as the other ops do
+    if plain_torch(h2d, d, down_weight.shape[0]) or traced_subclass(h2d, *operands):
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling_f,
                                             scale, residual, ln_weight, ln_bias, use_ln, ln_eps)
-    backend = pick_backend("adapter", h2d, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight,
-                           ln_bias)
     down_bias, up_bias = vector(down_bias), vector(up_bias)
     r2d = residual.reshape(rows, d) if residual is not None else None
     fn = _adapter_compiled if op_autograd() else BottleneckAdapterFunction.apply

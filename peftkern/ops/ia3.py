@@ -36,6 +36,7 @@ from ._common import (
     rows_backend,
     save_with_parameters,
     saved_with_parameters,
+    traced_subclass,
     vector,
     weight_backend,
     written_in_place,
@@ -187,7 +188,8 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
     x2d, weight, bias, lead, backend = prepare_linear("ia3", x, weight, bias, K, (scale,))
-    if plain_torch(x2d, N, K):  # no tokens (l gets a zero gradient), a width of 0, or a torch.func transform
+    # no tokens (l gets a zero gradient), a width of 0, a torch.func transform, or a subclass under compile
+    if plain_torch(x2d, N, K) or traced_subclass(x2d, weight, scale, bias):
         y = reference.ia3_linear(x2d, weight, scale.reshape(-1), bias, scale_input, weight_transposed)
         return y.reshape(*lead, N)
     fn = _ia3_compiled if op_autograd() else IA3LinearFunction.apply

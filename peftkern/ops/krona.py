@@ -53,6 +53,7 @@ from ._common import (
     rows_backend,
     save_with_parameters,
     saved_with_parameters,
+    traced_subclass,
     weight_backend,
     written_in_place,
 )
@@ -343,7 +344,8 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, A=a, A2=a2, B=b, B2=b2, bias=bias)
     x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K, (a, a2, b, b2))
-    if plain_torch(x2d, N, K):  # no tokens (the factors get zero gradients, as in PEFT), or a torch.func transform
+    # no tokens (the factors get zero gradients, as in PEFT), a torch.func transform, or a subclass under compile
+    if plain_torch(x2d, N, K) or traced_subclass(x2d, weight, a, a2, b, b2, bias):
         return reference.krona_forward(x2d, weight, a, a2, b, b2, scaling, bias).reshape(*lead, N)
     if backend == "triton" and _take_lora_route(a, a2, b, b2, x2d):
         # the LoRA op's Function on the inputs checked and prepared here (lora_linear would check and autocast them

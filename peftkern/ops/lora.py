@@ -45,6 +45,7 @@ from ._common import (
     rows_backend,
     save_with_parameters,
     saved_with_parameters,
+    traced_subclass,
     weight_backend,
     written_in_place,
 )
@@ -249,7 +250,8 @@ def lora_linear(
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
     x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K, (lora_A, lora_B))
     p = dropout_p if training else 0.0
-    if plain_torch(x2d, N, K):  # no tokens (the adapter gets zero gradients, as in PEFT), or a torch.func transform
+    # no tokens (the adapter gets zero gradients, as in PEFT), a torch.func transform, or a subclass under compile
+    if plain_torch(x2d, N, K) or traced_subclass(x2d, weight, lora_A, lora_B, bias):
         # a torch.func transform's dropout: torch's random ops, under the transform's randomness rule (vmap's)
         keep = torch.rand(x2d.shape, device=x2d.device) >= p if p > 0.0 and x2d.shape[0] else None
         return reference.lora_linear(x2d, weight, lora_A, lora_B, scaling, bias, keep, p,
