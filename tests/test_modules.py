@@ -589,3 +589,20 @@ def test_lora_dropout_runs_on_the_meta_device_in_training(transposed):
     on_cpu = peftkern.ops.lora_dropout_mask(seed, (7, 24), 0.25, "cpu", backend="torch")
     assert torch.equal(on_cpu, peftkern.ops.lora_dropout_mask(seed, (7, 24), 0.25, "cpu", backend="torch"))
     assert 0 < on_cpu.sum() < on_cpu.numel(), "a CPU mask still drops some elements and keeps others"
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_merge_unmerge_and_state_dict_on_the_meta_device(feedforward):
+    """unmerge() and a merged layer's state_dict test l for zeros (W * 0 cannot be divided back); on the meta device,
+    which holds no values, that test called .item() and raised "cannot be called on meta tensors", where merge() runs.
+    A meta layer has no zeros to find: it merges, saves and unmerges as shapes."""
+    with torch.device("meta"):
+        layer = IA3Linear(24, 20, feedforward=feedforward)
+    layer.merge()
+    state = layer.state_dict()
+    assert state["ia3_l"].device.type == "meta" and state["weight"].shape == (20, 24)
+    layer.unmerge()
+    assert not layer.merged and layer.weight.device.type == "meta"
+    with torch.device("meta"):
+        y = layer(torch.randn(3, 24))
+    assert y.shape == (3, 20)

@@ -86,7 +86,7 @@ class IA3Linear(FrozenLinear):
             self.merged = False
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if not (self.merged and bool((self.ia3_l == 0).any())):
+        if not (self.merged and self.ia3_l.device.type != "meta" and bool((self.ia3_l == 0).any())):
             super()._save_to_state_dict(destination, prefix, keep_vars)
             return
         # W * 0 cannot be divided back: save the merged weight as it is with l = 1, the same function (the vector's
