@@ -1106,3 +1106,20 @@ def test_a_layer_whose_adapters_were_all_deleted_stays_fused_for_the_next_adapte
     assert gr.keys() == gf.keys() and any("lora_A.third" in k for k in gr)
     for k in gr:
         assert_close(gf[k], gr[k], torch.float32, f"grad {k}")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "lokr"])
+def test_a_float64_base_is_reported_as_running_on_the_reference(method):
+    """A float64 base is fused (the ops take it), but every call runs on the reference path with a warning at the
+    first call: the report said only "fused". It says so beforehand now, and the float32 layer's entry does not."""
+    from peft import IA3Config, LoKrConfig, inject_adapter_in_model
+
+    config = {"lora": LoraConfig(r=2, target_modules=["fc", "quant"]),
+              "ia3": IA3Config(target_modules=["fc", "quant"], feedforward_modules=[]),
+              "lokr": LoKrConfig(r=2, target_modules=["fc", "quant"])}[method]
+    model = inject_adapter_in_model(config, ConvNet())
+    model.quant.double()
+    report = dict(peftkern.fuse(model).fused)
+    assert set(report) == {"fc", "quant"}, report
+    assert "float64" in report["quant"] and "reference" in report["quant"], report
+    assert "reference" not in report["fc"], report

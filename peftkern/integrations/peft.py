@@ -28,7 +28,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..nn._frozen import computes_linear, global_hooks, hooked, is_conv1d
-from ..ops._common import FLOAT_DTYPES
+from ..ops._common import FLOAT_DTYPES, KERNEL_DTYPES
 from ..ops.ia3 import ia3_linear
 from ..ops.krona import krona_linear
 from ..ops.lora import lora_linear
@@ -498,8 +498,17 @@ def fuse(model: nn.Module) -> FuseReport:
             _bind(module, handler.forward)
             setattr(module, _FUSED_FLAG, True)
         setattr(module, _REPORT_ENTRY, (report, name))
-        report.fused.append((name, handler.describe(module)))
+        report.fused.append((name, handler.describe(module) + _reference_note(module)))
     return report
+
+
+def _reference_note(module: nn.Module) -> str:
+    """What the report adds for a fused layer whose base the kernels do not take (float64): it runs on the reference
+    path, with a warning at its first call; said beforehand, as the skipped layers' reasons are."""
+    weight = getattr(module.get_base_layer(), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES and weight.dtype not in KERNEL_DTYPES:
+        return f"; a {str(weight.dtype).removeprefix('torch.')} base: runs on the reference path (torch ops)"
+    return ""
 
 
 class _FusedForward:
