@@ -2,8 +2,10 @@
 # The one GPU call: install (building the CUDA extension), run the whole test suite, run the benchmarks.
 # Everything lands under $OUT (the device tool's output folder) or ./out:
 #   gpu_check.log (install, info, benchmark tables), tests.log, and one JSON per benchmark.
-# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--shards N] [--part K/P] [--bench "lora ia3 ..."]
-#          [--bench-args "..."] [--skip-done DIR]
+# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--select EXPR] [--shards N] [--part K/P]
+#          [--bench "lora ia3 ..."] [--bench-args "..."] [--skip-done DIR]
+#   --select EXPR is pytest's -k EXPR over the tests collected (--tests is split at spaces, so an expression with
+#   "or" cannot go there: on 2026-12-06 a -k passed through --tests collected nothing).
 #   --shards N runs the collected tests in N pytest processes at once (the suite is mostly CPU-bound: Triton
 #   compiles, model builds); their logs end up in one tests.log; the exit status is the worst of them.
 #   --part K/P (with --shards) runs only the collected tests i with i mod P = K (K from 0): the suite in P device
@@ -30,6 +32,7 @@ PART=""
 BENCH="all"
 BENCH_ARGS=""
 SKIP_DONE=""
+SELECT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS="$2"; shift 2 ;;
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
     --bench) BENCH="$2"; shift 2 ;;
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
     --skip-done) SKIP_DONE="$2"; shift 2 ;;
+    --select) SELECT="$2"; shift 2 ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
 done
@@ -55,7 +59,8 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
   # slow files spread over all of them: in contiguous chunks (2026-11-23, 16 shards) the test_adapter.py shards
   # ran past 440 s while the others finished in 75-275 s. Triton's on-disk cache shares compiled kernels.
   # shellcheck disable=SC2086
-  mapfile -t ids < <(python3 -m pytest --collect-only -q -p no:cacheprovider $TESTS 2>/dev/null | grep '::')
+  mapfile -t ids < <(python3 -m pytest --collect-only -q -p no:cacheprovider $TESTS ${SELECT:+-k "$SELECT"} \
+    2>/dev/null | grep '::')
   if [ -n "$PART" ]; then  # K/P: every P-th collected test from the K-th
     part_k=${PART%/*} part_p=${PART#*/}
     mapfile -t ids < <(printf '%s\n' "${ids[@]}" | awk -v k="$part_k" -v p="$part_p" '(NR - 1) % p == k')
@@ -72,7 +77,7 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
     SHARDS=$(( mem_mib / 1024 / 6 ))
     echo "== $mem_mib MiB of GPU memory: $SHARDS processes" | tee -a "$LOG"
   fi
-  echo "== tests: $TESTS${PART:+ (part $PART)}, $n in $SHARDS processes" | tee -a "$LOG"
+  echo "== tests: $TESTS${SELECT:+ -k '$SELECT'}${PART:+ (part $PART)}, $n in $SHARDS processes" | tee -a "$LOG"
   pids=()
   # The shards write outside $OUT and their logs are gathered into $OUT/tests.log however the script ends: on
   # 2026-12-03 a device call ran out of time with 16 shard logs in $OUT, and the tool returned 7 of them.
@@ -110,7 +115,7 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
 elif [ "$TESTS" != "none" ]; then
   echo "== tests: $TESTS" | tee -a "$LOG"
   # shellcheck disable=SC2086
-  python3 -m pytest $TESTS -q -p no:cacheprovider -rfs 2>&1 | tee "$OUT/tests.log" | tail -n 60
+  python3 -m pytest $TESTS ${SELECT:+-k "$SELECT"} -q -p no:cacheprovider -rfs 2>&1 | tee "$OUT/tests.log" | tail -n 60
   status=${PIPESTATUS[0]}
   tail -n 3 "$OUT/tests.log" >> "$LOG"
   margins
