@@ -494,15 +494,23 @@ def pick_backend(op: str, x: Tensor, *operands: Optional[Tensor]) -> str:
     if x.dtype not in KERNEL_DTYPES:
         warn_once(f"{op}-dtype-{x.dtype}", f"peftkern {op}: {x.dtype} inputs run on the reference path")
         return "torch"
-    subclass = subclass_operand(x, *operands)
-    if subclass is not None:
-        warn_once(f"{op}-subclass-{type(subclass).__name__}",
-                  f"peftkern {op}: tensor subclass {type(subclass).__name__} runs on the reference path")
-        return "torch"
+    # one pass over the operands (the eager hot path): a subclass anywhere is the cause named, else the first
+    # operand that is not strided
+    plain = _TRACED_PLAIN_TYPES if torch.compiler.is_compiling() else _PLAIN_TYPES
+    unstrided = None
     for t in (x, *operands):
-        if t is not None and t.layout != torch.strided:
-            warn_once(f"{op}-layout-{t.layout}", f"peftkern {op}: {t.layout} tensors run on the reference path")
+        if t is None:
+            continue
+        if type(t) not in plain:
+            warn_once(f"{op}-subclass-{type(t).__name__}",
+                      f"peftkern {op}: tensor subclass {type(t).__name__} runs on the reference path")
             return "torch"
+        if unstrided is None and t.layout != torch.strided:
+            unstrided = t
+    if unstrided is not None:
+        warn_once(f"{op}-layout-{unstrided.layout}",
+                  f"peftkern {op}: {unstrided.layout} tensors run on the reference path")
+        return "torch"
     return backend
 
 
