@@ -109,15 +109,21 @@ def assert_close_or_as_exact(actual: torch.Tensor, expected: torch.Tensor, exact
     """assert_close(actual, expected); where they differ by more than that, actual must still be as close to `exact`
     (the same computation in float64) as expected is, twice its error at most. Two roundings of a sum that cancels
     (a gradient summed over tokens of both signs) can part by more than either's budget; a defect makes the op's
-    answer worse than the reference's, which this still catches."""
+    answer worse than the reference's, which this still catches.
+
+    actual within the tolerance of `exact` passes as well: the tolerance is the error allowed against the true
+    answer, and the same-dtype reference only stands in for it. Where that reference's own error happened to be
+    small, twice it was a stricter bar than the tolerance (float32, the interpreter: a lora_B gradient 1.4e-5 off
+    float64 against the 2e-5 allowed, the reference's 6.6e-6; test_fuse.py's test_peft_configurations[lora_bias],
+    seed 145983949, 2026-12-06)."""
     try:
         assert_close(actual, expected, dtype, name, scale)
     except AssertionError as differ:
         err_actual, err_expected = rel_err(actual, exact), rel_err(expected, exact)
         # not `err_actual > 2 * err_expected`: a NaN in actual makes err_actual NaN, and that comparison passed it
-        if not err_actual <= 2 * err_expected:
-            raise AssertionError(f"{differ}; against float64 its error is {err_actual:.3e}, the reference's "
-                                 f"{err_expected:.3e}") from None
+        if not (err_actual <= 2 * err_expected or err_actual <= TOLERANCE[dtype] * scale):
+            raise AssertionError(f"{differ}; against float64 its error is {err_actual:.3e}, above the tolerance "
+                                 f"and above twice the reference's {err_expected:.3e}") from None
 
 
 @pytest.fixture

@@ -82,12 +82,13 @@ def clear_relu_kinks(args, max_rounds: int = 60) -> None:
 
 
 def run_both(args, activation, scaling=0.8):
-    """(op, reference, exact, k_dscale) results: the output on the active backend, reference.bottleneck_adapter's in
+    """(op, reference, exact, scales) results: the output on the active backend, reference.bottleneck_adapter's in
     the same dtype, and reference.bottleneck_adapter's on the inputs upcast to float64; each with the gradients of
-    every input for the same random output gradient. A learned scale's gradient, dscale = scaling sum(g u), comes
-    from a second backward of its own with g = c sign(s u) (every term of one sign), and k_dscale is its tolerance
-    factor: with the random g the sum cancelled, and the tolerance that scaled with its condition number passed a
-    zeroed dscale in 7-48% of draws (a test audit, 2026-12-05)."""
+    every input for the same random output gradient; scales, tolerance factors by name (_check). A learned scale's
+    gradient, dscale = scaling sum(g u), comes from a second backward of its own with g = c sign(s u) (every term of
+    one sign), and scales["dscale"] is its factor: with the random g the sum cancelled, and the tolerance that scaled
+    with its condition number passed a zeroed dscale in 7-48% of draws (a test audit, 2026-12-05). The up weight's
+    gradient's factor is rounded_z_scale's."""
     if activation == "relu":
         clear_relu_kinks(args)
     names = [k for k in ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual", "scale")
@@ -120,14 +121,44 @@ def run_both(args, activation, scaling=0.8):
     for use_op, dt in passes:
         dy, out = run(use_op, dt, dy)
         results.append(out)
-    if "scale" not in names:
-        return (*results, SCALAR_SCALE)
-    r = args["h"] if args["residual"] is None else args["residual"]
-    su = results[2]["out"].detach() - r.double()  # s u, in float64
-    g, k_dscale = one_signed_grad(su, dy.dtype)
-    for out, (use_op, dt) in zip(results, passes):
-        out["dscale"] = run(use_op, dt, g)[1]["dscale"]
-    return (*results, k_dscale)
+    scales = {"dscale": SCALAR_SCALE, "dup_weight": rounded_z_scale(args, activation, dy)}
+    if "scale" in names:
+        r = args["h"] if args["residual"] is None else args["residual"]
+        su = results[2]["out"].detach() - r.double()  # s u, in float64
+        g, scales["dscale"] = one_signed_grad(su, dy.dtype)
+        for out, (use_op, dt) in zip(results, passes):
+            out["dscale"] = run(use_op, dt, g)[1]["dscale"]
+    return (*results, scales)
+
+
+def rounded_z_scale(args, activation, dy) -> float:
+    """The up weight's gradient's tolerance factor, for the kernels' rounding of LN's output x to h's dtype (the
+    tensor cores' operand; an nn.LayerNorm followed by an nn.Linear in that dtype rounds the same way) before
+    z = x Wd^T + bd. That moves each z by about u |x * Wd_j| (u: the dtype's unit roundoff; the d roundings in
+    quadrature) whatever z's size, and the gradient s g^T act(z) by g^T (act'(z) * that): large against the gradient
+    where its norm rests on a few small active units. (2026-12-06, fp16, M = 1: the one active unit of four had
+    z = 0.0272, and the kernel's 0.0267 put 1.9e-2 on that gradient, over the 5e-3 tolerance; the float32-LN
+    reference, which does not round x, was 2e-4 off float64, and a reference rounding x itself landed 1.4e-2 off on
+    the other side. PEFTKERN_TEST_SEED=431141749, test_matches_reference[parallel+ln-(1,)x64b4-triton].) The
+    factor is 4x that expected error over the tolerance, at least 1: well-spread draws keep the plain tolerance."""
+    h = args["h"]
+    if args["ln"] is None or not h.dtype.is_floating_point:
+        return 1.0
+    d = h.shape[-1]
+    x = torch.nn.functional.layer_norm(h.double().reshape(-1, d), (d,),
+                                       *(t.double() if t is not None else None for t in args["ln"]))
+    wd = args["down_weight"].double()
+    z = x @ wd.t()
+    if args["down_bias"] is not None:
+        z = z + args["down_bias"].double()
+    z.requires_grad_()
+    a = reference.adapter_activation(z, activation)[0]
+    (da,) = torch.autograd.grad(a.sum(), z)  # act'(z): the activations are elementwise
+    dz = torch.finfo(h.dtype).eps / 2 * ((x * x) @ (wd * wd).t()).sqrt()
+    g = dy.double().reshape(-1, d)
+    err = ((g * g).sum(1, keepdim=True) * (da * dz) ** 2).sum().sqrt()
+    rel = (err / (g.t() @ a.detach()).norm().clamp_min(1e-300)).item()
+    return max(1.0, 4 * rel / TOLERANCE[h.dtype])
 
 
 # The learned scale's gradient is one number summed over M d terms of both signs: the rounding of either side
@@ -167,23 +198,26 @@ def _adapter_u(z, up_weight, up_bias, activation):
 FP32_WEIGHT_GRAD_SCALE = 20.0
 
 
-def _check(got, ref, exact, k_dscale, dtype, label):
+def _check(got, ref, exact, scales, dtype, label):
     """The op against the reference in the same dtype; where they differ by more than the dtype's tolerance, the
     op must still be as close to the float64 answer as that reference is (twice its error at most): a difference
     of two roundings is not the op's fault, an error the reference does not make is. (ReLU's kink, where two
-    right roundings part by a whole row of dz, is kept out of the inputs by clear_relu_kinks.)"""
+    right roundings part by a whole row of dz, is kept out of the inputs by clear_relu_kinks.) scales: tolerance
+    factors by name (run_both's), or dscale's alone."""
     assert got.keys() == ref.keys() == exact.keys()
+    scales = scales if isinstance(scales, dict) else {"dscale": scales}
     for name in ref:
         assert got[name].dtype == ref[name].dtype, f"{label} {name}: dtype {got[name].dtype} != {ref[name].dtype}"
-        scale = k_dscale if name == "dscale" else 1.0
+        scale = scales.get(name, 1.0)
         if dtype == torch.float32 and name in ("dup_weight", "ddown_weight", "dup_bias", "ddown_bias"):
-            scale = FP32_WEIGHT_GRAD_SCALE
+            scale = max(scale, FP32_WEIGHT_GRAD_SCALE)
         try:
             assert_close(got[name], ref[name], dtype, f"{label} {name}", scale=scale)
         except AssertionError as differ:
             err_op, err_ref = rel_err(got[name], exact[name]), rel_err(ref[name], exact[name])
-            # not `err_op > 2 * err_ref`: a NaN in the op's result makes err_op NaN, and that comparison passed it
-            if not err_op <= 2 * err_ref:
+            # not `err_op > 2 * err_ref`: a NaN in the op's result makes err_op NaN, and that comparison passed it;
+            # within the tolerance of float64 passes too, as in conftest's assert_close_or_as_exact
+            if not (err_op <= 2 * err_ref or err_op <= TOLERANCE[dtype] * scale):
                 raise AssertionError(f"{differ}; against float64 the op's error is {err_op:.3e}, the {dtype} "
                                      f"reference's {err_ref:.3e}") from None
 
@@ -223,8 +257,8 @@ def test_matches_reference(backend, shape, form, poison_empty):
     lead, d, b = shape
     for i, dtype in enumerate(dtypes_for(backend)):
         activation = ACTIVATIONS[(i + FORMS.index(form) + SHAPES.index(shape)) % len(ACTIVATIONS)]
-        got, ref, exact, k_dscale = run_both(make_inputs(lead, d, b, dtype, form=form), activation)
-        _check(got, ref, exact, k_dscale, dtype, f"{backend} {dtype} {form} {activation}")
+        got, ref, exact, scales = run_both(make_inputs(lead, d, b, dtype, form=form), activation)
+        _check(got, ref, exact, scales, dtype, f"{backend} {dtype} {form} {activation}")
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
@@ -276,8 +310,8 @@ def test_layer_norm_of_rows_far_from_zero(backend, form, poison_empty):
     for dtype in dtypes:
         args = make_inputs((256,), 64, 16, dtype, form=form)
         args["h"] = args["h"] + 60.0
-        got, ref, exact, k_dscale = run_both(args, "gelu")
-        _check(got, ref, exact, k_dscale, dtype, f"{backend} {dtype} {form} offset rows")
+        got, ref, exact, scales = run_both(args, "gelu")
+        _check(got, ref, exact, scales, dtype, f"{backend} {dtype} {form} offset rows")
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
@@ -285,8 +319,8 @@ def test_layer_norm_of_rows_far_from_zero(backend, form, poison_empty):
 @pytest.mark.parametrize("form", FORMS)
 def test_every_activation(backend, activation, form, poison_empty):
     dtype = dtypes_for(backend)[0]
-    got, ref, exact, k_dscale = run_both(make_inputs((2, 13), 56, 8, dtype, form=form), activation)
-    _check(got, ref, exact, k_dscale, dtype, f"{backend} {activation} {form}")
+    got, ref, exact, scales = run_both(make_inputs((2, 13), 56, 8, dtype, form=form), activation)
+    _check(got, ref, exact, scales, dtype, f"{backend} {activation} {form}")
 
 
 def _adapter_results(args, activation, use_op):
@@ -351,8 +385,8 @@ def test_a_dead_relu_unit_leaves_the_ln_backward_finite(backend, form, poison_em
         args = make_inputs((2, 13), 56, 8, dtype, form=form)
         clear_relu_kinks(args)
         args["down_bias"][3] = float("-inf")
-        got, ref, exact, k_dscale = run_both(args, "relu")
-        _check(got, ref, exact, k_dscale, dtype, f"{backend} {dtype} {form} dead unit")
+        got, ref, exact, scales = run_both(args, "relu")
+        _check(got, ref, exact, scales, dtype, f"{backend} {dtype} {form} dead unit")
 
 
 def test_the_comparisons_refuse_a_nan():
@@ -384,8 +418,8 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(backend, variant, poison_empty):
     for dtype in dtypes_for(backend):
-        got, ref, exact, k_dscale = run_both(make_inputs((23,), 48, 8, dtype, **VARIANTS[variant]), "gelu")
-        _check(got, ref, exact, k_dscale, dtype, f"{backend} {dtype} {variant}")
+        got, ref, exact, scales = run_both(make_inputs((23,), 48, 8, dtype, **VARIANTS[variant]), "gelu")
+        _check(got, ref, exact, scales, dtype, f"{backend} {dtype} {variant}")
 
 
 @pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
@@ -394,9 +428,9 @@ def test_fp32_adapters_beside_16bit_base(backend):
     if dtype not in dtypes_for(backend):
         pytest.skip(f"{dtype} not testable on {backend} here")
     args = make_inputs((2, 21), 64, 8, dtype, form="sequential+ln", learned=True, adapter_dtype=torch.float32)
-    got, ref, exact, k_dscale = run_both(args, "silu")
+    got, ref, exact, scales = run_both(args, "silu")
     assert got["out"].dtype == dtype and got["ddown_weight"].dtype == torch.float32
-    _check(got, ref, exact, k_dscale, dtype, "fp32 adapters")
+    _check(got, ref, exact, scales, dtype, "fp32 adapters")
 
 
 def _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, activation, scaling, label, check=None):
