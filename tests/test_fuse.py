@@ -208,16 +208,27 @@ def test_unfuse_restores_peft_forward(fused_calls):
 
 
 def test_save_pretrained_of_fused_model_loads_into_plain_peft(tmp_path):
+    """A fused model's save_pretrained loads into a plain PEFT model that holds every weight the fused one holds and
+    computes what the same PEFT model, never fused, computes. The reloaded model is plain PEFT, so its logits are
+    compared with an unfused twin's (the same computation), not with the fused kernels': the fused and plain paths
+    round bf16 differently, and through this model's layers that parted by 3.3e-2 once against the 2e-2 tolerance
+    (H200, seed 1486580289, 2026-12-06), which says nothing about the file. Fused against plain PEFT is the other
+    tests' subject."""
     model = build("gpt2")
+    twin = build("gpt2")  # the same seed: the same base and adapter weights, never fused
     peftkern.fuse(model)
     model.eval()
     x = batch("gpt2")
-    expected = model(**x).logits
     model.save_pretrained(tmp_path)
     torch.manual_seed(run_seed(0))
     fresh = PeftModel.from_pretrained(tiny_gpt2().to(DEVICE, DTYPE), tmp_path).eval()
     # the base weights of `fresh` come from the same seed as build()'s base model
-    assert_close(fresh(**x).logits, expected, DTYPE, "reloaded logits")
+    saved = model.state_dict()
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[name]), f"{name} differs after the reload"
+    assert fresh.state_dict().keys() == saved.keys()
+    with torch.no_grad():
+        assert_close(fresh(**x).logits, twin.eval()(**x).logits, DTYPE, "reloaded logits against the unfused twin's")
 
 
 def test_peftkern_merge_and_unload_refuses_a_peft_model():
