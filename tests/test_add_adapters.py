@@ -163,8 +163,9 @@ def _autograd_adapter(h, down_weight, down_bias, up_weight, up_bias, activation,
 def _autograd_adapter_with_terms(terms, kinks=None):
     """_autograd_adapter that also adds up, into terms[id(scale)], the sum of |terms| of its learned scale's
     gradient: scaling * sum |g * u| over every token and feature (g the gradient of the output, u the adapter's
-    output before the scale), the size against which that gradient's rounding is measured. kinks: KinkSides to
-    take each ReLU adapter's side from (one per call, for both of its computations), or None."""
+    output before the scale), the size against which that gradient's rounding is measured (terms None: nothing
+    added). kinks: KinkSides to take each ReLU adapter's side from (one per call, for both of its computations), or
+    None."""
     from peftkern.ops import adapter as op
 
     def adapter(h, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual=None, layer_norm=None):
@@ -217,8 +218,7 @@ def step_grads(model, name, backend, step, terms=None, kinks=None):
     if backend is None:
         if kinks is not None:
             kinks.taken = 0
-        module.bottleneck_adapter = (_autograd_adapter if terms is None and kinks is None else
-                                     _autograd_adapter_with_terms(None if terms is None else by_id, kinks))
+        module.bottleneck_adapter = _autograd_adapter_with_terms(None if terms is None else by_id, kinks)
     elif kinks is not None:
         kinks.sides, kinks.taken = [], 0
         module.bottleneck_adapter = _recording(fused, kinks)
