@@ -417,7 +417,7 @@ def test_a_wrong_up_weight_gradient_fails_beside_a_small_active_relu_unit(backen
                                        *(t.double() for t in args["ln"]))
     xw = (x @ args["down_weight"].double().t())[0]
     # unit 0 active at z = 0.01 (past clear_relu_kinks' 4e-3), the other three dead at z = -1
-    target = torch.tensor([0.01, -1.0, -1.0, -1.0], dtype=torch.float64)
+    target = torch.tensor([0.01, -1.0, -1.0, -1.0], dtype=torch.float64, device=xw.device)
     args["down_bias"] = (target - xw).to(dtype)
     got, ref, exact, scales = run_both(args, "relu")
     _check(got, ref, exact, scales, dtype, f"{backend} small active unit")
