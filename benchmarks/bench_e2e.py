@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     positive_ints,
     print_table,
     progress,
+    progress_rows,
     report_failure,
     save_results,
 )
@@ -212,6 +213,7 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
                      "checkpointing": ckpt, "optimizer": args.optimizer, "shape": shape, "batch": batch, "seq": seq,
                      **diagnostics}
             rows.append(Row(method, case, name, pass_, ms, spread, ms / floor[0], peak, extra))
+            progress_rows(rows[-1:])
     return rows
 
 

@@ -284,7 +284,15 @@ def time_layer_impls(method: str, case: str, impls: dict, x: torch.Tensor, dy: t
                              "floor_ms": floor[pass_]}))
     if len(impls) > 1:
         _floor_again(rows, floor_steps, floor_batches, dev, graph)
+    progress_rows(rows)
     return rows
+
+
+def progress_rows(rows: list[Row]) -> None:
+    """Each row's time and ratio on stderr as soon as its case is timed. The table and the JSON come only at the
+    end of a run; a device step cut by its timeout lost every case of bench ia3 (2026-12-06: two cases in 138 s)."""
+    for r in rows:
+        progress(f"  {r.case} | {r.pass_} | {r.impl} | {r.ms:.4f} ms | {r.ratio:.3f}x")
 
 
 def _floor_again(rows: list[Row], steps: dict, batches: dict, dev: torch.device, graph: bool) -> None:
