@@ -127,25 +127,14 @@ def compile_configs() -> dict:
 
 
 def main():
-    import triton.testing as tt
+    from explore_lora import _op_operands, copy_bandwidth, ms  # this folder
 
     from peftkern.kernels.triton import lora as kl
 
-    def ms(fn):
-        return tt.do_bench_cudagraph(fn, rep=100, return_mode="median")
-
     dt = torch.bfloat16
-    src = torch.empty(2**28, device="cuda", dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / ms(lambda: dst.copy_(src)) / 1e6
+    bw = copy_bandwidth()
     for M, K, N, r in [(8192, 4096, 4096, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16)]:
-        torch.manual_seed(0)
-        x = torch.randn(M, K, device="cuda", dtype=dt)
-        W = torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5
-        A = torch.randn(r, K, device="cuda", dtype=dt) * K ** -0.5
-        B = torch.randn(N, r, device="cuda", dtype=dt) * 0.01
-        dy = torch.randn(M, N, device="cuda", dtype=dt)
-        xa = x @ A.t()
+        x, W, A, B, dy, xa = _op_operands(M, K, N, r, dt)[:6]
         read_us = M * N * 2 / bw / 1e3
         ref_dyb, ref_db = dy @ B, kl.scaled_mm(dy.t(), xa, 2.0, dt)
         t_cublas = ms(lambda: (torch.mm(dy, B), kl.scaled_mm(dy.t(), xa, 2.0, dt))) * 1e3
