@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -144,6 +145,17 @@ def skinny_grads(r: int) -> tuple:
     return kl.lora_skinny_grads_kernel, args, const, warps, stages
 
 
+
+def dyb_db(r: int) -> tuple:
+    """lora_dyb_db_kernel as dyb_db launches it on GPUs at rank r (bf16 dy, B and xa; unit strides are constexprs, as
+    the launch specialises them)."""
+    block_m, block_c, warps, stages, block_r = kl._dyb_db_plan(8192, 4096, r, torch.device("cpu"), None)[:5]
+    args = {**{n: "*bf16" for n in ("dy_ptr", "b_ptr", "xa_ptr")}, "dyb_part_ptr": "*fp32", "db_part_ptr": "*fp32",
+            **{n: "i32" for n in ("M", "N", "R", "rows_per_split", "stride_dym", "stride_bn", "stride_xam")}}
+    const = dict(stride_dyn=1, stride_br=1, stride_xar=1, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c,
+                 BLOCK_R=block_r, STAGES=stages)
+    return kl.lora_dyb_db_kernel, args, const, warps, stages
+
 def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool, tma: bool = False) -> tuple:
     """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors); tma: dy, x
     and the dx term as (1, rows, cols) token blocks by TMA."""
@@ -235,6 +247,7 @@ def cases() -> dict:
                                                                                     helpers=32)
         for r in (16, 64, 128):
             out[f"lora skinny grads (dA, dB), r={r}"] = skinny_grads(r)
+        out["lora dyb + dB from one read of dy, r=16"] = dyb_db(16)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

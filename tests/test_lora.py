@@ -876,6 +876,87 @@ def test_skinny_grads_match_float64(shape):
             assert torch.equal(a, b), "skinny_grads gave different bits on a second run"
 
 
+# M, N, r: ragged row and column blocks, r below 16, M = 1; on a GPU the op's shape and the 1b model's k projection
+DYB_DB_SHAPES = [(37, 130, 4), (300, 64, 16), (1, 33, 8), (150, 96, 12)]
+if HAS_CUDA:
+    DYB_DB_SHAPES += [(8192, 4096, 16), (8200, 512, 16)]
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("shape", DYB_DB_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dyb_db_matches_float64(shape):
+    """dyb_db (dyb = dy B and dB = s dy^T xa from one read of dy, whose partial sums across programs a second launch
+    adds) against float64: dy given as a transposed view, B in float32 beside a 16-bit dy, dB in the adapter's dtype,
+    and the same bits on a second run."""
+    from peftkern.kernels.triton import lora as kl
+
+    M, N, R = shape
+    for dtype in dtypes_for("triton"):
+        for b_dtype in {dtype, torch.float32}:
+            torch.manual_seed(run_seed(M + N + R))
+            dy = torch.randn(N, M, device=DEVICE, dtype=dtype).t()  # (M, N), column-major
+            B = (torch.randn(N, R, device=DEVICE) * R ** -0.5).to(b_dtype)
+            xa = torch.randn(M, R, device=DEVICE, dtype=dtype)
+            dyb, db = kl.dyb_db(dy, B, xa, 0.5, b_dtype)
+            assert dyb.shape == (M, R) and dyb.dtype == dtype, (dyb.shape, dyb.dtype)
+            assert db.shape == (N, R) and db.dtype == b_dtype, (db.shape, db.dtype)
+            want_dyb = dy.double() @ B.to(dtype).double()
+            want_db = 0.5 * dy.double().t() @ xa.double()
+            assert_close(dyb, want_dyb, dtype, f"dyb {dtype} B {b_dtype} {shape}")
+            assert_close(db, want_db, dtype, f"dB {dtype} B {b_dtype} {shape}")
+            again = kl.dyb_db(dy, B, xa, 0.5, b_dtype)
+            assert torch.equal(again[0], dyb) and torch.equal(again[1], db), "dyb_db: other bits on a second run"
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="dyb_db replaces cuBLAS's dyb and skinny_grads' dB: a GPU path")
+@pytest.mark.parametrize("rank", [8, 16, 32])
+def test_dyb_db_in_the_backward_matches_reference(rank, monkeypatch):
+    """DYB_DB (on by default up to rank DYB_DB_MAX_RANK): the backward before the persistent dx kernel takes dyb and dB
+    from dyb_db, and skinny_grads makes dA and the bias gradient. Against the reference with bias, float32 adapters and
+    a frozen B (dyb alone is then cuBLAS's); above DYB_DB_MAX_RANK it is not used."""
+    from peftkern.kernels.triton import lora as kl
+
+    peftkern.set_backend("triton")
+    monkeypatch.setattr(kl, "SKINNY_GRADS", True)
+    monkeypatch.setattr(kl, "SKINNY_SIDE", False)
+    monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX", True)
+    monkeypatch.setattr(kl, "TAIL_OVERLAP", "side")
+    monkeypatch.setattr(kl, "XA_WORKERS", False)
+    monkeypatch.setattr(kl, "XA_HELPERS", False)
+    monkeypatch.setattr(kl, "DYB_DB", True)
+    calls = []
+    real = kl.dyb_db
+    monkeypatch.setattr(kl, "dyb_db", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            for adapter_dtype in (None, torch.float32):
+                x, w, A, B, b = make_inputs((3, 230), 96, 520, rank, dtype, adapter_dtype=adapter_dtype)
+                calls.clear()
+                got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
+                assert bool(calls) == (rank <= kl.DYB_DB_MAX_RANK), f"dyb_db at r={rank}: {len(calls)} calls"
+                for name in ref:
+                    assert got[name].dtype == ref[name].dtype, name
+                    assert_close(got[name], ref[name], dtype, f"dyb_db backward {dtype} r={rank} {name}")
+            # B frozen: dB is not asked for, and dyb is cuBLAS's
+            calls.clear()
+            xk = x.detach().clone().requires_grad_()
+            Ak = A.detach().clone().requires_grad_()
+            y = peftkern.lora_linear(xk, w, Ak, B, 0.9, b)
+            xr = x.detach().clone().requires_grad_()
+            Ar = A.detach().clone().requires_grad_()
+            y_ref = reference.lora_linear(xr, w, Ar, B, 0.9, b)
+            dy = torch.randn_like(y_ref)
+            y.backward(dy)
+            y_ref.backward(dy)
+            assert not calls, "dyb_db ran with B frozen"
+            assert_close(xk.grad, xr.grad, dtype, f"frozen B {dtype} r={rank} dx")
+            assert_close(Ak.grad, Ar.grad, dtype, f"frozen B {dtype} r={rank} dA")
+    finally:
+        peftkern.set_backend(None)
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the switch replaces cuBLAS's products: a GPU path")
 @pytest.mark.parametrize("path", ["after-dx-kernel", "side-stream", "main-stream", "no-persistent-dx"])
 @pytest.mark.parametrize("rank", [16, 128])

@@ -846,9 +846,9 @@ def test_the_floor_is_timed_again_after_the_case_and_widens_the_ratio_range(monk
     assert "the floor (fwd) timed +10.0% after the case's rows" in capsys.readouterr().err
 
 
-def test_explore_dyb_db_kernel_matches_float64():
-    """scripts/explore_lora_dyb_db.py's kernel (dyb = dy B and dB = s dy^T xa from one read of dy; an experiment, not
-    in peftkern) against float64 at ragged shapes: in Triton's interpreter on a CPU, compiled on a GPU."""
+def test_explore_dyb_db_configs_match_float64():
+    """Each config scripts/explore_lora_dyb_db.py times for peftkern's dyb_db (dyb = dy B and dB = s dy^T xa from one
+    read of dy) against float64 at ragged shapes: in Triton's interpreter on a CPU, compiled on a GPU."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import explore_lora_dyb_db
 
@@ -856,8 +856,8 @@ def test_explore_dyb_db_kernel_matches_float64():
 
 
 def test_explore_dyb_db_configs_fit_an_sm90_sm():
-    """Every config the experiment times, compiled for sm_90a without a GPU: within an SM's shared memory, no
-    spills, and none with compile_report's MMA-operand hazard (one dy tile feeds two MMAs here)."""
+    """Every dyb_db config the experiment times, compiled for sm_90a without a GPU: within an SM's shared memory, no
+    spills, and none with compile_report's MMA-operand hazard (one dy tile feeds two MMAs there)."""
     root, env = _sm90_compile_env()
     run = subprocess.run([sys.executable, str(root / "scripts" / "explore_lora_dyb_db.py"), "--compile"], cwd=root,
                          env=env, capture_output=True, text=True, timeout=600)

@@ -659,6 +659,76 @@ def lora_skinny_grads_kernel(
 
 
 @triton.jit
+def lora_dyb_db_kernel(
+    dy_ptr, b_ptr, xa_ptr, dyb_part_ptr, db_part_ptr,
+    M, N, R, rows_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """dyb = dy B and dB = dy^T xa from one read of dy, as float32 partials that lora_dyb_db_finish_kernel adds.
+    Program (cb, split) takes BLOCK_C columns of dy over a split of its rows: each dy tile feeds dB's product, summed
+    over the split's rows into db_part[split, cb's columns], and the row block's share of dyb, stored in dyb_part[cb,
+    rows]. (The sums finished in this kernel instead, by the last program to arrive at atomic counters as in
+    skinny_grads, took 64-127 us against 21-48 us with the second launch: NOTES-lora.md, 2026-12-06.)"""
+    cb = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_mb = tl.arange(0, BLOCK_M)
+    c_mask = offs_c < N
+    r_mask = offs_r < R
+    b = tl.load(b_ptr + offs_c[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=c_mask[:, None] & r_mask[None, :], other=0.0).to(dy_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    part_base = dyb_part_ptr + cb * M * BLOCK_R
+    for m0 in tl.range(m_start, m_end, BLOCK_M, num_stages=STAGES):
+        offs_m = m0 + offs_mb
+        m_mask = offs_m < m_end
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_c[None, :] * stride_dyn,
+                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dy), xa.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+        part = tl.dot(dy, b, input_precision=DOT_PRECISION)
+        tl.store(part_base + offs_m[:, None] * BLOCK_R + offs_r[None, :], part, mask=m_mask[:, None])
+    tl.store(db_part_ptr + split * N * BLOCK_R + offs_c[:, None] * BLOCK_R + offs_r[None, :], acc,
+             mask=c_mask[:, None])
+
+
+@triton.jit
+def _sum_parts(part_ptr, out_ptr, block, rows_total, parts, R, stride_o0, stride_o1, scale,
+               BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[rows, :R] = scale * sum over p of part[p, rows, :] (part: parts x rows_total x BLOCK_R float32), for the
+    block's BLOCK_ROWS rows, adding the partials in order."""
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = rows < rows_total
+    total = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
+    for p in range(0, parts):
+        total += tl.load(part_ptr + p * rows_total * BLOCK_R + rows[:, None] * BLOCK_R + offs_r[None, :],
+                         mask=mask[:, None], other=0.0)
+    tl.store(out_ptr + rows[:, None] * stride_o0 + offs_r[None, :] * stride_o1,
+             (total * scale).to(out_ptr.dtype.element_ty), mask=mask[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def lora_dyb_db_finish_kernel(dyb_part_ptr, db_part_ptr, dyb_ptr, db_ptr, M, N, R, num_cb, splits, scale_b,
+                              dyb_programs, stride_dybm, stride_dybr, stride_dbn, stride_dbr,
+                              BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """lora_dyb_db_kernel's sums: programs below dyb_programs add dyb's num_cb partials for BLOCK_ROWS rows, the rest
+    dB's splits partials (scaled), each in partial order: the same bits every run."""
+    pid = tl.program_id(0)
+    if pid < dyb_programs:
+        _sum_parts(dyb_part_ptr, dyb_ptr, pid, M, num_cb, R, stride_dybm, stride_dybr, 1.0, BLOCK_ROWS, BLOCK_R)
+    else:
+        _sum_parts(db_part_ptr, db_ptr, pid - dyb_programs, N, splits, R, stride_dbn, stride_dbr, scale_b, BLOCK_ROWS,
+                   BLOCK_R)
+
+
+@triton.jit
 def lora_merge_kernel(
     w_ptr, a_ptr, b_ptr,
     N, K, R,
@@ -1402,6 +1472,61 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
     return da, db, dbias
 
 
+# dyb_db: the backward's dyb = dy B and dB = s dy^T xa from one read of dy (lora_dyb_db_kernel, then
+# lora_dyb_db_finish_kernel for the partial sums), up to rank DYB_DB_MAX_RANK without dropout, where the persistent dx
+# kernel takes dyb as given (lora_backward). It replaces torch.mm's dyb before that kernel and skinny_grads' dB after
+# it, which read dy once each. Timed on an H100 (scripts/explore_lora_dyb_db.py,
+# logs/explore-lora-dyb-db-5e94abb+dybdb2-h100.log), M = 8192, r = 16: 37.1 against cuBLAS's 50.2 us for the two at
+# 4096^2, and the op's backward 476-482 against 490-495 us; 338-340 against 354 us at 2048 -> 5632; 354 against 357-358
+# at 5632 -> 2048. PEFTKERN_LORA_DYB_DB=0 turns it off.
+DYB_DB = os.environ.get("PEFTKERN_LORA_DYB_DB", "1") != "0"
+DYB_DB_MAX_RANK = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def _dyb_db_plan(M: int, N: int, R: int, device: torch.device, config: Optional[tuple]) -> tuple:
+    """dyb_db's tiles and grid, memoised per shape: (BLOCK_M, BLOCK_C, warps, stages, BLOCK_R, column blocks, M
+    splits, rows a split)."""
+    if config is not None:
+        block_m, block_c, warps, stages = config
+    elif triton_interpret():
+        block_m, block_c, warps, stages = 16, 32, 4, 1
+    else:  # explore_lora_dyb_db.py's configs: within 3 us of the best at each of its three shapes but one (5632 wide)
+        block_m, block_c, warps, stages = 64, 256, 4, 3
+    num_cb = cdiv(N, block_c)
+    splits = max(1, min(cdiv(2 * _sm_count(device), num_cb), cdiv(M, block_m)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    return block_m, block_c, warps, stages, _block_r(R), num_cb, cdiv(M, rows_per_split), rows_per_split
+
+
+def dyb_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: float, b_dtype: torch.dtype,
+           config: Optional[tuple] = None) -> tuple:
+    """(dyb = dy B (M, r) in dy's dtype, dB = scale_b dy^T xa (N, r) in b_dtype): lora_dyb_db_kernel reads dy once and
+    leaves float32 partials, lora_dyb_db_finish_kernel adds them in a fixed order (the same bits every run). dy (M, N),
+    lora_B (N, r) and xa (M, r) in any dtypes and strides (B and xa are taken in dy's dtype). config: (BLOCK_M,
+    BLOCK_C, warps, stages)."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    block_m, block_c, warps, stages, block_r, num_cb, splits, rows_per_split = _dyb_db_plan(M, N, R, dy.device, config)
+    dyb_part, db_part, dyb, db = empty_buffers(
+        dy, ((num_cb * M * block_r,), torch.float32, False), ((splits * N * block_r,), torch.float32, False),
+        ((M, R), dy.dtype, False), ((N, R), b_dtype, False))
+    dot = _dot_precision(dy.dtype)
+    key = (M, N, R, dy.device, config, b_dtype, dy.dtype, lora_B.dtype, xa.dtype, dy.stride(), lora_B.stride(),
+           xa.stride(), dy.data_ptr() % 16, lora_B.data_ptr() % 16, xa.data_ptr() % 16, dot)
+    launch_planned(lora_dyb_db_kernel, (num_cb, splits), key,
+                   dy, lora_B, xa, dyb_part, db_part, M, N, R, rows_per_split, dy.stride(0), dy.stride(1),
+                   lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+                   DOT_PRECISION=dot, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, STAGES=stages,
+                   num_warps=warps, num_stages=stages)
+    rows = 16 if triton_interpret() else 32
+    dyb_programs = cdiv(M, rows)
+    launch_planned(lora_dyb_db_finish_kernel, (dyb_programs + cdiv(N, rows),), ("finish", *key),
+                   dyb_part, db_part, dyb, db, M, N, R, num_cb, splits, float(scale_b), dyb_programs,
+                   dyb.stride(0), dyb.stride(1), db.stride(0), db.stride(1), BLOCK_ROWS=rows, BLOCK_R=block_r,
+                   num_warps=4)
+    return dyb, db
+
 def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> torch.Tensor:
     """The keep-mask (M, K) bool that this backend's kernels use for (seed, shape, p): for tests."""
     M, K = shape
@@ -1696,11 +1821,17 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         if skinny and not SKINNY_SIDE:
             # One launch after the dx kernel, on the main stream: nothing to fork. dyb = dy B by a plain mm: the dx
             # kernel's epilogue and skinny_grads both scale by s themselves (a prescaled dyb, made by addmm's alpha,
-            # measured within 3 us of it on the GPU, NOTES-lora.md, and costs the host an addmm's extra input).
-            dyb = torch.mm(grad_y, lora_B.to(dt))
+            # measured within 3 us of it on the GPU, NOTES-lora.md, and costs the host an addmm's extra input). Up to
+            # DYB_DB_MAX_RANK dyb_db makes dyb and dB from one read of dy instead, and skinny_grads dA alone.
+            one_read = DYB_DB and need_b and lora_A.shape[0] <= DYB_DB_MAX_RANK
+            if one_read:
+                dyb, db = dyb_db(grad_y, lora_B, xa, scaling, lora_B.dtype)
+            else:
+                dyb = torch.mm(grad_y, lora_B.to(dt))
             dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
-            da, db, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype, need_a,
-                                         need_b, need_bias)
+            da, db_skinny, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype,
+                                                need_a, need_b and not one_read, need_bias)
+            db = db if one_read else db_skinny
             return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         sc = 1.0 if PRESCALED_DYB else scaling
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
