@@ -852,7 +852,8 @@ def test_explore_dyb_db_configs_match_float64():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import explore_lora_dyb_db
 
-    assert explore_lora_dyb_db.check(DEVICE) < 1e-5
+    # float32 in the interpreter; float16 on a GPU, where dyb comes out rounded to it
+    assert explore_lora_dyb_db.check(DEVICE) < (1e-5 if torch.device(DEVICE).type == "cpu" else 2e-3)
 
 
 def test_explore_dyb_db_configs_fit_an_sm90_sm():
