@@ -19,6 +19,8 @@ Kernels:
     output tiles of x W^T by TMA and adds s xa B^T in each tile's epilogue (xa from cuBLAS beforehand, or, where the
     walk leaves SMs free, from the kernel's own first programs, which flag each row block as it is stored:
     XA_WORKERS). The backward's dx runs on it too.
+  * `lora_skinny_grads_kernel`: dA, dB and the bias gradient in one launch; `lora_dyb_db_kernel` (with
+    `lora_dyb_db_finish_kernel`): dyb and dB from one read of dy, before the persistent dx kernel up to r = 16.
   * `lora_merge_kernel`: W += sign s B A in place; `lora_dropout_mask_kernel`: the mask, for tests.
 How the op uses them (the persistent forward where it applies, else cuBLAS for x W^T with the term added
 beside; the backward uses the fused dx GEMM; the skinny products go to cuBLAS when there is no dropout) and
@@ -1782,6 +1784,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     non-persistent dx GEMM the two reductions on a side stream were measured slower (0.72 vs 0.57 ms at M=8192,
     4096x4096, H100): its blocks and theirs contend from the start. Behind the persistent dx kernel (TAIL_OVERLAP)
     they only find the SMs its last round of tiles leaves idle, and run there (15 us less at r = 16, H200).
+    Up to DYB_DB_MAX_RANK, before the persistent dx kernel, dyb_db makes dyb and dB from one read of dy (DYB_DB).
     """
     need_x, need_a, need_b, need_bias, need_w = needs
     dx = da = db = dbias = dw = dyb = None
