@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -955,6 +957,45 @@ def test_dyb_db_in_the_backward_matches_reference(rank, monkeypatch):
             assert_close(Ak.grad, Ar.grad, dtype, f"frozen B {dtype} r={rank} dA")
     finally:
         peftkern.set_backend(None)
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA's allocator statistics: a GPU check")
+@pytest.mark.parametrize("shape", [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 4096, 4096, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fwd_bwd_peak_memory_is_at_most_the_unsloth_style_paths(shape):
+    """Issue 2: the op's forward + backward peaks no higher than the eager Unsloth-style LoRA of bench lora (base GEMM,
+    an in-place addmm of the low-rank term, gradients by hand), measured as bench lora measures it: the peak allocated
+    above what was allocated before one torch.autograd.grad of x, A and B. From 91bf7e6 to 345304b skinny_grads' float32
+    partials were allocated while dx was alive, 1.25-1.5 MB over it at 4096 wide (NOTES-lora.md, thirty-ninth
+    session)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_lora import UnslothStyleLoRA
+
+    M, K, N, R = shape
+    dtype = torch.bfloat16
+    torch.manual_seed(run_seed(M + N + R))
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=True)
+    W = torch.randn(N, K, device=DEVICE, dtype=dtype) * K ** -0.5
+    A = (torch.randn(R, K, device=DEVICE, dtype=dtype) * K ** -0.5).requires_grad_()
+    B = (torch.randn(N, R, device=DEVICE, dtype=dtype) * 0.01).requires_grad_()
+    dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
+
+    def peak_mb(fn):
+        torch.autograd.grad(fn(), [x, A, B], dy)  # compiles and warms the allocator outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        torch.autograd.grad(fn(), [x, A, B], dy)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+    peftkern.set_backend("triton")
+    try:
+        ours = peak_mb(lambda: peftkern.lora_linear(x, W, A, B, 2.0))
+    finally:
+        peftkern.set_backend(None)
+    unsloth = peak_mb(lambda: UnslothStyleLoRA.apply(x, W, A, B, 2.0))
+    assert ours <= unsloth, f"fwd+bwd peak {ours:.3f} MB against the Unsloth-style path's {unsloth:.3f} MB at {shape}"
 
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the switch replaces cuBLAS's products: a GPU path")

@@ -1822,19 +1822,22 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
         # dyb is made as s dy B (cuBLAS's alpha): the kernel's epilogue then feeds its tile to the tensor cores as it
         # is, and dA = dyb^T x needs no scaling either.
         if skinny and not SKINNY_SIDE:
-            # One launch after the dx kernel, on the main stream: nothing to fork. dyb = dy B by a plain mm: the dx
-            # kernel's epilogue and skinny_grads both scale by s themselves (a prescaled dyb, made by addmm's alpha,
-            # measured within 3 us of it on the GPU, NOTES-lora.md, and costs the host an addmm's extra input). Up to
-            # DYB_DB_MAX_RANK dyb_db makes dyb and dB from one read of dy instead, and skinny_grads dA alone.
+            # One launch on the main stream: nothing to fork. dyb = dy B by a plain mm: the dx kernel's epilogue and
+            # skinny_grads both scale by s themselves (a prescaled dyb, made by addmm's alpha, measured within 3 us of
+            # it on the GPU, NOTES-lora.md, and costs the host an addmm's extra input). Up to DYB_DB_MAX_RANK dyb_db
+            # makes dyb and dB from one read of dy instead, and skinny_grads dA alone. skinny_grads runs before the dx
+            # kernel, not after it: on one stream the order costs the GPU nothing, and its float32 partials (1.25-1.5
+            # MB at 4096 wide) are then freed before dx (M x K) is allocated, which kept the step's peak 1.25-1.5 MB
+            # above the Unsloth-style path's from 91bf7e6 to 345304b (NOTES-lora.md, thirty-ninth session).
             one_read = DYB_DB and need_b and lora_A.shape[0] <= DYB_DB_MAX_RANK
             if one_read:
                 dyb, db = dyb_db(grad_y, lora_B, xa, scaling, lora_B.dtype)
             else:
                 dyb = torch.mm(grad_y, lora_B.to(dt))
-            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
             da, db_skinny, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype,
                                                 need_a, need_b and not one_read, need_bias)
             db = db if one_read else db_skinny
+            dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
             return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
         sc = 1.0 if PRESCALED_DYB else scaling
         dyb = scaled_mm(grad_y, lora_B.to(dt), scaling, dt) if PRESCALED_DYB else grad_y @ lora_B.to(dt)
