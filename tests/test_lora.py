@@ -878,8 +878,8 @@ def test_skinny_grads_match_float64(shape):
             assert torch.equal(a, b), "skinny_grads gave different bits on a second run"
 
 
-# M, N, r: ragged row and column blocks, r below 16, M = 1; on a GPU the op's shape and the 1b model's k projection
-DYB_DB_SHAPES = [(37, 130, 4), (300, 64, 16), (1, 33, 8), (150, 96, 12)]
+# M, N, r: ragged row and column blocks, r below 16, M = 1 and 0; on a GPU the op's shape and a 512-wide one
+DYB_DB_SHAPES = [(37, 130, 4), (300, 64, 16), (1, 33, 8), (150, 96, 12), (0, 40, 8)]
 if HAS_CUDA:
     DYB_DB_SHAPES += [(8192, 4096, 16), (8200, 512, 16)]
 

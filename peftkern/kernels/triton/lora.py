@@ -1509,6 +1509,8 @@ def dyb_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: fl
     BLOCK_C, warps, stages)."""
     M, N = dy.shape
     R = lora_B.shape[1]
+    if M == 0:  # no rows: dyb is empty and dB zero (the plan would divide by the rows a split)
+        return dy.new_empty((0, R)), torch.zeros((N, R), device=dy.device, dtype=b_dtype)
     block_m, block_c, warps, stages, block_r, num_cb, splits, rows_per_split = _dyb_db_plan(M, N, R, dy.device, config)
     dyb_part, db_part, dyb, db = empty_buffers(
         dy, ((num_cb * M * block_r,), torch.float32, False), ((splits * N * block_r,), torch.float32, False),
