@@ -934,7 +934,7 @@ def test_dyb_db_in_the_backward_matches_reference(rank, monkeypatch):
     try:
         for dtype in (torch.float16, torch.bfloat16):
             for adapter_dtype in (None, torch.float32):
-                x, w, A, B, b = make_inputs((3, 230), 96, 520, rank, dtype, adapter_dtype=adapter_dtype)
+                x, w, A, B, b = make_inputs((3, 230), 512, 520, rank, dtype, adapter_dtype=adapter_dtype)
                 calls.clear()
                 got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
                 assert bool(calls) == (rank <= kl.DYB_DB_MAX_RANK), f"dyb_db at r={rank}: {len(calls)} calls"
@@ -958,6 +958,20 @@ def test_dyb_db_in_the_backward_matches_reference(rank, monkeypatch):
     finally:
         peftkern.set_backend(None)
 
+
+def test_dyb_db_is_left_out_where_its_partials_outgrow_dx():
+    """dyb_db's float32 partials (~M N / 4 bytes) are allocated before dx (M x K): lora_backward takes it only where
+    they are no larger than dx, so an lm_head-wide output keeps cuBLAS's dyb and the peak stays at the Unsloth-style
+    path's. Every benchmarked shape fits."""
+    from peftkern.kernels.triton import lora as kl
+
+    cpu = torch.device("cpu")
+    for M, N, K in [(8192, 4096, 4096), (8192, 11008, 4096), (8192, 4096, 11008), (2048, 4096, 4096),
+                    (8192, 512, 2048)]:
+        assert kl.dyb_db_fits(M, N, K, 16, 2, cpu), (M, N, K)
+    for M, N, K in [(8192, 128256, 4096), (8192, 32000, 2048)]:
+        assert not kl.dyb_db_fits(M, N, K, 16, 2, cpu), (M, N, K)
+    assert kl.dyb_db_fits(0, 128256, 4096, 16, 2, cpu)
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA's allocator statistics: a GPU check")
 @pytest.mark.parametrize("shape", [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 4096, 4096, 64)],

@@ -1483,6 +1483,9 @@ def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor,
 # at 5632 -> 2048. PEFTKERN_LORA_DYB_DB=0 turns it off.
 DYB_DB = os.environ.get("PEFTKERN_LORA_DYB_DB", "1") != "0"
 DYB_DB_MAX_RANK = 16
+# (BLOCK_M, BLOCK_C, warps, stages) on a GPU: explore_lora_dyb_db.py's configs came within 3 us of the best at each of
+# its three shapes but one (5632 wide)
+DYB_DB_CONFIG = (64, 256, 4, 3)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1493,12 +1496,25 @@ def _dyb_db_plan(M: int, N: int, R: int, device: torch.device, config: Optional[
         block_m, block_c, warps, stages = config
     elif triton_interpret():
         block_m, block_c, warps, stages = 16, 32, 4, 1
-    else:  # explore_lora_dyb_db.py's configs: within 3 us of the best at each of its three shapes but one (5632 wide)
-        block_m, block_c, warps, stages = 64, 256, 4, 3
+    else:
+        block_m, block_c, warps, stages = DYB_DB_CONFIG
     num_cb = cdiv(N, block_c)
     splits = max(1, min(cdiv(2 * _sm_count(device), num_cb), cdiv(M, block_m)))
     rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     return block_m, block_c, warps, stages, _block_r(R), num_cb, cdiv(M, rows_per_split), rows_per_split
+
+
+@functools.lru_cache(maxsize=4096)
+def dyb_db_fits(M: int, N: int, K: int, R: int, elem: int, device: torch.device) -> bool:
+    """Whether dyb_db's float32 partials (column blocks x M x BLOCK_R for dyb, splits x N x BLOCK_R for dB) take no
+    more memory than the backward's dx (M x K), which is allocated after them: else they raise the step's peak above
+    the Unsloth-style path's (issue 2). They hold ~M N / 4 bytes at BLOCK_C = 256, so this rules out N > ~8 K (an
+    lm_head's vocabulary), and keeps every shape of the benchmarks."""
+    if M == 0 or N == 0:
+        return True
+    plan = _dyb_db_plan(M, N, R, device, DYB_DB_CONFIG)  # the GPU's tiles, also under the interpreter
+    block_r, num_cb, splits = plan[4], plan[5], plan[6]
+    return 4 * block_r * (num_cb * M + splits * N) <= M * K * elem
 
 
 def dyb_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: float, b_dtype: torch.dtype,
@@ -1831,7 +1847,9 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
             # kernel, not after it: on one stream the order costs the GPU nothing, and its float32 partials (1.25-1.5
             # MB at 4096 wide) are then freed before dx (M x K) is allocated, which kept the step's peak 1.25-1.5 MB
             # above the Unsloth-style path's from 91bf7e6 to 345304b (NOTES-lora.md, thirty-ninth session).
-            one_read = DYB_DB and need_b and lora_A.shape[0] <= DYB_DB_MAX_RANK
+            one_read = (DYB_DB and need_b and lora_A.shape[0] <= DYB_DB_MAX_RANK
+                        and dyb_db_fits(grad_y.shape[0], grad_y.shape[1], w_kn.shape[0], lora_A.shape[0],
+                                        grad_y.element_size(), grad_y.device))
             if one_read:
                 dyb, db = dyb_db(grad_y, lora_B, xa, scaling, lora_B.dtype)
             else:
