@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -149,7 +148,8 @@ def skinny_grads(r: int) -> tuple:
 def dyb_db(r: int) -> tuple:
     """lora_dyb_db_kernel as dyb_db launches it on GPUs at rank r (bf16 dy, B and xa; unit strides are constexprs, as
     the launch specialises them)."""
-    block_m, block_c, warps, stages, block_r = kl._dyb_db_plan(8192, 4096, r, torch.device("cpu"), None)[:5]
+    block_m, block_c, warps, stages = kl.DYB_DB_CONFIG
+    block_r = kl._block_r(r)
     args = {**{n: "*bf16" for n in ("dy_ptr", "b_ptr", "xa_ptr")}, "dyb_part_ptr": "*fp32", "db_part_ptr": "*fp32",
             **{n: "i32" for n in ("M", "N", "R", "rows_per_split", "stride_dym", "stride_bn", "stride_xam")}}
     const = dict(stride_dyn=1, stride_br=1, stride_xar=1, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c,

@@ -25,7 +25,7 @@ from peftkern.kernels.triton import lora as kl
 
 # (BLOCK_M, BLOCK_C, warps, stages), dyb_db's config; the splits follow from the SM count. The first is its default.
 # 3d4f414's configs with the splits left to dyb_db; (32, 256, 4, 4) had compile_report's MMA-operand hazard there.
-CONFIGS = [(64, 256, 4, 3), (64, 256, 8, 3), (128, 256, 8, 3), (64, 128, 4, 3), (64, 512, 8, 3), (64, 256, 4, 2),
+CONFIGS = [kl.DYB_DB_CONFIG, (64, 256, 8, 3), (128, 256, 8, 3), (64, 128, 4, 3), (64, 512, 8, 3), (64, 256, 4, 2),
            (64, 256, 4, 1)]
 
 

@@ -1547,6 +1547,7 @@ def dyb_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: fl
                    num_warps=4)
     return dyb, db
 
+
 def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> torch.Tensor:
     """The keep-mask (M, K) bool that this backend's kernels use for (seed, shape, p): for tests."""
     M, K = shape
