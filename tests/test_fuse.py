@@ -303,18 +303,23 @@ def test_two_adapters_switch_and_combine():
                                 dict(init_lora_weights="gaussian"), dict(init_lora_weights="pissa")],
                          ids=["lora_bias", "rslora", "patterns", "gaussian-init", "pissa-init"])
 def test_peft_configurations(kw):
-    # float32 on every device: these cases check the configuration logic (biases, scalings, patterns), which
-    # bf16 noise in a tiny model would blur; bf16 parity is test_fused_twin_trains_like_peft's job.
-    f32 = torch.float32
-    reference = build("llama", dtype=f32, **kw)
+    # These cases check the configuration logic (biases, scalings, patterns), which bf16 noise in a tiny model would
+    # blur; bf16 parity is test_fused_twin_trains_like_peft's job. float32 on a GPU, through the kernels. float64 on
+    # the CPU, against PEFT in float64: in float32 the q_proj / k_proj lora_A gradients of layer 1 (attention near
+    # uniform at this init, so they cancel) are conditioned ~1e2-1e3, and any rounding other than PEFT's, such as
+    # lora_bias folded into the base bias as s b_B instead of PEFT's s (h B^T + b_B), lands 1e-5-4e-5 from float64.
+    # That is at the tolerance, against a reference ~1e-5 off itself (40 seeds: the twin's error / PEFT's, median
+    # 1.10, max 3.7; CI failed at seed 754368150, 2.06e-5 against 2e-5 and PEFT's 9.8e-6, 2026-12-06).
+    dtype = torch.float32 if HAS_CUDA else torch.float64
+    reference = build("llama", dtype=torch.float32, **kw).to(dtype)
     twin, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
     assert peftkern.fuse(twin).fused
     ref_hist, twin_hist = train_steps(reference, "llama", steps=2), train_steps(twin, "llama", steps=2)
     exact_hist = train_steps(exact, "llama", steps=2)
     for step, ((lr, _, gr), (lt, _, gt), (le, _, ge)) in enumerate(zip(ref_hist, twin_hist, exact_hist)):
-        assert_close_or_as_exact(lt, lr, le, f32, f"logits step {step}", 1.0 + STEP_SCALE * step)
+        assert_close_or_as_exact(lt, lr, le, dtype, f"logits step {step}", 1.0 + STEP_SCALE * step)
         for key in gr:
-            assert_close_or_as_exact(gt[key], gr[key], ge[key], f32, f"grad {key}", 2.0 + 2 * STEP_SCALE * step)
+            assert_close_or_as_exact(gt[key], gr[key], ge[key], dtype, f"grad {key}", 2.0 + 2 * STEP_SCALE * step)
 
 
 def test_dora_and_embeddings_are_reported_and_left_alone():
