@@ -974,14 +974,15 @@ def test_dyb_db_is_left_out_where_its_partials_outgrow_dx():
     assert kl.dyb_db_fits(0, 128256, 4096, 16, 2, cpu)
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA's allocator statistics: a GPU check")
-@pytest.mark.parametrize("shape", [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 4096, 4096, 64)],
+@pytest.mark.parametrize("shape", [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 4096, 4096, 64),
+                                   (2048, 4096, 4096, 16)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fwd_bwd_peak_memory_is_at_most_the_unsloth_style_paths(shape):
     """Issue 2: the op's forward + backward peaks no higher than the eager Unsloth-style LoRA of bench lora (base GEMM,
     an in-place addmm of the low-rank term, gradients by hand), measured as bench lora measures it: the peak allocated
     above what was allocated before one torch.autograd.grad of x, A and B. From 91bf7e6 to 345304b skinny_grads' float32
     partials were allocated while dx was alive, 1.25-1.5 MB over it at 4096 wide (NOTES-lora.md, thirty-ninth
-    session)."""
+    session); at M = 2048, behind the dx kernel that made dyb with its xa workers, until the fortieth session."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_lora import UnslothStyleLoRA
 
@@ -1013,13 +1014,15 @@ def test_fwd_bwd_peak_memory_is_at_most_the_unsloth_style_paths(shape):
 
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the switch replaces cuBLAS's products: a GPU path")
-@pytest.mark.parametrize("path", ["after-dx-kernel", "side-stream", "main-stream", "no-persistent-dx"])
+@pytest.mark.parametrize("path", ["xa-workers", "side-stream", "main-stream", "no-persistent-dx"])
 @pytest.mark.parametrize("rank", [16, 128])
 def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
     """PEFTKERN_LORA_SKINNY_GRADS (on by default up to rank 64; here at 128 too): the backward's dA, dB and bias
-    gradient by skinny_grads, on each of lora_backward's paths (after the dx kernel that makes dyb, on the side stream
-    beside the dx kernel or after it on the main stream, and without the persistent dx), against the reference with
-    bias and float32 adapters."""
+    gradient by skinny_grads, on each of lora_backward's paths (on the side stream beside the dx kernel or before it
+    on the main stream, and without the persistent dx), against the reference with bias and float32 adapters. With the
+    dx kernel's xa workers and helpers on ("xa-workers"), the backward still makes dyb before the dx kernel: behind a
+    dx kernel that made dyb, skinny_grads' partials were allocated beside dx and raised the peak (the fortieth
+    session), so no such call is made."""
     from peftkern.kernels.triton import lora as kl
 
     peftkern.set_backend("triton")
@@ -1030,20 +1033,25 @@ def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
     monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX", path != "no-persistent-dx")
     monkeypatch.setattr(kl, "TAIL_OVERLAP", "side")
-    monkeypatch.setattr(kl, "XA_WORKERS", path == "after-dx-kernel")
-    monkeypatch.setattr(kl, "XA_HELPERS", path == "after-dx-kernel")
-    calls = []
+    monkeypatch.setattr(kl, "XA_WORKERS", path == "xa-workers")
+    monkeypatch.setattr(kl, "XA_HELPERS", path == "xa-workers")
+    calls, dx_made_dyb = [], []
     real = kl.skinny_grads
     monkeypatch.setattr(kl, "skinny_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_pf = kl.persistent_forward
+    monkeypatch.setattr(kl, "persistent_forward",
+                        lambda *a, **k: dx_made_dyb.append(k.get("xa") is None and k.get("xa_scaled", False))
+                        or real_pf(*a, **k))
     try:
         for dtype in (torch.float16, torch.bfloat16):
             for adapter_dtype in (None, torch.float32):
-                # the dx kernel's output is (69, K): wide enough there for its helpers to make dyb
-                K, N = (520, 96) if path == "after-dx-kernel" else (96, 520)
+                # the dx kernel's output is (69, K): wide enough there for its helpers to make dyb, were they asked
+                K, N = (520, 96) if path == "xa-workers" else (96, 520)
                 x, w, A, B, b = make_inputs((3, 23), K, N, rank, dtype, adapter_dtype=adapter_dtype)
                 calls.clear()
                 got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
                 assert calls, f"skinny_grads did not run on the {path} path"
+                assert not any(dx_made_dyb), "a dx kernel made dyb ahead of skinny_grads"
                 for name in ref:
                     assert got[name].dtype == ref[name].dtype, name
                     assert_close(got[name], ref[name], dtype, f"skinny grads {path} {dtype} r={rank} {name}")

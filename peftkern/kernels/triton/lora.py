@@ -1160,7 +1160,7 @@ def _make_xa_plan(M: int, N: int, R: int, device: torch.device, config: Optional
 
 # The backward's dx kernel makes dyb itself up to XA_WORKERS_DX_MAX_M rows, and above that where helpers do it above
 # XA_WORKERS_MAX_RANK (there the last round's idle SMs could not hold dA and dB anyway: r = 128 gained nothing from
-# TAIL_OVERLAP, NOTES-lora.md, ninth session).
+# TAIL_OVERLAP, NOTES-lora.md, ninth session). lora_backward asks only above SKINNY_MAX_RANK (or without skinny_grads).
 def dx_makes_dyb(M: int, K: int, R: int, device: torch.device) -> bool:
     """Whether the backward's persistent dx kernel (output M x K) makes dyb = s dy B itself."""
     workers, helpers = xa_plan(M, K, R, device)
@@ -1814,25 +1814,25 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     dt = grad_y.dtype
     persistent_dx = (need_x and PERSISTENT_DX and dropout_p == 0.0 and grad_y.shape[0] >= PERSISTENT_DX_MIN_M
                      and persistent_forward_ok(grad_y, w_kn, lora_B.t()))
-    if (persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device)
+    if (persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device) and not skinny
             and dx_makes_dyb(grad_y.shape[0], w_kn.shape[0], lora_A.shape[0], grad_y.device)):
         # dyb = s dy B made inside the dx kernel by its xa workers or helpers; dB and the bias gradient, which need no
         # dyb, queued beside it on a side stream (they take the workers' SMs once dyb is made, and the last round's
-        # idle ones); dA behind it.
-        # With skinny_grads (SKINNY_GRADS, rank <= SKINNY_MAX_RANK) all three follow the dx kernel, which makes dyb,
-        # in one launch: no side stream.
-        with _Overlap(grad_y.device, enabled=not skinny) as ov:
+        # idle ones); dA behind it, by cuBLAS.
+        # Not with skinny_grads (rank <= SKINNY_MAX_RANK): there dA, which needs dyb, could only follow the dx kernel,
+        # and its float32 partials (1.25 MB at 4096 wide) were allocated while dx was alive, which put the fwd+bwd
+        # peak 1.5 MB over the Unsloth-style path's at M = 2048, 4096^2, r = 16 (issue 2; NOTES-lora.md, fortieth
+        # session). The path below makes dyb first and finishes skinny_grads before dx is allocated. The workers had
+        # saved 4 us of 122 at M = 2048 before dyb_db (H200, logs/explore-lora-workers-59b8084-h200.log); the two
+        # orders were not timed against each other since.
+        with _Overlap(grad_y.device) as ov:
             dx, dyb = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa_dtype=dt, xa_scaled=True,
                                          workers=True)
-            if skinny:
-                da, db, dbias = skinny_grads(x, dyb, grad_y, xa, 1.0, scaling, lora_A.dtype, lora_B.dtype, need_a,
-                                             need_b, need_bias)
-            else:
-                with ov.side():
-                    db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
-                    dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
-                ov.keep(db, dbias)
-                da = scaled_mm(dyb.t(), x, 1.0, lora_A.dtype) if need_a else None
+            with ov.side():
+                db = scaled_mm(grad_y.t(), xa.to(dt), scaling, lora_B.dtype) if need_b else None
+                dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+            ov.keep(db, dbias)
+            da = scaled_mm(dyb.t(), x, 1.0, lora_A.dtype) if need_a else None
         return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
     if persistent_dx and TAIL_OVERLAP != "0" and _cublas_skinny(dropout_p, grad_y.device):
         # dyb first; then the dx kernel, and queued behind it the skinny reductions, which take the SMs that the
