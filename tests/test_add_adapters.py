@@ -23,7 +23,7 @@ from test_fuse import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral
 
 import peftkern
 from peftkern import reference
-from peftkern.integrations.adapters import PRESETS, adapter_state_dict, adapters, transformer_layers
+from peftkern.integrations.adapters import PRESETS, _adapter_of, adapter_state_dict, adapters, transformer_layers
 
 transformers = pytest.importorskip("transformers")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
@@ -1010,3 +1010,105 @@ def test_adapters_added_to_a_decoder_alone_reload_into_the_whole_model(tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids, decoder_input_ids=ids).logits,
                            model(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+# Wrapped layers, and AdapterHub's other files (a review, 2026-12-06); each test failed before its fix.
+
+
+def _checkpoint_wrapped(model):
+    """model with each decoder layer wrapped by torch's activation-checkpointing CheckpointWrapper (as FSDP recipes and
+    accelerate's activation_checkpointing apply it), whose children are <layer>._checkpoint_wrapped_module."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    layer_class = type(transformer_layers(model)[0][1])
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_class))
+    return model
+
+
+def test_load_and_remove_adapters_of_layers_wrapped_for_activation_checkpointing(tmp_path):
+    """Layers wrapped after add_adapters: their adapters' names hold _checkpoint_wrapped_module., which the file leaves
+    out, so load_adapters into them (a resume) raised 'already has an adapter'; and remove_adapters raised
+    AttributeError on the wrapper (which shows its inner module's attributes) after taking the hooks off."""
+    source, _ = build("llama", "houlsby")
+    _checkpoint_wrapped(source).eval()
+    x = batch_for("llama", 6)
+    with torch.no_grad():
+        expected = source(**x).logits
+    peftkern.save_adapters(source, str(tmp_path))
+    target, _ = build("llama", "houlsby")  # the same base, its own adapter weights
+    draw_adapters(target, 0.2)
+    _checkpoint_wrapped(target).eval()
+    with torch.no_grad():
+        assert not torch.equal(target(**x).logits, expected)
+    assert sorted(peftkern.load_adapters(target, str(tmp_path))) == sorted({_adapter_of(k) for k in
+                                                                           adapter_state_dict(source)})
+    with torch.no_grad():
+        assert torch.equal(target(**x).logits, expected), "the resume loaded the file's weights"
+    torch.manual_seed(run_seed(0))
+    plain = FACTORIES["llama"]().to(DEVICE, DTYPE).eval()
+    with torch.no_grad():
+        base = plain(**x).logits
+    peftkern.remove_adapters(target)
+    assert not adapters(target)
+    with torch.no_grad():
+        assert torch.equal(target(**x).logits, base), "remove_adapters restores the plain model"
+
+
+def test_a_resume_into_layers_compiled_in_place_checks_the_files_configuration(tmp_path):
+    """Each layer replaced by torch.compile(layer): the check of the file's configuration against the attached adapters
+    looked them up by the layer's name without _orig_mod., found none, and loaded silu adapters' weights into gelu
+    ones without a word."""
+    def compiled(activation):
+        torch.manual_seed(run_seed(0))
+        model = tiny_llama().to(DEVICE, DTYPE)
+        peftkern.add_adapters(model, peftkern.AdapterConfig(non_linearity=activation, reduction_factor=8))
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(layer, backend="eager")
+        return model
+
+    source = compiled("silu")
+    draw_adapters(source, 0.2)
+    peftkern.save_adapters(source, str(tmp_path))
+    other = compiled("gelu")
+    before = {k: v.clone() for k, v in adapter_state_dict(other).items()}
+    with pytest.raises(ValueError, match="the file's configuration makes"):
+        peftkern.load_adapters(other, str(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in adapter_state_dict(other).items()), "nothing was loaded"
+    same = compiled("silu")
+    peftkern.load_adapters(same, str(tmp_path))
+    assert all(torch.equal(v, adapter_state_dict(source)[k]) for k, v in adapter_state_dict(same).items())
+
+
+def test_adapterhub_directories_in_safetensors_and_of_the_first_format_load(tmp_path):
+    """save_adapter(..., use_safetensors=True) writes adapter.safetensors (adapters/utils.py, SAFE_WEIGHTS_NAME), which
+    load_adapterhub did not look for (FileNotFoundError for pytorch_adapter.bin). AdapterHub's first files name the
+    modules attention_text_task_adapters / layer_text_task_adapters and, without a "version" in adapter_config.json,
+    mean the tanh approximation by "gelu"; AdapterHub's loader renames both, and load_adapterhub refused them."""
+    from safetensors.torch import save_file
+
+    state, config = adapterhub_tensors("bert")
+    layer = "bert.encoder.layer.1"
+    cases = {
+        "safetensors": (state, {"config": {**config, "non_linearity": "gelu"}, "version": "adapters.1.2.0"}, "gelu"),
+        "legacy": ({k.replace(".attention.output.adapters.", ".attention.output.attention_text_task_adapters.")
+                    .replace(".output.adapters.", ".output.layer_text_task_adapters."): v for k, v in state.items()},
+                   {"config": {**config, "non_linearity": "gelu"}, "name": "task"}, "gelu_tanh"),
+    }
+    for case, (tensors, meta, activation) in cases.items():
+        path = tmp_path / case
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps(meta))
+        if case == "safetensors":
+            save_file(tensors, str(path / "adapter.safetensors"))
+        else:
+            torch.save(tensors, path / "pytorch_adapter.bin")
+        torch.manual_seed(run_seed(0))
+        model = tiny_bert().to(DEVICE)
+        assert len(peftkern.load_adapterhub(model, str(path))) == 4, case
+        found = adapters(model)
+        for placement, site in (("after_attention", "attention.output"), ("after_feed_forward", "output")):
+            adapter = found[f"{layer}.bottleneck_adapters.{placement}"]
+            assert adapter.non_linearity == activation, case
+            ah = f"{layer}.{site}.adapters.task."
+            assert torch.equal(adapter.down.weight.cpu(), state[ah + "adapter_down.0.weight"]), case
+            assert torch.equal(adapter.up.weight.cpu(), state[ah + "adapter_up.weight"]), case

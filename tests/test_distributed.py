@@ -169,6 +169,34 @@ def test_save_under_fsdp1_writes_the_models_names(one_rank, tmp_path, kind):
     _reloads(kind, tmp_path, expected, ids)
 
 
+def test_load_adapters_resumes_under_fsdp1(one_rank, tmp_path):
+    """load_adapters into the adapters of a model FSDP1 wraps (a resume): their names hold _fsdp_wrapped_module., which
+    the file leaves out, so none was found and the load was refused as adding adapters to a wrapped model (a review,
+    2026-12-06)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    source = _adapted("adapters")
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        expected = source.eval()(ids).logits
+    peftkern.save_adapters(source, str(tmp_path))
+    target = _adapted("adapters")  # the same base and head, other adapter weights
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if ".bottleneck_adapters." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    wrapped = FSDP(target.eval(), auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True,
+                   device_id=torch.device("cpu"))
+    with torch.no_grad():
+        assert not torch.allclose(wrapped(ids).logits, expected, atol=1e-5), "the target's own adapters differ"
+    with FSDP.summon_full_params(wrapped, writeback=True):
+        peftkern.load_adapters(wrapped, str(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(wrapped(ids).logits, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["lora", "adapters"])
 def test_save_under_fsdp2_takes_the_full_state_dict(one_rank, tmp_path, kind):
     """FSDP2 shards every parameter (DTensor): save_lora / save_adapters crashed in safetensors ("invalid python

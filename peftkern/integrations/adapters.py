@@ -462,8 +462,11 @@ def remove_adapters(model: nn.Module) -> None:
     model = _unwrapped(model)
     _remove_hooks(model)
     for module in model.modules():
-        if isinstance(getattr(module, CONTAINER, None), nn.ModuleDict):
-            delattr(module, CONTAINER)
+        # the module's own child, not getattr's: a wrapper that hands attribute reads to the module it wraps (torch's
+        # activation-checkpointing CheckpointWrapper, applied after add_adapters) showed its inner module's container,
+        # and delattr on the wrapper raised AttributeError with the hooks already gone (a review, 2026-12-06)
+        if isinstance(module._modules.get(CONTAINER), nn.ModuleDict):
+            del module._modules[CONTAINER]
         module.__dict__.pop("_peftkern_adapter_configs", None)
         for name in module.__dict__.pop("_peftkern_adapters_to_save", ()):
             unmark_to_save(module.get_submodule(name))
@@ -541,7 +544,7 @@ def _copy_state(model: nn.Module, state: dict, source: str, names: set) -> None:
         if own[key].shape != tensor.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model's adapter "
                              f"{tuple(own[key].shape)} (a different hidden size or reduction factor)")
-    params = dict(model.named_parameters())
+    params = {_clean(n): p for n, p in model.named_parameters()}  # the keys' names: no wrapper segments
     with torch.no_grad():
         for key, tensor in state.items():
             params[key].copy_(tensor.reshape(params[key].shape))
@@ -554,19 +557,27 @@ def _attach_and_load(model: nn.Module, configs: list, state: dict, source: str,
     failed check left adapters attached with their initial weights, and the base frozen; a resume raised)."""
     outer, model = model, _unwrapped(model)
     wanted = {_adapter_of(k) for k in state}
-    attached = adapters(model)
+    # by the names the files hold (_clean): layers wrapped after add_adapters (torch's activation-checkpointing
+    # CheckpointWrapper, FSDP1's units) name their adapters with the wrapper's segment, which the file leaves out, so a
+    # resume found none of them and attached a second set, refused with "already has an adapter" (a review, 2026-12-06)
+    attached = {_clean(name): module for name, module in adapters(model).items()}
     present = wanted & set(attached)
     if present:
         if present != wanted:
             raise ValueError(f"{source}: the model has some of its adapters ({sorted(present)[:2]}) but not others "
                              f"({sorted(wanted - present)[:2]}); load it into a model with all of them or none")
         layers = transformer_layers(model)
+        # the adapter each planned one would be, found from its layer (a layer compiled in place, or wrapped, is found
+        # as its wrapper, whose name lacks the _orig_mod. that the adapter's and the file's names hold: the check was
+        # skipped there, and a file of silu adapters loaded into gelu ones; a review, 2026-12-06)
+        names = {id(module): name for name, module in attached.items()}
         for config in configs:  # the file's configuration against the adapters there (activation, scale, ...)
-            for layer_name, _, _, placement, expected in _plan(model, layers, config, None, torch.device("meta"),
-                                                               True)[1]:
-                name = _adapter_name(layer_name, placement)
-                if name in wanted and attached[name].extra_repr() != expected.extra_repr():
-                    raise ValueError(f"{source}: {name} is attached as ({attached[name].extra_repr()}), the file's "
+            for _, layer, _, placement, expected in _plan(model, layers, config, None, torch.device("meta"), True)[1]:
+                container = getattr(layer, CONTAINER, None)
+                adapter = container[placement] if container is not None and placement in container else None
+                name = names.get(id(adapter))
+                if name in wanted and adapter.extra_repr() != expected.extra_repr():
+                    raise ValueError(f"{source}: {name} is attached as ({adapter.extra_repr()}), the file's "
                                      f"configuration makes ({expected.extra_repr()})")
         _copy_state(model, state, source, wanted)
         return sorted(wanted)
@@ -596,11 +607,11 @@ def _detach(model: nn.Module, names: list) -> None:
     _remove_hooks(model, {id(model.get_submodule(name)) for name in names})
     for name in names:
         container_name, _, placement = name.rpartition(".")
-        container = model.get_submodule(container_name)
-        del container[placement]
-        if not len(container):
-            parent_name, _, attr = container_name.rpartition(".")
-            delattr(model.get_submodule(parent_name) if parent_name else model, attr)
+        del model.get_submodule(container_name)[placement]
+    for module in model.modules():  # the emptied containers, wherever they sit (inside a wrapper too)
+        container = module._modules.get(CONTAINER)
+        if isinstance(container, nn.ModuleDict) and not len(container):
+            del module._modules[CONTAINER]
 
 
 def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
@@ -643,6 +654,9 @@ _ADAPTERHUB_KEY = [
     (re.compile(r"^(?P<layer>.+)\.output_adapters\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "output"),
     (re.compile(r"^(?P<layer>.+)\.output\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "output"),
 ]
+_ADAPTERHUB_LEGACY_MODULES = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
+                              "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
+                              "invertible_lang_adapters": "invertible_adapters"}
 _ADAPTERHUB_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_orig": "gelu", "gelu_new": "gelu_tanh",
                            "swish": "silu", "silu": "silu"}
 
@@ -677,6 +691,10 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
     config) or an LN after it are converted with a warning, since the same weights then see other inputs.
     """
     config = dict(config or {})
+    # the module names of AdapterHub's first files, which its loader renames (adapters/loading.py, AdapterLoader's
+    # legacy_weights_mapping): their keys matched no pattern, and the checkpoint was refused as holding no adapter
+    state_dict = {functools.reduce(lambda k, old: k.replace(old, _ADAPTERHUB_LEGACY_MODULES[old]),
+                                   _ADAPTERHUB_LEGACY_MODULES, key): tensor for key, tensor in state_dict.items()}
     matched: dict = {}
     matched_keys = set()
     for key, tensor in state_dict.items():
@@ -743,23 +761,35 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
     return state, ours
 
 
+# What AdapterHub's loader (adapters/loading.py, load_weights_config) renames in a configuration written before its
+# files held a "version": its "gelu" was the tanh approximation (gelu_new), and "gelu_orig" the exact one.
+_ADAPTERHUB_LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}
+
+
 def _read_adapterhub_dir(path: str) -> tuple[dict, dict]:
+    """(tensors, BnConfig dict) of a directory written by AdapterHub's save_adapter: adapter_config.json beside
+    adapter.safetensors (use_safetensors=True; adapters/utils.py, SAFE_WEIGHTS_NAME) or pytorch_adapter.bin. Only the
+    .bin was found: save_adapter(..., use_safetensors=True)'s directory raised FileNotFoundError (a review,
+    2026-12-06)."""
     with open(os.path.join(path, "adapter_config.json")) as f:
         meta = json.load(f)
-    for name in ("adapter_model.safetensors", "pytorch_adapter.safetensors"):
+    config = dict(meta.get("config", meta))
+    if "version" not in meta and config.get("non_linearity") in _ADAPTERHUB_LEGACY_ACTIVATIONS:
+        config["non_linearity"] = _ADAPTERHUB_LEGACY_ACTIVATIONS[config["non_linearity"]]
+    for name in ("adapter.safetensors", "adapter_model.safetensors", "pytorch_adapter.safetensors"):
         if os.path.exists(os.path.join(path, name)):
             from safetensors.torch import load_file
 
-            return load_file(os.path.join(path, name)), meta.get("config", meta)
-    return torch.load(os.path.join(path, "pytorch_adapter.bin"), map_location="cpu", weights_only=True), \
-        meta.get("config", meta)
+            return load_file(os.path.join(path, name)), config
+    return torch.load(os.path.join(path, "pytorch_adapter.bin"), map_location="cpu", weights_only=True), config
 
 
 def load_adapterhub(model: nn.Module, source: Union[str, dict], config: Optional[dict] = None,
                     adapter_name: Optional[str] = None, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
     """Attach and load an AdapterHub bottleneck adapter: `source` is its saved directory (adapter_config.json +
-    pytorch_adapter.bin) or its state dict (then `config` is its BnConfig dict). Layer names may differ in their
-    prefix (bert.encoder.layer.0 vs encoder.layer.0): a layer is matched by the longest common dotted suffix."""
+    pytorch_adapter.bin or adapter.safetensors) or its state dict (then `config` is its BnConfig dict). Layer names may
+    differ in their prefix (bert.encoder.layer.0 vs encoder.layer.0): a layer is matched by the longest common dotted
+    suffix."""
     state, ah_config = (source, config) if isinstance(source, dict) else _read_adapterhub_dir(str(source))
     converted, ours = convert_adapterhub(state, ah_config, adapter_name)
     indexed = _indexed_layers(_unwrapped(model), transformer_layers(model))
