@@ -412,6 +412,10 @@ def test_bad_configs_are_named():
         peftkern.AdapterConfig(placements=("after_embedding",))
     with pytest.raises(ValueError, match="unknown adapter preset"):
         peftkern.add_adapters(tiny_llama(), "lora")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"unknown adapter config keys \['placement'\]"):
+        peftkern.add_adapters(model, {"placement": ("after_attention",), "reduction_factor": 8})
+    assert not adapters(model), "a refused config attaches nothing"
     with pytest.raises(ValueError, match="no such layer"):
         peftkern.add_adapters(tiny_llama(), peftkern.AdapterConfig(layers=(5,)))
     with pytest.raises(ValueError, match="found no"):

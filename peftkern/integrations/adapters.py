@@ -119,6 +119,12 @@ def adapter_config(config: Union[AdapterConfig, dict, str] = "pfeiffer", **overr
             raise ValueError(f"unknown adapter preset {config!r}; choose from {sorted(PRESETS)}")
         config = AdapterConfig(**PRESETS[config.lower()])
     elif isinstance(config, dict):
+        # a user's dict is checked (from_dict drops what it does not know, for files a later version wrote): a typo
+        # such as "placement" fell back to the default placement without a word (a review, 2026-12-06)
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(AdapterConfig)})
+        if unknown:
+            raise ValueError(f"unknown adapter config keys {unknown}; AdapterConfig has "
+                             f"{[f.name for f in dataclasses.fields(AdapterConfig)]}")
         config = AdapterConfig.from_dict(config)
     elif not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, a dict or a preset name, got {type(config).__name__}")
