@@ -624,6 +624,8 @@ def test_adapterhub_converter_keys_and_limits():
         peftkern.convert_adapterhub(cross, config)
     with pytest.warns(RuntimeWarning, match="original_ln_before"):
         peftkern.convert_adapterhub(state, {**config, "original_ln_before": True})
+    with pytest.warns(RuntimeWarning, match="original_ln_after=False"):
+        peftkern.convert_adapterhub(state, {**config, "original_ln_after": False})
     with pytest.raises(ValueError, match="no peftkern counterpart"):
         peftkern.convert_adapterhub({**state, "bert.encoder.layer.0.output.adapters.task.gate.weight":
                                      torch.zeros(1, 64)}, config)

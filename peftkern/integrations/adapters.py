@@ -752,10 +752,14 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
         state[f"{layer}.{CONTAINER}.{placement}.{ours}"] = tensor
     if len(sizes) != 1:
         raise ValueError(f"adapters of several bottleneck sizes {sorted(sizes)} cannot share one AdapterConfig")
-    if config.get("original_ln_before") or config.get("ln_after") or config.get("residual_before_ln") is False:
-        warnings.warn("AdapterHub config with original_ln_before / ln_after / residual_before_ln=False: the weights "
-                      "are converted, but peftkern applies the adapter to the block's output before the residual "
-                      "add and LN, so the outputs will differ from AdapterHub's", RuntimeWarning, stacklevel=2)
+    # original_ln_after=False: AdapterHub then leaves out the block's own residual add and LN after the adapter
+    # (bottleneck.py, post_forward), which peftkern's placements keep (noticed by a review, 2026-12-06)
+    if (config.get("original_ln_before") or config.get("ln_after") or config.get("residual_before_ln") is False
+            or config.get("original_ln_after") is False):
+        warnings.warn("AdapterHub config with original_ln_before / ln_after / residual_before_ln=False / "
+                      "original_ln_after=False: the weights are converted, but peftkern applies the adapter to the "
+                      "block's output before the block's own residual add and LN, so the outputs will differ from "
+                      "AdapterHub's", RuntimeWarning, stacklevel=2)
     non_linearity = str(config.get("non_linearity", "relu")).lower()
     if non_linearity not in _ADAPTERHUB_ACTIVATIONS:
         raise ValueError(f"AdapterHub non_linearity {non_linearity!r} is not supported: "
