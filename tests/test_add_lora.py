@@ -440,6 +440,89 @@ def test_save_lora_names_exactly_the_adapted_layers(tmp_path):
                                                                                                      "v_proj"]
 
 
+def _nested_model(seed: int) -> nn.Module:
+    """nn.Sequential inside nn.Sequential: the top-level "0" is a suffix of "2.0", as PEFT's lists and patterns read
+    names."""
+    torch.manual_seed(run_seed(seed))
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(),
+                         nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 6))).to(DEVICE)
+
+
+def _adapted(model: nn.Module) -> dict:
+    return {name: layer.r for name, layer in lora_layers(model).items()}
+
+
+def test_load_lora_adapts_exactly_the_layers_a_file_names(tmp_path):
+    """load_lora attached a dotless name as a list ([name]), which matches it as a suffix: a file adapting
+    nn.Sequential's "0" adapted "2.0" as well (a trainable adapter the file does not hold, saved by the next
+    save_lora), and a file adapting "0" and "2.0" at other ranks (save_lora's own) was refused ("'^2\\.0$' matched no
+    nn.Linear")."""
+    model = _nested_model(0)
+    peftkern.add_lora(model, "0", r=2, alpha=4.0)  # a string: the full name "0" alone
+    _train_b(model)
+    x = torch.randn(5, 12, device=DEVICE)
+    peftkern.save_lora(model, str(tmp_path / "first"))
+    plain = _nested_model(0)
+    assert peftkern.load_lora(plain, str(tmp_path / "first")) == ["0"]
+    assert _adapted(plain) == {"0": 2}
+    assert_close(plain(x), model(x), torch.float32, "the first layer's adapter")
+    peftkern.add_lora(model, r"2\.0", r=3, alpha=6.0)
+    _train_b(model)
+    peftkern.save_lora(model, str(tmp_path / "both"))
+    plain = _nested_model(0)
+    assert sorted(peftkern.load_lora(plain, str(tmp_path / "both"))) == ["0", "2.0"]
+    assert _adapted(plain) == {"0": 2, "2.0": 3}
+    assert_close(plain(x), model(x), torch.float32, "both adapters")
+
+
+def test_save_lora_patterns_and_targets_reach_their_own_layers_alone(tmp_path):
+    """PEFT reads a rank_pattern / alpha_pattern key as the end of a name ("0" is "2.0" too) and a list of
+    target_modules as suffixes: save_lora wrote the full names as they are, so PEFT and load_lora gave "2.0" the alpha
+    saved for "0" (its logits 1.7 off with a 4x scaling, silently), and PEFT added an adapter to "2.0" where only "0"
+    was adapted."""
+    model = _nested_model(0)
+    peftkern.add_lora(model, r"2\.0", r=2, alpha=2.0)
+    peftkern.add_lora(model, "0", r=4, alpha=8.0)
+    _train_b(model)
+    x = torch.randn(5, 12, device=DEVICE)
+    expected = model(x)
+    peftkern.save_lora(model, str(tmp_path))
+    plain = _nested_model(0)
+    peftkern.load_lora(plain, str(tmp_path))
+    assert {n: m.scaling for n, m in lora_layers(plain).items()} == {"0": 2.0, "2.0": 1.0}
+    assert_close(plain(x), expected, torch.float32, "reloaded by peftkern")
+    peft_model = peft.PeftModel.from_pretrained(_nested_model(0), str(tmp_path)).eval()
+    assert_close(peft_model(x), expected, torch.float32, "reloaded by PEFT")
+    only_first = _nested_model(1)
+    peftkern.add_lora(only_first, "0", r=2)
+    peftkern.save_lora(only_first, str(tmp_path / "first"))
+    peft_model = peft.PeftModel.from_pretrained(_nested_model(1), str(tmp_path / "first"))
+    assert sorted(n.rpartition(".lora_A")[0].removeprefix("base_model.model.")
+                  for n, _ in peft_model.named_modules() if n.endswith(".lora_A")) == ["0"]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_alpha_and_dropout_given_as_scalars_of_other_types_save_and_reload(tmp_path, kind):
+    """add_lora and LoRALinear take alpha and dropout as a 0-d tensor or a numpy float (the checks read them), but kept
+    them as given: save_lora's json.dump raised TypeError ("Object of type Tensor is not JSON serializable") after
+    writing part of adapter_config.json. They are kept as floats."""
+    import numpy as np
+
+    alpha = torch.tensor(6.0 + run_seed(0) % 5) if kind == "tensor" else np.float32(6.0 + run_seed(0) % 5)
+    model = _lora_model(0)
+    peftkern.add_lora(model, ["0", "2"], r=2, alpha=alpha, dropout=np.float32(0.25))
+    assert type(model[0].alpha) is float and type(model[0].scaling) is float and type(model[0].dropout) is float
+    _train_b(model)
+    model.eval()
+    x = torch.randn(4, 12, device=DEVICE)
+    peftkern.save_lora(model, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == float(alpha) and config["lora_dropout"] == pytest.approx(0.25)
+    plain = _lora_model(0)
+    peftkern.load_lora(plain, str(tmp_path))
+    assert_close(plain.eval()(x), model(x), torch.float32, "reloaded")
+
+
 def test_add_lora_refuses_mamba_projections_the_mixer_never_calls():
     """A Mamba mixer multiplies by dt_proj's weight itself (and mamba-ssm's training kernels read out_proj's and
     x_proj's): add_lora adapted dt_proj silently, and the adapter never ran (the logits did not move with B random, a

@@ -114,7 +114,9 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
                       "is tied to as well, so merge_and_unload refuses them until they are untied", RuntimeWarning,
                       stacklevel=2)
     if getattr(model, "_peftkern_lora_config", None) is None:  # a second call's layers differ by rank_pattern
-        model._peftkern_lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
+        first = model.get_submodule(adapted[0])  # alpha and dropout as the layers hold them: floats
+        model._peftkern_lora_config = dict(r=r, lora_alpha=first.alpha, lora_dropout=first.dropout,
+                                           use_rslora=use_rslora)
     return adapted
 
 
@@ -263,16 +265,35 @@ def lora_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict
     return out
 
 
-def _target_modules(model: nn.Module, layers: dict) -> list[str]:
+def _target_modules(model: nn.Module, layers: dict) -> Union[list[str], str]:
     """PEFT's target_modules for exactly the adapted layers: their last names (["q_proj", "v_proj"]) where those name
     no other module, else their full names. A layer name that other modules share (T5's q in the encoder when only
     the decoder's was adapted, CLIP's q_proj in both towers) made PeftModel.from_pretrained add LoRA there too, which
-    then trained in a resumed run."""
+    then trained in a resumed run. Where a full name ends another module's name too (nn.Sequential's "0" and "2.0"),
+    which PEFT's list matches as a suffix, a regex of the full names, which PEFT matches whole (2026-12-06)."""
     short = sorted({n.rsplit(".", 1)[-1] for n in layers})
     whole = saved_module_names(model, clean=True)  # PEFT puts no LoRA inside modules_to_save
     names = {clean_name(n) for n, _ in model.named_modules()} - {""}
-    others = [n for n in names if n not in layers and matches_suffix(n, short) and not inside(n, whole)]
-    return sorted(layers) if others else short
+
+    def others(targets) -> bool:
+        return any(n not in layers and matches_suffix(n, targets) and not inside(n, whole) for n in names)
+
+    if not others(short):
+        return short
+    exact = sorted(layers)
+    return "|".join(re.escape(n) for n in exact) if others(exact) else exact
+
+
+def _pattern_keys(values: dict, layers: dict) -> dict:
+    """values (layer name -> rank or alpha) keyed for PEFT's rank_pattern / alpha_pattern, whose key reaches every
+    layer whose name it ends (re.match("(.*\\.)?(key)$"): "0" is nn.Sequential's "2.0" too, and PEFT and load_lora
+    gave "2.0" the value saved for "0", a 4x scaling, silently; 2026-12-06). A name that reaches another adapted layer
+    so is saved escaped and anchored ("^0"), which reaches its own layer alone."""
+    keys = {}
+    for name, value in values.items():
+        reaches = any(other != name and re.match(rf"(.*\.)?({name})$", other) for other in layers)
+        keys[f"^{re.escape(name)}" if reaches else name] = value
+    return keys
 
 
 def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
@@ -308,8 +329,8 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: Optional[str
         "fan_in_fan_out": any(m.weight_transposed for m in layers.values()), "inference_mode": True,
         "init_lora_weights": True, "use_dora": False,
         "modules_to_save": saved_module_names(model, clean=True) or None,
-        "rank_pattern": {n: r for n, r in ranks.items() if r != cfg["r"]},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != cfg["lora_alpha"]},
+        "rank_pattern": _pattern_keys({n: r for n, r in ranks.items() if r != cfg["r"]}, layers),
+        "alpha_pattern": _pattern_keys({n: a for n, a in alphas.items() if a != cfg["lora_alpha"]}, layers),
     }
     tensors = lora_state_dict(wrapper, state_dict)  # its keys taken relative to the inner model there
     os.makedirs(path, exist_ok=True)
@@ -364,7 +385,9 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
         else:
             _LOADING[0] = True
             try:
-                add_lora(model, [name] if "." not in name else f"^{re.escape(name)}$", r=r, alpha=alpha,
+                # the name alone, matched whole: a list ([name]) took the name as a suffix, and a file adapting
+                # nn.Sequential's "0" adapted "2.0" too (or refused a file adapting both; 2026-12-06)
+                add_lora(model, re.escape(name), r=r, alpha=alpha,
                          dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype, freeze_base=not adapted)
             finally:
                 _LOADING[0] = False

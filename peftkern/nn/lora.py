@@ -66,9 +66,11 @@ class LoRALinear(FrozenLinear):
     def _set_hyperparameters(self, alpha: float, dropout: float, use_rslora: bool) -> None:
         """alpha, dropout and rsLoRA, and what follows from them (an unmerged layer only: merge used the old
         scaling)."""
-        # as lora_linear checks them, here rather than at the first forward (alpha=True was scaling 1 / r)
-        check_scalar("alpha", alpha)
-        check_scalar("dropout", dropout, 0.0, 1.0, high_inclusive=False)
+        # as lora_linear checks them, here rather than at the first forward (alpha=True was scaling 1 / r); kept as the
+        # floats the checks return: a tensor or numpy alpha was kept as given, and save_lora's json.dump raised on it
+        # after writing half the config (2026-12-06)
+        alpha = check_scalar("alpha", alpha)
+        dropout = check_scalar("dropout", dropout, 0.0, 1.0, high_inclusive=False)
         check_flag("use_rslora", use_rslora)
         self.alpha, self.dropout, self.use_rslora = alpha, dropout, use_rslora
         self.scaling = alpha / math.sqrt(self.r) if use_rslora else alpha / self.r
