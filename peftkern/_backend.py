@@ -178,6 +178,14 @@ def _cuda_implements(op: str) -> bool:
 def resolve(op: str, device: torch.device) -> str:
     """The backend that runs `op` for tensors on `device`."""
     forced = get_backend()
+    if device.type == "meta":
+        # Meta tensors hold no data, so no kernel can run on them: a forced backend raised "cannot run on meta" where
+        # the default took the reference, and a meta forward (shape inference: torch.distributed.pipelining's, a model
+        # summary) failed only when PEFTKERN_BACKEND was set (a review, 2026-12-06)
+        if forced not in (None, "torch"):
+            warn_once(f"{op}-meta", f"peftkern {op}: meta tensors run on the reference path (shapes only), not on the "
+                                    f"forced {forced!r} backend")
+        return "torch"
     if forced == "cuda" and device.type == "cuda" and not _cuda_implements(op) and _cuda_implements(""):
         warn_once(f"{op}-no-cuda-kernel", f"peftkern: the cuda backend has no {op} kernel yet; {op} runs on "
                   f"{DEFAULT_CUDA_BACKEND.get(op, 'triton')}")

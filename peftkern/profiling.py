@@ -235,8 +235,22 @@ def cli_main(argv=None) -> int:
     if args.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         parser.error(f"--compile MODE must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
                      f"got {args.compile!r}")
+    if args.trace:
+        # checked here, not only by profile() after the model is built and warmed up: a directory, /dev/null or an
+        # unwritable folder gave a traceback after minutes of compiling (a review, 2026-12-06)
+        try:
+            _check_trace_path(args.trace)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--trace: {exc}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.method != "none" and args.impl == "fused":
+        from . import _backend
+
+        try:  # a forced backend that cannot run here (PEFTKERN_BACKEND=triton without a GPU) raised in the first step
+            _backend.resolve({"lokr": "krona"}.get(args.method, args.method), torch.device(device))
+        except (RuntimeError, ValueError) as exc:  # ValueError: PEFTKERN_BACKEND names no backend
+            parser.error(str(exc))
     if device == "cpu":
         print("no GPU: profiling the tiny config on the CPU (2 x 64 tokens) instead; --shape, --batch and --seq "
               "apply on a GPU", file=sys.stderr)

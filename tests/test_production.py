@@ -239,6 +239,83 @@ def test_float64_falls_back_to_the_reference_with_one_warning():
     assert sum("reference path" in str(c.message) for c in caught) <= 1, "one warning per cause"
 
 
+@pytest.mark.parametrize("forced", ["triton", "cuda"])
+def test_meta_tensors_run_on_the_reference_whatever_backend_is_forced(forced, monkeypatch):
+    """A forward and backward on the meta device (shape inference) with a backend forced by set_backend or
+    PEFTKERN_BACKEND: it raised "backend 'triton' was requested for lora but cannot run on meta", where the default
+    backend took the reference (a review, 2026-12-06). Now the reference's shapes and dtypes, with one warning per op,
+    and the same layers' outputs on real tensors are unchanged by the meta calls."""
+    from peftkern import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    torch.manual_seed(run_seed(0))
+    layers = {kind: _square_layer(kind).cpu() for kind in ("lora", "ia3-output", "ia3-input", "krona", "adapter")}
+    layers["lora-dropout"] = peftkern.nn.LoRALinear(64, 64, r=4, dropout=0.1)
+    x = torch.randn(2, 8, 64)
+    want = {kind: layer.eval()(x) for kind, layer in layers.items()}
+    peftkern.set_backend(forced)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for kind, layer in layers.items():
+            meta = _meta_copy(layer).train()
+            xm = torch.empty(2, 8, 64, device="meta", requires_grad=True)
+            y = meta(xm)
+            assert y.device.type == "meta" and y.shape == (2, 8, 64) and y.dtype == torch.float32, kind
+            y.sum().backward()
+            assert xm.grad is not None and xm.grad.shape == xm.shape, kind
+            for name, p in meta.named_parameters():
+                assert (p.grad is not None) == p.requires_grad, f"{kind} {name}"
+    messages = [str(c.message) for c in caught if "meta tensors run on the reference" in str(c.message)]
+    assert sorted(m.split(":")[0] for m in messages) == [f"peftkern {op}" for op in ("adapter", "ia3", "krona",
+                                                                                      "lora")], messages
+    peftkern.set_backend(None)
+    for kind, layer in layers.items():
+        assert torch.equal(layer.eval()(x), want[kind]), kind
+
+
+def _meta_copy(layer: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the layer on the meta device (its parameters' requires_grad kept)."""
+    import copy
+
+    return copy.deepcopy(layer).to(device="meta")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter"))], indirect=True)
+@pytest.mark.parametrize("op", ["lora", "krona", "krona-low-rank"])
+def test_compiled_op_takes_a_tensor_scaling(op, backend):
+    """A scaling given as a one-element tensor that needs no grad is read as a number in eager mode; under
+    torch.compile(fullgraph=True) its .item() became an unbacked SymFloat that the registered op's float argument
+    refused ("Expected a value of type 'float' for argument 'scaling' but instead found type 'SymFloat'", a review,
+    2026-12-06). Compiled, it is folded into a factor: the eager float scaling's output and gradients."""
+    torch.manual_seed(run_seed(0))
+    s = torch.rand(()).item() + 0.25
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    w = torch.randn(20, 24, device=DEVICE)
+    if op == "lora":
+        factors = [torch.randn(4, 24, device=DEVICE), torch.randn(20, 4, device=DEVICE)]
+        run = lambda x, f, s: peftkern.lora_linear(x, w, f[0], f[1], s)  # noqa: E731
+    elif op == "krona":
+        factors = [torch.randn(4, 6, device=DEVICE), torch.randn(5, 4, device=DEVICE)]
+        run = lambda x, f, s: peftkern.krona_linear(x, w, f[0], f[1], s)  # noqa: E731
+    else:
+        factors = [torch.randn(4, 2, device=DEVICE), torch.randn(2, 6, device=DEVICE), torch.randn(5, 4, device=DEVICE)]
+        run = lambda x, f, s: peftkern.krona_linear(x, w, (f[0], f[1]), f[2], s)  # noqa: E731
+    factors = [f.requires_grad_() for f in factors]
+    dy = torch.randn(2, 5, 20, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True)
+    y = compiled(x, factors, torch.tensor(s, device=DEVICE))
+    got = torch.autograd.grad(y, [x, *factors], dy)
+    y_eager = run(x, factors, s)
+    want = torch.autograd.grad(y_eager, [x, *factors], dy)
+    assert_close(y, y_eager, torch.float32, f"{op} output")
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_close(g, r, torch.float32, f"{op} gradient {i}")
+    with pytest.raises(Exception, match="requires grad"):  # dynamo wraps the TypeError (torch 2.13: Unsupported)
+        torch.compile(run, fullgraph=True)(x, factors, torch.tensor(s, device=DEVICE, requires_grad=True))
+
+
 def _has_cat(t: torch.Tensor) -> bool:
     fn = t.grad_fn
     for _ in range(3):  # the op's reshape to the input's leading shape sits above the concatenation

@@ -367,6 +367,29 @@ def test_bad_arguments_are_usage_errors(argv):
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("trace", [".", "/dev/null"], ids=["directory", "device"])
+def test_profile_cli_refuses_a_bad_trace_path_before_building_the_model(trace):
+    """`python -m peftkern profile --trace DIR` (or /dev/null) built the model, ran its warm-up steps and then ended in
+    a traceback (IsADirectoryError / ValueError from peftkern.profile), after minutes of compiling with --compile on a
+    GPU: a usage error now, before any work (a review, 2026-12-06)."""
+    out = _run("profile", "--trace", trace, "--steps", "1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--trace" in out.stderr and trace in out.stderr, out.stderr[-2000:]
+    assert out.stdout == "" and "no GPU: profiling" not in out.stderr, "the model was built before the check"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a forced backend that cannot run: the CPU's")
+@pytest.mark.parametrize("forced", ["triton", "cuda", "bogus"])
+def test_profile_cli_with_an_unusable_forced_backend_says_so(forced):
+    """PEFTKERN_BACKEND=triton (or cuda, or a misspelling) on a machine without a GPU: `python -m peftkern profile`
+    built the model and ended in a traceback from its first step, where `info` reports the forced backend's error and
+    `bench` times each backend it names (a review, 2026-12-06). A usage error naming the backend now."""
+    out = _run("profile", "--steps", "1", "--trace", "", env_extra={"PEFTKERN_BACKEND": forced,
+                                                                   "TRITON_INTERPRET": "0"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert repr(forced) in out.stderr and out.stdout == "", out.stderr[-2000:]
+
+
 def test_info_with_an_unusable_forced_backend_says_so():
     out = _run("info", env_extra={"PEFTKERN_BACKEND": "bogus"})
     assert out.returncode == 0 and "invalid" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -70,6 +70,30 @@ def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[f
     return value
 
 
+def check_scaling(value):
+    """check_scalar("scaling", value); under dynamo a one-element tensor that needs no grad stays a 0-dim tensor, for
+    the caller to fold into a factor (traced, .item() made an unbacked SymFloat, which the ops' float argument
+    refused: torch.compile(fullgraph=True) of lora_linear / krona_linear with scaling=torch.tensor(0.5) failed in the
+    fake-tensor call, where eager mode reads the number; a review, 2026-12-06)."""
+    if not (isinstance(value, Tensor) and torch.compiler.is_dynamo_compiling()):
+        return check_scalar("scaling", value)
+    if value.numel() != 1:
+        raise ValueError(f"scaling must be a number, got a tensor of shape {tuple(value.shape)}")
+    if value.requires_grad:
+        raise TypeError("scaling must be a number; a tensor that requires grad would get no gradient here")
+    if value.dtype == torch.bool or value.dtype.is_complex:  # as check_scalar refuses the .item() of such a tensor
+        raise TypeError(f"scaling must be a number, got a {value.dtype} tensor")
+    return value.reshape(())
+
+
+def fold_scaling(scaling, factor: Tensor) -> tuple:
+    """(scaling, factor) as they are for a number; for check_scaling's tensor (traced), (1.0, factor * scaling): the
+    same product, the op scaling by 1."""
+    if not isinstance(scaling, Tensor):
+        return scaling, factor
+    return 1.0, factor * scaling.to(factor.dtype)
+
+
 def check_flag(name: str, value) -> bool:
     """A bool (TypeError otherwise): a flag that is a string or a tensor was read by its truthiness ("False" is true),
     and a square weight silently ran transposed or an IA3 merge divided."""

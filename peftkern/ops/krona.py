@@ -39,11 +39,13 @@ from ._common import (
     backend_module,
     check_same_device,
     check_scalar,
+    check_scaling,
     check_tensor,
     check_writable,
     define_op,
     empty_like_none,
     first_order,
+    fold_scaling,
     on_device,
     op_autograd,
     op_range,
@@ -329,7 +331,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     base); their gradients come back in it. bias: (N,) or None. Returns (..., N) in x's dtype (the autocast
     dtype under torch.autocast).
     """
-    scaling = check_scalar("scaling", scaling)
+    scaling = check_scaling(scaling)
     check_tensor("x", x)
     check_tensor("weight", weight, dims=2)
     check_tensor("bias", bias, dims=1, optional=True)
@@ -343,6 +345,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be (N,) = ({N},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, A=a, A2=a2, B=b, B2=b2, bias=bias)
+    scaling, a = fold_scaling(scaling, a)  # a tensor scaling under torch.compile: s A (a low-rank A's first factor)
     x2d, weight, bias, lead, backend = prepare_linear("krona", x, weight, bias, K, (a, a2, b, b2))
     # no tokens (the factors get zero gradients, as in PEFT), a torch.func transform, or a subclass under compile
     if plain_torch(x2d, N, K) or traced_subclass(x2d, weight, a, a2, b, b2, bias):

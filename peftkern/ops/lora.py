@@ -28,12 +28,14 @@ from ._common import (
     check_flag,
     check_same_device,
     check_scalar,
+    check_scaling,
     check_tensor,
     check_writable,
     define_op,
     draw_seed,
     empty_like_none,
     first_order,
+    fold_scaling,
     on_device,
     op_autograd,
     op_range,
@@ -244,10 +246,11 @@ def lora_linear(
     Dropout (p = dropout_p, only when training) acts on the adapter's input; its mask is regenerated from
     a seed in backward. Returns (..., N) in x's dtype (the autocast dtype under torch.autocast).
     """
-    scaling = check_scalar("scaling", scaling)
+    scaling = check_scaling(scaling)
     dropout_p = check_scalar("dropout_p", dropout_p, 0.0, 1.0, high_inclusive=False)
     check_flag("training", training)
     N, K, _ = check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed)
+    scaling, lora_B = fold_scaling(scaling, lora_B)  # a tensor scaling under torch.compile: s B, scaled by 1
     x2d, weight, bias, lead, backend = prepare_linear("lora", x, weight, bias, K, (lora_A, lora_B))
     p = dropout_p if training else 0.0
     # no tokens (the adapter gets zero gradients, as in PEFT), a torch.func transform, or a subclass under compile
