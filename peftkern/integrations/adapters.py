@@ -121,10 +121,10 @@ def adapter_config(config: Union[AdapterConfig, dict, str] = "pfeiffer", **overr
     elif isinstance(config, dict):
         # a user's dict is checked (from_dict drops what it does not know, for files a later version wrote): a typo
         # such as "placement" fell back to the default placement without a word (a review, 2026-12-06)
-        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(AdapterConfig)})
+        fields = [f.name for f in dataclasses.fields(AdapterConfig)]
+        unknown = sorted(set(config) - set(fields))
         if unknown:
-            raise ValueError(f"unknown adapter config keys {unknown}; AdapterConfig has "
-                             f"{[f.name for f in dataclasses.fields(AdapterConfig)]}")
+            raise ValueError(f"unknown adapter config keys {unknown}; AdapterConfig has {fields}")
         config = AdapterConfig.from_dict(config)
     elif not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, a dict or a preset name, got {type(config).__name__}")
@@ -663,6 +663,15 @@ _ADAPTERHUB_KEY = [
 _ADAPTERHUB_LEGACY_MODULES = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
                               "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
                               "invertible_lang_adapters": "invertible_adapters"}
+
+
+def _adapterhub_current_name(key: str) -> str:
+    """key with the module names of AdapterHub's first files renamed as its loader renames them."""
+    for old, new in _ADAPTERHUB_LEGACY_MODULES.items():
+        key = key.replace(old, new)
+    return key
+
+
 _ADAPTERHUB_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_orig": "gelu", "gelu_new": "gelu_tanh",
                            "swish": "silu", "silu": "silu"}
 
@@ -699,8 +708,7 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
     config = dict(config or {})
     # the module names of AdapterHub's first files, which its loader renames (adapters/loading.py, AdapterLoader's
     # legacy_weights_mapping): their keys matched no pattern, and the checkpoint was refused as holding no adapter
-    state_dict = {functools.reduce(lambda k, old: k.replace(old, _ADAPTERHUB_LEGACY_MODULES[old]),
-                                   _ADAPTERHUB_LEGACY_MODULES, key): tensor for key, tensor in state_dict.items()}
+    state_dict = {_adapterhub_current_name(key): tensor for key, tensor in state_dict.items()}
     matched: dict = {}
     matched_keys = set()
     for key, tensor in state_dict.items():

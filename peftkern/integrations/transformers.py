@@ -48,11 +48,17 @@ def _matches(name: str, targets: Union[str, Iterable[str]]) -> bool:
     return matches_suffix(name, targets)
 
 
+def _pattern_reaches(key: str, name: str) -> bool:
+    """Whether PEFT's rank_pattern / alpha_pattern key (a regex) reaches the module name: it matches the name's end
+    on a dot boundary ("v_proj" reaches "model.layers.0.self_attn.v_proj")."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key (a regex) that matches the module
-    name's end on a dot boundary ("v_proj" matches "model.layers.0.self_attn.v_proj"), else the default."""
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that reaches the module name, else the
+    default."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_reaches(key, name):
             return value
     return default
 
@@ -291,7 +297,7 @@ def _pattern_keys(values: dict, layers: dict) -> dict:
     so is saved escaped and anchored ("^0"), which reaches its own layer alone."""
     keys = {}
     for name, value in values.items():
-        reaches = any(other != name and re.match(rf"(.*\.)?({name})$", other) for other in layers)
+        reaches = any(other != name and _pattern_reaches(name, other) for other in layers)
         keys[f"^{re.escape(name)}" if reaches else name] = value
     return keys
 

@@ -51,11 +51,7 @@ def check_same_device(**tensors) -> None:
 def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
                  high_inclusive: bool = True) -> float:
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        if value.requires_grad:  # read as a number, it would get no gradient: say so rather than drop it
-            raise TypeError(f"{name} must be a number; a tensor that requires grad would get no gradient here")
-        value = value.item()
+        value = _check_scalar_tensor(name, value).item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -70,6 +66,16 @@ def check_scalar(name: str, value, low: Optional[float] = None, high: Optional[f
     return value
 
 
+def _check_scalar_tensor(name: str, value: Tensor) -> Tensor:
+    """value, a tensor given for a number: one element, and no gradient wanted (read as a number, it would get none:
+    say so rather than drop it)."""
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+    if value.requires_grad:
+        raise TypeError(f"{name} must be a number; a tensor that requires grad would get no gradient here")
+    return value
+
+
 def check_scaling(value):
     """check_scalar("scaling", value); under dynamo a one-element tensor that needs no grad stays a 0-dim tensor, for
     the caller to fold into a factor (traced, .item() made an unbacked SymFloat, which the ops' float argument
@@ -77,10 +83,7 @@ def check_scaling(value):
     fake-tensor call, where eager mode reads the number; a review, 2026-12-06)."""
     if not (isinstance(value, Tensor) and torch.compiler.is_dynamo_compiling()):
         return check_scalar("scaling", value)
-    if value.numel() != 1:
-        raise ValueError(f"scaling must be a number, got a tensor of shape {tuple(value.shape)}")
-    if value.requires_grad:
-        raise TypeError("scaling must be a number; a tensor that requires grad would get no gradient here")
+    _check_scalar_tensor("scaling", value)
     if value.dtype == torch.bool or value.dtype.is_complex:  # as check_scalar refuses the .item() of such a tensor
         raise TypeError(f"scaling must be a number, got a {value.dtype} tensor")
     return value.reshape(())
