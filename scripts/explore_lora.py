@@ -16,6 +16,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
     python scripts/explore_lora.py --skinny-grads    # dA and dB by skinny_grads (one launch) or by two cuBLAS calls
     python scripts/explore_lora.py --skinny-op [M,K,N,r ...]  # the op with PEFTKERN_LORA_SKINNY_GRADS 0/main/side
+    python scripts/explore_lora.py --tail-da [M,K,N,r ...]    # dA behind the dx kernel on the side stream, or before it
     python scripts/explore_lora.py --narrow-configs [M,K,N,r ...] [--configs=0,3]  # the persistent kernel's configs
 """
 import sys
@@ -567,6 +568,57 @@ def skinny_op():
     kl.SKINNY_GRADS, kl.SKINNY_SIDE = saved
 
 
+def tail_da_op():
+    """The op with the backward's dA by skinny_grads before the dx kernel on the main stream (PEFTKERN_LORA_TAIL_DA=0)
+    or by cuBLAS on the side stream behind it ("1"), where dyb_db made dyb and dB (r <= 16): GPU time (the backward
+    alone and the op's fwd+bwd, CUDA-graph replays), host time (enqueue only) and the fwd+bwd peak over the inputs,
+    alternated twice. The 1b model's shapes, then 4096^2 and its MLP's."""
+    from cpu_overhead import per_call_us  # this folder
+
+    import peftkern
+
+    dt = torch.bfloat16
+    saved = kl._TAIL_DA_SETTING
+    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
+        (8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16), (2048, 4096, 4096, 16),
+        (8192, 2048, 2048, 16), (8192, 2048, 8192, 16), (8192, 8192, 2048, 16)]
+    for M, K, N, r in shapes:
+        x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
+        print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us", flush=True)
+
+        def bwd():
+            return kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0))
+
+        def op():
+            return torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
+
+        def peak_mb():
+            op()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            op()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+        outs = {}
+        for name in ("0", "1"):
+            kl._TAIL_DA_SETTING = name
+            outs[name] = bwd()[:3]
+        diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                 for a, b in zip(outs["1"], outs["0"])]
+        print("  tail vs main, max |diff| / max |main| of dx, dA, dB: " + ", ".join(f"{d:.1e}" for d in diffs),
+              flush=True)
+        for _ in range(2):
+            for name in ("0", "1"):
+                kl._TAIL_DA_SETTING = name
+                t_b, t_op = ms(bwd) * 1e3, ms(op) * 1e3
+                h_b, h_op = per_call_us(bwd, host_only=True), per_call_us(op, host_only=True)
+                print(f"  TAIL_DA={name}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
+                      f"host bwd {h_b:6.1f} us, op {h_op:6.1f} us; peak {peak_mb():.4f} MB", flush=True)
+    kl._TAIL_DA_SETTING = saved
+
+
 # r = 16 configs of the flattened walk over the default (_persistent_config(8192, 16)), for the 1b model's 2048- and
 # 5632-wide GEMMs. There the persistent kernel took ~10% longer than cuBLAS on the same GEMMs in the compiled 1b
 # step's trace (18.40 ms against ~16.7 ms a step, NOTES-lora.md, twentieth session); the default was picked on an
@@ -639,7 +691,7 @@ def narrow_configs():
 MODES = {"--helpers": helpers, "--workers": workers, "--skinny": skinny, "--r128-configs": r128_configs, "--wide-stages": wide_stages,
          "--tail": tail, "--dx-tiles": dx_tiles, "--persistent-dx": persistent_dx, "--ia3-dx-tiles": ia3_dx_tiles,
          "--wide-ranks": wide_ranks, "--ia3-input-dx": ia3_input_dx, "--pieces": pieces, "--skinny-grads": skinny_grads,
-         "--skinny-op": skinny_op, "--narrow-configs": narrow_configs}
+         "--skinny-op": skinny_op, "--narrow-configs": narrow_configs, "--tail-da": tail_da_op}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ SETTINGS = {
     "cublas-side": ((kl, "SKINNY_GRADS", False),),  # the default before the fifteenth session
     "skinny-main": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False)),
     "skinny-side": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", True)),
+    "tail-da-off": ((kl, "_TAIL_DA_SETTING", "0"),),  # dA by skinny_grads before the dx kernel (before 2026-12-06)
+    "tail-da-on": ((kl, "_TAIL_DA_SETTING", "1"),),  # dA by cuBLAS behind it on the side stream, every shape
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

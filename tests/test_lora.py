@@ -1059,6 +1059,42 @@ def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
         peftkern.set_backend(None)
 
 
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the side stream and cuBLAS's dA: a GPU path")
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_tail_da_matches_reference(setting, monkeypatch):
+    """PEFTKERN_LORA_TAIL_DA: where dyb_db made dyb and dB (r <= 16), dA by cuBLAS on the side stream behind the dx
+    kernel ("1") or by skinny_grads before it ("0"), against the reference with bias and float32 adapters, and the
+    path taken is the one asked for."""
+    from peftkern.kernels.triton import lora as kl
+
+    peftkern.set_backend("triton")
+    monkeypatch.setattr(kl, "_TAIL_DA_SETTING", setting)
+    monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
+    monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
+    monkeypatch.setattr(kl, "XA_WORKERS", False)
+    monkeypatch.setattr(kl, "XA_HELPERS", False)
+    skinny_calls, dyb_db_calls = [], []
+    real_skinny, real_dyb_db = kl.skinny_grads, kl.dyb_db
+    monkeypatch.setattr(kl, "skinny_grads", lambda *a, **k: skinny_calls.append(a[8]) or real_skinny(*a, **k))
+    monkeypatch.setattr(kl, "dyb_db", lambda *a, **k: dyb_db_calls.append(1) or real_dyb_db(*a, **k))
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            for adapter_dtype in (None, torch.float32):
+                # K wide against N: dyb_db's partials fit beside dx (dyb_db_fits)
+                x, w, A, B, b = make_inputs((3, 43), 520, 96, 16, dtype, adapter_dtype=adapter_dtype)
+                skinny_calls.clear()
+                dyb_db_calls.clear()
+                got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
+                assert dyb_db_calls, "dyb_db did not run"
+                # skinny_grads' need_a: dA by skinny_grads only where the tail is off
+                assert (not skinny_calls) if setting == "1" else (skinny_calls and all(skinny_calls)), skinny_calls
+                for name in ref:
+                    assert got[name].dtype == ref[name].dtype, name
+                    assert_close(got[name], ref[name], dtype, f"tail dA {setting} {dtype} {adapter_dtype} {name}")
+    finally:
+        peftkern.set_backend(None)
+
+
 @pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0", "2x0"])
 def test_an_empty_batch_gives_zero_gradients(backend, lead):

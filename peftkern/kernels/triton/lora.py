@@ -1701,6 +1701,14 @@ _SKINNY_SETTING = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "main")
 SKINNY_GRADS = _SKINNY_SETTING not in ("0", "")
 SKINNY_MAX_RANK = 64
 SKINNY_SIDE = _SKINNY_SETTING == "side"  # with SKINNY_GRADS: on the side stream beside the dx kernel, not after it
+# PEFTKERN_LORA_TAIL_DA: where dyb_db has made dyb and dB, dA = s dyb^T x (one read of x, memory-bound) by cuBLAS on
+# the side stream, queued behind the persistent dx kernel, whose one program per SM leaves SMs idle in its last round
+# of tiles (TAIL_OVERLAP's reasoning, for dA alone), instead of skinny_grads before the dx kernel on the main stream.
+# cuBLAS, not skinny_grads: its float32 partials would be alive beside dx and raise the peak (issue 2). The fork and
+# join cost the host (SKINNY_GRADS above), so "auto" takes it only where the layer's GEMMs are large enough that the
+# GPU, not the host, sets the pace: M N K >= TAIL_DA_MIN_WORK. "1": always (where dyb_db ran), "0": never.
+_TAIL_DA_SETTING = os.environ.get("PEFTKERN_LORA_TAIL_DA", "auto")
+TAIL_DA_MIN_WORK = 2**36  # M = 8192 at 4096^2 is 2^37; the 1b model's 2048^2 projections 2^35
 
 
 # Without dropout, the skinny products (x A^T, dy B, dyb^T x, dy^T xa) go to cuBLAS: on the GPU they cost about
@@ -1794,6 +1802,14 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     return y.addmm_(x, w.t()), xa
 
 
+def tail_da(M: int, K: int, N: int) -> bool:
+    """Whether lora_backward makes dA behind the dx kernel on the side stream (PEFTKERN_LORA_TAIL_DA) for x (M, K)
+    and dy (M, N)."""
+    if _TAIL_DA_SETTING == "auto":
+        return M * K * N >= TAIL_DA_MIN_WORK
+    return _TAIL_DA_SETTING not in ("0", "")
+
+
 def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, weight_transposed, needs):
     """(dx, dA, dB, dbias, dweight) as in reference.lora_backward.
 
@@ -1855,6 +1871,14 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                 dyb, db = dyb_db(grad_y, lora_B, xa, scaling, lora_B.dtype)
             else:
                 dyb = torch.mm(grad_y, lora_B.to(dt))
+            if one_read and need_a and tail_da(grad_y.shape[0], w_kn.shape[0], grad_y.shape[1]):
+                with _Overlap(grad_y.device) as ov:
+                    dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
+                    with ov.side():
+                        da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype)
+                        dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
+                    ov.keep(da, dbias)
+                return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
             da, db_skinny, dbias = skinny_grads(x, dyb, grad_y, xa, scaling, scaling, lora_A.dtype, lora_B.dtype,
                                                 need_a, need_b and not one_read, need_bias)
             db = db if one_read else db_skinny
