@@ -105,8 +105,9 @@ if [ "$TESTS" != "none" ] && [ "$SHARDS" -gt 1 ]; then
     for ((j = i; j < n; j += SHARDS)); do shard+=("${ids[j]}"); done
     # --durations: the slowest tests of each shard, so that the suite's time on the GPU can be cut where it goes
     # -v names each test as it starts, so a shard cut short shows the test it was in; faulthandler_timeout dumps
-    # the stacks of a test still running after 150 s (a hang, or where the time goes).
-    python3 -m pytest "${shard[@]}" -v -p no:cacheprovider -rfs --durations=5 -o faulthandler_timeout=150 \
+    # the stacks of a test still running after 150 s (a hang, or where the time goes). PEFTKERN_INSTAFAIL: each
+    # failure's traceback as it happens (tests/conftest.py), kept by a shard that is cut before its summary.
+    PEFTKERN_INSTAFAIL=1 python3 -m pytest "${shard[@]}" -v -p no:cacheprovider -rfs --durations=5 -o faulthandler_timeout=150 \
       > "$SHARD_DIR/tests.$i.log" 2>&1 &
     pids+=($!)
   done

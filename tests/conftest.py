@@ -189,6 +189,17 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("seed", f"this test ran with seed {seed}: PEFTKERN_TEST_SEED={seed} repeats it"))
 
 
+def pytest_runtest_logreport(report):
+    """PEFTKERN_INSTAFAIL=1 (scripts/gpu_check.sh's shards): a failure's traceback printed as it happens, not in the
+    session's summary, which a shard cut by the device call's limit never reaches (2026-12-06: a peak-memory test
+    failed in such a shard and left only its name)."""
+    if report.failed and os.environ.get("PEFTKERN_INSTAFAIL"):
+        import sys
+
+        print(f"\n==== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n====", file=sys.__stderr__,
+              flush=True)
+
+
 @pytest.fixture
 def eager_rng():
     """Compiled random ops draw from torch's generators as eager ones do (inductor's fallback_random), for tests that
