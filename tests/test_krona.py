@@ -590,6 +590,28 @@ def test_mixed_devices_are_named():
 
 
 @pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
+@pytest.mark.parametrize("form", ["dense", "low-rank"])
+def test_terms_on_two_devices_are_named(backend, form):
+    """A list of terms with one term on another device (here the meta device, so that the test runs everywhere): a
+    ValueError naming the terms and their devices, in krona_linear and krona_merge_, where torch.cat's RuntimeError
+    came out before (a review, 2026-12-06)."""
+    g = _gen()
+
+    def term(n, k, device):
+        if form == "dense":
+            return torch.randn(n, k, generator=g).to(device)
+        return torch.randn(n, 1, generator=g).to(device), torch.randn(1, k, generator=g).to(device)
+
+    A = [term(2, 4, DEVICE), term(2, 4, "meta")]
+    B = [term(3, 2, DEVICE), term(3, 2, DEVICE)]
+    x, w = torch.randn(4, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"terms of A must be on one device: A\[0\] on .*, A\[1\] on meta"):
+        peftkern.krona_linear(x, w, A, B, 0.5)
+    with pytest.raises(ValueError, match=r"terms of A must be on one device"):
+        peftkern.krona_merge_(w, A, B, 0.5)
+
+
+@pytest.mark.parametrize("backend", backend_params("krona"), indirect=True)
 @pytest.mark.parametrize("decompose_both", [False, True])
 def test_peft_lokr_fused_twin_matches(backend, decompose_both):
     """peftkern.fuse serves PEFT's LoKr layers: the same logits and gradients as PEFT on a tiny Llama and BERT,

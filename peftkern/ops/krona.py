@@ -226,6 +226,11 @@ def stack_factor(name: str, f: Factor) -> tuple[Tensor, Optional[Tensor]]:
             if part is not None and part.dtype != ref.dtype:
                 raise TypeError(f"the terms of {name} must share a dtype: {name}[0] {ref.dtype}, "
                                 f"{name}[{i}] {part.dtype}")
+            # checked before torch.cat, whose RuntimeError ("Expected all tensors to be on the same device") was
+            # what terms on two devices got (a review, 2026-12-06)
+            if part is not None and part.device != ref.device:
+                raise ValueError(f"the terms of {name} must be on one device: {name}[0] on {ref.device}, "
+                                 f"{name}[{i}] on {part.device}")
     f1 = torch.cat([t[0] for t in terms])
     return f1, (torch.cat([t[1] for t in terms]) if first[1] is not None else None)
 
