@@ -169,6 +169,13 @@ def run_case(shape: str, batch: int, seq: int, methods, args, device, dtype) -> 
             progress(f"e2e {case} {pass_}: {name}")
             model = step = None
             try:
+                if compiled:
+                    # each compiled row from an empty dynamo cache, as the layer benchmarks' anchors (common.compiled):
+                    # shared across rows and cases, the compiled rows (the compiled floor too) of every sequence
+                    # length after the first ran automatic dynamic shapes' graphs, not the static ones a run at one
+                    # length compiles, and past the recompile limit (8) a frame ran eagerly under the compiled label
+                    # (a review, 2026-12-06)
+                    torch._dynamo.reset()
                 torch._dynamo.utils.counters.clear()
                 model = workloads.build(method, impl, shape, device, dtype, args.rank, fp32, max_positions=seq)
                 step = workloads.training_step(model, batch, seq, device, compiled, ckpt, optimizer=args.optimizer)

@@ -350,8 +350,9 @@ def note_spread(rows: list[Row]) -> None:
 
 def print_table(rows: list[Row], title: str = "") -> None:
     """ms, ratio to the floor (and, for adapters, to the floor's byte count at copy bandwidth), tokens/s, peak MiB
-    (the layer benchmarks': above what was allocated before the call; bench e2e's: the step's whole peak);
-    "~": within the spread of another row of the case."""
+    (the layer benchmarks': above what was allocated before the call; bench e2e's: the step's whole peak) to six
+    significant digits, as the JSON holds it: whole MiB read 128.75 and 129.0 alike, where issue 2 compares peaks to
+    a quarter of a MiB (a review, 2026-12-06); "~": within the spread of another row of the case."""
     if title:
         print(f"\n## {title}")
     by_bytes = any("ratio_to_bandwidth_floor" in r.extra for r in rows)
@@ -360,7 +361,7 @@ def print_table(rows: list[Row], title: str = "") -> None:
           f"{'peak MiB':>8} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 28}|{'-' * 11}|{'-' * 8}|{extra_rule}{'-' * 13}|{'-' * 10}|")
     for r in rows:
-        mem = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'-':>8}"
+        mem = f"{r.peak_mb:8.6g}" if r.peak_mb is not None else f"{'-':>8}"
         tps = f"{r.extra['tokens_per_s']:11,.0f}" if r.extra.get("tokens_per_s") else f"{'-':>11}"
         flag = " ~" if r.extra.get("within_spread_of") else ""
         vs_bytes = ""

@@ -61,7 +61,8 @@ def table(data: dict, passes=None) -> str:
             last = by_pass.get(passes[-1]) or {}
             tps = last.get("extra", {}).get("tokens_per_s") or (
                 _m_of(case) / last["ms"] * 1e3 if last and _m_of(case) else None)
-            peaks = " | ".join("-" if mem is None else f"{mem:.0f}" for mem in mems)
+            # six significant digits: whole MiB hid a peak 0.25 MiB over another (a review, 2026-12-06)
+            peaks = " | ".join("-" if mem is None else f"{mem:.6g}" for mem in mems)
             lines.append(f"| {case} | {impl} | {' | '.join(cells)} | {'-' if tps is None else f'{tps:,.0f}'} | "
                          f"{peaks} |")
     return head + "\n".join(lines)

@@ -50,7 +50,8 @@ def peft_config(method: str, r: int = 16):
     if method == "ia3":
         return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     if method == "lokr":
-        return peft.LoKrConfig(r=r // 2, alpha=r, target_modules=["q_proj", "v_proj"])
+        # r // 2 was 0 at --rank 1, which PEFT refuses: every LoKr row of that run failed (a review, 2026-12-06)
+        return peft.LoKrConfig(r=max(1, r // 2), alpha=r, target_modules=["q_proj", "v_proj"])
     raise ValueError(f"no PEFT config for method {method!r}; choose from lora, ia3, lokr")
 
 

@@ -887,3 +887,79 @@ def test_explore_dyb_db_configs_fit_an_sm90_sm():
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("'hazards': []") == run.stdout.count("{'shared'") > 0, run.stdout
+
+
+def test_tables_show_peak_memory_as_finely_as_the_json_holds_it(capsys):
+    """Issue 2 reads the fused op's fwd+bwd peak against the Unsloth-style path's at a quarter of a MiB (128.75 against
+    130.0 MB, 32.375 against 33.875). Both tables printed peaks as whole MiB: 128.75 and 129.0 read "129" alike, an
+    M = 16 case's 0.03 and 0.5 MiB "0" and "1" (a review of the benchmark harness, 2026-12-06)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+    import report
+
+    data = _result([("c", "unsloth-style eager", "fwd+bwd", 1.2, 128.75), ("c", "peftkern triton", "fwd+bwd", 1.1,
+                                                                            129.0)])
+    table = report.table(data)
+    assert "| 128.75 |" in table and "| 129 |" in table, table
+    rows = [common.Row("lora", "c", impl, "fwd+bwd", 1.0, 0.0, 1.0, peak, {}) for impl, peak in
+            (("unsloth-style eager", 128.75), ("peftkern triton", 129.0), ("floor", 0.03125))]
+    common.print_table(rows)
+    printed = capsys.readouterr().out
+    assert "128.75 |" in printed and "  129 |" in printed and "0.03125 |" in printed, printed
+
+
+def test_lokr_workload_at_rank_one_has_a_rank(tmp_path):
+    """bench e2e --rank 1 (any positive --rank is accepted): LoKr's r is half the rank, 0 here, and PEFT refused every
+    LoKr layer, so each LoKr row failed (`bench e2e --method lokr --rank 1` exited 1 with the floors alone)."""
+    pytest.importorskip("peft")
+    from peftkern import workloads
+
+    assert workloads.peft_config("lokr", 1).r == 1
+    model = workloads.build("lokr", "fused", "tiny", DEVICE, torch.float32, 1, False, max_positions=32)
+    assert any(p.requires_grad for p in model.parameters())
+
+
+def test_compiled_e2e_rows_each_compile_their_own_static_graphs(monkeypatch):
+    """bench e2e's compiled rows shared dynamo's cache across rows and cases (`--seq 1024 2048 4096 --compile`): from
+    the second sequence length on, every compiled row (the compiled frozen floor too) ran a dynamic-shape graph, as
+    automatic dynamic shapes made it after seeing another length, where a training run at one length compiles static
+    shapes; and past dynamo's recompile limit (8) a frame ran eagerly under the compiled label, with no graph break to
+    say so (the fused row at the third length with --checkpointing; a review, 2026-12-06). Here inductor is replaced by
+    a backend that records whether each graph it is given has symbolic shapes."""
+    import argparse
+
+    pytest.importorskip("peft")
+    bench_e2e = _bench_module("bench_e2e")
+    graphs: list = []
+
+    def recording(gm, example_inputs):
+        graphs.append(any(isinstance(a, torch.SymInt) or isinstance(a, torch.Tensor) and
+                          any(isinstance(s, torch.SymInt) for s in a.shape) for a in example_inputs))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=recording))
+    order = [("none", "frozen", False, False), ("none", "frozen", False, True), ("lora", "fused", False, True)]
+    monkeypatch.setattr(bench_e2e.workloads, "variants", lambda methods, compile_anchors: list(order))
+    compiled_rows = []
+    real_time_training = bench_e2e.time_training
+
+    def timed(step, steps, warmup, device, compiled=False):
+        before = len(graphs)
+        out = real_time_training(step, steps, warmup, device, compiled)
+        if compiled:
+            compiled_rows.append(graphs[before:])
+        return out
+
+    monkeypatch.setattr(bench_e2e, "time_training", timed)
+    args = argparse.Namespace(checkpointing_only=False, checkpointing=False, compiled_only=False, compile=True,
+                              compile_mode=None, quick=True, rank=8, optimizer="adamw")
+    torch._dynamo.reset()
+    try:
+        for seq in (32, 64):
+            rows = bench_e2e.run_case("tiny", 2, seq, ["lora"], args, "cpu", torch.float32)
+            assert len(rows) == 3, [r.impl for r in rows]
+    finally:
+        torch._dynamo.reset()
+    assert len(compiled_rows) == 4 and all(compiled_rows), compiled_rows
+    assert not any(any(row) for row in compiled_rows), f"dynamic-shape graphs (True) per compiled row: {compiled_rows}"
