@@ -150,8 +150,9 @@ def compiled(module):
 
 
 def git_revision(cwd: Optional[Path] = None) -> str:
-    """The checkout's revision, with "-dirty" where a tracked file outside benchmarks/results/ differs from it; or
-    $PEFTKERN_GIT_REV where the tree was copied without .git (the GPU machine)."""
+    """$PEFTKERN_GIT_REV where it is set, before git: the GPU machine's copy of the tree can carry a .git whose HEAD
+    is older than the files (2026-12-06: gpu_check.log named cd17f18 for 32613e4's files). Otherwise the checkout's
+    revision, with "-dirty" where a tracked file outside benchmarks/results/ differs from it."""
     if os.environ.get("PEFTKERN_GIT_REV"):
         return os.environ["PEFTKERN_GIT_REV"]
     cwd = cwd or Path(__file__).parent
