@@ -524,64 +524,16 @@ def helpers():
     kl.dx_makes_dyb = dx_makes_dyb
 
 
-def skinny_op():
-    """The op with the backward's dA, dB by cuBLAS on the side stream (the default), by skinny_grads after the dx kernel
-    on the main stream ("main") or beside it on the side stream ("side"): GPU time (the backward alone and the op's
-    fwd+bwd through autograd.grad, CUDA-graph replays) and host time (the backward's and the op's enqueue-only time,
-    cpu_overhead.per_call_us), alternated twice. The 1b model's shapes first, then 4096^2."""
+def _backward_ab(shapes, variants: dict, apply, baseline: str, label: str, peak: bool = False):
+    """The op under each of `variants` (name -> value, set by apply(value)), per shape: each variant's dx, dA, dB
+    against the baseline's, then two alternated rounds of GPU time (the backward alone and the op's fwd+bwd through
+    autograd.grad, CUDA-graph replays), host time (enqueue only, cpu_overhead.per_call_us) and, with peak, the op's
+    fwd+bwd peak over its inputs. label formats a variant's name for its timing line."""
     from cpu_overhead import per_call_us  # this folder
 
     import peftkern
 
     dt = torch.bfloat16
-    saved = kl.SKINNY_GRADS, kl.SKINNY_SIDE
-    variants = {"cublas": (False, False), "main": (True, False), "side": (True, True)}
-    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
-        (8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (8192, 4096, 4096, 16),
-        (2048, 4096, 4096, 16), (8192, 4096, 4096, 128)]
-    for M, K, N, r in shapes:
-        x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
-        print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us", flush=True)
-
-        def bwd():
-            return kl.lora_backward(dy, x, W, A, B, xa, 2.0, 0.0, 0, False, (1, 1, 1, 0, 0))
-
-        def op():
-            return torch.autograd.grad(peftkern.lora_linear(xg, W, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
-
-        outs = {}
-        for name, v in variants.items():
-            kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
-            outs[name] = bwd()[:3]
-        for name in ("main", "side"):
-            diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
-                     for a, b in zip(outs[name], outs["cublas"])]
-            print(f"  {name} vs cublas, max |diff| / max |cublas| of dx, dA, dB: " + ", ".join(f"{d:.1e}" for d in diffs),
-                  flush=True)
-        for _ in range(2):
-            for name, v in variants.items():
-                kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
-                t_b, t_op = ms(bwd) * 1e3, ms(op) * 1e3
-                h_b, h_op = per_call_us(bwd, host_only=True), per_call_us(op, host_only=True)
-                print(f"  {name:7s}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
-                      f"host bwd {h_b:6.1f} us, op {h_op:6.1f} us", flush=True)
-    kl.SKINNY_GRADS, kl.SKINNY_SIDE = saved
-
-
-def tail_da_op():
-    """The op with the backward's dA by skinny_grads before the dx kernel on the main stream (PEFTKERN_LORA_TAIL_DA=0)
-    or by cuBLAS on the side stream behind it ("1"), where dyb_db made dyb and dB (r <= 16): GPU time (the backward
-    alone and the op's fwd+bwd, CUDA-graph replays), host time (enqueue only) and the fwd+bwd peak over the inputs,
-    alternated twice. The 1b model's shapes, then 4096^2 and its MLP's."""
-    from cpu_overhead import per_call_us  # this folder
-
-    import peftkern
-
-    dt = torch.bfloat16
-    saved = kl._TAIL_DA_SETTING
-    shapes = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or [
-        (8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16), (2048, 4096, 4096, 16),
-        (8192, 2048, 2048, 16), (8192, 2048, 8192, 16), (8192, 8192, 2048, 16)]
     for M, K, N, r in shapes:
         x, W, A, B, dy, xa, xg, Ag, Bg, t_fwd, t_base = _op_operands(M, K, N, r, dt)
         print(f"M={M} {K}->{N} r={r}: F.linear fwd {t_fwd * 1e3:.1f} us, fwd+bwd {t_base * 1e3:.1f} us", flush=True)
@@ -602,21 +554,62 @@ def tail_da_op():
             return (torch.cuda.max_memory_allocated() - before) / 2**20
 
         outs = {}
-        for name in ("0", "1"):
-            kl._TAIL_DA_SETTING = name
+        for name, v in variants.items():
+            apply(v)
             outs[name] = bwd()[:3]
-        diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
-                 for a, b in zip(outs["1"], outs["0"])]
-        print("  tail vs main, max |diff| / max |main| of dx, dA, dB: " + ", ".join(f"{d:.1e}" for d in diffs),
-              flush=True)
+        for name in variants:
+            if name == baseline:
+                continue
+            diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                     for a, b in zip(outs[name], outs[baseline])]
+            print(f"  {name} vs {baseline}, max |diff| / max |{baseline}| of dx, dA, dB: "
+                  + ", ".join(f"{d:.1e}" for d in diffs), flush=True)
         for _ in range(2):
-            for name in ("0", "1"):
-                kl._TAIL_DA_SETTING = name
+            for name, v in variants.items():
+                apply(v)
                 t_b, t_op = ms(bwd) * 1e3, ms(op) * 1e3
                 h_b, h_op = per_call_us(bwd, host_only=True), per_call_us(op, host_only=True)
-                print(f"  TAIL_DA={name}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
-                      f"host bwd {h_b:6.1f} us, op {h_op:6.1f} us; peak {peak_mb():.4f} MB", flush=True)
-    kl._TAIL_DA_SETTING = saved
+                print(f"  {label(name)}: GPU bwd {t_b:6.1f} us, op fwd+bwd {t_op:6.1f} us ({t_op / t_base / 1e3:.4f}x); "
+                      f"host bwd {h_b:6.1f} us, op {h_op:6.1f} us" + (f"; peak {peak_mb():.4f} MB" if peak else ""),
+                      flush=True)
+
+
+def _shapes_or(default: list) -> list:
+    """The M,K,N,r arguments, or default."""
+    return [tuple(map(int, a.split(","))) for a in sys.argv[1:] if a.count(",") == 3] or default
+
+
+def skinny_op():
+    """The op with the backward's dA, dB by cuBLAS on the side stream (the default), by skinny_grads after the dx kernel
+    on the main stream ("main") or beside it on the side stream ("side"): _backward_ab's times, without the peak.
+    The 1b model's shapes first, then 4096^2."""
+    saved = kl.SKINNY_GRADS, kl.SKINNY_SIDE
+
+    def apply(v):
+        kl.SKINNY_GRADS, kl.SKINNY_SIDE = v
+
+    shapes = _shapes_or([(8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16),
+                         (8192, 4096, 4096, 16), (2048, 4096, 4096, 16), (8192, 4096, 4096, 128)])
+    _backward_ab(shapes, {"cublas": (False, False), "main": (True, False), "side": (True, True)}, apply, "cublas",
+                 lambda name: f"{name:7s}")
+    apply(saved)
+
+
+def tail_da_op():
+    """The op with the backward's dA by skinny_grads before the dx kernel on the main stream (PEFTKERN_LORA_TAIL_DA=0)
+    or by cuBLAS on the side stream behind it ("1"), where dyb_db made dyb and dB (r <= 16): _backward_ab's times and
+    the fwd+bwd peak. 4096^2 and its MLP's shapes, M = 2048, then the 1b-like 2048-wide ones."""
+    saved = kl._TAIL_DA_SETTING
+
+    def apply(v):
+        kl._TAIL_DA_SETTING = v
+
+    shapes = _shapes_or([(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16),
+                         (2048, 4096, 4096, 16), (8192, 2048, 2048, 16), (8192, 2048, 8192, 16),
+                         (8192, 8192, 2048, 16)])
+    variants = {"main": "0", "tail": "1"}
+    _backward_ab(shapes, variants, apply, "main", lambda name: f"TAIL_DA={variants[name]}", peak=True)
+    apply(saved)
 
 
 # r = 16 configs of the flattened walk over the default (_persistent_config(8192, 16)), for the 1b model's 2048- and
