@@ -156,6 +156,17 @@ def dyb_db(r: int) -> tuple:
                  BLOCK_R=block_r, STAGES=stages)
     return kl.lora_dyb_db_kernel, args, const, warps, stages
 
+def column_grad(r: int) -> tuple:
+    """lora_column_grad_kernel as column_grad launches it on GPUs at rank r for dA (bf16 x and dyb, float32 dA as
+    PEFT's default adapters take it; unit strides are constexprs, as the launch specialises them)."""
+    block_m, block_c, warps, stages = kl.COLUMN_GRAD_CONFIG
+    args = {"big_ptr": "*bf16", "small_ptr": "*bf16", "out_ptr": "*fp32",
+            **{n: "i32" for n in ("M", "C", "R", "stride_bm", "stride_sm", "stride_or")}, "scale": "fp32"}
+    const = dict(stride_bc=1, stride_sr=1, stride_oc=1, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c,
+                 BLOCK_R=kl._block_r(r), STAGES=stages)
+    return kl.lora_column_grad_kernel, args, const, warps, stages
+
+
 def krona_grad_fused(a_shape: tuple, b_shape: tuple, write_dx: bool, tma: bool = False) -> tuple:
     """krona_grad_fused_kernel as grad_fused launches it for one dense term (bf16 x and dy, bf16 factors); tma: dy, x
     and the dx term as (1, rows, cols) token blocks by TMA."""
@@ -248,6 +259,7 @@ def cases() -> dict:
         for r in (16, 64, 128):
             out[f"lora skinny grads (dA, dB), r={r}"] = skinny_grads(r)
         out["lora dyb + dB from one read of dy, r=16"] = dyb_db(16)
+        out["lora dA by column strips of x, r=16"] = column_grad(16)
         for M in (2048, 8192):
             out[f"ia3 output-form forward, M={M}"] = ia3_output(ki._persistent_config(M))
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})

@@ -16,7 +16,7 @@ Not part of the test suite: it prints ms per variant so the choices in kernels/t
     python scripts/explore_lora.py --helpers [M,K,N,r ...]  # the same by nobody, workers, or helpers (a tile short)
     python scripts/explore_lora.py --skinny-grads    # dA and dB by skinny_grads (one launch) or by two cuBLAS calls
     python scripts/explore_lora.py --skinny-op [M,K,N,r ...]  # the op with PEFTKERN_LORA_SKINNY_GRADS 0/main/side
-    python scripts/explore_lora.py --tail-da [M,K,N,r ...]    # dA behind the dx kernel on the side stream, or before it
+    python scripts/explore_lora.py --tail-da [M,K,N,r ...]    # dA behind the dx kernel (column_grad or cuBLAS), or before it
     python scripts/explore_lora.py --narrow-configs [M,K,N,r ...] [--configs=0,3]  # the persistent kernel's configs
 """
 import sys
@@ -597,19 +597,38 @@ def skinny_op():
 
 def tail_da_op():
     """The op with the backward's dA by skinny_grads before the dx kernel on the main stream (PEFTKERN_LORA_TAIL_DA=0)
-    or by cuBLAS on the side stream behind it ("1"), where dyb_db made dyb and dB (r <= 16): _backward_ab's times and
-    the fwd+bwd peak. 4096^2 and its MLP's shapes, M = 2048, then the 1b-like 2048-wide ones."""
-    saved = kl._TAIL_DA_SETTING
+    or on the side stream behind it ("1"), by column_grad's strips of x (PEFTKERN_LORA_TAIL_DA_BY=triton, in each of
+    COLUMN_GRAD_CONFIGS) or by cuBLAS, where dyb_db made dyb and dB (r <= 16): first dA alone each way (no dx kernel
+    beside it), then _backward_ab's times and the fwd+bwd peak. 4096^2 and its MLP's shapes, M = 2048, then the
+    1b-like 2048-wide ones."""
+    saved = kl._TAIL_DA_SETTING, kl.TAIL_DA_BY, kl.COLUMN_GRAD_CONFIG
 
     def apply(v):
-        kl._TAIL_DA_SETTING = v
+        kl._TAIL_DA_SETTING, kl.TAIL_DA_BY, kl.COLUMN_GRAD_CONFIG = v
 
     shapes = _shapes_or([(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16),
                          (2048, 4096, 4096, 16), (8192, 2048, 2048, 16), (8192, 2048, 8192, 16),
                          (8192, 8192, 2048, 16)])
-    variants = {"main": "0", "tail": "1"}
-    _backward_ab(shapes, variants, apply, "main", lambda name: f"TAIL_DA={variants[name]}", peak=True)
+    dt = torch.bfloat16
+    for M, K, _, r in dict.fromkeys((M, K, 0, r) for M, K, _, r in shapes):
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        dyb = torch.randn(M, r, device="cuda", dtype=dt)
+        want = kl.scaled_mm(dyb.t(), x, 2.0, torch.float32)
+        line = f"dA alone, M={M} K={K} r={r}: cuBLAS {ms(lambda: kl.scaled_mm(dyb.t(), x, 2.0, torch.float32)) * 1e3:5.1f} us"
+        for cfg in COLUMN_GRAD_CONFIGS:
+            got = kl.column_grad(x, dyb, 2.0, torch.float32, cfg)
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            line += f"; {cfg} {ms(lambda: kl.column_grad(x, dyb, 2.0, torch.float32, cfg)) * 1e3:5.1f} us ({err:.0e})"
+        print(line, flush=True)
+    variants = {"main": ("0", "triton", kl.COLUMN_GRAD_CONFIG), "cublas": ("1", "cublas", kl.COLUMN_GRAD_CONFIG)}
+    variants.update({"x".join(map(str, cfg)): ("1", "triton", cfg) for cfg in COLUMN_GRAD_CONFIGS})
+    _backward_ab(shapes, variants, apply, "main", lambda name: f"TAIL_DA {name:14s}", peak=True)
     apply(saved)
+
+
+# (BLOCK_M, BLOCK_C, warps, stages) for column_grad, the default first; compiled for sm_90a by Triton 3.6 and 3.9:
+# 72-216 KB of shared memory, 40-64 registers, no spills or MMA-operand hazards (scripts/compile_report.py's case)
+COLUMN_GRAD_CONFIGS = [kl.COLUMN_GRAD_CONFIG, (64, 128, 4, 6), (128, 64, 4, 6), (256, 128, 8, 3)]
 
 
 # r = 16 configs of the flattened walk over the default (_persistent_config(8192, 16)), for the 1b model's 2048- and

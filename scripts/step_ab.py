@@ -38,7 +38,9 @@ SETTINGS = {
     "skinny-main": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False)),
     "skinny-side": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", True)),
     "tail-da-off": ((kl, "_TAIL_DA_SETTING", "0"),),  # dA by skinny_grads before the dx kernel (before 2026-12-06)
-    "tail-da-on": ((kl, "_TAIL_DA_SETTING", "1"),),  # dA by cuBLAS behind it on the side stream, every shape
+    "tail-da-on": ((kl, "_TAIL_DA_SETTING", "1"),),  # dA behind it on the side stream, every shape
+    "tail-da-cublas": ((kl, "TAIL_DA_BY", "cublas"),),  # dA behind it by cuBLAS (32613e4), not column_grad
+    "tail-da-on-cublas": ((kl, "_TAIL_DA_SETTING", "1"), (kl, "TAIL_DA_BY", "cublas")),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

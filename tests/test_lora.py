@@ -910,6 +910,35 @@ def test_dyb_db_matches_float64(shape):
             assert torch.equal(again[0], dyb) and torch.equal(again[1], db), "dyb_db: other bits on a second run"
 
 
+# M, C, r: ragged row and column blocks, r below 16, M = 1 and 0; on a GPU the op's shape
+COLUMN_GRAD_SHAPES = [(37, 130, 4), (300, 64, 16), (1, 33, 8), (150, 96, 12), (0, 40, 8)]
+if HAS_CUDA:
+    COLUMN_GRAD_SHAPES += [(8192, 4096, 16), (8200, 520, 16)]
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("shape", COLUMN_GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_column_grad_matches_float64(shape):
+    """column_grad (s small^T big by column strips of big, the backward's dA behind the dx kernel) against float64:
+    big given as a transposed view, small in float32 beside a 16-bit big, the result in float32 and in big's dtype,
+    and the same bits on a second run."""
+    from peftkern.kernels.triton import lora as kl
+
+    M, C, R = shape
+    for dtype in dtypes_for("triton"):
+        for small_dtype in {dtype, torch.float32}:
+            for out_dtype in {dtype, torch.float32}:
+                torch.manual_seed(run_seed(M + C + R))
+                big = torch.randn(C, M, device=DEVICE, dtype=dtype).t()  # (M, C), column-major
+                small = torch.randn(M, R, device=DEVICE, dtype=small_dtype)
+                got = kl.column_grad(big, small, 0.5, out_dtype)
+                assert got.shape == (R, C) and got.dtype == out_dtype, (got.shape, got.dtype)
+                want = 0.5 * small.to(dtype).double().t() @ big.double()
+                assert_close(got, want, dtype, f"column_grad {dtype} small {small_dtype} out {out_dtype} {shape}")
+                again = kl.column_grad(big, small, 0.5, out_dtype)
+                assert torch.equal(again, got), "column_grad: other bits on a second run"
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="dyb_db replaces cuBLAS's dyb and skinny_grads' dB: a GPU path")
 @pytest.mark.parametrize("rank", [8, 16, 32])
 def test_dyb_db_in_the_backward_matches_reference(rank, monkeypatch):
@@ -1060,15 +1089,20 @@ def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the side stream and cuBLAS's dA: a GPU path")
-@pytest.mark.parametrize("setting", ["0", "1"])
+@pytest.mark.parametrize("setting", ["0", "1-triton", "1-cublas"])
 def test_tail_da_matches_reference(setting, monkeypatch):
-    """PEFTKERN_LORA_TAIL_DA: where dyb_db made dyb and dB (r <= 16), dA by cuBLAS on the side stream behind the dx
-    kernel ("1") or by skinny_grads before it ("0"), against the reference with bias and float32 adapters, and the
-    path taken is the one asked for."""
+    """PEFTKERN_LORA_TAIL_DA: where dyb_db made dyb and dB (r <= 16), dA on the side stream behind the dx kernel ("1",
+    by column_grad or by cuBLAS: PEFTKERN_LORA_TAIL_DA_BY) or by skinny_grads before it ("0"), against the reference
+    with bias and float32 adapters, and the path taken is the one asked for."""
     from peftkern.kernels.triton import lora as kl
 
     peftkern.set_backend("triton")
+    setting, _, by = setting.partition("-")
     monkeypatch.setattr(kl, "_TAIL_DA_SETTING", setting)
+    monkeypatch.setattr(kl, "TAIL_DA_BY", by or "triton")
+    column_calls = []
+    real_column = kl.column_grad
+    monkeypatch.setattr(kl, "column_grad", lambda *a, **k: column_calls.append(1) or real_column(*a, **k))
     monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
     monkeypatch.setattr(kl, "XA_WORKERS", False)
@@ -1084,8 +1118,10 @@ def test_tail_da_matches_reference(setting, monkeypatch):
                 x, w, A, B, b = make_inputs((3, 43), 520, 96, 16, dtype, adapter_dtype=adapter_dtype)
                 skinny_calls.clear()
                 dyb_db_calls.clear()
+                column_calls.clear()
                 got, ref = run_both("triton", x, w, A, B, b, 0.9, False)
                 assert dyb_db_calls, "dyb_db did not run"
+                assert bool(column_calls) == (by == "triton"), (by, column_calls)
                 # skinny_grads' need_a: dA by skinny_grads only where the tail is off
                 assert (not skinny_calls) if setting == "1" else (skinny_calls and all(skinny_calls)), skinny_calls
                 for name in ref:

@@ -21,6 +21,7 @@ Kernels:
     XA_WORKERS). The backward's dx runs on it too.
   * `lora_skinny_grads_kernel`: dA, dB and the bias gradient in one launch; `lora_dyb_db_kernel` (with
     `lora_dyb_db_finish_kernel`): dyb and dB from one read of dy, before the persistent dx kernel up to r = 16.
+  * `lora_column_grad_kernel`: dA = s dyb^T x by column strips of x, no partials, behind the dx kernel (TAIL_DA).
   * `lora_merge_kernel`: W += sign s B A in place; `lora_dropout_mask_kernel`: the mask, for tests.
 How the op uses them (the persistent forward where it applies, else cuBLAS for x W^T with the term added
 beside; the backward uses the fused dx GEMM; the skinny products go to cuBLAS when there is no dropout) and
@@ -661,6 +662,18 @@ def lora_skinny_grads_kernel(
 
 
 @triton.jit
+def _strip_step(big_ptr, small_ptr, acc, offs_m, m_mask, offs_c, c_mask, offs_r, r_mask, stride_bm, stride_bc,
+                stride_sm, stride_sr, DOT_PRECISION: tl.constexpr):
+    """One row block of a strip reduction: (the big tile [rows, cols], acc + big^T small [cols, r]) for big (M, C)
+    and small (M, R), small taken in big's dtype."""
+    big = tl.load(big_ptr + offs_m[:, None] * stride_bm + offs_c[None, :] * stride_bc,
+                  mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+    small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    return big, tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def lora_dyb_db_kernel(
     dy_ptr, b_ptr, xa_ptr, dyb_part_ptr, db_part_ptr,
     M, N, R, rows_per_split,
@@ -689,11 +702,8 @@ def lora_dyb_db_kernel(
     for m0 in tl.range(m_start, m_end, BLOCK_M, num_stages=STAGES):
         offs_m = m0 + offs_mb
         m_mask = offs_m < m_end
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_c[None, :] * stride_dyn,
-                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dy), xa.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+        dy, acc = _strip_step(dy_ptr, xa_ptr, acc, offs_m, m_mask, offs_c, c_mask, offs_r, r_mask, stride_dym,
+                              stride_dyn, stride_xam, stride_xar, DOT_PRECISION)
         part = tl.dot(dy, b, input_precision=DOT_PRECISION)
         tl.store(part_base + offs_m[:, None] * BLOCK_R + offs_r[None, :], part, mask=m_mask[:, None])
     tl.store(db_part_ptr + split * N * BLOCK_R + offs_c[:, None] * BLOCK_R + offs_r[None, :], acc,
@@ -728,6 +738,34 @@ def lora_dyb_db_finish_kernel(dyb_part_ptr, db_part_ptr, dyb_ptr, db_ptr, M, N, 
     else:
         _sum_parts(db_part_ptr, db_ptr, pid - dyb_programs, N, splits, R, stride_dbn, stride_dbr, scale_b, BLOCK_ROWS,
                    BLOCK_R)
+
+
+@triton.jit
+def lora_column_grad_kernel(
+    big_ptr, small_ptr, out_ptr,
+    M, C, R, scale,
+    stride_bm, stride_bc, stride_sm, stride_sr, stride_or, stride_oc,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """out[:R, cols] = scale (big[:, cols]^T small)^T for the program's BLOCK_C columns of big (M, C), over all M rows
+    of big and small (M, R): one program owns its columns whole, so there are no partial sums and every run gives the
+    same bits. The backward's dA = s dyb^T x behind the persistent dx kernel (column_grad): a few programs that each
+    stream a strip of x through a deep pipeline, sized for the SMs that the kernel's last round of tiles leaves idle."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_mb = tl.arange(0, BLOCK_M)
+    c_mask = offs_c < C
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for m0 in tl.range(0, M, BLOCK_M, num_stages=STAGES):
+        offs_m = m0 + offs_mb
+        m_mask = offs_m < M
+        _, acc = _strip_step(big_ptr, small_ptr, acc, offs_m, m_mask, offs_c, c_mask, offs_r, r_mask, stride_bm,
+                             stride_bc, stride_sm, stride_sr, DOT_PRECISION)
+    tl.store(out_ptr + offs_r[None, :] * stride_or + offs_c[:, None] * stride_oc,
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=c_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -1548,6 +1586,41 @@ def dyb_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: fl
     return dyb, db
 
 
+# column_grad: dA = s dyb^T x behind the persistent dx kernel on the side stream (TAIL_DA), by lora_column_grad_kernel
+# (PEFTKERN_LORA_TAIL_DA_BY=triton) or by cuBLAS ("cublas", the default until the kernel is timed on a GPU). At 4096^2
+# the dx kernel's walk of 1024 tiles on 132 SMs leaves 32 SMs idle for its last round (~50 us): 32 programs of 128
+# columns each would read a 2 MB strip of x there. cuBLAS's own dA kernel is cut for the whole GPU and hid only 5-7 us
+# of its ~28 in that round (NOTES-lora.md, forty-first session).
+TAIL_DA_BY = os.environ.get("PEFTKERN_LORA_TAIL_DA_BY", "cublas")
+# (BLOCK_M, BLOCK_C, warps, stages) on a GPU: 32 KB of x a stage, 4 stages in flight per SM
+COLUMN_GRAD_CONFIG = (128, 128, 4, 4)
+
+
+def column_grad(big: torch.Tensor, small: torch.Tensor, scale: float, out_dtype: torch.dtype,
+                config: Optional[tuple] = None) -> torch.Tensor:
+    """scale small^T big (R, C) in out_dtype from big (M, C) and small (M, R), in any strides (small is taken in big's
+    dtype): lora_column_grad_kernel, one program per BLOCK_C columns over all M rows, no partial sums. config:
+    (BLOCK_M, BLOCK_C, warps, stages)."""
+    M, C = big.shape
+    R = small.shape[1]
+    out = torch.empty((R, C), device=big.device, dtype=out_dtype)
+    if M == 0 or C == 0:
+        return out.zero_()
+    if config is None:
+        config = (16, 32, 4, 1) if triton_interpret() else COLUMN_GRAD_CONFIG
+    block_m, block_c, warps, stages = config
+    dot = _dot_precision(big.dtype)
+    block_r = _block_r(R)
+    key = ("column_grad", M, C, R, big.device, config, out_dtype, big.dtype, small.dtype, big.stride(), small.stride(),
+           big.data_ptr() % 16, small.data_ptr() % 16, dot)
+    launch_planned(lora_column_grad_kernel, (cdiv(C, block_c),), key,
+                   big, small, out, M, C, R, float(scale), big.stride(0), big.stride(1), small.stride(0),
+                   small.stride(1), out.stride(0), out.stride(1),
+                   DOT_PRECISION=dot, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, STAGES=stages,
+                   num_warps=warps, num_stages=stages)
+    return out
+
+
 def dropout_mask(seed: int, shape: tuple, p: float, device: torch.device) -> torch.Tensor:
     """The keep-mask (M, K) bool that this backend's kernels use for (seed, shape, p): for tests."""
     M, K = shape
@@ -1877,7 +1950,8 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
                 with _Overlap(grad_y.device) as ov:
                     dx, _ = persistent_forward(grad_y, w_kn, lora_B.t(), lora_A.t(), scaling, xa=dyb)
                     with ov.side():
-                        da = scaled_mm(dyb.t(), x, scaling, lora_A.dtype)
+                        da = (column_grad(x, dyb, scaling, lora_A.dtype) if TAIL_DA_BY == "triton"
+                              else scaled_mm(dyb.t(), x, scaling, lora_A.dtype))
                         dbias = grad_y.sum(0, dtype=torch.float32) if need_bias else None
                     ov.keep(da, dbias)
                 return dx, da, db, dbias, _weight_grad(grad_y, x, weight_transposed) if need_w else None
