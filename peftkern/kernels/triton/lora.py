@@ -1587,12 +1587,17 @@ def dyb_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: fl
 
 
 # column_grad: dA = s dyb^T x behind the persistent dx kernel on the side stream (TAIL_DA), by lora_column_grad_kernel
-# (PEFTKERN_LORA_TAIL_DA_BY=triton) or by cuBLAS ("cublas", the default until the kernel is timed on a GPU). At 4096^2
-# the dx kernel's walk of 1024 tiles on 132 SMs leaves 32 SMs idle for its last round (~50 us): 32 programs of 128
-# columns each would read a 2 MB strip of x there. cuBLAS's own dA kernel is cut for the whole GPU and hid only 5-7 us
-# of its ~28 in that round (NOTES-lora.md, forty-first session).
-TAIL_DA_BY = os.environ.get("PEFTKERN_LORA_TAIL_DA_BY", "cublas")
-# (BLOCK_M, BLOCK_C, warps, stages) on a GPU: 32 KB of x a stage, 4 stages in flight per SM
+# (PEFTKERN_LORA_TAIL_DA_BY=triton, the default) or by cuBLAS ("cublas", 32613e4's). At 4096^2 the dx kernel's walk of
+# 1024 tiles on 132 SMs leaves 32 SMs idle for its last round (~50 us): 32 programs of 128 columns each read a 2 MB
+# strip of x there. cuBLAS's dA kernel is cut for the whole GPU and hid only 5-7 us of its ~28 there. Measured on an
+# H100 (NOTES-lora.md, forty-second session), M = 8192, r = 16, two rounds: the backward 455-457 us against cuBLAS's
+# 466-467 at 4096^2, 1177 against 1183-1191 at 4096 -> 11008, 140.5 against 143.5 at 2048^2; alone (no dx kernel
+# beside it) it is slower than cuBLAS, 30 against 28 us at 4096^2. The compiled 1b step: 0.930x the frozen one's
+# against 0.921x with cuBLAS.
+TAIL_DA_BY = os.environ.get("PEFTKERN_LORA_TAIL_DA_BY", "triton")
+# (BLOCK_M, BLOCK_C, warps, stages) on a GPU: 32 KB of x a stage, 4 stages in flight per SM. Of the four configs timed
+# in the tail (explore_lora.py --tail-da) it was the steadiest: the best or within 4 us of it in five of the six
+# shape-rounds; 128x64 with 6 stages was fastest alone (24.5 us at 4096^2) but spread by 26 us in the tail
 COLUMN_GRAD_CONFIG = (128, 128, 4, 4)
 
 
@@ -1774,14 +1779,15 @@ _SKINNY_SETTING = os.environ.get("PEFTKERN_LORA_SKINNY_GRADS", "main")
 SKINNY_GRADS = _SKINNY_SETTING not in ("0", "")
 SKINNY_MAX_RANK = 64
 SKINNY_SIDE = _SKINNY_SETTING == "side"  # with SKINNY_GRADS: on the side stream beside the dx kernel, not after it
-# PEFTKERN_LORA_TAIL_DA: where dyb_db has made dyb and dB, dA = s dyb^T x (one read of x, memory-bound) by cuBLAS on
-# the side stream, queued behind the persistent dx kernel, whose one program per SM leaves SMs idle in its last round
-# of tiles (TAIL_OVERLAP's reasoning, for dA alone), instead of skinny_grads before the dx kernel on the main stream.
-# cuBLAS, not skinny_grads: its float32 partials would be alive beside dx and raise the peak (issue 2). The fork and
-# join cost the host (SKINNY_GRADS above), so "auto" takes it only where the layer's GEMMs are large enough that the
-# GPU, not the host, sets the pace: M N K >= TAIL_DA_MIN_WORK. "1": always (where dyb_db ran), "0": never.
-# Measured on an H100 (NOTES-lora.md, forty-first session): the backward 5-7 us shorter at M = 8192, 4096^2, 3 us
-# longer at 2048 -> 8192; the compiled 1b step 0.929x the frozen one's against 0.922x without it.
+# PEFTKERN_LORA_TAIL_DA: where dyb_db has made dyb and dB, dA = s dyb^T x (one read of x, memory-bound) on the side
+# stream, queued behind the persistent dx kernel, whose one program per SM leaves SMs idle in its last round of tiles
+# (TAIL_OVERLAP's reasoning, for dA alone), instead of skinny_grads before the dx kernel on the main stream. By
+# column_grad (TAIL_DA_BY) or cuBLAS, not skinny_grads: its float32 partials would be alive beside dx and raise the
+# peak (issue 2). The fork and join cost the host (SKINNY_GRADS above), so "auto" takes it only where the layer's GEMMs
+# are large enough that the GPU, not the host, sets the pace: M N K >= TAIL_DA_MIN_WORK. "1": always (where dyb_db
+# ran), "0": never. Measured on an H100 with cuBLAS (NOTES-lora.md, forty-first session): the backward 5-7 us shorter
+# at M = 8192, 4096^2, 3 us longer at 2048 -> 8192; the compiled 1b step 0.929x the frozen one's against 0.922x
+# without it. With column_grad (forty-second session): "auto" 0.930x, "1" 0.924x.
 _TAIL_DA_SETTING = os.environ.get("PEFTKERN_LORA_TAIL_DA", "auto")
 TAIL_DA_MIN_WORK = 2**36  # M = 8192 at 4096^2 is 2^37; the 1b model's 2048^2 projections 2^35
 
