@@ -47,7 +47,8 @@ while [ $# -gt 0 ]; do
 done
 LOG="$OUT/gpu_check.log"
 {
-  echo "== $(date -u) $(git rev-parse --short HEAD 2>/dev/null)"
+  # PEFTKERN_GIT_REV first, as the benchmarks' JSON takes it: the device's copy of .git can carry a stale HEAD
+  echo "== $(date -u) ${PEFTKERN_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null)}"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
   echo "== install"
   [ -n "${NO_INSTALL:-}" ] || python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 5
