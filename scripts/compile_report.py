@@ -163,7 +163,7 @@ def column_grad(r: int) -> tuple:
     args = {"big_ptr": "*bf16", "small_ptr": "*bf16", "out_ptr": "*fp32",
             **{n: "i32" for n in ("M", "C", "R", "stride_bm", "stride_sm", "stride_or")}, "scale": "fp32"}
     const = dict(stride_bc=1, stride_sr=1, stride_oc=1, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_C=block_c,
-                 BLOCK_R=kl._block_r(r), STAGES=stages)
+                 BLOCK_R=kl._block_r(r))
     return kl.lora_column_grad_kernel, args, const, warps, stages
 
 

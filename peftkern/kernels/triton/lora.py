@@ -662,18 +662,6 @@ def lora_skinny_grads_kernel(
 
 
 @triton.jit
-def _strip_step(big_ptr, small_ptr, acc, offs_m, m_mask, offs_c, c_mask, offs_r, r_mask, stride_bm, stride_bc,
-                stride_sm, stride_sr, DOT_PRECISION: tl.constexpr):
-    """One row block of a strip reduction: (the big tile [rows, cols], acc + big^T small [cols, r]) for big (M, C)
-    and small (M, R), small taken in big's dtype."""
-    big = tl.load(big_ptr + offs_m[:, None] * stride_bm + offs_c[None, :] * stride_bc,
-                  mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-    small = tl.load(small_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-    return big, tl.dot(tl.trans(big), small.to(big.dtype), acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def lora_dyb_db_kernel(
     dy_ptr, b_ptr, xa_ptr, dyb_part_ptr, db_part_ptr,
     M, N, R, rows_per_split,
@@ -702,8 +690,11 @@ def lora_dyb_db_kernel(
     for m0 in tl.range(m_start, m_end, BLOCK_M, num_stages=STAGES):
         offs_m = m0 + offs_mb
         m_mask = offs_m < m_end
-        dy, acc = _strip_step(dy_ptr, xa_ptr, acc, offs_m, m_mask, offs_c, c_mask, offs_r, r_mask, stride_dym,
-                              stride_dyn, stride_xam, stride_xar, DOT_PRECISION)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_c[None, :] * stride_dyn,
+                     mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dy), xa.to(dy.dtype), acc, input_precision=DOT_PRECISION)
         part = tl.dot(dy, b, input_precision=DOT_PRECISION)
         tl.store(part_base + offs_m[:, None] * BLOCK_R + offs_r[None, :], part, mask=m_mask[:, None])
     tl.store(db_part_ptr + split * N * BLOCK_R + offs_c[:, None] * BLOCK_R + offs_r[None, :], acc,
@@ -746,26 +737,19 @@ def lora_column_grad_kernel(
     M, C, R, scale,
     stride_bm, stride_bc, stride_sm, stride_sr, stride_or, stride_oc,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """out[:R, cols] = scale (big[:, cols]^T small)^T for the program's BLOCK_C columns of big (M, C), over all M rows
-    of big and small (M, R): one program owns its columns whole, so there are no partial sums and every run gives the
-    same bits. The backward's dA = s dyb^T x behind the persistent dx kernel (column_grad): a few programs that each
-    stream a strip of x through a deep pipeline, sized for the SMs that the kernel's last round of tiles leaves idle."""
+    of big and small (M, R): _skinny_partial with one split, so one program owns its columns whole, there are no
+    partial sums and every run gives the same bits. The backward's dA = s dyb^T x behind the persistent dx kernel
+    (column_grad): a few programs that each stream a strip of x through a deep pipeline (the launch's num_stages),
+    sized for the SMs that the kernel's last round of tiles leaves idle."""
     pid = tl.program_id(0)
+    acc, _ = _skinny_partial(big_ptr, small_ptr, pid, 0, M, C, R, M, stride_bm, stride_bc, stride_sm, stride_sr,
+                             0.0, 0, False, False, DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_R)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_mb = tl.arange(0, BLOCK_M)
-    c_mask = offs_c < C
-    r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    for m0 in tl.range(0, M, BLOCK_M, num_stages=STAGES):
-        offs_m = m0 + offs_mb
-        m_mask = offs_m < M
-        _, acc = _strip_step(big_ptr, small_ptr, acc, offs_m, m_mask, offs_c, c_mask, offs_r, r_mask, stride_bm,
-                             stride_bc, stride_sm, stride_sr, DOT_PRECISION)
     tl.store(out_ptr + offs_r[None, :] * stride_or + offs_c[:, None] * stride_oc,
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=c_mask[:, None] & r_mask[None, :])
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=(offs_c < C)[:, None] & (offs_r < R)[None, :])
 
 
 @triton.jit
@@ -1621,8 +1605,8 @@ def column_grad(big: torch.Tensor, small: torch.Tensor, scale: float, out_dtype:
     launch_planned(lora_column_grad_kernel, (cdiv(C, block_c),), key,
                    big, small, out, M, C, R, float(scale), big.stride(0), big.stride(1), small.stride(0),
                    small.stride(1), out.stride(0), out.stride(1),
-                   DOT_PRECISION=dot, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, STAGES=stages,
-                   num_warps=warps, num_stages=stages)
+                   DOT_PRECISION=dot, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+                   num_stages=stages)
     return out
 
 
