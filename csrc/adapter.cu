@@ -8,26 +8,28 @@
 //   forward   stats = (mean, rstd) of each row                adapter_row_stats_kernel (LN)
 //             W', c1, c2                                      adapter_fold_ln_kernel (LN; b x d, small)
 //             acc = h W'^T                                    cuBLAS, float32 result
-//             z = [rstd (acc - mean c1) + c2] + bd, in place   adapter_forward_rows_kernel, which also writes
-//             a = act(z) [* learned] in h's dtype               a for the up projection
+//             z = [rstd (acc - mean c1) + c2] + bd, in place  adapter_forward_rows_kernel, which also writes
+//             a = act(z) [* learned] in h's dtype             a for the up projection
 //             out = r + s bu                                  adapter_residual_kernel
 //             out += scaling a Wu^T                           cuBLAS with beta = 1 (reads out in its epilogue)
 //   backward  gu = g [Wu, bu]                                 cuBLAS, float32 (the bu column: the learned scale's)
 //             dz = s act'(z) gu, a = [act(z), 1], LN's row    adapter_backward_rows_kernel: one pass over z and gu;
-//             terms, dz rstd, and the sums over M              its sums over M go through per-block partials that
+//             terms, dz rstd, and the sums over M             its sums over M go through per-block partials that
 //                                                             adapter_sum_partials_kernel adds in a fixed order
 //             dh = dz Wd [+ g]                                cuBLAS (beta = 1 onto g for the sequential form), or
 //             dh = rstd (dz W' - r1 - xhat r2) [+ g]          under LN: cuBLAS dz W' in float32, then
 //                                                             adapter_ln_backward_kernel
 //             dWu, dbu = s g^T [a, 1]; dWd = dz^T h, or       cuBLAS (and ATen on b x d tensors: the LN fold's
-//             (dz rstd)^T h - (dz rstd)^T mean under LN        gamma, beta, dgamma, dbeta)
+//             (dz rstd)^T h - (dz rstd)^T mean under LN       gamma, beta, dgamma, dbeta)
 //
-// Traffic (bf16, M = 8192, d = 4096, b = 256; one (M, d) pass is 64 MiB): the forward reads h in cuBLAS's product,
-// r in adapter_residual_kernel, writes out there, and cuBLAS reads and writes out once more: 5 passes (6 with LN's
-// statistics), against the floor's 2 (read h, write out). The (M, b) operands are 4-8 MiB each. The backward reads g
-// in cuBLAS's g [Wu, bu], in dh's product (the sequential form's C) and in g^T a, h in dz^T h, and writes dh: 5 passes
-// (LN: dz W' in float32 is 2 passes more written and read, and adapter_ln_backward_kernel reads h: 9), against the
-// floor's 3. Every (M, d) kernel moves 16-byte vectors where its pointers and row strides allow.
+// Traffic (bf16, M = 8192, d = 4096, b = 256; one (M, d) pass is 64 MiB, an (M, b) operand 4-8 MiB): the forward
+// reads h in cuBLAS's product, r in adapter_residual_kernel and writes out there, and cuBLAS reads and writes out once
+// more: 5 passes (6 with LN's statistics), about 350 MiB with the (M, b) operands, against the floor's 2 (read h, write
+// out). The backward reads g in g [Wu, bu] and in g^T [a, 1], h in dz^T h, and writes dh: parallel 4 passes; the
+// sequential form's dh = g + dz Wd (ATen's addmm copies g into dh, then cuBLAS reads and writes it) 7, ~490 MiB; under
+// LN dz W' is written and read in float32 (4 passes' bytes) and adapter_ln_backward_kernel reads h (and g) and writes
+// dh: 10 (parallel 9). The floor is 3 (read g and h, write dh). Every (M, d) kernel moves 16-byte vectors where its
+// pointers and row strides allow.
 //
 // Numerics follow kernels/triton/adapter.py: z in float32; a, dz and dz rstd rounded to h's dtype for the tensor-core
 // products; the LN statistics summed shifted by the row's first element; LN's mean_d(dz W') taken from the rounded dz
