@@ -117,8 +117,9 @@ def implementations(M, d, reduction, form, dtype, device, compile_anchor: bool, 
     down, up = seq[-3], seq[-1]
     s = 2.0
     impls = {"memory floor (copies)": (lambda h: MemoryFloor.apply(h, residual), [])}
-    backends = ["triton"] if device == "cuda" else ["torch"]
-    for backend in backends:
+    backends = [name for name in ("triton", "cuda")
+                if peftkern._backend.available(name, torch.device(device), "adapter")]
+    for backend in backends if device == "cuda" else ["torch"]:
         def run(h, backend=backend):
             peftkern.set_backend(backend)
             try:

@@ -15,6 +15,7 @@
 
 namespace peftkern {
 void bind_launcher(pybind11::module& m);  // launch.cpp
+void register_adapter(pybind11::module& m);  // adapter_bindings.cpp
 }  // namespace peftkern
 
 namespace {
@@ -479,4 +480,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_mask_", &dropout_mask_, "fill keep (M, K) bool with the kernels' dropout keep-mask",
         py::arg("keep"), py::arg("seed"), py::arg("dropout_p"));
   peftkern::bind_launcher(m);
+  peftkern::register_adapter(m);
 }

@@ -21,7 +21,7 @@ from conftest import (
 )
 
 import peftkern
-from peftkern import reference
+from peftkern import _backend, reference
 from peftkern.nn import BottleneckAdapter
 
 ACTIVATIONS = list(reference.ADAPTER_ACTIVATIONS)
@@ -454,37 +454,46 @@ def test_fp32_adapters_beside_16bit_base(backend):
     _check(got, ref, exact, scales, dtype, "fp32 adapters")
 
 
-def _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, activation, scaling, label, check=None):
-    """adapter_forward and adapter_backward with config cfg against reference.py on fresh inputs: out, z (and the
-    LN statistics), then every gradient. check(inputs, residual) runs first (the tests' own assertions)."""
-    from peftkern.kernels.triton import adapter as ka
+def _kernels_match_reference(cfg, M, d, b, dtype, sequential, layer_norm, activation, scaling, label, check=None,
+                             kernels=None, **inputs):
+    """adapter_forward and adapter_backward of `kernels` against reference.py on fresh inputs: out, z (and the LN
+    statistics), then every gradient, each in the reference's dtype. kernels: kernels.triton.adapter (the default),
+    run with config cfg, or another backend's module (kernels.cuda, cfg None). inputs: make_inputs' options (a learned
+    scale unless learned=False). check(inputs, residual) runs first (the tests' own assertions)."""
+    if kernels is None:
+        from peftkern.kernels.triton import adapter as kernels
+    config = {} if cfg is None else {"config": cfg}
 
     form = ("sequential" if sequential else "parallel") + ("+ln" if layer_norm else "")
-    a = make_inputs((M,), d, b, dtype, form=form, learned=True)
+    a = make_inputs((M,), d, b, dtype, form=form, **{"learned": True, **inputs})
     if check is not None:
         check(a, a["residual"] if a["residual"] is not None else a["h"])
     lw, lb = a["ln"] if layer_norm else (None, None)
     common = (a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"], a["scale"])
     fwd_args = (*common, a["residual"], lw, lb, activation, scaling, layer_norm, 1e-5)
-    out, z, stats = ka.adapter_forward(*fwd_args, config=cfg)
+    out, z, stats = kernels.adapter_forward(*fwd_args, **config)
     out_r, z_r, stats_r = reference.adapter_forward(*fwd_args)
     assert_close(out, out_r, dtype, f"out {label} {form}")
     assert_close(z, z_r, dtype, f"z {label} {form}")
     if layer_norm:
         assert_close(stats, stats_r, dtype, f"stats {label} {form}")
     g = torch.randn(M, d, device=DEVICE).to(dtype)
-    needs = (True,) * 6 + (layer_norm,) * 2
+    has_bias, learned = a["down_bias"] is not None, a["scale"] is not None
+    needs = (True, True, has_bias, True, has_bias, learned, lw is not None, lb is not None)
 
     def backward(g):
         bwd_args = (g, *common, z_r, stats_r, lw, lb, activation, scaling, sequential, layer_norm, needs)
-        grads, grads_r = ka.adapter_backward(*bwd_args, config=cfg), reference.adapter_backward(*bwd_args)
+        grads, grads_r = kernels.adapter_backward(*bwd_args, **config), reference.adapter_backward(*bwd_args)
         assert len(grads) == len(grads_r) == 8
         return dict(zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), zip(grads, grads_r)))
 
     for name, (x, y) in backward(g).items():
         assert (x is None) == (y is None), name
         if y is not None and name != "dscale":
+            assert x.dtype == y.dtype, f"{name} {label} {form}: dtype {x.dtype} != {y.dtype}"
             assert_close(x, y, dtype, f"{name} {label} {form}")
+    if not learned:
+        return
     # dscale = scaling sum(g * u) from a g of its own, c sign(u): with the random g the sum cancels (condition number
     # 2e3-2e4 at M=2000, d=4096) and the tolerance that scales with it passed a zeroed dscale (a review, 2026-12-05);
     # with g along u (randn + u / std u) it overflowed fp16 (the GPU run, 2026-12-05). Here every term is positive
@@ -814,3 +823,150 @@ def test_learned_scale_gradient_without_cancellation(backend, form):
         out.backward(g)
         expected = (g.double() * u).sum()
         assert_close(scale.grad, expected, dtype, f"{form} dscale")
+
+
+# ------------------------------------------------------------------------------------- the cuda backend's kernels
+CUDA_KERNELS = _backend.available("cuda", torch.device(DEVICE), "adapter")
+needs_cuda_kernels = pytest.mark.skipif(not CUDA_KERNELS, reason="needs a GPU and the extension's adapter kernels")
+# (M, d, b): thousands of rows (the backward's sums over M in hundreds of row blocks), d and b multiples of nothing
+# (d = 97: no 16-byte vectors; b = 45: a block of 64 threads, 19 idle), a bottleneck wider than a block's 256 threads
+# (two column chunks a row block) and default_config's large-M shape
+CUDA_KERNEL_SHAPES = [(2000, 520, 33), (517, 97, 45), (300, 64, 300), (4300, 512, 256)]
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("shape", CUDA_KERNEL_SHAPES, ids=lambda s: "M{}d{}b{}".format(*s))
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_kernels_match_reference(shape, form, poison_empty):
+    """kernels.cuda's adapter_forward and adapter_backward against reference.py in every dtype, with a learned scale
+    and biases: out, z, LN's statistics and every gradient (dscale from a one-signed g)."""
+    from peftkern.kernels import cuda as kc
+
+    M, d, b = shape
+    for dtype, activation in zip((torch.float32, torch.float16, torch.bfloat16), ("gelu", "gelu_tanh", "silu")):
+        _kernels_match_reference(None, M, d, b, dtype, form.startswith("sequential"), form.endswith("+ln"), activation,
+                                 0.7, "cuda", kernels=kc)
+
+
+CUDA_VARIANTS = {"fp32-adapters": dict(adapter_dtype=torch.float32), "ln-no-affine": dict(ln_affine=False),
+                 "no-bias": dict(bias=False), "fixed-scale": dict(learned=False)}
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("variant", CUDA_VARIANTS)
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["no-ln", "ln"])
+def test_cuda_kernel_variants(variant, layer_norm, poison_empty):
+    """float32 adapters beside 16-bit h (gradients back in float32), LN without affine, no biases, a fixed scaling:
+    each reaches the kernels' other branches (the fold without gamma or beta, no bias column in g [Wu, bu], ...)."""
+    from peftkern.kernels import cuda as kc
+
+    if variant == "ln-no-affine" and not layer_norm:
+        pytest.skip("no LN, no affine")
+    for dtype in (torch.float16, torch.bfloat16):
+        for sequential in (True, False):
+            _kernels_match_reference(None, 1500, 264, 40, dtype, sequential, layer_norm, "silu", 1.3,
+                                     f"cuda {variant}", kernels=kc, **CUDA_VARIANTS[variant])
+
+
+def _cuda_forward_inputs(M, d, b, dtype, form, **options):
+    a = make_inputs((M,), d, b, dtype, form=form, learned=True, **options)
+    lw, lb = a["ln"] if a["ln"] is not None else (None, None)
+    common = (a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"], a["scale"])
+    return a, common, lw, lb
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["no-ln", "ln"])
+def test_cuda_backward_gives_what_needs_asks(layer_norm):
+    """Each gradient asked for alone is the full call's, every other one None: the backward's branches (g [Wu, bu] only
+    where a dz term is wanted, dz only for dh or the plain dWd, dz rstd only for LN's weight gradients, ...) each leave
+    what the others need."""
+    from peftkern.kernels import cuda as kc
+
+    dtype = torch.bfloat16
+    a, common, lw, lb = _cuda_forward_inputs(700, 136, 24, dtype, "sequential+ln" if layer_norm else "sequential")
+    _, z, stats = kc.adapter_forward(*common, None, lw, lb, "gelu", 0.6, layer_norm, 1e-5)
+    g = torch.randn_like(a["h"])
+
+    def backward(needs):
+        return kc.adapter_backward(g, *common, z, stats, lw, lb, "gelu", 0.6, True, layer_norm, needs)
+
+    full = backward((True,) * 6 + (layer_norm,) * 2)
+    names = ("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta")
+    for k in range(8 if layer_norm else 6):
+        got = backward(tuple(i == k for i in range(8)))
+        for i, (x, y) in enumerate(zip(got, full)):
+            if i != k:
+                assert x is None, f"{names[i]} given when only {names[k]} was asked for"
+            else:
+                assert x.dtype == y.dtype and x.shape == y.shape, names[k]
+                assert_close(x, y, dtype, f"{names[k]} alone")
+    assert all(x is None for x in backward((False,) * 8))
+
+
+@needs_cuda_kernels
+def test_cuda_backward_is_deterministic():
+    """The sums over M (dbd, LN's, the learned scale's) go through per-block partials added in a fixed order: two
+    backward calls give the same bits."""
+    from peftkern.kernels import cuda as kc
+
+    a, common, lw, lb = _cuda_forward_inputs(6000, 256, 64, torch.bfloat16, "parallel+ln")
+    _, z, stats = kc.adapter_forward(*common, a["residual"], lw, lb, "silu", 0.9, True, 1e-5)
+    g = torch.randn_like(a["h"])
+    runs = [kc.adapter_backward(g, *common, z, stats, lw, lb, "silu", 0.9, False, True, (True,) * 8) for _ in range(2)]
+    for name, x, y in zip(("dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta"), *runs):
+        assert torch.equal(x, y), name
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("pad", [3, 8], ids=["stride-d+3", "stride-d+8"])
+@pytest.mark.parametrize("form", ["sequential+ln", "parallel+ln", "parallel"])
+def test_cuda_kernels_take_row_strided_operands(pad, form):
+    """h, the residual and grad_out as (M, d) views of wider rows give the contiguous operands' results: a row stride of
+    d + 3 takes the scalar loads of the row statistics, the residual and the LN backward, d + 8 their 16-byte vectors at
+    a stride other than d."""
+    from peftkern.kernels import cuda as kc
+
+    dtype = torch.bfloat16
+    M, d, b = 333, 256, 32
+    a, common, lw, lb = _cuda_forward_inputs(M, d, b, dtype, form)
+    g = torch.randn_like(a["h"])
+
+    def strided(t):
+        if t is None:
+            return None
+        wide = torch.full((M, d + pad), float("nan"), device=t.device, dtype=t.dtype)
+        wide[:, :d] = t
+        return wide[:, :d]
+
+    sequential, layer_norm = form.startswith("sequential"), form.endswith("+ln")
+    results = []
+    for view in (lambda t: t, strided):
+        h, res, gv = view(a["h"]), view(a["residual"]), view(g)
+        out, z, stats = kc.adapter_forward(h, *common[1:], res, lw, lb, "gelu", 0.5, layer_norm, 1e-5)
+        grads = kc.adapter_backward(gv, h, *common[1:], z, stats, lw, lb, "gelu", 0.5, sequential, layer_norm,
+                                    (True,) * 6 + (layer_norm,) * 2)
+        results.append((out, z, stats if layer_norm else None, *grads))
+    names = ("out", "z", "stats", "dh", "dWd", "dbd", "dWu", "dbu", "dscale", "dgamma", "dbeta")
+    for name, x, y in zip(names, *results):
+        if y is not None:
+            assert_close(x, y, dtype, f"{name}, rows of d + {pad}", scale=0.1)
+
+
+@needs_cuda_kernels
+def test_the_cuda_backend_runs_its_own_adapter_kernels(monkeypatch, recwarn):
+    """With the cuda backend forced, bottleneck_adapter runs kernels.cuda's forward and backward (it fell back to
+    Triton with a warning while the extension had no adapter kernel), and agrees with the reference."""
+    from peftkern.kernels import cuda as kc
+
+    assert "adapter" in _backend.cuda_ops()
+    calls = []
+    for name in ("adapter_forward", "adapter_backward"):
+        real = getattr(kc, name)
+        monkeypatch.setattr(kc, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    peftkern.set_backend("cuda")
+    args = make_inputs((3, 40), 128, 16, torch.bfloat16, form="parallel+ln", learned=True)
+    got, ref, exact, scales = run_both(args, "gelu")
+    assert calls[:2] == ["adapter_forward", "adapter_backward"], calls
+    assert not [w for w in recwarn if "has no adapter kernel" in str(w.message)]
+    _check(got, ref, exact, scales, torch.bfloat16, "cuda backend, forced")

@@ -300,7 +300,7 @@ ZERO_WIDTH = {  # (x's shape, the op on x with gradients for its adapter tensors
 
 
 @pytest.mark.parametrize("case", ZERO_WIDTH)
-@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)  # cuda: KronA and the adapter on Triton
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)  # cuda: KronA on Triton
 def test_a_width_of_zero_gives_empty_outputs_and_zero_gradients(case, backend):
     """A weight with no rows or no columns: the Triton planners divided by zero (ZeroDivisionError), the cuda
     backend's IA3 reduction by an integer zero (a crash of the process), reshape(-1, 0) raised. Now the reference's

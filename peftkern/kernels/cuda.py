@@ -1,4 +1,5 @@
-"""The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present: LoRA and IA3.
+"""The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present: LoRA, IA3 and the
+bottleneck adapter.
 
 Each op's functions here keep the signatures and return conventions of reference.py's, so ops/ can call any
 backend alike. The kernels, what they fuse and how the extension is built: csrc/README.md.
@@ -108,3 +109,31 @@ def ia3_merge_(weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_inpu
     if inverse:
         return reference.ia3_merge_(weight, scale, bias, scale_input, True, weight_transposed)
     return _ext().ia3_merge_(weight, scale, bias, bool(scale_input), bool(weight_transposed))
+
+
+# --------------------------------------------------------------------------------------- bottleneck adapter
+def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
+                    activation, scaling, layer_norm, ln_eps):
+    """(out (M, d), z (M, b) float32, stats (M, 2) float32 or empty) as reference.adapter_forward, for a 2-D h.
+
+    cuBLAS for h W'^T (float32 result; LN folded into W' = Wd gamma, its statistics from one pass over h); one row
+    kernel makes z (+ bd, LN's correction) and a = act(z) in h's dtype; out = r + s bu written once, then cuBLAS adds
+    scaling a Wu^T into it (beta = 1). A learned scale is read on the device.
+    """
+    return _ext().adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residual, ln_weight, ln_bias,
+                                  str(activation), float(scaling), bool(layer_norm), float(ln_eps))
+
+
+def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight, ln_bias,
+                     activation, scaling, sequential, layer_norm, needs):
+    """(dh, dWd, dbd, dWu, dbu, dscale, dgamma, dbeta) as reference.adapter_backward, None where `needs` (8 bools)
+    says no.
+
+    cuBLAS g [Wu, bu]; one row kernel writes dz = s act'(z) (g Wu), a = [act(z), 1] and LN's row terms and sums dbd and
+    the learned scale's gradient over M (per-block partials added in a fixed order); cuBLAS dh = dz Wd [+ g] (under
+    LN dz W' in float32, then a kernel for LN's backward), g^T [a, 1] (dWu, dbu) and dz^T h (dWd; under LN on
+    dz rstd, with gamma, beta, dgamma and dbeta from b x d products).
+    """
+    return _ext().adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight,
+                                   ln_bias, str(activation), float(scaling), bool(sequential), bool(layer_norm),
+                                   *(bool(n) for n in needs))
