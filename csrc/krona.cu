@@ -12,7 +12,8 @@
 //   merge     W   += sign s sum_t A_t (x) B_t              krona_merge_kernel, each element its own T products
 //
 // Each block holds every term's whole factors in shared memory (zero-padded to multiples of 16, rounded to x's dtype
-// for 16-bit x as a bf16 GEMM would) and walks its own run of tokens: a token's X (and G) is staged, the small
+// for 16-bit x as a bf16 GEMM would) and walks its own run of tokens, the next token's rows fetched by cp.async
+// while this one's products run (two buffers, where they fit): a token's X (and G) is staged, the small
 // products run on tensor cores (WMMA 16x16x16, fp32 accumulation) for fp16/bf16 and on CUDA cores in exact fp32
 // for fp32, intermediates (P = X B^T, A X, G B) are rounded to x's dtype between products, sums over terms and the
 // dA / dB / dx accumulators stay fp32 in shared memory. Where the factors do not fit in shared memory the bindings
@@ -22,7 +23,7 @@
 // 2M(K n2 + N k1) = 8.6 GFLOP forward, the dx term, dA and dB 8.6 GFLOP each. Bytes: x, y, dy and dx are 64 MB each.
 // Forward: krona_term_kernel reads x and writes C (128 MB); cuBLAS reads C as its beta input. Backward with dA or
 // dB wanted: krona_grad_kernel reads dy and x once and writes the dx term once (192 MB), plus partial sums of
-// blocks x (T n1 k1 + T n2 k2) fp32 (8 MB at two blocks an SM on 132 SMs) and their reduction.
+// blocks x (T n1 k1 + T n2 k2) fp32 (4.3 MB at one block an SM on 132 SMs) and their reduction.
 
 #include <cstdint>
 #include <cstring>
@@ -30,6 +31,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -178,10 +180,11 @@ struct TermPlan {
   int r1, c1, r2, c2, terms;
   int r1p, c1p, r2p, c2p;
   int ldl, ldr, ldz, ldp, ldo;
-  int64_t l_off, r_off, z_off, p_off, o_off, scratch_off, bytes;
+  int stages;  // 2: the next token's row is fetched into a second buffer while this one's products run
+  int64_t l_off, r_off, z_off, z_next_off, p_off, o_off, scratch_off, bytes;
 };
 
-TermPlan plan_term(int64_t esize, int64_t r1, int64_t c1, int64_t r2, int64_t c2, int64_t terms) {
+TermPlan plan_term(int64_t esize, int64_t r1, int64_t c1, int64_t r2, int64_t c2, int64_t terms, int stages) {
   const int64_t r1p = pad16(r1), c1p = pad16(c1), r2p = pad16(r2), c2p = pad16(c2), pad = 16 / esize;
   const int64_t ldl = c1p + pad, ldr = c2p + pad, ldz = c2p + pad, ldp = r2p + pad, ldo = r2p + 4;
   TermPlan p{};
@@ -189,6 +192,8 @@ TermPlan plan_term(int64_t esize, int64_t r1, int64_t c1, int64_t r2, int64_t c2
   p.l_off = c.take(terms * r1p * ldl * esize);
   p.r_off = c.take(terms * r2p * ldr * esize);
   p.z_off = c.take(c1p * ldz * esize);
+  p.z_next_off = stages == 2 ? c.take(c1p * ldz * esize) : p.z_off;
+  p.stages = stages;
   p.p_off = c.take(c1p * ldp * esize);
   p.o_off = c.take(r1p * ldo * 4);
   p.scratch_off = c.take(kWarps * 16 * kScratchLd * 4);
@@ -211,10 +216,13 @@ struct GradPlan {
   int n1p, k1p, n2p, k2p;
   int lda, ldb, ldx, ldg, ldp, ldv, lddA, lddB, lddx;
   bool with_dx;
-  int64_t a_off, b_off, x_off, g_off, p_off, v_off, u_off, da_off, db_off, dx_off, scratch_off, bytes;
+  int stages;  // as TermPlan's, for X and G
+  int64_t a_off, b_off, x_off, x_next_off, g_off, g_next_off, p_off, v_off, u_off, da_off, db_off, dx_off;
+  int64_t scratch_off, bytes;
 };
 
-GradPlan plan_grad(int64_t esize, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, bool with_dx) {
+GradPlan plan_grad(int64_t esize, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, bool with_dx,
+                   int stages) {
   const int64_t n1p = pad16(n1), k1p = pad16(k1), n2p = pad16(n2), k2p = pad16(k2), pad = 16 / esize;
   const int64_t lda = k1p + pad, ldb = k2p + pad, ldx = k2p + pad, ldg = n2p + pad, ldp = n2p + pad, ldv = k2p + pad;
   const int64_t lddA = k1p + 4, lddB = k2p + 4, lddx = k2p + 4;
@@ -224,6 +232,9 @@ GradPlan plan_grad(int64_t esize, int64_t n1, int64_t k1, int64_t n2, int64_t k2
   p.b_off = c.take(terms * n2p * ldb * esize);
   p.x_off = c.take(k1p * ldx * esize);
   p.g_off = c.take(n1p * ldg * esize);
+  p.x_next_off = stages == 2 ? c.take(k1p * ldx * esize) : p.x_off;
+  p.g_next_off = stages == 2 ? c.take(n1p * ldg * esize) : p.g_off;
+  p.stages = stages;
   p.p_off = c.take(k1p * ldp * esize);
   p.v_off = c.take(n1p * ldv * esize);
   p.u_off = with_dx ? c.take(n1p * ldv * esize) : 0;
@@ -265,16 +276,17 @@ __device__ __forceinline__ void stage_factor(TS* s, int ld, int rows_p, const Kr
   }
 }
 
-// A token's row z (length rows * cols, unit stride) into the row-major (rows x cols) matrix s; 16-byte vectors
-// where vec (z's row and cols allow whole vectors that stay inside one matrix row).
+// A token's row z (length rows * cols, unit stride) into the row-major (rows x cols) matrix s: asynchronous 16-byte
+// copies (cp.async) where vec (z's row and cols allow whole vectors that stay inside one matrix row), which the
+// caller commits and waits for; plain loads and stores otherwise.
 template <typename T>
-__device__ __forceinline__ void load_token(T* s, int ld, const T* __restrict__ z, int rows, int cols, bool vec) {
+__device__ __forceinline__ void fetch_token(T* s, int ld, const T* __restrict__ z, int rows, int cols, bool vec) {
   const int n = rows * cols;
   if (vec) {
     constexpr int VEC = 16 / static_cast<int>(sizeof(T));
     for (int v = static_cast<int>(threadIdx.x); v < n / VEC; v += kThreads) {
       const int e = v * VEC, i = e / cols, j = e - i * cols;
-      *reinterpret_cast<uint4*>(s + i * ld + j) = *reinterpret_cast<const uint4*>(z + e);
+      __pipeline_memcpy_async(s + i * ld + j, z + e, 16);
     }
     return;
   }
@@ -356,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* ls = region<T>(smem, p.l_off);
   T* rs = region<T>(smem, p.r_off);
-  T* zs = region<T>(smem, p.z_off);
+  T* const z_bufs[2] = {region<T>(smem, p.z_off), region<T>(smem, p.z_next_off)};
   T* ps = region<T>(smem, p.p_off);
   float* os = region<float>(smem, p.o_off);
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -365,9 +377,16 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
   const int p_cols = p.r2p / 16, p_tiles = (p.c1p / 16) * p_cols;
   const int o_tiles = (p.r1p / 16) * p_cols;  // O (r1 x r2) has P's columns
   const TokenRun run = block_tokens(M, rows_per_block);
+  int cur = 0;
+  if (run.begin < run.end) fetch_token(z_bufs[0], p.ldz, z + run.begin * ldz, p.c1, p.c2, z_vec);
+  __pipeline_commit();
   for (int64_t m = run.begin; m < run.end; ++m) {
-    load_token(zs, p.ldz, z + m * ldz, p.c1, p.c2, z_vec);
+    __pipeline_wait_prior(0);
     __syncthreads();
+    const T* zs = z_bufs[cur];
+    // The other buffer held the previous token, whose last reads came before the barrier that closed its products.
+    if (p.stages == 2 && m + 1 < run.end) fetch_token(z_bufs[cur ^ 1], p.ldz, z + (m + 1) * ldz, p.c1, p.c2, z_vec);
+    __pipeline_commit();
     for (int t = 0; t < p.terms; ++t) {
       const T* lt = ls + t * p.r1p * p.ldl;
       const T* rt = rs + t * p.r2p * p.ldr;
@@ -394,7 +413,11 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
       }
       __syncthreads();
     }
-    // The next token's writes to os come after its load's barrier, which every thread reaches past this epilogue.
+    // One buffer: the next token's row comes in while this one's epilogue runs (the products are done with zs).
+    if (p.stages == 1 && m + 1 < run.end) fetch_token(z_bufs[0], p.ldz, z + (m + 1) * ldz, p.c1, p.c2, z_vec);
+    __pipeline_commit();
+    cur ^= p.stages - 1;
+    // The next token's writes to os come after its first barrier, which every thread reaches past this epilogue.
     store_token(out + m * ld_out, os, p.ldo, p.r1, p.r2, scale, bias, out_vec);
   }
 }
@@ -413,8 +436,8 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* as = region<T>(smem, p.a_off);
   T* bs = region<T>(smem, p.b_off);
-  T* xs = region<T>(smem, p.x_off);
-  T* gs = region<T>(smem, p.g_off);
+  T* const x_bufs[2] = {region<T>(smem, p.x_off), region<T>(smem, p.x_next_off)};
+  T* const g_bufs[2] = {region<T>(smem, p.g_off), region<T>(smem, p.g_next_off)};
   T* ps = region<T>(smem, p.p_off);
   T* vs = region<T>(smem, p.v_off);
   T* us = region<T>(smem, p.u_off);
@@ -432,10 +455,22 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   const int db_cols = p.k2p / 16, db_tiles = (p.n2p / 16) * db_cols;
   const int d_cols = p.k2p / 16, d_tiles = p.with_dx ? (p.k1p / 16) * d_cols : 0;
   const TokenRun run = block_tokens(M, rows_per_block);
+  // The next token's X and G come in as krona_term_kernel's Z does: beside this token's products (two buffers) or
+  // its epilogue (one).
+  const auto fetch = [&](int buf, int64_t m) {
+    fetch_token(x_bufs[buf], p.ldx, x + m * ldx, p.k1, p.k2, x_vec);
+    fetch_token(g_bufs[buf], p.ldg, dy + m * ldg, p.n1, p.n2, g_vec);
+  };
+  int cur = 0;
+  if (run.begin < run.end) fetch(0, run.begin);
+  __pipeline_commit();
   for (int64_t m = run.begin; m < run.end; ++m) {
-    load_token(xs, p.ldx, x + m * ldx, p.k1, p.k2, x_vec);
-    load_token(gs, p.ldg, dy + m * ldg, p.n1, p.n2, g_vec);
+    __pipeline_wait_prior(0);
     __syncthreads();
+    const T* xs = x_bufs[cur];
+    const T* gs = g_bufs[cur];
+    if (p.stages == 2 && m + 1 < run.end) fetch(cur ^ 1, m + 1);
+    __pipeline_commit();
     for (int t = 0; t < p.terms; ++t) {
       const T* at = as + t * p.n1p * p.lda;
       const T* bt = bs + t * p.n2p * p.ldb;
@@ -486,6 +521,9 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
       }
       __syncthreads();
     }
+    if (p.stages == 1 && m + 1 < run.end) fetch(0, m + 1);
+    __pipeline_commit();
+    cur ^= p.stages - 1;
     if (p.with_dx) store_token<T>(dx + m * ld_dx, dxs, p.lddx, p.k1, p.k2, scale, nullptr, dx_vec);
   }
   float* row = part + static_cast<int64_t>(blockIdx.x) * width;
@@ -544,26 +582,48 @@ bool rows_vectorizable(const void* p, int64_t ld, int64_t M, int64_t cols, int64
   return aligned16(p) && (M <= 1 || (ld * esize) % 16 == 0) && (cols * esize) % 16 == 0;
 }
 
-// Opts the kernel in to `bytes` of dynamic shared memory and returns how many blocks of it an SM holds (at least 1).
+// Opts the kernel in to `bytes` of dynamic shared memory and says how many blocks of it an SM holds.
 cudaError_t blocks_per_sm(const void* kernel, int64_t bytes, int* out) {
+  *out = 0;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kThreads, static_cast<size_t>(bytes));
-  if (*out < 1) *out = 1;
-  return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kThreads, static_cast<size_t>(bytes));
+}
+
+// The plan with the next token fetched into a second buffer (make(2)) where that fits and keeps as many blocks on an
+// SM as one buffer (make(1)) does, else one buffer; per_sm: blocks of it an SM holds (at least 1). The kernel is left
+// opted in to the larger plan's bytes, so either launches. cudaErrorInvalidValue where one buffer passes max_smem.
+template <typename Plan, typename MakePlan>
+cudaError_t choose_plan(const void* kernel, const MakePlan& make, int64_t max_smem, Plan* plan, int* per_sm) {
+  const Plan one = make(1), two = make(2);
+  if (one.bytes > max_smem) return cudaErrorInvalidValue;
+  int one_sm = 0, two_sm = 0;
+  cudaError_t err = blocks_per_sm(kernel, one.bytes, &one_sm);
+  if (err != cudaSuccess) return err;
+  *plan = one;
+  *per_sm = one_sm > 1 ? one_sm : 1;
+  if (two.bytes > max_smem) return cudaSuccess;
+  err = blocks_per_sm(kernel, two.bytes, &two_sm);
+  if (err != cudaSuccess) return err;
+  if (two_sm >= 1 && two_sm >= one_sm) {
+    *plan = two;
+    *per_sm = two_sm;
+  }
+  return cudaSuccess;
 }
 
 template <typename T>
-cudaError_t launch_term(const TermPlan& p, const void* z, int64_t M, int64_t ldz, const KronaFactor& L,
-                        const KronaFactor& R, const void* bias, float scale, void* out, int64_t ld_out, int sm_count,
-                        cudaStream_t stream) {
-  const void* kernel = reinterpret_cast<const void*>(&krona_term_kernel<T>);
+cudaError_t launch_term(const void* z, int64_t M, int64_t ldz, const KronaFactor& L, const KronaFactor& R,
+                        int64_t terms, const void* bias, float scale, void* out, int64_t ld_out, int sm_count,
+                        int64_t max_smem, cudaStream_t stream) {
+  const int64_t esize = sizeof(T);
+  const auto make = [&](int stages) { return plan_term(esize, L.rows, L.cols, R.rows, R.cols, terms, stages); };
+  TermPlan p{};
   int per_sm = 1;
-  cudaError_t err = blocks_per_sm(kernel, p.bytes, &per_sm);
+  cudaError_t err = choose_plan(reinterpret_cast<const void*>(&krona_term_kernel<T>), make, max_smem, &p, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t want = static_cast<int64_t>(per_sm) * sm_count;
   const int64_t rows = ceil_div(M, want < M ? want : M), grid = ceil_div(M, rows);
-  const int64_t esize = sizeof(T);
   krona_term_kernel<T><<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(p.bytes), stream>>>(
       static_cast<const T*>(z), M, ldz, rows_vectorizable(z, ldz, M, p.c2, esize), L, R, p,
       static_cast<const T*>(bias), scale, static_cast<T*>(out), ld_out,
@@ -579,13 +639,19 @@ const void* grad_kernel(DType dtype) {
   }
 }
 
+// krona_grad_kernel's plan for these factors (choose_plan's).
+cudaError_t choose_grad_plan(DType dtype, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, bool with_dx,
+                             int64_t max_smem, GradPlan* plan, int* per_sm) {
+  const auto make = [&](int stages) {
+    return plan_grad(elem_size(dtype), n1, k1, n2, k2, terms, with_dx, stages);
+  };
+  return choose_plan(grad_kernel(dtype), make, max_smem, plan, per_sm);
+}
+
 template <typename T>
 cudaError_t launch_grad(const GradPlan& p, const void* dy, const void* x, int64_t M, int64_t ldg, int64_t ldx,
                         const KronaFactor& A, const KronaFactor& B, float scale, int64_t rows, void* dx,
                         int64_t ld_dx, float* part, int64_t width, cudaStream_t stream) {
-  int per_sm = 1;
-  cudaError_t err = blocks_per_sm(reinterpret_cast<const void*>(&krona_grad_kernel<T>), p.bytes, &per_sm);
-  if (err != cudaSuccess) return err;
   const int64_t esize = sizeof(T), grid = ceil_div(M, rows);
   krona_grad_kernel<T><<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(p.bytes), stream>>>(
       static_cast<const T*>(dy), ldg, rows_vectorizable(dy, ldg, M, p.n2, esize), static_cast<const T*>(x), ldx,
@@ -606,7 +672,7 @@ cudaError_t launch_merge(void* w, int64_t N, int64_t K, int64_t stride_row, int6
 }  // namespace
 
 int64_t krona_term_smem(DType z_dtype, int64_t r1, int64_t c1, int64_t r2, int64_t c2, int64_t terms) {
-  return plan_term(elem_size(z_dtype), r1, c1, r2, c2, terms).bytes;
+  return plan_term(elem_size(z_dtype), r1, c1, r2, c2, terms, 1).bytes;
 }
 
 cudaError_t krona_term(const void* z, DType z_dtype, int64_t M, int64_t ldz, const KronaFactor& L,
@@ -614,15 +680,14 @@ cudaError_t krona_term(const void* z, DType z_dtype, int64_t M, int64_t ldz, con
                        int sm_count, int64_t max_smem, cudaStream_t stream) {
   if (M <= 0 || terms <= 0 || L.rows <= 0 || R.rows <= 0) return cudaSuccess;
   if (L.cols <= 0 || R.cols <= 0) return cudaErrorInvalidValue;
-  const TermPlan p = plan_term(elem_size(z_dtype), L.rows, L.cols, R.rows, R.cols, terms);
-  if (p.bytes > max_smem) return cudaErrorInvalidValue;
   switch (z_dtype) {
     case DType::kFloat32:
-      return launch_term<float>(p, z, M, ldz, L, R, bias, scale, out, ld_out, sm_count, stream);
+      return launch_term<float>(z, M, ldz, L, R, terms, bias, scale, out, ld_out, sm_count, max_smem, stream);
     case DType::kFloat16:
-      return launch_term<__half>(p, z, M, ldz, L, R, bias, scale, out, ld_out, sm_count, stream);
+      return launch_term<__half>(z, M, ldz, L, R, terms, bias, scale, out, ld_out, sm_count, max_smem, stream);
     case DType::kBFloat16:
-      return launch_term<__nv_bfloat16>(p, z, M, ldz, L, R, bias, scale, out, ld_out, sm_count, stream);
+      return launch_term<__nv_bfloat16>(z, M, ldz, L, R, terms, bias, scale, out, ld_out, sm_count, max_smem,
+                                        stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -635,10 +700,9 @@ int64_t krona_grad_width(int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t
 int64_t krona_grad_rows(DType dtype, int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms,
                         bool with_dx, int sm_count, int64_t max_smem) {
   if (M <= 0 || dtype == DType::kFloat64) return 0;
-  const GradPlan p = plan_grad(elem_size(dtype), n1, k1, n2, k2, terms, with_dx);
-  if (p.bytes > max_smem) return 0;
+  GradPlan p{};
   int per_sm = 1;
-  if (blocks_per_sm(grad_kernel(dtype), p.bytes, &per_sm) != cudaSuccess) return 0;
+  if (choose_grad_plan(dtype, n1, k1, n2, k2, terms, with_dx, max_smem, &p, &per_sm) != cudaSuccess) return 0;
   const int64_t want = static_cast<int64_t>(per_sm) * sm_count;
   return ceil_div(M, want < M ? want : M);
 }
@@ -648,10 +712,13 @@ cudaError_t krona_grad(const void* dy, const void* x, DType dtype, int64_t M, in
                        void* dx, int64_t ld_dx, float* dAB, float* workspace, int64_t max_smem, cudaStream_t stream) {
   if (M <= 0 || terms <= 0) return cudaSuccess;
   if (rows <= 0) return cudaErrorInvalidValue;
-  const GradPlan p = plan_grad(elem_size(dtype), A.rows, A.cols, B.rows, B.cols, terms, dx != nullptr);
-  if (p.bytes > max_smem) return cudaErrorInvalidValue;
+  GradPlan p{};
+  int per_sm = 1;
+  cudaError_t err = choose_grad_plan(dtype, A.rows, A.cols, B.rows, B.cols, terms, dx != nullptr, max_smem, &p,
+                                     &per_sm);
+  if (err != cudaSuccess) return err;
   const int64_t width = krona_grad_width(A.rows, A.cols, B.rows, B.cols, terms);
-  cudaError_t err = cudaErrorInvalidValue;
+  err = cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
       err = launch_grad<float>(p, dy, x, M, ldg, ldx, A, B, scale, rows, dx, ld_dx, workspace, width, stream);
