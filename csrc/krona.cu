@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* ls = region<T>(smem, p.l_off);
   T* rs = region<T>(smem, p.r_off);
-  T* const z_bufs[2] = {region<T>(smem, p.z_off), region<T>(smem, p.z_next_off)};
+  T* const z_first = region<T>(smem, p.z_off);
+  T* const z_second = region<T>(smem, p.z_next_off);
   T* ps = region<T>(smem, p.p_off);
   float* os = region<float>(smem, p.o_off);
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -378,14 +379,16 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
   const int o_tiles = (p.r1p / 16) * p_cols;  // O (r1 x r2) has P's columns
   const TokenRun run = block_tokens(M, rows_per_block);
   int cur = 0;
-  if (run.begin < run.end) fetch_token(z_bufs[0], p.ldz, z + run.begin * ldz, p.c1, p.c2, z_vec);
+  if (run.begin < run.end) fetch_token(z_first, p.ldz, z + run.begin * ldz, p.c1, p.c2, z_vec);
   __pipeline_commit();
   for (int64_t m = run.begin; m < run.end; ++m) {
     __pipeline_wait_prior(0);
     __syncthreads();
-    const T* zs = z_bufs[cur];
+    const T* zs = cur ? z_second : z_first;  // selects, not an indexed array: no local memory
     // The other buffer held the previous token, whose last reads came before the barrier that closed its products.
-    if (p.stages == 2 && m + 1 < run.end) fetch_token(z_bufs[cur ^ 1], p.ldz, z + (m + 1) * ldz, p.c1, p.c2, z_vec);
+    if (p.stages == 2 && m + 1 < run.end) {
+      fetch_token(cur ? z_first : z_second, p.ldz, z + (m + 1) * ldz, p.c1, p.c2, z_vec);
+    }
     __pipeline_commit();
     for (int t = 0; t < p.terms; ++t) {
       const T* lt = ls + t * p.r1p * p.ldl;
@@ -414,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
       __syncthreads();
     }
     // One buffer: the next token's row comes in while this one's epilogue runs (the products are done with zs).
-    if (p.stages == 1 && m + 1 < run.end) fetch_token(z_bufs[0], p.ldz, z + (m + 1) * ldz, p.c1, p.c2, z_vec);
+    if (p.stages == 1 && m + 1 < run.end) fetch_token(z_first, p.ldz, z + (m + 1) * ldz, p.c1, p.c2, z_vec);
     __pipeline_commit();
     cur ^= p.stages - 1;
     // The next token's writes to os come after its first barrier, which every thread reaches past this epilogue.
@@ -436,8 +439,10 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* as = region<T>(smem, p.a_off);
   T* bs = region<T>(smem, p.b_off);
-  T* const x_bufs[2] = {region<T>(smem, p.x_off), region<T>(smem, p.x_next_off)};
-  T* const g_bufs[2] = {region<T>(smem, p.g_off), region<T>(smem, p.g_next_off)};
+  T* const x_first = region<T>(smem, p.x_off);
+  T* const x_second = region<T>(smem, p.x_next_off);
+  T* const g_first = region<T>(smem, p.g_off);
+  T* const g_second = region<T>(smem, p.g_next_off);
   T* ps = region<T>(smem, p.p_off);
   T* vs = region<T>(smem, p.v_off);
   T* us = region<T>(smem, p.u_off);
@@ -458,8 +463,8 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   // The next token's X and G come in as krona_term_kernel's Z does: beside this token's products (two buffers) or
   // its epilogue (one).
   const auto fetch = [&](int buf, int64_t m) {
-    fetch_token(x_bufs[buf], p.ldx, x + m * ldx, p.k1, p.k2, x_vec);
-    fetch_token(g_bufs[buf], p.ldg, dy + m * ldg, p.n1, p.n2, g_vec);
+    fetch_token(buf ? x_second : x_first, p.ldx, x + m * ldx, p.k1, p.k2, x_vec);
+    fetch_token(buf ? g_second : g_first, p.ldg, dy + m * ldg, p.n1, p.n2, g_vec);
   };
   int cur = 0;
   if (run.begin < run.end) fetch(0, run.begin);
@@ -467,8 +472,8 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   for (int64_t m = run.begin; m < run.end; ++m) {
     __pipeline_wait_prior(0);
     __syncthreads();
-    const T* xs = x_bufs[cur];
-    const T* gs = g_bufs[cur];
+    const T* xs = cur ? x_second : x_first;
+    const T* gs = cur ? g_second : g_first;
     if (p.stages == 2 && m + 1 < run.end) fetch(cur ^ 1, m + 1);
     __pipeline_commit();
     for (int t = 0; t < p.terms; ++t) {

@@ -133,8 +133,9 @@ void term_case(int64_t M, int64_t r1, int64_t c1, int64_t r2, int64_t c2, int64_
   for (int64_t n = 0; n < Nout; ++n) { b[n] = cvt<T>(rnd()); bf[n] = back(b[n]); }
   HostFactor L = make_factor(terms, r1, c1, transposed), R = make_factor(terms, r2, c2, !transposed);
   const float scale = 0.7f;
-  const cudaError_t err = peftkern::krona_term(z.data(), dtype_of<T>(), M, ldz, L.view(), R.view(), terms,
-                                               bias ? b.data() : nullptr, scale, out.data(), ldo, kSms, 232448, nullptr);
+  const void* bias_ptr = bias ? b.data() : nullptr;
+  const cudaError_t err = peftkern::krona_term(z.data(), dtype_of<T>(), M, ldz, L.view(), R.view(), terms, bias_ptr,
+                                               scale, out.data(), ldo, kSms, 232448, nullptr);
   if (err != cudaSuccess) { printf("launch error %d\n", err); ++failures; return; }
   std::vector<double> got(M * Nout), want(M * Nout, 0.0);
   for (int64_t m = 0; m < M; ++m) {
