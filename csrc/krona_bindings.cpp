@@ -3,9 +3,9 @@
 // GEMMs in cuBLAS through ATen, krona.cu's kernels on the current stream with a check after each launch.
 //
 // Factors come dense and stacked, (T, n1, k1) and (T, n2, k2), in any float dtype and any strides (kernels/cuda.py
-// multiplies low-rank pairs out). Where a term's whole factors do not fit in one block's shared memory the term and
-// the factor gradients run as cuBLAS GEMMs on reshaped views in float32 instead (or when the caller forces it:
-// `gemms`, for tests).
+// multiplies low-rank pairs out). Where the whole factors do not fit in one block's shared memory the factor
+// gradients take one pass per term if a term's fit, else the term and the factor gradients run as cuBLAS GEMMs on
+// reshaped views in float32 (as everywhere when the caller forces it: `gemms`, for tests).
 
 #include <optional>
 #include <string>
@@ -156,6 +156,26 @@ std::tuple<at::Tensor, at::Tensor> factor_grads_by_gemms(const at::Tensor& dy, c
   return {dA, dB};
 }
 
+// (dA, dB) float32 = scale * (sum_m G_m (X_m B_t^T)^T, sum_m G_m^T A_t X_m) for the terms of A and B in one pass of
+// krona_grad_kernel over dy and x (rows tokens a block: krona_grad_rows), as (T, n1, k1) and (T, n2, k2) views of one
+// buffer; dx_term (M, K) in x's dtype, if defined, gets s sum_t vec(A_t^T G_m B_t) in the same pass.
+std::tuple<at::Tensor, at::Tensor> factor_grads_by_kernel(const char* op, const at::Tensor& dy, const at::Tensor& xs,
+                                                          const at::Tensor& A, const at::Tensor& B, double scale,
+                                                          int64_t rows, const at::Tensor& dx_term, const Gpu& dev,
+                                                          cudaStream_t stream) {
+  const int64_t M = xs.size(0), T = A.size(0), n1 = A.size(1), k1 = A.size(2), n2 = B.size(1), k2 = B.size(2);
+  const int64_t width = peftkern::krona_grad_width(n1, k1, n2, k2, T), a_size = T * n1 * k1;
+  at::Tensor ws = at::empty({(M + rows - 1) / rows * width}, xs.options().dtype(at::kFloat));
+  at::Tensor dAB = at::empty({width}, xs.options().dtype(at::kFloat));
+  const bool with_dx = dx_term.defined();
+  check_launch(peftkern::krona_grad(dy.data_ptr(), xs.data_ptr(), element_type(xs), M, dy.stride(0), xs.stride(0),
+                                    factor_of(A, false), factor_of(B, false), T, static_cast<float>(scale), rows,
+                                    with_dx ? dx_term.data_ptr() : nullptr, with_dx ? dx_term.stride(0) : 0,
+                                    dAB.data_ptr<float>(), ws.data_ptr<float>(), dev.max_smem, stream),
+               op, "krona_grad (dA, dB and the dx term in one pass)");
+  return {dAB.narrow(0, 0, a_size).view({T, n1, k1}), dAB.narrow(0, a_size, width - a_size).view({T, n2, k2})};
+}
+
 // y = x W^T + b + s sum_t vec(A_t X_m B_t^T) (M, N) in x's dtype: the term C = s term + b written once (kernel),
 // then cuBLAS adds x W^T into it (beta = 1).
 at::Tensor krona_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
@@ -197,35 +217,35 @@ std::tuple<MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor> kron
   at::Tensor dx_term;
   if (need_a || need_b) {
     const DType dt = element_type(xs);
-    // The dx term rides along the pass over dy and x where its buffers fit beside the factor gradients' too.
-    int64_t rows = 0, rows_dx = 0;
+    const auto rows_for = [&](int64_t terms, bool with_dx) {
+      return peftkern::krona_grad_rows(dt, s.M, s.n1, s.k1, s.n2, s.k2, terms, with_dx, dev.sms, dev.max_smem);
+    };
+    // The dx term rides along the pass over dy and x where its buffers fit beside the factor gradients' too; a sum
+    // whose terms do not fit together takes one pass per term where one term's factors fit.
+    int64_t rows = 0, rows_dx = 0, rows_per_term = 0;
     if (!gemms) {
-      if (need_x) rows_dx = peftkern::krona_grad_rows(dt, s.M, s.n1, s.k1, s.n2, s.k2, s.T, true, dev.sms,
-                                                      dev.max_smem);
-      rows = rows_dx > 0 ? rows_dx
-                         : peftkern::krona_grad_rows(dt, s.M, s.n1, s.k1, s.n2, s.k2, s.T, false, dev.sms,
-                                                     dev.max_smem);
+      rows_dx = need_x ? rows_for(s.T, true) : 0;
+      rows = rows_dx > 0 ? rows_dx : rows_for(s.T, false);
+      rows_per_term = rows == 0 && s.T > 1 ? rows_for(1, false) : 0;
     }
+    at::Tensor ga, gb;
     if (rows > 0) {
-      const int64_t width = peftkern::krona_grad_width(s.n1, s.k1, s.n2, s.k2, s.T);
-      const int64_t blocks = (s.M + rows - 1) / rows;
-      at::Tensor ws = at::empty({blocks * width}, xs.options().dtype(at::kFloat));
-      at::Tensor dAB = at::empty({width}, xs.options().dtype(at::kFloat));
       if (rows_dx > 0) dx_term = at::empty({s.M, s.K}, xs.options());
-      check_launch(peftkern::krona_grad(dy.data_ptr(), xs.data_ptr(), dt, s.M, dy.stride(0), xs.stride(0),
-                                        factor_of(A, false), factor_of(B, false), s.T, static_cast<float>(scaling),
-                                        rows, rows_dx > 0 ? dx_term.data_ptr() : nullptr,
-                                        rows_dx > 0 ? dx_term.stride(0) : 0, dAB.data_ptr<float>(),
-                                        ws.data_ptr<float>(), dev.max_smem, stream),
-                   op, "krona_grad (dA, dB and the dx term in one pass)");
-      const int64_t a_size = s.T * s.n1 * s.k1;
-      if (need_a) dA = dAB.narrow(0, 0, a_size).view({s.T, s.n1, s.k1});
-      if (need_b) dB = dAB.narrow(0, a_size, width - a_size).view({s.T, s.n2, s.k2});
+      std::tie(ga, gb) = factor_grads_by_kernel(op, dy, xs, A, B, scaling, rows, dx_term, dev, stream);
+    } else if (rows_per_term > 0) {
+      ga = at::empty({s.T, s.n1, s.k1}, xs.options().dtype(at::kFloat));
+      gb = at::empty({s.T, s.n2, s.k2}, xs.options().dtype(at::kFloat));
+      for (int64_t t = 0; t < s.T; ++t) {
+        const auto [ga_t, gb_t] = factor_grads_by_kernel(op, dy, xs, A.narrow(0, t, 1), B.narrow(0, t, 1), scaling,
+                                                         rows_per_term, at::Tensor(), dev, stream);
+        ga[t].copy_(ga_t[0]);
+        gb[t].copy_(gb_t[0]);
+      }
     } else {
-      auto [ga, gb] = factor_grads_by_gemms(dy, xs, A, B, scaling, need_a, need_b);
-      if (need_a) dA = ga;
-      if (need_b) dB = gb;
+      std::tie(ga, gb) = factor_grads_by_gemms(dy, xs, A, B, scaling, need_a, need_b);
     }
+    if (need_a) dA = ga;
+    if (need_b) dB = gb;
   }
   if (need_x) {
     // s sum_t vec(A_t^T G_m B_t): the term with the factors transposed, on dy; then cuBLAS adds dy W (beta = 1).

@@ -714,11 +714,13 @@ needs_cuda_krona = pytest.mark.skipif(not CUDA_KRONA, reason="needs a GPU and th
 
 # (M, (n1, k1), (n2, k2), terms, rank of B or None): many blocks and M splits (1000 and 517 rows: several tokens a block
 # and a short last block), PEFT LoKr's 64 x 64 and the 4096 -> 11008 factors (86x64 beside 128x64: float32 takes
-# cuBLAS for dA and dB there), dimensions that are not multiples of 16 (scalar token loads and stores), a 1-row A,
-# 4 terms of a multiplied-out low-rank B, and a dense 1024 x 1024 B past shared memory (cuBLAS GEMMs throughout).
+# cuBLAS for dA and dB there), four 64 x 64 terms (their backward one pass per term), dimensions that are not
+# multiples of 16 (scalar token loads and stores), a 1-row A, 4 terms of a multiplied-out low-rank B, and a dense
+# 1024 x 1024 B past shared memory (cuBLAS GEMMs throughout).
 CUDA_CASES = [
     (1000, (64, 64), (64, 64), 1, None),
     (517, (64, 64), (64, 64), 2, None),
+    (200, (64, 64), (64, 64), 4, None),
     (77, (20, 17), (24, 13), 2, None),
     (33, (1, 127), (37, 3), 3, None),
     (300, (86, 64), (128, 64), 1, None),
@@ -782,7 +784,8 @@ def test_cuda_kernels_are_deterministic():
 @needs_cuda_krona
 def test_cuda_kernel_paths():
     """Which factors the shared-memory kernels take on this GPU (an H100's or H200's 227 KB a block): PEFT LoKr's
-    64 x 64 and the 4096 -> 11008 factors in one backward pass for bf16, a dense 1024 x 1024 B nowhere (cuBLAS)."""
+    64 x 64 and the 4096 -> 11008 factors in one backward pass for bf16, four 64 x 64 terms' forward in one pass and
+    their backward in one a term, a dense 1024 x 1024 B nowhere (cuBLAS)."""
     from peftkern.kernels.cuda import krona_kernels_fit as fits
 
     dev = torch.cuda.current_device()
@@ -791,6 +794,8 @@ def test_cuda_kernel_paths():
         assert fits(dev, size, 86, 64, 128, 64, 1, "term")
         assert not fits(dev, size, 4, 4, 1024, 1024, 1, "term") and not fits(dev, size, 4, 4, 1024, 1024, 1, "grad")
     assert fits(dev, 2, 86, 64, 128, 64, 1, "grad_dx") and fits(dev, 2, 64, 64, 64, 64, 2, "grad_dx")
+    assert fits(dev, 2, 64, 64, 64, 64, 4, "term") and not fits(dev, 2, 64, 64, 64, 64, 4, "grad"), \
+        "four 64 x 64 terms: the backward pass runs once per term"
     assert not fits(dev, 4, 86, 64, 128, 64, 1, "grad"), "float32 11008 factors take cuBLAS for dA and dB"
 
 
