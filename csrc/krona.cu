@@ -17,7 +17,7 @@
 // products run on tensor cores (WMMA 16x16x16, fp32 accumulation) for fp16/bf16 and on CUDA cores in exact fp32
 // for fp32, intermediates (P = X B^T, A X, G B) are rounded to x's dtype between products, sums over terms and the
 // dA / dB / dx accumulators stay fp32 in shared memory. Where the factors do not fit in shared memory the bindings
-// take cuBLAS GEMMs on reshaped views instead.
+// run the backward pass once per term (where one term's fit) or take cuBLAS GEMMs on reshaped views instead.
 //
 // Floor (bf16, M = 8192, N = K = 4096, one 64 x 64 term): the base GEMM is 2MNK = 275 GFLOP each way; the term is
 // 2M(K n2 + N k1) = 8.6 GFLOP forward, the dx term, dA and dB 8.6 GFLOP each. Bytes: x, y, dy and dx are 64 MB each.
