@@ -17,6 +17,7 @@ namespace peftkern {
 void bind_launcher(pybind11::module& m);  // launch.cpp
 void register_adapter(pybind11::module& m);  // adapter_bindings.cpp
 }  // namespace peftkern
+void register_krona(pybind11::module_& m);  // krona_bindings.cpp
 
 namespace {
 
@@ -479,6 +480,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("factor"), py::arg("bias"), py::arg("scale_input"), py::arg("weight_transposed"));
   m.def("dropout_mask_", &dropout_mask_, "fill keep (M, K) bool with the kernels' dropout keep-mask",
         py::arg("keep"), py::arg("seed"), py::arg("dropout_p"));
+  register_krona(m);
   peftkern::bind_launcher(m);
   peftkern::register_adapter(m);
 }

@@ -602,12 +602,11 @@ def test_a_subclass_operand_compiles_on_the_reference(kind, backend):
 
 def test_krona_lora_route_runs_on_kronas_backend(monkeypatch):
     """KronA's LoRA route ran on the LoRA op's backend: with "cuda" forced, the CUDA LoRA kernels, where the README
-    and the warning say KronA runs on Triton (a review, 2026-12-05). Resolution is stubbed: lora to cuda, krona to
-    triton, as a forced "cuda" resolves them on a GPU."""
+    and the warning said KronA ran on Triton (a review, 2026-12-05). Resolution is stubbed: lora to cuda and krona to
+    triton (an extension without KronA kernels), then both to cuda (one with them): the route takes KronA's."""
     from peftkern import _backend
     from peftkern.ops import krona as krona_op
 
-    monkeypatch.setattr(_backend, "resolve", lambda op, device: {"lora": "cuda"}.get(op, "triton"))
     seen = []
 
     def spy_function():
@@ -618,8 +617,10 @@ def test_krona_lora_route_runs_on_kronas_backend(monkeypatch):
 
     monkeypatch.setattr(krona_op, "lora_function", spy_function)
     x = torch.randn(5, 24)
-    peftkern.krona_linear(x, torch.randn(20, 24), torch.randn(4, 6), (torch.randn(5, 2), torch.randn(2, 4)), 0.5)
-    assert seen == ["triton"], seen
+    for krona_backend in ("triton", "cuda"):
+        monkeypatch.setattr(_backend, "resolve", lambda op, device, kb=krona_backend: {"lora": "cuda"}.get(op, kb))
+        peftkern.krona_linear(x, torch.randn(20, 24), torch.randn(4, 6), (torch.randn(5, 2), torch.randn(2, 4)), 0.5)
+    assert seen == ["triton", "cuda"], seen
 
 
 def test_a_fallback_warning_names_the_callers_line(monkeypatch):
@@ -645,7 +646,7 @@ def test_a_fallback_warning_names_the_callers_line(monkeypatch):
 # NotImplementedError), or ran on a silently wrong reading of its argument, before its fix.
 
 
-@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)  # cuda: KronA's merge on Triton
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)  # cuda: KronA's merge on CUDA too
 def test_merges_check_their_scalars_and_flags(backend):
     """The merges read scaling and sign by float() and their flags by truthiness: True, "0.5" and a tensor that
     requires grad merged, an IA3 inverse="no" divided the weight by l, a rank-0 LoRA merged nothing (lora_linear

@@ -706,3 +706,114 @@ def test_an_empty_batch_gives_zero_gradients(backend, lead):
         y.sum().backward()
         for name, t in (("x", x), ("A", a), ("B_a", b1), ("B_b", b2)):
             assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name
+
+
+# --------------------------------------------------------------------------- the cuda backend's kernels (csrc/krona.cu)
+CUDA_KRONA = HAS_CUDA and peftkern._backend.available("cuda", torch.device("cuda"), "krona")
+needs_cuda_krona = pytest.mark.skipif(not CUDA_KRONA, reason="needs a GPU and the extension's KronA kernels")
+
+# (M, (n1, k1), (n2, k2), terms, rank of B or None): many blocks and M splits (1000 and 517 rows: several tokens a block
+# and a short last block), PEFT LoKr's 64 x 64 and the 4096 -> 11008 factors (86x64 beside 128x64: float32 takes
+# cuBLAS for dA and dB there), four 64 x 64 terms (their backward one pass per term), dimensions that are not
+# multiples of 16 (scalar token loads and stores), a 1-row A, 4 terms of a multiplied-out low-rank B, and a dense
+# 1024 x 1024 B past shared memory (cuBLAS GEMMs throughout).
+CUDA_CASES = [
+    (1000, (64, 64), (64, 64), 1, None),
+    (517, (64, 64), (64, 64), 2, None),
+    (200, (64, 64), (64, 64), 4, None),
+    (77, (20, 17), (24, 13), 2, None),
+    (33, (1, 127), (37, 3), 3, None),
+    (300, (86, 64), (128, 64), 1, None),
+    (129, (5, 17), (16, 32), 4, 3),
+    (40, (4, 4), (1024, 1024), 2, None),
+]
+KRONA_GRAD_NAMES = ("dx", "da", "da2", "db", "db2", "dbias", "dweight")
+
+
+@needs_cuda_krona
+@pytest.mark.parametrize("case", CUDA_CASES,
+                         ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}"
+                                       f"{'-rB' + str(c[4]) if c[4] else ''}")
+@pytest.mark.parametrize("path", ["kernels", "gemms"])
+def test_cuda_kernels_match_reference(case, path, monkeypatch):
+    """kernels.cuda's forward and backward against the reference, on the shared-memory kernels (where the factors fit)
+    or forced onto the cuBLAS path: every dtype, factors in x's dtype and in float32, and three sets of gradients
+    (all: dA, dB and the dx term in one pass; dx alone: the term kernel on dy with A^T, B^T; the factors alone: the
+    one pass without the dx term). Rows 16-byte aligned apart (vector loads) and 3 elements past (scalar loads)."""
+    from peftkern.kernels import cuda as kc
+
+    monkeypatch.setattr(kc, "KRONA_GEMMS", [path == "gemms"])
+    M, a_shape, b_shape, T, rb = case
+    all_needs = (True,) * 7
+    x_only = (True, False, False, False, False, False, False)
+    factors_only = (False, True, False, True, True, False, False)
+    for dtype in dtypes_for("cuda"):
+        for fdt in (dtype, torch.float32):
+            x, w, bias, a, (b, b2), dy = dense_case(M, a_shape, b_shape, T, rb, dtype, fdt)
+            if fdt == torch.float32:  # rows 3 elements longer than K and N: no 16-byte vectors
+                x = torch.cat([x, x[:, :3]], 1)[:, :x.shape[1]]
+                dy = torch.cat([dy, dy[:, :3]], 1)[:, :dy.shape[1]]
+            label = f"{path} {dtype} factors {fdt}"
+            y = kc.krona_forward(x, w, a, None, b, b2, 0.7, bias)
+            assert y.dtype == dtype
+            assert_close(y, reference.krona_forward(x, w, a, None, b, b2, 0.7, bias), dtype, f"{label} y")
+            for needs in (all_needs, x_only, factors_only):
+                got = kc.krona_backward(dy, x, w, a, None, b, b2, 0.7, needs)
+                ref = reference.krona_backward(dy, x, w, a, None, b, b2, 0.7, needs)
+                for name, u, v in zip(KRONA_GRAD_NAMES, got, ref):
+                    assert (u is None) == (v is None), f"{label} {name}: given {u is not None}, wanted {v is not None}"
+                    if v is not None:
+                        assert u.dtype == v.dtype, f"{label} {name}: dtype {u.dtype} != {v.dtype}"
+                        assert_close(u, v, dtype, f"{label} {name} (needs {needs})")
+
+
+@needs_cuda_krona
+def test_cuda_kernels_are_deterministic():
+    """The factor gradients' sums over M go through per-block partial sums added in a fixed order: two runs agree
+    bit for bit (1000 rows: many blocks)."""
+    from peftkern.kernels import cuda as kc
+
+    x, w, _, a, (b, _), dy = dense_case(1000, (64, 64), (64, 64), 1, None, torch.bfloat16)
+    first = kc.krona_backward(dy, x, w, a, None, b, None, 0.5, (True,) * 7)
+    second = kc.krona_backward(dy, x, w, a, None, b, None, 0.5, (True,) * 7)
+    for name, u, v in zip(KRONA_GRAD_NAMES, first, second):
+        if u is not None:
+            assert torch.equal(u, v), f"{name} differs between two runs"
+
+
+@needs_cuda_krona
+def test_cuda_kernel_paths():
+    """Which factors the shared-memory kernels take on this GPU (an H100's or H200's 227 KB a block): PEFT LoKr's
+    64 x 64 and the 4096 -> 11008 factors in one backward pass for bf16, four 64 x 64 terms' forward in one pass and
+    their backward in one a term, a dense 1024 x 1024 B nowhere (cuBLAS)."""
+    from peftkern.kernels.cuda import krona_kernels_fit as fits
+
+    dev = torch.cuda.current_device()
+    for size in (2, 4):
+        assert fits(dev, size, 64, 64, 64, 64, 1, "term") and fits(dev, size, 64, 64, 64, 64, 1, "grad_dx")
+        assert fits(dev, size, 86, 64, 128, 64, 1, "term")
+        assert not fits(dev, size, 4, 4, 1024, 1024, 1, "term") and not fits(dev, size, 4, 4, 1024, 1024, 1, "grad")
+    assert fits(dev, 2, 86, 64, 128, 64, 1, "grad_dx") and fits(dev, 2, 64, 64, 64, 64, 2, "grad_dx")
+    assert fits(dev, 2, 64, 64, 64, 64, 4, "term") and not fits(dev, 2, 64, 64, 64, 64, 4, "grad"), \
+        "four 64 x 64 terms: the backward pass runs once per term"
+    assert not fits(dev, 4, 86, 64, 128, 64, 1, "grad"), "float32 11008 factors take cuBLAS for dA and dB"
+
+
+@needs_cuda_krona
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_merge_strided_weight_and_fp32_factors(dtype):
+    """krona_merge_ on the cuda backend into a transposed (column-major) weight view, float32 factors (two terms of
+    a low-rank B), against the delta in float64; unmerging comes back within a rounding or two."""
+    g = _gen()
+    storage = torch.randn(96, 128, generator=g).to(DEVICE, dtype)
+    w = storage.t()  # (N, K) = (128, 96), stride (1, 128)
+    A = make_factor(8, 12, 2, None, torch.float32, g)
+    B = make_factor(16, 8, 2, 3, torch.float32, g)
+    w0 = w.clone()
+    (a, a2), (b, b2) = stacked(A), stacked(B)
+    delta = reference.krona_delta_weight(a, a2, b, b2, 0.6, torch.float64)
+    peftkern.set_backend("cuda")
+    peftkern.krona_merge_(w, A, B, 0.6)
+    assert_close(w, w0.double() + delta, dtype, "merged weight")
+    peftkern.krona_merge_(w, A, B, 0.6, sign=-1.0)
+    assert_close(w, w0, dtype, "unmerged weight", scale=0.5)

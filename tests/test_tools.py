@@ -252,6 +252,21 @@ def test_persistent_kernel_configs_fit_an_sm90_sm():
     assert run.stdout.count("shared") >= 10, run.stdout
 
 
+def test_krona_cuda_kernels_run_emulated_on_the_cpu():
+    """csrc/krona.cu's kernels (the cuda backend's KronA) run on the CPU by scripts/emulate_krona_cu.py: their text
+    with the CUDA-core products, a block's threads as threads, against float64 for every dtype, odd and PEFT-sized
+    factors, several tokens a block. Indexing, layouts, staging, epilogues, the split reduction and the merge break
+    here before a GPU sees them."""
+    import shutil
+
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    if shutil.which("g++") is None or not (cuda_home / "include" / "cuda_fp16.h").exists():
+        pytest.skip(f"needs g++ and the CUDA headers (CUDA_HOME={cuda_home})")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "emulate_krona_cu.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "0 failure(s)" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+
+
 def test_compile_report_flags_an_mma_operand_read_into_registers_too():
     """compile_report's hazard check finds the pattern behind the adapter's LN failure (a pipelined tile that an async
     MMA and a row sum both read: Triton 3.6 gave it one buffer fewer) in the code that had it, the forward's loop 1

@@ -1,5 +1,5 @@
-"""The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present: LoRA, IA3 and the
-bottleneck adapter.
+"""The compiled CUDA extension (peftkern._C, built from csrc/ by setup.py), if present: LoRA, IA3, KronA and
+the bottleneck adapter.
 
 Each op's functions here keep the signatures and return conventions of reference.py's, so ops/ can call any
 backend alike. The kernels, what they fuse and how the extension is built: csrc/README.md.
@@ -8,6 +8,7 @@ backend alike. The kernels, what they fuse and how the extension is built: csrc/
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -137,3 +138,72 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
     return _ext().adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, scale, z, stats, ln_weight,
                                    ln_bias, str(activation), float(scaling), bool(sequential), bool(layer_norm),
                                    *(bool(n) for n in needs))
+
+
+# ------------------------------------------------------------------------------------------------- KronA
+KRONA_GEMMS = [os.environ.get("PEFTKERN_KRONA_CUDA_GEMMS", "0") == "1"]  # a list: tests force the cuBLAS path
+
+
+def _dense_factor(f: Tensor, f2: Optional[Tensor]) -> Tensor:
+    """A stacked factor as one (T, n, k) tensor: itself, or a low-rank pair multiplied out in float32 (n x k: small)."""
+    return f if f2 is None else torch.bmm(f.float(), f2.float())
+
+
+def _factor_grads(dF: Optional[Tensor], f: Tensor, f2: Optional[Tensor], need: bool, need2: bool):
+    """(df, df2) of F = f @ f2 (or F = f) from the float32 dF, each in its own factor's dtype."""
+    if dF is None:
+        return None, None
+    if f2 is None:
+        return (dF.to(f.dtype) if need else None), None
+    df = torch.bmm(dF, f2.float().transpose(1, 2)).to(f.dtype) if need else None
+    df2 = torch.bmm(f.float().transpose(1, 2), dF).to(f2.dtype) if need2 else None
+    return df, df2
+
+
+def krona_forward(x, weight, a, a2, b, b2, scaling, bias):
+    """y = x W^T + b + s sum_t (A_t (x) B_t) x (M, N) in x's dtype, as reference.krona_forward.
+
+    The term C = s sum_t vec(A_t X_m B_t^T) + b is written once by a kernel holding the whole factors in shared memory,
+    then cuBLAS adds x W^T into C (beta = 1); factors too big for shared memory take cuBLAS GEMMs on reshaped views.
+    """
+    return _ext().krona_forward(x, weight, _dense_factor(a, a2), _dense_factor(b, b2), float(scaling), bias,
+                                KRONA_GEMMS[0])
+
+
+def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs):
+    """(dx, da, da2, db, db2, dbias, dweight) as reference.krona_backward, None where `needs` (7 bools) says no.
+
+    One pass over dy and x sums dA and dB (fp32 partial sums per block, added in order) and writes the dx term, to
+    which cuBLAS adds dy W; a low-rank factor's pair gets its gradients by the chain rule here. Factor gradients come
+    back in each factor's dtype, dbias and dweight in float32.
+    """
+    need_x, need_a, need_a2, need_b, need_b2, need_bias, need_w = (bool(n) for n in needs)
+    dx, dA, dB, dbias, dw = _ext().krona_backward(
+        grad_y, x, weight, _dense_factor(a, a2), _dense_factor(b, b2), float(scaling), need_x, need_a or need_a2,
+        need_b or need_b2, need_bias, need_w, KRONA_GEMMS[0])
+    da, da2 = _factor_grads(dA, a, a2, need_a, need_a2)
+    db, db2 = _factor_grads(dB, b, b2, need_b, need_b2)
+    return dx, da, da2, db, db2, dbias, dw
+
+
+def krona_merge_(weight, a, a2, b, b2, scaling, sign):
+    """weight += sign * scaling * sum_t A_t (x) B_t in place (weight (N, K)): every element its own sum of T products in
+    fp32, rounded once to weight's dtype."""
+    return _ext().krona_merge_(weight, _dense_factor(a, a2), _dense_factor(b, b2), float(scaling), float(sign))
+
+
+_FITS: dict = {}  # krona_kernels_fit's answers: one per device, dtype size and factor shapes
+
+
+# A constant under torch.compile (krona_linear asks while dynamo traces): dynamo calls it for real and keeps the answer.
+@torch.compiler.assume_constant_result
+def krona_kernels_fit(device: int, element_size: int, n1: int, k1: int, n2: int, k2: int, terms: int,
+                      kernel: str = "term") -> bool:
+    """Whether the KronA kernels hold these factors whole in one block's shared memory on GPU `device` for x of
+    element_size bytes: "term" (the forward and the dx term), "grad" (dA and dB in one pass) or "grad_dx" (with the dx
+    term in the same pass). Elsewhere cuBLAS GEMMs on reshaped views run the term or the factor gradients."""
+    key = (device, element_size, n1, k1, n2, k2, terms, kernel)
+    fit = _FITS.get(key)
+    if fit is None:
+        fit = _FITS[key] = bool(_ext().krona_fits(device, element_size, n1, k1, n2, k2, terms, kernel))
+    return fit

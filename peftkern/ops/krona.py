@@ -22,7 +22,9 @@ layer at rank 64 (kernels/triton/NOTES-krona.md), where the Kronecker kernels wo
 built by autograd-tracked broadcast products (N x rank and rank x K: small), so the factors' gradients come
 from the LoRA op's through the chain rule. Up to rank 64, and up to LORA_ROUTE_MAX_RANK (the persistent LoRA kernel's
 largest rank) where the Kronecker kernels cannot hold whole factors (_take_lora_route); PEFTKERN_KRONA_LORA_RANK=0
-keeps every call on the Kronecker kernels.
+keeps every call on the Kronecker kernels. The cuda backend takes the same route on the LoRA op's CUDA kernels (a
+dense 1024 x 1024 B of Compacter's layer is past its Kronecker kernels' shared memory, where they run cuBLAS GEMMs on
+reshaped views instead); neither choice was measured against the other on a GPU for cuda yet.
 """
 
 from __future__ import annotations
@@ -308,19 +310,25 @@ def lora_route_factors(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[
     return rmat.reshape(-1, k1 * k2), lmat.reshape(n1 * n2, -1)
 
 
-def _take_lora_route(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor], x: Tensor) -> bool:
+def _take_lora_route(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor], x: Tensor,
+                     backend: str = "triton") -> bool:
     """Up to rank 64 always (Compacter's rank-64 PHM layer: 1.14x through the LoRA op against 8.5x on the Kronecker
-    kernels, H200); up to LORA_ROUTE_MAX_RANK only where the Kronecker kernels cannot hold whole dense factors (at
-    rank 128 a 64 x 64 term beside a rank-2 B took 1.202x through the LoRA op and 1.176x on them)."""
+    kernels, H200, Triton); up to LORA_ROUTE_MAX_RANK only where the backend's Kronecker kernels cannot hold whole
+    dense factors (at rank 128 a 64 x 64 term beside a rank-2 B took 1.202x through the LoRA op and 1.176x on them,
+    Triton). The cuda backend's thresholds are Triton's, unmeasured for its own kernels."""
     rank = lora_route_rank(a, a2, b, b2)
     if rank > LORA_ROUTE_MAX_RANK[0]:
         return False
     if rank <= 64:
         return True
+    T, n1, k1 = factor_shape(a, a2)
+    _, n2, k2 = factor_shape(b, b2)
+    if backend == "cuda":
+        from ..kernels.cuda import krona_kernels_fit
+
+        return not krona_kernels_fit(x.get_device(), x.element_size(), n1, k1, n2, k2, T)
     from ..kernels.triton.krona import whole_factors_fit
 
-    _, n1, k1 = factor_shape(a, a2)
-    _, n2, k2 = factor_shape(b, b2)
     return not whole_factors_fit(n1, k1, n2, k2, x.dtype)
 
 
@@ -355,10 +363,9 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     # no tokens (the factors get zero gradients, as in PEFT), a torch.func transform, or a subclass under compile
     if plain_torch(x2d, N, K) or traced_subclass(x2d, weight, a, a2, b, b2, bias):
         return reference.krona_forward(x2d, weight, a, a2, b, b2, scaling, bias).reshape(*lead, N)
-    if backend == "triton" and _take_lora_route(a, a2, b, b2, x2d):
+    if backend in ("triton", "cuda") and _take_lora_route(a, a2, b, b2, x2d, backend):
         # the LoRA op's Function on the inputs checked and prepared here (lora_linear would check and autocast them
-        # again on every call), on KronA's backend: Triton (with "cuda" forced, the LoRA op's own backend ran it on
-        # the CUDA kernels, where the README and the warning say KronA runs on Triton; a review, 2026-12-05)
+        # again on every call), on KronA's backend: the LoRA op's Triton or CUDA kernels, whichever KronA resolved to
         rmat, lmat = lora_route_factors(a, a2, b, b2)
         lora = lora_function()
         y = apply_by_rows(lambda xs: lora(xs, weight, rmat, lmat, bias, scaling, 0.0, False, backend), (x2d,),
