@@ -20,6 +20,10 @@ for step in "$@"; do
   read -r secs name cmd <<< "$step"
   mkdir -p "$WORK/steps/$name"
   start=$(date +%s)
+  # gpu_check.sh's shard logs go into the step's folder too, so a step cut by its timeout still brings back each shard's
+  # pytest -v log: on 2026-12-06 a cut test step came back with its header alone (233 s of device time, no outcome),
+  # because PEFTKERN_SHARD_DIR was not set and the shards wrote to a temporary folder that was never packed
+  PEFTKERN_SHARD_DIR="${PEFTKERN_SHARD_DIR:-$WORK/steps/$name/shards}" \
   PEFTKERN_RESULTS_DIR="$WORK/steps/$name" OUT="$WORK/steps/$name" timeout "$secs" bash -c "$cmd" \
     > "$WORK/steps/$name.log" 2>&1
   rc=$?
