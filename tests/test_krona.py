@@ -790,9 +790,14 @@ def test_cuda_kernel_paths():
 
     dev = torch.cuda.current_device()
     for size in (2, 4):
+        assert not fits(dev, size, 4, 4, 1024, 1024, 1, "term") and not fits(dev, size, 4, 4, 1024, 1024, 1, "grad")
+    # the rest are an H100's or H200's answers: a GPU with less shared memory a block (an A100's 163 KB, 99 KB on
+    # sm_86) takes cuBLAS for more of them, which test_cuda_kernels_match_reference covers wherever it runs
+    if torch.cuda.get_device_properties(dev).shared_memory_per_block_optin < 227 * 1024:
+        return
+    for size in (2, 4):
         assert fits(dev, size, 64, 64, 64, 64, 1, "term") and fits(dev, size, 64, 64, 64, 64, 1, "grad_dx")
         assert fits(dev, size, 86, 64, 128, 64, 1, "term")
-        assert not fits(dev, size, 4, 4, 1024, 1024, 1, "term") and not fits(dev, size, 4, 4, 1024, 1024, 1, "grad")
     assert fits(dev, 2, 86, 64, 128, 64, 1, "grad_dx") and fits(dev, 2, 64, 64, 64, 64, 2, "grad_dx")
     assert fits(dev, 2, 64, 64, 64, 64, 4, "term") and not fits(dev, 2, 64, 64, 64, 64, 4, "grad"), \
         "four 64 x 64 terms: the backward pass runs once per term"
