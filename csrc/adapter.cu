@@ -424,8 +424,6 @@ cudaError_t by_dtype(DType dtype, Launch&& launch) {
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 unsigned grid_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < kMaxGridBlocks ? blocks : kMaxGridBlocks);

@@ -1,5 +1,6 @@
 // Element access shared by the .cu files: float conversions of every element type the kernels take, and loads of
-// small operands (factors, vectors) whose dtype is known only at run time. Torch-free, as the .cu files are.
+// small operands (factors, vectors) whose dtype is known only at run time; and the launchers' two host helpers.
+// Torch-free, as the .cu files are.
 #pragma once
 
 #include <cstdint>
@@ -36,5 +37,10 @@ __device__ __forceinline__ float load_any(const void* p, DType dtype, int64_t i)
     default: return static_cast<const float*>(p)[i];
   }
 }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether p may be read or written in 16-byte vectors
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace peftkern

@@ -577,10 +577,6 @@ __global__ void krona_merge_kernel(TW* __restrict__ w, int64_t N, int64_t K, int
 
 // --------------------------------------------------------------------------------------------------- launchers
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // A token's row moves in 16-byte vectors when the base and the row stride keep every row 16-byte aligned and a
 // vector never straddles two rows of the token's matrix (cols whole vectors).
 bool rows_vectorizable(const void* p, int64_t ld, int64_t M, int64_t cols, int64_t esize) {

@@ -543,10 +543,6 @@ __global__ void lora_dropout_mask_kernel(uint8_t* __restrict__ keep, int64_t M, 
 constexpr int kBlocksPerSm = 8;  // resident blocks the splits aim for: enough 16-byte loads in flight per SM
 constexpr int kReduceThreads = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // 16-byte vectors along rows need a 16-byte aligned base and a row stride of whole vectors (any stride when
 // there is one row).
 bool vectorizable(const void* p, int64_t ld, int64_t rows, int64_t elem_size) {
