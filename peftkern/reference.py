@@ -230,6 +230,24 @@ def krona_factor(f: Tensor, f2: Optional[Tensor], dtype: torch.dtype) -> Tensor:
     return f.to(dtype) if f2 is None else f.to(dtype) @ f2.to(dtype)
 
 
+def krona_dense_factor(f: Tensor, f2: Optional[Tensor]) -> Tensor:
+    """A stacked factor as one (T, n, k) tensor for the kernels: f itself, or a low-rank pair multiplied out in
+    float32 (it is n x k, small)."""
+    return f if f2 is None else torch.bmm(f.float(), f2.float())
+
+
+def krona_lowrank_grads(dF: Optional[Tensor], f: Tensor, f2: Optional[Tensor], need: bool, need2: bool):
+    """(df, df2) of a factor F = f @ f2 (or F = f) from its float32 gradient dF, each in its own factor's dtype: the
+    chain rule the kernels' backends apply to the dense factor's gradient; (None, None) where dF is None."""
+    if dF is None:
+        return None, None
+    if f2 is None:
+        return (dF.to(f.dtype) if need else None), None
+    df = torch.bmm(dF, f2.float().transpose(1, 2)).to(f.dtype) if need else None
+    df2 = torch.bmm(f.float().transpose(1, 2), dF).to(f2.dtype) if need2 else None
+    return df, df2
+
+
 def krona_delta_weight(a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor], scaling: float,
                        dtype: torch.dtype = torch.float32) -> Tensor:
     """scaling * sum_t kron(A_t, B_t): the dense (N, K) delta. For merging and tests only."""

@@ -15,7 +15,11 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference import lora_xa_dtype  # noqa: F401  (the extension saves xa in float32, as the reference does)
+from ..reference import (
+    krona_dense_factor,
+    krona_lowrank_grads,
+    lora_xa_dtype,  # noqa: F401  (the extension saves xa in float32, as the reference does)
+)
 
 _import_error: Optional[str] = None
 
@@ -144,30 +148,14 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
 KRONA_GEMMS = [os.environ.get("PEFTKERN_KRONA_CUDA_GEMMS", "0") == "1"]  # a list: tests force the cuBLAS path
 
 
-def _dense_factor(f: Tensor, f2: Optional[Tensor]) -> Tensor:
-    """A stacked factor as one (T, n, k) tensor: itself, or a low-rank pair multiplied out in float32 (n x k: small)."""
-    return f if f2 is None else torch.bmm(f.float(), f2.float())
-
-
-def _factor_grads(dF: Optional[Tensor], f: Tensor, f2: Optional[Tensor], need: bool, need2: bool):
-    """(df, df2) of F = f @ f2 (or F = f) from the float32 dF, each in its own factor's dtype."""
-    if dF is None:
-        return None, None
-    if f2 is None:
-        return (dF.to(f.dtype) if need else None), None
-    df = torch.bmm(dF, f2.float().transpose(1, 2)).to(f.dtype) if need else None
-    df2 = torch.bmm(f.float().transpose(1, 2), dF).to(f2.dtype) if need2 else None
-    return df, df2
-
-
 def krona_forward(x, weight, a, a2, b, b2, scaling, bias):
     """y = x W^T + b + s sum_t (A_t (x) B_t) x (M, N) in x's dtype, as reference.krona_forward.
 
     The term C = s sum_t vec(A_t X_m B_t^T) + b is written once by a kernel holding the whole factors in shared memory,
     then cuBLAS adds x W^T into C (beta = 1); factors too big for shared memory take cuBLAS GEMMs on reshaped views.
     """
-    return _ext().krona_forward(x, weight, _dense_factor(a, a2), _dense_factor(b, b2), float(scaling), bias,
-                                KRONA_GEMMS[0])
+    return _ext().krona_forward(x, weight, krona_dense_factor(a, a2), krona_dense_factor(b, b2), float(scaling),
+                                bias, KRONA_GEMMS[0])
 
 
 def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs):
@@ -179,17 +167,18 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs):
     """
     need_x, need_a, need_a2, need_b, need_b2, need_bias, need_w = (bool(n) for n in needs)
     dx, dA, dB, dbias, dw = _ext().krona_backward(
-        grad_y, x, weight, _dense_factor(a, a2), _dense_factor(b, b2), float(scaling), need_x, need_a or need_a2,
-        need_b or need_b2, need_bias, need_w, KRONA_GEMMS[0])
-    da, da2 = _factor_grads(dA, a, a2, need_a, need_a2)
-    db, db2 = _factor_grads(dB, b, b2, need_b, need_b2)
+        grad_y, x, weight, krona_dense_factor(a, a2), krona_dense_factor(b, b2), float(scaling), need_x,
+        need_a or need_a2, need_b or need_b2, need_bias, need_w, KRONA_GEMMS[0])
+    da, da2 = krona_lowrank_grads(dA, a, a2, need_a, need_a2)
+    db, db2 = krona_lowrank_grads(dB, b, b2, need_b, need_b2)
     return dx, da, da2, db, db2, dbias, dw
 
 
 def krona_merge_(weight, a, a2, b, b2, scaling, sign):
     """weight += sign * scaling * sum_t A_t (x) B_t in place (weight (N, K)): every element its own sum of T products in
     fp32, rounded once to weight's dtype."""
-    return _ext().krona_merge_(weight, _dense_factor(a, a2), _dense_factor(b, b2), float(scaling), float(sign))
+    return _ext().krona_merge_(weight, krona_dense_factor(a, a2), krona_dense_factor(b, b2), float(scaling),
+                               float(sign))
 
 
 _FITS: dict = {}  # krona_kernels_fit's answers: one per device, dtype size and factor shapes

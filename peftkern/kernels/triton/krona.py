@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import triton_interpret
+from ...reference import krona_dense_factor, krona_lowrank_grads
 from ._launch import Descriptor, cdiv, launch
 from .lora import _dot_precision, _facts, _sm_count, _tma_layout
 
@@ -715,11 +716,6 @@ def grad_fused(g: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
 # ------------------------------------------------------------------------------------------- the op
 
 
-def _dense(f: torch.Tensor, f2: Optional[torch.Tensor]) -> torch.Tensor:
-    """A factor as one (T, n, k) tensor: a low-rank pair multiplied out in float32 (it is n x k, small)."""
-    return f if f2 is None else torch.bmm(f.float(), f2.float())
-
-
 def _b_operands(A: torch.Tensor, b: torch.Tensor, b2: Optional[torch.Tensor], factored: Optional[bool]):
     """(B, Ba): the dense B and None, or for a low-rank B kept factored Bb = b2 and Ba = b. `factored` forces
     the choice (tests); None takes use_lowrank_b's."""
@@ -727,16 +723,7 @@ def _b_operands(A: torch.Tensor, b: torch.Tensor, b2: Optional[torch.Tensor], fa
         factored = use_lowrank_b(A.shape[1], A.shape[2], b.shape[1], b2.shape[2], b.shape[2])
     if b2 is not None and factored:
         return b2, b
-    return _dense(b, b2), None
-
-
-def _lowrank_chain(dF: torch.Tensor, f: torch.Tensor, f2: Optional[torch.Tensor], need: bool, need2: bool):
-    """Gradients of a factor F = f @ f2 from dF (float32): (df, df2), or (dF, None) for a dense factor."""
-    if f2 is None:
-        return (dF.to(f.dtype) if need else None), None
-    df = torch.bmm(dF, f2.float().transpose(1, 2)).to(f.dtype) if need else None
-    df2 = torch.bmm(f.float().transpose(1, 2), dF).to(f2.dtype) if need2 else None
-    return df, df2
+    return krona_dense_factor(b, b2), None
 
 
 def krona_forward(x, weight, a, a2, b, b2, scaling, bias, mode: Optional[str] = None,
@@ -747,7 +734,7 @@ def krona_forward(x, weight, a, a2, b, b2, scaling, bias, mode: Optional[str] = 
     beta = 1 input, so y is written once by each; "cublas-add": y = F.linear(x, W, b), then the term kernel adds
     into y in place (the same passes; kept to measure against). factored_b: see _b_operands.
     """
-    A = _dense(a, a2)
+    A = krona_dense_factor(a, a2)
     B, Ba = _b_operands(A, b, b2, factored_b)
     if mode == "cublas-add":
         y = torch.nn.functional.linear(x, weight, bias)
@@ -765,7 +752,7 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
     dy; dB (or dBa and dBb of a factored B): one reduction each. Factor gradients come back in their own dtypes.
     """
     need_x, need_a, need_a2, need_b, need_b2, need_bias, need_w = needs
-    A = _dense(a, a2)
+    A = krona_dense_factor(a, a2)
     B, Ba = _b_operands(A, b, b2, factored_b)
     n1, k1 = A.shape[1:]
     n2 = Ba.shape[1] if Ba is not None else B.shape[1]
@@ -779,8 +766,8 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
             if term is None:
                 term = kron_term(grad_y, At, B.transpose(1, 2), None, scaling)
             dx = term.addmm_(grad_y, weight)
-        da, da2 = _lowrank_chain(dA.mul_(scaling), a, a2, need_a, need_a2)
-        db, db2 = _lowrank_chain(dB.mul_(scaling), b, b2, need_b, need_b2)
+        da, da2 = krona_lowrank_grads(dA.mul_(scaling), a, a2, need_a, need_a2)
+        db, db2 = krona_lowrank_grads(dB.mul_(scaling), b, b2, need_b, need_b2)
         need_x = need_a = need_a2 = need_b = need_b2 = False
     if need_x:
         if Ba is None:
@@ -793,14 +780,14 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
             dA = grad_outer(grad_y, x, n1, k1, B)
         else:
             dA = grad_outer(grad_y, x, n1, k1, B, RG=Ba.transpose(1, 2))
-        da, da2 = _lowrank_chain(dA.mul_(scaling), a, a2, need_a, need_a2)
+        da, da2 = krona_lowrank_grads(dA.mul_(scaling), a, a2, need_a, need_a2)
     if Ba is not None:
         db = grad_inner(grad_y, x, A, n2, RX=B).mul_(scaling).to(b.dtype) if need_b else None
         if need_b2:
             db2 = grad_inner(x, grad_y, At, B.shape[2], RX=Ba.transpose(1, 2)).mul_(scaling)
             db2 = db2.transpose(1, 2).to(b2.dtype)
     elif need_b or need_b2:
-        db, db2 = _lowrank_chain(grad_inner(grad_y, x, A, n2).mul_(scaling), b, b2, need_b, need_b2)
+        db, db2 = krona_lowrank_grads(grad_inner(grad_y, x, A, n2).mul_(scaling), b, b2, need_b, need_b2)
     if need_bias:
         dbias = grad_y.sum(0, dtype=torch.float32)
     if need_w:
@@ -810,7 +797,7 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs, factored_b: 
 
 def krona_merge_(weight, a, a2, b, b2, scaling, sign):
     """weight += sign * scaling * sum_t A_t (x) B_t in place (weight (N, K))."""
-    A, B = _dense(a, a2), _dense(b, b2)
+    A, B = krona_dense_factor(a, a2), krona_dense_factor(b, b2)
     N, K = weight.shape
     T, n2, k2 = B.shape
     block_n, block_k = (16, 32) if triton_interpret() else (64, 64)
