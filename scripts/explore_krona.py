@@ -6,6 +6,10 @@ Not part of the test suite: it prints microseconds per piece so the choices in k
     python scripts/explore_krona.py --term-configs   # krona_term_whole_kernel's warps, stages and splits
     python scripts/explore_krona.py --route          # sums of low rank: the LoRA route or the Kronecker kernels
     python scripts/explore_krona.py --tma            # token blocks by TMA against plain loads, and TMA's configs
+    python scripts/explore_krona.py --cuda           # the cuda backend's pieces (csrc/krona.cu) against the Triton op
+    python scripts/explore_krona.py --cuda-once      # its forward and backward a few times, M = 8192, 64 x 64, for ncu:
+        ncu --clock-control none -k regex:krona_ --launch-skip 4 --launch-count 3 --section SpeedOfLight \
+            --section Occupancy --section WarpStateStats python scripts/explore_krona.py --cuda-once
 """
 import sys
 
@@ -202,7 +206,50 @@ def route():
         print(f"  {'LoRA op alone':18s} fwd+bwd {t:.1f} us ({t / t0:.3f}x): L, R made beforehand", flush=True)
 
 
+def cuda_pieces():
+    """The cuda backend's forward and its backward with and without each piece (the term kernel with the factors
+    transposed for dx alone; the grad kernel alone; both in one pass), against cuBLAS and the Triton op."""
+    from peftkern.kernels import cuda as kc
+
+    ext = kc._ext()
+    for M, n1, k1, n2, k2, T in CASES[:4]:
+        x, W, A, B, dy = make(M, n1, k1, n2, k2, T)
+        f_fwd, f_dx = us(lambda: F.linear(x, W)), us(lambda: dy @ W)
+        print(f"\n== cuda, M={M} A {n1}x{k1} B {n2}x{k2} T={T}: cuBLAS fwd {f_fwd:.1f} us, dx {f_dx:.1f} us; copy x "
+              f"{copy_us(x):.1f} us", flush=True)
+        C = torch.empty(M, n1 * n2, device="cuda", dtype=x.dtype)
+        rows = [
+            ("forward (term kernel + cuBLAS)", f_fwd, lambda: ext.krona_forward(x, W, A, B, 2.0, None, False)),
+            ("forward, cuBLAS GEMMs on views", f_fwd, lambda: ext.krona_forward(x, W, A, B, 2.0, None, True)),
+            ("cuBLAS C.addmm_(x, W^T) alone", f_fwd, lambda: C.addmm_(x, W.t())),
+            ("bwd dx only (term kernel on dy)", f_dx,
+             lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, False, False, False, False, False)),
+            ("bwd dA, dB only (grad kernel)", f_dx,
+             lambda: ext.krona_backward(dy, x, W, A, B, 2.0, False, True, True, False, False, False)),
+            ("bwd all (grad kernel with dx)", f_dx,
+             lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, False)),
+            ("bwd all, cuBLAS GEMMs on views", f_dx,
+             lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, True)),
+            ("Triton op backward", f_dx,
+             lambda: kk.krona_backward(dy, x, W, A, None, B, None, 2.0, (True, True, False, True, False, False, False))),
+        ]
+        for name, ref, fn in rows:
+            t = us(fn)
+            print(f"  {name:34s} {t:8.1f} us  ({t / ref:.3f}x its cuBLAS GEMM, +{t - ref:.1f} us)", flush=True)
+
+
+def cuda_once():
+    from peftkern.kernels import cuda as kc
+
+    ext = kc._ext()
+    x, W, A, B, dy = make(8192, 64, 64, 64, 64, 1)
+    for _ in range(3):
+        ext.krona_forward(x, W, A, B, 2.0, None, False)
+        ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, False)
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     arg = sys.argv[1] if len(sys.argv) > 1 else ""
-    {"--fused-configs": fused_configs, "--term-configs": term_configs, "--route": route, "--tma": tma}.get(arg, pieces)()
+    {"--fused-configs": fused_configs, "--term-configs": term_configs, "--route": route, "--tma": tma, "--cuda": cuda_pieces, "--cuda-once": cuda_once}.get(arg, pieces)()
