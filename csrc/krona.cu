@@ -16,7 +16,8 @@
 // while this one's products run (two buffers, where they fit): a token's X (and G) is staged, the small
 // products run on tensor cores (WMMA 16x16x16, fp32 accumulation) for fp16/bf16 and on CUDA cores in exact fp32
 // for fp32, intermediates (P = X B^T, A X, G B) are rounded to x's dtype between products, sums over terms and the
-// dA / dB / dx accumulators stay fp32 in shared memory. Where the factors do not fit in shared memory the bindings
+// dA / dB / dx accumulators stay fp32: in shared memory, or for dA and dB in the warps' registers where their tiles
+// fit (kRegTiles; then two blocks share an SM at 64 x 64). Where the factors do not fit in shared memory the bindings
 // run the backward pass once per term (where one term's fit) or take cuBLAS GEMMs on reshaped views instead.
 //
 // Floor (bf16, M = 8192, N = K = 4096, one 64 x 64 term): the base GEMM is 2MNK = 275 GFLOP each way; the term is
@@ -46,6 +47,9 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kScratchLd = 20;  // a warp's 16 x 16 fp32 staging tile; rows padded to keep lanes off one bank
 constexpr int kReduceThreads = 256;
 constexpr int kMergeThreads = 256;
+// krona_grad_kernel's dA and dB tiles a warp may keep in registers across its tokens (4 fragments of 8 fp32 values),
+// where terms x (dA's + dB's 16 x 16 tiles) <= kWarps kRegTiles: no fp32 accumulators in shared memory then.
+constexpr int kRegTiles = 4;
 
 // to_float, from_float, load_any: element.cuh
 
@@ -210,19 +214,26 @@ TermPlan plan_term(int64_t esize, int64_t r1, int64_t c1, int64_t r2, int64_t c2
 
 // The backward's buffers: factors A, B; a token's X (k1 x k2) and G (n1 x n2); P = X B^T (k1 x n2), V = A X and
 // U = G B (n1 x k2), rounded to x's dtype; fp32 accumulators dA (T, n1, k1), dB (T, n2, k2) and the dx term's
-// (k1 x k2). U and the dx accumulator only with_dx.
+// (k1 x k2). U and the dx accumulator only with_dx; dA and dB in shared memory only where they do not fit in the
+// warps' registers (reg_acc: kRegTiles).
 struct GradPlan {
   int n1, k1, n2, k2, terms;
   int n1p, k1p, n2p, k2p;
   int lda, ldb, ldx, ldg, ldp, ldv, lddA, lddB, lddx;
-  bool with_dx;
+  bool with_dx, reg_acc;
   int stages;  // as TermPlan's, for X and G
   int64_t a_off, b_off, x_off, x_next_off, g_off, g_next_off, p_off, v_off, u_off, da_off, db_off, dx_off;
   int64_t scratch_off, bytes;
 };
 
+// Whether krona_grad_kernel keeps dA and dB in registers for these padded factors (allowed: the caller's switch).
+bool grad_reg_acc(int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, bool allowed) {
+  const int64_t tiles = terms * (pad16(n1) / 16 * (pad16(k1) / 16) + pad16(n2) / 16 * (pad16(k2) / 16));
+  return allowed && tiles <= int64_t{kWarps} * kRegTiles;
+}
+
 GradPlan plan_grad(int64_t esize, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, bool with_dx,
-                   int stages) {
+                   bool reg_acc, int stages) {
   const int64_t n1p = pad16(n1), k1p = pad16(k1), n2p = pad16(n2), k2p = pad16(k2), pad = 16 / esize;
   const int64_t lda = k1p + pad, ldb = k2p + pad, ldx = k2p + pad, ldg = n2p + pad, ldp = n2p + pad, ldv = k2p + pad;
   const int64_t lddA = k1p + 4, lddB = k2p + 4, lddx = k2p + 4;
@@ -238,12 +249,13 @@ GradPlan plan_grad(int64_t esize, int64_t n1, int64_t k1, int64_t n2, int64_t k2
   p.p_off = c.take(k1p * ldp * esize);
   p.v_off = c.take(n1p * ldv * esize);
   p.u_off = with_dx ? c.take(n1p * ldv * esize) : 0;
-  p.da_off = c.take(terms * n1p * lddA * 4);
-  p.db_off = c.take(terms * n2p * lddB * 4);
+  p.da_off = reg_acc ? 0 : c.take(terms * n1p * lddA * 4);
+  p.db_off = reg_acc ? 0 : c.take(terms * n2p * lddB * 4);
   p.dx_off = with_dx ? c.take(k1p * lddx * 4) : 0;
   p.scratch_off = c.take(kWarps * 16 * kScratchLd * 4);
   p.bytes = c.at;
   p.with_dx = with_dx;
+  p.reg_acc = reg_acc;
   if (p.bytes > (int64_t{1} << 30)) return p;
   p.n1 = static_cast<int>(n1), p.k1 = static_cast<int>(k1), p.n2 = static_cast<int>(n2), p.k2 = static_cast<int>(k2);
   p.terms = static_cast<int>(terms);
@@ -427,11 +439,14 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
 
 // One pass over this block's tokens of dy and x: for each token and term,
 //   phase 1: P = X B_t^T, V = A_t X and (with_dx) U = G B_t, rounded to T;
-//   phase 2: dA_t += G P^T, dB_t += G^T V and (with_dx) D += A_t^T U, fp32 in shared memory;
+//   phase 2: dA_t += G P^T, dB_t += G^T V and (with_dx) D += A_t^T U, fp32 (D in shared memory; dA and dB in
+//   shared memory, or with REG in the registers of the warp that owns each tile: warp w owns tiles w + i kWarps of
+//   the terms' dA and dB tiles in order, i < kRegTiles);
 // then (with_dx) the token's dx term scale * D is written once. At the end the block's dA and dB sums go to its row
-// of part (unscaled; krona_reduce_kernel adds the rows in order and scales).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) krona_grad_kernel(
+// of part (unscaled; krona_reduce_kernel adds the rows in order and scales). REG frees the shared memory of the fp32
+// dA and dB, so more blocks share an SM, and spares each token the accumulators' loads and stores.
+template <typename T, bool REG>
+__global__ void __launch_bounds__(kThreads, REG ? 2 : 0) krona_grad_kernel(
     const T* __restrict__ dy, int64_t ldg, bool g_vec, const T* __restrict__ x, int64_t ldx, bool x_vec, int64_t M,
     KronaFactor A, KronaFactor B, GradPlan p, float scale, T* __restrict__ dx, int64_t ld_dx, bool dx_vec,
     float* __restrict__ part, int64_t width, int64_t rows_per_block) {
@@ -459,6 +474,12 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   const int da_cols = p.k1p / 16, da_tiles = (p.n1p / 16) * da_cols;
   const int db_cols = p.k2p / 16, db_tiles = (p.n2p / 16) * db_cols;
   const int d_cols = p.k2p / 16, d_tiles = p.with_dx ? (p.k1p / 16) * d_cols : 0;
+  const int ab_tiles = da_tiles + db_tiles;  // one term's
+  typename Op::Acc owned[REG ? kRegTiles : 1];
+  if constexpr (REG) {
+#pragma unroll
+    for (int i = 0; i < kRegTiles; ++i) Op::zero(owned[i]);
+  }
   const TokenRun run = block_tokens(M, rows_per_block);
   // The next token's X and G come in as krona_term_kernel's Z does: beside this token's products (two buffers) or
   // its epilogue (one).
@@ -500,7 +521,23 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
       __syncthreads();
       float* da_t = das + t * p.n1p * p.lddA;
       float* db_t = dbs + t * p.n2p * p.lddB;
-      for (int tile = warp; tile < da_tiles + db_tiles + d_tiles; tile += kWarps) {
+      if constexpr (REG) {
+#pragma unroll
+        for (int i = 0; i < kRegTiles; ++i) {
+          const int q = warp + i * kWarps - t * ab_tiles;  // this slot's tile among term t's
+          if (q < 0 || q >= ab_tiles) continue;
+          int i0, j0;
+          if (q < da_tiles) {
+            tile_origin(q, da_cols, i0, j0);
+            Op::template product<true, false>(owned[i], gs, p.ldg, i0, ps, p.ldp, j0, p.n2p);
+          } else {
+            tile_origin(q - da_tiles, db_cols, i0, j0);
+            Op::template product<false, true>(owned[i], gs, p.ldg, i0, vs, p.ldv, j0, p.n1p);
+          }
+        }
+      }
+      // with REG the loop below takes the D tiles alone (tile from ab_tiles on)
+      for (int tile = warp + (REG ? ab_tiles : 0); tile < ab_tiles + d_tiles; tile += kWarps) {
         int i0, j0;
         typename Op::Acc acc;
         if (tile < da_tiles) {
@@ -533,13 +570,39 @@ __global__ void __launch_bounds__(kThreads) krona_grad_kernel(
   }
   float* row = part + static_cast<int64_t>(blockIdx.x) * width;
   const int a_size = p.n1 * p.k1, b_size = p.n2 * p.k2;
-  for (int e = static_cast<int>(threadIdx.x); e < p.terms * (a_size + b_size); e += kThreads) {
-    if (e < p.terms * a_size) {
-      const int t = e / a_size, q = e - t * a_size, i = q / p.k1, j = q - i * p.k1;
-      row[e] = das[(t * p.n1p + i) * p.lddA + j];
-    } else {
-      const int f = e - p.terms * a_size, t = f / b_size, q = f - t * b_size, i = q / p.k2, j = q - i * p.k2;
-      row[e] = dbs[(t * p.n2p + i) * p.lddB + j];
+  if constexpr (REG) {
+    // each owned tile through the warp's scratch tile into the row, its padding left out
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+    for (int i = 0; i < kRegTiles; ++i) {
+      const int e = warp + i * kWarps, t = e / ab_tiles, q = e - t * ab_tiles;
+      if (t >= p.terms) continue;
+      int i0, j0;
+      const bool is_a = q < da_tiles;
+      if (is_a) {
+        tile_origin(q, da_cols, i0, j0);
+      } else {
+        tile_origin(q - da_tiles, db_cols, i0, j0);
+      }
+      Op::store(scratch, kScratchLd, owned[i]);
+      __syncwarp();
+      const int rows_valid = is_a ? p.n1 : p.n2, cols_valid = is_a ? p.k1 : p.k2;
+      float* dst = is_a ? row + t * a_size : row + p.terms * a_size + t * b_size;
+      for (int v = lane; v < 256; v += 32) {
+        const int r = i0 + v / 16, c = j0 + v % 16;
+        if (r < rows_valid && c < cols_valid) dst[r * cols_valid + c] = scratch[(v / 16) * kScratchLd + v % 16];
+      }
+      __syncwarp();
+    }
+  } else {
+    for (int e = static_cast<int>(threadIdx.x); e < p.terms * (a_size + b_size); e += kThreads) {
+      if (e < p.terms * a_size) {
+        const int t = e / a_size, q = e - t * a_size, i = q / p.k1, j = q - i * p.k1;
+        row[e] = das[(t * p.n1p + i) * p.lddA + j];
+      } else {
+        const int f = e - p.terms * a_size, t = f / b_size, q = f - t * b_size, i = q / p.k2, j = q - i * p.k2;
+        row[e] = dbs[(t * p.n2p + i) * p.lddB + j];
+      }
     }
   }
 }
@@ -632,33 +695,43 @@ cudaError_t launch_term(const void* z, int64_t M, int64_t ldz, const KronaFactor
   return cudaGetLastError();
 }
 
+template <bool REG>
 const void* grad_kernel(DType dtype) {
   switch (dtype) {
-    case DType::kFloat16: return reinterpret_cast<const void*>(&krona_grad_kernel<__half>);
-    case DType::kBFloat16: return reinterpret_cast<const void*>(&krona_grad_kernel<__nv_bfloat16>);
-    default: return reinterpret_cast<const void*>(&krona_grad_kernel<float>);
+    case DType::kFloat16: return reinterpret_cast<const void*>(&krona_grad_kernel<__half, REG>);
+    case DType::kBFloat16: return reinterpret_cast<const void*>(&krona_grad_kernel<__nv_bfloat16, REG>);
+    default: return reinterpret_cast<const void*>(&krona_grad_kernel<float, REG>);
   }
 }
 
-// krona_grad_kernel's plan for these factors (choose_plan's).
+// krona_grad_kernel's plan for these factors (choose_plan's); reg_acc: dA and dB may stay in registers.
 cudaError_t choose_grad_plan(DType dtype, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, bool with_dx,
-                             int64_t max_smem, GradPlan* plan, int* per_sm) {
+                             bool reg_acc, int64_t max_smem, GradPlan* plan, int* per_sm) {
+  const bool reg = grad_reg_acc(n1, k1, n2, k2, terms, reg_acc);
   const auto make = [&](int stages) {
-    return plan_grad(elem_size(dtype), n1, k1, n2, k2, terms, with_dx, stages);
+    return plan_grad(elem_size(dtype), n1, k1, n2, k2, terms, with_dx, reg, stages);
   };
-  return choose_plan(grad_kernel(dtype), make, max_smem, plan, per_sm);
+  return choose_plan(reg ? grad_kernel<true>(dtype) : grad_kernel<false>(dtype), make, max_smem, plan, per_sm);
+}
+
+template <typename T, bool REG>
+cudaError_t launch_grad_as(const GradPlan& p, const void* dy, const void* x, int64_t M, int64_t ldg, int64_t ldx,
+                           const KronaFactor& A, const KronaFactor& B, float scale, int64_t rows, void* dx,
+                           int64_t ld_dx, float* part, int64_t width, cudaStream_t stream) {
+  const int64_t esize = sizeof(T), grid = ceil_div(M, rows);
+  krona_grad_kernel<T, REG><<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(p.bytes), stream>>>(
+      static_cast<const T*>(dy), ldg, rows_vectorizable(dy, ldg, M, p.n2, esize), static_cast<const T*>(x), ldx,
+      rows_vectorizable(x, ldx, M, p.k2, esize), M, A, B, p, scale, static_cast<T*>(dx), ld_dx,
+      dx != nullptr && rows_vectorizable(dx, ld_dx, M, p.k2, esize), part, width, rows);
+  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_grad(const GradPlan& p, const void* dy, const void* x, int64_t M, int64_t ldg, int64_t ldx,
                         const KronaFactor& A, const KronaFactor& B, float scale, int64_t rows, void* dx,
                         int64_t ld_dx, float* part, int64_t width, cudaStream_t stream) {
-  const int64_t esize = sizeof(T), grid = ceil_div(M, rows);
-  krona_grad_kernel<T><<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(p.bytes), stream>>>(
-      static_cast<const T*>(dy), ldg, rows_vectorizable(dy, ldg, M, p.n2, esize), static_cast<const T*>(x), ldx,
-      rows_vectorizable(x, ldx, M, p.k2, esize), M, A, B, p, scale, static_cast<T*>(dx), ld_dx,
-      dx != nullptr && rows_vectorizable(dx, ld_dx, M, p.k2, esize), part, width, rows);
-  return cudaGetLastError();
+  if (p.reg_acc) return launch_grad_as<T, true>(p, dy, x, M, ldg, ldx, A, B, scale, rows, dx, ld_dx, part, width, stream);
+  return launch_grad_as<T, false>(p, dy, x, M, ldg, ldx, A, B, scale, rows, dx, ld_dx, part, width, stream);
 }
 
 template <typename TW>
@@ -699,24 +772,25 @@ int64_t krona_grad_width(int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t
 }
 
 int64_t krona_grad_rows(DType dtype, int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms,
-                        bool with_dx, int sm_count, int64_t max_smem) {
+                        bool with_dx, int sm_count, int64_t max_smem, bool reg_acc) {
   if (M <= 0 || dtype == DType::kFloat64) return 0;
   GradPlan p{};
   int per_sm = 1;
-  if (choose_grad_plan(dtype, n1, k1, n2, k2, terms, with_dx, max_smem, &p, &per_sm) != cudaSuccess) return 0;
+  if (choose_grad_plan(dtype, n1, k1, n2, k2, terms, with_dx, reg_acc, max_smem, &p, &per_sm) != cudaSuccess) return 0;
   const int64_t want = static_cast<int64_t>(per_sm) * sm_count;
   return ceil_div(M, want < M ? want : M);
 }
 
 cudaError_t krona_grad(const void* dy, const void* x, DType dtype, int64_t M, int64_t ldg, int64_t ldx,
                        const KronaFactor& A, const KronaFactor& B, int64_t terms, float scale, int64_t rows,
-                       void* dx, int64_t ld_dx, float* dAB, float* workspace, int64_t max_smem, cudaStream_t stream) {
+                       void* dx, int64_t ld_dx, float* dAB, float* workspace, int64_t max_smem, cudaStream_t stream,
+                       bool reg_acc) {
   if (M <= 0 || terms <= 0) return cudaSuccess;
   if (rows <= 0) return cudaErrorInvalidValue;
   GradPlan p{};
   int per_sm = 1;
-  cudaError_t err = choose_grad_plan(dtype, A.rows, A.cols, B.rows, B.cols, terms, dx != nullptr, max_smem, &p,
-                                     &per_sm);
+  cudaError_t err = choose_grad_plan(dtype, A.rows, A.cols, B.rows, B.cols, terms, dx != nullptr, reg_acc, max_smem,
+                                     &p, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t width = krona_grad_width(A.rows, A.cols, B.rows, B.cols, terms);
   err = cudaErrorInvalidValue;

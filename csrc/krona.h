@@ -37,8 +37,9 @@ cudaError_t krona_term(const void* z, DType z_dtype, int64_t M, int64_t ldz, con
 
 // Tokens per block of krona_grad (it runs ceil(M / rows) blocks and writes as many rows of partial sums), or 0
 // where its shared memory (factors A (n1, k1), B (n2, k2), with_dx: the dx term's buffers too) passes max_smem.
+// reg_acc lets the kernel keep dA and dB in registers where they fit (less shared memory); pass krona_grad the same.
 int64_t krona_grad_rows(DType dtype, int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms,
-                        bool with_dx, int sm_count, int64_t max_smem);
+                        bool with_dx, int sm_count, int64_t max_smem, bool reg_acc = true);
 
 // fp32 elements of one row of krona_grad's partial sums: T n1 k1 + T n2 k2.
 int64_t krona_grad_width(int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms);
@@ -51,7 +52,8 @@ int64_t krona_grad_width(int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t
 //   dx (M, k1 k2) in dtype at row stride ld_dx, if not null: scale * sum_t vec(A_t^T G_m B_t), written once.
 cudaError_t krona_grad(const void* dy, const void* x, DType dtype, int64_t M, int64_t ldg, int64_t ldx,
                        const KronaFactor& A, const KronaFactor& B, int64_t terms, float scale, int64_t rows,
-                       void* dx, int64_t ld_dx, float* dAB, float* workspace, int64_t max_smem, cudaStream_t stream);
+                       void* dx, int64_t ld_dx, float* dAB, float* workspace, int64_t max_smem, cudaStream_t stream,
+                       bool reg_acc = true);
 
 // w (N, K) += alpha * sum_t A_t (x) B_t in place at strides (stride_row, stride_col), every element its own sum of
 // T products in fp32, rounded once to w's dtype (float32, float16, bfloat16).

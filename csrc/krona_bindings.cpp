@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> factor_grads_by_gemms(const at::Tensor& dy, c
 std::tuple<at::Tensor, at::Tensor> factor_grads_by_kernel(const char* op, const at::Tensor& dy, const at::Tensor& xs,
                                                           const at::Tensor& A, const at::Tensor& B, double scale,
                                                           int64_t rows, const at::Tensor& dx_term, const Gpu& dev,
-                                                          cudaStream_t stream) {
+                                                          cudaStream_t stream, bool reg_acc) {
   const int64_t M = xs.size(0), T = A.size(0), n1 = A.size(1), k1 = A.size(2), n2 = B.size(1), k2 = B.size(2);
   const int64_t width = peftkern::krona_grad_width(n1, k1, n2, k2, T), a_size = T * n1 * k1;
   at::Tensor ws = at::empty({(M + rows - 1) / rows * width}, xs.options().dtype(at::kFloat));
@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> factor_grads_by_kernel(const char* op, const 
   check_launch(peftkern::krona_grad(dy.data_ptr(), xs.data_ptr(), element_type(xs), M, dy.stride(0), xs.stride(0),
                                     factor_of(A, false), factor_of(B, false), T, static_cast<float>(scale), rows,
                                     with_dx ? dx_term.data_ptr() : nullptr, with_dx ? dx_term.stride(0) : 0,
-                                    dAB.data_ptr<float>(), ws.data_ptr<float>(), dev.max_smem, stream),
+                                    dAB.data_ptr<float>(), ws.data_ptr<float>(), dev.max_smem, stream, reg_acc),
                op, "krona_grad (dA, dB and the dx term in one pass)");
   return {dAB.narrow(0, 0, a_size).view({T, n1, k1}), dAB.narrow(0, a_size, width - a_size).view({T, n2, k2})};
 }
@@ -201,7 +201,7 @@ at::Tensor krona_forward(const at::Tensor& x, const at::Tensor& weight, const at
 std::tuple<MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor> krona_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, double scaling, bool need_x, bool need_a, bool need_b, bool need_bias, bool need_w,
-    bool gemms) {
+    bool gemms, bool reg_acc) {
   constexpr const char* op = "krona_backward";
   const KronaSizes s = check_krona(op, x, weight, A, B);
   require_on(op, "grad_y", grad_y, 2, x.device());
@@ -218,7 +218,8 @@ std::tuple<MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor> kron
   if (need_a || need_b) {
     const DType dt = element_type(xs);
     const auto rows_for = [&](int64_t terms, bool with_dx) {
-      return peftkern::krona_grad_rows(dt, s.M, s.n1, s.k1, s.n2, s.k2, terms, with_dx, dev.sms, dev.max_smem);
+      return peftkern::krona_grad_rows(dt, s.M, s.n1, s.k1, s.n2, s.k2, terms, with_dx, dev.sms, dev.max_smem,
+                                       reg_acc);
     };
     // The dx term rides along the pass over dy and x where its buffers fit beside the factor gradients' too; a sum
     // whose terms do not fit together takes one pass per term where one term's factors fit.
@@ -231,13 +232,13 @@ std::tuple<MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor, MaybeTensor> kron
     at::Tensor ga, gb;
     if (rows > 0) {
       if (rows_dx > 0) dx_term = at::empty({s.M, s.K}, xs.options());
-      std::tie(ga, gb) = factor_grads_by_kernel(op, dy, xs, A, B, scaling, rows, dx_term, dev, stream);
+      std::tie(ga, gb) = factor_grads_by_kernel(op, dy, xs, A, B, scaling, rows, dx_term, dev, stream, reg_acc);
     } else if (rows_per_term > 0) {
       ga = at::empty({s.T, s.n1, s.k1}, xs.options().dtype(at::kFloat));
       gb = at::empty({s.T, s.n2, s.k2}, xs.options().dtype(at::kFloat));
       for (int64_t t = 0; t < s.T; ++t) {
         const auto [ga_t, gb_t] = factor_grads_by_kernel(op, dy, xs, A.narrow(0, t, 1), B.narrow(0, t, 1), scaling,
-                                                         rows_per_term, at::Tensor(), dev, stream);
+                                                         rows_per_term, at::Tensor(), dev, stream, reg_acc);
         ga[t].copy_(ga_t[0]);
         gb[t].copy_(gb_t[0]);
       }
@@ -300,7 +301,7 @@ void register_krona(pybind11::module_& m) {
   m.def("krona_backward", &krona_backward, "(dx, dA, dB, dbias, dweight), dA and dB float32; None where not needed",
         py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("A"), py::arg("B"), py::arg("scaling"),
         py::arg("need_x"), py::arg("need_a"), py::arg("need_b"), py::arg("need_bias"), py::arg("need_w"),
-        py::arg("gemms"));
+        py::arg("gemms"), py::arg("reg_acc") = true);
   m.def("krona_merge_", &krona_merge_, "weight += sign * scaling * sum_t A_t (x) B_t in place", py::arg("weight"),
         py::arg("A"), py::arg("B"), py::arg("scaling"), py::arg("sign"));
   m.def("krona_fits", &krona_fits, "whether the KronA kernels hold these factors whole on a GPU", py::arg("device"),

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <thread>
 #include <vector>
@@ -24,6 +25,7 @@ namespace emu {
 thread_local uint3 tid, bid;
 thread_local dim3 bdim, gdim;
 std::barrier<>* bar = nullptr;
+thread_local std::barrier<>* warp_bar = nullptr;  // the thread's warp's, for __syncwarp
 void poison();
 long launches = 0;
 template <typename F, typename... Args>
@@ -34,9 +36,12 @@ void launch(unsigned grid, int threads, size_t smem_bytes, cudaStream_t, F kerne
     poison();
     std::barrier<> barrier(threads);
     bar = &barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (int w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - w * 32)));
     std::vector<std::thread> ts;
     for (int t = 0; t < threads; ++t)
-      ts.emplace_back([=] {
+      ts.emplace_back([=, &warps] {
+        warp_bar = warps[t / 32].get();
         tid = make_uint3(t, 0, 0);
         bid = make_uint3(b, 0, 0);
         bdim = dim3(threads);
@@ -53,6 +58,7 @@ void launch(unsigned grid, int threads, size_t smem_bytes, cudaStream_t, F kerne
 #define blockDim emu::bdim
 #define gridDim emu::gdim
 #define __syncthreads() emu::bar->arrive_and_wait()
+#define __syncwarp() emu::warp_bar->arrive_and_wait()
 #define cudaFuncSetAttribute(...) cudaSuccess
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, threads, bytes) \
   ((*(out) = std::min(8, static_cast<int>(233472 / ((bytes) + 1024)))), cudaSuccess)
@@ -159,7 +165,8 @@ void term_case(int64_t M, int64_t r1, int64_t c1, int64_t r2, int64_t c2, int64_
 
 // dAB and the dx term through krona_grad, against doubles.
 template <typename T>
-void grad_case(int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, int64_t extra, bool with_dx) {
+void grad_case(int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, int64_t extra, bool with_dx,
+               bool reg = true) {
   const int64_t N = n1 * n2, K = k1 * k2, ldg = N + extra, ldx = K + extra, ldd = K + extra;
   std::vector<T> g(M * ldg), x(M * ldx), dx(M * ldd, cvt<T>(NAN));
   std::vector<float> gf(M * N), xf(M * K);
@@ -169,13 +176,13 @@ void grad_case(int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_
   }
   HostFactor A = make_factor(terms, n1, k1, false), B = make_factor(terms, n2, k2, false);
   const float scale = 0.6f;
-  const int64_t rows = peftkern::krona_grad_rows(dtype_of<T>(), M, n1, k1, n2, k2, terms, with_dx, kSms, 232448);
+  const int64_t rows = peftkern::krona_grad_rows(dtype_of<T>(), M, n1, k1, n2, k2, terms, with_dx, kSms, 232448, reg);
   if (rows <= 0) { printf("grad does not fit\n"); return; }
   const int64_t width = peftkern::krona_grad_width(n1, k1, n2, k2, terms), blocks = (M + rows - 1) / rows;
   std::vector<float> ws(blocks * width, NAN), dab(width, NAN);
   const cudaError_t err = peftkern::krona_grad(g.data(), x.data(), dtype_of<T>(), M, ldg, ldx, A.view(), B.view(),
                                                terms, scale, rows, with_dx ? dx.data() : nullptr, ldd, dab.data(),
-                                               ws.data(), 232448, nullptr);
+                                               ws.data(), 232448, nullptr, reg);
   if (err != cudaSuccess) { printf("launch error %d\n", err); ++failures; return; }
   std::vector<double> da(terms * n1 * k1, 0.0), db(terms * n2 * k2, 0.0), dxw(M * K, 0.0);
   for (int64_t m = 0; m < M; ++m)
@@ -199,8 +206,8 @@ void grad_case(int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) got_dx[m * K + k] = back(dx[m * ldd + k]);
   char what[200];
-  snprintf(what, sizeof what, "grad %s M%ld A%ldx%ld B%ldx%ld T%ld extra%ld dx%d (rows %ld)", typeid(T).name(), M, n1,
-           k1, n2, k2, terms, extra, with_dx, rows);
+  snprintf(what, sizeof what, "grad %s M%ld A%ldx%ld B%ldx%ld T%ld extra%ld dx%d reg%d (rows %ld)", typeid(T).name(), M,
+           n1, k1, n2, k2, terms, extra, with_dx, reg, rows);
   const double t = tol<T>();
   report((std::string(what) + " dA").c_str(), rel_err(got_a, da), t);
   report((std::string(what) + " dB").c_str(), rel_err(got_b, db), t);
@@ -245,6 +252,8 @@ void all_cases() {
   grad_case<T>(29, 20, 17, 24, 13, 2, 3, false);
   grad_case<T>(23, 5, 17, 16, 32, 4, 0, true);
   grad_case<T>(7, 64, 64, 64, 64, 1, 0, true);
+  grad_case<T>(7, 64, 64, 64, 64, 1, 0, true, false);  // dA and dB in shared memory where registers would hold them
+  grad_case<T>(29, 20, 17, 24, 13, 2, 0, true, false);
   grad_case<T>(5, 86, 64, 128, 64, 1, 0, true);
   grad_case<T>(13, 1, 127, 37, 3, 3, 5, true);
   merge_case<T>(5, 6, 8, 4, 3, false);

@@ -26,7 +26,7 @@ def host_source(text: str) -> str:
     text = text.replace("extern __shared__ __align__(128) unsigned char smem[];", "")
     text = text.replace("namespace peftkern {\nnamespace {\n",
                         "namespace peftkern {\nnamespace {\nalignas(128) unsigned char smem[1 << 19];\n", 1)
-    text, launches = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\(", r"emu::launch(\2, \1, ", text, flags=re.S)
+    text, launches = re.subn(r"(\w+(?:<[\w, ]+>)?)<<<(.*?)>>>\(", r"emu::launch(\2, \1, ", text, flags=re.S)
     if launches == 0:
         raise SystemExit("emulate_krona_cu: no kernel launch found in csrc/krona.cu")
     return text

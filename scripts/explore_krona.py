@@ -208,7 +208,8 @@ def route():
 
 def cuda_pieces():
     """The cuda backend's forward and its backward with and without each piece (the term kernel with the factors
-    transposed for dx alone; the grad kernel alone; both in one pass), against cuBLAS and the Triton op."""
+    transposed for dx alone; the grad kernel alone; both in one pass; the grad kernel's dA and dB accumulators in
+    registers, the default where they fit, or in shared memory), against cuBLAS and the Triton op."""
     from peftkern.kernels import cuda as kc
 
     ext = kc._ext()
@@ -228,6 +229,10 @@ def cuda_pieces():
              lambda: ext.krona_backward(dy, x, W, A, B, 2.0, False, True, True, False, False, False)),
             ("bwd all (grad kernel with dx)", f_dx,
              lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, False)),
+            ("bwd all, dA dB accumulators shared", f_dx,
+             lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, False, False)),
+            ("bwd dA, dB only, accumulators shared", f_dx,
+             lambda: ext.krona_backward(dy, x, W, A, B, 2.0, False, True, True, False, False, False, False)),
             ("bwd all, cuBLAS GEMMs on views", f_dx,
              lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, True)),
             ("Triton op backward", f_dx,

@@ -734,15 +734,17 @@ KRONA_GRAD_NAMES = ("dx", "da", "da2", "db", "db2", "dbias", "dweight")
 @pytest.mark.parametrize("case", CUDA_CASES,
                          ids=lambda c: f"M{c[0]}-A{c[1][0]}x{c[1][1]}-B{c[2][0]}x{c[2][1]}-T{c[3]}"
                                        f"{'-rB' + str(c[4]) if c[4] else ''}")
-@pytest.mark.parametrize("path", ["kernels", "gemms"])
+@pytest.mark.parametrize("path", ["kernels", "shared-acc", "gemms"])
 def test_cuda_kernels_match_reference(case, path, monkeypatch):
-    """kernels.cuda's forward and backward against the reference, on the shared-memory kernels (where the factors fit)
+    """kernels.cuda's forward and backward against the reference, on the shared-memory kernels (where the factors fit;
+    "shared-acc": the gradient kernel's dA and dB accumulators in shared memory even where registers would hold them)
     or forced onto the cuBLAS path: every dtype, factors in x's dtype and in float32, and three sets of gradients
     (all: dA, dB and the dx term in one pass; dx alone: the term kernel on dy with A^T, B^T; the factors alone: the
     one pass without the dx term). Rows 16-byte aligned apart (vector loads) and 3 elements past (scalar loads)."""
     from peftkern.kernels import cuda as kc
 
     monkeypatch.setattr(kc, "KRONA_GEMMS", [path == "gemms"])
+    monkeypatch.setattr(kc, "KRONA_REG_ACC", [path != "shared-acc"])
     M, a_shape, b_shape, T, rb = case
     all_needs = (True,) * 7
     x_only = (True, False, False, False, False, False, False)

@@ -146,6 +146,9 @@ def adapter_backward(grad_out, h, down_weight, down_bias, up_weight, up_bias, sc
 
 # ------------------------------------------------------------------------------------------------- KronA
 KRONA_GEMMS = [os.environ.get("PEFTKERN_KRONA_CUDA_GEMMS", "0") == "1"]  # a list: tests force the cuBLAS path
+# krona_grad_kernel keeps dA and dB in registers where they fit (csrc/krona.cu's kRegTiles); tests and
+# scripts/explore_krona.py turn it off to check and time the shared-memory accumulators
+KRONA_REG_ACC = [os.environ.get("PEFTKERN_KRONA_CUDA_REG_ACC", "1") != "0"]
 
 
 def krona_forward(x, weight, a, a2, b, b2, scaling, bias):
@@ -168,7 +171,7 @@ def krona_backward(grad_y, x, weight, a, a2, b, b2, scaling, needs):
     need_x, need_a, need_a2, need_b, need_b2, need_bias, need_w = (bool(n) for n in needs)
     dx, dA, dB, dbias, dw = _ext().krona_backward(
         grad_y, x, weight, krona_dense_factor(a, a2), krona_dense_factor(b, b2), float(scaling), need_x,
-        need_a or need_a2, need_b or need_b2, need_bias, need_w, KRONA_GEMMS[0])
+        need_a or need_a2, need_b or need_b2, need_bias, need_w, KRONA_GEMMS[0], KRONA_REG_ACC[0])
     da, da2 = krona_lowrank_grads(dA, a, a2, need_a, need_a2)
     db, db2 = krona_lowrank_grads(dB, b, b2, need_b, need_b2)
     return dx, da, da2, db, db2, dbias, dw
