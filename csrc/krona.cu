@@ -14,7 +14,7 @@
 // Each block holds every term's whole factors in shared memory (zero-padded to multiples of 16, rounded to x's dtype
 // for 16-bit x as a bf16 GEMM would) and walks its own run of tokens, the next token's rows fetched by cp.async
 // while this one's products run (two buffers, where they fit): a token's X (and G) is staged, the small
-// products run on tensor cores (WMMA 16x16x16, fp32 accumulation) for fp16/bf16 and on CUDA cores in exact fp32
+// products run on tensor cores (mma.sync m16n8k16, fp32 accumulation) for fp16/bf16 and on CUDA cores in exact fp32
 // for fp32, intermediates (P = X B^T, A X, G B) are rounded to x's dtype between products, sums over terms and the
 // dA / dB / dx accumulators stay fp32: in shared memory, or for dA and dB in the warps' registers where their tiles
 // fit (kRegTiles; then two blocks share an SM at 64 x 64). Where the factors do not fit in shared memory the bindings
@@ -34,7 +34,6 @@
 #include <cuda_fp16.h>
 #include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include "element.cuh"
 #include "krona.h"
@@ -104,50 +103,109 @@ struct FmaMma {
   }
 };
 
-// bf16 WMMA needs sm_80; device passes for older GPUs (TORCH_CUDA_ARCH_LIST) run every dtype on FmaMma.
+// bf16 MMA needs sm_80; device passes for older GPUs (TORCH_CUDA_ARCH_LIST) run every dtype on FmaMma.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-namespace wmma = nvcuda::wmma;
-
+// Tensor cores by PTX (mma.sync m16n8k16, operands by ldmatrix), whose register layouts the PTX ISA documents, so a
+// tile is rounded and stored from registers. WMMA's fragments are opaque: its version went through a fp32 scratch
+// tile per rounded tile, and the kernels were bound by shared-memory traffic (ncu at 14c5da5: L1 throughput ~70%,
+// DRAM 13-19%).
 template <typename T>
 struct TensorMma {
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  // A 16 x 16 fp32 tile as two m16n8 accumulators: v[4 h + 2 e + c] is (row g + 8 e, column 8 h + 2 t + c) for lane
+  // 4 g + t.
+  struct Acc {
+    float v[8];
+  };
 
-  __device__ static __forceinline__ void zero(Acc& c) { wmma::fill_fragment(c, 0.0f); }
+  __device__ static __forceinline__ int lane() { return static_cast<int>(threadIdx.x) & 31; }
+
+  __device__ static __forceinline__ void zero(Acc& c) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c.v[i] = 0.0f;
+  }
 
   __device__ static __forceinline__ void load(Acc& c, const float* p, int ld) {
-    wmma::load_matrix_sync(c, p, static_cast<unsigned>(ld), wmma::mem_row_major);
+    const int g = lane() >> 2, t = lane() & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // i = 2 h + e
+      const float2 f = *reinterpret_cast<const float2*>(p + (g + 8 * (i & 1)) * ld + 8 * (i >> 1) + 2 * t);
+      c.v[2 * i] = f.x;
+      c.v[2 * i + 1] = f.y;
+    }
   }
 
   __device__ static __forceinline__ void store(float* p, int ld, const Acc& c) {
-    wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), wmma::mem_row_major);
-  }
-
-  // Through the warp's fp32 scratch tile: a fragment's element positions are opaque, the rounded tile is not. Each
-  // lane writes 16 bytes: p's rows are 16-byte aligned (bindings-independent: shared-memory layouts below).
-  __device__ static __forceinline__ void store_rounded(T* p, int ld, const Acc& c, float* scratch) {
-    wmma::store_matrix_sync(scratch, c, kScratchLd, wmma::mem_row_major);
-    __syncwarp();
-    const int lane = static_cast<int>(threadIdx.x) & 31, r = lane >> 1, c0 = (lane & 1) * 8;
-    T e[8];
+    const int g = lane() >> 2, t = lane() & 3;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = from_float<T>(scratch[r * kScratchLd + c0 + i]);
-    uint4 raw;
-    memcpy(&raw, e, 16);
-    *reinterpret_cast<uint4*>(p + r * ld + c0) = raw;
-    __syncwarp();
+    for (int i = 0; i < 4; ++i) {
+      *reinterpret_cast<float2*>(p + (g + 8 * (i & 1)) * ld + 8 * (i >> 1) + 2 * t) =
+          make_float2(c.v[2 * i], c.v[2 * i + 1]);
+    }
   }
 
+  // Each lane rounds its own pairs and stores them as 4 bytes (p's rows have an even number of elements).
+  __device__ static __forceinline__ void store_rounded(T* p, int ld, const Acc& c, float*) {
+    const int g = lane() >> 2, t = lane() & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      T pair[2] = {from_float<T>(c.v[2 * i]), from_float<T>(c.v[2 * i + 1])};
+      uint32_t raw;
+      memcpy(&raw, pair, 4);
+      *reinterpret_cast<uint32_t*>(p + (g + 8 * (i & 1)) * ld + 8 * (i >> 1) + 2 * t) = raw;
+    }
+  }
+
+  // Four 8 x 8 matrices of 16-bit elements from shared memory, lane l giving the address of row l % 8 of matrix
+  // l / 8 (rows 16-byte aligned); register q of every lane gets row lane / 4, columns 2 (lane % 4) + {0, 1} of matrix
+  // q, or of its transpose with TRANS.
+  template <bool TRANS>
+  __device__ static __forceinline__ void ldmatrix4(uint32_t (&r)[4], const T* row) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    if constexpr (TRANS) {
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+    } else {
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+    }
+  }
+
+  // d (m16n8, fp32) += a (m16k16) b (k16n8) for 16-bit T.
+  __device__ static __forceinline__ void mma(float* d, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (std::is_same_v<T, __half>) {
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                   "{%8, %9}, {%0, %1, %2, %3};\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                   "{%8, %9}, {%0, %1, %2, %3};\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+  }
+
+  // The A operand's registers are its 8 x 8 blocks (rows 0-7 | 8-15) x (k 0-7 | 8-15) in the order (0, 0), (1, 0),
+  // (0, 1), (1, 1); B's are, per 8-column half h, its k blocks 0-7 and 8-15. Lane l addresses row l % 8 of block
+  // q = l / 8: stored with the needed rows as memory rows, ldmatrix takes them as they are; stored transposed (A
+  // column-major, B row-major as K x N), .trans transposes each block on the way.
   template <bool A_ROW, bool B_ROW>
   __device__ static __forceinline__ void product(Acc& c, const T* a, int lda, int i0, const T* b, int ldb, int j0,
                                                  int kdim) {
-    using ALayout = std::conditional_t<A_ROW, wmma::row_major, wmma::col_major>;
-    using BLayout = std::conditional_t<B_ROW, wmma::row_major, wmma::col_major>;
+    const int q = lane() >> 3, r = lane() & 7;
+    const T* a_row = A_ROW ? a + (i0 + r + 8 * (q & 1)) * lda + 8 * (q >> 1)
+                           : a + (r + 8 * (q >> 1)) * lda + i0 + 8 * (q & 1);
+    const T* b_row = B_ROW ? b + (r + 8 * (q & 1)) * ldb + j0 + 8 * (q >> 1)
+                           : b + (j0 + r + 8 * (q >> 1)) * ldb + 8 * (q & 1);
+    const int a_step = A_ROW ? 16 : 16 * lda, b_step = B_ROW ? 16 * ldb : 16;
     for (int k0 = 0; k0 < kdim; k0 += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-      wmma::load_matrix_sync(fa, A_ROW ? a + i0 * lda + k0 : a + k0 * lda + i0, static_cast<unsigned>(lda));
-      wmma::load_matrix_sync(fb, B_ROW ? b + k0 * ldb + j0 : b + j0 * ldb + k0, static_cast<unsigned>(ldb));
-      wmma::mma_sync(c, fa, fb, c);
+      uint32_t fa[4], fb[4];
+      ldmatrix4<!A_ROW>(fa, a_row);
+      ldmatrix4<B_ROW>(fb, b_row);
+      mma(c.v, fa, fb[0], fb[1]);
+      mma(c.v + 4, fa, fb[2], fb[3]);
+      a_row += a_step;
+      b_row += b_step;
     }
   }
 };
@@ -161,10 +219,9 @@ using Mma = FmaMma<T>;
 
 // --------------------------------------------------------------------------------------- shared-memory layouts
 // Every operand is a row-major matrix of padded dimensions (multiples of 16) whose rows are 16 bytes longer than
-// its columns: rows stay 16-byte aligned for vector stores, WMMA's leading dimensions stay multiples of 16 bytes,
-// and consecutive rows start in different banks. Regions start 128-byte aligned, so every 16 x 16 tile origin is
-// 32-byte aligned as WMMA needs. The whole layout is zeroed once per block: the padding stays zero, so padded rows
-// and columns add nothing to any product.
+// its columns: rows stay 16-byte aligned for vector stores and for ldmatrix, whose eight row addresses of a block
+// then fall in different banks. Regions start 128-byte aligned. The whole layout is zeroed once per block: the padding
+// stays zero, so padded rows and columns add nothing to any product.
 
 int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
 
@@ -607,13 +664,25 @@ __global__ void __launch_bounds__(kThreads, REG ? 2 : 0) krona_grad_kernel(
   }
 }
 
-// out[i] = scale * sum over the rows s of part[s, i], in row order (deterministic).
+// out[i] = scale * sum over the rows s of part[s, i], in row order (deterministic). kReduceBatch rows' loads are
+// issued before their adds: one thread's sum was a chain of ~260 dependent loads at M = 8192 (264 blocks), 31 us on an
+// H100 for 8192 sums (ncu, 14c5da5).
+constexpr int kReduceBatch = 16;
+
 __global__ void krona_reduce_kernel(const float* __restrict__ part, int64_t rows, int64_t width, float scale,
                                     float* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < width;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float sum = 0.0f;
-    for (int64_t s = 0; s < rows; ++s) sum += part[s * width + i];
+    int64_t s = 0;
+    for (; s + kReduceBatch <= rows; s += kReduceBatch) {
+      float v[kReduceBatch];
+#pragma unroll
+      for (int q = 0; q < kReduceBatch; ++q) v[q] = part[(s + q) * width + i];
+#pragma unroll
+      for (int q = 0; q < kReduceBatch; ++q) sum += v[q];
+    }
+    for (; s < rows; ++s) sum += part[s * width + i];
     out[i] = scale * sum;
   }
 }
@@ -730,7 +799,9 @@ template <typename T>
 cudaError_t launch_grad(const GradPlan& p, const void* dy, const void* x, int64_t M, int64_t ldg, int64_t ldx,
                         const KronaFactor& A, const KronaFactor& B, float scale, int64_t rows, void* dx,
                         int64_t ld_dx, float* part, int64_t width, cudaStream_t stream) {
-  if (p.reg_acc) return launch_grad_as<T, true>(p, dy, x, M, ldg, ldx, A, B, scale, rows, dx, ld_dx, part, width, stream);
+  if (p.reg_acc) {
+    return launch_grad_as<T, true>(p, dy, x, M, ldg, ldx, A, B, scale, rows, dx, ld_dx, part, width, stream);
+  }
   return launch_grad_as<T, false>(p, dy, x, M, ldg, ldx, A, B, scale, rows, dx, ld_dx, part, width, stream);
 }
 

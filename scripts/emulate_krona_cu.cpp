@@ -166,7 +166,7 @@ void term_case(int64_t M, int64_t r1, int64_t c1, int64_t r2, int64_t c2, int64_
 // dAB and the dx term through krona_grad, against doubles.
 template <typename T>
 void grad_case(int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_t terms, int64_t extra, bool with_dx,
-               bool reg = true) {
+               bool reg = true, int64_t rows_override = 0) {
   const int64_t N = n1 * n2, K = k1 * k2, ldg = N + extra, ldx = K + extra, ldd = K + extra;
   std::vector<T> g(M * ldg), x(M * ldx), dx(M * ldd, cvt<T>(NAN));
   std::vector<float> gf(M * N), xf(M * K);
@@ -176,8 +176,9 @@ void grad_case(int64_t M, int64_t n1, int64_t k1, int64_t n2, int64_t k2, int64_
   }
   HostFactor A = make_factor(terms, n1, k1, false), B = make_factor(terms, n2, k2, false);
   const float scale = 0.6f;
-  const int64_t rows = peftkern::krona_grad_rows(dtype_of<T>(), M, n1, k1, n2, k2, terms, with_dx, kSms, 232448, reg);
-  if (rows <= 0) { printf("grad does not fit\n"); return; }
+  const int64_t fit = peftkern::krona_grad_rows(dtype_of<T>(), M, n1, k1, n2, k2, terms, with_dx, kSms, 232448, reg);
+  if (fit <= 0) { printf("grad does not fit\n"); return; }
+  const int64_t rows = rows_override > 0 ? rows_override : fit;  // any rows a block is valid: more partial-sum rows
   const int64_t width = peftkern::krona_grad_width(n1, k1, n2, k2, terms), blocks = (M + rows - 1) / rows;
   std::vector<float> ws(blocks * width, NAN), dab(width, NAN);
   const cudaError_t err = peftkern::krona_grad(g.data(), x.data(), dtype_of<T>(), M, ldg, ldx, A.view(), B.view(),
@@ -254,6 +255,7 @@ void all_cases() {
   grad_case<T>(7, 64, 64, 64, 64, 1, 0, true);
   grad_case<T>(7, 64, 64, 64, 64, 1, 0, true, false);  // dA and dB in shared memory where registers would hold them
   grad_case<T>(29, 20, 17, 24, 13, 2, 0, true, false);
+  grad_case<T>(37, 16, 16, 16, 16, 1, 0, true, true, 1);  // 37 blocks: the reduction's batches of rows and its tail
   grad_case<T>(5, 86, 64, 128, 64, 1, 0, true);
   grad_case<T>(13, 1, 127, 37, 3, 3, 5, true);
   merge_case<T>(5, 6, 8, 4, 3, false);
