@@ -3,7 +3,7 @@
 // a std::barrier for __syncthreads, cp.async as a plain copy, the occupancy calculator as shared memory alone (an
 // H100's 228 KB an SM). Shared memory is poisoned between blocks and outputs start as NaN; every result is compared
 // with a float64 computation of the same math. It checks indexing, layouts, staging, epilogues, the split reduction
-// and the merge; not WMMA's fragments, timing or memory ordering.
+// and the merge; not the tensor-core path's register layouts (mma.sync, ldmatrix), timing or memory ordering.
 #include <algorithm>
 #include <barrier>
 #include <cmath>

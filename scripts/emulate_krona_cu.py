@@ -3,9 +3,10 @@ scripts/emulate_krona_cu.cpp's harness, which checks every kernel against float6
 
     python3 scripts/emulate_krona_cu.py          # needs g++ (C++20) and the CUDA headers (CUDA_HOME or /usr/local/cuda)
 
-The rewrite: the CUDA-core products for every dtype (WMMA cannot run on a CPU), the shared-memory array a global,
-each `kernel<<<grid, threads, smem, stream>>>(args)` a call of the harness's launcher. What it cannot check: WMMA's
-fragments, memory ordering on a GPU, speed. Exits non-zero on a failure.
+The rewrite: the CUDA-core products for every dtype (the tensor-core path, mma.sync with ldmatrix operands, cannot run
+on a CPU), the shared-memory array a global, each `kernel<<<grid, threads, smem, stream>>>(args)` a call of the
+harness's launcher. What it cannot check: the tensor-core path's register layouts, memory ordering on a GPU, speed.
+Exits non-zero on a failure.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ CSRC = os.path.join(HERE, "..", "csrc")
 
 
 def host_source(text: str) -> str:
-    text = text.replace("#include <mma.h>\n", "").replace("#include <cuda_pipeline_primitives.h>\n", "")
+    text = text.replace("#include <cuda_pipeline_primitives.h>\n", "")
     text = text.replace("#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800", "#if 0")
     text = text.replace("extern __shared__ __align__(128) unsigned char smem[];", "")
     text = text.replace("namespace peftkern {\nnamespace {\n",
