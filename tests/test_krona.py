@@ -784,6 +784,45 @@ def test_cuda_kernels_are_deterministic():
 
 
 @needs_cuda_krona
+@pytest.mark.parametrize("reg_acc", [True, False], ids=["reg-acc", "shared-acc"])
+def test_cuda_kernels_replay_in_a_cuda_graph(reg_acc, monkeypatch):
+    """krona.cu's launchers set the kernels' shared-memory attribute and ask the occupancy calculator on every call:
+    both are legal while a stream is captured, and a captured forward and backward replayed on new inputs (copied into
+    the captured tensors) give the eager calls' answers: dA and dB (this file's kernels alone) bit for bit, the outputs
+    that cuBLAS adds to within rounding (it may choose another algorithm under capture)."""
+    from peftkern.kernels import cuda as kc
+
+    monkeypatch.setattr(kc, "KRONA_REG_ACC", [reg_acc])
+    x, w, bias, a, (b, _), dy = dense_case(1000, (64, 64), (64, 64), 1, None, torch.bfloat16)
+    needs = (True, True, False, True, False, True, False)
+
+    def step():
+        return (kc.krona_forward(x, w, a, None, b, None, 0.7, bias),
+                *kc.krona_backward(dy, x, w, a, None, b, None, 0.7, needs))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture (the extension's first calls)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x2, _, _, _, _, dy2 = dense_case(1000, (64, 64), (64, 64), 1, None, torch.bfloat16)
+    x.copy_(x2)
+    dy.copy_(dy2)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for name, u, v in zip(("y",) + KRONA_GRAD_NAMES, captured, eager):
+        assert (u is None) == (v is None), name
+        if name in ("da", "db"):
+            assert torch.equal(u, v), f"{name}: the replayed graph differs from the eager call"
+        elif v is not None:
+            assert_close(u, v, torch.bfloat16, f"{name}: the replayed graph against the eager call")
+
+
+@needs_cuda_krona
 def test_cuda_kernel_paths():
     """Which factors the shared-memory kernels take on this GPU (an H100's or H200's 227 KB a block): PEFT LoKr's
     64 x 64 and the 4096 -> 11008 factors in one backward pass for bf16, four 64 x 64 terms' forward in one pass and
