@@ -1,14 +1,17 @@
-"""Prototype, not wired into the op: KronA's forward term inside the frozen GEMM (NOTES-krona.md, forty-fourth session).
+"""Prototype, not wired into the op: KronA's term inside the frozen GEMMs (NOTES-krona.md, forty-fourth session).
 
 One program computes an output tile of BLOCK_M tokens by BLOCK_N = C n2 columns, i.e. C values of i1 (whole rows of B).
 While the K loop streams x's tile of K block j1 (BLOCK_K = k2) into the MMA with W, it also accumulates, on CUDA cores,
     V[m, c, :] += A[i1_c, j1] x[m, j1 k2 : (j1 + 1) k2]          (V = A X for the tile's i1 values, fp32)
 and the epilogue adds s V B^T (V rounded to x's dtype, as the other kernels round their intermediates; one MMA of
 (BLOCK_M C) x k2 by k2 x n2) and the bias. No pass outside the GEMM: x is read once, y written once.
+The backward's dx = dy W + s vec(A^T G B) likewise (`krona_ingemm_dx_kernel`): a tile of BLOCK_M tokens by C k2 input
+columns (C values of j1), the K loop over dy's blocks of n2 (one i1 each) summing U[m, c, :] += A[i1, j1_c] G[m, i1, :],
+the epilogue adding s U B. dA and dB would still take one pass over dy and x (the op's grad_fused without the dx term).
 
     python scripts/explore_krona_ingemm.py            # on a GPU: check against reference.py, time configs against
                                                       # F.linear and the op's forward (term kernel + cuBLAS)
-The interpreter checks the kernel (tests/test_tools.py::test_krona_ingemm_prototype_matches_reference).
+The interpreter checks both kernels (tests/test_tools.py::test_krona_ingemm_prototype_matches_reference).
 Needs n2, k2 and C powers of two (Triton's block shapes): 64 x 64 (4096^2) and 86x64 beside 128x64 (4096 -> 11008).
 """
 from __future__ import annotations
@@ -20,6 +23,18 @@ import triton
 import triton.language as tl
 
 from peftkern.kernels.triton._launch import cdiv
+from peftkern.kernels.triton.lora import _tile_coords
+
+
+@triton.jit
+def _tile(M, COLS, C: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """The program's output tile: rows offs_m of M and columns offs_c of COLS (C blocks of WIDTH), their masks, and
+    the C rows (forward) or columns (dx) of A that the tile's column blocks belong to."""
+    BLOCK_C: tl.constexpr = C * WIDTH
+    pid_m, pid_c = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(COLS, BLOCK_C), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_m, offs_c, offs_m < M, offs_c < COLS, pid_c * C + tl.arange(0, C)
 
 
 @triton.jit
@@ -35,20 +50,8 @@ def krona_ingemm_forward_kernel(
     that pattern gave wrong products in the adapter's loop 1 (NOTES-adapter.md, "The LN failure found"), and
     scripts/compile_report.py flags it here when x's tile is loaded once."""
     BLOCK_N: tl.constexpr = C * N2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows, cols, i1 = _tile(M, N, C, N2, BLOCK_M, GROUP_M)  # i1: the tile's rows of A
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m < M
-    cols = offs_n < N
-    i1 = pid_n * C + tl.arange(0, C)  # the tile's rows of A
     n1 = N // N2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     v = tl.zeros((BLOCK_M, C, BLOCK_K), dtype=tl.float32)
@@ -71,23 +74,68 @@ def krona_ingemm_forward_kernel(
              mask=rows[:, None] & cols[None, :])
 
 
+@triton.jit
+def krona_ingemm_dx_kernel(
+    g_ptr, g2_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, M, N, K, n1, k1, scaling,
+    stride_gm, stride_wn, stride_dm,
+    K2: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr, GROUP_M: tl.constexpr,
+    X_TWICE: tl.constexpr,
+):
+    """dx = dy W + s vec(A^T G B) for one (BLOCK_M, C K2) tile of dx (M, K); the K loop runs over N in blocks of
+    BLOCK_N2 = n2, block i1 being G[:, i1, :]; A (n1, k1), B (n2, K2) row-major, W (N, K). X_TWICE as the forward's."""
+    BLOCK_K: tl.constexpr = C * K2
+    offs_m, offs_k, rows, cols, j1 = _tile(M, K, C, K2, BLOCK_M, GROUP_M)  # j1: the tile's columns of A
+    offs_n = tl.arange(0, BLOCK_N2)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, C, BLOCK_N2), dtype=tl.float32)
+    for i1 in range(0, n1):
+        ncols = i1 * BLOCK_N2 + offs_n
+        gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + ncols[None, :], mask=rows[:, None], other=0.0)
+        wt = tl.load(w_ptr + ncols[:, None] * stride_wn + offs_k[None, :], mask=cols[None, :], other=0.0)
+        acc = tl.dot(gt, wt, acc)
+        if X_TWICE:
+            gt = tl.load(g2_ptr + offs_m[:, None] * stride_gm + ncols[None, :], mask=rows[:, None], other=0.0)
+        a_row = tl.load(a_ptr + i1 * k1 + j1, mask=j1 < k1, other=0.0).to(tl.float32)
+        u += gt.to(tl.float32)[:, None, :] * a_row[None, :, None]
+    bm = tl.load(b_ptr + offs_n[:, None] * K2 + tl.arange(0, K2)[None, :])  # B (n2, K2)
+    term = tl.dot(tl.reshape(u, (BLOCK_M * C, BLOCK_N2)).to(bm.dtype), bm)
+    acc += scaling * tl.reshape(term, (BLOCK_M, BLOCK_K))
+    tl.store(dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=rows[:, None] & cols[None, :])
+
+
+def _ingemm(forward, z, w, a, b, scaling, bias, block_m, c, group_m, num_warps, num_stages, x_twice):
+    """One term a (n1, k1), b (n2, k2): the forward y of z = x (M, K), or the backward's dx of z = dy (M, N); w (N, K).
+    A tile's columns are c rows of A times n2 (forward) or c columns of A times k2 (dx)."""
+    M = z.shape[0]
+    N, K = w.shape
+    (n1, k1), (n2, k2) = a.shape, b.shape
+    if c is None:
+        c = max(1, 256 // (n2 if forward else k2))
+    out = torch.empty(M, N if forward else K, device=z.device, dtype=z.dtype)
+    grid = (cdiv(M, block_m) * cdiv(n1 if forward else k1, c),)
+    a, b = a.contiguous(), b.contiguous()
+    common = dict(C=c, BLOCK_M=block_m, GROUP_M=group_m, X_TWICE=x_twice, num_warps=num_warps, num_stages=num_stages)
+    if forward:
+        krona_ingemm_forward_kernel[grid](
+            z, z, w, a, b, bias if bias is not None else out, out, M, N, K, k1, float(scaling), z.stride(0),
+            w.stride(0), out.stride(0), HAS_BIAS=bias is not None, N2=n2, BLOCK_K=k2, **common)
+    else:
+        krona_ingemm_dx_kernel[grid](
+            z, z, w, a, b, out, M, N, K, n1, k1, float(scaling), z.stride(0), w.stride(0), out.stride(0), K2=k2,
+            BLOCK_N2=n2, **common)
+    return out
+
+
 def ingemm_forward(x, w, a, b, scaling, bias=None, block_m=64, c=None, group_m=8, num_warps=8, num_stages=3,
                    x_twice=True):
     """krona_ingemm_forward_kernel's y for x (M, K), w (N, K), one term a (n1, k1), b (n2, k2) in x's dtype."""
-    M, K = x.shape
-    N = w.shape[0]
-    n1, k1 = a.shape
-    n2, k2 = b.shape
-    if c is None:
-        c = max(1, 256 // n2)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = (cdiv(M, block_m) * cdiv(n1, c),)
-    krona_ingemm_forward_kernel[grid](
-        x, x, w, a.contiguous(), b.contiguous(), bias if bias is not None else y, y, M, N, K, k1, float(scaling),
-        x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, N2=n2, C=c, BLOCK_M=block_m, BLOCK_K=k2, GROUP_M=group_m, X_TWICE=x_twice,
-        num_warps=num_warps, num_stages=num_stages)
-    return y
+    return _ingemm(True, x, w, a, b, scaling, bias, block_m, c, group_m, num_warps, num_stages, x_twice)
+
+
+def ingemm_dx(dy, w, a, b, scaling, block_m=64, c=None, group_m=8, num_warps=8, num_stages=3, x_twice=True):
+    """krona_ingemm_dx_kernel's dx for dy (M, N), w (N, K), one term a (n1, k1), b (n2, k2) in dy's dtype."""
+    return _ingemm(False, dy, w, a, b, scaling, None, block_m, c, group_m, num_warps, num_stages, x_twice)
 
 
 def main() -> int:
@@ -125,6 +173,28 @@ def main() -> int:
                 print(f"  in-GEMM {cfg}: {t:.1f} us ({t / floor:.3f}x F.linear), rel err {err:.2e}", flush=True)
             except Exception as e:  # a config that does not fit: say so, keep going
                 print(f"  in-GEMM {cfg}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        # the backward: dx in the GEMM, plus grad_fused for dA and dB alone, against the op's backward
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        needs = (True, True, False, True, False, False, False)
+        ref_dx = reference.krona_backward(dy.double(), x.double(), w.double(), a.double()[None], None,
+                                          b.double()[None], None, 2.0, needs)[0]
+        floor_dx = us(lambda: dy @ w)
+        op_bwd = us(lambda: kk.krona_backward(dy, x, w, a[None], None, b[None], None, 2.0, needs))
+        ab = us(lambda: kk.grad_fused(dy, x, a[None], b[None], 2.0, False))
+        print(f"  dy @ W {floor_dx:.1f} us; the op's backward {op_bwd:.1f} us ({op_bwd / floor_dx:.3f}x); grad_fused "
+              f"for dA, dB alone {ab:.1f} us", flush=True)
+        half = 256 // k2 // 2
+        for block_m, c, warps, stages, twice in [(64, None, 8, 3, True), (64, None, 8, 3, False),
+                                                 (128, half, 8, 3, True), (64, None, 4, 3, True)]:
+            cfg = dict(block_m=block_m, c=c, num_warps=warps, num_stages=stages, x_twice=twice)
+            try:
+                got = ingemm_dx(dy, w, a, b, 2.0, **cfg)
+                err = ((got.double() - ref_dx).norm() / ref_dx.norm()).item()
+                t = us(lambda: ingemm_dx(dy, w, a, b, 2.0, **cfg))
+                print(f"  in-GEMM dx {cfg}: {t:.1f} us ({t / floor_dx:.3f}x dy @ W; with grad_fused "
+                      f"{(t + ab) / floor_dx:.3f}x), rel err {err:.2e}", flush=True)
+            except Exception as e:
+                print(f"  in-GEMM dx {cfg}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
     return 0
 
 

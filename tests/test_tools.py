@@ -981,9 +981,10 @@ def test_compiled_e2e_rows_each_compile_their_own_static_graphs(monkeypatch):
 
 
 def test_krona_ingemm_prototype_matches_reference():
-    """scripts/explore_krona_ingemm.py's prototype (KronA's forward term accumulated inside the frozen GEMM's K loop,
-    V B^T in its epilogue; not wired into the op) against reference.py in float64, at a ragged M, two column tiles and
-    a bias: what the script times on a GPU must be the op's answer. fp32 on the interpreter (no rounding of V)."""
+    """scripts/explore_krona_ingemm.py's prototypes (KronA's term accumulated inside the frozen GEMM's K loop, V B^T or
+    U B in the epilogue; not wired into the op), the forward and the backward's dx, against reference.py in float64 at
+    a ragged M, several column tiles, a masked row of A and a bias: what the script times on a GPU must be the op's
+    answer. fp32 on the interpreter (no rounding of V or U)."""
     from conftest import HAS_CUDA, INTERPRET
 
     if not (HAS_CUDA or INTERPRET):
@@ -995,6 +996,7 @@ def test_krona_ingemm_prototype_matches_reference():
 
     g = torch.Generator().manual_seed(run_seed(7))
     # n1 = 5 beside C = 2: the last column tile's second row of A lies past n1 (masked)
+    # (k1 = 3 beside C = 2: dx's last column tile has a masked column of A as well)
     for M, (n1, k1), (n2, k2), c in ((37, (4, 3), (16, 16), 2), (20, (5, 2), (16, 32), 2), (9, (3, 4), (32, 16), 1)):
         x, w = torch.randn(M, k1 * k2, generator=g), torch.randn(n1 * n2, k1 * k2, generator=g)
         a, b = torch.randn(n1, k1, generator=g), torch.randn(n2, k2, generator=g)
@@ -1002,7 +1004,14 @@ def test_krona_ingemm_prototype_matches_reference():
         x, w, a, b, bias = (t.to(DEVICE) for t in (x, w, a, b, bias))
         ref = reference.krona_forward(x.double(), w.double(), a.double()[None], None, b.double()[None], None, 0.7,
                                       bias.double())
+        dy = torch.randn(M, n1 * n2, generator=g).to(DEVICE)
+        needs = (True,) + (False,) * 6
+        ref_dx = reference.krona_backward(dy.double(), x.double(), w.double(), a.double()[None], None,
+                                          b.double()[None], None, 0.7, needs)[0]
         for twice in (True, False):  # x's tile loaded again for the CUDA-core sum, or shared with the MMA
             y = ig.ingemm_forward(x, w, a, b, 0.7, bias, block_m=16, c=c, num_warps=4, num_stages=1, x_twice=twice)
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert err < 1e-5, f"A {n1}x{k1}, B {n2}x{k2}, C {c}, x twice {twice}: relative error {err:.2e}"
+            dx = ig.ingemm_dx(dy, w, a, b, 0.7, block_m=16, c=c, num_warps=4, num_stages=1, x_twice=twice)
+            err = ((dx.double() - ref_dx).norm() / ref_dx.norm()).item()
+            assert err < 1e-5, f"dx: A {n1}x{k1}, B {n2}x{k2}, C {c}, x twice {twice}: relative error {err:.2e}"
