@@ -398,6 +398,20 @@ __device__ __forceinline__ void tile_origin(int tile, int tiles_j, int& i0, int&
   j0 = (tile % tiles_j) * 16;
 }
 
+// c (an fp32 16 x 16 tile at row stride ldc) = (first ? 0 : c) + the product of Op's A and B tiles (Op::product's).
+template <typename Op, bool A_ROW, bool B_ROW, typename T>
+__device__ __forceinline__ void accumulate_tile(float* c, int ldc, bool first, const T* a, int lda, int i0,
+                                                const T* b, int ldb, int j0, int kdim) {
+  typename Op::Acc acc;
+  if (first) {
+    Op::zero(acc);
+  } else {
+    Op::load(acc, c, ldc);
+  }
+  Op::template product<A_ROW, B_ROW>(acc, a, lda, i0, b, ldb, j0, kdim);
+  Op::store(c, ldc, acc);
+}
+
 template <typename T>
 __device__ __forceinline__ T* region(unsigned char* smem, int64_t offset) {
   return reinterpret_cast<T*>(smem + offset);
@@ -474,14 +488,7 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
       for (int tile = warp; tile < o_tiles; tile += kWarps) {
         int i0, j0;
         tile_origin(tile, p_cols, i0, j0);
-        typename Op::Acc acc;
-        if (t == 0) {
-          Op::zero(acc);
-        } else {
-          Op::load(acc, os + i0 * p.ldo + j0, p.ldo);
-        }
-        Op::template product<true, true>(acc, lt, p.ldl, i0, ps, p.ldp, j0, p.c1p);
-        Op::store(os + i0 * p.ldo + j0, p.ldo, acc);
+        accumulate_tile<Op, true, true>(os + i0 * p.ldo + j0, p.ldo, t == 0, lt, p.ldl, i0, ps, p.ldp, j0, p.c1p);
       }
       __syncthreads();
     }
@@ -596,26 +603,18 @@ __global__ void __launch_bounds__(kThreads, REG ? 2 : 0) krona_grad_kernel(
       // with REG the loop below takes the D tiles alone (tile from ab_tiles on)
       for (int tile = warp + (REG ? ab_tiles : 0); tile < ab_tiles + d_tiles; tile += kWarps) {
         int i0, j0;
-        typename Op::Acc acc;
         if (tile < da_tiles) {
           tile_origin(tile, da_cols, i0, j0);
-          Op::load(acc, da_t + i0 * p.lddA + j0, p.lddA);
-          Op::template product<true, false>(acc, gs, p.ldg, i0, ps, p.ldp, j0, p.n2p);
-          Op::store(da_t + i0 * p.lddA + j0, p.lddA, acc);
+          accumulate_tile<Op, true, false>(da_t + i0 * p.lddA + j0, p.lddA, false, gs, p.ldg, i0, ps, p.ldp, j0,
+                                           p.n2p);
         } else if (tile < da_tiles + db_tiles) {
           tile_origin(tile - da_tiles, db_cols, i0, j0);
-          Op::load(acc, db_t + i0 * p.lddB + j0, p.lddB);
-          Op::template product<false, true>(acc, gs, p.ldg, i0, vs, p.ldv, j0, p.n1p);
-          Op::store(db_t + i0 * p.lddB + j0, p.lddB, acc);
+          accumulate_tile<Op, false, true>(db_t + i0 * p.lddB + j0, p.lddB, false, gs, p.ldg, i0, vs, p.ldv, j0,
+                                           p.n1p);
         } else {
           tile_origin(tile - da_tiles - db_tiles, d_cols, i0, j0);
-          if (t == 0) {
-            Op::zero(acc);
-          } else {
-            Op::load(acc, dxs + i0 * p.lddx + j0, p.lddx);
-          }
-          Op::template product<false, true>(acc, at, p.lda, i0, us, p.ldv, j0, p.n1p);
-          Op::store(dxs + i0 * p.lddx + j0, p.lddx, acc);
+          accumulate_tile<Op, false, true>(dxs + i0 * p.lddx + j0, p.lddx, t == 0, at, p.lda, i0, us, p.ldv, j0,
+                                           p.n1p);
         }
       }
       __syncthreads();
