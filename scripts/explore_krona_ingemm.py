@@ -1,5 +1,10 @@
 """Prototype, not wired into the op: KronA's term inside the frozen GEMMs (NOTES-krona.md, forty-fourth session).
 
+Measured on an H100 (2026-12-06, NOTES-krona.md "Forty-fifth session"): 2.4-2.8x F.linear for the forward and 2.1-2.9x
+dy @ W for dx, against the op's 1.19x and 1.25x, so the design is dropped and this stays as the record. The configs that
+load x's tile once (x_twice=False) are wrong at 64 x 64 on the GPU (relative error 1e-2 to 3e-2): compile_report's
+MMA-operand hazard.
+
 One program computes an output tile of BLOCK_M tokens by BLOCK_N = C n2 columns, i.e. C values of i1 (whole rows of B).
 While the K loop streams x's tile of K block j1 (BLOCK_K = k2) into the MMA with W, it also accumulates, on CUDA cores,
     V[m, c, :] += A[i1_c, j1] x[m, j1 k2 : (j1 + 1) k2]          (V = A X for the tile's i1 values, fp32)
@@ -23,7 +28,7 @@ import triton
 import triton.language as tl
 
 from peftkern.kernels.triton._launch import cdiv
-from peftkern.kernels.triton.lora import _tile_coords
+from peftkern.kernels.triton.lora import _dot_precision, _tile_coords
 
 
 @triton.jit
@@ -42,7 +47,7 @@ def krona_ingemm_forward_kernel(
     x_ptr, x2_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, k1, scaling,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, N2: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, X_TWICE: tl.constexpr,
+    GROUP_M: tl.constexpr, X_TWICE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """y = x W^T + b + s (A (x) B) x for one (BLOCK_M, C N2) tile; BLOCK_K = k2; A (n1, k1) and B (N2, k2) row-major,
     x (M, K), W (N, K), y (M, N) with unit column strides. X_TWICE: the CUDA-core sum reads x's tile by a load of its
@@ -59,14 +64,14 @@ def krona_ingemm_forward_kernel(
         kcols = j1 * BLOCK_K + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kcols[None, :], mask=rows[:, None], other=0.0)
         wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + kcols[None, :], mask=cols[:, None], other=0.0)
-        acc = tl.dot(xt, wt.T, acc)
+        acc = tl.dot(xt, wt.T, acc, input_precision=DOT_PRECISION)
         if X_TWICE:
             xt = tl.load(x2_ptr + offs_m[:, None] * stride_xm + kcols[None, :], mask=rows[:, None], other=0.0)
         a_col = tl.load(a_ptr + i1 * k1 + j1, mask=i1 < n1, other=0.0).to(tl.float32)
         v += xt.to(tl.float32)[:, None, :] * a_col[None, :, None]
     # epilogue: the tile's columns are (c, i2) for c < C, i2 < N2, row-major, as V B^T's rows (m, c) reshaped
     bt = tl.load(b_ptr + tl.arange(0, N2)[None, :] * BLOCK_K + offs_k[:, None])  # B^T (k2, N2)
-    term = tl.dot(tl.reshape(v, (BLOCK_M * C, BLOCK_K)).to(bt.dtype), bt)
+    term = tl.dot(tl.reshape(v, (BLOCK_M * C, BLOCK_K)).to(bt.dtype), bt, input_precision=DOT_PRECISION)
     acc += scaling * tl.reshape(term, (BLOCK_M, BLOCK_N))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=cols, other=0.0).to(tl.float32)[None, :]
@@ -79,7 +84,7 @@ def krona_ingemm_dx_kernel(
     g_ptr, g2_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, M, N, K, n1, k1, scaling,
     stride_gm, stride_wn, stride_dm,
     K2: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N2: tl.constexpr, GROUP_M: tl.constexpr,
-    X_TWICE: tl.constexpr,
+    X_TWICE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dx = dy W + s vec(A^T G B) for one (BLOCK_M, C K2) tile of dx (M, K); the K loop runs over N in blocks of
     BLOCK_N2 = n2, block i1 being G[:, i1, :]; A (n1, k1), B (n2, K2) row-major, W (N, K). X_TWICE as the forward's."""
@@ -92,13 +97,13 @@ def krona_ingemm_dx_kernel(
         ncols = i1 * BLOCK_N2 + offs_n
         gt = tl.load(g_ptr + offs_m[:, None] * stride_gm + ncols[None, :], mask=rows[:, None], other=0.0)
         wt = tl.load(w_ptr + ncols[:, None] * stride_wn + offs_k[None, :], mask=cols[None, :], other=0.0)
-        acc = tl.dot(gt, wt, acc)
+        acc = tl.dot(gt, wt, acc, input_precision=DOT_PRECISION)
         if X_TWICE:
             gt = tl.load(g2_ptr + offs_m[:, None] * stride_gm + ncols[None, :], mask=rows[:, None], other=0.0)
         a_row = tl.load(a_ptr + i1 * k1 + j1, mask=j1 < k1, other=0.0).to(tl.float32)
         u += gt.to(tl.float32)[:, None, :] * a_row[None, :, None]
     bm = tl.load(b_ptr + offs_n[:, None] * K2 + tl.arange(0, K2)[None, :])  # B (n2, K2)
-    term = tl.dot(tl.reshape(u, (BLOCK_M * C, BLOCK_N2)).to(bm.dtype), bm)
+    term = tl.dot(tl.reshape(u, (BLOCK_M * C, BLOCK_N2)).to(bm.dtype), bm, input_precision=DOT_PRECISION)
     acc += scaling * tl.reshape(term, (BLOCK_M, BLOCK_K))
     tl.store(dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=rows[:, None] & cols[None, :])
@@ -115,7 +120,8 @@ def _ingemm(forward, z, w, a, b, scaling, bias, block_m, c, group_m, num_warps, 
     out = torch.empty(M, N if forward else K, device=z.device, dtype=z.dtype)
     grid = (cdiv(M, block_m) * cdiv(n1 if forward else k1, c),)
     a, b = a.contiguous(), b.contiguous()
-    common = dict(C=c, BLOCK_M=block_m, GROUP_M=group_m, X_TWICE=x_twice, num_warps=num_warps, num_stages=num_stages)
+    common = dict(C=c, BLOCK_M=block_m, GROUP_M=group_m, X_TWICE=x_twice, DOT_PRECISION=_dot_precision(z.dtype),
+                  num_warps=num_warps, num_stages=num_stages)
     if forward:
         krona_ingemm_forward_kernel[grid](
             z, z, w, a, b, bias if bias is not None else out, out, M, N, K, k1, float(scaling), z.stride(0),
