@@ -82,7 +82,7 @@ struct FmaMma {
     for (int i = 0; i < 8; ++i) p[row() * ld + col() + i] = c.v[i];
   }
 
-  __device__ static __forceinline__ void store_rounded(T* p, int ld, const Acc& c, float*) {
+  __device__ static __forceinline__ void store_rounded(T* p, int ld, const Acc& c) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) p[row() * ld + col() + i] = from_float<T>(c.v[i]);
   }
@@ -144,7 +144,7 @@ struct TensorMma {
   }
 
   // Each lane rounds its own pairs and stores them as 4 bytes (p's rows have an even number of elements).
-  __device__ static __forceinline__ void store_rounded(T* p, int ld, const Acc& c, float*) {
+  __device__ static __forceinline__ void store_rounded(T* p, int ld, const Acc& c) {
     const int g = lane() >> 2, t = lane() & 3;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -257,6 +257,8 @@ TermPlan plan_term(int64_t esize, int64_t r1, int64_t c1, int64_t r2, int64_t c2
   p.stages = stages;
   p.p_off = c.take(c1p * ldp * esize);
   p.o_off = c.take(r1p * ldo * 4);
+  // nothing reads this since the products moved to mma.sync (010702a); kept because it sets the blocks an SM: branch
+  // krona-cuda-smem dropped it (four blocks an SM at bf16 64 x 64 instead of three) and timed slower (NOTES-krona.md)
   p.scratch_off = c.take(kWarps * 16 * kScratchLd * 4);
   p.bytes = c.at;
   if (p.bytes > (int64_t{1} << 30)) return p;  // never launched (far past any GPU's shared memory): no int casts
@@ -456,7 +458,6 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
   T* ps = region<T>(smem, p.p_off);
   float* os = region<float>(smem, p.o_off);
   const int warp = static_cast<int>(threadIdx.x) / 32;
-  float* scratch = region<float>(smem, p.scratch_off) + warp * 16 * kScratchLd;
   stage_block(smem, p.bytes, ls, p.ldl, p.r1p, L, rs, p.ldr, p.r2p, R, p.terms);
   const int p_cols = p.r2p / 16, p_tiles = (p.c1p / 16) * p_cols;
   const int o_tiles = (p.r1p / 16) * p_cols;  // O (r1 x r2) has P's columns
@@ -482,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) krona_term_kernel(
         typename Op::Acc acc;
         Op::zero(acc);
         Op::template product<true, false>(acc, zs, p.ldz, i0, rt, p.ldr, j0, p.c2p);
-        Op::store_rounded(ps + i0 * p.ldp + j0, p.ldp, acc, scratch);
+        Op::store_rounded(ps + i0 * p.ldp + j0, p.ldp, acc);
       }
       __syncthreads();
       for (int tile = warp; tile < o_tiles; tile += kWarps) {
@@ -571,15 +572,15 @@ __global__ void __launch_bounds__(kThreads, REG ? 2 : 0) krona_grad_kernel(
         if (tile < p_tiles) {
           tile_origin(tile, p_cols, i0, j0);
           Op::template product<true, false>(acc, xs, p.ldx, i0, bt, p.ldb, j0, p.k2p);
-          Op::store_rounded(ps + i0 * p.ldp + j0, p.ldp, acc, scratch);
+          Op::store_rounded(ps + i0 * p.ldp + j0, p.ldp, acc);
         } else if (tile < p_tiles + v_tiles) {
           tile_origin(tile - p_tiles, v_cols, i0, j0);
           Op::template product<true, true>(acc, at, p.lda, i0, xs, p.ldx, j0, p.k1p);
-          Op::store_rounded(vs + i0 * p.ldv + j0, p.ldv, acc, scratch);
+          Op::store_rounded(vs + i0 * p.ldv + j0, p.ldv, acc);
         } else {
           tile_origin(tile - p_tiles - v_tiles, v_cols, i0, j0);
           Op::template product<true, true>(acc, gs, p.ldg, i0, bt, p.ldb, j0, p.n2p);
-          Op::store_rounded(us + i0 * p.ldv + j0, p.ldv, acc, scratch);
+          Op::store_rounded(us + i0 * p.ldv + j0, p.ldv, acc);
         }
       }
       __syncthreads();

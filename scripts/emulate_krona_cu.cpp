@@ -37,7 +37,8 @@ void launch(unsigned grid, int threads, size_t smem_bytes, cudaStream_t, F kerne
     std::barrier<> barrier(threads);
     bar = &barrier;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    for (int w = 0; w * 32 < threads; ++w) warps.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - w * 32)));
+    for (int w = 0; w * 32 < threads; ++w)
+      warps.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - w * 32)));
     std::vector<std::thread> ts;
     for (int t = 0; t < threads; ++t)
       ts.emplace_back([=, &warps] {

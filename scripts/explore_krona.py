@@ -236,7 +236,8 @@ def cuda_pieces():
             ("bwd all, cuBLAS GEMMs on views", f_dx,
              lambda: ext.krona_backward(dy, x, W, A, B, 2.0, True, True, True, False, False, True)),
             ("Triton op backward", f_dx,
-             lambda: kk.krona_backward(dy, x, W, A, None, B, None, 2.0, (True, True, False, True, False, False, False))),
+             lambda: kk.krona_backward(dy, x, W, A, None, B, None, 2.0,
+                                       (True, True, False, True, False, False, False))),
         ]
         for name, ref, fn in rows:
             t = us(fn)
@@ -257,4 +258,6 @@ def cuda_once():
 if __name__ == "__main__":
     torch.manual_seed(0)
     arg = sys.argv[1] if len(sys.argv) > 1 else ""
-    {"--fused-configs": fused_configs, "--term-configs": term_configs, "--route": route, "--tma": tma, "--cuda": cuda_pieces, "--cuda-once": cuda_once}.get(arg, pieces)()
+    modes = {"--fused-configs": fused_configs, "--term-configs": term_configs, "--route": route, "--tma": tma,
+             "--cuda": cuda_pieces, "--cuda-once": cuda_once}
+    modes.get(arg, pieces)()

@@ -168,9 +168,9 @@ def main() -> int:
         print(f"\n== M={M} A {n1}x{k1} B {n2}x{k2}: F.linear {floor:.1f} us; the op's forward {op:.1f} us "
               f"({op / floor:.3f}x)", flush=True)
         half = 256 // n2 // 2
-        for block_m, c, warps, stages, twice in [(64, None, 8, 3, True), (64, None, 8, 3, False), (64, None, 4, 3, True),
-                                                 (128, half, 8, 3, True), (128, half, 8, 4, True),
-                                                 (64, None, 8, 1, False)]:
+        for block_m, c, warps, stages, twice in [(64, None, 8, 3, True), (64, None, 8, 3, False),
+                                                 (64, None, 4, 3, True), (128, half, 8, 3, True),
+                                                 (128, half, 8, 4, True), (64, None, 8, 1, False)]:
             cfg = dict(block_m=block_m, c=c, num_warps=warps, num_stages=stages, x_twice=twice)
             try:
                 y = ingemm_forward(x, w, a, b, 2.0, bias, **cfg)
