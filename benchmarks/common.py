@@ -6,6 +6,7 @@ Every row is timed against the floor measured in the same run, and ratios are wh
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -127,14 +128,26 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak allocated memory (MB) above what was allocated before one call of fn."""
+    """Peak allocated memory (MB) above what was allocated before one call of fn. Whatever would be freed during the
+    call is freed before the baseline is read: garbage (the collector is then off during the call), and blocks that
+    wait for another stream's events after record_stream (empty_cache frees them). Either, freed inside the call, lowers
+    the peak by its size: on an H200 (2026-12-06) a whole-file run of tests/test_lora.py read the Unsloth-style path
+    at 64.5 MB instead of 128.75 after the fused op had run, and the same test passed alone."""
     if device.type != "cuda":
         return None
+    gc.collect()
     _sync(device)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fn()
+        _sync(device)
+    finally:
+        if was_enabled:
+            gc.enable()
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
