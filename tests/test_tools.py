@@ -1015,3 +1015,37 @@ def test_krona_ingemm_prototype_matches_reference():
             dx = ig.ingemm_dx(dy, w, a, b, 0.7, block_m=16, c=c, num_warps=4, num_stages=1, x_twice=twice)
             err = ((dx.double() - ref_dx).norm() / ref_dx.norm()).item()
             assert err < 1e-5, f"dx: A {n1}x{k1}, B {n2}x{k2}, C {c}, x twice {twice}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+@pytest.mark.parametrize("leftover", ["garbage", "record-stream"])
+def test_peak_memory_counts_what_the_call_allocates_whatever_was_freed_inside_it(leftover):
+    """benchmarks/common.peak_memory_mb, which bench lora and the LoRA peak test measure by: a 64 MB block counted in
+    its baseline and freed inside the measured call lowered the peak by 64 MB (on an H200, 2026-12-06, the
+    Unsloth-style path read 64.5 MB instead of 128.75 in a whole-file run). Here the block is a tensor in a reference
+    cycle that the call's own collection frees, or one used on a side stream (record_stream) whose block the call's
+    first allocation frees; the call allocates 32 MB."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gc
+
+    import common
+
+    dev = torch.device("cuda")
+    if leftover == "garbage":
+        cycle = [torch.empty(2**25, dtype=torch.bfloat16, device=dev)]
+        cycle.append(cycle)
+        del cycle
+    else:
+        side = torch.cuda.Stream(dev)
+        with torch.cuda.stream(side):
+            block = torch.empty(2**25, dtype=torch.bfloat16, device=dev)
+        block.record_stream(torch.cuda.current_stream(dev))
+        del block
+
+    def call():
+        gc.collect()  # what a collection triggered by the call's own Python objects would do
+        out = torch.empty(2**24, dtype=torch.bfloat16, device=dev)
+        out += 1
+        return out
+
+    assert common.peak_memory_mb(call, dev) == pytest.approx(32.0, abs=0.5)
