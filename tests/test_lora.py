@@ -1002,9 +1002,23 @@ def test_dyb_db_is_left_out_where_its_partials_outgrow_dx():
         assert not kl.dyb_db_fits(M, N, K, 16, 2, cpu), (M, N, K)
     assert kl.dyb_db_fits(0, 128256, 4096, 16, 2, cpu)
 
+def test_skinny_grads_is_left_out_where_its_partials_outgrow_dx():
+    """skinny_grads' float32 partials are allocated before dx (M x K): lora_backward takes it only where they are no
+    larger than dx. At a few rows they are not (one split of 0.5 MB at M = 1 and 16, 4096^2, r = 16, against dx's 8
+    and 128 KB), and the fwd+bwd peak was 0.5 MB over the Unsloth-style path's there (bench lora, H200, d977eed)."""
+    from peftkern.kernels.triton import lora as kl
+
+    cpu = torch.device("cpu")
+    for M in (1, 16):
+        assert not kl.skinny_partials_fit(M, 4096, 4096, 16, True, True, False, 2, cpu), M
+    for M, K, N, R in [(8192, 4096, 4096, 16), (8192, 4096, 11008, 64), (8192, 11008, 4096, 16),
+                       (2048, 4096, 4096, 16), (8192, 2048, 2048, 16)]:
+        assert kl.skinny_partials_fit(M, K, N, R, True, True, True, 2, cpu), (M, K, N, R)
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA's allocator statistics: a GPU check")
 @pytest.mark.parametrize("shape", [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 4096, 4096, 64),
-                                   (2048, 4096, 4096, 16)],
+                                   (2048, 4096, 4096, 16), (16, 4096, 4096, 16), (1, 4096, 4096, 16)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fwd_bwd_peak_memory_is_at_most_the_unsloth_style_paths(shape):
     """Issue 2: the op's forward + backward peaks no higher than the eager Unsloth-style LoRA of bench lora (base GEMM,
@@ -1057,6 +1071,8 @@ def test_skinny_grads_switch_matches_reference(path, rank, monkeypatch):
     monkeypatch.setattr(kl, "SKINNY_GRADS", True)
     monkeypatch.setattr(kl, "SKINNY_SIDE", path == "side-stream")
     monkeypatch.setattr(kl, "SKINNY_MAX_RANK", 128)
+    # at these 69 rows its partials outgrow dx, where lora_backward leaves it out (the peak rule): the paths are asked
+    monkeypatch.setattr(kl, "skinny_partials_fit", lambda *a: True)
     monkeypatch.setattr(kl, "PERSISTENT_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX_MIN_M", 1)
     monkeypatch.setattr(kl, "PERSISTENT_DX", path != "no-persistent-dx")

@@ -1447,6 +1447,20 @@ def _skinny_buffers(partials: int, block_c: int, block_r: int, slots: int, R: in
     return tuple(spec for spec, want in zip(specs, wanted) if want), wanted
 
 
+@functools.lru_cache(maxsize=4096)
+def skinny_partials_fit(M: int, K: int, N: int, R: int, need_a: bool, need_b: bool, need_bias: bool,
+                        elem_size: int, device: torch.device) -> bool:
+    """Whether skinny_grads' float32 partials (and the column sums' where the bias has a gradient) take no more bytes
+    than dx (M x K in dy's dtype), which the backward allocates after they are freed: then the fwd+bwd peak stays the
+    Unsloth-style path's (issue 2), whose cuBLAS products need no partials. Below that, at a few rows, the partials
+    were the peak: one split of 128 slots x 64 x 16 float32 (0.5 MB) at M = 1 and 16, 4096^2, r = 16, against
+    dx's 8 and 128 KB (bench lora on an H200 at d977eed: 0.767 and 1.001 MB against 0.267 and 0.501)."""
+    block_m, block_c, _, _, block_r, _, slots, splits, _ = _skinny_plan(M, K, N, R, need_a, need_b or need_bias,
+                                                                        device, None)
+    partials = slots * splits * block_c * (block_r + (1 if need_bias else 0)) * 4
+    return partials <= M * K * elem_size
+
+
 def skinny_grads(x: torch.Tensor, dyb: Optional[torch.Tensor], dy: torch.Tensor, xa: Optional[torch.Tensor],
                  scale_a: float, scale_b: float, a_dtype: torch.dtype, b_dtype: torch.dtype,
                  need_a: bool = True, need_b: bool = True, need_bias: bool = False,
@@ -1888,7 +1902,10 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, see
     """
     need_x, need_a, need_b, need_bias, need_w = needs
     dx = da = db = dbias = dw = dyb = None
-    skinny = SKINNY_GRADS and lora_A.shape[0] <= SKINNY_MAX_RANK
+    # skinny_grads stands in for cuBLAS's skinny products (GPU, no dropout), where its partials fit beside dx's size
+    skinny = (SKINNY_GRADS and lora_A.shape[0] <= SKINNY_MAX_RANK and _cublas_skinny(dropout_p, grad_y.device)
+              and skinny_partials_fit(grad_y.shape[0], lora_A.shape[1], grad_y.shape[1], lora_A.shape[0], need_a,
+                                      need_b, need_bias, grad_y.element_size(), grad_y.device))
     # Above SKINNY_MAX_RANK the cuBLAS products stay on TAIL_OVERLAP's side stream: at r = 128 on the main stream the
     # op's backward took 11 us more (bench lora: 1.174x against 1.158x; NOTES-lora.md, fifteenth session).
     w_kn = _w_nk(weight, weight_transposed).t()
