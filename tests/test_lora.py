@@ -1002,6 +1002,7 @@ def test_dyb_db_is_left_out_where_its_partials_outgrow_dx():
         assert not kl.dyb_db_fits(M, N, K, 16, 2, cpu), (M, N, K)
     assert kl.dyb_db_fits(0, 128256, 4096, 16, 2, cpu)
 
+
 def test_skinny_grads_is_left_out_where_its_partials_outgrow_dx():
     """skinny_grads' float32 partials are allocated before dx (M x K): lora_backward takes it only where they are no
     larger than dx. At a few rows they are not (one split of 0.5 MB at M = 1 and 16, 4096^2, r = 16, against dx's 8

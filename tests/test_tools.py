@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, run_seed
+from conftest import DEVICE, HAS_CUDA, INTERPRET, run_seed
 
 import peftkern
 
@@ -980,16 +980,13 @@ def test_compiled_e2e_rows_each_compile_their_own_static_graphs(monkeypatch):
     assert not any(any(row) for row in compiled_rows), f"dynamic-shape graphs (True) per compiled row: {compiled_rows}"
 
 
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or the Triton interpreter")
 def test_krona_ingemm_prototype_matches_reference():
     """scripts/explore_krona_ingemm.py's prototypes (KronA's term accumulated inside the frozen GEMM's K loop, V B^T or
     U B in the epilogue; not wired into the op), the forward and the backward's dx, against reference.py in float64 at
     a ragged M, several column tiles, a masked row of A and a bias: what the script times on a GPU must be the op's
     answer. fp32 on the interpreter (no rounding of V or U)."""
-    from conftest import HAS_CUDA, INTERPRET
-
-    if not (HAS_CUDA or INTERPRET):
-        pytest.skip("needs a GPU or the Triton interpreter")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     import explore_krona_ingemm as ig
 
     from peftkern import reference
