@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PartialResults,
     Row,
     bench_device,
     compiled,
@@ -33,7 +34,6 @@ from common import (  # noqa: E402
     positive_ints,
     print_table,
     progress,
-    save_results,
     time_fn,
     time_layer_impls,
     timing_label,
@@ -216,15 +216,17 @@ def main(argv=None) -> list[Row]:
     cases = parse_cases(args, device)  # before the bandwidth's 2 GiB copies: a bad case is refused at once
     bandwidth = copy_bandwidth(device)
     progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    timing = timing_label(device, args.eager)
+    results = PartialResults("adapter", {"cases": cases, "dtype": str(dtype), "timing": timing,
+                                         "copy_bandwidth_GBps": bandwidth / 1e9}, args.out)
     rows = []
     for i, (M, d, reduction, form) in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] adapter {form} M={M} d={d} reduction={reduction}")
         rows += bench_case(M, d, reduction, form, dtype, device, args, bandwidth)
+        results.save(rows)
     note_spread(rows)
     print_table(rows, f"Bottleneck adapter, {str(dtype).replace('torch.', '')}: ms and ratio to the memory floor")
-    timing = timing_label(device, args.eager)
-    path = save_results("adapter", rows, {"cases": cases, "dtype": str(dtype), "timing": timing,
-                                          "copy_bandwidth_GBps": bandwidth / 1e9}, args.out)
+    path = results.finish(rows)
     progress(f"saved {path}")
     return rows
 

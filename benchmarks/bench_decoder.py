@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PartialResults,
     bench_device,
     compiled,
     note_spread,
     print_table,
     progress,
     report_failure,
-    save_results,
     time_layer_impls,
     timing_label,
 )
@@ -159,15 +159,17 @@ def main(argv=None) -> list:
     device, dtype = bench_device()
     shape, tokens = (args.shape, args.tokens) if device == "cuda" else ("cpu", [64])
     methods = METHODS if args.method == "all" else (args.method,)
+    results = PartialResults("decoder", {"methods": list(methods), "shape": shape, "tokens": tokens,
+                                         "dtype": str(dtype), "timing": timing_label(device, args.eager)},
+                             Path(args.out) if args.out else None)
     rows = []
     for method in methods:
         for n in tokens:
             rows += run_case(method, shape, n, dtype, device, not args.no_compile and device == "cuda", args.eager)
+            results.save(rows)
     note_spread(rows)
     print_table(rows, f"Decoder layer, {dtype}: ms and ratio to the frozen layer")
-    path = save_results("decoder", rows, {"methods": list(methods), "shape": shape, "tokens": tokens,
-                                          "dtype": str(dtype), "timing": timing_label(device, args.eager)},
-                        Path(args.out) if args.out else None)
+    path = results.finish(rows)
     print(f"saved {path}")
     return rows
 

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PartialResults,
     Row,
     bench_device,
     note_spread,
@@ -43,7 +44,6 @@ from common import (  # noqa: E402
     progress,
     progress_rows,
     report_failure,
-    save_results,
 )
 
 from peftkern import workloads  # noqa: E402
@@ -264,9 +264,15 @@ def main(argv=None) -> list[Row]:
     probe = host_probe_us(device)
     if probe is not None:
         progress(f"host: {probe:.1f} us to enqueue a small CUDA op")
+    results = PartialResults("e2e", {"methods": list(methods), "cases": cases, "rank": args.rank,
+                                     "models": {s: workloads.SHAPES[s] for s, _, _ in cases},
+                                     "timing": "steps between CUDA events" if device == "cuda" else
+                                     "wall clock on the CPU", "optimizer": args.optimizer,
+                                     "host_us_per_small_op": probe}, args.out)
     rows = []
     for shape, batch, seq in cases:
         rows += run_case(shape, batch, seq, methods, args, device, dtype)
+        results.save(rows)
     note_spread(rows)
     print_table(rows, "Training step (ratio: step time over the frozen model's, the compiled frozen model's for "
                 "compiled rows; lower is better)")
@@ -278,11 +284,7 @@ def main(argv=None) -> list[Row]:
         equal = f"{equal:.3f}x" if equal else "-"
         print(f"| {r.case:<22} | {r.pass_:<16} | {r.impl:<52} | {r.extra['tokens_per_s']:10,.0f} | "
               f"{r.extra['throughput_vs_floor']:8.3f}x | {equal:>27} | {peak:>14} |")
-    path = save_results("e2e", rows, {"methods": list(methods), "cases": cases, "rank": args.rank,
-                                      "models": {s: workloads.SHAPES[s] for s, _, _ in cases},
-                                      "timing": "steps between CUDA events" if device == "cuda" else
-                                      "wall clock on the CPU", "optimizer": args.optimizer,
-                                      "host_us_per_small_op": probe}, args.out)
+    path = results.finish(rows)
     progress(f"saved {path}")
     return rows
 

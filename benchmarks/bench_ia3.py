@@ -28,7 +28,6 @@ from common import (  # noqa: E402
     peft_single_layer,
     print_table,
     progress,
-    save_results,
     time_layer_impls,
 )
 
@@ -110,6 +109,8 @@ def main(argv=None):
         cases = list(args.shapes)
     else:
         cases = CPU_CASES if device == "cpu" else (QUICK_CASES if args.quick else DEFAULT_CASES)
+    timing = common.timing_label(device, args.eager)
+    results = common.PartialResults("ia3", {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
     rows = []
     for i, (M, K, N) in enumerate(cases):
         for feedforward in (False, True):
@@ -122,10 +123,10 @@ def main(argv=None):
             rows += time_layer_impls("ia3", f"{form} M={M} K={K} N={N}", impls, x, dy, args.eager)
             if args.variants and device == "cuda":
                 rows += backward_variants(f"{form} M={M} K={K} N={N}", impls, x, dy, args.eager)
+            results.save(rows)
     note_spread(rows)
     print_table(rows, f"IA3, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
-    timing = common.timing_label(device, args.eager)
-    path = save_results("ia3", rows, {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
+    path = results.finish(rows)
     progress(f"saved {path}")
     return rows
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PartialResults,
     Row,
     bench_device,
     compiled,
@@ -32,7 +33,6 @@ from common import (  # noqa: E402
     peft_single_layer,
     print_table,
     progress,
-    save_results,
     time_layer_impls,
     timing_label,
 )
@@ -188,15 +188,17 @@ def main(argv=None) -> list[Row]:
         cases = [parse_case(s) for s in args.shapes]
     else:
         cases = CPU_CASES if device == "cpu" else (QUICK_CASES if args.quick else DEFAULT_CASES)
+    timing = timing_label(device, args.eager)
+    results = PartialResults("krona", {"cases": [list(c) for c in cases], "dtype": str(dtype), "timing": timing},
+                             args.out)
     rows = []
     for i, case in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] krona {case_name(*case)}")
         rows += bench_case(case, dtype, device, compile_anchor=not args.no_compile, eager=args.eager)
+        results.save(rows)
     note_spread(rows)
     print_table(rows, f"KronA, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
-    timing = timing_label(device, args.eager)
-    path = save_results("krona", rows, {"cases": [list(c) for c in cases], "dtype": str(dtype), "timing": timing},
-                        args.out)
+    path = results.finish(rows)
     progress(f"saved {path}")
     return rows
 

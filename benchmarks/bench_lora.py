@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PartialResults,
     Row,
     bench_device,
     compiled,
@@ -29,7 +30,6 @@ from common import (  # noqa: E402
     positive_ints,
     print_table,
     progress,
-    save_results,
     time_layer_impls,
     timing_label,
 )
@@ -161,14 +161,16 @@ def main(argv=None) -> list[Row]:
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     cases = parse_cases(args, device)
+    timing = timing_label(device, args.eager)
+    results = PartialResults("lora", {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
     rows = []
     for i, (M, K, N, r) in enumerate(cases):
         progress(f"[{i + 1}/{len(cases)}] lora M={M} K={K} N={N} r={r}")
         rows += bench_case(M, K, N, r, dtype, device, compile_anchor=not args.no_compile, eager=args.eager)
+        results.save(rows)
     note_spread(rows)
     print_table(rows, f"LoRA, {str(dtype).replace('torch.', '')}: ms and ratio to the frozen F.linear")
-    timing = timing_label(device, args.eager)
-    path = save_results("lora", rows, {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)
+    path = results.finish(rows)
     progress(f"saved {path}")
     return rows
 

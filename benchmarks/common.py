@@ -387,17 +387,61 @@ def print_table(rows: list[Row], title: str = "") -> None:
     sys.stdout.flush()
 
 
-def save_results(name: str, rows: list[Row], config: dict, out_dir: Optional[Path] = None) -> Path:
-    """Write benchmarks/results/<name>-<gpu>-<time>.json (or under out_dir / $PEFTKERN_RESULTS_DIR)."""
+def _results_dir(out_dir: Optional[Path]) -> Path:
     out_dir = Path(out_dir or os.environ.get("PEFTKERN_RESULTS_DIR") or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    gpu = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
-    path = out_dir / f"{name}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return out_dir
+
+
+def _write_results(path: Path, name: str, rows: list[Row], config: dict, env: dict, complete: bool) -> None:
     rows_json = [{**asdict(r), "pass": r.pass_} for r in rows]
     for r in rows_json:
         r.pop("pass_")
-    path.write_text(json.dumps({"benchmark": name, "environment": env, "config": config, "rows": rows_json},
-                               indent=1))
+    doc = {"benchmark": name, "environment": env, "config": config, "rows": rows_json}
+    if not complete:
+        doc["complete"] = False
+    tmp = path.with_name(path.name + ".tmp")  # a run killed mid-write leaves the previous version whole
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def save_results(name: str, rows: list[Row], config: dict, out_dir: Optional[Path] = None) -> Path:
+    """Write benchmarks/results/<name>-<gpu>-<time>.json (or under out_dir / $PEFTKERN_RESULTS_DIR)."""
+    out_dir = _results_dir(out_dir)
+    env = environment()
+    gpu = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+    path = out_dir / f"{name}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    _write_results(path, name, rows, config, env, complete=True)
     SAVED.append(path)
     return path
+
+
+class PartialResults:
+    """A benchmark's JSON kept up to date while it runs. save(rows), after each case, rewrites
+    <name>-<gpu>-<start time>.partial.json with the rows so far and "complete": false. So a run stopped by a time limit
+    still leaves the cases it finished, with the environment: on 2026-12-06 a `bench lora` cut by its device step's
+    limit left its finished rows on stderr alone, and the JSON that would have been committed was never written.
+    finish(rows) writes the usual JSON through save_results and removes the partial file. The partial file is not in
+    SAVED (bench all plots what is there)."""
+
+    def __init__(self, name: str, config: dict, out_dir: Optional[Path] = None):
+        self.name, self.config, self.out_dir = name, config, out_dir
+        self.path: Optional[Path] = None
+        self._env: Optional[dict] = None
+
+    def save(self, rows: list[Row]) -> Optional[Path]:
+        if not rows:
+            return None
+        if self.path is None:
+            self._env = environment()
+            gpu = (self._env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+            stamp = time.strftime('%Y%m%d-%H%M%S')
+            self.path = _results_dir(self.out_dir) / f"{self.name}-{gpu}-{stamp}.partial.json"
+        _write_results(self.path, self.name, rows, self.config, self._env, complete=False)
+        return self.path
+
+    def finish(self, rows: list[Row]) -> Path:
+        path = save_results(self.name, rows, self.config, self.out_dir)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        return path

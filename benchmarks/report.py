@@ -40,8 +40,10 @@ def table(data: dict, passes=None) -> str:
     for r in data["rows"]:
         cases.setdefault(r["case"], {}).setdefault(r["impl"], {})[r["pass"]] = r
     by_bytes = any("ratio_to_bandwidth_floor" in r.get("extra", {}) for r in data["rows"])
+    # a run stopped before its end leaves a .partial.json (common.PartialResults): its table says so
+    cut = "; cut short: the cases finished before the run stopped" if data.get("complete") is False else ""
     head = f"{data['benchmark']} on {env.get('gpu') or 'CPU'} (torch {env['torch']}, triton {env.get('triton')}, " \
-           f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')})\n\n"
+           f"git {env.get('git')}, timing: {data['config'].get('timing', 'see config')}{cut})\n\n"
     per_pass = ["ms", "ratio"] + (["ratio to bytes"] if by_bytes else [])
     cols = " | ".join(f"{p} {c}" for p in passes for c in per_pass)
     # a peak per pass that has one (bench e2e --checkpointing: the checkpointed step's peak is about half the other's)

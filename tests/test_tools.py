@@ -1046,3 +1046,42 @@ def test_peak_memory_counts_what_the_call_allocates_whatever_was_freed_inside_it
         return out
 
     assert common.peak_memory_mb(call, dev) == pytest.approx(32.0, abs=0.5)
+
+
+def test_a_bench_run_cut_short_leaves_the_cases_it_finished(tmp_path, monkeypatch):
+    """Each bench writes a .partial.json after every case, so a run stopped by a time limit (a device step's) keeps the
+    rows it had; a run that ends replaces it with the usual JSON. Here the second of three cases is interrupted."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_lora
+    import report
+
+    cases = ["64,64,48,8", "64,48,64,8", "32,64,64,8"]
+    real = bench_lora.bench_case
+    calls = []
+
+    def cut_at_second(M, K, N, r, *args, **kwargs):
+        calls.append((M, K, N, r))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's signal does to the run, as far as the files go
+        return real(M, K, N, r, *args, **kwargs)
+
+    monkeypatch.setattr(bench_lora, "bench_case", cut_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench_lora.main(["--shapes", *cases, "--no-compile", "--eager", "--out", str(tmp_path)])
+    files = list(tmp_path.glob("lora-*"))
+    assert len(files) == 1 and files[0].name.endswith(".partial.json"), files
+    data = json.loads(files[0].read_text())
+    assert data["complete"] is False
+    assert {r["case"] for r in data["rows"]} == {"M=64 K=64 N=48 r=8"}
+    assert any(r["impl"].startswith("floor") for r in data["rows"])
+    assert data["environment"]["torch"] == torch.__version__
+    assert "cut short" in report.table(data)
+
+    monkeypatch.setattr(bench_lora, "bench_case", real)
+    files[0].unlink()
+    bench_lora.main(["--shapes", *cases[:2], "--no-compile", "--eager", "--out", str(tmp_path)])
+    files = list(tmp_path.glob("lora-*"))
+    assert len(files) == 1 and not files[0].name.endswith(".partial.json"), files
+    data = json.loads(files[0].read_text())
+    assert "complete" not in data and len({r["case"] for r in data["rows"]}) == 2
+    assert "cut short" not in report.table(data)
