@@ -387,10 +387,12 @@ def print_table(rows: list[Row], title: str = "") -> None:
     sys.stdout.flush()
 
 
-def _results_dir(out_dir: Optional[Path]) -> Path:
+def _results_path(name: str, env: dict, out_dir: Optional[Path], suffix: str = ".json") -> Path:
+    """<out_dir>/<name>-<gpu>-<time now><suffix>, out_dir defaulting to $PEFTKERN_RESULTS_DIR or benchmarks/results/."""
     out_dir = Path(out_dir or os.environ.get("PEFTKERN_RESULTS_DIR") or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    gpu = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
+    return out_dir / f"{name}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
 
 
 def _write_results(path: Path, name: str, rows: list[Row], config: dict, env: dict, complete: bool) -> None:
@@ -407,10 +409,8 @@ def _write_results(path: Path, name: str, rows: list[Row], config: dict, env: di
 
 def save_results(name: str, rows: list[Row], config: dict, out_dir: Optional[Path] = None) -> Path:
     """Write benchmarks/results/<name>-<gpu>-<time>.json (or under out_dir / $PEFTKERN_RESULTS_DIR)."""
-    out_dir = _results_dir(out_dir)
     env = environment()
-    gpu = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
-    path = out_dir / f"{name}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = _results_path(name, env, out_dir)
     _write_results(path, name, rows, config, env, complete=True)
     SAVED.append(path)
     return path
@@ -434,9 +434,7 @@ class PartialResults:
             return None
         if self.path is None:
             self._env = environment()
-            gpu = (self._env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
-            stamp = time.strftime('%Y%m%d-%H%M%S')
-            self.path = _results_dir(self.out_dir) / f"{self.name}-{gpu}-{stamp}.partial.json"
+            self.path = _results_path(self.name, self._env, self.out_dir, ".partial.json")
         _write_results(self.path, self.name, rows, self.config, self._env, complete=False)
         return self.path
 
