@@ -1003,6 +1003,36 @@ def test_dyb_db_is_left_out_where_its_partials_outgrow_dx():
     assert kl.dyb_db_fits(0, 128256, 4096, 16, 2, cpu)
 
 
+# x's row counts: a few rows, and on a GPU 2048 (the persistent dx kernel's and skinny_grads' path, 16-bit only)
+SUBSET_ROWS = [(37,)] + ([(2, 1024)] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
+@pytest.mark.parametrize("lead", SUBSET_ROWS, ids=str)
+@pytest.mark.parametrize("trainable", ["x", "A", "B", "bias", "x+bias", "A+B", "x+A+B+bias"])
+def test_every_gradient_subset(backend, lead, trainable):
+    """Only the tensors that require grad get one, and each matches the reference: frozen adapters with x's gradient
+    (an adapter stacked under a trained one), a frozen layer's bias alone, the adapters without x (the first layer)."""
+    dtype = torch.bfloat16 if HAS_CUDA and not INTERPRET else torch.float32
+    x, w, A, B, b = make_inputs(lead, 256, 192, 16, dtype)
+    leaves = {"x": x, "A": A, "B": B, "bias": b}
+    wanted = trainable.split("+")
+    for name in wanted:
+        leaves[name].requires_grad_()
+    y = peftkern.lora_linear(x, w, A, B, 0.7, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x2 = x.reshape(-1, 256)
+    _, xa = reference.lora_forward(x2, w, A, B, 0.7, b, 0.0, None, False)
+    refs = dict(zip(("x", "A", "B", "bias"), reference.lora_backward(
+        dy.reshape(-1, 192), x2, w, A, B, xa, 0.7, 0.0, None, False, (True,) * 5)))
+    for name, t in leaves.items():
+        if name in wanted:
+            assert_close(t.grad.reshape(refs[name].shape), refs[name], dtype, f"d{name} ({trainable})")
+        else:
+            assert t.grad is None, f"{name} got a gradient it did not ask for"
+
+
 def test_skinny_grads_is_left_out_where_its_partials_outgrow_dx():
     """skinny_grads' float32 partials are allocated before dx (M x K): lora_backward takes it only where they are no
     larger than dx. At a few rows they are not (one split of 0.5 MB at M = 1 and 16, 4096^2, r = 16, against dx's 8
@@ -1015,6 +1045,10 @@ def test_skinny_grads_is_left_out_where_its_partials_outgrow_dx():
     for M, K, N, R in [(8192, 4096, 4096, 16), (8192, 4096, 11008, 64), (8192, 11008, 4096, 16),
                        (2048, 4096, 4096, 16), (8192, 2048, 2048, 16)]:
         assert kl.skinny_partials_fit(M, K, N, R, True, True, True, 2, cpu), (M, K, N, R)
+    # only x requires grad: nothing to reduce, no partials (this raised ZeroDivisionError on GPUs from 5a29d28 to
+    # a27ac1f, so that every backward with frozen adapters failed; found by tests/test_krona.py on an H100)
+    for M in (1, 16, 8192):
+        assert kl.skinny_partials_fit(M, 4096, 4096, 16, False, False, False, 2, cpu), M
 
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA's allocator statistics: a GPU check")

@@ -1454,7 +1454,10 @@ def skinny_partials_fit(M: int, K: int, N: int, R: int, need_a: bool, need_b: bo
     than dx (M x K in dy's dtype), which the backward allocates after they are freed: then the fwd+bwd peak stays the
     Unsloth-style path's (issue 2), whose cuBLAS products need no partials. Below that, at a few rows, the partials
     were the peak: one split of 128 slots x 64 x 16 float32 (0.5 MB) at M = 1 and 16, 4096^2, r = 16, against
-    dx's 8 and 128 KB (bench lora on an H200 at d977eed: 0.767 and 1.001 MB against 0.267 and 0.501)."""
+    dx's 8 and 128 KB (bench lora on an H200 at d977eed: 0.767 and 1.001 MB against 0.267 and 0.501). Where none of
+    the three is asked for (only x requires grad), skinny_grads makes nothing and needs no partials."""
+    if not (need_a or need_b or need_bias):
+        return True
     _, block_c, _, _, block_r, _, slots, splits, _ = _skinny_plan(M, K, N, R, need_a, need_b or need_bias, device,
                                                                   None)
     partials = slots * splits * block_c * (block_r + (1 if need_bias else 0)) * 4
