@@ -1005,14 +1005,25 @@ def test_dyb_db_is_left_out_where_its_partials_outgrow_dx():
 
 # x's row counts: a few rows, and on a GPU 2048 (the persistent dx kernel's and skinny_grads' path, 16-bit only)
 SUBSET_ROWS = [(37,)] + ([(2, 1024)] if HAS_CUDA else [])
+# under the interpreter, also with the Triton backward's GPU-only branches forced (a GPU takes them anyway)
+SUBSET_BRANCHES = [False, True] if INTERPRET else [False]
 
 
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
 @pytest.mark.parametrize("lead", SUBSET_ROWS, ids=str)
 @pytest.mark.parametrize("trainable", ["x", "A", "B", "bias", "x+bias", "A+B", "x+A+B+bias"])
-def test_every_gradient_subset(backend, lead, trainable):
+@pytest.mark.parametrize("gpu_branches", SUBSET_BRANCHES, ids=lambda forced: "gpu-branches" if forced else "default")
+def test_every_gradient_subset(backend, lead, trainable, gpu_branches, monkeypatch):
     """Only the tensors that require grad get one, and each matches the reference: frozen adapters with x's gradient
-    (an adapter stacked under a trained one), a frozen layer's bias alone, the adapters without x (the first layer)."""
+    (an adapter stacked under a trained one), a frozen layer's bias alone, the adapters without x (the first layer).
+    gpu_branches: under the interpreter, the Triton backward's branches that only GPUs take (skinny_grads and its
+    predicate, behind _cublas_skinny), which is where frozen adapters raised ZeroDivisionError from 5a29d28."""
+    if gpu_branches:
+        if backend != "triton":
+            pytest.skip("the Triton backend's branches")
+        from peftkern.kernels.triton import lora as kl
+
+        monkeypatch.setattr(kl, "_cublas_skinny", lambda dropout_p, device: dropout_p == 0.0)
     dtype = torch.bfloat16 if HAS_CUDA and not INTERPRET else torch.float32
     x, w, A, B, b = make_inputs(lead, 256, 192, 16, dtype)
     leaves = {"x": x, "A": A, "B": B, "bias": b}
