@@ -1011,7 +1011,7 @@ SUBSET_BRANCHES = [False, True] if INTERPRET else [False]
 
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
 @pytest.mark.parametrize("lead", SUBSET_ROWS, ids=str)
-@pytest.mark.parametrize("trainable", ["x", "A", "B", "bias", "x+bias", "A+B", "x+A+B+bias"])
+@pytest.mark.parametrize("trainable", ["x", "A", "B", "bias", "x+bias", "x+A", "x+B", "A+B", "x+A+B+bias"])
 @pytest.mark.parametrize("gpu_branches", SUBSET_BRANCHES, ids=lambda forced: "gpu-branches" if forced else "default")
 def test_every_gradient_subset(backend, lead, trainable, gpu_branches, monkeypatch):
     """Only the tensors that require grad get one, and each matches the reference: frozen adapters with x's gradient
