@@ -2,7 +2,7 @@
 # The one GPU call: install (building the CUDA extension), run the whole test suite, run the benchmarks.
 # Everything lands under $OUT (the device tool's output folder) or ./out:
 #   gpu_check.log (install, info, benchmark tables), tests.log, and one JSON per benchmark.
-# Usage: bash scripts/gpu_check.sh [--tests PYTEST_ARGS...] [--select EXPR] [--shards N] [--part K/P]
+# Usage: bash scripts/gpu_check.sh [--tests PATH...] [--select EXPR] [--shards N] [--part K/P]
 #          [--bench "lora ia3 ..."] [--bench-args "..."] [--skip-done DIR]
 #   --select EXPR is pytest's -k EXPR over the tests collected (--tests is split at spaces, so an expression with
 #   "or" cannot go there: on 2026-12-06 a -k passed through --tests collected nothing).
@@ -35,7 +35,9 @@ SKIP_DONE=""
 SELECT=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --tests) TESTS="$2"; shift 2 ;;
+    # --tests takes every word up to the next option, quoted together or not: on 2026-12-07 an unquoted list of two
+    # files ended a device step at once with "unknown argument"
+    --tests) TESTS="$2"; shift 2; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do TESTS="$TESTS $1"; shift; done ;;
     --shards) SHARDS="$2"; shift 2 ;;
     --part) PART="$2"; shift 2 ;;
     --bench) BENCH="$2"; shift 2 ;;
