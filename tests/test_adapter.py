@@ -26,7 +26,8 @@ from peftkern.nn import BottleneckAdapter
 
 ACTIVATIONS = list(reference.ADAPTER_ACTIVATIONS)
 # (lead shape of h, d, b): M = 1, sizes that are multiples of no tile, 3-D inputs, a bottleneck as wide as d.
-# (3, 129) x 520, b = 33 runs in the interpreter too (a few seconds): the GPU failures of 2026-11-23 were found there.
+# (3, 129) x 520, b = 33 runs in the interpreter too (one dtype a form there, ~6 s each): the GPU failures of
+# 2026-11-23 were found there.
 SHAPES = [((1,), 64, 4), ((37,), 72, 12), ((2, 9), 48, 16), ((19,), 40, 40), ((3, 129), 520, 33)]
 if HAS_CUDA:
     # (4300,) x 512, b = 256: enough rows for default_config's large-M schedule (cuBLAS loop 1, wide backward)
@@ -254,7 +255,13 @@ def test_learned_scale_at_d4096_in_pipelined_schedules(schedule, poison_empty):
 @pytest.mark.parametrize("form", FORMS)
 def test_matches_reference(backend, shape, form, poison_empty):
     lead, d, b = shape
-    for i, dtype in enumerate(dtypes_for(backend)):
+    dtypes = list(enumerate(dtypes_for(backend)))
+    if INTERPRET and not HAS_CUDA and backend == "triton" and shape == SHAPES[4]:
+        # the interpreter's largest case in one dtype a form, so that fp32 and fp16 each meet the sequential and the
+        # parallel form, with and without the layer norm (both dtypes for each form were 52 s of CI's 640, 2026-12-07)
+        f = FORMS.index(form)
+        dtypes = [dtypes[(f + f // 2) % len(dtypes)]]
+    for i, dtype in dtypes:
         activation = ACTIVATIONS[(i + FORMS.index(form) + SHAPES.index(shape)) % len(ACTIVATIONS)]
         got, ref, exact, scales = run_both(make_inputs(lead, d, b, dtype, form=form), activation)
         _check(got, ref, exact, scales, dtype, f"{backend} {dtype} {form} {activation}")

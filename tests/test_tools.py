@@ -129,6 +129,49 @@ def _run(*args, env_extra=None, **kw):
                           timeout=600, env=env, **kw)
 
 
+# The CLI's usage errors, all run in one fresh process (one import of torch and peftkern, ~3 s, instead of one for each
+# case: 14 subprocesses were ~45 s of CI's CPU run, 2026-12-07). Each case calls peftkern.cli.main as `python -m
+# peftkern` does, with stdout and stderr captured; a traceback in the case is printed to its stderr, as it would be.
+BAD_ARGUMENTS = [("bench", "lora", "--shapes", "64,a,64,4"), ("bench", "ia3", "--shapes", "64,64"),
+                 ("bench", "adapter", "--cases", "64,64,0"), ("bench", "decoder", "--tokens", "3000"),
+                 ("profile", "--steps", "0"), ("profile", "--compile", "bogus"), ("bench", "all", "--skip", "lorax"),
+                 ("bench", "--compare", "missing.json", "b")]
+ZERO_ARGUMENTS = [("bench", "e2e", "--seq", "0"), ("bench", "e2e", "--tokens", "0"), ("bench", "e2e", "--rank", "0"),
+                  ("bench", "adapter", "--cases", "64,64,128")]
+BAD_TRACES = {name: ("profile", "--trace", trace, "--steps", "1") for name, trace in [("directory", "."),
+                                                                                     ("device", "/dev/null")]}
+_USAGE_RUNNER = """
+import contextlib, io, json, sys, traceback
+from peftkern.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([argv, code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def usage_runs():
+    cases = BAD_ARGUMENTS + ZERO_ARGUMENTS + list(BAD_TRACES.values())
+    run = subprocess.run([sys.executable, "-c", _USAGE_RUNNER, json.dumps(cases)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert [tuple(r[0]) for r in results] == cases, "the runner skipped a case"
+    return {tuple(argv): subprocess.CompletedProcess(argv, code, out, err) for argv, code, out, err in results}
+
+
 def test_cli_info_lists_backends_and_methods():
     out = _run("info", "--json", "--model", "tiny")
     assert out.returncode == 0, out.stderr
@@ -372,22 +415,19 @@ def test_bench_all_without_matplotlib_writes_the_tables(tmp_path):
     assert next((tmp_path / "out").glob("summary-*.md")).read_text().count("| lora |") == 1
 
 
-@pytest.mark.parametrize("argv", [["bench", "lora", "--shapes", "64,a,64,4"], ["bench", "ia3", "--shapes", "64,64"],
-                                  ["bench", "adapter", "--cases", "64,64,0"], ["bench", "decoder", "--tokens", "3000"],
-                                  ["profile", "--steps", "0"], ["profile", "--compile", "bogus"],
-                                  ["bench", "all", "--skip", "lorax"], ["bench", "--compare", "missing.json", "b"]],
-                         ids=lambda a: "-".join(a)[:40])
-def test_bad_arguments_are_usage_errors(argv):
-    out = _run(*argv)
+@pytest.mark.parametrize("argv", BAD_ARGUMENTS, ids=lambda a: "-".join(a)[:40])
+def test_bad_arguments_are_usage_errors(argv, usage_runs):
+    out = usage_runs[argv]
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("trace", [".", "/dev/null"], ids=["directory", "device"])
-def test_profile_cli_refuses_a_bad_trace_path_before_building_the_model(trace):
+@pytest.mark.parametrize("case", list(BAD_TRACES))
+def test_profile_cli_refuses_a_bad_trace_path_before_building_the_model(case, usage_runs):
     """`python -m peftkern profile --trace DIR` (or /dev/null) built the model, ran its warm-up steps and then ended in
     a traceback (IsADirectoryError / ValueError from peftkern.profile), after minutes of compiling with --compile on a
     GPU: a usage error now, before any work (a review, 2026-12-06)."""
-    out = _run("profile", "--trace", trace, "--steps", "1")
+    trace = BAD_TRACES[case][2]
+    out = usage_runs[BAD_TRACES[case]]
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "--trace" in out.stderr and trace in out.stderr, out.stderr[-2000:]
     assert out.stdout == "" and "no GPU: profiling" not in out.stderr, "the model was built before the check"
@@ -581,12 +621,11 @@ def test_bench_krona_refuses_a_bad_case_with_a_usage_error(spec):
     assert bench_krona.parse_case("64,64,64,2,8,8,4") == (64, 64, 64, 2, (8, 8), 4)
 
 
-@pytest.mark.parametrize("args", [("e2e", "--seq", "0"), ("e2e", "--tokens", "0"), ("e2e", "--rank", "0"),
-                                  ("adapter", "--cases", "64,64,128")])
-def test_bench_refuses_a_zero_with_a_usage_error(args):
+@pytest.mark.parametrize("argv", ZERO_ARGUMENTS, ids=lambda a: "-".join(a[1:]))
+def test_bench_refuses_a_zero_with_a_usage_error(argv, usage_runs):
     """--seq 0 divided by zero, --tokens 0 and --batch 0 became batch 1, --rank 0 ran and failed every adapter row
     with rc 0, and a reduction leaving no bottleneck ran a case without one (a review, 2026-12-05)."""
-    out = _run("bench", *args)
+    out = usage_runs[argv]
     assert out.returncode != 0 and ("positive integer" in out.stderr or "no bottleneck" in out.stderr), out.stderr
 
 
