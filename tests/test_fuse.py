@@ -561,11 +561,17 @@ def test_load_adapter_set_adapter_and_requires_grad(tmp_path):
     assert {n: p.requires_grad for n, p in twin.named_parameters()} == \
         {n: p.requires_grad for n, p in reference.named_parameters()}
     x = batch("llama")
+    # The same model in float64 arbitrates where the two part by more than the tolerance: PEFT rounds x A^T and its
+    # product with B to bf16, the fused op does not, and through two layers the logits parted by 2.02e-2 against
+    # the 2e-2 allowed on an H100 (seed 458014037, 2026-12-07; 0.38-0.74 of it in eight earlier GPU runs).
+    exact = copy.deepcopy(reference).double()
     # load_adapter casts the adapter to fp32 (PEFT's default), beside a bf16 base on a GPU: the model tolerance
-    assert_close(twin(**x).logits, reference(**x).logits, DTYPE, "loaded adapter", GRAD_SCALE)
-    twin.set_adapter("default")
-    reference.set_adapter("default")
-    assert_close(twin(**x).logits, reference(**x).logits, DTYPE, "back to the first adapter")
+    assert_close_or_as_exact(twin(**x).logits, reference(**x).logits, exact(**x).logits, DTYPE, "loaded adapter",
+                             GRAD_SCALE)
+    for m in (twin, reference, exact):
+        m.set_adapter("default")
+    assert_close_or_as_exact(twin(**x).logits, reference(**x).logits, exact(**x).logits, DTYPE,
+                             "back to the first adapter")
 
 
 class ConvNet(torch.nn.Module):
