@@ -280,13 +280,14 @@ def test_two_adapters_switch_and_combine():
                 p.normal_(0, 0.2)
     twin = copy.deepcopy(model)
     report = peftkern.fuse(twin)
-    for m in (model, twin):
+    exact = copy.deepcopy(model).double()  # the arbiter where the two part by more than the tolerance (0.70 of it, GPU)
+    for m in (model, twin, exact):
         m.eval()
     x = batch("llama")
     for adapters in ("default", "second", ["default", "second"]):
-        for m in (model, twin):
+        for m in (model, twin, exact):
             m.base_model.set_adapter(adapters)
-        assert_close(twin(**x).logits, model(**x).logits, DTYPE, f"active {adapters}")
+        assert_close_or_as_exact(twin(**x).logits, model(**x).logits, exact(**x).logits, DTYPE, f"active {adapters}")
     # a mixed batch (adapter_names=) is not fused: it falls back to PEFT's path and gives PEFT's answer
     names = ["default", "second"]
     for m in (model, twin):
@@ -295,7 +296,8 @@ def test_two_adapters_switch_and_combine():
     assert ("base_model.model.model.layers.0.self_attn.q_proj", _EXTRA_ARGUMENTS) in report.fallbacks
     assert "adapter_names" in str(report) and report.as_dict()["fallbacks"], "the report lists the mixed batch"
     twin.delete_adapter("second")
-    assert_close(twin(**x).logits, model(**x).logits, DTYPE, "after delete_adapter")
+    exact.base_model.set_adapter("default")
+    assert_close_or_as_exact(twin(**x).logits, model(**x).logits, exact(**x).logits, DTYPE, "after delete_adapter")
 
 
 @pytest.mark.parametrize("kw", [dict(lora_bias=True), dict(use_rslora=True),
@@ -521,14 +523,16 @@ def test_fp32_adapters_beside_bf16_base():
     reference = build("llama", dtype=bf16, fp32_adapters=True)
     twin = copy.deepcopy(reference)
     assert peftkern.fuse(twin).fused
+    exact = copy.deepcopy(reference).double()  # the arbiter for logits and loss (0.71 of the tolerance on a GPU)
     ref_hist, twin_hist = train_steps(reference, "llama", steps=1), train_steps(twin, "llama", steps=1)
+    (le, se, _), = train_steps(exact, "llama", steps=1)
     # The first step only: AdamW's first update is lr * sign(g) for every entry, so bf16 rounding differences in
     # near-zero gradients (B starts at zero) flip whole entries of B by 2 lr, and the next step's logits part by up
     # to 0.3 relative in either order of rounding (fresh seeds: 0.11 and 0.30, the fused run once nearer float64,
     # once further). Several steps are test_fused_twin_trains_like_peft's job.
     (lr, sr, gr), (lt, st, gt) = ref_hist[0], twin_hist[0]
-    assert_close(lt, lr, bf16, "logits")
-    assert_close(st, sr, bf16, "loss")
+    assert_close_or_as_exact(lt, lr, le, bf16, "logits")
+    assert_close_or_as_exact(st, sr, se, bf16, "loss")
     for key in gr:
         assert gt[key].dtype == torch.float32, f"{key}: the adapters stay fp32"
         assert_close(gt[key], gr[key], bf16, f"grad {key}", MODEL_TOLERANCE[bf16] / TOLERANCE[bf16])
