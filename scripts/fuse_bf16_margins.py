@@ -41,9 +41,8 @@ def main() -> int:
     bf16 = torch.bfloat16
     tf.DTYPE = bf16
     tf.GRAD_SCALE = conftest.MODEL_TOLERANCE[bf16] / conftest.TOLERANCE[bf16]
-    defaults = dict(zip(tf.build.__code__.co_varnames[1:tf.build.__code__.co_argcount], tf.build.__defaults__))
-    defaults.update(dtype=bf16, fp32_adapters=False)
-    tf.build.__defaults__ = tuple(defaults.values())
+    build = tf.build
+    tf.build = lambda *args, **kw: build(*args, **{"dtype": bf16, "fp32_adapters": False, **kw})
     if args.defect is not None:
         fused = integration.lora_linear
 
