@@ -526,10 +526,8 @@ def test_fp32_adapters_beside_bf16_base():
     exact = copy.deepcopy(reference).double()  # the arbiter
     ref_hist, twin_hist = train_steps(reference, "llama", steps=1), train_steps(twin, "llama", steps=1)
     (le, se, ge), = train_steps(exact, "llama", steps=1)
-    # The first step only: AdamW's first update is lr * sign(g) for every entry, so bf16 rounding differences in
-    # near-zero gradients (B starts at zero) flip whole entries of B by 2 lr, and the next step's logits part by up
-    # to 0.3 relative in either order of rounding (fresh seeds: 0.11 and 0.30, the fused run once nearer float64,
-    # once further). Several steps are test_fused_twin_trains_like_peft's job.
+    # The first step only (written when train_steps used AdamW, whose sign-like first update made the next step's
+    # logits part by up to 0.3): several steps are test_fused_twin_trains_like_peft's job.
     (lr, sr, gr), (lt, st, gt) = ref_hist[0], twin_hist[0]
     # The model tolerance for logits and loss, twice it for the gradients: the fused op rounds A, B and s x A^T to
     # bf16 where PEFT keeps fp32, and this model can amplify that. On an H100 at seed 14 (2026-12-07) each fused layer
