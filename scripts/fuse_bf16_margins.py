@@ -5,13 +5,15 @@ PEFT's and from a float64 copy of the model, each as a fraction of the bf16 tole
     python3 scripts/fuse_bf16_margins.py --seeds 0 10 --defect 1.05   # the fused op's scaling off by 5%: must fail
 
 On a GPU these tests build bf16 models with bf16 adapters; on the CPU they run in float32. This script runs them as
-on a GPU, in bf16 on the CPU (the fused op on the torch backend, which computes in float32 as the kernels do, and
-PEFT rounding x A^T and its product with B to bf16). Four tests: test_load_adapter_set_adapter_and_requires_grad,
+on a GPU, in bf16 on the CPU: the fused op on the torch backend, which computes in float32 as the kernels do for bf16
+adapters (fp32 adapters the kernels round to bf16, and the torch backend does not), and PEFT rounding x A^T and its
+product with B to bf16. Four tests: test_load_adapter_set_adapter_and_requires_grad,
 test_two_adapters_switch_and_combine, test_fp32_adapters_beside_bf16_base and the per-layer
 test_fp32_adapters_round_as_autocast_does. Each whole-model comparison is printed as three maxima over the seeds:
-twin against PEFT, twin against float64, PEFT against float64. Exits non-zero where a test
-fails without --defect, or where one passes with it. With CUDA_VISIBLE_DEVICES set it runs on that GPU, on the
-kernels: `CUDA_VISIBLE_DEVICES=0 python3 scripts/fuse_bf16_margins.py --seeds 0 100`.
+twin against PEFT, twin against float64, PEFT against float64. Exits non-zero where a test fails without --defect, or
+where one passes with it. With CUDA_VISIBLE_DEVICES set it runs on that GPU, on the kernels:
+
+    CUDA_VISIBLE_DEVICES=0 python3 scripts/fuse_bf16_margins.py --seeds 0 100
 """
 
 from __future__ import annotations

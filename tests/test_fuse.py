@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-# Several AdamW steps amplify rounding: allow a few times the dtype's tolerance for the later steps.
+# Several training steps amplify rounding: allow a few times the dtype's tolerance for the later steps.
 STEP_SCALE = 4.0
 # assert_close scales TOLERANCE[DTYPE]; GRAD_SCALE lifts it to the whole-model tolerance for gradients.
 GRAD_SCALE = MODEL_TOLERANCE[DTYPE] / TOLERANCE[DTYPE] if HAS_CUDA else 2.0
@@ -517,8 +517,8 @@ def test_fused_model_trains_under_cuda_graphs(rows, rank):
 
 
 def test_fp32_adapters_beside_bf16_base():
-    """PEFT's default: fp32 adapters on a bf16 model. Same training as PEFT's within bf16's model tolerance, a bf16
-    output, and no fp32 copy of the activations saved for backward (PEFT casts x to fp32 and saves that)."""
+    """PEFT's default: fp32 adapters on a bf16 model. The same first step as PEFT's within whole-model tolerances,
+    a bf16 output, and no fp32 copy of the activations saved for backward (PEFT casts x to fp32 and saves that)."""
     bf16 = torch.bfloat16
     reference = build("llama", dtype=bf16, fp32_adapters=True)
     twin = copy.deepcopy(reference)
@@ -526,19 +526,20 @@ def test_fp32_adapters_beside_bf16_base():
     exact = copy.deepcopy(reference).double()  # the arbiter
     ref_hist, twin_hist = train_steps(reference, "llama", steps=1), train_steps(twin, "llama", steps=1)
     (le, se, ge), = train_steps(exact, "llama", steps=1)
-    # The first step only (written when train_steps used AdamW, whose sign-like first update made the next step's
-    # logits part by up to 0.3): several steps are test_fused_twin_trains_like_peft's job.
+    # The first step only: several steps are test_fused_twin_trains_like_peft's job.
     (lr, sr, gr), (lt, st, gt) = ref_hist[0], twin_hist[0]
-    # The model tolerance for logits and loss, twice it for the gradients: the fused op rounds A, B and s x A^T to
-    # bf16 where PEFT keeps fp32, and this model can amplify that. On an H100 at seed 14 (2026-12-07) each fused layer
-    # was 2.4-3.1e-3 from float64 on the same input (PEFT 1.7-1.9e-3, PEFT under autocast 2.9-3.5e-3), yet the logits
-    # were 2.5e-2 from float64's (PEFT's 7.6e-3, autocast's 8.4e-3): the error grew 3.1 times through layer 1's
-    # post-attention RMSNorm (scripts/fp32_adapter_layer_errors.py). Layer 0's q_proj lora_A gradient was 0.119 from
-    # float64's, PEFT's 0.019; over seeds 0-99 PEFT's own gradients reached 0.118 (scripts/fuse_bf16_margins.py on
-    # the H100). Each layer's precision is test_fp32_adapters_round_as_autocast_does's.
+    # Logits and loss within 0.05, gradients within 0.2 (twice the model tolerance). The fused op rounds A, B and
+    # s x A^T to bf16 where PEFT keeps fp32, and this model can amplify that. On an H100 at seed 14 (2026-12-07) each
+    # fused layer was 2.4-3.1e-3 from float64 on the same input (PEFT 1.7-1.9e-3, PEFT under autocast 2.9-3.5e-3),
+    # yet the logits were 2.5e-2 from float64's (PEFT's 7.6e-3, autocast's 8.4e-3): the fused error grew 3.1 times
+    # through layer 1's post-attention RMSNorm and autocast's 1.45 times (scripts/fp32_adapter_layer_errors.py; why
+    # one error pattern grows more than another of the same size is not explained). Layer 0's q_proj lora_A gradient
+    # was 0.119 from float64's, PEFT's 0.019; over seeds 0-99 PEFT's own gradients reached 0.118, and seed 14's logits
+    # were the worst (scripts/fuse_bf16_margins.py on the H100). The scaling 5% off gave logits 6.4-8.2e-2 from
+    # float64's on the CPU. Each layer's precision is test_fp32_adapters_round_as_autocast_does's.
     scale = MODEL_TOLERANCE[bf16] / TOLERANCE[bf16]
-    assert_close_or_as_exact(lt, lr, le, bf16, "logits", scale)
-    assert_close_or_as_exact(st, sr, se, bf16, "loss", scale)
+    assert_close_or_as_exact(lt, lr, le, bf16, "logits", 2.5)
+    assert_close_or_as_exact(st, sr, se, bf16, "loss", 2.5)
     for key in gr:
         assert gt[key].dtype == torch.float32, f"{key}: the adapters stay fp32"
         assert_close_or_as_exact(gt[key], gr[key], ge[key], bf16, f"grad {key}", 2 * scale)
@@ -559,14 +560,15 @@ def test_fp32_adapters_beside_bf16_base():
 def test_fp32_adapters_round_as_autocast_does():
     """Each fused layer of a bf16 model with fp32 adapters, forward and backward, is as near float64 as PEFT under
     bf16 autocast, which rounds the same operands and more: the fused op runs the adapters on bf16 operands with
-    fp32 accumulation. On the CPU (fp32 compute) 0.54-0.56 of autocast's error, PEFT without autocast 0.58-0.60;
-    the fused op's scaling 0.5% off made it 1.64 (seeds 0-4, 2026-12-07)."""
+    fp32 accumulation. On an H100 the fused errors were 0.83-0.89 of autocast's for y, 0.82-0.88 for dx, 0.72-0.93
+    for dA and 0.58-0.86 for dB (16 seeds, 2026-12-07). The CPU's torch backend computes in fp32 and rounds nothing
+    of this, so there the test catches defects only: the fused op's scaling 0.5% off made y's ratio 1.6."""
     from peft.tuners.lora import LoraLayer
 
     bf16 = torch.bfloat16
     reference = build("llama", dtype=bf16, fp32_adapters=True)
     twin = copy.deepcopy(reference)
-    assert peftkern.fuse(twin).fused
+    report = peftkern.fuse(twin)
     exact = copy.deepcopy(reference).double()
     layers = [dict(m.named_modules()) for m in (exact, reference, reference, twin)]
     names = [n for n, m in reference.named_modules() if isinstance(m, LoraLayer)]
@@ -588,6 +590,8 @@ def test_fp32_adapters_round_as_autocast_does():
             want, _, autocast, fused = (r[j] for r in results)
             err, bar = rel_err(fused, want), rel_err(autocast, want)
             assert err <= 1.25 * bar, f"{name} {what}: {err:.3e} from float64, PEFT under autocast {bar:.3e}"
+    # PEFT's own path passes the bar too: every layer must have run the fused op
+    assert len(report.fused) == len(names) and not report.fallbacks, report
 
 
 def test_load_adapter_set_adapter_and_requires_grad(tmp_path):
