@@ -537,12 +537,12 @@ def test_fp32_adapters_beside_bf16_base():
     # was 0.119 from float64's, PEFT's 0.019; over seeds 0-99 PEFT's own gradients reached 0.118, and seed 14's logits
     # were the worst (scripts/fuse_bf16_margins.py on the H100). The scaling 5% off gave logits 6.4-8.2e-2 from
     # float64's on the CPU. Each layer's precision is test_fp32_adapters_round_as_autocast_does's.
-    scale = MODEL_TOLERANCE[bf16] / TOLERANCE[bf16]
     assert_close_or_as_exact(lt, lr, le, bf16, "logits", 2.5)
     assert_close_or_as_exact(st, sr, se, bf16, "loss", 2.5)
     for key in gr:
         assert gt[key].dtype == torch.float32, f"{key}: the adapters stay fp32"
-        assert_close_or_as_exact(gt[key], gr[key], ge[key], bf16, f"grad {key}", 2 * scale)
+        assert_close_or_as_exact(gt[key], gr[key], ge[key], bf16, f"grad {key}",
+                                 2 * MODEL_TOLERANCE[bf16] / TOLERANCE[bf16])
 
     def saved_fp32_activations(layer, x):
         saved = []
@@ -570,15 +570,16 @@ def test_fp32_adapters_round_as_autocast_does():
     twin = copy.deepcopy(reference)
     report = peftkern.fuse(twin)
     exact = copy.deepcopy(reference).double()
-    layers = [dict(m.named_modules()) for m in (exact, reference, reference, twin)]
+    # float64, PEFT under autocast, fused
+    layers = [dict(m.named_modules()) for m in (exact, reference, twin)]
     names = [n for n, m in reference.named_modules() if isinstance(m, LoraLayer)]
     assert names
     for name in names:
-        lora = layers[1][name]
+        lora = layers[0][name]
         x = torch.randn(256, lora.in_features, device=DEVICE, dtype=bf16)
         dy = torch.randn(256, lora.out_features, device=DEVICE, dtype=bf16)
         results = []
-        for i, under_autocast in enumerate((False, False, True, False)):
+        for i, under_autocast in enumerate((False, True, False)):
             layer = layers[i][name]
             xi = (x.double() if i == 0 else x).requires_grad_()
             params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
@@ -587,7 +588,7 @@ def test_fp32_adapters_round_as_autocast_does():
             grads = torch.autograd.grad(y, [xi, *params], dy.to(y.dtype))
             results.append([y, *grads])
         for j, what in enumerate(("y", "dx", "dA", "dB")):
-            want, _, autocast, fused = (r[j] for r in results)
+            want, autocast, fused = (r[j] for r in results)
             err, bar = rel_err(fused, want), rel_err(autocast, want)
             assert err <= 1.25 * bar, f"{name} {what}: {err:.3e} from float64, PEFT under autocast {bar:.3e}"
     # PEFT's own path passes the bar too: every layer must have run the fused op
