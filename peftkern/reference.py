@@ -80,16 +80,24 @@ def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed):
-    """The torch backend's forward: returns (y, xa) with xa = dropout(x) A^T in float32, saved for backward."""
+def lora_down(x, lora_A, dropout_p, seed):
+    """xa = dropout(x) A^T in float32 (float64 for float64), as lora_forward makes it."""
     keep = dropout_mask(seed, tuple(x.shape), dropout_p, x.device) if dropout_p > 0 else None
     dt = compute_dtype(x)
+    xa = apply_dropout(x.to(dt), keep, dropout_p) @ lora_A.to(dt).t()
+    return xa.to(torch.float32 if dt != torch.float64 else dt)
+
+
+def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed, xa=None):
+    """The torch backend's forward: returns (y, xa) with xa = dropout(x) A^T in float32, saved for backward; a given
+    xa (lora_down's) is used as it is."""
+    dt = compute_dtype(x)
     xc = x.to(dt)
-    xa = apply_dropout(xc, keep, dropout_p) @ lora_A.to(dt).t()
-    y = xc @ _weight_nk(weight, weight_transposed).to(dt).t() + scaling * (xa @ lora_B.to(dt).t())
+    xa = lora_down(x, lora_A, dropout_p, seed) if xa is None else xa
+    y = xc @ _weight_nk(weight, weight_transposed).to(dt).t() + scaling * (xa.to(dt) @ lora_B.to(dt).t())
     if bias is not None:
         y = y + bias.to(dt)
-    return y.to(x.dtype), xa.to(torch.float32 if dt != torch.float64 else dt)
+    return y.to(x.dtype), xa
 
 
 def lora_backward(

@@ -27,6 +27,7 @@ from peftkern import workloads  # noqa: E402
 from peftkern.kernels.triton import _launch  # noqa: E402
 from peftkern.kernels.triton import lora as kl  # noqa: E402
 from peftkern.ops import _common  # noqa: E402
+from peftkern.ops import lora as lora_ops  # noqa: E402
 
 # name -> ((module, attribute, value), ...): the switches each setting sets; the rest keep the import's values
 SETTINGS = {
@@ -41,6 +42,9 @@ SETTINGS = {
     "tail-da-on": ((kl, "_TAIL_DA_SETTING", "1"),),  # dA behind it on the side stream, every shape
     "tail-da-cublas": ((kl, "TAIL_DA_BY", "cublas"),),  # dA behind it by cuBLAS (32613e4), not column_grad
     "tail-da-on-cublas": ((kl, "_TAIL_DA_SETTING", "1"), (kl, "TAIL_DA_BY", "cublas")),
+    # xa by lora_fwd inside the layer's op under compile, as before the split (a trace-time switch: dynamo guards on
+    # it, so the fused step compiles once more for it in its first warm-up)
+    "split-off": ((lora_ops, "COMPILED_SPLIT", [False]),),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

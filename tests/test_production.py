@@ -76,6 +76,59 @@ def test_lora_fwd_has_its_own_autograd(bias):
                           test_utils=("test_schema", "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_lora_xa_and_lora_fwd_xa_give_lora_fwd(bias, backend):
+    """The compiled path's two ops (ops/lora.COMPILED_SPLIT): lora_xa makes lora_fwd's xa, lora_fwd_xa its y from
+    that xa, and lora_fwd_xa's own autograd gives the reference's gradients of x, A, B and the bias although xa came
+    from detached inputs. opcheck accepts both ops and the registration."""
+    if backend == "triton" and not (HAS_CUDA or INTERPRET):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    dtypes = [torch.float32] + ([torch.bfloat16] if HAS_CUDA and backend == "triton" else [])
+    for dtype in dtypes:
+        # 300 rows: the GPU's persistent kernel (from 256 rows: CUBLAS_FORWARD_MIN_M) takes the given xa
+        M = 300 if HAS_CUDA else 37
+        x = torch.randn(M, 48, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = torch.randn(40, 48, device=DEVICE, dtype=dtype)
+        A = torch.randn(8, 48, device=DEVICE, dtype=dtype, requires_grad=True)
+        B = torch.randn(40, 8, device=DEVICE, dtype=dtype, requires_grad=True)
+        b = torch.randn(40, device=DEVICE, dtype=dtype, requires_grad=True) if bias else None
+        dy = torch.randn(M, 40, device=DEVICE, dtype=dtype)
+        y_whole, xa_whole = torch.ops.peftkern.lora_fwd(x, w, A, B, b, None, 0.5, 0.0, False, backend)
+        xa = torch.ops.peftkern.lora_xa(x.detach(), A.detach(), None, 0.0, backend)
+        assert xa.dtype == xa_whole.dtype and not xa.requires_grad
+        torch.testing.assert_close(xa, xa_whole)
+        y = torch.ops.peftkern.lora_fwd_xa(x, w, A, B, b, xa, None, 0.5, 0.0, False, backend)
+        torch.testing.assert_close(y, y_whole)
+        leaves = [t for t in (x, A, B, b) if t is not None]
+        got = torch.autograd.grad(y, leaves, dy)
+        want = torch.autograd.grad(reference.lora_linear(x, w, A, B, 0.5, b), leaves, dy)
+        for g, r, name in zip(got, want, ("x", "A", "B", "bias")):
+            assert_close(g, r, dtype, f"{backend} {dtype} d{name}")
+    args = (x, w, A, B, b, xa, None, 0.5, 0.0, False, backend)
+    torch.library.opcheck(torch.ops.peftkern.lora_fwd_xa, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.peftkern.lora_xa, (x.detach(), A.detach(), None, 0.0, backend),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_lora_xa_keeps_the_forwards_dropout_mask():
+    """With dropout, lora_xa draws the mask lora_fwd draws for the same seed, and lora_fwd_xa's y is lora_fwd's."""
+    torch.manual_seed(run_seed(0))
+    backend = "triton" if HAS_CUDA or INTERPRET else "torch"
+    x, w = torch.randn(37, 48, device=DEVICE), torch.randn(40, 48, device=DEVICE)
+    A, B = torch.randn(8, 48, device=DEVICE), torch.randn(40, 8, device=DEVICE)
+    seed = torch.tensor(1234)
+    y_whole, xa_whole = torch.ops.peftkern.lora_fwd(x, w, A, B, None, seed, 0.5, 0.3, False, backend)
+    xa = torch.ops.peftkern.lora_xa(x, A, seed, 0.3, backend)
+    torch.testing.assert_close(xa, xa_whole)
+    torch.testing.assert_close(torch.ops.peftkern.lora_fwd_xa(x, w, A, B, None, xa, seed, 0.5, 0.3, False, backend),
+                               y_whole)
+    other = torch.ops.peftkern.lora_xa(x, A, torch.tensor(4321), 0.3, backend)
+    assert not torch.allclose(other, xa)  # the seed decides the mask
+
+
 @pytest.mark.parametrize("custom_op", ["0", "1"], ids=["library", "custom_op"])
 def test_define_op_registers_either_way(custom_op, monkeypatch):
     """define_op's operator (torch.library.Library) and, with PEFTKERN_TORCH_CUSTOM_OP=1, custom_op's: the same schema,
@@ -576,12 +629,65 @@ def test_compiled_checkpoint_recomputes_the_fused_ops(kind, compiled_op_autograd
     want = torch.autograd.grad(block(x).square().sum(), [x, *params])
     for g, w in zip(got, want):
         assert_close(g, w, torch.float32, f"{kind} gradient")
-    # KronA on the Triton backend may take the LoRA op (its LoRA route, ops/krona.py)
-    ops = {"lora": ("lora",), "ia3-output": ("ia3",), "ia3-input": ("ia3",), "krona": ("krona", "lora"),
-           "adapter": ("adapter",)}[kind]
-    recomputes = any(f"peftkern.{op}_fwd.default" in backward_ops for op in ops)
+    # KronA on the Triton backend may take the LoRA op (its LoRA route, ops/krona.py); LoRA under compile makes xa
+    # by an op of its own (ops/lora.COMPILED_SPLIT), which is recomputed for both layers
+    ops = {"lora": ("lora", "lora_xa"), "ia3-output": ("ia3",), "ia3-input": ("ia3",),
+           "krona": ("krona", "lora", "lora_xa"), "adapter": ("adapter",)}[kind]
+    recomputes = any(f"peftkern.{op}_fwd.default" in backward_ops or f"peftkern.{op}.default" in backward_ops
+                     for op in ops)
     if compiled_op_autograd or _TORCH_VERSION >= (2, 13):
         assert recomputes, backward_ops
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(split, monkeypatch):
+    """In a checkpointed region under torch.compile, a LoRA layer whose output backward does not read (here the
+    second, whose output leaves the region, as the down projection's reaches the next layer's checkpointed input) is
+    recomputed as xa alone: lora_fwd_xa runs again for the first layer only, whose output tanh's backward reads, and
+    lora_xa for both. The frozen model skips that matmul as well (1b model, 7 of 8 down projections; NOTES-lora.md).
+    With COMPILED_SPLIT off, lora_fwd runs again for both. Gradients are eager's either way, dropout included."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "COMPILED_SPLIT", [split])
+    torch.manual_seed(run_seed(0))
+    first = peftkern.nn.LoRALinear(64, 96, r=4, dropout=0.2).to(DEVICE)
+    second = peftkern.nn.LoRALinear(96, 64, r=4).to(DEVICE)
+    for layer in (first, second):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    backward_ops = []
+
+    def bw(gm, _inputs):
+        backward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def block(x):
+        return second(torch.tanh(first(x)))
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=bw,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
+    params = [p for p in (*first.parameters(), *second.parameters()) if p.requires_grad]
+    # the dropout's seed is drawn from torch's CPU generator in eager mode and from inductor's inside the graph: the
+    # eager reference gets the compiled run's masks by a fixed state of the generator both read from
+    torch.manual_seed(7)
+    out = torch.compile(lambda x: checkpoint(block, x, use_reentrant=False), backend=backend, fullgraph=True)(x)
+    got = torch.autograd.grad(out.square().sum(), [x, *params])
+    torch.manual_seed(7)
+    want = torch.autograd.grad(block(x).square().sum(), [x, *params])
+    for g, w, name in zip(got, want, ("x", *(n for n, p in (*first.named_parameters(), *second.named_parameters())
+                                             if p.requires_grad))):
+        assert_close(g, w, torch.float32, f"gradient of {name}")
+    if split:
+        assert backward_ops.count("peftkern.lora_fwd_xa.default") == 1, backward_ops
+        assert backward_ops.count("peftkern.lora_xa.default") == 2, backward_ops
+        assert "peftkern.lora_fwd.default" not in backward_ops
+    else:
+        assert backward_ops.count("peftkern.lora_fwd.default") == 2, backward_ops
 
 
 def test_row_blocks_bound_a_column_major_inputs_offsets(monkeypatch):

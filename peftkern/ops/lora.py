@@ -16,6 +16,7 @@ without dropout) and the dropout seed -- never a mask or a dropped copy of x.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -184,9 +185,69 @@ lora_fwd.register_autograd(
     setup_context=_lora_fwd_setup)
 
 
+def _lora_xa(x: Tensor, lora_A: Tensor, seed: Optional[Tensor], dropout_p: float, backend: str) -> Tensor:
+    """xa = drop(x) A^T (M, r) in the backend's lora_xa_dtype, as lora_fwd makes it (SPLIT_BACKENDS only)."""
+    runs = rows_backend(backend, x)
+    with op_range("peftkern::lora_xa"), on_device(x):
+        xa = backend_module(runs, "lora").lora_down(x, lora_A, dropout_p, _seed(seed))
+    return xa.to(backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p)).contiguous()
+
+
+lora_xa = define_op("peftkern::lora_xa", _lora_xa)
+
+
+@lora_xa.register_fake
+def _(x, lora_A, seed, dropout_p, backend):
+    xa_dtype = backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p)
+    return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=xa_dtype)
+
+
+def _lora_fwd_xa(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], xa: Tensor,
+    seed: Optional[Tensor], scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
+) -> Tensor:
+    """y (M, N) of lora_fwd from a given xa (lora_xa's); lora_A is an input for its gradient only."""
+    with op_range("peftkern::lora_fwd_xa"), on_device(x):
+        y, _ = backend_module(rows_backend(backend, x), "lora").lora_forward(
+            x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed, xa=xa)
+    return y.contiguous()
+
+
+lora_fwd_xa = define_op("peftkern::lora_fwd_xa", _lora_fwd_xa)
+
+
+@lora_fwd_xa.register_fake
+def _(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p, weight_transposed, backend):
+    return x.new_empty((x.shape[0], weight.shape[1] if weight_transposed else weight.shape[0]))
+
+
+def _lora_fwd_xa_setup(ctx, inputs, output) -> None:
+    x, weight, lora_A, lora_B, bias, xa, *rest = inputs
+    _lora_save(ctx, (x, weight, lora_A, lora_B, bias, *rest), xa, False)
+
+
+# The gradients of x, weight, lora_A, lora_B and bias are all lora_bwd's (xa was made from detached x and lora_A).
+lora_fwd_xa.register_autograd(
+    lambda ctx, grad_y: (*_lora_backward(ctx, grad_y, torch.ops.peftkern.lora_bwd), None, None, None, None, None,
+                         None),
+    setup_context=_lora_fwd_xa_setup)
+
+# Under torch.compile, where the backend has lora_down, xa is an op of its own (lora_xa) and the layer's product takes
+# it (lora_fwd_xa). Activation checkpointing recomputes the forward in backward, but the partitioner recomputes only
+# what backward reads. The frozen model's down projection is not recomputed in 7 of 8 layers (its output reaches
+# backward only through the next layer's checkpointed input), while lora_fwd, whose xa backward reads, was recomputed
+# whole. Split, those layers recompute xa alone. PEFTKERN_LORA_COMPILED_SPLIT=0 calls lora_fwd as before.
+COMPILED_SPLIT = [os.environ.get("PEFTKERN_LORA_COMPILED_SPLIT", "1") != "0"]
+SPLIT_BACKENDS = ("torch", "triton")
+
+
 def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
-    """lora_linear's call under torch.compile with COMPILED_OP_AUTOGRAD: the registered op and its own autograd."""
+    """lora_linear's call under torch.compile with COMPILED_OP_AUTOGRAD: the registered ops and their own autograd."""
     seed = draw_seed() if dropout_p > 0.0 else None  # outside the op, as in LoRALinearFunction.forward
+    if COMPILED_SPLIT[0] and backend in SPLIT_BACKENDS:
+        xa = torch.ops.peftkern.lora_xa(x.detach(), lora_A.detach(), seed, dropout_p, backend)
+        return torch.ops.peftkern.lora_fwd_xa(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p,
+                                              weight_transposed, backend)
     return torch.ops.peftkern.lora_fwd(x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed,
                                        backend)[0]
 

@@ -1837,9 +1837,20 @@ def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
+def lora_down(x, lora_A, dropout_p, seed):
+    """xa = drop(x) A^T (M, r) in lora_xa_dtype, made as lora_forward makes it where xa is not made inside the
+    persistent kernel: cuBLAS on a GPU without dropout, else lora_down_kernel (the dropout mask from the seed)."""
+    if _cublas_skinny(dropout_p, x.device):
+        xa = x @ lora_A.t().to(x.dtype)
+    else:
+        xa = down_project(x, lora_A, dropout_p, seed)
+    return xa.to(lora_xa_dtype(x.dtype, dropout_p))  # a cast only in the interpreter or with dropout
+
+
 def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weight_transposed,
-                 mode: Optional[str] = None):
+                 mode: Optional[str] = None, xa: Optional[torch.Tensor] = None):
     """(y, xa): y = x W^T + b + s xa B^T with xa = drop(x) A^T (M, r), saved for backward in lora_xa_dtype.
+    xa: made beforehand by lora_down (the op's compiled path), and then used as it is.
 
     mode: "triton" (the fused Triton GEMM), "cublas-add" (cuBLAS x W^T, then y += s xa B^T in place, xa on a
     side stream), "cublas-beta" (C = s xa B^T + b first, then cuBLAS C += x W^T in its epilogue),
@@ -1858,23 +1869,21 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
         else:
             mode = ("cublas-beta" if x.shape[0] >= CUBLAS_BETA_MIN_M else "cublas-add") if large else "triton"
     xa_dtype = lora_xa_dtype(x.dtype, dropout_p)
+    given = xa is not None
     if mode == "persistent":
-        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype,
-                                  prescale_b=PRESCALED_B and lora_A.shape[0] >= PRESCALED_B_MIN_RANK, workers=True)
+        return persistent_forward(x, w, lora_A, lora_B, scaling, bias, xa_dtype=xa_dtype, xa=xa,
+                                  prescale_b=PRESCALED_B and lora_A.shape[0] >= PRESCALED_B_MIN_RANK,
+                                  workers=not given)
     skinny = _cublas_skinny(dropout_p, x.device)
-
-    def down():
-        xa = x @ lora_A.t().to(x.dtype) if skinny else down_project(x, lora_A, dropout_p, seed)
-        return xa.to(xa_dtype)  # a cast only in the interpreter, whose down_project serves dropout-free calls too
-
-    if mode == "triton" and x.shape[0] <= DECODE_MAX_M:
+    if mode == "triton" and x.shape[0] <= DECODE_MAX_M and not given:
         return decode_forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, xa_dtype=xa_dtype)
     if mode == "triton":
-        xa = down()
+        xa = xa if given else lora_down(x, lora_A, dropout_p, seed)
         return fused_matmul(x, w, lora_B, xa, scaling, bias), xa
-    with _Overlap(x.device, enabled=mode == "cublas-add" and not skinny) as ov:
-        with ov.side():
-            xa = ov.keep(down(), x, lora_A)
+    with _Overlap(x.device, enabled=mode == "cublas-add" and not skinny and not given) as ov:
+        if not given:
+            with ov.side():
+                xa = ov.keep(lora_down(x, lora_A, dropout_p, seed), x, lora_A)
         if mode == "cublas-add":
             y = torch.nn.functional.linear(x, w, bias)
     xa_s, b_t = (xa * scaling).to(x.dtype), lora_B.t().to(x.dtype)
