@@ -7,7 +7,9 @@ for each model, the graphs dynamo made and their breaks, the forward graphs' sav
 the backward graphs' recomputed ops, and the peak memory of a step.
 
     python scripts/diag_compiled_ckpt.py [--shape tiny|1b] [--impls peft fused] [--skip-side-effects]
-                                         [--no-checkpointing] [--dtype bf16|fp32]
+                                         [--no-checkpointing] [--dtype bf16|fp32] [--layers N]
+
+The backward graphs' matmuls are counted apart: those that make a gradient and those that recompute a forward product.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from peftkern import workloads
 
 
-def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True) -> None:
+def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True, layers: int = 0) -> None:
     records = []
 
     def fw(gm, _inputs):
@@ -41,7 +43,19 @@ def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True) -
         return gm.forward
 
     def bw(gm, _inputs):
-        ops = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        # a matmul whose left operand comes from the incoming gradients is a gradient's; any other one recomputes a
+        # forward product (the frozen model's recomputed projections against its dx)
+        from_grads = set()
+        for n in gm.graph.nodes:
+            if (n.op == "placeholder" and "tangent" in n.name) or any(a in from_grads for a in n.all_input_nodes):
+                from_grads.add(n)
+        ops = collections.Counter()
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                name = str(n.target)
+                if name == "aten.mm.default":
+                    name += " (gradient)" if n.args[0] in from_grads else " (recomputed)"
+                ops[name] += 1
         records.append(("bw", {k: c for k, c in ops.items() if "peftkern" in k or "mm" in k or "flash" in k
                                or "attention" in k}))
         return gm.forward
@@ -49,6 +63,8 @@ def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True) -
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
+    if layers:
+        workloads.SHAPES[shape] = dict(workloads.SHAPES[shape], num_hidden_layers=layers)
     model = workloads.build("lora", impl, shape, device, dtype, 16, False, max_positions=2048)
     step_rows = (4, 2048) if shape != "tiny" else (2, 64)
     if checkpointing:
@@ -88,7 +104,8 @@ def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="tiny")
-    parser.add_argument("--impls", nargs="+", default=["peft", "fused"])
+    parser.add_argument("--impls", nargs="+", default=["peft", "fused"], help="of workloads.IMPLS (frozen too)")
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers, if not the shape's own")
     parser.add_argument("--no-checkpointing", action="store_true", help="the same without checkpointing")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--skip-side-effects", action="store_true",
@@ -100,7 +117,7 @@ def main() -> int:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     print(f"torch {torch.__version__}, {device}")
     for impl in args.impls:
-        run(impl, args.shape, device, dtype, not args.no_checkpointing)
+        run(impl, args.shape, device, dtype, not args.no_checkpointing, args.layers)
     return 0
 
 
