@@ -45,6 +45,8 @@ SETTINGS = {
     # xa by lora_fwd inside the layer's op under compile, as before the split (a trace-time switch: dynamo guards on
     # it, so the fused step compiles once more for it in its first warm-up)
     "split-off": ((lora_ops, "COMPILED_SPLIT", [False]),),
+    # x and xa saved before the product under eager checkpointing (ops/lora.EAGER_SPLIT; with --checkpointing)
+    "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

@@ -335,7 +335,12 @@ def test_dora_and_embeddings_are_reported_and_left_alone():
     assert any("q_proj" in n for n, _ in report2.fused)
 
 
-def test_gradient_checkpointing_and_modules_to_save():
+@pytest.mark.parametrize("eager_split", [False, True], ids=["whole", "split"])
+def test_gradient_checkpointing_and_modules_to_save(eager_split, monkeypatch):
+    """Non-reentrant checkpointing, with LoRA's EAGER_SPLIT too (ops/lora.py), against PEFT's model."""
+    from peftkern.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "EAGER_SPLIT", [eager_split])
     reference = build("llama", modules_to_save=["lm_head"])
     twin = copy.deepcopy(reference)
     peftkern.fuse(twin)

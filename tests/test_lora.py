@@ -187,10 +187,15 @@ def test_dropout_mask_statistics_and_reproducibility(backend):
                        peftkern.lora_linear(x, w, A, B, 1.0)), "eval mode must not drop"
 
 
+@pytest.mark.parametrize("eager_split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
-def test_dropout_under_activation_checkpointing(backend):
+def test_dropout_under_activation_checkpointing(backend, eager_split, monkeypatch):
+    """With EAGER_SPLIT too (ops/lora.py), where the adapters here, plain tensors, are saved by the product."""
     from torch.utils.checkpoint import checkpoint
 
+    from peftkern.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "EAGER_SPLIT", [eager_split])
     x, w, A, B, b = make_inputs((40,), 64, 48, 8, torch.float32)
     grads = []
     for use_ckpt in (False, True):
@@ -271,11 +276,13 @@ def test_a_product_input_is_recomputed_not_saved(backend, dropout_p, monkeypatch
     """The MLP's down projection gets h = act(gate) * up, whose operands autograd keeps for the product's backward: the
     op saves no copy of h (a frozen linear saves none either) and multiplies again in backward, with the gradients of
     the saved path exactly. Not where the product keeps one operand (a frozen factor, as RMSNorm's weight), nor under
-    saved-tensor hooks (activation checkpointing decides there)."""
+    saved-tensor hooks (activation checkpointing decides there). The one Function's path: EAGER_SPLIT off."""
     from torch.utils.checkpoint import checkpoint
 
     from peftkern.ops import _common
+    from peftkern.ops import lora as lora_ops
 
+    monkeypatch.setattr(lora_ops, "EAGER_SPLIT", [False])
     dtype = dtypes_for(backend)[-1]
     g0 = torch.randn(3, 29, 72).to(DEVICE, dtype)
     u0 = torch.randn(3, 29, 72).to(DEVICE, dtype)

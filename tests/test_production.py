@@ -210,10 +210,15 @@ def test_autocast_fp16_with_grad_scaler_trains():
     assert losses[-1] < losses[0], f"the loss did not go down: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
+@pytest.mark.parametrize("eager_split", [False, True], ids=["whole", "split"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_gives_the_same_gradients(reentrant):
+def test_checkpoint_gives_the_same_gradients(reentrant, eager_split, monkeypatch):
+    """With LoRA's EAGER_SPLIT too (ops/lora.py: x and xa saved before the product, under saved-tensor hooks)."""
     from torch.utils.checkpoint import checkpoint
 
+    from peftkern.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "EAGER_SPLIT", [eager_split])
     torch.manual_seed(run_seed(3))
     model = TwoLoRA(dropout=0.2)
     x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
@@ -688,6 +693,63 @@ def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(
         assert "peftkern.lora_fwd.default" not in backward_ops
     else:
         assert backward_ops.count("peftkern.lora_fwd.default") == 2, backward_ops
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+def test_eager_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(split, backend, monkeypatch):
+    """Eager non-reentrant checkpointing stops its recomputation at the region's last saved tensor. With EAGER_SPLIT
+    (ops/lora.py) x and xa are saved before the product runs, so the second layer, whose output backward does not read,
+    recomputes xa alone and the first its product as well: one product recomputed, not two. The gradients are those of
+    the same block without checkpointing, dropout included, and a second-order gradient still raises."""
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import lora as lora_ops
+
+    if backend == "triton" and not (HAS_CUDA or INTERPRET):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    monkeypatch.setenv("PEFTKERN_BACKEND", backend)
+    monkeypatch.setattr(lora_ops, "EAGER_SPLIT", [split])
+    module = lora_ops.backend_module(backend, "lora")
+    calls = {"lora_forward": 0, "lora_down": 0}
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    torch.manual_seed(run_seed(0))
+    first = peftkern.nn.LoRALinear(64, 96, r=4, dropout=0.2).to(DEVICE)
+    second = peftkern.nn.LoRALinear(96, 64, r=4).to(DEVICE)
+    for layer in (first, second):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+
+    def block(x):
+        return second(torch.tanh(first(x)))
+
+    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
+    params = [p for p in (*first.parameters(), *second.parameters()) if p.requires_grad]
+    torch.manual_seed(7)
+    out = checkpoint(block, x, use_reentrant=False)
+    before = dict(calls)
+    got = torch.autograd.grad(out.square().sum(), [x, *params])
+    recomputed = {k: calls[k] - before[k] for k in calls}
+    torch.manual_seed(7)
+    want = torch.autograd.grad(block(x).square().sum(), [x, *params])
+    names = ("x", *(n for n, p in (*first.named_parameters(), *second.named_parameters()) if p.requires_grad))
+    for g, w, name in zip(got, want, names):
+        assert_close(g, w, torch.float32, f"gradient of {name}")
+    if split:
+        assert recomputed == {"lora_forward": 1, "lora_down": 2}, recomputed
+    else:
+        assert recomputed["lora_forward"] == 2, recomputed
+    torch.manual_seed(7)
+    out = checkpoint(block, x, use_reentrant=False)
+    gx = torch.autograd.grad(out.square().sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), first.lora_A)
 
 
 def test_row_blocks_bound_a_column_major_inputs_offsets(monkeypatch):

@@ -347,6 +347,13 @@ RECOMPUTE_PRODUCT_INPUT = os.environ.get("PEFTKERN_RECOMPUTE_PRODUCT_INPUT", "1"
 _VIEW_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
 
+def saved_tensor_hooks_set() -> Optional[bool]:
+    """Whether saved-tensor hooks decide what autograd saves here (activation checkpointing, offloading); None where
+    this torch cannot tell."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return None if top_hooks is None else top_hooks(False) is not None
+
+
 def product_source(x: Tensor):
     """The autograd node of a product a * b of which x is a view of the same size, unchanged since (version 0), when
     that node keeps both a and b and nothing else decides what autograd saves (saved-tensor hooks, as activation
@@ -354,8 +361,7 @@ def product_source(x: Tensor):
     then `recompute_product` gives x back in backward. Else None."""
     if not RECOMPUTE_PRODUCT_INPUT or not x.requires_grad or torch.compiler.is_compiling():
         return None
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top_hooks is None or top_hooks(False) is not None:
+    if saved_tensor_hooks_set() is not False:
         return None
     if x._version != 0:  # changed in place since (under no_grad, or a product made by mul_): not what a * b gives
         return None

@@ -47,6 +47,7 @@ from ._common import (
     recompute_product,
     rows_backend,
     save_with_parameters,
+    saved_tensor_hooks_set,
     saved_with_parameters,
     traced_subclass,
     weight_backend,
@@ -164,6 +165,10 @@ def _lora_backward(ctx, grad_y, bwd) -> tuple:
     (x, xa, seed), (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
     if ctx.x_source is not None:
         x = recompute_product(ctx.x_source, ctx.x_shape)
+    return _lora_grads(ctx, grad_y, bwd, x, xa, seed, weight, lora_A, lora_B)
+
+
+def _lora_grads(ctx, grad_y, bwd, x, xa, seed, weight, lora_A, lora_B) -> tuple:
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     need_bias = need_bias and ctx.has_bias
     dx, da, db, dbias, dw = bwd(
@@ -255,10 +260,84 @@ def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_t
                                        backend)[0]
 
 
+class _XaSaver(torch.autograd.Function):
+    """xa = drop(x) A^T, made before the layer's product, which keeps x and xa here for its backward (EAGER_SPLIT).
+    xa is not differentiable: the product's backward gives every gradient. This node is reached from the product's ctx
+    only."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, seed, dropout_p, backend, holder):
+        xa = _lora_xa(x, lora_A, seed, dropout_p, backend)
+        ctx.mark_non_differentiable(xa)
+        ctx.save_for_backward(x, xa)
+        holder.append(ctx)
+        return xa
+
+    @staticmethod
+    def backward(ctx, _grad_xa):  # never reached: xa carries no gradient
+        return None, None, None, None, None, None
+
+
+class LoRALinearSplitFunction(torch.autograd.Function):
+    """LoRALinearFunction with x and xa saved by _XaSaver (saver) before the product runs, and nothing saved here
+    where the weight and adapters are Parameters (kept on ctx). Under eager activation checkpointing the recomputation
+    stops at the region's last saved tensor: a layer whose output backward does not read (the down projection) then
+    recomputes xa alone, not its product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, xa, saver, seed, scaling, dropout_p, weight_transposed, backend):
+        y = _lora_fwd_xa(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p, weight_transposed, backend)
+        ctx.saver, ctx.seed = saver, seed
+        save_with_parameters(ctx, (), (weight, lora_A, lora_B))
+        ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        ctx.x_xa = ctx.saver.saved_tensors  # once (a checkpoint refuses a second unpack); first_order reads it on ctx
+        return (*_split_backward(ctx, grad_y), None, None, None, None, None, None, None)
+
+
+@first_order
+def _split_backward(ctx, grad_y) -> tuple:
+    _, (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
+    x, xa = ctx.x_xa
+    return _lora_grads(ctx, grad_y, _lora_bwd_eager, x, xa, ctx.seed, weight, lora_A, lora_B)
+
+
+# Eager activation checkpointing has the compiled path's gap (COMPILED_SPLIT): on the CPU, a tiny Llama of 8 layers
+# recomputed 49 of the frozen model's 56 matmuls in backward and all 56 fused forwards. The recomputation stops at the
+# region's last saved tensor, and the fused down projection saved x and xa after its product. With
+# PEFTKERN_LORA_EAGER_SPLIT=1, where saved-tensor hooks are set (checkpointing, offloading), LoRALinearSplitFunction
+# runs instead. Not yet timed on a GPU, so off by default. Predicted for the 1b step: ~2 ms of GPU time saved (7 down
+# projections' products), ~1 ms more host time (the second Function: 11 us more a forward call on the CI host, 96.5
+# against 86.6 us, in 56 layers, forward and recompute). To time: scripts/step_ab.py --checkpointing --settings default
+# eager-split.
+EAGER_SPLIT = [os.environ.get("PEFTKERN_LORA_EAGER_SPLIT", "0") == "1"]
+
+
 def lora_function():
     """What runs LoRA on 2-D inputs, (x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
-    -> y: LoRALinearFunction.apply, or under torch.compile the op with its own autograd (COMPILED_OP_AUTOGRAD)."""
-    return _lora_compiled if op_autograd() else LoRALinearFunction.apply
+    -> y: LoRALinearFunction.apply, or under torch.compile the op with its own autograd (COMPILED_OP_AUTOGRAD), or
+    under saved-tensor hooks with EAGER_SPLIT LoRALinearSplitFunction.apply."""
+    if op_autograd():
+        return _lora_compiled
+    if EAGER_SPLIT[0] and not torch.compiler.is_compiling() and torch.is_grad_enabled() and saved_tensor_hooks_set():
+        return _lora_eager_split
+    return LoRALinearFunction.apply
+
+
+def _lora_eager_split(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
+    if backend not in SPLIT_BACKENDS:
+        return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
+    # the saver runs here, not inside the product's forward, where grad mode is off and it would make no node
+    seed = draw_seed() if dropout_p > 0.0 else None  # the same draw on recomputation (checkpoint keeps the RNG)
+    holder: list = []
+    xa = _XaSaver.apply(x, lora_A, seed, dropout_p, backend, holder)
+    return LoRALinearSplitFunction.apply(x, weight, lora_A, lora_B, bias, xa, holder[0], seed, scaling, dropout_p,
+                                         weight_transposed, backend)
 
 
 def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tuple[int, int, int]:
