@@ -571,6 +571,12 @@ def test_persistent_forward_matches_reference(w_layout, rank, epilogue, poison_e
         y_ref, xa_ref = reference.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt)
         assert_close(y, y_ref, dtype, f"lora_forward persistent {w_layout}")
         assert_close(xa, xa_ref, dtype, f"lora_forward persistent xa {w_layout}")
+        # xa given (lora_down's, as the compiled path's lora_xa makes it): used as it is, the same y
+        xa_own = kl.lora_down(x, A, 0.0, 5)
+        assert xa_own.dtype == kl.lora_xa_dtype(x.dtype, 0.0)
+        y_g, xa_g = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt, mode="persistent", xa=xa_own)
+        assert xa_g is xa_own
+        assert_close(y_g, y_ref, dtype, f"lora_forward persistent, xa given, {w_layout}")
         # with dropout the op's own default path runs: the same seed gives the same answer
         y_drop, _ = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt, mode="persistent")
         assert torch.equal(y_drop, kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt)[0])

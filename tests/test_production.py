@@ -87,8 +87,8 @@ def test_lora_xa_and_lora_fwd_xa_give_lora_fwd(bias, backend):
     torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
     dtypes = [torch.float32] + ([torch.bfloat16] if HAS_CUDA and backend == "triton" else [])
     for dtype in dtypes:
-        # 300 rows: the GPU's persistent kernel (from 256 rows: CUBLAS_FORWARD_MIN_M) takes the given xa
-        M = 300 if HAS_CUDA else 37
+        # 600 rows: on a GPU the bf16 product is the persistent kernel's (from PERSISTENT_MIN_M, 512), with xa given
+        M = 600 if HAS_CUDA else 37
         x = torch.randn(M, 48, device=DEVICE, dtype=dtype, requires_grad=True)
         w = torch.randn(40, 48, device=DEVICE, dtype=dtype)
         A = torch.randn(8, 48, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -636,10 +636,9 @@ def test_compiled_checkpoint_recomputes_the_fused_ops(kind, compiled_op_autograd
         assert_close(g, w, torch.float32, f"{kind} gradient")
     # KronA on the Triton backend may take the LoRA op (its LoRA route, ops/krona.py); LoRA under compile makes xa
     # by an op of its own (ops/lora.COMPILED_SPLIT), which is recomputed for both layers
-    ops = {"lora": ("lora", "lora_xa"), "ia3-output": ("ia3",), "ia3-input": ("ia3",),
-           "krona": ("krona", "lora", "lora_xa"), "adapter": ("adapter",)}[kind]
-    recomputes = any(f"peftkern.{op}_fwd.default" in backward_ops or f"peftkern.{op}.default" in backward_ops
-                     for op in ops)
+    ops = {"lora": ("lora_fwd", "lora_xa"), "ia3-output": ("ia3_fwd",), "ia3-input": ("ia3_fwd",),
+           "krona": ("krona_fwd", "lora_fwd", "lora_xa"), "adapter": ("adapter_fwd",)}[kind]
+    recomputes = any(f"peftkern.{op}.default" in backward_ops for op in ops)
     if compiled_op_autograd or _TORCH_VERSION >= (2, 13):
         assert recomputes, backward_ops
 
@@ -748,8 +747,82 @@ def test_eager_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(spl
     torch.manual_seed(7)
     out = checkpoint(block, x, use_reentrant=False)
     gx = torch.autograd.grad(out.square().sum(), x, create_graph=True)[0]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         torch.autograd.grad(gx.sum(), first.lora_A)
+
+
+def test_eager_split_frees_what_it_saved_and_takes_frozen_adapters(monkeypatch):
+    """EAGER_SPLIT (ops/lora.py), from a review: after a backward without retain_graph the product's node holds no x
+    or xa and the saver's saved tensors are freed, as autograd frees any node's (the split once kept every layer's
+    recomputed input until the graph went); retain_graph keeps them for a second backward, which gives the same
+    gradients; and with A frozen and an input that needs no gradient (LoRA-FA, B alone trained), where the saver makes
+    no node, the layer takes the one Function (it raised before)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "EAGER_SPLIT", [True])
+    torch.manual_seed(run_seed(0))
+    layer = peftkern.nn.LoRALinear(32, 24, r=4).to(DEVICE)
+    torch.nn.init.normal_(layer.lora_B, std=0.2)
+    x = torch.randn(6, 32, device=DEVICE, requires_grad=True)
+
+    def split_node(y):
+        node = y.grad_fn
+        while type(node).__name__ != "LoRALinearSplitFunctionBackward":
+            node = node.next_functions[0][0]
+        return node
+
+    y = checkpoint(layer, x, use_reentrant=False)
+    node = split_node(y)
+    g1 = torch.autograd.grad(y.square().sum(), [x, layer.lora_A], retain_graph=True)
+    assert node.x_xa is None
+    g2 = torch.autograd.grad(y.square().sum(), [x, layer.lora_A])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    assert node.x_xa is None
+    with pytest.raises(RuntimeError, match="freed"):
+        _ = node.saver.saved_tensors
+    with torch.autograd.graph.save_on_cpu():
+        y = layer(x)
+    node = split_node(y)
+    y.square().sum().backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        _ = node.saver.saved_tensors
+    # LoRA-FA: A frozen, x without a gradient
+    layer.lora_A.requires_grad_(False)
+    x0 = x.detach()
+    got = torch.autograd.grad(checkpoint(layer, x0, use_reentrant=False).square().sum(), layer.lora_B)[0]
+    want = torch.autograd.grad(layer(x0).square().sum(), layer.lora_B)[0]
+    assert_close(got, want, torch.float32, "lora_B's gradient with A frozen")
+
+
+def test_compiled_lora_without_gradients_is_one_op(monkeypatch):
+    """Under torch.compile with no gradient to come (inference, decode), lora_linear calls lora_fwd, one launch where
+    it can be (decode_forward), not the split that serves checkpointing (a review)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from peftkern.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "COMPILED_SPLIT", [True])
+    layer = peftkern.nn.LoRALinear(32, 24, r=4).to(DEVICE)
+    seen = []
+
+    def fw(gm, _inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=fw), fullgraph=True)
+    x = torch.randn(2, 32, device=DEVICE)
+    with torch.no_grad():
+        y, want = compiled(x), layer(x)
+    assert "peftkern.lora_fwd.default" in seen and "peftkern.lora_xa.default" not in seen, seen
+    assert_close(y, want, torch.float32, "compiled output without gradients")
+    seen.clear()
+    torch._dynamo.reset()
+    compiled(torch.randn(2, 32, device=DEVICE, requires_grad=True)).sum().backward()
+    assert "peftkern.lora_xa.default" in seen and "peftkern.lora_fwd_xa.default" in seen, seen
 
 
 def test_row_blocks_bound_a_column_major_inputs_offsets(monkeypatch):

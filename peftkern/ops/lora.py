@@ -252,7 +252,10 @@ SPLIT_BACKENDS = ("torch", "triton")
 def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
     """lora_linear's call under torch.compile with COMPILED_OP_AUTOGRAD: the registered ops and their own autograd."""
     seed = draw_seed() if dropout_p > 0.0 else None  # outside the op, as in LoRALinearFunction.forward
-    if COMPILED_SPLIT[0] and backend in SPLIT_BACKENDS:
+    # not where no gradient is to come (inference, decode): there lora_fwd's one launch, or its xa workers, serve best
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, weight, lora_A, lora_B, bias))
+    if COMPILED_SPLIT[0] and backend in SPLIT_BACKENDS and wants_grad:
         xa = torch.ops.peftkern.lora_xa(x.detach(), lora_A.detach(), seed, dropout_p, backend)
         return torch.ops.peftkern.lora_fwd_xa(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p,
                                               weight_transposed, backend)
@@ -262,19 +265,18 @@ def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_t
 
 class _XaSaver(torch.autograd.Function):
     """xa = drop(x) A^T, made before the layer's product, which keeps x and xa here for its backward (EAGER_SPLIT).
-    xa is not differentiable: the product's backward gives every gradient. This node is reached from the product's ctx
-    only."""
+    The product's backward gives every gradient, and a zero one (no memory) for xa, so that autograd runs this node
+    after it and frees what it saved, as it frees a node's saved tensors once its backward has run."""
 
     @staticmethod
     def forward(ctx, x, lora_A, seed, dropout_p, backend, holder):
         xa = _lora_xa(x, lora_A, seed, dropout_p, backend)
-        ctx.mark_non_differentiable(xa)
         ctx.save_for_backward(x, xa)
         holder.append(ctx)
         return xa
 
     @staticmethod
-    def backward(ctx, _grad_xa):  # never reached: xa carries no gradient
+    def backward(ctx, _grad_xa):  # the product's backward gave x's and A's gradients whole
         return None, None, None, None, None, None
 
 
@@ -297,7 +299,12 @@ class LoRALinearSplitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         ctx.x_xa = ctx.saver.saved_tensors  # once (a checkpoint refuses a second unpack); first_order reads it on ctx
-        return (*_split_backward(ctx, grad_y), None, None, None, None, None, None, None)
+        try:
+            grads = _split_backward(ctx, grad_y)
+            zero_xa = ctx.x_xa[1].new_zeros(()).expand_as(ctx.x_xa[1])  # the saver runs after this, and frees x, xa
+        finally:
+            ctx.x_xa = None  # not held past this backward (the ctx lives as long as the graph)
+        return (*grads, zero_xa, None, None, None, None, None, None)
 
 
 @first_order
@@ -330,7 +337,9 @@ def lora_function():
 
 
 def _lora_eager_split(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend) -> Tensor:
-    if backend not in SPLIT_BACKENDS:
+    # the saver is a node of the graph only where x or A needs a gradient (else LoRA-FA's frozen A beside an input
+    # without one would leave it nothing saved)
+    if backend not in SPLIT_BACKENDS or not (x.requires_grad or lora_A.requires_grad):
         return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_transposed, backend)
     # the saver runs here, not inside the product's forward, where grad mode is off and it would make no node
     seed = draw_seed() if dropout_p > 0.0 else None  # the same draw on recomputation (checkpoint keeps the RNG)
