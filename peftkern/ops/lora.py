@@ -155,6 +155,11 @@ def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
     ctx.x_source = product_source(x) if recompute_input else None
     ctx.x_shape = x.shape
     save_with_parameters(ctx, (None if ctx.x_source is not None else x, xa, seed), (weight, lora_A, lora_B))
+    _lora_settings(ctx, bias, scaling, dropout_p, weight_transposed, backend)
+
+
+def _lora_settings(ctx, bias, scaling, dropout_p, weight_transposed, backend) -> None:
+    """The non-tensor facts lora_bwd's caller reads on ctx."""
     ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -195,7 +200,9 @@ def _lora_xa(x: Tensor, lora_A: Tensor, seed: Optional[Tensor], dropout_p: float
     runs = rows_backend(backend, x)
     with op_range("peftkern::lora_xa"), on_device(x):
         xa = backend_module(runs, "lora").lora_down(x, lora_A, dropout_p, _seed(seed))
-    return xa.to(backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p)).contiguous()
+    if runs != backend:  # no rows: the reference's xa, in the dtype the fake and the backend's backward give it
+        xa = xa.to(backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p))
+    return xa.contiguous()
 
 
 lora_xa = define_op("peftkern::lora_xa", _lora_xa)
@@ -291,9 +298,7 @@ class LoRALinearSplitFunction(torch.autograd.Function):
         y = _lora_fwd_xa(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p, weight_transposed, backend)
         ctx.saver, ctx.seed = saver, seed
         save_with_parameters(ctx, (), (weight, lora_A, lora_B))
-        ctx.scaling, ctx.dropout_p, ctx.weight_transposed, ctx.backend = scaling, dropout_p, weight_transposed, backend
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _lora_settings(ctx, bias, scaling, dropout_p, weight_transposed, backend)
         return y
 
     @staticmethod
