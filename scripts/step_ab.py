@@ -46,7 +46,8 @@ SETTINGS = {
     # it, so the fused step compiles once more for it in its first warm-up)
     "split-off": ((lora_ops, "COMPILED_SPLIT", [False]),),
     # x and xa saved before the product under eager checkpointing (ops/lora.EAGER_SPLIT; with --checkpointing)
-    "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),
+    "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),  # the default since 2026-12-07
+    "eager-split-off": ((lora_ops, "EAGER_SPLIT", [False]),),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

@@ -230,9 +230,15 @@ def test_checkpoint_gives_the_same_gradients(reentrant, eager_split, monkeypatch
         y = checkpoint(model, x, use_reentrant=reentrant) if use else model(x)
         y.square().sum().backward()
         grads.append((_grads(model), x.grad.clone()))
+    # checkpointed, the split makes xa in lora_xa's kernel, not in the fused forward's: float32 sums in another order.
+    # On an H100 (2026-12-07) the split's gradients, of magnitude ~40, differed by up to 1e-5 (2.4e-7 of the largest,
+    # two ulps) and failed the elementwise 1e-6 on a near-zero entry: the bar scales with each tensor's largest entry
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6 + (1e-5 * b.abs().max().item() if eager_split else 0.0))
+
     for name in grads[0][0]:
-        assert torch.allclose(grads[0][0][name], grads[1][0][name], rtol=1e-5, atol=1e-6), name
-    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+        assert close(grads[0][0][name], grads[1][0][name]), name
+    assert close(grads[0][1], grads[1][1])
 
 
 class _Checkpointed(torch.nn.Module):
