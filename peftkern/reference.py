@@ -93,7 +93,7 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, weig
     xa (lora_down's) is used as it is."""
     dt = compute_dtype(x)
     xc = x.to(dt)
-    xa = lora_down(x, lora_A, dropout_p, seed) if xa is None else xa
+    xa = lora_down(xc, lora_A, dropout_p, seed) if xa is None else xa  # xc: x is cast once
     y = xc @ _weight_nk(weight, weight_transposed).to(dt).t() + scaling * (xa.to(dt) @ lora_B.to(dt).t())
     if bias is not None:
         y = y + bias.to(dt)

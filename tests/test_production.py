@@ -653,7 +653,7 @@ def test_compiled_checkpoint_recomputes_the_fused_ops(kind, compiled_op_autograd
 def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(split, monkeypatch):
     """In a checkpointed region under torch.compile, a LoRA layer whose output backward does not read (here the
     second, whose output leaves the region, as the down projection's reaches the next layer's checkpointed input) is
-    recomputed as xa alone: lora_fwd_xa runs again for the first layer only, whose output tanh's backward reads, and
+    recomputed as xa alone: lora_fwd_xa runs again for the first layer only, whose output gelu's backward reads, and
     lora_xa for both. The frozen model skips that matmul as well (1b model, 7 of 8 down projections; NOTES-lora.md).
     With COMPILED_SPLIT off, lora_fwd runs again for both. Gradients are eager's either way, dropout included."""
     from torch._dynamo.backends.common import aot_autograd
@@ -664,24 +664,18 @@ def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(
 
     monkeypatch.setattr(lora_ops, "COMPILED_SPLIT", [split])
     torch.manual_seed(run_seed(0))
-    first = peftkern.nn.LoRALinear(64, 96, r=4, dropout=0.2).to(DEVICE)
-    second = peftkern.nn.LoRALinear(96, 64, r=4).to(DEVICE)
-    for layer in (first, second):
-        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    block = TwoLoRA(dropout=0.2)
     backward_ops = []
 
     def bw(gm, _inputs):
         backward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
 
-    def block(x):
-        return second(torch.tanh(first(x)))
-
     backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=bw,
                            partition_fn=min_cut_rematerialization_partition)
     torch._dynamo.reset()
     x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
-    params = [p for p in (*first.parameters(), *second.parameters()) if p.requires_grad]
+    names, params = zip(*((n, p) for n, p in block.named_parameters() if p.requires_grad))
     # the dropout's seed is drawn from torch's CPU generator in eager mode and from inductor's inside the graph: the
     # eager reference gets the compiled run's masks by a fixed state of the generator both read from
     torch.manual_seed(7)
@@ -689,8 +683,7 @@ def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(
     got = torch.autograd.grad(out.square().sum(), [x, *params])
     torch.manual_seed(7)
     want = torch.autograd.grad(block(x).square().sum(), [x, *params])
-    for g, w, name in zip(got, want, ("x", *(n for n, p in (*first.named_parameters(), *second.named_parameters())
-                                             if p.requires_grad))):
+    for g, w, name in zip(got, want, ("x", *names)):
         assert_close(g, w, torch.float32, f"gradient of {name}")
     if split:
         assert backward_ops.count("peftkern.lora_fwd_xa.default") == 1, backward_ops
@@ -726,16 +719,9 @@ def test_eager_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(spl
     for name in calls:
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
     torch.manual_seed(run_seed(0))
-    first = peftkern.nn.LoRALinear(64, 96, r=4, dropout=0.2).to(DEVICE)
-    second = peftkern.nn.LoRALinear(96, 64, r=4).to(DEVICE)
-    for layer in (first, second):
-        torch.nn.init.normal_(layer.lora_B, std=0.2)
-
-    def block(x):
-        return second(torch.tanh(first(x)))
-
+    block = TwoLoRA(dropout=0.2)
     x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
-    params = [p for p in (*first.parameters(), *second.parameters()) if p.requires_grad]
+    names, params = zip(*((n, p) for n, p in block.named_parameters() if p.requires_grad))
     torch.manual_seed(7)
     out = checkpoint(block, x, use_reentrant=False)
     before = dict(calls)
@@ -743,8 +729,7 @@ def test_eager_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(spl
     recomputed = {k: calls[k] - before[k] for k in calls}
     torch.manual_seed(7)
     want = torch.autograd.grad(block(x).square().sum(), [x, *params])
-    names = ("x", *(n for n, p in (*first.named_parameters(), *second.named_parameters()) if p.requires_grad))
-    for g, w, name in zip(got, want, names):
+    for g, w, name in zip(got, want, ("x", *names)):
         assert_close(g, w, torch.float32, f"gradient of {name}")
     if split:
         assert recomputed == {"lora_forward": 1, "lora_down": 2}, recomputed
@@ -754,7 +739,7 @@ def test_eager_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(spl
     out = checkpoint(block, x, use_reentrant=False)
     gx = torch.autograd.grad(out.square().sum(), x, create_graph=True)[0]
     with pytest.raises(RuntimeError, match="once_differentiable"):
-        torch.autograd.grad(gx.sum(), first.lora_A)
+        torch.autograd.grad(gx.sum(), block.l1.lora_A)
 
 
 def test_eager_split_frees_what_it_saved_and_takes_frozen_adapters(monkeypatch):
