@@ -7,7 +7,7 @@ for each model, the graphs dynamo made and their breaks, the forward graphs' sav
 the backward graphs' recomputed ops, and the peak memory of a step.
 
     python scripts/diag_compiled_ckpt.py [--shape tiny|1b] [--impls peft fused] [--skip-side-effects]
-                                         [--no-checkpointing] [--dtype bf16|fp32] [--layers N]
+                                         [--no-checkpointing] [--dtype bf16|fp32] [--layers N] [--recompute-xa]
 
 The backward graphs' matmuls are counted apart: those that make a gradient and those that recompute a forward product.
 """
@@ -23,6 +23,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from peftkern import workloads
+from peftkern.ops import _compile_passes
 
 
 def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True, layers: int = 0) -> None:
@@ -72,7 +73,12 @@ def run(impl: str, shape: str, device: str, dtype, checkpointing: bool = True, l
         if hasattr(model, "disable_input_require_grads"):
             model.disable_input_require_grads()
     model.train()
-    backend = aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=min_cut_rematerialization_partition)
+    def partition(gm, joint_inputs, **kwargs):  # Inductor's joint pass of peftkern (_compile_passes), as it runs it
+        if _compile_passes.SAVE_XA[0]:
+            _compile_passes.keep_xa(gm.graph)
+        return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+    backend = aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)
     compiled = torch.compile(model, backend=backend)
     ids = torch.randint(0, model.config.vocab_size, step_rows, device=device)
     compiled(input_ids=ids, labels=ids).loss.backward()  # compiles
@@ -108,11 +114,15 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=0, help="decoder layers, if not the shape's own")
     parser.add_argument("--no-checkpointing", action="store_true", help="the same without checkpointing")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--recompute-xa", action="store_true",
+                        help="without peftkern's joint pass that keeps LoRA's xa (PEFTKERN_LORA_SAVE_XA=0)")
     parser.add_argument("--skip-side-effects", action="store_true",
                         help="torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device == "cuda" else "fp32")) == "bf16" else torch.float32
+    if args.recompute_xa:
+        _compile_passes.SAVE_XA[0] = False
     if args.skip_side_effects:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     print(f"torch {torch.__version__}, {device}")

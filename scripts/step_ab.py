@@ -26,7 +26,7 @@ from bench_e2e import _repeats  # noqa: E402  (the benchmark's own timing of a s
 from peftkern import workloads  # noqa: E402
 from peftkern.kernels.triton import _launch  # noqa: E402
 from peftkern.kernels.triton import lora as kl  # noqa: E402
-from peftkern.ops import _common  # noqa: E402
+from peftkern.ops import _common, _compile_passes  # noqa: E402
 from peftkern.ops import lora as lora_ops  # noqa: E402
 
 # name -> ((module, attribute, value), ...): the switches each setting sets; the rest keep the import's values
@@ -45,6 +45,9 @@ SETTINGS = {
     # xa by lora_fwd inside the layer's op under compile, as before the split (a trace-time switch: dynamo guards on
     # it, so the fused step compiles once more for it in its first warm-up)
     "split-off": ((lora_ops, "COMPILED_SPLIT", [False]),),
+    # xa recomputed under compiled checkpointing, not kept by peftkern's joint pass (ops/_compile_passes.py; a
+    # trace-time switch, as split-off)
+    "keep-xa-off": ((_compile_passes, "SAVE_XA", [False]),),
     # x and xa saved before the product under eager checkpointing (ops/lora.EAGER_SPLIT; with --checkpointing)
     "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),  # the default since 2026-12-07
     "eager-split-off": ((lora_ops, "EAGER_SPLIT", [False]),),

@@ -649,20 +649,25 @@ def test_compiled_checkpoint_recomputes_the_fused_ops(kind, compiled_op_autograd
         assert recomputes, backward_ops
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
-def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(split, monkeypatch):
+@pytest.mark.parametrize("split,keep_xa", [(True, True), (True, False), (False, True)],
+                         ids=["split-keep-xa", "split", "whole"])
+def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(split, keep_xa, monkeypatch):
     """In a checkpointed region under torch.compile, a LoRA layer whose output backward does not read (here the
     second, whose output leaves the region, as the down projection's reaches the next layer's checkpointed input) is
-    recomputed as xa alone: lora_fwd_xa runs again for the first layer only, whose output gelu's backward reads, and
-    lora_xa for both. The frozen model skips that matmul as well (1b model, 7 of 8 down projections; NOTES-lora.md).
-    With COMPILED_SPLIT off, lora_fwd runs again for both. Gradients are eager's either way, dropout included."""
+    not recomputed: lora_fwd_xa runs again for the first layer only, whose output gelu's backward reads. The frozen
+    model skips that matmul as well (1b model, 7 of 8 down projections; NOTES-lora.md). xa is kept by peftkern's
+    joint pass (ops/_compile_passes.keep_xa, run here as Inductor runs it); without it lora_xa runs again for both
+    layers. With COMPILED_SPLIT off, lora_fwd runs again for both. Gradients are eager's every way, dropout
+    included."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch.utils.checkpoint import checkpoint
 
+    from peftkern.ops import _compile_passes
     from peftkern.ops import lora as lora_ops
 
     monkeypatch.setattr(lora_ops, "COMPILED_SPLIT", [split])
+    kept = []
     torch.manual_seed(run_seed(0))
     block = TwoLoRA(dropout=0.2)
     backward_ops = []
@@ -671,8 +676,12 @@ def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(
         backward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
 
-    backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=bw,
-                           partition_fn=min_cut_rematerialization_partition)
+    def partition(gm, joint_inputs, **kwargs):
+        if keep_xa:
+            kept.append(_compile_passes.keep_xa(gm.graph))
+        return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=bw, partition_fn=partition)
     torch._dynamo.reset()
     x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
     names, params = zip(*((n, p) for n, p in block.named_parameters() if p.requires_grad))
@@ -687,10 +696,101 @@ def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(
         assert_close(g, w, torch.float32, f"gradient of {name}")
     if split:
         assert backward_ops.count("peftkern.lora_fwd_xa.default") == 1, backward_ops
-        assert backward_ops.count("peftkern.lora_xa.default") == 2, backward_ops
+        assert backward_ops.count("peftkern.lora_xa.default") == (0 if keep_xa else 2), backward_ops
         assert "peftkern.lora_fwd.default" not in backward_ops
+        assert kept == ([2] if keep_xa else [])
     else:
         assert backward_ops.count("peftkern.lora_fwd.default") == 2, backward_ops
+
+
+def test_inductor_runs_the_joint_pass_that_keeps_xa_around_the_users_own(monkeypatch):
+    """Under torch.compile's own backend, lora_xa's first trace installs peftkern's joint pass
+    (ops/_compile_passes.py) as Inductor's joint_custom_post_pass, around a pass the user set there before: theirs
+    still runs, first, and the cache key names both. In a checkpointed block it keeps both layers' xa, and the
+    gradients are eager's."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import _compile_passes
+
+    class UsersPass(CustomGraphPass):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, graph):
+            self.calls += 1
+
+        def uuid(self):
+            return "users-pass"
+
+    users = UsersPass()
+    kept = []
+
+    def recording(graph):
+        kept.append(keep(graph))
+        return kept[-1]
+
+    keep = _compile_passes.keep_xa
+    monkeypatch.setattr(_compile_passes, "keep_xa", recording)
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
+    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", users)
+    torch.manual_seed(run_seed(0))
+    block = TwoLoRA(dropout=0.0)
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
+    params = [p for p in block.parameters() if p.requires_grad]
+    compiled = torch.compile(lambda x: checkpoint(block, x, use_reentrant=False), fullgraph=True)
+    out = compiled(x)
+    got = torch.autograd.grad(out.square().sum(), [x, *params])
+    want = torch.autograd.grad(block(x).square().sum(), [x, *params])
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32, "gradient")
+    installed = inductor_config.joint_custom_post_pass
+    assert isinstance(installed, CustomGraphPass) and installed.inner is users, installed
+    assert users.calls == 1 and kept == [2], (users.calls, kept)
+    assert installed.uuid() == ("peftkern.keep_xa", 1, True, ("users-pass",))
+    assert _compile_passes.install() and inductor_config.joint_custom_post_pass is installed  # once, not nested
+    # switched off between calls (scripts/step_ab.py's keep-xa-off): dynamo compiles again, and the pass keeps nothing
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
+    out = compiled(x)
+    assert users.calls == 2 and kept == [2], (users.calls, kept)
+    assert installed.uuid() == ("peftkern.keep_xa", 1, False, ("users-pass",))
+
+
+def test_keep_xa_overrides_only_the_checkpoints_preference(monkeypatch):
+    """keep_xa tags a lora_xa that a checkpoint would recompute (PREFER_RECOMPUTE) MUST_SAVE, and leaves one the
+    user's selective-checkpointing policy tags MUST_RECOMPUTE, one outside any checkpoint, and other ops alone. A plain
+    callable around it gives no cache key (Inductor then bypasses its cache, as with that pass alone), and
+    PEFTKERN_LORA_SAVE_XA=0 leaves Inductor's config untouched."""
+    import torch._inductor.config as inductor_config
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    import peftkern.ops.lora  # noqa: F401  (registers peftkern::lora_xa)
+    from peftkern.ops import _compile_passes
+
+    graph = torch.fx.Graph()
+    x, a = graph.placeholder("x"), graph.placeholder("a")
+    tags = [CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE, None]
+    nodes = []
+    for tag in tags:
+        node = graph.call_function(torch.ops.peftkern.lora_xa.default, (x, a, None, 0.0, "torch"))
+        if tag is not None:
+            node.meta["recompute"] = tag
+        nodes.append(node)
+    other = graph.call_function(torch.ops.aten.mm.default, (x, a))
+    other.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+    graph.output(nodes)
+    assert _compile_passes.keep_xa(graph) == 1
+    assert [n.meta.get("recompute") for n in nodes] == [CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE,
+                                                        None]
+    assert other.meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
+    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", lambda graph: None)
+    assert _compile_passes.install() and inductor_config.joint_custom_post_pass.uuid() is None
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
+    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", None)
+    assert not _compile_passes.install() and inductor_config.joint_custom_post_pass is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
