@@ -48,6 +48,8 @@ SETTINGS = {
     # xa recomputed under compiled checkpointing, not kept by peftkern's joint pass (ops/_compile_passes.py; a
     # trace-time switch, as split-off)
     "keep-xa-off": ((_compile_passes, "SAVE_XA", [False]),),
+    # the forward's lora_xa and lora_fwd_xa left apart after the partition, not joined again into lora_fwd
+    "rejoin-off": ((_compile_passes, "REJOIN_XA", [False]),),
     # x and xa saved before the product under eager checkpointing (ops/lora.EAGER_SPLIT; with --checkpointing)
     "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),  # the default since 2026-12-07
     "eager-split-off": ((lora_ops, "EAGER_SPLIT", [False]),),

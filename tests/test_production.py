@@ -703,6 +703,20 @@ def test_compiled_checkpoint_recomputes_xa_alone_where_backward_reads_no_output(
         assert backward_ops.count("peftkern.lora_fwd.default") == 2, backward_ops
 
 
+def _no_compile_caches():
+    """Inductor's and AOTAutograd's on-disk caches off: a graph an earlier process compiled comes back without its
+    passes running again."""
+    import contextlib
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False))
+    stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+    return stack
+
+
 def test_inductor_runs_the_joint_pass_that_keeps_xa_around_the_users_own(monkeypatch):
     """Under torch.compile's own backend, lora_xa's first trace installs peftkern's joint pass
     (ops/_compile_passes.py) as Inductor's joint_custom_post_pass, around a pass the user set there before: theirs
@@ -734,28 +748,92 @@ def test_inductor_runs_the_joint_pass_that_keeps_xa_around_the_users_own(monkeyp
     keep = _compile_passes.keep_xa
     monkeypatch.setattr(_compile_passes, "keep_xa", recording)
     monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
-    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", users)
     torch.manual_seed(run_seed(0))
     block = TwoLoRA(dropout=0.0)
     torch._dynamo.reset()
     x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
     params = [p for p in block.parameters() if p.requires_grad]
     compiled = torch.compile(lambda x: checkpoint(block, x, use_reentrant=False), fullgraph=True)
-    out = compiled(x)
-    got = torch.autograd.grad(out.square().sum(), [x, *params])
+    with _no_compile_caches(), inductor_config.patch(joint_custom_post_pass=users):
+        out = compiled(x)
+        got = torch.autograd.grad(out.square().sum(), [x, *params])
+        want = torch.autograd.grad(block(x).square().sum(), [x, *params])
+        for g, w in zip(got, want):
+            assert_close(g, w, torch.float32, "gradient")
+        installed = inductor_config.joint_custom_post_pass
+        assert isinstance(installed, CustomGraphPass) and installed.inner is users, installed
+        assert users.calls == 1 and kept == [2], (users.calls, kept)
+        assert installed.uuid() == ("peftkern.keep_xa", 1, True, ("users-pass",))
+        assert _compile_passes.install() and inductor_config.joint_custom_post_pass is installed  # once, not nested
+        # switched off between calls (scripts/step_ab.py's keep-xa-off): dynamo compiles again, the pass keeps nothing
+        monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
+        out = compiled(x)
+        assert users.calls == 2 and kept == [2], (users.calls, kept)
+        assert installed.uuid() == ("peftkern.keep_xa", 1, False, ("users-pass",))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_inductor_joins_lora_xa_and_its_product_again_after_the_partition(checkpointed, monkeypatch):
+    """Inductor's post-grad pass (ops/_compile_passes.rejoin_xa) makes the forward graph's lora_xa and lora_fwd_xa one
+    lora_fwd again for both layers, with or without a checkpoint; the backward, which recomputes the first layer's
+    product from the kept xa, has no pair to join. Outputs and gradients are eager's."""
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import _compile_passes
+
+    joined = []
+    rejoin = _compile_passes.rejoin_xa
+    monkeypatch.setattr(_compile_passes, "rejoin_xa", lambda graph: joined.append(rejoin(graph)))
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
+    monkeypatch.setattr(_compile_passes, "REJOIN_XA", [True])
+    torch.manual_seed(run_seed(0))
+    block = TwoLoRA(dropout=0.0)
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
+    params = [p for p in block.parameters() if p.requires_grad]
+    fn = (lambda x: checkpoint(block, x, use_reentrant=False)) if checkpointed else block
+    with _no_compile_caches():  # a cached graph (an earlier run's) would skip the passes
+        out = torch.compile(fn, fullgraph=True)(x)
+        assert_close(out, block(x), torch.float32, "output")
+        got = torch.autograd.grad(out.square().sum(), [x, *params])
     want = torch.autograd.grad(block(x).square().sum(), [x, *params])
     for g, w in zip(got, want):
         assert_close(g, w, torch.float32, "gradient")
-    installed = inductor_config.joint_custom_post_pass
-    assert isinstance(installed, CustomGraphPass) and installed.inner is users, installed
-    assert users.calls == 1 and kept == [2], (users.calls, kept)
-    assert installed.uuid() == ("peftkern.keep_xa", 1, True, ("users-pass",))
-    assert _compile_passes.install() and inductor_config.joint_custom_post_pass is installed  # once, not nested
-    # switched off between calls (scripts/step_ab.py's keep-xa-off): dynamo compiles again, and the pass keeps nothing
-    monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
-    out = compiled(x)
-    assert users.calls == 2 and kept == [2], (users.calls, kept)
-    assert installed.uuid() == ("peftkern.keep_xa", 1, False, ("users-pass",))
+    assert joined == [2, 0], joined
+
+
+def test_rejoin_xa_leaves_pairs_it_cannot_join():
+    """rejoin_xa joins a lora_xa and the product that takes its xa only where lora_fwd would make the same xa (the
+    same x and A through their detaches, no dropout) and where nothing reads xa before the product."""
+    import operator
+
+    import peftkern.ops.lora  # noqa: F401  (registers the ops)
+    from peftkern.ops import _compile_passes
+
+    ops, aten = torch.ops.peftkern, torch.ops.aten
+
+    def pair(graph, x, w, a, b, *, p=0.0, xa_x=None, read_first=False):
+        xa = graph.call_function(ops.lora_xa.default, (graph.call_function(aten.detach.default, (xa_x or x,)),
+                                                       graph.call_function(aten.detach.default, (a,)), None, p,
+                                                       "torch"))
+        early = graph.call_function(aten.relu.default, (xa,)) if read_first else None
+        y = graph.call_function(ops.lora_fwd_xa.default, (x, w, a, b, None, xa, None, 2.0, p, False, "torch"))
+        return [y, xa] + ([early] if early is not None else [])
+
+    graph = torch.fx.Graph()
+    x, x2, w, a, b = (graph.placeholder(n) for n in ("x", "x2", "w", "a", "b"))
+    outs = pair(graph, x, w, a, b) + pair(graph, x, w, a, b, p=0.1) + pair(graph, x, w, a, b, xa_x=x2)
+    outs += pair(graph, x, w, a, b, read_first=True)
+    graph.output(outs)
+    assert _compile_passes.rejoin_xa(graph) == 1
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.lora_fwd.default) == 1 and targets.count(ops.lora_fwd_xa.default) == 3
+    assert targets.count(ops.lora_xa.default) == 3 and targets.count(aten.detach.default) == 6
+    joint = next(n for n in graph.nodes if n.target is ops.lora_fwd.default)
+    assert joint.args == (x, w, a, b, None, None, 2.0, 0.0, False, "torch")
+    y_out, xa_out = graph.output_node().args[0][:2]
+    assert y_out.target is operator.getitem and y_out.args == (joint, 0) and xa_out.args == (joint, 1)
+    graph.lint()
 
 
 def test_keep_xa_overrides_only_the_checkpoints_preference(monkeypatch):
@@ -786,11 +864,15 @@ def test_keep_xa_overrides_only_the_checkpoints_preference(monkeypatch):
                                                         None]
     assert other.meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE
     monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
-    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", lambda graph: None)
-    assert _compile_passes.install() and inductor_config.joint_custom_post_pass.uuid() is None
+    with inductor_config.patch(joint_custom_post_pass=lambda graph: None):
+        assert _compile_passes.install() and inductor_config.joint_custom_post_pass.uuid() is None
     monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
-    monkeypatch.setattr(inductor_config, "joint_custom_post_pass", None)
-    assert not _compile_passes.install() and inductor_config.joint_custom_post_pass is None
+    with inductor_config.patch(joint_custom_post_pass=None, post_grad_custom_post_pass=None):
+        _compile_passes.install()
+        assert inductor_config.joint_custom_post_pass is None
+        monkeypatch.setattr(_compile_passes, "REJOIN_XA", [False])
+        inductor_config.post_grad_custom_post_pass = None
+        assert not _compile_passes.install() and inductor_config.post_grad_custom_post_pass is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

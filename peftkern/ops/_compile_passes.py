@@ -17,13 +17,15 @@ partition_fn) run no Inductor pass; `keep_xa` is the pass itself, for those to c
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Optional
 
 import torch
 
 SAVE_XA = [os.environ.get("PEFTKERN_LORA_SAVE_XA", "1") != "0"]
-_PASS_CLASS: list = []  # built at the first install: importing torch._inductor costs ~1 s, so not at peftkern's import
+REJOIN_XA = [os.environ.get("PEFTKERN_LORA_REJOIN_XA", "1") != "0"]
+_PASS_CLASSES: dict = {}  # built at the first install: importing torch._inductor takes ~1 s, not for peftkern's import
 
 
 def keep_xa(graph: torch.fx.Graph) -> int:
@@ -40,14 +42,71 @@ def keep_xa(graph: torch.fx.Graph) -> int:
     return kept
 
 
-def _pass_class():
-    if not _PASS_CLASS:
+def _source(node: Any) -> Any:
+    """node with the detaches and aliases before it skipped (lora_xa takes x and A detached)."""
+    aten = torch.ops.aten
+    while (isinstance(node, torch.fx.Node) and node.op == "call_function"
+           and node.target in (aten.detach.default, aten.alias.default)):
+        node = node.args[0]
+    return node
+
+
+def rejoin_xa(graph: torch.fx.Graph) -> int:
+    """Where lora_fwd_xa takes the xa of a lora_xa of the same x, A, seed and backend without dropout, one lora_fwd
+    makes both (its persistent kernel's workers make xa where the forward's tiles leave SMs free); the count.
+
+    The split (ops/lora.COMPILED_SPLIT) serves the partitioner, which can then recompute xa, or keep it, without the
+    product. After the partition it only costs: on an H100 the compiled 1b step without checkpointing took ~0.2 ms
+    more with it (NOTES-lora.md, fifty-third session). As Inductor's post-grad pass this runs on the forward and
+    backward graphs apart, so the forward's pairs join again and a backward recomputes what the partitioner chose."""
+    ops = torch.ops.peftkern
+    joined = 0
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not ops.lora_fwd_xa.default or node.kwargs:
+            continue
+        x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p, weight_transposed, backend = node.args
+        if not (isinstance(xa, torch.fx.Node) and xa.op == "call_function" and xa.target is ops.lora_xa.default
+                and not xa.kwargs and dropout_p == 0.0):
+            continue
+        xa_x, xa_A, xa_seed, xa_p, xa_backend = xa.args
+        if (_source(xa_x) is not _source(x) or _source(xa_A) is not _source(lora_A) or xa_seed is not seed
+                or xa_p != dropout_p or xa_backend != backend):
+            continue
+        if any(order[user] < order[node] for user in xa.users if user is not node):
+            continue  # xa is read before the product: lora_fwd, where the product is, would come too late
+        with graph.inserting_before(node):
+            joint = graph.call_function(ops.lora_fwd.default, (x, weight, lora_A, lora_B, bias, seed, scaling,
+                                                               dropout_p, weight_transposed, backend))
+            y_out = graph.call_function(operator.getitem, (joint, 0))
+            xa_out = graph.call_function(operator.getitem, (joint, 1))
+        # the values alone: Inductor reads the product's eager_input_vals as lora_fwd's arguments, which they are not
+        joint.meta["val"] = (node.meta.get("val"), xa.meta.get("val"))
+        y_out.meta["val"], xa_out.meta["val"] = node.meta.get("val"), xa.meta.get("val")
+        if "stack_trace" in node.meta:
+            joint.meta["stack_trace"] = node.meta["stack_trace"]
+        order[joint] = order[y_out] = order[xa_out] = order[node]
+        node.replace_all_uses_with(y_out)
+        graph.erase_node(node)
+        xa.replace_all_uses_with(xa_out)
+        inputs = xa.all_input_nodes
+        graph.erase_node(xa)
+        for n in inputs:  # the detaches lora_xa alone read
+            if not n.users and n.op == "call_function" and _source(n) is not n:
+                graph.erase_node(n)
+        joined += 1
+    return joined
+
+
+def _pass_class(name: str):
+    """The CustomGraphPass that runs peftkern's pass `name` after the pass (or passes) that was set before it; its
+    uuid names both, for Inductor's cache."""
+    if not _PASS_CLASSES:
         from torch._inductor.custom_graph_pass import CustomGraphPass
 
-        class KeepXa(CustomGraphPass):
-            """keep_xa after the pass (or passes) that was set before it; its uuid names both, for the cache."""
-
+        class _Around(CustomGraphPass):
             VERSION = 1
+            NAME = ""
 
             def __init__(self, inner: Any = None) -> None:
                 self.inner = inner
@@ -60,8 +119,8 @@ def _pass_class():
             def __call__(self, graph: torch.fx.Graph) -> None:
                 for p in self._inner():
                     p(graph)
-                if SAVE_XA[0]:  # read here too: scripts/step_ab.py switches it between compiles in one process
-                    keep_xa(graph)
+                if self.on():  # read here too: scripts/step_ab.py switches it between compiles in one process
+                    self.run(graph)
 
             def uuid(self) -> Optional[Any]:
                 inner = []
@@ -70,25 +129,51 @@ def _pass_class():
                     if not got:  # a plain callable: no key, so the cache is bypassed, as it is with that pass alone
                         return None
                     inner.append(got)
-                return ("peftkern.keep_xa", self.VERSION, SAVE_XA[0], tuple(inner))
+                return (f"peftkern.{self.NAME}", self.VERSION, self.on(), tuple(inner))
 
-        _PASS_CLASS.append(KeepXa)
-    return _PASS_CLASS[0]
+        class KeepXa(_Around):
+            """keep_xa, as Inductor's joint_custom_post_pass."""
+
+            NAME, SLOT = "keep_xa", "joint_custom_post_pass"
+
+            def on(self) -> bool:
+                return SAVE_XA[0]
+
+            def run(self, graph: torch.fx.Graph) -> None:
+                keep_xa(graph)
+
+        class RejoinXa(_Around):
+            """rejoin_xa, as Inductor's post_grad_custom_post_pass."""
+
+            NAME, SLOT = "rejoin_xa", "post_grad_custom_post_pass"
+
+            def on(self) -> bool:
+                return REJOIN_XA[0]
+
+            def run(self, graph: torch.fx.Graph) -> None:
+                rejoin_xa(graph)
+
+        _PASS_CLASSES.update(keep_xa=KeepXa, rejoin_xa=RejoinXa)
+    return _PASS_CLASSES[name]
 
 
 def install() -> bool:
-    """Make keep_xa Inductor's joint_custom_post_pass (around any pass already there) unless it is there or
-    SAVE_XA is off; whether it is installed now."""
-    if not SAVE_XA[0]:
+    """Make keep_xa Inductor's joint_custom_post_pass and rejoin_xa its post_grad_custom_post_pass, each around any
+    pass already there, unless it is there or its switch is off; whether either is installed now."""
+    flags = {"keep_xa": SAVE_XA[0], "rejoin_xa": REJOIN_XA[0]}
+    if not any(flags.values()):
         return False
     try:
         from torch._inductor import config
     except ImportError:  # pragma: no cover - a torch without Inductor
         return False
-    if not hasattr(config, "joint_custom_post_pass"):  # pragma: no cover - older torch
-        return False
-    cls = _pass_class()
-    current = config.joint_custom_post_pass
-    if not isinstance(current, cls):
-        config.joint_custom_post_pass = cls(current)
-    return True
+    installed = False
+    for name, on in flags.items():
+        cls = _pass_class(name)
+        if not on or not hasattr(config, cls.SLOT):
+            continue
+        current = getattr(config, cls.SLOT)
+        if not isinstance(current, cls):
+            setattr(config, cls.SLOT, cls(current))
+        installed = True
+    return installed

@@ -211,7 +211,7 @@ lora_xa = define_op("peftkern::lora_xa", _lora_xa)
 
 @lora_xa.register_fake
 def _(x, lora_A, seed, dropout_p, backend):
-    _compile_passes.install()  # dynamo traces lora_xa here first: a checkpoint then keeps xa (_compile_passes.py)
+    _compile_passes.install()  # dynamo traces lora_xa here first: Inductor's passes for it (_compile_passes.py)
     xa_dtype = backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p)
     return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=xa_dtype)
 
@@ -265,7 +265,10 @@ def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_t
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (x, weight, lora_A, lora_B, bias))
     if COMPILED_SPLIT[0] and backend in SPLIT_BACKENDS and wants_grad:
-        if _compile_passes.SAVE_XA[0]:  # read at trace time, so that dynamo guards on it and a switch compiles again
+        # the joint passes' switches, read at trace time so that dynamo guards on them and a switch compiles again
+        if _compile_passes.SAVE_XA[0]:
+            pass
+        if _compile_passes.REJOIN_XA[0]:
             pass
         xa = torch.ops.peftkern.lora_xa(x.detach(), lora_A.detach(), seed, dropout_p, backend)
         return torch.ops.peftkern.lora_fwd_xa(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p,
