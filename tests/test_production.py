@@ -717,6 +717,15 @@ def _no_compile_caches():
     return stack
 
 
+def _block_for_the_passes():
+    """TwoLoRA without dropout, its input and its trained parameters, with dynamo's compiled code dropped."""
+    torch.manual_seed(run_seed(0))
+    block = TwoLoRA(dropout=0.0)
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
+    return block, x, [p for p in block.parameters() if p.requires_grad]
+
+
 def test_inductor_runs_the_joint_pass_that_keeps_xa_around_the_users_own(monkeypatch):
     """Under torch.compile's own backend, lora_xa's first trace installs peftkern's joint pass
     (ops/_compile_passes.py) as Inductor's joint_custom_post_pass, around a pass the user set there before: theirs
@@ -748,11 +757,7 @@ def test_inductor_runs_the_joint_pass_that_keeps_xa_around_the_users_own(monkeyp
     keep = _compile_passes.keep_xa
     monkeypatch.setattr(_compile_passes, "keep_xa", recording)
     monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
-    torch.manual_seed(run_seed(0))
-    block = TwoLoRA(dropout=0.0)
-    torch._dynamo.reset()
-    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
-    params = [p for p in block.parameters() if p.requires_grad]
+    block, x, params = _block_for_the_passes()
     compiled = torch.compile(lambda x: checkpoint(block, x, use_reentrant=False), fullgraph=True)
     with _no_compile_caches(), inductor_config.patch(joint_custom_post_pass=users):
         out = compiled(x)
@@ -786,11 +791,7 @@ def test_inductor_joins_lora_xa_and_its_product_again_after_the_partition(checkp
     monkeypatch.setattr(_compile_passes, "rejoin_xa", lambda graph: joined.append(rejoin(graph)))
     monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
     monkeypatch.setattr(_compile_passes, "REJOIN_XA", [True])
-    torch.manual_seed(run_seed(0))
-    block = TwoLoRA(dropout=0.0)
-    torch._dynamo.reset()
-    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
-    params = [p for p in block.parameters() if p.requires_grad]
+    block, x, params = _block_for_the_passes()
     fn = (lambda x: checkpoint(block, x, use_reentrant=False)) if checkpointed else block
     with _no_compile_caches():  # a cached graph (an earlier run's) would skip the passes
         out = torch.compile(fn, fullgraph=True)(x)
