@@ -1,18 +1,21 @@
-"""An Inductor joint-graph pass for peftkern's registered ops: under a checkpoint, keep LoRA's xa instead of
-recomputing it.
+"""Inductor passes for LoRA's two ops under torch.compile (ops/lora.py, COMPILED_SPLIT): lora_xa makes xa = drop(x)
+A^T, and lora_fwd_xa makes the layer's output from it.
 
-Under torch.compile, activation checkpointing tags every op of a checkpointed region PREFER_RECOMPUTE, and the
-partitioner then recomputes in backward whatever backward reads. A fused LoRA layer's backward reads xa = drop(x) A^T
-(M x r), so lora_xa (ops/lora.py, COMPILED_SPLIT) runs again for every layer: a skinny product that reads all of x
-(M x K) to make r columns. Keeping xa instead costs M r elements a layer, r / K of x (16 / 2048 in the 1b model).
-This pass marks each lora_xa a checkpoint would recompute MUST_SAVE, as a selective-checkpointing policy does for
-the ops it names. An op the user's own policy tags MUST_RECOMPUTE is left so.
+`keep_xa` (Inductor's joint_custom_post_pass). Activation checkpointing tags every op of a checkpointed region
+PREFER_RECOMPUTE, and the partitioner then recomputes in backward whatever backward reads. A fused LoRA layer's backward
+reads xa (M x r), so lora_xa ran again for every layer: a skinny product that reads all of x (M x K) to make r columns.
+Keeping xa instead costs M r elements a layer, r / K of x (16 / 2048 in the 1b model). The pass marks each lora_xa a
+checkpoint would recompute MUST_SAVE, as a selective-checkpointing policy does for the ops it names. An op the user's
+own policy tags MUST_RECOMPUTE is left so.
 
-It runs as Inductor's joint_custom_post_pass. lora_xa's fake implementation installs it when dynamo first traces the op
-(`install`), wrapping whatever pass the user had set there, which still runs, first. A pass the user sets after that
-replaces this one; it is installed again at the next trace of a LoRA layer. PEFTKERN_LORA_SAVE_XA=0 (read at import;
-SAVE_XA[0] = False later, before a compile) leaves xa to be recomputed. Other backends (aot_eager, a custom
-partition_fn) run no Inductor pass; `keep_xa` is the pass itself, for those to call.
+`rejoin_xa` (Inductor's post_grad_custom_post_pass) makes each forward graph's pair one lora_fwd again after the
+partition: see its docstring.
+
+lora_xa's fake implementation installs both when dynamo first traces the op (`install`), each wrapping whatever pass
+the user had set in its slot, which still runs, first. A pass the user sets after that replaces peftkern's; it is
+installed again at the next trace of a LoRA layer. PEFTKERN_LORA_SAVE_XA=0 and PEFTKERN_LORA_REJOIN_XA=0 (read at
+import; SAVE_XA[0] / REJOIN_XA[0] = False later, before a compile) turn them off. Other backends (aot_eager, a custom
+partition_fn) run no Inductor pass; `keep_xa` and `rejoin_xa` are the passes themselves, for those to call.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import torch
 
 SAVE_XA = [os.environ.get("PEFTKERN_LORA_SAVE_XA", "1") != "0"]
 REJOIN_XA = [os.environ.get("PEFTKERN_LORA_REJOIN_XA", "1") != "0"]
-_PASS_CLASSES: dict = {}  # built at the first install: importing torch._inductor takes ~1 s, not for peftkern's import
+# each pass: its Inductor config slot and the switch (a global of this module, looked up at each use)
+_PASSES = {"keep_xa": ("joint_custom_post_pass", "SAVE_XA"), "rejoin_xa": ("post_grad_custom_post_pass", "REJOIN_XA")}
+_PASS_CLASS: list = []  # built at the first install: importing torch._inductor takes ~1 s, not for peftkern's import
 
 
 def keep_xa(graph: torch.fx.Graph) -> int:
@@ -98,18 +103,21 @@ def rejoin_xa(graph: torch.fx.Graph) -> int:
     return joined
 
 
-def _pass_class(name: str):
-    """The CustomGraphPass that runs peftkern's pass `name` after the pass (or passes) that was set before it; its
-    uuid names both, for Inductor's cache."""
-    if not _PASS_CLASSES:
+def _switch(name: str) -> bool:
+    return globals()[_PASSES[name][1]][0]
+
+
+def _pass_class():
+    """The CustomGraphPass that runs peftkern's pass `name` after the pass (or passes) that was set before it in the
+    same slot; its uuid names both, for Inductor's cache."""
+    if not _PASS_CLASS:
         from torch._inductor.custom_graph_pass import CustomGraphPass
 
-        class _Around(CustomGraphPass):
+        class PeftkernPass(CustomGraphPass):
             VERSION = 1
-            NAME = ""
 
-            def __init__(self, inner: Any = None) -> None:
-                self.inner = inner
+            def __init__(self, name: str, inner: Any = None) -> None:
+                self.name, self.inner = name, inner
 
             def _inner(self) -> tuple:
                 if self.inner is None:
@@ -119,8 +127,8 @@ def _pass_class(name: str):
             def __call__(self, graph: torch.fx.Graph) -> None:
                 for p in self._inner():
                     p(graph)
-                if self.on():  # read here too: scripts/step_ab.py switches it between compiles in one process
-                    self.run(graph)
+                if _switch(self.name):  # read here too: scripts/step_ab.py switches it between compiles in one process
+                    globals()[self.name](graph)
 
             def uuid(self) -> Optional[Any]:
                 inner = []
@@ -129,51 +137,28 @@ def _pass_class(name: str):
                     if not got:  # a plain callable: no key, so the cache is bypassed, as it is with that pass alone
                         return None
                     inner.append(got)
-                return (f"peftkern.{self.NAME}", self.VERSION, self.on(), tuple(inner))
+                return (f"peftkern.{self.name}", self.VERSION, _switch(self.name), tuple(inner))
 
-        class KeepXa(_Around):
-            """keep_xa, as Inductor's joint_custom_post_pass."""
-
-            NAME, SLOT = "keep_xa", "joint_custom_post_pass"
-
-            def on(self) -> bool:
-                return SAVE_XA[0]
-
-            def run(self, graph: torch.fx.Graph) -> None:
-                keep_xa(graph)
-
-        class RejoinXa(_Around):
-            """rejoin_xa, as Inductor's post_grad_custom_post_pass."""
-
-            NAME, SLOT = "rejoin_xa", "post_grad_custom_post_pass"
-
-            def on(self) -> bool:
-                return REJOIN_XA[0]
-
-            def run(self, graph: torch.fx.Graph) -> None:
-                rejoin_xa(graph)
-
-        _PASS_CLASSES.update(keep_xa=KeepXa, rejoin_xa=RejoinXa)
-    return _PASS_CLASSES[name]
+        _PASS_CLASS.append(PeftkernPass)
+    return _PASS_CLASS[0]
 
 
 def install() -> bool:
     """Make keep_xa Inductor's joint_custom_post_pass and rejoin_xa its post_grad_custom_post_pass, each around any
     pass already there, unless it is there or its switch is off; whether either is installed now."""
-    flags = {"keep_xa": SAVE_XA[0], "rejoin_xa": REJOIN_XA[0]}
-    if not any(flags.values()):
+    if not any(_switch(name) for name in _PASSES):
         return False
     try:
         from torch._inductor import config
     except ImportError:  # pragma: no cover - a torch without Inductor
         return False
+    cls = _pass_class()
     installed = False
-    for name, on in flags.items():
-        cls = _pass_class(name)
-        if not on or not hasattr(config, cls.SLOT):
+    for name, (slot, _) in _PASSES.items():
+        if not _switch(name) or not hasattr(config, slot):
             continue
-        current = getattr(config, cls.SLOT)
-        if not isinstance(current, cls):
-            setattr(config, cls.SLOT, cls(current))
+        current = getattr(config, slot)
+        if not (isinstance(current, cls) and current.name == name):
+            setattr(config, slot, cls(name, current))
         installed = True
     return installed
