@@ -80,6 +80,11 @@ def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
+def xa_made_apart(M: int, N: int, R: int, device: torch.device) -> bool:
+    """lora_forward here always makes xa by a product of its own (the Triton backend's says where it does)."""
+    return True
+
+
 def lora_down(x, lora_A, dropout_p, seed):
     """xa = dropout(x) A^T in float32 (float64 for float64), as lora_forward makes it."""
     keep = dropout_mask(seed, tuple(x.shape), dropout_p, x.device) if dropout_p > 0 else None

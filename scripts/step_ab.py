@@ -50,6 +50,8 @@ SETTINGS = {
     "keep-xa-off": ((_compile_passes, "SAVE_XA", [False]),),
     # the forward's lora_xa and lora_fwd_xa left apart after the partition, not joined again into lora_fwd
     "rejoin-off": ((_compile_passes, "REJOIN_XA", [False]),),
+    # each layer's xa made apart, not one product for the layers that share x (q, k and v; a trace-time switch)
+    "group-xa-off": ((_compile_passes, "GROUP_XA", [False]),),
     # x and xa saved before the product under eager checkpointing (ops/lora.EAGER_SPLIT; with --checkpointing)
     "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),  # the default since 2026-12-07
     "eager-split-off": ((lora_ops, "EAGER_SPLIT", [False]),),

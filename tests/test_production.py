@@ -803,6 +803,135 @@ def test_inductor_joins_lora_xa_and_its_product_again_after_the_partition(checkp
     assert joined == [2, 0], joined
 
 
+class SharedInput(torch.nn.Module):
+    """Three LoRA layers on one input, as an attention's q, k and v, then a fourth on another: ranks 8, 4 and 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (peftkern.nn.LoRALinear(64, n, r=r, device=DEVICE)
+                                  for n, r in ((48, 8), (48, 4), (32, 8)))
+        self.o = peftkern.nn.LoRALinear(48, 64, r=8, device=DEVICE)
+        for layer in (self.q, self.k, self.v, self.o):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, (64,))
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return self.o(torch.nn.functional.gelu(q * k) + torch.cat([v, v[..., :16]], -1)) + x
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_inductor_makes_the_xa_of_layers_that_share_x_in_one_product(checkpointed, monkeypatch):
+    """Inductor's post-grad pass group_xa (ops/_compile_passes.py) makes the xa of three layers that read one x by one
+    lora_xa of their A's stacked, on the reference backend, where every layer's forward makes xa apart; rejoin_xa then
+    joins the fourth layer's pair alone. Outputs and gradients are eager's, with and without a checkpoint; with
+    group_xa off, no layer's xa is shared."""
+    from torch.utils.checkpoint import checkpoint
+
+    from peftkern.ops import _compile_passes
+    from peftkern.ops.lora import SPLIT_BACKENDS, backend_module
+
+    counts = {"group_xa": [], "rejoin_xa": []}
+    for name in counts:
+        monkeypatch.setattr(_compile_passes, name, (lambda fn, got: lambda graph: got.append(fn(graph)))(
+            getattr(_compile_passes, name), counts[name]))
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [True])
+    monkeypatch.setattr(_compile_passes, "REJOIN_XA", [True])
+    monkeypatch.setattr(_compile_passes, "GROUP_XA", [True])
+    # on every backend, as the reference's forward does: at 48 rows the Triton backend's plan may have its kernel
+    # make xa (decode-sized layers, workers), and its layers would then not be grouped
+    for backend in SPLIT_BACKENDS:
+        monkeypatch.setattr(backend_module(backend, "lora"), "xa_made_apart", lambda M, N, R, device: True)
+    torch.manual_seed(run_seed(0))
+    block = SharedInput()
+    torch._dynamo.reset()
+    x = torch.randn(2, 24, 64, device=DEVICE, requires_grad=True)
+    params = [p for p in block.parameters() if p.requires_grad]
+    fn = (lambda x: checkpoint(block, x, use_reentrant=False)) if checkpointed else block
+    want_out = block(x)
+    want = torch.autograd.grad(want_out.square().sum(), [x, *params])
+    for grouped in (True, False):
+        monkeypatch.setattr(_compile_passes, "GROUP_XA", [grouped])
+        with _no_compile_caches():  # a cached graph (an earlier run's) would skip the passes
+            out = torch.compile(fn, fullgraph=True)(x)
+            assert_close(out, want_out, torch.float32, "output")
+            got = torch.autograd.grad(out.square().sum(), [x, *params])
+        for g, w in zip(got, want):
+            assert_close(g, w, torch.float32, "gradient")
+    # forward graph then backward graph, grouped and then not (where the switched-off pass is not called): the backward
+    # recomputes no lora_xa (keep_xa)
+    assert counts["group_xa"] == [2, 0], counts
+    assert counts["rejoin_xa"] == [1, 0, 4, 0], counts
+
+
+def test_group_xa_groups_only_what_one_product_can_make():
+    """group_xa stacks the A's of lora_xa nodes that read one x (through detaches) without dropout, on one backend,
+    with A's of one dtype; a lora_xa with dropout, of another x, of A's in another dtype or whose columns would not
+    span a multiple of 16 bytes stays apart, and so does one whose layer's kernel would make xa itself (the backend's
+    xa_made_apart). The views cover each layer's
+    columns, and the layers' products read them."""
+    import peftkern.ops.lora  # noqa: F401  (registers the ops)
+    from peftkern import reference
+    from peftkern.ops import _compile_passes
+
+    ops, aten = torch.ops.peftkern, torch.ops.aten
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+
+    def placeholder(graph, name, shape, dtype=torch.float32):
+        node = graph.placeholder(name)
+        with mode:
+            node.meta["val"] = torch.empty(shape, dtype=dtype)
+        return node
+
+    def layer(graph, x, w, a, b, *, p=0.0, backend="torch"):
+        xa = graph.call_function(ops.lora_xa.default, (graph.call_function(aten.detach.default, (x,)),
+                                                       graph.call_function(aten.detach.default, (a,)), None, p,
+                                                       backend))
+        with mode:
+            xa.meta["val"] = torch.empty((_val(x).shape[0], _val(a).shape[0]))
+        y = graph.call_function(ops.lora_fwd_xa.default, (x, w, a, b, None, xa, None, 2.0, p, False, backend))
+        return [y, xa]
+
+    def _val(node):
+        return node.meta["val"]
+
+    graph = torch.fx.Graph()
+    x, x2 = placeholder(graph, "x", (40, 16)), placeholder(graph, "x2", (40, 16))
+    w = placeholder(graph, "w", (24, 16))
+    a8, a4, a_dropped, a_other_x, a2 = (placeholder(graph, f"a{i}", (r, 16)) for i, r in enumerate((8, 4, 8, 8, 2)))
+    a_half = placeholder(graph, "a_half", (8, 16), torch.float16)
+    b8, b4 = placeholder(graph, "b8", (24, 8)), placeholder(graph, "b4", (24, 4))
+    outs = layer(graph, x, w, a8, b8) + layer(graph, x, w, a4, b4) + layer(graph, x, w, a_dropped, b8, p=0.1)
+    outs += layer(graph, x2, w, a_other_x, b8) + layer(graph, x, w, a_half, b8)
+    outs += layer(graph, x, w, a2, placeholder(graph, "b2", (24, 2)))  # 8 bytes of float32 columns: not a view
+    graph.output(outs)
+    assert _compile_passes.group_xa(graph) == 1
+    xas = [n for n in graph.nodes if n.target is ops.lora_xa.default]
+    assert len(xas) == 5, xas
+    stacked = xas[0].args[1]
+    assert stacked.target is aten.cat.default and stacked.args[0][1] is a4 and stacked.args[1] == 0
+    assert tuple(_val(xas[0]).shape) == (40, 12) and _val(xas[0]).stride() == (12, 1)
+    products = [n for n in graph.nodes if n.target is ops.lora_fwd_xa.default]
+    views = [p.args[5] for p in products[:2]]
+    assert [v.target for v in views] == [aten.slice.Tensor] * 2
+    assert [v.args for v in views] == [(xas[0], 1, 0, 8), (xas[0], 1, 8, 12)]
+    assert graph.output_node().args[0][1] is views[0] and graph.output_node().args[0][3] is views[1]
+    assert all(p.args[5].target is ops.lora_xa.default for p in products[2:])
+    graph.lint()
+    # where the layers' kernel would make xa itself, nothing is grouped
+    graph = torch.fx.Graph()
+    x, w = placeholder(graph, "x", (40, 16)), placeholder(graph, "w", (24, 16))
+    a, b = placeholder(graph, "a", (8, 16)), placeholder(graph, "b", (24, 8))
+    graph.output(layer(graph, x, w, a, b) + layer(graph, x, w, a, b))
+    apart = reference.xa_made_apart
+    try:
+        reference.xa_made_apart = lambda M, N, R, device: False
+        assert _compile_passes.group_xa(graph) == 0
+    finally:
+        reference.xa_made_apart = apart
+    assert _compile_passes.group_xa(graph) == 1
+
+
 def test_rejoin_xa_leaves_pairs_it_cannot_join():
     """rejoin_xa joins a lora_xa and the product that takes its xa only where lora_fwd would make the same xa (the
     same x and A through their detaches, no dropout) and where nothing reads xa before the product."""
@@ -872,6 +1001,7 @@ def test_keep_xa_overrides_only_the_checkpoints_preference(monkeypatch):
         _compile_passes.install()
         assert inductor_config.joint_custom_post_pass is None
         monkeypatch.setattr(_compile_passes, "REJOIN_XA", [False])
+        monkeypatch.setattr(_compile_passes, "GROUP_XA", [False])
         inductor_config.post_grad_custom_post_pass = None
         assert not _compile_passes.install() and inductor_config.post_grad_custom_post_pass is None
 

@@ -8,18 +8,22 @@ Keeping xa instead costs M r elements a layer, r / K of x (16 / 2048 in the 1b m
 checkpoint would recompute MUST_SAVE, as a selective-checkpointing policy does for the ops it names. An op the user's
 own policy tags MUST_RECOMPUTE is left so.
 
-`rejoin_xa` (Inductor's post_grad_custom_post_pass) makes each forward graph's pair one lora_fwd again after the
-partition: see its docstring.
+`group_xa` and then `rejoin_xa` (Inductor's post_grad_custom_post_pass, on the forward and backward graphs after the
+partition): group_xa makes the xa of layers that read one x (an attention's q, k and v) in one product, where their
+kernels would not make xa themselves; rejoin_xa makes each forward graph's remaining pair one lora_fwd again. See their
+docstrings.
 
-lora_xa's fake implementation installs both when dynamo first traces the op (`install`), each wrapping whatever pass
-the user had set in its slot, which still runs, first. A pass the user sets after that replaces peftkern's; it is
-installed again at the next trace of a LoRA layer. PEFTKERN_LORA_SAVE_XA=0 and PEFTKERN_LORA_REJOIN_XA=0 (read at
-import; SAVE_XA[0] / REJOIN_XA[0] = False later, before a compile) turn them off. Other backends (aot_eager, a custom
-partition_fn) run no Inductor pass; `keep_xa` and `rejoin_xa` are the passes themselves, for those to call.
+lora_xa's fake implementation installs the passes when dynamo first traces the op (`install`), each wrapping whatever
+pass was set in its slot before it, which still runs, first. A pass the user sets after that replaces peftkern's; they
+are installed again at the next trace of a LoRA layer. PEFTKERN_LORA_SAVE_XA=0, PEFTKERN_LORA_GROUP_XA=0 and
+PEFTKERN_LORA_REJOIN_XA=0 (read at import; SAVE_XA[0] = False and so on later, before a compile) turn them off. Other
+backends (aot_eager, a custom partition_fn) run no Inductor pass; `keep_xa`, `group_xa` and `rejoin_xa` are the passes
+themselves, for those to call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 from typing import Any, Optional
@@ -28,8 +32,11 @@ import torch
 
 SAVE_XA = [os.environ.get("PEFTKERN_LORA_SAVE_XA", "1") != "0"]
 REJOIN_XA = [os.environ.get("PEFTKERN_LORA_REJOIN_XA", "1") != "0"]
-# each pass: its Inductor config slot and the switch (a global of this module, looked up at each use)
-_PASSES = {"keep_xa": ("joint_custom_post_pass", "SAVE_XA"), "rejoin_xa": ("post_grad_custom_post_pass", "REJOIN_XA")}
+GROUP_XA = [os.environ.get("PEFTKERN_LORA_GROUP_XA", "1") != "0"]
+# each pass: its Inductor config slot and the switch (a global of this module, looked up at each use). Passes of one
+# slot run in this order (group_xa before rejoin_xa)
+_PASSES = {"keep_xa": ("joint_custom_post_pass", "SAVE_XA"), "group_xa": ("post_grad_custom_post_pass", "GROUP_XA"),
+           "rejoin_xa": ("post_grad_custom_post_pass", "REJOIN_XA")}
 _PASS_CLASS: list = []  # built at the first install: importing torch._inductor takes ~1 s, not for peftkern's import
 
 
@@ -103,6 +110,114 @@ def rejoin_xa(graph: torch.fx.Graph) -> int:
     return joined
 
 
+def _val(node: Any) -> Any:
+    """node's fake value, or its source's (a detach added after the trace may have none)."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return node.meta["val"] if "val" in node.meta else _source(node).meta.get("val")
+
+
+def _xa_apart(xa: torch.fx.Node) -> bool:
+    """Whether every layer's forward that takes this lora_xa's xa would make it by a product of its own anyway (the
+    backend's xa_made_apart), so that a product shared with other layers costs it nothing."""
+    from ._common import backend_module
+
+    ops = torch.ops.peftkern
+    x, lora_A, _, _, backend = xa.args
+    x_val, a_val = _val(x), _val(lora_A)
+    if x_val is None or a_val is None or not isinstance(x_val.shape[0], int):
+        return False  # a row count known only when it runs: the plan cannot be asked
+    apart = backend_module(backend, "lora").xa_made_apart
+    for user in xa.users:
+        if user.op == "call_function" and user.target is ops.lora_fwd_xa.default:
+            weight, transposed = user.args[1], user.args[9]
+            if _val(weight) is None or user.args[5] is not xa:
+                return False
+            n = _val(weight).shape[1 if transposed else 0]
+            if not isinstance(n, int) or not apart(x_val.shape[0], n, a_val.shape[0], x_val.device):
+                return False
+    return True
+
+
+def group_xa(graph: torch.fx.Graph) -> int:
+    """Where several lora_xa of graph take one x without dropout (the attention's q, k and v projections read one
+    normed input), on one backend with A's of one dtype, and each layer's forward would make its xa by a product of
+    its own anyway (`_xa_apart`), one lora_xa makes them all from the A's stacked: x is read once, not once a layer.
+    Each layer takes its columns of that xa, a view (the persistent kernel and the backward read xa by its row
+    stride), where they span a multiple of 16 bytes. The count of lora_xa removed.
+
+    Runs before rejoin_xa in the same slot, which then joins the pairs left (the layers whose kernel makes xa)."""
+    from torch._guards import detect_fake_mode
+
+    aten, target = torch.ops.aten, torch.ops.peftkern.lora_xa.default
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not target or node.kwargs:
+            continue
+        x, lora_A, seed, dropout_p, backend = node.args
+        a_val, xa_val = _val(lora_A), _val(node)
+        # each layer's columns start on 16 bytes and span a multiple of them, as the persistent kernel's TMA
+        # descriptors for xa need (r a multiple of 8 in 16 bits, which its persistent_forward_ok asks as well)
+        if (seed is not None or dropout_p != 0.0 or a_val is None or xa_val is None
+                or a_val.shape[0] * xa_val.element_size() % 16 or not _xa_apart(node)):
+            continue
+        groups.setdefault((_source(x), backend, a_val.dtype, a_val.device), []).append(node)
+    removed = 0
+    for members in groups.values():
+        first = members[0]
+        # the stacked A is made before the first member: each A's own node must come before it
+        members = [m for m in members if m is first or order.get(_source(m.args[1]), len(order)) < order[first]]
+        if len(members) < 2:
+            continue
+        sources = [_source(m.args[1]) if m is not first else first.args[1] for m in members]
+        vals = [_val(m.args[1]) for m in members]
+        fake_mode = detect_fake_mode([_val(first), *vals])
+        with graph.inserting_before(first):
+            stacked = graph.call_function(aten.cat.default, (sources, 0))
+            joint = graph.call_function(target, (first.args[0], stacked, None, 0.0, first.args[4]))
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            stacked.meta["val"] = torch.cat(vals, 0)
+            joint.meta["val"] = torch.empty_strided(
+                (_val(first).shape[0], stacked.meta["val"].shape[0]), (stacked.meta["val"].shape[0], 1),
+                dtype=_val(first).dtype, device=_val(first).device)
+        views, start = [], 0
+        for m in members:  # all before the first member, which goes below
+            rank = _val(m.args[1]).shape[0]
+            with graph.inserting_before(first):
+                views.append(graph.call_function(aten.slice.Tensor, (joint, 1, start, start + rank)))
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                views[-1].meta["val"] = joint.meta["val"][:, start:start + rank]
+            start += rank
+        for m, view in zip(members, views):
+            m.replace_all_uses_with(view)
+            inputs_of_m = m.all_input_nodes
+            graph.erase_node(m)
+            for n in inputs_of_m:  # the detaches the old lora_xa alone read
+                if not n.users and n.op == "call_function" and _source(n) is not n:
+                    graph.erase_node(n)
+            removed += 1
+        removed -= 1
+    _take_views(graph)
+    return removed
+
+
+def _take_views(graph: torch.fx.Graph) -> None:
+    """Let each lora_fwd_xa and lora_bwd of graph take a grouped xa's columns as they are. Inductor gives a custom op
+    its inputs in the strides they had when traced (eager_input_vals), and there xa was whole: in the backward graph,
+    which gets the forward's views as inputs, it copied each xa before lora_bwd. Both ops read xa by its row stride."""
+    ops = torch.ops.peftkern
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (ops.lora_fwd_xa.default, ops.lora_bwd.default):
+            continue
+        inputs, val = node.meta.get("eager_input_vals"), _val(node.args[5])
+        if inputs is None or val is None or val.dim() != 2 or val.stride(1) != 1 or val.is_contiguous():
+            continue
+        args = list(inputs[0])
+        args[5] = val
+        node.meta["eager_input_vals"] = (tuple(args), inputs[1])
+
+
 def _switch(name: str) -> bool:
     return globals()[_PASSES[name][1]][0]
 
@@ -143,6 +258,15 @@ def _pass_class():
     return _PASS_CLASS[0]
 
 
+def _in_chain(current: Any, cls: type, name: str) -> bool:
+    """Whether the pass `name` is current or wrapped by it (a slot holds peftkern's passes one around the other)."""
+    while isinstance(current, cls):
+        if current.name == name:
+            return True
+        current = current.inner
+    return False
+
+
 def install() -> bool:
     """Make keep_xa Inductor's joint_custom_post_pass and rejoin_xa its post_grad_custom_post_pass, each around any
     pass already there, unless it is there or its switch is off; whether either is installed now."""
@@ -158,7 +282,7 @@ def install() -> bool:
         if not _switch(name) or not hasattr(config, slot):
             continue
         current = getattr(config, slot)
-        if not (isinstance(current, cls) and current.name == name):
+        if not _in_chain(current, cls, name):
             setattr(config, slot, cls(name, current))
         installed = True
     return installed

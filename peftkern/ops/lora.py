@@ -270,6 +270,8 @@ def _lora_compiled(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weight_t
             pass
         if _compile_passes.REJOIN_XA[0]:
             pass
+        if _compile_passes.GROUP_XA[0]:
+            pass
         xa = torch.ops.peftkern.lora_xa(x.detach(), lora_A.detach(), seed, dropout_p, backend)
         return torch.ops.peftkern.lora_fwd_xa(x, weight, lora_A, lora_B, bias, xa, seed, scaling, dropout_p,
                                               weight_transposed, backend)

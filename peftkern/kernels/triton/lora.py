@@ -1837,6 +1837,16 @@ def lora_xa_dtype(x_dtype: torch.dtype, dropout_p: float) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
+def xa_made_apart(M: int, N: int, R: int, device: torch.device) -> bool:
+    """Whether lora_forward (no dropout, no xa given) would make xa by a product of its own (lora_down) for x (M, K)
+    and an output N wide, not inside its GEMM kernel (decode_forward's single launch, the persistent kernel's
+    workers or helpers). Conservative: False wherever the kernel might make it. The compiled path's group_xa pass
+    (ops/_compile_passes.py) makes the xa of layers that share x in one product where this holds for each."""
+    if M <= DECODE_MAX_M:
+        return False
+    return device.type != "cuda" or xa_plan(M, N, R, device) == (0, 0)
+
+
 def lora_down(x, lora_A, dropout_p, seed):
     """xa = drop(x) A^T (M, r) in lora_xa_dtype, made as lora_forward makes it where xa is not made inside the
     persistent kernel: cuBLAS on a GPU without dropout, else lora_down_kernel (the dropout mask from the seed)."""
