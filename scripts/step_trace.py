@@ -33,7 +33,7 @@ from cpu_overhead import add_step_args  # this folder
 STARVED_US = 10.0  # a kernel that starts within this of its launch call's end found the GPU idle
 
 
-KERNEL_ROWS = 24
+KERNEL_ROWS = int(os.environ.get("STEP_TRACE_KERNEL_ROWS", "24"))  # how many kernel families to print
 
 
 def kernel_family(name: str) -> str:

@@ -577,6 +577,19 @@ def test_persistent_forward_matches_reference(w_layout, rank, epilogue, poison_e
         y_g, xa_g = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt, mode="persistent", xa=xa_own)
         assert xa_g is xa_own
         assert_close(y_g, y_ref, dtype, f"lora_forward persistent, xa given, {w_layout}")
+        # xa given as a layer's columns of a product shared with other layers (the compiled path's group_xa): a view
+        # whose rows are 8 + rank + 8 columns apart, read by its row stride, forward and backward
+        pad = torch.zeros(8, A.shape[1], device=DEVICE, dtype=A.dtype)
+        xa_view = kl.lora_down(x, torch.cat([pad + 1, A, pad - 1]), 0.0, 5)[:, 8:8 + rank]
+        assert not xa_view.is_contiguous() and xa_view.data_ptr() % 16 == 0
+        y_v, _ = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.0, 5, wt, mode="persistent", xa=xa_view)
+        assert_close(y_v, y_ref, dtype, f"lora_forward persistent, xa a view, {w_layout}")
+        dy = torch.randn_like(y_ref)
+        needs = (True, True, True, True, False)
+        got = kl.lora_backward(dy, x, weight, A, B, xa_view, 0.7, 0.0, 5, wt, needs)
+        want = reference.lora_backward(dy, x, weight, A, B, xa_ref, 0.7, 0.0, 5, wt, needs)
+        for name, g_, w_ in zip(("dx", "dA", "dB", "dbias"), got, want):
+            assert_close(g_, w_, dtype, f"lora_backward, xa a view, {name}, {w_layout}")
         # with dropout the op's own default path runs: the same seed gives the same answer
         y_drop, _ = kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt, mode="persistent")
         assert torch.equal(y_drop, kl.lora_forward(x, weight, A, B, 0.7, bias, 0.3, 5, wt)[0])
