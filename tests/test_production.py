@@ -864,6 +864,41 @@ def test_inductor_makes_the_xa_of_layers_that_share_x_in_one_product(checkpointe
     assert counts["rejoin_xa"] == [1, 0, 4, 0], counts
 
 
+def test_post_grad_passes_go_in_as_one_chain_whatever_their_switches(monkeypatch):
+    """install() puts group_xa and rejoin_xa into Inductor's post-grad slot together, group_xa inside (it runs first),
+    around the user's pass, even where group_xa is switched off at the first install: switched on later, it must
+    still run before rejoin_xa, which would otherwise have joined every pair it could group (a review, 2026-12-07).
+    Installing again changes nothing."""
+    import torch._inductor.config as inductor_config
+
+    from peftkern.ops import _compile_passes
+
+    def users_pass(graph):
+        return None
+
+    def chain(current):
+        names = []
+        while hasattr(current, "name"):
+            names.append(current.name)
+            current = current.inner
+        return names, current
+
+    monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
+    monkeypatch.setattr(_compile_passes, "REJOIN_XA", [True])
+    monkeypatch.setattr(_compile_passes, "GROUP_XA", [False])
+    with inductor_config.patch(joint_custom_post_pass=None, post_grad_custom_post_pass=users_pass):
+        assert _compile_passes.install()
+        installed = inductor_config.post_grad_custom_post_pass
+        assert chain(installed) == (["rejoin_xa", "group_xa"], users_pass)
+        monkeypatch.setattr(_compile_passes, "GROUP_XA", [True])
+        assert _compile_passes.install() and inductor_config.post_grad_custom_post_pass is installed
+        assert inductor_config.joint_custom_post_pass is None
+        # a pass the user sets afterwards replaces peftkern's, which go around it again at the next install
+        inductor_config.post_grad_custom_post_pass = users_pass
+        assert _compile_passes.install()
+        assert chain(inductor_config.post_grad_custom_post_pass) == (["rejoin_xa", "group_xa"], users_pass)
+
+
 def test_group_xa_groups_only_what_one_product_can_make():
     """group_xa stacks the A's of lora_xa nodes that read one x (through detaches) without dropout, on one backend,
     with A's of one dtype; a lora_xa with dropout, of another x, of A's in another dtype or whose columns would not

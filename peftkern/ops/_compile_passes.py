@@ -267,9 +267,19 @@ def _in_chain(current: Any, cls: type, name: str) -> bool:
     return False
 
 
+def _users_pass(current: Any, cls: type) -> Any:
+    """What a slot held before peftkern's passes: current with those around it taken off."""
+    while isinstance(current, cls):
+        current = current.inner
+    return current
+
+
 def install() -> bool:
-    """Make keep_xa Inductor's joint_custom_post_pass and rejoin_xa its post_grad_custom_post_pass, each around any
-    pass already there, unless it is there or its switch is off; whether either is installed now."""
+    """Put peftkern's passes in Inductor's config slots (keep_xa in joint_custom_post_pass; group_xa, then rejoin_xa,
+    in post_grad_custom_post_pass) around any pass already there, unless they are there; whether any is installed now.
+    A slot gets all its passes, in _PASSES's order, where any of their switches is on; each pass reads its own switch
+    when it runs. (One at a time, a pass switched on after the first install went around the others: group_xa
+    outside rejoin_xa ran after it and found no pair left to group.)"""
     if not any(_switch(name) for name in _PASSES):
         return False
     try:
@@ -278,11 +288,15 @@ def install() -> bool:
         return False
     cls = _pass_class()
     installed = False
-    for name, (slot, _) in _PASSES.items():
-        if not _switch(name) or not hasattr(config, slot):
+    for slot in dict.fromkeys(slot for slot, _ in _PASSES.values()):
+        names = [name for name, (s, _) in _PASSES.items() if s == slot]
+        if not any(_switch(name) for name in names) or not hasattr(config, slot):
             continue
         current = getattr(config, slot)
-        if not _in_chain(current, cls, name):
-            setattr(config, slot, cls(name, current))
+        if not all(_in_chain(current, cls, name) for name in names):
+            current = _users_pass(current, cls)
+            for name in names:
+                current = cls(name, current)
+            setattr(config, slot, current)
         installed = True
     return installed
