@@ -768,13 +768,13 @@ def test_inductor_runs_the_joint_pass_that_keeps_xa_around_the_users_own(monkeyp
         installed = inductor_config.joint_custom_post_pass
         assert isinstance(installed, CustomGraphPass) and installed.inner is users, installed
         assert users.calls == 1 and kept == [2], (users.calls, kept)
-        assert installed.uuid() == ("peftkern.keep_xa", 1, True, ("users-pass",))
+        assert installed.uuid() == ("peftkern.keep_xa", 1, _compile_passes._code_hash(), True, ("users-pass",))
         assert _compile_passes.install() and inductor_config.joint_custom_post_pass is installed  # once, not nested
         # switched off between calls (scripts/step_ab.py's keep-xa-off): dynamo compiles again, the pass keeps nothing
         monkeypatch.setattr(_compile_passes, "SAVE_XA", [False])
         out = compiled(x)
         assert users.calls == 2 and kept == [2], (users.calls, kept)
-        assert installed.uuid() == ("peftkern.keep_xa", 1, False, ("users-pass",))
+        assert installed.uuid() == ("peftkern.keep_xa", 1, _compile_passes._code_hash(), False, ("users-pass",))
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])

@@ -24,6 +24,7 @@ themselves, for those to call.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import operator
 import os
 from typing import Any, Optional
@@ -222,6 +223,26 @@ def _switch(name: str) -> bool:
     return globals()[_PASSES[name][1]][0]
 
 
+def _code_hash() -> str:
+    """A hash of the code the passes' decisions come from (this module, and the backends' xa_made_apart with the plans
+    it asks), for Inductor's cache key: a graph compiled by another version of them is not served from the cache."""
+    if not _CODE_HASH:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        digest = hashlib.sha256()
+        for path in (os.path.join(root, "ops", "_compile_passes.py"), os.path.join(root, "reference.py"),
+                     os.path.join(root, "kernels", "triton", "lora.py")):
+            try:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            except OSError:  # pragma: no cover - a file left out of an install: its name stands in
+                digest.update(path.encode())
+        _CODE_HASH.append(digest.hexdigest()[:16])
+    return _CODE_HASH[0]
+
+
+_CODE_HASH: list = []
+
+
 def _pass_class():
     """The CustomGraphPass that runs peftkern's pass `name` after the pass (or passes) that was set before it in the
     same slot; its uuid names both, for Inductor's cache."""
@@ -252,7 +273,7 @@ def _pass_class():
                     if not got:  # a plain callable: no key, so the cache is bypassed, as it is with that pass alone
                         return None
                     inner.append(got)
-                return (f"peftkern.{self.name}", self.VERSION, _switch(self.name), tuple(inner))
+                return (f"peftkern.{self.name}", self.VERSION, _code_hash(), _switch(self.name), tuple(inner))
 
         _PASS_CLASS.append(PeftkernPass)
     return _PASS_CLASS[0]
