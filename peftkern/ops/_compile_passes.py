@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import operator
 import os
 from typing import Any, Optional
@@ -174,22 +175,18 @@ def group_xa(graph: torch.fx.Graph) -> int:
         sources = [_source(m.args[1]) if m is not first else first.args[1] for m in members]
         vals = [_val(m.args[1]) for m in members]
         fake_mode = detect_fake_mode([_val(first), *vals])
-        with graph.inserting_before(first):
+        ends = list(itertools.accumulate(v.shape[0] for v in vals))
+        with graph.inserting_before(first):  # all before the first member, which goes below
             stacked = graph.call_function(aten.cat.default, (sources, 0))
             joint = graph.call_function(target, (first.args[0], stacked, None, 0.0, first.args[4]))
+            views = [graph.call_function(aten.slice.Tensor, (joint, 1, end - v.shape[0], end))
+                     for v, end in zip(vals, ends)]
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             stacked.meta["val"] = torch.cat(vals, 0)
-            joint.meta["val"] = torch.empty_strided(
-                (_val(first).shape[0], stacked.meta["val"].shape[0]), (stacked.meta["val"].shape[0], 1),
-                dtype=_val(first).dtype, device=_val(first).device)
-        views, start = [], 0
-        for m in members:  # all before the first member, which goes below
-            rank = _val(m.args[1]).shape[0]
-            with graph.inserting_before(first):
-                views.append(graph.call_function(aten.slice.Tensor, (joint, 1, start, start + rank)))
-            with fake_mode if fake_mode is not None else contextlib.nullcontext():
-                views[-1].meta["val"] = joint.meta["val"][:, start:start + rank]
-            start += rank
+            joint.meta["val"] = torch.empty_strided((_val(first).shape[0], ends[-1]), (ends[-1], 1),
+                                                    dtype=_val(first).dtype, device=_val(first).device)
+            for view in views:
+                view.meta["val"] = joint.meta["val"][:, view.args[2]:view.args[3]]
         for m, view in zip(members, views):
             m.replace_all_uses_with(view)
             inputs_of_m = m.all_input_nodes
@@ -197,8 +194,7 @@ def group_xa(graph: torch.fx.Graph) -> int:
             for n in inputs_of_m:  # the detaches the old lora_xa alone read
                 if not n.users and n.op == "call_function" and _source(n) is not n:
                     graph.erase_node(n)
-            removed += 1
-        removed -= 1
+        removed += len(members) - 1
     _take_views(graph)
     return removed
 
@@ -279,20 +275,13 @@ def _pass_class():
     return _PASS_CLASS[0]
 
 
-def _in_chain(current: Any, cls: type, name: str) -> bool:
-    """Whether the pass `name` is current or wrapped by it (a slot holds peftkern's passes one around the other)."""
+def _unwrap(current: Any, cls: type) -> tuple[list, Any]:
+    """(the names of peftkern's passes in a slot, innermost first; what the slot held before them)."""
+    names = []
     while isinstance(current, cls):
-        if current.name == name:
-            return True
+        names.insert(0, current.name)
         current = current.inner
-    return False
-
-
-def _users_pass(current: Any, cls: type) -> Any:
-    """What a slot held before peftkern's passes: current with those around it taken off."""
-    while isinstance(current, cls):
-        current = current.inner
-    return current
+    return names, current
 
 
 def install() -> bool:
@@ -313,9 +302,8 @@ def install() -> bool:
         names = [name for name, (s, _) in _PASSES.items() if s == slot]
         if not any(_switch(name) for name in names) or not hasattr(config, slot):
             continue
-        current = getattr(config, slot)
-        if not all(_in_chain(current, cls, name) for name in names):
-            current = _users_pass(current, cls)
+        chain, current = _unwrap(getattr(config, slot), cls)
+        if chain != names:
             for name in names:
                 current = cls(name, current)
             setattr(config, slot, current)
