@@ -55,6 +55,11 @@ SETTINGS = {
     # x and xa saved before the product under eager checkpointing (ops/lora.EAGER_SPLIT; with --checkpointing)
     "eager-split": ((lora_ops, "EAGER_SPLIT", [True]),),  # the default since 2026-12-07
     "eager-split-off": ((lora_ops, "EAGER_SPLIT", [False]),),
+    # the forward by cuBLAS (xa B^T added by its epilogue), not the persistent kernel; the backward's dx likewise
+    "persistent-off": ((kl, "PERSISTENT_FORWARD", False),),
+    "persistent-dx-off": ((kl, "PERSISTENT_DX", False),),
+    # dyb and dB from two products, not lora_dyb_db_kernel's one read of dy and its finishing launch
+    "dyb-db-off": ((kl, "DYB_DB", False),),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

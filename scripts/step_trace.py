@@ -49,24 +49,27 @@ def analyse(events: list, steps: int) -> None:
         print("no kernels in the trace")
         return
     by_corr = {e["args"].get("correlation"): e for e in runtime if "args" in e}
-    spans = sorted((k["ts"], k["ts"] + k["dur"]) for k in kernels)
-    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
-    gaps = []
-    for s, e in spans[1:]:
+    spans = sorted((k["ts"], k["ts"] + k["dur"], kernel_family(k["name"])) for k in kernels)
+    busy, cur_s, cur_e, cur_name = 0.0, spans[0][0], spans[0][1], spans[0][2]
+    gaps = []  # (idle us, when it began, the kernel before it, the kernel after it)
+    for s, e, name in spans[1:]:
         if s > cur_e:
             busy += cur_e - cur_s
-            gaps.append((s - cur_e, cur_e))
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
+            gaps.append((s - cur_e, cur_e, cur_name, name))
+            cur_s, cur_e, cur_name = s, e, name
+        elif e > cur_e:
+            cur_e, cur_name = e, name
     busy += cur_e - cur_s
     span = spans[-1][1] - spans[0][0]
     print(f"GPU: {len(kernels)} kernels, busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span "
           f"({100 * busy / span:.1f}%), per step {busy / 1e3 / steps:.2f} busy / {span / 1e3 / steps:.2f} ms")
     big = sorted(gaps, reverse=True)
-    print(f"  idle gaps: {len(gaps)}, {sum(g for g, _ in gaps) / 1e3:.2f} ms in all; over 50 us: "
-          f"{sum(1 for g, _ in gaps if g > 50)} ({sum(g for g, _ in gaps if g > 50) / 1e3:.2f} ms); largest (us): "
-          f"{[round(g) for g, _ in big[:8]]}")
+    print(f"  idle gaps: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.2f} ms in all; over 50 us: "
+          f"{sum(1 for g in gaps if g[0] > 50)} ({sum(g[0] for g in gaps if g[0] > 50) / 1e3:.2f} ms); largest (us): "
+          f"{[round(g[0]) for g in big[:8]]}")
+    for g, at, before, after in big[:8]:  # where the large ones fall: the kernels either side
+        if g > 50:
+            print(f"    {g:7.0f} us at +{(at - spans[0][0]) / 1e3:8.2f} ms, after {before[:60]} / before {after[:60]}")
     starved, waited, lag = 0, 0, []
     for k in kernels:
         launch = by_corr.get(k.get("args", {}).get("correlation"))
