@@ -124,6 +124,32 @@ def analyse(events: list, steps: int) -> None:
                   f" max {d[-1]:.0f}")
 
 
+def read_trace(path: str) -> list:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def compare(events: list, other: list, steps: int) -> None:
+    """Per step, each kernel family's launches and GPU ms in two traces, largest difference first: where one
+    workload's extra GPU time goes (e.g. the fused model's trace against the frozen model's)."""
+    def tally(evs):
+        t = collections.defaultdict(lambda: [0, 0.0])
+        for e in evs:
+            if e.get("cat") == "kernel" and "dur" in e:
+                s = t[kernel_family(e["name"])]
+                s[0] += 1
+                s[1] += e["dur"] / 1e3 / steps
+        return t
+
+    a, b = tally(events), tally(other)
+    print(f"GPU time by kernel, this trace against --against's (per step: launches, ms; {sum(v[1] for v in a.values()):.2f}"
+          f" against {sum(v[1] for v in b.values()):.2f} ms of kernel time, streams added up):")
+    for name in sorted(set(a) | set(b), key=lambda k: -abs(a[k][1] - b[k][1]))[:KERNEL_ROWS]:
+        print(f"  {a[name][0] / steps:6.1f} {a[name][1]:7.3f} | {b[name][0] / steps:6.1f} {b[name][1]:7.3f} | "
+              f"{a[name][1] - b[name][1]:+7.3f}  {name}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_args(parser, steps=2)
@@ -133,11 +159,13 @@ def main() -> int:
     parser.add_argument("--sync-debug", action="store_true",
                         help="warn at every CUDA call that synchronises with the GPU during the timed steps")
     parser.add_argument("--read", help="analyse this trace (.json or .json.gz) instead of running")
+    parser.add_argument("--against", help="with --read: a second trace, and the GPU time by kernel family of each")
     args = parser.parse_args()
     if args.read:
-        opener = gzip.open if args.read.endswith(".gz") else open
-        with opener(args.read, "rt") as f:
-            analyse(json.load(f)["traceEvents"], args.steps)
+        events = read_trace(args.read)
+        analyse(events, args.steps)
+        if args.against:
+            compare(events, read_trace(args.against), args.steps)
         return 0
     if not torch.cuda.is_available():
         print("needs a GPU")
