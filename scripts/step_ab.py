@@ -60,6 +60,12 @@ SETTINGS = {
     "persistent-dx-off": ((kl, "PERSISTENT_DX", False),),
     # dyb and dB from two products, not lora_dyb_db_kernel's one read of dy and its finishing launch
     "dyb-db-off": ((kl, "DYB_DB", False),),
+    # the persistent kernel's tile walk in groups of 4 row tiles, not 8 (PEFTKERN_LORA_GROUP_M)
+    "group-m-4": ((kl, "PERSISTENT_GROUP_M", 4),),
+    # no xa made inside the persistent kernel (workers, helpers): a product of its own before it. At run time only:
+    # group_xa decided at trace time, so gate and up keep their own products here (PEFTKERN_LORA_XA_WORKERS=0 and
+    # PEFTKERN_LORA_XA_HELPERS=0 in a fresh process group them)
+    "xa-inside-off": ((kl, "XA_WORKERS", False), (kl, "XA_HELPERS", False)),
     "skinny-main+direct-off": ((kl, "SKINNY_GRADS", True), (kl, "SKINNY_SIDE", False),
                                (_launch, "DIRECT_LAUNCH", [False])),
 }

@@ -677,6 +677,22 @@ def test_xa_workers_only_where_they_keep_up(monkeypatch):
     assert kl.xa_plan(8192, 4096, 16, dev) == (0, 0)
 
 
+def test_persistent_group_m_switch_is_seen_between_calls(monkeypatch):
+    """PERSISTENT_GROUP_M (PEFTKERN_LORA_GROUP_M; scripts/step_ab.py's group-m-4) is part of the memoised config's
+    key: set between calls in one process, the next config has it (no GPU needed: the GPU's config is pure Python)."""
+    from peftkern.kernels.triton import lora as kl
+
+    monkeypatch.setattr(kl, "triton_interpret", lambda: False)
+    monkeypatch.setattr(kl, "_persistent_configs", {})
+    monkeypatch.setattr(kl, "PERSISTENT_GROUP_M", 8)
+    assert kl._persistent_config(8192, 16)["GROUP_M"] == 8
+    monkeypatch.setattr(kl, "PERSISTENT_GROUP_M", 4)
+    assert kl._persistent_config(8192, 16)["GROUP_M"] == 4
+    assert kl._persistent_config(512, 16)["GROUP_M"] == 8  # below 1024 rows the 128 x 128 config keeps its own
+    monkeypatch.setattr(kl, "PERSISTENT_GROUP_M", 8)
+    assert kl._persistent_config(8192, 16)["GROUP_M"] == 8
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="the fast launch path needs a GPU")
 def test_persistent_forward_launches_by_its_memoised_plan():
     """From the second call of a class, persistent_forward launches through _launch's fast path by its plan's key, and

@@ -1021,7 +1021,7 @@ _persistent_configs: dict = {}
 
 def _persistent_config(M: int, R: int = 16) -> dict:
     """The persistent kernel's config for M rows and rank R (a fresh dict each call: callers pop from it)."""
-    key = (M >= 1024, R <= _PERSISTENT_RANK_SLICE, WIDE_RANK_STAGES, triton_interpret())
+    key = (M >= 1024, R <= _PERSISTENT_RANK_SLICE, WIDE_RANK_STAGES, PERSISTENT_GROUP_M, triton_interpret())
     cfg = _persistent_configs.get(key)
     if cfg is None:
         cfg = _persistent_configs[key] = _make_persistent_config(M, R)
@@ -1032,7 +1032,8 @@ def _persistent_config(M: int, R: int = 16) -> dict:
 # Timed on an H200 (explore_lora.py --narrow-configs, the kernel alone, r = 16 unless said; logs/explore-lora-narrow-
 # configs-*-h200.log): 4 gained 3-8 us a GEMM at the 1b model's 5632-wide shapes, tied at 2048^2, 4096^2 and r = 128,
 # and lost 26-32 us in the 4096 -> 11008 forward and 16-23 us in the 11008 -> 4096 dx; 2 lost nearly everywhere, 16
-# tied 8. No single value wins, and a rule by shape would fit these few shapes only: 8 stays.
+# tied 8. No single value wins, and a rule by shape would fit these few shapes only: 8 stays. The config and plan memos
+# key on it, so a change between calls (scripts/step_ab.py's group-m-4) is seen at the next launch.
 PERSISTENT_GROUP_M = int(os.environ.get("PEFTKERN_LORA_GROUP_M", "8"))
 
 
@@ -1291,7 +1292,8 @@ def persistent_forward(x: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, l
                lora_A.data_ptr() % 16, lora_B.dtype, lora_B.stride(), lora_B.data_ptr() % 16,
                None if bias is None else bias.dtype,
                None if xa is None else (xa.dtype, xa.stride()), XA_WORKERS, XA_HELPERS, XA_WORKERS_MAX_RANK,
-               XA_HELPER_MAX_BLOCKS, XA_WORKER_COLUMNS_PER_BLOCK, WIDE_RANK_STAGES, triton_interpret())
+               XA_HELPER_MAX_BLOCKS, XA_WORKER_COLUMNS_PER_BLOCK, WIDE_RANK_STAGES, PERSISTENT_GROUP_M,
+               triton_interpret())
         plan = _persistent_plans.get(key)
         if plan is None:
             plan = _PersistentPlan(x, w, lora_A, lora_B, scaling, bias, None, xa_dtype, xa, xa_scaled, prescale_b,
