@@ -13,6 +13,7 @@ a few steps of one workload (CPU + CUDA activities, no Python stacks) and prints
 
     python scripts/step_trace.py [--method lora] [--impl fused|peft|frozen] [--steps 2] [--trace PATH.json.gz]
                                  [--checkpointing] [--compile]
+    python scripts/step_trace.py --read A.json.gz [--against B.json.gz] [--steps 2]   # a kept trace, or two compared
 """
 
 from __future__ import annotations
