@@ -140,7 +140,7 @@ setup(
     ],
     extras_require={
         "peft": ["peft>=0.13", "transformers>=4.45", "safetensors>=0.4"],
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
     },
     ext_modules=ext_modules,
