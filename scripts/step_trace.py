@@ -43,6 +43,17 @@ def kernel_family(name: str) -> str:
     return name[:90]
 
 
+def kernel_time(events: list) -> collections.defaultdict:
+    """Each kernel family's [launches, GPU us] over a trace's kernel events (a missing family reads [0, 0.0])."""
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for k in events:
+        if k.get("cat") == "kernel" and "dur" in k:
+            s = by_name[kernel_family(k["name"])]
+            s[0] += 1
+            s[1] += k["dur"]
+    return by_name
+
+
 def analyse(events: list, steps: int) -> None:
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
     runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e]
@@ -85,13 +96,8 @@ def analyse(events: list, steps: int) -> None:
         print(f"  kernels that started within {STARVED_US:.0f} us of their launch's end (the GPU waited for the host): "
               f"{starved} of {waited} ({100 * starved / waited:.0f}%); launch-to-start lag median "
               f"{lag[len(lag) // 2]:.0f} us, 90th percentile {lag[int(len(lag) * 0.9)]:.0f} us")
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for k in kernels:
-        s = by_name[kernel_family(k["name"])]
-        s[0] += 1
-        s[1] += k["dur"]
     print(f"GPU time by kernel (per step: launches, ms), the largest {KERNEL_ROWS}:")
-    for name, (n, tot) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:KERNEL_ROWS]:
+    for name, (n, tot) in sorted(kernel_time(kernels).items(), key=lambda kv: -kv[1][1])[:KERNEL_ROWS]:
         print(f"  {n / steps:7.1f} {tot / 1e3 / steps:8.3f}  {name}")
     slow = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for e in runtime:
@@ -134,21 +140,14 @@ def read_trace(path: str) -> list:
 def compare(events: list, other: list, steps: int) -> None:
     """Per step, each kernel family's launches and GPU ms in two traces, largest difference first: where one
     workload's extra GPU time goes (e.g. the fused model's trace against the frozen model's)."""
-    def tally(evs):
-        t = collections.defaultdict(lambda: [0, 0.0])
-        for e in evs:
-            if e.get("cat") == "kernel" and "dur" in e:
-                s = t[kernel_family(e["name"])]
-                s[0] += 1
-                s[1] += e["dur"] / 1e3 / steps
-        return t
-
-    a, b = tally(events), tally(other)
-    print(f"GPU time by kernel, this trace against --against's (per step: launches, ms; {sum(v[1] for v in a.values()):.2f}"
-          f" against {sum(v[1] for v in b.values()):.2f} ms of kernel time, streams added up):")
+    ms = 1e3 * steps  # us in the trace to ms a step
+    a, b = kernel_time(events), kernel_time(other)
+    print(f"GPU time by kernel, this trace against --against's (per step: launches, ms; "
+          f"{sum(v[1] for v in a.values()) / ms:.2f} against {sum(v[1] for v in b.values()) / ms:.2f} ms of kernel "
+          f"time, streams added up):")
     for name in sorted(set(a) | set(b), key=lambda k: -abs(a[k][1] - b[k][1]))[:KERNEL_ROWS]:
-        print(f"  {a[name][0] / steps:6.1f} {a[name][1]:7.3f} | {b[name][0] / steps:6.1f} {b[name][1]:7.3f} | "
-              f"{a[name][1] - b[name][1]:+7.3f}  {name}")
+        print(f"  {a[name][0] / steps:6.1f} {a[name][1] / ms:7.3f} | {b[name][0] / steps:6.1f} {b[name][1] / ms:7.3f} | "
+              f"{(a[name][1] - b[name][1]) / ms:+7.3f}  {name}")
 
 
 def main() -> int:
@@ -213,8 +212,7 @@ def main() -> int:
         torch.cuda.synchronize()
     path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
+    events = read_trace(path)
     analyse(events, args.steps)
     if args.trace:
         with open(path, "rb") as f, gzip.open(args.trace, "wb") as g:

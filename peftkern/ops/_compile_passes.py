@@ -24,6 +24,7 @@ themselves, for those to call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import operator
@@ -219,24 +220,20 @@ def _switch(name: str) -> bool:
     return globals()[_PASSES[name][1]][0]
 
 
+@functools.cache
 def _code_hash() -> str:
     """A hash of the code the passes' decisions come from (this module, and the backends' xa_made_apart with the plans
     it asks), for Inductor's cache key: a graph compiled by another version of them is not served from the cache."""
-    if not _CODE_HASH:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        digest = hashlib.sha256()
-        for path in (os.path.join(root, "ops", "_compile_passes.py"), os.path.join(root, "reference.py"),
-                     os.path.join(root, "kernels", "triton", "lora.py")):
-            try:
-                with open(path, "rb") as f:
-                    digest.update(f.read())
-            except OSError:  # pragma: no cover - a file left out of an install: its name stands in
-                digest.update(path.encode())
-        _CODE_HASH.append(digest.hexdigest()[:16])
-    return _CODE_HASH[0]
-
-
-_CODE_HASH: list = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for path in (os.path.join(root, "ops", "_compile_passes.py"), os.path.join(root, "reference.py"),
+                 os.path.join(root, "kernels", "triton", "lora.py")):
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except OSError:  # pragma: no cover - a file left out of an install: its name stands in
+            digest.update(path.encode())
+    return digest.hexdigest()[:16]
 
 
 def _pass_class():
