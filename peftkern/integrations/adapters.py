@@ -94,6 +94,12 @@ class AdapterConfig:
             raise ValueError(f"placements must be a non-empty subset of {tuple(PLACEMENTS)}, got {self.placements}")
         if self.layers is not None:
             self.layers = tuple(int(i) for i in self.layers)
+        # numbers as Python's own: a numpy or 0-d tensor scaling trained as well, then save_adapters could not write it
+        # to JSON and left a config file cut off at "scaling": (an exploratory test, 2026-12-07)
+        for name in ("reduction_factor", "bottleneck_size", "scaling"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, bool, int, float)) and hasattr(value, "item"):
+                setattr(self, name, value.item())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -524,8 +530,9 @@ def save_adapters(model: nn.Module, path: str, state_dict: Optional[dict] = None
             "layers": [_clean(n) for n, _, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
             "modules_to_save": saved_module_names(model, clean=True) or None}
+    text = json.dumps(meta, indent=2)  # before the file opens: a value JSON cannot hold leaves no half-written file
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
+        f.write(text)
     state.update(saved_module_state(model, state_dict, "save_adapters"))
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME))
 
@@ -620,6 +627,32 @@ def _detach(model: nn.Module, names: list) -> None:
             del module._modules[CONTAINER]
 
 
+def _layer_prefixes(saved: list, own: list) -> Optional[tuple]:
+    """(old, new): the prefix the file's layer names carry in place of the model's, where the two lists name the same
+    layer stack under another head (adapters saved from BertForSequenceClassification, bert.encoder.layer.<i>, loaded
+    into a BertModel, encoder.layer.<i>; a plain model's into the same model wrapped by PEFT, base_model.model.<...>);
+    None where they are the same or not of one stack."""
+    if not saved or saved == own or len(saved) != len(own):
+        return None
+    pairs = set()
+    for a, b in zip(saved, own):
+        a_parts, b_parts = a.split("."), b.split(".")
+        common = 0
+        while common < min(len(a_parts), len(b_parts)) and a_parts[-1 - common] == b_parts[-1 - common]:
+            common += 1
+        if common == 0:
+            return None
+        pairs.add((".".join(a_parts[:-common] + [""]) if common < len(a_parts) else "",
+                   ".".join(b_parts[:-common] + [""]) if common < len(b_parts) else ""))
+    return pairs.pop() if len(pairs) == 1 else None
+
+
+def _rebased(keys, prefixes: Optional[tuple]) -> dict:
+    """{key: the key with the file's layer prefix replaced by the model's} for the keys under that prefix."""
+    old, new = prefixes if prefixes else ("", "")
+    return {k: new + k[len(old):] if k.startswith(old) else k for k in keys}
+
+
 def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
     """Attach adapters as saved by save_adapters to a fresh model and load their weights; returns their names.
     adapter_dtype None: the file's dtype (float32 adapters saved beside a bf16 model came back bf16, rounded: 2e-3
@@ -638,8 +671,12 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
             config = dataclasses.replace(config, layers=tuple(order[i] for i in config.layers if i < len(order)))
         configs.append(config)
     state = load_file(os.path.join(path, WEIGHTS_NAME))
-    saved = {k: state.pop(k) for k in list(state) if not _is_adapter_key(k)}  # the modules_to_save
     targets, inner = meta.get("modules_to_save") or [], _unwrapped(model)
+    prefixes = _layer_prefixes(meta.get("layers"), [_clean(n) for n, _, _ in transformer_layers(inner)])
+    if prefixes:  # the same layers under another head or wrapper: the keys (and modules_to_save) renamed to the model's
+        state = {new: state[old] for old, new in _rebased(list(state), prefixes).items()}
+        targets = list(_rebased(targets, prefixes).values())
+    saved = {k: state.pop(k) for k in list(state) if not _is_adapter_key(k)}  # the modules_to_save
     check_saved_modules(inner, saved, targets, path)  # before the adapters attach
     if adapter_dtype is None:
         dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
