@@ -697,6 +697,14 @@ _ADAPTERHUB_KEY = [
     (re.compile(r"^(?P<layer>.+)\.output_adapters\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "output"),
     (re.compile(r"^(?P<layer>.+)\.output\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$"), "output"),
 ]
+# T5 / mT5: AdapterHub makes the sub-layers themselves (T5LayerSelfAttention, T5LayerFF: adapters/models/t5/mixin_t5.py)
+# the bottleneck layers, so the keys are <stack>.block.<i>.layer.<j>.adapters.<name>.<param>: j = 0 the self-attention;
+# then the feed-forward block, j = 1 in the encoder and j = 2 in the decoder, whose j = 1 is the cross-attention (no
+# placement). Each is applied to its sub-layer's output before the residual add, as peftkern's T5 placements are.
+_ADAPTERHUB_T5_KEY = re.compile(r"^(?P<layer>(?:.+\.)?(?P<stack>encoder|decoder)\.block\.\d+)\.layer\.(?P<sub>\d+)"
+                                r"\.adapters\.(?P<name>[^.]+)\.(?P<param>.+)$")
+_ADAPTERHUB_T5_SITES = {("encoder", "0"): "attention", ("encoder", "1"): "output", ("decoder", "0"): "attention",
+                        ("decoder", "2"): "output"}
 _ADAPTERHUB_LEGACY_MODULES = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
                               "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
                               "invertible_lang_adapters": "invertible_adapters"}
@@ -709,8 +717,9 @@ def _adapterhub_current_name(key: str) -> str:
     return key
 
 
-_ADAPTERHUB_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_orig": "gelu", "gelu_new": "gelu_tanh",
-                           "swish": "silu", "silu": "silu"}
+# AdapterHub's names (its Activation_Function_Class, transformers' ACT2FN for the rest) -> peftkern's
+_ADAPTERHUB_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_orig": "gelu", "gelu_python": "gelu",
+                           "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu", "silu": "silu"}
 
 
 def _adapterhub_param(param: str, ln_before: bool) -> Optional[str]:
@@ -749,6 +758,13 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
     matched: dict = {}
     matched_keys = set()
     for key, tensor in state_dict.items():
+        t5 = _ADAPTERHUB_T5_KEY.match(key)
+        if t5:  # T5's sub-layer sites; its decoder's cross-attention (layer.1) is left unmatched, so refused below
+            site = _ADAPTERHUB_T5_SITES.get((t5["stack"], t5["sub"]))
+            if site is not None:
+                matched.setdefault(t5["name"], []).append((t5["layer"], site, t5["param"], tensor))
+                matched_keys.add(key)
+            continue
         for pattern, site in _ADAPTERHUB_KEY:
             m = pattern.match(key)
             if m:
@@ -805,11 +821,17 @@ def convert_adapterhub(state_dict: dict, config: Optional[dict] = None,
                       "original_ln_after=False: the weights are converted, but peftkern applies the adapter to the "
                       "block's output before the block's own residual add and LN, so the outputs will differ from "
                       "AdapterHub's", RuntimeWarning, stacklevel=2)
+    if "non_linearity" not in config:  # AdapterHub's BnConfig has no default (its Houlsby preset is swish)
+        warnings.warn("no AdapterHub non_linearity given (the checkpoint's adapter_config.json has it): relu assumed",
+                      RuntimeWarning, stacklevel=2)
     non_linearity = str(config.get("non_linearity", "relu")).lower()
     if non_linearity not in _ADAPTERHUB_ACTIVATIONS:
         raise ValueError(f"AdapterHub non_linearity {non_linearity!r} is not supported: "
                          f"{sorted(_ADAPTERHUB_ACTIVATIONS)}")
     scaling = config.get("scaling", 1.0)
+    if scaling == "learned" and not learned:
+        raise ValueError("the AdapterHub config says scaling='learned', but the checkpoint holds no adapter's "
+                         "'scaling' tensor")
     ours = AdapterConfig(placements=tuple(p for p in PLACEMENTS if p in sites), bottleneck_size=sizes.pop(),
                          non_linearity=_ADAPTERHUB_ACTIVATIONS[non_linearity],
                          scaling="learned" if learned else float(scaling), layer_norm=ln_before)
