@@ -775,6 +775,13 @@ LAYER_CASES = {  # a layer's construction -> (the exception, what its message sa
                                      "hidden_size must be a non-negative int"),
     "adapter int dtype": (lambda: peftkern.nn.BottleneckAdapter(12, dtype=torch.int64), TypeError,
                           "dtype must be a floating"),
+    # the sizes raised Python's or torch's errors naming neither (an exploratory test, 2026-12-07)
+    "adapter bottleneck_size float": (lambda: peftkern.nn.BottleneckAdapter(12, bottleneck_size=3.0), TypeError,
+                                      "bottleneck_size must be an int"),
+    "adapter reduction_factor str": (lambda: peftkern.nn.BottleneckAdapter(12, reduction_factor="4"), TypeError,
+                                     "reduction_factor must be a number"),
+    "adapter reduction_factor 0": (lambda: peftkern.nn.BottleneckAdapter(12, reduction_factor=0), ValueError,
+                                   "reduction_factor must be positive"),
     # float8 (a review of the fallbacks, 2026-12-06): LoRA's and KronA's from_linear raised NotImplementedError from
     # their init ("check_uniform_bounds" not implemented for 'Float8_e4m3fn'); IA3Linear was built and raised at its
     # first call; an adapter_dtype or dtype of float8 likewise

@@ -176,6 +176,26 @@ def test_per_sample_gradients_by_torch_func(kind, backend):
             assert_close(per_sample[name][i], getattr_path(layer, name).grad, torch.float32, f"{name}[{i}]")
 
 
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+@pytest.mark.parametrize("kind", [*MAKERS, *ADAPTER_MAKERS])
+def test_forward_mode_gradients_by_dual_tensors(kind, backend):
+    """torch.autograd.forward_ad's dual tensors through the layer give torch.func.jvp's tangent; they raised torch's
+    "You must implement the jvp function" (an exploratory test, 2026-12-07)."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(run_seed(0))
+    layer = _trained({**MAKERS, **ADAPTER_MAKERS}[kind](device=DEVICE))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    x = torch.randn(3, 24, device=DEVICE)
+    expected = torch.func.jvp(lambda p: _call_functional(layer, p, x), (params,), (tangents,))[1]
+    with fwad.dual_level():
+        out = _call_functional(layer, {k: fwad.make_dual(v, tangents[k]) for k, v in params.items()}, x)
+        tangent = fwad.unpack_dual(out).tangent
+    assert tangent is not None
+    assert_close(tangent, expected, torch.float32, kind)
+
+
 def _call_functional(layer, params, x):
     args = (x, x.flip(-1)) if getattr(layer, "insertion_form", "") == "parallel" else (x,)
     return functional_call(layer, params, args)
@@ -438,6 +458,14 @@ def test_from_linear_and_add_lora_refuse_a_parametrized_weight():
         peftkern.add_lora(model, ["0"], r=2)
     assert model[0] is layer and set(model.state_dict()) == keys
     assert all(p.requires_grad for p in model.parameters())
+    # a parametrized bias raised torch's "cannot assign 'torch.FloatTensor' object to parameter 'bias'" (an
+    # exploratory test, 2026-12-07)
+    from torch.nn.utils import parametrize
+
+    linear = nn.Linear(8, 6)
+    parametrize.register_parametrization(linear, "bias", nn.Identity())
+    with pytest.raises(TypeError, match="bias is computed on each access"):
+        LoRALinear.from_linear(linear)
 
 
 def test_merge_and_unload_rebuilds_a_subclass_only_from_what_it_holds():

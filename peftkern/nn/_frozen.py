@@ -113,10 +113,13 @@ def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
         raise TypeError(f"{type(linear).__name__} is an nn.Linear whose own forward does not compute x W^T + b, "
                         "which the wrapping layer would drop (it computes x W^T + b from the weight); PEFT with "
                         "peftkern.fuse leaves such layers on PEFT's path")
-    if "weight" not in linear._parameters:  # parametrize / weight_norm / spectral_norm compute it on each access
-        raise TypeError(f"this {type(linear).__name__}'s weight is computed on each access (a parametrization such as "
-                        "weight_norm or spectral_norm), which the wrapping layer would replace by one computed copy, "
-                        "out of the state_dict; remove the parametrization first")
+    # parametrize / weight_norm / spectral_norm compute a tensor on each access (the bias's raised torch's "cannot
+    # assign 'torch.FloatTensor' object to parameter 'bias'", an exploratory test, 2026-12-07)
+    for name in ("weight", "bias"):
+        if name in getattr(linear, "parametrizations", {}) or (name == "weight" and name not in linear._parameters):
+            raise TypeError(f"this {type(linear).__name__}'s {name} is computed on each access (a parametrization "
+                            "such as weight_norm or spectral_norm), which the wrapping layer would replace by one "
+                            "computed copy, out of the state_dict; remove the parametrization first")
     if hooked(linear):  # accelerate's offload hook loads the weight from the CPU / disk on each call
         raise TypeError(f"this {type(linear).__name__} has hooks or an instance forward (accelerate's device_map "
                         "offload, a user's hook), which the wrapping layer would drop; PEFT with peftkern.fuse leaves "

@@ -101,12 +101,19 @@ class BottleneckAdapter(nn.Module):
         init = init or ("mam" if insertion_form == "parallel" else "bert")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        # the sizes' types checked too: "8" or 3.0 raised Python's or torch's errors naming neither (an exploratory
+        # test, 2026-12-07); numpy's integers are Integral and pass
         if bottleneck_size is None:
-            if reduction_factor <= 0:
+            if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, numbers.Real):
+                raise TypeError(f"reduction_factor must be a number, got {reduction_factor!r}")
+            if not reduction_factor > 0:
                 raise ValueError(f"reduction_factor must be positive, got {reduction_factor}")
             bottleneck_size = max(1, int(hidden_size // reduction_factor))
+        if isinstance(bottleneck_size, bool) or not isinstance(bottleneck_size, numbers.Integral):
+            raise TypeError(f"bottleneck_size must be an int, got {bottleneck_size!r}")
         if bottleneck_size < 1:
             raise ValueError(f"bottleneck_size must be at least 1, got {bottleneck_size}")
+        bottleneck_size = int(bottleneck_size)
         self.hidden_size, self.bottleneck_size = hidden_size, bottleneck_size
         self.non_linearity, self.insertion_form, self.init = non_linearity.lower(), insertion_form, init
         self.workspace = workspace

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from .. import _backend
@@ -173,13 +174,15 @@ def plain_torch(rows: Tensor, *widths: int) -> bool:
     rule. Under torch.compile a row count that depends on data (an unbacked size: the tokens routed to one expert of a
     mixture of experts, captured with capture_dynamic_output_shape_ops) cannot be tested: such a call takes the op,
     whose bodies run the reference where they find no rows (rows_backend); the test raised "Could not guard on
-    data-dependent expression", a graph break, or an error under fullgraph=True, where F.linear traces."""
+    data-dependent expression", a graph break, or an error under fullgraph=True, where F.linear traces. Inside
+    torch.autograd.forward_ad.dual_level() the reference's ops carry the tangents that the Functions (no jvp) refused
+    with torch's "You must implement the jvp function" (an exploratory test, 2026-12-07)."""
     n = rows.shape[0]
     if symbolic(n):  # guard where a size is known, take the op where it depends on data
         empty = guard_or_false(n == 0) or any(guard_or_false(w == 0) for w in widths)
     else:
         empty = n == 0 or 0 in widths
-    return empty or torch._C._are_functorch_transforms_active()
+    return empty or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def symbolic(size) -> bool:
