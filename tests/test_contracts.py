@@ -775,7 +775,14 @@ LAYER_CASES = {  # a layer's construction -> (the exception, what its message sa
                                      "hidden_size must be a non-negative int"),
     "adapter int dtype": (lambda: peftkern.nn.BottleneckAdapter(12, dtype=torch.int64), TypeError,
                           "dtype must be a floating"),
-    # the sizes raised Python's or torch's errors naming neither (an exploratory test, 2026-12-07)
+    # the sizes raised Python's or torch's errors naming neither, factor=True and bias="no" built a layer (an
+    # exploratory test, 2026-12-07)
+    "krona factor float": (lambda: peftkern.nn.KronALinear(16, 24, factor=4.0), TypeError, "factor must be an int"),
+    "krona factor True": (lambda: peftkern.nn.KronALinear(16, 24, factor=True), TypeError, "factor must be an int"),
+    "krona 0 wide": (lambda: peftkern.nn.KronALinear(16, 0), ValueError, "in_features and out_features of at least"),
+    "krona bias str": (lambda: peftkern.nn.KronALinear(16, 24, bias="no"), TypeError, "bias must be a bool"),
+    "ia3 bias str": (lambda: peftkern.nn.IA3Linear(16, 24, bias="no"), TypeError, "bias must be a bool"),
+    "lora bias str": (lambda: peftkern.nn.LoRALinear(16, 24, bias="no"), TypeError, "bias must be a bool"),
     "adapter bottleneck_size float": (lambda: peftkern.nn.BottleneckAdapter(12, bottleneck_size=3.0), TypeError,
                                       "bottleneck_size must be an int"),
     "adapter reduction_factor str": (lambda: peftkern.nn.BottleneckAdapter(12, reduction_factor="4"), TypeError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -363,12 +364,19 @@ def test_a_product_input_is_saved_where_recomputing_it_would_go_wrong(backend):
         torch.autograd.grad(dA.sum(), g, allow_unused=True)
 
     g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
-    B = B0.clone().requires_grad_()
-    y = peftkern.lora_linear(g * u, w, A0, B, 0.7, b)
+    A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+    y = peftkern.lora_linear(g * u, w, A, B, 0.7, b)
     with torch.no_grad():
         u.add_(1.0)
     with pytest.raises(RuntimeError, match="PEFTKERN_RECOMPUTE_PRODUCT_INPUT=0"):
-        torch.autograd.grad(y.sum(), B)
+        torch.autograd.grad(y.sum(), A)
+    # with A frozen backward reads no x (test_frozen_a_keeps_no_copy_of_the_input): nothing is multiplied again, and
+    # dB = s dy^T xa is the forward's
+    y = peftkern.lora_linear(g * u, w, A0, B, 0.7, b)
+    expected = reference.lora_linear(g * u, w, A0, B, 0.7, b)
+    with torch.no_grad():
+        u.add_(1.0)
+    assert_close(torch.autograd.grad(y.sum(), B)[0], torch.autograd.grad(expected.sum(), B)[0], dtype, "dB, A frozen")
 
 
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)
@@ -1084,6 +1092,42 @@ def test_every_gradient_subset(backend, lead, trainable, gpu_branches, monkeypat
             assert_close(t.grad.reshape(refs[name].shape), refs[name], dtype, f"d{name} ({trainable})")
         else:
             assert t.grad is None, f"{name} got a gradient it did not ask for"
+
+
+@pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
+@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "saved-tensor-hooks"])
+@pytest.mark.parametrize("frozen", ["A", "A+B"])
+def test_frozen_a_keeps_no_copy_of_the_input(backend, hooks, frozen):
+    """With A and the weight frozen (LoRA-FA's A, create_lorafa_optimizer; an adapter loaded frozen) backward reads x
+    for nothing: the graph keeps xa at most, as PEFT's keeps, and the gradients are the reference's. It kept the
+    whole input (128 MiB against PEFT's 6 in an exploratory test, 2026-12-07). Under saved-tensor hooks (the eager
+    split of checkpointing and offloading) likewise."""
+    dtype = torch.bfloat16 if HAS_CUDA and not INTERPRET else torch.float32
+    x, w, A, B, b = make_inputs((3, 40), 96, 80, 8, dtype, bias=True)
+    x.requires_grad_()
+    B.requires_grad_(frozen == "A")
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooks else contextlib.nullcontext():
+        y = peftkern.lora_linear(x, w, A, B, 0.7, b)
+    node = y.grad_fn.next_functions[0][0]  # under y's reshape to (3, 40, 80)
+    kept = packed if hooks else [t for t in node.saved_tensors if t is not None]
+    assert (120, 8) in [tuple(t.shape) for t in kept], "xa is kept"
+    assert not any(t.data_ptr() == x.data_ptr() or tuple(t.shape) == (120, 96) for t in kept), \
+        [tuple(t.shape) for t in kept]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x2 = x.detach().reshape(-1, 96)
+    _, xa = reference.lora_forward(x2, w, A, B, 0.7, b, 0.0, None, False)
+    dx, _, db, _, _ = reference.lora_backward(dy.reshape(-1, 80), x2, w, A, B, xa, 0.7, 0.0, None, False,
+                                              (True,) * 5)
+    assert_close(x.grad.reshape(dx.shape), dx, dtype, f"dx, {frozen} frozen")
+    if frozen == "A":
+        assert_close(B.grad, db, dtype, "dB, A frozen")
 
 
 def test_skinny_grads_is_left_out_where_its_partials_outgrow_dx():

@@ -168,6 +168,7 @@ class FrozenLinear(nn.Module):
                    dtype) -> None:
         check_features(in_features=in_features, out_features=out_features)
         check_flag("weight_transposed", weight_transposed)
+        check_flag("bias", bias)  # bias="no" made one (an exploratory test, 2026-12-07)
         adapter_dtype_for(dtype, None)  # an integer base dtype: TypeError here, not nn.Parameter's RuntimeError
         self.in_features, self.out_features, self.weight_transposed = in_features, out_features, weight_transposed
         shape = (in_features, out_features) if weight_transposed else (out_features, in_features)

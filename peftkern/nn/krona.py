@@ -55,6 +55,14 @@ def krona_factor_shapes(in_features: int, out_features: int, a_shape: Optional[t
                         factor: int = -1) -> tuple[tuple[int, int], tuple[int, int]]:
     """((n1, k1), (n2, k2)) of A and B for an (out_features, in_features) weight: A's shape as given, or both
     dimensions split by `factorization(., factor)` (PEFT LoKr's choice, A taking the first member of each pair)."""
+    # both checked by name: factor=True or 2.5 built factors silently, 4.0 and "4" raised torch's or Python's errors,
+    # and a 0-wide layer factorization's "dimension must be positive" (an exploratory test, 2026-12-07)
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral):
+        raise TypeError(f"factor must be an int (-1: the pair nearest the square root), got {type(factor).__name__} "
+                        f"{factor!r}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"a Kronecker adapter needs in_features and out_features of at least 1, got "
+                         f"({in_features}, {out_features})")
     if a_shape is None:
         n1, n2 = factorization(out_features, factor)
         k1, k2 = factorization(in_features, factor)

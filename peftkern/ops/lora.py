@@ -152,10 +152,17 @@ class LoRALinearFunction(torch.autograd.Function):
 def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
     """What lora_bwd reads, on ctx; inputs are lora_fwd's."""
     x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend = inputs
+    # Backward reads x for dA and a trainable weight's gradient only. In eager mode (recompute_input) a layer whose A
+    # and weight are frozen (LoRA-FA's A, create_lorafa_optimizer; an adapter loaded frozen) keeps no x, as PEFT's
+    # graph keeps none: it kept the whole input, 128 MiB against PEFT's 6 (an exploratory test, 2026-12-07). backward
+    # gets a stand-in of x's shape and dtype (one row, broadcast) that no kernel reads. Not under compile, where the
+    # partitioner decides, and Inductor could lay such a stand-in out densely for the op.
+    ctx.x_unread = recompute_input and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
-    ctx.x_source = product_source(x) if recompute_input else None
-    ctx.x_shape = x.shape
-    save_with_parameters(ctx, (None if ctx.x_source is not None else x, xa, seed), (weight, lora_A, lora_B))
+    ctx.x_source = product_source(x) if recompute_input and not ctx.x_unread else None
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    kept_x = None if ctx.x_source is not None or ctx.x_unread else x
+    save_with_parameters(ctx, (kept_x, xa, seed), (weight, lora_A, lora_B))
     _lora_settings(ctx, bias, scaling, dropout_p, weight_transposed, backend)
 
 
@@ -171,6 +178,8 @@ def _lora_backward(ctx, grad_y, bwd) -> tuple:
     (x, xa, seed), (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
     if ctx.x_source is not None:
         x = recompute_product(ctx.x_source, ctx.x_shape)
+    elif ctx.x_unread:  # neither dA nor the weight's gradient is asked for: x's shape, dtype and device, no data
+        x = grad_y.new_empty((1, ctx.x_shape[-1]), dtype=ctx.x_dtype).expand(ctx.x_shape)
     return _lora_grads(ctx, grad_y, bwd, x, xa, seed, weight, lora_A, lora_B)
 
 
@@ -285,15 +294,16 @@ class _XaSaver(torch.autograd.Function):
     after it and frees what it saved, as it frees a node's saved tensors once its backward has run."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, seed, dropout_p, backend, holder):
+    def forward(ctx, x, lora_A, seed, dropout_p, backend, holder, keep_x):
         xa = _lora_xa(x, lora_A, seed, dropout_p, backend)
-        ctx.save_for_backward(x, xa)
+        ctx.save_for_backward(x if keep_x else None, xa)  # x for dA and the weight's gradient only, as _lora_save
+        ctx.x_dtype = x.dtype
         holder.append(ctx)
         return xa
 
     @staticmethod
     def backward(ctx, _grad_xa):  # the product's backward gave x's and A's gradients whole
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
 
 
 class LoRALinearSplitFunction(torch.autograd.Function):
@@ -325,6 +335,8 @@ class LoRALinearSplitFunction(torch.autograd.Function):
 def _split_backward(ctx, grad_y) -> tuple:
     _, (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
     x, xa = ctx.x_xa
+    if x is None:  # not kept (frozen A and weight): x's shape, dtype and device for the backend, no data
+        x = xa.new_empty((1, lora_A.shape[1]), dtype=ctx.saver.x_dtype).expand(xa.shape[0], lora_A.shape[1])
     return _lora_grads(ctx, grad_y, _lora_bwd_eager, x, xa, ctx.seed, weight, lora_A, lora_B)
 
 
@@ -358,7 +370,7 @@ def _lora_eager_split(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weigh
     # the saver runs here, not inside the product's forward, where grad mode is off and it would make no node
     seed = draw_seed() if dropout_p > 0.0 else None  # the same draw on recomputation (checkpoint keeps the RNG)
     holder: list = []
-    xa = _XaSaver.apply(x, lora_A, seed, dropout_p, backend, holder)
+    xa = _XaSaver.apply(x, lora_A, seed, dropout_p, backend, holder, lora_A.requires_grad or weight.requires_grad)
     return LoRALinearSplitFunction.apply(x, weight, lora_A, lora_B, bias, xa, holder[0], seed, scaling, dropout_p,
                                          weight_transposed, backend)
 
