@@ -11,6 +11,7 @@ import transformers
 from conftest import DEVICE, HAS_CUDA, assert_close, run_seed
 from test_fuse import batch, tiny_gpt2, tiny_llama
 from torch import nn
+from torch.nn import functional as F
 
 import peftkern
 from peftkern.integrations.transformers import lora_layers
@@ -280,6 +281,45 @@ def test_add_lora_refuses_a_linear_with_its_own_forward():
     expected = written_out(x)
     assert peftkern.add_lora(written_out, target_modules=["0"], r=2) == ["0"]
     assert_close(written_out(x), expected, torch.float32, "a written-out linear, adapted at init")
+
+
+class _LearnedScaleLinear(nn.Linear):
+    """transformers' DoryLMHead: the product times a learned scale, 1 at init."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logit_scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x) * self.logit_scale
+
+
+class _Float32OutputLinear(nn.Linear):
+    """transformers' ErgoLinearWithFP32Output (Ergo's router): autocast off, float32 out."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+class _SlightlyScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 1.015
+
+
+def test_add_lora_refuses_a_linear_whose_forward_differs_in_scale_dtype_or_parameters():
+    """The try of a subclass's forward compared two random rows' values only, within 2e-2 in 16-bit: a bf16 product
+    1.5% off, a float32 output from a bf16 weight (or under autocast) and a learned scale of 1 at the try (a later
+    checkpoint made it 2) were all adapted, and the fused layers dropped them (an exploratory test of transformers'
+    DoryLMHead and Ergo's router, 2026-12-07)."""
+    cases = [(_LearnedScaleLinear, torch.float32, True), (_Float32OutputLinear, torch.bfloat16, True),
+             (_Float32OutputLinear, torch.float32, False), (_SlightlyScaledLinear, torch.bfloat16, True)]
+    for cls, dtype, bias in cases:
+        model = nn.Sequential(cls(64, 48, bias=bias)).to(DEVICE, dtype)
+        with pytest.raises(TypeError, match="own forward does not compute"):
+            peftkern.add_lora(model, target_modules=["0"], r=2)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # a written-out product still passes in every dtype
+        assert peftkern.add_lora(nn.Sequential(_WrittenOutLinear(64, 48)).to(DEVICE, dtype), ["0"], r=2) == ["0"]
 
 
 def test_add_lora_refuses_a_linear_with_hooks():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -67,20 +68,44 @@ def computes_linear(linear: nn.Linear) -> bool:
     weight = linear.weight
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
         return False
+    # Parameters, buffers or modules of its own beside weight and bias: its forward reads them, and what it computes
+    # can change after the try (a load_state_dict). transformers' DoryLMHead scales by a learned logit_scale, 1.5% off
+    # at its try and 2x after a checkpoint loaded (an exploratory test, 2026-12-07).
+    if (set(linear._parameters) - {"weight", "bias"} or any(b is not None for b in linear._buffers.values())
+            or linear._modules):
+        return False
     if weight.device.type == "meta":
         return computes_linear(_cpu_twin(linear))
+    K = weight.shape[1]
     try:
         with torch.no_grad():  # a generator of its own: fuse() and add_lora leave the global random state alone
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(2, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+            # two random rows, and two one-hot rows, whose products are the weight's columns exactly: whatever order a
+            # faithful forward adds in, it rounds them (with the bias) as F.linear does
+            x = torch.cat([torch.randn(2, K, generator=g), torch.eye(K)[[0, K - 1]]]).to(weight.device, weight.dtype)
             got, want = linear(x), F.linear(x, weight, linear.bias)
     except Exception:
         return False
-    # the two products' roundings apart, and no more (an 8-bit fake-quantized weight, torch.ao's QAT Linear, is ~1e-2
-    # off in float32)
+    # the output's dtype too, under autocast as well: Ergo's router (an nn.Linear subclass) turns autocast off and
+    # returns float32 logits, which the fused op returned in bf16 (an exploratory test, 2026-12-07). Under autocast only
+    # without a bias: FalconLinear's x @ W.T + b returns float32 there too, promoted by the float32 bias, and is fused
+    if not (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype):
+        return False
+    if weight.dtype == torch.float32 and linear.bias is None:
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), torch.autocast(weight.device.type, torch.bfloat16):
+                warnings.simplefilter("ignore")  # a device without autocast: the try below tells nothing
+                cast = (linear(x[:1]).dtype, F.linear(x[:1], weight, linear.bias).dtype)
+        except Exception:
+            cast = None
+        if cast is not None and cast[0] != cast[1]:
+            return False
+    # random rows: the two products' roundings apart, and no more (an 8-bit fake-quantized weight, torch.ao's QAT
+    # Linear, is ~1e-2 off in float32); one-hot rows: within one rounding of each element
     tolerance = 2e-2 if weight.element_size() < 4 else 1e-4
-    return (isinstance(got, torch.Tensor) and got.shape == want.shape
-            and bool(((got - want).abs().max() <= tolerance * (want.abs().max() + 1e-6)).item()))
+    rows, exact = (got[:2] - want[:2]).abs(), (got[2:] - want[2:]).abs()
+    return bool((rows.max() <= tolerance * (want[:2].abs().max() + 1e-6)).item()
+                and (exact <= torch.finfo(weight.dtype).eps * want[2:].abs()).all().item())
 
 
 def global_hooks() -> bool:
