@@ -156,8 +156,10 @@ def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
     # and weight are frozen (LoRA-FA's A, create_lorafa_optimizer; an adapter loaded frozen) keeps no x, as PEFT's
     # graph keeps none: it kept the whole input, 128 MiB against PEFT's 6 (an exploratory test, 2026-12-07). backward
     # gets a stand-in of x's shape and dtype (one row, broadcast) that no kernel reads. Not under compile, where the
-    # partitioner decides, and Inductor could lay such a stand-in out densely for the op.
-    ctx.x_unread = recompute_input and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    # partitioner decides, and Inductor could lay such a stand-in out densely for the op (or, at a row count that
+    # depends on data, misplace it: ops/ia3.py's _ia3_backward tells how).
+    ctx.x_unread = (recompute_input and not torch.compiler.is_compiling()
+                    and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]))
     # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
     ctx.x_source = product_source(x) if recompute_input and not ctx.x_unread else None
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
