@@ -1095,6 +1095,13 @@ def test_adapters_load_into_the_same_layers_under_another_head_or_peft(tmp_path)
         expected = plain(input_ids=ids).logits
         assert torch.equal(wrapped(input_ids=ids).logits, expected)
         assert torch.equal(back(input_ids=ids).logits, expected)
+    # another architecture of the same width and depth is refused, as before: the first version renamed a GPT-2's
+    # transformer.h.<i> to a Llama's model.layers.<i> (the review of the change)
+    gpt2 = tiny_gpt2().to(DEVICE)
+    peftkern.add_adapters(gpt2, "pfeiffer")
+    peftkern.save_adapters(gpt2, str(tmp_path / "gpt2"))
+    with pytest.raises(ValueError, match="does not fit"):
+        peftkern.load_adapters(copy.deepcopy(base), str(tmp_path / "gpt2"))
 
 
 def test_numpy_and_tensor_numbers_in_the_config_are_saved_as_numbers(tmp_path):
@@ -1112,6 +1119,10 @@ def test_numpy_and_tensor_numbers_in_the_config_are_saved_as_numbers(tmp_path):
         [(2.0, 8, None), (0.5, 16, 4)]
     fresh = tiny_llama().to(DEVICE)
     assert sorted(peftkern.load_adapters(fresh, str(tmp_path))) == sorted(adapters(model))
+    with pytest.raises(TypeError, match="scaling must be one number"):
+        peftkern.AdapterConfig(scaling=torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match="reduction_factor must be one number"):
+        peftkern.AdapterConfig(reduction_factor=np.array([4, 2]))
 
 
 # Wrapped layers, and AdapterHub's other files (a review, 2026-12-06); each test failed before its fix.

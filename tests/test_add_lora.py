@@ -320,6 +320,17 @@ def test_add_lora_refuses_a_linear_whose_forward_differs_in_scale_dtype_or_param
             peftkern.add_lora(model, target_modules=["0"], r=2)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):  # a written-out product still passes in every dtype
         assert peftkern.add_lora(nn.Sequential(_WrittenOutLinear(64, 48)).to(DEVICE, dtype), ["0"], r=2) == ["0"]
+    # a parameter registered as None is no state; a parametrized weight is named as such, not as the forward's fault
+    # (the review of the change)
+    none_param = _WrittenOutLinear(64, 48)
+    none_param.register_parameter("scale", None)
+    assert peftkern.add_lora(nn.Sequential(none_param).to(DEVICE), ["0"], r=2) == ["0"]
+    from torch.nn.utils import parametrize
+
+    parametrized = _WrittenOutLinear(64, 48)
+    parametrize.register_parametrization(parametrized, "weight", nn.Identity())
+    with pytest.raises(TypeError, match="weight is computed on each access"):
+        LoRALinear.from_linear(parametrized)
 
 
 def test_add_lora_refuses_a_linear_with_hooks():

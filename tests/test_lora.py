@@ -1097,11 +1097,12 @@ def test_every_gradient_subset(backend, lead, trainable, gpu_branches, monkeypat
 @pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
 @pytest.mark.parametrize("hooks", [False, True], ids=["plain", "saved-tensor-hooks"])
 @pytest.mark.parametrize("frozen", ["A", "A+B"])
-def test_frozen_a_keeps_no_copy_of_the_input(backend, hooks, frozen):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_frozen_a_keeps_no_copy_of_the_input(backend, hooks, frozen, p):
     """With A and the weight frozen (LoRA-FA's A, create_lorafa_optimizer; an adapter loaded frozen) backward reads x
-    for nothing: the graph keeps xa at most, as PEFT's keeps, and the gradients are the reference's. It kept the
-    whole input (128 MiB against PEFT's 6 in an exploratory test, 2026-12-07). Under saved-tensor hooks (the eager
-    split of checkpointing and offloading) likewise."""
+    for nothing: the graph keeps xa at most, as PEFT's keeps, and the gradients are the reference's, dropout's mask
+    drawn again from the stand-in's shape. It kept the whole input (128 MiB against PEFT's 6 in an exploratory test,
+    2026-12-07). Under saved-tensor hooks (the eager split of checkpointing and offloading) likewise."""
     dtype = torch.bfloat16 if HAS_CUDA and not INTERPRET else torch.float32
     x, w, A, B, b = make_inputs((3, 40), 96, 80, 8, dtype, bias=True)
     x.requires_grad_()
@@ -1112,22 +1113,27 @@ def test_frozen_a_keeps_no_copy_of_the_input(backend, hooks, frozen):
         packed.append(t)
         return t
 
+    torch.manual_seed(run_seed(1234))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooks else contextlib.nullcontext():
-        y = peftkern.lora_linear(x, w, A, B, 0.7, b)
+        y = peftkern.lora_linear(x, w, A, B, 0.7, b, dropout_p=p)
     node = y.grad_fn.next_functions[0][0]  # under y's reshape to (3, 40, 80)
     kept = packed if hooks else [t for t in node.saved_tensors if t is not None]
     assert (120, 8) in [tuple(t.shape) for t in kept], "xa is kept"
     assert not any(t.data_ptr() == x.data_ptr() or tuple(t.shape) == (120, 96) for t in kept), \
         [tuple(t.shape) for t in kept]
+    keep = None
+    if p > 0:
+        torch.manual_seed(run_seed(1234))
+        keep = peftkern.ops.lora_dropout_mask(int(draw_seed()), (120, 96), p, DEVICE, backend)
+    xr, Br = x.detach().reshape(-1, 96).requires_grad_(), B.detach().clone().requires_grad_(frozen == "A")
+    expected = reference.lora_linear(xr, w, A, Br, 0.7, b, keep, p, False)
     dy = torch.randn_like(y)
     y.backward(dy)
-    x2 = x.detach().reshape(-1, 96)
-    _, xa = reference.lora_forward(x2, w, A, B, 0.7, b, 0.0, None, False)
-    dx, _, db, _, _ = reference.lora_backward(dy.reshape(-1, 80), x2, w, A, B, xa, 0.7, 0.0, None, False,
-                                              (True,) * 5)
-    assert_close(x.grad.reshape(dx.shape), dx, dtype, f"dx, {frozen} frozen")
+    expected.backward(dy.reshape(-1, 80))
+    assert_close(y.reshape(-1, 80), expected, dtype, f"y, {frozen} frozen, p={p}")
+    assert_close(x.grad.reshape(-1, 96), xr.grad, dtype, f"dx, {frozen} frozen, p={p}")
     if frozen == "A":
-        assert_close(B.grad, db, dtype, "dB, A frozen")
+        assert_close(B.grad, Br.grad, dtype, f"dB, A frozen, p={p}")
 
 
 def test_skinny_grads_is_left_out_where_its_partials_outgrow_dx():

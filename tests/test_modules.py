@@ -187,10 +187,11 @@ def test_forward_mode_gradients_by_dual_tensors(kind, backend):
     layer = _trained({**MAKERS, **ADAPTER_MAKERS}[kind](device=DEVICE))
     params = {k: v.detach() for k, v in layer.named_parameters()}
     tangents = {k: torch.randn_like(v) for k, v in params.items()}
-    x = torch.randn(3, 24, device=DEVICE)
-    expected = torch.func.jvp(lambda p: _call_functional(layer, p, x), (params,), (tangents,))[1]
+    x, x_tangent = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    expected = torch.func.jvp(lambda p, xi: _call_functional(layer, p, xi), (params, x), (tangents, x_tangent))[1]
     with fwad.dual_level():
-        out = _call_functional(layer, {k: fwad.make_dual(v, tangents[k]) for k, v in params.items()}, x)
+        out = _call_functional(layer, {k: fwad.make_dual(v, tangents[k]) for k, v in params.items()},
+                               fwad.make_dual(x, x_tangent))
         tangent = fwad.unpack_dual(out).tangent
     assert tangent is not None
     assert_close(tangent, expected, torch.float32, kind)

@@ -99,6 +99,9 @@ class AdapterConfig:
         for name in ("reduction_factor", "bottleneck_size", "scaling"):
             value = getattr(self, name)
             if not isinstance(value, (str, bool, int, float)) and hasattr(value, "item"):
+                if (value.numel() if hasattr(value, "numel") else getattr(value, "size", 1)) != 1:  # torch's, numpy's
+                    raise TypeError(f"AdapterConfig.{name} must be one number, got {type(value).__name__} of shape "
+                                    f"{tuple(value.shape)}")
                 setattr(self, name, value.item())
 
     def to_dict(self) -> dict:
@@ -528,6 +531,7 @@ def save_adapters(model: nn.Module, path: str, state_dict: Optional[dict] = None
     meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 2,
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
             "layers": [_clean(n) for n, _, _ in transformer_layers(model)],
+            "layer_classes": [type(layer).__name__ for _, layer, _ in transformer_layers(model)],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
             "modules_to_save": saved_module_names(model, clean=True) or None}
     text = json.dumps(meta, indent=2)  # before the file opens: a value JSON cannot hold leaves no half-written file
@@ -627,12 +631,15 @@ def _detach(model: nn.Module, names: list) -> None:
             del module._modules[CONTAINER]
 
 
-def _layer_prefixes(saved: list, own: list) -> Optional[tuple]:
+def _layer_prefixes(saved: list, own: list, saved_classes: Optional[list], own_classes: list) -> Optional[tuple]:
     """(old, new): the prefix the file's layer names carry in place of the model's, where the two lists name the same
     layer stack under another head (adapters saved from BertForSequenceClassification, bert.encoder.layer.<i>, loaded
     into a BertModel, encoder.layer.<i>; a plain model's into the same model wrapped by PEFT, base_model.model.<...>);
-    None where they are the same or not of one stack."""
-    if not saved or saved == own or len(saved) != len(own):
+    None where they are the same or not of one stack: layers of other classes (a file written before the classes were
+    recorded: names that share less than the stack's attribute and the index), or of another count. A GPT-2's
+    adapters loaded into a Llama of the same width as transformer.h.<i> -> model.layers.<i> (the review of the
+    change, 2026-12-07)."""
+    if not saved or saved == own or len(saved) != len(own) or (saved_classes and saved_classes != own_classes):
         return None
     pairs = set()
     for a, b in zip(saved, own):
@@ -640,7 +647,7 @@ def _layer_prefixes(saved: list, own: list) -> Optional[tuple]:
         common = 0
         while common < min(len(a_parts), len(b_parts)) and a_parts[-1 - common] == b_parts[-1 - common]:
             common += 1
-        if common == 0:
+        if common < 2:
             return None
         pairs.add((".".join(a_parts[:-common] + [""]) if common < len(a_parts) else "",
                    ".".join(b_parts[:-common] + [""]) if common < len(b_parts) else ""))
@@ -672,7 +679,9 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
         configs.append(config)
     state = load_file(os.path.join(path, WEIGHTS_NAME))
     targets, inner = meta.get("modules_to_save") or [], _unwrapped(model)
-    prefixes = _layer_prefixes(meta.get("layers"), [_clean(n) for n, _, _ in transformer_layers(inner)])
+    layers = transformer_layers(inner)
+    prefixes = _layer_prefixes(meta.get("layers"), [_clean(n) for n, _, _ in layers], meta.get("layer_classes"),
+                               [type(layer).__name__ for _, layer, _ in layers])
     if prefixes:  # the same layers under another head or wrapper: the keys (and modules_to_save) renamed to the model's
         state = {new: state[old] for old, new in _rebased(list(state), prefixes).items()}
         targets = list(_rebased(targets, prefixes).values())

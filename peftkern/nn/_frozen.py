@@ -61,18 +61,21 @@ def _cpu_twin(linear: nn.Linear) -> nn.Linear:
 
 
 def computes_linear(linear: nn.Linear) -> bool:
-    """Whether an nn.Linear subclass's own forward computes x W^T + b, tried on two random rows (transformers'
-    FalconLinear, Falcon's every projection, writes out the same product). A layer built on the meta device (the
-    FSDP2 recipe: build on meta, attach adapters, to_empty) is tried through a small CPU twin of its class: add_lora
-    on a meta Falcon model blamed FalconLinear's forward, which it could not try (a review, 2026-12-05)."""
+    """Whether an nn.Linear subclass's own forward computes x W^T + b (transformers' FalconLinear, Falcon's every
+    projection, writes out the same product): a layer with no state of its own beside weight and bias, whose output on
+    two random rows is x W^T + b within two roundings, on two one-hot rows within one, in F.linear's dtype (and, for a
+    float32 layer without a bias, under autocast too). A layer built on the meta device (the FSDP2 recipe: build on
+    meta, attach adapters, to_empty) is tried through a small CPU twin of its class: add_lora on a meta Falcon model
+    blamed FalconLinear's forward, which it could not try (a review, 2026-12-05)."""
     weight = linear.weight
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
         return False
-    # Parameters, buffers or modules of its own beside weight and bias: its forward reads them, and what it computes
-    # can change after the try (a load_state_dict). transformers' DoryLMHead scales by a learned logit_scale, 1.5% off
-    # at its try and 2x after a checkpoint loaded (an exploratory test, 2026-12-07).
-    if (set(linear._parameters) - {"weight", "bias"} or any(b is not None for b in linear._buffers.values())
-            or linear._modules):
+    # Parameters, buffers or modules of its own beside weight and bias (and a parametrization's container, which the
+    # caller names): its forward reads them, and what it computes can change after the try (a load_state_dict).
+    # transformers' DoryLMHead scales by a learned logit_scale, 1.5% off at its try and 2x after a checkpoint loaded
+    # (an exploratory test, 2026-12-07).
+    own = [name for group in (linear._parameters, linear._buffers) for name, t in group.items() if t is not None]
+    if set(own) - {"weight", "bias"} or set(linear._modules) - {"parametrizations"}:
         return False
     if weight.device.type == "meta":
         return computes_linear(_cpu_twin(linear))
@@ -82,7 +85,9 @@ def computes_linear(linear: nn.Linear) -> bool:
             g = torch.Generator().manual_seed(0)
             # two random rows, and two one-hot rows, whose products are the weight's columns exactly: whatever order a
             # faithful forward adds in, it rounds them (with the bias) as F.linear does
-            x = torch.cat([torch.randn(2, K, generator=g), torch.eye(K)[[0, K - 1]]]).to(weight.device, weight.dtype)
+            x = torch.cat([torch.randn(2, K, generator=g), torch.zeros(2, K)])
+            x[2, 0] = x[3, K - 1] = 1.0  # not torch.eye(K)'s rows: K x K floats, 1.2 GB at Falcon-7B's K = 18176
+            x = x.to(weight.device, weight.dtype)
             got, want = linear(x), F.linear(x, weight, linear.bias)
     except Exception:
         return False
@@ -134,17 +139,18 @@ def check_wrappable(linear: nn.Module, allow_conv1d: bool = True) -> None:
     if not transposed and not isinstance(linear, nn.Linear):
         kinds = "an nn.Linear or a transformers Conv1D" if allow_conv1d else "an nn.Linear"
         raise TypeError(f"from_linear takes {kinds}, got {type(linear).__name__}")
-    if not transposed and type(linear).forward is not nn.Linear.forward and not computes_linear(linear):
-        raise TypeError(f"{type(linear).__name__} is an nn.Linear whose own forward does not compute x W^T + b, "
-                        "which the wrapping layer would drop (it computes x W^T + b from the weight); PEFT with "
-                        "peftkern.fuse leaves such layers on PEFT's path")
     # parametrize / weight_norm / spectral_norm compute a tensor on each access (the bias's raised torch's "cannot
-    # assign 'torch.FloatTensor' object to parameter 'bias'", an exploratory test, 2026-12-07)
+    # assign 'torch.FloatTensor' object to parameter 'bias'", an exploratory test, 2026-12-07); named before the
+    # forward's try, which refuses a parametrized subclass for its state
     for name in ("weight", "bias"):
         if name in getattr(linear, "parametrizations", {}) or (name == "weight" and name not in linear._parameters):
             raise TypeError(f"this {type(linear).__name__}'s {name} is computed on each access (a parametrization "
                             "such as weight_norm or spectral_norm), which the wrapping layer would replace by one "
                             "computed copy, out of the state_dict; remove the parametrization first")
+    if not transposed and type(linear).forward is not nn.Linear.forward and not computes_linear(linear):
+        raise TypeError(f"{type(linear).__name__} is an nn.Linear whose own forward does not compute x W^T + b, "
+                        "which the wrapping layer would drop (it computes x W^T + b from the weight); PEFT with "
+                        "peftkern.fuse leaves such layers on PEFT's path")
     if hooked(linear):  # accelerate's offload hook loads the weight from the CPU / disk on each call
         raise TypeError(f"this {type(linear).__name__} has hooks or an instance forward (accelerate's device_map "
                         "offload, a user's hook), which the wrapping layer would drop; PEFT with peftkern.fuse leaves "
