@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     Row,
     bench_device,
     compiled,
+    note_gpu_only,
     note_spread,
     positive_ints,
     print_table,
@@ -208,6 +209,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
+    note_gpu_only(device, explore=args.explore, eager=args.eager)
     if args.e2e:  # the training step lives with the other methods' in bench_e2e
         import bench_e2e
 

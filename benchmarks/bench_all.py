@@ -74,14 +74,16 @@ def main(argv=None) -> list:
              f"peft {env.get('peft')}, git {env.get('git')}, {env['time_utc']}", "",
              "| piece | options | wall s |", "| --- | --- | --- |",
              *[f"| {name} | {opts} | {wall:.0f} |" for name, opts, wall in walls], "", *tables, "",
-             "Plots:", *[f"- {p}" for p in plots]]
+             "Plots:", *([f"- {p}" for p in plots] if plots else
+                         ["none (matplotlib is not installed: pip install -e '.[bench]')" if not can_plot
+                          else "none"])]
     gpu = (env.get("gpu") or "cpu").replace(" ", "_").replace("/", "_")
     summary = out / f"summary-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.md"
     summary.write_text("\n".join(lines) + "\n")
     print(f"\n## bench all: {total:.0f} s")
     for name, opts, wall in walls:
         print(f"  {name:8s} {wall:6.0f} s  ({opts})")
-    print(f"summary: {summary}\nplots: {len(plots)} under {out / 'plots'}")
+    print(f"summary: {summary}\nplots: " + (f"{len(plots)} under {out / 'plots'}" if plots else "none"))
     return walls
 
 

@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     PartialResults,
     bench_device,
     compiled,
+    note_gpu_only,
     note_spread,
     print_table,
     progress,
@@ -92,6 +93,8 @@ def bottleneck_implementations(frozen: DecoderLayer, dtype) -> dict:
     for label, eager, adapter_dtype in ((f"Pfeiffer, eager PyTorch ({str(dtype)[6:]} adapters)", True, None),
                                         (f"peftkern adapters ({str(dtype)[6:]} adapters)", False, None),
                                         ("peftkern adapters (fp32 adapters)", False, torch.float32)):
+        if adapter_dtype == dtype:
+            continue  # a float32 model's adapters are float32 either way: the same row twice, under two labels
         model = copy.deepcopy(frozen)
         peftkern.add_adapters(model, "pfeiffer", adapter_dtype=adapter_dtype)
         if eager:
@@ -157,6 +160,7 @@ def main(argv=None) -> list:
     if bad:
         parser.error(f"--tokens {bad}: a positive number, and above {SEQ} (one sequence) a multiple of it")
     device, dtype = bench_device()
+    note_gpu_only(device, eager=args.eager, shape=args.shape != "1b", tokens=args.tokens != [8192])
     shape, tokens = (args.shape, args.tokens) if device == "cuda" else ("cpu", [64])
     methods = METHODS if args.method == "all" else (args.method,)
     results = PartialResults("decoder", {"methods": list(methods), "shape": shape, "tokens": tokens,

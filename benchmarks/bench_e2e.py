@@ -278,6 +278,7 @@ def main(argv=None) -> list[Row]:
                 "compiled rows; lower is better)")
     print(f"\n| {'case':<22} | {'pass':<16} | {'implementation':<52} | {'tokens/s':>10} | {'vs frozen':>9} | "
           f"{'vs frozen, embedding frozen':>27} | {'peak vs frozen':>14} |")
+    print(f"| {'-' * 22} | {'-' * 16} | {'-' * 52} | {'-' * 9}: | {'-' * 8}: | {'-' * 26}: | {'-' * 13}: |")
     for r in rows:
         peak = f"{r.extra['peak_vs_floor']:.3f}x" if r.extra.get("peak_vs_floor") else "-"
         equal = r.extra.get("throughput_vs_equal_floor")

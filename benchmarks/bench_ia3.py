@@ -24,6 +24,7 @@ import common  # noqa: E402
 from common import (  # noqa: E402
     bench_device,
     compiled,
+    note_gpu_only,
     note_spread,
     peft_single_layer,
     print_table,
@@ -105,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
+    note_gpu_only(device, variants=args.variants, eager=args.eager)
     if args.shapes:
         cases = list(args.shapes)
     else:

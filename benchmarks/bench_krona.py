@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     Row,
     bench_device,
     compiled,
+    note_gpu_only,
     note_spread,
     peft_single_layer,
     print_table,
@@ -184,6 +185,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
+    note_gpu_only(device, eager=args.eager)
     if args.shapes:
         cases = [parse_case(s) for s in args.shapes]
     else:

@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     Row,
     bench_device,
     compiled,
+    note_gpu_only,
     note_spread,
     peft_single_layer,
     positive_ints,
@@ -160,6 +161,7 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
+    note_gpu_only(device, eager=args.eager)
     cases = parse_cases(args, device)
     timing = timing_label(device, args.eager)
     results = PartialResults("lora", {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)

@@ -51,6 +51,14 @@ def bench_device(cpu_note: Optional[str] = "running a small CPU version (referen
     return "cpu", torch.float32
 
 
+def note_gpu_only(device: str, **given: bool) -> None:
+    """On the CPU, name the GPU-only options that were given (given: the option, with - as _, -> whether it was):
+    --explore, --variants, --eager were accepted and ignored without a word (an exploratory test, 2026-12-07)."""
+    named = [f"--{name.replace('_', '-')}" for name, on in given.items() if on]
+    if device != "cuda" and named:
+        progress(f"no GPU: {', '.join(named)} {'apply' if len(named) > 1 else 'applies'} on a GPU only, ignored here")
+
+
 def positive_ints(count: int):
     """An argparse type: a comma-separated list of `count` positive integers ("8192,4096,4096,16"), or a usage
     error naming what was expected."""

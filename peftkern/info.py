@@ -76,18 +76,25 @@ def trainable_parameters(model: str) -> dict:
             m = copy.deepcopy(base)
             if method == "adapter":
                 add_adapters(m, "pfeiffer")
+                setup = "Pfeiffer, after the feed-forward block, reduction 16"
             else:
                 import peft
 
                 cfg = workloads.peft_config(method) if ours else {
                     "lora": peft.LoraConfig, "ia3": peft.IA3Config, "lokr": peft.LoKrConfig}[method]()
                 m = peft.get_peft_model(m, cfg)
+                # what was counted, said: the named shapes take the benchmarks' adapters on every projection, a config
+                # file PEFT's defaults (q and v for LoRA), 10x fewer on the same model (an exploratory test, 2026-12-07)
+                resolved = m.peft_config["default"]
+                setup = ("the benchmarks' config" if ours else "PEFT's default config") + \
+                    f", targets {sorted(resolved.target_modules)}" + \
+                    (f", r={resolved.r}" if getattr(resolved, "r", None) else "")
             trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         except Exception as exc:  # a method PEFT cannot attach to this model type
             counts[method] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         counts[method] = {"trainable": trainable, "total_with_adapters": sum(p.numel() for p in m.parameters()),
-                          "percent_of_base": 100.0 * trainable / total}
+                          "percent_of_base": 100.0 * trainable / total, "setup": setup}
     return {"model": model, "model_type": config.model_type, "base_parameters": total, "methods": counts}
 
 
@@ -151,7 +158,8 @@ def main(argv=None) -> int:
               f"{counts['base_parameters']:,} base parameters):")
         for method, c in counts["methods"].items():
             print(f"  {method:8s} " + (c["error"] if "error" in c else
-                                       f"{c['trainable']:>13,}  ({c['percent_of_base']:.3f}% of the base)"))
+                                       f"{c['trainable']:>13,}  ({c['percent_of_base']:.3f}% of the base; "
+                                       f"{c['setup']})"))
     elif counts:
         print("trainable parameters:", counts["error"])
     print("methods (PEFT-Ref properties):")

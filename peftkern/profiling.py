@@ -274,7 +274,9 @@ def cli_main(argv=None) -> int:
             step()
     name = workloads.describe(args.method, impl, args.fp32_adapters, compiled=compile_,
                               model_dtype=str(dtype).replace("torch.", ""))
-    print(f"llama-{args.shape} {name} r={args.rank}, "
-          f"{args.batch}x{args.seq} tokens, {args.steps} steps, {device}")
+    # the rank the run used: LoKr's is half of --rank, and IA3, adapters and none have none (the header said r=16 for
+    # each; an exploratory test, 2026-12-07)
+    rank = {"lora": f" r={args.rank}", "lokr": f" r={max(1, args.rank // 2)}"}.get(args.method, "")
+    print(f"llama-{args.shape} {name}{rank}, {args.batch}x{args.seq} tokens, {args.steps} steps, {device}")
     print(prof.summary())
     return 0

@@ -179,6 +179,8 @@ def test_cli_info_lists_backends_and_methods():
     counts = data["trainable_parameters"]["methods"]
     # LoRA r=16 on the seven projections of 2 layers, hidden 64, intermediate 128: r (in + out) per projection
     assert counts["lora"]["trainable"] == 2 * 16 * (4 * (64 + 64) + 3 * (64 + 128)), counts
+    # what was counted is said: a config file's count (PEFT's q, v defaults) was 10x the named shape's, unexplained
+    assert "targets ['down_proj', 'gate_proj'" in counts["lora"]["setup"] and "r=16" in counts["lora"]["setup"]
     assert all(c.get("trainable", 0) > 0 for c in counts.values()), counts
     assert data["backends"]["torch"].startswith("available")
     assert "LoRALinear" in data["methods"]
@@ -220,6 +222,12 @@ def test_cli_bench_runs_and_saves_json(tmp_path):
     elsewhere = json.loads(json.dumps(data))
     elsewhere["environment"]["gpu"] = "another GPU"
     assert "not comparable: gpu" in report.compare(data, elsewhere)
+    # no row in common: each run's rows are still listed (they were not: an exploratory test, 2026-12-07)
+    apart = json.loads(json.dumps(data))
+    for r in apart["rows"]:
+        r["case"] += " (another shape)"
+    compared = report.compare(data, apart)
+    assert "nothing to compare" in compared and f"only in A ({len(data['rows'])} rows" in compared, compared
     # every ratio can be recomputed from the JSON: each row names the floor's ms it was divided by
     for r in data["rows"]:
         assert abs(r["ms"] / r["extra"]["floor_ms"] - r["ratio"]) < 1e-9, r
@@ -409,6 +417,10 @@ def test_bench_e2e_records_its_optimizer(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
     assert data["rows"] and {r["extra"]["optimizer"] for r in data["rows"]} == {"adamw-fused"}
+    # every printed table is markdown: the tokens/s table had no separator line (an exploratory test, 2026-12-07)
+    tables = [line for line in out.stdout.splitlines() if line.startswith("| case ")]
+    after = [out.stdout.splitlines()[out.stdout.splitlines().index(t) + 1] for t in tables]
+    assert len(tables) == 2 and all(set(line) <= set("|-: ") for line in after), after
     # the CPU's model is float32: PEFT's default fp32 adapters are its adapters, not a second row under another label
     assert not any("fp32 adapters" in r["impl"] for r in data["rows"]), [r["impl"] for r in data["rows"]]
 
