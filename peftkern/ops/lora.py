@@ -99,7 +99,11 @@ def _lora_bwd(
 
 def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
                     need_x, need_a, need_b, need_bias, need_w) -> tuple:
-    """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate)."""
+    """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate). An x
+    of one row beside grad_y's many is _lora_save's stand-in, broadcast here to (M, K) with strides (0, 1): read for
+    its shape, dtype and device only (reference.py's dropout mask; skinny_grads without dA; the extension's checks)."""
+    if x.shape[0] == 1 and grad_y.shape[0] != 1:
+        x = x.expand(grad_y.shape[0], x.shape[1])
     with op_range("peftkern::lora_bwd"):  # no on_device: autograd runs a backward on its tensors' device
         return backend_module(rows_backend(backend, x), "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
@@ -115,7 +119,8 @@ def _(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_tr
     def maybe(flag, shape, like, dtype=None):  # a gradient not asked for: empty, in its reference's dtype
         return like.new_empty(shape, dtype=dtype) if flag else like.new_empty((0,))
 
-    return (maybe(need_x, x.shape, x), maybe(need_a, lora_A.shape, lora_A), maybe(need_b, lora_B.shape, lora_B),
+    return (maybe(need_x, (grad_y.shape[0], x.shape[1]), x), maybe(need_a, lora_A.shape, lora_A),
+            maybe(need_b, lora_B.shape, lora_B),
             maybe(need_bias, (grad_y.shape[1],), grad_y, torch.float32 if grad_y.dtype != torch.float64 else None),
             maybe(need_w, weight.shape, weight, torch.float32 if weight.dtype != torch.float64 else None))
 
@@ -152,14 +157,13 @@ class LoRALinearFunction(torch.autograd.Function):
 def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
     """What lora_bwd reads, on ctx; inputs are lora_fwd's."""
     x, weight, lora_A, lora_B, bias, seed, scaling, dropout_p, weight_transposed, backend = inputs
-    # Backward reads x for dA and a trainable weight's gradient only. In eager mode (recompute_input) a layer whose A
-    # and weight are frozen (LoRA-FA's A, create_lorafa_optimizer; an adapter loaded frozen) keeps no x, as PEFT's
-    # graph keeps none: it kept the whole input, 128 MiB against PEFT's 6 (an exploratory test, 2026-12-07). backward
-    # gets a stand-in of x's shape and dtype (one row, broadcast) that no kernel reads. Not under compile, where the
-    # partitioner decides, and Inductor could lay such a stand-in out densely for the op (or, at a row count that
-    # depends on data, misplace it: ops/ia3.py's _ia3_backward tells how).
-    ctx.x_unread = (recompute_input and not torch.compiler.is_compiling()
-                    and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]))
+    # Backward reads x for dA and a trainable weight's gradient only. A layer whose A and weight are frozen (LoRA-FA's
+    # A, create_lorafa_optimizer; an adapter loaded frozen) keeps no x, as PEFT's graph keeps none: it kept the whole
+    # input, 128 MiB against PEFT's 6 (an exploratory test, 2026-12-07). backward passes one empty row of x's width and
+    # dtype (no data read), which the backward's body broadcasts to grad_y's rows (_lora_bwd_eager): under
+    # torch.compile the graph then holds no tensor of x's size, which Inductor could lay out densely or, at a row count
+    # that depends on data, misplace (ops/ia3.py's _ia3_backward tells how).
+    ctx.x_unread = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
     ctx.x_source = product_source(x) if recompute_input and not ctx.x_unread else None
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -180,8 +184,8 @@ def _lora_backward(ctx, grad_y, bwd) -> tuple:
     (x, xa, seed), (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
     if ctx.x_source is not None:
         x = recompute_product(ctx.x_source, ctx.x_shape)
-    elif ctx.x_unread:  # neither dA nor the weight's gradient is asked for: x's shape, dtype and device, no data
-        x = grad_y.new_empty((1, ctx.x_shape[-1]), dtype=ctx.x_dtype).expand(ctx.x_shape)
+    elif ctx.x_unread:  # neither dA nor the weight's gradient is asked for: x's width, dtype and device, no data
+        x = grad_y.new_empty((1, ctx.x_shape[-1]), dtype=ctx.x_dtype)
     return _lora_grads(ctx, grad_y, bwd, x, xa, seed, weight, lora_A, lora_B)
 
 
@@ -338,7 +342,7 @@ def _split_backward(ctx, grad_y) -> tuple:
     _, (weight, lora_A, lora_B) = saved_with_parameters(ctx, "lora_linear")
     x, xa = ctx.x_xa
     if x is None:  # not kept (frozen A and weight): x's shape, dtype and device for the backend, no data
-        x = xa.new_empty((1, lora_A.shape[1]), dtype=ctx.saver.x_dtype).expand(xa.shape[0], lora_A.shape[1])
+        x = xa.new_empty((1, lora_A.shape[1]), dtype=ctx.saver.x_dtype)
     return _lora_grads(ctx, grad_y, _lora_bwd_eager, x, xa, ctx.seed, weight, lora_A, lora_B)
 
 
