@@ -197,6 +197,23 @@ def test_compiled_lora_with_a_frozen_keeps_no_copy_of_the_input(backend, dropout
         assert_close(got, want, torch.float32, f"compiled LoRA-FA {name}, p={dropout_p}")
 
 
+def test_a_checkpointed_compile_can_enter_torchs_autograd_cache(tmp_path, monkeypatch):
+    """apply_by_rows' check on a symbolic row count carried its message as a lambda, which torch's AOTAutograd cache
+    key could not pickle: every checkpointed compile of a fused model skipped the cache with a logged traceback
+    (autograd_cache_bypass; an exploratory test, 2026-12-07)."""
+    from torch._dynamo.utils import counters
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(run_seed(0))
+    w, A, B = torch.randn(40, 48), torch.randn(8, 48, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    compiled = torch.compile(
+        lambda x: checkpoint(lambda x: peftkern.lora_linear(x, w, A, B, 0.5), x, use_reentrant=False), dynamic=True)
+    counters.clear()
+    compiled(torch.randn(5, 48, requires_grad=True)).sum().backward()
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0, dict(counters["aot_autograd"])
+
+
 def test_autocast_bf16_matches_reference_under_autocast():
     device_type = "cuda" if HAS_CUDA else "cpu"
     torch.manual_seed(run_seed(1))

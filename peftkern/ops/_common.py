@@ -330,13 +330,11 @@ def apply_by_rows(call, rows: Sequence[Optional[Tensor]], width: int) -> Tensor:
         if M <= step:
             return call(*rows)
     elif guard_or_true(M <= step):  # symbolic: a row count that depends on data runs as one block, checked when it runs
-        # (the message's closure may hold only constants under dynamo: step and width are symbolic with dynamic=True).
-        # A strict torch.export puts the message function in its graph, and failed on it ("'function' object has no
-        # attribute 'is_quantized'", torch 2.13): it checks without one
-        if torch.compiler.is_exporting():
-            torch._check(M <= step)
-        else:
-            torch._check(M <= step, lambda: "peftkern: the rows' 32-bit element offsets overflow")
+        # without a message: a strict torch.export put the message function in its graph and failed on it ("'function'
+        # object has no attribute 'is_quantized'", torch 2.13), and under dynamo the lambda could not be pickled into
+        # the AOTAutograd cache key, which every checkpointed compile then skipped with a logged traceback (an
+        # exploratory test, 2026-12-07; dynamo takes no module function there: "Can't extract message")
+        torch._check(M <= step)
         return call(*rows)
     return torch.cat([call(*(t if t is None else t[i:i + step] for t in rows)) for i in range(0, M, step)])
 
