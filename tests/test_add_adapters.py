@@ -1060,6 +1060,15 @@ def test_adapters_added_to_a_decoder_alone_reload_into_the_whole_model(tmp_path)
                            model(input_ids=ids, decoder_input_ids=ids).logits)
 
 
+def _saved_copy(base, preset, path):
+    """A copy of `base` with `preset` adapters, drawn away from their init, saved to `path`."""
+    model = copy.deepcopy(base)
+    peftkern.add_adapters(model, preset)
+    draw_adapters(model, 0.3)
+    peftkern.save_adapters(model, str(path))
+    return model
+
+
 def test_adapters_load_into_the_same_layers_under_another_head_or_peft(tmp_path):
     """Adapters saved from BertForSequenceClassification (layers bert.encoder.layer.<i>) load into its BertModel
     (encoder.layer.<i>); saved from a plain Llama, into the same model wrapped by PEFT (base_model.model.<...>), and
@@ -1068,10 +1077,7 @@ def test_adapters_load_into_the_same_layers_under_another_head_or_peft(tmp_path)
     peft = pytest.importorskip("peft")
     torch.manual_seed(run_seed(0))
     base = tiny_bert().to(DEVICE).eval()
-    model = copy.deepcopy(base)
-    peftkern.add_adapters(model, "pfeiffer")
-    draw_adapters(model, 0.3)
-    peftkern.save_adapters(model, str(tmp_path / "bert"))
+    model = _saved_copy(base, "pfeiffer", tmp_path / "bert")
     bare = copy.deepcopy(base.bert)
     names = peftkern.load_adapters(bare, str(tmp_path / "bert"))
     assert names and all(n.startswith("encoder.layer.") for n in names), names
@@ -1081,10 +1087,7 @@ def test_adapters_load_into_the_same_layers_under_another_head_or_peft(tmp_path)
 
     torch.manual_seed(run_seed(1))
     base = tiny_llama().to(DEVICE).eval()
-    plain = copy.deepcopy(base)
-    peftkern.add_adapters(plain, "houlsby")
-    draw_adapters(plain, 0.3)
-    peftkern.save_adapters(plain, str(tmp_path / "plain"))
+    plain = _saved_copy(base, "houlsby", tmp_path / "plain")
     wrapped = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     names = peftkern.load_adapters(wrapped, str(tmp_path / "plain"))
     assert names and all(n.startswith("base_model.model.model.layers.") for n in names), names
@@ -1097,9 +1100,7 @@ def test_adapters_load_into_the_same_layers_under_another_head_or_peft(tmp_path)
         assert torch.equal(back(input_ids=ids).logits, expected)
     # another architecture of the same width and depth is refused, as before: the first version renamed a GPT-2's
     # transformer.h.<i> to a Llama's model.layers.<i> (the review of the change)
-    gpt2 = tiny_gpt2().to(DEVICE)
-    peftkern.add_adapters(gpt2, "pfeiffer")
-    peftkern.save_adapters(gpt2, str(tmp_path / "gpt2"))
+    _saved_copy(tiny_gpt2().to(DEVICE), "pfeiffer", tmp_path / "gpt2")
     with pytest.raises(ValueError, match="does not fit"):
         peftkern.load_adapters(copy.deepcopy(base), str(tmp_path / "gpt2"))
 

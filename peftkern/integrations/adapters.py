@@ -528,10 +528,11 @@ def save_adapters(model: nn.Module, path: str, state_dict: Optional[dict] = None
     os.makedirs(path, exist_ok=True)
     # "config": the first call's, as format 1 wrote it; "configs": every add_adapters call's, in order
     # format 2: config.layers are positions in the model's layer stack; format 1 counted the adaptable layers in order
+    layers = transformer_layers(model)
     meta = {"peft_type": "BOTTLENECK_ADAPTER", "library": "peftkern", "format_version": 2,
             "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
-            "layers": [_clean(n) for n, _, _ in transformer_layers(model)],
-            "layer_classes": [type(layer).__name__ for _, layer, _ in transformer_layers(model)],
+            "layers": [_clean(n) for n, _, _ in layers],
+            "layer_classes": [type(layer).__name__ for _, layer, _ in layers],
             "key_layout": f"<layer>.{CONTAINER}.<placement>.(down|up|layer_norm).(weight|bias) and .scale",
             "modules_to_save": saved_module_names(model, clean=True) or None}
     text = json.dumps(meta, indent=2)  # before the file opens: a value JSON cannot hold leaves no half-written file
@@ -643,14 +644,10 @@ def _layer_prefixes(saved: list, own: list, saved_classes: Optional[list], own_c
         return None
     pairs = set()
     for a, b in zip(saved, own):
-        a_parts, b_parts = a.split("."), b.split(".")
-        common = 0
-        while common < min(len(a_parts), len(b_parts)) and a_parts[-1 - common] == b_parts[-1 - common]:
-            common += 1
-        if common < 2:
+        suffix = ".".join(os.path.commonprefix([a.split(".")[::-1], b.split(".")[::-1]])[::-1])
+        if suffix.count(".") < 1:  # the stack's attribute and the index, at least
             return None
-        pairs.add((".".join(a_parts[:-common] + [""]) if common < len(a_parts) else "",
-                   ".".join(b_parts[:-common] + [""]) if common < len(b_parts) else ""))
+        pairs.add((a[:len(a) - len(suffix)], b[:len(b) - len(suffix)]))
     return pairs.pop() if len(pairs) == 1 else None
 
 

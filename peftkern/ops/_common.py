@@ -630,6 +630,14 @@ def op_autograd() -> bool:
     return torch.compiler.is_compiling() and COMPILED_OP_AUTOGRAD[0]
 
 
+def rows_of(x: Tensor, grad_y: Tensor) -> Tensor:
+    """x, or a backward's stand-in for an x it does not read (one row of x's width and dtype, saved in place of x where
+    no gradient needs x's data) broadcast to grad_y's rows with strides (0, 1): the backends read its shape, dtype and
+    device only. It is passed as one row and broadcast in the op's body, so that a compiled graph holds no tensor of
+    x's size (ops/ia3.py's _ia3_backward tells what such a broadcast buffer did under Inductor)."""
+    return x.expand(grad_y.shape[0], x.shape[1]) if x.shape[0] != grad_y.shape[0] else x
+
+
 def empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
     """Custom ops cannot return None: an empty tensor stands for 'no gradient'."""
     return t if t is not None else ref.new_empty((0,))

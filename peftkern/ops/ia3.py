@@ -34,6 +34,7 @@ from ._common import (
     product_source,
     recompute_product,
     rows_backend,
+    rows_of,
     save_with_parameters,
     saved_with_parameters,
     traced_subclass,
@@ -67,8 +68,7 @@ def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor
              need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for. x may be one row standing for
     all of grad_y's (the output form's backward without the weight's gradient reads x's dtype and width only)."""
-    if x.shape[0] != grad_y.shape[0]:
-        x = x.expand(grad_y.shape[0], x.shape[1])
+    x = rows_of(x, grad_y)
     with op_range("peftkern::ia3_bwd"):  # no on_device: autograd runs a backward on its tensors' device
         grads = backend_module(rows_backend(backend, x), "ia3").ia3_backward(
             grad_y, x, weight, scale, z, scale_input, weight_transposed, (need_x, need_l, need_bias, need_w))

@@ -47,6 +47,7 @@ from ._common import (
     product_source,
     recompute_product,
     rows_backend,
+    rows_of,
     save_with_parameters,
     saved_tensor_hooks_set,
     saved_with_parameters,
@@ -99,11 +100,10 @@ def _lora_bwd(
 
 def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, weight_transposed, backend,
                     need_x, need_a, need_b, need_bias, need_w) -> tuple:
-    """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate). An x
-    of one row beside grad_y's many is _lora_save's stand-in, broadcast here to (M, K) with strides (0, 1): read for
-    its shape, dtype and device only (reference.py's dropout mask; skinny_grads without dA; the extension's checks)."""
-    if x.shape[0] == 1 and grad_y.shape[0] != 1:
-        x = x.expand(grad_y.shape[0], x.shape[1])
+    """The backward as eager mode calls it: None where a gradient was not asked for (no empty tensors to allocate). x
+    may be _lora_save's one-row stand-in (rows_of): reference.py's dropout mask, skinny_grads without dA and the
+    extension's checks read its shape, dtype and device only."""
+    x = rows_of(x, grad_y)
     with op_range("peftkern::lora_bwd"):  # no on_device: autograd runs a backward on its tensors' device
         return backend_module(rows_backend(backend, x), "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
@@ -160,9 +160,7 @@ def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
     # Backward reads x for dA and a trainable weight's gradient only. A layer whose A and weight are frozen (LoRA-FA's
     # A, create_lorafa_optimizer; an adapter loaded frozen) keeps no x, as PEFT's graph keeps none: it kept the whole
     # input, 128 MiB against PEFT's 6 (an exploratory test, 2026-12-07). backward passes one empty row of x's width and
-    # dtype (no data read), which the backward's body broadcasts to grad_y's rows (_lora_bwd_eager): under
-    # torch.compile the graph then holds no tensor of x's size, which Inductor could lay out densely or, at a row count
-    # that depends on data, misplace (ops/ia3.py's _ia3_backward tells how).
+    # dtype in its place (rows_of).
     ctx.x_unread = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
     ctx.x_source = product_source(x) if recompute_input and not ctx.x_unread else None
