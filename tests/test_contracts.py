@@ -83,6 +83,56 @@ def test_double_backward_raises(kind, backend):
     assert gx.requires_grad is False and torch.isfinite(gv).all()
 
 
+@pytest.mark.parametrize("kind,backend", _params(["lora", "ia3-output"]), indirect=["backend"])
+@pytest.mark.parametrize("through", ["leaf", "intermediate"])
+def test_second_order_through_an_input_the_op_does_not_keep(kind, backend, through):
+    """LoRA with A and the weight frozen, and IA3's output form with its weight frozen, keep no x for backward; IA3's
+    output form keeps z = x W^T + b, not the bias. dB and dl depend on x (and dl on the bias) all the same, and a
+    gradient of them with respect to x, to what x was made from, or to the bias came back None or zeros from
+    autograd.grad(allow_unused=True) and jacobian (an exploratory test, 2026-12-07): it raises now."""
+    g = torch.Generator().manual_seed(run_seed(11))
+    u = torch.randn(6, 24, generator=g).to(DEVICE).requires_grad_()
+    x = u * 1.5 if through == "intermediate" else u
+    w, wanted = torch.randn(24, 24, generator=g).to(DEVICE), []
+    if kind == "lora":  # LoRA-FA: A frozen, B trains
+        B = torch.randn(24, 4, generator=g).to(DEVICE).requires_grad_()
+        y = peftkern.lora_linear(x, w, torch.randn(4, 24, generator=g).to(DEVICE), B, 0.5)
+        trained = [B]
+    else:
+        scale, bias = (torch.randn(24, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+        y = peftkern.ia3_linear(x, w, scale, bias)
+        trained, wanted = [scale], [bias]
+    del x  # an intermediate x is then held by nothing (the op keeps none)
+    grad, = torch.autograd.grad((y * torch.randn_like(y)).sum(), trained, create_graph=True)
+    for target in [u, *wanted]:
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            torch.autograd.grad(grad.square().sum(), target, allow_unused=True, retain_graph=True)
+
+
+@pytest.mark.parametrize("kind,backend", _params(["lora", "adapter"]), indirect=["backend"])
+def test_a_zero_scaling_keeps_a_nan_in_the_gradients(kind, backend):
+    """scaling 0 times a gradient product that holds a nan is nan, as the reference and PEFT give: the Triton path's
+    addmm with alpha 0 read neither operand and gave the adapter's weight gradient 0 (an exploratory test,
+    2026-12-07)."""
+    g = torch.Generator().manual_seed(run_seed(12))
+    x = torch.randn(6, 24, generator=g).to(DEVICE)
+    x[2, 5] = float("nan")
+    w = torch.randn(24, 24, generator=g).to(DEVICE)
+    if kind == "lora":
+        A, B = (torch.randn(*shape, generator=g).to(DEVICE).requires_grad_() for shape in ((4, 24), (24, 4)))
+        peftkern.lora_linear(x, w, A, B, 0.0).sum().backward()
+        ref, = torch.autograd.grad(reference.lora_linear(x, w, A, B, 0.0).sum(), B)
+        got = B.grad
+    else:
+        up = torch.randn(24, 8, generator=g).to(DEVICE).requires_grad_()
+        args = (torch.randn(8, 24, generator=g).to(DEVICE), None, up, None)
+        peftkern.bottleneck_adapter(x, *args, scaling=0.0).sum().backward()
+        ref, = torch.autograd.grad(reference.bottleneck_adapter(x, *args, scaling=0.0).sum(), up)
+        got = up.grad
+    assert ref.isnan().any()
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
 @pytest.mark.parametrize("kind", ALL_OPS)
 def test_float64_is_left_alone_by_autocast(kind):
     """Autocast leaves float64 tensors alone (F.linear stays float64 under it); the ops cast them down before."""

@@ -387,6 +387,19 @@ def product_source(x: Tensor):
     return node
 
 
+def input_link(x: Tensor) -> Optional[Tensor]:
+    """For a backward that keeps no x: a tensor of no elements that autograd makes from x (a copy, so it holds none of
+    x's memory), kept on ctx for first_order to tie the backward's gradients to. Differentiating them with respect to
+    x, or to what x was made from, then raises instead of giving None / zeros: LoRA with A and the weight frozen and
+    IA3's output form keep no x, and autograd.grad of dB or dl with respect to x was None, jacobian zeros (an
+    exploratory test, 2026-12-07). None where x needs no gradient, or under torch.compile, whose backward runs no
+    first_order. ~2.5 us of host time a call."""
+    if not x.requires_grad or torch.compiler.is_compiling():
+        return None
+    with torch.enable_grad():  # inside an autograd.Function's forward grad mode is off
+        return torch.narrow_copy(x, 0, 0, 0)
+
+
 def product_operands(node) -> tuple:
     """The operands a product's node keeps (none for None). A backward that multiplies them again depends on them,
     which a second-order gradient must see (first_order)."""
