@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     positive_ints,
     print_table,
     progress,
+    reference_rows_only,
     time_fn,
     time_layer_impls,
     timing_label,
@@ -209,12 +210,13 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
-    note_gpu_only(device, explore=args.explore, eager=args.eager)
+    note_gpu_only(device, explore=args.explore, eager=args.eager, quick=args.quick and not args.e2e)
     if args.e2e:  # the training step lives with the other methods' in bench_e2e
         import bench_e2e
 
         return bench_e2e.main(["--method", "adapter", "--batch", str(args.batch), "--seq", str(args.seq),
                                *(["--quick"] if args.quick else []), *(["--out", args.out] if args.out else [])])
+    reference_rows_only(device)
     cases = parse_cases(args, device)  # before the bandwidth's 2 GiB copies: a bad case is refused at once
     bandwidth = copy_bandwidth(device)
     progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")

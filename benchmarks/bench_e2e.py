@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     PartialResults,
     Row,
     bench_device,
+    note_gpu_only,
     note_spread,
     positive_ints,
     print_table,
@@ -255,6 +256,8 @@ def main(argv=None) -> list[Row]:
     for shape in args.shape:
         for seq in args.seq:
             cases.append((workloads.resolve_shape(shape, device), args.batch or max(1, args.tokens // seq), seq))
+    note_gpu_only(device, shape=args.shape != ["1b"], seq=args.seq != [2048], tokens=args.tokens != 8192,
+                  batch=args.batch is not None)
     if device != "cuda":
         cases = [("tiny", 2, 64)]
         if args.compile:  # inductor on the CPU compiles for minutes and times nothing the issues ask about

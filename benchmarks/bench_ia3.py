@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     peft_single_layer,
     print_table,
     progress,
+    reference_rows_only,
     time_layer_impls,
 )
 
@@ -98,15 +99,16 @@ def backward_variants(case: str, impls: dict, x, dy, eager: bool) -> list:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="peftkern bench ia3", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the target cases only")
     parser.add_argument("--shapes", nargs="*", type=common.positive_ints(3), help="cases as M,K,N")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the PEFT IA3 + torch.compile anchor")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--variants", action="store_true", help="also time the other Triton backward modes")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
-    note_gpu_only(device, variants=args.variants, eager=args.eager)
+    note_gpu_only(device, variants=args.variants, eager=args.eager, quick=args.quick)
+    reference_rows_only(device)
     if args.shapes:
         cases = list(args.shapes)
     else:

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     peft_single_layer,
     print_table,
     progress,
+    reference_rows_only,
     time_layer_impls,
     timing_label,
 )
@@ -185,7 +186,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
-    note_gpu_only(device, eager=args.eager)
+    note_gpu_only(device, eager=args.eager, quick=args.quick)
+    reference_rows_only(device)
     if args.shapes:
         cases = [parse_case(s) for s in args.shapes]
     else:

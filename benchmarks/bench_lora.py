@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     positive_ints,
     print_table,
     progress,
+    reference_rows_only,
     time_layer_impls,
     timing_label,
 )
@@ -161,7 +162,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
-    note_gpu_only(device, eager=args.eager)
+    note_gpu_only(device, eager=args.eager, quick=args.quick, full=args.full)
+    reference_rows_only(device)
     cases = parse_cases(args, device)
     timing = timing_label(device, args.eager)
     results = PartialResults("lora", {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)

@@ -59,6 +59,26 @@ def note_gpu_only(device: str, **given: bool) -> None:
         progress(f"no GPU: {', '.join(named)} {'apply' if len(named) > 1 else 'applies'} on a GPU only, ignored here")
 
 
+# set by reference_rows_only: the layer benchmarks' CPU versions run the reference whatever backend is forced, and their
+# JSON says so instead of the forced backend's name
+_REFERENCE_ONLY = [False]
+
+
+def reference_rows_only(device: str) -> None:
+    """A layer benchmark on the CPU: its peftkern rows run the reference, whatever PEFTKERN_BACKEND or set_backend
+    forced (the kernels would run in Triton's interpreter, whose times say nothing). Say so where one was forced, and
+    record "torch" as the JSON's backend: a forced triton was recorded while the reference ran (a documentation audit,
+    2026-12-07)."""
+    if device == "cuda":
+        return
+    _REFERENCE_ONLY[0] = True
+    from peftkern import _backend
+
+    forced = _backend.get_backend()
+    if forced not in (None, "torch"):
+        progress(f"no GPU: the forced backend {forced!r} is ignored here; the peftkern rows run the reference")
+
+
 def positive_ints(count: int):
     """An argparse type: a comma-separated list of `count` positive integers ("8192,4096,4096,16"), or a usage
     error naming what was expected."""
@@ -219,7 +239,7 @@ def environment() -> dict:
 
     env["backends"] = _backend.backend_status()
     # what changes which kernel runs without changing a row's label: the forced backend and peftkern's switches
-    env["backend"] = _backend.get_backend() or "auto"
+    env["backend"] = "torch" if _REFERENCE_ONLY[0] else _backend.get_backend() or "auto"
     env["settings"] = {k: v for k, v in sorted(os.environ.items()) if _is_setting(k)}
     return env
 

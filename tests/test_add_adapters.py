@@ -1099,10 +1099,12 @@ def test_adapters_load_into_the_same_layers_under_another_head_or_peft(tmp_path)
         assert torch.equal(wrapped(input_ids=ids).logits, expected)
         assert torch.equal(back(input_ids=ids).logits, expected)
     # another architecture of the same width and depth is refused, as before: the first version renamed a GPT-2's
-    # transformer.h.<i> to a Llama's model.layers.<i> (the review of the change)
+    # transformer.h.<i> to a Llama's model.layers.<i> (the review of the change); the error names both layer classes,
+    # where it hinted at a layer norm or a learned scale alone (a documentation audit, 2026-12-07)
     _saved_copy(tiny_gpt2().to(DEVICE), "pfeiffer", tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit") as err:
         peftkern.load_adapters(copy.deepcopy(base), str(tmp_path / "gpt2"))
+    assert "GPT2Block layers; this model's are LlamaDecoderLayer" in str(err.value)
 
 
 def test_numpy_and_tensor_numbers_in_the_config_are_saved_as_numbers(tmp_path):

@@ -276,6 +276,8 @@ def test_profile_cli_profiles_each_method(method, tmp_path):
     out = _run("profile", "--method", method, "--steps", "1", "--trace", str(trace))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "peftkern kernels" in out.stdout, out.stdout
+    # the wall time on the CPU too, and "1 step" (a documentation audit, 2026-12-07: none, and "1 steps")
+    assert "wall time per step (no profiler)" in out.stdout and " 1 step, " in out.stdout, out.stdout
     assert trace.exists()
 
 
@@ -528,6 +530,18 @@ def test_cpu_e2e_with_compile_flags_times_the_eager_rows(tmp_path):
     assert out.returncode == 0 and "ignored here" in out.stderr, out.stderr[-2000:]
     impls = {r["impl"] for r in json.loads(next(tmp_path.glob("e2e-*.json")).read_text())["rows"]}
     assert any(i.startswith("peftkern.fuse") for i in impls), impls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU version of bench ia3")
+def test_cpu_layer_bench_says_a_forced_backend_is_ignored(tmp_path):
+    """The layer benchmarks' CPU versions run the reference whatever backend is forced: with PEFTKERN_BACKEND=triton
+    their JSON recorded "triton" and --quick was dropped without a word (a documentation audit, 2026-12-07)."""
+    out = _run("bench", "ia3", "--quick", "--out", str(tmp_path), env_extra={"PEFTKERN_BACKEND": "triton"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'triton' is ignored here" in out.stderr and "--quick applies on a GPU only" in out.stderr, out.stderr
+    data = json.loads(next(tmp_path.glob("ia3-*.json")).read_text())
+    assert data["environment"]["backend"] == "torch"
+    assert all(r["impl"] != "peftkern triton" for r in data["rows"])
 
 
 def test_bench_adapter_e2e_passes_its_options_on(monkeypatch):

@@ -556,8 +556,9 @@ def _copy_state(model: nn.Module, state: dict, source: str, names: set) -> None:
     own = {k: v for k, v in adapter_state_dict(model).items() if _adapter_of(k) in names}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit the attached adapters (a different configuration: layer norm, "
-                         f"learned scale?): missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise ValueError(f"{source} does not fit the attached adapters (another architecture, or a different "
+                         f"configuration: layer norm, learned scale?): missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}")
     for key, tensor in state.items():
         if own[key].shape != tensor.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model's adapter "
@@ -658,7 +659,8 @@ def _rebased(keys, prefixes: Optional[tuple]) -> dict:
 
 
 def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
-    """Attach adapters as saved by save_adapters to a fresh model and load their weights; returns their names.
+    """Attach adapters as saved by save_adapters to a model and load their weights; returns their names. A model that
+    has these adapters attached already (a resume) gets the file's weights in them, nothing attached twice.
     adapter_dtype None: the file's dtype (float32 adapters saved beside a bf16 model came back bf16, rounded: 2e-3
     off the saved model's logits, a review, 2026-12-05), or the model's where the file mixes dtypes."""
     from safetensors.torch import load_file
@@ -677,8 +679,8 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
     state = load_file(os.path.join(path, WEIGHTS_NAME))
     targets, inner = meta.get("modules_to_save") or [], _unwrapped(model)
     layers = transformer_layers(inner)
-    prefixes = _layer_prefixes(meta.get("layers"), [_clean(n) for n, _, _ in layers], meta.get("layer_classes"),
-                               [type(layer).__name__ for _, layer, _ in layers])
+    saved_classes, own_classes = meta.get("layer_classes"), [type(layer).__name__ for _, layer, _ in layers]
+    prefixes = _layer_prefixes(meta.get("layers"), [_clean(n) for n, _, _ in layers], saved_classes, own_classes)
     if prefixes:  # the same layers under another head or wrapper: the keys (and modules_to_save) renamed to the model's
         state = {new: state[old] for old, new in _rebased(list(state), prefixes).items()}
         targets = list(_rebased(targets, prefixes).values())
@@ -687,7 +689,13 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
     if adapter_dtype is None:
         dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
         adapter_dtype = dtypes.pop() if len(dtypes) == 1 else None
-    names = _attach_and_load(model, configs, state, path, adapter_dtype)
+    # a file of another architecture failed on its keys with a hint at the configuration alone (a documentation
+    # audit, 2026-12-07): the layers' classes, which the files record since that day, name it
+    source = path
+    if saved_classes and sorted(set(saved_classes)) != sorted(set(own_classes)):
+        source = (f"{path} (saved from a model of {', '.join(sorted(set(saved_classes)))} layers; this model's are "
+                  f"{', '.join(sorted(set(own_classes)))})")
+    names = _attach_and_load(model, configs, state, source, adapter_dtype)
     loaded = load_saved_modules(inner, saved, targets, path)
     _record_to_save(inner, loaded)
     return names

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class PEFTRefProperties:
+    """One PEFT module's place in the PEFT-Ref typology: each field a property the paper names, its value in the
+    paper's vocabulary (the comments give the choices); `layer.peft_ref` returns one, `as_dict()` its fields."""
+
     intra_connectivity: str   # how the module's own parameters connect: dense, sparse (Kronecker), none (a vector)
     inter_connectivity: str   # whether modules in different layers depend on each other
     parameter_adaptation: str  # addition (new parameters) or reparametrisation of existing weights, or rescaling
