@@ -1004,6 +1004,42 @@ def test_tables_show_peak_memory_as_finely_as_the_json_holds_it(capsys):
     assert "128.75 |" in printed and "  129 |" in printed and "0.03125 |" in printed, printed
 
 
+def test_printed_table_keeps_long_names_in_line_and_marks_eager_rows(capsys):
+    """bench e2e's "train step +ckpt" and its compiled rows' names ran past the printed table's 8- and 26-wide pass and
+    impl columns, out of line; a row timed as eager calls beside graph replays was not marked on stdout (a review of
+    the benchmarks, 2026-12-07)."""
+    common = _bench_module("common")
+    rows = [common.Row("lora", "c", impl, pass_, 1.0, 0.0, 1.0, None, {"cuda_graph": graph}) for impl, pass_, graph in
+            (("floor", "fwd", True), ("peftkern.fuse(PEFT lora) (bf16 adapters) + torch.compile", "train step +ckpt",
+                                      False))]
+    common.print_table(rows)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len({line.index("|", 40) for line in lines}) == 1 and len({line.rindex("x |") for line in lines[2:]}) == 1
+    assert lines[-1].endswith("eager calls, not graph replays") and not lines[-2].endswith("replays"), lines
+
+
+def test_time_fn_times_every_batch_one_way(monkeypatch):
+    """A CUDA-graph capture that failed after an earlier batch's succeeded left one row's batches part replays, part
+    eager calls (a review of the benchmarks, 2026-12-07): every batch is eager calls then."""
+    import triton.testing as tt
+
+    common = _bench_module("common")
+    graph_calls = []
+
+    def graph_bench(fn, rep, return_mode):
+        graph_calls.append(1)
+        if len(graph_calls) > 1:
+            raise RuntimeError("capture failed")
+        return 1.0
+
+    monkeypatch.setattr(tt, "do_bench_cudagraph", graph_bench)
+    monkeypatch.setattr(tt, "do_bench", lambda fn, warmup, rep, return_mode: 5.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    info = {}
+    common.time_fn(lambda: None, torch.device("cuda"), info=info)
+    assert info["cuda_graph"] is False and info["batches_ms"] == [5.0, 5.0, 5.0], info
+
+
 def test_lokr_workload_at_rank_one_has_a_rank(tmp_path):
     """bench e2e --rank 1 (any positive --rank is accepted): LoKr's r is half the rank, 0 here, and PEFT refused every
     LoKr layer, so each LoKr row failed (`bench e2e --method lokr --rank 1` exited 1 with the floors alone)."""
