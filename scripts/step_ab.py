@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_e2e import _repeats  # noqa: E402  (the benchmark's own timing of a step)
+from bench_e2e import _repeats, settle_compile  # noqa: E402  (the benchmark's own timing of a step)
 
 from peftkern import workloads  # noqa: E402
 from peftkern.kernels.triton import _launch  # noqa: E402
@@ -73,9 +73,12 @@ SETTINGS = {
 
 def timed(step, steps: int) -> tuple[float, float]:
     """(GPU ms a step by CUDA events, host ms a step until the last one is queued): the medians of bench e2e's three
-    repeats of `steps` steps, after 2 warm-up steps."""
+    repeats of `steps` steps, after 2 warm-up steps. Inductor's compile workers are stopped after the warm-up, as bench
+    e2e stops them: a warm-up that compiled (round 0, a trace-time switch) left them busy on the host while the steps
+    were timed (a review of the benchmarks, 2026-12-07)."""
     for _ in range(2):
         step()
+    settle_compile()
     torch.cuda.synchronize()
     host: list = []
     gpu = _repeats(step, steps, "cuda", host)
