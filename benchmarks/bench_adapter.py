@@ -216,7 +216,7 @@ def main(argv=None) -> list[Row]:
 
         return bench_e2e.main(["--method", "adapter", "--batch", str(args.batch), "--seq", str(args.seq),
                                *(["--quick"] if args.quick else []), *(["--out", args.out] if args.out else [])])
-    reference_rows_only(device)
+    reference_rows_only(device, "adapter")
     cases = parse_cases(args, device)  # before the bandwidth's 2 GiB copies: a bad case is refused at once
     bandwidth = copy_bandwidth(device)
     progress(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")

@@ -108,7 +108,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     note_gpu_only(device, variants=args.variants, eager=args.eager, quick=args.quick)
-    reference_rows_only(device)
+    reference_rows_only(device, "ia3")
     if args.shapes:
         cases = list(args.shapes)
     else:

@@ -187,7 +187,7 @@ def main(argv=None) -> list[Row]:
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     note_gpu_only(device, eager=args.eager, quick=args.quick)
-    reference_rows_only(device)
+    reference_rows_only(device, "krona")
     if args.shapes:
         cases = [parse_case(s) for s in args.shapes]
     else:

@@ -163,7 +163,7 @@ def main(argv=None) -> list[Row]:
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     note_gpu_only(device, eager=args.eager, quick=args.quick, full=args.full)
-    reference_rows_only(device)
+    reference_rows_only(device, "lora")
     cases = parse_cases(args, device)
     timing = timing_label(device, args.eager)
     results = PartialResults("lora", {"cases": cases, "dtype": str(dtype), "timing": timing}, args.out)

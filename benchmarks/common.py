@@ -59,19 +59,20 @@ def note_gpu_only(device: str, **given: bool) -> None:
         progress(f"no GPU: {', '.join(named)} {'apply' if len(named) > 1 else 'applies'} on a GPU only, ignored here")
 
 
-# set by reference_rows_only: the layer benchmarks' CPU versions run the reference whatever backend is forced, and their
-# JSON says so instead of the forced backend's name
-_REFERENCE_ONLY = [False]
+# the benchmarks that reference_rows_only named: the layer benchmarks' CPU versions run the reference whatever backend
+# is forced, and their JSON says so instead of the forced backend's name. By name: one flag for the process made bench
+# all's decoder and e2e pieces, which obey the forced backend, record torch after a layer piece (a review of the change)
+_REFERENCE_ONLY: set = set()
 
 
-def reference_rows_only(device: str) -> None:
+def reference_rows_only(device: str, name: str) -> None:
     """A layer benchmark on the CPU: its peftkern rows run the reference, whatever PEFTKERN_BACKEND or set_backend
     forced (the kernels would run in Triton's interpreter, whose times say nothing). Say so where one was forced, and
     record "torch" as the JSON's backend: a forced triton was recorded while the reference ran (a documentation audit,
     2026-12-07)."""
     if device == "cuda":
         return
-    _REFERENCE_ONLY[0] = True
+    _REFERENCE_ONLY.add(name)
     from peftkern import _backend
 
     forced = _backend.get_backend()
@@ -211,8 +212,9 @@ def git_revision(cwd: Optional[Path] = None) -> str:
     return rev + ("-dirty" if changed.strip() else "")
 
 
-def environment() -> dict:
-    """GPU, driver and library versions: saved with every result."""
+def environment(benchmark: Optional[str] = None) -> dict:
+    """GPU, driver and library versions: saved with every result. benchmark: its name, whose backend is recorded as
+    torch where reference_rows_only named it."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "git": git_revision(),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            # float32 rows: torch's matmuls run TF32 when these say so, and so do peftkern's Triton kernels where
@@ -242,7 +244,7 @@ def environment() -> dict:
 
     env["backends"] = _backend.backend_status()
     # what changes which kernel runs without changing a row's label: the forced backend and peftkern's switches
-    env["backend"] = "torch" if _REFERENCE_ONLY[0] else _backend.get_backend() or "auto"
+    env["backend"] = "torch" if benchmark in _REFERENCE_ONLY else _backend.get_backend() or "auto"
     env["settings"] = {k: v for k, v in sorted(os.environ.items()) if _is_setting(k)}
     return env
 
@@ -447,7 +449,7 @@ def _write_results(path: Path, name: str, rows: list[Row], config: dict, env: di
 
 def save_results(name: str, rows: list[Row], config: dict, out_dir: Optional[Path] = None) -> Path:
     """Write benchmarks/results/<name>-<gpu>-<time>.json (or under out_dir / $PEFTKERN_RESULTS_DIR)."""
-    env = environment()
+    env = environment(name)
     path = _results_path(name, env, out_dir)
     _write_results(path, name, rows, config, env, complete=True)
     SAVED.append(path)
@@ -471,7 +473,7 @@ class PartialResults:
         if not rows:
             return None
         if self.path is None:
-            self._env = environment()
+            self._env = environment(self.name)
             self.path = _results_path(self.name, self._env, self.out_dir, ".partial.json")
         _write_results(self.path, self.name, rows, self.config, self._env, complete=False)
         return self.path

@@ -109,6 +109,30 @@ def test_second_order_through_an_input_the_op_does_not_keep(kind, backend, throu
             torch.autograd.grad(grad.square().sum(), target, allow_unused=True, retain_graph=True)
 
 
+@pytest.mark.parametrize("kind,backend", _params(["lora", "ia3-output"]), indirect=["backend"])
+@pytest.mark.parametrize("b_trains", [True, False])
+def test_a_penalty_on_dx_through_a_layer_that_keeps_no_x_is_exact(kind, backend, b_trains):
+    """An input-gradient penalty (double backprop) differentiated with respect to an upstream layer, through LoRA with
+    A and the weight frozen (B trained or not) or IA3's output form with its weight frozen: dx does not depend on x,
+    so the answer exists, and it came back exact before the second-order links above. Tied to every gradient, they
+    made it raise (a review of the change, 2026-12-08)."""
+    g = torch.Generator().manual_seed(run_seed(13))
+    up = torch.nn.Linear(16, 24).to(DEVICE)
+    inp = torch.randn(5, 16, generator=g).to(DEVICE).requires_grad_()
+    w, v = torch.randn(32, 24, generator=g).to(DEVICE), torch.randn(5, 32, generator=g).to(DEVICE)
+    A = torch.randn(4, 24, generator=g).to(DEVICE)
+    B = torch.randn(32, 4, generator=g).to(DEVICE).requires_grad_(b_trains)
+    scale = torch.rand(32, generator=g).to(DEVICE).add_(0.5).requires_grad_()
+
+    def penalty_grad(lib):
+        x = torch.tanh(up(inp))
+        y = lib.lora_linear(x, w, A, B, 0.5) if kind == "lora" else lib.ia3_linear(x, w, scale)
+        g_inp, = torch.autograd.grad((y * v).sum(), inp, create_graph=True)
+        return torch.autograd.grad(g_inp.square().sum(), up.weight)[0]
+
+    assert_close(penalty_grad(peftkern), penalty_grad(reference), torch.float32, f"{kind} penalty gradient")
+
+
 @pytest.mark.parametrize("kind,backend", _params(["lora", "adapter"]), indirect=["backend"])
 def test_a_zero_scaling_keeps_a_nan_in_the_gradients(kind, backend):
     """scaling 0 times a gradient product that holds a nan is nan, as the reference and PEFT give: the Triton path's
@@ -131,6 +155,18 @@ def test_a_zero_scaling_keeps_a_nan_in_the_gradients(kind, backend):
         got = up.grad
     assert ref.isnan().any()
     assert torch.equal(got.isnan(), ref.isnan())
+
+
+def test_scaled_mm_at_zero_scaling_takes_a_float32_product():
+    """scaling 0 times a product that overflows 16 bits but not float32 (a GradScaler's scaled gradients) is 0, as
+    the reference's float32 product gives: the first version of the fix above multiplied a 16-bit inf by 0 (a review
+    of the change, 2026-12-08)."""
+    from peftkern.kernels.triton.lora import scaled_mm
+
+    a = torch.full((4, 64), 60.0, dtype=torch.float16, device=DEVICE)
+    b = torch.full((64, 8), 30.0, dtype=torch.float16, device=DEVICE)
+    assert torch.equal(scaled_mm(a, b, 0.0, torch.float32), torch.zeros(4, 8, device=DEVICE))
+    assert torch.equal(scaled_mm(a, b, 0.0, torch.float16), torch.zeros(4, 8, dtype=torch.float16, device=DEVICE))
 
 
 @pytest.mark.parametrize("kind", ALL_OPS)

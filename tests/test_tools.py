@@ -542,6 +542,16 @@ def test_cpu_layer_bench_says_a_forced_backend_is_ignored(tmp_path):
     data = json.loads(next(tmp_path.glob("ia3-*.json")).read_text())
     assert data["environment"]["backend"] == "torch"
     assert all(r["impl"] != "peftkern triton" for r in data["rows"])
+    # in one process (bench all), the benchmarks after a layer piece record the backend they obey
+    common = _bench_module("common")
+    peftkern.set_backend("triton")
+    try:
+        common.reference_rows_only("cpu", "ia3")
+        assert common.environment("ia3")["backend"] == "torch"
+        assert common.environment("decoder")["backend"] == "triton"
+    finally:
+        peftkern.set_backend(None)
+        common._REFERENCE_ONLY.discard("ia3")
 
 
 def test_bench_adapter_e2e_passes_its_options_on(monkeypatch):

@@ -270,25 +270,35 @@ def first_order(backward):
     once_differentiable tied them to detached copies only, so .backward() raised but autograd.grad(gx.sum(), x) and
     autograd.functional.hessian saw no path to x and returned None / zeros, and a penalty on the adapters' own
     gradients lost its second-order term (reviews, 2026-12-05). Otherwise it runs as it is, without a no_grad
-    context. The ctx's saved tensors are unpacked once (non-reentrant checkpointing refuses a second unpack)."""
+    context. The ctx's saved tensors are unpacked once (non-reentrant checkpointing refuses a second unpack).
+    ctx.links_of, where set, maps the index of one returned gradient to tensors that it alone depends on (input_link's):
+    those are tied to that gradient only, so that a second-order gradient of the others (dx, which does not depend on
+    x) still comes back where it did before."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
         saved = ctx.saved_tensors  # once: non-reentrant checkpointing refuses a second unpack
-        state = tuple(vars(ctx).values()) + product_operands(getattr(ctx, "x_source", None))
+        only = getattr(ctx, "links_of", None) or {}
+        state = tuple(v for k, v in vars(ctx).items() if k != "links_of")
+        state += product_operands(getattr(ctx, "x_source", None))
         links = [t for t in _tensors_in((grads, saved, state)) if t.requires_grad]
         with torch.no_grad():
             out = backward(_SavedOnce(ctx, saved), *grads)
-        if not links:
-            return out
         single = not isinstance(out, tuple)
-        outs = (out,) if single else out
-        tensors = [t for t in outs if isinstance(t, Tensor)]
-        tied = iter(_SecondOrderError.apply(len(tensors), *tensors, *links))
-        outs = tuple(next(tied) if isinstance(t, Tensor) else t for t in outs)
-        return outs[0] if single else outs
+        outs = list((out,) if single else out)
+        if links:
+            tensors = [t for t in outs if isinstance(t, Tensor)]
+            tied = iter(_SecondOrderError.apply(len(tensors), *tensors, *links))
+            outs = [next(tied) if isinstance(t, Tensor) else t for t in outs]
+        # after the shared node, not before: one gradient's own links among the shared node's inputs tied every
+        # gradient to them through it
+        for i, extra in only.items():
+            extra = [t for t in _tensors_in(extra) if t.requires_grad]
+            if extra and isinstance(outs[i], Tensor):
+                outs[i] = _SecondOrderError.apply(1, outs[i], *extra)[0]
+        return outs[0] if single else tuple(outs)
 
     return run
 
@@ -389,11 +399,12 @@ def product_source(x: Tensor):
 
 def input_link(x: Tensor) -> Optional[Tensor]:
     """For a backward that keeps no x: a tensor of no elements that autograd makes from x (a copy, so it holds none of
-    x's memory), kept on ctx for first_order to tie the backward's gradients to. Differentiating them with respect to
-    x, or to what x was made from, then raises instead of giving None / zeros: LoRA with A and the weight frozen and
-    IA3's output form keep no x, and autograd.grad of dB or dl with respect to x was None, jacobian zeros (an
-    exploratory test, 2026-12-07). None where x needs no gradient, or under torch.compile, whose backward runs no
-    first_order. ~2.5 us of host time a call."""
+    x's memory), for first_order to tie the one gradient that depends on x to (ctx.links_of). Differentiating that
+    gradient with respect to x, or to what x was made from, then raises instead of giving None / zeros: LoRA with A and
+    the weight frozen and IA3's output form keep no x, and autograd.grad of dB or dl with respect to x was None,
+    jacobian zeros (an exploratory test, 2026-12-07). Tied to every gradient, it made a penalty on dx raise, which does
+    not depend on x and came back right before (a review of the change). None where x needs no gradient, or under
+    torch.compile, whose backward runs no first_order. ~2.5 us of host time a call."""
     if not x.requires_grad or torch.compiler.is_compiling():
         return None
     with torch.enable_grad():  # inside an autograd.Function's forward grad mode is off

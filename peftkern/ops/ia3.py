@@ -116,9 +116,10 @@ def _ia3_save(ctx, inputs: tuple, z: Tensor, recompute_input: bool) -> None:
     ctx.x_shape = x.shape
     kept = x if ctx.keep_x and ctx.x_source is None else None
     # dl = sum(dy z) depends on x and the bias through z, which backward reads but autograd does not tie to them: links
-    # for first_order's second-order error (the bias a Parameter or a vector: nothing to free)
-    ctx.x_link = None if ctx.keep_x else input_link(x)
-    ctx.bias_link = bias if bias is not None and not scale_input and not torch.compiler.is_compiling() else None
+    # for first_order's second-order error, on dl alone (the bias a Parameter or a vector: nothing to free; the eager
+    # Function's backward only)
+    if not scale_input and ctx.needs_input_grad[2] and recompute_input:
+        ctx.links_of = {2: (None if ctx.keep_x else input_link(x), bias)}
     save_with_parameters(ctx, (kept, z), (weight, scale))
     ctx.scale_input, ctx.weight_transposed, ctx.backend = scale_input, weight_transposed, backend
     ctx.bias_dtype = bias.dtype if bias is not None else None

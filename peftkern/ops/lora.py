@@ -163,7 +163,8 @@ def _lora_save(ctx, inputs: tuple, xa: Tensor, recompute_input: bool) -> None:
     # input, 128 MiB against PEFT's 6 (an exploratory test, 2026-12-07). backward passes one empty row of x's width and
     # dtype in its place (rows_of).
     ctx.x_unread = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-    ctx.x_link = input_link(x) if ctx.x_unread else None  # dB depends on x all the same (second order, first_order)
+    if ctx.x_unread and ctx.needs_input_grad[3] and recompute_input:  # dB depends on x all the same: first_order's
+        ctx.links_of = {3: input_link(x)}  # second-order error (the eager Function's backward only)
     # x = a * b (the MLP's down projection) is not saved: backward multiplies a and b again (product_source)
     ctx.x_source = product_source(x) if recompute_input and not ctx.x_unread else None
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype

@@ -1815,8 +1815,9 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float, out_dtype: torch
     # memory pool, and cudagraph trees refused the step ("tensor(s) in the cudagraph pool not tracked").
     if scaling == 1.0 and out_dtype == a.dtype:  # no alpha to carry: mm, without addmm's ignored input (two views)
         return torch.mm(a, b)
-    if scaling == 0.0:  # addmm reads no operand at alpha = 0 (BLAS): a nan or inf in a or b gave 0, not 0 * nan = nan
-        return torch.mm(a, b).mul_(0.0).to(out_dtype)
+    if scaling == 0.0:  # addmm reads no operand at alpha = 0 (BLAS): a nan or inf in a or b gave 0, not 0 * nan = nan.
+        # The product in float32, as the reference's: a 16-bit one that overflowed gave inf * 0 = nan (a review)
+        return torch.mm(a.float(), b.float()).mul_(0.0).to(out_dtype)
     zero = a[0, 0]
     if out_dtype == torch.float32 and a.dtype != torch.float32 and a.is_cuda and _addmm_out_dtype[0]:
         try:
