@@ -414,6 +414,29 @@ def test_compiled_hotswap_scalings_compile_whole_and_follow_a_swap():
             assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}, scaling {swap}", 4 * GRAD_SCALE)
 
 
+def test_compiled_fallback_calls_do_not_recompile():
+    """Calls that fall back to PEFT's path (adapters disabled, a DPO-style reference forward) each compiled a new graph:
+    dynamo guarded on the report's fallback count, which every call read and raised. At the recompile limit (8) the
+    model ran eager from then on, and fullgraph=True raised (an exploratory test, 2026-12-08). One graph now, as for
+    PEFT's own model; fallbacks are counted in eager calls only."""
+    model = build("llama")
+    report = peftkern.fuse(model)
+    model.eval()
+    data = batch("llama")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["stats"]
+    before = frames["unique_graphs"]
+    with torch.no_grad(), model.disable_adapter():
+        expected = model(**data).logits
+        assert report.fallbacks, "the eager call is counted"
+        counted = dict(report.fallbacks)
+        for _ in range(10):
+            assert torch.equal(compiled(**data).logits, expected)
+    assert frames["unique_graphs"] - before == 1
+    assert report.fallbacks == counted
+
+
 def _loss_and_grads(fn, model, data):
     model.zero_grad()
     out = fn(**data)

@@ -228,9 +228,11 @@ def _lora_operands(module: nn.Module, x) -> Union[tuple, str]:
 
 
 def _fall_back(module: nn.Module, reason: str, x, args, kwargs):
-    """PEFT's own forward for this call, counted in the report of the fuse() that fused the layer."""
+    """PEFT's own forward for this call, counted in the report of the fuse() that fused the layer. Not counted under
+    torch.compile: dynamo guarded on the count it read, so each call compiled a new graph until the recompile limit
+    (8) left the model eager, or fullgraph=True raised; an exploratory test, 2026-12-08, with adapters disabled)."""
     entry = module.__dict__.get(_REPORT_ENTRY)
-    if entry is not None:
+    if entry is not None and not torch.compiler.is_compiling():
         report, name = entry
         report.fallbacks[(name, reason)] = report.fallbacks.get((name, reason), 0) + 1
     return type(module).forward(module, x, *args, **kwargs)
