@@ -169,6 +169,39 @@ def test_scaled_mm_at_zero_scaling_takes_a_float32_product():
     assert torch.equal(scaled_mm(a, b, 0.0, torch.float16), torch.zeros(4, 8, dtype=torch.float16, device=DEVICE))
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3-output", "ia3-input", "krona"])
+def test_eager_and_compiled_agree_under_autocast(kind):
+    """Under autocast the op casts x and the frozen weight as F.linear would, then its body computes as it does
+    without autocast. Left on in eager calls, autocast recast the body's float32 products (xa, x W^T) to bf16, and
+    the compiled op, opaque to it, did not: the two differed by about one bf16 rounding (0.125 on LoRA's output;
+    an exploratory test, 2026-12-08)."""
+    g = torch.Generator().manual_seed(run_seed(14))
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_(grad)
+
+    x, vec, w, bias = rand(6, 24).mul_(4.0).requires_grad_(), rand(24, grad=True), rand(24, 24), rand(24)
+    first, second = (rand(4, 24, grad=True), rand(24, 4, grad=True)) if kind == "lora" else \
+        (rand(4, 6, grad=True), rand(6, 4, grad=True))
+    trained = [x, vec, first, second] if kind in ("lora", "krona") else [x, vec]
+
+    def op(a):
+        if kind == "lora":
+            return peftkern.lora_linear(a, w, first, second, 0.5, bias=vec)
+        if kind == "krona":
+            return peftkern.krona_linear(a, w, first, second, 0.5, bias=vec)
+        return peftkern.ia3_linear(a, w, vec, bias, scale_input=kind == "ia3-input")
+
+    def run(fn):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = fn(x)
+        return (y, *torch.autograd.grad((y.float() * y.float()).sum(), trained))
+
+    eager, compiled = run(op), run(torch.compile(op, backend="aot_eager", fullgraph=True))
+    for i, (e, c) in enumerate(zip(eager, compiled)):
+        assert torch.equal(e, c), f"{kind} output / gradient {i}: eager and compiled differ by {(e - c).abs().max()}"
+
+
 @pytest.mark.parametrize("kind", ALL_OPS)
 def test_float64_is_left_alone_by_autocast(kind):
     """Autocast leaves float64 tensors alone (F.linear stays float64 under it); the ops cast them down before."""

@@ -208,8 +208,14 @@ def on_device(t: Tensor):
 
 
 def no_autocast(device: torch.device):
-    """torch.autocast(device, enabled=False), or nothing where the device has no autocast (meta)."""
-    return torch.autocast(device.type, enabled=False) if _has_autocast(device.type) else contextlib.nullcontext()
+    """torch.autocast(device, enabled=False) where autocast is on for the device; nothing where it is off (no context
+    to enter on every call) or the device has none (meta). The ops' bodies run in it: their operands were cast as
+    F.linear's would be already (autocast_inputs), and autocast left on recast the bodies' float32 products (xa, the
+    reference's x W^T) to 16 bits in eager calls, where the compiled op, opaque to autocast, kept them float32: eager
+    and compiled LoRA, IA3 and KronA differed by about one bf16 rounding (an exploratory test, 2026-12-08)."""
+    if _has_autocast(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

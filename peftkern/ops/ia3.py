@@ -26,6 +26,7 @@ from ._common import (
     empty_like_none,
     first_order,
     input_link,
+    no_autocast,
     on_device,
     op_autograd,
     op_range,
@@ -48,7 +49,7 @@ from ._common import (
 def _ia3_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor], scale_input: bool,
              weight_transposed: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(y (M, N), z (M, N) or empty) for a 2-D x (M, K)."""
-    with op_range("peftkern::ia3_fwd"), on_device(x):
+    with op_range("peftkern::ia3_fwd"), no_autocast(x.device), on_device(x):
         y, z = backend_module(rows_backend(backend, x), "ia3").ia3_forward(x, weight, scale, bias, scale_input,
                                                                          weight_transposed)
     return y.contiguous(), z.contiguous()
@@ -70,7 +71,8 @@ def _ia3_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor
     """(dx, dl, dbias, dweight); an empty tensor where that gradient was not asked for. x may be one row standing for
     all of grad_y's (the output form's backward without the weight's gradient reads x's dtype and width only)."""
     x = rows_of(x, grad_y)
-    with op_range("peftkern::ia3_bwd"):  # no on_device: autograd runs a backward on its tensors' device
+    # no on_device: autograd runs a backward on its tensors' device
+    with op_range("peftkern::ia3_bwd"), no_autocast(grad_y.device):
         grads = backend_module(rows_backend(backend, x), "ia3").ia3_backward(
             grad_y, x, weight, scale, z, scale_input, weight_transposed, (need_x, need_l, need_bias, need_w))
     return tuple(empty_like_none(g, r).contiguous() for g, r in zip(grads, (x, scale, grad_y, weight)))

@@ -48,6 +48,7 @@ from ._common import (
     empty_like_none,
     first_order,
     fold_scaling,
+    no_autocast,
     on_device,
     op_autograd,
     op_range,
@@ -71,7 +72,7 @@ LORA_ROUTE_MAX_RANK = [int(os.environ.get("PEFTKERN_KRONA_LORA_RANK", "128"))]  
 def _krona_fwd(x: Tensor, weight: Tensor, a: Tensor, a2: Optional[Tensor], b: Tensor, b2: Optional[Tensor],
                bias: Optional[Tensor], scaling: float, backend: str) -> Tensor:
     """y (M, N) for a 2-D x (M, K)."""
-    with op_range("peftkern::krona_fwd"), on_device(x):
+    with op_range("peftkern::krona_fwd"), no_autocast(x.device), on_device(x):
         y = backend_module(rows_backend(backend, x), "krona").krona_forward(x, weight, a, a2, b, b2, scaling,
                                                                             bias)
     return y.contiguous()
@@ -92,7 +93,8 @@ def _krona_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, da2, db, db2, dbias, dweight); an empty tensor where that gradient was not asked for."""
     needs = (need_x, need_a, need_a2 and a2 is not None, need_b, need_b2 and b2 is not None, need_bias, need_w)
-    with op_range("peftkern::krona_bwd"):  # no on_device: autograd runs a backward on its tensors' device
+    # no on_device: autograd runs a backward on its tensors' device
+    with op_range("peftkern::krona_bwd"), no_autocast(grad_y.device):
         grads = backend_module(rows_backend(backend, x), "krona").krona_backward(grad_y, x, weight, a, a2, b, b2,
                                                                                 scaling, needs)
     refs = (x, a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, grad_y, weight)

@@ -39,6 +39,7 @@ from ._common import (
     first_order,
     fold_scaling,
     input_link,
+    no_autocast,
     on_device,
     op_autograd,
     op_range,
@@ -69,7 +70,7 @@ def _lora_fwd(
     """(y (M, N), xa (M, r) in the backend's lora_xa_dtype) for a 2-D x (M, K); seed is the dropout's (a CPU int64
     scalar), None without dropout."""
     runs = rows_backend(backend, x)
-    with op_range("peftkern::lora_fwd"), on_device(x):
+    with op_range("peftkern::lora_fwd"), no_autocast(x.device), on_device(x):
         y, xa = backend_module(runs, "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed)
     if runs != backend:  # no rows: the reference's xa, in the dtype the fake and the backend's backward give it
@@ -105,7 +106,8 @@ def _lora_bwd_eager(grad_y, x, weight, lora_A, lora_B, xa, seed, scaling, dropou
     may be _lora_save's one-row stand-in (rows_of): reference.py's dropout mask, skinny_grads without dA and the
     extension's checks read its shape, dtype and device only."""
     x = rows_of(x, grad_y)
-    with op_range("peftkern::lora_bwd"):  # no on_device: autograd runs a backward on its tensors' device
+    # no on_device: autograd runs a backward on its tensors' device
+    with op_range("peftkern::lora_bwd"), no_autocast(grad_y.device):
         return backend_module(rows_backend(backend, x), "lora").lora_backward(
             grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed(seed), weight_transposed,
             (need_x, need_a, need_b, need_bias, need_w))
@@ -215,7 +217,7 @@ lora_fwd.register_autograd(
 def _lora_xa(x: Tensor, lora_A: Tensor, seed: Optional[Tensor], dropout_p: float, backend: str) -> Tensor:
     """xa = drop(x) A^T (M, r) in the backend's lora_xa_dtype, as lora_fwd makes it (SPLIT_BACKENDS only)."""
     runs = rows_backend(backend, x)
-    with op_range("peftkern::lora_xa"), on_device(x):
+    with op_range("peftkern::lora_xa"), no_autocast(x.device), on_device(x):
         xa = backend_module(runs, "lora").lora_down(x, lora_A, dropout_p, _seed(seed))
     if runs != backend:  # no rows: the reference's xa, in the dtype the fake and the backend's backward give it
         xa = xa.to(backend_module(backend, "lora").lora_xa_dtype(x.dtype, dropout_p))
@@ -237,7 +239,7 @@ def _lora_fwd_xa(
     seed: Optional[Tensor], scaling: float, dropout_p: float, weight_transposed: bool, backend: str,
 ) -> Tensor:
     """y (M, N) of lora_fwd from a given xa (lora_xa's); lora_A is an input for its gradient only."""
-    with op_range("peftkern::lora_fwd_xa"), on_device(x):
+    with op_range("peftkern::lora_fwd_xa"), no_autocast(x.device), on_device(x):
         y, _ = backend_module(rows_backend(backend, x), "lora").lora_forward(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed(seed), weight_transposed, xa=xa)
     return y.contiguous()
