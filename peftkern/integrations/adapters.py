@@ -691,10 +691,9 @@ def load_adapters(model: nn.Module, path: str, adapter_dtype: Optional[torch.dty
         adapter_dtype = dtypes.pop() if len(dtypes) == 1 else None
     # a file of another architecture failed on its keys with a hint at the configuration alone (a documentation
     # audit, 2026-12-07): the layers' classes, which the files record since that day, name it
-    source = path
-    if saved_classes and sorted(set(saved_classes)) != sorted(set(own_classes)):
-        source = (f"{path} (saved from a model of {', '.join(sorted(set(saved_classes)))} layers; this model's are "
-                  f"{', '.join(sorted(set(own_classes)))})")
+    theirs, ours = ", ".join(sorted(set(saved_classes or ()))), ", ".join(sorted(set(own_classes)))
+    source = f"{path} (saved from a model of {theirs} layers; this model's are {ours})" if theirs and theirs != ours \
+        else path
     names = _attach_and_load(model, configs, state, source, adapter_dtype)
     loaded = load_saved_modules(inner, saved, targets, path)
     _record_to_save(inner, loaded)

@@ -286,9 +286,8 @@ def first_order(backward):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
         saved = ctx.saved_tensors  # once: non-reentrant checkpointing refuses a second unpack
-        only = getattr(ctx, "links_of", None) or {}
-        state = tuple(v for k, v in vars(ctx).items() if k != "links_of")
-        state += product_operands(getattr(ctx, "x_source", None))
+        only = getattr(ctx, "links_of", None) or {}  # a dict: _tensors_in leaves it out of the shared links below
+        state = tuple(vars(ctx).values()) + product_operands(getattr(ctx, "x_source", None))
         links = [t for t in _tensors_in((grads, saved, state)) if t.requires_grad]
         with torch.no_grad():
             out = backward(_SavedOnce(ctx, saved), *grads)
