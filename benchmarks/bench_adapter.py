@@ -207,7 +207,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--e2e", action="store_true", help="the Llama-style training step instead of the layer")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    parser.add_argument("--out", help="directory for the JSON (default $PEFTKERN_RESULTS_DIR, else "
+                                          "benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     note_gpu_only(device, explore=args.explore, eager=args.eager, quick=args.quick and not args.e2e)

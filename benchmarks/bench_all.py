@@ -42,7 +42,8 @@ def main(argv=None) -> list:
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile anchors anywhere")
     parser.add_argument("--skip", nargs="*", default=[], choices=[name for name, _ in SUITE],
                         help="pieces to leave out (lora, ia3, ..., e2e)")
-    parser.add_argument("--out", help="directory for the JSON, plots and summary (default benchmarks/results/)")
+    parser.add_argument("--out", help="directory for the JSON, plots and summary (default $PEFTKERN_RESULTS_DIR, else "
+                             "benchmarks/results/)")
     args = parser.parse_args(argv)
     out = Path(args.out or os.environ.get("PEFTKERN_RESULTS_DIR") or common.RESULTS_DIR)
     suite = [(name, opts) for name, opts in SUITE if name not in args.skip]

@@ -154,7 +154,8 @@ def main(argv=None) -> list:
     parser.add_argument("--tokens", type=int, nargs="*", default=[8192])
     parser.add_argument("--no-compile", action="store_true", help="skip the PEFT + torch.compile anchor")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
-    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    parser.add_argument("--out", help="directory for the JSON (default $PEFTKERN_RESULTS_DIR, else "
+                                          "benchmarks/results/)")
     args = parser.parse_args(argv)
     bad = [n for n in args.tokens if n < 1 or (n > SEQ and n % SEQ)]
     if bad:

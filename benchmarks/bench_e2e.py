@@ -247,7 +247,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--optimizer", default="adamw", choices=workloads.OPTIMIZERS,
                         help="every row's optimizer: adamw (torch's defaults, foreach on CUDA) or adamw-fused "
                         "(fused=True, Hugging Face Trainer's default)")
-    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    parser.add_argument("--out", help="directory for the JSON (default $PEFTKERN_RESULTS_DIR, else "
+                                          "benchmarks/results/)")
     args = parser.parse_args(argv)
     args.compile = args.compile or bool(args.compile_mode) or args.compiled_only
     device, dtype = bench_device("the tiny Llama config on the CPU (2 x 64 tokens) so you can see it work")

@@ -104,7 +104,8 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the PEFT IA3 + torch.compile anchor")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     parser.add_argument("--variants", action="store_true", help="also time the other Triton backward modes")
-    parser.add_argument("--out")
+    parser.add_argument("--out", help="directory for the JSON (default $PEFTKERN_RESULTS_DIR, else "
+                                          "benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     note_gpu_only(device, variants=args.variants, eager=args.eager, quick=args.quick)

@@ -159,7 +159,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--shapes", nargs="*", type=positive_ints(4), help="cases as M,K,N,r")
     parser.add_argument("--no-compile", action="store_true", help="skip the PEFT + torch.compile anchor")
     parser.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
-    parser.add_argument("--out", help="directory for the JSON (default benchmarks/results/)")
+    parser.add_argument("--out", help="directory for the JSON (default $PEFTKERN_RESULTS_DIR, else "
+                                          "benchmarks/results/)")
     args = parser.parse_args(argv)
     device, dtype = bench_device()
     note_gpu_only(device, eager=args.eager, quick=args.quick, full=args.full)

@@ -218,7 +218,8 @@ def cli_main(argv=None) -> int:
     parser.add_argument("--method", default="lora", choices=[*workloads.METHODS, "none"],
                         help="none: the frozen model, the floor to compare with")
     parser.add_argument("--impl", default="fused", choices=["fused", "peft"],
-                        help="fused: PEFT + peftkern.fuse (peftkern's adapters for 'adapter'); peft: PEFT's own")
+                        help="fused: PEFT + peftkern.fuse (peftkern's adapters for 'adapter'); peft: PEFT's own "
+                             "layers (for 'adapter', which PEFT lacks: the same adapters as eager PyTorch ops)")
     parser.add_argument("--fp32-adapters", action="store_true", help="adapter weights in float32 (PEFT's default)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)

@@ -13,8 +13,9 @@ users attach it:
 
 Method "adapter" (bottleneck adapters at Pfeiffer's placement) is peftkern's own (`add_adapters`); its "peft"
 impl is the same adapters computed by eager PyTorch ops, the anchor a user without peftkern would write.
-Adapters per method follow PEFT's defaults for Llama: LoRA r=16 on all seven projections, IA3 on k, v and down
-(down in the input form), LoKr r=8 on q and v, a Pfeiffer adapter (reduction 16) after each MLP.
+Adapters per method: LoRA r=16 on all seven projections (PEFT's Llama default is r=8 on q and v; the issues
+measure all seven), IA3 on k, v and down (down in the input form: PEFT's Llama default), LoKr r=8 on q and v, a
+Pfeiffer adapter (reduction 16) after each MLP.
 """
 
 from __future__ import annotations

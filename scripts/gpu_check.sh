@@ -47,6 +47,15 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1"; exit 2 ;;
   esac
 done
+# before anything is installed: on a machine without a GPU the suite and the benchmarks would run on the CPU and
+# write CPU results where GPU ones are expected, and the install would repoint the package to this checkout
+# (an audit, 2026-12-08). PEFTKERN_ALLOW_CPU=1 runs anyway.
+if [ -z "${PEFTKERN_ALLOW_CPU:-}" ] && ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    2>/dev/null; then
+  echo "gpu_check.sh: torch sees no CUDA GPU; this is the GPU run (on the CPU: the README's test command, or" \
+    "PEFTKERN_ALLOW_CPU=1 to run it anyway)" >&2
+  exit 2
+fi
 LOG="$OUT/gpu_check.log"
 {
   # PEFTKERN_GIT_REV first, as the benchmarks' JSON takes it: the device's copy of .git can carry a stale HEAD

@@ -1212,3 +1212,17 @@ def test_a_bench_run_cut_short_leaves_the_cases_it_finished(tmp_path, monkeypatc
     data = json.loads(files[0].read_text())
     assert "complete" not in data and len({r["case"] for r in data["rows"]}) == 2
     assert "cut short" not in report.table(data)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the refusal is the CPU's path; on a GPU the script is the GPU run itself")
+def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
+    """gpu_check.sh on a CPU machine stops before installing (which would repoint the package) or writing CPU results
+    where GPU ones are expected (an audit, 2026-12-08)."""
+    env = {**os.environ, "OUT": str(tmp_path)}
+    env.pop("PEFTKERN_ALLOW_CPU", None)
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    run = subprocess.run(["bash", script, "--tests", "none", "--bench", "lora"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no CUDA GPU" in run.stderr and "PEFTKERN_ALLOW_CPU" in run.stderr
+    assert not list(tmp_path.iterdir()), "wrote results"

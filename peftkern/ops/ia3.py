@@ -173,8 +173,9 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
 
     x: (..., K); weight: (N, K), or (K, N) with weight_transposed (GPT-2's Conv1D); scale (l): (N,) for the
     output form, (K,) for the input form (PEFT's (N, 1) / (1, K) shapes are accepted too), any float dtype
-    (PEFT keeps it in float32). Exact for any l, zeros included. Returns x's dtype -- the base layer's --
-    where PEFT's default float32 l would promote the output to float32.
+    (PEFT keeps it in float32). Exact for any l, zeros included. Returns x's dtype -- the base layer's -- as
+    PEFT 0.21 does with its default float32 l (it scales a float32 copy and casts back; this op scales in float32
+    inside the GEMM and rounds once).
     """
     check_tensor("x", x)
     check_tensor("weight", weight, dims=2)
