@@ -28,6 +28,8 @@ kernel's float32 accumulator instead). So the backward reads g twice, h once
 LN is folded into the GEMMs so that no normalised copy of h is ever written: with W' = Wd * gamma,
 c1 = W' 1 and c2 = Wd beta, LN(h) Wd^T = rstd (h W'^T - mean c1) + c2, with the row statistics from a pass of
 their own on GPUs (LOOP1_SUMS: summed inside a pipelined loop 1 they made its product wrong) and in loop 1 otherwise.
+Float32 h sums (h - mean) W'^T instead in the Triton loop 1 (CENTRE) and centres the weight gradients' rows in
+chunks: the fold's two sums cancel where a row's mean is large against its spread, and rstd multiplies what is left.
 Backward: gamma * dx = dz W', mean_d(gamma dx) = dz c1 / d and mean_d(gamma dx xhat) = dz (z - c2 - bd) / d
 are skinny too, and dz^T LN(h) = ((dz rstd)^T h - (dz rstd)^T mean) * gamma + (sum_m dz) beta.
 
@@ -78,6 +80,8 @@ PERSISTENT_MIN_M = 1024  # rows from which default_config takes the persistent s
 # PEFTKERN_ADAPTER_LOOP1_SUMS=1 sums inside the loop again, to look at the failure.
 LOOP1_SUMS = os.environ.get("PEFTKERN_ADAPTER_LOOP1_SUMS", "0") == "1"
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+# float32 h under LN: the weight gradients' rows are centred this many at a time (weight_grads)
+CENTRE_ROWS = 2048
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -113,10 +117,11 @@ def _row_block(M, BLOCK_M: tl.constexpr):
 def _rows_times_skinny(a_ptr, rows, stride_am, stride_ak, w_ptr, stride_wk, stride_wb, offs_b, b_mask, D, shift,
                        vec_ptr, ROW_STATS: tl.constexpr, ROW_DOT: tl.constexpr, EVEN_D: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_B: tl.constexpr):
-    """Loop 1: (a[rows] @ w) (BLOCK_M, BLOCK_B) float32 for a (M, D) and w a (D, B) view; with ROW_STATS also
-    the row sums of (a - shift) and of its squares (the LN statistics, shifted by a value of the row so that
-    the variance does not cancel when the mean is large); with ROW_DOT the row sums of a * vec (D,)."""
+                       BLOCK_B: tl.constexpr, CENTRE: tl.constexpr):
+    """Loop 1: (a[rows] @ w) (BLOCK_M, BLOCK_B) float32 for a (M, D) and w a (D, B) view, of (a - shift) with
+    CENTRE (float32 a only: the tile is not rounded again); with ROW_STATS also the row sums of (a - shift) and of
+    its squares (the LN statistics, shifted by a value of the row so that the variance does not cancel when the
+    mean is large); with ROW_DOT the row sums of a * vec (D,)."""
     acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     sum1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -135,11 +140,16 @@ def _rows_times_skinny(a_ptr, rows, stride_am, stride_ak, w_ptr, stride_wk, stri
             w = tl.load(w_ptrs, mask=k_mask[:, None] & b_mask[None, :], other=0.0)
             if ROW_DOT:
                 vec = tl.load(vec_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        if CENTRE:
+            a = a - shift[:, None]
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if ROW_DOT:
             sum1 += tl.sum(a.to(tl.float32) * vec[None, :], axis=1)
         if ROW_STATS:
-            centred = a.to(tl.float32) - shift[:, None]
+            if CENTRE:
+                centred = a  # shifted above
+            else:
+                centred = a.to(tl.float32) - shift[:, None]
             if not EVEN_D:
                 centred = tl.where(k_mask[None, :], centred, 0.0)
             sum1 += tl.sum(centred, axis=1)
@@ -215,13 +225,16 @@ def adapter_fwd_kernel(
     LAYER_NORM: tl.constexpr, STATS_GIVEN: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    STORE_A: tl.constexpr = False,
+    STORE_A: tl.constexpr = False, CENTRE: tl.constexpr = False,
 ):
     """out[rows, this split's columns] = r + s (act(z) Wu^T + bu), z = LN(h) Wd^T + bd computed here (loop 1,
     stored by the split-0 program) or read back (Z_GIVEN); with ACC_GIVEN loop 1's product h W'^T comes from
     memory (a cuBLAS GEMM: the `gemm_first` schedule; LN then needs STATS_GIVEN). down_ptr holds W' = Wd * gamma
     under LN. STORE_A (not Z_GIVEN): the split-0 program also stores act(z) in a_out's dtype at a_out (M, B)
-    row-major, the A operand of adapter_wide_persistent_kernel."""
+    row-major, the A operand of adapter_wide_persistent_kernel. CENTRE (LN, float32 h, loop 1 here): loop 1 sums
+    (h - shift) W'^T, shift each row's mean (STATS_GIVEN) or its first element, and z = rstd (acc - (mean - shift)
+    c1) + c2: h W'^T - mean c1 cancels where a row's mean is large against its spread, and a row whose variance is
+    below ln_eps multiplies the leftover by rstd (up to 1 / sqrt(ln_eps))."""
     pid_n = tl.program_id(1)
     offs_m, rows = _row_block(M, BLOCK_M)
     m_mask = offs_m < M
@@ -235,10 +248,13 @@ def adapter_fwd_kernel(
         if ACC_GIVEN:
             acc = tl.load(acc_ptr + offs_m[:, None] * stride_acc + offs_b[None, :], mask=zb_mask, other=0.0)
         else:
-            shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
+            if CENTRE and STATS_GIVEN:
+                shift = tl.load(stats_ptr + rows * 2)
+            else:
+                shift = tl.load(h_ptr + rows * stride_hm).to(tl.float32)
             acc, sum1, sum2 = _rows_times_skinny(h_ptr, rows, stride_hm, stride_hd, down_ptr, stride_dd, stride_db,
                                                  offs_b, b_mask, D, shift, c1_ptr, LAYER_NORM and not STATS_GIVEN,
-                                                 False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B)
+                                                 False, EVEN_D, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B, CENTRE)
         if LAYER_NORM:
             if STATS_GIVEN:
                 mean = tl.load(stats_ptr + rows * 2)
@@ -247,7 +263,10 @@ def adapter_fwd_kernel(
                 mean, rstd = _mean_rstd(sum1, sum2, shift, D, ln_eps)
             c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
             c2 = tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)
-            z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
+            if CENTRE:
+                z = rstd[:, None] * (acc - (mean - shift)[:, None] * c1[None, :]) + c2[None, :]
+            else:
+                z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
             if pid_n == 0 and not STATS_GIVEN:
                 tl.store(stats_ptr + offs_m * 2, mean, mask=m_mask)
                 tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=m_mask)
@@ -331,7 +350,7 @@ def adapter_bwd_kernel(
             gu, g_dot_bu, _ = _rows_times_skinny(g_ptr, rows, stride_gm, stride_gd, up_ptr, stride_ud, stride_ub,
                                                  offs_b, b_mask, D, offs_m.to(tl.float32), up_b_ptr, False,
                                                  SCALE_GRAD and HAS_UP_BIAS, EVEN_D, DOT_PRECISION, BLOCK_M,
-                                                 BLOCK_K, BLOCK_B)
+                                                 BLOCK_K, BLOCK_B, False)
         z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=zb_mask, other=0.0)
         a, act_grad = _activation(z, ACT)
         s = scaling
@@ -689,6 +708,10 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
         launch(row_stats_kernel, (cdiv(M, bm),), h, stats, M, D, h.stride(0), h.stride(1), float(ln_eps),
                EVEN_D=D % bk == 0, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps)
     acc = mm_float32(h, wd.t()) if gemm_first else dummy
+    # float32 h: loop 1 sums the centred rows (no copy of h: a subtraction on the tile in registers). 16-bit h keeps
+    # the fold: its error matched the reference's at every offset (NOTES-adapter.md), and its measured schedules
+    # (cuBLAS's product) could not centre without writing a copy
+    centre = layer_norm and h.dtype == torch.float32 and not gemm_first
 
     a_out = torch.empty((M, B), device=h.device, dtype=h.dtype) if persistent is not None else dummy
 
@@ -701,7 +724,7 @@ def adapter_forward(h, down_weight, down_bias, up_weight, up_bias, scale, residu
             h.stride(0), h.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), acc.stride(0),
             float(scaling), float(ln_eps), Z_GIVEN=z_given, ACC_GIVEN=gemm_first, UP_PROJECT=up_project,
-            STORE_A=persistent is not None, **flags, **meta)
+            STORE_A=persistent is not None, CENTRE=centre, **flags, **meta)
 
     n_rows = cdiv(M, cfg["block_m"])
     if persistent is not None:
@@ -815,7 +838,16 @@ def weight_grads(grad_out, h, dz, a_ext, down_weight, down_bias, up_weight, up_b
     # sums cancel where a row's mean is large against its spread, so both take the same rounded dz rstd and the
     # product keeps its float32 sum (with dz rstd rounded for the product alone and the product rounded to h's
     # dtype, fp16 rows offset by 60 sigma gave dWd 1.9e-2 off, 100x the reference's error: a fuzz, 2026-12-05)
-    dz_xhat = mm_float32(dz_r.t(), h) - (dz_r.float().t() @ mean)[:, None]
+    if h.dtype == torch.float32:
+        # float32 h: the sums cancel as in the forward's fold, and a row whose variance is below ln_eps multiplies
+        # what is left by rstd (dgamma 3e-3 where it is 0 for constant rows of 10: an exploratory test, 2026-12-08).
+        # The rows are centred in chunks of CENTRE_ROWS instead: a float32 copy of that many rows at a time
+        dz_xhat = torch.zeros((B, h.shape[1]), device=h.device, dtype=torch.float32)
+        for start in range(0, h.shape[0], CENTRE_ROWS):
+            rows = slice(start, start + CENTRE_ROWS)
+            dz_xhat.addmm_(dz_r[rows].t(), h[rows] - mean[rows, None])
+    else:
+        dz_xhat = mm_float32(dz_r.t(), h) - (dz_r.float().t() @ mean)[:, None]
     w = down_weight.float()
     if need_dw:
         gamma = ln_weight.float() if ln_weight is not None else 1.0
