@@ -1098,6 +1098,33 @@ def test_report_names_what_is_left_to_peft():
     assert reasons and all("ALoraLinearVariant" in why for why in reasons), reasons
 
 
+def test_mamba_dt_proj_is_reported_left_to_peft():
+    """A Mamba mixer reads dt_proj's weight without calling the layer, so a LoRA there never runs, in PEFT's model
+    too: fuse reported it fused (an exploratory test, 2026-12-08). It is skipped with that reason; in_proj, which
+    the mixer calls, is fused, and the outputs and gradients match PEFT's."""
+    import transformers
+
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4, expand=2,
+                                      conv_kernel=4, time_step_rank=4)
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.MambaForCausalLM(config).to(DEVICE),
+                           LoraConfig(r=4, target_modules=["in_proj", "dt_proj"], init_lora_weights=False))
+    twin = copy.deepcopy(model)
+    report = peftkern.fuse(twin)
+    assert [name.rsplit(".", 1)[-1] for name, _ in report.fused] == ["in_proj"], report.fused
+    assert [name.rsplit(".", 1)[-1] for name, _ in report.skipped] == ["dt_proj"], report.skipped
+    assert "without calling" in report.skipped[0][1]
+    ids = torch.randint(0, 64, (2, 7), device=DEVICE)
+    for m in (model, twin):
+        m(input_ids=ids).logits.float().square().mean().backward()
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad is None) == (grads[n] is None), n
+            if p.grad is not None:
+                torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def _train_twins(model, steps=2):
     """(PEFT's, the fused twin's) [(output, {name: grad})] over `steps` AdamW steps on one random batch, and the
     twin's report."""

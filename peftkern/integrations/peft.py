@@ -466,6 +466,20 @@ def _merged_around_each_call(model: nn.Module) -> set:
             if isinstance(m, MultiheadAttention) and hasattr(m.base_layer, "out_proj")}
 
 
+def _uncalled_by_a_mamba_mixer(model: nn.Module) -> Optional[str]:
+    """The reason to skip a Mamba mixer's dt_proj (whose weight the mixer reads without calling the layer, so PEFT's
+    LoRA there never runs either), where `model` is a Mamba-family transformers model; else None."""
+    from .transformers import MAMBA_MODEL_TYPES
+    for module in model.modules():
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(model_type, str):
+            if model_type not in MAMBA_MODEL_TYPES:
+                return None
+            return (f"dt_proj of a {model_type} mixer, which reads its weight without calling the layer: the adapter "
+                    "never runs (in PEFT's model either)")
+    return None
+
+
 def fuse(model: nn.Module) -> FuseReport:
     """Make every PEFT tuner layer of `model` that peftkern serves run its fused op; returns a FuseReport.
 
@@ -475,6 +489,7 @@ def fuse(model: nn.Module) -> FuseReport:
     _register_peft_layers()
     report = FuseReport()
     merged_per_call = _merged_around_each_call(model)
+    uncalled_dt_proj = _uncalled_by_a_mamba_mixer(model)
     for name, module in model.named_modules():
         if not _peft_tuner_layer(module):
             continue
@@ -485,6 +500,10 @@ def fuse(model: nn.Module) -> FuseReport:
         if id(module) in merged_per_call:
             report.skipped.append((name, "out_proj of a LoRA MultiheadAttention, which merges it into the weight "
                                          "around each call (its forward never runs)"))
+            continue
+        if uncalled_dt_proj is not None and name.rsplit(".", 1)[-1] == "dt_proj":
+            unfuse(module)
+            report.skipped.append((name, uncalled_dt_proj))
             continue
         reason = handler.static_reason(module)
         if reason is None and "forward" in vars(module) and not is_fused(module):
