@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,33 @@ def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
     x = batch("llama")
     # PEFT's adapters are fp32 beside the base (its default); on a GPU the base is bf16: the model tolerance
     assert_close(plain.eval()(**x).logits, peft_model(**x).logits, DTYPE, "patterns", 5.0 if HAS_CUDA else 1.0)
+
+
+def test_load_lora_reads_peft_files_that_hold_the_heads_weight(tmp_path):
+    """PEFT saves an adapted lm_head's whole weight beside its factors (save_embedding_layers="auto"), and loads it
+    back into the model; load_lora refused such files as holding more than LoRA factors (an exploratory test,
+    2026-12-08). It copies the weight in, and refuses a model whose vocabulary differs before changing it."""
+    torch.manual_seed(run_seed(0))
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(tiny_llama().to(DEVICE, DTYPE), cfg).eval()
+    with torch.no_grad():  # a head changed beside the adapter (trained, resized): the file's copy is what loads
+        peft_model.base_model.model.lm_head.base_layer.weight.mul_(1.5)
+    with warnings.catch_warnings():  # PEFT says it saves the head's weight
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(tmp_path))
+    torch.manual_seed(run_seed(0))
+    resized = tiny_llama().to(DEVICE, DTYPE)
+    resized.resize_token_embeddings(96)
+    with pytest.raises(ValueError, match="resize the model's embeddings"):
+        peftkern.load_lora(resized, str(tmp_path))
+    assert not any(isinstance(m, LoRALinear) for m in resized.modules()), "refused before anything changed"
+    torch.manual_seed(run_seed(0))
+    plain = tiny_llama().to(DEVICE, DTYPE)
+    assert sorted(peftkern.load_lora(plain, str(tmp_path))) == ["lm_head", "model.layers.0.self_attn.q_proj",
+                                                                "model.layers.1.self_attn.q_proj"]
+    x = batch("llama")
+    assert_close(plain.eval()(**x).logits, peft_model(**x).logits, DTYPE, "lm_head's saved weight",
+                 5.0 if HAS_CUDA else 1.0)
 
 
 def test_add_lora_twice_trains_and_saves_both(tmp_path):

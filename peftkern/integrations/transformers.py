@@ -356,13 +356,21 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter (use_dora={config.get('use_dora')}); "
                          "load_lora reads vanilla LoRA")
     weights = load_file(os.path.join(path, WEIGHTS_NAME))
-    other = sorted(k for k in weights if not re.search(r"\.lora_[AB]\.weight$", k))
+    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
+    # PEFT saves an adapted lm_head's (or embedding's) whole weight beside its factors (save_embedding_layers="auto":
+    # a resized vocabulary is restored so); PEFT's loading copies it into the model, and so does load_lora. They were
+    # refused as more than LoRA factors (an exploratory test, 2026-12-08)
+    base_weights = {k[len("base_model.model."):-len(".base_layer.weight")]: weights[k] for k in weights
+                    if k.endswith(".base_layer.weight")
+                    and k[len("base_model.model."):-len(".base_layer.weight")] in names}
+    other = sorted(k for k in weights if not re.search(r"\.lora_[AB]\.weight$", k)
+                   and not (k.endswith(".base_layer.weight") and k[len("base_model.model."):-len(".base_layer.weight")]
+                            in base_weights))
     extras = {key: config.get(key) for key in ("bias", "lora_bias") if config.get(key) not in (None, "none", False)}
     to_save = config.get("modules_to_save") or []
     if extras or (other and not to_save):
         raise ValueError(f"{path} holds more than LoRA factors ({extras or ''} {other[:4]}): load_lora would drop "
                          "them. Load it with peft.PeftModel.from_pretrained, then peftkern.fuse(model)")
-    names = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in weights if ".lora_A." in k})
     alphas = config.get("alpha_pattern") or {}
     outer, model = model, _unwrapped(model)
     targets = [(name, weights[f"base_model.model.{name}.lora_A.weight"].shape[0], _lora_at(model, name))
@@ -379,10 +387,19 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
                              "an nn.Linear or Conv1D")
         if layer is None:
             _check_target("load_lora", name, module)
+        if name in base_weights:
+            current = (layer if layer is not None else module).weight
+            if current.shape != base_weights[name].shape:
+                raise ValueError(f"load_lora: {path} holds {name}'s whole weight of shape "
+                                 f"{tuple(base_weights[name].shape)}, the model's is {tuple(current.shape)} (resize "
+                                 "the model's embeddings to the saved vocabulary first, as PEFT needs too)")
     saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
     check_saved_modules(model, saved, to_save, path)
     adapted = []
     for name, r, layer in targets:
+        if name in base_weights:
+            with torch.no_grad():
+                (layer if layer is not None else modules[name]).weight.copy_(base_weights[name])
         alpha = _pattern_value(alphas, name, config["lora_alpha"])
         dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
         if layer is not None:  # adapted already (add_lora, or a load_lora before): load into it, unmerged
