@@ -797,6 +797,27 @@ def test_merges_check_their_scalars_and_flags(backend):
     assert torch.equal(w, w0), "a refused merge changes nothing"
 
 
+def test_sparse_activations_are_refused_by_name():
+    """A sparse COO x (which F.linear takes) raised "reshape is not implemented for sparse tensors" from inside the
+    ops (an exploratory test, 2026-12-08): each op names the operand and the way out. Sparse weights still run (the
+    reference's path)."""
+    x = torch.randn(3, 8, device=DEVICE)
+    w, A, B = torch.randn(6, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE), torch.randn(6, 2, device=DEVICE)
+    wd, wu = torch.randn(2, 8, device=DEVICE), torch.randn(8, 2, device=DEVICE)
+    fa, fb = torch.randn(2, 2, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    calls = {"x": [lambda x: peftkern.lora_linear(x, w, A, B, 0.5), lambda x: peftkern.ia3_linear(x, w, w[:, 0]),
+                   lambda x: peftkern.krona_linear(x, w, fa, fb, 0.5)],
+             "h": [lambda x: peftkern.bottleneck_adapter(x, wd, None, wu, None)],
+             "residual": [lambda x: peftkern.bottleneck_adapter(x.to_dense(), wd, None, wu, None, residual=x)]}
+    for name, ops in calls.items():
+        for op in ops:
+            with pytest.raises(TypeError, match=f"{name} must be a dense tensor, got layout torch.sparse_coo"):
+                op(x.to_sparse())
+            assert op(x).shape == (3, 6 if name == "x" else 8)
+    assert_close(peftkern.lora_linear(x, w.to_sparse(), A, B, 0.5), reference.lora_linear(x, w, A, B, 0.5),
+                 torch.float32, "a sparse weight")
+
+
 @pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)
 @pytest.mark.parametrize("kind", ["lora", "ia3", "krona"])
 def test_merge_refuses_an_expanded_weight(backend, kind):

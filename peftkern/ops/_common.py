@@ -27,8 +27,10 @@ def _desc(t: Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
-def check_tensor(name: str, t, dims: Optional[int] = None, optional: bool = False) -> None:
-    """A floating tensor (TypeError otherwise) with `dims` dimensions (ValueError otherwise)."""
+def check_tensor(name: str, t, dims: Optional[int] = None, optional: bool = False, strided: bool = False) -> None:
+    """A floating tensor (TypeError otherwise) with `dims` dimensions (ValueError otherwise); with `strided`, a
+    dense one (the activations, which the ops reshape: a sparse x raised "reshape is not implemented for sparse
+    tensors", 2026-12-08; sparse weights go to the reference)."""
     if t is None:
         if optional:
             return
@@ -39,6 +41,8 @@ def check_tensor(name: str, t, dims: Optional[int] = None, optional: bool = Fals
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {_desc(t)}")
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
+    if strided and t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} (x.to_dense() makes one)")
 
 
 def check_same_device(**tensors) -> None:

@@ -202,12 +202,12 @@ def _scaling_args(scaling) -> tuple[float, Optional[Tensor]]:
 def check_adapter_inputs(h, down_weight, down_bias, up_weight, up_bias, residual, ln_weight, ln_bias,
                          scale=None) -> int:
     """Validate shapes, dtypes and devices; returns the bottleneck size b."""
-    check_tensor("h", h)
+    check_tensor("h", h, strided=True)
     check_tensor("down_weight", down_weight, dims=2)
     check_tensor("up_weight", up_weight, dims=2)
     check_tensor("down_bias", down_bias, dims=1, optional=True)
     check_tensor("up_bias", up_bias, dims=1, optional=True)
-    check_tensor("residual", residual, optional=True)
+    check_tensor("residual", residual, optional=True, strided=True)
     check_tensor("layer_norm weight", ln_weight, dims=1, optional=True)
     check_tensor("layer_norm bias", ln_bias, dims=1, optional=True)
     if h.dim() < 1:

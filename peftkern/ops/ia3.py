@@ -177,7 +177,7 @@ def ia3_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] 
     PEFT 0.21 does with its default float32 l (it scales a float32 copy and casts back; this op scales in float32
     inside the GEMM and rounds once).
     """
-    check_tensor("x", x)
+    check_tensor("x", x, strided=True)
     check_tensor("weight", weight, dims=2)
     check_tensor("scale", scale)
     check_tensor("bias", bias, dims=1, optional=True)

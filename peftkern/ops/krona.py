@@ -347,7 +347,7 @@ def krona_linear(x: Tensor, weight: Tensor, A: Factor, B: Factor, scaling: float
     dtype under torch.autocast).
     """
     scaling = check_scaling(scaling)
-    check_tensor("x", x)
+    check_tensor("x", x, strided=True)
     check_tensor("weight", weight, dims=2)
     check_tensor("bias", bias, dims=1, optional=True)
     a, a2 = stack_factor("A", A)

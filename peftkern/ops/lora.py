@@ -386,7 +386,7 @@ def _lora_eager_split(x, weight, lora_A, lora_B, bias, scaling, dropout_p, weigh
 
 def check_lora_inputs(x, weight, lora_A, lora_B, bias, weight_transposed) -> tuple[int, int, int]:
     """Validate shapes, dtypes and devices; returns (N, K, r)."""
-    check_tensor("x", x)
+    check_tensor("x", x, strided=True)
     check_tensor("weight", weight, dims=2)
     check_tensor("lora_A", lora_A, dims=2)
     check_tensor("lora_B", lora_B, dims=2)
