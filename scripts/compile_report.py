@@ -207,14 +207,16 @@ def _signature(fn, const: dict, fp32: tuple) -> dict:
             for name in inspect.signature(fn.fn).parameters if name not in const}
 
 
-def adapter_loop_one(backward: bool, b: int = 256) -> tuple:
+def adapter_loop_one(backward: bool, b: int = 256, float32: bool = False) -> tuple:
     """adapter_fwd_kernel / adapter_bwd_kernel with loop 1 in the kernel (the fused and two-pass schedules, 64-row
     blocks, 4 warps, 3 stages) as adapter_forward / adapter_backward launch them on GPUs: the forward under LN with the
     statistics given (row_stats_kernel), the backward with a fixed scale (a learned one with an up bias takes g . bu
     and loop 1's product from cuBLAS there). Summing rows inside loop 1 is what made its product wrong
-    (adapter.LOOP1_SUMS)."""
+    (adapter.LOOP1_SUMS). float32: the forward on float32 h, which loop 1 centres (CENTRE), at default_config's
+    tile for b <= 128 (128 rows, 8 warps)."""
     common = dict(ACT=1, SEQUENTIAL=True, HAS_DOWN_BIAS=True, HAS_UP_BIAS=True, HAS_SCALE=True, EVEN_D=True,
-                  DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, BLOCK_B=ka._block_r(b))
+                  DOT_PRECISION="tf32", BLOCK_M=128 if float32 else 64, BLOCK_K=64, BLOCK_N=64,
+                  BLOCK_B=ka._block_r(b))
     fp32 = ("z_ptr", "stats_ptr", "c1_ptr", "c2_ptr", "acc_ptr", "r_ptr", "sdot_ptr")
     if backward:
         fn = ka.adapter_bwd_kernel
@@ -223,7 +225,10 @@ def adapter_loop_one(backward: bool, b: int = 256) -> tuple:
     else:
         fn = ka.adapter_fwd_kernel
         const = dict(common, Z_GIVEN=False, ACC_GIVEN=False, UP_PROJECT=True, LAYER_NORM=True, STATS_GIVEN=True,
-                     STORE_A=False, stride_hd=1, stride_rd=1, stride_od=1, stride_dd=1, stride_ub=1)
+                     STORE_A=False, CENTRE=float32, stride_hd=1, stride_rd=1, stride_od=1, stride_dd=1, stride_ub=1)
+    if float32:
+        signature = {name: "*fp32" if kind.startswith("*") else kind for name, kind in _signature(fn, const, ()).items()}
+        return fn, signature, const, 8, 3
     return fn, _signature(fn, const, fp32), const, 4, 3
 
 
@@ -265,6 +270,7 @@ def cases() -> dict:
             out[f"ia3 input-form dx, M={M}"] = ia3_input_dx({**ki._persistent_config(M), "SUBTILE": True})
         out["adapter loop 1 in the kernel, LN forward"] = adapter_loop_one(False)
         out["adapter loop 1 in the kernel, backward"] = adapter_loop_one(True)
+        out["adapter loop 1, LN forward, float32, b=64"] = adapter_loop_one(False, 64, float32=True)
         for b in (64, 256):
             tile = ka.PERSISTENT_TILE or (64, 128, 4, 3)
             out[f"adapter persistent loop 2, forward, b={b}"] = adapter_wide_persistent(tile, b, True)

@@ -141,7 +141,7 @@ def _rows_times_skinny(a_ptr, rows, stride_am, stride_ak, w_ptr, stride_wk, stri
             if ROW_DOT:
                 vec = tl.load(vec_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         if CENTRE:
-            a = a - shift[:, None]
+            a = (a.to(tl.float32) - shift[:, None]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if ROW_DOT:
             sum1 += tl.sum(a.to(tl.float32) * vec[None, :], axis=1)
