@@ -319,27 +319,21 @@ def test_layer_norm_of_rows_far_from_zero(backend, form, poison_empty):
         _check(got, ref, exact, scales, dtype, f"{backend} {dtype} {form} offset rows")
 
 
-def _cuda_folds_float32_ln():
-    """backend_params("adapter") with the cuda backend marked: its float32 LN keeps the fold (below)."""
-    params = []
-    for param in backend_params("adapter"):
-        if param.values[0] == "cuda" and not param.marks:
-            reason = ("the extension's LN folds into cuBLAS's product on h itself in float32 too (a known limitation, "
-                      "NOTES-adapter.md)")
-            param = pytest.param("cuda", id="cuda", marks=pytest.mark.xfail(strict=True, reason=reason))
-        params.append(param)
-    return params
-
-
-@pytest.mark.parametrize("backend", _cuda_folds_float32_ln(), indirect=True)
+@pytest.mark.parametrize("backend", backend_params("adapter"), indirect=True)
 @pytest.mark.parametrize("rows", ["constant", "offset"])
-def test_float32_layer_norm_of_constant_and_offset_rows(backend, rows, poison_empty):
+def test_float32_layer_norm_of_constant_and_offset_rows(backend, rows, poison_empty, request):
     """Float32 LN with the fold's sums, h W'^T - mean c1, cancelled where a row's mean was large against its spread,
     and a row whose variance is below ln_eps multiplied what was left by rstd (316): constant rows of 1000 gave an
     output 2.7e-2 off float64 and dWd 4.9e-2 where the reference is 1e-7 off, dgamma 0.73 where it is 0 (an
     exploratory test, 2026-12-08). Float32 now sums centred rows (Triton's loop 1; the weight gradients' rows in
-    chunks), as the reference's LN does."""
+    chunks), as the reference's LN does. The cuda backend keeps the fold: its constant rows are a strict xfail (its
+    offset rows pass at the GPU's float32 tolerance, as the old fold did: a review)."""
+    if backend == "cuda" and rows == "constant":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the extension's LN folds into cuBLAS's product on h "
+                                              "in float32 too (a known limitation, NOTES-adapter.md)"))
     args = make_inputs((3, 40), 64, 16, torch.float32, form="sequential+ln")
+    if rows == "constant":  # three chunks of the weight gradients' centring, the last one short
+        args = make_inputs((2, 1100), 64, 16, torch.float32, form="sequential+ln")
     if rows == "constant":
         args["h"] = torch.full_like(args["h"], 1000.0)
         args["h"][1, 7] = -3.0  # one row of another value: stats and centring stay per row

@@ -97,7 +97,9 @@ def test_load_lora_reads_peft_rank_and_alpha_patterns(tmp_path):
 def test_load_lora_reads_peft_files_that_hold_the_heads_weight(tmp_path):
     """PEFT saves an adapted lm_head's whole weight beside its factors (save_embedding_layers="auto"), and loads it
     back into the model; load_lora refused such files as holding more than LoRA factors (an exploratory test,
-    2026-12-08). It copies the weight in, and refuses a model whose vocabulary differs before changing it."""
+    2026-12-08). It copies the weight in (after unmerging a layer that is adapted and merged already: a review found
+    the copy made before the unmerge, which then took s B A off it), and refuses a model whose vocabulary differs
+    before changing it. A head with a bias (Phi's) has its bias saved too."""
     torch.manual_seed(run_seed(0))
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
     peft_model = peft.get_peft_model(tiny_llama().to(DEVICE, DTYPE), cfg).eval()
@@ -117,8 +119,34 @@ def test_load_lora_reads_peft_files_that_hold_the_heads_weight(tmp_path):
     assert sorted(peftkern.load_lora(plain, str(tmp_path))) == ["lm_head", "model.layers.0.self_attn.q_proj",
                                                                 "model.layers.1.self_attn.q_proj"]
     x = batch("llama")
-    assert_close(plain.eval()(**x).logits, peft_model(**x).logits, DTYPE, "lm_head's saved weight",
-                 5.0 if HAS_CUDA else 1.0)
+    tol = 5.0 if HAS_CUDA else 1.0  # PEFT's float32 factors beside a bf16 base on a GPU
+    assert_close(plain.eval()(**x).logits, peft_model(**x).logits, DTYPE, "lm_head's saved weight", tol)
+    torch.manual_seed(run_seed(0))
+    resumed = tiny_llama().to(DEVICE, DTYPE)
+    peftkern.add_lora(resumed, ["q_proj", "lm_head"], r=4)
+    for layer in lora_layers(resumed).values():
+        nn.init.normal_(layer.lora_B)
+        layer.merge()
+    peftkern.load_lora(resumed, str(tmp_path))
+    assert_close(resumed.eval()(**x).logits, peft_model(**x).logits, DTYPE, "into merged layers", tol)
+
+    def tiny_phi():
+        torch.manual_seed(run_seed(0))
+        return transformers.PhiForCausalLM(transformers.PhiConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
+            max_position_embeddings=64)).to(DEVICE, DTYPE)
+
+    phi = peft.get_peft_model(tiny_phi(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                          init_lora_weights=False)).eval()
+    with torch.no_grad():
+        phi.base_model.model.lm_head.base_layer.bias.add_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        phi.save_pretrained(str(tmp_path / "phi"))
+    plain_phi = tiny_phi()
+    peftkern.load_lora(plain_phi, str(tmp_path / "phi"))
+    ids = torch.randint(0, 128, (2, 7), device=DEVICE)
+    assert_close(plain_phi.eval()(input_ids=ids).logits, phi(input_ids=ids).logits, DTYPE, "Phi's head bias", tol)
 
 
 def test_add_lora_twice_trains_and_saves_both(tmp_path):

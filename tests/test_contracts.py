@@ -816,6 +816,10 @@ def test_sparse_activations_are_refused_by_name():
             assert op(x).shape == (3, 6 if name == "x" else 8)
     assert_close(peftkern.lora_linear(x, w.to_sparse(), A, B, 0.5), reference.lora_linear(x, w, A, B, 0.5),
                  torch.float32, "a sparse weight")
+    for layout in (torch.jagged, torch.strided):  # nested tensors, which to_dense does not take
+        nested = torch.nested.nested_tensor([x[:2], x[2:]], layout=layout)
+        with pytest.raises(TypeError, match="x must be a dense tensor, got a nested tensor"):
+            peftkern.lora_linear(nested, w, A, B, 0.5)
 
 
 @pytest.mark.parametrize("backend", backend_params("lora"), indirect=True)

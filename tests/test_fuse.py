@@ -1098,16 +1098,26 @@ def test_report_names_what_is_left_to_peft():
     assert reasons and all("ALoraLinearVariant" in why for why in reasons), reasons
 
 
-def test_mamba_dt_proj_is_reported_left_to_peft():
+@pytest.mark.parametrize("arch", ["mamba", "jamba"])
+def test_mamba_dt_proj_is_reported_left_to_peft(arch):
     """A Mamba mixer reads dt_proj's weight without calling the layer, so a LoRA there never runs, in PEFT's model
-    too: fuse reported it fused (an exploratory test, 2026-12-08). It is skipped with that reason; in_proj, which
-    the mixer calls, is fused, and the outputs and gradients match PEFT's."""
+    too: fuse reported it fused (an exploratory test, 2026-12-08; Jamba's mixer too: a review). It is skipped with
+    that reason; in_proj, which the mixer calls, is fused, and the outputs and gradients match PEFT's."""
     import transformers
 
-    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4, expand=2,
-                                      conv_kernel=4, time_step_rank=4)
+    if arch == "mamba":
+        config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4, expand=2,
+                                          conv_kernel=4, time_step_rank=4)
+        base = transformers.MambaForCausalLM
+    else:
+        config = transformers.JambaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64, mamba_d_state=4,
+                                          mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, attn_layer_period=2,
+                                          attn_layer_offset=1, expert_layer_period=100, expert_layer_offset=99,
+                                          num_experts=1, use_mamba_kernels=False)
+        base = transformers.JambaForCausalLM
     torch.manual_seed(0)
-    model = get_peft_model(transformers.MambaForCausalLM(config).to(DEVICE),
+    model = get_peft_model(base(config).to(DEVICE),
                            LoraConfig(r=4, target_modules=["in_proj", "dt_proj"], init_lora_weights=False))
     twin = copy.deepcopy(model)
     report = peftkern.fuse(twin)

@@ -468,12 +468,13 @@ def _merged_around_each_call(model: nn.Module) -> set:
 
 def _uncalled_by_a_mamba_mixer(model: nn.Module) -> Optional[str]:
     """The reason to skip a Mamba mixer's dt_proj (whose weight the mixer reads without calling the layer, so PEFT's
-    LoRA there never runs either), where `model` is a Mamba-family transformers model; else None."""
-    from .transformers import MAMBA_MODEL_TYPES
+    LoRA there never runs either), where `model` is a transformers model of such a type, unquantized; else None."""
+    from .transformers import DT_PROJ_READ_BY
     for module in model.modules():
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        config = getattr(module, "config", None)
+        model_type = getattr(config, "model_type", None)
         if isinstance(model_type, str):
-            if model_type not in MAMBA_MODEL_TYPES:
+            if model_type not in DT_PROJ_READ_BY or hasattr(config, "_is_quantized"):
                 return None
             return (f"dt_proj of a {model_type} mixer, which reads its weight without calling the layer: the adapter "
                     "never runs (in PEFT's model either)")

@@ -132,6 +132,10 @@ def add_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int
 MAMBA_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"}
 MAMBA_UNCALLED = ("out_proj", "dt_proj")
 MAMBA_KERNEL_READS = ("x_proj",)
+# Model types whose mixer multiplies by dt_proj's weight itself (dt_proj.weight @ time_step) on every unquantized path;
+# jamba's and falcon_mamba's call the layer instead where the config says _is_quantized. (mamba2 and its kin have no
+# dt_proj.)
+DT_PROJ_READ_BY = {"mamba", "falcon_mamba", "jamba"}
 
 
 _LOADING = [False]  # load_lora's add_lora calls: layers a file adapts are loaded, with a warning where they do not run
@@ -140,11 +144,13 @@ _LOADING = [False]  # load_lora's add_lora calls: layers a file adapts are loade
 def _check_mamba_targets(model: nn.Module, names: list[str], named: bool) -> set:
     """The targets a Mamba mixer does not call: a ValueError where the caller named them, else (all-linear) they are
     returned to be left alone, with a warning. A warning for those its training kernels skip."""
-    if getattr(getattr(model, "config", None), "model_type", None) not in MAMBA_MODEL_TYPES:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MAMBA_MODEL_TYPES and model_type not in DT_PROJ_READ_BY:
         return set()
-    refused = [n for n in names if n.rsplit(".", 1)[-1] in MAMBA_UNCALLED]
-    why = (f"a {model.config.model_type} mixer reads these projections' weights without calling them (dt_proj's "
-           "always, out_proj's in mamba-ssm's training kernels), so a LoRA there would not run")
+    uncalled = MAMBA_UNCALLED if model_type in MAMBA_MODEL_TYPES else ("dt_proj",)
+    refused = [n for n in names if n.rsplit(".", 1)[-1] in uncalled]
+    why = (f"a {model_type} mixer reads these projections' weights without calling them (dt_proj's always, out_proj's "
+           "in mamba-ssm's training kernels), so a LoRA there would not run")
     if refused and _LOADING[0]:  # a file that adapts them (PEFT's, or ours before 2026-12-05) loads as it says
         warnings.warn(f"load_lora: the file adapts {refused[:3]}{' ...' if len(refused) > 3 else ''}: {why} there; "
                       "loaded as the file says", RuntimeWarning, stacklevel=4)
@@ -360,12 +366,15 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
     # PEFT saves an adapted lm_head's (or embedding's) whole weight beside its factors (save_embedding_layers="auto":
     # a resized vocabulary is restored so); PEFT's loading copies it into the model, and so does load_lora. They were
     # refused as more than LoRA factors (an exploratory test, 2026-12-08)
-    base_weights = {k[len("base_model.model."):-len(".base_layer.weight")]: weights[k] for k in weights
-                    if k.endswith(".base_layer.weight")
-                    and k[len("base_model.model."):-len(".base_layer.weight")] in names}
-    other = sorted(k for k in weights if not re.search(r"\.lora_[AB]\.weight$", k)
-                   and not (k.endswith(".base_layer.weight") and k[len("base_model.model."):-len(".base_layer.weight")]
-                            in base_weights))
+    base_tensors, other = {}, []  # base_tensors: (module name, "weight" or "bias") -> the saved tensor
+    for key in sorted(weights):
+        if re.search(r"\.lora_[AB]\.weight$", key):
+            continue
+        found = re.fullmatch(r"base_model\.model\.(.+)\.base_layer\.(weight|bias)", key)
+        if found and found.group(1) in names:
+            base_tensors[found.group(1), found.group(2)] = weights[key]
+        else:
+            other.append(key)
     extras = {key: config.get(key) for key in ("bias", "lora_bias") if config.get(key) not in (None, "none", False)}
     to_save = config.get("modules_to_save") or []
     if extras or (other and not to_save):
@@ -387,19 +396,18 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
                              "an nn.Linear or Conv1D")
         if layer is None:
             _check_target("load_lora", name, module)
-        if name in base_weights:
-            current = (layer if layer is not None else module).weight
-            if current.shape != base_weights[name].shape:
-                raise ValueError(f"load_lora: {path} holds {name}'s whole weight of shape "
-                                 f"{tuple(base_weights[name].shape)}, the model's is {tuple(current.shape)} (resize "
-                                 "the model's embeddings to the saved vocabulary first, as PEFT needs too)")
+        for kind in ("weight", "bias"):
+            tensor = base_tensors.get((name, kind))
+            current = getattr(layer if layer is not None else module, kind) if tensor is not None else None
+            if tensor is not None and (current is None or current.shape != tensor.shape):
+                shape = None if current is None else tuple(current.shape)
+                raise ValueError(f"load_lora: {path} holds {name}'s whole {kind} of shape {tuple(tensor.shape)}, the "
+                                 f"model's is {shape} (resize the model's embeddings to the saved vocabulary first, as "
+                                 "PEFT needs too)")
     saved = {k[len("base_model.model."):]: weights[k] for k in other}  # modules_to_save (a task head)
     check_saved_modules(model, saved, to_save, path)
     adapted = []
     for name, r, layer in targets:
-        if name in base_weights:
-            with torch.no_grad():
-                (layer if layer is not None else modules[name]).weight.copy_(base_weights[name])
         alpha = _pattern_value(alphas, name, config["lora_alpha"])
         dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
         if layer is not None:  # adapted already (add_lora, or a load_lora before): load into it, unmerged
@@ -415,7 +423,10 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             finally:
                 _LOADING[0] = False
             layer = model.get_submodule(name)
-        with torch.no_grad():
+        with torch.no_grad():  # the saved base tensors after unmerge (which would take s B A off them)
+            for kind in ("weight", "bias"):
+                if (name, kind) in base_tensors:
+                    getattr(layer, kind).copy_(base_tensors[name, kind])
             layer.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
             layer.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
         adapted.append(name)

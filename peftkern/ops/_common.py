@@ -41,8 +41,10 @@ def check_tensor(name: str, t, dims: Optional[int] = None, optional: bool = Fals
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {_desc(t)}")
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
-    if strided and t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} (x.to_dense() makes one)")
+    if strided and (t.layout != torch.strided or t.is_nested):
+        if t.is_nested:  # jagged or strided: the ops take the rows of one (..., K) tensor (a review, 2026-12-08)
+            raise TypeError(f"{name} must be a dense tensor, got a nested tensor (its .values() are its rows)")
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} ({name}.to_dense() makes one)")
 
 
 def check_same_device(**tensors) -> None:
