@@ -414,6 +414,44 @@ def test_compiled_hotswap_scalings_compile_whole_and_follow_a_swap():
             assert_close(g_c[key], g_e[key], DTYPE, f"compiled grad {key}, scaling {swap}", 4 * GRAD_SCALE)
 
 
+def test_a_fused_model_is_freed_when_deleted():
+    """A fused layer's forward held the layer, a cycle through its __dict__: `del model` freed a fused model's weights
+    only at the next collection of cycles (never, with gc off), so `del model; torch.cuda.empty_cache()` kept them (an
+    exploratory test, 2026-12-08). The forward holds it weakly; copies and pickles still bind their own layer."""
+    import gc
+    import weakref
+
+    model = build("llama")
+    peftkern.fuse(model)
+    x = batch("llama")
+    with torch.no_grad():  # a graph would hold the weights through its saved tensors
+        want = model(**x).logits
+        for twin in (copy.deepcopy(model), _pickled(model)):
+            assert torch.equal(twin(**x).logits, want)
+            for layer in twin.modules():
+                if is_fused(layer):
+                    assert layer.forward.module is layer
+    layer = next(m for m in model.modules() if is_fused(m))
+    ref = weakref.ref(layer.base_layer.weight)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, layer, twin
+        assert ref() is None, "the fused model outlived del"
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _pickled(model):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_compiled_fallback_calls_do_not_recompile():
     """Calls that fall back to PEFT's path (adapters disabled, a DPO-style reference forward) each compiled a new graph:
     dynamo guarded on the report's fallback count, which every call read and raised. At the recompile limit (8) the

@@ -542,6 +542,28 @@ def test_merge_and_unload_keeps_a_full_backward_hook():
     assert calls == [torch.Size([5, 20])]
 
 
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "spectral_norm"])
+def test_merge_and_unload_of_a_reparametrized_factor(how):
+    """torch's old-style reparametrizations of a factor (prune, weight_norm, spectral_norm: forward pre-hooks that
+    recompute lora_A from lora_A_orig ...) were copied onto the plain layer, whose first call then raised (no
+    lora_A_mask: an exploratory test, 2026-12-08). They stay behind; the plain layer gives the merged output, and a
+    hook added to it later does not fire on the old layer (the hook dicts were shared)."""
+    torch.manual_seed(run_seed(0))
+    layer = _trained(LoRALinear(24, 20, r=4, device=DEVICE)).eval()
+    {"prune": lambda: prune.l1_unstructured(layer, "lora_A", 0.5),
+     "weight_norm": lambda: nn.utils.weight_norm(layer, "lora_B"),
+     "spectral_norm": lambda: nn.utils.spectral_norm(layer, "lora_A")}[how]()
+    x = torch.randn(5, 24, device=DEVICE)
+    layer(x)  # spectral_norm's power iteration settles in training calls only; eval reads the stored u, v
+    want = layer(x)
+    plain = layer.merge_and_unload()
+    assert_close(plain(x), want, torch.float32, f"merged through {how}")
+    calls = []
+    plain.register_forward_pre_hook(lambda module, args: calls.append(1))
+    layer(x)
+    assert not calls, "the plain layer's hooks fired on the old layer"
+
+
 @pytest.mark.parametrize("how", ["forward-hook", "prune", "global-hook"])
 @pytest.mark.parametrize("kind", ADAPTER_MAKERS)
 def test_an_adapter_runs_its_projections_hooks(kind, how, monkeypatch):

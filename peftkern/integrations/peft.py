@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -535,12 +536,18 @@ def _reference_note(module: nn.Module) -> str:
 
 class _FusedForward:
     """A fused layer's forward, set on the instance: impl(module, x, ...). Not a bound method, which pickles as
-    getattr(module, name) and so could not be loaded (torch.save(model) wrote a file torch.load refused)."""
+    getattr(module, name) and so could not be loaded (torch.save(model) wrote a file torch.load refused). It holds
+    the layer by a weak reference: a strong one made a cycle through the layer's __dict__, so `del model` freed a fused
+    model's weights only at the next collection of cycles (an exploratory test, 2026-12-08)."""
 
-    __slots__ = ("module", "impl")
+    __slots__ = ("_module", "impl")
 
     def __init__(self, module: nn.Module, impl: Callable) -> None:
-        self.module, self.impl = module, impl
+        self._module, self.impl = weakref.ref(module), impl
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
 
     def __call__(self, x, *args, **kwargs):
         return self.impl(self.module, x, *args, **kwargs)

@@ -35,6 +35,15 @@ HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_al
 _MODULE_STATE = frozenset(vars(nn.Module()))  # what nn.Module.__init__ sets: training, _parameters, hooks ...
 
 
+def _reparametrizes_another_tensor(hook) -> bool:
+    """Whether `hook` is torch.nn.utils' old-style reparametrization (prune's, weight_norm's, spectral_norm's forward
+    pre-hook) of a tensor other than the weight and bias: an adapter's, which merge_and_unload's plain layer lacks."""
+    if not type(hook).__module__.startswith("torch.nn.utils"):
+        return False
+    name = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)
+    return isinstance(name, str) and name not in ("weight", "bias")
+
+
 def _rebuild_attributes(module: nn.Module) -> Optional[dict]:
     """The plain attributes (nn.Linear's in_features and out_features, Conv1D's nf and nx) from which, with its class
     and Parameters, merge_and_unload rebuilds `module`; None where it holds more (buffers, submodules, other state) or
@@ -249,8 +258,13 @@ class FrozenLinear(nn.Module):
         vars(plain).update(attributes)
         plain.weight = self.weight
         plain.register_parameter("bias", self.bias)
-        for name in HOOK_DICTS:  # hooks added after wrapping (a bottleneck adapter's, a user's) carry over
-            setattr(plain, name, getattr(self, name))
+        for name in HOOK_DICTS:  # hooks added after wrapping (a bottleneck adapter's, a user's) carry over, copied
+            # (shared, a hook added to either layer later fired on both); torch's old-style reparametrizations of the
+            # adapter's own tensors (prune, weight_norm, spectral_norm on lora_A ...) stay behind: merge() read the
+            # factors they compute, and on the plain layer they raised (no lora_A_mask: an exploratory test, 2026-12-08)
+            hooks = type(getattr(self, name))((key, hook) for key, hook in getattr(self, name).items()
+                                               if not _reparametrizes_another_tensor(hook))
+            setattr(plain, name, hooks)
         # the flag that makes torch run _backward_hooks as full backward hooks (without it they were dropped: a
         # review, 2026-12-05); the state-dict hooks stay with this layer, whose keys and semantics they were for
         plain._is_full_backward_hook = self._is_full_backward_hook
