@@ -923,16 +923,11 @@ def test_falcon_linear_is_fused(method):
 def test_fused_model_pickles_whole():
     """torch.save(model) of a fused model loads back fused (a bound-method forward on the instance could be saved
     but not loaded); copy.deepcopy gives a fused copy computing with its own parameters."""
-    import io
-
     model = _one_layer(LoraConfig(r=2, target_modules=["0"]))
     _randomise_adapters(model)
     peftkern.fuse(model)
     x = torch.randn(3, 16)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = _pickled(model)
     layer = loaded.base_model.model[0]
     assert is_fused(layer) and layer.forward.module is layer
     assert_close(loaded(x), model(x), torch.float32, "loaded model output")

@@ -398,8 +398,10 @@ def load_lora(model: nn.Module, path: str, adapter_dtype: Optional[torch.dtype] 
             _check_target("load_lora", name, module)
         for kind in ("weight", "bias"):
             tensor = base_tensors.get((name, kind))
-            current = getattr(layer if layer is not None else module, kind) if tensor is not None else None
-            if tensor is not None and (current is None or current.shape != tensor.shape):
+            if tensor is None:
+                continue
+            current = getattr(layer if layer is not None else module, kind)
+            if current is None or current.shape != tensor.shape:
                 shape = None if current is None else tuple(current.shape)
                 raise ValueError(f"load_lora: {path} holds {name}'s whole {kind} of shape {tuple(tensor.shape)}, the "
                                  f"model's is {shape} (resize the model's embeddings to the saved vocabulary first, as "

@@ -263,10 +263,8 @@ def adapter_fwd_kernel(
                 mean, rstd = _mean_rstd(sum1, sum2, shift, D, ln_eps)
             c1 = tl.load(c1_ptr + offs_b, mask=b_mask, other=0.0)
             c2 = tl.load(c2_ptr + offs_b, mask=b_mask, other=0.0)
-            if CENTRE:
-                z = rstd[:, None] * (acc - (mean - shift)[:, None] * c1[None, :]) + c2[None, :]
-            else:
-                z = rstd[:, None] * (acc - mean[:, None] * c1[None, :]) + c2[None, :]
+            offset = mean - shift if CENTRE else mean  # what loop 1's product still holds of each row's mean
+            z = rstd[:, None] * (acc - offset[:, None] * c1[None, :]) + c2[None, :]
             if pid_n == 0 and not STATS_GIVEN:
                 tl.store(stats_ptr + offs_m * 2, mean, mask=m_mask)
                 tl.store(stats_ptr + offs_m * 2 + 1, rstd, mask=m_mask)
